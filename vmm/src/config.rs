@@ -1,0 +1,382 @@
+//! Typed configuration of one VM.
+//!
+//! The CLI builds a [`VmConfig`] from a TOML file and flags; [`VmConfig::validate`]
+//! rejects impossible values with a message that names the field, before anything is
+//! created.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use twinrun_guest_abi as abi;
+
+/// Guest RAM limits. The upper bound keeps the identity map within the page tables the
+/// VMM builds (see `twinrun_guest_abi::MAX_MAPPED_GIB`).
+pub const MIN_MEM_MIB: u64 = 16;
+pub const MAX_MEM_MIB: u64 = 60 * 1024;
+pub const MAX_VCPUS: u8 = 32;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    /// What the VM runs.
+    pub payload: Payload,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Payload {
+    /// The freestanding test guest, entered at CPL3.
+    TestGuest {
+        /// Path of the guest ELF.
+        elf: PathBuf,
+        #[serde(default)]
+        workloads: Workloads,
+    },
+}
+
+/// Which test-guest workloads run, and how hard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Workloads {
+    pub counter: bool,
+    pub counter_rate: u32,
+    pub counter_limit: u64,
+    pub dirty: bool,
+    pub dirty_rate: u32,
+    pub dirty_pages: u32,
+    pub dirty_seed: u64,
+    pub dirty_passes: u64,
+    pub disk: bool,
+    pub disk_rate: u32,
+    pub disk_flush_every: u32,
+    pub disk_limit: u64,
+    pub kv: bool,
+    /// `a.b.c.d/prefix`
+    pub kv_addr: String,
+    pub kv_gateway: Option<String>,
+    pub kv_port: u16,
+}
+
+impl Default for Workloads {
+    fn default() -> Self {
+        Workloads {
+            counter: false,
+            counter_rate: 100,
+            counter_limit: 0,
+            dirty: false,
+            dirty_rate: 10_000,
+            dirty_pages: 4096,
+            dirty_seed: 1,
+            dirty_passes: 0,
+            disk: false,
+            disk_rate: 100,
+            disk_flush_every: 1,
+            disk_limit: 0,
+            kv: false,
+            kv_addr: "10.0.0.2/24".into(),
+            kv_gateway: None,
+            kv_port: 6379,
+        }
+    }
+}
+
+/// How the block device reaches its image file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoEngine {
+    /// io_uring (default).
+    #[default]
+    IoUring,
+    /// Plain blocking pread/pwrite/fdatasync, for kernels without io_uring.
+    Sync,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    /// Serial returned by VIRTIO_BLK_T_GET_ID (at most 20 bytes); defaults to the file
+    /// name.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP interface name; created if it does not exist.
+    pub tap: String,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// Where guest console output goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "sink", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ConsoleConfig {
+    #[default]
+    Stdout,
+    /// Appended to this file.
+    File { path: PathBuf },
+    /// Streamed to whoever connects to this Unix socket (created by the VMM); output
+    /// is kept in order until a reader connects.
+    Socket { path: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("mem_mib = {0}: guest memory must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")]
+    MemSize(u64),
+    #[error("vcpus = {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u8),
+    #[error("{0} virtio devices configured; at most {max} fit", max = abi::MAX_DEVICES)]
+    TooManyDevices(usize),
+    #[error("nets[{index}].mac = {value:?}: {why}")]
+    Mac {
+        index: usize,
+        value: String,
+        why: &'static str,
+    },
+    #[error(
+        "nets[{index}].tap = {value:?}: a TAP name is 1 to 15 bytes without '/', whitespace or NUL"
+    )]
+    TapName { index: usize, value: String },
+    #[error("disks[{index}].serial: at most 20 bytes")]
+    Serial { index: usize },
+    #[error("{field} = {value:?}: {why}")]
+    Workload {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::MemSize(self.mem_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        let devices = self.disks.len() + self.nets.len() + 1;
+        if devices > abi::MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for (index, n) in self.nets.iter().enumerate() {
+            parse_mac(&n.mac).map_err(|why| ConfigError::Mac {
+                index,
+                value: n.mac.clone(),
+                why,
+            })?;
+            if n.tap.is_empty()
+                || n.tap.len() > 15
+                || n.tap
+                    .bytes()
+                    .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+            {
+                return Err(ConfigError::TapName {
+                    index,
+                    value: n.tap.clone(),
+                });
+            }
+        }
+        for (index, d) in self.disks.iter().enumerate() {
+            if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
+                return Err(ConfigError::Serial { index });
+            }
+        }
+        let Payload::TestGuest { workloads: w, .. } = &self.payload;
+        if w.kv {
+            parse_cidr(&w.kv_addr).map_err(|why| ConfigError::Workload {
+                field: "kv_addr",
+                value: w.kv_addr.clone(),
+                why,
+            })?;
+            if let Some(g) = &w.kv_gateway {
+                parse_ipv4(g).map_err(|why| ConfigError::Workload {
+                    field: "kv_gateway",
+                    value: g.clone(),
+                    why,
+                })?;
+            }
+            if self.nets.is_empty() {
+                return Err(ConfigError::Workload {
+                    field: "kv",
+                    value: "true".into(),
+                    why: "the kv workload needs a network device (nets)",
+                });
+            }
+        }
+        if w.disk && self.disks.is_empty() {
+            return Err(ConfigError::Workload {
+                field: "disk",
+                value: "true".into(),
+                why: "the disk workload needs a disk (disks)",
+            });
+        }
+        if w.disk && self.disks[0].read_only {
+            return Err(ConfigError::Workload {
+                field: "disk",
+                value: "true".into(),
+                why: "the disk workload writes, but disks[0] is read-only",
+            });
+        }
+        if w.disk_flush_every == 0 {
+            return Err(ConfigError::Workload {
+                field: "disk_flush_every",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        if w.dirty {
+            let max_pages = self.mem_mib * 256 / 2;
+            if w.dirty_pages == 0 || u64::from(w.dirty_pages) > max_pages {
+                return Err(ConfigError::Workload {
+                    field: "dirty_pages",
+                    value: w.dirty_pages.to_string(),
+                    why: "must be at least 1 and at most half of guest memory",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; rejects multicast addresses (a NIC cannot own one).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts
+            .next()
+            .ok_or("expected six hex bytes separated by ':'")?;
+        if p.len() != 2 {
+            return Err("expected six hex bytes separated by ':'");
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| "not a hex byte")?;
+    }
+    if parts.next().is_some() {
+        return Err("expected six hex bytes separated by ':'");
+    }
+    if mac[0] & 1 != 0 {
+        return Err("a multicast address cannot be a NIC's address");
+    }
+    Ok(mac)
+}
+
+pub fn parse_ipv4(s: &str) -> Result<[u8; 4], &'static str> {
+    s.parse::<std::net::Ipv4Addr>()
+        .map(|a| a.octets())
+        .map_err(|_| "not an IPv4 address")
+}
+
+/// Parses `a.b.c.d/prefix`.
+pub fn parse_cidr(s: &str) -> Result<([u8; 4], u8), &'static str> {
+    let (ip, prefix) = s.split_once('/').ok_or("expected a.b.c.d/prefix")?;
+    let prefix: u8 = prefix.parse().map_err(|_| "bad prefix length")?;
+    if prefix == 0 || prefix > 32 {
+        return Err("prefix length must be 1 to 32");
+    }
+    Ok((parse_ipv4(ip)?, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> VmConfig {
+        VmConfig {
+            mem_mib: 128,
+            vcpus: 1,
+            payload: Payload::TestGuest {
+                elf: "g".into(),
+                workloads: Workloads::default(),
+            },
+            disks: vec![],
+            nets: vec![],
+            console: ConsoleConfig::Stdout,
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values_by_field() {
+        assert!(base().validate().is_ok());
+        let mut c = base();
+        c.mem_mib = 1;
+        assert_eq!(c.validate(), Err(ConfigError::MemSize(1)));
+        let mut c = base();
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        let mut c = base();
+        c.nets.push(NetConfig {
+            tap: "tap0".into(),
+            mac: "01:00:00:00:00:01".into(),
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Mac { index: 0, .. })
+        ));
+        let mut c = base();
+        c.nets.push(NetConfig {
+            tap: "a/b".into(),
+            mac: "02:00:00:00:00:01".into(),
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::TapName { .. })));
+        let mut c = base();
+        if let Payload::TestGuest { workloads, .. } = &mut c.payload {
+            workloads.disk = true;
+        }
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Workload { field: "disk", .. })
+        ));
+    }
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(parse_mac("02:ab:00:00:00:ff"), Ok([2, 0xab, 0, 0, 0, 0xff]));
+        assert!(parse_mac("02:ab:00:00:00").is_err());
+        assert!(parse_mac("02:ab:00:00:00:ff:11").is_err());
+        assert_eq!(parse_cidr("10.0.0.2/24"), Ok(([10, 0, 0, 2], 24)));
+        assert!(parse_cidr("10.0.0.2").is_err());
+        assert!(parse_cidr("10.0.0.2/33").is_err());
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_fields() {
+        let text = r#"
+            mem_mib = 256
+            vcpus = 1
+            [payload]
+            kind = "test-guest"
+            elf = "/x/guest"
+            [payload.workloads]
+            counter = true
+            [[disks]]
+            path = "/tmp/d.img"
+            [console]
+            sink = "file"
+            path = "/tmp/c.log"
+        "#;
+        let c: VmConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.mem_mib, 256);
+        assert_eq!(c.disks[0].io_engine, IoEngine::IoUring);
+        assert!(toml::from_str::<VmConfig>(&text.replace("vcpus", "vcpu")).is_err());
+    }
+}

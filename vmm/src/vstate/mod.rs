@@ -1,0 +1,2 @@
+//! KVM state: guest memory, the VM and its vCPUs.
+pub mod memory;
