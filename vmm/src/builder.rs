@@ -1,0 +1,1 @@
+//! Builds a running VM from a `VmConfig`.
