@@ -1,0 +1,13 @@
+//! Command-line interface of the `twinrun` binary.
+//!
+//! `args` holds the clap definitions and the parsers of compound flag values;
+//! `config_file` reads a TOML VM config; `resolve` merges file and flags into one
+//! validated [`vmm::config::VmConfig`]; `guest_path` finds the built test guest when no
+//! `--guest` is given.
+pub mod args;
+pub mod config_file;
+pub mod guest_path;
+pub mod resolve;
+
+pub use args::{Cli, Command, RunArgs, VmCommand};
+pub use resolve::{resolve_run_config, CliError};

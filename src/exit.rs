@@ -1,0 +1,12 @@
+//! Process exit codes of `twinrun vm run`.
+
+/// Guest exited with status 0, or the VM was stopped by SIGTERM/SIGINT.
+pub const OK: i32 = 0;
+/// Guest exited with a nonzero status.
+pub const GUEST_FAILED: i32 = 1;
+/// Bad command line or VM config (clap uses 2 for usage errors too).
+pub const USAGE: i32 = 2;
+/// The VM crashed: triple fault, KVM internal error, failed entry, vCPU error, HLT.
+pub const CRASH: i32 = 3;
+/// The VM could not be built or started (KVM, TAP, disk or console setup failed).
+pub const START_FAILED: i32 = 4;
