@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use log::{error, info, warn};
 use twinrun::exit;
-use vmm::builder::{build_vm, VmExit};
+use vmm::{build_vm, VmExit};
 use vmm::config::{Payload, VmConfig};
 
 use crate::signals;

@@ -2,7 +2,7 @@
 //! as a child process with a console file, reads console lines with timeouts, and owns
 //! network namespaces / TAP / veth plumbing through RAII guards that clean up on drop,
 //! also when a test panics.
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod console;
 pub mod net;

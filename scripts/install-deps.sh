@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the system packages twinrun's demo and tests need, only those missing.
+# Idempotent: when every tool is present it does nothing (no apt-get update).
+set -euo pipefail
+
+# tool -> Debian package
+declare -A NEED=(
+    [ip]=iproute2            # network namespaces, veth, bridge, TAP
+    [ping]=iputils-ping      # ping the guest
+    [redis-cli]=redis-tools  # the kv workload's real client
+    [cc]=gcc                 # linker for Rust binaries and the guest
+)
+
+missing=()
+for tool in "${!NEED[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${NEED[$tool]}")
+done
+
+if ((${#missing[@]} == 0)); then
+    echo "install-deps: all system dependencies present"
+else
+    echo "install-deps: installing ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: need root to install packages (tests also need root for KVM and namespaces)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: cargo (Rust stable) is required but not on PATH" >&2
+    exit 1
+fi
+if [[ ! -c /dev/kvm ]]; then
+    echo "install-deps: warning: /dev/kvm is missing; VMs cannot run here" >&2
+fi
