@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use log::{error, info, warn};
 use twinrun::exit;
-use vmm::{build_vm, VmExit};
 use vmm::config::{Payload, VmConfig};
+use vmm::{build_vm, VmExit};
 
 use crate::signals;
 

@@ -51,7 +51,12 @@ fn invalid_config_value() {
     let cfg = dir.path().join("vm.toml");
     std::fs::write(&cfg, "mem_mib = 1\n").unwrap();
     let guest = std::env::current_exe().unwrap();
-    let out = run(&["--config", cfg.to_str().unwrap(), "--guest", guest.to_str().unwrap()]);
+    let out = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--guest",
+        guest.to_str().unwrap(),
+    ]);
     expect_usage_error(&out, &["mem_mib = 1"]);
 }
 

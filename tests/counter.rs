@@ -18,7 +18,9 @@ fn counter_lines_arrive_in_order_then_done() {
     r.expect_code(0);
     let lines = &r.lines;
     assert!(
-        lines.first().is_some_and(|l| l.starts_with("BOOT workloads=counter")),
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("BOOT workloads=counter")),
         "first line: {:?}",
         lines.first()
     );
@@ -27,11 +29,19 @@ fn counter_lines_arrive_in_order_then_done() {
         .filter_map(|l| l.strip_prefix("C "))
         .map(|s| s.parse().expect("C <seq>"))
         .collect();
-    assert_eq!(counts, (1..=N).collect::<Vec<_>>(), "C lines 1..={N} in order");
+    assert_eq!(
+        counts,
+        (1..=N).collect::<Vec<_>>(),
+        "C lines 1..={N} in order"
+    );
     assert_eq!(lines.last().map(String::as_str), Some("DONE"));
     assert!(
         !lines.iter().any(|l| l.starts_with("PANIC")),
         "guest panicked"
     );
-    assert!(r.stderr.contains("guest exited with status 0"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("guest exited with status 0"),
+        "{}",
+        r.stderr
+    );
 }

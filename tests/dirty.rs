@@ -19,11 +19,22 @@ fn dirty_workload_verifies_clean() {
     const PASSES: u64 = 4;
     let r = VmRun::new(dir.path(), "dirty")
         .args(["--mem-mib", "64", "--workload", "dirty"])
-        .args(["--dirty-pages", "2048", "--dirty-rate", "0", "--dirty-seed", "42"])
+        .args([
+            "--dirty-pages",
+            "2048",
+            "--dirty-rate",
+            "0",
+            "--dirty-seed",
+            "42",
+        ])
         .args(["--dirty-passes", &PASSES.to_string()])
         .run(Duration::from_secs(180));
     r.expect_code(0);
-    let errors: Vec<_> = r.lines.iter().filter(|l| l.starts_with("DIRTY-ERROR")).collect();
+    let errors: Vec<_> = r
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("DIRTY-ERROR"))
+        .collect();
     assert!(errors.is_empty(), "guest memory corrupted: {errors:?}");
     let d: Vec<_> = r.lines.iter().filter(|l| l.starts_with("D ")).collect();
     assert_eq!(d.len() as u64, PASSES, "one D line per pass: {d:?}");

@@ -51,21 +51,34 @@ fn disk_records_survive_restart() {
         .run(Duration::from_secs(120));
     r.expect_code(0);
     assert!(
-        r.lines.iter().any(|l| l == "DISK recovered=0 corrupt=0 next=1"),
+        r.lines
+            .iter()
+            .any(|l| l == "DISK recovered=0 corrupt=0 next=1"),
         "{:?}",
         &r.lines[..r.lines.len().min(5)]
     );
     assert_eq!(w_seqs(&r.lines), (1..=50).collect::<Vec<_>>());
-    assert_eq!(records_on_image(&img), 50, "records durable on the host image");
+    assert_eq!(
+        records_on_image(&img),
+        50,
+        "records durable on the host image"
+    );
 
     // Second boot, same image, the synchronous engine.
     let r = VmRun::new(dir.path(), "boot2")
         .args(common)
-        .args(["--disk-limit", "30", "--disk", &format!("{disk},engine=sync")])
+        .args([
+            "--disk-limit",
+            "30",
+            "--disk",
+            &format!("{disk},engine=sync"),
+        ])
         .run(Duration::from_secs(120));
     r.expect_code(0);
     assert!(
-        r.lines.iter().any(|l| l == "DISK recovered=50 corrupt=0 next=51"),
+        r.lines
+            .iter()
+            .any(|l| l == "DISK recovered=50 corrupt=0 next=51"),
         "{:?}",
         &r.lines[..r.lines.len().min(5)]
     );
@@ -79,7 +92,12 @@ fn read_only_disk_cannot_run_the_disk_workload() {
     let dir = tempfile::tempdir().unwrap();
     let img = disk_image(dir.path(), "ro.img", 1);
     let r = VmRun::new(dir.path(), "ro")
-        .args(["--workload", "disk", "--disk", &format!("{},ro", img.display())])
+        .args([
+            "--workload",
+            "disk",
+            "--disk",
+            &format!("{},ro", img.display()),
+        ])
         .run(Duration::from_secs(30));
     r.expect_code(2);
     assert!(r.stderr.contains("read-only"), "{}", r.stderr);

@@ -74,7 +74,7 @@ fn guest_exit_status_nonzero_gives_exit_1() {
     let [lo, hi] = EXIT_PORT.to_le_bytes();
     let code = [
         0xba, lo, hi, 0, 0, // mov edx, EXIT_PORT
-        0xb8, 5, 0, 0, 0, // mov eax, 5
+        0xb8, 5, 0, 0, 0,    // mov eax, 5
         0xef, // out dx, eax
         0xeb, 0xfe, // jmp $
     ];

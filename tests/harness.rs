@@ -18,7 +18,10 @@ fn link_exists(ns: &str, dev: &str) -> bool {
 fn kv_net_builds_and_removes_plumbing() {
     let (vm, cl) = {
         let net = KvNet::new();
-        assert!(link_exists(&net.vm_ns.name, &net.tap), "TAP in the VM namespace");
+        assert!(
+            link_exists(&net.vm_ns.name, &net.tap),
+            "TAP in the VM namespace"
+        );
         assert!(net.tap.len() <= 15);
         let out = net
             .client_ns
@@ -29,7 +32,10 @@ fn kv_net_builds_and_removes_plumbing() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("10.77.0.1/24"));
         (net.vm_ns.name.clone(), net.client_ns.name.clone())
     };
-    assert!(!NetNs::exists(&vm) && !NetNs::exists(&cl), "namespaces removed");
+    assert!(
+        !NetNs::exists(&vm) && !NetNs::exists(&cl),
+        "namespaces removed"
+    );
 }
 
 #[test]
@@ -52,15 +58,30 @@ fn console_log_follows_a_growing_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.log");
     let mut log = ConsoleLog::new(&path);
-    assert_eq!(log.next_line(Duration::from_millis(50)), None, "no file yet");
+    assert_eq!(
+        log.next_line(Duration::from_millis(50)),
+        None,
+        "no file yet"
+    );
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(b"BOOT x\nC 1\nC").unwrap();
-    assert_eq!(log.next_line(Duration::from_secs(1)).as_deref(), Some("BOOT x"));
-    assert_eq!(log.next_line(Duration::from_secs(1)).as_deref(), Some("C 1"));
-    assert_eq!(log.next_line(Duration::from_millis(50)), None, "partial line held");
+    assert_eq!(
+        log.next_line(Duration::from_secs(1)).as_deref(),
+        Some("BOOT x")
+    );
+    assert_eq!(
+        log.next_line(Duration::from_secs(1)).as_deref(),
+        Some("C 1")
+    );
+    assert_eq!(
+        log.next_line(Duration::from_millis(50)),
+        None,
+        "partial line held"
+    );
     f.write_all(b" 2\n").unwrap();
     assert_eq!(
-        log.wait_for(Duration::from_secs(1), |l| l.starts_with("C ")).as_deref(),
+        log.wait_for(Duration::from_secs(1), |l| l.starts_with("C "))
+            .as_deref(),
         Ok("C 2")
     );
 }

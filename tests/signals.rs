@@ -11,7 +11,14 @@ fn stop_with(signal: i32, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     // Unbounded counter: only the signal ends this VM.
     let mut vm = VmRun::new(dir.path(), name)
-        .args(["--mem-mib", "64", "--workload", "counter", "--counter-rate", "200"])
+        .args([
+            "--mem-mib",
+            "64",
+            "--workload",
+            "counter",
+            "--counter-rate",
+            "200",
+        ])
         .spawn();
     vm.console
         .wait_for(Duration::from_secs(60), |l| l == "C 20")
@@ -31,7 +38,10 @@ fn stop_with(signal: i32, name: &str) {
         .collect();
     assert!(counts.len() >= 20, "{counts:?}");
     let expected: Vec<u64> = (1..=counts.len() as u64).collect();
-    assert_eq!(counts, expected, "console holds every line up to the stop, in order");
+    assert_eq!(
+        counts, expected,
+        "console holds every line up to the stop, in order"
+    );
 }
 
 #[test]

@@ -59,7 +59,10 @@ impl VmRun {
             .args(&self.args)
             .arg("--console")
             .arg(format!("file:{}", console.display()))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("create stdout file"))
             .stderr(File::create(&stderr_path).expect("create stderr file"));
