@@ -1,1 +1,69 @@
-//! Builds a running VM from a `VmConfig`.
+//! Builds a VM from a `VmConfig`: memory, KVM VM, vCPUs, devices, and the loaded guest.
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use crate::boot::{self, BootError, BootFacts, Image};
+use crate::config::{ConfigError, Payload, VmConfig};
+use crate::devices::bus::Bus;
+use crate::vmm_handle::Vmm;
+use crate::vstate::memory::{create_guest_memory, ram_bounds, MemoryError};
+use crate::vstate::vcpu::{create_vcpu, setup_boot_vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("loading the guest: {0}")]
+    Boot(#[from] BootError),
+    #[error("KVM_GET_TSC_KHZ: {0}")]
+    TscKhz(kvm_ioctls::Error),
+}
+
+/// Validates `cfg`, creates memory, the VM, its vCPUs and devices, and loads the guest
+/// ELF named in the config. The VM is not running yet.
+pub fn build_vm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
+    cfg.validate()?;
+    let Payload::TestGuest { elf, .. } = &cfg.payload;
+    let bytes = boot::elf::read_file(elf).map_err(BootError::from)?;
+    build_vm_with_image(cfg, Image::Elf(&bytes))
+}
+
+/// [`build_vm`] with the image given directly (the config's ELF path is not read).
+pub fn build_vm_with_image(cfg: &VmConfig, image: Image<'_>) -> Result<Vmm, BuildError> {
+    cfg.validate()?;
+    let mem = create_guest_memory(cfg.mem_mib << 20)?;
+    let vm = Vm::new(&mem, cfg.vcpus)?;
+    let base_cpuid = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VcpuError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for i in 0..cfg.vcpus {
+        vcpus.push(create_vcpu(&vm, &base_cpuid, i, cfg.vcpus)?);
+    }
+    let loaded = boot::load(&mem, image)?;
+    setup_boot_vcpu(&vcpus[0], loaded.entry)?;
+    let tsc_khz = vcpus[0].get_tsc_khz().map_err(BuildError::TscKhz)?;
+
+    let mmio = Bus::new();
+    let pio = Bus::new();
+
+    let (ram_low_end, ram_high_end) = ram_bounds(&mem);
+    let facts = BootFacts {
+        tsc_khz: u64::from(tsc_khz),
+        ram_low_end,
+        ram_high_end,
+        free_base: boot::free_base(&loaded),
+        devices: Vec::new(),
+    };
+    let params = boot::params::build(cfg, &facts).map_err(BootError::from)?;
+    boot::write_params(&mem, &params)?;
+    Ok(Vmm::new(mem, vm, vcpus, mmio, pio))
+}

@@ -3,8 +3,18 @@
 //! Owns guest memory, vCPUs, the boot of the test guest and the virtio-mmio devices,
 //! and (later) VM state save/restore. It knows nothing of replication: the checkpoint
 //! crate drives it through pause, resume, dirty harvest and state capture.
+//!
+//! Entry points: [`builder::build_vm`] makes a [`Vmm`] from a
+//! [`config::VmConfig`]; [`Vmm::start`], [`Vmm::pause`], [`Vmm::resume`],
+//! [`Vmm::wait`] run it; [`VmExit`] says how it ended.
 pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod exit;
+pub mod vmm_handle;
 pub mod vstate;
+
+pub use builder::{build_vm, BuildError};
+pub use exit::{RegsReport, VmExit};
+pub use vmm_handle::{Stopper, Vmm, VmmError};

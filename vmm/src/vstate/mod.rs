@@ -1,2 +1,6 @@
 //! KVM state: guest memory, the VM and its vCPUs.
+pub mod control;
+pub mod cpuid;
 pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,269 @@
+//! [`Vmm`]: a built VM and its threads — start, pause, resume, stop and wait.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::VcpuFd;
+
+use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::exit::VmExit;
+use crate::vstate::control::{
+    install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
+};
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu::VcpuRunner;
+use crate::vstate::vm::Vm;
+
+/// How long `pause` waits for every vCPU to park before giving up. Kicks take
+/// microseconds; this only bounds a vCPU stuck in a slow device handler.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("the VM has not been started")]
+    NotStarted,
+    #[error("the VM was already started")]
+    AlreadyStarted,
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot map kvm_run of vCPU {0}: {1}")]
+    MapRun(u8, std::io::Error),
+    #[error("cannot spawn thread for vCPU {0}: {1}")]
+    Spawn(u8, std::io::Error),
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("devices: {0}")]
+    Device(String),
+}
+
+/// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
+/// returns [`VmExit::Stopped`].
+#[derive(Clone)]
+pub struct Stopper {
+    control: Arc<RunControl>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.control.end(VmExit::Stopped);
+    }
+}
+
+/// A built VM. Created by [`crate::builder::build_vm`]; not running until
+/// [`start`](Vmm::start).
+pub struct Vmm {
+    /// vCPU fds while no thread owns them (before start, after the threads ended).
+    vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<Option<VcpuFd>>>,
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+    control: Arc<RunControl>,
+    started: bool,
+    finished: Option<VmExit>,
+    // Declared last: the threads (joined in Drop) use the VM and its memory.
+    vm: Vm,
+    mem: GuestMemoryMmap,
+}
+
+impl Vmm {
+    pub(crate) fn new(
+        mem: GuestMemoryMmap,
+        vm: Vm,
+        vcpus: Vec<VcpuFd>,
+        mmio: Bus,
+        pio: Bus,
+    ) -> Vmm {
+        let n = vcpus.len();
+        Vmm {
+            vcpus,
+            threads: Vec::new(),
+            mmio: Arc::new(mmio),
+            pio: Arc::new(pio),
+            control: Arc::new(RunControl::new(n)),
+            started: false,
+            finished: None,
+            vm,
+            mem,
+        }
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len() + self.threads.len()
+    }
+
+    /// Adds a device to the MMIO bus; only before `start` (the bus is then shared
+    /// read-only by the vCPU threads).
+    pub fn insert_mmio_device(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), VmmError> {
+        Arc::get_mut(&mut self.mmio)
+            .ok_or(VmmError::AlreadyStarted)?
+            .insert(dev, base, len)?;
+        Ok(())
+    }
+
+    /// Adds a device to the port I/O bus; only before `start`.
+    pub fn insert_pio_device(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        port: u16,
+        len: u16,
+    ) -> Result<(), VmmError> {
+        Arc::get_mut(&mut self.pio)
+            .ok_or(VmmError::AlreadyStarted)?
+            .insert(dev, u64::from(port), u64::from(len))?;
+        Ok(())
+    }
+
+    /// Spawns one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.started {
+            return Err(VmmError::AlreadyStarted);
+        }
+        install_kick_handler().map_err(VmmError::Signal)?;
+        let run_size = self.vm.fd().run_size();
+        for (i, fd) in self.vcpus.iter().enumerate() {
+            let page = RunPage::map(fd, run_size).map_err(|e| VmmError::MapRun(i as u8, e))?;
+            self.control.add_vcpu(page);
+        }
+        self.started = true;
+        for (i, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let index = i as u8;
+            let mut runner = VcpuRunner::new(
+                index,
+                fd,
+                self.mmio.clone(),
+                self.pio.clone(),
+                self.control.clone(),
+            );
+            let control = self.control.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    // The spawning thread may block signals (e.g. a CLI that handles
+                    // SIGTERM with signalfd); the kick must get through.
+                    if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
+                        log::warn!("vCPU {index}: cannot unblock the kick signal: {e:?}");
+                    }
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| runner.run()));
+                    match r {
+                        Ok(()) => Some(runner.fd),
+                        Err(_) => {
+                            control.end(VmExit::VcpuError {
+                                vcpu: index,
+                                error: "vCPU thread panicked".into(),
+                            });
+                            control.vcpu_exited();
+                            None
+                        }
+                    }
+                });
+            match spawned {
+                Ok(h) => {
+                    self.control.set_thread(i, h.as_pthread_t());
+                    self.threads.push(h);
+                }
+                Err(e) => {
+                    // Do not leave the threads already started running.
+                    self.control.end(VmExit::VcpuError {
+                        vcpu: index,
+                        error: format!("cannot spawn thread: {e}"),
+                    });
+                    self.join();
+                    return Err(VmmError::Spawn(index, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU (kicks them out of `KVM_RUN` and parks them). Returns how long
+    /// it took, once all are parked.
+    pub fn pause(&self) -> Result<Duration, VmmError> {
+        if !self.started {
+            return Err(VmmError::NotStarted);
+        }
+        Ok(self.control.pause(PAUSE_LIMIT)?)
+    }
+
+    pub fn resume(&self) -> Result<(), VmmError> {
+        if !self.started {
+            return Err(VmmError::NotStarted);
+        }
+        Ok(self.control.resume()?)
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            control: self.control.clone(),
+        }
+    }
+
+    /// Blocks until the VM ends; joins the vCPU threads.
+    pub fn wait(&mut self) -> VmExit {
+        if let Some(e) = &self.finished {
+            return e.clone();
+        }
+        if !self.started {
+            return VmExit::VcpuError {
+                vcpu: 0,
+                error: "wait() on a VM that was never started".into(),
+            };
+        }
+        let exit = self.control.wait_end(None).unwrap_or(VmExit::Stopped);
+        self.finish(exit)
+    }
+
+    /// Like [`wait`](Self::wait), but gives up after `t` (the VM keeps running).
+    pub fn wait_timeout(&mut self, t: Duration) -> Option<VmExit> {
+        if let Some(e) = &self.finished {
+            return Some(e.clone());
+        }
+        if !self.started {
+            return None;
+        }
+        let exit = self.control.wait_end(Some(t))?;
+        Some(self.finish(exit))
+    }
+
+    fn finish(&mut self, exit: VmExit) -> VmExit {
+        self.join();
+        self.finished = Some(exit.clone());
+        exit
+    }
+
+    fn join(&mut self) {
+        // After this no thread id is used again, so joining is safe.
+        self.control.disable_kicks();
+        for h in self.threads.drain(..) {
+            if let Ok(Some(fd)) = h.join() {
+                self.vcpus.push(fd);
+            }
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.end(VmExit::Stopped);
+            self.join();
+        }
+    }
+}

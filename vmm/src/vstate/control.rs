@@ -1,0 +1,321 @@
+//! Run control shared by the VMM and its vCPU threads: pause, resume, stop, and the
+//! first reason the VM ended.
+//!
+//! Kicking a vCPU out of `KVM_RUN`: the controller sets `kvm_run.immediate_exit` for
+//! the vCPU and then sends its thread a real-time signal with an empty handler. If the
+//! signal lands while the thread is inside `KVM_RUN`, the ioctl returns `EINTR`; if it
+//! lands just before the thread enters, `immediate_exit` makes the next `KVM_RUN`
+//! return `EINTR` at once. Either way the thread comes back to its loop, sees the
+//! request flag and parks or exits. Only a parked thread clears `immediate_exit`, and
+//! it does so under the control lock while no request is pending, so a kick can never
+//! be lost.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::exit::VmExit;
+
+/// Offset of the kick signal from `SIGRTMIN`.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Empty: the signal exists only to interrupt KVM_RUN.
+}
+
+/// Installs the (process-wide) kick signal handler once.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    *RESULT.get_or_init(|| register_signal_handler(kick_signal(), kick_handler))
+}
+
+/// A second mapping of one vCPU's `kvm_run` page, so another thread can set
+/// `immediate_exit` without borrowing the `VcpuFd` the vCPU thread owns. The mapping
+/// keeps the vCPU file alive inside the kernel, so it stays valid whatever happens to
+/// the `VcpuFd`.
+pub struct RunPage {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory; the only access through it is an atomic byte
+// store/load to `immediate_exit`, which is sound from any thread.
+unsafe impl Send for RunPage {}
+// SAFETY: as above.
+unsafe impl Sync for RunPage {}
+
+impl RunPage {
+    pub fn map(vcpu: &VcpuFd, len: usize) -> std::io::Result<RunPage> {
+        // SAFETY: maps `len` bytes (the size KVM reports for kvm_run) of the vCPU fd,
+        // shared, at an address the kernel chooses; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RunPage { base, len })
+    }
+
+    fn immediate_exit(&self) -> &AtomicU8 {
+        let off = std::mem::offset_of!(kvm_bindings::kvm_run, immediate_exit);
+        // SAFETY: `off` is inside the mapping (kvm_run is its first bytes), the mapping
+        // lives as long as `self`, and `AtomicU8` has the layout of `u8`. The kernel reads
+        // the byte with READ_ONCE, so a concurrent atomic store is fine.
+        unsafe { &*(self.base.cast::<u8>().add(off) as *const AtomicU8) }
+    }
+
+    pub fn set_immediate_exit(&self, on: bool) {
+        self.immediate_exit().store(u8::from(on), Ordering::SeqCst);
+    }
+}
+
+impl Drop for RunPage {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping created in `map`, unmapped once.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+struct Kick {
+    run: RunPage,
+    thread: Option<libc::pthread_t>,
+}
+
+impl Kick {
+    fn kick(&self) {
+        self.run.set_immediate_exit(true);
+        if let Some(t) = self.thread {
+            // SAFETY: `t` is the id of a vCPU thread that has not been joined yet (kicks are
+            // disabled under the lock before the owner joins), so the id is valid.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    paused: bool,
+    stopping: bool,
+    /// vCPU threads parked in `park`.
+    parked: usize,
+    /// vCPU threads that have left their loop for good.
+    exited: usize,
+    /// First reason the VM ended.
+    exit: Option<VmExit>,
+    kicks: Vec<Kick>,
+    kicks_enabled: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("vCPUs did not pause within {0:?} ({1} of {2} parked)")]
+    PauseTimeout(Duration, usize, usize),
+}
+
+/// What a vCPU thread should do after checking in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Run,
+    Exit,
+}
+
+pub struct RunControl {
+    state: Mutex<State>,
+    /// vCPU threads wait here while paused.
+    resume_cv: Condvar,
+    /// The controller waits here for parked counts and the VM's end.
+    ctl_cv: Condvar,
+    /// Set whenever a pause or stop is pending: vCPU threads read it before each
+    /// `KVM_RUN` without taking the lock.
+    request: AtomicBool,
+    vcpus: usize,
+}
+
+impl RunControl {
+    pub fn new(vcpus: usize) -> Self {
+        RunControl {
+            state: Mutex::new(State::default()),
+            resume_cv: Condvar::new(),
+            ctl_cv: Condvar::new(),
+            request: AtomicBool::new(false),
+            vcpus,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking vCPU thread must not wedge the VMM: the state stays consistent
+        // because every update is a few plain assignments.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers vCPU `index`'s kick target. Called by the owner for each vCPU in order
+    /// before any thread starts; `set_thread` adds the thread id once it exists.
+    pub fn add_vcpu(&self, run: RunPage) {
+        self.lock().kicks.push(Kick { run, thread: None });
+    }
+
+    pub fn set_thread(&self, index: usize, thread: libc::pthread_t) {
+        let mut s = self.lock();
+        if let Some(k) = s.kicks.get_mut(index) {
+            k.thread = Some(thread);
+        }
+        s.kicks_enabled = true;
+        // A request that came before this thread id was known reaches the thread through
+        // `immediate_exit` and the request flag.
+    }
+
+    fn kick_all(&self, s: &State) {
+        if s.kicks_enabled {
+            for k in &s.kicks {
+                k.kick();
+            }
+        }
+    }
+
+    /// Fast check for the vCPU loop.
+    pub fn pending(&self) -> bool {
+        self.request.load(Ordering::SeqCst)
+    }
+
+    /// Called by vCPU thread `index` when [`pending`](Self::pending) is set: parks while
+    /// the VM is paused, and says whether to keep running.
+    pub fn check_in(&self, index: usize) -> Next {
+        let mut s = self.lock();
+        if s.paused && !s.stopping {
+            s.parked += 1;
+            self.ctl_cv.notify_all();
+            while s.paused && !s.stopping {
+                s = self.resume_cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.parked -= 1;
+        }
+        if s.stopping {
+            return Next::Exit;
+        }
+        // No request is pending (we hold the lock and neither flag is set), so clearing
+        // immediate_exit cannot swallow a kick.
+        if let Some(k) = s.kicks.get(index) {
+            k.run.set_immediate_exit(false);
+        }
+        Next::Run
+    }
+
+    /// Ends the VM (first reason wins) and kicks every vCPU out.
+    pub fn end(&self, exit: VmExit) {
+        let mut s = self.lock();
+        if s.exit.is_none() {
+            s.exit = Some(exit);
+        }
+        s.stopping = true;
+        self.request.store(true, Ordering::SeqCst);
+        self.kick_all(&s);
+        self.resume_cv.notify_all();
+        self.ctl_cv.notify_all();
+    }
+
+    /// A vCPU thread left its loop for good.
+    pub fn vcpu_exited(&self) {
+        let mut s = self.lock();
+        s.exited += 1;
+        self.ctl_cv.notify_all();
+    }
+
+    /// Pauses every vCPU; returns once all are parked (or gone), with the time it took.
+    pub fn pause(&self, limit: Duration) -> Result<Duration, ControlError> {
+        let t0 = Instant::now();
+        let mut s = self.lock();
+        if s.stopping || !s.kicks_enabled {
+            return Err(ControlError::NotRunning);
+        }
+        s.paused = true;
+        self.request.store(true, Ordering::SeqCst);
+        self.kick_all(&s);
+        let mut rekick = Duration::from_millis(5);
+        while s.parked + s.exited < self.vcpus {
+            let elapsed = t0.elapsed();
+            if elapsed >= limit {
+                let parked = s.parked + s.exited;
+                // Leave the VM running rather than half paused.
+                s.paused = false;
+                self.request.store(s.stopping, Ordering::SeqCst);
+                self.resume_cv.notify_all();
+                return Err(ControlError::PauseTimeout(limit, parked, self.vcpus));
+            }
+            let (g, timeout) = self
+                .ctl_cv
+                .wait_timeout(s, rekick.min(limit - elapsed))
+                .unwrap_or_else(|p| p.into_inner());
+            s = g;
+            if timeout.timed_out() {
+                // A signal cannot be lost given immediate_exit, but a thread may be busy
+                // in a slow device handler; re-kicking is cheap and harmless.
+                self.kick_all(&s);
+                rekick = rekick.saturating_mul(2);
+            }
+        }
+        Ok(t0.elapsed())
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut s = self.lock();
+        if s.stopping {
+            return Err(ControlError::NotRunning);
+        }
+        s.paused = false;
+        self.request.store(false, Ordering::SeqCst);
+        self.resume_cv.notify_all();
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Waits until the VM has ended (up to `timeout` when given); returns the reason.
+    pub fn wait_end(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = self.lock();
+        while s.exit.is_none() {
+            match deadline {
+                None => s = self.ctl_cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    s = self
+                        .ctl_cv
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        s.exit.clone()
+    }
+
+    /// Stops kicking: called by the owner before it joins the vCPU threads, after which
+    /// their thread ids are no longer valid.
+    pub fn disable_kicks(&self) {
+        self.lock().kicks_enabled = false;
+    }
+}

@@ -1,0 +1,235 @@
+//! Runs hand-assembled CPL3 guests on real KVM and checks what the VMM reports.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twinrun_guest_abi as abi;
+use vmm::boot::Image;
+use vmm::builder::build_vm_with_image;
+use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
+use vmm::devices::bus::BusDevice;
+use vmm::{VmExit, Vmm};
+
+fn config(vcpus: u8) -> VmConfig {
+    VmConfig {
+        mem_mib: 64,
+        vcpus,
+        payload: Payload::TestGuest {
+            elf: "/unused".into(),
+            workloads: Workloads::default(),
+        },
+        disks: vec![],
+        nets: vec![],
+        console: ConsoleConfig::Stdout,
+    }
+}
+
+/// Records every write: (offset, bytes). Reads return 0x5a.
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0x5a);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+const DEV_BASE: u64 = abi::MMIO_BASE + 0x2000;
+
+fn vm_with_recorder(code: &[u8], vcpus: u8) -> (Vmm, Arc<Mutex<Recorder>>) {
+    let mut vmm = build_vm_with_image(&config(vcpus), Image::Flat(code)).expect("build");
+    let rec = Arc::new(Mutex::new(Recorder::default()));
+    vmm.insert_mmio_device(rec.clone(), DEV_BASE, 0x1000)
+        .unwrap();
+    (vmm, rec)
+}
+
+fn wait(vmm: &mut Vmm) -> VmExit {
+    vmm.wait_timeout(Duration::from_secs(20))
+        .expect("VM did not end within 20 s")
+}
+
+// mov ebx, DEV_BASE (0xd0002000)
+const MOV_EBX_DEV: [u8; 5] = [0xbb, 0x00, 0x20, 0x00, 0xd0];
+// out 0xf4, eax ; jmp $
+const OUT_EXIT: [u8; 4] = [0xe7, 0xf4, 0xeb, 0xfe];
+
+#[test]
+fn cpl3_guest_writes_mmio_and_exits_with_status() {
+    let mut code = Vec::new();
+    code.extend_from_slice(&MOV_EBX_DEV);
+    code.extend_from_slice(&[0xb8, 0xcd, 0xab, 0x34, 0x12]); // mov eax, 0x1234abcd
+    code.extend_from_slice(&[0x89, 0x43, 0x10]); // mov [rbx+0x10], eax
+    code.extend_from_slice(&[0x48, 0x8b, 0x07]); // mov rax, [rdi]   (Params magic)
+    code.extend_from_slice(&[0x50, 0x59]); // push rax; pop rcx (stack works)
+    code.extend_from_slice(&[0x48, 0x89, 0x4b, 0x20]); // mov [rbx+0x20], rcx
+    code.extend_from_slice(&[0x48, 0x89, 0x63, 0x28]); // mov [rbx+0x28], rsp
+                                                       // Unclaimed MMIO read (window 7) returns 0; report it.
+    code.extend_from_slice(&[0xbe, 0x00, 0x70, 0x00, 0xd0]); // mov esi, 0xd0007000
+    code.extend_from_slice(&[0x8b, 0x06]); // mov eax, [rsi]
+    code.extend_from_slice(&[0x89, 0x43, 0x30]); // mov [rbx+0x30], eax
+                                                 // CPUID leaf 1 at CPL3: APIC id and logical count.
+    code.extend_from_slice(&[0xb8, 0x01, 0x00, 0x00, 0x00]); // mov eax, 1
+    code.extend_from_slice(&[0x0f, 0xa2]); // cpuid
+    code.extend_from_slice(&[0x89, 0xde]); // mov esi, ebx (cpuid clobbered rbx)
+    code.extend_from_slice(&MOV_EBX_DEV);
+    code.extend_from_slice(&[0x89, 0x73, 0x38]); // mov [rbx+0x38], esi
+    code.extend_from_slice(&[0xb8, 0x2a, 0x00, 0x00, 0x00]); // mov eax, 42
+    code.extend_from_slice(&OUT_EXIT);
+    let (mut vmm, rec) = vm_with_recorder(&code, 1);
+    vmm.start().unwrap();
+    let exit = wait(&mut vmm);
+    assert_eq!(exit, VmExit::GuestExit { status: 42 });
+    assert!(!exit.is_clean());
+    let w = &rec.lock().unwrap().writes;
+    assert_eq!(w[0], (0x10, 0x1234abcdu32.to_le_bytes().to_vec()));
+    assert_eq!(w[1], (0x20, abi::PARAMS_MAGIC.to_le_bytes().to_vec()));
+    assert_eq!(w[2], (0x28, abi::STACK_TOP.to_le_bytes().to_vec()));
+    assert_eq!(w[3], (0x30, vec![0, 0, 0, 0]));
+    let ebx = u32::from_le_bytes(w[4].1.clone().try_into().unwrap());
+    assert_eq!(ebx >> 24, 0, "APIC id of vCPU 0");
+    assert_eq!(w.len(), 5);
+}
+
+#[test]
+fn guest_exit_zero_is_clean() {
+    let code = [[0x31, 0xc0].as_slice(), &OUT_EXIT].concat(); // xor eax,eax; out
+    let (mut vmm, _) = vm_with_recorder(&code, 1);
+    vmm.start().unwrap();
+    let exit = wait(&mut vmm);
+    assert_eq!(exit, VmExit::GuestExit { status: 0 });
+    assert!(exit.is_clean());
+    // wait() again returns the same result.
+    assert_eq!(vmm.wait(), exit);
+}
+
+#[test]
+fn hlt_at_cpl3_is_a_triple_fault_with_registers() {
+    // mov r15, 0x1122334455667788 ; hlt
+    let code = [
+        0x49, 0xbf, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xf4,
+    ];
+    let (mut vmm, _) = vm_with_recorder(&code, 1);
+    vmm.start().unwrap();
+    let exit = wait(&mut vmm);
+    let text = exit.to_string();
+    println!("{text}");
+    match exit {
+        VmExit::TripleFault { vcpu: 0, regs } => {
+            assert_eq!(regs.rip, abi::IMAGE_BASE + 10, "rip at the hlt");
+            assert_eq!(regs.r15, 0x1122334455667788);
+            assert_eq!(regs.cs, abi::GDT_USER_CODE);
+            assert_eq!(regs.cr3, abi::PML4_ADDR);
+        }
+        other => panic!("expected a triple fault, got {other}"),
+    }
+    assert!(text.contains("rip=0x000000000040000a"), "{text}");
+}
+
+#[test]
+fn write_outside_mapped_memory_is_a_triple_fault() {
+    // mov rax, 0x800000000 (32 GiB, unmapped) ; mov [rax], eax
+    let code = [0x48, 0xb8, 0, 0, 0, 0, 8, 0, 0, 0, 0x89, 0x00];
+    let (mut vmm, _) = vm_with_recorder(&code, 1);
+    vmm.start().unwrap();
+    match wait(&mut vmm) {
+        VmExit::TripleFault { regs, .. } => assert_eq!(regs.rip, abi::IMAGE_BASE + 10),
+        other => panic!("expected a triple fault, got {other}"),
+    }
+}
+
+/// A guest that counts in rax forever.
+const SPIN: [u8; 5] = [0x48, 0xff, 0xc0, 0xeb, 0xfb]; // inc rax; jmp -5
+
+#[test]
+fn pause_resume_repeatedly_then_stop() {
+    let (mut vmm, _) = vm_with_recorder(&SPIN, 1);
+    assert!(vmm.pause().is_err(), "pause before start");
+    vmm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut times = Vec::new();
+    for _ in 0..1000 {
+        // Let the vCPU get back into the guest, as between checkpoint epochs.
+        std::thread::sleep(Duration::from_micros(500));
+        times.push(vmm.pause().expect("pause"));
+        vmm.resume().expect("resume");
+    }
+    times.sort();
+    let p50 = times[times.len() / 2];
+    let p99 = times[times.len() * 99 / 100];
+    let max = times[times.len() - 1];
+    println!("pause latency over 1000 pauses (1 vCPU): p50 {p50:?} p99 {p99:?} max {max:?}");
+    assert!(p50 < Duration::from_millis(1), "p50 {p50:?}");
+    let stopper = vmm.stopper();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        stopper.stop();
+    });
+    let t0 = Instant::now();
+    assert_eq!(wait(&mut vmm), VmExit::Stopped);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    t.join().unwrap();
+    assert!(vmm.pause().is_err(), "pause after the end");
+}
+
+#[test]
+fn paused_guest_makes_no_progress_and_stop_works_while_paused() {
+    // inc rax; mov [rbx], rax (MMIO exit each loop); jmp
+    let mut code = MOV_EBX_DEV.to_vec();
+    code.extend_from_slice(&[0x48, 0xff, 0xc0, 0x48, 0x89, 0x03, 0xeb, 0xf8]);
+    let (mut vmm, rec) = vm_with_recorder(&code, 1);
+    vmm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    vmm.pause().unwrap();
+    let n = rec.lock().unwrap().writes.len();
+    assert!(n > 0, "the guest ran");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        rec.lock().unwrap().writes.len(),
+        n,
+        "no progress while paused"
+    );
+    vmm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        rec.lock().unwrap().writes.len() > n,
+        "progress after resume"
+    );
+    vmm.pause().unwrap();
+    vmm.stopper().stop();
+    assert_eq!(wait(&mut vmm), VmExit::Stopped);
+}
+
+#[test]
+fn multiple_vcpus_pause_and_exit() {
+    let (mut vmm, _) = vm_with_recorder(&SPIN, 4);
+    vmm.start().unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_micros(500));
+        worst = worst.max(vmm.pause().unwrap());
+        vmm.resume().unwrap();
+    }
+    println!("pause latency with 4 vCPUs: worst of 200 = {worst:?}");
+    vmm.stopper().stop();
+    assert_eq!(wait(&mut vmm), VmExit::Stopped);
+
+    // The boot vCPU ending the VM takes the three blocked secondaries down with it.
+    let code = [[0xb8, 7, 0, 0, 0].as_slice(), &OUT_EXIT].concat();
+    let (mut vmm, _) = vm_with_recorder(&code, 4);
+    vmm.start().unwrap();
+    assert_eq!(wait(&mut vmm), VmExit::GuestExit { status: 7 });
+}
+
+#[test]
+fn dropping_a_running_vm_stops_it() {
+    let (mut vmm, _) = vm_with_recorder(&SPIN, 2);
+    vmm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    drop(vmm);
+}
