@@ -70,10 +70,7 @@ fn header(buf: &[u8], at: usize, prefix: u8) -> Result<Option<(i64, usize)>, Pro
     Ok(Some((n, end + 2)))
 }
 
-fn parse_multibulk(
-    buf: &[u8],
-    args: &mut Vec<Range<usize>>,
-) -> Result<Option<usize>, ProtoError> {
+fn parse_multibulk(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Option<usize>, ProtoError> {
     let Some((n, mut pos)) = header(buf, 0, b'*')? else {
         return Ok(None);
     };
@@ -113,7 +110,11 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Option<usize
     if nl > MAX_INLINE {
         return Err(ProtoError("Protocol error: too big inline request"));
     }
-    let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
     let mut i = 0;
     while i < line_end {
         while i < line_end && matches!(buf[i], b' ' | b'\t') {
@@ -191,7 +192,10 @@ pub mod reply {
         out.push(b'-');
         for p in parts {
             // CR/LF inside an error would break framing.
-            out.extend(p.iter().map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+            out.extend(
+                p.iter()
+                    .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+            );
         }
         out.extend_from_slice(b"\r\n");
     }

@@ -205,7 +205,7 @@ impl Store {
                 reply::integer(out, found as i64);
             }
         } else if is(cmd, "MSET") {
-            if n < 3 || n % 2 == 0 {
+            if n < 3 || n.is_multiple_of(2) {
                 wrong_args(out, cmd);
             } else {
                 let mut ok = true;
@@ -360,7 +360,10 @@ mod tests {
     #[test]
     fn incr_and_errors() {
         let mut s = Store::new(1 << 20);
-        let out = run(&mut s, b"INCR n\r\nINCR n\r\nDECR n\r\nINCRBY n 10\r\nGET n\r\n");
+        let out = run(
+            &mut s,
+            b"INCR n\r\nINCR n\r\nDECR n\r\nINCRBY n 10\r\nGET n\r\n",
+        );
         assert_eq!(out, b":1\r\n:2\r\n:1\r\n:11\r\n$2\r\n11\r\n");
         let out = run(&mut s, b"SET s abc\r\nINCR s\r\n");
         assert_eq!(
@@ -368,7 +371,10 @@ mod tests {
             b"+OK\r\n-ERR value is not an integer or out of range\r\n".to_vec()
         );
         let out = run(&mut s, b"SET m 9223372036854775807\r\nINCR m\r\n");
-        assert_eq!(out, b"+OK\r\n-ERR increment or decrement would overflow\r\n");
+        assert_eq!(
+            out,
+            b"+OK\r\n-ERR increment or decrement would overflow\r\n"
+        );
     }
 
     #[test]
@@ -390,27 +396,34 @@ mod tests {
         );
         assert_eq!(
             out,
-            b"*0\r\n*2\r\n$4\r\nsave\r\n$0\r\n\r\n*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n*0\r\n".to_vec()
+            b"*0\r\n*2\r\n$4\r\nsave\r\n$0\r\n\r\n*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n*0\r\n"
+                .to_vec()
         );
     }
 
     #[test]
     fn set_options_and_quit() {
         let mut s = Store::new(1 << 20);
-        let out = run(&mut s, b"SET k v NX\r\nSET k w NX\r\nSET k w XX\r\nGET k\r\nSET k v EX 10\r\n");
+        let out = run(
+            &mut s,
+            b"SET k v NX\r\nSET k w NX\r\nSET k w XX\r\nGET k\r\nSET k v EX 10\r\n",
+        );
         assert_eq!(
             out,
             b"+OK\r\n$-1\r\n+OK\r\n$1\r\nw\r\n-ERR syntax error\r\n".to_vec()
         );
         let mut o = Vec::new();
-        let r = [0..4];
+        let r = [core::ops::Range { start: 0, end: 4 }];
         assert_eq!(s.exec(Args::new(b"QUIT", &r), &mut o), Outcome::Close);
     }
 
     #[test]
     fn memory_budget_is_enforced_and_released() {
         let mut s = Store::new(200);
-        let out = run(&mut s, b"SET a 0123456789\r\nSET b 0123456789\r\nSET c 0123456789\r\n");
+        let out = run(
+            &mut s,
+            b"SET a 0123456789\r\nSET b 0123456789\r\nSET c 0123456789\r\n",
+        );
         assert_eq!(
             out,
             b"+OK\r\n+OK\r\n-OOM command not allowed when used memory > 'maxmemory'\r\n".to_vec()

@@ -1,0 +1,7 @@
+//! The workloads. Each is a state machine polled in turn by the main loop with the
+//! current TSC; none blocks.
+
+pub mod counter;
+pub mod dirty;
+pub mod disk;
+pub mod kv;
