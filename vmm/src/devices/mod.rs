@@ -1,2 +1,6 @@
 //! Emulated devices and the buses that route guest accesses to them.
 pub mod bus;
+pub mod manager;
+pub mod virtio;
+
+pub use manager::DeviceError;

@@ -1,0 +1,347 @@
+//! Creates the VM's virtio-mmio devices from its config, places them on the MMIO bus,
+//! and runs the one backend thread that serves host-side events (TAP frames for
+//! virtio-net RX, console socket readers).
+//!
+//! Window `i` is at `MMIO_BASE + i * MMIO_WINDOW_SIZE`: the console first, then the
+//! disks in config order, then the NICs.
+//!
+//! Pause protocol: [`DeviceManager::pause`] raises a flag, kicks the backend thread's
+//! epoll through an eventfd and waits until the thread reports itself parked at the top
+//! of its loop, where it holds no device lock and touches no guest memory.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use twinrun_guest_abi::{self as abi, DeviceDesc};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{Bus, BusError};
+use super::virtio::block::{Block, BlockError};
+use super::virtio::console::sink::{ConsoleSink, SinkError};
+use super::virtio::console::Console;
+use super::virtio::mmio::MmioTransport;
+use super::virtio::net::tap::{Tap, TapError};
+use super::virtio::net::Net;
+use super::virtio::{VirtioDevice, VirtioError};
+use crate::config::{parse_mac, VmConfig};
+use crate::vstate::memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0} virtio devices configured; at most {max} fit", max = abi::MAX_DEVICES)]
+    TooManyDevices(usize),
+    #[error("disks[{index}]: {source}")]
+    Block { index: usize, source: BlockError },
+    #[error("nets[{index}]: {source}")]
+    Tap { index: usize, source: TapError },
+    #[error("nets[{index}].mac = {value:?}: {why}")]
+    Mac {
+        index: usize,
+        value: String,
+        why: &'static str,
+    },
+    #[error("nets[{index}]: {source}")]
+    NetSetup {
+        index: usize,
+        source: std::io::Error,
+    },
+    #[error("console: {0}")]
+    Console(#[from] SinkError),
+    #[error("virtio transport: {0}")]
+    Transport(#[from] VirtioError),
+    #[error("MMIO bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("device backend thread: {0}")]
+    Backend(std::io::Error),
+}
+
+/// One device on the bus.
+struct Slot {
+    base: u64,
+    device_id: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+#[derive(Default)]
+struct CtlState {
+    pause: bool,
+    parked: bool,
+    stop: bool,
+}
+
+/// Shared between the manager and its backend thread.
+struct Ctl {
+    state: Mutex<CtlState>,
+    cv: Condvar,
+    kick: EventFd,
+}
+
+pub struct DeviceManager {
+    slots: Vec<Slot>,
+    ctl: Arc<Ctl>,
+    thread: Option<JoinHandle<()>>,
+    shut_down: bool,
+}
+
+/// epoll token of the control eventfd; device tokens are `slot << 32 | fd`.
+const CTL_TOKEN: u64 = u64::MAX;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take device emulation down with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DeviceManager {
+    pub fn new(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<Self, DeviceError> {
+        let count = 1 + cfg.disks.len() + cfg.nets.len();
+        if count > abi::MAX_DEVICES {
+            return Err(DeviceError::TooManyDevices(count));
+        }
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        devices.push(Box::new(Console::new(ConsoleSink::new(&cfg.console)?)));
+        for (index, d) in cfg.disks.iter().enumerate() {
+            devices.push(Box::new(
+                Block::open(d).map_err(|source| DeviceError::Block { index, source })?,
+            ));
+        }
+        for (index, n) in cfg.nets.iter().enumerate() {
+            let mac = parse_mac(&n.mac).map_err(|why| DeviceError::Mac {
+                index,
+                value: n.mac.clone(),
+                why,
+            })?;
+            let tap = Tap::open(&n.tap).map_err(|source| DeviceError::Tap { index, source })?;
+            devices.push(Box::new(
+                Net::new(tap, mac).map_err(|source| DeviceError::NetSetup { index, source })?,
+            ));
+        }
+        Self::from_devices(mem, devices)
+    }
+
+    /// A manager over already built devices, placed in order from `MMIO_BASE`.
+    pub fn from_devices(
+        mem: &GuestMemoryMmap,
+        devices: Vec<Box<dyn VirtioDevice>>,
+    ) -> Result<Self, DeviceError> {
+        let mut slots = Vec::new();
+        for (i, dev) in devices.into_iter().enumerate() {
+            let device_id = dev.device_type();
+            let t = MmioTransport::new(mem.clone(), dev)?;
+            slots.push(Slot {
+                base: abi::MMIO_BASE + i as u64 * abi::MMIO_WINDOW_SIZE,
+                device_id,
+                transport: Arc::new(Mutex::new(t)),
+            });
+        }
+        Ok(DeviceManager {
+            slots,
+            ctl: Arc::new(Ctl {
+                state: Mutex::new(CtlState::default()),
+                cv: Condvar::new(),
+                kick: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(DeviceError::Backend)?,
+            }),
+            thread: None,
+            shut_down: false,
+        })
+    }
+
+    pub fn attach(&self, mmio_bus: &mut Bus) -> Result<(), DeviceError> {
+        for s in &self.slots {
+            mmio_bus.insert(s.transport.clone(), s.base, abi::MMIO_WINDOW_SIZE)?;
+        }
+        Ok(())
+    }
+
+    pub fn descriptors(&self) -> Vec<DeviceDesc> {
+        self.slots
+            .iter()
+            .map(|s| DeviceDesc {
+                mmio_base: s.base,
+                device_id: s.device_id,
+                _pad: 0,
+            })
+            .collect()
+    }
+
+    /// The transport of window `i` (for state capture and interrupt wiring later).
+    pub fn transport(&self, i: usize) -> Option<Arc<Mutex<MmioTransport>>> {
+        self.slots.get(i).map(|s| s.transport.clone())
+    }
+
+    pub fn start(&mut self) -> Result<(), DeviceError> {
+        if self.thread.is_some() || self.shut_down {
+            return Ok(());
+        }
+        let epoll = Epoll::new().map_err(DeviceError::Backend)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.ctl.kick.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, CTL_TOKEN),
+            )
+            .map_err(DeviceError::Backend)?;
+        let transports: Vec<_> = self.slots.iter().map(|s| s.transport.clone()).collect();
+        let ctl = self.ctl.clone();
+        let handle = std::thread::Builder::new()
+            .name("twinrun-devices".into())
+            .spawn(move || backend_loop(epoll, transports, ctl))
+            .map_err(DeviceError::Backend)?;
+        self.thread = Some(handle);
+        Ok(())
+    }
+
+    pub fn pause(&self) {
+        if self.thread.is_none() {
+            return;
+        }
+        let mut st = lock(&self.ctl.state);
+        st.pause = true;
+        if let Err(e) = self.ctl.kick.write(1) {
+            error!("device manager: cannot kick the backend thread: {e}");
+        }
+        while !st.parked && !st.stop {
+            st = self.ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = lock(&self.ctl.state);
+        st.pause = false;
+        self.ctl.cv.notify_all();
+    }
+
+    pub fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.shut_down = true;
+        {
+            let mut st = lock(&self.ctl.state);
+            st.stop = true;
+            self.ctl.cv.notify_all();
+        }
+        let _ = self.ctl.kick.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                error!("device backend thread panicked");
+            }
+        }
+        for s in &self.slots {
+            lock(&s.transport).flush_output();
+        }
+    }
+}
+
+impl Drop for DeviceManager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Parks while a pause is requested; returns false when the thread must stop.
+fn check_ctl(ctl: &Ctl) -> bool {
+    let mut st = lock(&ctl.state);
+    if st.pause && !st.stop {
+        st.parked = true;
+        ctl.cv.notify_all();
+        while st.pause && !st.stop {
+            st = ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked = false;
+    }
+    !st.stop
+}
+
+fn backend_loop(epoll: Epoll, transports: Vec<Arc<Mutex<MmioTransport>>>, ctl: Arc<Ctl>) {
+    // What each slot has registered: fd -> event mask.
+    let mut registered: Vec<HashMap<RawFd, u32>> = vec![HashMap::new(); transports.len()];
+    for (i, t) in transports.iter().enumerate() {
+        let fds = lock(t).backend_fds();
+        sync_fds(&epoll, i, &mut registered[i], &fds);
+    }
+    let mut events = vec![EpollEvent::default(); 32];
+    // Events left over when a pause interrupted a batch; handled first after resume
+    // (edge-triggered ones would not fire again).
+    let mut deferred: Vec<(u64, u32)> = Vec::new();
+    loop {
+        if !check_ctl(&ctl) {
+            return;
+        }
+        let batch: Vec<(u64, u32)> = if deferred.is_empty() {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!("device backend: epoll_wait: {e}");
+                    return;
+                }
+            };
+            events[..n].iter().map(|e| (e.data(), e.events())).collect()
+        } else {
+            std::mem::take(&mut deferred)
+        };
+        for (k, &(token, evs)) in batch.iter().enumerate() {
+            if token == CTL_TOKEN {
+                let _ = ctl.kick.read();
+                continue;
+            }
+            // A pause requested mid-batch must not wait for the whole batch.
+            if lock(&ctl.state).pause {
+                deferred.extend(batch[k..].iter().filter(|e| e.0 != CTL_TOKEN));
+                break;
+            }
+            let slot = (token >> 32) as usize;
+            let fd = token as u32 as RawFd;
+            let Some(t) = transports.get(slot) else {
+                continue;
+            };
+            let fds = {
+                let mut t = lock(t);
+                if !registered[slot].contains_key(&fd) {
+                    // Unregistered by an earlier event in this batch.
+                    continue;
+                }
+                t.backend_event(fd, evs);
+                t.backend_fds()
+            };
+            sync_fds(&epoll, slot, &mut registered[slot], &fds);
+        }
+    }
+}
+
+/// Brings epoll's registrations for `slot` in line with what the device wants now.
+fn sync_fds(epoll: &Epoll, slot: usize, have: &mut HashMap<RawFd, u32>, want: &[(RawFd, u32)]) {
+    let token = |fd: RawFd| ((slot as u64) << 32) | u64::from(fd as u32);
+    have.retain(|fd, mask| {
+        if want.iter().any(|&(f, m)| f == *fd && m == *mask) {
+            return true;
+        }
+        // The fd may already be closed (epoll then dropped it itself): ignore errors.
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            *fd,
+            EpollEvent::new(EventSet::empty(), token(*fd)),
+        );
+        false
+    });
+    for &(fd, mask) in want {
+        if have.contains_key(&fd) {
+            continue;
+        }
+        match epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::from_bits_truncate(mask), token(fd)),
+        ) {
+            Ok(()) => {
+                have.insert(fd, mask);
+            }
+            Err(e) => warn!("device backend: cannot watch fd {fd}: {e}"),
+        }
+    }
+}

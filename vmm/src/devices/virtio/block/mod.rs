@@ -1,0 +1,317 @@
+//! virtio-blk on a raw image file.
+//!
+//! One request queue. A notify is handled on the vCPU thread that wrote it: every
+//! available chain is parsed, the valid ones are submitted to the I/O engine as one
+//! batch, and once all have completed their status bytes and used entries are written.
+
+pub mod io;
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use log::warn;
+use virtio_queue::Queue;
+use vm_memory::Bytes;
+
+use self::io::{Engine, IoOp, OpKind};
+use self::request::*;
+use super::*;
+use crate::config::{DiskConfig, IoEngine};
+use crate::vstate::memory::GuestMemoryMmap;
+
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const QUEUE_SIZES: [u16; 1] = [QUEUE_MAX_SIZE];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("disk image {path}: cannot open: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is in use by another process (flock: {source})")]
+    Locked {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    BadSize { path: String, size: u64 },
+    #[error("disk image {path}: cannot set up {engine:?} I/O: {source}")]
+    Engine {
+        path: String,
+        engine: IoEngine,
+        source: std::io::Error,
+    },
+}
+
+pub struct Block {
+    file: File,
+    engine: Engine,
+    disk: DiskGeometry,
+    id: [u8; ID_BYTES],
+}
+
+impl Block {
+    /// Opens the image of `cfg`: read-write (or read-only), locked against other
+    /// writers with flock (exclusive for read-write, shared for read-only).
+    pub fn open(cfg: &DiskConfig) -> Result<Block, BlockError> {
+        let path = cfg.path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&cfg.path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let op = if cfg.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } < 0 {
+            return Err(BlockError::Locked {
+                path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let serial = match &cfg.serial {
+            Some(s) => s.clone(),
+            None => file_name(&cfg.path),
+        };
+        Self::with_file(file, &path, cfg.read_only, cfg.io_engine, &serial)
+    }
+
+    /// A device on an already open (and locked, if wanted) image file.
+    pub fn with_file(
+        file: File,
+        path: &str,
+        read_only: bool,
+        engine: IoEngine,
+        serial: &str,
+    ) -> Result<Block, BlockError> {
+        let size = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::BadSize {
+                path: path.into(),
+                size,
+            });
+        }
+        let engine = Engine::new(engine).map_err(|source| BlockError::Engine {
+            path: path.into(),
+            engine,
+            source,
+        })?;
+        let mut id = [0u8; ID_BYTES];
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Block {
+            file,
+            engine,
+            disk: DiskGeometry {
+                capacity_bytes: size,
+                read_only,
+            },
+            id,
+        })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity_bytes / SECTOR_SIZE
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A parsed request waiting for its I/O, or one already answered.
+struct Pending {
+    head: u16,
+    status: vm_memory::GuestAddress,
+    /// Index into the batch of I/O operations, if it has one.
+    op: Option<usize>,
+    /// Status to report when there is no I/O (GET_ID, rejected requests).
+    code: u8,
+    /// Bytes written into guest buffers (excluding the status byte).
+    written: u32,
+    /// Guest buffers the kernel writes (reads), to mark dirty afterwards.
+    dirty: Vec<(vm_memory::GuestAddress, u32)>,
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        twinrun_guest_abi::VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        let ro = if self.disk.read_only {
+            VIRTIO_BLK_F_RO
+        } else {
+            0
+        };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config: only `capacity` (le64 at 0) is meaningful with the
+        // features offered; the rest reads as zero.
+        let cfg = self.capacity_sectors().to_le_bytes();
+        read_config_bytes(&cfg, offset, data);
+    }
+
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        index: usize,
+    ) -> Result<bool, VirtioError> {
+        let queue = &mut queues[index];
+        let mut pending = Vec::new();
+        let mut ops = Vec::new();
+        let mut failed = None;
+        loop {
+            let chain = match pop_chain(queue, mem, index) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    // Answer what was already taken, then report the broken driver.
+                    failed = Some(e);
+                    break;
+                }
+            };
+            match parse(mem, &chain, self.disk) {
+                Err(RequestError::NoStatus { head }) => {
+                    failed = Some(VirtioError::Malformed {
+                        head,
+                        why: "no device-writable status byte",
+                    });
+                    break;
+                }
+                Err(RequestError::Rejected {
+                    head, status, code, ..
+                }) => pending.push(Pending {
+                    head,
+                    status,
+                    op: None,
+                    code,
+                    written: 0,
+                    dirty: Vec::new(),
+                }),
+                Ok(req) => pending.push(self.prepare(mem, req, &mut ops)),
+            }
+        }
+        self.engine.run(&self.file, &mut ops);
+        let any = !pending.is_empty();
+        for p in pending {
+            mark_dirty_if(mem, &p.dirty);
+            let (code, written) = match p.op {
+                Some(i) => match &ops[i].result {
+                    Ok(()) => (VIRTIO_BLK_S_OK, p.written),
+                    Err(e) => {
+                        warn!("virtio-blk: request {} failed: {e}", p.head);
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                },
+                None => (p.code, p.written),
+            };
+            if mem.write_obj(code, p.status).is_err() {
+                failed.get_or_insert(VirtioError::BufferOutsideMemory {
+                    head: p.head,
+                    addr: p.status.0,
+                    len: 1,
+                });
+                continue;
+            }
+            add_used(queue, mem, index, p.head, written + 1)?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(any),
+        }
+    }
+}
+
+fn mark_dirty_if(mem: &GuestMemoryMmap, bufs: &[(vm_memory::GuestAddress, u32)]) {
+    if !bufs.is_empty() {
+        io::mark_dirty(mem, bufs);
+    }
+}
+
+impl Block {
+    fn prepare(&mut self, mem: &GuestMemoryMmap, req: Request, ops: &mut Vec<IoOp>) -> Pending {
+        let mut p = Pending {
+            head: req.head,
+            status: req.status,
+            op: None,
+            code: VIRTIO_BLK_S_OK,
+            written: 0,
+            dirty: Vec::new(),
+        };
+        let kind = match req.kind {
+            RequestType::GetId => {
+                // Through vm-memory, so the bitmap sees it.
+                let mut left = &self.id[..];
+                for &(addr, len) in &req.data {
+                    let n = (len as usize).min(left.len());
+                    if mem.write_slice(&left[..n], addr).is_err() {
+                        p.code = VIRTIO_BLK_S_IOERR;
+                        return p;
+                    }
+                    p.written += n as u32;
+                    left = &left[n..];
+                }
+                return p;
+            }
+            RequestType::In => OpKind::Read,
+            RequestType::Out => OpKind::Write,
+            RequestType::Flush => OpKind::Flush,
+        };
+        match IoOp::new(mem, kind, req.offset, &req.data) {
+            Some(op) => {
+                p.op = Some(ops.len());
+                ops.push(op);
+                if kind == OpKind::Read {
+                    // At most MAX_DATA_BYTES, so it fits.
+                    p.written = req.data_len as u32;
+                    p.dirty = req.data;
+                }
+            }
+            None => p.code = VIRTIO_BLK_S_IOERR,
+        }
+        p
+    }
+}
+
+/// Copies the part of `cfg` at `offset` into `data`; the rest of `data` is zero.
+pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    for (i, b) in data.iter_mut().enumerate() {
+        if let Some(v) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o))
+        {
+            *b = *v;
+        }
+    }
+}

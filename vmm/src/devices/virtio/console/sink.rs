@@ -1,0 +1,254 @@
+//! Where guest console output goes: stdout, a file (appended) or a Unix socket.
+//!
+//! The socket sink is a server: the VMM binds the path and keeps all output, in order,
+//! until a reader connects, then streams it. A reader that connects later gets
+//! everything not yet delivered. A new connection replaces the current reader. Output is
+//! never reordered; if no reader drains it, at most [`MAX_PENDING`] bytes are kept and
+//! the oldest are dropped beyond that (counted in `dropped`).
+//!
+//! Writes never block the vCPU thread: the socket is non-blocking, and what it does not
+//! take stays pending until the backend thread sees it writable (edge-triggered
+//! EPOLLOUT) and calls [`ConsoleSink::on_writable`].
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use crate::config::ConsoleConfig;
+
+/// Bytes kept for a socket reader that has not connected (or is not reading).
+pub const MAX_PENDING: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("console file {path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+    #[error("console socket {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+}
+
+pub struct SocketSink {
+    path: PathBuf,
+    listener: UnixListener,
+    client: Option<UnixStream>,
+    /// Set when a write failed for good; the backend thread closes the client then
+    /// (so fd numbers it registered stay valid until it unregisters them).
+    client_dead: bool,
+    pending: VecDeque<u8>,
+    pub dropped: u64,
+}
+
+pub enum ConsoleSink {
+    Stdout,
+    File(File),
+    Socket(Box<SocketSink>),
+}
+
+impl ConsoleSink {
+    pub fn new(cfg: &ConsoleConfig) -> Result<ConsoleSink, SinkError> {
+        Ok(match cfg {
+            ConsoleConfig::Stdout => ConsoleSink::Stdout,
+            ConsoleConfig::File { path } => ConsoleSink::File(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SinkError::File {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            ConsoleConfig::Socket { path } => {
+                ConsoleSink::Socket(Box::new(SocketSink::bind(path).map_err(|source| {
+                    SinkError::Socket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?))
+            }
+        })
+    }
+
+    /// Sends guest output on. Errors of the destination are logged, not returned: the
+    /// guest cannot do anything about them.
+    pub fn write(&mut self, data: &[u8]) {
+        let r = match self {
+            ConsoleSink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(data).and_then(|_| out.flush())
+            }
+            ConsoleSink::File(f) => f.write_all(data),
+            ConsoleSink::Socket(s) => {
+                s.write(data);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("console output lost: {e}");
+        }
+    }
+
+    /// Descriptors for the backend thread: the listener, and the client for
+    /// writability/hang-up.
+    pub fn fds(&self) -> Vec<(RawFd, u32)> {
+        match self {
+            ConsoleSink::Socket(s) => {
+                let mut v = vec![(s.listener.as_raw_fd(), libc::EPOLLIN as u32)];
+                if let Some(c) = &s.client {
+                    v.push((
+                        c.as_raw_fd(),
+                        (libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                    ));
+                }
+                v
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The backend thread saw `fd` ready.
+    pub fn on_event(&mut self, fd: RawFd, events: u32) {
+        if let ConsoleSink::Socket(s) = self {
+            if fd == s.listener.as_raw_fd() {
+                s.accept();
+            } else if s.client.as_ref().is_some_and(|c| c.as_raw_fd() == fd) {
+                let hup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                if events & hup != 0 || s.client_dead {
+                    s.drop_client();
+                } else {
+                    s.flush_pending();
+                }
+            }
+        }
+    }
+
+    /// Best effort to deliver everything before the VMM stops (waits up to a second
+    /// for a slow socket reader).
+    pub fn flush(&mut self) {
+        match self {
+            ConsoleSink::Stdout => {
+                let _ = io::stdout().flush();
+            }
+            ConsoleSink::File(f) => {
+                let _ = f.flush();
+            }
+            ConsoleSink::Socket(s) => s.flush_blocking(),
+        }
+    }
+
+    /// Output not yet delivered (socket sink only).
+    pub fn pending(&self) -> usize {
+        match self {
+            ConsoleSink::Socket(s) => s.pending.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl SocketSink {
+    fn bind(path: &Path) -> io::Result<SocketSink> {
+        // A socket left by a previous run is replaced; anything else is not ours.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(SocketSink {
+            path: path.to_owned(),
+            listener,
+            client: None,
+            client_dead: false,
+            pending: VecDeque::new(),
+            dropped: 0,
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        self.pending.extend(data);
+        if self.pending.len() > MAX_PENDING {
+            let excess = self.pending.len() - MAX_PENDING;
+            self.pending.drain(..excess);
+            self.dropped += excess as u64;
+        }
+        self.flush_pending();
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    // The newest reader wins; the old one is closed here, on the backend
+                    // thread, which unregisters its fd right after this event.
+                    self.client = Some(stream);
+                    self.client_dead = false;
+                    self.flush_pending();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("console socket accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_client(&mut self) {
+        self.client = None;
+        self.client_dead = false;
+    }
+
+    fn flush_pending(&mut self) {
+        if self.client_dead {
+            return;
+        }
+        let Some(c) = &mut self.client else {
+            return;
+        };
+        while !self.pending.is_empty() {
+            let (a, _) = self.pending.as_slices();
+            match c.write(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // Reader went away: keep the output for the next one.
+                    self.client_dead = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn flush_blocking(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !self.pending.is_empty()
+            && self.client.is_some()
+            && !self.client_dead
+            && std::time::Instant::now() < deadline
+        {
+            self.flush_pending();
+            if !self.pending.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+impl Drop for SocketSink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

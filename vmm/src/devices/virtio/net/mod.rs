@@ -1,0 +1,214 @@
+//! virtio-net on a TAP interface: receiveq 0, transmitq 1, no control queue, no
+//! offloads, MAC in config space (`VIRTIO_NET_F_MAC`).
+//!
+//! Every frame carries the virtio 1.x 12-byte header (`virtio_net_hdr_v1`). With no
+//! offloads negotiated the header carries nothing on TX (it is stripped) and is zero on
+//! RX apart from `num_buffers = 1`.
+//!
+//! TX runs on the vCPU thread that notified the queue: each chain is copied out and
+//! written to the TAP. RX runs on the device manager's backend thread: it reads frames
+//! from the TAP while the receive queue has buffers; when it runs out it stops watching
+//! the TAP ("stalled") until the driver notifies the receive queue, which the vCPU
+//! thread turns into a write to `rx_evt`, which the backend thread waits on.
+
+pub mod tap;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use log::warn;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::tap::Tap;
+use super::*;
+use crate::vstate::memory::GuestMemoryMmap;
+
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+/// `struct virtio_net_hdr_v1`.
+pub const NET_HDR_LEN: usize = 12;
+/// Largest frame plus header a chain may carry (64 KiB TSO frame + Ethernet + header).
+pub const MAX_FRAME_WITH_HDR: usize = 65562;
+/// Frames moved per backend event, so one busy TAP cannot hog the thread.
+const RX_BURST: usize = 64;
+
+const QUEUE_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    rx_evt: EventFd,
+    rx_stalled: bool,
+    rx_buf: Vec<u8>,
+    pub stats: NetStats,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> io::Result<Net> {
+        Ok(Net {
+            tap,
+            mac,
+            rx_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            rx_stalled: false,
+            rx_buf: vec![0u8; MAX_FRAME_WITH_HDR],
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    fn transmit(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, VirtioError> {
+        let mut any = false;
+        while let Some(chain) = pop_chain(queue, mem, TX_QUEUE)? {
+            let frame = read_chain(mem, &chain, MAX_FRAME_WITH_HDR as u64)?;
+            if frame.len() < NET_HDR_LEN {
+                return Err(VirtioError::BadLength {
+                    head: chain.head,
+                    len: frame.len() as u64,
+                    why: "shorter than the virtio-net header",
+                });
+            }
+            match self.tap.write_frame(&frame[NET_HDR_LEN..]) {
+                Ok(_) => self.stats.tx_frames += 1,
+                Err(e) => {
+                    // The host side is not taking frames (link down, queue full): the
+                    // frame is lost as it would be on a wire.
+                    self.stats.tx_dropped += 1;
+                    log::debug!("virtio-net: TX frame dropped: {e}");
+                }
+            }
+            add_used(queue, mem, TX_QUEUE, chain.head, 0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    fn receive(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        active: bool,
+    ) -> Result<bool, VirtioError> {
+        let queue = &mut queues[RX_QUEUE];
+        if !active || !virtio_queue::QueueT::ready(queue) {
+            self.rx_stalled = true;
+            return Ok(false);
+        }
+        let mut any = false;
+        for _ in 0..RX_BURST {
+            if !has_avail(queue, mem) {
+                self.rx_stalled = true;
+                break;
+            }
+            let n = match self.tap.read_frame(&mut self.rx_buf[NET_HDR_LEN..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
+                    break;
+                }
+            };
+            self.rx_buf[..NET_HDR_LEN].fill(0);
+            // num_buffers = 1 (le16 at offset 10).
+            self.rx_buf[10] = 1;
+            let Some(chain) = pop_chain(queue, mem, RX_QUEUE)? else {
+                self.stats.rx_dropped += 1;
+                break;
+            };
+            let len = match write_chain(mem, &chain, &self.rx_buf[..NET_HDR_LEN + n])? {
+                Some(len) => {
+                    self.stats.rx_frames += 1;
+                    len
+                }
+                None => {
+                    // Buffer too small for this frame: drop the frame and give the
+                    // buffer back empty, as a NIC drops an oversized frame.
+                    self.stats.rx_dropped += 1;
+                    0
+                }
+            };
+            add_used(queue, mem, RX_QUEUE, chain.head, len)?;
+            any = true;
+        }
+        Ok(any)
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        twinrun_guest_abi::VIRTIO_ID_NET
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config: mac[6]; nothing else is valid with our features.
+        super::block::read_config_bytes(&self.mac, offset, data);
+    }
+
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        index: usize,
+    ) -> Result<bool, VirtioError> {
+        match index {
+            RX_QUEUE => {
+                // New receive buffers: wake the backend thread, which owns RX.
+                if let Err(e) = self.rx_evt.write(1) {
+                    warn!("virtio-net: cannot wake the RX thread: {e}");
+                }
+                Ok(false)
+            }
+            _ => self.transmit(mem, &mut queues[TX_QUEUE]),
+        }
+    }
+
+    fn backend_fds(&self) -> Vec<(RawFd, u32)> {
+        let mut v = vec![(self.rx_evt.as_raw_fd(), libc::EPOLLIN as u32)];
+        if !self.rx_stalled {
+            v.push((self.tap.as_raw_fd(), libc::EPOLLIN as u32));
+        }
+        v
+    }
+
+    fn backend_event(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        active: bool,
+        fd: RawFd,
+        _events: u32,
+    ) -> Result<bool, VirtioError> {
+        if fd == self.rx_evt.as_raw_fd() {
+            // Drain the counter; any value means "buffers were added".
+            let _ = self.rx_evt.read();
+            self.rx_stalled = false;
+        }
+        self.receive(mem, queues, active)
+    }
+
+    fn reset(&mut self) {
+        self.rx_stalled = false;
+    }
+}
