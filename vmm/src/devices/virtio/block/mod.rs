@@ -315,3 +315,6 @@ pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,351 @@
+//! virtio-blk through its transport, against real image files, with both engines.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::super::mmio::tests::*;
+use super::super::mmio::*;
+use super::super::testutil::*;
+use super::*;
+use crate::config::{DiskConfig, IoEngine};
+use crate::devices::bus::BusDevice;
+
+struct TempImage(PathBuf);
+
+impl TempImage {
+    fn new(tag: &str, sectors: u64) -> TempImage {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("twinrun-blk-{}-{tag}-{n}.img", std::process::id()));
+        let mut f = File::create(&p).unwrap();
+        for s in 0..sectors {
+            f.write_all(&[s as u8; 512]).unwrap();
+        }
+        TempImage(p)
+    }
+
+    fn cfg(&self, engine: IoEngine, read_only: bool) -> DiskConfig {
+        DiskConfig {
+            path: self.0.clone(),
+            read_only,
+            io_engine: engine,
+            serial: None,
+        }
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const HDR: u64 = 0x8000;
+const DATA: u64 = 0x10000;
+const STATUS: u64 = 0x40000;
+
+fn header(mem: &GuestMemoryMmap, slot: u16, t: u32, sector: u64) -> u64 {
+    let at = HDR + u64::from(slot) * 16;
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&t.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(at)).unwrap();
+    at
+}
+
+fn ready<'a>(t: &mut MmioTransport, mem: &'a GuestMemoryMmap, features: u64) -> Driver<'a> {
+    let drv = Driver::new(mem, 64);
+    init(t, features);
+    setup_queue(t, 0, &drv, 64);
+    driver_ok(t);
+    drv
+}
+
+fn transport(mem: &GuestMemoryMmap, cfg: &DiskConfig) -> MmioTransport {
+    MmioTransport::new(mem.clone(), Box::new(Block::open(cfg).unwrap())).unwrap()
+}
+
+fn status(mem: &GuestMemoryMmap, slot: u16) -> u8 {
+    read_u8(mem, STATUS + u64::from(slot))
+}
+
+fn happy_path(engine: IoEngine) {
+    let img = TempImage::new("rw", 64);
+    let mem = memory();
+    let mut t = transport(&mem, &img.cfg(engine, false));
+    // Capacity in config space.
+    let mut cap = [0u8; 8];
+    t.read(0, CONFIG_SPACE, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 64);
+    assert_eq!(r(&mut t, REG_DEVICE_ID), twinrun_guest_abi::VIRTIO_ID_BLOCK);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+
+    // Batch: write sectors 3..5 from two buffers, read sector 9, flush, get-id.
+    mem.write_slice(&[0xAB; 512], GuestAddress(DATA)).unwrap();
+    mem.write_slice(&[0xCD; 512], GuestAddress(DATA + 0x1000))
+        .unwrap();
+    let h = header(&mem, 0, VIRTIO_BLK_T_OUT, 3);
+    drv.chain(
+        0,
+        &[
+            (h, 16, false),
+            (DATA, 512, false),
+            (DATA + 0x1000, 512, false),
+            (STATUS, 1, true),
+        ],
+    );
+    let h = header(&mem, 1, VIRTIO_BLK_T_IN, 9);
+    drv.chain(
+        4,
+        &[
+            (h, 16, false),
+            (DATA + 0x2000, 512, true),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    let h = header(&mem, 2, VIRTIO_BLK_T_FLUSH, 0);
+    drv.chain(8, &[(h, 16, false), (STATUS + 2, 1, true)]);
+    let h = header(&mem, 3, VIRTIO_BLK_T_GET_ID, 0);
+    drv.chain(
+        12,
+        &[
+            (h, 16, false),
+            (DATA + 0x3000, 20, true),
+            (STATUS + 3, 1, true),
+        ],
+    );
+    for i in 0..4 {
+        mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+    }
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+
+    assert_eq!(drv.used_idx(), 4);
+    for i in 0..4 {
+        assert_eq!(status(&mem, i), VIRTIO_BLK_S_OK, "request {i}");
+    }
+    assert_eq!(drv.used(0), (0, 1));
+    assert_eq!(drv.used(1), (4, 513));
+    assert_eq!(drv.used(2), (8, 1));
+    let id_len = img.0.file_name().unwrap().len().min(20) as u32;
+    assert_eq!(drv.used(3), (12, id_len + 1));
+    assert_eq!(r(&mut t, REG_INTERRUPT_STATUS) & INTERRUPT_USED_RING, 1);
+
+    let mut got = [0u8; 512];
+    mem.read_slice(&mut got, GuestAddress(DATA + 0x2000))
+        .unwrap();
+    assert_eq!(got, [9u8; 512]);
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA + 0x3000))
+        .unwrap();
+    let name = img.0.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(&id[..id_len as usize], &name.as_bytes()[..id_len as usize]);
+
+    // The write reached the file.
+    let mut f = File::open(&img.0).unwrap();
+    let mut buf = vec![0u8; 1024];
+    f.seek(SeekFrom::Start(3 * 512)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 0xAB));
+    assert!(buf[512..].iter().all(|&b| b == 0xCD));
+
+    // Reads mark guest memory dirty in the vm-memory bitmap.
+    let region = mem.find_region(GuestAddress(DATA + 0x2000)).unwrap();
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryRegion;
+    assert!(region.bitmap().dirty_at((DATA + 0x2000) as usize));
+
+    // Read back what was written, split across descriptors.
+    let h = header(&mem, 4, VIRTIO_BLK_T_IN, 3);
+    drv.chain(
+        16,
+        &[
+            (h, 16, false),
+            (DATA + 0x5000, 700, true),
+            (DATA + 0x6000, 325, true),
+        ],
+    );
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_eq!(drv.used(4), (16, 1025));
+    assert_eq!(read_u8(&mem, DATA + 0x5000 + 511), 0xAB);
+    assert_eq!(read_u8(&mem, DATA + 0x5000 + 512), 0xCD);
+    assert_eq!(read_u8(&mem, DATA + 0x6000 + 323), 0xCD);
+    // The status byte is the last byte of the last descriptor.
+    assert_eq!(read_u8(&mem, DATA + 0x6000 + 324), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn happy_path_io_uring() {
+    happy_path(IoEngine::IoUring);
+}
+
+#[test]
+fn happy_path_sync() {
+    happy_path(IoEngine::Sync);
+}
+
+#[test]
+fn serial_from_config() {
+    let img = TempImage::new("serial", 8);
+    let mem = memory();
+    let mut cfg = img.cfg(IoEngine::Sync, false);
+    cfg.serial = Some("disk-serial-0".into());
+    let mut t = transport(&mem, &cfg);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    let h = header(&mem, 0, VIRTIO_BLK_T_GET_ID, 0);
+    drv.chain(0, &[(h, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..13], b"disk-serial-0");
+    assert_eq!(id[13..], [0u8; 7]);
+}
+
+#[test]
+fn read_only_disk_rejects_writes_and_offers_ro() {
+    for engine in [IoEngine::IoUring, IoEngine::Sync] {
+        let img = TempImage::new("ro", 8);
+        let mem = memory();
+        let mut t = transport(&mem, &img.cfg(engine, true));
+        assert_ne!(r(&mut t, REG_DEVICE_FEATURES) as u64 & VIRTIO_BLK_F_RO, 0);
+        let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
+        let h = header(&mem, 0, VIRTIO_BLK_T_OUT, 0);
+        drv.chain(0, &[(h, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+        let h = header(&mem, 1, VIRTIO_BLK_T_IN, 1);
+        drv.chain(
+            3,
+            &[(h, 16, false), (DATA, 512, true), (STATUS + 1, 1, true)],
+        );
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+        assert_eq!(drv.used(0), (0, 1));
+        assert_eq!(std::fs::read(&img.0).unwrap()[0], 0);
+    }
+}
+
+#[test]
+fn errors_reported_in_status_byte() {
+    let img = TempImage::new("err", 8);
+    let mem = memory();
+    let mut t = transport(&mem, &img.cfg(IoEngine::IoUring, false));
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    // Unknown type.
+    let h = header(&mem, 0, 42, 0);
+    drv.chain(0, &[(h, 16, false), (STATUS, 1, true)]);
+    // Out of range.
+    let h = header(&mem, 1, VIRTIO_BLK_T_IN, 8);
+    drv.chain(
+        2,
+        &[(h, 16, false), (DATA, 512, true), (STATUS + 1, 1, true)],
+    );
+    // Header too short.
+    let h = header(&mem, 2, VIRTIO_BLK_T_IN, 0);
+    drv.chain(
+        5,
+        &[(h, 8, false), (DATA, 512, true), (STATUS + 2, 1, true)],
+    );
+    // Wrong direction.
+    let h = header(&mem, 3, VIRTIO_BLK_T_IN, 0);
+    drv.chain(
+        8,
+        &[(h, 16, false), (DATA, 512, false), (STATUS + 3, 1, true)],
+    );
+    // And a good one after them still works.
+    let h = header(&mem, 4, VIRTIO_BLK_T_IN, 2);
+    drv.chain(
+        11,
+        &[(h, 16, false), (DATA, 512, true), (STATUS + 4, 1, true)],
+    );
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_eq!(drv.used_idx(), 5);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(status(&mem, 1), VIRTIO_BLK_S_IOERR);
+    assert_eq!(status(&mem, 2), VIRTIO_BLK_S_IOERR);
+    assert_eq!(status(&mem, 3), VIRTIO_BLK_S_IOERR);
+    assert_eq!(status(&mem, 4), VIRTIO_BLK_S_OK);
+    assert_eq!(read_u8(&mem, DATA), 2);
+    assert_eq!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn chain_without_status_or_looping_needs_reset() {
+    let img = TempImage::new("nostatus", 8);
+    let mem = memory();
+    let mut t = transport(&mem, &img.cfg(IoEngine::Sync, false));
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    let h = header(&mem, 0, VIRTIO_BLK_T_IN, 0);
+    drv.chain(0, &[(h, 16, false), (DATA, 512, false)]);
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_ne!(r(&mut t, REG_INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
+    drop(t);
+
+    let mut t = transport(&mem, &img.cfg(IoEngine::Sync, false));
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    // A good request, then a loop: the good one is answered, then the device fails.
+    let h = header(&mem, 1, VIRTIO_BLK_T_IN, 1);
+    drv.chain(0, &[(h, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    drv.desc(5, h, 16, VRING_DESC_F_NEXT, 6);
+    drv.desc(6, DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 5);
+    drv.offer(5);
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn data_outside_memory_needs_reset_without_writing() {
+    let img = TempImage::new("oob", 8);
+    let mem = memory();
+    let mut t = transport(&mem, &img.cfg(IoEngine::IoUring, false));
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    let h = header(&mem, 0, VIRTIO_BLK_T_IN, 0);
+    drv.chain(
+        0,
+        &[(h, 16, false), (0xFFE00, 1024, true), (STATUS, 1, true)],
+    );
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(drv.used_idx(), 0);
+}
+
+#[test]
+fn open_checks_size_and_lock() {
+    let img = TempImage::new("odd", 1);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&img.0)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    let e = Block::open(&img.cfg(IoEngine::Sync, false)).err().unwrap();
+    assert!(matches!(e, BlockError::BadSize { size: 513, .. }), "{e}");
+    assert!(e.to_string().contains("not a multiple of 512"));
+
+    let img = TempImage::new("lock", 4);
+    let first = Block::open(&img.cfg(IoEngine::Sync, false)).unwrap();
+    let e = Block::open(&img.cfg(IoEngine::Sync, false)).err().unwrap();
+    assert!(matches!(e, BlockError::Locked { .. }), "{e}");
+    let e = Block::open(&img.cfg(IoEngine::Sync, true)).err().unwrap();
+    assert!(matches!(e, BlockError::Locked { .. }), "{e}");
+    drop(first);
+    // Readers share.
+    let _a = Block::open(&img.cfg(IoEngine::Sync, true)).unwrap();
+    let _b = Block::open(&img.cfg(IoEngine::Sync, true)).unwrap();
+    assert!(Block::open(&img.cfg(IoEngine::Sync, false)).is_err());
+
+    let missing = DiskConfig {
+        path: "/nonexistent/twinrun.img".into(),
+        read_only: false,
+        io_engine: IoEngine::Sync,
+        serial: None,
+    };
+    assert!(matches!(
+        Block::open(&missing),
+        Err(BlockError::Open { .. })
+    ));
+}
