@@ -233,3 +233,37 @@ fn dropping_a_running_vm_stops_it() {
     std::thread::sleep(Duration::from_millis(10));
     drop(vmm);
 }
+
+/// CPU time (user + system, in clock ticks) of this process's threads named `name`.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for t in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = t.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the ")" of the command name; utime and stime are fields 14, 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?);
+    }
+    None
+}
+
+#[test]
+fn secondary_vcpus_block_without_burning_cpu() {
+    // Test names are unique per test binary, and vCPU thread names repeat across VMs in
+    // this process; this test owns the only 3-vCPU VM, so read "vcpu2" right away.
+    let (mut vmm, _) = vm_with_recorder(&SPIN, 3);
+    vmm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = thread_cpu_ticks("vcpu2");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = thread_cpu_ticks("vcpu2");
+    vmm.stopper().stop();
+    assert_eq!(wait(&mut vmm), VmExit::Stopped);
+    let (b, a) = (before.expect("vcpu2 thread"), after.expect("vcpu2 thread"));
+    // Ticks are 10 ms: a spinning thread would gain ~50 here.
+    assert!(a - b <= 2, "vcpu2 used {} ticks in 500 ms", a - b);
+}
