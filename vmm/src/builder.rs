@@ -5,6 +5,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use crate::boot::{self, BootError, BootFacts, Image};
 use crate::config::{ConfigError, Payload, VmConfig};
 use crate::devices::bus::Bus;
+use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::vmm_handle::Vmm;
 use crate::vstate::memory::{create_guest_memory, ram_bounds, MemoryError};
 use crate::vstate::vcpu::{create_vcpu, setup_boot_vcpu, VcpuError};
@@ -22,6 +23,8 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("loading the guest: {0}")]
     Boot(#[from] BootError),
+    #[error("devices: {0}")]
+    Devices(#[from] DeviceError),
     #[error("KVM_GET_TSC_KHZ: {0}")]
     TscKhz(kvm_ioctls::Error),
 }
@@ -52,7 +55,10 @@ pub fn build_vm_with_image(cfg: &VmConfig, image: Image<'_>) -> Result<Vmm, Buil
     setup_boot_vcpu(&vcpus[0], loaded.entry)?;
     let tsc_khz = vcpus[0].get_tsc_khz().map_err(BuildError::TscKhz)?;
 
-    let mmio = Bus::new();
+    // Console in window 0, then disks, then NICs.
+    let devices = DeviceManager::new(&mem, cfg)?;
+    let mut mmio = Bus::new();
+    devices.attach(&mut mmio)?;
     let pio = Bus::new();
 
     let (ram_low_end, ram_high_end) = ram_bounds(&mem);
@@ -61,9 +67,9 @@ pub fn build_vm_with_image(cfg: &VmConfig, image: Image<'_>) -> Result<Vmm, Buil
         ram_low_end,
         ram_high_end,
         free_base: boot::free_base(&loaded),
-        devices: Vec::new(),
+        devices: devices.descriptors(),
     };
     let params = boot::params::build(cfg, &facts).map_err(BootError::from)?;
     boot::write_params(&mem, &params)?;
-    Ok(Vmm::new(mem, vm, vcpus, mmio, pio))
+    Ok(Vmm::new(mem, vm, vcpus, mmio, pio, devices))
 }

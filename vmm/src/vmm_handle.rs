@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 
 use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::exit::VmExit;
 use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
@@ -38,7 +39,7 @@ pub enum VmmError {
     #[error("bus: {0}")]
     Bus(#[from] BusError),
     #[error("devices: {0}")]
-    Device(String),
+    Device(#[from] DeviceError),
 }
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
@@ -63,6 +64,7 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
     control: Arc<RunControl>,
+    devices: DeviceManager,
     started: bool,
     finished: Option<VmExit>,
     // Declared last: the threads (joined in Drop) use the VM and its memory.
@@ -77,6 +79,7 @@ impl Vmm {
         vcpus: Vec<VcpuFd>,
         mmio: Bus,
         pio: Bus,
+        devices: DeviceManager,
     ) -> Vmm {
         let n = vcpus.len();
         Vmm {
@@ -85,6 +88,7 @@ impl Vmm {
             mmio: Arc::new(mmio),
             pio: Arc::new(pio),
             control: Arc::new(RunControl::new(n)),
+            devices,
             started: false,
             finished: None,
             vm,
@@ -131,12 +135,18 @@ impl Vmm {
         Ok(())
     }
 
-    /// Spawns one thread per vCPU.
+    /// The virtio devices (for state capture and tests).
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Starts the device backend thread, then one thread per vCPU.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if self.started {
             return Err(VmmError::AlreadyStarted);
         }
         install_kick_handler().map_err(VmmError::Signal)?;
+        self.devices.start()?;
         let run_size = self.vm.fd().run_size();
         for (i, fd) in self.vcpus.iter().enumerate() {
             let page = RunPage::map(fd, run_size).map_err(|e| VmmError::MapRun(i as u8, e))?;
@@ -199,13 +209,19 @@ impl Vmm {
         if !self.started {
             return Err(VmmError::NotStarted);
         }
-        Ok(self.control.pause(PAUSE_LIMIT)?)
+        let t0 = std::time::Instant::now();
+        // vCPUs first: once they are parked nothing new reaches the devices; then the
+        // backend thread, so no device touches guest memory until resume.
+        self.control.pause(PAUSE_LIMIT)?;
+        self.devices.pause();
+        Ok(t0.elapsed())
     }
 
     pub fn resume(&self) -> Result<(), VmmError> {
         if !self.started {
             return Err(VmmError::NotStarted);
         }
+        self.devices.resume();
         Ok(self.control.resume()?)
     }
 
@@ -215,7 +231,8 @@ impl Vmm {
         }
     }
 
-    /// Blocks until the VM ends; joins the vCPU threads.
+    /// Blocks until the VM ends; joins the vCPU threads and shuts the devices down
+    /// (flushing console output).
     pub fn wait(&mut self) -> VmExit {
         if let Some(e) = &self.finished {
             return e.clone();
@@ -244,6 +261,7 @@ impl Vmm {
 
     fn finish(&mut self, exit: VmExit) -> VmExit {
         self.join();
+        self.devices.shutdown();
         self.finished = Some(exit.clone());
         exit
     }
@@ -265,5 +283,6 @@ impl Drop for Vmm {
             self.control.end(VmExit::Stopped);
             self.join();
         }
+        self.devices.shutdown();
     }
 }
