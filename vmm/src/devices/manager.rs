@@ -345,3 +345,6 @@ fn sync_fds(epoll: &Epoll, slot: usize, have: &mut HashMap<RawFd, u32>, want: &[
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -359,7 +359,7 @@ impl BusDevice for MmioTransport {
         data.fill(0);
         if offset >= CONFIG_SPACE {
             self.device.read_config(offset - CONFIG_SPACE, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         }
     }
@@ -367,7 +367,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
             self.device.write_config(offset - CONFIG_SPACE, data);
-        } else if let (Ok(b), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        } else if let (Ok(b), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_reg(offset, u32::from_le_bytes(b));
         }
     }

@@ -104,7 +104,7 @@ impl Block {
                 source,
             })?
             .len();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::BadSize {
                 path: path.into(),
                 size,

@@ -149,7 +149,7 @@ pub fn parse(
             if kind == RequestType::Out && disk.read_only {
                 return Err(reject(VIRTIO_BLK_S_IOERR, "write to a read-only disk"));
             }
-            if data_len == 0 || data_len % SECTOR_SIZE != 0 {
+            if data_len == 0 || !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(reject(
                     VIRTIO_BLK_S_IOERR,
                     "data length is not a non-zero multiple of 512",

@@ -212,3 +212,6 @@ impl VirtioDevice for Net {
         self.rx_stalled = false;
     }
 }
+
+#[cfg(test)]
+mod tests;
