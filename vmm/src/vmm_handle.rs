@@ -14,9 +14,9 @@ use crate::exit::VmExit;
 use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
 };
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::memory::{GuestMemoryMmap, SlotFlags};
 use crate::vstate::vcpu::VcpuRunner;
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmError};
 
 /// How long `pause` waits for every vCPU to park before giving up. Kicks take
 /// microseconds; this only bounds a vCPU stuck in a slow device handler.
@@ -40,6 +40,8 @@ pub enum VmmError {
     Bus(#[from] BusError),
     #[error("devices: {0}")]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
 }
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
@@ -102,6 +104,11 @@ impl Vmm {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// Changes the flags of every memory slot (e.g. turns on KVM dirty logging).
+    pub fn set_slot_flags(&self, flags: SlotFlags) -> Result<(), VmmError> {
+        Ok(self.vm.set_slot_flags(&self.mem, flags)?)
     }
 
     pub fn vcpu_count(&self) -> usize {

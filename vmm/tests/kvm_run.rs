@@ -267,3 +267,35 @@ fn secondary_vcpus_block_without_burning_cpu() {
     // Ticks are 10 ms: a spinning thread would gain ~50 here.
     assert!(a - b <= 2, "vcpu2 used {} ticks in 500 ms", a - b);
 }
+
+#[test]
+fn dirty_logging_can_be_switched_on_for_a_running_vm() {
+    use vmm::vstate::memory::SlotFlags;
+    // Write rax to 8 MiB + 0x123 * 4 KiB, exit via MMIO to the recorder, spin.
+    let mut code = vec![0x48, 0xb8, 0, 0x30, 0x92, 0, 0, 0, 0, 0]; // mov rax, 0x923000
+    code.extend_from_slice(&[0x48, 0x89, 0x00]); // mov [rax], rax
+    code.extend_from_slice(&MOV_EBX_DEV);
+    code.extend_from_slice(&[0x89, 0x03]); // mov [rbx], eax
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    let (mut vmm, rec) = vm_with_recorder(&code, 1);
+    vmm.set_slot_flags(SlotFlags { dirty_log: true }).unwrap();
+    assert!(vmm.vm().slot_flags().dirty_log);
+    vmm.start().unwrap();
+    let t0 = Instant::now();
+    while rec.lock().unwrap().writes.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vmm.pause().unwrap();
+    let bitmap = vmm.vm().fd().get_dirty_log(0, 64 << 20).unwrap();
+    let page = 0x923000 / 4096;
+    assert_ne!(
+        bitmap[page / 64] & (1 << (page % 64)),
+        0,
+        "page written by the guest"
+    );
+    vmm.set_slot_flags(SlotFlags::default()).unwrap();
+    vmm.resume().unwrap();
+    vmm.stopper().stop();
+    assert_eq!(wait(&mut vmm), VmExit::Stopped);
+}

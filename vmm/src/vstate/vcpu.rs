@@ -171,6 +171,9 @@ enum Step {
     Hlt,
     Shutdown,
     Internal,
+    FailEntry(u64, u32),
+    /// Ends the VM with `VcpuError`; the registers are appended to the message.
+    Error(String),
 }
 
 /// One vCPU as its thread runs it.
@@ -258,20 +261,20 @@ impl VcpuRunner {
                 Ok(VcpuExit::Hlt) => Step::Hlt,
                 Ok(VcpuExit::Shutdown) => Step::Shutdown,
                 Ok(VcpuExit::InternalError) => Step::Internal,
-                Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                    Step::End(Box::new(VmExit::FailEntry { vcpu, reason }))
-                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Step::FailEntry(reason, cpu),
                 // A signal arrived while KVM was about to exit for it: just loop.
                 Ok(VcpuExit::Intr) => Step::Continue,
-                Ok(other) => Step::End(Box::new(VmExit::VcpuError {
-                    vcpu,
-                    error: format!("unhandled KVM exit {other:?}"),
-                })),
+                Ok(VcpuExit::Unknown) => {
+                    // SAFETY: the exit reason is KVM_EXIT_UNKNOWN, whose data is `hw`.
+                    let hw = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.hw };
+                    Step::Error(format!(
+                        "KVM_EXIT_UNKNOWN, hardware exit reason {:#x}",
+                        hw.hardware_exit_reason
+                    ))
+                }
+                Ok(other) => Step::Error(format!("unhandled KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
-                Err(e) => Step::End(Box::new(VmExit::VcpuError {
-                    vcpu,
-                    error: format!("KVM_RUN failed: {e}"),
-                })),
+                Err(e) => Step::Error(format!("KVM_RUN failed: {e}")),
             };
             match step {
                 Step::Continue => {}
@@ -281,6 +284,20 @@ impl VcpuRunner {
                         vcpu,
                         regs: regs_report(&self.fd),
                     })
+                }
+                Step::Error(what) => {
+                    return Some(VmExit::VcpuError {
+                        vcpu,
+                        error: format!("{what}\n{}", regs_report(&self.fd)),
+                    })
+                }
+                Step::FailEntry(reason, cpu) => {
+                    // The VmExit variant carries no registers; log them here.
+                    log::error!(
+                        "vCPU {vcpu}: VM entry failed on host CPU {cpu}, reason {reason:#x}\n{}",
+                        regs_report(&self.fd)
+                    );
+                    return Some(VmExit::FailEntry { vcpu, reason });
                 }
                 Step::Shutdown => {
                     return Some(VmExit::TripleFault {

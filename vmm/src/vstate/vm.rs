@@ -2,6 +2,8 @@
 //! interrupt controllers.
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Mutex;
+
 use kvm_ioctls::{Kvm, VmFd};
 
 use super::memory::{set_memslots, GuestMemoryMmap, MemoryError, SlotFlags};
@@ -39,7 +41,9 @@ pub enum VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    slot_flags: SlotFlags,
+    /// Serialises flag changes (the checkpoint thread may toggle logging while vCPUs
+    /// run; KVM itself allows that).
+    slot_flags: Mutex<SlotFlags>,
 }
 
 impl Vm {
@@ -76,7 +80,7 @@ impl Vm {
         Ok(Vm {
             kvm,
             fd,
-            slot_flags,
+            slot_flags: Mutex::new(slot_flags),
         })
     }
 
@@ -90,18 +94,15 @@ impl Vm {
 
     /// Current flags of every memory slot.
     pub fn slot_flags(&self) -> SlotFlags {
-        self.slot_flags
+        *self.slot_flags.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Re-registers every slot of `mem` with `flags` (e.g. to turn on
     /// `KVM_MEM_LOG_DIRTY_PAGES`). `mem` must be the memory the VM was created with.
-    pub fn set_slot_flags(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        flags: SlotFlags,
-    ) -> Result<(), VmError> {
+    pub fn set_slot_flags(&self, mem: &GuestMemoryMmap, flags: SlotFlags) -> Result<(), VmError> {
+        let mut cur = self.slot_flags.lock().unwrap_or_else(|p| p.into_inner());
         set_memslots(&self.fd, mem, flags)?;
-        self.slot_flags = flags;
+        *cur = flags;
         Ok(())
     }
 }
