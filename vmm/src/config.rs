@@ -339,9 +339,8 @@ mod tests {
         });
         assert!(matches!(c.validate(), Err(ConfigError::TapName { .. })));
         let mut c = base();
-        if let Payload::TestGuest { workloads, .. } = &mut c.payload {
-            workloads.disk = true;
-        }
+        let Payload::TestGuest { workloads, .. } = &mut c.payload;
+        workloads.disk = true;
         assert!(matches!(
             c.validate(),
             Err(ConfigError::Workload { field: "disk", .. })

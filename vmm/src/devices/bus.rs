@@ -118,7 +118,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             bus.insert(Arc::new(Mutex::new(Reg(0))), 0x10ff, 2),
-            Err(BusError::Overlap { other: 0x1000, .. })
+            Err(BusError::Overlap { other: 0x1100, .. })
         ));
         assert!(matches!(
             bus.insert(Arc::new(Mutex::new(Reg(0))), u64::MAX, 2),
