@@ -37,6 +37,15 @@
 //! - `W <seq>`: disk record `seq` is written and flushed (durable).
 //! - `DISK-ERROR <what>`: the block device failed a request.
 //! - `KV listening <ip>:<port>`: the kv server is ready.
+//! - `B write bytes=<n> ns=<n> reqs=<n>`: the `blkbench` workload wrote `bytes` from
+//!   sector 0 in `reqs` requests of `blkbench_req_bytes` (the last may be shorter), with
+//!   up to `blkbench_depth` in flight, then one flush; `ns` is guest TSC time from the
+//!   first submit to the flush's completion.
+//! - `B read bytes=<n> ns=<n> reqs=<n> bad=<n>`: the same range read back the same way
+//!   (no flush); `bad` counts requests whose first 8 bytes did not hold the request
+//!   index the write pass stamped there (any nonzero value is a failure).
+//! - `B-ERROR <write|read|flush> sector=<s> status=<st>`: a request failed; the
+//!   workload stops.
 //! - `PANIC <message>`: the guest hit a bug; it then exits with status [`EXIT_PANIC`].
 //! - `DONE`: every bounded workload finished; the guest then exits with status 0.
 //!
@@ -106,6 +115,9 @@ pub const WORKLOAD_COUNTER: u32 = 1 << 0;
 pub const WORKLOAD_DIRTY: u32 = 1 << 1;
 pub const WORKLOAD_DISK: u32 = 1 << 2;
 pub const WORKLOAD_KV: u32 = 1 << 3;
+/// Sequential write-then-read throughput test of the first virtio-blk disk (it
+/// overwrites the disk from sector 0: never combine with `WORKLOAD_DISK`).
+pub const WORKLOAD_BLKBENCH: u32 = 1 << 4;
 
 /// Virtio device ids used in [`DeviceDesc::device_id`] (virtio 1.x numbering).
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -178,6 +190,12 @@ pub struct Params {
     pub kv_gateway: [u8; 4],
     pub kv_port: u16,
     pub _pad1: u16,
+    /// Bytes the `blkbench` workload writes and then reads (from sector 0).
+    pub blkbench_bytes: u64,
+    /// Bytes per request (a multiple of 512).
+    pub blkbench_req_bytes: u32,
+    /// Requests in flight at most (at least 1).
+    pub blkbench_depth: u32,
 }
 
 impl Params {
@@ -214,6 +232,9 @@ impl Params {
             kv_gateway: [0; 4],
             kv_port: 6379,
             _pad1: 0,
+            blkbench_bytes: 0,
+            blkbench_req_bytes: 0,
+            blkbench_depth: 1,
         }
     }
 
@@ -247,6 +268,14 @@ impl Default for Params {
 
 // The block must fit in its page.
 const _: () = assert!(core::mem::size_of::<Params>() <= PAGE_SIZE as usize);
+// No implicit padding (`as_bytes` relies on every byte being a field): the appended
+// `blkbench` fields start 8-aligned right after `_pad1` and end the struct.
+const _: () = assert!(
+    core::mem::offset_of!(Params, blkbench_bytes) == core::mem::offset_of!(Params, _pad1) + 2
+);
+const _: () = assert!(
+    core::mem::size_of::<Params>() == core::mem::offset_of!(Params, blkbench_depth) + 4
+);
 
 /// Header of one disk record (the start of its sector).
 #[repr(C)]
