@@ -32,7 +32,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // The top bit of the first byte picks the engine and read-only flag.
-    let engine = if data[0] & 0x80 != 0 { IoEngine::IoUring } else { IoEngine::Sync };
+    let engine = if data[0] & 0x80 != 0 {
+        IoEngine::IoUring
+    } else {
+        IoEngine::Sync
+    };
     let ro = data[0] & 0x40 != 0;
     let file = image().try_clone().unwrap();
     let Ok(dev) = Block::with_file(file, "fuzz", ro, engine, "fuzz-serial") else {

@@ -13,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     }) else {
         return;
     };
-    let q = if data.first().is_some_and(|b| b & 0x80 != 0) { 0 } else { 1 };
+    let q = if data.first().is_some_and(|b| b & 0x80 != 0) {
+        0
+    } else {
+        1
+    };
     let _ = run_queue(data, Box::new(Console::new(sink)), VERSION_1, q);
 });

@@ -10,8 +10,10 @@
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
 use vmm::devices::virtio::mmio::*;
-use vmm::devices::virtio::{VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1};
+use vmm::devices::virtio::{
+    VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+};
 use vmm::vstate::memory::GuestMemoryMmap;
 
 pub const MEM_SIZE: usize = 0x1_0000;
@@ -47,14 +49,19 @@ pub fn run_queue(
     };
     let mem = memory(&data[2..]);
     // The avail index the driver claims (may exceed the queue size).
-    mem.write_obj(u16::from(data[1]), GuestAddress(AVAIL + 2)).unwrap();
+    mem.write_obj(u16::from(data[1]), GuestAddress(AVAIL + 2))
+        .unwrap();
     let mut t = MmioTransport::new(mem.clone(), device).ok()?;
     w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
     w(&mut t, REG_DRIVER_FEATURES, features as u32);
     w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
     w(&mut t, REG_DRIVER_FEATURES, (features >> 32) as u32);
-    w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    w(
+        &mut t,
+        REG_STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
     w(&mut t, REG_QUEUE_SEL, queue);
     w(&mut t, REG_QUEUE_NUM, size);
     w(&mut t, REG_QUEUE_DESC_LOW, DESC as u32);
