@@ -91,6 +91,7 @@ fn workload_names(w: u32) -> LineBuf {
         (abi::WORKLOAD_DIRTY, "dirty"),
         (abi::WORKLOAD_DISK, "disk"),
         (abi::WORKLOAD_KV, "kv"),
+        (abi::WORKLOAD_BLKBENCH, "blkbench"),
     ] {
         if w & bit != 0 {
             let _ = write!(l, "{}{}", if first { "" } else { "," }, name);
@@ -188,6 +189,23 @@ fn run(p: &Params, con: &mut Console, ws_base: u64, heap_size: u64) -> ! {
         d.start(con);
         d
     });
+    let mut blkbench = (p.workloads & abi::WORKLOAD_BLKBENCH != 0).then(|| {
+        let Some(base) = device(p, abi::VIRTIO_ID_BLOCK) else {
+            panic!("blkbench workload needs a virtio-blk device");
+        };
+        // SAFETY: the window comes from the VMM's device list and is mapped.
+        let blk = match unsafe { hw::blk::Blk::new(base) } {
+            Ok(b) => b,
+            Err(e) => panic!("virtio-blk: {e}"),
+        };
+        work::blkbench::BlkBench::new(
+            blk,
+            p.blkbench_bytes,
+            p.blkbench_req_bytes,
+            p.blkbench_depth,
+            khz,
+        )
+    });
     let mut kv = (p.workloads & abi::WORKLOAD_KV != 0).then(|| {
         let Some(base) = device(p, abi::VIRTIO_ID_NET) else {
             panic!("kv workload needs a virtio-net device");
@@ -226,11 +244,15 @@ fn run(p: &Params, con: &mut Console, ws_base: u64, heap_size: u64) -> ! {
         if let Some((net, kv)) = kv.as_mut() {
             kv.poll(now, net);
         }
+        if let Some(b) = blkbench.as_mut() {
+            b.poll(con);
+        }
         con.flush();
         let finished = kv.is_none()
             && counter.as_ref().is_none_or(|c| c.done())
             && dirty.as_ref().is_none_or(|d| d.done())
-            && disk.as_ref().is_none_or(|d| d.done());
+            && disk.as_ref().is_none_or(|d| d.done())
+            && blkbench.as_ref().is_none_or(|b| b.done());
         if finished {
             con.line(format_args!("DONE"));
             con.drain(None);
