@@ -65,7 +65,21 @@ pub struct Workloads {
     pub kv_addr: String,
     pub kv_gateway: Option<String>,
     pub kv_port: u16,
+    /// Sequential write-then-read throughput test of disks[0] (overwrites it from
+    /// sector 0; exclusive with `disk`).
+    pub blkbench: bool,
+    /// Bytes written then read by `blkbench` (clamped by the guest to the disk size).
+    pub blkbench_bytes: u64,
+    /// Request size of `blkbench`, in KiB.
+    pub blkbench_req_kib: u32,
+    /// Requests `blkbench` keeps in flight.
+    pub blkbench_depth: u32,
 }
+
+/// Most requests the test guest's block driver keeps in flight.
+pub const MAX_BLKBENCH_DEPTH: u32 = 4;
+/// Largest `blkbench` request (the device accepts data up to 16 MiB per request).
+pub const MAX_BLKBENCH_REQ_KIB: u32 = 4096;
 
 impl Default for Workloads {
     fn default() -> Self {
@@ -86,6 +100,10 @@ impl Default for Workloads {
             kv_addr: "10.0.0.2/24".into(),
             kv_gateway: None,
             kv_port: 6379,
+            blkbench: false,
+            blkbench_bytes: 64 << 20,
+            blkbench_req_kib: 256,
+            blkbench_depth: 4,
         }
     }
 }
@@ -244,6 +262,9 @@ impl VmConfig {
                 why: "must be at least 1",
             });
         }
+        if w.blkbench {
+            self.validate_blkbench(w)?;
+        }
         if w.dirty {
             let max_pages = self.mem_mib * 256 / 2;
             if w.dirty_pages == 0 || u64::from(w.dirty_pages) > max_pages {
@@ -253,6 +274,63 @@ impl VmConfig {
                     why: "must be at least 1 and at most half of guest memory",
                 });
             }
+        }
+        Ok(())
+    }
+
+    fn validate_blkbench(&self, w: &Workloads) -> Result<(), ConfigError> {
+        let err = |field, value: String, why| Err(ConfigError::Workload { field, value, why });
+        if self.disks.is_empty() {
+            return err(
+                "blkbench",
+                "true".into(),
+                "the blkbench workload needs a disk (disks)",
+            );
+        }
+        if self.disks[0].read_only {
+            return err(
+                "blkbench",
+                "true".into(),
+                "the blkbench workload writes, but disks[0] is read-only",
+            );
+        }
+        if w.disk {
+            return err(
+                "blkbench",
+                "true".into(),
+                "blkbench overwrites disks[0], which the disk workload uses: run one of them",
+            );
+        }
+        if w.blkbench_bytes < 512 {
+            return err(
+                "blkbench_bytes",
+                w.blkbench_bytes.to_string(),
+                "must be at least one 512-byte sector",
+            );
+        }
+        if w.blkbench_req_kib == 0 || w.blkbench_req_kib > MAX_BLKBENCH_REQ_KIB {
+            return err(
+                "blkbench_req_kib",
+                w.blkbench_req_kib.to_string(),
+                "must be 1 to 4096 KiB",
+            );
+        }
+        if w.blkbench_depth == 0 || w.blkbench_depth > MAX_BLKBENCH_DEPTH {
+            return err(
+                "blkbench_depth",
+                w.blkbench_depth.to_string(),
+                "must be 1 to 4 (the test guest's block driver has 4 request slots)",
+            );
+        }
+        // The guest keeps one request buffer per slot in its heap (at least 16 MiB,
+        // shared with device rings): a quarter of guest RAM is a safe bound.
+        let buf_bytes = u64::from(w.blkbench_req_kib) * 1024 * u64::from(w.blkbench_depth);
+        if buf_bytes > (self.mem_mib << 20) / 4 {
+            return err(
+                "blkbench_req_kib",
+                w.blkbench_req_kib.to_string(),
+                "request size x depth must be at most a quarter of guest memory",
+            );
         }
         Ok(())
     }
@@ -345,6 +423,52 @@ mod tests {
             c.validate(),
             Err(ConfigError::Workload { field: "disk", .. })
         ));
+    }
+
+    #[test]
+    fn blkbench_validation() {
+        let disk = DiskConfig {
+            path: "/tmp/b.img".into(),
+            read_only: false,
+            io_engine: IoEngine::Sync,
+            serial: None,
+        };
+        let with = |f: &dyn Fn(&mut VmConfig, &mut Workloads)| {
+            let mut c = base();
+            c.disks.push(disk.clone());
+            let mut w = Workloads {
+                blkbench: true,
+                ..Workloads::default()
+            };
+            f(&mut c, &mut w);
+            c.payload = Payload::TestGuest {
+                elf: "g".into(),
+                workloads: w,
+            };
+            c.validate()
+        };
+        assert_eq!(with(&|_, _| {}), Ok(()));
+        let field = |r: Result<(), ConfigError>| match r {
+            Err(ConfigError::Workload { field, .. }) => field,
+            other => panic!("expected a workload error, got {other:?}"),
+        };
+        assert_eq!(field(with(&|c, _| c.disks.clear())), "blkbench");
+        assert_eq!(field(with(&|c, _| c.disks[0].read_only = true)), "blkbench");
+        assert_eq!(field(with(&|_, w| w.disk = true)), "blkbench");
+        assert_eq!(field(with(&|_, w| w.blkbench_depth = 5)), "blkbench_depth");
+        assert_eq!(field(with(&|_, w| w.blkbench_depth = 0)), "blkbench_depth");
+        assert_eq!(
+            field(with(&|_, w| w.blkbench_req_kib = 0)),
+            "blkbench_req_kib"
+        );
+        assert_eq!(
+            field(with(&|_, w| w.blkbench_req_kib = 16 << 10)),
+            "blkbench_req_kib"
+        );
+        assert_eq!(
+            field(with(&|_, w| w.blkbench_bytes = 100)),
+            "blkbench_bytes"
+        );
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub fn build(cfg: &VmConfig, facts: &BootFacts) -> Result<Params, ParamsError> {
     p.workloads = bit(w.counter, abi::WORKLOAD_COUNTER)
         | bit(w.dirty, abi::WORKLOAD_DIRTY)
         | bit(w.disk, abi::WORKLOAD_DISK)
-        | bit(w.kv, abi::WORKLOAD_KV);
+        | bit(w.kv, abi::WORKLOAD_KV)
+        | bit(w.blkbench, abi::WORKLOAD_BLKBENCH);
     p.counter_rate = w.counter_rate;
     p.counter_limit = w.counter_limit;
     p.dirty_rate = w.dirty_rate;
@@ -55,6 +56,9 @@ pub fn build(cfg: &VmConfig, facts: &BootFacts) -> Result<Params, ParamsError> {
     p.disk_flush_every = w.disk_flush_every.max(1);
     p.disk_limit = w.disk_limit;
     p.kv_port = w.kv_port;
+    p.blkbench_bytes = w.blkbench_bytes;
+    p.blkbench_req_bytes = w.blkbench_req_kib.saturating_mul(1024);
+    p.blkbench_depth = w.blkbench_depth;
     if w.kv {
         let (ip, prefix) = parse_cidr(&w.kv_addr).map_err(|why| ParamsError::Address {
             field: "kv_addr",
@@ -91,6 +95,10 @@ mod tests {
                     counter_limit: 5,
                     kv: true,
                     kv_gateway: Some("10.0.0.1".into()),
+                    blkbench: true,
+                    blkbench_bytes: 1 << 20,
+                    blkbench_req_kib: 64,
+                    blkbench_depth: 2,
                     ..Workloads::default()
                 },
             },
@@ -111,7 +119,14 @@ mod tests {
         };
         let p = build(&cfg, &facts).unwrap();
         assert!(p.is_valid());
-        assert_eq!(p.workloads, abi::WORKLOAD_COUNTER | abi::WORKLOAD_KV);
+        assert_eq!(
+            p.workloads,
+            abi::WORKLOAD_COUNTER | abi::WORKLOAD_KV | abi::WORKLOAD_BLKBENCH
+        );
+        assert_eq!(
+            (p.blkbench_bytes, p.blkbench_req_bytes, p.blkbench_depth),
+            (1 << 20, 64 << 10, 2)
+        );
         assert_eq!(p.counter_limit, 5);
         assert_eq!(p.vcpus, 2);
         assert_eq!(p.device_count, 1);
