@@ -39,6 +39,8 @@ pub enum Workload {
     Dirty,
     Disk,
     Kv,
+    /// Sequential disk throughput test (benchmark suite); overwrites disks[0].
+    Blkbench,
 }
 
 /// Flags of `twinrun vm run`. Every flag overrides the matching value of `--config`;
@@ -101,6 +103,15 @@ pub struct RunArgs {
     /// TCP port of the kv server.
     #[arg(long, value_name = "PORT")]
     pub kv_port: Option<u16>,
+    /// Bytes the blkbench workload writes then reads, in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub blkbench_mib: Option<u64>,
+    /// Request size of the blkbench workload, in KiB.
+    #[arg(long, value_name = "KIB")]
+    pub blkbench_req_kib: Option<u32>,
+    /// Requests the blkbench workload keeps in flight (1 to 4).
+    #[arg(long, value_name = "N")]
+    pub blkbench_depth: Option<u32>,
     /// Raw disk image: PATH[,ro][,engine=sync|io-uring][,serial=S] (repeatable; replaces the file's disks).
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk_spec)]
     pub disks: Vec<DiskConfig>,

@@ -96,6 +96,7 @@ fn apply_workload_flags(w: &mut Workloads, a: &RunArgs) {
         w.dirty = a.workloads.contains(&Workload::Dirty);
         w.disk = a.workloads.contains(&Workload::Disk);
         w.kv = a.workloads.contains(&Workload::Kv);
+        w.blkbench = a.workloads.contains(&Workload::Blkbench);
     }
     fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
         if let Some(v) = src {
@@ -113,6 +114,11 @@ fn apply_workload_flags(w: &mut Workloads, a: &RunArgs) {
     set(&mut w.disk_limit, &a.disk_limit);
     set(&mut w.kv_addr, &a.kv_addr);
     set(&mut w.kv_port, &a.kv_port);
+    if let Some(mib) = a.blkbench_mib {
+        w.blkbench_bytes = mib.saturating_mul(1 << 20);
+    }
+    set(&mut w.blkbench_req_kib, &a.blkbench_req_kib);
+    set(&mut w.blkbench_depth, &a.blkbench_depth);
     if let Some(g) = &a.kv_gateway {
         w.kv_gateway = Some(g.clone());
     }
@@ -317,5 +323,30 @@ mod tests {
 
         let a = args(&["--guest", elf, "--workload", "counter"]);
         assert!(resolve_run_config(&a).is_ok());
+
+        let a = args(&["--guest", elf, "--workload", "blkbench"]);
+        let e = resolve_run_config(&a).unwrap_err();
+        assert!(e.to_string().contains("needs a disk"), "{e}");
+    }
+
+    #[test]
+    fn blkbench_flags() {
+        let a = args(&[
+            "--workload",
+            "blkbench",
+            "--blkbench-mib",
+            "8",
+            "--blkbench-req-kib",
+            "128",
+            "--blkbench-depth",
+            "2",
+        ]);
+        let c = merge(FileConfig::default(), &a, || Ok("/g".into())).unwrap();
+        let w = workloads(&c);
+        assert!(w.blkbench && !w.disk);
+        assert_eq!(
+            (w.blkbench_bytes, w.blkbench_req_kib, w.blkbench_depth),
+            (8 << 20, 128, 2)
+        );
     }
 }
