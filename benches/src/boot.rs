@@ -1,0 +1,144 @@
+//! Figure 1: VMM start to the guest's first console line (`BOOT ...`).
+//!
+//! Two views: the real CLI (`twinrun vm run`, from exec to the line appearing in the
+//! console file) and in-process (`vmm::build_vm` + `start`, split into build time and
+//! start-to-line). The guest runs the counter workload with a limit of one line, so
+//! each run also ends by itself. The console file is polled every 100 µs, which bounds
+//! the measurement error.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
+use vmm::VmExit;
+
+use crate::proc::{ConsoleFile, Guarded};
+use crate::report::{median_p90, Better, Figure};
+
+const POLL: Duration = Duration::from_micros(100);
+const LIMIT: Duration = Duration::from_secs(20);
+pub const MEM_MIB: u64 = 64;
+
+fn guest_config(elf: &Path, console: &Path) -> VmConfig {
+    VmConfig {
+        mem_mib: MEM_MIB,
+        vcpus: 1,
+        payload: Payload::TestGuest {
+            elf: elf.to_path_buf(),
+            workloads: Workloads {
+                counter: true,
+                counter_rate: 0,
+                counter_limit: 1,
+                ..Workloads::default()
+            },
+        },
+        disks: vec![],
+        nets: vec![],
+        console: ConsoleConfig::File {
+            path: console.to_path_buf(),
+        },
+    }
+}
+
+/// One CLI run: (exec to BOOT line, exec to process exit), in ms.
+fn cli_once(twinrun: &Path, elf: &Path, console: &Path) -> Result<(f64, f64), String> {
+    let _ = std::fs::remove_file(console);
+    let mut cmd = Command::new(twinrun);
+    cmd.args(["vm", "run", "--workload", "counter", "--counter-limit", "1"])
+        .args(["--counter-rate", "0", "--mem-mib", &MEM_MIB.to_string()])
+        .arg("--guest")
+        .arg(elf)
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = Guarded::spawn(&mut cmd)?;
+    let mut con = ConsoleFile::new(console);
+    let mut status = None;
+    con.wait_prefix("BOOT ", POLL, LIMIT, || {
+        status = status.or_else(|| child.try_wait());
+        status.is_none()
+    })?;
+    let boot = t0.elapsed();
+    let status = match status {
+        Some(s) => s,
+        None => child
+            .wait_timeout(LIMIT)
+            .ok_or("twinrun did not exit after the counter limit")?,
+    };
+    let total = t0.elapsed();
+    if !status.success() {
+        return Err(format!("twinrun exited with {status}"));
+    }
+    Ok((ms(boot), ms(total)))
+}
+
+/// One in-process run: (build_vm, start to BOOT line), in ms.
+fn in_process_once(elf: &Path, console: &Path) -> Result<(f64, f64), String> {
+    let _ = std::fs::remove_file(console);
+    let cfg = guest_config(elf, console);
+    let t0 = Instant::now();
+    let mut vm = vmm::build_vm(&cfg).map_err(|e| format!("build_vm: {e}"))?;
+    let built = t0.elapsed();
+    let t1 = Instant::now();
+    vm.start().map_err(|e| format!("start: {e}"))?;
+    let mut con = ConsoleFile::new(console);
+    let r = con.wait_prefix("BOOT ", POLL, LIMIT, || true);
+    let boot = t1.elapsed();
+    r?;
+    match vm.wait_timeout(LIMIT) {
+        Some(VmExit::GuestExit { status: 0 }) => {}
+        Some(other) => return Err(format!("VM ended with {other}")),
+        None => return Err("VM did not end after the counter limit".into()),
+    }
+    Ok((ms(built), ms(boot)))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(twinrun: &Path, elf: &Path, dir: &Path, runs: usize) -> Result<Vec<Figure>, String> {
+    let console = dir.join("boot.console");
+    // One unmeasured run of each, so page cache and first-use costs are paid.
+    cli_once(twinrun, elf, &console)?;
+    in_process_once(elf, &console)?;
+    let (mut cli_boot, mut cli_total, mut build, mut start_boot, mut inproc) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let (b, t) = cli_once(twinrun, elf, &console)?;
+        cli_boot.push(b);
+        cli_total.push(t);
+        let (bu, sb) = in_process_once(elf, &console)?;
+        build.push(bu);
+        start_boot.push(sb);
+        inproc.push(bu + sb);
+    }
+    let _ = std::fs::remove_file(&console);
+    let n = format!("{runs} runs, {MEM_MIB} MiB guest, console file polled every 100 us");
+    let mut figs = Vec::new();
+    let mut add = |name: &str, v: &[f64], target: bool| {
+        let (med, p90) = median_p90(v);
+        let mut f = Figure::new("boot", &format!("{name} median"), med, "ms", Better::Lower)
+            .note(n.clone());
+        if target {
+            f = f.target(100.0, false, "< 100 ms");
+        }
+        figs.push(f);
+        let mut f = Figure::new("boot", &format!("{name} p90"), p90, "ms", Better::Lower);
+        if target {
+            f = f.target(100.0, false, "< 100 ms");
+        }
+        figs.push(f);
+    };
+    add("process exec -> BOOT line (twinrun vm run)", &cli_boot, true);
+    add("in-process build_vm + start -> BOOT line", &inproc, true);
+    add("  of which build_vm", &build, false);
+    add("  of which start -> BOOT line", &start_boot, false);
+    add("process exec -> exit (1 counter line, DONE)", &cli_total, false);
+    Ok(figs)
+}

@@ -1,0 +1,161 @@
+//! twinrun benchmark suite (issue 2): prints figures, never asserts times.
+//!
+//! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
+//! (LIST: comma-separated of boot, exits, blk, kv). Needs root (KVM, network
+//! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
+
+mod blk;
+mod boot;
+mod env;
+mod exits;
+mod net;
+mod proc;
+mod redis;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use report::Figure;
+
+struct Opts {
+    json: Option<PathBuf>,
+    quick: bool,
+    only: Vec<String>,
+    dir: PathBuf,
+}
+
+const SECTIONS: [&str; 4] = ["boot", "exits", "blk", "kv"];
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv] [--dir DIR]\n\
+         --dir: where scratch files go (default: the temp dir); the disk figures\n\
+         compare guest and host on that filesystem"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        json: None,
+        quick: false,
+        only: SECTIONS.iter().map(|s| s.to_string()).collect(),
+        dir: std::env::temp_dir(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => o.json = Some(args.next().unwrap_or_else(|| usage()).into()),
+            "--quick" => o.quick = true,
+            "--dir" => o.dir = args.next().unwrap_or_else(|| usage()).into(),
+            "--only" => {
+                let list = args.next().unwrap_or_else(|| usage());
+                o.only = list.split(',').map(str::to_string).collect();
+                if o.only.iter().any(|s| !SECTIONS.contains(&s.as_str())) {
+                    usage();
+                }
+            }
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    o
+}
+
+fn main() {
+    let o = parse_args();
+    let started = Instant::now();
+    let mut figs: Vec<Figure> = Vec::new();
+    let mut errors: Vec<(String, String)> = Vec::new();
+    let mut context = vec![
+        ("mode".to_string(), if o.quick { "quick" } else { "full" }.to_string()),
+        ("scratch_dir".into(), o.dir.display().to_string()),
+    ];
+    if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        context.push(("kernel".into(), k.trim().into()));
+    }
+    if std::fs::read_to_string("/proc/modules").is_ok_and(|m| m.contains("kvm_pvm")) {
+        context.push(("kvm".into(), "kvm_pvm (software, shadow paging)".into()));
+    }
+
+    eprintln!("building twinrun (release) and the test guest ...");
+    let built = (|| Ok::<_, String>((env::twinrun_bin()?, env::guest_elf()?)))();
+    let (twinrun, elf) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let scratch = match env::ScratchDir::new(&o.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let dir = scratch.0.clone();
+    let want = |s: &str| o.only.iter().any(|x| x == s);
+
+    let mut section = |name: &str, f: &mut dyn FnMut() -> Result<Vec<Figure>, String>| {
+        if !want(name) {
+            return;
+        }
+        let t = Instant::now();
+        eprintln!("== {name} ...");
+        match f() {
+            Ok(v) => figs.extend(v),
+            Err(e) => {
+                eprintln!("   {name} FAILED: {e}");
+                errors.push((name.to_string(), e));
+            }
+        }
+        eprintln!("   {name} took {:.1} s", t.elapsed().as_secs_f64());
+    };
+
+    let q = o.quick;
+    section("boot", &mut || boot::run(&twinrun, &elf, &dir, if q { 5 } else { 10 }));
+    section("exits", &mut || exits::run(if q { 5_000 } else { 20_000 }, if q { 3 } else { 5 }));
+    section("blk", &mut || {
+        let shape = blk::Shape {
+            bytes: if q { 32 << 20 } else { 128 << 20 },
+            req: 256 << 10,
+            depth: 4,
+        };
+        blk::run(&twinrun, &elf, &dir, shape, if q { 1 } else { 3 })
+    });
+    section("kv", &mut || {
+        if !env::have("redis-benchmark") || !env::have("redis-cli") {
+            return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
+        }
+        let kv_host = env::kv_host_bin()?;
+        redis::run(&twinrun, &elf, &kv_host, &dir, if q { 5_000 } else { 20_000 })
+    });
+    drop(scratch);
+
+    context.push((
+        "wall_seconds".into(),
+        format!("{:.1}", started.elapsed().as_secs_f64()),
+    ));
+    for (name, e) in &errors {
+        context.push((format!("error.{name}"), e.clone()));
+    }
+    println!();
+    print!("{}", report::table(&figs));
+    for (name, e) in &errors {
+        println!("{name}: NOT MEASURED: {}", e.lines().next().unwrap_or(""));
+    }
+    println!("total wall time {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(p) = &o.json {
+        let text = report::json(&figs, o.quick, &context);
+        if let Err(e) = std::fs::write(p, text) {
+            eprintln!("error: writing {}: {e}", p.display());
+            std::process::exit(1);
+        }
+        eprintln!("wrote {}", p.display());
+    }
+    if !errors.is_empty() {
+        std::process::exit(1);
+    }
+}

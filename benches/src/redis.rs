@@ -1,0 +1,148 @@
+//! Figure 4: requests/s of the guest's kv server (RESP over smoltcp on virtio-net on a
+//! TAP) measured with `redis-benchmark` from a client namespace, against the same kv
+//! engine (`guest/examples/kv_host.rs`) served by the host kernel's TCP stack on the
+//! bridge of the same namespace path, in the same run.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::net::KvNet;
+use crate::proc::{output_timeout, ConsoleFile, Guarded};
+use crate::report::{Better, Figure};
+
+const MAC: &str = "02:00:00:77:00:02";
+
+/// `redis-benchmark -q` prints `SET: 1234.56 requests per second, ...` after progress
+/// lines separated by `\r`; the last such segment per test is the result.
+pub fn parse_rps(out: &str, test: &str) -> Option<f64> {
+    let prefix = format!("{test}: ");
+    out.split(['\r', '\n'])
+        .filter_map(|seg| seg.trim().strip_prefix(&prefix))
+        .filter(|rest| rest.contains("requests per second"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .next_back()
+}
+
+fn bench(net: &KvNet, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+    let mut c = net.client_ns.command("redis-benchmark");
+    c.args(["-h", host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
+        .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
+    let out = output_timeout(&mut c, Duration::from_secs(90))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
+        (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
+        _ => Err(format!(
+            "redis-benchmark against {host} failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+/// Waits until a kv server answers PING from the client namespace.
+fn wait_ping(net: &KvNet, host: &str) -> Result<(), String> {
+    for _ in 0..100 {
+        let mut c = net.client_ns.command("redis-cli");
+        c.args(["-h", host, "-p", "6379", "PING"]);
+        if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
+            if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("kv server at {host} never answered PING"))
+}
+
+pub fn run(
+    twinrun: &Path,
+    elf: &Path,
+    kv_host: &Path,
+    dir: &Path,
+    n: u32,
+) -> Result<Vec<Figure>, String> {
+    let net = KvNet::new()?;
+    let pipelines = [1u32, 16];
+
+    // The guest.
+    let console = dir.join("kv.console");
+    let _ = std::fs::remove_file(&console);
+    let mut cmd = net.vm_ns.command(&twinrun.display().to_string());
+    cmd.args(["vm", "run", "--mem-mib", "128", "--workload", "kv"])
+        .arg("--guest")
+        .arg(elf)
+        .args(["--net", &format!("{},{MAC}", net.tap)])
+        .args(["--kv-addr", &format!("{}/24", net.guest_ip)])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut vm = Guarded::spawn(&mut cmd)?;
+    let mut con = ConsoleFile::new(&console);
+    let mut gone = false;
+    con.wait_prefix(
+        "KV listening",
+        Duration::from_millis(20),
+        Duration::from_secs(30),
+        || {
+            gone = gone || vm.try_wait().is_some();
+            !gone
+        },
+    )?;
+    wait_ping(&net, net.guest_ip)?;
+    let mut guest = Vec::new();
+    for p in pipelines {
+        guest.push(bench(&net, net.guest_ip, n, p)?);
+    }
+    vm.stop(Duration::from_secs(5));
+    let _ = std::fs::remove_file(&console);
+
+    // The host baseline: same engine, host TCP, same client path.
+    let mut cmd = net.vm_ns.command(&kv_host.display().to_string());
+    cmd.arg(format!("{}:6379", net.host_ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut server = Guarded::spawn(&mut cmd)?;
+    wait_ping(&net, net.host_ip)?;
+    let mut host = Vec::new();
+    for p in pipelines {
+        host.push(bench(&net, net.host_ip, n, p)?);
+    }
+    server.stop(Duration::from_secs(2));
+
+    let mut figs = Vec::new();
+    for (i, p) in pipelines.iter().enumerate() {
+        for (t, g, h) in [("SET", guest[i].0, host[i].0), ("GET", guest[i].1, host[i].1)] {
+            figs.push(
+                Figure::new(
+                    "kv (redis-benchmark)",
+                    &format!("guest {t} -P {p}"),
+                    g,
+                    "req/s",
+                    Better::Higher,
+                )
+                .baseline("kv_host on host TCP, same netns path", h)
+                .note(format!("-n {n} -c 10, TAP + bridge + veth from a client netns")),
+            );
+        }
+    }
+    drop(net);
+    Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_quiet_output() {
+        let out = "SET: rps=0.0 (overall: nan) avg_msec=nan (overall: nan)\r\
+                   SET: 4321.00 requests per second, p50=2.1 msec\n\
+                   GET: 5000.50 requests per second, p50=1.9 msec\n";
+        assert_eq!(super::parse_rps(out, "SET"), Some(4321.0));
+        assert_eq!(super::parse_rps(out, "GET"), Some(5000.5));
+        assert_eq!(super::parse_rps(out, "INCR"), None);
+    }
+}
