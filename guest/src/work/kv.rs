@@ -15,8 +15,10 @@ use twinrun_guest::pace::tsc_to_micros;
 use twinrun_guest::resp::{self, reply};
 use twinrun_guest::store::{Args, Outcome, Store};
 
-/// Sockets in the pool: redis-benchmark uses 50 clients by default.
-const SOCKETS: usize = 72;
+/// Sockets in the pool. redis-benchmark uses 50 clients by default and opens a fresh
+/// 50 for each test while the previous 50 are still closing (LAST-ACK), so the pool
+/// must hold both generations: with 72 sockets the second test's connections stalled.
+const SOCKETS: usize = 128;
 const SOCK_RX: usize = 8 * 1024;
 const SOCK_TX: usize = 16 * 1024;
 /// Buffered request bytes per connection: a whole command must fit.
