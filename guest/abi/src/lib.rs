@@ -32,8 +32,10 @@
 //! - `DIRTY-ERROR page=<idx> version=<v> word=<w> expected=<hex> found=<hex>`: a page
 //!   read back with content it was never given. Any such line is a failure.
 //! - `DISK recovered=<n> corrupt=<n> next=<seq>`: at start, what the disk held: `n`
-//!   valid records (sequence 1..=n, contiguous), `corrupt` bad records found after them
-//!   (a torn tail, expected after a crash: at most one), and the sequence to write next.
+//!   valid records (sequence 1..=n, contiguous), `corrupt` non-zero sectors among the
+//!   64 after them (a torn tail of unflushed writes, possible after a crash, since the
+//!   guest writes up to 64 records per request; never one that was reported with `W`),
+//!   and the sequence to write next.
 //! - `W <seq>`: disk record `seq` is written and flushed (durable).
 //! - `DISK-ERROR <what>`: the block device failed a request.
 //! - `KV listening <ip>:<port>`: the kv server is ready.
@@ -53,7 +55,8 @@
 //!
 //! The `disk` workload writes one record per 512-byte sector starting at sector
 //! [`DISK_FIRST_SECTOR`]: [`DiskRecord`] (little endian), the rest of the sector filled
-//! with a byte pattern derived from the sequence number, and a checksum over the whole
+//! with a byte pattern derived from the sequence number (byte `i` of the sector, for
+//! `i >= 24`, is `(seq as u8).wrapping_add(i as u8)`), and a checksum over the whole
 //! sector with the checksum field zeroed (FNV-1a 64).
 #![no_std]
 
