@@ -135,10 +135,18 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, runs: usize) -> Result<Vec<Fi
         }
         figs.push(f);
     };
-    add("process exec -> BOOT line (twinrun vm run)", &cli_boot, true);
+    add(
+        "process exec -> BOOT line (twinrun vm run)",
+        &cli_boot,
+        true,
+    );
     add("in-process build_vm + start -> BOOT line", &inproc, true);
     add("  of which build_vm", &build, false);
     add("  of which start -> BOOT line", &start_boot, false);
-    add("process exec -> exit (1 counter line, DONE)", &cli_total, false);
+    add(
+        "process exec -> exit (1 counter line, DONE)",
+        &cli_total,
+        false,
+    );
     Ok(figs)
 }

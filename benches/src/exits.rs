@@ -112,10 +112,19 @@ pub fn run(n: u32, reps: usize) -> Result<Vec<Figure>, String> {
             per.push(once(n, mmio)?);
         }
         let (med, p90) = median_p90(&per);
-        let note = format!("{n} exits x {reps} runs (median run; worst-run p90 {:.2} us)", p90 * 1e6);
+        let note = format!(
+            "{n} exits per run, median of {reps} runs (p90 over runs {:.2} us)",
+            p90 * 1e6
+        );
         figs.push(
-            Figure::new("exits", &format!("{label} round trip"), med * 1e6, "us", Better::Lower)
-                .note(note),
+            Figure::new(
+                "exits",
+                &format!("{label} round trip"),
+                med * 1e6,
+                "us",
+                Better::Lower,
+            )
+            .note(note),
         );
         figs.push(Figure::new(
             "exits",

@@ -69,7 +69,10 @@ fn main() {
     let mut figs: Vec<Figure> = Vec::new();
     let mut errors: Vec<(String, String)> = Vec::new();
     let mut context = vec![
-        ("mode".to_string(), if o.quick { "quick" } else { "full" }.to_string()),
+        (
+            "mode".to_string(),
+            if o.quick { "quick" } else { "full" }.to_string(),
+        ),
         ("scratch_dir".into(), o.dir.display().to_string()),
     ];
     if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
@@ -115,22 +118,37 @@ fn main() {
     };
 
     let q = o.quick;
-    section("boot", &mut || boot::run(&twinrun, &elf, &dir, if q { 5 } else { 10 }));
-    section("exits", &mut || exits::run(if q { 5_000 } else { 20_000 }, if q { 3 } else { 5 }));
+    section("boot", &mut || {
+        boot::run(&twinrun, &elf, &dir, if q { 5 } else { 10 })
+    });
+    section("exits", &mut || {
+        exits::run(if q { 5_000 } else { 20_000 }, if q { 3 } else { 5 })
+    });
     section("blk", &mut || {
-        let shape = blk::Shape {
-            bytes: if q { 32 << 20 } else { 128 << 20 },
-            req: 256 << 10,
-            depth: 4,
-        };
-        blk::run(&twinrun, &elf, &dir, shape, if q { 1 } else { 3 })
+        let bytes = if q { 64 << 20 } else { 256 << 20 };
+        let mut v = Vec::new();
+        for req in [256 << 10, 1 << 20] {
+            let shape = blk::Shape {
+                bytes,
+                req,
+                depth: 4,
+            };
+            v.extend(blk::run(
+                &twinrun,
+                &elf,
+                &dir,
+                shape,
+                if q { 1 } else { 3 },
+            )?);
+        }
+        Ok(v)
     });
     section("kv", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
         }
         let kv_host = env::kv_host_bin()?;
-        redis::run(&twinrun, &elf, &kv_host, &dir, if q { 5_000 } else { 20_000 })
+        redis::run(&twinrun, &elf, &kv_host, &dir, 20_000)
     });
     drop(scratch);
 

@@ -83,7 +83,9 @@ impl KvNet {
         );
         let vm = vm_ns.name.as_str();
         let cl = client_ns.name.as_str();
-        ip(&["-n", vm, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])?;
+        ip(&[
+            "-n", vm, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
+        ])?;
         ip(&["-n", vm, "link", "add", &br, "type", "bridge"])?;
         ip(&[
             "-n", vm, "link", "add", &veth, "type", "veth", "peer", "name", &peer, "netns", cl,

@@ -94,7 +94,10 @@ pub fn output_timeout(cmd: &mut Command, t: Duration) -> Result<Output, String> 
             // have sent by now), so the pid is still our child's.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             let _ = waiter.join();
-            Err(format!("{:?} did not finish within {t:?}", cmd.get_program()))
+            Err(format!(
+                "{:?} did not finish within {t:?}",
+                cmd.get_program()
+            ))
         }
     }
 }

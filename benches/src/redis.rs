@@ -116,7 +116,10 @@ pub fn run(
 
     let mut figs = Vec::new();
     for (i, p) in pipelines.iter().enumerate() {
-        for (t, g, h) in [("SET", guest[i].0, host[i].0), ("GET", guest[i].1, host[i].1)] {
+        for (t, g, h) in [
+            ("SET", guest[i].0, host[i].0),
+            ("GET", guest[i].1, host[i].1),
+        ] {
             figs.push(
                 Figure::new(
                     "kv (redis-benchmark)",
@@ -126,7 +129,9 @@ pub fn run(
                     Better::Higher,
                 )
                 .baseline("kv_host on host TCP, same netns path", h)
-                .note(format!("-n {n} -c 10, TAP + bridge + veth from a client netns")),
+                .note(format!(
+                    "-n {n} -c 10, TAP + bridge + veth from a client netns"
+                )),
             );
         }
     }

@@ -78,7 +78,11 @@ impl Figure {
     /// baseline).
     pub fn met(&self) -> Option<bool> {
         let t = self.target.as_ref()?;
-        let v = if t.on_ratio { self.ratio()? } else { self.value };
+        let v = if t.on_ratio {
+            self.ratio()?
+        } else {
+            self.value
+        };
         Some(match self.better {
             Better::Lower => v < t.limit,
             Better::Higher => v >= t.limit,
@@ -244,4 +248,33 @@ pub fn median_p90(v: &[f64]) -> (f64, f64) {
     };
     let rank = ((0.9 * s.len() as f64).ceil() as usize).clamp(1, s.len());
     (med, s[rank - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_p90() {
+        assert_eq!(median_p90(&[3.0, 1.0, 2.0]), (2.0, 3.0));
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(median_p90(&v), (5.5, 9.0));
+        assert!(median_p90(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn targets_and_ratios() {
+        let f = Figure::new("g", "n", 80.0, "ms", Better::Lower).target(100.0, false, "< 100");
+        assert_eq!(f.met(), Some(true));
+        let f = Figure::new("g", "n", 60.0, "MB/s", Better::Higher)
+            .target(0.7, true, ">= 70%")
+            .baseline("host", 100.0);
+        assert_eq!(f.ratio(), Some(0.6));
+        assert_eq!(f.met(), Some(false));
+        let j = json(&[f], true, &[("k".into(), "v\"".into())]);
+        assert!(j.contains("\"ratio\": 0.6"), "{j}");
+        assert!(j.contains("\"met\": false"), "{j}");
+        assert!(j.contains("\"k\": \"v\\\"\""), "{j}");
+        assert!(table(&[]).starts_with("figure"));
+    }
 }
