@@ -5,6 +5,8 @@
 //! exit port. The device timestamps its first and last write, so VM start and
 //! teardown are not counted: per-exit time = (last - first) / (N - 1).
 
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::devices::bus::BusDevice;
 use vmm::VmExit;
 
+use crate::proc::output_timeout;
 use crate::report::{median_p90, Better, Figure};
 
 const DEV_MMIO: u64 = abi::MMIO_BASE + 0x6000;
@@ -104,7 +107,35 @@ fn once(n: u32, mmio: bool) -> Result<f64, String> {
     }
 }
 
-pub fn run(n: u32, reps: usize) -> Result<Vec<Figure>, String> {
+/// The CPL3 MMIO round trip (us) measured by the project's raw KVM probe
+/// (`/work/shared/probes/kvm-probe.c`, a minimal C VMM), compiled and run here, as a
+/// same-run baseline of what the KVM on this machine costs without twinrun.
+pub fn raw_kvm_probe(src: &Path, dir: &Path) -> Result<f64, String> {
+    let bin = dir.join("kvm-probe");
+    let mut cc = Command::new("gcc");
+    cc.args(["-O2", "-o"]).arg(&bin).arg(src);
+    let out = output_timeout(&mut cc, Duration::from_secs(60))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gcc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let out = output_timeout(&mut Command::new(&bin), Duration::from_secs(120))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_probe(&text).ok_or_else(|| format!("no CPL3 MMIO line in kvm-probe output:\n{text}"))
+}
+
+/// `MMIO exit round trip: 84.2 us` in the `CPL3:` section.
+fn parse_probe(text: &str) -> Option<f64> {
+    let cpl3 = text.split("CPL3:").nth(1)?;
+    let cpl3 = cpl3.split("CPL0:").next()?;
+    let rest = cpl3.split("MMIO exit round trip:").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+pub fn run(n: u32, reps: usize, raw_us: Option<f64>) -> Result<Vec<Figure>, String> {
     let mut figs = Vec::new();
     for (mmio, label) in [(true, "MMIO write"), (false, "port I/O out")] {
         let mut per = Vec::new();
@@ -116,16 +147,18 @@ pub fn run(n: u32, reps: usize) -> Result<Vec<Figure>, String> {
             "{n} exits per run, median of {reps} runs (p90 over runs {:.2} us)",
             p90 * 1e6
         );
-        figs.push(
-            Figure::new(
-                "exits",
-                &format!("{label} round trip"),
-                med * 1e6,
-                "us",
-                Better::Lower,
-            )
-            .note(note),
-        );
+        let mut f = Figure::new(
+            "exits",
+            &format!("{label} round trip"),
+            med * 1e6,
+            "us",
+            Better::Lower,
+        )
+        .note(note);
+        if let Some(raw) = raw_us {
+            f = f.baseline("raw KVM, kvm-probe.c, CPL3 MMIO", raw);
+        }
+        figs.push(f);
         figs.push(Figure::new(
             "exits",
             &format!("{label} exits/s"),
@@ -135,4 +168,28 @@ pub fn run(n: u32, reps: usize) -> Result<Vec<Figure>, String> {
         ));
     }
     Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn probe_output() {
+        let t = "CPL3:\n  spin: 0.8 ms\n  MMIO exit round trip: 84.2 us\nCPL0:\n  MMIO exit round trip: 10.8 us\n";
+        assert_eq!(super::parse_probe(t), Some(84.2));
+        assert_eq!(
+            super::parse_probe("CPL0:\n  MMIO exit round trip: 1 us"),
+            None
+        );
+    }
+
+    #[test]
+    fn loop_encoding_jumps_back_to_the_access() {
+        for mmio in [true, false] {
+            let c = super::code(3, mmio);
+            let jnz = c.iter().position(|&b| b == 0x75).unwrap();
+            let target = jnz as i64 + 2 + i64::from(c[jnz + 1] as i8);
+            // The access follows the two `mov`s (5 bytes each).
+            assert_eq!(target, 10, "mmio={mmio}");
+        }
+    }
 }

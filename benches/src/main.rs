@@ -23,15 +23,22 @@ struct Opts {
     quick: bool,
     only: Vec<String>,
     dir: PathBuf,
+    kvm_probe: Option<PathBuf>,
 }
+
+/// The project's raw KVM probe, used as the exit baseline when present.
+const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
 const SECTIONS: [&str; 4] = ["boot", "exits", "blk", "kv"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv] [--dir DIR]\n\
-         --dir: where scratch files go (default: the temp dir); the disk figures\n\
-         compare guest and host on that filesystem"
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv] [--dir DIR]
+                     [--kvm-probe FILE.c | --no-kvm-probe]
+  --dir: where scratch files go (default: the temp dir); the disk figures compare
+         guest and host on that filesystem
+  --kvm-probe: C source of the raw KVM probe used as the exit baseline in full runs
+         (default {KVM_PROBE} when it exists)"
     );
     std::process::exit(2)
 }
@@ -42,6 +49,7 @@ fn parse_args() -> Opts {
         quick: false,
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
         dir: std::env::temp_dir(),
+        kvm_probe: Some(PathBuf::from(KVM_PROBE)).filter(|p| p.is_file()),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,6 +57,8 @@ fn parse_args() -> Opts {
             "--json" => o.json = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--quick" => o.quick = true,
             "--dir" => o.dir = args.next().unwrap_or_else(|| usage()).into(),
+            "--kvm-probe" => o.kvm_probe = Some(args.next().unwrap_or_else(|| usage()).into()),
+            "--no-kvm-probe" => o.kvm_probe = None,
             "--only" => {
                 let list = args.next().unwrap_or_else(|| usage());
                 o.only = list.split(',').map(str::to_string).collect();
@@ -122,7 +132,18 @@ fn main() {
         boot::run(&twinrun, &elf, &dir, if q { 5 } else { 10 })
     });
     section("exits", &mut || {
-        exits::run(if q { 5_000 } else { 20_000 }, if q { 3 } else { 5 })
+        // The raw KVM baseline takes ~15-20 s: full runs only.
+        let raw = match (&o.kvm_probe, q) {
+            (Some(src), false) if env::have("gcc") => match exits::raw_kvm_probe(src, &dir) {
+                Ok(us) => Some(us),
+                Err(e) => {
+                    eprintln!("   raw KVM baseline skipped: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        exits::run(if q { 5_000 } else { 20_000 }, if q { 3 } else { 5 }, raw)
     });
     section("blk", &mut || {
         let bytes = if q { 64 << 20 } else { 256 << 20 };
