@@ -14,6 +14,7 @@ use crate::exit::VmExit;
 use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
 };
+use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker, HarvestStats};
 use crate::vstate::memory::{GuestMemoryMmap, SlotFlags};
 use crate::vstate::vcpu::VcpuRunner;
 use crate::vstate::vm::{Vm, VmError};
@@ -42,6 +43,8 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] DirtyError),
 }
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
@@ -69,6 +72,8 @@ pub struct Vmm {
     devices: DeviceManager,
     started: bool,
     finished: Option<VmExit>,
+    /// Dirty page tracking, once started.
+    dirty: Mutex<Option<DirtyTracker>>,
     // Declared last: the threads (joined in Drop) use the VM and its memory.
     vm: Vm,
     mem: GuestMemoryMmap,
@@ -93,6 +98,7 @@ impl Vmm {
             devices,
             started: false,
             finished: None,
+            dirty: Mutex::new(None),
             vm,
             mem,
         }
@@ -109,6 +115,54 @@ impl Vmm {
     /// Changes the flags of every memory slot (e.g. turns on KVM dirty logging).
     pub fn set_slot_flags(&self, flags: SlotFlags) -> Result<(), VmmError> {
         Ok(self.vm.set_slot_flags(&self.mem, flags)?)
+    }
+
+    /// Turns on dirty page tracking (KVM's log for vCPU writes, vm-memory's bitmap for
+    /// the VMM's own writes) and clears both logs: the next harvest returns the pages
+    /// written after this call. Copy the baseline of memory after it returns. Calling it
+    /// again restarts tracking from a new baseline.
+    pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = match d.take() {
+            Some(t) => t,
+            None => DirtyTracker::new(&self.vm),
+        };
+        t.start(&self.vm, &self.mem)?;
+        log::debug!("dirty tracking started ({})", t.source_name());
+        *d = Some(t);
+        Ok(())
+    }
+
+    /// Turns KVM dirty logging off.
+    pub fn stop_dirty_tracking(&self) -> Result<(), VmmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut t) = d.take() {
+            t.stop(&self.vm, &self.mem)?;
+        }
+        Ok(())
+    }
+
+    /// The pages written (by vCPUs or by the VMM) since the previous harvest or
+    /// [`start_dirty_tracking`](Self::start_dirty_tracking). Only while paused (or
+    /// before start / after the end): the caller copies the pages before resuming.
+    pub fn harvest_dirty(&self) -> Result<DirtySet, VmmError> {
+        let mut set = DirtySet::new(&self.mem);
+        self.harvest_dirty_into(&mut set)?;
+        Ok(set)
+    }
+
+    /// Like [`harvest_dirty`](Self::harvest_dirty), ORing into a caller-kept set (no
+    /// allocation for the result); returns counts and timings.
+    pub fn harvest_dirty_into(&self, out: &mut DirtySet) -> Result<HarvestStats, VmmError> {
+        // Nothing may write guest memory between the harvest and the caller's copy:
+        // vCPUs parked (or gone) and, because Vmm::pause parks them too, the devices.
+        let quiet = !self.started || self.threads.is_empty() || self.control.is_paused();
+        if !quiet {
+            return Err(DirtyError::NotPaused.into());
+        }
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let t = d.as_mut().ok_or(DirtyError::NotStarted)?;
+        Ok(t.harvest_into(&self.vm, &self.mem, out)?)
     }
 
     pub fn vcpu_count(&self) -> usize {
