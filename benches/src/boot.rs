@@ -98,6 +98,34 @@ fn in_process_once(elf: &Path, console: &Path) -> Result<(f64, f64), String> {
     Ok((ms(built), ms(boot)))
 }
 
+/// Same-run floor of the process figures: exec of `/bin/true` to its exit.
+fn spawn_floor_once() -> Result<f64, String> {
+    let t0 = Instant::now();
+    let st = Command::new("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run true: {e}"))?;
+    let d = t0.elapsed();
+    if !st.success() {
+        return Err(format!("true exited {st}"));
+    }
+    Ok(ms(d))
+}
+
+/// Same-run floor of the in-process figures: 64 MiB of guest memory and an empty KVM
+/// VM with one vCPU slot (what any VMM must create), then dropped.
+fn kvm_floor_once() -> Result<f64, String> {
+    let t0 = Instant::now();
+    let mem = vmm::vstate::memory::create_guest_memory(MEM_MIB << 20)
+        .map_err(|e| format!("guest memory: {e}"))?;
+    let vm = vmm::vstate::vm::Vm::new(&mem, 1).map_err(|e| format!("KVM VM: {e}"))?;
+    let d = t0.elapsed();
+    drop(vm);
+    Ok(ms(d))
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -109,7 +137,10 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, runs: usize) -> Result<Vec<Fi
     in_process_once(elf, &console)?;
     let (mut cli_boot, mut cli_total, mut build, mut start_boot, mut inproc) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut spawn_floor, mut kvm_floor) = (vec![], vec![]);
     for _ in 0..runs {
+        spawn_floor.push(spawn_floor_once()?);
+        kvm_floor.push(kvm_floor_once()?);
         let (b, t) = cli_once(twinrun, elf, &console)?;
         cli_boot.push(b);
         cli_total.push(t);
@@ -121,32 +152,47 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, runs: usize) -> Result<Vec<Fi
     let _ = std::fs::remove_file(&console);
     let n = format!("{runs} runs, {MEM_MIB} MiB guest, console file polled every 100 us");
     let mut figs = Vec::new();
-    let mut add = |name: &str, v: &[f64], target: bool| {
+    let spawn = ("exec /bin/true -> exit", median_p90(&spawn_floor));
+    let kvm = ("64 MiB memory + empty KVM VM", median_p90(&kvm_floor));
+    let mut add = |name: &str, v: &[f64], target: bool, base: Option<(&str, (f64, f64))>| {
         let (med, p90) = median_p90(v);
-        let mut f = Figure::new("boot", &format!("{name} median"), med, "ms", Better::Lower)
-            .note(n.clone());
-        if target {
-            f = f.target(100.0, false, "< 100 ms");
+        for (stat, value, note) in [("median", med, n.clone()), ("p90", p90, String::new())] {
+            let mut f = Figure::new(
+                "boot",
+                &format!("{name} {stat}"),
+                value,
+                "ms",
+                Better::Lower,
+            )
+            .note(note);
+            if target {
+                f = f.target(100.0, false, "< 100 ms");
+            }
+            if let Some((label, (bm, bp))) = base {
+                f = f.baseline(label, if stat == "median" { bm } else { bp });
+            }
+            figs.push(f);
         }
-        figs.push(f);
-        let mut f = Figure::new("boot", &format!("{name} p90"), p90, "ms", Better::Lower);
-        if target {
-            f = f.target(100.0, false, "< 100 ms");
-        }
-        figs.push(f);
     };
     add(
         "process exec -> BOOT line (twinrun vm run)",
         &cli_boot,
         true,
+        Some(spawn),
     );
-    add("in-process build_vm + start -> BOOT line", &inproc, true);
-    add("  of which build_vm", &build, false);
-    add("  of which start -> BOOT line", &start_boot, false);
+    add(
+        "in-process build_vm + start -> BOOT line",
+        &inproc,
+        true,
+        Some(kvm),
+    );
+    add("  of which build_vm", &build, false, None);
+    add("  of which start -> BOOT line", &start_boot, false, None);
     add(
         "process exec -> exit (1 counter line, DONE)",
         &cli_total,
         false,
+        Some(spawn),
     );
     Ok(figs)
 }
