@@ -30,10 +30,10 @@ guest_cargo clippy --release --all-targets -- -D warnings
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast
+    cargo nextest run --workspace --config-file scripts/nextest.toml
 else
     echo "cargo-nextest not installed; using cargo test"
-    cargo test --workspace --no-fail-fast
+    timeout 1800 cargo test --workspace --no-fail-fast
 fi
 step "guest host-side unit tests"
 guest_cargo test --release --lib
