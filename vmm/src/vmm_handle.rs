@@ -14,7 +14,7 @@ use crate::exit::VmExit;
 use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
 };
-use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker, HarvestStats};
+use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker, HarvestStats, KvmDirtySource};
 use crate::vstate::memory::{GuestMemoryMmap, SlotFlags};
 use crate::vstate::vcpu::VcpuRunner;
 use crate::vstate::vm::{Vm, VmError};
@@ -123,13 +123,34 @@ impl Vmm {
     /// again restarts tracking from a new baseline.
     pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        let mut t = match d.take() {
+        let t = match d.take() {
             Some(t) => t,
             None => DirtyTracker::new(&self.vm),
         };
+        self.install_tracker(&mut d, t)
+    }
+
+    /// Like [`start_dirty_tracking`](Self::start_dirty_tracking) with a chosen KVM log
+    /// (e.g. the bitmap without manual re-protect, to measure it).
+    pub fn start_dirty_tracking_with(
+        &self,
+        source: Box<dyn KvmDirtySource>,
+    ) -> Result<(), VmmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut old) = d.take() {
+            old.stop(&self.vm, &self.mem)?;
+        }
+        self.install_tracker(&mut d, DirtyTracker::with_source(source))
+    }
+
+    fn install_tracker(
+        &self,
+        slot: &mut Option<DirtyTracker>,
+        mut t: DirtyTracker,
+    ) -> Result<(), VmmError> {
         t.start(&self.vm, &self.mem)?;
         log::debug!("dirty tracking started ({})", t.source_name());
-        *d = Some(t);
+        *slot = Some(t);
         Ok(())
     }
 

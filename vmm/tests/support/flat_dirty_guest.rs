@@ -1,0 +1,118 @@
+//! A hand-assembled CPL3 guest that dirties a chosen number of pages per round, for
+//! dirty-tracking tests and the `dirty_cost` example.
+//!
+//! Round `g` (1, 2, ...): read N from the control device, write `g` into the first
+//! 8 bytes of N consecutive pages from [`DIRTY_BASE`], report `done = g`, then spin on
+//! MMIO reads until the host sets `go = g`. So when the host sees `done == g` the guest
+//! has written exactly the N pages of round g and writes nothing until released.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twinrun_guest_abi as abi;
+use vmm::boot::Image;
+use vmm::builder::build_vm_with_image;
+use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
+use vmm::devices::bus::BusDevice;
+use vmm::Vmm;
+
+/// Control device window (same window the other hand-assembled tests use).
+pub const DEV_BASE: u64 = abi::MMIO_BASE + 0x2000;
+/// First page the guest dirties: above the image, stack and page tables.
+pub const DIRTY_BASE: u64 = 16 << 20;
+const REG_DONE: u64 = 0;
+const REG_GO: u64 = 8;
+const REG_N: u64 = 0x10;
+
+/// Machine code of the guest.
+pub fn code() -> Vec<u8> {
+    let mut c = Vec::new();
+    c.extend_from_slice(&[0xbb]); // mov ebx, DEV_BASE
+    c.extend_from_slice(&(DEV_BASE as u32).to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xc9]); // xor ecx, ecx
+    let outer = c.len();
+    c.extend_from_slice(&[0x48, 0xff, 0xc1]); // inc rcx
+    c.push(0xb8); // mov eax, DIRTY_BASE
+    c.extend_from_slice(&(DIRTY_BASE as u32).to_le_bytes());
+    c.extend_from_slice(&[0x8b, 0x53, REG_N as u8]); // mov edx, [rbx + REG_N]
+    c.extend_from_slice(&[0x85, 0xd2]); // test edx, edx
+    let inner: [u8; 13] = [
+        0x48, 0x89, 0x08, // mov [rax], rcx
+        0x48, 0x05, 0x00, 0x10, 0x00, 0x00, // add rax, 0x1000
+        0xff, 0xca, // dec edx
+        0x75, 0xf3, // jnz inner (-13)
+    ];
+    c.extend_from_slice(&[0x74, inner.len() as u8]); // jz after
+    c.extend_from_slice(&inner);
+    c.extend_from_slice(&[0x89, 0x0b]); // after: mov [rbx + REG_DONE], ecx
+    c.extend_from_slice(&[0x8b, 0x73, REG_GO as u8]); // wait: mov esi, [rbx + REG_GO]
+    c.extend_from_slice(&[0x39, 0xce]); // cmp esi, ecx
+    c.extend_from_slice(&[0x75, 0xf9]); // jne wait (-7)
+    let back = outer as isize - (c.len() as isize + 2);
+    c.extend_from_slice(&[0xeb, back as i8 as u8]); // jmp outer
+    c
+}
+
+/// The host side of the guest's control registers.
+#[derive(Default)]
+pub struct Control {
+    pub done: AtomicU32,
+    pub go: AtomicU32,
+    pub n: AtomicU32,
+}
+
+struct Dev(Arc<Control>);
+
+impl BusDevice for Dev {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let v = match offset {
+            REG_GO => self.0.go.load(Ordering::SeqCst),
+            REG_N => self.0.n.load(Ordering::SeqCst),
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset == REG_DONE && data.len() >= 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.0.done.store(v, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Builds (not starts) the VM with `mem_mib` of RAM and the control device.
+pub fn build(mem_mib: u64) -> (Vmm, Arc<Control>) {
+    let cfg = VmConfig {
+        mem_mib,
+        vcpus: 1,
+        payload: Payload::TestGuest {
+            elf: "/unused".into(),
+            workloads: Workloads::default(),
+        },
+        disks: vec![],
+        nets: vec![],
+        console: ConsoleConfig::Stdout,
+    };
+    let code = code();
+    let mut vmm = build_vm_with_image(&cfg, Image::Flat(&code)).expect("build");
+    let ctl = Arc::new(Control::default());
+    let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Dev(ctl.clone())));
+    vmm.insert_mmio_device(dev, DEV_BASE, 0x1000)
+        .expect("insert control device");
+    (vmm, ctl)
+}
+
+/// Waits until the guest reports `done == round`.
+pub fn wait_done(ctl: &Control, round: u32) {
+    let t0 = Instant::now();
+    while ctl.done.load(Ordering::SeqCst) != round {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "guest did not finish round {round}"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
