@@ -27,6 +27,8 @@ pub enum BuildError {
     Devices(#[from] DeviceError),
     #[error("KVM_GET_TSC_KHZ: {0}")]
     TscKhz(kvm_ioctls::Error),
+    #[error("restoring VM state: {0}")]
+    Restore(#[from] crate::persist::restore::RestoreError),
 }
 
 /// Validates `cfg`, creates memory, the VM, its vCPUs and devices, and loads the guest

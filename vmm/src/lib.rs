@@ -12,9 +12,12 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod persist;
 pub mod vmm_handle;
 pub mod vstate;
 
 pub use builder::{build_vm, BuildError};
 pub use exit::{RegsReport, VmExit};
+pub use persist::restore::build_vm_from_state;
+pub use persist::{RestoreReport, VmState};
 pub use vmm_handle::{Stopper, Vmm, VmmError};

@@ -45,7 +45,12 @@ pub enum VmmError {
     Vm(#[from] VmError),
     #[error("dirty tracking: {0}")]
     Dirty(#[from] DirtyError),
+    #[error("state capture: {0}")]
+    Capture(#[from] CaptureError),
 }
+
+mod capture;
+pub use capture::CaptureError;
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
 /// returns [`VmExit::Stopped`].

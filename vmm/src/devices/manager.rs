@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{Bus, BusError};
 use super::virtio::block::{Block, BlockError};
-use super::virtio::console::sink::{ConsoleSink, SinkError};
+use super::virtio::console::sink::SinkError;
 use super::virtio::console::Console;
 use super::virtio::mmio::MmioTransport;
 use super::virtio::net::tap::{Tap, TapError};
@@ -102,7 +102,7 @@ impl DeviceManager {
             return Err(DeviceError::TooManyDevices(count));
         }
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        devices.push(Box::new(Console::new(ConsoleSink::new(&cfg.console)?)));
+        devices.push(Box::new(Console::open(&cfg.console)?));
         for (index, d) in cfg.disks.iter().enumerate() {
             devices.push(Box::new(
                 Block::open(d).map_err(|source| DeviceError::Block { index, source })?,

@@ -12,6 +12,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,10 @@ impl Kick {
     }
 }
 
+/// Work a parked vCPU thread runs on its own `VcpuFd` (state capture), posted by
+/// [`RunControl::run_parked`].
+type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 #[derive(Default)]
 struct State {
     paused: bool,
@@ -121,6 +126,8 @@ struct State {
     exit: Option<VmExit>,
     kicks: Vec<Kick>,
     kicks_enabled: bool,
+    /// One pending job per vCPU index, run by that vCPU's thread while it is parked.
+    jobs: Vec<Option<VcpuJob>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -129,6 +136,10 @@ pub enum ControlError {
     NotRunning,
     #[error("vCPUs did not pause within {0:?} ({1} of {2} parked)")]
     PauseTimeout(Duration, usize, usize),
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("vCPU {0} did not run the requested work within {1:?} (its thread is gone or stuck)")]
+    JobTimeout(usize, Duration),
 }
 
 /// What a vCPU thread should do after checking in.
@@ -197,13 +208,22 @@ impl RunControl {
     }
 
     /// Called by vCPU thread `index` when [`pending`](Self::pending) is set: parks while
-    /// the VM is paused, and says whether to keep running.
-    pub fn check_in(&self, index: usize) -> Next {
+    /// the VM is paused, running any job posted for this vCPU on `fd`, and says whether
+    /// to keep running.
+    pub fn check_in(&self, index: usize, fd: &mut VcpuFd) -> Next {
         let mut s = self.lock();
         if s.paused && !s.stopping {
             s.parked += 1;
             self.ctl_cv.notify_all();
             while s.paused && !s.stopping {
+                if let Some(job) = s.jobs.get_mut(index).and_then(Option::take) {
+                    // Without the lock: the job makes ioctls, and other vCPUs' jobs
+                    // run at the same time.
+                    drop(s);
+                    job(fd);
+                    s = self.lock();
+                    continue;
+                }
                 s = self.resume_cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.parked -= 1;
@@ -284,6 +304,42 @@ impl RunControl {
         self.request.store(false, Ordering::SeqCst);
         self.resume_cv.notify_all();
         Ok(())
+    }
+
+    /// Runs `f` on the thread of vCPU `index` with its `VcpuFd`, while every vCPU is
+    /// parked, and returns its result. The vCPU thread owns its fd (it needs `&mut` for
+    /// `KVM_RUN`), so this is how state is read from a paused, started VM.
+    pub fn run_parked<T, F>(&self, index: usize, f: F, limit: Duration) -> Result<T, ControlError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut VcpuFd) -> T + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut s = self.lock();
+            if !s.paused || s.stopping || s.parked + s.exited < self.vcpus {
+                return Err(ControlError::NotPaused);
+            }
+            if s.jobs.len() <= index {
+                s.jobs.resize_with(index + 1, || None);
+            }
+            s.jobs[index] = Some(Box::new(move |fd: &mut VcpuFd| {
+                // The receiver may have given up; nothing to do then.
+                let _ = tx.send(f(fd));
+            }));
+            self.resume_cv.notify_all();
+        }
+        match rx.recv_timeout(limit) {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                // Take the job back if it never ran, so it cannot run later.
+                let mut s = self.lock();
+                if let Some(j) = s.jobs.get_mut(index) {
+                    *j = None;
+                }
+                Err(ControlError::JobTimeout(index, limit))
+            }
+        }
     }
 
     pub fn is_paused(&self) -> bool {

@@ -4,4 +4,6 @@ pub mod cpuid;
 pub mod dirty;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;

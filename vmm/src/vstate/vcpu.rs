@@ -223,9 +223,26 @@ impl VcpuRunner {
 
     fn run_loop(&mut self) -> Option<VmExit> {
         let vcpu = self.index;
+        // Set once a KVM_RUN has returned EINTR since the last check-in: KVM completes
+        // a half-done I/O exit before it looks at immediate_exit or signals, so none is
+        // left for this vCPU.
+        let mut settled = false;
         loop {
-            if self.control.pending() && self.control.check_in(usize::from(vcpu)) == Next::Exit {
-                return None;
+            // A settled vCPU checks in even without a request: that clears a stale
+            // immediate_exit (left by a pause that gave up) under the control lock.
+            if self.control.pending() || settled {
+                if settled {
+                    settled = false;
+                    if self.control.check_in(usize::from(vcpu), &mut self.fd) == Next::Exit {
+                        return None;
+                    }
+                    continue;
+                }
+                // An MMIO/PIO read exit is only completed (the value put in the guest's
+                // register, RIP advanced) by the next KVM_RUN. Before parking, where
+                // state may be captured, run once with immediate_exit so KVM finishes it
+                // and returns EINTR without entering the guest.
+                self.fd.set_kvm_immediate_exit(1);
             }
             let step = match self.fd.run() {
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -273,7 +290,11 @@ impl VcpuRunner {
                     ))
                 }
                 Ok(other) => Step::Error(format!("unhandled KVM exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) if e.errno() == libc::EINTR => {
+                    settled = true;
+                    Step::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => Step::Continue,
                 Err(e) => Step::Error(format!("KVM_RUN failed: {e}")),
             };
             match step {

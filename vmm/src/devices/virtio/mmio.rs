@@ -21,6 +21,8 @@ use super::*;
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
+mod persist;
+
 /// "virt" little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
 pub const MMIO_VERSION: u32 = 2;

@@ -10,6 +10,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -119,6 +120,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
     /// Push buffered output to where it goes (console sinks); called on shutdown.
     fn flush_output(&mut self) {}
+    /// What the device is attached to on the host, for state capture and for checking
+    /// a restored device against the state.
+    fn save_state(&self) -> persist::DeviceState {
+        persist::DeviceState::Other {
+            device_type: self.device_type(),
+        }
+    }
 }
 
 /// One descriptor chain taken off an available ring, walked and range-checked.

@@ -5,6 +5,7 @@
 //! batch, and once all have completed their status bytes and used entries are written.
 
 pub mod io;
+mod persist;
 pub mod request;
 
 use std::fs::{File, OpenOptions};
@@ -54,6 +55,8 @@ pub struct Block {
     engine: Engine,
     disk: DiskGeometry,
     id: [u8; ID_BYTES],
+    /// The image as opened (path, mode, engine, serial), for state capture.
+    attachment: DiskConfig,
 }
 
 impl Block {
@@ -110,6 +113,7 @@ impl Block {
                 size,
             });
         }
+        let engine_kind = engine;
         let engine = Engine::new(engine).map_err(|source| BlockError::Engine {
             path: path.into(),
             engine,
@@ -126,6 +130,12 @@ impl Block {
                 read_only,
             },
             id,
+            attachment: DiskConfig {
+                path: path.into(),
+                read_only,
+                io_engine: engine_kind,
+                serial: Some(serial.to_owned()),
+            },
         })
     }
 
@@ -170,6 +180,10 @@ impl VirtioDevice for Block {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
+    }
+
+    fn save_state(&self) -> super::persist::DeviceState {
+        self.persist()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -1,6 +1,7 @@
 //! virtio-console with a single port: receiveq 0 (guest input, never filled: the VMM
 //! has no console input yet) and transmitq 1 (guest output, sent to a [`ConsoleSink`]).
 
+mod persist;
 pub mod sink;
 
 use std::os::fd::RawFd;
@@ -9,6 +10,7 @@ use virtio_queue::Queue;
 
 use self::sink::ConsoleSink;
 use super::*;
+use crate::config::ConsoleConfig;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub const RX_QUEUE: usize = 0;
@@ -20,11 +22,24 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
 
 pub struct Console {
     sink: ConsoleSink,
+    /// The config the sink was opened from, when known, for state capture.
+    attachment: Option<ConsoleConfig>,
 }
 
 impl Console {
     pub fn new(sink: ConsoleSink) -> Console {
-        Console { sink }
+        Console {
+            sink,
+            attachment: None,
+        }
+    }
+
+    /// A console on the sink `cfg` describes (which state capture then names).
+    pub fn open(cfg: &ConsoleConfig) -> Result<Console, sink::SinkError> {
+        Ok(Console {
+            sink: ConsoleSink::new(cfg)?,
+            attachment: Some(cfg.clone()),
+        })
     }
 
     pub fn sink(&self) -> &ConsoleSink {
@@ -43,6 +58,10 @@ impl VirtioDevice for Console {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
+    }
+
+    fn save_state(&self) -> super::persist::DeviceState {
+        self.persist()
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -11,6 +11,7 @@
 //! the TAP ("stalled") until the driver notifies the receive queue, which the vCPU
 //! thread turns into a write to `rx_evt`, which the backend thread waits on.
 
+mod persist;
 pub mod tap;
 
 use std::io;
@@ -159,6 +160,10 @@ impl VirtioDevice for Net {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
+    }
+
+    fn save_state(&self) -> super::persist::DeviceState {
+        self.persist()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
