@@ -309,3 +309,37 @@ fn restore_child() {
     assert_eq!(exit, VmExit::GuestExit { status: 0 }, "{exit}");
     println!("CHILD-RESTORED-OK");
 }
+
+#[test]
+fn guest_survives_a_chain_of_restores() {
+    let dir = TestDir::new("chain");
+    let cfg = config(&dir.0);
+    let (mut state, mut mem) = run_and_capture(&cfg, &dir.0, 100);
+    // Each generation runs a little, then is captured and replaced by the next.
+    for hop in 1..=6 {
+        let (mut vm, report) =
+            build_vm_from_state(&cfg, &state, |m| load_memory(m, &mut &mem[..])).expect("restore");
+        if !report.is_exact() {
+            println!("hop {hop}: {report:?}");
+        }
+        vm.start().unwrap();
+        let target = 100 + hop * 150;
+        let t0 = Instant::now();
+        while count_prefix(&console(&dir.0), "C ") < target {
+            assert!(
+                vm.wait_timeout(Duration::from_millis(5)).is_none(),
+                "guest ended early at hop {hop}:\n{}",
+                console(&dir.0)
+            );
+            assert!(t0.elapsed() < Duration::from_secs(10), "hop {hop} too slow");
+        }
+        vm.pause().unwrap();
+        state = vm.capture_state().expect("capture");
+        mem.clear();
+        save_memory(vm.guest_memory(), &mut mem).unwrap();
+        drop(vm);
+    }
+    let exit = restore_and_finish(&cfg, &state, &mem);
+    assert_eq!(exit, VmExit::GuestExit { status: 0 }, "{exit}");
+    check_output(&console(&dir.0));
+}
