@@ -43,7 +43,7 @@ fn exact_sets(vmm: &mut Vmm, ctl: &flat::Control) {
             (s, st)
         };
         let mut want = flat_pages(n);
-        want.extend(expect_vmm.drain(..));
+        want.append(&mut expect_vmm);
         want.sort();
         want.dedup();
         let mut got: Vec<GuestAddress> = set.pages().collect();
@@ -350,7 +350,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
-                let ok = if seq % 4 == 0 {
+                let ok = if seq.is_multiple_of(4) {
                     sock.send(&arp)
                 } else {
                     sock.send(&noise_frame(seq))
@@ -406,7 +406,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
                 shadow[a..a + PAGE_SIZE as usize] != mem[a..a + PAGE_SIZE as usize]
             })
             .map(|p| p.0);
-        if let (true, Some(page)) = (i % 50 == 0, changed) {
+        if let (true, Some(page)) = (i.is_multiple_of(50), changed) {
             apply(&mut shadow, mem, &set, Some(page));
             assert_eq!(
                 first_diff_page(&shadow, mem),
