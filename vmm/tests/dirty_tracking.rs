@@ -110,6 +110,17 @@ fn flat_guest_exact_without_manual_protect() {
 fn stop_turns_logging_off() {
     let (vmm, _ctl) = flat::build(32);
     vmm.start_dirty_tracking().unwrap();
+    // Restarting sets a new baseline: a VMM write before it is not reported.
+    vmm.guest_memory()
+        .write_obj(1u8, GuestAddress(0x7000))
+        .unwrap();
+    vmm.start_dirty_tracking().unwrap();
+    assert!(vmm.harvest_dirty().unwrap().is_empty());
+    vmm.guest_memory()
+        .write_obj(1u8, GuestAddress(0x8000))
+        .unwrap();
+    let s = vmm.harvest_dirty().unwrap();
+    assert_eq!(s.pages().collect::<Vec<_>>(), vec![GuestAddress(0x8000)]);
     vmm.stop_dirty_tracking().unwrap();
     assert!(!vmm.vm().slot_flags().dirty_log);
     assert!(matches!(
