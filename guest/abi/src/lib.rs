@@ -276,9 +276,8 @@ const _: () = assert!(core::mem::size_of::<Params>() <= PAGE_SIZE as usize);
 const _: () = assert!(
     core::mem::offset_of!(Params, blkbench_bytes) == core::mem::offset_of!(Params, _pad1) + 2
 );
-const _: () = assert!(
-    core::mem::size_of::<Params>() == core::mem::offset_of!(Params, blkbench_depth) + 4
-);
+const _: () =
+    assert!(core::mem::size_of::<Params>() == core::mem::offset_of!(Params, blkbench_depth) + 4);
 
 /// Header of one disk record (the start of its sector).
 #[repr(C)]
