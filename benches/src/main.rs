@@ -1,7 +1,7 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv). Needs root (KVM, network
+//! (LIST: comma-separated of boot, exits, blk, kv, pause). Needs root (KVM, network
 //! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
 
 mod blk;
@@ -9,6 +9,7 @@ mod boot;
 mod env;
 mod exits;
 mod net;
+mod pause;
 mod proc;
 mod redis;
 mod report;
@@ -29,11 +30,11 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 4] = ["boot", "exits", "blk", "kv"];
+const SECTIONS: [&str; 5] = ["boot", "exits", "blk", "kv", "pause"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
@@ -170,6 +171,15 @@ fn main() {
         }
         let kv_host = env::kv_host_bin()?;
         redis::run(&twinrun, &elf, &kv_host, &dir, 20_000)
+    });
+    section("pause", &mut || {
+        // 4 GiB spreads the dirty pages over high RAM too; memory is mapped lazily,
+        // so only the pages the guest touches are allocated.
+        if q {
+            pause::run(&[256, 1024], 8, 2)
+        } else {
+            pause::run(&[256, 1024, 4096], 20, 2)
+        }
     });
     drop(scratch);
 
