@@ -1,0 +1,28 @@
+//! A-Link: the transport between the two PMs of a twinrun pair.
+//!
+//! Layers, each a pure state machine except the I/O edge:
+//! - [`frame`]: framed, versioned, authenticated frames; incremental decoder.
+//! - [`handshake`]: mutual challenge/response with the cluster secret; session keys.
+//! - [`health`]: per-link heartbeats and failure detection.
+//! - [`linkset`]: window of unacknowledged messages spread over healthy links.
+//! - [`reorder`]: in-order, duplicate-free delivery on the receiving side.
+//! - [`tcp`]: TCP links, threads, the [`Alink`] handle.
+//!
+//! See README.md for the frame format and the protocol.
+
+pub mod frame;
+pub mod handshake;
+pub mod health;
+pub mod linkset;
+pub mod reorder;
+pub mod tcp;
+
+#[cfg(test)]
+mod sim;
+
+pub use bytes::Bytes;
+pub use handshake::{HandshakeError, PROTOCOL_VERSION};
+pub use health::HealthConfig;
+pub use linkset::{LinkEvent, WindowLimits, MAX_LINKS};
+pub use reorder::InMsg;
+pub use tcp::{Alink, AlinkConfig, AlinkError, Event, LinkAddrs, LinkStatus};
