@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{error, info, warn};
+use twinrun::cli::resolve::test_guest_elf;
 use twinrun::exit;
-use vmm::config::{Payload, VmConfig};
+use vmm::config::VmConfig;
 use vmm::{build_vm, VmExit};
 
 use crate::signals;
@@ -17,12 +18,15 @@ pub fn run_vm(cfg: &VmConfig) -> i32 {
         error!("cannot block SIGTERM/SIGINT: {e}");
         return exit::START_FAILED;
     }
-    let Payload::TestGuest { elf, .. } = &cfg.payload;
+    let guest = test_guest_elf(&cfg.payload).map_or_else(
+        || format!("{:?}", cfg.payload),
+        |elf| elf.display().to_string(),
+    );
     info!(
         "building VM: {} MiB, {} vCPU(s), guest {}, {} disk(s), {} net(s)",
         cfg.mem_mib,
         cfg.vcpus,
-        elf.display(),
+        guest,
         cfg.disks.len(),
         cfg.nets.len()
     );
