@@ -157,6 +157,12 @@ impl MmioTransport {
         self.device.flush_output();
     }
 
+    /// The device's written-block map, taken and reset (block devices only; see
+    /// [`VirtioDevice::take_written_blocks`]).
+    pub fn take_written_blocks(&mut self) -> Option<super::block::written::WrittenBlocks> {
+        self.device.take_written_blocks()
+    }
+
     fn raise(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         if let Some(irq) = &self.irq {

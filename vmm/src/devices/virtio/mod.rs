@@ -127,6 +127,12 @@ pub trait VirtioDevice: Send {
             device_type: self.device_type(),
         }
     }
+    /// A block device returns the blocks the guest wrote since the previous call and
+    /// starts a new map; other devices return `None`. Call only while the VM is paused
+    /// (snapshots use it to copy just the changed blocks of a disk).
+    fn take_written_blocks(&mut self) -> Option<block::written::WrittenBlocks> {
+        None
+    }
 }
 
 /// One descriptor chain taken off an available ring, walked and range-checked.

@@ -7,6 +7,7 @@
 pub mod io;
 mod persist;
 pub mod request;
+pub mod written;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -19,6 +20,7 @@ use vm_memory::Bytes;
 
 use self::io::{Engine, IoOp, OpKind};
 use self::request::*;
+use self::written::WrittenBlocks;
 use super::*;
 use crate::config::{DiskConfig, IoEngine};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -57,6 +59,8 @@ pub struct Block {
     id: [u8; ID_BYTES],
     /// The image as opened (path, mode, engine, serial), for state capture.
     attachment: DiskConfig,
+    /// Blocks written since the last [`VirtioDevice::take_written_blocks`].
+    written: WrittenBlocks,
 }
 
 impl Block {
@@ -130,6 +134,7 @@ impl Block {
                 read_only,
             },
             id,
+            written: WrittenBlocks::new(size),
             attachment: DiskConfig {
                 path: path.into(),
                 read_only,
@@ -184,6 +189,10 @@ impl VirtioDevice for Block {
 
     fn save_state(&self) -> super::persist::DeviceState {
         self.persist()
+    }
+
+    fn take_written_blocks(&mut self) -> Option<WrittenBlocks> {
+        Some(self.written.take())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -297,7 +306,11 @@ impl Block {
                 return p;
             }
             RequestType::In => OpKind::Read,
-            RequestType::Out => OpKind::Write,
+            RequestType::Out => {
+                // Before submission: see `written` for why this order keeps it exact.
+                self.written.mark(req.offset, req.data_len);
+                OpKind::Write
+            }
             RequestType::Flush => OpKind::Flush,
         };
         match IoOp::new(mem, kind, req.offset, &req.data) {

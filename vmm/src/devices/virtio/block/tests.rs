@@ -143,6 +143,12 @@ fn happy_path(engine: IoEngine) {
     let name = img.0.file_name().unwrap().to_string_lossy().into_owned();
     assert_eq!(&id[..id_len as usize], &name.as_bytes()[..id_len as usize]);
 
+    // The write (sectors 3..5) is in block 0 of the written map; reads, flushes and
+    // get-id mark nothing; taking the map resets it.
+    let written = t.take_written_blocks().expect("a block device keeps a written map");
+    assert_eq!(written.runs(), vec![(0, 1)]);
+    assert_eq!(t.take_written_blocks().unwrap().count(), 0);
+
     // The write reached the file.
     let mut f = File::open(&img.0).unwrap();
     let mut buf = vec![0u8; 1024];
