@@ -145,7 +145,9 @@ fn happy_path(engine: IoEngine) {
 
     // The write (sectors 3..5) is in block 0 of the written map; reads, flushes and
     // get-id mark nothing; taking the map resets it.
-    let written = t.take_written_blocks().expect("a block device keeps a written map");
+    let written = t
+        .take_written_blocks()
+        .expect("a block device keeps a written map");
     assert_eq!(written.runs(), vec![(0, 1)]);
     assert_eq!(t.take_written_blocks().unwrap().count(), 0);
 
