@@ -2,6 +2,9 @@
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
+pub mod linux;
+
+use crate::boot::linux::{LinuxBootError, LinuxImage};
 use crate::boot::{self, BootError, BootFacts, Image};
 use crate::config::{ConfigError, Payload, VmConfig};
 use crate::devices::bus::Bus;
@@ -29,20 +32,48 @@ pub enum BuildError {
     TscKhz(kvm_ioctls::Error),
     #[error("restoring VM state: {0}")]
     Restore(#[from] crate::persist::restore::RestoreError),
+    #[error("loading the Linux kernel: {0}")]
+    LinuxBoot(#[from] LinuxBootError),
+    #[error("platform devices: {0}")]
+    Platform(#[from] linux::PlatformError),
 }
 
-/// Validates `cfg`, creates memory, the VM, its vCPUs and devices, and loads the guest
-/// ELF named in the config. The VM is not running yet.
+/// Validates `cfg`, creates memory, the VM, its vCPUs and devices, and loads the
+/// payload named in the config (test guest ELF, or Linux kernel and initrd). The VM is
+/// not running yet.
 pub fn build_vm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     cfg.validate()?;
-    let Payload::TestGuest { elf, .. } = &cfg.payload;
-    let bytes = boot::elf::read_file(elf).map_err(BootError::from)?;
-    build_vm_with_image(cfg, Image::Elf(&bytes))
+    match &cfg.payload {
+        Payload::TestGuest { elf, .. } => {
+            let bytes = boot::elf::read_file(elf).map_err(BootError::from)?;
+            build_vm_with_image(cfg, Image::Elf(&bytes))
+        }
+        Payload::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => linux::build(
+            cfg,
+            &LinuxImage {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline,
+            },
+        ),
+    }
 }
 
-/// [`build_vm`] with the image given directly (the config's ELF path is not read).
+/// [`build_vm`] of the test guest with the image given directly (the config's ELF path
+/// is not read).
 pub fn build_vm_with_image(cfg: &VmConfig, image: Image<'_>) -> Result<Vmm, BuildError> {
     cfg.validate()?;
+    if cfg.payload.is_linux() {
+        return Err(BuildError::Config(ConfigError::Workload {
+            field: "payload",
+            value: "linux".into(),
+            why: "a test-guest image was given for a Linux payload",
+        }));
+    }
     let mem = create_guest_memory(cfg.mem_mib << 20)?;
     let vm = Vm::new(&mem, cfg.vcpus)?;
     let base_cpuid = vm

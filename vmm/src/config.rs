@@ -42,6 +42,51 @@ pub enum Payload {
         #[serde(default)]
         workloads: Workloads,
     },
+    /// A stock Linux kernel, booted through the x86 64-bit boot protocol with an e820
+    /// map and ACPI tables; its console is the 8250 UART at 0x3F8 (COM1).
+    Linux {
+        /// Uncompressed `vmlinux` (ELF) or compressed `bzImage`.
+        kernel: PathBuf,
+        /// Initramfs (cpio, possibly compressed), placed in guest RAM for the kernel.
+        #[serde(default)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[serde(default = "default_cmdline")]
+        cmdline: String,
+    },
+}
+
+/// The command line a Linux guest gets when none is given: serial console, and
+/// `reboot=k` so that a guest reboot goes through the i8042 reset, which ends the VM.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.into()
+}
+
+/// Longest kernel command line accepted (the kernel's x86 COMMAND_LINE_SIZE).
+pub const MAX_CMDLINE_LEN: usize = 2047;
+
+impl Payload {
+    /// The test guest's workloads, or `None` for other payloads.
+    pub fn workloads(&self) -> Option<&Workloads> {
+        match self {
+            Payload::TestGuest { workloads, .. } => Some(workloads),
+            Payload::Linux { .. } => None,
+        }
+    }
+
+    /// The test guest's ELF path, or `None` for other payloads.
+    pub fn test_guest_elf(&self) -> Option<&std::path::Path> {
+        match self {
+            Payload::TestGuest { elf, .. } => Some(elf),
+            Payload::Linux { .. } => None,
+        }
+    }
+
+    pub fn is_linux(&self) -> bool {
+        matches!(self, Payload::Linux { .. })
+    }
 }
 
 /// Which test-guest workloads run, and how hard.
@@ -176,6 +221,16 @@ pub enum ConfigError {
     TapName { index: usize, value: String },
     #[error("disks[{index}].serial: at most 20 bytes")]
     Serial { index: usize },
+    #[error("payload.{field} = {path:?}: {why}")]
+    PayloadFile {
+        field: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("payload.cmdline: {0}")]
+    Cmdline(&'static str),
+    #[error("console: the socket sink is not available to a Linux guest's serial console yet; use stdout or a file")]
+    LinuxConsoleSocket,
     #[error("{field} = {value:?}: {why}")]
     Workload {
         field: &'static str,
@@ -219,7 +274,14 @@ impl VmConfig {
                 return Err(ConfigError::Serial { index });
             }
         }
-        let Payload::TestGuest { workloads: w, .. } = &self.payload;
+        let w = match &self.payload {
+            Payload::TestGuest { workloads, .. } => workloads,
+            Payload::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => return self.validate_linux(kernel, initrd.as_deref(), cmdline),
+        };
         if w.kv {
             parse_cidr(&w.kv_addr).map_err(|why| ConfigError::Workload {
                 field: "kv_addr",
@@ -274,6 +336,33 @@ impl VmConfig {
                     why: "must be at least 1 and at most half of guest memory",
                 });
             }
+        }
+        Ok(())
+    }
+
+    fn validate_linux(
+        &self,
+        kernel: &std::path::Path,
+        initrd: Option<&std::path::Path>,
+        cmdline: &str,
+    ) -> Result<(), ConfigError> {
+        check_file("kernel", kernel)?;
+        if let Some(i) = initrd {
+            check_file("initrd", i)?;
+        }
+        if cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(ConfigError::Cmdline("longer than 2047 bytes"));
+        }
+        if cmdline
+            .bytes()
+            .any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' '))
+        {
+            return Err(ConfigError::Cmdline(
+                "only printable ASCII and spaces are allowed",
+            ));
+        }
+        if matches!(self.console, ConsoleConfig::Socket { .. }) {
+            return Err(ConfigError::LinuxConsoleSocket);
         }
         Ok(())
     }
@@ -334,6 +423,23 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// A payload file must exist, be a regular file and be non-empty.
+fn check_file(field: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let err = |why: String| ConfigError::PayloadFile {
+        field,
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(err("file is empty".into()));
+    }
+    Ok(())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`; rejects multicast addresses (a NIC cannot own one).
@@ -417,8 +523,9 @@ mod tests {
         });
         assert!(matches!(c.validate(), Err(ConfigError::TapName { .. })));
         let mut c = base();
-        let Payload::TestGuest { workloads, .. } = &mut c.payload;
-        workloads.disk = true;
+        if let Payload::TestGuest { workloads, .. } = &mut c.payload {
+            workloads.disk = true;
+        }
         assert!(matches!(
             c.validate(),
             Err(ConfigError::Workload { field: "disk", .. })
@@ -501,5 +608,58 @@ mod tests {
         assert_eq!(c.mem_mib, 256);
         assert_eq!(c.disks[0].io_engine, IoEngine::IoUring);
         assert!(toml::from_str::<VmConfig>(&text.replace("vcpus", "vcpu")).is_err());
+    }
+
+    #[test]
+    fn linux_payload_parses_and_checks_files() {
+        let dir = std::env::temp_dir().join(format!("twinrun-cfg-linux-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let text = format!(
+            "mem_mib = 256\nvcpus = 2\n[payload]\nkind = \"linux\"\nkernel = {:?}\n",
+            kernel
+        );
+        let c: VmConfig = toml::from_str(&text).unwrap();
+        let Payload::Linux {
+            initrd, cmdline, ..
+        } = &c.payload
+        else {
+            panic!("not a linux payload: {:?}", c.payload);
+        };
+        assert_eq!((initrd, cmdline.as_str()), (&None, DEFAULT_CMDLINE));
+        assert_eq!(c.validate(), Ok(()));
+        let mut bad = c.clone();
+        bad.payload = Payload::Linux {
+            kernel: dir.join("missing"),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::PayloadFile {
+                field: "kernel",
+                ..
+            })
+        ));
+        bad.payload = Payload::Linux {
+            kernel: kernel.clone(),
+            initrd: Some(dir.clone()),
+            cmdline: String::new(),
+        };
+        let e = bad.validate().unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        bad.payload = Payload::Linux {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: "a\nb".into(),
+        };
+        assert!(matches!(bad.validate(), Err(ConfigError::Cmdline(_))));
+        bad.payload = c.payload.clone();
+        bad.console = ConsoleConfig::Socket {
+            path: dir.join("s"),
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::LinuxConsoleSocket));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

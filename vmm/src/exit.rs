@@ -146,12 +146,20 @@ pub enum VmExit {
     FailEntry { vcpu: u8, reason: u64 },
     /// `KVM_RUN` failed, or an exit the VMM does not handle.
     VcpuError { vcpu: u8, error: String },
+    /// The guest reset the machine through the i8042 (command 0xFE on port 0x64, what
+    /// Linux does on reboot with `reboot=k`). twinrun does not restart the guest: a
+    /// reset ends the VM, cleanly.
+    GuestReset,
 }
 
 impl VmExit {
-    /// True for an orderly end: the guest exited with status 0, or the VMM stopped it.
+    /// True for an orderly end: the guest exited with status 0 or reset the machine, or
+    /// the VMM stopped it.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::GuestExit { status: 0 } | VmExit::Stopped)
+        matches!(
+            self,
+            VmExit::GuestExit { status: 0 } | VmExit::Stopped | VmExit::GuestReset
+        )
     }
 }
 
@@ -201,6 +209,7 @@ impl fmt::Display for VmExit {
                 "vCPU {vcpu}: VM entry failed, hardware entry failure reason {reason:#x}"
             ),
             VmExit::VcpuError { vcpu, error } => write!(f, "vCPU {vcpu}: {error}"),
+            VmExit::GuestReset => write!(f, "guest reset the machine (i8042 reset)"),
         }
     }
 }

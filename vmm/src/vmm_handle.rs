@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 
 use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::exit::VmExit;
 use crate::vstate::control::{
@@ -63,6 +64,11 @@ impl Stopper {
     pub fn stop(&self) {
         self.control.end(VmExit::Stopped);
     }
+
+    /// Ends the VM with `exit` (a device that ends the VM, e.g. the i8042 reset).
+    pub(crate) fn end_with(&self, exit: VmExit) {
+        self.control.end(exit);
+    }
 }
 
 /// A built VM. Created by [`crate::builder::build_vm`]; not running until
@@ -79,6 +85,8 @@ pub struct Vmm {
     finished: Option<VmExit>,
     /// Dirty page tracking, once started.
     dirty: Mutex<Option<DirtyTracker>>,
+    /// COM1 of a Linux guest (its state is part of [`Vmm::capture_state`]).
+    serial: Option<Arc<Mutex<SerialDevice>>>,
     // Declared last: the threads (joined in Drop) use the VM and its memory.
     vm: Vm,
     mem: GuestMemoryMmap,
@@ -104,6 +112,7 @@ impl Vmm {
             started: false,
             finished: None,
             dirty: Mutex::new(None),
+            serial: None,
             vm,
             mem,
         }
@@ -220,6 +229,16 @@ impl Vmm {
             .ok_or(VmmError::AlreadyStarted)?
             .insert(dev, u64::from(port), u64::from(len))?;
         Ok(())
+    }
+
+    /// Records the UART so that state capture includes it; only before `start`.
+    pub(crate) fn set_serial(&mut self, serial: Arc<Mutex<SerialDevice>>) {
+        self.serial = Some(serial);
+    }
+
+    /// The UART of a Linux guest, if any.
+    pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
+        self.serial.as_ref()
     }
 
     /// The virtio devices (for state capture and tests).

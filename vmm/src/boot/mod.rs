@@ -2,6 +2,7 @@
 
 pub mod elf;
 pub mod gdt;
+pub mod linux;
 pub mod paging;
 pub mod params;
 

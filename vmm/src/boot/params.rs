@@ -2,7 +2,7 @@
 
 use twinrun_guest_abi::{self as abi, DeviceDesc, Params};
 
-use crate::config::{parse_cidr, parse_ipv4, Payload, VmConfig};
+use crate::config::{parse_cidr, parse_ipv4, VmConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParamsError {
@@ -39,7 +39,9 @@ pub fn build(cfg: &VmConfig, facts: &BootFacts) -> Result<Params, ParamsError> {
     p.device_count = facts.devices.len() as u32;
     p.devices[..facts.devices.len()].copy_from_slice(&facts.devices);
 
-    let Payload::TestGuest { workloads: w, .. } = &cfg.payload;
+    // A Linux payload gets no Params block; default workloads (none) keep this total.
+    let none = crate::config::Workloads::default();
+    let w = cfg.payload.workloads().unwrap_or(&none);
     let bit = |on: bool, b: u32| if on { b } else { 0 };
     p.workloads = bit(w.counter, abi::WORKLOAD_COUNTER)
         | bit(w.dirty, abi::WORKLOAD_DIRTY)
@@ -81,7 +83,7 @@ pub fn build(cfg: &VmConfig, facts: &BootFacts) -> Result<Params, ParamsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConsoleConfig, Workloads};
+    use crate::config::{ConsoleConfig, Payload, Workloads};
 
     #[test]
     fn fills_workloads_and_facts() {

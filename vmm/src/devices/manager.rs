@@ -2,7 +2,7 @@
 //! and runs the one backend thread that serves host-side events (TAP frames for
 //! virtio-net RX, console socket readers).
 //!
-//! Window `i` is at `MMIO_BASE + i * MMIO_WINDOW_SIZE`: the console first, then the
+//! Window `i` is at `MMIO_BASE + i * MMIO_WINDOW_SIZE`: the console first (test guest only), then the
 //! disks in config order, then the NICs.
 //!
 //! Pause protocol: [`DeviceManager::pause`] raises a flag, kicks the backend thread's
@@ -97,12 +97,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl DeviceManager {
     pub fn new(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<Self, DeviceError> {
-        let count = 1 + cfg.disks.len() + cfg.nets.len();
+        // A Linux guest's console is the UART (devices::legacy::serial), which owns the
+        // console sink: it gets no virtio console, and its disks start at window 0.
+        let console = !cfg.payload.is_linux();
+        let count = usize::from(console) + cfg.disks.len() + cfg.nets.len();
         if count > abi::MAX_DEVICES {
             return Err(DeviceError::TooManyDevices(count));
         }
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        devices.push(Box::new(Console::open(&cfg.console)?));
+        if console {
+            devices.push(Box::new(Console::open(&cfg.console)?));
+        }
         for (index, d) in cfg.disks.iter().enumerate() {
             devices.push(Box::new(
                 Block::open(d).map_err(|source| DeviceError::Block { index, source })?,

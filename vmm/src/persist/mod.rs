@@ -15,13 +15,14 @@ pub mod restore;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::legacy::serial::SerialSnapshot;
 use crate::devices::virtio::persist::TransportState;
 use crate::vstate::vcpu_state::{RefusedMsr, VcpuState};
 use crate::vstate::vm_state::KvmVmState;
 
 pub const STATE_MAGIC: [u8; 8] = *b"TWRNSTAT";
 /// Bumped on any change to the encoded structures.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8;
 const TRAILER_LEN: usize = 4;
 
@@ -34,6 +35,8 @@ pub struct VmState {
     pub vm: KvmVmState,
     /// One per virtio-mmio window, in window order.
     pub devices: Vec<TransportState>,
+    /// COM1 of a Linux guest (`None` for the test guest, which has no UART).
+    pub serial: Option<SerialSnapshot>,
 }
 
 #[derive(Debug, thiserror::Error)]

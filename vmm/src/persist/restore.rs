@@ -129,5 +129,11 @@ where
     let mut mmio = Bus::new();
     devices.attach(&mut mmio)?;
     let pio = Bus::new();
-    Ok((Vmm::new(mem, vm, vcpus, mmio, pio, devices), report))
+    let mut vmm = Vmm::new(mem, vm, vcpus, mmio, pio, devices);
+    if cfg.payload.is_linux() {
+        // UART, i8042 and the irqfds: GSI routes and irqfds are not part of the irqchip
+        // state, so they are made again; the UART gets its captured registers.
+        crate::builder::linux::attach_platform(&mut vmm, cfg, state.serial.as_ref())?;
+    }
+    Ok((vmm, report))
 }

@@ -80,6 +80,11 @@ fn sample() -> VmState {
                 },
             },
         ],
+        serial: Some(crate::devices::legacy::serial::SerialSnapshot {
+            line_control: 3,
+            in_buffer: vec![b'x'],
+            ..Default::default()
+        }),
     }
 }
 
@@ -94,6 +99,7 @@ fn round_trips_through_bytes() {
     assert_eq!(back.vcpus[0].msrs, s.vcpus[0].msrs);
     assert_eq!(back.devices, s.devices);
     assert_eq!(back.memory, s.memory);
+    assert_eq!(back.serial, s.serial);
     assert_eq!(back.to_bytes().unwrap(), b);
 }
 

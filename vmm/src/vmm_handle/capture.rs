@@ -39,6 +39,11 @@ impl Vmm {
             i += 1;
         }
 
+        let serial = self
+            .serial
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot());
+
         let kvm = self.vm.kvm();
         let msrs: Arc<[u32]> = msrs_to_save(kvm).map_err(CaptureError::from)?.into();
         let xsave_bytes = xsave_size(kvm);
@@ -68,6 +73,7 @@ impl Vmm {
             vcpus,
             vm,
             devices,
+            serial,
         })
     }
 }
