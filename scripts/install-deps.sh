@@ -9,6 +9,7 @@ declare -A NEED=(
     [ping]=iputils-ping      # ping the guest
     [redis-cli]=redis-tools  # the kv workload's real client
     [cc]=gcc                 # linker for Rust binaries and the guest
+    [iasl]=acpica-tools [lz4]=lz4 [zstd]=zstd  # ACPI table test; guest/linux/build.sh
 )
 
 missing=()
