@@ -78,6 +78,10 @@ fn exit_code(end: &VmExit, signalled: bool) -> i32 {
             eprintln!("twinrun: guest exited with status {status} ({status:#x})");
             exit::GUEST_FAILED
         }
+        VmExit::GuestReset => {
+            info!("guest reset the machine (i8042); the VM ends there");
+            exit::OK
+        }
         VmExit::Stopped => {
             if signalled {
                 info!("VM stopped on signal; devices flushed, exiting cleanly");

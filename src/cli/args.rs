@@ -59,6 +59,15 @@ pub struct RunArgs {
     /// Test-guest ELF; defaults to the built guest found next to the binary or repo.
     #[arg(long, value_name = "ELF")]
     pub guest: Option<PathBuf>,
+    /// Boot a stock Linux kernel (vmlinux or bzImage) instead of the test guest.
+    #[arg(long, value_name = "VMLINUX|BZIMAGE", conflicts_with = "guest")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for the Linux kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Linux kernel command line (default: "console=ttyS0 reboot=k panic=1").
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
     /// Workloads to run (repeatable or comma-separated); replaces the file's set.
     #[arg(
         long = "workload",

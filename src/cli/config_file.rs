@@ -34,6 +34,14 @@ pub enum FilePayload {
         #[serde(default)]
         workloads: Workloads,
     },
+    /// A stock Linux kernel (`vmm::config::Payload::Linux`).
+    Linux {
+        kernel: Option<PathBuf>,
+        #[serde(default)]
+        initrd: Option<PathBuf>,
+        #[serde(default)]
+        cmdline: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

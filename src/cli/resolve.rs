@@ -30,6 +30,8 @@ pub enum CliError {
         list(.searched)
     )]
     GuestNotFound { searched: Vec<PathBuf> },
+    #[error("the config file's Linux payload has no kernel; give payload.kernel or --kernel")]
+    NoKernel,
     #[error("{what} {} does not exist or is not a regular file", path.display())]
     MissingFile { what: String, path: PathBuf },
     #[error("console {what} directory {} does not exist", path.display())]
@@ -63,19 +65,47 @@ pub fn merge(
     args: &RunArgs,
     default_guest: impl FnOnce() -> Result<PathBuf, Vec<PathBuf>>,
 ) -> Result<VmConfig, CliError> {
-    let (file_elf, mut w) = match file.payload {
-        Some(FilePayload::TestGuest { elf, workloads }) => (elf, workloads),
-        None => (None, Workloads::default()),
+    let (file_elf, mut w, file_linux) = match file.payload {
+        Some(FilePayload::TestGuest { elf, workloads }) => (elf, workloads, None),
+        Some(FilePayload::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        }) => (None, Workloads::default(), Some((kernel, initrd, cmdline))),
+        None => (None, Workloads::default(), None),
     };
-    let elf = match args.guest.clone().or(file_elf) {
-        Some(e) => e,
-        None => default_guest().map_err(|searched| CliError::GuestNotFound { searched })?,
+    // A Linux payload when --kernel is given or the file has one (and --guest is not).
+    let linux = match (&args.kernel, file_linux) {
+        (Some(k), f) => Some((Some(k.clone()), f)),
+        (None, Some(f)) if args.guest.is_none() => Some((f.0.clone(), Some(f))),
+        _ => None,
     };
-    apply_workload_flags(&mut w, args);
+    let payload = match linux {
+        Some((kernel, file)) => {
+            let (_, f_initrd, f_cmdline) = file.unwrap_or((None, None, None));
+            Payload::Linux {
+                kernel: kernel.ok_or(CliError::NoKernel)?,
+                initrd: args.initrd.clone().or(f_initrd),
+                cmdline: args
+                    .cmdline
+                    .clone()
+                    .or(f_cmdline)
+                    .unwrap_or_else(|| vmm::config::DEFAULT_CMDLINE.into()),
+            }
+        }
+        None => {
+            let elf = match args.guest.clone().or(file_elf) {
+                Some(e) => e,
+                None => default_guest().map_err(|searched| CliError::GuestNotFound { searched })?,
+            };
+            apply_workload_flags(&mut w, args);
+            Payload::TestGuest { elf, workloads: w }
+        }
+    };
     Ok(VmConfig {
         mem_mib: args.mem_mib.or(file.mem_mib).unwrap_or(DEFAULT_MEM_MIB),
         vcpus: args.vcpus.or(file.vcpus).unwrap_or(DEFAULT_VCPUS),
-        payload: Payload::TestGuest { elf, workloads: w },
+        payload,
         disks: if args.disks.is_empty() {
             file.disks
         } else {
@@ -361,6 +391,41 @@ mod tests {
         assert_eq!(
             (w.blkbench_bytes, w.blkbench_req_kib, w.blkbench_depth),
             (8 << 20, 128, 2)
+        );
+    }
+
+    #[test]
+    fn kernel_flags_make_a_linux_payload() {
+        let a = args(&[
+            "--kernel",
+            "/k/vmlinux",
+            "--initrd",
+            "/k/initrd",
+            "--cmdline",
+            "console=ttyS0 -- echo hi",
+        ]);
+        let c = merge(FileConfig::default(), &a, || Err(vec![])).unwrap();
+        assert_eq!(
+            c.payload,
+            Payload::Linux {
+                kernel: "/k/vmlinux".into(),
+                initrd: Some("/k/initrd".into()),
+                cmdline: "console=ttyS0 -- echo hi".into(),
+            }
+        );
+        let c = merge(FileConfig::default(), &args(&["--kernel", "/k/bz"]), || {
+            Err(vec![])
+        })
+        .unwrap();
+        let Payload::Linux {
+            cmdline, initrd, ..
+        } = &c.payload
+        else {
+            panic!("{:?}", c.payload)
+        };
+        assert_eq!(
+            (cmdline.as_str(), initrd),
+            (vmm::config::DEFAULT_CMDLINE, &None)
         );
     }
 }

@@ -13,7 +13,13 @@ fn iasl() -> PathBuf {
         return p;
     }
     let st = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "acpica-tools"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "acpica-tools",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .expect("running apt-get to install acpica-tools");
@@ -47,7 +53,12 @@ fn tables_disassemble_cleanly_with_iasl() {
         let bytes = &t.bytes;
         // Checksums: the whole table sums to 0 (the RSDP's first 20 bytes too).
         let sum = |b: &[u8]| b.iter().fold(0u8, |a, &x| a.wrapping_add(x));
-        assert_eq!(sum(bytes), 0, "{} checksum", String::from_utf8_lossy(&t.signature));
+        assert_eq!(
+            sum(bytes),
+            0,
+            "{} checksum",
+            String::from_utf8_lossy(&t.signature)
+        );
         if &t.signature == b"RSDP" {
             assert_eq!(sum(&bytes[..20]), 0, "RSDP v1 checksum");
             continue; // iasl -d takes SDTs (with the common header); the RSDP has none.
@@ -69,7 +80,10 @@ fn tables_disassemble_cleanly_with_iasl() {
         assert!(out.status.success(), "iasl -d {name}: {log}");
         // iasl reports checksum and parse problems as warnings/errors in its output.
         for bad in ["Error", "Warning", "Invalid", "Incorrect checksum"] {
-            assert!(!log.contains(bad), "iasl -d {name} reported {bad:?}:\n{log}");
+            assert!(
+                !log.contains(bad),
+                "iasl -d {name} reported {bad:?}:\n{log}"
+            );
         }
         let dsl = std::fs::read_to_string(dir.0.join(format!("{name}.dsl"))).unwrap();
         assert!(dsl.contains("\"TWINRN\""), "{dsl}");
@@ -84,10 +98,17 @@ fn tables_disassemble_cleanly_with_iasl() {
             assert!(dsl.contains("Address : FEC00000"), "{dsl}");
         }
     }
-    assert_eq!(dsdt_text.matches("\"LNRO0005\"").count(), windows.len(), "{dsdt_text}");
+    assert_eq!(
+        dsdt_text.matches("\"LNRO0005\"").count(),
+        windows.len(),
+        "{dsdt_text}"
+    );
     for w in &windows {
         let base = format!("0x{:08X}", w.base);
-        assert!(dsdt_text.contains(&base), "window {base} missing:\n{dsdt_text}");
+        assert!(
+            dsdt_text.contains(&base),
+            "window {base} missing:\n{dsdt_text}"
+        );
     }
     assert!(dsdt_text.contains("PNP0501"), "{dsdt_text}");
     assert!(dsdt_text.contains("PNP0303"), "{dsdt_text}");
