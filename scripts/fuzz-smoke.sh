@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Builds the vmm cargo-fuzz targets and runs each for a bounded time.
+# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz) and runs each for a bounded time.
 # Exits non-zero if a build fails or any target finds a crash.
 # Usage: scripts/fuzz-smoke.sh [seconds-per-target]   (default 20)
 set -euo pipefail
 
 secs="${1:-20}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root/vmm"
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-targets=(block_request net_tx console_tx mmio_transport)
+# "crate-dir:target" pairs; each crate dir has its own fuzz/ workspace.
+targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder)
 
-cargo +nightly fuzz build
+for d in vmm alink; do
+    (cd "$root/$d" && cargo +nightly fuzz build)
+done
 
 failed=()
-for t in "${targets[@]}"; do
+for dt in "${targets[@]}"; do
+    d="${dt%%:*}"
+    t="${dt#*:}"
+    cd "$root/$d"
     # Corpus and artifacts stay in a throwaway directory per run.
     work="$(mktemp -d)"
     mkdir -p "$work/corpus"
