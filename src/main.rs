@@ -3,7 +3,7 @@ mod run;
 mod signals;
 
 use clap::Parser;
-use twinrun::cli::{resolve_run_config, Cli, Command, VmCommand};
+use twinrun::cli::{resolve_run_config, Cli, Command, SnapshotCommand, VmCommand};
 use twinrun::exit;
 
 fn main() {
@@ -11,12 +11,14 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Vm(VmCommand::Run(args)) => match resolve_run_config(&args) {
-            Ok(cfg) => run::run_vm(&cfg),
+            Ok(cfg) => run::run_vm(&cfg, args.name.as_deref()),
             Err(e) => {
                 eprintln!("twinrun: error: {e}");
                 exit::USAGE
             }
         },
+        Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
+        Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
     };
     std::process::exit(code);
 }

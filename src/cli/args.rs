@@ -14,11 +14,61 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; boxing the big variant would only complicate matching.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Manage a single virtual machine on this host.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Snapshots of a VM: create, list, restore, delete, export, import.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `twinrun snapshot ...`. Exit code 2 for bad input (unknown VM or generation,
+/// damaged or foreign files, disk in use), 1 for other failures.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a running VM (through its control socket).
+    Create { vm: String },
+    /// List a VM's snapshot generations.
+    List { vm: String },
+    /// Start a new VM process from a generation (runs until the guest exits).
+    Restore(RestoreArgs),
+    /// Delete a generation (its pages are folded into the next one).
+    Delete { vm: String, generation: u32 },
+    /// Write a generation, merged into one full snapshot, to a portable file.
+    Export {
+        vm: String,
+        generation: u32,
+        file: PathBuf,
+    },
+    /// Check an exported file completely, then add it as a new full generation.
+    Import {
+        file: PathBuf,
+        /// VM to import into (default: the name in the file).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Rebuild a generation's memory and check it against the hash recorded when it
+    /// was taken (snapshots taken with TWINRUN_SNAPSHOT_MEMCHECK=1).
+    Verify { vm: String, generation: u32 },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    pub vm: String,
+    pub generation: u32,
+    /// Name of the restored VM (default: the snapshot's VM name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Console sink of the restored VM: stdout | file:PATH | socket:PATH.
+    #[arg(long, value_name = "SINK", value_parser = parse_console_spec)]
+    pub console: Option<ConsoleConfig>,
+    /// Where to rebuild disk images, in disk order (default: the configured paths).
+    #[arg(long = "disk-path", value_name = "PATH")]
+    pub disk_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +97,10 @@ pub enum Workload {
 /// `--workload`, `--disk` and `--net` replace the file's set/list as a whole.
 #[derive(Debug, Default, Args)]
 pub struct RunArgs {
+    /// Name of the VM: its control socket is $TWINRUN_RUN_DIR/<name>.sock and its
+    /// snapshots live in $TWINRUN_STATE_DIR/<name>/snapshots (default vm0).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// TOML VM config (the fields of `VmConfig`); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -201,10 +255,10 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let mut full = vec!["twinrun", "vm", "run"];
         full.extend_from_slice(args);
-        let Cli {
-            command: Command::Vm(VmCommand::Run(a)),
-        } = Cli::try_parse_from(full)?;
-        Ok(a)
+        match Cli::try_parse_from(full)?.command {
+            Command::Vm(VmCommand::Run(a)) => Ok(a),
+            other => panic!("parsed {other:?}"),
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod args;
 pub mod config_file;
 pub mod guest_path;
 pub mod resolve;
+pub mod snapshot;
 
-pub use args::{Cli, Command, RunArgs, VmCommand};
+pub use args::{Cli, Command, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};
 pub use resolve::{resolve_run_config, CliError};

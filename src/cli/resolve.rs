@@ -206,10 +206,10 @@ mod tests {
     fn args(a: &[&str]) -> RunArgs {
         let mut full = vec!["twinrun", "vm", "run"];
         full.extend_from_slice(a);
-        let Cli {
-            command: Command::Vm(VmCommand::Run(r)),
-        } = Cli::try_parse_from(full).unwrap();
-        r
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Vm(VmCommand::Run(r)) => r,
+            other => panic!("parsed {other:?}"),
+        }
     }
 
     fn no_guest() -> Result<PathBuf, Vec<PathBuf>> {

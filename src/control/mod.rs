@@ -1,0 +1,98 @@
+//! The control socket of a running VM: `$TWINRUN_RUN_DIR/<name>.sock`.
+//!
+//! Protocol: each message is a u32 LE length (at most [`MAX_MESSAGE`]) followed by that
+//! many bytes of postcard. The client sends a [`Request`] and reads one [`Response`];
+//! it may send more on the same connection. A request of another
+//! [`PROTOCOL_VERSION`], or one that does not decode, gets [`Response::Error`].
+pub mod server;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_MESSAGE: u32 = 1 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u32,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Status,
+    Pause,
+    Resume,
+    SnapshotCreate,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Status {
+        name: String,
+        pid: u32,
+        paused: bool,
+    },
+    Ok,
+    Snapshot {
+        generation: u32,
+        kind: String,
+        pause_us: u64,
+        bytes: u64,
+        folded: Vec<u32>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+pub fn write_message(s: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
+    s.write_all(&(payload.len() as u32).to_le_bytes())?;
+    s.write_all(payload)?;
+    s.flush()
+}
+
+/// Reads one message; `Ok(None)` at a clean end of stream.
+pub fn read_message(s: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {len} bytes is too long"),
+        ));
+    }
+    let mut buf = vec![0u8; len as usize];
+    s.read_exact(&mut buf)?;
+    Ok(Some(buf))
+}
+
+/// Sends `op` to the VM whose socket is `path` and waits for the answer.
+pub fn call(path: &Path, op: Op, timeout: Duration) -> Result<Response, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the VM's control socket {}: {e} (is the VM running?)",
+            path.display()
+        )
+    })?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let req = Request {
+        version: PROTOCOL_VERSION,
+        op,
+    };
+    let bytes = postcard::to_allocvec(&req).map_err(|e| e.to_string())?;
+    write_message(&mut s, &bytes).map_err(|e| format!("sending the request: {e}"))?;
+    let reply = read_message(&mut s)
+        .map_err(|e| format!("reading the reply: {e}"))?
+        .ok_or("the VM closed the connection without answering")?;
+    postcard::from_bytes(&reply).map_err(|e| format!("bad reply: {e}"))
+}

@@ -1,0 +1,198 @@
+//! Serving the control socket from the thread that waits for the VM: it polls the
+//! listener between checks for the VM's end, and runs requests (pause, resume,
+//! snapshot) against the [`Vmm`] directly. One connection is served at a time.
+
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use log::{info, warn};
+use vmm::config::VmConfig;
+use vmm::Vmm;
+
+use super::{read_message, write_message, Op, Request, Response, PROTOCOL_VERSION};
+use crate::snapshot::take::Snapshotter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("VM name {name:?} is in use by a running VM (control socket {})", path.display())]
+    InUse { name: String, path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Name(String),
+}
+
+pub struct Server {
+    name: String,
+    path: PathBuf,
+    listener: UnixListener,
+    paused: bool,
+    snap: Snapshotter,
+}
+
+/// How long one request may keep the server waiting for its bytes.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Server {
+    /// Binds the socket of VM `name`; fails if a live VM serves it (a stale socket of
+    /// a VMM that died is replaced).
+    pub fn bind(name: &str, cfg: &VmConfig) -> Result<Server, ServerError> {
+        crate::paths::check_vm_name(name).map_err(ServerError::Name)?;
+        let dir = crate::paths::run_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| ServerError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = crate::paths::control_socket(name);
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                if UnixStream::connect(&path).is_ok() {
+                    return Err(ServerError::InUse {
+                        name: name.into(),
+                        path,
+                    });
+                }
+                let _ = std::fs::remove_file(&path);
+                UnixListener::bind(&path).map_err(|source| ServerError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Err(source) => return Err(ServerError::Io { path, source }),
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServerError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        info!("control socket {}", path.display());
+        Ok(Server {
+            name: name.into(),
+            path,
+            listener,
+            paused: false,
+            snap: Snapshotter::new(name, cfg),
+        })
+    }
+
+    /// Waits up to `timeout` for a connection and serves it.
+    pub fn poll(&mut self, vmm: &Vmm, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        if n <= 0 {
+            return;
+        }
+        match self.listener.accept() {
+            Ok((s, _)) => self.serve(vmm, s),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => warn!("control socket accept: {e}"),
+        }
+    }
+
+    fn serve(&mut self, vmm: &Vmm, mut s: UnixStream) {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+        loop {
+            let msg = match read_message(&mut s) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    let r = Response::Error {
+                        message: format!("bad request: {e}"),
+                    };
+                    reply(&mut s, &r);
+                    return;
+                }
+            };
+            let resp = match postcard::from_bytes::<Request>(&msg) {
+                Ok(req) if req.version != PROTOCOL_VERSION => Response::Error {
+                    message: format!(
+                        "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
+                        req.version
+                    ),
+                },
+                Ok(req) => self.handle(vmm, req.op),
+                Err(e) => Response::Error {
+                    message: format!("request does not decode: {e}"),
+                },
+            };
+            if !reply(&mut s, &resp) {
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, vmm: &Vmm, op: Op) -> Response {
+        let err = |message: String| Response::Error { message };
+        match op {
+            Op::Status => Response::Status {
+                name: self.name.clone(),
+                pid: std::process::id(),
+                paused: self.paused,
+            },
+            Op::Pause if self.paused => Response::Ok,
+            Op::Pause => match vmm.pause() {
+                Ok(t) => {
+                    info!("paused by control request ({} us)", t.as_micros());
+                    self.paused = true;
+                    Response::Ok
+                }
+                Err(e) => err(format!("pause: {e}")),
+            },
+            Op::Resume if !self.paused => Response::Ok,
+            Op::Resume => match vmm.resume() {
+                Ok(()) => {
+                    self.paused = false;
+                    Response::Ok
+                }
+                Err(e) => err(format!("resume: {e}")),
+            },
+            Op::SnapshotCreate => match self.snap.take(vmm, self.paused) {
+                Ok(t) => {
+                    info!(
+                        "snapshot generation {} ({}): paused {} us, {} bytes",
+                        t.generation,
+                        t.kind,
+                        t.pause.as_micros(),
+                        t.bytes
+                    );
+                    Response::Snapshot {
+                        generation: t.generation,
+                        kind: t.kind.to_string(),
+                        pause_us: t.pause.as_micros() as u64,
+                        bytes: t.bytes,
+                        folded: t.folded,
+                    }
+                }
+                Err(e) => err(format!("snapshot: {e}")),
+            },
+        }
+    }
+}
+
+fn reply(s: &mut UnixStream, r: &Response) -> bool {
+    match postcard::to_allocvec(r) {
+        Ok(b) => write_message(s, &b).is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
