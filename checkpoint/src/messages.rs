@@ -1,0 +1,588 @@
+//! What the primary and the standby say to each other over the A-Link.
+//!
+//! Every message is a small postcard-encoded head plus, for page-carrying messages, a
+//! raw payload that is never re-encoded: the sender hands the A-Link its staging buffers
+//! as reference-counted chunks, the receiver reads the payload straight out of the
+//! received frame as borrowed slices ([`PartView`]).
+//!
+//! A checkpoint epoch (or an initial-sync round) is split into *parts* so that no message
+//! exceeds [`MAX_MESSAGE_BYTES`]. The payload of one part is laid out as
+//! `[vm state][disk extent data, in extent order][pages, in run order]`; the VM state is
+//! carried only by the last part of an epoch. Each part carries a CRC-32C of its payload
+//! so that the standby checks what it stages independently of the transport.
+//!
+//! Every count and size is bounded by an explicit limit, checked on encode and on
+//! decode: a malformed or hostile head gives a typed [`DecodeError`], never a panic or an
+//! unbounded allocation.
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size (x86-64; what KVM's dirty log and vm-memory's bitmap use).
+pub const PAGE_SIZE: usize = 4096;
+/// Pages in one part (16 MiB of page data).
+pub const MAX_PAGES_PER_PART: u32 = 4096;
+/// Contiguous page runs described by one part's head.
+pub const MAX_RUNS_PER_PART: usize = 4096;
+/// Pages in one epoch (4 GiB): an epoch dirtying more is refused by the encoder (the
+/// primary must end epochs sooner); the standby refuses it as a protocol violation.
+pub const MAX_PAGES_PER_EPOCH: u64 = 1 << 20;
+/// Parts in one epoch or sync round.
+pub const MAX_PARTS: u32 = (MAX_PAGES_PER_EPOCH / MAX_PAGES_PER_PART as u64) as u32 + 16;
+/// Encoded VM state (vCPUs, irqchip, devices): a few hundred KiB in practice.
+pub const MAX_STATE_BYTES: u32 = 16 << 20;
+/// Disk extents written in one part.
+pub const MAX_DISK_EXTENTS_PER_PART: usize = 4096;
+/// Disk data in one part.
+pub const MAX_DISK_BYTES_PER_PART: u64 = 16 << 20;
+/// Encoded head of one message.
+pub const MAX_HEAD_BYTES: usize = 256 << 10;
+/// Head plus payload of one message; below the A-Link's default frame limit (64 MiB).
+pub const MAX_MESSAGE_BYTES: usize = MAX_HEAD_BYTES
+    + MAX_STATE_BYTES as usize
+    + MAX_DISK_BYTES_PER_PART as usize
+    + MAX_PAGES_PER_PART as usize * PAGE_SIZE;
+
+/// `pages` contiguous guest pages starting at guest-physical address `gpa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub gpa: u64,
+    pub pages: u32,
+}
+
+/// `len` bytes written at byte `offset` of disk `device` (index among the VM's block
+/// devices) during the epoch; the data is in the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskExtent {
+    pub device: u16,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Output held for an epoch on the primary (for the standby's logs and tests: the
+/// standby never releases it, it only knows how much the epoch produced).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputStats {
+    pub net_frames: u64,
+    pub net_bytes: u64,
+    pub console_bytes: u64,
+}
+
+/// What a part belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartOf {
+    /// A round of the initial synchronisation, sent while the guest runs. Its pages go
+    /// straight into the standby's mirror (which is not a valid replica before epoch 0).
+    Sync { round: u32 },
+    /// A checkpoint epoch: staged, then applied atomically once complete.
+    Epoch { epoch: u64 },
+}
+
+/// Head of a page-carrying message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartHead {
+    pub of: PartOf,
+    /// Index of this part, `0..parts`.
+    pub part: u32,
+    pub parts: u32,
+    /// Bytes of encoded VM state at the start of the payload (last part of an epoch
+    /// only; 0 otherwise).
+    pub state_len: u32,
+    pub runs: Vec<PageRun>,
+    pub disk: Vec<DiskExtent>,
+    /// Output the epoch produced (last part of an epoch only).
+    pub output: Option<OutputStats>,
+    /// CRC-32C of the whole payload.
+    pub crc: u32,
+}
+
+/// Primary to standby.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToStandby {
+    /// First message: the guest memory layout `(gpa, len)` the mirror must match.
+    Hello {
+        layout: Vec<(u64, u64)>,
+    },
+    Part(PartHead),
+    /// The initial synchronisation sent `pages` in `round` (progress report).
+    SyncRoundDone {
+        round: u32,
+        pages: u64,
+    },
+}
+
+/// Standby to primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToPrimary {
+    /// Every epoch up to and including `epoch` is applied on the standby (cumulative).
+    Ack { epoch: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("{what}: {have} exceeds the limit of {max}")]
+    Exceeded {
+        what: &'static str,
+        have: u64,
+        max: u64,
+    },
+    #[error("page run at {gpa:#x} is not page aligned or is empty")]
+    BadRun { gpa: u64 },
+    #[error("payload is {have} bytes, the head describes {want}")]
+    PayloadLen { have: u64, want: u64 },
+    #[error("part {part} of {parts} is out of range")]
+    PartIndex { part: u32, parts: u32 },
+    #[error("VM state in part {part} of {parts}: only the last part of an epoch carries it")]
+    StatePlacement { part: u32, parts: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message head of {0} bytes exceeds {MAX_HEAD_BYTES}")]
+    HeadTooLarge(usize),
+    #[error("message head does not decode: {0}")]
+    Postcard(#[from] postcard::Error),
+    #[error("message head has {0} trailing bytes")]
+    Trailing(usize),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error("payload checksum mismatch (head {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("a {0} message carries a payload")]
+    UnexpectedPayload(&'static str),
+}
+
+fn exceeded(what: &'static str, have: u64, max: u64) -> Result<(), LimitError> {
+    if have > max {
+        return Err(LimitError::Exceeded { what, have, max });
+    }
+    Ok(())
+}
+
+impl PartHead {
+    /// Total pages in this part.
+    pub fn page_count(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.pages)).sum()
+    }
+
+    /// Total disk bytes in this part.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.iter().map(|d| u64::from(d.len)).sum()
+    }
+
+    /// Payload length the head describes.
+    pub fn payload_len(&self) -> u64 {
+        u64::from(self.state_len) + self.disk_bytes() + self.page_count() * PAGE_SIZE as u64
+    }
+
+    /// Checks every limit and the internal consistency of the head (not the payload).
+    pub fn check(&self) -> Result<(), LimitError> {
+        exceeded("parts", u64::from(self.parts), u64::from(MAX_PARTS))?;
+        if self.parts == 0 || self.part >= self.parts {
+            return Err(LimitError::PartIndex {
+                part: self.part,
+                parts: self.parts,
+            });
+        }
+        exceeded("runs", self.runs.len() as u64, MAX_RUNS_PER_PART as u64)?;
+        let mut pages = 0u64;
+        for r in &self.runs {
+            if r.pages == 0 || r.gpa % PAGE_SIZE as u64 != 0 {
+                return Err(LimitError::BadRun { gpa: r.gpa });
+            }
+            let end = u64::from(r.pages)
+                .checked_mul(PAGE_SIZE as u64)
+                .and_then(|l| r.gpa.checked_add(l));
+            if end.is_none() {
+                return Err(LimitError::BadRun { gpa: r.gpa });
+            }
+            pages += u64::from(r.pages);
+        }
+        exceeded("pages in a part", pages, u64::from(MAX_PAGES_PER_PART))?;
+        exceeded(
+            "disk extents",
+            self.disk.len() as u64,
+            MAX_DISK_EXTENTS_PER_PART as u64,
+        )?;
+        exceeded("disk bytes", self.disk_bytes(), MAX_DISK_BYTES_PER_PART)?;
+        exceeded(
+            "VM state bytes",
+            u64::from(self.state_len),
+            u64::from(MAX_STATE_BYTES),
+        )?;
+        let last = self.part + 1 == self.parts;
+        let is_epoch = matches!(self.of, PartOf::Epoch { .. });
+        // An epoch's last part always carries the state; nothing else does.
+        if (self.state_len > 0) != (last && is_epoch) {
+            return Err(LimitError::StatePlacement {
+                part: self.part,
+                parts: self.parts,
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds a head for `payload` (the chunks in wire order), checking every limit and
+    /// computing the checksum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<C: AsRef<[u8]>>(
+        of: PartOf,
+        part: u32,
+        parts: u32,
+        state_len: u32,
+        runs: Vec<PageRun>,
+        disk: Vec<DiskExtent>,
+        output: Option<OutputStats>,
+        payload: &[C],
+    ) -> Result<PartHead, LimitError> {
+        let mut h = PartHead {
+            of,
+            part,
+            parts,
+            state_len,
+            runs,
+            disk,
+            output,
+            crc: 0,
+        };
+        h.check()?;
+        let have: u64 = payload.iter().map(|c| c.as_ref().len() as u64).sum();
+        if have != h.payload_len() {
+            return Err(LimitError::PayloadLen {
+                have,
+                want: h.payload_len(),
+            });
+        }
+        h.crc = payload
+            .iter()
+            .fold(0, |crc, c| crc32c::crc32c_append(crc, c.as_ref()));
+        Ok(h)
+    }
+}
+
+/// A part checked against its payload, borrowing the payload.
+#[derive(Debug)]
+pub struct PartView<'a> {
+    pub head: PartHead,
+    pub state: &'a [u8],
+    disk_data: &'a [u8],
+    page_data: &'a [u8],
+}
+
+impl<'a> PartView<'a> {
+    /// Checks `head` (limits, payload length, checksum) against `payload`.
+    pub fn new(head: PartHead, payload: &'a [u8]) -> Result<PartView<'a>, DecodeError> {
+        head.check()?;
+        let want = head.payload_len();
+        if payload.len() as u64 != want {
+            return Err(LimitError::PayloadLen {
+                have: payload.len() as u64,
+                want,
+            }
+            .into());
+        }
+        let computed = crc32c::crc32c(payload);
+        if computed != head.crc {
+            return Err(DecodeError::Checksum {
+                stored: head.crc,
+                computed,
+            });
+        }
+        // Lengths were checked against the payload just above.
+        let (state, rest) = payload.split_at(head.state_len as usize);
+        let (disk_data, page_data) = rest.split_at(head.disk_bytes() as usize);
+        Ok(PartView {
+            head,
+            state,
+            disk_data,
+            page_data,
+        })
+    }
+
+    /// Every page as `(gpa, 4 KiB of data)`, in run order.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &'a [u8])> + '_ {
+        let data = self.page_data;
+        self.head
+            .runs
+            .iter()
+            .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.gpa + i * PAGE_SIZE as u64))
+            .zip(data.chunks_exact(PAGE_SIZE))
+    }
+
+    /// Every disk write as `(extent, data)`, in order.
+    pub fn disk_writes(&self) -> impl Iterator<Item = (DiskExtent, &'a [u8])> + '_ {
+        let mut off = 0usize;
+        let data = self.disk_data;
+        self.head.disk.iter().map(move |d| {
+            let s = &data[off..off + d.len as usize];
+            off += d.len as usize;
+            (*d, s)
+        })
+    }
+}
+
+fn decode_head<'a, T: Deserialize<'a>>(head: &'a [u8]) -> Result<T, DecodeError> {
+    if head.len() > MAX_HEAD_BYTES {
+        return Err(DecodeError::HeadTooLarge(head.len()));
+    }
+    let (v, rest) = postcard::take_from_bytes::<T>(head)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(v)
+}
+
+/// A decoded primary-to-standby message.
+#[derive(Debug)]
+pub enum StandboundMsg<'a> {
+    Hello { layout: Vec<(u64, u64)> },
+    Part(PartView<'a>),
+    SyncRoundDone { round: u32, pages: u64 },
+}
+
+/// Decodes a message from the primary: its head and its payload (validated, borrowed).
+pub fn decode_to_standby<'a>(
+    head: &[u8],
+    payload: &'a [u8],
+) -> Result<StandboundMsg<'a>, DecodeError> {
+    let bare = |what| {
+        if payload.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::UnexpectedPayload(what))
+        }
+    };
+    match decode_head::<ToStandby>(head)? {
+        ToStandby::Hello { layout } => {
+            bare("hello")?;
+            exceeded("memory regions", layout.len() as u64, 64)?;
+            Ok(StandboundMsg::Hello { layout })
+        }
+        ToStandby::SyncRoundDone { round, pages } => {
+            bare("sync-round-done")?;
+            Ok(StandboundMsg::SyncRoundDone { round, pages })
+        }
+        ToStandby::Part(h) => Ok(StandboundMsg::Part(PartView::new(h, payload)?)),
+    }
+}
+
+/// Decodes a message from the standby.
+pub fn decode_to_primary(head: &[u8], payload: &[u8]) -> Result<ToPrimary, DecodeError> {
+    if !payload.is_empty() {
+        return Err(DecodeError::UnexpectedPayload("ack"));
+    }
+    decode_head(head)
+}
+
+/// Splits `runs` (ascending, page-aligned) into groups of at most
+/// [`MAX_PAGES_PER_PART`] pages and [`MAX_RUNS_PER_PART`] runs, splitting a run across
+/// parts when needed. Always returns at least one (possibly empty) group, so that an
+/// epoch with no dirty page still has a part to carry its state.
+pub fn split_runs(runs: impl IntoIterator<Item = PageRun>, max_pages: u32) -> Vec<Vec<PageRun>> {
+    let max_pages = max_pages.clamp(1, MAX_PAGES_PER_PART);
+    let mut out = vec![Vec::new()];
+    let mut in_cur = 0u32;
+    for mut r in runs {
+        while r.pages > 0 {
+            let full = in_cur == max_pages
+                || out.last().map(|v| v.len()).unwrap_or(0) == MAX_RUNS_PER_PART;
+            if full {
+                out.push(Vec::new());
+                in_cur = 0;
+            }
+            let take = r.pages.min(max_pages - in_cur);
+            if let Some(cur) = out.last_mut() {
+                cur.push(PageRun {
+                    gpa: r.gpa,
+                    pages: take,
+                });
+            }
+            in_cur += take;
+            r.gpa += u64::from(take) * PAGE_SIZE as u64;
+            r.pages -= take;
+        }
+    }
+    out
+}
+
+/// Encodes a head for the A-Link (`Alink::send` takes the head by reference; this is for
+/// transports that want bytes, e.g. the simulation).
+pub fn encode<T: Serialize>(head: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_SIZE]
+    }
+
+    #[test]
+    fn roundtrip_epoch_part_borrows_payload() {
+        let state = b"state-bytes".to_vec();
+        let disk = vec![7u8; 512];
+        let pages = [page(1), page(2), page(3)].concat();
+        let chunks = [state.clone(), disk.clone(), pages.clone()];
+        let h = PartHead::new(
+            PartOf::Epoch { epoch: 9 },
+            0,
+            1,
+            state.len() as u32,
+            vec![
+                PageRun {
+                    gpa: 0x1000,
+                    pages: 2,
+                },
+                PageRun {
+                    gpa: 0x8000,
+                    pages: 1,
+                },
+            ],
+            vec![DiskExtent {
+                device: 0,
+                offset: 4096,
+                len: 512,
+            }],
+            Some(OutputStats::default()),
+            &chunks,
+        )
+        .unwrap();
+        let head = encode(&ToStandby::Part(h.clone())).unwrap();
+        let payload = chunks.concat();
+        let StandboundMsg::Part(v) = decode_to_standby(&head, &payload).unwrap() else {
+            panic!("not a part");
+        };
+        assert_eq!(v.head, h);
+        assert_eq!(v.state, &state[..]);
+        let p: Vec<_> = v.pages().map(|(g, d)| (g, d[0])).collect();
+        assert_eq!(p, vec![(0x1000, 1), (0x2000, 2), (0x8000, 3)]);
+        let d: Vec<_> = v.disk_writes().collect();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].1, &disk[..]);
+        // Borrowed: the page slice points into the payload.
+        let first = v.pages().next().unwrap().1.as_ptr();
+        assert_eq!(first, payload[state.len() + disk.len()..].as_ptr());
+    }
+
+    #[test]
+    fn corrupted_payload_is_refused() {
+        let chunks = [b"s".to_vec(), page(5)];
+        let h = PartHead::new(
+            PartOf::Epoch { epoch: 1 },
+            0,
+            1,
+            1,
+            vec![PageRun { gpa: 0, pages: 1 }],
+            vec![],
+            None,
+            &chunks,
+        )
+        .unwrap();
+        let head = encode(&ToStandby::Part(h)).unwrap();
+        let mut payload = chunks.concat();
+        payload[100] ^= 1;
+        assert!(matches!(
+            decode_to_standby(&head, &payload),
+            Err(DecodeError::Checksum { .. })
+        ));
+        assert!(matches!(
+            decode_to_standby(&head, &payload[1..]),
+            Err(DecodeError::Limit(LimitError::PayloadLen { .. }))
+        ));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mk = |runs: Vec<PageRun>, state_len: u32, part: u32, parts: u32| PartHead {
+            of: PartOf::Epoch { epoch: 1 },
+            part,
+            parts,
+            state_len,
+            runs,
+            disk: vec![],
+            output: None,
+            crc: 0,
+        };
+        let too_many = mk(
+            vec![PageRun {
+                gpa: 0,
+                pages: MAX_PAGES_PER_PART + 1,
+            }],
+            1,
+            0,
+            1,
+        );
+        assert!(matches!(too_many.check(), Err(LimitError::Exceeded { .. })));
+        let unaligned = mk(vec![PageRun { gpa: 12, pages: 1 }], 1, 0, 1);
+        assert_eq!(unaligned.check(), Err(LimitError::BadRun { gpa: 12 }));
+        let overflow = mk(
+            vec![PageRun {
+                gpa: !0xfff,
+                pages: 2,
+            }],
+            1,
+            0,
+            1,
+        );
+        assert!(overflow.check().is_err());
+        assert!(matches!(
+            mk(vec![], 1, 2, 2).check(),
+            Err(LimitError::PartIndex { .. })
+        ));
+        // State only in the last part of an epoch.
+        assert!(matches!(
+            mk(vec![], 1, 0, 2).check(),
+            Err(LimitError::StatePlacement { .. })
+        ));
+        assert!(matches!(
+            mk(vec![], 0, 1, 2).check(),
+            Err(LimitError::StatePlacement { .. })
+        ));
+        assert!(mk(vec![], 0, 0, 2).check().is_ok());
+    }
+
+    #[test]
+    fn garbage_heads_give_typed_errors() {
+        for junk in [&b""[..], &[0xff; 7][..], &[9][..], &[2, 0][..]] {
+            assert!(decode_to_standby(junk, &[]).is_err());
+        }
+        assert!(matches!(
+            decode_to_standby(&vec![0u8; MAX_HEAD_BYTES + 1], &[]),
+            Err(DecodeError::HeadTooLarge(_))
+        ));
+        let ack = encode(&ToPrimary::Ack { epoch: 3 }).unwrap();
+        assert_eq!(
+            decode_to_primary(&ack, &[]).unwrap(),
+            ToPrimary::Ack { epoch: 3 }
+        );
+        assert!(decode_to_primary(&ack, &[1]).is_err());
+        let mut trailing = ack.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode_to_primary(&trailing, &[]),
+            Err(DecodeError::Trailing(1))
+        ));
+    }
+
+    #[test]
+    fn split_runs_respects_limits() {
+        let runs = vec![
+            PageRun { gpa: 0, pages: 5 },
+            PageRun {
+                gpa: 0x10000,
+                pages: 2,
+            },
+        ];
+        let parts = split_runs(runs, 3);
+        let counts: Vec<u32> = parts
+            .iter()
+            .map(|p| p.iter().map(|r| r.pages).sum())
+            .collect();
+        assert_eq!(counts, vec![3, 3, 1]);
+        assert_eq!(parts[1][0].gpa, 0x3000);
+        assert_eq!(parts[1][1].gpa, 0x10000);
+        assert_eq!(split_runs(Vec::new(), 3), vec![Vec::<PageRun>::new()]);
+        const { assert!(MAX_MESSAGE_BYTES < 64 << 20) };
+    }
+}
