@@ -6,3 +6,4 @@
 //! - [`protocol`]: the primary and standby state machines — pure, no I/O, time passed
 //!   in — so that a deterministic simulation drives them through every fault.
 pub mod messages;
+pub mod protocol;

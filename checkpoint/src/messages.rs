@@ -73,8 +73,10 @@ pub enum PartOf {
     /// A round of the initial synchronisation, sent while the guest runs. Its pages go
     /// straight into the standby's mirror (which is not a valid replica before epoch 0).
     Sync { round: u32 },
-    /// A checkpoint epoch: staged, then applied atomically once complete.
-    Epoch { epoch: u64 },
+    /// A checkpoint epoch: staged, then applied atomically once complete. `sync_rounds`
+    /// is how many initial-sync rounds came before (meaningful in epoch 0, the final
+    /// stop-and-copy: the standby applies it only once every round is complete).
+    Epoch { epoch: u64, sync_rounds: u32 },
 }
 
 /// Head of a page-carrying message.
@@ -425,7 +427,10 @@ mod tests {
         let pages = [page(1), page(2), page(3)].concat();
         let chunks = [state.clone(), disk.clone(), pages.clone()];
         let h = PartHead::new(
-            PartOf::Epoch { epoch: 9 },
+            PartOf::Epoch {
+                epoch: 9,
+                sync_rounds: 0,
+            },
             0,
             1,
             state.len() as u32,
@@ -469,7 +474,10 @@ mod tests {
     fn corrupted_payload_is_refused() {
         let chunks = [b"s".to_vec(), page(5)];
         let h = PartHead::new(
-            PartOf::Epoch { epoch: 1 },
+            PartOf::Epoch {
+                epoch: 1,
+                sync_rounds: 0,
+            },
             0,
             1,
             1,
@@ -495,7 +503,10 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let mk = |runs: Vec<PageRun>, state_len: u32, part: u32, parts: u32| PartHead {
-            of: PartOf::Epoch { epoch: 1 },
+            of: PartOf::Epoch {
+                epoch: 1,
+                sync_rounds: 0,
+            },
             part,
             parts,
             state_len,

@@ -1,0 +1,533 @@
+//! The primary's checkpoint protocol: a pure state machine. Events in (time passed in),
+//! actions out; the driver ([`crate::primary`]) performs the actions against the VMM and
+//! the A-Link and feeds back what happened.
+//!
+//! ```text
+//!   Idle --Start--> InitialSync(round 0: all memory, guest running)
+//!        InitialSync(r) --SyncRoundSent(r, pages)--> InitialSync(r+1)   [pages large, r+1 < max]
+//!        InitialSync(r) --SyncRoundSent(r, pages)--> Protected, Capture(0)  [small or round limit]
+//!   Protected: epoch N runs; on Tick (epoch_len elapsed) or OutputWaiting (min_epoch elapsed):
+//!        unacked < max_in_flight  -> Capture(N)         (pause, capture, stage, resume)
+//!        otherwise                -> ThrottleGuest      (guest stays paused until an ack)
+//!      Captured(N) -> Send(N);  Ack(N) -> ReleaseOutput(N) [+ Capture if throttled]
+//!   any --PeerLost--> Simplex (EnterSimplex: release all held output, stop checkpointing)
+//! ```
+//!
+//! Why releasing held output in Simplex is safe: output is held only so that no one
+//! outside ever sees output from a state a failover could roll back. Once the standby is
+//! gone there is no failover, hence no rollback: the primary's state is the only one.
+//! The hazard is a standby that is not gone but cut off (all links down, both PMs alive):
+//! it fails over too and two copies run. Until the quorum issue adds a witness that
+//! decides which side may continue, this is documented and logged, not prevented.
+
+use std::time::Duration;
+
+/// Tunables, with defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrimaryConfig {
+    /// Epoch length when no output is waiting.
+    pub epoch_len: Duration,
+    /// An epoch with output waiting ends early, but not before it has run this long (so
+    /// a chatty guest cannot turn every output byte into a checkpoint).
+    pub min_epoch: Duration,
+    /// Epochs captured and not yet acknowledged, at most. Beyond, the guest is paused
+    /// until an acknowledgement arrives: memory for staged epochs stays bounded.
+    pub max_in_flight: u32,
+    /// Initial-sync rounds at most (round 0 copies all of memory).
+    pub sync_max_rounds: u32,
+    /// A sync round (after round 0) this small ends the initial sync: the rest goes in
+    /// the stop-and-copy of epoch 0.
+    pub sync_small_pages: u64,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        PrimaryConfig {
+            // Remus ran 25 ms epochs; shorter epochs cut added output latency. To be
+            // revisited with the benchmarks of issue 4.
+            epoch_len: Duration::from_millis(20),
+            min_epoch: Duration::from_millis(2),
+            max_in_flight: 4,
+            sync_max_rounds: 8,
+            sync_small_pages: 1024,
+        }
+    }
+}
+
+/// Hard ceiling on `max_in_flight` (each in-flight epoch holds a staging buffer).
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryPhase {
+    Idle,
+    InitialSync { round: u32 },
+    Protected,
+    Simplex,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryEvent {
+    Start {
+        now: Duration,
+    },
+    /// Round `round` of the initial sync is handed to the transport; it held `pages`.
+    SyncRoundSent {
+        round: u32,
+        pages: u64,
+    },
+    Tick {
+        now: Duration,
+    },
+    /// The guest produced output that is now held (console bytes or a TX frame).
+    OutputWaiting {
+        now: Duration,
+    },
+    /// Epoch `epoch` is captured and staged; the guest runs again.
+    Captured {
+        epoch: u64,
+        now: Duration,
+    },
+    /// The standby applied every epoch through `epoch`.
+    Ack {
+        epoch: u64,
+    },
+    /// Every link to the standby is down (heartbeats timed out).
+    PeerLost,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Harvest the dirty pages (round 0: all of memory) and send them while the guest
+    /// runs; report `SyncRoundSent`.
+    SyncRound { round: u32 },
+    /// Pause the guest (if not already paused by a throttle), close the output epoch
+    /// `epoch` (epoch 0: turn output commit on), harvest dirty pages, capture the state,
+    /// take the disk journal, copy the pages into a staging buffer, resume; report
+    /// `Captured`.
+    Capture { epoch: u64 },
+    /// Send the staged epoch.
+    Send { epoch: u64 },
+    /// Pause the guest and keep it paused: too many epochs are unacknowledged.
+    ThrottleGuest,
+    /// Release the output held for every epoch through `through`, in order.
+    ReleaseOutput { through: u64 },
+    /// The standby is gone: release all held output, stop holding output and stop
+    /// checkpointing; resume the guest if it was throttled.
+    EnterSimplex,
+}
+
+/// Input that the protocol does not allow (from a faulty or hostile peer, or a driver
+/// bug); the event is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("ack for epoch {epoch}, but only epochs before {sent_below} were sent")]
+    AckForUnsent { epoch: u64, sent_below: u64 },
+    #[error("{event} in phase {phase:?}")]
+    Unexpected {
+        event: &'static str,
+        phase: PrimaryPhase,
+    },
+    #[error("captured epoch {got}, expected {want:?}")]
+    WrongCapture { got: u64, want: Option<u64> },
+    #[error("sync round {got} reported, round {want} is running")]
+    WrongRound { got: u32, want: u32 },
+}
+
+/// The primary's protocol state.
+#[derive(Debug)]
+pub struct Primary {
+    cfg: PrimaryConfig,
+    phase: PrimaryPhase,
+    /// The epoch the guest is running now (captured next).
+    next_epoch: u64,
+    /// A `Capture` was issued and `Captured` has not come back.
+    capturing: Option<u64>,
+    /// Every epoch below this is acknowledged.
+    first_unacked: u64,
+    /// Output of every epoch below this was released.
+    released_below: u64,
+    epoch_started: Duration,
+    output_waiting: bool,
+    throttled: bool,
+    sync_rounds: u32,
+}
+
+impl Primary {
+    /// Panics on a configuration outside the limits (a programming error, checked once).
+    pub fn new(cfg: PrimaryConfig) -> Primary {
+        assert!(cfg.max_in_flight >= 1 && cfg.max_in_flight <= MAX_IN_FLIGHT_LIMIT);
+        assert!(cfg.sync_max_rounds >= 1);
+        assert!(cfg.min_epoch <= cfg.epoch_len);
+        Primary {
+            cfg,
+            phase: PrimaryPhase::Idle,
+            next_epoch: 0,
+            capturing: None,
+            first_unacked: 0,
+            released_below: 0,
+            epoch_started: Duration::ZERO,
+            output_waiting: false,
+            throttled: false,
+            sync_rounds: 0,
+        }
+    }
+
+    pub fn config(&self) -> PrimaryConfig {
+        self.cfg
+    }
+
+    pub fn phase(&self) -> PrimaryPhase {
+        self.phase
+    }
+
+    /// True once the standby acknowledged the baseline (epoch 0) and until it is lost.
+    pub fn is_protected(&self) -> bool {
+        self.phase == PrimaryPhase::Protected && self.first_unacked > 0
+    }
+
+    /// Epochs captured and not yet acknowledged.
+    pub fn unacked(&self) -> u64 {
+        self.next_epoch - self.first_unacked
+    }
+
+    /// The newest acknowledged epoch.
+    pub fn acked(&self) -> Option<u64> {
+        self.first_unacked.checked_sub(1)
+    }
+
+    /// Output of every epoch through this one was released.
+    pub fn released(&self) -> Option<u64> {
+        self.released_below.checked_sub(1)
+    }
+
+    pub fn is_throttled(&self) -> bool {
+        self.throttled
+    }
+
+    /// Initial-sync rounds before epoch 0 (the standby needs all of them).
+    pub fn sync_rounds(&self) -> u32 {
+        self.sync_rounds
+    }
+
+    /// When the driver should tick next (None: nothing is time-driven now).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        if self.phase != PrimaryPhase::Protected || self.capturing.is_some() || self.throttled {
+            return None;
+        }
+        let after = if self.output_waiting {
+            self.cfg.min_epoch
+        } else {
+            self.cfg.epoch_len
+        };
+        Some(self.epoch_started + after)
+    }
+
+    /// Feeds one event; returns the actions to perform, in order.
+    pub fn on_event(&mut self, ev: PrimaryEvent) -> Result<Vec<PrimaryAction>, PrimaryError> {
+        let mut out = Vec::new();
+        match ev {
+            PrimaryEvent::Start { now } => {
+                if self.phase != PrimaryPhase::Idle {
+                    return Err(self.unexpected("start"));
+                }
+                self.epoch_started = now;
+                self.phase = PrimaryPhase::InitialSync { round: 0 };
+                out.push(PrimaryAction::SyncRound { round: 0 });
+            }
+            PrimaryEvent::SyncRoundSent { round, pages } => {
+                let PrimaryPhase::InitialSync { round: want } = self.phase else {
+                    if self.phase == PrimaryPhase::Simplex {
+                        return Ok(out);
+                    }
+                    return Err(self.unexpected("sync round sent"));
+                };
+                if round != want {
+                    return Err(PrimaryError::WrongRound { got: round, want });
+                }
+                let done = round + 1 >= self.cfg.sync_max_rounds
+                    || (round > 0 && pages <= self.cfg.sync_small_pages);
+                if done {
+                    // Stop-and-copy: epoch 0 carries what the last round missed and the
+                    // first VM state; from here on output is held.
+                    self.sync_rounds = round + 1;
+                    self.phase = PrimaryPhase::Protected;
+                    self.capture(&mut out);
+                } else {
+                    self.phase = PrimaryPhase::InitialSync { round: round + 1 };
+                    out.push(PrimaryAction::SyncRound { round: round + 1 });
+                }
+            }
+            PrimaryEvent::Tick { now } => self.maybe_end_epoch(now, &mut out),
+            PrimaryEvent::OutputWaiting { now } => {
+                if self.phase == PrimaryPhase::Protected {
+                    self.output_waiting = true;
+                    self.maybe_end_epoch(now, &mut out);
+                }
+            }
+            PrimaryEvent::Captured { epoch, now } => {
+                if self.phase == PrimaryPhase::Simplex {
+                    // The standby went away during the capture; nothing to send.
+                    return Ok(out);
+                }
+                if self.capturing != Some(epoch) {
+                    return Err(PrimaryError::WrongCapture {
+                        got: epoch,
+                        want: self.capturing,
+                    });
+                }
+                self.capturing = None;
+                self.next_epoch = epoch + 1;
+                self.throttled = false;
+                self.epoch_started = now;
+                self.output_waiting = false;
+                out.push(PrimaryAction::Send { epoch });
+            }
+            PrimaryEvent::Ack { epoch } => {
+                if self.phase != PrimaryPhase::Protected {
+                    return Ok(out);
+                }
+                // Only epochs whose capture completed were sent.
+                let sent_below = self.next_epoch;
+                if epoch >= sent_below {
+                    return Err(PrimaryError::AckForUnsent { epoch, sent_below });
+                }
+                if epoch < self.first_unacked {
+                    // Cumulative acks: an older one carries no news.
+                    return Ok(out);
+                }
+                self.first_unacked = epoch + 1;
+                self.released_below = epoch + 1;
+                out.push(PrimaryAction::ReleaseOutput { through: epoch });
+                if self.throttled && self.capturing.is_none() {
+                    // The throttle held the guest because an epoch was due: capture it
+                    // now that there is room (the guest is already paused).
+                    self.capture(&mut out);
+                }
+            }
+            PrimaryEvent::PeerLost => {
+                if matches!(self.phase, PrimaryPhase::Simplex | PrimaryPhase::Idle) {
+                    self.phase = PrimaryPhase::Simplex;
+                    return Ok(out);
+                }
+                log::warn!(
+                    "standby lost: running unprotected (simplex); held output is released. \
+                     Without a quorum witness, a cut of all links with both PMs alive \
+                     leads to two running copies"
+                );
+                self.phase = PrimaryPhase::Simplex;
+                self.throttled = false;
+                self.output_waiting = false;
+                out.push(PrimaryAction::EnterSimplex);
+            }
+        }
+        self.check_invariants();
+        Ok(out)
+    }
+
+    fn unexpected(&self, event: &'static str) -> PrimaryError {
+        PrimaryError::Unexpected {
+            event,
+            phase: self.phase,
+        }
+    }
+
+    fn maybe_end_epoch(&mut self, now: Duration, out: &mut Vec<PrimaryAction>) {
+        if self.phase != PrimaryPhase::Protected || self.capturing.is_some() || self.throttled {
+            return;
+        }
+        let ran = now.saturating_sub(self.epoch_started);
+        let due = ran >= self.cfg.epoch_len || (self.output_waiting && ran >= self.cfg.min_epoch);
+        if !due {
+            return;
+        }
+        if self.unacked() < u64::from(self.cfg.max_in_flight) {
+            self.capture(out);
+        } else {
+            self.throttled = true;
+            out.push(PrimaryAction::ThrottleGuest);
+        }
+    }
+
+    fn capture(&mut self, out: &mut Vec<PrimaryAction>) {
+        assert!(self.capturing.is_none());
+        assert!(self.unacked() < u64::from(self.cfg.max_in_flight));
+        self.capturing = Some(self.next_epoch);
+        out.push(PrimaryAction::Capture {
+            epoch: self.next_epoch,
+        });
+    }
+
+    fn check_invariants(&self) {
+        // Never more than max_in_flight epochs captured or being captured, unacked.
+        let in_flight = self.unacked() + u64::from(self.capturing.is_some());
+        assert!(in_flight <= u64::from(self.cfg.max_in_flight));
+        // Release only after ack; ack only of sent epochs.
+        assert!(self.released_below <= self.first_unacked);
+        assert!(self.first_unacked <= self.next_epoch);
+        if let Some(c) = self.capturing {
+            assert_eq!(c, self.next_epoch);
+        }
+        if self.throttled {
+            assert_eq!(self.phase, PrimaryPhase::Protected);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PrimaryAction as A;
+    use PrimaryEvent as E;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn cfg() -> PrimaryConfig {
+        PrimaryConfig {
+            epoch_len: ms(10),
+            min_epoch: ms(2),
+            max_in_flight: 2,
+            sync_max_rounds: 3,
+            sync_small_pages: 10,
+        }
+    }
+
+    /// Runs the primary through the initial sync and the baseline capture.
+    fn protected() -> Primary {
+        let mut p = Primary::new(cfg());
+        assert_eq!(
+            p.on_event(E::Start { now: ms(0) }).unwrap(),
+            [A::SyncRound { round: 0 }]
+        );
+        // Round 0 is all of memory; never ends the sync by itself.
+        assert_eq!(
+            p.on_event(E::SyncRoundSent { round: 0, pages: 5 }).unwrap(),
+            [A::SyncRound { round: 1 }]
+        );
+        assert_eq!(
+            p.on_event(E::SyncRoundSent { round: 1, pages: 5 }).unwrap(),
+            [A::Capture { epoch: 0 }]
+        );
+        assert_eq!(p.sync_rounds(), 2);
+        assert_eq!(
+            p.on_event(E::Captured {
+                epoch: 0,
+                now: ms(1)
+            })
+            .unwrap(),
+            [A::Send { epoch: 0 }]
+        );
+        p
+    }
+
+    #[test]
+    fn sync_stops_at_round_limit() {
+        let mut p = Primary::new(cfg());
+        p.on_event(E::Start { now: ms(0) }).unwrap();
+        for r in 0..2 {
+            assert_eq!(
+                p.on_event(E::SyncRoundSent {
+                    round: r,
+                    pages: 1000
+                })
+                .unwrap(),
+                [A::SyncRound { round: r + 1 }]
+            );
+        }
+        assert_eq!(
+            p.on_event(E::SyncRoundSent {
+                round: 2,
+                pages: 1000
+            })
+            .unwrap(),
+            [A::Capture { epoch: 0 }]
+        );
+        assert!(p.on_event(E::SyncRoundSent { round: 2, pages: 1 }).is_err());
+    }
+
+    #[test]
+    fn epochs_on_timer_and_early_on_output() {
+        let mut p = protected();
+        assert!(!p.is_protected());
+        assert_eq!(
+            p.on_event(E::Ack { epoch: 0 }).unwrap(),
+            [A::ReleaseOutput { through: 0 }]
+        );
+        assert!(p.is_protected());
+        assert!(p.on_event(E::Tick { now: ms(10) }).unwrap().is_empty());
+        assert_eq!(p.next_deadline(), Some(ms(11)));
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(11) }).unwrap(),
+            [A::Capture { epoch: 1 }]
+        );
+        // No second capture while one is running.
+        assert!(p.on_event(E::Tick { now: ms(50) }).unwrap().is_empty());
+        p.on_event(E::Captured {
+            epoch: 1,
+            now: ms(12),
+        })
+        .unwrap();
+        // Output waiting: not before min_epoch.
+        assert!(p
+            .on_event(E::OutputWaiting { now: ms(13) })
+            .unwrap()
+            .is_empty());
+        assert_eq!(p.next_deadline(), Some(ms(14)));
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(14) }).unwrap(),
+            [A::Capture { epoch: 2 }]
+        );
+    }
+
+    #[test]
+    fn throttles_at_max_in_flight_and_resumes_on_ack() {
+        let mut p = protected();
+        // Epoch 0 unacked; epoch 1 may go (max 2).
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(11) }).unwrap(),
+            [A::Capture { epoch: 1 }]
+        );
+        p.on_event(E::Captured {
+            epoch: 1,
+            now: ms(11),
+        })
+        .unwrap();
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(21) }).unwrap(),
+            [A::ThrottleGuest]
+        );
+        assert!(p.is_throttled());
+        assert!(p.on_event(E::Tick { now: ms(40) }).unwrap().is_empty());
+        assert_eq!(
+            p.on_event(E::Ack { epoch: 0 }).unwrap(),
+            [A::ReleaseOutput { through: 0 }, A::Capture { epoch: 2 }]
+        );
+        // Acks for unsent epochs are refused, stale ones ignored.
+        assert!(p.on_event(E::Ack { epoch: 2 }).is_err());
+        assert!(p.on_event(E::Ack { epoch: 0 }).unwrap().is_empty());
+        assert_eq!(
+            p.on_event(E::Ack { epoch: 1 }).unwrap(),
+            [A::ReleaseOutput { through: 1 }]
+        );
+    }
+
+    #[test]
+    fn peer_lost_enters_simplex_once() {
+        let mut p = protected();
+        p.on_event(E::Tick { now: ms(11) }).unwrap();
+        assert_eq!(p.on_event(E::PeerLost).unwrap(), [A::EnterSimplex]);
+        assert_eq!(p.phase(), PrimaryPhase::Simplex);
+        // The capture in progress finishes but is not sent; nothing is time-driven.
+        assert!(p
+            .on_event(E::Captured {
+                epoch: 1,
+                now: ms(12)
+            })
+            .unwrap()
+            .is_empty());
+        assert!(p.on_event(E::Tick { now: ms(100) }).unwrap().is_empty());
+        assert!(p.on_event(E::PeerLost).unwrap().is_empty());
+        assert!(p.on_event(E::Ack { epoch: 0 }).unwrap().is_empty());
+    }
+}
