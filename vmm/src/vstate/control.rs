@@ -186,12 +186,19 @@ impl RunControl {
 
     pub fn set_thread(&self, index: usize, thread: libc::pthread_t) {
         let mut s = self.lock();
+        s.kicks_enabled = true;
+        let pending = s.paused || s.stopping;
         if let Some(k) = s.kicks.get_mut(index) {
             k.thread = Some(thread);
+            // The thread may already be inside KVM_RUN: it starts running before its
+            // spawner gets here. A request made in between (another vCPU ending the VM
+            // at once, an early pause) set only `immediate_exit`, which KVM reads on
+            // entry, not while a vCPU waiting for INIT/SIPI is blocked in the kernel;
+            // the signal is what wakes that one, so send it now.
+            if pending {
+                k.kick();
+            }
         }
-        s.kicks_enabled = true;
-        // A request that came before this thread id was known reaches the thread through
-        // `immediate_exit` and the request flag.
     }
 
     fn kick_all(&self, s: &State) {
