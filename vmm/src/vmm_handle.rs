@@ -48,9 +48,14 @@ pub enum VmmError {
     Dirty(#[from] DirtyError),
     #[error("state capture: {0}")]
     Capture(#[from] CaptureError),
+    #[error("output commit: {0}")]
+    Output(#[from] crate::devices::output::OutputError),
+    #[error("attaching the UART to the output gate: {0}")]
+    SerialGate(std::io::Error),
 }
 
 mod capture;
+mod output;
 pub use capture::CaptureError;
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
@@ -231,9 +236,16 @@ impl Vmm {
         Ok(())
     }
 
-    /// Records the UART so that state capture includes it; only before `start`.
-    pub(crate) fn set_serial(&mut self, serial: Arc<Mutex<SerialDevice>>) {
+    /// Records the UART so that state capture includes it, and routes its output
+    /// through the output gate; only before `start`.
+    pub(crate) fn set_serial(&mut self, serial: Arc<Mutex<SerialDevice>>) -> Result<(), VmmError> {
+        serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach_output_gate(self.devices.output_gate())
+            .map_err(VmmError::SerialGate)?;
         self.serial = Some(serial);
+        Ok(())
     }
 
     /// The UART of a Linux guest, if any.

@@ -114,7 +114,7 @@ pub fn attach_platform(
     let uart = Arc::new(Mutex::new(uart));
     vmm.insert_pio_device(uart.clone(), COM1_PORT, SERIAL_PORT_LEN)
         .map_err(bus)?;
-    vmm.set_serial(uart);
+    vmm.set_serial(uart).map_err(bus)?;
 
     let kbd_irq = IrqLine(irq_line(vmm, I8042_IRQ)?);
     let stopper = vmm.stopper();

@@ -20,6 +20,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{Bus, BusError};
+use super::output::OutputGate;
+use super::virtio::block::DiskJournal;
 use super::virtio::block::{Block, BlockError};
 use super::virtio::console::sink::SinkError;
 use super::virtio::console::Console;
@@ -57,6 +59,11 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error("device backend thread: {0}")]
     Backend(std::io::Error),
+    #[error("attaching virtio device {index} to the output gate: {source}")]
+    OutputGate {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 /// One device on the bus.
@@ -82,6 +89,10 @@ struct Ctl {
 
 pub struct DeviceManager {
     slots: Vec<Slot>,
+    /// Holds guest output while output commit is on (shared with the UART, if any).
+    gate: Arc<OutputGate>,
+    /// Whether the disks journal their writes.
+    journal_on: std::sync::atomic::AtomicBool,
     ctl: Arc<Ctl>,
     thread: Option<JoinHandle<()>>,
     shut_down: bool,
@@ -133,9 +144,12 @@ impl DeviceManager {
         devices: Vec<Box<dyn VirtioDevice>>,
     ) -> Result<Self, DeviceError> {
         let mut slots = Vec::new();
+        let gate = OutputGate::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let device_id = dev.device_type();
-            let t = MmioTransport::new(mem.clone(), dev)?;
+            let mut t = MmioTransport::new(mem.clone(), dev)?;
+            t.attach_output_gate(&gate)
+                .map_err(|source| DeviceError::OutputGate { index: i, source })?;
             slots.push(Slot {
                 base: abi::MMIO_BASE + i as u64 * abi::MMIO_WINDOW_SIZE,
                 device_id,
@@ -144,6 +158,8 @@ impl DeviceManager {
         }
         Ok(DeviceManager {
             slots,
+            gate,
+            journal_on: std::sync::atomic::AtomicBool::new(false),
             ctl: Arc::new(Ctl {
                 state: Mutex::new(CtlState::default()),
                 cv: Condvar::new(),
@@ -176,6 +192,42 @@ impl DeviceManager {
     /// The transport of window `i` (for state capture and interrupt wiring later).
     pub fn transport(&self, i: usize) -> Option<Arc<Mutex<MmioTransport>>> {
         self.slots.get(i).map(|s| s.transport.clone())
+    }
+
+    /// The VM's output gate.
+    pub fn output_gate(&self) -> &Arc<OutputGate> {
+        &self.gate
+    }
+
+    /// Turns the write journal of every disk on or off; returns how many disks.
+    pub fn set_disk_journal(&self, on: bool) -> usize {
+        self.journal_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.slots
+            .iter()
+            .filter(|s| lock(&s.transport).set_disk_journal(on))
+            .count()
+    }
+
+    pub fn disk_journal_enabled(&self) -> bool {
+        self.journal_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every disk's journal (disks numbered in window order, i.e. config order),
+    /// taken and reset. Only while the VM is paused.
+    pub fn take_disk_journals(&self) -> Vec<DiskJournal> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            let mut t = lock(&s.transport);
+            if t.device_type() != abi::VIRTIO_ID_BLOCK {
+                continue;
+            }
+            let disk_index = out.len();
+            let mut j = t.take_disk_journal().unwrap_or_default();
+            j.disk_index = disk_index;
+            out.push(j);
+        }
+        out
     }
 
     pub fn start(&mut self) -> Result<(), DeviceError> {

@@ -2,6 +2,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod manager;
+pub mod output;
 pub mod virtio;
 
 pub use manager::DeviceError;

@@ -1,7 +1,9 @@
 //! COM1: a 16550A-compatible UART (vm-superio) whose output goes to the console sink
-//! and whose interrupt is an irqfd on IRQ 4.
+//! and whose interrupt is an irqfd on IRQ 4. With output commit on, the bytes go to the
+//! VM's output gate instead (they cannot be stalled: see [`crate::devices::output`]).
 
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
@@ -9,17 +11,35 @@ use vm_superio::Serial;
 
 use super::IrqLine;
 use crate::devices::bus::BusDevice;
+use crate::devices::output::{ConsoleRelease, GatePort, OutputGate, ReleaseSink, StreamKind};
 use crate::devices::virtio::console::sink::ConsoleSink;
 
 /// Eight registers from the base port.
 pub const SERIAL_PORT_LEN: u16 = 8;
 
-/// Adapts the console sink to `io::Write` for vm-superio.
-pub struct SinkWriter(pub ConsoleSink);
+/// Adapts the console sink (or the output gate) to `io::Write` for vm-superio.
+pub struct SinkWriter {
+    sink: Arc<Mutex<ConsoleSink>>,
+    gate: Option<GatePort>,
+}
+
+impl SinkWriter {
+    pub fn new(sink: ConsoleSink) -> SinkWriter {
+        SinkWriter {
+            sink: Arc::new(Mutex::new(sink)),
+            gate: None,
+        }
+    }
+}
 
 impl Write for SinkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf);
+        if !self.gate.as_ref().is_some_and(|g| g.hold_slice(buf)) {
+            self.sink
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(buf);
+        }
         Ok(buf.len())
     }
 
@@ -91,7 +111,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     pub fn new(irq: IrqLine, sink: ConsoleSink) -> Self {
         SerialDevice {
-            uart: Serial::new(irq, SinkWriter(sink)),
+            uart: Serial::new(irq, SinkWriter::new(sink)),
         }
     }
 
@@ -101,9 +121,18 @@ impl SerialDevice {
         irq: IrqLine,
         sink: ConsoleSink,
     ) -> Result<Self, SerialError> {
-        let uart = Serial::from_state(&SerialState::from(s), irq, NoEvents, SinkWriter(sink))
+        let uart = Serial::from_state(&SerialState::from(s), irq, NoEvents, SinkWriter::new(sink))
             .map_err(SerialError::Restore)?;
         Ok(SerialDevice { uart })
+    }
+
+    /// Routes the UART's output through the VM's output gate (one console stream).
+    pub fn attach_output_gate(&mut self, gate: &Arc<OutputGate>) -> io::Result<()> {
+        let w = self.uart.writer_mut();
+        let sink: Arc<Mutex<dyn ReleaseSink>> =
+            Arc::new(Mutex::new(ConsoleRelease(w.sink.clone())));
+        w.gate = Some(gate.register(StreamKind::Console, sink)?);
+        Ok(())
     }
 
     pub fn snapshot(&self) -> SerialSnapshot {

@@ -163,6 +163,24 @@ impl MmioTransport {
         self.device.take_written_blocks()
     }
 
+    /// See [`VirtioDevice::attach_output_gate`].
+    pub fn attach_output_gate(
+        &mut self,
+        gate: &std::sync::Arc<crate::devices::output::OutputGate>,
+    ) -> std::io::Result<()> {
+        self.device.attach_output_gate(gate)
+    }
+
+    /// See [`VirtioDevice::set_disk_journal`].
+    pub fn set_disk_journal(&mut self, on: bool) -> bool {
+        self.device.set_disk_journal(on)
+    }
+
+    /// See [`VirtioDevice::take_disk_journal`].
+    pub fn take_disk_journal(&mut self) -> Option<super::block::journal::DiskJournal> {
+        self.device.take_disk_journal()
+    }
+
     fn raise(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         if let Some(irq) = &self.irq {

@@ -133,6 +133,26 @@ pub trait VirtioDevice: Send {
     fn take_written_blocks(&mut self) -> Option<block::written::WrittenBlocks> {
         None
     }
+    /// Output devices (console, net) register a stream with the VM's output gate and
+    /// route their output through it from now on; others ignore it. Before the VM
+    /// starts.
+    fn attach_output_gate(
+        &mut self,
+        _gate: &std::sync::Arc<crate::devices::output::OutputGate>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// A block device turns its write journal on or off and returns true; other
+    /// devices return false.
+    fn set_disk_journal(&mut self, _on: bool) -> bool {
+        false
+    }
+    /// A block device with its journal on returns the writes completed since the
+    /// previous call (with `disk_index` 0: the caller numbers the disks) and starts a
+    /// new journal. Call only while the VM is paused.
+    fn take_disk_journal(&mut self) -> Option<block::journal::DiskJournal> {
+        None
+    }
 }
 
 /// One descriptor chain taken off an available ring, walked and range-checked.

@@ -33,6 +33,9 @@ pub struct IoOp {
     pub len: u64,
     /// Filled in by [`Engine::run`]: Ok on full success.
     pub result: io::Result<()>,
+    /// Filled in by [`Engine::run`]: rank of this operation's completion in its batch
+    /// (the disk journal records writes in this order).
+    pub completed: u32,
 }
 
 impl IoOp {
@@ -62,6 +65,7 @@ impl IoOp {
             iovecs,
             len,
             result: Ok(()),
+            completed: 0,
         })
     }
 }
@@ -95,20 +99,23 @@ impl Engine {
     pub fn run(&mut self, file: &File, ops: &mut [IoOp]) {
         match self {
             Engine::Sync => {
-                for op in ops.iter_mut() {
+                for (i, op) in ops.iter_mut().enumerate() {
                     op.result = run_sync(file, op);
+                    op.completed = i as u32;
                 }
             }
             Engine::Uring(ring) => {
-                for chunk in ops.chunks_mut(RING_ENTRIES as usize) {
-                    if let Err(e) = run_uring(ring, file, chunk) {
+                for (c, chunk) in ops.chunks_mut(RING_ENTRIES as usize).enumerate() {
+                    let base = (c * RING_ENTRIES as usize) as u32;
+                    if let Err(e) = run_uring(ring, file, chunk, base) {
                         // The ring itself failed (not one request): fall back to plain
                         // syscalls for this batch so the guest still gets answers.
                         log::warn!(
                             "virtio-blk: io_uring failed ({e}); using sync I/O for this batch"
                         );
-                        for op in chunk.iter_mut() {
+                        for (i, op) in chunk.iter_mut().enumerate() {
                             op.result = run_sync(file, op);
+                            op.completed = base + i as u32;
                         }
                     }
                 }
@@ -117,7 +124,7 @@ impl Engine {
     }
 }
 
-fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp]) -> io::Result<()> {
+fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io::Result<()> {
     let fd = types::Fd(file.as_raw_fd());
     {
         let mut sq = ring.submission();
@@ -143,6 +150,7 @@ fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp]) -> io::Result<()
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
     }
+    let ops_len = ops.len();
     let mut done = vec![false; ops.len()];
     let mut left = ops.len();
     while left > 0 {
@@ -167,6 +175,7 @@ fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp]) -> io::Result<()
             left -= 1;
             let res = cqe.result();
             let op = &mut ops[i];
+            op.completed = base + (ops_len - left - 1) as u32;
             op.result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else if op.kind != OpKind::Flush && (res as u64) < op.len {

@@ -5,6 +5,7 @@
 //! batch, and once all have completed their status bytes and used entries are written.
 
 pub mod io;
+pub mod journal;
 mod persist;
 pub mod request;
 pub mod written;
@@ -19,6 +20,7 @@ use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use self::io::{Engine, IoOp, OpKind};
+pub use self::journal::{apply_journal, DiskJournal, JournalExtent};
 use self::request::*;
 use self::written::WrittenBlocks;
 use super::*;
@@ -61,6 +63,8 @@ pub struct Block {
     attachment: DiskConfig,
     /// Blocks written since the last [`VirtioDevice::take_written_blocks`].
     written: WrittenBlocks,
+    /// Data of completed writes since the last take, while journalling is on.
+    journal: Option<DiskJournal>,
 }
 
 impl Block {
@@ -135,6 +139,7 @@ impl Block {
             },
             id,
             written: WrittenBlocks::new(size),
+            journal: None,
             attachment: DiskConfig {
                 path: path.into(),
                 read_only,
@@ -167,6 +172,8 @@ struct Pending {
     written: u32,
     /// Guest buffers the kernel writes (reads), to mark dirty afterwards.
     dirty: Vec<(vm_memory::GuestAddress, u32)>,
+    /// Byte offset and guest buffers of a write, kept for the journal.
+    journal: Option<(u64, Vec<(vm_memory::GuestAddress, u32)>)>,
 }
 
 impl VirtioDevice for Block {
@@ -193,6 +200,19 @@ impl VirtioDevice for Block {
 
     fn take_written_blocks(&mut self) -> Option<WrittenBlocks> {
         Some(self.written.take())
+    }
+
+    fn set_disk_journal(&mut self, on: bool) -> bool {
+        match (on, self.journal.is_some()) {
+            (true, false) => self.journal = Some(DiskJournal::default()),
+            (false, _) => self.journal = None,
+            _ => {}
+        }
+        true
+    }
+
+    fn take_disk_journal(&mut self) -> Option<DiskJournal> {
+        self.journal.as_mut().map(std::mem::take)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -239,11 +259,13 @@ impl VirtioDevice for Block {
                     code,
                     written: 0,
                     dirty: Vec::new(),
+                    journal: None,
                 }),
                 Ok(req) => pending.push(self.prepare(mem, req, &mut ops)),
             }
         }
         self.engine.run(&self.file, &mut ops);
+        self.journal_writes(mem, &mut pending, &ops);
         let any = !pending.is_empty();
         for p in pending {
             mark_dirty_if(mem, &p.dirty);
@@ -289,6 +311,7 @@ impl Block {
             code: VIRTIO_BLK_S_OK,
             written: 0,
             dirty: Vec::new(),
+            journal: None,
         };
         let kind = match req.kind {
             RequestType::GetId => {
@@ -321,11 +344,40 @@ impl Block {
                     // At most MAX_DATA_BYTES, so it fits.
                     p.written = req.data_len as u32;
                     p.dirty = req.data;
+                } else if kind == OpKind::Write && self.journal.is_some() {
+                    p.journal = Some((req.offset, req.data));
                 }
             }
             None => p.code = VIRTIO_BLK_S_IOERR,
         }
         p
+    }
+
+    /// Copies the data of the batch's successful writes into the journal, in the
+    /// order they completed.
+    fn journal_writes(&mut self, mem: &GuestMemoryMmap, pending: &mut [Pending], ops: &[IoOp]) {
+        let Some(journal) = &mut self.journal else {
+            return;
+        };
+        let mut done: Vec<(u32, usize)> = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(k, p)| {
+                let op = &ops[p.op?];
+                (p.journal.is_some() && op.result.is_ok()).then_some((op.completed, k))
+            })
+            .collect();
+        done.sort_unstable();
+        for (_, k) in done {
+            if let Some((offset, bufs)) = pending[k].journal.take() {
+                if !journal.record(mem, offset, &bufs) {
+                    warn!(
+                        "virtio-blk: write {} could not be journalled",
+                        pending[k].head
+                    );
+                }
+            }
+        }
     }
 }
 

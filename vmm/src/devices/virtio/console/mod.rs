@@ -1,16 +1,20 @@
 //! virtio-console with a single port: receiveq 0 (guest input, never filled: the VMM
-//! has no console input yet) and transmitq 1 (guest output, sent to a [`ConsoleSink`]).
+//! has no console input yet) and transmitq 1 (guest output, sent to a [`ConsoleSink`],
+//! or held by the VM's output gate while output commit is on: see
+//! [`crate::devices::output`]).
 
 mod persist;
 pub mod sink;
 
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 
 use self::sink::ConsoleSink;
 use super::*;
 use crate::config::ConsoleConfig;
+use crate::devices::output::{ConsoleRelease, GatePort, OutputGate, StreamKind};
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub const RX_QUEUE: usize = 0;
@@ -21,7 +25,10 @@ pub const MAX_TX_CHAIN: u64 = 1 << 20;
 const QUEUE_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
 
 pub struct Console {
-    sink: ConsoleSink,
+    /// Shared with the output gate, which writes released output into it.
+    sink: Arc<Mutex<ConsoleSink>>,
+    /// This console's stream in the VM's output gate, once attached.
+    gate: Option<GatePort>,
     /// The config the sink was opened from, when known, for state capture.
     attachment: Option<ConsoleConfig>,
 }
@@ -29,7 +36,8 @@ pub struct Console {
 impl Console {
     pub fn new(sink: ConsoleSink) -> Console {
         Console {
-            sink,
+            sink: Arc::new(Mutex::new(sink)),
+            gate: None,
             attachment: None,
         }
     }
@@ -37,13 +45,40 @@ impl Console {
     /// A console on the sink `cfg` describes (which state capture then names).
     pub fn open(cfg: &ConsoleConfig) -> Result<Console, sink::SinkError> {
         Ok(Console {
-            sink: ConsoleSink::new(cfg)?,
+            sink: Arc::new(Mutex::new(ConsoleSink::new(cfg)?)),
+            gate: None,
             attachment: Some(cfg.clone()),
         })
     }
 
-    pub fn sink(&self) -> &ConsoleSink {
+    pub fn sink(&self) -> &Arc<Mutex<ConsoleSink>> {
         &self.sink
+    }
+
+    fn sink_lock(&self) -> std::sync::MutexGuard<'_, ConsoleSink> {
+        self.sink.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn transmit(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, VirtioError> {
+        let mut any = false;
+        // A full gate leaves the chains in the guest's queue: the guest waits for
+        // buffers instead of output being lost.
+        while self.gate.as_ref().is_none_or(GatePort::has_room) {
+            let Some(chain) = pop_chain(queue, mem, TX_QUEUE)? else {
+                break;
+            };
+            let bytes = read_chain(mem, &chain, MAX_TX_CHAIN)?;
+            let direct = match &self.gate {
+                Some(g) => g.hold(bytes, 0).err(),
+                None => Some(bytes),
+            };
+            if let Some(bytes) = direct {
+                self.sink_lock().write(&bytes);
+            }
+            add_used(queue, mem, TX_QUEUE, chain.head, 0)?;
+            any = true;
+        }
+        Ok(any)
     }
 }
 
@@ -79,35 +114,46 @@ impl VirtioDevice for Console {
             // Buffers for input we never have: leave them with the device.
             return Ok(false);
         }
-        let queue = &mut queues[index];
-        let mut any = false;
-        while let Some(chain) = pop_chain(queue, mem, index)? {
-            let bytes = read_chain(mem, &chain, MAX_TX_CHAIN)?;
-            self.sink.write(&bytes);
-            add_used(queue, mem, index, chain.head, 0)?;
-            any = true;
-        }
-        Ok(any)
+        self.transmit(mem, &mut queues[TX_QUEUE])
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, u32)> {
-        self.sink.fds()
+        let mut v = self.sink_lock().fds();
+        if let Some(g) = &self.gate {
+            v.push((g.wake_fd(), libc::EPOLLIN as u32));
+        }
+        v
     }
 
     fn backend_event(
         &mut self,
-        _mem: &GuestMemoryMmap,
-        _queues: &mut [Queue],
-        _active: bool,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        active: bool,
         fd: RawFd,
         events: u32,
     ) -> Result<bool, VirtioError> {
-        self.sink.on_event(fd, events);
+        if let Some(g) = self.gate.as_ref().filter(|g| g.wake_fd() == fd) {
+            // The gate has room again: send what the guest queued meanwhile.
+            g.clear_wake();
+            if active && virtio_queue::QueueT::ready(&queues[TX_QUEUE]) {
+                return self.transmit(mem, &mut queues[TX_QUEUE]);
+            }
+            return Ok(false);
+        }
+        self.sink_lock().on_event(fd, events);
         Ok(false)
     }
 
     fn flush_output(&mut self) {
-        self.sink.flush();
+        self.sink_lock().flush();
+    }
+
+    fn attach_output_gate(&mut self, gate: &Arc<OutputGate>) -> std::io::Result<()> {
+        let sink: Arc<Mutex<dyn crate::devices::output::ReleaseSink>> =
+            Arc::new(Mutex::new(ConsoleRelease(self.sink.clone())));
+        self.gate = Some(gate.register(StreamKind::Console, sink)?);
+        Ok(())
     }
 }
 

@@ -92,6 +92,30 @@ impl ConsoleSink {
         }
     }
 
+    /// Sends several buffers on, in order, with as few system calls as the destination
+    /// allows (`writev` for a file or stdout). Used to release held output.
+    pub fn write_all_vectored(&mut self, bufs: &[&[u8]]) {
+        let r = match self {
+            ConsoleSink::Stdout => {
+                let mut out = io::stdout().lock();
+                bufs.iter()
+                    .try_for_each(|b| out.write_all(b))
+                    .and_then(|_| out.flush())
+            }
+            ConsoleSink::File(f) => write_all_vectored(f, bufs),
+            ConsoleSink::Socket(s) => {
+                for b in bufs {
+                    s.pending.extend(*b);
+                }
+                s.write(&[]);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("console output lost: {e}");
+        }
+    }
+
     /// Descriptors for the backend thread: the listener, and the client for
     /// writability/hang-up.
     pub fn fds(&self) -> Vec<(RawFd, u32)> {
@@ -147,6 +171,23 @@ impl ConsoleSink {
             _ => 0,
         }
     }
+}
+
+/// `write_all` over several buffers (std's is unstable): `writev` until all is written.
+fn write_all_vectored(f: &mut File, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    // Empty buffers would make a writev of only empties return 0.
+    io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match f.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl SocketSink {

@@ -10,12 +10,17 @@
 //! from the TAP while the receive queue has buffers; when it runs out it stops watching
 //! the TAP ("stalled") until the driver notifies the receive queue, which the vCPU
 //! thread turns into a write to `rx_evt`, which the backend thread waits on.
+//!
+//! With output commit on, TX frames go to the VM's output gate instead of the TAP
+//! ([`crate::devices::output`]); when the gate is full the device stops taking TX chains
+//! and resumes from the backend thread when the gate's wake eventfd fires.
 
 mod persist;
 pub mod tap;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use log::warn;
 use virtio_queue::Queue;
@@ -23,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::tap::Tap;
 use super::*;
+use crate::devices::output::{GatePort, OutputGate, ReleaseSink, StreamKind, TapRelease};
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -40,6 +46,8 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NetStats {
     pub tx_frames: u64,
+    /// Frames handed to the output gate (counted in `tx_frames` too).
+    pub tx_held: u64,
     pub tx_dropped: u64,
     pub rx_frames: u64,
     pub rx_dropped: u64,
@@ -51,6 +59,8 @@ pub struct Net {
     rx_evt: EventFd,
     rx_stalled: bool,
     rx_buf: Vec<u8>,
+    /// This NIC's stream in the VM's output gate, once attached.
+    gate: Option<GatePort>,
     pub stats: NetStats,
 }
 
@@ -62,6 +72,7 @@ impl Net {
             rx_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             rx_stalled: false,
             rx_buf: vec![0u8; MAX_FRAME_WITH_HDR],
+            gate: None,
             stats: NetStats::default(),
         })
     }
@@ -72,7 +83,11 @@ impl Net {
 
     fn transmit(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, VirtioError> {
         let mut any = false;
-        while let Some(chain) = pop_chain(queue, mem, TX_QUEUE)? {
+        // A full gate leaves the chains in the guest's queue (backpressure, no loss).
+        while self.gate.as_ref().is_none_or(GatePort::has_room) {
+            let Some(chain) = pop_chain(queue, mem, TX_QUEUE)? else {
+                break;
+            };
             let frame = read_chain(mem, &chain, MAX_FRAME_WITH_HDR as u64)?;
             if frame.len() < NET_HDR_LEN {
                 return Err(VirtioError::BadLength {
@@ -81,6 +96,19 @@ impl Net {
                     why: "shorter than the virtio-net header",
                 });
             }
+            let frame = match &self.gate {
+                Some(g) => match g.hold(frame, NET_HDR_LEN) {
+                    Ok(()) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_held += 1;
+                        add_used(queue, mem, TX_QUEUE, chain.head, 0)?;
+                        any = true;
+                        continue;
+                    }
+                    Err(frame) => frame,
+                },
+                None => frame,
+            };
             match self.tap.write_frame(&frame[NET_HDR_LEN..]) {
                 Ok(_) => self.stats.tx_frames += 1,
                 Err(e) => {
@@ -191,6 +219,9 @@ impl VirtioDevice for Net {
 
     fn backend_fds(&self) -> Vec<(RawFd, u32)> {
         let mut v = vec![(self.rx_evt.as_raw_fd(), libc::EPOLLIN as u32)];
+        if let Some(g) = &self.gate {
+            v.push((g.wake_fd(), libc::EPOLLIN as u32));
+        }
         if !self.rx_stalled {
             v.push((self.tap.as_raw_fd(), libc::EPOLLIN as u32));
         }
@@ -205,6 +236,14 @@ impl VirtioDevice for Net {
         fd: RawFd,
         _events: u32,
     ) -> Result<bool, VirtioError> {
+        if let Some(g) = self.gate.as_ref().filter(|g| g.wake_fd() == fd) {
+            // The gate has room again: send what the guest queued meanwhile.
+            g.clear_wake();
+            if active && virtio_queue::QueueT::ready(&queues[TX_QUEUE]) {
+                return self.transmit(mem, &mut queues[TX_QUEUE]);
+            }
+            return Ok(false);
+        }
         if fd == self.rx_evt.as_raw_fd() {
             // Drain the counter; any value means "buffers were added".
             let _ = self.rx_evt.read();
@@ -215,6 +254,13 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_stalled = false;
+    }
+
+    fn attach_output_gate(&mut self, gate: &Arc<OutputGate>) -> io::Result<()> {
+        let sink: Arc<Mutex<dyn ReleaseSink>> =
+            Arc::new(Mutex::new(TapRelease(self.tap.try_clone_writer()?)));
+        self.gate = Some(gate.register(StreamKind::Net, sink)?);
+        Ok(())
     }
 }
 

@@ -125,6 +125,14 @@ impl Tap {
     }
 }
 
+impl Tap {
+    /// A second descriptor for the same interface (`dup`), so another thread can write
+    /// frames (released output) without the device.
+    pub fn try_clone_writer(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -1,0 +1,533 @@
+//! Output commit: guest output held per epoch until the caller says it may leave.
+//!
+//! Devices that send guest output out of the VM (virtio-console TX, the COM1 UART,
+//! virtio-net TX) register one *stream* each with the VM's [`OutputGate`]. While the
+//! gate is disabled (the default) they write straight to their sink or TAP, as before.
+//! Once [`OutputGate::enable`] is called, every byte or frame they emit is appended to
+//! their stream's queue instead, tagged with the *open* epoch.
+//!
+//! Epochs are numbered by the caller. [`OutputGate::close_epoch`]`(n)` (VM paused) says
+//! "everything emitted since the previous close (or since enable) is epoch `n`"; later
+//! output belongs to the next close. `n` must be greater than the previous close; the
+//! first close after enable may be any number (0 included). [`OutputGate::release`]
+//! writes every held item of closed epochs `<= n`, per stream in emission order, to the
+//! real sinks; it may run on any thread while the guest runs (releases are serialised
+//! among themselves). Output of the open epoch is never released by it.
+//! [`OutputGate::discard_after`] drops what closed epochs `> n` and the open epoch hold.
+//!
+//! Streams are independent: the console stream and each NIC's stream keep their own
+//! order; nothing orders a console byte against a frame (as on real hardware).
+//!
+//! Bound: when the held bytes reach the limit, virtio devices stop taking chains off
+//! their transmit queues ([`GatePort::has_room`] says no and marks the stream
+//! stalled), so the guest's own queue fills and it waits: nothing is dropped. When a
+//! release or discard brings the total under the limit again, each stalled stream's
+//! wake eventfd is signalled and its device's backend handler resumes transmitting
+//! (the guest need not notify again). The one admitted item may overshoot the limit by
+//! at most one chain (1 MiB console, 64 KiB frame). The UART cannot stall (vm-superio
+//! always reports its transmitter empty, and blocking the vCPU thread would block
+//! pause), so UART bytes are held even past the limit: the caller's backpressure on
+//! [`OutputGate::held_bytes`] is what bounds them.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio::console::sink::ConsoleSink;
+
+/// Default limit of held bytes (all streams, all epochs).
+pub const DEFAULT_HELD_LIMIT: u64 = 32 << 20;
+/// Console bytes of one epoch are coalesced into buffers of up to this size, so a
+/// release is a few large `writev` segments, not one per guest write.
+const CONSOLE_CHUNK: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OutputError {
+    #[error("output commit is not enabled")]
+    NotEnabled,
+    #[error("the VM must be paused for this")]
+    NotPaused,
+    #[error("epoch {epoch} closed after epoch {last}: epoch numbers must increase")]
+    EpochOrder { epoch: u64, last: u64 },
+    #[error("the disk journal is not enabled")]
+    JournalNotEnabled,
+}
+
+/// What a stream carries (release statistics are kept per kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Console bytes (virtio-console or UART): coalesced, released with `writev`.
+    Console,
+    /// Ethernet frames: one item per frame, released with one write each.
+    Net,
+}
+
+/// Where a stream's released items go.
+pub trait ReleaseSink: Send {
+    /// Writes `items` in order; returns how many items were lost (a TAP that refused a
+    /// frame). Errors of the destination are the destination's business, as for
+    /// direct output.
+    fn release(&mut self, items: &[&[u8]]) -> u64;
+}
+
+/// A console sink shared between its device (socket events, direct writes while the
+/// gate is off) and the gate.
+pub struct ConsoleRelease(pub Arc<Mutex<ConsoleSink>>);
+
+impl ReleaseSink for ConsoleRelease {
+    fn release(&mut self, items: &[&[u8]]) -> u64 {
+        lock(&self.0).write_all_vectored(items);
+        0
+    }
+}
+
+/// A duplicate of a TAP descriptor: frames are written from the releasing thread
+/// without touching the device.
+pub struct TapRelease(pub File);
+
+impl ReleaseSink for TapRelease {
+    fn release(&mut self, items: &[&[u8]]) -> u64 {
+        let mut lost = 0;
+        for f in items {
+            loop {
+                match self.0.write(f) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // As for a direct write: the host side is not taking frames,
+                        // and the frame is lost as on a wire.
+                        log::debug!("output gate: released frame dropped: {e}");
+                        lost += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        lost
+    }
+}
+
+/// Counts of one closed epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputEpochStats {
+    pub epoch: u64,
+    pub console_bytes: u64,
+    pub net_frames: u64,
+    pub net_bytes: u64,
+    /// Held over all epochs after this close.
+    pub held_bytes: u64,
+}
+
+/// What a release wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseStats {
+    /// Closed epochs with output that this release emptied.
+    pub epochs: u64,
+    pub console_bytes: u64,
+    pub net_frames: u64,
+    pub net_bytes: u64,
+    /// Frames the TAP refused.
+    pub net_dropped: u64,
+    /// Still held after the release.
+    pub held_bytes: u64,
+    /// Time spent writing (outside the gate's lock).
+    pub write_time: Duration,
+}
+
+struct Held {
+    /// Generation (one per open epoch) the item was emitted in.
+    generation: u64,
+    data: Vec<u8>,
+    /// Bytes at the front of `data` that are not output (the virtio-net header).
+    skip: usize,
+}
+
+impl Held {
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.skip..]
+    }
+}
+
+/// One stream's items taken out for writing.
+type Batch = (StreamKind, Arc<Mutex<dyn ReleaseSink>>, Vec<Held>);
+
+struct Stream {
+    kind: StreamKind,
+    sink: Arc<Mutex<dyn ReleaseSink>>,
+    items: VecDeque<Held>,
+    stalled: bool,
+    wake: EventFd,
+}
+
+#[derive(Default)]
+struct OpenCounts {
+    console_bytes: u64,
+    net_frames: u64,
+    net_bytes: u64,
+}
+
+struct State {
+    limit: u64,
+    /// Generation of the open epoch; bumped by every close.
+    generation: u64,
+    /// Closed epochs that still hold output: `(generation, epoch)`, oldest first.
+    closed: VecDeque<(u64, u64)>,
+    last_closed: Option<u64>,
+    held_bytes: u64,
+    open: OpenCounts,
+    streams: Vec<Stream>,
+}
+
+/// The VM's output gate (one per VM, shared by its output devices).
+pub struct OutputGate {
+    /// Checked without the lock on every output: false means "write directly".
+    enabled: AtomicBool,
+    state: Mutex<State>,
+    /// Serialises releases so that two releasing threads cannot interleave writes.
+    release_lock: Mutex<()>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Output must keep flowing even if some thread panicked holding a lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for OutputGate {
+    fn default() -> Self {
+        OutputGate {
+            enabled: AtomicBool::new(false),
+            state: Mutex::new(State {
+                limit: DEFAULT_HELD_LIMIT,
+                generation: 0,
+                closed: VecDeque::new(),
+                last_closed: None,
+                held_bytes: 0,
+                open: OpenCounts::default(),
+                streams: Vec::new(),
+            }),
+            release_lock: Mutex::new(()),
+        }
+    }
+}
+
+impl OutputGate {
+    pub fn new() -> Arc<OutputGate> {
+        Arc::new(OutputGate::default())
+    }
+
+    /// Adds a stream; the device keeps the returned port.
+    pub fn register(
+        self: &Arc<Self>,
+        kind: StreamKind,
+        sink: Arc<Mutex<dyn ReleaseSink>>,
+    ) -> io::Result<GatePort> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let device_wake = wake.try_clone()?;
+        let mut st = lock(&self.state);
+        st.streams.push(Stream {
+            kind,
+            sink,
+            items: VecDeque::new(),
+            stalled: false,
+            wake,
+        });
+        Ok(GatePort {
+            gate: self.clone(),
+            stream: st.streams.len() - 1,
+            wake: device_wake,
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// From now on output is held. Enabling an enabled gate changes nothing.
+    pub fn enable(&self) {
+        let _st = lock(&self.state);
+        self.enabled.store(true, Ordering::Release);
+    }
+
+    /// Sets the limit of held bytes (see the module docs for what reaching it does).
+    pub fn set_limit(&self, bytes: u64) {
+        let mut st = lock(&self.state);
+        st.limit = bytes.max(1);
+        Self::wake_if_room(&mut st);
+    }
+
+    /// Ends the open epoch as `epoch`. The caller guarantees nothing emits output
+    /// meanwhile (the VM is paused).
+    pub fn close_epoch(&self, epoch: u64) -> Result<OutputEpochStats, OutputError> {
+        let mut st = lock(&self.state);
+        if !self.is_enabled() {
+            return Err(OutputError::NotEnabled);
+        }
+        if let Some(last) = st.last_closed {
+            if epoch <= last {
+                return Err(OutputError::EpochOrder { epoch, last });
+            }
+        }
+        let open = std::mem::take(&mut st.open);
+        let generation = st.generation;
+        let has_output = st
+            .streams
+            .iter()
+            .any(|s| s.items.back().is_some_and(|h| h.generation == generation));
+        if has_output {
+            st.closed.push_back((generation, epoch));
+        }
+        st.generation += 1;
+        st.last_closed = Some(epoch);
+        Ok(OutputEpochStats {
+            epoch,
+            console_bytes: open.console_bytes,
+            net_frames: open.net_frames,
+            net_bytes: open.net_bytes,
+            held_bytes: st.held_bytes,
+        })
+    }
+
+    /// Writes all held output of closed epochs `<= through` to the real sinks.
+    pub fn release(&self, through: u64) -> ReleaseStats {
+        let _serial = lock(&self.release_lock);
+        let mut stats = ReleaseStats::default();
+        let batches = {
+            let mut st = lock(&self.state);
+            let mut upto = None;
+            while let Some(&(g, e)) = st.closed.front() {
+                if e > through {
+                    break;
+                }
+                upto = Some(g);
+                st.closed.pop_front();
+                stats.epochs += 1;
+            }
+            let batches = match upto {
+                Some(g) => Self::take_through(&mut st, g),
+                None => Vec::new(),
+            };
+            stats.held_bytes = st.held_bytes;
+            Self::wake_if_room(&mut st);
+            batches
+        };
+        self.write_batches(batches, &mut stats);
+        stats
+    }
+
+    /// Drops held output of closed epochs `> epoch` and of the open epoch: output of
+    /// epochs that will never commit. The next close must then name an epoch `> epoch`
+    /// (numbers above it are free again).
+    pub fn discard_after(&self, epoch: u64) {
+        let mut st = lock(&self.state);
+        let mut cutoff = st.generation;
+        while let Some(&(g, e)) = st.closed.back() {
+            if e <= epoch {
+                break;
+            }
+            cutoff = g;
+            st.closed.pop_back();
+        }
+        let mut dropped = 0u64;
+        for s in &mut st.streams {
+            while s.items.back().is_some_and(|h| h.generation >= cutoff) {
+                if let Some(h) = s.items.pop_back() {
+                    dropped += h.bytes().len() as u64;
+                }
+            }
+        }
+        st.held_bytes -= dropped;
+        st.open = OpenCounts::default();
+        if st.last_closed.is_some_and(|l| l > epoch) {
+            st.last_closed = Some(epoch);
+        }
+        // Output from now on must not join a discarded generation's closed entry.
+        st.generation += 1;
+        Self::wake_if_room(&mut st);
+    }
+
+    /// Releases everything held (closed and open epochs), then lets output through
+    /// directly again. The caller guarantees nothing emits output meanwhile (the VM is
+    /// paused); discard first what must not appear.
+    pub fn disable(&self) -> ReleaseStats {
+        let _serial = lock(&self.release_lock);
+        let mut stats = ReleaseStats::default();
+        let batches = {
+            let mut st = lock(&self.state);
+            let g = st.generation;
+            st.closed.clear();
+            stats.epochs = 0;
+            let b = Self::take_through(&mut st, g);
+            st.open = OpenCounts::default();
+            st.generation += 1;
+            self.enabled.store(false, Ordering::Release);
+            for s in &mut st.streams {
+                if std::mem::take(&mut s.stalled) {
+                    let _ = s.wake.write(1);
+                }
+            }
+            b
+        };
+        self.write_batches(batches, &mut stats);
+        stats
+    }
+
+    /// Bytes held over all streams and epochs.
+    pub fn held_bytes(&self) -> u64 {
+        lock(&self.state).held_bytes
+    }
+
+    /// True when the open epoch holds output.
+    pub fn output_waiting(&self) -> bool {
+        let st = lock(&self.state);
+        st.open.console_bytes > 0 || st.open.net_frames > 0
+    }
+
+    /// The last epoch closed (and not discarded).
+    pub fn last_closed(&self) -> Option<u64> {
+        lock(&self.state).last_closed
+    }
+
+    /// Removes every item of generations `<= g`, per stream, adjusting the counts.
+    fn take_through(st: &mut State, g: u64) -> Vec<Batch> {
+        let mut out = Vec::new();
+        let mut freed = 0u64;
+        for s in &mut st.streams {
+            let n = s.items.iter().take_while(|h| h.generation <= g).count();
+            if n == 0 {
+                continue;
+            }
+            let items: Vec<Held> = s.items.drain(..n).collect();
+            freed += items.iter().map(|h| h.bytes().len() as u64).sum::<u64>();
+            out.push((s.kind, s.sink.clone(), items));
+        }
+        st.held_bytes -= freed;
+        out
+    }
+
+    fn write_batches(&self, batches: Vec<Batch>, stats: &mut ReleaseStats) {
+        let t0 = Instant::now();
+        for (kind, sink, items) in batches {
+            let slices: Vec<&[u8]> = items.iter().map(Held::bytes).collect();
+            let bytes: u64 = slices.iter().map(|s| s.len() as u64).sum();
+            let lost = lock(&*sink).release(&slices);
+            match kind {
+                StreamKind::Console => stats.console_bytes += bytes,
+                StreamKind::Net => {
+                    stats.net_frames += slices.len() as u64;
+                    stats.net_bytes += bytes;
+                    stats.net_dropped += lost;
+                }
+            }
+        }
+        stats.write_time = t0.elapsed();
+    }
+
+    fn wake_if_room(st: &mut State) {
+        if st.held_bytes >= st.limit {
+            return;
+        }
+        for s in &mut st.streams {
+            if std::mem::take(&mut s.stalled) {
+                if let Err(e) = s.wake.write(1) {
+                    log::warn!("output gate: cannot wake a stalled device: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A device's handle on its stream.
+pub struct GatePort {
+    gate: Arc<OutputGate>,
+    stream: usize,
+    wake: EventFd,
+}
+
+impl GatePort {
+    /// False when the gate is on and full: the device must leave its transmit queue
+    /// alone until [`GatePort::wake_fd`] fires.
+    pub fn has_room(&self) -> bool {
+        if !self.gate.is_enabled() {
+            return true;
+        }
+        let mut st = lock(&self.gate.state);
+        if st.held_bytes < st.limit {
+            return true;
+        }
+        if let Some(s) = st.streams.get_mut(self.stream) {
+            s.stalled = true;
+        }
+        false
+    }
+
+    /// Holds `data[skip..]` in the open epoch, or gives `data` back when the gate is
+    /// off (the device then writes it directly).
+    pub fn hold(&self, data: Vec<u8>, skip: usize) -> Result<(), Vec<u8>> {
+        if !self.gate.is_enabled() {
+            return Err(data);
+        }
+        let mut st = lock(&self.gate.state);
+        // Checked again under the lock: disable runs with the VM paused, but be exact.
+        if !self.gate.is_enabled() {
+            return Err(data);
+        }
+        let skip = skip.min(data.len());
+        let len = (data.len() - skip) as u64;
+        let generation = st.generation;
+        let Some(s) = st.streams.get_mut(self.stream) else {
+            return Err(data);
+        };
+        let kind = s.kind;
+        match s.items.back_mut() {
+            Some(last)
+                if kind == StreamKind::Console
+                    && last.generation == generation
+                    && last.data.len() + data.len() <= CONSOLE_CHUNK =>
+            {
+                last.data.extend_from_slice(&data[skip..]);
+            }
+            _ => s.items.push_back(Held {
+                generation,
+                data,
+                skip,
+            }),
+        }
+        st.held_bytes += len;
+        match kind {
+            StreamKind::Console => st.open.console_bytes += len,
+            StreamKind::Net => {
+                st.open.net_frames += 1;
+                st.open.net_bytes += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`GatePort::hold`] for a borrowed slice (the UART's single bytes).
+    pub fn hold_slice(&self, data: &[u8]) -> bool {
+        self.is_enabled() && self.hold(data.to_vec(), 0).is_ok()
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.gate.is_enabled()
+    }
+
+    /// Signalled when a stalled stream may transmit again.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// Consumes a wake-up.
+    pub fn clear_wake(&self) {
+        let _ = self.wake.read();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+use super::*;
+use crate::config::ConsoleConfig;
+
+/// Records every release call.
+#[derive(Default)]
+struct Rec {
+    calls: Vec<Vec<Vec<u8>>>,
+}
+
+impl ReleaseSink for Arc<Mutex<Rec>> {
+    fn release(&mut self, items: &[&[u8]]) -> u64 {
+        lock(self)
+            .calls
+            .push(items.iter().map(|i| i.to_vec()).collect());
+        0
+    }
+}
+
+fn stream(gate: &Arc<OutputGate>, kind: StreamKind) -> (GatePort, Arc<Mutex<Rec>>) {
+    let rec = Arc::new(Mutex::new(Rec::default()));
+    let sink: Arc<Mutex<dyn ReleaseSink>> = Arc::new(Mutex::new(rec.clone()));
+    (gate.register(kind, sink).unwrap(), rec)
+}
+
+fn flat(rec: &Arc<Mutex<Rec>>) -> Vec<u8> {
+    lock(rec)
+        .calls
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .collect()
+}
+
+fn frames(rec: &Arc<Mutex<Rec>>) -> Vec<Vec<u8>> {
+    lock(rec).calls.iter().flatten().cloned().collect()
+}
+
+#[test]
+fn disabled_gate_hands_output_back() {
+    let gate = OutputGate::new();
+    let (port, rec) = stream(&gate, StreamKind::Console);
+    assert!(port.has_room());
+    assert_eq!(port.hold(b"x".to_vec(), 0), Err(b"x".to_vec()));
+    assert!(!port.hold_slice(b"y"));
+    assert_eq!(gate.held_bytes(), 0);
+    assert_eq!(gate.close_epoch(1), Err(OutputError::NotEnabled));
+    assert!(lock(&rec).calls.is_empty());
+}
+
+#[test]
+fn release_follows_closed_epochs_in_order() {
+    let gate = OutputGate::new();
+    let (con, crec) = stream(&gate, StreamKind::Console);
+    let (net, nrec) = stream(&gate, StreamKind::Net);
+    gate.enable();
+    assert!(!gate.output_waiting());
+    con.hold(b"a1 ".to_vec(), 0).unwrap();
+    net.hold(b"HDRf1".to_vec(), 3).unwrap();
+    assert!(con.hold_slice(b"a2 "));
+    assert!(gate.output_waiting());
+    let s = gate.close_epoch(5).unwrap();
+    assert_eq!(
+        (
+            s.epoch,
+            s.console_bytes,
+            s.net_frames,
+            s.net_bytes,
+            s.held_bytes
+        ),
+        (5, 6, 1, 2, 8)
+    );
+    assert!(!gate.output_waiting());
+    // An epoch without output.
+    gate.close_epoch(6).unwrap();
+    con.hold(b"b1 ".to_vec(), 0).unwrap();
+    net.hold(b"HDRf2".to_vec(), 3).unwrap();
+    net.hold(b"HDRf3".to_vec(), 3).unwrap();
+    gate.close_epoch(7).unwrap();
+    con.hold(b"open".to_vec(), 0).unwrap();
+    assert_eq!(
+        gate.close_epoch(7),
+        Err(OutputError::EpochOrder { epoch: 7, last: 7 })
+    );
+    assert_eq!(gate.held_bytes(), 8 + 7 + 4);
+
+    let r = gate.release(4);
+    assert_eq!(r.epochs, 0);
+    assert!(flat(&crec).is_empty());
+    let r = gate.release(6);
+    assert_eq!(
+        (r.epochs, r.console_bytes, r.net_frames, r.net_bytes),
+        (1, 6, 1, 2)
+    );
+    assert_eq!(flat(&crec), b"a1 a2 ");
+    assert_eq!(frames(&nrec), vec![b"f1".to_vec()]);
+    // Coalesced: one segment for the two console writes of the epoch.
+    assert_eq!(lock(&crec).calls[0].len(), 1);
+    let r = gate.release(100);
+    assert_eq!(
+        (r.epochs, r.console_bytes, r.net_frames, r.held_bytes),
+        (1, 3, 2, 4)
+    );
+    assert_eq!(flat(&crec), b"a1 a2 b1 ");
+    assert_eq!(
+        frames(&nrec),
+        vec![b"f1".to_vec(), b"f2".to_vec(), b"f3".to_vec()]
+    );
+    // The open epoch's output left only once closed and released.
+    gate.close_epoch(8).unwrap();
+    gate.release(8);
+    assert_eq!(flat(&crec), b"a1 a2 b1 open");
+    assert_eq!(gate.held_bytes(), 0);
+}
+
+#[test]
+fn discard_drops_uncommitted_epochs_and_frees_their_numbers() {
+    let gate = OutputGate::new();
+    let (con, rec) = stream(&gate, StreamKind::Console);
+    gate.enable();
+    con.hold(b"1".to_vec(), 0).unwrap();
+    gate.close_epoch(1).unwrap();
+    con.hold(b"2".to_vec(), 0).unwrap();
+    gate.close_epoch(2).unwrap();
+    con.hold(b"3".to_vec(), 0).unwrap();
+    gate.close_epoch(3).unwrap();
+    con.hold(b"open".to_vec(), 0).unwrap();
+    gate.discard_after(1);
+    assert_eq!(gate.held_bytes(), 1);
+    assert_eq!(gate.last_closed(), Some(1));
+    assert!(!gate.output_waiting());
+    // New output after the discard is a new epoch, which may reuse number 2.
+    con.hold(b"N".to_vec(), 0).unwrap();
+    gate.close_epoch(2).unwrap();
+    gate.release(10);
+    assert_eq!(flat(&rec), b"1N");
+    // Discarding at or above the last close keeps closed epochs.
+    con.hold(b"x".to_vec(), 0).unwrap();
+    gate.close_epoch(3).unwrap();
+    con.hold(b"y".to_vec(), 0).unwrap();
+    gate.discard_after(3);
+    gate.release(3);
+    assert_eq!(flat(&rec), b"1Nx");
+    assert_eq!(gate.held_bytes(), 0);
+}
+
+#[test]
+fn limit_stalls_and_release_wakes() {
+    let gate = OutputGate::new();
+    let (con, _rec) = stream(&gate, StreamKind::Console);
+    let (net, _nrec) = stream(&gate, StreamKind::Net);
+    gate.enable();
+    gate.set_limit(10);
+    assert!(con.has_room());
+    con.hold(vec![b'a'; 8], 0).unwrap();
+    assert!(net.has_room());
+    net.hold(vec![0; 20], 12).unwrap();
+    assert_eq!(gate.held_bytes(), 16);
+    assert!(!con.has_room());
+    assert!(!net.has_room());
+    // No wake while still full.
+    assert!(con.wake.read().is_err());
+    gate.close_epoch(1).unwrap();
+    gate.release(1);
+    assert_eq!(con.wake.read().unwrap(), 1);
+    assert_eq!(net.wake.read().unwrap(), 1);
+    assert!(con.has_room());
+    // Discard wakes too.
+    con.hold(vec![b'b'; 12], 0).unwrap();
+    assert!(!net.has_room());
+    gate.discard_after(1);
+    assert_eq!(net.wake.read().unwrap(), 1);
+    assert!(con.wake.read().is_err(), "only stalled streams are woken");
+}
+
+#[test]
+fn disable_releases_everything_then_lets_output_through() {
+    let gate = OutputGate::new();
+    let (con, rec) = stream(&gate, StreamKind::Console);
+    gate.enable();
+    con.hold(b"a".to_vec(), 0).unwrap();
+    gate.close_epoch(1).unwrap();
+    con.hold(b"b".to_vec(), 0).unwrap();
+    let r = gate.disable();
+    assert_eq!(r.console_bytes, 2);
+    assert_eq!(flat(&rec), b"ab");
+    assert_eq!(gate.held_bytes(), 0);
+    assert_eq!(con.hold(b"c".to_vec(), 0), Err(b"c".to_vec()));
+}
+
+#[test]
+fn console_release_writes_a_file_sink_with_writev() {
+    let path = std::env::temp_dir().join(format!("twinrun-gate-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sink = Arc::new(Mutex::new(
+        ConsoleSink::new(&ConsoleConfig::File { path: path.clone() }).unwrap(),
+    ));
+    let gate = OutputGate::new();
+    let rs: Arc<Mutex<dyn ReleaseSink>> = Arc::new(Mutex::new(ConsoleRelease(sink.clone())));
+    let con = gate.register(StreamKind::Console, rs).unwrap();
+    gate.enable();
+    let mut want = Vec::new();
+    // More than one coalescing chunk, and chains of odd sizes.
+    for i in 0..20_000u32 {
+        let line = format!("L {i}\n").into_bytes();
+        want.extend_from_slice(&line);
+        con.hold(line, 0).unwrap();
+    }
+    gate.close_epoch(0).unwrap();
+    assert!(std::fs::read(&path).unwrap().is_empty());
+    let r = gate.release(0);
+    assert_eq!(r.console_bytes, want.len() as u64);
+    let got = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(got, want);
+}
