@@ -214,3 +214,37 @@ fn console_release_writes_a_file_sink_with_writev() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(got, want);
 }
+
+#[test]
+fn uart_bytes_are_held_until_release() {
+    use crate::devices::bus::BusDevice;
+    use crate::devices::legacy::serial::SerialDevice;
+    use crate::devices::legacy::IrqLine;
+    let path = std::env::temp_dir().join(format!("twinrun-gate-uart-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sink = ConsoleSink::new(&ConsoleConfig::File { path: path.clone() }).unwrap();
+    let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let mut uart = SerialDevice::new(irq, sink);
+    let gate = OutputGate::new();
+    uart.attach_output_gate(&gate).unwrap();
+    uart.write(0x3f8, 0, b"a");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"a",
+        "direct while the gate is off"
+    );
+    gate.enable();
+    gate.set_limit(1);
+    for b in b"held\n" {
+        uart.write(0x3f8, 0, &[*b]);
+    }
+    // Past the limit: the UART cannot stall, so its bytes are held anyway.
+    assert_eq!(gate.held_bytes(), 5);
+    assert_eq!(std::fs::read(&path).unwrap(), b"a");
+    gate.close_epoch(1).unwrap();
+    let r = gate.release(1);
+    assert_eq!(r.console_bytes, 5);
+    let got = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(got, b"aheld\n");
+}
