@@ -7,9 +7,10 @@
 //!
 //! A checkpoint epoch (or an initial-sync round) is split into *parts* so that no message
 //! exceeds [`MAX_MESSAGE_BYTES`]. The payload of one part is laid out as
-//! `[vm state][disk extent data, in extent order][pages, in run order]`; the VM state is
-//! carried only by the last part of an epoch. Each part carries a CRC-32C of its payload
-//! so that the standby checks what it stages independently of the transport.
+//! `[vm state][disk extent data, in extent order][console bytes][pages, in run order]`;
+//! the VM state and the console output are carried only by the last part of an epoch.
+//! Each part carries a CRC-32C of its payload so that the standby checks what it stages
+//! independently of the transport.
 //!
 //! Every count and size is bounded by an explicit limit, checked on encode and on
 //! decode: a malformed or hostile head gives a typed [`DecodeError`], never a panic or an
@@ -29,17 +30,20 @@ pub const MAX_PAGES_PER_EPOCH: u64 = 1 << 20;
 /// Parts in one epoch or sync round.
 pub const MAX_PARTS: u32 = (MAX_PAGES_PER_EPOCH / MAX_PAGES_PER_PART as u64) as u32 + 16;
 /// Encoded VM state (vCPUs, irqchip, devices): a few hundred KiB in practice.
-pub const MAX_STATE_BYTES: u32 = 16 << 20;
+pub const MAX_STATE_BYTES: u32 = 8 << 20;
 /// Disk extents written in one part.
 pub const MAX_DISK_EXTENTS_PER_PART: usize = 4096;
 /// Disk data in one part.
 pub const MAX_DISK_BYTES_PER_PART: u64 = 16 << 20;
+/// Console bytes of one epoch (the output gate holds at most 32 MiB over all epochs).
+pub const MAX_CONSOLE_BYTES_PER_EPOCH: u32 = 8 << 20;
 /// Encoded head of one message.
 pub const MAX_HEAD_BYTES: usize = 256 << 10;
 /// Head plus payload of one message; below the A-Link's default frame limit (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = MAX_HEAD_BYTES
     + MAX_STATE_BYTES as usize
     + MAX_DISK_BYTES_PER_PART as usize
+    + MAX_CONSOLE_BYTES_PER_EPOCH as usize
     + MAX_PAGES_PER_PART as usize * PAGE_SIZE;
 
 /// `pages` contiguous guest pages starting at guest-physical address `gpa`.
@@ -58,13 +62,21 @@ pub struct DiskExtent {
     pub len: u32,
 }
 
-/// Output held for an epoch on the primary (for the standby's logs and tests: the
-/// standby never releases it, it only knows how much the epoch produced).
+/// The console output of an epoch: bytes `[pos, pos + len)` of the guest's console
+/// stream (the data is in the payload).
+///
+/// Why it travels with the checkpoint: the primary may die after the standby committed
+/// an epoch but before the primary released that epoch's output (the ack was in
+/// flight). The standby's guest resumes *after* that output was produced, so it will not
+/// produce it again: the standby must release it. It cannot know whether the primary
+/// already did, so it releases it again at the same stream positions; a positional sink
+/// (a file written at offsets) makes that idempotent — no gap, no duplicate. Network
+/// frames are not shipped: frames of such an epoch are, from the guest's view, lost by
+/// the network, and its TCP retransmits them from the committed state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutputStats {
-    pub net_frames: u64,
-    pub net_bytes: u64,
-    pub console_bytes: u64,
+pub struct ConsoleOut {
+    pub pos: u64,
+    pub len: u32,
 }
 
 /// What a part belongs to.
@@ -91,8 +103,11 @@ pub struct PartHead {
     pub state_len: u32,
     pub runs: Vec<PageRun>,
     pub disk: Vec<DiskExtent>,
-    /// Output the epoch produced (last part of an epoch only).
-    pub output: Option<OutputStats>,
+    /// Console output the epoch produced (last part of an epoch only).
+    pub console: Option<ConsoleOut>,
+    /// The primary had released the output of every epoch through this one when it sent
+    /// this part (the standby then forgets that output).
+    pub released_through: Option<u64>,
     /// CRC-32C of the whole payload.
     pub crc: u32,
 }
@@ -171,9 +186,17 @@ impl PartHead {
         self.disk.iter().map(|d| u64::from(d.len)).sum()
     }
 
+    /// Console bytes in this part.
+    pub fn console_bytes(&self) -> u64 {
+        self.console.map_or(0, |c| u64::from(c.len))
+    }
+
     /// Payload length the head describes.
     pub fn payload_len(&self) -> u64 {
-        u64::from(self.state_len) + self.disk_bytes() + self.page_count() * PAGE_SIZE as u64
+        u64::from(self.state_len)
+            + self.disk_bytes()
+            + self.console_bytes()
+            + self.page_count() * PAGE_SIZE as u64
     }
 
     /// Checks every limit and the internal consistency of the head (not the payload).
@@ -213,8 +236,16 @@ impl PartHead {
         )?;
         let last = self.part + 1 == self.parts;
         let is_epoch = matches!(self.of, PartOf::Epoch { .. });
-        // An epoch's last part always carries the state; nothing else does.
-        if (self.state_len > 0) != (last && is_epoch) {
+        exceeded(
+            "console bytes",
+            self.console_bytes(),
+            u64::from(MAX_CONSOLE_BYTES_PER_EPOCH),
+        )?;
+        // An epoch's last part always carries the state; nothing else carries state or
+        // console output.
+        if (self.state_len > 0) != (last && is_epoch)
+            || (self.console.is_some() && !(last && is_epoch))
+        {
             return Err(LimitError::StatePlacement {
                 part: self.part,
                 parts: self.parts,
@@ -233,7 +264,8 @@ impl PartHead {
         state_len: u32,
         runs: Vec<PageRun>,
         disk: Vec<DiskExtent>,
-        output: Option<OutputStats>,
+        console: Option<ConsoleOut>,
+        released_through: Option<u64>,
         payload: &[C],
     ) -> Result<PartHead, LimitError> {
         let mut h = PartHead {
@@ -243,7 +275,8 @@ impl PartHead {
             state_len,
             runs,
             disk,
-            output,
+            console,
+            released_through,
             crc: 0,
         };
         h.check()?;
@@ -266,6 +299,8 @@ impl PartHead {
 pub struct PartView<'a> {
     pub head: PartHead,
     pub state: &'a [u8],
+    /// Console bytes (see [`ConsoleOut`]).
+    pub console: &'a [u8],
     disk_data: &'a [u8],
     page_data: &'a [u8],
 }
@@ -291,10 +326,12 @@ impl<'a> PartView<'a> {
         }
         // Lengths were checked against the payload just above.
         let (state, rest) = payload.split_at(head.state_len as usize);
-        let (disk_data, page_data) = rest.split_at(head.disk_bytes() as usize);
+        let (disk_data, rest) = rest.split_at(head.disk_bytes() as usize);
+        let (console, page_data) = rest.split_at(head.console_bytes() as usize);
         Ok(PartView {
             head,
             state,
+            console,
             disk_data,
             page_data,
         })
@@ -425,7 +462,8 @@ mod tests {
         let state = b"state-bytes".to_vec();
         let disk = vec![7u8; 512];
         let pages = [page(1), page(2), page(3)].concat();
-        let chunks = [state.clone(), disk.clone(), pages.clone()];
+        let console = b"hello\n".to_vec();
+        let chunks = [state.clone(), disk.clone(), console.clone(), pages.clone()];
         let h = PartHead::new(
             PartOf::Epoch {
                 epoch: 9,
@@ -449,7 +487,8 @@ mod tests {
                 offset: 4096,
                 len: 512,
             }],
-            Some(OutputStats::default()),
+            Some(ConsoleOut { pos: 100, len: 6 }),
+            Some(8),
             &chunks,
         )
         .unwrap();
@@ -460,6 +499,7 @@ mod tests {
         };
         assert_eq!(v.head, h);
         assert_eq!(v.state, &state[..]);
+        assert_eq!(v.console, &console[..]);
         let p: Vec<_> = v.pages().map(|(g, d)| (g, d[0])).collect();
         assert_eq!(p, vec![(0x1000, 1), (0x2000, 2), (0x8000, 3)]);
         let d: Vec<_> = v.disk_writes().collect();
@@ -467,7 +507,10 @@ mod tests {
         assert_eq!(d[0].1, &disk[..]);
         // Borrowed: the page slice points into the payload.
         let first = v.pages().next().unwrap().1.as_ptr();
-        assert_eq!(first, payload[state.len() + disk.len()..].as_ptr());
+        assert_eq!(
+            first,
+            payload[state.len() + disk.len() + console.len()..].as_ptr()
+        );
     }
 
     #[test]
@@ -483,6 +526,7 @@ mod tests {
             1,
             vec![PageRun { gpa: 0, pages: 1 }],
             vec![],
+            None,
             None,
             &chunks,
         )
@@ -512,7 +556,8 @@ mod tests {
             state_len,
             runs,
             disk: vec![],
-            output: None,
+            console: None,
+            released_through: None,
             crc: 0,
         };
         let too_many = mk(

@@ -190,6 +190,11 @@ impl Primary {
         self.next_epoch - self.first_unacked
     }
 
+    /// The epoch the guest is running now: output produced now belongs to it.
+    pub fn running_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
     /// The newest acknowledged epoch.
     pub fn acked(&self) -> Option<u64> {
         self.first_unacked.checked_sub(1)

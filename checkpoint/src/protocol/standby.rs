@@ -8,8 +8,8 @@
 //!            Ack(0), Mirroring
 //!   Mirroring: parts of epoch N go to STAGING; when epoch committed+1 has all its parts:
 //!            Apply(N) --Applied(N)--> Ack(N) (then the next staged epoch, if complete)
-//!   any --PeerLost--> DiscardStaged, then Failover{last_committed} (or NoReplica if no
-//!            epoch was ever committed)
+//!   any --PeerLost--> DiscardStaged, then Failover{last_committed, released_through}
+//!            (or NoReplica if no epoch was ever committed)
 //!   a protocol violation (gap in the sync stream, epoch beyond the window, bad part)
 //!            --> Broken: nothing more is applied; the last committed epoch stays a
 //!            valid failover point
@@ -64,6 +64,8 @@ pub enum StandbyEvent {
         part: u32,
         parts: u32,
         sync_rounds: u32,
+        /// The primary's release progress when it sent the part.
+        released_through: Option<u64>,
     },
     /// A message that did not decode or failed its checksum.
     BadMessage,
@@ -84,10 +86,19 @@ pub enum StandbyAction {
     Apply { epoch: u64 },
     /// Tell the primary every epoch through `epoch` is applied.
     Ack { epoch: u64 },
+    /// The primary released the output of every epoch through `through`: forget the
+    /// console output kept for those epochs.
+    TrimOutput { through: u64 },
     /// Drop every staged (incomplete or unapplied) epoch.
     DiscardStaged,
-    /// Resume the guest from the mirror as it was when `last_committed` was applied.
-    Failover { last_committed: u64 },
+    /// Resume the guest from the mirror as it was when `last_committed` was applied,
+    /// after releasing (again, at the same stream positions) the console output of the
+    /// epochs after `released_through` through `last_committed`: the primary may have
+    /// died before releasing it, and the resumed guest will not produce it again.
+    Failover {
+        last_committed: u64,
+        released_through: Option<u64>,
+    },
     /// The primary is gone and there is no consistent copy to resume.
     NoReplica,
 }
@@ -110,6 +121,11 @@ pub enum StandbyError {
     BadMessage,
     #[error("applied epoch {got}, but {want:?} was being applied")]
     WrongApplied { got: u64, want: Option<u64> },
+    #[error("the primary says it released epoch {released}, but only {committed:?} is committed")]
+    ReleasedUncommitted {
+        released: u64,
+        committed: Option<u64>,
+    },
     #[error("{0} after failover")]
     AfterFailover(&'static str),
 }
@@ -140,6 +156,8 @@ pub struct Standby {
     staged: BTreeMap<u64, Staged>,
     /// PeerLost arrived during an apply: fail over once it is done.
     failover_pending: bool,
+    /// The primary released the output of every epoch through this one.
+    released_known: Option<u64>,
     /// Protocol violations seen (each one makes the standby Broken).
     violations: u64,
 }
@@ -155,6 +173,7 @@ impl Standby {
             applying: None,
             staged: BTreeMap::new(),
             failover_pending: false,
+            released_known: None,
             violations: 0,
         }
     }
@@ -245,9 +264,23 @@ impl Standby {
                 part,
                 parts,
                 sync_rounds,
+                released_through,
             } => {
                 if broken {
                     return Ok(());
+                }
+                if let Some(r) = released_through {
+                    // The primary releases an epoch only after our ack of it.
+                    if self.committed.is_none_or(|c| r > c) {
+                        return Err(StandbyError::ReleasedUncommitted {
+                            released: r,
+                            committed: self.committed,
+                        });
+                    }
+                    if self.released_known.is_none_or(|k| r > k) {
+                        self.released_known = Some(r);
+                        out.push(StandbyAction::TrimOutput { through: r });
+                    }
                 }
                 let base = self.base();
                 if epoch < base {
@@ -334,7 +367,10 @@ impl Standby {
                      running copies"
                 );
                 self.phase = StandbyPhase::FailedOver;
-                out.push(StandbyAction::Failover { last_committed });
+                out.push(StandbyAction::Failover {
+                    last_committed,
+                    released_through: self.released_known,
+                });
             }
             None => {
                 log::error!("primary lost before the first checkpoint committed: no replica");
@@ -378,6 +414,9 @@ impl Standby {
         if self.phase == StandbyPhase::Mirroring {
             assert!(self.committed.is_some());
         }
+        if let Some(r) = self.released_known {
+            assert!(self.committed.is_some_and(|c| c >= r));
+        }
     }
 }
 
@@ -397,6 +436,7 @@ mod tests {
             part,
             parts,
             sync_rounds: 1,
+            released_through: None,
         }
     }
 
@@ -432,6 +472,7 @@ mod tests {
             part: 0,
             parts: 1,
             sync_rounds: 2,
+            released_through: None,
         };
         assert_eq!(s.on_event(e0).unwrap(), [A::Stage { epoch: 0, part: 0 }]);
         s.on_event(E::SyncPart {
@@ -505,7 +546,10 @@ mod tests {
         assert!(s.on_event(ep(1, 0, 1)).unwrap().is_empty());
         assert_eq!(
             s.on_event(E::PeerLost).unwrap(),
-            [A::Failover { last_committed: 0 }]
+            [A::Failover {
+                last_committed: 0,
+                released_through: None
+            }]
         );
 
         let mut s = synced();
@@ -522,7 +566,13 @@ mod tests {
         s.on_event(ep(1, 0, 2)).unwrap();
         assert_eq!(
             s.on_event(E::PeerLost).unwrap(),
-            [A::DiscardStaged, A::Failover { last_committed: 0 }]
+            [
+                A::DiscardStaged,
+                A::Failover {
+                    last_committed: 0,
+                    released_through: None
+                }
+            ]
         );
         assert!(s.on_event(ep(1, 1, 2)).is_err());
 
@@ -531,7 +581,48 @@ mod tests {
         assert!(s.on_event(E::PeerLost).unwrap().is_empty());
         assert_eq!(
             s.on_event(E::Applied { epoch: 1 }).unwrap(),
-            [A::Ack { epoch: 1 }, A::Failover { last_committed: 1 }]
+            [
+                A::Ack { epoch: 1 },
+                A::Failover {
+                    last_committed: 1,
+                    released_through: None
+                }
+            ]
         );
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::*;
+
+    #[test]
+    fn released_progress_trims_and_reaches_failover() {
+        let mut s = Standby::new(StandbyConfig { max_staged: 2 });
+        let part = |epoch, released_through| StandbyEvent::EpochPart {
+            epoch,
+            part: 0,
+            parts: if epoch == 2 { 2 } else { 1 },
+            sync_rounds: 0,
+            released_through,
+        };
+        s.on_event(part(0, None)).unwrap();
+        s.on_event(StandbyEvent::Applied { epoch: 0 }).unwrap();
+        s.on_event(part(1, None)).unwrap();
+        s.on_event(StandbyEvent::Applied { epoch: 1 }).unwrap();
+        let a = s.on_event(part(2, Some(0))).unwrap();
+        assert_eq!(a[0], StandbyAction::TrimOutput { through: 0 });
+        // Lost: epoch 1's output may not have been released by the primary.
+        let a = s.on_event(StandbyEvent::PeerLost).unwrap();
+        assert_eq!(
+            a.last(),
+            Some(&StandbyAction::Failover {
+                last_committed: 1,
+                released_through: Some(0)
+            })
+        );
+        // A release claim beyond what is committed is a violation.
+        let mut s = Standby::new(StandbyConfig { max_staged: 2 });
+        assert!(s.on_event(part(0, Some(0))).is_err());
     }
 }
