@@ -7,3 +7,4 @@
 //!   in — so that a deterministic simulation drives them through every fault.
 pub mod messages;
 pub mod protocol;
+pub mod standby;

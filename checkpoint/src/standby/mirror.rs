@@ -1,0 +1,499 @@
+//! The standby's copy of the protected VM: guest RAM laid out like the primary's
+//! `GuestMemoryMmap` regions, the committed VM state, the disk images, and a staging
+//! area for epochs still arriving.
+//!
+//! Staging keeps each received message body as it came off the A-Link (the receive
+//! buffer *is* the staging buffer: no copy). [`Mirror::apply`] checks every staged part
+//! of the epoch against the mirror (addresses inside guest RAM, known disks, one VM
+//! state) before it writes anything, so a bad epoch is refused whole; then it writes the
+//! pages, the disk writes (followed by `fdatasync`), and replaces the state. The
+//! protocol never fails over in the middle of an apply (the standby state machine waits
+//! for `Applied`), so from the protocol's view the apply is atomic.
+//!
+//! The RAM copy is one zeroed allocation per region; large zeroed allocations are
+//! anonymous mappings the kernel fills lazily, so untouched guest pages cost nothing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::messages::{decode_to_standby, DecodeError, StandboundMsg, PAGE_SIZE};
+use vmm::vstate::memory::GuestMemoryMmap;
+
+/// Guest memory regions at most (the x86 layout has two: below and above the PCI gap).
+pub const MAX_REGIONS: usize = 16;
+/// Bytes staged over all epochs, at most (the primary's in-flight limit bounds it in
+/// practice; this is the standby's own guard).
+pub const MAX_STAGED_BYTES: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error(
+        "guest memory layout {0:x?} is invalid (empty, overlapping, unaligned or too many regions)"
+    )]
+    Layout(Vec<(u64, u64)>),
+    #[error("staged message of epoch {epoch} does not decode: {source}")]
+    Decode { epoch: u64, source: DecodeError },
+    #[error("a staged message of epoch {0} is not a part of that epoch")]
+    NotEpochPart(u64),
+    #[error("page at {0:#x} is outside guest RAM")]
+    PageOutside(u64),
+    #[error("disk {device} does not exist ({disks} disks)")]
+    NoDisk { device: u16, disks: usize },
+    #[error("epoch {epoch}: {count} parts carry a VM state (exactly one must)")]
+    StateCount { epoch: u64, count: usize },
+    #[error("epoch {0} is not staged")]
+    NotStaged(u64),
+    #[error("staging would exceed {MAX_STAGED_BYTES} bytes")]
+    StagingFull,
+    #[error("writing disk {device}: {source}")]
+    Disk { device: u16, source: io::Error },
+    #[error("filling guest memory: layouts differ (mirror {mirror:x?}, VM {vm:x?})")]
+    FillLayout {
+        mirror: Vec<(u64, u64)>,
+        vm: Vec<(u64, u64)>,
+    },
+}
+
+struct Region {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+/// A received message: `body[..head_len]` is the head (as `alink::InMsg`).
+struct StagedMsg {
+    head_len: usize,
+    body: Vec<u8>,
+}
+
+/// What an apply wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub pages: u64,
+    pub disk_writes: u64,
+    pub disk_bytes: u64,
+    pub console_bytes: u64,
+}
+
+pub struct Mirror {
+    regions: Vec<Region>,
+    disks: Vec<File>,
+    /// Encoded `VmState` of the newest committed epoch.
+    state: Option<Vec<u8>>,
+    committed: Option<u64>,
+    staging: BTreeMap<u64, Vec<StagedMsg>>,
+    staged_bytes: usize,
+    /// Console output of committed epochs not known to be released by the primary:
+    /// epoch -> (stream position, bytes).
+    console: BTreeMap<u64, (u64, Vec<u8>)>,
+}
+
+impl Mirror {
+    /// A zeroed mirror for guest RAM `layout` (`(gpa, len)` per region, as
+    /// `vmm::persist::memory::layout` gives it) and the standby's disk images, in the
+    /// VM config's order.
+    pub fn new(layout: &[(u64, u64)], disks: Vec<File>) -> Result<Mirror, MirrorError> {
+        let bad = || MirrorError::Layout(layout.to_vec());
+        if layout.is_empty() || layout.len() > MAX_REGIONS {
+            return Err(bad());
+        }
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut prev_end = 0u64;
+        for &(start, len) in layout {
+            let end = start.checked_add(len).ok_or_else(bad)?;
+            if len == 0
+                || start % PAGE_SIZE as u64 != 0
+                || len % PAGE_SIZE as u64 != 0
+                || start < prev_end
+            {
+                return Err(bad());
+            }
+            prev_end = end;
+            let n = usize::try_from(len).map_err(|_| bad())?;
+            regions.push(Region {
+                start,
+                bytes: vec![0u8; n],
+            });
+        }
+        Ok(Mirror {
+            regions,
+            disks,
+            state: None,
+            committed: None,
+            staging: BTreeMap::new(),
+            staged_bytes: 0,
+            console: BTreeMap::new(),
+        })
+    }
+
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.start, r.bytes.len() as u64))
+            .collect()
+    }
+
+    pub fn committed(&self) -> Option<u64> {
+        self.committed
+    }
+
+    /// The encoded `VmState` of the newest committed epoch.
+    pub fn state_bytes(&self) -> Option<&[u8]> {
+        self.state.as_deref()
+    }
+
+    /// Decodes the committed VM state.
+    pub fn vm_state(&self) -> Option<Result<vmm::VmState, vmm::persist::StateFormatError>> {
+        self.state.as_deref().map(vmm::VmState::from_bytes)
+    }
+
+    /// The mirror's copy of the page holding `gpa`.
+    pub fn page(&self, gpa: u64) -> Option<&[u8]> {
+        let (r, off) = self.locate(gpa)?;
+        let off = off & !(PAGE_SIZE - 1);
+        self.regions[r].bytes.get(off..off + PAGE_SIZE)
+    }
+
+    fn locate(&self, gpa: u64) -> Option<(usize, usize)> {
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            let off = gpa.checked_sub(r.start)?;
+            (off < r.bytes.len() as u64).then_some((i, off as usize))
+        })
+    }
+
+    /// Where the page at `gpa` lives, if the whole page is inside one region.
+    fn page_slot(&self, gpa: u64) -> Result<(usize, usize), MirrorError> {
+        match self.locate(gpa) {
+            Some((r, off)) if off + PAGE_SIZE <= self.regions[r].bytes.len() => Ok((r, off)),
+            _ => Err(MirrorError::PageOutside(gpa)),
+        }
+    }
+
+    /// Writes the pages of an initial-sync part straight into the mirror (it is no
+    /// replica before epoch 0 commits). Checks every address first.
+    pub fn write_sync(&mut self, head: &[u8], payload: &[u8]) -> Result<u64, MirrorError> {
+        let msg = decode_to_standby(head, payload)
+            .map_err(|source| MirrorError::Decode { epoch: 0, source })?;
+        let StandboundMsg::Part(view) = msg else {
+            return Err(MirrorError::NotEpochPart(0));
+        };
+        let mut slots = Vec::with_capacity(view.head.page_count() as usize);
+        for (gpa, _) in view.pages() {
+            slots.push(self.page_slot(gpa)?);
+        }
+        let mut n = 0;
+        for ((r, off), (_, data)) in slots.into_iter().zip(view.pages()) {
+            self.regions[r].bytes[off..off + PAGE_SIZE].copy_from_slice(data);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Keeps a received message (head length and body, as the A-Link delivered it) in
+    /// the staging area of `epoch`.
+    pub fn stage(&mut self, epoch: u64, head_len: usize, body: Vec<u8>) -> Result<(), MirrorError> {
+        if self.staged_bytes + body.len() > MAX_STAGED_BYTES {
+            return Err(MirrorError::StagingFull);
+        }
+        self.staged_bytes += body.len();
+        self.staging
+            .entry(epoch)
+            .or_default()
+            .push(StagedMsg { head_len, body });
+        Ok(())
+    }
+
+    /// Drops every staged epoch.
+    pub fn discard_staged(&mut self) {
+        self.staging.clear();
+        self.staged_bytes = 0;
+    }
+
+    /// Applies staged `epoch`: validates every part, then writes pages, disk writes
+    /// (then `fdatasync` of each written disk), console log and state.
+    pub fn apply(&mut self, epoch: u64) -> Result<ApplyStats, MirrorError> {
+        let msgs = self
+            .staging
+            .remove(&epoch)
+            .ok_or(MirrorError::NotStaged(epoch))?;
+        self.staged_bytes -= msgs.iter().map(|m| m.body.len()).sum::<usize>();
+        let mut views = Vec::with_capacity(msgs.len());
+        for m in &msgs {
+            let (h, p) = m.body.split_at(m.head_len.min(m.body.len()));
+            match decode_to_standby(h, p).map_err(|source| MirrorError::Decode { epoch, source })? {
+                StandboundMsg::Part(v) => views.push(v),
+                _ => return Err(MirrorError::NotEpochPart(epoch)),
+            }
+        }
+        views.sort_by_key(|v| v.head.part);
+        // Validate everything before writing anything.
+        let states = views.iter().filter(|v| !v.state.is_empty()).count();
+        if states != 1 {
+            return Err(MirrorError::StateCount {
+                epoch,
+                count: states,
+            });
+        }
+        let mut slots = Vec::new();
+        for v in &views {
+            for (gpa, _) in v.pages() {
+                slots.push(self.page_slot(gpa)?);
+            }
+            for (d, _) in v.disk_writes() {
+                if usize::from(d.device) >= self.disks.len() {
+                    return Err(MirrorError::NoDisk {
+                        device: d.device,
+                        disks: self.disks.len(),
+                    });
+                }
+            }
+        }
+        let mut stats = ApplyStats::default();
+        let mut slot = slots.into_iter();
+        let mut written = vec![false; self.disks.len()];
+        for v in &views {
+            // `pages()` first: zip must not pull a slot past this part's last page.
+            for ((_, data), (r, off)) in v.pages().zip(slot.by_ref()) {
+                self.regions[r].bytes[off..off + PAGE_SIZE].copy_from_slice(data);
+                stats.pages += 1;
+            }
+            for (d, data) in v.disk_writes() {
+                let dev = usize::from(d.device);
+                self.disks[dev]
+                    .write_all_at(data, d.offset)
+                    .map_err(|source| MirrorError::Disk {
+                        device: d.device,
+                        source,
+                    })?;
+                written[dev] = true;
+                stats.disk_writes += 1;
+                stats.disk_bytes += data.len() as u64;
+            }
+            if let Some(c) = v.head.console {
+                stats.console_bytes += v.console.len() as u64;
+                self.console.insert(epoch, (c.pos, v.console.to_vec()));
+            }
+            if !v.state.is_empty() {
+                self.state = Some(v.state.to_vec());
+            }
+        }
+        // The epoch is acknowledged after this: its disk writes must be durable.
+        for (dev, w) in written.into_iter().enumerate() {
+            if w {
+                self.disks[dev]
+                    .sync_data()
+                    .map_err(|source| MirrorError::Disk {
+                        device: dev as u16,
+                        source,
+                    })?;
+            }
+        }
+        self.committed = Some(epoch);
+        Ok(stats)
+    }
+
+    /// Forgets the console output of epochs through `through` (the primary released it).
+    pub fn trim_output(&mut self, through: u64) {
+        self.console.retain(|e, _| *e > through);
+    }
+
+    /// Console output to release again on failover: committed epochs after
+    /// `released_through`, as `(stream position, bytes)`, in order.
+    pub fn console_to_rerelease(
+        &self,
+        released_through: Option<u64>,
+    ) -> impl Iterator<Item = (u64, &[u8])> {
+        let from = released_through.map_or(0, |r| r.saturating_add(1));
+        self.console
+            .range(from..)
+            .map(|(_, (pos, b))| (*pos, b.as_slice()))
+    }
+
+    /// Copies the mirror into `mem` (a new VM's RAM, same layout): the `fill_memory` of
+    /// `vmm::build_vm_from_state` on failover.
+    pub fn fill_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
+        let vm = vmm::persist::memory::layout(mem);
+        if vm != self.layout() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                MirrorError::FillLayout {
+                    mirror: self.layout(),
+                    vm,
+                }
+                .to_string(),
+            ));
+        }
+        for r in &self.regions {
+            mem.write_slice(&r.bytes, GuestAddress(r.start))
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{encode, ConsoleOut, DiskExtent, PageRun, PartHead, PartOf, ToStandby};
+    use vm_memory::Bytes;
+
+    struct TempFile(std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn temp_disk(len: u64) -> (TempFile, File) {
+        let p = std::env::temp_dir().join(format!(
+            "twinrun-mirror-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(len).unwrap();
+        (TempFile(p), f)
+    }
+
+    /// One encoded message: `(head_len, body)`.
+    fn part(
+        epoch: u64,
+        part: u32,
+        parts: u32,
+        pages: &[(u64, u8)],
+        state: &[u8],
+        disk: Option<(u64, &[u8])>,
+        console: Option<(u64, &[u8])>,
+    ) -> (usize, Vec<u8>) {
+        let runs: Vec<PageRun> = pages
+            .iter()
+            .map(|&(gpa, _)| PageRun { gpa, pages: 1 })
+            .collect();
+        let page_data: Vec<u8> = pages
+            .iter()
+            .flat_map(|&(_, b)| vec![b; PAGE_SIZE])
+            .collect();
+        let extents: Vec<DiskExtent> = disk
+            .iter()
+            .map(|(off, d)| DiskExtent {
+                device: 0,
+                offset: *off,
+                len: d.len() as u32,
+            })
+            .collect();
+        let disk_data = disk.map(|(_, d)| d.to_vec()).unwrap_or_default();
+        let con = console.map(|(pos, b)| ConsoleOut {
+            pos,
+            len: b.len() as u32,
+        });
+        let con_data = console.map(|(_, b)| b.to_vec()).unwrap_or_default();
+        let chunks = [state.to_vec(), disk_data, con_data, page_data];
+        let h = PartHead::new(
+            PartOf::Epoch {
+                epoch,
+                sync_rounds: 0,
+            },
+            part,
+            parts,
+            state.len() as u32,
+            runs,
+            extents,
+            con,
+            None,
+            &chunks,
+        )
+        .unwrap();
+        let head = encode(&ToStandby::Part(h)).unwrap();
+        let n = head.len();
+        let mut body = head;
+        body.extend_from_slice(&chunks.concat());
+        (n, body)
+    }
+
+    fn layout() -> Vec<(u64, u64)> {
+        let mem = vmm::vstate::memory::create_guest_memory(4 << 20).unwrap();
+        vmm::persist::memory::layout(&mem)
+    }
+
+    #[test]
+    fn apply_writes_pages_disk_state_and_fills_a_vm() {
+        let (_guard, disk) = temp_disk(8192);
+        let mut m = Mirror::new(&layout(), vec![disk.try_clone().unwrap()]).unwrap();
+        let (h0, b0) = part(0, 0, 2, &[(0x1000, 1), (0x2000, 2)], &[], None, None);
+        let (h1, b1) = part(
+            0,
+            1,
+            2,
+            &[(0x3000, 3)],
+            b"STATE",
+            Some((512, b"disk-data")),
+            Some((40, b"console")),
+        );
+        m.stage(0, h1, b1).unwrap();
+        m.stage(0, h0, b0).unwrap();
+        let st = m.apply(0).unwrap();
+        assert_eq!(st.pages, 3);
+        assert_eq!(st.disk_bytes, 9);
+        assert_eq!(m.committed(), Some(0));
+        assert_eq!(m.state_bytes(), Some(&b"STATE"[..]));
+        assert!(m.page(0x2000).unwrap().iter().all(|&b| b == 2));
+        assert!(m.page(0x4000).unwrap().iter().all(|&b| b == 0));
+        let mut d = [0u8; 9];
+        disk.read_exact_at(&mut d, 512).unwrap();
+        assert_eq!(&d, b"disk-data");
+        let re: Vec<_> = m.console_to_rerelease(None).collect();
+        assert_eq!(re, vec![(40, &b"console"[..])]);
+        m.trim_output(0);
+        assert_eq!(m.console_to_rerelease(None).count(), 0);
+
+        let mem = vmm::vstate::memory::create_guest_memory(4 << 20).unwrap();
+        m.fill_memory(&mem).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
+        assert!(page.iter().all(|&b| b == 3));
+        let other = vmm::vstate::memory::create_guest_memory(8 << 20).unwrap();
+        assert!(m.fill_memory(&other).is_err());
+    }
+
+    #[test]
+    fn a_bad_epoch_is_refused_whole() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        // One good page, one page far outside RAM: nothing may be written.
+        let (h, b) = part(1, 0, 1, &[(0x1000, 7), (1 << 40, 8)], b"S", None, None);
+        m.stage(1, h, b).unwrap();
+        assert!(matches!(m.apply(1), Err(MirrorError::PageOutside(_))));
+        assert!(m.page(0x1000).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(m.committed(), None);
+        // A disk that does not exist.
+        let (h, b) = part(2, 0, 1, &[], b"S", Some((0, b"x")), None);
+        m.stage(2, h, b).unwrap();
+        assert!(matches!(m.apply(2), Err(MirrorError::NoDisk { .. })));
+        // Corrupted payload.
+        let (h, mut b) = part(3, 0, 1, &[(0x1000, 1)], b"S", None, None);
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        m.stage(3, h, b).unwrap();
+        assert!(matches!(m.apply(3), Err(MirrorError::Decode { .. })));
+        assert!(matches!(m.apply(9), Err(MirrorError::NotStaged(9))));
+        m.stage(4, 0, vec![1, 2, 3]).unwrap();
+        m.discard_staged();
+        assert!(matches!(m.apply(4), Err(MirrorError::NotStaged(4))));
+    }
+
+    #[test]
+    fn layouts_are_checked() {
+        assert!(Mirror::new(&[], Vec::new()).is_err());
+        assert!(Mirror::new(&[(0, 100)], Vec::new()).is_err());
+        assert!(Mirror::new(&[(0, 8192), (4096, 4096)], Vec::new()).is_err());
+        assert!(Mirror::new(&[(0, 8192), (1 << 32, 4096)], Vec::new()).is_ok());
+    }
+}
