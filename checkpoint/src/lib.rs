@@ -6,5 +6,6 @@
 //! - [`protocol`]: the primary and standby state machines — pure, no I/O, time passed
 //!   in — so that a deterministic simulation drives them through every fault.
 pub mod messages;
+pub mod primary;
 pub mod protocol;
 pub mod standby;
