@@ -16,9 +16,11 @@ use bytes::Bytes;
 use vm_memory::{Bytes as _, GuestAddress};
 
 use crate::messages::{
-    split_runs, DiskExtent, LimitError, PageRun, PartHead, PartOf, MAX_DISK_BYTES_PER_PART,
-    MAX_DISK_EXTENTS_PER_PART, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, PAGE_SIZE,
+    split_runs, ConsoleOut, DiskExtent, LimitError, PageRun, PartHead, PartOf,
+    MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART,
+    PAGE_SIZE,
 };
+use vmm::devices::output::EpochConsole;
 use vmm::vstate::dirty::DirtySet;
 use vmm::{Vmm, VmmError};
 
@@ -138,7 +140,7 @@ impl Capturer {
         if !stay_paused {
             vmm.resume()?;
         }
-        let (runs, page_data, state, journals) = r?;
+        let (runs, page_data, state, journals, console) = r?;
         // Off the pause: encode state, disk extents, checksums.
         let state = state.to_bytes()?;
         let mut disk = Vec::new();
@@ -165,15 +167,26 @@ impl Capturer {
         let n = page_data.len() as u32;
         let mut out = Vec::with_capacity(page_data.len());
         let mut disk_once = Some((disk, disk_data));
+        let console_out = console.as_ref().map(|c| ConsoleOut {
+            pos: c.pos,
+            len: c.data.len() as u32,
+        });
+        let mut console_once = console.map(|c| c.data);
         for (k, (runs, data)) in page_data.into_iter().enumerate() {
             let last = k as u32 + 1 == n;
-            let (ext, ddata, st) = if last {
+            let (ext, ddata, st, con, cout) = if last {
                 let (e, d) = disk_once.take().unwrap_or_default();
-                (e, d, state.clone())
+                let con = console_once.take().unwrap_or_default();
+                (e, d, state.clone(), con, console_out)
             } else {
-                (Vec::new(), Vec::new(), Vec::new())
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None)
             };
-            let payload = vec![Bytes::from(st), Bytes::from(ddata), Bytes::from(data)];
+            let payload = vec![
+                Bytes::from(st),
+                Bytes::from(ddata),
+                Bytes::from(con),
+                Bytes::from(data),
+            ];
             let head = PartHead::new(
                 PartOf::Epoch { epoch, sync_rounds },
                 k as u32,
@@ -181,8 +194,7 @@ impl Capturer {
                 payload[0].len() as u32,
                 runs,
                 ext,
-                // The gate does not hand out the held console bytes yet (see README).
-                None,
+                cout,
                 released_through,
                 &payload,
             )?;
@@ -206,6 +218,7 @@ impl Capturer {
             Vec<(Vec<PageRun>, Vec<u8>)>,
             vmm::VmState,
             Vec<vmm::devices::virtio::block::DiskJournal>,
+            Option<EpochConsole>,
         ),
         CaptureError,
     > {
@@ -213,6 +226,9 @@ impl Capturer {
             vmm.enable_output_commit()?;
         }
         vmm.close_epoch(epoch)?;
+        // The epoch's console bytes (copied; the gate holds them until the ack) with
+        // their stream position: the standby releases them again after a failover.
+        let console = vmm.epoch_console(epoch);
         self.dirty.clear();
         vmm.harvest_dirty_into(&mut self.dirty)?;
         let state = vmm.capture_state()?;
@@ -226,7 +242,7 @@ impl Capturer {
         };
         let runs = runs_of(&self.dirty);
         let (parts, _) = self.page_parts(vmm, &runs)?;
-        Ok((runs, parts, state, journals))
+        Ok((runs, parts, state, journals, console))
     }
 
     /// Copies the pages of `runs` into one staging buffer per part.

@@ -57,6 +57,8 @@ pub enum OutputError {
     EpochOrder { epoch: u64, last: u64 },
     #[error("the disk journal is not enabled")]
     JournalNotEnabled,
+    #[error("console sink: {0}")]
+    Sink(String),
 }
 
 /// What a stream carries (release statistics are kept per kind).
@@ -74,6 +76,26 @@ pub trait ReleaseSink: Send {
     /// frame). Errors of the destination are the destination's business, as for
     /// direct output.
     fn release(&mut self, items: &[&[u8]]) -> u64;
+
+    /// Writes `items`, consecutive in the stream starting at stream position `pos`
+    /// (console streams): a positioned sink writes them there, others in order.
+    fn release_at(&mut self, pos: u64, items: &[&[u8]]) -> u64 {
+        let _ = pos;
+        self.release(items)
+    }
+
+    /// Where the next byte of this stream goes, if the sink knows (console sinks).
+    fn position(&self) -> Option<u64> {
+        None
+    }
+
+    /// Makes the sink write at stream positions from now on, the next output at `next`
+    /// (default: where it would go now). Returns the position, or None when the sink
+    /// has no positions.
+    fn make_positioned(&mut self, next: Option<u64>) -> io::Result<Option<u64>> {
+        let _ = next;
+        Ok(None)
+    }
 }
 
 /// A console sink shared between its device (socket events, direct writes while the
@@ -84,6 +106,19 @@ impl ReleaseSink for ConsoleRelease {
     fn release(&mut self, items: &[&[u8]]) -> u64 {
         lock(&self.0).write_all_vectored(items);
         0
+    }
+
+    fn release_at(&mut self, pos: u64, items: &[&[u8]]) -> u64 {
+        lock(&self.0).write_all_at(pos, items);
+        0
+    }
+
+    fn position(&self) -> Option<u64> {
+        lock(&self.0).position()
+    }
+
+    fn make_positioned(&mut self, next: Option<u64>) -> io::Result<Option<u64>> {
+        lock(&self.0).make_positioned(next)
     }
 }
 
@@ -124,6 +159,16 @@ pub struct OutputEpochStats {
     pub held_bytes: u64,
 }
 
+/// The console output of one closed epoch: bytes `[pos, pos + data.len())` of the
+/// console stream (the checkpoint layer ships them with the epoch so that a standby
+/// can release them again, at the same positions, after a failover).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EpochConsole {
+    pub epoch: u64,
+    pub pos: u64,
+    pub data: Vec<u8>,
+}
+
 /// What a release wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReleaseStats {
@@ -146,6 +191,8 @@ struct Held {
     data: Vec<u8>,
     /// Bytes at the front of `data` that are not output (the virtio-net header).
     skip: usize,
+    /// Console streams: stream position of the first output byte.
+    pos: u64,
 }
 
 impl Held {
@@ -157,12 +204,18 @@ impl Held {
 /// One stream's items taken out for writing.
 type Batch = (StreamKind, Arc<Mutex<dyn ReleaseSink>>, Vec<Held>);
 
+/// Console bytes the first console stream had emitted when the last epoch closed:
+/// `(epoch, stream position)`.
+type LastClose = Option<(u64, u64)>;
+
 struct Stream {
     kind: StreamKind,
     sink: Arc<Mutex<dyn ReleaseSink>>,
     items: VecDeque<Held>,
     stalled: bool,
     wake: EventFd,
+    /// Console streams: position of the next byte emitted (held output included).
+    pos: u64,
 }
 
 #[derive(Default)]
@@ -182,6 +235,7 @@ struct State {
     held_bytes: u64,
     open: OpenCounts,
     streams: Vec<Stream>,
+    last_close: LastClose,
 }
 
 /// The VM's output gate (one per VM, shared by its output devices).
@@ -210,6 +264,7 @@ impl Default for OutputGate {
                 held_bytes: 0,
                 open: OpenCounts::default(),
                 streams: Vec::new(),
+                last_close: None,
             }),
             release_lock: Mutex::new(()),
         }
@@ -236,6 +291,7 @@ impl OutputGate {
             items: VecDeque::new(),
             stalled: false,
             wake,
+            pos: 0,
         });
         Ok(GatePort {
             gate: self.clone(),
@@ -250,8 +306,117 @@ impl OutputGate {
 
     /// From now on output is held. Enabling an enabled gate changes nothing.
     pub fn enable(&self) {
-        let _st = lock(&self.state);
+        let mut st = lock(&self.state);
+        if !self.is_enabled() {
+            // Held output continues the stream where direct output left it (the VM is
+            // paused: every direct write has reached the sink).
+            for s in st
+                .streams
+                .iter_mut()
+                .filter(|s| s.kind == StreamKind::Console)
+            {
+                if let Some(p) = lock(&*s.sink).position() {
+                    s.pos = p;
+                }
+            }
+        }
         self.enabled.store(true, Ordering::Release);
+    }
+
+    fn console_stream(st: &mut State) -> Option<&mut Stream> {
+        st.streams
+            .iter_mut()
+            .find(|s| s.kind == StreamKind::Console)
+    }
+
+    /// Makes the console sink write at stream positions (see
+    /// [`ReleaseSink::make_positioned`]); the gate's stream position follows. Returns
+    /// the position of the next console byte, None without a positioned console.
+    pub fn make_console_positioned(&self, next: Option<u64>) -> io::Result<Option<u64>> {
+        let mut st = lock(&self.state);
+        let Some(s) = Self::console_stream(&mut st) else {
+            return Ok(None);
+        };
+        let p = lock(&*s.sink).make_positioned(next)?;
+        if let Some(p) = p {
+            s.pos = p;
+        }
+        Ok(p)
+    }
+
+    /// Writes `data` at stream position `pos` of the console sink, bypassing the gate
+    /// (a standby releasing again what a dead primary may not have released).
+    pub fn write_console_at(&self, pos: u64, data: &[u8]) -> bool {
+        let _serial = lock(&self.release_lock);
+        let sink = {
+            let mut st = lock(&self.state);
+            match Self::console_stream(&mut st) {
+                Some(s) => s.sink.clone(),
+                None => return false,
+            }
+        };
+        lock(&*sink).release_at(pos, &[data]);
+        true
+    }
+
+    /// Writes one Ethernet frame on net device `index`'s TAP, bypassing the gate (a VMM
+    /// frame, not guest output: the RARP announce after a failover). False without
+    /// that device; the count of frames the TAP refused otherwise is logged.
+    pub fn send_frame(&self, index: usize, frame: &[u8]) -> bool {
+        let sink = {
+            let st = lock(&self.state);
+            match st
+                .streams
+                .iter()
+                .filter(|s| s.kind == StreamKind::Net)
+                .nth(index)
+            {
+                Some(s) => s.sink.clone(),
+                None => return false,
+            }
+        };
+        if lock(&*sink).release(&[frame]) > 0 {
+            log::warn!("net {index}: the TAP refused a VMM frame");
+            return false;
+        }
+        true
+    }
+
+    /// Position of the next console byte (held output included), None without a
+    /// console stream.
+    pub fn console_position(&self) -> Option<u64> {
+        let mut st = lock(&self.state);
+        Self::console_stream(&mut st).map(|s| s.pos)
+    }
+
+    /// A copy of the console output of `epoch`, which must be the epoch closed last and
+    /// not yet released (call it right after [`OutputGate::close_epoch`]). None without
+    /// a console stream or for another epoch.
+    pub fn epoch_console(&self, epoch: u64) -> Option<EpochConsole> {
+        let mut st = lock(&self.state);
+        let (e, end) = st.last_close?;
+        if e != epoch {
+            return None;
+        }
+        let generation = st
+            .closed
+            .back()
+            .filter(|(_, ce)| *ce == epoch)
+            .map(|(g, _)| *g);
+        let s = Self::console_stream(&mut st)?;
+        let mut data = Vec::new();
+        if let Some(g) = generation {
+            for h in s.items.iter().rev().take_while(|h| h.generation == g) {
+                data.push(h.bytes());
+            }
+        }
+        data.reverse();
+        let data: Vec<u8> = data.concat();
+        Some(EpochConsole {
+            epoch,
+            pos: end - data.len() as u64,
+            data,
+        })
     }
 
     /// Sets the limit of held bytes (see the module docs for what reaching it does).
@@ -284,6 +449,7 @@ impl OutputGate {
         }
         st.generation += 1;
         st.last_closed = Some(epoch);
+        st.last_close = Self::console_stream(&mut st).map(|s| (epoch, s.pos));
         Ok(OutputEpochStats {
             epoch,
             console_bytes: open.console_bytes,
@@ -338,11 +504,14 @@ impl OutputGate {
             while s.items.back().is_some_and(|h| h.generation >= cutoff) {
                 if let Some(h) = s.items.pop_back() {
                     dropped += h.bytes().len() as u64;
+                    // The stream continues where the dropped output began.
+                    s.pos = h.pos;
                 }
             }
         }
         st.held_bytes -= dropped;
         st.open = OpenCounts::default();
+        st.last_close = None;
         if st.last_closed.is_some_and(|l| l > epoch) {
             st.last_closed = Some(epoch);
         }
@@ -415,7 +584,11 @@ impl OutputGate {
         for (kind, sink, items) in batches {
             let slices: Vec<&[u8]> = items.iter().map(Held::bytes).collect();
             let bytes: u64 = slices.iter().map(|s| s.len() as u64).sum();
-            let lost = lock(&*sink).release(&slices);
+            let lost = match (kind, items.first()) {
+                // Items of a console stream are consecutive from the first one's position.
+                (StreamKind::Console, Some(first)) => lock(&*sink).release_at(first.pos, &slices),
+                _ => lock(&*sink).release(&slices),
+            };
             match kind {
                 StreamKind::Console => stats.console_bytes += bytes,
                 StreamKind::Net => {
@@ -484,6 +657,10 @@ impl GatePort {
             return Err(data);
         };
         let kind = s.kind;
+        let pos = s.pos;
+        if kind == StreamKind::Console {
+            s.pos += len;
+        }
         match s.items.back_mut() {
             Some(last)
                 if kind == StreamKind::Console
@@ -496,6 +673,7 @@ impl GatePort {
                 generation,
                 data,
                 skip,
+                pos,
             }),
         }
         st.held_bytes += len;

@@ -4,7 +4,7 @@
 //! [`crate::devices::output`] and [`crate::devices::virtio::block::journal`].
 
 use super::{Vmm, VmmError};
-use crate::devices::output::{OutputEpochStats, OutputError, ReleaseStats};
+use crate::devices::output::{EpochConsole, OutputEpochStats, OutputError, ReleaseStats};
 use crate::devices::virtio::block::DiskJournal;
 
 impl Vmm {
@@ -66,6 +66,49 @@ impl Vmm {
             return Err(OutputError::NotPaused.into());
         }
         Ok(self.devices.output_gate().disable())
+    }
+
+    /// The console output of `epoch` with its stream position: a copy of what the
+    /// gate holds for it. Only for the epoch closed last, before it is released (call
+    /// it right after [`close_epoch`](Self::close_epoch), still paused). None without
+    /// a console or for another epoch.
+    pub fn epoch_console(&self, epoch: u64) -> Option<EpochConsole> {
+        self.devices.output_gate().epoch_console(epoch)
+    }
+
+    /// Position in the console stream of the next byte the guest emits.
+    pub fn console_position(&self) -> Option<u64> {
+        self.devices.output_gate().console_position()
+    }
+
+    /// Makes a file console sink write at stream positions (`pwrite`) instead of
+    /// appending, the next byte at `next` (default: the file's length). Released
+    /// output goes to the positions it was emitted at, so writing it twice (a standby
+    /// after failover, see [`write_console_at`](Self::write_console_at)) is harmless.
+    /// Only before start or while paused. Returns the position, None if the console is
+    /// not a file.
+    pub fn set_console_positioned(&self, next: Option<u64>) -> Result<Option<u64>, VmmError> {
+        if !self.quiet() {
+            return Err(OutputError::NotPaused.into());
+        }
+        self.devices
+            .output_gate()
+            .make_console_positioned(next)
+            .map_err(|e| OutputError::Sink(e.to_string()).into())
+    }
+
+    /// Writes `data` at console stream position `pos`, bypassing the gate (output a
+    /// standby releases again after failover). False without a console.
+    pub fn write_console_at(&self, pos: u64, data: &[u8]) -> bool {
+        self.devices.output_gate().write_console_at(pos, data)
+    }
+
+    /// Writes a raw Ethernet frame (with its Ethernet header) on net device `index`'s
+    /// TAP, bypassing output commit: the VMM's own frames, like the RARP announce of
+    /// the guest's MAC after a failover. False if there is no such device or the TAP
+    /// refused the frame.
+    pub fn send_raw_frame(&self, index: usize, frame: &[u8]) -> bool {
+        self.devices.output_gate().send_frame(index, frame)
     }
 
     /// Held bytes over all streams and epochs (for backpressure).

@@ -248,3 +248,48 @@ fn uart_bytes_are_held_until_release() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(got, b"aheld\n");
 }
+
+#[test]
+fn epoch_console_and_positioned_release_are_idempotent() {
+    let path = std::env::temp_dir().join(format!("twinrun-gate-pos-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sink = Arc::new(Mutex::new(
+        ConsoleSink::new(&ConsoleConfig::File { path: path.clone() }).unwrap(),
+    ));
+    sink.lock().unwrap().write(b"boot\n");
+    let gate = OutputGate::new();
+    let rs: Arc<Mutex<dyn ReleaseSink>> = Arc::new(Mutex::new(ConsoleRelease(sink.clone())));
+    let con = gate.register(StreamKind::Console, rs).unwrap();
+    assert_eq!(gate.make_console_positioned(None).unwrap(), Some(5));
+    gate.enable();
+    con.hold(b"one\n".to_vec(), 0).unwrap();
+    gate.close_epoch(0).unwrap();
+    let e0 = gate.epoch_console(0).unwrap();
+    assert_eq!((e0.pos, &e0.data[..]), (5, &b"one\n"[..]));
+    // An epoch without console output still reports where the stream stands.
+    gate.close_epoch(1).unwrap();
+    let e1 = gate.epoch_console(1).unwrap();
+    assert_eq!((e1.pos, e1.data.len()), (9, 0));
+    assert!(
+        gate.epoch_console(0).is_none(),
+        "only the last closed epoch"
+    );
+    con.hold(b"two\n".to_vec(), 0).unwrap();
+    con.hold(b"three\n".to_vec(), 0).unwrap();
+    gate.close_epoch(2).unwrap();
+    let e2 = gate.epoch_console(2).unwrap();
+    assert_eq!((e2.pos, &e2.data[..]), (9, &b"two\nthree\n"[..]));
+    assert_eq!(gate.console_position(), Some(19));
+    gate.release(2);
+    let once = std::fs::read(&path).unwrap();
+    assert_eq!(once, b"boot\none\ntwo\nthree\n");
+    // Released again at the same positions (a standby after failover): no change.
+    assert!(gate.write_console_at(e2.pos, &e2.data));
+    assert!(gate.write_console_at(e0.pos, &e0.data));
+    assert_eq!(std::fs::read(&path).unwrap(), once);
+    // Discarded output gives its positions back.
+    con.hold(b"lost\n".to_vec(), 0).unwrap();
+    gate.discard_after(2);
+    assert_eq!(gate.console_position(), Some(19));
+    std::fs::remove_file(&path).unwrap();
+}

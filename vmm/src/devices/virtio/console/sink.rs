@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +45,14 @@ pub struct SocketSink {
 pub enum ConsoleSink {
     Stdout,
     File(File),
+    /// A file written at stream positions (`pwrite`), not appended: writing the same
+    /// bytes at the same position twice leaves the file as once. FT mode's standby
+    /// re-releases output the dead primary may or may not have released; this makes
+    /// that idempotent. `next` is where direct output goes.
+    Positioned {
+        file: File,
+        next: u64,
+    },
     Socket(Box<SocketSink>),
 }
 
@@ -82,6 +90,11 @@ impl ConsoleSink {
                 out.write_all(data).and_then(|_| out.flush())
             }
             ConsoleSink::File(f) => f.write_all(data),
+            ConsoleSink::Positioned { file, next } => {
+                let r = file.write_all_at(data, *next);
+                *next += data.len() as u64;
+                r
+            }
             ConsoleSink::Socket(s) => {
                 s.write(data);
                 Ok(())
@@ -103,6 +116,10 @@ impl ConsoleSink {
                     .and_then(|_| out.flush())
             }
             ConsoleSink::File(f) => write_all_vectored(f, bufs),
+            ConsoleSink::Positioned { next, .. } => {
+                let at = *next;
+                return self.write_all_at(at, bufs);
+            }
             ConsoleSink::Socket(s) => {
                 for b in bufs {
                     s.pending.extend(*b);
@@ -113,6 +130,69 @@ impl ConsoleSink {
         };
         if let Err(e) = r {
             log::warn!("console output lost: {e}");
+        }
+    }
+
+    /// Writes `bufs` (consecutive) at stream position `pos` on a positioned sink, and
+    /// moves the position of later direct output past them if it was before; other
+    /// sinks have no positions and write in order.
+    pub fn write_all_at(&mut self, pos: u64, bufs: &[&[u8]]) {
+        let ConsoleSink::Positioned { file, next } = self else {
+            return self.write_all_vectored(bufs);
+        };
+        let mut at = pos;
+        for b in bufs {
+            if let Err(e) = file.write_all_at(b, at) {
+                log::warn!("console output lost at position {at}: {e}");
+                return;
+            }
+            at += b.len() as u64;
+        }
+        *next = (*next).max(at);
+    }
+
+    /// Turns a file sink into a positioned one whose next output goes to `next` (by
+    /// default the file's length, where appending would have put it). Returns the
+    /// position, or None for sinks without positions (stdout, socket).
+    pub fn make_positioned(&mut self, next: Option<u64>) -> io::Result<Option<u64>> {
+        match self {
+            ConsoleSink::File(f) => {
+                // O_APPEND would make pwrite append on Linux: clear it.
+                let fd = f.as_raw_fd();
+                // SAFETY: fcntl on a descriptor this sink owns; no memory is passed.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: as above; only the O_APPEND status flag changes.
+                if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_APPEND) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let file = f.try_clone()?;
+                let next = match next {
+                    Some(n) => n,
+                    None => file.metadata()?.len(),
+                };
+                *self = ConsoleSink::Positioned { file, next };
+                Ok(Some(next))
+            }
+            ConsoleSink::Positioned { next: n, .. } => {
+                if let Some(p) = next {
+                    *n = p;
+                }
+                Ok(Some(*n))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Where the next output goes in the stream, when the sink knows it: a positioned
+    /// sink's position, or an appended file's length.
+    pub fn position(&self) -> Option<u64> {
+        match self {
+            ConsoleSink::Positioned { next, .. } => Some(*next),
+            ConsoleSink::File(f) => f.metadata().ok().map(|m| m.len()),
+            _ => None,
         }
     }
 
@@ -157,7 +237,7 @@ impl ConsoleSink {
             ConsoleSink::Stdout => {
                 let _ = io::stdout().flush();
             }
-            ConsoleSink::File(f) => {
+            ConsoleSink::File(f) | ConsoleSink::Positioned { file: f, .. } => {
                 let _ = f.flush();
             }
             ConsoleSink::Socket(s) => s.flush_blocking(),
