@@ -4,17 +4,20 @@
 
 #[path = "support/flat_dirty_guest.rs"]
 mod flat;
+#[path = "support/guest.rs"]
+mod guest;
+#[path = "support/tap.rs"]
+mod tap;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest::{create_image, disk, guest_config, TempFile};
+use tap::{arp_request, is_arp_reply, PacketSock, Tap};
 use twinrun_guest_abi as abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::config::{ConsoleConfig, DiskConfig, IoEngine, NetConfig, Payload, VmConfig, Workloads};
+use vmm::config::{NetConfig, VmConfig, Workloads};
 use vmm::vstate::dirty::{BitmapSource, DirtyError, DirtySet, PAGE_SIZE};
 use vmm::vstate::memory::GuestMemoryMmap;
 use vmm::{build_vm, VmExit, Vmm, VmmError};
@@ -132,128 +135,18 @@ fn stop_turns_logging_off() {
 // ---------------------------------------------------------------------------------
 // The real test guest.
 
-/// Builds the guest once per test process (`$TWINRUN_GUEST` skips the build).
-fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-            return Ok(PathBuf::from(p));
-        }
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release"])
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", dir.join("target"))
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "guest build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(dir.join("target/x86_64-unknown-linux-gnu/release/twinrun-guest"))
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Temporary files (console log, disk image) and the TAP, removed on drop.
-struct Cleanup {
-    files: Vec<PathBuf>,
-    tap: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-        if Path::new("/sys/class/net").join(&self.tap).exists() {
-            let _ = Command::new("ip").args(["link", "del", &self.tap]).status();
-        }
-    }
-}
-
-/// Raw packet socket on the TAP: frames sent here reach the VM's RX queue.
-struct PacketSock(OwnedFd);
-
-impl PacketSock {
-    fn new(ifname: &str) -> PacketSock {
-        let c = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: `c` is a valid NUL-terminated string.
-        let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        assert_ne!(idx, 0, "no interface {ifname}");
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation, checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                i32::from(proto),
-            )
-        };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields used are set below.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = idx as i32;
-        // SAFETY: `sa` is a valid sockaddr_ll of the size passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        PacketSock(fd)
-    }
-
-    fn send(&self, frame: &[u8]) -> bool {
-        // SAFETY: sends from a valid buffer of the given length on a bound socket.
-        let r = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        r == frame.len() as isize
-    }
-
-    /// Counts ARP replies (from the guest) waiting on the socket.
-    fn drain_arp_replies(&self, buf: &mut [u8]) -> u64 {
-        let mut n = 0;
-        loop {
-            // SAFETY: receives into a valid buffer of the given length.
-            let r =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if r < 0 {
-                return n;
-            }
-            let f = &buf[..r as usize];
-            if f.len() >= 22 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
-                n += 1;
-            }
-        }
-    }
-}
-
 const GUEST_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
 const HOST_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 
-/// A broadcast ARP request for the guest's address (10.0.0.2) from 10.0.0.1.
-fn arp_request() -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&HOST_MAC);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&HOST_MAC);
-    f.extend_from_slice(&[10, 0, 0, 1]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&[10, 0, 0, 2]);
-    f
+/// Counts ARP replies (from the guest) waiting on the socket.
+fn drain_arp_replies(sock: &PacketSock, buf: &mut [u8]) -> u64 {
+    let mut n = 0;
+    sock.drain(buf, |f| {
+        if is_arp_reply(f) {
+            n += 1;
+        }
+    });
+    n
 }
 
 /// A frame to the guest's MAC with an unused EtherType and changing contents: the
@@ -308,56 +201,39 @@ fn apply(shadow: &mut [u8], live: &[u8], set: &DirtySet, skip: Option<u64>) {
 
 #[test]
 fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
-    let id = format!("{}-{}", std::process::id(), line!());
-    let tap = format!("twdf{}", std::process::id() % 1_000_000);
-    let log = std::env::temp_dir().join(format!("twinrun-dirty-{id}.log"));
-    let disk = std::env::temp_dir().join(format!("twinrun-dirty-{id}.img"));
-    let _cleanup = Cleanup {
-        files: vec![log.clone(), disk.clone()],
-        tap: tap.clone(),
+    let tap = Tap::new("twdf");
+    let log = TempFile::new("dirty.log");
+    let image = TempFile::new("dirty.img");
+    create_image(image.path(), 16 << 20);
+    let workloads = Workloads {
+        dirty: true,
+        dirty_pages: 2048,
+        dirty_rate: 20_000,
+        kv: true,
+        blkbench: true,
+        blkbench_bytes: 16 << 20,
+        blkbench_req_kib: 64,
+        blkbench_depth: 4,
+        ..Workloads::default()
     };
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(16 << 20))
-        .unwrap();
     let cfg = VmConfig {
-        mem_mib: 64,
-        vcpus: 1,
-        payload: Payload::TestGuest {
-            elf: guest_elf(),
-            workloads: Workloads {
-                dirty: true,
-                dirty_pages: 2048,
-                dirty_rate: 20_000,
-                kv: true,
-                blkbench: true,
-                blkbench_bytes: 16 << 20,
-                blkbench_req_kib: 64,
-                blkbench_depth: 4,
-                ..Workloads::default()
-            },
-        },
-        disks: vec![DiskConfig {
-            path: disk.clone(),
-            read_only: false,
-            io_engine: IoEngine::IoUring,
-            serial: None,
-        }],
+        disks: vec![disk(image.path())],
         nets: vec![NetConfig {
-            tap: tap.clone(),
+            tap: tap.name().to_owned(),
             mac: "02:77:00:00:00:02".into(),
         }],
-        console: ConsoleConfig::File { path: log.clone() },
+        ..guest_config(workloads, log.path())
     };
     let mut vmm = build_vm(&cfg).expect("build");
 
     // Host side of the network: ARP requests and noise frames into the VM's RX.
-    let sock = Arc::new(PacketSock::new(&tap));
+    let sock = Arc::new(PacketSock::new(tap.name()));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
         let (sock, stop, sent) = (sock.clone(), stop.clone(), sent.clone());
         std::thread::spawn(move || {
-            let arp = arp_request();
+            let arp = arp_request(HOST_MAC);
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
@@ -434,7 +310,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
                 set.contains(GuestAddress(p))
             );
         }
-        arp_replies += sock.drain_arp_replies(&mut rbuf);
+        arp_replies += drain_arp_replies(&sock, &mut rbuf);
     }
     let elapsed = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -444,7 +320,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
         vmm.wait_timeout(Duration::from_secs(10)),
         Some(VmExit::Stopped)
     );
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = log.text();
     println!(
         "{PAUSES} pauses in {elapsed:?}: {pages_total} dirty pages harvested, {with_vmm} \
          harvests with VMM writes ({vmm_only} with pages only the VMM wrote), {negatives} \

@@ -4,12 +4,15 @@
 //! process from files), and check the guest carried on as if nothing happened: no
 //! counter or disk record gap or duplicate, no dirty-page self-check error.
 
+#[path = "support/guest.rs"]
+mod guest;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use vmm::config::{ConsoleConfig, DiskConfig, IoEngine, Payload, VmConfig, Workloads};
+use guest::{create_image, disk, guest_config, wait_for_lines};
+use vmm::config::{VmConfig, Workloads};
 use vmm::persist::memory::{load_memory, save_memory};
 use vmm::{build_vm, build_vm_from_state, VmExit, VmState};
 
@@ -17,35 +20,6 @@ const COUNTER_LIMIT: u64 = 1500;
 const DISK_LIMIT: u64 = 150;
 /// Set in the child process of the cross-process test: `<dir>` holding the files.
 const CHILD_ENV: &str = "TWINRUN_STATE_CHILD_DIR";
-
-/// Builds the guest once per test process (`$TWINRUN_GUEST` skips the build).
-fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-            return Ok(PathBuf::from(p));
-        }
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release"])
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", dir.join("target"))
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "guest build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(dir.join("target/x86_64-unknown-linux-gnu/release/twinrun-guest"))
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A directory for one test's files, removed on drop.
 struct TestDir(PathBuf);
@@ -66,35 +40,23 @@ impl Drop for TestDir {
 }
 
 fn config(dir: &Path) -> VmConfig {
+    let workloads = Workloads {
+        counter: true,
+        counter_rate: 1000,
+        counter_limit: COUNTER_LIMIT,
+        dirty: true,
+        dirty_pages: 1024,
+        dirty_rate: 20_000,
+        dirty_passes: 25,
+        disk: true,
+        disk_rate: 100,
+        disk_limit: DISK_LIMIT,
+        ..Workloads::default()
+    };
     VmConfig {
-        mem_mib: 64,
         vcpus: 2,
-        payload: Payload::TestGuest {
-            elf: guest_elf(),
-            workloads: Workloads {
-                counter: true,
-                counter_rate: 1000,
-                counter_limit: COUNTER_LIMIT,
-                dirty: true,
-                dirty_pages: 1024,
-                dirty_rate: 20_000,
-                dirty_passes: 25,
-                disk: true,
-                disk_rate: 100,
-                disk_limit: DISK_LIMIT,
-                ..Workloads::default()
-            },
-        },
-        disks: vec![DiskConfig {
-            path: dir.join("disk.img"),
-            read_only: false,
-            io_engine: IoEngine::IoUring,
-            serial: None,
-        }],
-        nets: vec![],
-        console: ConsoleConfig::File {
-            path: dir.join("console.log"),
-        },
+        disks: vec![disk(&dir.join("disk.img"))],
+        ..guest_config(workloads, &dir.join("console.log"))
     }
 }
 
@@ -102,27 +64,20 @@ fn console(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
 }
 
-fn count_prefix(text: &str, prefix: &str) -> usize {
-    text.lines().filter(|l| l.starts_with(prefix)).count()
-}
-
 /// Runs the guest until it has printed `lines` counter lines, pauses it and returns
 /// its state and memory; the VMM is gone when this returns (disk unlocked).
 fn run_and_capture(cfg: &VmConfig, dir: &Path, lines: usize) -> (VmState, Vec<u8>) {
-    std::fs::File::create(dir.join("disk.img"))
-        .and_then(|f| f.set_len(16 << 20))
-        .unwrap();
+    create_image(&dir.join("disk.img"), 16 << 20);
     let mut vm = build_vm(cfg).expect("build");
     vm.start().unwrap();
-    let t0 = Instant::now();
-    while count_prefix(&console(dir), "C ") < lines {
-        assert!(
-            vm.wait_timeout(Duration::from_millis(5)).is_none(),
-            "guest ended before the capture:\n{}",
-            console(dir)
-        );
-        assert!(t0.elapsed() < Duration::from_secs(20), "guest too slow");
-    }
+    wait_for_lines(
+        &mut vm,
+        &dir.join("console.log"),
+        "C ",
+        lines,
+        Duration::from_secs(20),
+        "before the capture",
+    );
     vm.pause().unwrap();
     let t = Instant::now();
     let state = vm.capture_state().expect("capture");
@@ -237,9 +192,7 @@ fn restore_refuses_a_state_that_does_not_match_the_config() {
     assert!(e.to_string().contains("vCPUs"), "{e}");
 
     let mut other = cfg.clone();
-    std::fs::File::create(dir.0.join("other.img"))
-        .and_then(|f| f.set_len(16 << 20))
-        .unwrap();
+    create_image(&dir.0.join("other.img"), 16 << 20);
     other.disks[0].path = dir.0.join("other.img");
     let e = build_vm_from_state(&other, &state, fill)
         .err()
@@ -323,16 +276,14 @@ fn guest_survives_a_chain_of_restores() {
             println!("hop {hop}: {report:?}");
         }
         vm.start().unwrap();
-        let target = 100 + hop * 150;
-        let t0 = Instant::now();
-        while count_prefix(&console(&dir.0), "C ") < target {
-            assert!(
-                vm.wait_timeout(Duration::from_millis(5)).is_none(),
-                "guest ended early at hop {hop}:\n{}",
-                console(&dir.0)
-            );
-            assert!(t0.elapsed() < Duration::from_secs(10), "hop {hop} too slow");
-        }
+        wait_for_lines(
+            &mut vm,
+            &dir.0.join("console.log"),
+            "C ",
+            100 + hop * 150,
+            Duration::from_secs(10),
+            &format!("hop {hop}"),
+        );
         vm.pause().unwrap();
         state = vm.capture_state().expect("capture");
         mem.clear();
