@@ -39,6 +39,11 @@ pub enum CaptureError {
     Limit(#[from] LimitError),
     #[error("epoch dirtied {0} pages, more than one epoch may carry")]
     TooManyPages(u64),
+    #[error("reading disk image {path}: {source}")]
+    DiskRead {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("disk journal of the epoch ({extents} writes, {bytes} bytes) exceeds one part")]
     DiskTooLarge { extents: usize, bytes: u64 },
 }
@@ -233,10 +238,12 @@ impl Capturer {
         vmm.harvest_dirty_into(&mut self.dirty)?;
         let state = vmm.capture_state()?;
         let journals = if epoch == 0 {
-            // From here on every write travels with its epoch. (Writes before epoch 0
-            // belong to the initial disk copy: the storage issue's.)
+            // From here on every write travels with its epoch. Epoch 0 carries the
+            // blocks written since the VM started (the standby's images must equal the
+            // primary's as they were at start: the full initial disk copy and resync
+            // are the storage issue's).
             vmm.enable_disk_journal()?;
-            Vec::new()
+            written_since_start(vmm, &state)?
         } else {
             vmm.take_disk_journal()?
         };
@@ -288,4 +295,59 @@ fn runs_of(set: &DirtySet) -> Vec<PageRun> {
         }
     }
     out
+}
+
+/// The blocks each disk had written since the VM started (the virtio-blk written map,
+/// taken and reset), read back from the images as journal extents. Only while paused:
+/// no request is in flight, so the image holds every completed write.
+fn written_since_start(
+    vmm: &Vmm,
+    state: &vmm::VmState,
+) -> Result<Vec<vmm::devices::virtio::block::DiskJournal>, CaptureError> {
+    use std::os::unix::fs::FileExt;
+    use vmm::devices::virtio::block::journal::JournalExtent;
+    use vmm::devices::virtio::block::written::WRITE_BLOCK;
+    use vmm::devices::virtio::persist::DeviceState;
+    let mut out = Vec::new();
+    let mut disk = 0;
+    for (i, t) in state.devices.iter().enumerate() {
+        let DeviceState::Block { disk: cfg } = &t.device else {
+            continue;
+        };
+        let written = vmm.devices().transport(i).and_then(|t| {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_written_blocks()
+        });
+        let mut j = vmm::devices::virtio::block::DiskJournal {
+            disk_index: disk,
+            ..Default::default()
+        };
+        disk += 1;
+        let Some(w) = written else { continue };
+        if w.count() == 0 {
+            out.push(j);
+            continue;
+        }
+        let err = |source| CaptureError::DiskRead {
+            path: cfg.path.clone(),
+            source,
+        };
+        let f = std::fs::File::open(&cfg.path).map_err(err)?;
+        let size = f.metadata().map_err(err)?.len();
+        for (first, n) in w.runs() {
+            let off = first * WRITE_BLOCK;
+            let len = (n * WRITE_BLOCK).min(size.saturating_sub(off));
+            let at = j.data.len();
+            j.data.resize(at + len as usize, 0);
+            f.read_exact_at(&mut j.data[at..], off).map_err(err)?;
+            j.extents.push(JournalExtent {
+                sector: off / 512,
+                offset: at as u64,
+                len,
+            });
+        }
+        out.push(j);
+    }
+    Ok(out)
 }

@@ -1,5 +1,7 @@
 //! The primary's I/O side.
 
 pub mod capture;
+pub mod driver;
 
 pub use capture::{CaptureError, Captured, Capturer, OutPart};
+pub use driver::{run_primary, DriverError, PrimaryDriverConfig, PrimaryReport};

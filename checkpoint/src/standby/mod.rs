@@ -1,5 +1,10 @@
-//! The standby's I/O side: the mirror of the protected VM.
+//! The standby's I/O side: the mirror of the protected VM and the driver.
 
+pub mod driver;
 pub mod mirror;
 
+pub use driver::{
+    rarp_announce, rebind_attachments, run_standby, FailoverReport, StandbyDriverError,
+    StandbyOutcome,
+};
 pub use mirror::{ApplyStats, Mirror, MirrorError};

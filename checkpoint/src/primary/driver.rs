@@ -1,0 +1,354 @@
+//! The primary's driver: runs the [`Primary`] state machine against a real [`Vmm`] and
+//! an [`Alink`], with a clock. It is the only place where the primary's protocol meets
+//! I/O: actions become captures, sends, pauses and releases; acks and link events become
+//! events.
+//!
+//! One thread, one loop: wait for an ack (at most until the next epoch deadline or a
+//! short poll interval, so that waiting output can end an epoch early), drain link
+//! events, tick. Sends never block for long: when the A-Link's window stays full the
+//! driver looks at the link events again, so a dead standby is noticed even then.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use alink::{Alink, AlinkError, Event, LinkEvent};
+
+use crate::messages::{decode_to_primary, ToPrimary, ToStandby};
+use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
+use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
+use vmm::{Vmm, VmmError};
+
+/// How often the loop looks at waiting output and link events when nothing else wakes it.
+const POLL: Duration = Duration::from_millis(1);
+/// A send waits this long for room in the A-Link's window before the driver checks
+/// whether the standby is still there.
+const SEND_WAIT: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("capture: {0}")]
+    Capture(#[from] CaptureError),
+    #[error("VMM: {0}")]
+    Vmm(#[from] VmmError),
+    #[error("A-Link: {0}")]
+    Alink(#[from] AlinkError),
+    #[error("the standby did not connect within {0:?}")]
+    NoStandby(Duration),
+}
+
+/// Tunables of the driver (the protocol's are in [`PrimaryConfig`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PrimaryDriverConfig {
+    pub protocol: PrimaryConfig,
+    /// How long to wait for the standby's first link before giving up.
+    pub connect_timeout: Duration,
+    /// Pages per part (default: the wire limit).
+    pub max_part_pages: Option<u32>,
+}
+
+impl Default for PrimaryDriverConfig {
+    fn default() -> Self {
+        PrimaryDriverConfig {
+            protocol: PrimaryConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_part_pages: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct PrimaryReport {
+    pub sync_rounds: u32,
+    pub epochs_captured: u64,
+    pub epochs_acked: u64,
+    /// Newest epoch whose output was released.
+    pub released: Option<u64>,
+    /// The standby was lost and the VM ran on unprotected.
+    pub simplex: bool,
+    /// Guest pause per epoch capture, sorted.
+    pub pauses: Vec<Duration>,
+    /// Captures that found the guest already paused by a throttle.
+    pub throttles: u64,
+    /// Console stream position where output commit began (epoch 0's first byte):
+    /// output before it went out directly, as did disk writes (their copy to the
+    /// standby is the storage issue's initial disk sync).
+    pub protected_from_console: Option<u64>,
+}
+
+/// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
+/// is set later: in Simplex the driver just idles, the VM keeps running). The VM must
+/// be started; the link may still be connecting.
+pub fn run_primary(
+    vmm: &Vmm,
+    link: &Alink,
+    cfg: &PrimaryDriverConfig,
+    stop: &AtomicBool,
+) -> Result<PrimaryReport, DriverError> {
+    let t0 = Instant::now();
+    while !link.peer_reachable() {
+        if t0.elapsed() > cfg.connect_timeout {
+            return Err(DriverError::NoStandby(cfg.connect_timeout));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(PrimaryReport::default());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    log::info!("primary: standby connected, starting the initial synchronisation");
+    let mut d = Driver {
+        vmm,
+        link,
+        proto: Primary::new(cfg.protocol),
+        cap: Capturer::new(vmm)?,
+        staged: VecDeque::new(),
+        paused_by_throttle: false,
+        report: PrimaryReport::default(),
+        t0,
+    };
+    if let Some(n) = cfg.max_part_pages {
+        d.cap.set_max_part_pages(n);
+    }
+    let layout = vmm::persist::memory::layout(vmm.guest_memory());
+    match d.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
+        Ok(()) => d.feed(PrimaryEvent::Start { now: d.now() })?,
+        Err(Lost::Error(e)) => return Err(e),
+        Err(Lost::Peer) => d.peer_lost()?,
+    }
+    while !stop.load(Ordering::Relaxed) {
+        d.step()?;
+    }
+    d.report.pauses.sort();
+    d.report.released = d.proto.released();
+    Ok(d.report)
+}
+
+struct Driver<'a> {
+    vmm: &'a Vmm,
+    link: &'a Alink,
+    proto: Primary,
+    cap: Capturer,
+    /// Captured epochs waiting for their `Send`.
+    staged: VecDeque<(u64, Vec<OutPart>)>,
+    paused_by_throttle: bool,
+    report: PrimaryReport,
+    t0: Instant,
+}
+
+impl Driver<'_> {
+    fn now(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    fn step(&mut self) -> Result<(), DriverError> {
+        if self.proto.phase() == PrimaryPhase::Simplex {
+            // Nothing more to do: the VM runs on unprotected.
+            std::thread::sleep(Duration::from_millis(20));
+            return Ok(());
+        }
+        let wait = match self.proto.next_deadline() {
+            Some(d) => d.saturating_sub(self.now()).min(POLL),
+            None => POLL,
+        };
+        match self.link.recv(wait) {
+            Ok(Some(m)) => match decode_to_primary(m.head_bytes(), m.payload()) {
+                Ok(ToPrimary::Ack { epoch }) => self.feed(PrimaryEvent::Ack { epoch })?,
+                Err(e) => log::error!("primary: undecodable message from the standby: {e}"),
+            },
+            Ok(None) => {}
+            Err(AlinkError::Closed) => return self.peer_lost(),
+            Err(e) => return Err(e.into()),
+        }
+        if self.link_lost() {
+            return self.peer_lost();
+        }
+        let now = self.now();
+        if self.vmm.output_waiting() {
+            self.feed(PrimaryEvent::OutputWaiting { now })?;
+        }
+        self.feed(PrimaryEvent::Tick { now })
+    }
+
+    /// Drains link events; true when every link is down.
+    fn link_lost(&self) -> bool {
+        let mut lost = false;
+        while let Some(ev) = self.link.poll_event(Duration::ZERO) {
+            match ev {
+                Event::Link(LinkEvent::PeerUnreachable) => lost = true,
+                Event::Link(LinkEvent::PeerReachable) => lost = false,
+                Event::Link(e) => log::info!("primary: A-Link {e:?}"),
+                Event::Refused { link, peer, reason } => {
+                    log::warn!("primary: A-Link {link} refused {peer:?}: {reason}")
+                }
+            }
+        }
+        lost && !self.link.peer_reachable()
+    }
+
+    fn peer_lost(&mut self) -> Result<(), DriverError> {
+        self.feed(PrimaryEvent::PeerLost)
+    }
+
+    fn feed(&mut self, ev: PrimaryEvent) -> Result<(), DriverError> {
+        let mut queue: VecDeque<PrimaryEvent> = VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let actions = match self.proto.on_event(ev) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::error!("primary: {e} (event ignored)");
+                    continue;
+                }
+            };
+            for a in actions {
+                match self.perform(a) {
+                    Ok(Some(next)) => queue.push_back(next),
+                    Ok(None) => {}
+                    Err(Lost::Peer) => queue.push_back(PrimaryEvent::PeerLost),
+                    Err(Lost::Error(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn perform(&mut self, a: PrimaryAction) -> Result<Option<PrimaryEvent>, Lost> {
+        match a {
+            PrimaryAction::SyncRound { round } => {
+                let c = self.cap.sync_round(self.vmm, round)?;
+                let (pages, parts) = (c.pages, c.parts.len());
+                self.send_parts(c.parts)?;
+                self.send_msg(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
+                log::info!("primary: initial sync round {round}: {pages} pages in {parts} parts");
+                self.report.sync_rounds = round + 1;
+                Ok(Some(PrimaryEvent::SyncRoundSent { round, pages }))
+            }
+            PrimaryAction::Capture { epoch } => {
+                let already = std::mem::take(&mut self.paused_by_throttle);
+                if already {
+                    self.report.throttles += 1;
+                }
+                let Captured { parts, pause, .. } = self.cap.capture_epoch(
+                    self.vmm,
+                    epoch,
+                    self.proto.sync_rounds(),
+                    self.proto.released(),
+                    already,
+                    false,
+                )?;
+                if epoch == 0 {
+                    self.report.protected_from_console =
+                        parts.last().and_then(|p| p.head.console).map(|c| c.pos);
+                    log::info!("primary: epoch 0 captured (stop-and-copy), output commit on");
+                }
+                self.report.pauses.push(pause);
+                self.report.epochs_captured += 1;
+                self.staged.push_back((epoch, parts));
+                Ok(Some(PrimaryEvent::Captured {
+                    epoch,
+                    now: self.now(),
+                }))
+            }
+            PrimaryAction::Send { epoch } => {
+                while let Some((e, parts)) = self.staged.pop_front() {
+                    let done = e == epoch;
+                    self.send_parts(parts)?;
+                    if done {
+                        break;
+                    }
+                }
+                Ok(None)
+            }
+            PrimaryAction::ThrottleGuest => {
+                self.vmm.pause().map_err(DriverError::from)?;
+                self.paused_by_throttle = true;
+                log::debug!(
+                    "primary: {} epochs unacknowledged, guest held",
+                    self.proto.unacked()
+                );
+                Ok(None)
+            }
+            PrimaryAction::ReleaseOutput { through } => {
+                self.vmm
+                    .release_output(through)
+                    .map_err(DriverError::from)?;
+                self.report.epochs_acked = through + 1;
+                if through == 0 {
+                    log::info!("primary: standby committed epoch 0: the VM is protected");
+                }
+                Ok(None)
+            }
+            PrimaryAction::EnterSimplex => {
+                self.enter_simplex().map_err(DriverError::from)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn enter_simplex(&mut self) -> Result<(), VmmError> {
+        self.staged.clear();
+        self.report.simplex = true;
+        if !self.paused_by_throttle {
+            self.vmm.pause()?;
+        }
+        self.paused_by_throttle = false;
+        // Held output of every epoch may leave now: no failover can roll it back.
+        let r = self.vmm.disable_output_commit();
+        self.vmm.disable_disk_journal();
+        let resumed = self.vmm.resume();
+        let r = r?;
+        resumed?;
+        log::error!(
+            "primary: STANDBY LOST, THE VM RUNS UNPROTECTED (simplex); released {} held \
+             console bytes and {} frames. If the standby is alive but cut off, it fails \
+             over too and two copies run (no quorum witness yet)",
+            r.console_bytes,
+            r.net_frames
+        );
+        Ok(())
+    }
+
+    fn send_parts(&self, parts: Vec<OutPart>) -> Result<(), Lost> {
+        for p in parts {
+            self.send_msg(&ToStandby::Part(p.head), p.payload)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one message, waiting for window room while the standby is reachable.
+    fn send_msg(&self, head: &ToStandby, payload: Vec<alink::Bytes>) -> Result<(), Lost> {
+        loop {
+            match self
+                .link
+                .send_timeout(head, payload.clone(), Some(SEND_WAIT))
+            {
+                Ok(_) => return Ok(()),
+                Err(AlinkError::Timeout) => {
+                    if !self.link.peer_reachable() {
+                        return Err(Lost::Peer);
+                    }
+                }
+                Err(AlinkError::Closed) => return Err(Lost::Peer),
+                Err(e) => return Err(Lost::Error(e.into())),
+            }
+        }
+    }
+}
+
+/// Why an action did not complete.
+enum Lost {
+    Peer,
+    Error(DriverError),
+}
+
+impl From<DriverError> for Lost {
+    fn from(e: DriverError) -> Self {
+        Lost::Error(e)
+    }
+}
+
+impl From<CaptureError> for Lost {
+    fn from(e: CaptureError) -> Self {
+        Lost::Error(e.into())
+    }
+}

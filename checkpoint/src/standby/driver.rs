@@ -1,0 +1,431 @@
+//! The standby's driver: runs the [`Standby`] state machine on what the A-Link
+//! delivers, applies epochs into the [`Mirror`], acknowledges them, and on the loss of
+//! every link fails over: a VM built from the last committed epoch on the standby's own
+//! console sink, disks and TAPs, the committed-but-maybe-unreleased console output
+//! released again at its stream positions, and the guest's MAC announced on each TAP.
+//!
+//! Failover without a quorum witness: a cut of all links while the primary is alive
+//! looks exactly like a dead primary from here. The standby then runs a second copy of
+//! the VM. This is logged at every failover until the quorum issue lands.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use alink::{Alink, AlinkError, Event, InMsg, LinkEvent};
+
+use crate::messages::{decode_to_standby, PartOf, StandboundMsg, ToPrimary};
+use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
+use crate::standby::mirror::{Mirror, MirrorError};
+use vmm::config::VmConfig;
+use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
+use vmm::{build_vm_from_state, BuildError, VmState, Vmm, VmmError};
+
+const POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyDriverError {
+    #[error("mirror: {0}")]
+    Mirror(#[from] MirrorError),
+    #[error("A-Link: {0}")]
+    Alink(#[from] AlinkError),
+    #[error("opening the standby's disk {path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the committed VM state does not decode: {0}")]
+    State(#[from] vmm::persist::StateFormatError),
+    #[error("failover: building the VM: {0}")]
+    Build(#[from] BuildError),
+    #[error("failover: {0}")]
+    Vmm(#[from] VmmError),
+    #[error("the primary sent an epoch before its memory layout")]
+    NoHello,
+    #[error("failover with no committed state in the mirror")]
+    NoState,
+}
+
+/// What happened after the failover.
+#[derive(Clone, Debug, Default)]
+pub struct FailoverReport {
+    pub last_committed: u64,
+    pub released_through: Option<u64>,
+    /// Console bytes released again (those of committed epochs after
+    /// `released_through`), and the stream position of the first of them.
+    pub rereleased_bytes: u64,
+    pub rereleased_from: Option<u64>,
+    /// Where the resumed guest's console output starts.
+    pub console_next: Option<u64>,
+    /// From the loss of the primary to the VM running.
+    pub failover_time: Duration,
+    /// RARP announces written, per net device.
+    pub announces: usize,
+}
+
+/// How a standby run ended.
+pub enum StandbyOutcome {
+    /// The primary was lost; this VM runs now.
+    FailedOver(Box<Vmm>, FailoverReport),
+    /// The primary was lost before the first epoch committed.
+    NoReplica,
+    /// `stop` was set.
+    Stopped { committed: Option<u64> },
+}
+
+/// What the standby has done so far (for progress reports and tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StandbyProgress {
+    pub committed: Option<u64>,
+    pub sync_pages: u64,
+    pub applied_pages: u64,
+    pub applied_disk_writes: u64,
+}
+
+/// Runs the standby side for `cfg` (its own console, disks and TAPs; the same memory
+/// size, vCPUs and guest) until the primary is lost (then fails over and returns the
+/// running VM) or `stop` is set.
+pub fn run_standby(
+    link: &Alink,
+    cfg: &VmConfig,
+    protocol: StandbyConfig,
+    stop: &AtomicBool,
+) -> Result<StandbyOutcome, StandbyDriverError> {
+    let mut d = Driver {
+        link,
+        cfg,
+        proto: Standby::new(protocol),
+        mirror: None,
+        console_end: BTreeMap::new(),
+        committed_console_end: None,
+        progress: StandbyProgress::default(),
+        seen_peer: false,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(out) = d.step()? {
+            return Ok(out);
+        }
+    }
+    Ok(StandbyOutcome::Stopped {
+        committed: d.proto.committed(),
+    })
+}
+
+struct Driver<'a> {
+    link: &'a Alink,
+    cfg: &'a VmConfig,
+    proto: Standby,
+    mirror: Option<Mirror>,
+    /// End of the console output of each received epoch (from its last part).
+    console_end: BTreeMap<u64, u64>,
+    /// Console stream position after the last committed epoch.
+    committed_console_end: Option<u64>,
+    progress: StandbyProgress,
+    seen_peer: bool,
+}
+
+impl Driver<'_> {
+    fn step(&mut self) -> Result<Option<StandbyOutcome>, StandbyDriverError> {
+        let msg = match self.link.recv(POLL) {
+            Ok(m) => m,
+            Err(AlinkError::Closed) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(m) = msg {
+            self.seen_peer = true;
+            if let Some(out) = self.on_message(m)? {
+                return Ok(Some(out));
+            }
+        }
+        let mut lost = false;
+        while let Some(ev) = self.link.poll_event(Duration::ZERO) {
+            match ev {
+                Event::Link(LinkEvent::PeerUnreachable) => lost = true,
+                Event::Link(LinkEvent::PeerReachable) => {
+                    self.seen_peer = true;
+                    lost = false;
+                }
+                Event::Link(e) => log::info!("standby: A-Link {e:?}"),
+                Event::Refused { link, peer, reason } => {
+                    log::warn!("standby: A-Link {link} refused {peer:?}: {reason}")
+                }
+            }
+        }
+        if lost && self.seen_peer && !self.link.peer_reachable() {
+            // Everything the primary sent before it went away was delivered (in order)
+            // before this event; drain what is still queued first.
+            while let Ok(Some(m)) = self.link.recv(Duration::ZERO) {
+                if let Some(out) = self.on_message(m)? {
+                    return Ok(Some(out));
+                }
+            }
+            log::warn!("standby: every link to the primary is down, heartbeats timed out");
+            return self.feed(StandbyEvent::PeerLost, None);
+        }
+        Ok(None)
+    }
+
+    fn on_message(&mut self, m: InMsg) -> Result<Option<StandbyOutcome>, StandbyDriverError> {
+        let ev = match decode_to_standby(m.head_bytes(), m.payload()) {
+            Ok(StandboundMsg::Hello { layout }) => {
+                if self.mirror.is_none() {
+                    let disks = self.open_disks()?;
+                    self.mirror = Some(Mirror::new(&layout, disks)?);
+                    log::info!("standby: primary connected, mirror of {layout:x?}");
+                }
+                return Ok(None);
+            }
+            Ok(StandboundMsg::SyncRoundDone { round, pages }) => {
+                log::info!("standby: initial sync round {round} received ({pages} pages)");
+                return Ok(None);
+            }
+            Ok(StandboundMsg::Part(v)) => match v.head.of {
+                PartOf::Sync { round } => StandbyEvent::SyncPart {
+                    round,
+                    part: v.head.part,
+                    parts: v.head.parts,
+                },
+                PartOf::Epoch { epoch, sync_rounds } => {
+                    if let Some(c) = v.head.console {
+                        self.console_end.insert(epoch, c.pos + u64::from(c.len));
+                    }
+                    StandbyEvent::EpochPart {
+                        epoch,
+                        part: v.head.part,
+                        parts: v.head.parts,
+                        sync_rounds,
+                        released_through: v.head.released_through,
+                    }
+                }
+            },
+            Err(e) => {
+                log::error!("standby: bad message from the primary: {e}");
+                StandbyEvent::BadMessage
+            }
+        };
+        self.feed(ev, Some(m))
+    }
+
+    fn open_disks(&self) -> Result<Vec<File>, StandbyDriverError> {
+        self.cfg
+            .disks
+            .iter()
+            .map(|d| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&d.path)
+                    .map_err(|source| StandbyDriverError::Disk {
+                        path: d.path.clone(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    fn mirror(&mut self) -> Result<&mut Mirror, StandbyDriverError> {
+        self.mirror.as_mut().ok_or(StandbyDriverError::NoHello)
+    }
+
+    /// Feeds `ev` (from message `msg`, if any) and performs the resulting actions.
+    fn feed(
+        &mut self,
+        ev: StandbyEvent,
+        mut msg: Option<InMsg>,
+    ) -> Result<Option<StandbyOutcome>, StandbyDriverError> {
+        let mut queue = std::collections::VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let actions = match self.proto.on_event(ev) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::error!("standby: {e}");
+                    continue;
+                }
+            };
+            for a in actions {
+                match a {
+                    StandbyAction::WriteSync { .. } => {
+                        if let Some(m) = msg.take() {
+                            let (h, p) = m.body.split_at(m.head_len);
+                            self.progress.sync_pages += self.mirror()?.write_sync(h, p)?;
+                        }
+                    }
+                    StandbyAction::Stage { epoch, .. } => {
+                        if let Some(m) = msg.take() {
+                            self.mirror()?.stage(epoch, m.head_len, m.body)?;
+                        }
+                    }
+                    StandbyAction::Apply { epoch } => {
+                        let st = self.mirror()?.apply(epoch)?;
+                        self.progress.applied_pages += st.pages;
+                        self.progress.applied_disk_writes += st.disk_writes;
+                        if let Some(end) = self.console_end.remove(&epoch) {
+                            self.committed_console_end = Some(end);
+                        }
+                        self.console_end = self.console_end.split_off(&epoch);
+                        if epoch == 0 {
+                            log::info!("standby: epoch 0 committed: the VM is protected");
+                        }
+                        queue.push_back(StandbyEvent::Applied { epoch });
+                    }
+                    StandbyAction::Ack { epoch } => {
+                        self.progress.committed = Some(epoch);
+                        let head = ToPrimary::Ack { epoch };
+                        // Acks are tiny; a full window means the primary is gone, which
+                        // the link events report.
+                        match self.link.send_timeout(
+                            &head,
+                            Vec::new(),
+                            Some(Duration::from_millis(50)),
+                        ) {
+                            Ok(_) | Err(AlinkError::Timeout) | Err(AlinkError::Closed) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    StandbyAction::TrimOutput { through } => self.mirror()?.trim_output(through),
+                    StandbyAction::DiscardStaged => {
+                        log::warn!("standby: discarding incomplete epochs");
+                        self.mirror()?.discard_staged();
+                    }
+                    StandbyAction::Failover {
+                        last_committed,
+                        released_through,
+                    } => {
+                        let (vmm, report) = self.fail_over(last_committed, released_through)?;
+                        return Ok(Some(StandbyOutcome::FailedOver(Box::new(vmm), report)));
+                    }
+                    StandbyAction::NoReplica => return Ok(Some(StandbyOutcome::NoReplica)),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn fail_over(
+        &mut self,
+        last_committed: u64,
+        released_through: Option<u64>,
+    ) -> Result<(Vmm, FailoverReport), StandbyDriverError> {
+        let t0 = Instant::now();
+        log::warn!(
+            "standby: FAILOVER from epoch {last_committed} (primary released through \
+             {released_through:?}). Without a quorum witness, a cut of all links with both \
+             PMs alive leads to two running copies"
+        );
+        let mirror = self.mirror.take().ok_or(StandbyDriverError::NoState)?;
+        let mut state = mirror.vm_state().ok_or(StandbyDriverError::NoState)??;
+        let cfg = rebind_attachments(&mut state, self.cfg);
+        let (mut vmm, report) = build_vm_from_state(&cfg, &state, |m| mirror.fill_memory(m))?;
+        if !report.refused_msrs.is_empty() {
+            log::warn!(
+                "standby: MSRs refused on restore: {:x?}",
+                report.refused_msrs
+            );
+        }
+        let mut out = FailoverReport {
+            last_committed,
+            released_through,
+            ..FailoverReport::default()
+        };
+        // The resumed guest's output continues where the last committed epoch's ended.
+        out.console_next = vmm.set_console_positioned(self.committed_console_end)?;
+        for (pos, bytes) in mirror.console_to_rerelease(released_through) {
+            vmm.write_console_at(pos, bytes);
+            out.rereleased_from.get_or_insert(pos);
+            out.rereleased_bytes += bytes.len() as u64;
+        }
+        drop(mirror);
+        vmm.start()?;
+        for (i, n) in cfg.nets.iter().enumerate() {
+            match vmm::config::parse_mac(&n.mac) {
+                Ok(mac) => {
+                    if vmm.send_raw_frame(i, &rarp_announce(mac)) {
+                        out.announces += 1;
+                    }
+                }
+                Err(e) => log::error!("standby: net {i}: bad MAC {}: {e}", n.mac),
+            }
+        }
+        out.failover_time = t0.elapsed();
+        log::warn!(
+            "standby: the VM runs here now (failover took {:?}; {} console bytes released \
+             again from position {:?}; {} RARP announces)",
+            out.failover_time,
+            out.rereleased_bytes,
+            out.rereleased_from,
+            out.announces
+        );
+        Ok((vmm, out))
+    }
+}
+
+/// The committed state names the primary's console, disks and TAPs; the standby runs
+/// the VM on its own. Rewrites the state's attachments to the standby's `cfg` and
+/// returns the config to build with (disk serials and MACs as the guest knew them).
+pub fn rebind_attachments(state: &mut VmState, cfg: &VmConfig) -> VmConfig {
+    let mut cfg = cfg.clone();
+    let (mut disk, mut net) = (0, 0);
+    for t in &mut state.devices {
+        match &mut t.device {
+            DeviceState::Console { sink } => *sink = ConsoleAttachment::from(&cfg.console),
+            DeviceState::Block { disk: saved } => {
+                if let Some(mine) = cfg.disks.get_mut(disk) {
+                    mine.serial = saved.serial.clone();
+                    *saved = mine.clone();
+                }
+                disk += 1;
+            }
+            DeviceState::Net { tap, mac } => {
+                if let Some(mine) = cfg.nets.get_mut(net) {
+                    *tap = mine.tap.clone();
+                    mine.mac = mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                }
+                net += 1;
+            }
+            DeviceState::Other { .. } => {}
+        }
+    }
+    cfg
+}
+
+/// A RARP "request reverse" broadcast from `mac`, as QEMU sends after a migration: the
+/// switches learn the guest's MAC on the new port.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // request reverse
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rarp_frame_layout() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let f = rarp_announce(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!(&f[22..28], &mac);
+        assert_eq!(&f[32..38], &mac);
+    }
+}
