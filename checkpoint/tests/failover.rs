@@ -134,7 +134,53 @@ struct RunResult {
     w_checked: u64,
 }
 
-fn one_run(run: u32, kill_after: Duration) -> RunResult {
+/// A TCP forwarder standing in for one A-Link's path: `cut` kills its connections and
+/// refuses new ones (a pulled cable).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(to: std::net::SocketAddr) -> Proxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c2, k2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(a) = s else { return };
+                if c2.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(b) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let mut k = k2.lock().unwrap();
+                k.push(a.try_clone().unwrap());
+                k.push(b.try_clone().unwrap());
+                for (mut r, mut w) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
     let pcon = temp(run, "primary-console.log");
     let scon = temp(run, "standby-console.log");
     let pdisk = temp(run, "primary.img");
@@ -168,14 +214,18 @@ fn one_run(run: u32, kill_after: Duration) -> RunResult {
         2
     ];
     let slink = Alink::start(fast(AlinkConfig::new(9, 2, 1, SECRET, slinks))).unwrap();
-    let plinks = slink
-        .local_addrs()
-        .iter()
-        .map(|r| LinkAddrs {
+    // Link 1 goes through a proxy that can cut it.
+    let proxy = Proxy::start(slink.local_addrs()[1]);
+    let plinks = vec![
+        LinkAddrs {
             local: any,
-            remote: *r,
-        })
-        .collect();
+            remote: slink.local_addrs()[0],
+        },
+        LinkAddrs {
+            local: any,
+            remote: proxy.addr,
+        },
+    ];
     let plink = Alink::start(fast(AlinkConfig::new(9, 1, 2, SECRET, plinks))).unwrap();
 
     let sstop = Arc::new(AtomicBool::new(false));
@@ -192,8 +242,9 @@ fn one_run(run: u32, kill_after: Duration) -> RunResult {
     pvmm.start().unwrap();
     let pstop = Arc::new(AtomicBool::new(false));
     let pvmm = Arc::new(pvmm);
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let primary = {
-        let (pstop, pvmm) = (pstop.clone(), pvmm.clone());
+        let (pstop, pvmm, acked) = (pstop.clone(), pvmm.clone(), acked.clone());
         std::thread::spawn(move || {
             let cfg = PrimaryDriverConfig {
                 protocol: PrimaryConfig {
@@ -206,13 +257,29 @@ fn one_run(run: u32, kill_after: Duration) -> RunResult {
                 connect_timeout: Duration::from_secs(10),
                 // Small parts: epochs span several messages, so a kill can cut one.
                 max_part_pages: Some(64),
+                acked: Some(acked),
             };
             let r = run_primary(&pvmm, &plink, &cfg, &pstop);
             (r, plink)
         })
     };
 
-    std::thread::sleep(kill_after);
+    if cut_one_link {
+        std::thread::sleep(kill_after / 2);
+        let before = acked.load(Ordering::SeqCst);
+        assert!(before > 0, "not protected before the cut");
+        proxy.cut();
+        std::thread::sleep(kill_after / 2);
+        let after = acked.load(Ordering::SeqCst);
+        eprintln!("run {run}: link 1 cut with {before} epochs acknowledged; {after} at the kill");
+        // 5 ms epochs: well over a hundred per second while protection continues.
+        assert!(
+            after > before + 50,
+            "protection stalled after losing one of two links: {before} -> {after}"
+        );
+    } else {
+        std::thread::sleep(kill_after);
+    }
     // The primary dies: its driver stops wherever it is, its links go (messages still
     // queued in its window are lost), its VM stops without releasing held output.
     pstop.store(true, Ordering::SeqCst);
@@ -386,10 +453,18 @@ fn primary_killed_at_random_moments_standby_takes_over_without_loss() {
     let mut rereleases = 0;
     for run in 0..runs {
         let kill_after = Duration::from_millis(1200 + rng.next() % 2000);
-        let r = one_run(run, kill_after);
+        let r = one_run(run, kill_after, false);
         total_epochs += r.primary.epochs_captured;
         rereleases += u64::from(r.failover.rereleased_bytes > 0);
         assert!(r.c_lines > 0 && r.c_after_failover > 0 && r.w_checked > 0);
     }
     eprintln!("{runs} runs, {total_epochs} epochs, {rereleases} failovers re-released output");
+}
+
+#[test]
+fn losing_one_of_two_links_keeps_protection_then_failover_is_clean() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let r = one_run(100, Duration::from_millis(2400), true);
+    assert!(!r.primary.simplex);
+    assert!(r.c_after_failover > 0 && r.w_checked > 0);
 }

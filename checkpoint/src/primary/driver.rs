@@ -9,7 +9,8 @@
 //! driver looks at the link events again, so a dead standby is noticed even then.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkError, Event, LinkEvent};
@@ -38,13 +39,15 @@ pub enum DriverError {
 }
 
 /// Tunables of the driver (the protocol's are in [`PrimaryConfig`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PrimaryDriverConfig {
     pub protocol: PrimaryConfig,
     /// How long to wait for the standby's first link before giving up.
     pub connect_timeout: Duration,
     /// Pages per part (default: the wire limit).
     pub max_part_pages: Option<u32>,
+    /// Updated with the count of acknowledged epochs as acks arrive (for monitoring).
+    pub acked: Option<Arc<AtomicU64>>,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -53,6 +56,7 @@ impl Default for PrimaryDriverConfig {
             protocol: PrimaryConfig::default(),
             connect_timeout: Duration::from_secs(10),
             max_part_pages: None,
+            acked: None,
         }
     }
 }
@@ -106,6 +110,7 @@ pub fn run_primary(
         paused_by_throttle: false,
         report: PrimaryReport::default(),
         t0,
+        acked: cfg.acked.clone(),
     };
     if let Some(n) = cfg.max_part_pages {
         d.cap.set_max_part_pages(n);
@@ -134,6 +139,7 @@ struct Driver<'a> {
     paused_by_throttle: bool,
     report: PrimaryReport,
     t0: Instant,
+    acked: Option<Arc<AtomicU64>>,
 }
 
 impl Driver<'_> {
@@ -273,6 +279,9 @@ impl Driver<'_> {
                     .release_output(through)
                     .map_err(DriverError::from)?;
                 self.report.epochs_acked = through + 1;
+                if let Some(a) = &self.acked {
+                    a.store(through + 1, Ordering::Relaxed);
+                }
                 if through == 0 {
                     log::info!("primary: standby committed epoch 0: the VM is protected");
                 }
