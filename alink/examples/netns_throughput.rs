@@ -12,6 +12,8 @@ use alink::{Alink, AlinkConfig, Bytes, LinkAddrs, WindowLimits};
 use netns::NetnsPair;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SECRET: &[u8] = b"throughput-example-secret-0123";
@@ -105,14 +107,22 @@ fn alink(pair: &NetnsPair, links: usize, pages: usize, secs: f64) -> f64 {
     }
     // A staging area like the checkpoint code would have; messages are views into it.
     let staging = Bytes::from(vec![0xa5u8; 64 << 20]);
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
     let receiver = std::thread::spawn(move || {
         let mut bytes = 0u64;
         let mut first = None;
         let mut last = Instant::now();
-        while let Ok(Some(m)) = b.recv(Duration::from_secs(2)) {
-            first.get_or_insert_with(Instant::now);
-            bytes += m.body.len() as u64;
-            last = Instant::now();
+        loop {
+            match b.recv(Duration::from_millis(100)).unwrap() {
+                Some(m) => {
+                    first.get_or_insert_with(Instant::now);
+                    bytes += m.body.len() as u64;
+                    last = Instant::now();
+                }
+                None if d.load(Ordering::Relaxed) => break,
+                None => {}
+            }
         }
         (bytes, last - first.unwrap_or(last))
     });
@@ -132,12 +142,17 @@ fn alink(pair: &NetnsPair, links: usize, pages: usize, secs: f64) -> f64 {
         n += 1;
     }
     a.flush(Duration::from_secs(30)).unwrap();
+    done.store(true, Ordering::Relaxed);
     let (bytes, time) = receiver.join().unwrap();
+    while let Some(e) = a.poll_event(Duration::ZERO) {
+        eprintln!("  event during the {links}-link run: {e:?}");
+    }
     drop(a);
     bytes as f64 / time.as_secs_f64()
 }
 
 fn main() {
+    env_logger::init();
     let args: Vec<String> = std::env::args().collect();
     let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let pages: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);

@@ -18,6 +18,7 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::os::fd::AsRawFd;
 
 /// "ALNK" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ALNK");
@@ -276,6 +277,9 @@ pub struct FrameDecoder {
     hdr: [u8; HEADER_LEN],
     hdr_filled: usize,
     pending: Option<Header>,
+    /// Body of the pending frame. Capacity is the full body length; `len()` is what is
+    /// initialized (>= `body_filled`): the socket path reads into spare capacity without
+    /// zeroing, the slice path zero-extends first.
     body: Vec<u8>,
     body_filled: usize,
     failed: Option<FrameError>,
@@ -320,8 +324,47 @@ impl FrameDecoder {
         }
         match self.pending {
             None => &mut self.hdr[self.hdr_filled..],
-            Some(_) => &mut self.body[self.body_filled..],
+            Some(h) => {
+                self.body.resize(h.body_len as usize, 0);
+                &mut self.body[self.body_filled..]
+            }
         }
+    }
+
+    /// Reads once from `fd` into the frame being decoded, without zeroing body buffers
+    /// first; returns the byte count for [`FrameDecoder::advance`] (0 = end of stream).
+    pub fn read_from_fd(&mut self, fd: &impl AsRawFd) -> std::io::Result<usize> {
+        let (ptr, room) = match self.pending {
+            _ if self.failed.is_some() => return Ok(0),
+            None => {
+                let b = &mut self.hdr[self.hdr_filled..];
+                (b.as_mut_ptr(), b.len())
+            }
+            Some(h) if self.body.len() > self.body_filled => {
+                let b = &mut self.body[self.body_filled..h.body_len as usize];
+                (b.as_mut_ptr(), b.len())
+            }
+            Some(h) => {
+                let spare = self.body.spare_capacity_mut();
+                let room = h.body_len as usize - self.body_filled;
+                debug_assert!(spare.len() >= room);
+                (spare.as_mut_ptr().cast::<u8>(), room)
+            }
+        };
+        // SAFETY: `ptr..ptr+room` lies inside `hdr` or inside the body Vec's allocation
+        // (initialized tail or reserved capacity), which outlives the call; read(2) writes
+        // at most `room` bytes there.
+        let r = unsafe { libc::read(fd.as_raw_fd(), ptr.cast(), room) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = r as usize;
+        if self.pending.is_some() && self.body.len() < self.body_filled + n {
+            // SAFETY: the kernel initialized bytes up to body_filled + n, all within the
+            // capacity reserved for this body.
+            unsafe { self.body.set_len(self.body_filled + n) };
+        }
+        Ok(n)
     }
 
     /// Records that `n` bytes were written into [`FrameDecoder::read_buf`]. Returns a frame
@@ -347,7 +390,8 @@ impl FrameDecoder {
                 }
                 let h = self.check_header()?;
                 self.hdr_filled = 0;
-                self.body = vec![0u8; h.body_len as usize];
+                // Bounded by check_header; filled by the reads, not zeroed here.
+                self.body = Vec::with_capacity(h.body_len as usize);
                 self.body_filled = 0;
                 self.pending = Some(h);
                 if h.body_len == 0 {
@@ -355,13 +399,14 @@ impl FrameDecoder {
                 }
                 Ok(None)
             }
-            Some(_) => {
+            Some(h) => {
+                let target = h.body_len as usize;
                 assert!(
-                    self.body_filled + n <= self.body.len(),
+                    self.body_filled + n <= self.body.len() && self.body.len() <= target,
                     "advance past read_buf"
                 );
                 self.body_filled += n;
-                if self.body_filled < self.body.len() {
+                if self.body_filled < target {
                     return Ok(None);
                 }
                 self.finish_body()
@@ -581,6 +626,56 @@ mod tests {
         let mut hd = FrameDecoder::new(1 << 20);
         let w = he.encode(Kind::Hello, 0, b"", &[0u8; 2000]).unwrap();
         assert!(matches!(hd.feed(&w), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn reads_from_a_socket_without_zeroing() {
+        use std::io::Write;
+        let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut e, mut d) = session_pair();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut wire = e.encode(Kind::Data, 1, b"h", &payload).unwrap();
+        wire.extend(e.encode(Kind::Heartbeat, 5, b"", b"").unwrap());
+        let t = std::thread::spawn(move || w.write_all(&wire).unwrap());
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            let n = d.read_from_fd(&r).unwrap();
+            assert!(n > 0);
+            if let Some(f) = d.advance(n).unwrap() {
+                frames.push(f);
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(frames[0].payload(), &payload[..]);
+        assert_eq!(frames[1].header.msg_seq, 5);
+    }
+
+    #[test]
+    fn big_frames_over_a_socket_in_partial_reads() {
+        use std::io::Write;
+        let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut e = FrameEncoder::new(1 << 22);
+        e.set_session_key(b"k");
+        let payload: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let mut wire = Vec::new();
+        for i in 0..8usize {
+            let p = &payload[..(1 << 20) - i * 1000];
+            wire.extend(e.encode(Kind::Data, i as u64, b"h", p).unwrap());
+        }
+        let t = std::thread::spawn(move || w.write_all(&wire).unwrap());
+        let mut d = FrameDecoder::new(1 << 22);
+        d.set_session_key(b"k");
+        let mut got = 0;
+        while got < 8 {
+            let n = d.read_from_fd(&r).unwrap();
+            if let Some(f) = d.advance(n).unwrap() {
+                assert_eq!(f.payload(), &payload[..(1 << 20) - got * 1000]);
+                got += 1;
+            }
+        }
+        t.join().unwrap();
     }
 
     #[test]

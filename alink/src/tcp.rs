@@ -851,7 +851,7 @@ fn run_conn(
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => {}
             }
         }
-        let read = (&conn.stream).read(dec.read_buf());
+        let read = dec.read_from_fd(&conn.stream);
         let now = shared.now();
         match read {
             Ok(0) => break "peer closed the connection".to_string(),

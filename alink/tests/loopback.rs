@@ -290,3 +290,43 @@ fn bad_connections_refused_while_stream_continues() {
     assert_eq!(a.link_status()[0].connections, 1, "good link stayed up");
     assert!(b.link_status()[0].refused >= 7);
 }
+
+#[test]
+fn large_messages_of_many_pages() {
+    init_log();
+    let b = acceptor(2);
+    let a = dialer(b.local_addrs(), SECRET, 7, alink::PROTOCOL_VERSION);
+    wait_up(&a, 2);
+    let staging = Bytes::from(
+        (0..(8u32 << 20))
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let total = 200u64;
+    let st = staging.clone();
+    let recv = thread::spawn(move || {
+        for n in 0..total {
+            let m = b.recv(Duration::from_secs(20)).unwrap().expect("message");
+            assert_eq!(m.head::<u64>().unwrap(), n);
+            let off = (n as usize * 4096 * 7) % (st.len() - 256 * 4096);
+            assert_eq!(m.payload(), &st[off..off + 256 * 4096], "message {n}");
+        }
+        b
+    });
+    for n in 0..total {
+        let off = (n as usize * 4096 * 7) % (staging.len() - 256 * 4096);
+        let pages = (0..256)
+            .map(|p| staging.slice(off + p * 4096..off + (p + 1) * 4096))
+            .collect();
+        a.send(&n, pages).unwrap();
+    }
+    a.flush(Duration::from_secs(30)).unwrap();
+    let _b = recv.join().unwrap();
+    assert!(
+        a.link_status()
+            .iter()
+            .all(|s| s.connections == 1 && s.refused == 0),
+        "{:?}",
+        a.link_status()
+    );
+}
