@@ -1,0 +1,485 @@
+//! FT mode at the process level: two `twinrun vm run --role primary|standby` processes in
+//! their own network namespaces (two A-Links, a TAP each on a shared LAN, a client
+//! namespace; topology in common/ft.rs), the test guest running kv + counter + dirty +
+//! disk, a RESP client holding ONE TCP connection to the guest.
+//!
+//! - `sigkill_primary_at_random_moments`: FT_RUNS runs (default 20, FT_SOAK=1: 200), the
+//!   primary SIGKILLed at a seeded random moment (FT_SEED replays); checked: the console
+//!   stream seen outside (one positioned file both PMs write) has no hole, gap, duplicate
+//!   or reordering of `C` lines and exactly one BOOT, no DIRTY-ERROR; every acknowledged
+//!   kv write is read back over the same connection; every `W` record is intact on the
+//!   standby's image.
+//! - `one_alink_cut_and_restored_then_failover`: a link cut during load causes no
+//!   failover and no stall beyond a bound; restored, it carries checkpoint traffic again;
+//!   then a clean failover.
+//! - `bad_input_on_the_alink_port_is_refused_while_protected`: garbage, a wrong-secret
+//!   handshake and a replayed hello on the standby's A-Link listen port are refused and
+//!   logged; protection continues; then a clean failover.
+mod common;
+#[path = "common/ft.rs"]
+mod ft;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::require_kvm;
+use ft::{
+    check_console, check_disk_records, count_c, in_netns, read_console, wait_console, FtTopology,
+    LoadClient, PairFiles, Pm, Rng,
+};
+
+const FAILOVER_LOG: &str = "failover complete";
+const PROTECTED_LOG: &str = "FT primary: protected";
+const CLUSTER: &str = "ft-test";
+
+/// A running pair. Fields drop in order: processes, then the namespaces, then the files.
+struct Pair {
+    primary: Pm,
+    standby: Pm,
+    topo: FtTopology,
+    files: PairFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Standby first, then the primary; returns once the primary reports protection.
+    fn start() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = FtTopology::new();
+        let files = PairFiles::new(dir.path());
+        let extra = ["--cluster-id", CLUSTER, "--epoch-ms", "10"];
+        let mut standby = Pm::spawn(&topo, &files, 1, &extra);
+        standby
+            .wait_log("listening for the primary", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut primary = Pm::spawn(&topo, &files, 0, &extra);
+        primary
+            .wait_log(PROTECTED_LOG, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", ft::tail(&standby.stderr(), 30)));
+        wait_console(
+            &files.console,
+            "KV listening",
+            Duration::from_secs(60),
+            &mut primary,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Pair {
+            primary,
+            standby,
+            topo,
+            files,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- primary stderr:\n{}\n--- standby stderr:\n{}",
+            ft::tail(&self.primary.stderr(), 40),
+            ft::tail(&self.standby.stderr(), 40)
+        )
+    }
+
+    /// SIGKILLs the primary with the client under load, waits for the standby's
+    /// failover and for the client and the guest to progress, then runs every check.
+    fn kill_and_check(mut self, client: LoadClient, tag: &str) -> RunStats {
+        let console_at_kill = read_console(&self.files.console);
+        let c_at_kill = count_c(&console_at_kill);
+        let acks_at_kill = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+        let t_kill = Instant::now();
+        self.primary.kill();
+        let failover = self
+            .standby
+            .wait_log(FAILOVER_LOG, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        // The client continues on the same connection; the guest keeps counting.
+        let resumed = client
+            .wait_acks(40, Duration::from_secs(15))
+            .map(|_| t_kill.elapsed())
+            .unwrap_or_else(|e| panic!("{tag}: after the kill: {e}\n{}", self.logs()));
+        let t0 = Instant::now();
+        while count_c(&read_console(&self.files.console)) <= c_at_kill + 20 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{tag}: the guest's counter made no progress after the failover\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rep = client.finish();
+        // Stop the standby before reading its console and disk (final contents).
+        let standby_log = self.standby.stderr();
+        self.standby.kill();
+        let logs = format!(
+            "--- primary stderr:\n{}\n--- standby stderr:\n{}",
+            ft::tail(&self.primary.stderr(), 30),
+            ft::tail(&standby_log, 30)
+        );
+        assert!(
+            rep.error.is_none(),
+            "{tag}: client: {:?} ({} writes acked, INCR at {}, longest reply {:?} at {:?})\n{logs}",
+            rep.error,
+            rep.sets_acked.len(),
+            rep.incrs_acked,
+            rep.max_reply,
+            rep.max_reply_at,
+        );
+        assert!(
+            rep.lost.is_empty(),
+            "{tag}: {} acknowledged SETs lost after failover (first {:?})\n{logs}",
+            rep.lost.len(),
+            &rep.lost[..rep.lost.len().min(10)]
+        );
+        assert_eq!(
+            rep.counter_final,
+            Some(rep.incrs_acked),
+            "{tag}: INCR counter after failover differs from what was acknowledged\n{logs}"
+        );
+        let console = read_console(&self.files.console);
+        let cc = check_console(&console).unwrap_or_else(|e| panic!("{tag}: console: {e}\n{logs}"));
+        assert!(
+            cc.c_lines > c_at_kill,
+            "{tag}: no C line after the failover"
+        );
+        let img = std::fs::read(&self.files.disks[1]).unwrap();
+        check_disk_records(&img, &cc.w_seqs)
+            .unwrap_or_else(|e| panic!("{tag}: standby image: {e}\n{logs}"));
+        assert!(!cc.w_seqs.is_empty(), "{tag}: no W record at all");
+        RunStats {
+            failover,
+            resumed,
+            writes: rep.sets_acked.len() as u64 + rep.incrs_acked as u64,
+            writes_at_kill: acks_at_kill,
+            c_lines: cc.c_lines,
+            w_records: cc.w_seqs.len() as u64,
+            max_reply: rep.max_reply,
+            tcp_port: rep.local_addr.map(|a| a.port()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RunStats {
+    /// From SIGKILL to the standby's "failover complete" line (as polled).
+    failover: Duration,
+    /// From SIGKILL to 40 more acknowledged writes on the same connection.
+    resumed: Duration,
+    writes: u64,
+    writes_at_kill: u64,
+    c_lines: u64,
+    w_records: u64,
+    max_reply: Duration,
+    tcp_port: Option<u16>,
+}
+
+fn seed() -> u64 {
+    std::env::var("FT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+#[test]
+fn sigkill_primary_at_random_moments() {
+    require_kvm();
+    let runs: u32 = std::env::var("FT_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if std::env::var_os("FT_SOAK").is_some() {
+            200
+        } else {
+            20
+        });
+    let seed = seed();
+    eprintln!("FT_SEED={seed} FT_RUNS={runs}");
+    let mut rng = Rng(seed);
+    let t_all = Instant::now();
+    let (mut failovers, mut resumes) = (Vec::new(), Vec::new());
+    let mut writes = 0;
+    for run in 0..runs {
+        let kill_after = Duration::from_millis(100 + rng.next() % 900);
+        let t_run = Instant::now();
+        let pair = Pair::start();
+        let client = LoadClient::start(&pair.topo.client.name);
+        client
+            .wait_acks(4, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", pair.logs()));
+        std::thread::sleep(kill_after);
+        let tag = format!("run {run} (FT_SEED={seed}, kill after {kill_after:?})");
+        let s = pair.kill_and_check(client, &tag);
+        eprintln!(
+            "run {run}: kill {kill_after:?} after load start, {} writes acked before, {} in \
+             all; failover logged {:?}, client resumed {:?} after SIGKILL; C {} W {}; \
+             longest reply {:?}; port {:?}; run {:?}",
+            s.writes_at_kill,
+            s.writes,
+            s.failover,
+            s.resumed,
+            s.c_lines,
+            s.w_records,
+            s.max_reply,
+            s.tcp_port,
+            t_run.elapsed()
+        );
+        failovers.push(s.failover);
+        resumes.push(s.resumed);
+        writes += s.writes;
+    }
+    eprintln!(
+        "{runs} runs in {:?}: {writes} kv writes acknowledged and verified; failover logged \
+         p50 {:?} max {:?}; client resumed p50 {:?} max {:?}",
+        t_all.elapsed(),
+        pct(&mut failovers, 50),
+        pct(&mut failovers, 100),
+        pct(&mut resumes, 50),
+        pct(&mut resumes, 100),
+    );
+}
+
+/// Longest reply wait seen in a window of `d` (the client's max is reset first).
+fn max_reply_during(client: &LoadClient, d: Duration) -> Duration {
+    client
+        .window_max_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(d);
+    Duration::from_millis(
+        client
+            .window_max_ms
+            .load(std::sync::atomic::Ordering::SeqCst),
+    )
+}
+
+#[test]
+fn one_alink_cut_and_restored_then_failover() {
+    require_kvm();
+    let mut pair = Pair::start();
+    let client = LoadClient::start(&pair.topo.client.name);
+    client
+        .wait_acks(10, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let before = max_reply_during(&client, Duration::from_millis(500));
+    // Cut link 1 on the primary's side (the peer end loses carrier too).
+    pair.topo.set_alink(0, 1, false);
+    let acks0 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    let during = max_reply_during(&client, Duration::from_millis(1500));
+    let acks1 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pair.primary.alive() && pair.standby.alive());
+    assert!(
+        !pair.standby.stderr().contains(FAILOVER_LOG),
+        "the standby failed over with one link still up\n{}",
+        pair.logs()
+    );
+    eprintln!(
+        "link 1 cut: longest reply {during:?} (before the cut {before:?}), {} writes acked in 1.5 s",
+        acks1 - acks0
+    );
+    assert!(
+        acks1 - acks0 >= 20,
+        "protection stalled with one of two links: {} acks in 1.5 s\n{}",
+        acks1 - acks0,
+        pair.logs()
+    );
+    assert!(
+        during < Duration::from_millis(1000),
+        "a reply took {during:?} while one link was cut\n{}",
+        pair.logs()
+    );
+    // The primary saw the link go down (heartbeats).
+    // Restore: the link must come back into use (checkpoint traffic on it again).
+    let conns_before = pair
+        .primary
+        .stderr()
+        .matches("alink link 1: authenticated connection")
+        .count();
+    pair.topo.set_alink(0, 1, true);
+    let t0 = Instant::now();
+    let reconnected = loop {
+        let n = pair
+            .primary
+            .stderr()
+            .matches("alink link 1: authenticated connection")
+            .count();
+        if n > conns_before {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "link 1 did not reconnect within 10 s\n{}",
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let tx0 = pair.topo.alink_tx_bytes(0, 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    let tx1 = pair.topo.alink_tx_bytes(0, 1);
+    let other = pair.topo.alink_tx_bytes(0, 0);
+    eprintln!(
+        "link 1 restored: reconnected after {reconnected:?}, {} bytes sent on it in 1 s \
+         (link 0 total {other})",
+        tx1 - tx0
+    );
+    // Heartbeats alone are a few KB/s; checkpoint traffic of the dirty workload is MBs.
+    assert!(
+        tx1 - tx0 > 256 << 10,
+        "link 1 is back but carries no checkpoint traffic: {} bytes in 1 s\n{}",
+        tx1 - tx0,
+        pair.logs()
+    );
+    let s = pair.kill_and_check(client, "after the link test");
+    eprintln!("then failover: {s:?}");
+}
+
+/// Connects from `ns` to `addr`, sends `bytes`, and reads until the peer closes (or 3 s);
+/// returns what the peer sent.
+fn poke(ns: &str, addr: SocketAddr, bytes: Vec<u8>) -> Vec<u8> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(&bytes);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    })
+    .join()
+    .unwrap()
+}
+
+/// A wrong-secret handshake (dialer side, node 1, fixed nonce): our hello, then, after
+/// the acceptor's hello, an auth computed with the wrong secret. Returns the bytes of
+/// our hello frame (to replay).
+fn wrong_secret_handshake(ns: &str, addr: SocketAddr, nonce: [u8; 32]) -> Vec<u8> {
+    use alink::frame::{FrameDecoder, FrameEncoder, Kind};
+    use alink::handshake::{Handshake, HandshakeConfig, HsStep, Role};
+    in_netns(ns, move || {
+        let cfg = HandshakeConfig {
+            version: alink::PROTOCOL_VERSION,
+            cluster_id: twinrun_guest_abi::fnv1a64(CLUSTER.as_bytes()),
+            node_id: 1,
+            peer_node_id: Some(2),
+            secret: b"not-the-cluster-secret-at-all!!".to_vec(),
+            timeout: Duration::from_secs(3),
+        };
+        let (mut hs, hello) = Handshake::new(cfg, Role::Dialer, nonce, Duration::ZERO);
+        let mut enc = FrameEncoder::new(1024);
+        let hello_frame = enc
+            .encode(Kind::Hello, 0, &[], &postcard::to_stdvec(&hello).unwrap())
+            .unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(&hello_frame).unwrap();
+        let mut dec = FrameDecoder::new(1024);
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("the acceptor's hello");
+        let frames = dec.feed(&buf[..n]).expect("acceptor's hello decodes");
+        let step = hs
+            .on_body(&frames[0].body, None)
+            .expect("acceptor's hello accepted");
+        let HsStep::Send(auth) = step else {
+            panic!("unexpected handshake step {step:?}")
+        };
+        let auth_frame = enc
+            .encode(Kind::Auth, 0, &[], &postcard::to_stdvec(&auth).unwrap())
+            .unwrap();
+        let _ = s.write_all(&auth_frame);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        hello_frame
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn bad_input_on_the_alink_port_is_refused_while_protected() {
+    require_kvm();
+    let mut pair = Pair::start();
+    let client = LoadClient::start(&pair.topo.client.name);
+    client
+        .wait_acks(10, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    // The standby accepts (the primary dials): its listen address on link 0, reached
+    // from the primary's namespace (where an A-Link peer would be).
+    let target = pair.topo.alink_addr(1, 0);
+    let from: String = pair.topo.pm[0].name.clone();
+    let refusals = |p: &Pair| p.standby.stderr().matches("refused connection").count();
+    let wait_refusal = |p: &Pair, n: usize, what: &str, needle: &str| {
+        let t0 = Instant::now();
+        while refusals(p) < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{what}: not refused/logged\n{}",
+                p.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let log = p.standby.stderr();
+        assert!(
+            log.contains(needle),
+            "{what}: refusal logged without {needle:?}\n{}",
+            p.logs()
+        );
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("refused connection"))
+            .unwrap_or_default()
+            .to_string();
+        eprintln!("{what}: {line}");
+    };
+    let mut expected = refusals(&pair);
+    let acks0 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+
+    // 1. Garbage bytes.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let garbage: Vec<u8> = (0..512).map(|_| rng.next() as u8).collect();
+    poke(&from, target, garbage);
+    expected += 1;
+    wait_refusal(&pair, expected, "garbage", "bad magic");
+
+    // 2. A well-formed handshake with the wrong secret.
+    let nonce = [0x5a; 32];
+    let hello = wrong_secret_handshake(&from, target, nonce);
+    expected += 1;
+    wait_refusal(&pair, expected, "wrong secret", "wrong cluster secret");
+
+    // 3. The same hello frame replayed on a new connection.
+    poke(&from, target, hello);
+    expected += 1;
+    wait_refusal(&pair, expected, "replayed hello", "replayed handshake");
+
+    // 4. A correctly tagged handshake-phase frame header announcing a 2 MiB body (the
+    //    handshake allows 1 KiB): refused before anything is allocated.
+    let mut enc = alink::frame::FrameEncoder::new(1 << 30);
+    let body = vec![0u8; 2 << 20];
+    let big = enc
+        .header(alink::frame::Kind::Hello, 0, &[], &[&body])
+        .unwrap()
+        .to_vec();
+    poke(&from, target, big);
+    expected += 1;
+    wait_refusal(&pair, expected, "oversized frame", "exceeds the limit");
+
+    // Protection continued all along: the client kept getting replies (each one is
+    // released only after the standby acknowledged its epoch), no failover.
+    let acks1 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    client
+        .wait_acks(20, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("after the bad input: {e}\n{}", pair.logs()));
+    assert!(acks1 > acks0, "no kv reply while the bad input was sent");
+    assert!(!pair.standby.stderr().contains(FAILOVER_LOG));
+    assert!(pair.primary.alive() && pair.standby.alive());
+    let s = pair.kill_and_check(client, "after the bad input");
+    eprintln!("then failover: {s:?}");
+}
