@@ -853,11 +853,16 @@ fn run_conn(
         }
         let read = dec.read_from_fd(&conn.stream);
         let now = shared.now();
+        if matches!(read, Ok(n) if n > 0) {
+            // Any progress counts as life, not only complete frames: a frame larger than
+            // what the link moves in `misses` intervals must not look like a dead link.
+            // (A frame that then fails its checks drops the connection anyway.)
+            lock(&shared.health[link]).on_frame_received(now);
+        }
         match read {
             Ok(0) => break "peer closed the connection".to_string(),
             Ok(n) => match dec.advance(n) {
                 Ok(Some(frame)) => {
-                    lock(&shared.health[link]).on_frame_received(now);
                     if let Err(e) = on_frame(shared, frame) {
                         shared.refuse(link, Some(peer), e.clone());
                         break e;

@@ -38,7 +38,7 @@ fn cfg(pair: &NetnsPair, side: usize) -> AlinkConfig {
     let (me, peer) = if side == 0 { (1, 2) } else { (2, 1) };
     let mut c = AlinkConfig::new(0x7717, me, peer, SECRET, links);
     c.health.interval = Duration::from_millis(50);
-    c.health.misses = 4;
+    c.health.misses = 6;
     c.reconnect_max = Duration::from_millis(200);
     c.window = WindowLimits {
         max_msgs: 512,
