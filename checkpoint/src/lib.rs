@@ -9,3 +9,4 @@ pub mod messages;
 pub mod primary;
 pub mod protocol;
 pub mod standby;
+pub mod verify;

@@ -258,6 +258,7 @@ fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
                 // Small parts: epochs span several messages, so a kill can cut one.
                 max_part_pages: Some(64),
                 acked: Some(acked),
+                verify: None,
             };
             let r = run_primary(&pvmm, &plink, &cfg, &pstop);
             (r, plink)

@@ -20,6 +20,7 @@ use crate::messages::{
     MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART,
     PAGE_SIZE,
 };
+use crate::verify::{hash_state, is_full_epoch, PageHashes, ReplicaHash};
 use vmm::devices::output::EpochConsole;
 use vmm::vstate::dirty::DirtySet;
 use vmm::{Vmm, VmmError};
@@ -44,6 +45,8 @@ pub enum CaptureError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("hashing guest memory (verify mode): {0}")]
+    Hash(vm_memory::GuestMemoryError),
     #[error("disk journal of the epoch ({extents} writes, {bytes} bytes) exceeds one part")]
     DiskTooLarge { extents: usize, bytes: u64 },
 }
@@ -58,14 +61,20 @@ pub struct OutPart {
 pub struct Captured {
     pub parts: Vec<OutPart>,
     pub pages: u64,
-    /// How long the guest was paused (zero for sync rounds' copy).
+    /// How long the guest was paused (zero for sync rounds' copy). In verify mode
+    /// this excludes the full rehash of every `FULL_EVERY`th epoch, which keeps the
+    /// guest paused longer.
     pub pause: Duration,
+    /// Replica-equality hashes taken while paused (verify mode, epochs only).
+    pub hash: Option<ReplicaHash>,
 }
 
 /// Keeps the dirty set between captures (no allocation per epoch).
 pub struct Capturer {
     dirty: DirtySet,
     max_part_pages: u32,
+    /// Test mode: per-page CRCs of guest memory (see [`crate::verify`]).
+    verify: Option<PageHashes>,
 }
 
 impl Capturer {
@@ -75,12 +84,20 @@ impl Capturer {
         Ok(Capturer {
             dirty: DirtySet::new(vmm.guest_memory()),
             max_part_pages: MAX_PAGES_PER_PART,
+            verify: None,
         })
     }
 
     /// Pages per part (tests use small parts to exercise splitting).
     pub fn set_max_part_pages(&mut self, n: u32) {
         self.max_part_pages = n.clamp(1, MAX_PAGES_PER_PART);
+    }
+
+    /// Test mode: hash all guest memory and the VM state's canonical parts while paused
+    /// at each epoch capture ([`Captured::hash`]).
+    pub fn set_verify(&mut self, vmm: &Vmm, on: bool) {
+        self.verify =
+            on.then(|| PageHashes::new(&vmm::persist::memory::layout(vmm.guest_memory())));
     }
 
     /// Initial-sync round `round`: round 0 starts dirty tracking and sends all of
@@ -121,6 +138,7 @@ impl Capturer {
             parts: out,
             pages,
             pause: Duration::ZERO,
+            hash: None,
         })
     }
 
@@ -142,10 +160,29 @@ impl Capturer {
         }
         let r = self.capture_paused(vmm, epoch);
         let pause = t0.elapsed();
+        // Verify mode, full epoch: all of memory as it is at this capture (still paused).
+        let full = is_full_epoch(epoch);
+        let rebuilt = match (&mut self.verify, &r) {
+            (Some(t), Ok(_)) if full => t.rebuild_from_guest(vmm.guest_memory()),
+            _ => Ok(()),
+        };
         if !stay_paused {
             vmm.resume()?;
         }
+        rebuilt.map_err(CaptureError::Hash)?;
         let (runs, page_data, state, journals, console) = r?;
+        // Verify mode, other epochs: the dirty pages from the bytes copied while paused.
+        let hash = self.verify.as_mut().map(|t| {
+            if !full {
+                for (runs, data) in &page_data {
+                    t.update_runs(runs, data);
+                }
+            }
+            ReplicaHash {
+                memory: t.digest(),
+                state: hash_state(&state),
+            }
+        });
         // Off the pause: encode state, disk extents, checksums.
         let state = state.to_bytes()?;
         let mut disk = Vec::new();
@@ -209,6 +246,7 @@ impl Capturer {
             parts: out,
             pages,
             pause,
+            hash,
         })
     }
 

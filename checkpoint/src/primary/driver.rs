@@ -18,6 +18,7 @@ use alink::{Alink, AlinkError, Event, LinkEvent};
 use crate::messages::{decode_to_primary, ToPrimary, ToStandby};
 use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
+use crate::verify::HashLog;
 use vmm::{Vmm, VmmError};
 
 /// How often the loop looks at waiting output and link events when nothing else wakes it.
@@ -48,6 +49,10 @@ pub struct PrimaryDriverConfig {
     pub max_part_pages: Option<u32>,
     /// Updated with the count of acknowledged epochs as acks arrive (for monitoring).
     pub acked: Option<Arc<AtomicU64>>,
+    /// Test mode: hash guest memory and state while paused at every capture and record
+    /// them here by epoch (see [`crate::verify`]). Lengthens each pause by a pass over
+    /// guest memory.
+    pub verify: Option<Arc<HashLog>>,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -57,6 +62,7 @@ impl Default for PrimaryDriverConfig {
             connect_timeout: Duration::from_secs(10),
             max_part_pages: None,
             acked: None,
+            verify: None,
         }
     }
 }
@@ -111,7 +117,9 @@ pub fn run_primary(
         report: PrimaryReport::default(),
         t0,
         acked: cfg.acked.clone(),
+        verify: cfg.verify.clone(),
     };
+    d.cap.set_verify(vmm, d.verify.is_some());
     if let Some(n) = cfg.max_part_pages {
         d.cap.set_max_part_pages(n);
     }
@@ -140,6 +148,7 @@ struct Driver<'a> {
     report: PrimaryReport,
     t0: Instant,
     acked: Option<Arc<AtomicU64>>,
+    verify: Option<Arc<HashLog>>,
 }
 
 impl Driver<'_> {
@@ -234,7 +243,9 @@ impl Driver<'_> {
                 if already {
                     self.report.throttles += 1;
                 }
-                let Captured { parts, pause, .. } = self.cap.capture_epoch(
+                let Captured {
+                    parts, pause, hash, ..
+                } = self.cap.capture_epoch(
                     self.vmm,
                     epoch,
                     self.proto.sync_rounds(),
@@ -246,6 +257,9 @@ impl Driver<'_> {
                     self.report.protected_from_console =
                         parts.last().and_then(|p| p.head.console).map(|c| c.pos);
                     log::info!("primary: epoch 0 captured (stop-and-copy), output commit on");
+                }
+                if let (Some(log), Some(h)) = (&self.verify, hash) {
+                    log.record(epoch, h);
                 }
                 self.report.pauses.push(pause);
                 self.report.epochs_captured += 1;

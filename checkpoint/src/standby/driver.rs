@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkError, Event, InMsg, LinkEvent};
@@ -18,6 +19,7 @@ use alink::{Alink, AlinkError, Event, InMsg, LinkEvent};
 use crate::messages::{decode_to_standby, PartOf, StandboundMsg, ToPrimary};
 use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
 use crate::standby::mirror::{Mirror, MirrorError};
+use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 use vmm::config::VmConfig;
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm_from_state, BuildError, VmState, Vmm, VmmError};
@@ -92,10 +94,35 @@ pub fn run_standby(
     protocol: StandbyConfig,
     stop: &AtomicBool,
 ) -> Result<StandbyOutcome, StandbyDriverError> {
+    let opts = StandbyDriverConfig {
+        protocol,
+        verify: None,
+    };
+    run_standby_with(link, cfg, &opts, stop)
+}
+
+/// Tunables of the standby driver.
+#[derive(Clone, Debug, Default)]
+pub struct StandbyDriverConfig {
+    pub protocol: StandbyConfig,
+    /// Test mode: after every apply, hash the mirror's memory and the committed state's
+    /// canonical parts and record them here by epoch (see [`crate::verify`]). Delays
+    /// each ack by a pass over the mirror.
+    pub verify: Option<Arc<HashLog>>,
+}
+
+/// [`run_standby`] with the driver's options.
+pub fn run_standby_with(
+    link: &Alink,
+    cfg: &VmConfig,
+    opts: &StandbyDriverConfig,
+    stop: &AtomicBool,
+) -> Result<StandbyOutcome, StandbyDriverError> {
     let mut d = Driver {
         link,
         cfg,
-        proto: Standby::new(protocol),
+        verify: opts.verify.clone(),
+        proto: Standby::new(opts.protocol),
         mirror: None,
         console_end: BTreeMap::new(),
         committed_console_end: None,
@@ -123,6 +150,7 @@ struct Driver<'a> {
     committed_console_end: Option<u64>,
     progress: StandbyProgress,
     seen_peer: bool,
+    verify: Option<Arc<HashLog>>,
 }
 
 impl Driver<'_> {
@@ -171,7 +199,11 @@ impl Driver<'_> {
             Ok(StandboundMsg::Hello { layout }) => {
                 if self.mirror.is_none() {
                     let disks = self.open_disks()?;
-                    self.mirror = Some(Mirror::new(&layout, disks)?);
+                    let mut m = Mirror::new(&layout, disks)?;
+                    if self.verify.is_some() {
+                        m.enable_page_hashes();
+                    }
+                    self.mirror = Some(m);
                     log::info!("standby: primary connected, mirror of {layout:x?}");
                 }
                 return Ok(None);
@@ -258,6 +290,16 @@ impl Driver<'_> {
                     }
                     StandbyAction::Apply { epoch } => {
                         let st = self.mirror()?.apply(epoch)?;
+                        if let Some(log) = self.verify.clone() {
+                            let m = self.mirror()?;
+                            let state = match m.vm_state() {
+                                Some(s) => hash_state(&s?),
+                                None => 0,
+                            };
+                            if let Some(memory) = m.page_hash_digest(is_full_epoch(epoch)) {
+                                log.record(epoch, ReplicaHash { memory, state });
+                            }
+                        }
                         self.progress.applied_pages += st.pages;
                         self.progress.applied_disk_writes += st.disk_writes;
                         if let Some(end) = self.console_end.remove(&epoch) {

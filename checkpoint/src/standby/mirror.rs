@@ -21,6 +21,7 @@ use std::os::unix::fs::FileExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::messages::{decode_to_standby, DecodeError, StandboundMsg, PAGE_SIZE};
+use crate::verify::PageHashes;
 use vmm::vstate::memory::GuestMemoryMmap;
 
 /// Guest memory regions at most (the x86 layout has two: below and above the PCI gap).
@@ -89,6 +90,8 @@ pub struct Mirror {
     /// Console output of committed epochs not known to be released by the primary:
     /// epoch -> (stream position, bytes).
     console: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// Test mode: per-page CRCs (see [`Mirror::enable_page_hashes`]).
+    hashes: Option<PageHashes>,
 }
 
 impl Mirror {
@@ -126,6 +129,7 @@ impl Mirror {
             staging: BTreeMap::new(),
             staged_bytes: 0,
             console: BTreeMap::new(),
+            hashes: None,
         })
     }
 
@@ -148,6 +152,31 @@ impl Mirror {
     /// Decodes the committed VM state.
     pub fn vm_state(&self) -> Option<Result<vmm::VmState, vmm::persist::StateFormatError>> {
         self.state.as_deref().map(vmm::VmState::from_bytes)
+    }
+
+    /// Test mode ([`crate::verify`]): keep a CRC per page, updated by every apply for
+    /// the pages it writes (read back from the mirror). Built from the whole mirror now.
+    pub fn enable_page_hashes(&mut self) {
+        let mut t = PageHashes::new(&self.layout());
+        t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+        self.hashes = Some(t);
+    }
+
+    /// The page-hash digest of the mirror's RAM (equal to the primary's when the
+    /// contents are equal); `full` rehashes every page first. `None` unless enabled.
+    pub fn page_hash_digest(&mut self, full: bool) -> Option<u32> {
+        let t = self.hashes.as_mut()?;
+        if full {
+            t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+        }
+        Some(t.digest())
+    }
+
+    /// [`crate::verify::hash_guest_memory`]'s value for the mirror, from scratch.
+    pub fn memory_hash(&self) -> u32 {
+        let mut t = PageHashes::new(&self.layout());
+        t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+        t.digest()
     }
 
     /// The mirror's copy of the page holding `gpa`.
@@ -256,8 +285,13 @@ impl Mirror {
         let mut written = vec![false; self.disks.len()];
         for v in &views {
             // `pages()` first: zip must not pull a slot past this part's last page.
-            for ((_, data), (r, off)) in v.pages().zip(slot.by_ref()) {
-                self.regions[r].bytes[off..off + PAGE_SIZE].copy_from_slice(data);
+            for ((gpa, data), (r, off)) in v.pages().zip(slot.by_ref()) {
+                let page = &mut self.regions[r].bytes[off..off + PAGE_SIZE];
+                page.copy_from_slice(data);
+                if let Some(t) = &mut self.hashes {
+                    // Read back from where it landed, not from the message.
+                    t.update(gpa, page);
+                }
                 stats.pages += 1;
             }
             for (d, data) in v.disk_writes() {

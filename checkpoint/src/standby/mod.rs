@@ -4,7 +4,7 @@ pub mod driver;
 pub mod mirror;
 
 pub use driver::{
-    rarp_announce, rebind_attachments, run_standby, FailoverReport, StandbyDriverError,
-    StandbyOutcome,
+    rarp_announce, rebind_attachments, run_standby, run_standby_with, FailoverReport,
+    StandbyDriverConfig, StandbyDriverError, StandbyOutcome,
 };
 pub use mirror::{ApplyStats, Mirror, MirrorError};
