@@ -296,7 +296,13 @@ fn one_alink_cut_and_restored_then_failover() {
         "a reply took {during:?} while one link was cut\n{}",
         pair.logs()
     );
-    // The primary saw the link go down (heartbeats).
+    // The cut took effect: the primary declared link 1 down (heartbeats) and link 0
+    // carried the checkpoints meanwhile.
+    assert!(
+        pair.primary.stderr().contains("alink: LinkDown(1)"),
+        "the primary never saw link 1 go down\n{}",
+        pair.logs()
+    );
     // Restore: the link must come back into use (checkpoint traffic on it again).
     let conns_before = pair
         .primary
@@ -470,6 +476,30 @@ fn bad_input_on_the_alink_port_is_refused_while_protected() {
     poke(&from, target, big);
     expected += 1;
     wait_refusal(&pair, expected, "oversized frame", "exceeds the limit");
+
+    // 5. A session frame captured off the wire (the primary's traffic to the standby on
+    //    link 0), replayed on a new connection: its tag is keyed with that session's
+    //    key and sequence, so it does not verify anywhere else.
+    let frame = ft::capture_session_frame(
+        &pair.topo.pm[1].name,
+        &pair.topo.alink_ifs[1][0],
+        ft::ALINK_PORT,
+        Duration::from_secs(3),
+    )
+    .expect("no A-Link session frame captured on link 0 within 3 s");
+    eprintln!(
+        "captured a session frame of kind {} ({} bytes)",
+        frame[5],
+        frame.len()
+    );
+    poke(&from, target, frame);
+    expected += 1;
+    wait_refusal(
+        &pair,
+        expected,
+        "replayed session frame",
+        "bad frame during handshake",
+    );
 
     // Protection continued all along: the client kept getting replies (each one is
     // released only after the standby acknowledged its epoch), no failover.

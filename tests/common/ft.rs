@@ -110,6 +110,8 @@ impl FtTopology {
         ]);
         ip(&["-n", cl, "link", "set", &c, "up"]);
         let mut alink_ifs: [[String; 2]; 2] = Default::default();
+        // One /24 per link: 10.88.<link>.1 on pm1, .2 on pm2.
+        #[allow(clippy::needless_range_loop)] // k names the interfaces and subnets too
         for k in 0..2 {
             let (a, z) = (format!("{p}a{k}"), format!("{p}z{k}"));
             let (n1, n2) = (pm[0].name.as_str(), pm[1].name.as_str());
@@ -740,4 +742,95 @@ pub fn wait_console(
 /// A-Link heartbeat interval for the pair: `FT_HEARTBEAT_MS`, default 50 (the CLI's).
 pub fn heartbeat_ms() -> String {
     std::env::var("FT_HEARTBEAT_MS").unwrap_or_else(|_| "50".into())
+}
+
+/// Captures, on interface `ifname` of namespace `ns`, one complete A-Link session frame
+/// (a Data or Heartbeat frame: magic "ALNK", kind 3 or 4) sent to TCP port `port`, with
+/// an AF_PACKET socket; returns its bytes (header and body), to be replayed.
+pub fn capture_session_frame(
+    ns: &str,
+    ifname: &str,
+    port: u16,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    in_netns(ns, move || {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+        let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+        assert!(ifindex > 0, "no interface {ifname:?}");
+        // SAFETY: sockaddr_ll is plain old data; zeroed is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: bind with a properly sized sockaddr_ll that lives across the call.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                std::ptr::addr_of!(sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setsockopt with a timeval that lives across the call.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let mut buf = vec![0u8; 256 << 10];
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            // SAFETY: recv into our buffer, bounded by its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                continue;
+            }
+            if let Some(f) = alink_frame_in(&buf[..n as usize], port) {
+                return Some(f);
+            }
+        }
+        None
+    })
+    .join()
+    .unwrap()
+}
+
+/// The A-Link session frame at the start of the TCP payload of this Ethernet frame, if
+/// it is IPv4/TCP to `port` and holds a whole Data/Heartbeat frame.
+fn alink_frame_in(eth: &[u8], port: u16) -> Option<Vec<u8>> {
+    if eth.len() < 14 || eth[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &eth[14..];
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if ip.get(9) != Some(&6) {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let tcp = ip.get(ihl..total.min(ip.len()))?;
+    if u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]) != port {
+        return None;
+    }
+    let off = usize::from(tcp.get(12)? >> 4) * 4;
+    let payload = tcp.get(off..)?;
+    if payload.len() < 56 || &payload[0..4] != b"ALNK" || !matches!(payload[5], 3 | 4) {
+        return None;
+    }
+    let body_len = u32::from_le_bytes(payload[28..32].try_into().ok()?) as usize;
+    payload.get(..56 + body_len).map(<[u8]>::to_vec)
 }
