@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# twinrun demo: installs what is missing, builds everything, and runs the test guest's
-# workloads under the twinrun VMM:
+# twinrun demo: installs what is missing, builds everything, then runs `twinrun demo`:
+# a protected pair (primary + standby) in network namespaces, a kv client, SIGKILL of
+# the primary mid-load, and a report of what was lost (extra arguments go to
+# `twinrun demo`, e.g. --json).
+#
+#   ./scripts/demo.sh --tour   instead runs the tour of the test guest's workloads
+#                              under one unprotected VMM:
 #   1. counter  - paced console lines, clean guest exit
 #   2. dirty    - rewrites and verifies guest memory pages (self-check)
 #   3. disk     - durable records on a virtio-blk image, surviving a VM restart
@@ -25,6 +30,13 @@ TWINRUN="$TARGET_DIR/debug/twinrun"
 GUEST="$(./scripts/build-guest.sh)"
 echo "twinrun: $TWINRUN"
 echo "guest:   $GUEST"
+
+if [[ "${1:-}" != "--tour" ]]; then
+    say "FT demo: twinrun demo $*"
+    # twinrun demo cleans up its namespaces, processes and files itself (also on Ctrl-C).
+    TWINRUN_GUEST="$GUEST" exec "$TWINRUN" demo "$@"
+fi
+shift
 
 WORK="$(mktemp -d /tmp/twinrun-demo.XXXXXX)"
 P="twd$(($$ % 10000))"          # unique, short: interface names stay <= 15 bytes

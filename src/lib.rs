@@ -2,6 +2,8 @@
 //! the integration tests and the binary share it), plus running a VM.
 pub mod cli;
 pub mod control;
+pub mod demo;
 pub mod exit;
 pub mod paths;
+pub mod signals;
 pub mod snapshot;

@@ -1,8 +1,9 @@
 //! `twinrun`: the fault-tolerant hypervisor layer's command-line front end.
+mod pair;
 mod run;
-mod signals;
 
 use clap::Parser;
+use twinrun::cli::ft::resolve_ft;
 use twinrun::cli::{resolve_run_config, Cli, Command, SnapshotCommand, VmCommand};
 use twinrun::exit;
 
@@ -10,15 +11,25 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Vm(VmCommand::Run(args)) => match resolve_run_config(&args) {
-            Ok(cfg) => run::run_vm(&cfg, args.name.as_deref()),
-            Err(e) => {
-                eprintln!("twinrun: error: {e}");
-                exit::USAGE
+        Command::Vm(VmCommand::Run(args)) => {
+            match resolve_run_config(&args)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    resolve_ft(&args.ft)
+                        .map(|ft| (cfg, ft))
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok((cfg, None)) => run::run_vm(&cfg, args.name.as_deref()),
+                Ok((cfg, Some(ft))) => pair::run_pair(&cfg, &ft),
+                Err(e) => {
+                    eprintln!("twinrun: error: {e}");
+                    exit::USAGE
+                }
             }
-        },
+        }
         Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
+        Command::Demo(a) => twinrun::demo::run(&a),
     };
     std::process::exit(code);
 }

@@ -18,11 +18,11 @@ use vmm::config::VmConfig;
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm, build_vm_from_state, VmExit, VmState, Vmm};
 
-use crate::signals;
+use twinrun::signals;
 
 /// The control server of VM `name` (`None`: the default name, which another VM may
 /// hold: then this one runs without a socket). Err is the exit code.
-fn control_server(name: Option<&str>, cfg: &VmConfig) -> Result<Option<Server>, i32> {
+pub(crate) fn control_server(name: Option<&str>, cfg: &VmConfig) -> Result<Option<Server>, i32> {
     match Server::bind(name.unwrap_or(DEFAULT_VM_NAME), cfg) {
         Ok(s) => Ok(Some(s)),
         Err(e @ ServerError::InUse { .. }) if name.is_none() => {
@@ -196,7 +196,7 @@ pub fn restore_vm(a: &RestoreArgs) -> i32 {
 }
 
 /// Maps how the VM ended to the process exit code, logging it.
-fn exit_code(end: &VmExit, signalled: bool) -> i32 {
+pub(crate) fn exit_code(end: &VmExit, signalled: bool) -> i32 {
     match end {
         VmExit::GuestExit { status: 0 } => {
             info!("guest exited with status 0");

@@ -24,6 +24,23 @@ pub enum Command {
     /// Snapshots of a VM: create, list, restore, delete, export, import.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// FT demo on this machine (root): a protected pair in network namespaces, a kv
+    /// client, SIGKILL of the primary mid-load, and a report of what was lost (nothing).
+    Demo(DemoArgs),
+}
+
+/// Flags of `twinrun demo`.
+#[derive(Debug, Default, Args)]
+pub struct DemoArgs {
+    /// Print exactly one JSON object (the report) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Kill the primary this long after protection began and the client started.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub kill_after_ms: u64,
+    /// Keep the client going this long after the kill before reading back.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub keep_going_ms: u64,
 }
 
 /// `twinrun snapshot ...`. Exit code 2 for bad input (unknown VM or generation,
@@ -184,6 +201,10 @@ pub struct RunArgs {
     /// Console sink: stdout | file:PATH | socket:PATH.
     #[arg(long, value_name = "SINK", value_parser = parse_console_spec)]
     pub console: Option<ConsoleConfig>,
+    /// FT mode: --role, --alink, --cluster-id, --cluster-secret-file, --epoch-ms,
+    /// --heartbeat-ms, --heartbeat-misses.
+    #[command(flatten)]
+    pub ft: super::ft::FtArgs,
 }
 
 /// Parses `PATH[,ro][,engine=sync|io-uring][,serial=S]`.

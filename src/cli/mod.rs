@@ -6,9 +6,10 @@
 //! `--guest` is given.
 pub mod args;
 pub mod config_file;
+pub mod ft;
 pub mod guest_path;
 pub mod resolve;
 pub mod snapshot;
 
-pub use args::{Cli, Command, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};
+pub use args::{Cli, Command, DemoArgs, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};
 pub use resolve::{resolve_run_config, CliError};

@@ -1,0 +1,332 @@
+//! Flags of FT mode (`twinrun vm run --role primary|standby ...`) and their parsers.
+//!
+//! Without `--role` the VM runs unprotected, as before. With it, the VM (primary) or its
+//! replica (standby) is tied to the peer over one or more A-Links, each given as
+//! `--alink <local_ip:port>,<peer_ip:port>`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+
+/// Heartbeat interval default: with 4 misses a dead link is noticed in about 200 ms,
+/// well under the 500 ms failover target.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+pub const DEFAULT_HEARTBEAT_MISSES: u32 = 4;
+pub const DEFAULT_CLUSTER_ID: &str = "twinrun";
+/// The A-Link refuses shorter secrets.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Which end of a protected pair this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Runs the VM and checkpoints it to the standby.
+    Primary,
+    /// Keeps a replica and takes over when every A-Link to the primary is lost.
+    Standby,
+}
+
+/// One A-Link: this end's address and the peer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlinkSpec {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// The FT flags of `vm run` (flattened into [`super::RunArgs`]).
+#[derive(Debug, Default, Args)]
+pub struct FtArgs {
+    /// Run as one end of a protected pair (absent: unprotected).
+    #[arg(long, value_enum, value_name = "ROLE")]
+    pub role: Option<Role>,
+    /// One A-Link: LOCAL_IP:PORT,PEER_IP:PORT (repeatable, one per link; the standby
+    /// listens on its local address, the primary connects to its peer address).
+    #[arg(long = "alink", value_name = "LOCAL,PEER", value_parser = parse_alink_spec)]
+    pub alinks: Vec<AlinkSpec>,
+    /// Cluster id; both ends must agree (default "twinrun").
+    #[arg(long, value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// File holding the cluster secret (at least 16 bytes); required with --role.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Checkpoint epoch length in ms (default: the protocol's).
+    #[arg(long, value_name = "MS")]
+    pub epoch_ms: Option<u64>,
+    /// A-Link heartbeat interval in ms (default 50).
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Missed heartbeats after which a link is down (default 4).
+    #[arg(long, value_name = "N")]
+    pub heartbeat_misses: Option<u32>,
+}
+
+/// Why the FT flags cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FtError {
+    #[error("--role needs at least one --alink LOCAL_IP:PORT,PEER_IP:PORT")]
+    NoAlink,
+    #[error("--role needs --cluster-secret-file <path>")]
+    NoSecretFile,
+    #[error("cannot read the cluster secret file {path}: {why}")]
+    SecretUnreadable { path: String, why: String },
+    #[error("the cluster secret file {path} is empty")]
+    SecretEmpty { path: String },
+    #[error("the cluster secret in {path} is {len} bytes; at least {MIN_SECRET_BYTES} are needed")]
+    SecretShort { path: String, len: usize },
+    #[error("{0} is only meaningful with --role")]
+    NeedsRole(&'static str),
+    #[error("--{0} must be positive")]
+    Zero(&'static str),
+    #[error("at most {max} --alink (got {got})")]
+    TooManyLinks { max: usize, got: usize },
+}
+
+/// Everything FT mode needs, checked.
+#[derive(Clone, Debug)]
+pub struct FtSettings {
+    pub role: Role,
+    pub alinks: Vec<AlinkSpec>,
+    pub cluster_id: String,
+    pub secret: Vec<u8>,
+    pub epoch_ms: Option<u64>,
+    pub heartbeat_ms: u64,
+    pub heartbeat_misses: u32,
+}
+
+impl FtSettings {
+    /// The numeric cluster id the A-Link carries: FNV-1a 64 of the name.
+    pub fn cluster_id_u64(&self) -> u64 {
+        twinrun_guest_abi::fnv1a64(self.cluster_id.as_bytes())
+    }
+}
+
+/// Parses `LOCAL_IP:PORT,PEER_IP:PORT`.
+pub fn parse_alink_spec(s: &str) -> Result<AlinkSpec, String> {
+    let (l, p) = s.split_once(',').ok_or_else(|| {
+        "expected LOCAL_IP:PORT,PEER_IP:PORT (e.g. 10.0.1.1:7000,10.0.1.2:7000)".to_string()
+    })?;
+    let local = l
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad local address {l:?}: {e}"))?;
+    let peer = p
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad peer address {p:?}: {e}"))?;
+    Ok(AlinkSpec { local, peer })
+}
+
+/// Reads the secret: the file's bytes without trailing whitespace (a newline an editor
+/// added must not change the secret).
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, FtError> {
+    let shown = path.display().to_string();
+    let mut bytes = std::fs::read(path).map_err(|e| FtError::SecretUnreadable {
+        path: shown.clone(),
+        why: e.to_string(),
+    })?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(FtError::SecretEmpty { path: shown });
+    }
+    if bytes.len() < MIN_SECRET_BYTES {
+        return Err(FtError::SecretShort {
+            path: shown,
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks the FT flags: `None` without `--role` (FT flags then refused), the settings
+/// otherwise.
+pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
+    let Some(role) = a.role else {
+        let stray = [
+            (!a.alinks.is_empty(), "--alink"),
+            (a.cluster_id.is_some(), "--cluster-id"),
+            (a.cluster_secret_file.is_some(), "--cluster-secret-file"),
+            (a.epoch_ms.is_some(), "--epoch-ms"),
+            (a.heartbeat_ms.is_some(), "--heartbeat-ms"),
+            (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
+        ];
+        return match stray.into_iter().find(|(set, _)| *set) {
+            Some((_, flag)) => Err(FtError::NeedsRole(flag)),
+            None => Ok(None),
+        };
+    };
+    if a.alinks.is_empty() {
+        return Err(FtError::NoAlink);
+    }
+    if a.alinks.len() > alink::MAX_LINKS {
+        return Err(FtError::TooManyLinks {
+            max: alink::MAX_LINKS,
+            got: a.alinks.len(),
+        });
+    }
+    let path = a
+        .cluster_secret_file
+        .as_ref()
+        .ok_or(FtError::NoSecretFile)?;
+    let secret = read_secret(path)?;
+    let heartbeat_ms = a.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS);
+    let heartbeat_misses = a.heartbeat_misses.unwrap_or(DEFAULT_HEARTBEAT_MISSES);
+    if heartbeat_ms == 0 {
+        return Err(FtError::Zero("heartbeat-ms"));
+    }
+    if heartbeat_misses == 0 {
+        return Err(FtError::Zero("heartbeat-misses"));
+    }
+    if a.epoch_ms == Some(0) {
+        return Err(FtError::Zero("epoch-ms"));
+    }
+    Ok(Some(FtSettings {
+        role,
+        alinks: a.alinks.clone(),
+        cluster_id: a
+            .cluster_id
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_string()),
+        secret,
+        epoch_ms: a.epoch_ms,
+        heartbeat_ms,
+        heartbeat_misses,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command, VmCommand};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<FtArgs, clap::Error> {
+        let mut full = vec!["twinrun", "vm", "run"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full)?.command {
+            Command::Vm(VmCommand::Run(a)) => Ok(a.ft),
+            _ => panic!("not vm run"),
+        }
+    }
+
+    fn secret_file(content: &[u8]) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), content).unwrap();
+        f
+    }
+
+    #[test]
+    fn alink_spec() {
+        let s = parse_alink_spec("10.0.1.1:7000,10.0.1.2:7001").unwrap();
+        assert_eq!(s.local, "10.0.1.1:7000".parse().unwrap());
+        assert_eq!(s.peer, "10.0.1.2:7001".parse().unwrap());
+        assert!(parse_alink_spec("10.0.1.1:7000").is_err());
+        assert!(parse_alink_spec("10.0.1.1,10.0.1.2:7000").is_err());
+        assert!(parse_alink_spec("x:1,10.0.1.2:7000").is_err());
+    }
+
+    #[test]
+    fn no_role_is_unprotected_and_refuses_ft_flags() {
+        assert!(resolve_ft(&parse(&[]).unwrap()).unwrap().is_none());
+        let a = parse(&["--alink", "1.1.1.1:1,2.2.2.2:2"]).unwrap();
+        assert_eq!(resolve_ft(&a).unwrap_err(), FtError::NeedsRole("--alink"));
+    }
+
+    #[test]
+    fn role_needs_links_and_secret() {
+        let a = parse(&["--role", "primary"]).unwrap();
+        assert_eq!(resolve_ft(&a).unwrap_err(), FtError::NoAlink);
+        let a = parse(&["--role", "standby", "--alink", "1.1.1.1:1,2.2.2.2:2"]).unwrap();
+        assert_eq!(resolve_ft(&a).unwrap_err(), FtError::NoSecretFile);
+        let a = parse(&[
+            "--role",
+            "standby",
+            "--alink",
+            "1.1.1.1:1,2.2.2.2:2",
+            "--cluster-secret-file",
+            "/nonexistent/secret",
+        ])
+        .unwrap();
+        let e = resolve_ft(&a).unwrap_err();
+        assert!(matches!(e, FtError::SecretUnreadable { .. }), "{e}");
+    }
+
+    #[test]
+    fn secret_file_checks() {
+        let empty = secret_file(b"\n");
+        assert!(matches!(
+            read_secret(empty.path()),
+            Err(FtError::SecretEmpty { .. })
+        ));
+        let short = secret_file(b"short\n");
+        assert!(matches!(
+            read_secret(short.path()),
+            Err(FtError::SecretShort { len: 5, .. })
+        ));
+        let good = secret_file(b"0123456789abcdef-secret\n");
+        assert_eq!(
+            read_secret(good.path()).unwrap(),
+            b"0123456789abcdef-secret"
+        );
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        let f = secret_file(b"0123456789abcdef0123");
+        let p = f.path().to_str().unwrap();
+        let a = parse(&[
+            "--role",
+            "primary",
+            "--alink",
+            "10.0.1.1:7000,10.0.1.2:7000",
+            "--alink",
+            "10.0.2.1:7000,10.0.2.2:7000",
+            "--cluster-secret-file",
+            p,
+        ])
+        .unwrap();
+        let s = resolve_ft(&a).unwrap().unwrap();
+        assert_eq!(s.role, Role::Primary);
+        assert_eq!(s.alinks.len(), 2);
+        assert_eq!(s.cluster_id, "twinrun");
+        assert_eq!((s.heartbeat_ms, s.heartbeat_misses), (50, 4));
+        assert_eq!(s.epoch_ms, None);
+        let a = parse(&[
+            "--role",
+            "standby",
+            "--alink",
+            "10.0.1.2:7000,10.0.1.1:7000",
+            "--cluster-secret-file",
+            p,
+            "--cluster-id",
+            "c7",
+            "--epoch-ms",
+            "10",
+            "--heartbeat-ms",
+            "20",
+            "--heartbeat-misses",
+            "3",
+        ])
+        .unwrap();
+        let s = resolve_ft(&a).unwrap().unwrap();
+        assert_eq!(s.role, Role::Standby);
+        assert_eq!(s.cluster_id, "c7");
+        assert_eq!(s.epoch_ms, Some(10));
+        assert_eq!((s.heartbeat_ms, s.heartbeat_misses), (20, 3));
+        assert_ne!(s.cluster_id_u64(), 0);
+        let a = parse(&[
+            "--role",
+            "standby",
+            "--alink",
+            "1.1.1.1:1,2.2.2.2:2",
+            "--cluster-secret-file",
+            p,
+            "--heartbeat-ms",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(resolve_ft(&a).unwrap_err(), FtError::Zero("heartbeat-ms"));
+        assert!(parse(&["--role", "witness"]).is_err());
+    }
+}

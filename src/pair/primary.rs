@@ -1,0 +1,170 @@
+//! The primary: builds and starts the VM, then checkpoints it to the standby until
+//! SIGTERM/SIGINT. Output commit and the disk journal are switched on by the capture
+//! edge at epoch 0; a file console is positioned first so that its bytes land at
+//! their stream positions (the standby may write the same bytes there again).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alink::{Alink, AlinkConfig};
+use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::protocol::PrimaryConfig;
+use log::{error, info, warn};
+use twinrun::cli::ft::FtSettings;
+use twinrun::exit;
+use vmm::config::{ConsoleConfig, VmConfig};
+use vmm::{build_vm, Vmm};
+
+use super::shutdown::Shutdown;
+use crate::run::exit_code;
+
+/// The line `twinrun demo` (and scripts) wait for: the standby has committed epoch 0.
+pub use twinrun::demo::PROTECTED_LOG;
+
+pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
+    let mut vm = match build_vm(cfg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            error!("cannot build the VM: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    if matches!(cfg.console, ConsoleConfig::File { .. }) {
+        match vm.set_console_positioned(None) {
+            Ok(p) => info!("console file positioned, stream starts at byte {p:?}"),
+            Err(e) => {
+                error!("cannot position the console file: {e}");
+                return exit::START_FAILED;
+            }
+        }
+    } else {
+        warn!("the console is not a file: output the standby releases again after a failover may be duplicated");
+    }
+    if let Err(e) = vm.start() {
+        error!("cannot start the VM: {e}");
+        return exit::START_FAILED;
+    }
+    info!(
+        "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
+        acfg.links.len(),
+        acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
+    );
+    let link = match Alink::start(acfg) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("cannot start the A-Link: {e}");
+            vm.stopper().stop();
+            vm.wait();
+            return exit::START_FAILED;
+        }
+    };
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut protocol = PrimaryConfig::default();
+    if let Some(ms) = ft.epoch_ms {
+        protocol.epoch_len = Duration::from_millis(ms);
+        protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
+    }
+    info!(
+        "FT primary: epoch {:?}, {} epochs in flight at most",
+        protocol.epoch_len, protocol.max_in_flight
+    );
+    let dcfg = driver_config(protocol, acked.clone());
+    let result = std::thread::scope(|s| {
+        s.spawn(|| announce_protection(&acked, sd));
+        let r = run_primary(&vm, &link, &dcfg, sd.flag());
+        // Ends the announcer if nothing was ever acknowledged.
+        acked.fetch_max(u64::MAX, Ordering::SeqCst);
+        r
+    });
+    drop(link);
+    match result {
+        Ok(report) => {
+            log_report(&report);
+            sd.hand_vm(vm.stopper());
+            vm.stopper().stop();
+            let end = vm.wait();
+            exit_code(&end, true)
+        }
+        Err(e) => {
+            if let Some(end) = vm.wait_timeout(Duration::ZERO) {
+                info!("checkpointing ended with the VM: {e}");
+                return exit_code(&end, sd.requested());
+            }
+            error!(
+                "FT primary: checkpointing FAILED ({e}); the VM runs on UNPROTECTED \
+                 (held output released)"
+            );
+            unprotect(&vm);
+            sd.hand_vm(vm.stopper());
+            let end = vm.wait();
+            exit_code(&end, sd.requested())
+        }
+    }
+}
+
+/// The driver's config, field by field: it grows (e.g. test-mode hashing) and keeps
+/// its defaults for what FT mode does not set, whichever fields it has.
+#[allow(clippy::field_reassign_with_default)]
+fn driver_config(protocol: PrimaryConfig, acked: Arc<AtomicU64>) -> PrimaryDriverConfig {
+    let mut d = PrimaryDriverConfig::default();
+    d.protocol = protocol;
+    // The VM runs (unprotected, output not yet held) until the standby connects;
+    // waiting for it is not an error.
+    d.connect_timeout = Duration::from_secs(365 * 24 * 3600);
+    d.acked = Some(acked);
+    d
+}
+
+/// Logs [`PROTECTED_LOG`] once the first epoch is acknowledged.
+fn announce_protection(acked: &AtomicU64, sd: &Shutdown) {
+    loop {
+        match acked.load(Ordering::SeqCst) {
+            u64::MAX => return,
+            0 => {}
+            _ => {
+                info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+                return;
+            }
+        }
+        if sd.requested() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn unprotect(vm: &Vmm) {
+    if let Err(e) = vm.pause() {
+        warn!("cannot pause to release held output: {e}");
+        return;
+    }
+    match vm.disable_output_commit() {
+        Ok(st) => info!("released held output: {st:?}"),
+        Err(e) => warn!("releasing held output: {e}"),
+    }
+    vm.disable_disk_journal();
+    if let Err(e) = vm.resume() {
+        error!("cannot resume the VM: {e}");
+    }
+}
+
+fn log_report(r: &PrimaryReport) {
+    let pct = |p: usize| r.pauses.get(r.pauses.len() * p / 100).copied();
+    info!(
+        "FT primary: {} sync rounds, {} epochs captured, {} acknowledged, released through \
+         {:?}, pause p50 {:?} p99 {:?}, {} throttles{}",
+        r.sync_rounds,
+        r.epochs_captured,
+        r.epochs_acked,
+        r.released,
+        pct(50),
+        pct(99),
+        r.throttles,
+        if r.simplex {
+            "; ran SIMPLEX (standby lost)"
+        } else {
+            ""
+        }
+    );
+}

@@ -1,0 +1,63 @@
+//! SIGTERM/SIGINT for FT mode: a flag the drivers poll and, once a VM runs on its own
+//! (after the driver returned or after a failover), that VM's stopper.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use twinrun::signals;
+use vmm::Stopper;
+
+#[derive(Default)]
+struct Inner {
+    stop: AtomicBool,
+    /// Stopper of the VM that runs undriven; taken under the lock with `stop` so a
+    /// signal and a registration cannot miss each other.
+    vm: Mutex<Option<Stopper>>,
+}
+
+#[derive(Clone)]
+pub struct Shutdown(Arc<Inner>);
+
+impl Shutdown {
+    /// Starts the signal thread (signals must be blocked already).
+    pub fn install() -> Shutdown {
+        let s = Shutdown(Arc::new(Inner::default()));
+        let t = s.clone();
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || match signals::wait() {
+                Ok(name) => {
+                    info!("received {name}: stopping");
+                    let vm = t.0.vm.lock().unwrap_or_else(|p| p.into_inner());
+                    t.0.stop.store(true, Ordering::SeqCst);
+                    if let Some(st) = vm.as_ref() {
+                        st.stop();
+                    }
+                }
+                Err(e) => warn!("waiting for signals failed: {e}"),
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the signal thread ({e}); SIGTERM/SIGINT stay blocked");
+        }
+        s
+    }
+
+    /// The flag the checkpoint drivers poll.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0.stop
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.stop.load(Ordering::SeqCst)
+    }
+
+    /// From now on a signal stops this VM (at once if one came already).
+    pub fn hand_vm(&self, stopper: Stopper) {
+        let mut vm = self.0.vm.lock().unwrap_or_else(|p| p.into_inner());
+        if self.0.stop.load(Ordering::SeqCst) {
+            stopper.stop();
+        }
+        *vm = Some(stopper);
+    }
+}

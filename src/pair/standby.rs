@@ -1,0 +1,78 @@
+//! The standby: keeps the replica until the primary is lost, then runs the VM from the
+//! last committed checkpoint on its own devices until it ends or SIGTERM/SIGINT.
+
+use alink::{Alink, AlinkConfig};
+use checkpoint::protocol::StandbyConfig;
+use checkpoint::standby::{run_standby, StandbyOutcome};
+use log::{error, info, warn};
+use twinrun::exit;
+use vmm::config::{ConsoleConfig, VmConfig};
+
+use super::shutdown::Shutdown;
+use crate::run::exit_code;
+
+/// The line logged when the standby's VM runs (the demo and tests look for it).
+pub use twinrun::demo::FAILOVER_LOG;
+
+pub fn run(cfg: &VmConfig, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
+    if !matches!(cfg.console, ConsoleConfig::File { .. }) {
+        warn!(
+            "the console is not a file: output released again after a failover may be duplicated"
+        );
+    }
+    info!(
+        "FT standby: listening for the primary on {} A-Link(s): {:?}",
+        acfg.links.len(),
+        acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
+    );
+    let link = match Alink::start(acfg) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("cannot start the A-Link: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    let outcome = run_standby(&link, cfg, StandbyConfig::default(), sd.flag());
+    // The old primary must not reach this VM's replica machinery again.
+    drop(link);
+    match outcome {
+        Ok(StandbyOutcome::FailedOver(vm, r)) => {
+            let mut vm = *vm;
+            info!(
+                "{FAILOVER_LOG} {} ms (restore and start after the primary was declared \
+                 lost): resumed from epoch {}, primary released through {:?}, {} console \
+                 bytes released again from position {:?}, console continues at {:?}, {} \
+                 RARP announce(s)",
+                r.failover_time.as_millis(),
+                r.last_committed,
+                r.released_through,
+                r.rereleased_bytes,
+                r.rereleased_from,
+                r.console_next,
+                r.announces
+            );
+            warn!(
+                "FT standby: this VM now runs UNPROTECTED (no standby of its own); if the \
+                 primary is in fact alive behind cut A-Links, two copies run"
+            );
+            sd.hand_vm(vm.stopper());
+            let end = vm.wait();
+            exit_code(&end, sd.requested())
+        }
+        Ok(StandbyOutcome::NoReplica) => {
+            error!(
+                "FT standby: the primary was lost before the first checkpoint committed; \
+                 there is nothing to take over"
+            );
+            exit::START_FAILED
+        }
+        Ok(StandbyOutcome::Stopped { committed }) => {
+            info!("FT standby: stopped (last committed epoch {committed:?})");
+            exit::OK
+        }
+        Err(e) => {
+            error!("FT standby: {e}");
+            exit::START_FAILED
+        }
+    }
+}
