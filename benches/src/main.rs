@@ -1,13 +1,14 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause). Needs root (KVM, network
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft). Needs root (KVM, network
 //! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
 
 mod blk;
 mod boot;
 mod env;
 mod exits;
+mod ft;
 mod net;
 mod pause;
 mod proc;
@@ -30,11 +31,11 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 5] = ["boot", "exits", "blk", "kv", "pause"];
+const SECTIONS: [&str; 6] = ["boot", "exits", "blk", "kv", "pause", "ft"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
@@ -181,6 +182,7 @@ fn main() {
             pause::run(&[256, 1024, 4096], 20, 2)
         }
     });
+    section("ft", &mut || ft::run(&elf, &dir, q));
     drop(scratch);
 
     context.push((
