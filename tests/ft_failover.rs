@@ -87,6 +87,17 @@ impl Pair {
         let console_at_kill = read_console(&self.files.console);
         let c_at_kill = count_c(&console_at_kill);
         let acks_at_kill = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+        // Watch for the MAC announcement (RARP) the standby sends on failover: where its
+        // VMM writes it (its TAP) and where the LAN must see it (the LAN-side port of the
+        // standby's uplink).
+        let mac = ft::mac_bytes();
+        let watch = |ns: &str, dev: &str| {
+            ft::capture(ns, dev, Duration::from_secs(3), move |eth| {
+                ft::is_rarp_from(eth, mac).then(Instant::now)
+            })
+        };
+        let on_lan = watch(&self.topo.lan.name, &self.topo.lan_ports[1]);
+        let on_tap = watch(&self.topo.pm[1].name, &self.topo.taps[1]);
         let t_kill = Instant::now();
         self.primary.kill();
         let failover = self
@@ -98,6 +109,17 @@ impl Pair {
             .wait_acks(40, Duration::from_secs(15))
             .map(|_| t_kill.elapsed())
             .unwrap_or_else(|e| panic!("{tag}: after the kill: {e}\n{}", self.logs()));
+        let announced = Announce {
+            tap: on_tap.join().unwrap().map(|t| t - t_kill),
+            lan: on_lan.join().unwrap().map(|t| t - t_kill),
+        };
+        if std::env::var_os("FT_REQUIRE_ANNOUNCE").is_some() {
+            assert!(
+                announced.lan.is_some(),
+                "{tag}: no RARP announce of the guest's MAC reached the LAN ({announced:?})\n{}",
+                self.logs()
+            );
+        }
         let t0 = Instant::now();
         while count_c(&read_console(&self.files.console)) <= c_at_kill + 20 {
             assert!(
@@ -148,6 +170,7 @@ impl Pair {
         assert!(!cc.w_seqs.is_empty(), "{tag}: no W record at all");
         RunStats {
             failover,
+            announced,
             resumed,
             writes: rep.sets_acked.len() as u64 + rep.incrs_acked as u64,
             writes_at_kill: acks_at_kill,
@@ -159,10 +182,19 @@ impl Pair {
     }
 }
 
+/// When (after the SIGKILL) the standby's RARP was seen on its TAP and on the LAN.
+#[derive(Debug, Clone, Copy)]
+struct Announce {
+    tap: Option<Duration>,
+    lan: Option<Duration>,
+}
+
 #[derive(Debug)]
 struct RunStats {
     /// From SIGKILL to the standby's "failover complete" line (as polled).
     failover: Duration,
+    /// The standby's RARP announce, as seen on its TAP and on the LAN.
+    announced: Announce,
     /// From SIGKILL to 40 more acknowledged writes on the same connection.
     resumed: Duration,
     writes: u64,
@@ -208,6 +240,7 @@ fn sigkill_primary_at_random_moments() {
     let t_all = Instant::now();
     let (mut failovers, mut resumes) = (Vec::new(), Vec::new());
     let mut writes = 0;
+    let mut announce_lost = Vec::new();
     for run in 0..runs {
         let kill_after = Duration::from_millis(100 + rng.next() % 900);
         let t_run = Instant::now();
@@ -221,11 +254,12 @@ fn sigkill_primary_at_random_moments() {
         let s = pair.kill_and_check(client, &tag);
         eprintln!(
             "run {run}: kill {kill_after:?} after load start, {} writes acked before, {} in \
-             all; failover logged {:?}, client resumed {:?} after SIGKILL; C {} W {}; \
+             all; failover logged {:?}, RARP {:?}, client resumed {:?} after SIGKILL; C {} W {}; \
              longest reply {:?}; port {:?}; run {:?}",
             s.writes_at_kill,
             s.writes,
             s.failover,
+            s.announced,
             s.resumed,
             s.c_lines,
             s.w_records,
@@ -233,6 +267,9 @@ fn sigkill_primary_at_random_moments() {
             s.tcp_port,
             t_run.elapsed()
         );
+        if s.announced.lan.is_none() {
+            announce_lost.push((run, s.announced.tap.is_some(), s.resumed));
+        }
         failovers.push(s.failover);
         resumes.push(s.resumed);
         writes += s.writes;
@@ -246,6 +283,14 @@ fn sigkill_primary_at_random_moments() {
         pct(&mut resumes, 50),
         pct(&mut resumes, 100),
     );
+    if !announce_lost.is_empty() {
+        eprintln!(
+            "WARNING: in {} of {runs} runs the standby's RARP announce never reached the LAN \
+             (run, seen on the standby's TAP, client resumed after): {announce_lost:?} \
+             (FT_REQUIRE_ANNOUNCE=1 makes this a failure)",
+            announce_lost.len()
+        );
+    }
 }
 
 /// Longest reply wait seen in a window of `d` (the client's max is reset first).

@@ -47,6 +47,8 @@ pub struct FtTopology {
     pub taps: [String; 2],
     /// A-Link interfaces: `alink_ifs[pm][link]`.
     pub alink_ifs: [[String; 2]; 2],
+    /// The LAN-side port (in the LAN namespace) of each PM's uplink.
+    pub lan_ports: [String; 2],
     // Drop order: PMs, LAN, client.
     pub pm: [NetNs; 2],
     pub lan: NetNs,
@@ -67,6 +69,7 @@ impl FtTopology {
         ip(&["-n", ln, "link", "add", &lbr, "type", "bridge"]);
         ip(&["-n", ln, "link", "set", &lbr, "up"]);
         let mut taps = [String::new(), String::new()];
+        let mut lan_ports = [String::new(), String::new()];
         for (i, ns) in pm.iter().enumerate() {
             let n = i + 1;
             let (tap, br, v, w) = (
@@ -91,6 +94,7 @@ impl FtTopology {
             ip(&["-n", ln, "link", "set", &w, "master", &lbr]);
             ip(&["-n", ln, "link", "set", &w, "up"]);
             taps[i] = tap;
+            lan_ports[i] = w;
         }
         let cl = client.name.as_str();
         let (c, x) = (format!("{p}c"), format!("{p}x"));
@@ -145,6 +149,7 @@ impl FtTopology {
             prefix: p,
             taps,
             alink_ifs,
+            lan_ports,
             pm,
             lan,
             client,
@@ -744,17 +749,18 @@ pub fn heartbeat_ms() -> String {
     std::env::var("FT_HEARTBEAT_MS").unwrap_or_else(|_| "50".into())
 }
 
-/// Captures, on interface `ifname` of namespace `ns`, one complete A-Link session frame
-/// (a Data or Heartbeat frame: magic "ALNK", kind 3 or 4) sent to TCP port `port`, with
-/// an AF_PACKET socket; returns its bytes (header and body), to be replayed.
-pub fn capture_session_frame(
+/// Captures Ethernet frames on interface `ifname` of namespace `ns` with an AF_PACKET
+/// socket (on its own thread, started before this returns) until `pick` returns
+/// something or `timeout` passes.
+pub fn capture<T: Send + 'static>(
     ns: &str,
     ifname: &str,
-    port: u16,
     timeout: Duration,
-) -> Option<Vec<u8>> {
+    pick: impl Fn(&[u8]) -> Option<T> + Send + 'static,
+) -> std::thread::JoinHandle<Option<T>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ifname = std::ffi::CString::new(ifname).unwrap();
-    in_netns(ns, move || {
+    let handle = in_netns(ns, move || {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the fd is owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
@@ -792,6 +798,7 @@ pub fn capture_session_frame(
                 std::mem::size_of::<libc::timeval>() as u32,
             )
         };
+        let _ = ready_tx.send(());
         let mut buf = vec![0u8; 256 << 10];
         let t0 = Instant::now();
         while t0.elapsed() < timeout {
@@ -800,14 +807,44 @@ pub fn capture_session_frame(
             if n <= 0 {
                 continue;
             }
-            if let Some(f) = alink_frame_in(&buf[..n as usize], port) {
+            if let Some(f) = pick(&buf[..n as usize]) {
                 return Some(f);
             }
         }
         None
-    })
-    .join()
-    .unwrap()
+    });
+    // Capturing before the caller acts (or the socket failed: the join reports it).
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    handle
+}
+
+/// One complete A-Link session frame (a Data or Heartbeat frame: magic "ALNK", kind 3
+/// or 4) sent to TCP port `port` on `ifname` of `ns`: its bytes (header and body), to
+/// be replayed.
+pub fn capture_session_frame(
+    ns: &str,
+    ifname: &str,
+    port: u16,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    capture(ns, ifname, timeout, move |eth| alink_frame_in(eth, port))
+        .join()
+        .unwrap()
+}
+
+/// An Ethernet frame from `mac` with EtherType RARP (0x8035): the announcement a
+/// failed-over VM's VMM sends (as QEMU does after migration) so the LAN learns its new
+/// port.
+pub fn is_rarp_from(eth: &[u8], mac: [u8; 6]) -> bool {
+    eth.len() >= 14 && eth[6..12] == mac && eth[12..14] == [0x80, 0x35]
+}
+
+pub fn mac_bytes() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, p) in MAC.split(':').enumerate() {
+        m[i] = u8::from_str_radix(p, 16).unwrap();
+    }
+    m
 }
 
 /// The A-Link session frame at the start of the TCP payload of this Ethernet frame, if
