@@ -168,6 +168,7 @@ impl Pair {
         check_disk_records(&img, &cc.w_seqs)
             .unwrap_or_else(|e| panic!("{tag}: standby image: {e}\n{logs}"));
         assert!(!cc.w_seqs.is_empty(), "{tag}: no W record at all");
+        assert!(cc.d_lines > 0, "{tag}: the dirty workload verified no pass");
         RunStats {
             failover,
             announced,

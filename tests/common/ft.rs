@@ -599,6 +599,8 @@ fn client_loop(
 #[derive(Debug, Default)]
 pub struct ConsoleCheck {
     pub c_lines: u64,
+    /// `D` summaries (dirty passes verified), all with `errors=0`.
+    pub d_lines: u64,
     pub w_seqs: Vec<u64>,
     pub boots: u32,
     pub bytes: usize,
@@ -606,7 +608,8 @@ pub struct ConsoleCheck {
 
 /// Checks the console stream as seen outside: no hole (NUL bytes of an unwritten range
 /// of the positioned file) before the last complete line, `C` lines 1, 2, 3, ... with no
-/// gap, duplicate or reordering, exactly one BOOT, no DIRTY-ERROR / PANIC / DISK-ERROR.
+/// gap, duplicate or reordering, exactly one BOOT, no DIRTY-ERROR / PANIC / DISK-ERROR,
+/// every `D` summary with `errors=0`.
 pub fn check_console(bytes: &[u8]) -> Result<ConsoleCheck, String> {
     let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let whole = &bytes[..end];
@@ -628,6 +631,12 @@ pub fn check_console(bytes: &[u8]) -> Result<ConsoleCheck, String> {
             if line.starts_with(bad) {
                 return Err(format!("at byte {start}: {line}"));
             }
+        }
+        if line.starts_with("D ") {
+            if !line.ends_with(" errors=0") {
+                return Err(format!("dirty self-check failed at byte {start}: {line}"));
+            }
+            r.d_lines += 1;
         }
         if line.starts_with("BOOT") {
             r.boots += 1;
