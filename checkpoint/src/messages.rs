@@ -7,8 +7,9 @@
 //!
 //! A checkpoint epoch (or an initial-sync round) is split into *parts* so that no message
 //! exceeds [`MAX_MESSAGE_BYTES`]. The payload of one part is laid out as
-//! `[vm state][disk extent data, in extent order][console bytes][pages, in run order]`;
-//! the VM state and the console output are carried only by the last part of an epoch.
+//! `[vm state][disk extent data, in extent order][console bytes][net frames, in frame
+//! order][pages, in run order]`; the VM state and the output (console bytes, frames) are
+//! carried only by the last part of an epoch.
 //! Each part carries a CRC-32C of its payload so that the standby checks what it stages
 //! independently of the transport.
 //!
@@ -37,6 +38,15 @@ pub const MAX_DISK_EXTENTS_PER_PART: usize = 4096;
 pub const MAX_DISK_BYTES_PER_PART: u64 = 16 << 20;
 /// Console bytes of one epoch (the output gate holds at most 32 MiB over all epochs).
 pub const MAX_CONSOLE_BYTES_PER_EPOCH: u32 = 8 << 20;
+/// Net frames of one epoch shipped for re-sending after a failover (see [`FrameOut`]).
+/// Bounds the head (a few bytes per frame); an epoch that sent more ships only its
+/// first frames.
+pub const MAX_FRAMES_PER_EPOCH: usize = 4096;
+/// Bytes of net frames of one epoch shipped; an epoch that sent more ships only the
+/// frames that fit.
+pub const MAX_FRAME_BYTES_PER_EPOCH: u32 = 4 << 20;
+/// One frame (Ethernet header included): the virtio-net device's largest TX frame.
+pub const MAX_FRAME_LEN: u32 = 65562;
 /// Encoded head of one message.
 pub const MAX_HEAD_BYTES: usize = 256 << 10;
 /// Head plus payload of one message; below the A-Link's default frame limit (64 MiB).
@@ -44,6 +54,7 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_HEAD_BYTES
     + MAX_STATE_BYTES as usize
     + MAX_DISK_BYTES_PER_PART as usize
     + MAX_CONSOLE_BYTES_PER_EPOCH as usize
+    + MAX_FRAME_BYTES_PER_EPOCH as usize
     + MAX_PAGES_PER_PART as usize * PAGE_SIZE;
 
 /// `pages` contiguous guest pages starting at guest-physical address `gpa`.
@@ -71,11 +82,30 @@ pub struct DiskExtent {
 /// produce it again: the standby must release it. It cannot know whether the primary
 /// already did, so it releases it again at the same stream positions; a positional sink
 /// (a file written at offsets) makes that idempotent — no gap, no duplicate. Network
-/// frames are not shipped: frames of such an epoch are, from the guest's view, lost by
-/// the network, and its TCP retransmits them from the committed state.
+/// frames travel too ([`FrameOut`]), with weaker rules.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleOut {
     pub pos: u64,
+    pub len: u32,
+}
+
+/// One network frame the epoch sent on net device `net` (index among the VM's NICs):
+/// `len` bytes, Ethernet header included, in the payload after the console bytes.
+///
+/// Why: as for [`ConsoleOut`], the primary may die after the standby committed an
+/// epoch but before the primary released its frames. The resumed guest believes it
+/// sent them; if they never reach the wire its TCP waits for its retransmission timeout
+/// (at least 1 s in smoltcp) before sending them again. The standby sends them again
+/// instead, right after the failover. A frame cannot be written "at a position", so a
+/// frame the primary did release goes out twice: harmless on an Ethernet (TCP discards
+/// a duplicate segment and ACKs again, ARP and ICMP answers are idempotent, UDP is
+/// allowed duplicates). Best effort: an epoch that sent more than
+/// [`MAX_FRAMES_PER_EPOCH`] frames or [`MAX_FRAME_BYTES_PER_EPOCH`] bytes ships only the
+/// first that fit; the others are, to the guest, lost by the network (its TCP
+/// retransmits them from the committed state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameOut {
+    pub net: u16,
     pub len: u32,
 }
 
@@ -105,6 +135,8 @@ pub struct PartHead {
     pub disk: Vec<DiskExtent>,
     /// Console output the epoch produced (last part of an epoch only).
     pub console: Option<ConsoleOut>,
+    /// Net frames the epoch sent, in order per NIC (last part of an epoch only).
+    pub frames: Vec<FrameOut>,
     /// The primary had released the output of every epoch through this one when it sent
     /// this part (the standby then forgets that output).
     pub released_through: Option<u64>,
@@ -191,11 +223,17 @@ impl PartHead {
         self.console.map_or(0, |c| u64::from(c.len))
     }
 
+    /// Net frame bytes in this part.
+    pub fn frame_bytes(&self) -> u64 {
+        self.frames.iter().map(|f| u64::from(f.len)).sum()
+    }
+
     /// Payload length the head describes.
     pub fn payload_len(&self) -> u64 {
         u64::from(self.state_len)
             + self.disk_bytes()
             + self.console_bytes()
+            + self.frame_bytes()
             + self.page_count() * PAGE_SIZE as u64
     }
 
@@ -241,10 +279,34 @@ impl PartHead {
             self.console_bytes(),
             u64::from(MAX_CONSOLE_BYTES_PER_EPOCH),
         )?;
+        exceeded(
+            "net frames",
+            self.frames.len() as u64,
+            MAX_FRAMES_PER_EPOCH as u64,
+        )?;
+        exceeded(
+            "net frame bytes",
+            self.frame_bytes(),
+            u64::from(MAX_FRAME_BYTES_PER_EPOCH),
+        )?;
+        for f in &self.frames {
+            if f.len == 0 {
+                return Err(LimitError::Exceeded {
+                    what: "net frame of no bytes",
+                    have: 0,
+                    max: 0,
+                });
+            }
+            exceeded(
+                "net frame length",
+                u64::from(f.len),
+                u64::from(MAX_FRAME_LEN),
+            )?;
+        }
         // An epoch's last part always carries the state; nothing else carries state or
-        // console output.
+        // output.
         if (self.state_len > 0) != (last && is_epoch)
-            || (self.console.is_some() && !(last && is_epoch))
+            || ((self.console.is_some() || !self.frames.is_empty()) && !(last && is_epoch))
         {
             return Err(LimitError::StatePlacement {
                 part: self.part,
@@ -265,6 +327,7 @@ impl PartHead {
         runs: Vec<PageRun>,
         disk: Vec<DiskExtent>,
         console: Option<ConsoleOut>,
+        frames: Vec<FrameOut>,
         released_through: Option<u64>,
         payload: &[C],
     ) -> Result<PartHead, LimitError> {
@@ -276,6 +339,7 @@ impl PartHead {
             runs,
             disk,
             console,
+            frames,
             released_through,
             crc: 0,
         };
@@ -301,6 +365,7 @@ pub struct PartView<'a> {
     pub state: &'a [u8],
     /// Console bytes (see [`ConsoleOut`]).
     pub console: &'a [u8],
+    frame_data: &'a [u8],
     disk_data: &'a [u8],
     page_data: &'a [u8],
 }
@@ -327,11 +392,13 @@ impl<'a> PartView<'a> {
         // Lengths were checked against the payload just above.
         let (state, rest) = payload.split_at(head.state_len as usize);
         let (disk_data, rest) = rest.split_at(head.disk_bytes() as usize);
-        let (console, page_data) = rest.split_at(head.console_bytes() as usize);
+        let (console, rest) = rest.split_at(head.console_bytes() as usize);
+        let (frame_data, page_data) = rest.split_at(head.frame_bytes() as usize);
         Ok(PartView {
             head,
             state,
             console,
+            frame_data,
             disk_data,
             page_data,
         })
@@ -345,6 +412,17 @@ impl<'a> PartView<'a> {
             .iter()
             .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.gpa + i * PAGE_SIZE as u64))
             .zip(data.chunks_exact(PAGE_SIZE))
+    }
+
+    /// Every net frame as `(net device index, frame)`, in order.
+    pub fn frames(&self) -> impl Iterator<Item = (u16, &'a [u8])> + '_ {
+        let mut off = 0usize;
+        let data = self.frame_data;
+        self.head.frames.iter().map(move |f| {
+            let s = &data[off..off + f.len as usize];
+            off += f.len as usize;
+            (f.net, s)
+        })
     }
 
     /// Every disk write as `(extent, data)`, in order.
@@ -463,7 +541,14 @@ mod tests {
         let disk = vec![7u8; 512];
         let pages = [page(1), page(2), page(3)].concat();
         let console = b"hello\n".to_vec();
-        let chunks = [state.clone(), disk.clone(), console.clone(), pages.clone()];
+        let frames = b"frame-0frame-one".to_vec();
+        let chunks = [
+            state.clone(),
+            disk.clone(),
+            console.clone(),
+            frames.clone(),
+            pages.clone(),
+        ];
         let h = PartHead::new(
             PartOf::Epoch {
                 epoch: 9,
@@ -488,6 +573,7 @@ mod tests {
                 len: 512,
             }],
             Some(ConsoleOut { pos: 100, len: 6 }),
+            vec![FrameOut { net: 0, len: 7 }, FrameOut { net: 1, len: 9 }],
             Some(8),
             &chunks,
         )
@@ -500,6 +586,8 @@ mod tests {
         assert_eq!(v.head, h);
         assert_eq!(v.state, &state[..]);
         assert_eq!(v.console, &console[..]);
+        let f: Vec<_> = v.frames().collect();
+        assert_eq!(f, vec![(0, &b"frame-0"[..]), (1, &b"frame-one"[..])]);
         let p: Vec<_> = v.pages().map(|(g, d)| (g, d[0])).collect();
         assert_eq!(p, vec![(0x1000, 1), (0x2000, 2), (0x8000, 3)]);
         let d: Vec<_> = v.disk_writes().collect();
@@ -509,7 +597,7 @@ mod tests {
         let first = v.pages().next().unwrap().1.as_ptr();
         assert_eq!(
             first,
-            payload[state.len() + disk.len() + console.len()..].as_ptr()
+            payload[state.len() + disk.len() + console.len() + frames.len()..].as_ptr()
         );
     }
 
@@ -527,6 +615,7 @@ mod tests {
             vec![PageRun { gpa: 0, pages: 1 }],
             vec![],
             None,
+            Vec::new(),
             None,
             &chunks,
         )
@@ -557,6 +646,7 @@ mod tests {
             runs,
             disk: vec![],
             console: None,
+            frames: vec![],
             released_through: None,
             crc: 0,
         };
@@ -596,6 +686,30 @@ mod tests {
             Err(LimitError::StatePlacement { .. })
         ));
         assert!(mk(vec![], 0, 0, 2).check().is_ok());
+        // Frames: only in the last part, bounded in count, size and length.
+        let mut h = mk(vec![], 0, 0, 2);
+        h.frames = vec![FrameOut { net: 0, len: 60 }];
+        assert!(matches!(h.check(), Err(LimitError::StatePlacement { .. })));
+        let mut h = mk(vec![], 1, 0, 1);
+        h.frames = vec![FrameOut { net: 0, len: 60 }];
+        assert!(h.check().is_ok());
+        h.frames = vec![FrameOut { net: 0, len: 0 }];
+        assert!(h.check().is_err());
+        h.frames = vec![FrameOut {
+            net: 0,
+            len: MAX_FRAME_LEN + 1,
+        }];
+        assert!(h.check().is_err());
+        h.frames = vec![FrameOut { net: 0, len: 60 }; MAX_FRAMES_PER_EPOCH + 1];
+        assert!(h.check().is_err());
+        h.frames = vec![
+            FrameOut {
+                net: 0,
+                len: MAX_FRAME_LEN,
+            };
+            (MAX_FRAME_BYTES_PER_EPOCH / MAX_FRAME_LEN) as usize + 1
+        ];
+        assert!(h.check().is_err());
     }
 
     #[test]

@@ -323,6 +323,7 @@ fn skip_one_changed_page(parts: &mut [OutPart], mirror: &Mirror) -> Option<u64> 
             runs,
             p.head.disk.clone(),
             p.head.console,
+            p.head.frames.clone(),
             p.head.released_through,
             &p.payload,
         )

@@ -12,6 +12,10 @@
 //! - failover resumes from the last committed epoch, and the console sequence seen
 //!   outside (released before the crash, then produced by the resumed guest) has no
 //!   gap, duplicate or reordering;
+//! - the guest sends each output value as a net frame too: the frames seen on the LAN
+//!   (released by the primary, sent again by the standby at failover, then sent by the
+//!   resumed guest) have no gap and never go backwards past a gap; duplicates (a frame
+//!   the primary released, sent again) are allowed, as on a real network;
 //! - without loss or corruption, protection makes progress (epochs get acknowledged).
 //!
 //! A failing seed prints itself; rerun one with `SIM_SEED=<n> cargo test --test sim`.
@@ -20,8 +24,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use checkpoint::messages::{
-    decode_to_primary, decode_to_standby, encode, split_runs, ConsoleOut, DiskExtent, PageRun,
-    PartHead, PartOf, StandboundMsg, ToPrimary, ToStandby, PAGE_SIZE,
+    decode_to_primary, decode_to_standby, encode, split_runs, ConsoleOut, DiskExtent, FrameOut,
+    PageRun, PartHead, PartOf, StandboundMsg, ToPrimary, ToStandby, PAGE_SIZE,
 };
 use checkpoint::protocol::{
     Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase, Standby, StandbyAction,
@@ -210,6 +214,9 @@ impl Net {
 type Wire = (Vec<u8>, Vec<u8>);
 /// Console output of an epoch: stream position and bytes.
 type ConsoleRange = (u64, Vec<u8>);
+/// An apply in progress: epoch, the next mirror, its console output, completion time,
+/// its frames.
+type Applying = (u64, Guest, Option<ConsoleRange>, u64, Vec<Vec<u8>>);
 
 struct PrimaryNode {
     sm: Primary,
@@ -229,10 +236,12 @@ struct StandbyNode {
     sm: Standby,
     mirror: Guest,
     staging: BTreeMap<u64, Vec<Wire>>,
-    /// An apply in progress: epoch, the next mirror, its console output, completion.
-    applying: Option<(u64, Guest, Option<ConsoleRange>, u64)>,
+    /// An apply in progress.
+    applying: Option<Applying>,
     /// Console output of committed epochs the primary may not have released.
     out_log: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// Net frames of committed epochs the primary may not have released.
+    frame_log: BTreeMap<u64, Vec<Vec<u8>>>,
     alive: bool,
     /// After failover: the resumed guest.
     resumed: Option<Guest>,
@@ -272,15 +281,55 @@ impl Sink {
     }
 }
 
+/// The LAN outside: frames carry output values; a frame may come twice (the standby
+/// sends again what the primary may have released) but none may be missing.
+#[derive(Default)]
+struct Lan {
+    /// Highest value seen.
+    max: Option<u64>,
+    frames: u64,
+    duplicates: u64,
+}
+
+impl Lan {
+    fn frame(&mut self, data: &[u8], seed: u64) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        let next = self.max.map_or(0, |m| m + 1);
+        assert!(
+            v <= next,
+            "seed {seed}: frame gap: frame {v} after frames up to {:?}",
+            self.max
+        );
+        if v < next {
+            self.duplicates += 1;
+        } else {
+            self.max = Some(v);
+        }
+        self.frames += 1;
+    }
+}
+
 struct World {
     seen: Sink,
+    lan: Lan,
     /// Oracle: the primary's guest at each captured epoch.
     oracle: BTreeMap<u64, Guest>,
+}
+
+impl World {
+    /// Guest output `v` reaches the outside: console bytes and a frame.
+    fn emit(&mut self, v: u64, seed: u64) {
+        self.seen.push(v, seed);
+        self.lan.frame(&v.to_le_bytes(), seed);
+    }
 }
 
 struct Report {
     commits: u64,
     rewrites: u64,
+    frame_duplicates: u64,
     failed_over: bool,
     protected: bool,
     fifo: bool,
@@ -344,6 +393,7 @@ fn run(seed: u64) -> Report {
         mirror: Guest::new(),
         staging: BTreeMap::new(),
         out_log: BTreeMap::new(),
+        frame_log: BTreeMap::new(),
         applying: None,
         alive: true,
         resumed: None,
@@ -354,6 +404,7 @@ fn run(seed: u64) -> Report {
             bytes: Vec::new(),
             rewrites: 0,
         },
+        lan: Lan::default(),
         oracle: BTreeMap::new(),
     };
     let mut standby_peer_lost_at: Option<u64> = None;
@@ -382,13 +433,13 @@ fn run(seed: u64) -> Report {
                 p.held.push_back((p.sm.running_epoch(), fx.output));
                 p.pending.push_back(PrimaryEvent::OutputWaiting { now: t });
             } else {
-                w.seen.push(fx.output, seed);
+                w.emit(fx.output, seed);
             }
         }
         if let Some(g) = s.resumed.as_mut() {
             if rng.chance(800) {
                 let fx = g.step();
-                w.seen.push(fx.output, seed);
+                w.emit(fx.output, seed);
             }
         }
         if p.alive {
@@ -458,6 +509,13 @@ fn run(seed: u64) -> Report {
             "seed {seed}: console sequence broken at {i}"
         );
     }
+    // Every output value reached the LAN too.
+    let values = (w.seen.bytes.len() / 8) as u64;
+    assert_eq!(
+        w.lan.max.map_or(0, |m| m + 1),
+        values,
+        "seed {seed}: frames missing at the end"
+    );
     let protected = acked_max > 0 || s.commits > 1;
     if std::env::var("SIM_DEBUG").is_ok() {
         eprintln!("seed {seed}: {f:?} {cfg:?} commits {} acked {acked_max} primary {:?} standby {:?} ops {}", s.commits, p.sm.phase(), s.sm.phase(), p.ops);
@@ -483,6 +541,7 @@ fn run(seed: u64) -> Report {
     Report {
         commits: s.commits,
         rewrites: w.seen.rewrites,
+        frame_duplicates: w.lan.duplicates,
         failed_over: s.resumed.is_some(),
         fifo: f.fifo,
         protected,
@@ -531,7 +590,7 @@ fn primary_run(
                         if let Some(d) = fx.disk_write {
                             p.journal.push(d);
                         }
-                        w.seen.push(fx.output, seed);
+                        w.emit(fx.output, seed);
                     }
                     let n = set.len() as u64;
                     for (h, b) in build_parts(
@@ -616,7 +675,7 @@ fn primary_run(
                     );
                     while p.held.front().is_some_and(|(e, _)| *e <= through) {
                         if let Some((_, v)) = p.held.pop_front() {
-                            w.seen.push(v, seed);
+                            w.emit(v, seed);
                         }
                     }
                 }
@@ -625,7 +684,7 @@ fn primary_run(
                     p.output_commit = false;
                     p.paused = false;
                     for (_, v) in p.held.drain(..) {
-                        w.seen.push(v, seed);
+                        w.emit(v, seed);
                     }
                 }
             }
@@ -684,8 +743,14 @@ fn build_parts(
             ),
             _ => (None, Vec::new()),
         };
+        // The toy guest sends each console value as a frame too (net 0).
+        let frames: Vec<FrameOut> = con_data
+            .chunks(8)
+            .map(|_| FrameOut { net: 0, len: 8 })
+            .collect();
+        let frame_data = con_data.clone();
         let st = state.unwrap_or_default();
-        let chunks = [st.clone(), disk_data, con_data, page_data];
+        let chunks = [st.clone(), disk_data, con_data, frame_data, page_data];
         let head = PartHead::new(
             of,
             k as u32,
@@ -694,6 +759,7 @@ fn build_parts(
             runs,
             disk,
             con,
+            frames,
             released_through,
             &chunks,
         )
@@ -780,6 +846,7 @@ fn standby_act(
                 // apply completes, which takes a few steps (PeerLost may come first).
                 let mut next = s.mirror.clone();
                 let mut console = None;
+                let mut frames = Vec::new();
                 for (h, b) in s.staging.remove(&epoch).unwrap_or_default() {
                     let Ok(StandboundMsg::Part(v)) = decode_to_standby(&h, &b) else {
                         panic!("seed {seed}: staged part no longer decodes");
@@ -795,6 +862,7 @@ fn standby_act(
                     if let Some(c) = v.head.console {
                         console = Some((c.pos, v.console.to_vec()));
                     }
+                    frames.extend(v.frames().map(|(_, f)| f.to_vec()));
                     if !v.state.is_empty() {
                         let mut c = [0u8; 8];
                         c.copy_from_slice(v.state);
@@ -811,7 +879,7 @@ fn standby_act(
                     "seed {seed}: standby mirror differs from the primary at epoch {epoch}"
                 );
                 let done_at = now + rng.below(4);
-                s.applying = Some((epoch, next, console, done_at));
+                s.applying = Some((epoch, next, console, done_at, frames));
                 if done_at <= now {
                     queue.extend(complete_apply(s, seed));
                 }
@@ -823,6 +891,7 @@ fn standby_act(
             StandbyAction::DiscardStaged => s.staging.clear(),
             StandbyAction::TrimOutput { through } => {
                 s.out_log.retain(|e, _| *e > through);
+                s.frame_log.retain(|e, _| *e > through);
             }
             StandbyAction::Failover {
                 last_committed,
@@ -837,6 +906,12 @@ fn standby_act(
                 for (_, (pos, data)) in s.out_log.range(from..=last_committed) {
                     w.seen.write_at(*pos, data, seed);
                 }
+                // Their frames: again, in order, before the resumed guest sends.
+                for (_, frames) in s.frame_log.range(from..=last_committed) {
+                    for f in frames {
+                        w.lan.frame(f, seed);
+                    }
+                }
                 s.resumed = Some(s.mirror.clone());
             }
             StandbyAction::NoReplica => {
@@ -848,12 +923,15 @@ fn standby_act(
 
 /// Ends the apply in progress: the mirror is replaced, the epoch committed.
 fn complete_apply(s: &mut StandbyNode, seed: u64) -> Vec<StandbyAction> {
-    let Some((epoch, next, console, _)) = s.applying.take() else {
+    let Some((epoch, next, console, _, frames)) = s.applying.take() else {
         return Vec::new();
     };
     s.mirror = next;
     if let Some(c) = console {
         s.out_log.insert(epoch, c);
+    }
+    if !frames.is_empty() {
+        s.frame_log.insert(epoch, frames);
     }
     s.commits += 1;
     s.sm.on_event(StandbyEvent::Applied { epoch })
@@ -878,6 +956,7 @@ fn simulation_under_faults() {
     let t0 = std::time::Instant::now();
     let mut commits = 0;
     let mut rewrites = 0;
+    let mut frame_dups = 0;
     let mut failovers = 0;
     let mut fifo = 0;
     let mut protected = 0;
@@ -886,13 +965,15 @@ fn simulation_under_faults() {
         let r = run(seed);
         commits += r.commits;
         rewrites += r.rewrites;
+        frame_dups += r.frame_duplicates;
         failovers += u64::from(r.failed_over);
         protected += u64::from(r.protected && r.fifo);
         fifo += u64::from(r.fifo);
     }
     eprintln!(
         "{} seeds in {:?}: {commits} commits checked, {failovers} failovers, {protected} of {fifo} \
-         in-order runs protected, {rewrites} idempotent console re-releases",
+         in-order runs protected, {rewrites} idempotent console re-releases, {frame_dups} \
+         duplicate frames on the LAN",
         all.len(),
         t0.elapsed()
     );

@@ -16,9 +16,9 @@ use bytes::Bytes;
 use vm_memory::{Bytes as _, GuestAddress};
 
 use crate::messages::{
-    split_runs, ConsoleOut, DiskExtent, LimitError, PageRun, PartHead, PartOf,
-    MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART,
-    PAGE_SIZE,
+    split_runs, ConsoleOut, DiskExtent, FrameOut, LimitError, PageRun, PartHead, PartOf,
+    MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_FRAMES_PER_EPOCH,
+    MAX_FRAME_BYTES_PER_EPOCH, MAX_FRAME_LEN, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, PAGE_SIZE,
 };
 use crate::verify::{hash_state, is_full_epoch, PageHashes, ReplicaHash};
 use vmm::devices::output::EpochConsole;
@@ -129,6 +129,7 @@ impl Capturer {
                 runs,
                 Vec::new(),
                 None,
+                Vec::new(),
                 None,
                 &payload,
             )?;
@@ -170,7 +171,7 @@ impl Capturer {
             vmm.resume()?;
         }
         rebuilt.map_err(CaptureError::Hash)?;
-        let (runs, page_data, state, journals, console) = r?;
+        let (runs, page_data, state, journals, console, frames) = r?;
         // Verify mode, other epochs: the dirty pages from the bytes copied while paused.
         let hash = self.verify.as_mut().map(|t| {
             if !full {
@@ -213,15 +214,25 @@ impl Capturer {
             pos: c.pos,
             len: c.data.len() as u32,
         });
-        let mut console_once = console.map(|c| c.data);
+        // The output section: console bytes then the frames, one chunk.
+        let mut output = console.map(|c| c.data).unwrap_or_default();
+        let frames_out = ship_frames(frames, &mut output);
+        let mut output_once = Some((output, frames_out));
         for (k, (runs, data)) in page_data.into_iter().enumerate() {
             let last = k as u32 + 1 == n;
-            let (ext, ddata, st, con, cout) = if last {
+            let (ext, ddata, st, con, cout, fout) = if last {
                 let (e, d) = disk_once.take().unwrap_or_default();
-                let con = console_once.take().unwrap_or_default();
-                (e, d, state.clone(), con, console_out)
+                let (con, fout) = output_once.take().unwrap_or_default();
+                (e, d, state.clone(), con, console_out, fout)
             } else {
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), None)
+                (
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                    None,
+                    Vec::new(),
+                )
             };
             let payload = vec![
                 Bytes::from(st),
@@ -237,6 +248,7 @@ impl Capturer {
                 runs,
                 ext,
                 cout,
+                fout,
                 released_through,
                 &payload,
             )?;
@@ -262,6 +274,7 @@ impl Capturer {
             vmm::VmState,
             Vec<vmm::devices::virtio::block::DiskJournal>,
             Option<EpochConsole>,
+            Vec<(usize, Vec<u8>)>,
         ),
         CaptureError,
     > {
@@ -272,6 +285,9 @@ impl Capturer {
         // The epoch's console bytes (copied; the gate holds them until the ack) with
         // their stream position: the standby releases them again after a failover.
         let console = vmm.epoch_console(epoch);
+        // Its net frames likewise (copied): the standby sends them again after a
+        // failover, so the resumed guest's TCP need not wait for its RTO.
+        let frames = vmm.epoch_frames(epoch);
         self.dirty.clear();
         vmm.harvest_dirty_into(&mut self.dirty)?;
         let state = vmm.capture_state()?;
@@ -287,7 +303,7 @@ impl Capturer {
         };
         let runs = runs_of(&self.dirty);
         let (parts, _) = self.page_parts(vmm, &runs)?;
-        Ok((runs, parts, state, journals, console))
+        Ok((runs, parts, state, journals, console, frames))
     }
 
     /// Copies the pages of `runs` into one staging buffer per part.
@@ -317,6 +333,40 @@ impl Capturer {
         }
         Ok((out, total))
     }
+}
+
+/// Appends the epoch's frames to `payload` and describes them, within the message
+/// limits: best effort (see [`FrameOut`]), frames past a limit (or that no head can
+/// describe) are left out and logged, they are then lost by the network as far as a
+/// failover is concerned.
+fn ship_frames(frames: Vec<(usize, Vec<u8>)>, payload: &mut Vec<u8>) -> Vec<FrameOut> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let mut left_out = 0usize;
+    for (net, f) in frames {
+        let fits = out.len() < MAX_FRAMES_PER_EPOCH
+            && !f.is_empty()
+            && f.len() as u64 <= u64::from(MAX_FRAME_LEN)
+            && bytes + f.len() as u64 <= u64::from(MAX_FRAME_BYTES_PER_EPOCH);
+        let Ok(net) = u16::try_from(net) else {
+            left_out += 1;
+            continue;
+        };
+        if !fits {
+            left_out += 1;
+            continue;
+        }
+        bytes += f.len() as u64;
+        out.push(FrameOut {
+            net,
+            len: f.len() as u32,
+        });
+        payload.extend_from_slice(&f);
+    }
+    if left_out > 0 {
+        log::debug!("capture: {left_out} frames of the epoch not shipped (limits)");
+    }
+    out
 }
 
 fn runs_of(set: &DirtySet) -> Vec<PageRun> {

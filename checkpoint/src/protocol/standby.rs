@@ -87,14 +87,15 @@ pub enum StandbyAction {
     /// Tell the primary every epoch through `epoch` is applied.
     Ack { epoch: u64 },
     /// The primary released the output of every epoch through `through`: forget the
-    /// console output kept for those epochs.
+    /// console output and net frames kept for those epochs.
     TrimOutput { through: u64 },
     /// Drop every staged (incomplete or unapplied) epoch.
     DiscardStaged,
     /// Resume the guest from the mirror as it was when `last_committed` was applied,
     /// after releasing (again, at the same stream positions) the console output of the
-    /// epochs after `released_through` through `last_committed`: the primary may have
-    /// died before releasing it, and the resumed guest will not produce it again.
+    /// epochs after `released_through` through `last_committed` and sending their net
+    /// frames again (before the guest runs): the primary may have died before
+    /// releasing them, and the resumed guest will not produce them again.
     Failover {
         last_committed: u64,
         released_through: Option<u64>,

@@ -2,7 +2,8 @@
 //! delivers, applies epochs into the [`Mirror`], acknowledges them, and on the loss of
 //! every link fails over: a VM built from the last committed epoch on the standby's own
 //! console sink, disks and TAPs, the committed-but-maybe-unreleased console output
-//! released again at its stream positions, and the guest's MAC announced on each TAP.
+//! released again at its stream positions, the guest's MAC announced on each TAP and
+//! the committed-but-maybe-unreleased net frames sent again on them.
 //!
 //! Failover without a quorum witness: a cut of all links while the primary is alive
 //! looks exactly like a dead primary from here. The standby then runs a second copy of
@@ -64,6 +65,10 @@ pub struct FailoverReport {
     pub failover_time: Duration,
     /// RARP announces written, per net device.
     pub announces: usize,
+    /// Net frames of committed epochs after `released_through` sent again, and those
+    /// the TAP refused (or whose device the config lacks).
+    pub resent_frames: u64,
+    pub resend_failed: u64,
 }
 
 /// How a standby run ended.
@@ -377,8 +382,15 @@ impl Driver<'_> {
             out.rereleased_from.get_or_insert(pos);
             out.rereleased_bytes += bytes.len() as u64;
         }
-        drop(mirror);
-        vmm.start()?;
+        // Before the guest runs, in this order: the RARP announce, so that the LAN
+        // learns the guest's MAC on this port first; then the frames of committed
+        // epochs the primary may not have released (the resumed guest thinks they are
+        // on the wire; without them its TCP waits for its RTO, >= 1 s in smoltcp); then
+        // whatever the resumed guest sends. Each NIC's frames thus leave in the order
+        // the guest emitted them: nothing the resumed guest sends overtakes an older
+        // frame. Not idempotent, unlike the console: a frame the primary did release
+        // goes out twice, which TCP (duplicate segments are dropped and re-ACKed), ARP
+        // and ICMP tolerate as they tolerate any duplicating network.
         for (i, n) in cfg.nets.iter().enumerate() {
             match vmm::config::parse_mac(&n.mac) {
                 Ok(mac) => {
@@ -389,14 +401,25 @@ impl Driver<'_> {
                 Err(e) => log::error!("standby: net {i}: bad MAC {}: {e}", n.mac),
             }
         }
+        for (net, frame) in mirror.frames_to_resend(released_through) {
+            if vmm.send_raw_frame(usize::from(net), frame) {
+                out.resent_frames += 1;
+            } else {
+                out.resend_failed += 1;
+            }
+        }
+        drop(mirror);
+        vmm.start()?;
         out.failover_time = t0.elapsed();
         log::warn!(
             "standby: the VM runs here now (failover took {:?}; {} console bytes released \
-             again from position {:?}; {} RARP announces)",
+             again from position {:?}; {} RARP announces; {} frames sent again, {} refused)",
             out.failover_time,
             out.rereleased_bytes,
             out.rereleased_from,
-            out.announces
+            out.announces,
+            out.resent_frames,
+            out.resend_failed
         );
         Ok((vmm, out))
     }

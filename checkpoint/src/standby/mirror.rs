@@ -29,6 +29,11 @@ pub const MAX_REGIONS: usize = 16;
 /// Bytes staged over all epochs, at most (the primary's in-flight limit bounds it in
 /// practice; this is the standby's own guard).
 pub const MAX_STAGED_BYTES: usize = 1 << 30;
+/// Net frame bytes kept for re-sending on failover, over all committed epochs not yet
+/// released by the primary. Past it the oldest epochs' frames are forgotten: they are
+/// the likeliest to have been released already, and a frame not re-sent is only a
+/// frame the network lost (see [`crate::messages::FrameOut`]).
+pub const MAX_KEPT_FRAME_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -77,6 +82,7 @@ pub struct ApplyStats {
     pub disk_writes: u64,
     pub disk_bytes: u64,
     pub console_bytes: u64,
+    pub net_frames: u64,
 }
 
 pub struct Mirror {
@@ -90,6 +96,11 @@ pub struct Mirror {
     /// Console output of committed epochs not known to be released by the primary:
     /// epoch -> (stream position, bytes).
     console: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// Net frames of committed epochs not known to be released by the primary:
+    /// epoch -> frames as `(net device index, frame)`, in order per NIC.
+    frames: BTreeMap<u64, Vec<(u16, Vec<u8>)>>,
+    /// Bytes in `frames` (bounded by [`MAX_KEPT_FRAME_BYTES`]).
+    frame_bytes: usize,
     /// Test mode: per-page CRCs (see [`Mirror::enable_page_hashes`]).
     hashes: Option<PageHashes>,
 }
@@ -129,6 +140,8 @@ impl Mirror {
             staging: BTreeMap::new(),
             staged_bytes: 0,
             console: BTreeMap::new(),
+            frames: BTreeMap::new(),
+            frame_bytes: 0,
             hashes: None,
         })
     }
@@ -310,6 +323,16 @@ impl Mirror {
                 stats.console_bytes += v.console.len() as u64;
                 self.console.insert(epoch, (c.pos, v.console.to_vec()));
             }
+            if !v.head.frames.is_empty() {
+                let frames: Vec<(u16, Vec<u8>)> =
+                    v.frames().map(|(net, f)| (net, f.to_vec())).collect();
+                stats.net_frames += frames.len() as u64;
+                self.frame_bytes += frames.iter().map(|(_, f)| f.len()).sum::<usize>();
+                if let Some(old) = self.frames.insert(epoch, frames) {
+                    self.frame_bytes -= old.iter().map(|(_, f)| f.len()).sum::<usize>();
+                }
+                self.bound_frames();
+            }
             if !v.state.is_empty() {
                 self.state = Some(v.state.to_vec());
             }
@@ -329,9 +352,41 @@ impl Mirror {
         Ok(stats)
     }
 
-    /// Forgets the console output of epochs through `through` (the primary released it).
+    /// Forgets the console output and frames of epochs through `through` (the primary
+    /// released them).
     pub fn trim_output(&mut self, through: u64) {
         self.console.retain(|e, _| *e > through);
+        self.frames = match through.checked_add(1) {
+            Some(from) => self.frames.split_off(&from),
+            None => BTreeMap::new(),
+        };
+        self.frame_bytes = self.frames.values().flatten().map(|(_, f)| f.len()).sum();
+    }
+
+    /// Forgets the oldest epochs' frames until the kept bytes are within
+    /// [`MAX_KEPT_FRAME_BYTES`].
+    fn bound_frames(&mut self) {
+        while self.frame_bytes > MAX_KEPT_FRAME_BYTES {
+            let Some((e, old)) = self.frames.pop_first() else {
+                break;
+            };
+            let n: usize = old.iter().map(|(_, f)| f.len()).sum();
+            self.frame_bytes -= n;
+            log::debug!("mirror: frames of epoch {e} forgotten ({n} bytes, over the bound)");
+        }
+    }
+
+    /// Net frames to send again on failover: those of committed epochs after
+    /// `released_through`, as `(net device index, frame)`, in epoch order (in emission
+    /// order per NIC).
+    pub fn frames_to_resend(
+        &self,
+        released_through: Option<u64>,
+    ) -> impl Iterator<Item = (u16, &[u8])> {
+        let from = released_through.map_or(0, |r| r.saturating_add(1));
+        self.frames
+            .range(from..)
+            .flat_map(|(_, fs)| fs.iter().map(|(net, f)| (*net, f.as_slice())))
     }
 
     /// Console output to release again on failover: committed epochs after
@@ -371,7 +426,9 @@ impl Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::{encode, ConsoleOut, DiskExtent, PageRun, PartHead, PartOf, ToStandby};
+    use crate::messages::{
+        encode, ConsoleOut, DiskExtent, FrameOut, PageRun, PartHead, PartOf, ToStandby,
+    };
     use vm_memory::Bytes;
 
     struct TempFile(std::path::PathBuf);
@@ -408,6 +465,21 @@ mod tests {
         disk: Option<(u64, &[u8])>,
         console: Option<(u64, &[u8])>,
     ) -> (usize, Vec<u8>) {
+        part_frames(epoch, part, parts, pages, state, disk, console, &[])
+    }
+
+    /// [`part`] with net frames `(net device index, frame)`.
+    #[allow(clippy::too_many_arguments)]
+    fn part_frames(
+        epoch: u64,
+        part: u32,
+        parts: u32,
+        pages: &[(u64, u8)],
+        state: &[u8],
+        disk: Option<(u64, &[u8])>,
+        console: Option<(u64, &[u8])>,
+        frames: &[(u16, &[u8])],
+    ) -> (usize, Vec<u8>) {
         let runs: Vec<PageRun> = pages
             .iter()
             .map(|&(gpa, _)| PageRun { gpa, pages: 1 })
@@ -430,7 +502,15 @@ mod tests {
             len: b.len() as u32,
         });
         let con_data = console.map(|(_, b)| b.to_vec()).unwrap_or_default();
-        let chunks = [state.to_vec(), disk_data, con_data, page_data];
+        let fout: Vec<FrameOut> = frames
+            .iter()
+            .map(|(net, f)| FrameOut {
+                net: *net,
+                len: f.len() as u32,
+            })
+            .collect();
+        let frame_data: Vec<u8> = frames.iter().flat_map(|(_, f)| f.to_vec()).collect();
+        let chunks = [state.to_vec(), disk_data, con_data, frame_data, page_data];
         let h = PartHead::new(
             PartOf::Epoch {
                 epoch,
@@ -442,6 +522,7 @@ mod tests {
             runs,
             extents,
             con,
+            fout,
             None,
             &chunks,
         )
@@ -496,6 +577,47 @@ mod tests {
         assert!(page.iter().all(|&b| b == 3));
         let other = vmm::vstate::memory::create_guest_memory(8 << 20).unwrap();
         assert!(m.fill_memory(&other).is_err());
+    }
+
+    #[test]
+    fn frames_of_committed_epochs_are_kept_until_released_and_bounded() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        for (e, fr) in [
+            (0u64, vec![(0u16, &b"f0"[..])]),
+            (1, vec![]),
+            (2, vec![(0, &b"f2a"[..]), (1, &b"f2b"[..])]),
+        ] {
+            let (h, b) = part_frames(e, 0, 1, &[], b"S", None, None, &fr);
+            m.stage(e, h, b).unwrap();
+            let st = m.apply(e).unwrap();
+            assert_eq!(st.net_frames, fr.len() as u64);
+        }
+        let all: Vec<_> = m.frames_to_resend(None).collect();
+        assert_eq!(
+            all,
+            vec![(0, &b"f0"[..]), (0, &b"f2a"[..]), (1, &b"f2b"[..])]
+        );
+        // Only epochs after what the primary released.
+        assert_eq!(m.frames_to_resend(Some(0)).count(), 2);
+        assert_eq!(m.frames_to_resend(Some(2)).count(), 0);
+        m.trim_output(1);
+        assert_eq!(m.frame_bytes, 6);
+        assert_eq!(m.frames_to_resend(None).count(), 2);
+        m.trim_output(u64::MAX);
+        assert_eq!((m.frame_bytes, m.frames_to_resend(None).count()), (0, 0));
+        // Past the bound the oldest epochs go first.
+        let big = vec![7u8; 60000];
+        let per_epoch = 64;
+        let epochs = MAX_KEPT_FRAME_BYTES / (big.len() * per_epoch) + 2;
+        for e in 3..3 + epochs as u64 {
+            let fr: Vec<(u16, &[u8])> = (0..per_epoch).map(|_| (0, &big[..])).collect();
+            let (h, b) = part_frames(e, 0, 1, &[], b"S", None, None, &fr);
+            m.stage(e, h, b).unwrap();
+            m.apply(e).unwrap();
+        }
+        assert!(m.frame_bytes <= MAX_KEPT_FRAME_BYTES);
+        assert!(!m.frames.contains_key(&3), "oldest forgotten");
+        assert!(m.frames.contains_key(&(2 + epochs as u64)), "newest kept");
     }
 
     #[test]

@@ -419,6 +419,50 @@ impl OutputGate {
         })
     }
 
+    /// Copies of the frames of `epoch` as `(net device index, frame)`, per device in
+    /// emission order (device 0's first: nothing orders frames of two NICs). `epoch`
+    /// must be the epoch closed last and not yet released, as for
+    /// [`OutputGate::epoch_console`]; empty otherwise or when it sent no frame. The
+    /// checkpoint layer ships them with the epoch so that a standby can send them
+    /// again after a failover.
+    pub fn epoch_frames(&self, epoch: u64) -> Vec<(usize, Vec<u8>)> {
+        let st = lock(&self.state);
+        if st.last_closed != Some(epoch) {
+            return Vec::new();
+        }
+        // The epoch's generation, if it holds output (a closed epoch without output
+        // has no entry).
+        let Some(g) = st
+            .closed
+            .back()
+            .filter(|(_, ce)| *ce == epoch)
+            .map(|(g, _)| *g)
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, s) in st
+            .streams
+            .iter()
+            .filter(|s| s.kind == StreamKind::Net)
+            .enumerate()
+        {
+            // The epoch closed last is at the back of each queue, behind only what the
+            // open epoch emitted since (walk from the back: older epochs may hold a
+            // lot, the pause must not scan them).
+            let mut mine: Vec<&Held> = s
+                .items
+                .iter()
+                .rev()
+                .skip_while(|h| h.generation > g)
+                .take_while(|h| h.generation == g)
+                .collect();
+            mine.reverse();
+            out.extend(mine.into_iter().map(|h| (i, h.bytes().to_vec())));
+        }
+        out
+    }
+
     /// Sets the limit of held bytes (see the module docs for what reaching it does).
     pub fn set_limit(&self, bytes: u64) {
         let mut st = lock(&self.state);

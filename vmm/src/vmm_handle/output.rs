@@ -76,6 +76,14 @@ impl Vmm {
         self.devices.output_gate().epoch_console(epoch)
     }
 
+    /// The network frames of `epoch` as `(net device index, frame with its Ethernet
+    /// header)`, per device in emission order: copies of what the gate holds for it.
+    /// Same rule as [`epoch_console`](Self::epoch_console): only for the epoch closed
+    /// last, before it is released; empty otherwise.
+    pub fn epoch_frames(&self, epoch: u64) -> Vec<(usize, Vec<u8>)> {
+        self.devices.output_gate().epoch_frames(epoch)
+    }
+
     /// Position in the console stream of the next byte the guest emits.
     pub fn console_position(&self) -> Option<u64> {
         self.devices.output_gate().console_position()

@@ -293,3 +293,48 @@ fn epoch_console_and_positioned_release_are_idempotent() {
     assert_eq!(gate.console_position(), Some(19));
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn epoch_frames_copies_the_last_closed_epochs_frames_per_nic() {
+    let gate = OutputGate::new();
+    let (con, _crec) = stream(&gate, StreamKind::Console);
+    let (n0, rec0) = stream(&gate, StreamKind::Net);
+    let (n1, _rec1) = stream(&gate, StreamKind::Net);
+    gate.enable();
+    n0.hold(b"HDRa".to_vec(), 3).unwrap();
+    gate.close_epoch(0).unwrap();
+    assert_eq!(gate.epoch_frames(0), vec![(0, b"a".to_vec())]);
+    // An epoch with console output only has no frames.
+    con.hold(b"text".to_vec(), 0).unwrap();
+    gate.close_epoch(1).unwrap();
+    assert!(gate.epoch_frames(1).is_empty());
+    // An epoch with no output at all.
+    gate.close_epoch(2).unwrap();
+    assert!(gate.epoch_frames(2).is_empty());
+    n1.hold(b"HDRx".to_vec(), 3).unwrap();
+    n0.hold(b"HDRb".to_vec(), 3).unwrap();
+    n0.hold(b"HDRc".to_vec(), 3).unwrap();
+    gate.close_epoch(3).unwrap();
+    // Held frames of earlier epochs (epoch 0's "a") are not part of it; per NIC in
+    // emission order.
+    assert_eq!(
+        gate.epoch_frames(3),
+        vec![(0, b"b".to_vec()), (0, b"c".to_vec()), (1, b"x".to_vec())]
+    );
+    assert!(
+        gate.epoch_frames(0).is_empty(),
+        "only the last closed epoch"
+    );
+    // The copies leave the held frames alone: the release still writes them.
+    n0.hold(b"HDRopen".to_vec(), 3).unwrap();
+    assert!(
+        gate.epoch_frames(3).len() == 3,
+        "open output is not part of it"
+    );
+    gate.release(3);
+    assert_eq!(
+        frames(&rec0),
+        vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+    );
+    assert!(gate.epoch_frames(3).is_empty(), "released");
+}
