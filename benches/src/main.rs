@@ -1,7 +1,7 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft). Needs root (KVM, network
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net). Needs root (KVM, network
 //! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
 
 mod blk;
@@ -9,6 +9,7 @@ mod boot;
 mod env;
 mod exits;
 mod ft;
+mod ftnet;
 mod net;
 mod pause;
 mod proc;
@@ -31,11 +32,11 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 6] = ["boot", "exits", "blk", "kv", "pause", "ft"];
+const SECTIONS: [&str; 7] = ["boot", "exits", "blk", "kv", "pause", "ft", "ft-net"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
@@ -183,6 +184,17 @@ fn main() {
         }
     });
     section("ft", &mut || ft::run(&elf, &dir, q));
+    section("ft-net", &mut || {
+        if !env::have("redis-benchmark") || !env::have("redis-cli") {
+            return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
+        }
+        let sizes = ftnet::Sizes {
+            bench_n: if q { 2_000 } else { 5_000 },
+            latency_samples: if q { 200 } else { 1_000 },
+            tcp_secs: if q { 0.5 } else { 2.0 },
+        };
+        ftnet::run(&twinrun, &elf, &dir, &sizes)
+    });
     drop(scratch);
 
     context.push((

@@ -1,0 +1,486 @@
+//! FT mode with real processes on the demo topology (issue 4): what `ft` (an
+//! in-process pair over loopback) cannot show.
+//!
+//! The network is `twinrun::demo::topology::Topology` (namespaces pm1, pm2, lan,
+//! client; two A-Link veths between the PMs; a TAP per PM bridged to the LAN). The
+//! guest runs the `kv` workload, 64 MiB, in `twinrun vm run` processes:
+//!
+//! - unprotected: `twinrun vm run` (no `--role`) in pm1 on PM1's TAP;
+//! - FT: `--role standby` in pm2 and `--role primary` in pm1, default epoch, both
+//!   A-Links, measured once the primary logs "FT primary: protected".
+//!
+//! Against each, from the client namespace: `redis-benchmark -t set,get -c 10 -q` with
+//! `-P 1` and `-P 16` (requests/s, target FT >= 80 % of unprotected), then a RESP
+//! ping-pong client on one connection (`SET` and wait for `+OK`, one at a time) for
+//! the request latency p50/p99 (target: added p50 within the epoch length + 2 ms).
+//! Last, raw TCP throughput over A-Link 1 (a sender thread in pm1, a receiver in
+//! pm2, no VM), next to the same over loopback in this run: the figure to put beside
+//! `ft: checkpoint throughput` (whose baseline is loopback).
+//!
+//! Every count and wait is bounded; the namespaces and processes go away on drop.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use twinrun::demo::client::enter_netns;
+use twinrun::demo::process::ChildGuard;
+use twinrun::demo::topology::Topology;
+use twinrun::demo::PROTECTED_LOG;
+
+use crate::proc::output_timeout;
+use crate::redis::parse_rps;
+use crate::report::{Better, Figure};
+
+const KV_PORT: u16 = 6379;
+const UNPROT: &str = "same guest unprotected, same topology";
+
+/// How much to measure.
+pub struct Sizes {
+    pub bench_n: u32,
+    pub latency_samples: usize,
+    pub tcp_secs: f64,
+}
+
+/// Results of one guest configuration (FT or unprotected).
+struct Side {
+    /// (SET, GET) requests/s for `-P 1` and `-P 16`.
+    rps: Vec<(f64, f64)>,
+    /// Sorted round-trip times in ms.
+    lat_ms: Vec<f64>,
+}
+
+const PIPELINES: [u32; 2] = [1, 16];
+
+fn redis_bench(topo: &Topology, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+    let host = topo.guest_ip().to_string();
+    let mut c = Topology::command_in(&topo.client_ns, "redis-benchmark");
+    c.args(["-h", &host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
+        .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
+    let out = output_timeout(&mut c, Duration::from_secs(120))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
+        (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
+        _ => Err(format!(
+            "redis-benchmark -P {pipeline} against {host} failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
+    let host = topo.guest_ip().to_string();
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let mut c = Topology::command_in(&topo.client_ns, "redis-cli");
+        c.args(["-h", &host, "-p", "6379", "PING"]);
+        if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
+            if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!(
+        "kv at {host} never answered PING within {timeout:?}"
+    ))
+}
+
+/// `SET lat:<i> <i>` one at a time on one connection from the client namespace;
+/// `warmup` untimed requests first. Returns the sorted round trips in ms. Bounded by
+/// a 2 s read timeout per reply and a 60 s deadline overall.
+fn latency(ns: &str, addr: SocketAddr, samples: usize, warmup: usize) -> Result<Vec<f64>, String> {
+    let ns = ns.to_string();
+    let worker = std::thread::Builder::new()
+        .name("ftnet-latency".into())
+        .spawn(move || -> Result<Vec<f64>, String> {
+            enter_netns(&ns).map_err(|e| format!("setns {ns}: {e}"))?;
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let mut w = s.try_clone().map_err(|e| e.to_string())?;
+            let mut r = BufReader::new(s);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut out = Vec::with_capacity(samples);
+            let mut line = String::new();
+            for i in 0..samples + warmup {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let (k, v) = (format!("lat:{i}"), i.to_string());
+                let req = format!(
+                    "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                    k.len(),
+                    v.len()
+                );
+                let t = Instant::now();
+                w.write_all(req.as_bytes())
+                    .map_err(|e| format!("send: {e}"))?;
+                line.clear();
+                r.read_line(&mut line)
+                    .map_err(|e| format!("reply {i}: {e}"))?;
+                let dt = t.elapsed();
+                if line != "+OK\r\n" {
+                    return Err(format!("reply {i}: unexpected {line:?}"));
+                }
+                if i >= warmup {
+                    out.push(dt.as_secs_f64() * 1e3);
+                }
+            }
+            Ok(out)
+        })
+        .map_err(|e| e.to_string())?;
+    let mut v = worker
+        .join()
+        .map_err(|_| "latency client panicked".to_string())??;
+    if v.len() < samples / 2 {
+        return Err(format!(
+            "only {} of {samples} latency samples within the deadline",
+            v.len()
+        ));
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn measure(topo: &Topology, s: &Sizes) -> Result<Side, String> {
+    wait_ping(topo, Duration::from_secs(30))?;
+    let mut rps = Vec::new();
+    for p in PIPELINES {
+        rps.push(redis_bench(topo, s.bench_n, p)?);
+    }
+    let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
+    let lat_ms = latency(&topo.client_ns, addr, s.latency_samples, 20)?;
+    Ok(Side { rps, lat_ms })
+}
+
+fn common_args(elf: &Path, topo: &Topology, console: &Path) -> Vec<String> {
+    let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
+    v.push(elf.display().to_string());
+    v.extend([
+        "--mem-mib".into(),
+        "64".into(),
+        "--workload".into(),
+        "kv".into(),
+        "--kv-addr".into(),
+        topo.guest_cidr(),
+        "--console".into(),
+        format!("file:{}", console.display()),
+    ]);
+    v
+}
+
+fn net_arg(tap: &str, topo: &Topology) -> [String; 2] {
+    ["--net".into(), format!("{tap},{}", topo.guest_mac())]
+}
+
+fn log_has(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle))
+}
+
+fn read_log(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn unprotected(
+    twinrun: &Path,
+    elf: &Path,
+    dir: &Path,
+    topo: &Topology,
+    s: &Sizes,
+) -> Result<Side, String> {
+    let (console, log) = (dir.join("ftnet-u.console"), dir.join("ftnet-u.log"));
+    let mut args = common_args(elf, topo, &console);
+    args.extend(net_arg(&topo.pm1_tap, topo));
+    let mut vm = ChildGuard::spawn_in_netns("unprotected", &topo.pm1_ns, twinrun, &args, &log)
+        .map_err(|e| format!("spawn unprotected VM: {e}"))?;
+    let r = measure(topo, s);
+    if let Some(st) = vm.try_status() {
+        return Err(format!(
+            "the unprotected VM exited ({st}):\n{}",
+            read_log(&log)
+        ));
+    }
+    vm.terminate(Duration::from_secs(5));
+    r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", read_log(&log)))
+}
+
+fn protected(
+    twinrun: &Path,
+    elf: &Path,
+    dir: &Path,
+    topo: &Topology,
+    s: &Sizes,
+) -> Result<Side, String> {
+    let secret = dir.join("ftnet.secret");
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
+    let (l1, l2) = topo.alink_args();
+    let role = |role: &str, links: &[String], tap: &str, console: &Path| {
+        let mut a = common_args(elf, topo, console);
+        a.extend(net_arg(tap, topo));
+        a.extend(["--role".into(), role.into()]);
+        for l in links {
+            a.extend(["--alink".into(), l.clone()]);
+        }
+        a.extend([
+            "--cluster-id".into(),
+            format!("bench-{}", std::process::id()),
+            "--cluster-secret-file".into(),
+            secret.display().to_string(),
+            // Failover is not measured here: a wide detection window keeps a busy
+            // 2-core machine (initial sync, redis-benchmark) from a false failover.
+            "--heartbeat-misses".into(),
+            "20".into(),
+        ]);
+        a
+    };
+    let (plog, slog) = (dir.join("ftnet-p.log"), dir.join("ftnet-s.log"));
+    let (pcon, scon) = (dir.join("ftnet-p.console"), dir.join("ftnet-s.console"));
+    let mut standby = ChildGuard::spawn_in_netns(
+        "standby",
+        &topo.pm2_ns,
+        twinrun,
+        &role("standby", &l2, &topo.pm2_tap, &scon),
+        &slog,
+    )
+    .map_err(|e| format!("spawn standby: {e}"))?;
+    let mut primary = ChildGuard::spawn_in_netns(
+        "primary",
+        &topo.pm1_ns,
+        twinrun,
+        &role("primary", &l1, &topo.pm1_tap, &pcon),
+        &plog,
+    )
+    .map_err(|e| format!("spawn primary: {e}"))?;
+    let t0 = Instant::now();
+    while !log_has(&plog, PROTECTED_LOG) {
+        for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
+            if let Some(st) = c.try_status() {
+                return Err(format!(
+                    "the {} exited before protection ({st}):\n{}",
+                    c.name,
+                    read_log(log)
+                ));
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
+                read_log(&plog)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = measure(topo, s);
+    // Checked before stopping anything: a failover during the run would mean the
+    // standby served part of it. The standby stops first so that stopping the
+    // primary cannot trigger one.
+    let still = primary.try_status().is_none();
+    let failed_over = log_has(&slog, twinrun::demo::FAILOVER_LOG);
+    standby.terminate(Duration::from_secs(5));
+    primary.terminate(Duration::from_secs(5));
+    if !still {
+        return Err(format!(
+            "the primary exited during the measurement:\n{}",
+            read_log(&plog)
+        ));
+    }
+    if failed_over {
+        return Err("the standby failed over during the measurement".into());
+    }
+    r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&plog)))
+}
+
+/// One TCP connection: a receiver (in `rx_ns`, or this namespace) and a sender (in
+/// `tx_ns`) writing 1 MiB chunks for `secs`; bytes / time at the receiver, MB/s.
+fn raw_tcp(
+    rx_ns: Option<String>,
+    tx_ns: Option<String>,
+    ip: Ipv4Addr,
+    secs: f64,
+) -> Result<f64, String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+    let rx = std::thread::spawn(move || -> Result<f64, String> {
+        let setup = (|| {
+            if let Some(ns) = &rx_ns {
+                enter_netns(ns).map_err(|e| format!("setns {ns}: {e}"))?;
+            }
+            let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+            let a = l.local_addr().map_err(|e| e.to_string())?;
+            Ok::<_, String>((l, a))
+        })();
+        let l = match setup {
+            Ok((l, a)) => {
+                let _ = ready_tx.send(Ok(a));
+                l
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        let mut t0 = None;
+        loop {
+            let n = s.read(&mut buf).map_err(|e| format!("recv: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            t0.get_or_insert_with(Instant::now);
+            total += n as u64;
+        }
+        let dt = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if dt <= 0.0 {
+            return Err("the receiver got nothing".into());
+        }
+        Ok(total as f64 / dt / 1e6)
+    });
+    let addr = ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "the receiver did not start".to_string())??;
+    let tx = std::thread::spawn(move || -> Result<(), String> {
+        if let Some(ns) = &tx_ns {
+            enter_netns(ns).map_err(|e| format!("setns {ns}: {e}"))?;
+        }
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let t0 = Instant::now();
+        while t0.elapsed().as_secs_f64() < secs {
+            s.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+        }
+        Ok(())
+    });
+    let sent = tx.join().map_err(|_| "sender panicked".to_string())?;
+    let got = rx.join().map_err(|_| "receiver panicked".to_string())?;
+    sent?;
+    got
+}
+
+pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figure>, String> {
+    let topo = Topology::create(&format!("bx{}", std::process::id() % 1_000_000))
+        .map_err(|e| format!("demo topology: {e}"))?;
+    let dir: PathBuf = dir.to_path_buf();
+    let epoch_ms = checkpoint::protocol::PrimaryConfig::default()
+        .epoch_len
+        .as_secs_f64()
+        * 1e3;
+    eprintln!("   unprotected guest in {} ...", topo.pm1_ns);
+    let u = unprotected(twinrun, elf, &dir, &topo, s)?;
+    eprintln!("   FT pair in {} / {} ...", topo.pm1_ns, topo.pm2_ns);
+    let f = protected(twinrun, elf, &dir, &topo, s)?;
+    eprintln!("   raw TCP over A-Link 1 and loopback ...");
+    let alink_ip = topo.alink(0).1.ip();
+    let std::net::IpAddr::V4(alink_ip) = alink_ip else {
+        return Err("A-Link address is not IPv4".into());
+    };
+    let veth = raw_tcp(
+        Some(topo.pm2_ns.clone()),
+        Some(topo.pm1_ns.clone()),
+        alink_ip,
+        s.tcp_secs,
+    )?;
+    let lo = raw_tcp(None, None, Ipv4Addr::LOCALHOST, s.tcp_secs)?;
+    drop(topo);
+
+    let g = "ft-net (redis-benchmark)";
+    let mut figs = Vec::new();
+    for (i, p) in PIPELINES.iter().enumerate() {
+        for (t, fv, uv) in [
+            ("SET", f.rps[i].0, u.rps[i].0),
+            ("GET", f.rps[i].1, u.rps[i].1),
+        ] {
+            figs.push(
+                Figure::new(g, &format!("FT {t} -P {p}"), fv, "req/s", Better::Higher)
+                    .baseline(UNPROT, uv)
+                    .target(0.8, true, ">= 80 % of unprotected")
+                    .note(format!(
+                        "-n {} -c 10 from the client netns; default {epoch_ms:.0} ms epoch, 2 A-Links",
+                        s.bench_n
+                    )),
+            );
+        }
+    }
+    let g = "ft-net (request latency)";
+    let n = format!(
+        "SET round trip, one at a time on one connection, {} samples (FT) / {} (unprotected)",
+        f.lat_ms.len(),
+        u.lat_ms.len()
+    );
+    let (fp50, up50) = (pct(&f.lat_ms, 0.5), pct(&u.lat_ms, 0.5));
+    figs.push(
+        Figure::new(g, "FT p50", fp50, "ms", Better::Lower)
+            .baseline(UNPROT, up50)
+            .note(n.clone()),
+    );
+    figs.push(
+        Figure::new(g, "FT p99", pct(&f.lat_ms, 0.99), "ms", Better::Lower)
+            .baseline(UNPROT, pct(&u.lat_ms, 0.99))
+            .note(n),
+    );
+    figs.push(
+        Figure::new(
+            g,
+            "added p50 (FT - unprotected)",
+            fp50 - up50,
+            "ms",
+            Better::Lower,
+        )
+        .target(
+            epoch_ms + 2.0,
+            false,
+            &format!("< epoch {epoch_ms:.0} ms + 2 ms"),
+        )
+        .note("output commit: a reply leaves when the standby acks its epoch"),
+    );
+    figs.push(
+        Figure::new(
+            "ft-net (raw TCP)",
+            "A-Link 1 veth pm1 -> pm2",
+            veth,
+            "MB/s",
+            Better::Higher,
+        )
+        .baseline("raw TCP over loopback, same run", lo)
+        .note(format!(
+            "one connection, 1 MiB writes, {:.1} s, no VM running; the figure to set beside \
+             `ft: checkpoint throughput` (measured over loopback)",
+            s.tcp_secs
+        )),
+    );
+    Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(super::pct(&v, 0.5), 51.0);
+        assert_eq!(super::pct(&v, 0.99), 99.0);
+        assert!(super::pct(&[], 0.5).is_nan());
+    }
+}
