@@ -104,6 +104,12 @@ impl LinkHealth {
         hb.min(dead)
     }
 
+    /// True when the next [`on_tick`](Self::on_tick) at `now` would declare the link
+    /// down: the I/O edge uses it to look for unread bytes first.
+    pub fn is_overdue(&self, now: Duration) -> bool {
+        self.up && now.saturating_sub(self.last_rx) >= self.cfg.dead_after()
+    }
+
     /// Advances the clock. At most one action: LinkDown wins over a heartbeat.
     pub fn on_tick(&mut self, now: Duration) -> Option<HealthAction> {
         if !self.up {
@@ -127,6 +133,23 @@ mod tests {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    #[test]
+    fn overdue_exactly_when_a_tick_would_take_the_link_down() {
+        let mut h = LinkHealth::new(HealthConfig {
+            interval: ms(50),
+            misses: 4,
+        });
+        h.on_up(ms(0));
+        assert!(!h.is_overdue(ms(199)));
+        assert!(h.is_overdue(ms(200)));
+        // Late bytes found in the socket count as life: the link stays up.
+        h.on_frame_received(ms(200));
+        assert!(!h.is_overdue(ms(200)));
+        assert_ne!(h.on_tick(ms(201)), Some(HealthAction::LinkDown));
+        assert_eq!(h.on_tick(ms(400)), Some(HealthAction::LinkDown));
+        assert!(!h.is_overdue(ms(400)), "a down link is not overdue");
     }
 
     #[test]

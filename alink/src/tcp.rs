@@ -877,6 +877,12 @@ fn run_conn(
             Err(e) if is_timeout(&e) => {}
             Err(e) => break format!("read: {e}"),
         }
+        if lock(&shared.health[link]).is_overdue(now) && bytes_pending(&conn.stream) {
+            // Our own thread was late, not the peer: a read can time out and then this
+            // thread get no CPU for a while (a loaded host, a long page-fault stall)
+            // while the peer's bytes arrive. Bytes waiting in the socket are life.
+            lock(&shared.health[link]).on_frame_received(now);
+        }
         match lock(&shared.health[link]).on_tick(now) {
             Some(HealthAction::LinkDown) => {
                 break format!(
@@ -1014,4 +1020,14 @@ fn writer(
         }
         lock(&shared.health[link]).on_frame_sent(shared.now());
     }
+}
+
+/// Whether bytes are waiting to be read on `stream` (FIONREAD), without consuming them.
+fn bytes_pending(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`, alive
+    // for the call; the fd is owned by `stream`, open for the duration of the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    rc == 0 && n > 0
 }
