@@ -20,6 +20,16 @@ pub fn run(cfg: &VmConfig, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
             "the console is not a file: output released again after a failover may be duplicated"
         );
     }
+    // Attach to the TAPs now, long before a failover builds the VM on them: a TAP with
+    // no process attached has no carrier and its bridge port only forwards again up to
+    // about a second after one attaches (linkwatch), which would swallow the announce
+    // and the re-sent frames. The VM built at failover takes these descriptors over.
+    for (i, n) in cfg.nets.iter().enumerate() {
+        if let Err(e) = vmm::devices::virtio::net::tap::preopen(&n.tap) {
+            error!("FT standby: net {i}: cannot open TAP {}: {e}", n.tap);
+            return exit::START_FAILED;
+        }
+    }
     info!(
         "FT standby: listening for the primary on {} A-Link(s): {:?}",
         acfg.links.len(),

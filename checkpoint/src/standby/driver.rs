@@ -22,6 +22,7 @@ use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
 use crate::standby::mirror::{Mirror, MirrorError};
 use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 use vmm::config::VmConfig;
+use vmm::devices::output::OutputGate;
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm_from_state, BuildError, VmState, Vmm, VmmError};
 
@@ -63,7 +64,8 @@ pub struct FailoverReport {
     pub console_next: Option<u64>,
     /// From the loss of the primary to the VM running.
     pub failover_time: Duration,
-    /// RARP announces written, per net device.
+    /// RARP announces written before the guest ran, one per net device (the repeats
+    /// of [`ANNOUNCE_REPEATS`] follow from a thread and are not counted).
     pub announces: usize,
     /// Net frames of committed epochs after `released_through` sent again, and those
     /// the TAP refused (or whose device the config lacks).
@@ -391,12 +393,14 @@ impl Driver<'_> {
         // frame. Not idempotent, unlike the console: a frame the primary did release
         // goes out twice, which TCP (duplicate segments are dropped and re-ACKed), ARP
         // and ICMP tolerate as they tolerate any duplicating network.
+        let mut macs = Vec::new();
         for (i, n) in cfg.nets.iter().enumerate() {
             match vmm::config::parse_mac(&n.mac) {
                 Ok(mac) => {
                     if vmm.send_raw_frame(i, &rarp_announce(mac)) {
                         out.announces += 1;
                     }
+                    macs.push((i, mac));
                 }
                 Err(e) => log::error!("standby: net {i}: bad MAC {}: {e}", n.mac),
             }
@@ -411,6 +415,7 @@ impl Driver<'_> {
         drop(mirror);
         vmm.start()?;
         out.failover_time = t0.elapsed();
+        repeat_announces(vmm.devices().output_gate().clone(), macs);
         log::warn!(
             "standby: the VM runs here now (failover took {:?}; {} console bytes released \
              again from position {:?}; {} RARP announces; {} frames sent again, {} refused)",
@@ -456,6 +461,42 @@ pub fn rebind_attachments(state: &mut VmState, cfg: &VmConfig) -> VmConfig {
         }
     }
     cfg
+}
+
+/// When the RARP announce is sent again after the first one (sent before the guest
+/// runs), like QEMU's self-announce rounds: one lost frame (a bridge port still coming
+/// up, a busy switch) must not leave the LAN pointing at the dead PM.
+pub const ANNOUNCE_REPEATS: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(150),
+    Duration::from_millis(300),
+    Duration::from_millis(500),
+];
+
+/// Sends the announces of [`ANNOUNCE_REPEATS`] on each `(net index, MAC)` from a
+/// short-lived thread, so neither the driver nor the guest waits for them. The frames
+/// bypass output commit, as the first; the gate's TAP writers serialize them with the
+/// guest's released frames.
+fn repeat_announces(gate: Arc<OutputGate>, macs: Vec<(usize, [u8; 6])>) {
+    if macs.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("rarp-announce".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            for at in ANNOUNCE_REPEATS {
+                std::thread::sleep(at.saturating_sub(t0.elapsed()));
+                for &(i, mac) in &macs {
+                    if !gate.send_frame(i, &rarp_announce(mac)) {
+                        log::warn!("standby: net {i}: a repeated RARP announce was refused");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("standby: cannot start the thread repeating the RARP announce: {e}");
+    }
 }
 
 /// A RARP "request reverse" broadcast from `mac`, as QEMU sends after a migration: the

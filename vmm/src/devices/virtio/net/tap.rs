@@ -7,12 +7,22 @@
 //! If the interface did not exist, the kernel creates it (not persistent) and we bring
 //! it up; it disappears when the last descriptor closes, i.e. when this `Tap` drops. An
 //! existing (persistent) interface is attached to and left as it was.
+//!
+//! Pre-opening ([`preopen`]): a process may open a TAP long before it builds the VM that
+//! uses it (the FT standby does so at start). While no descriptor is attached a TAP has
+//! no carrier and its bridge port is disabled; the carrier change reaches the bridge
+//! through the kernel's linkwatch, up to about a second later. Frames written in that
+//! window (the announce right after a failover) are lost. A pre-opened descriptor keeps
+//! the carrier up meanwhile, and [`Tap::open`] takes it over instead of reopening: a
+//! non-multiqueue TAP refuses a second `TUNSETIFF` while attached (`EBUSY`).
 
+use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Mutex, MutexGuard};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -60,9 +70,81 @@ pub struct Tap {
     created: bool,
 }
 
+/// TAPs opened ahead of use by [`preopen`], by interface name, until [`Tap::open`] takes
+/// them.
+static PREOPENED: Mutex<BTreeMap<String, Tap>> = Mutex::new(BTreeMap::new());
+
+fn preopened() -> MutexGuard<'static, BTreeMap<String, Tap>> {
+    // A panic while holding the lock leaves the map itself consistent (every operation
+    // on it is a single insert or remove).
+    PREOPENED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Opens TAP `name` now (creating it if it does not exist) and keeps the descriptor for
+/// the next [`Tap::open`] of that name in this process, so the interface has carrier
+/// (and its bridge port forwards) from now on rather than from when the VM is built.
+/// A name already pre-opened is left as it is.
+pub fn preopen(name: &str) -> Result<(), TapError> {
+    let mut map = preopened();
+    if !map.contains_key(name) {
+        let tap = Tap::open_fresh(name)?;
+        map.insert(name.to_owned(), tap);
+    }
+    Ok(())
+}
+
+/// Closes a pre-opened TAP nobody took (a created one vanishes). True if there was one.
+pub fn forget_preopened(name: &str) -> bool {
+    let tap = preopened().remove(name);
+    tap.is_some()
+}
+
+/// The descriptor of pre-opened TAP `name`, if any (to watch it before the handover).
+pub fn preopened_fd(name: &str) -> Option<RawFd> {
+    preopened().get(name).map(|t| t.as_raw_fd())
+}
+
 impl Tap {
-    /// Opens TAP `name`, creating it if it does not exist.
+    /// Opens TAP `name`, creating it if it does not exist. A descriptor [`preopen`]ed for
+    /// `name` is taken instead, after discarding every frame queued on it: they reached
+    /// the TAP before this VM existed (a standby's resumed guest must not see the LAN's
+    /// traffic from before the failover, which its state never saw).
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        let taken = preopened().remove(name);
+        match taken {
+            Some(mut tap) => {
+                let dropped = tap.drain();
+                if dropped > 0 {
+                    log::debug!(
+                        "TAP {name}: {dropped} frame(s) queued before the handover dropped"
+                    );
+                }
+                Ok(tap)
+            }
+            None => Tap::open_fresh(name),
+        }
+    }
+
+    /// Reads and discards queued frames until none is left; returns how many. Bounded
+    /// well above a TAP's queue (`txqueuelen`, 1000 by default), so frames that keep
+    /// arriving cannot hold the caller here.
+    fn drain(&mut self) -> u64 {
+        const MAX_DRAIN: u64 = 1 << 16;
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        while n < MAX_DRAIN {
+            match self.file.read(&mut buf) {
+                Ok(_) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // WouldBlock: the queue is empty (the descriptor is non-blocking). Any
+                // other error would repeat; the device reports it on its first read.
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    fn open_fresh(name: &str) -> Result<Tap, TapError> {
         let mut req = IfReqFlags::new(name)?;
         let existed = std::path::Path::new("/sys/class/net").join(name).exists();
         let file = OpenOptions::new()
@@ -169,4 +251,166 @@ pub fn if_index(name: &str) -> u32 {
     let c: &CStr = &c;
     // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
     unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A unique TAP name; whatever is left pre-opened under it is closed on drop.
+    struct Name(String);
+
+    impl Name {
+        fn new() -> Name {
+            static N: AtomicU32 = AtomicU32::new(0);
+            Name(format!(
+                "twyp{}{}",
+                std::process::id() % 1_000_000,
+                N.fetch_add(1, Ordering::Relaxed)
+            ))
+        }
+    }
+
+    impl Drop for Name {
+        fn drop(&mut self) {
+            forget_preopened(&self.0);
+        }
+    }
+
+    /// An AF_PACKET socket bound to an interface: what it sends leaves through the
+    /// interface, i.e. reaches the TAP's descriptor.
+    fn packet_socket(ifname: &str) -> OwnedFd {
+        let idx = if_index(ifname);
+        assert_ne!(idx, 0);
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation, checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = idx as i32;
+        // SAFETY: `sa` is a valid sockaddr_ll of the size passed.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        fd
+    }
+
+    fn send(sock: &OwnedFd, frame: &[u8]) {
+        // SAFETY: sending from a valid buffer on a bound socket.
+        let r = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(r as usize, frame.len(), "{}", io::Error::last_os_error());
+    }
+
+    /// Waits until `fd` has something to read, without reading it.
+    fn readable(fd: RawFd, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the call's duration.
+            if unsafe { libc::poll(&mut p, 1, 10) } > 0 && p.revents & libc::POLLIN != 0 {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn test_frame(tag: u8) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0x77, tag]);
+        // IEEE local experimental EtherType: nothing else on the link uses it.
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.resize(60, tag);
+        f
+    }
+
+    /// Reads frames until one of ours with `tag` (other traffic, e.g. IPv6 router
+    /// solicitations, may come first).
+    fn read_test_frame(tap: &mut Tap, tag: u8) -> bool {
+        let mut buf = vec![0u8; 65536];
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            match tap.read_frame(&mut buf) {
+                Ok(n) if n >= 60 && buf[12..14] == [0x88, 0xb5] && buf[11] == tag => return true,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn preopened_tap_is_handed_over_drained() {
+        let name = Name::new();
+        preopen(&name.0).unwrap();
+        // Idempotent: the second call keeps the first descriptor.
+        let fd = preopened_fd(&name.0).unwrap();
+        preopen(&name.0).unwrap();
+        assert_eq!(preopened_fd(&name.0), Some(fd));
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", name.0),
+            "1",
+        );
+        let host = packet_socket(&name.0);
+
+        // A frame from the LAN before the handover is queued on the pre-opened fd...
+        send(&host, &test_frame(1));
+        assert!(readable(fd, Duration::from_secs(5)), "frame never queued");
+
+        // ...the normal open path takes that same descriptor (no second TUNSETIFF,
+        // which an attached TAP would refuse) and drops what was queued.
+        let mut tap = Tap::open(&name.0).unwrap();
+        assert_eq!(tap.as_raw_fd(), fd);
+        assert!(tap.created());
+        assert_eq!(preopened_fd(&name.0), None);
+        let mut buf = [0u8; 2048];
+        let r = tap.read_frame(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "stale frame not drained: {r:?}"
+        );
+
+        // The device works after the handover, both ways.
+        send(&host, &test_frame(2));
+        assert!(read_test_frame(&mut tap, 2));
+        tap.write_frame(&test_frame(3)).unwrap();
+
+        // Taken once: a later open is a fresh one (the interface exists, attached
+        // by `tap`, so the kernel refuses it).
+        assert!(matches!(Tap::open(&name.0), Err(TapError::SetIff { .. })));
+        drop(tap);
+        assert_eq!(if_index(&name.0), 0, "created TAP left behind");
+    }
+
+    #[test]
+    fn preopen_rejects_bad_names_and_forget_closes() {
+        assert!(matches!(preopen(""), Err(TapError::BadName(_))));
+        let name = Name::new();
+        preopen(&name.0).unwrap();
+        assert_ne!(if_index(&name.0), 0);
+        assert!(forget_preopened(&name.0));
+        assert!(!forget_preopened(&name.0));
+        assert_eq!(if_index(&name.0), 0);
+    }
 }
