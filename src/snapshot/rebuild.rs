@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::VmConfig;
@@ -116,6 +117,11 @@ pub fn read_state(dir: &Path, m: &Manifest) -> Result<VmState, SnapError> {
     VmState::from_bytes(&bytes).map_err(|e| SnapError::Corrupt(format!("{}: {e}", path.display())))
 }
 
+/// How long a restore waits for a disk image's lock to go away. A VMM that was just
+/// killed can hold it for a moment after it is reaped: its io_uring instance, which
+/// references the image, is torn down asynchronously by the kernel.
+const IN_USE_GRACE: Duration = Duration::from_secs(5);
+
 /// Fails when a running VMM holds `path` (it keeps an exclusive flock on its disks).
 pub fn check_not_in_use(path: &Path) -> Result<(), SnapError> {
     let f = match File::open(path) {
@@ -123,9 +129,16 @@ pub fn check_not_in_use(path: &Path) -> Result<(), SnapError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(SnapError::io(path, e)),
     };
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    let deadline = Instant::now() + IN_USE_GRACE;
+    let locked = loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 || Instant::now() >= deadline {
+            break rc != 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if locked {
         return Err(SnapError::Invalid(format!(
             "disk image {} is in use by a running VM; stop it or restore to another path (--disk-path)",
             path.display()
