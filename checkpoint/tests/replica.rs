@@ -6,8 +6,6 @@
 //! duplicate.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use checkpoint::messages::{encode, ToStandby, PAGE_SIZE};
@@ -17,34 +15,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::{build_vm, build_vm_from_state};
 
-/// Builds the guest once per test process (`$TWINRUN_GUEST` skips the build).
-fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-            return Ok(PathBuf::from(p));
-        }
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release"])
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", dir.join("target"))
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "guest build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(dir.join("target/x86_64-unknown-linux-gnu/release/twinrun-guest"))
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
-}
+// The test guest is built (once per test process) the way the vmm tests build it.
+#[path = "../../vmm/tests/support/guest.rs"]
+mod vmm_support;
+use vmm_support::guest_elf;
 
 struct Cleanup(Vec<PathBuf>);
 
