@@ -258,6 +258,19 @@ impl Vmm {
         &self.devices
     }
 
+    /// Installs disk hooks on every disk (`None` removes them); safe while running.
+    pub fn set_disk_hooks(&self, hooks: Option<Arc<dyn crate::devices::virtio::block::DiskHooks>>) {
+        self.devices.set_disk_hooks(hooks);
+    }
+
+    /// Fault injection of disk `disk` (index in the VM config's `disks`).
+    pub fn disk_faults(
+        &self,
+        disk: usize,
+    ) -> Option<Arc<crate::devices::virtio::block::DiskFaults>> {
+        self.devices.disk_faults(disk)
+    }
+
     /// Starts the device backend thread, then one thread per vCPU.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if self.started {

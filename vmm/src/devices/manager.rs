@@ -21,8 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{Bus, BusError};
 use super::output::OutputGate;
-use super::virtio::block::DiskJournal;
 use super::virtio::block::{Block, BlockError};
+use super::virtio::block::{DiskControls, DiskFaults, DiskHooks, DiskJournal};
 use super::virtio::console::sink::SinkError;
 use super::virtio::console::Console;
 use super::virtio::mmio::MmioTransport;
@@ -93,6 +93,8 @@ pub struct DeviceManager {
     gate: Arc<OutputGate>,
     /// Whether the disks journal their writes.
     journal_on: std::sync::atomic::AtomicBool,
+    /// Fault injection and hooks of each disk, in disk (config) order.
+    disks: Vec<DiskControls>,
     ctl: Arc<Ctl>,
     thread: Option<JoinHandle<()>>,
     shut_down: bool,
@@ -144,9 +146,11 @@ impl DeviceManager {
         devices: Vec<Box<dyn VirtioDevice>>,
     ) -> Result<Self, DeviceError> {
         let mut slots = Vec::new();
+        let mut disks = Vec::new();
         let gate = OutputGate::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let device_id = dev.device_type();
+            disks.extend(dev.disk_controls());
             let mut t = MmioTransport::new(mem.clone(), dev)?;
             t.attach_output_gate(&gate)
                 .map_err(|source| DeviceError::OutputGate { index: i, source })?;
@@ -160,6 +164,7 @@ impl DeviceManager {
             slots,
             gate,
             journal_on: std::sync::atomic::AtomicBool::new(false),
+            disks,
             ctl: Arc::new(Ctl {
                 state: Mutex::new(CtlState::default()),
                 cv: Condvar::new(),
@@ -228,6 +233,24 @@ impl DeviceManager {
             out.push(j);
         }
         out
+    }
+
+    /// Installs `hooks` on every disk (or removes them with `None`); safe while the
+    /// vCPUs run: each disk picks them up at its next batch of requests.
+    pub fn set_disk_hooks(&self, hooks: Option<Arc<dyn DiskHooks>>) {
+        for (disk, c) in self.disks.iter().enumerate() {
+            c.set_hooks(disk, hooks.clone());
+        }
+    }
+
+    /// The fault injection of disk `disk` (index in the VM config's `disks`).
+    pub fn disk_faults(&self, disk: usize) -> Option<Arc<DiskFaults>> {
+        self.disks.get(disk).map(|c| c.faults.clone())
+    }
+
+    /// How many disks the VM has.
+    pub fn disk_count(&self) -> usize {
+        self.disks.len()
     }
 
     pub fn start(&mut self) -> Result<(), DeviceError> {

@@ -153,6 +153,11 @@ pub trait VirtioDevice: Send {
     fn take_disk_journal(&mut self) -> Option<block::journal::DiskJournal> {
         None
     }
+    /// A block device returns the handles on its fault injection and hooks (shared
+    /// with it, so usable while the VM runs); other devices return `None`.
+    fn disk_controls(&self) -> Option<block::DiskControls> {
+        None
+    }
 }
 
 /// One descriptor chain taken off an available ring, walked and range-checked.

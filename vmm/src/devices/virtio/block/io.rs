@@ -31,7 +31,8 @@ pub struct IoOp {
     pub iovecs: Vec<libc::iovec>,
     /// Bytes the operation must move.
     pub len: u64,
-    /// Filled in by [`Engine::run`]: Ok on full success.
+    /// Filled in by [`Engine::run`]: Ok on full success. An operation that is already
+    /// Err when the batch runs (failed by fault injection or a hook) is not submitted.
     pub result: io::Result<()>,
     /// Filled in by [`Engine::run`]: rank of this operation's completion in its batch
     /// (the disk journal records writes in this order).
@@ -95,40 +96,56 @@ impl Engine {
         })
     }
 
-    /// Runs every operation in `ops` against `file` to completion.
-    pub fn run(&mut self, file: &File, ops: &mut [IoOp]) {
+    /// Runs every operation in `ops` whose result is still Ok against `file` to
+    /// completion; returns how many ran (their `completed` ranks are `0..n`).
+    pub fn run(&mut self, file: &File, ops: &mut [IoOp]) -> u32 {
+        let mut rank = 0u32;
         match self {
             Engine::Sync => {
-                for (i, op) in ops.iter_mut().enumerate() {
+                for op in ops.iter_mut().filter(|op| op.result.is_ok()) {
                     op.result = run_sync(file, op);
-                    op.completed = i as u32;
+                    op.completed = rank;
+                    rank += 1;
                 }
             }
             Engine::Uring(ring) => {
-                for (c, chunk) in ops.chunks_mut(RING_ENTRIES as usize).enumerate() {
-                    let base = (c * RING_ENTRIES as usize) as u32;
-                    if let Err(e) = run_uring(ring, file, chunk, base) {
-                        // The ring itself failed (not one request): fall back to plain
-                        // syscalls for this batch so the guest still gets answers.
-                        log::warn!(
-                            "virtio-blk: io_uring failed ({e}); using sync I/O for this batch"
-                        );
-                        for (i, op) in chunk.iter_mut().enumerate() {
-                            op.result = run_sync(file, op);
-                            op.completed = base + i as u32;
+                for chunk in ops.chunks_mut(RING_ENTRIES as usize) {
+                    let live: Vec<bool> = chunk.iter().map(|op| op.result.is_ok()).collect();
+                    match run_uring(ring, file, chunk, rank) {
+                        Ok(n) => rank += n,
+                        Err(e) => {
+                            // The ring itself failed (not one request): fall back to
+                            // plain syscalls for this batch so the guest still gets
+                            // answers.
+                            log::warn!(
+                                "virtio-blk: io_uring failed ({e}); using sync I/O for this batch"
+                            );
+                            for (op, _) in chunk.iter_mut().zip(live).filter(|(_, l)| *l) {
+                                op.result = run_sync(file, op);
+                                op.completed = rank;
+                                rank += 1;
+                            }
                         }
                     }
                 }
             }
         }
+        rank
     }
 }
 
-fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io::Result<()> {
+/// Submits the operations of `ops` whose result is Ok and waits for them; returns how
+/// many there were. On Err nothing was submitted and `ops` is unchanged.
+fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io::Result<u32> {
     let fd = types::Fd(file.as_raw_fd());
+    let mut count = 0usize;
     {
         let mut sq = ring.submission();
         for (i, op) in ops.iter().enumerate() {
+            if op.result.is_err() {
+                continue;
+            }
+            count += 1;
             let entry = match op.kind {
                 OpKind::Read => opcode::Readv::new(fd, op.iovecs.as_ptr(), op.iovecs.len() as u32)
                     .offset(op.offset)
@@ -150,15 +167,14 @@ fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
     }
-    let ops_len = ops.len();
-    let mut done = vec![false; ops.len()];
-    let mut left = ops.len();
+    let mut done: Vec<bool> = ops.iter().map(|op| op.result.is_err()).collect();
+    let mut left = count;
     while left > 0 {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
-                if left == ops.len() {
+                if left == count {
                     return Err(e);
                 }
                 // Some completed: we cannot resubmit the rest safely while the kernel
@@ -175,7 +191,7 @@ fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io
             left -= 1;
             let res = cqe.result();
             let op = &mut ops[i];
-            op.completed = base + (ops_len - left - 1) as u32;
+            op.completed = base + (count - left - 1) as u32;
             op.result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else if op.kind != OpKind::Flush && (res as u64) < op.len {
@@ -187,7 +203,7 @@ fn run_uring(ring: &mut IoUring, file: &File, ops: &mut [IoOp], base: u32) -> io
             };
         }
     }
-    Ok(())
+    Ok(count as u32)
 }
 
 fn run_sync(file: &File, op: &IoOp) -> io::Result<()> {

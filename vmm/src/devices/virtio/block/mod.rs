@@ -3,7 +3,14 @@
 //! One request queue. A notify is handled on the vCPU thread that wrote it: every
 //! available chain is parsed, the valid ones are submitted to the I/O engine as one
 //! batch, and once all have completed their status bytes and used entries are written.
+//!
+//! Between parsing and submission, injected faults ([`faults`]) fail operations without
+//! submitting them and the owner's [`hooks`] see the batch's writes; after the batch,
+//! operations the local image failed are offered to the hooks, which may serve them
+//! from elsewhere (another copy of the disk) so the guest sees success.
 
+pub mod faults;
+pub mod hooks;
 pub mod io;
 pub mod journal;
 mod persist;
@@ -14,11 +21,14 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use log::warn;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
+pub use self::faults::{DiskFaults, FaultOps};
+pub use self::hooks::{DiskControls, DiskHooks};
 use self::io::{Engine, IoOp, OpKind};
 pub use self::journal::{apply_journal, DiskJournal, JournalExtent};
 use self::request::*;
@@ -65,6 +75,10 @@ pub struct Block {
     written: WrittenBlocks,
     /// Data of completed writes since the last take, while journalling is on.
     journal: Option<DiskJournal>,
+    /// Fault injection and the owner's hooks, shared with the device manager.
+    controls: DiskControls,
+    /// Whether the hooks are serving failed operations now (logged on each change).
+    degraded: bool,
 }
 
 impl Block {
@@ -140,6 +154,8 @@ impl Block {
             id,
             written: WrittenBlocks::new(size),
             journal: None,
+            controls: DiskControls::default(),
+            degraded: false,
             attachment: DiskConfig {
                 path: path.into(),
                 read_only,
@@ -151,6 +167,11 @@ impl Block {
 
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.capacity_bytes / SECTOR_SIZE
+    }
+
+    /// Handles on this disk's fault injection and hooks.
+    pub fn controls(&self) -> DiskControls {
+        self.controls.clone()
     }
 }
 
@@ -172,7 +193,7 @@ struct Pending {
     written: u32,
     /// Guest buffers the kernel writes (reads), to mark dirty afterwards.
     dirty: Vec<(vm_memory::GuestAddress, u32)>,
-    /// Byte offset and guest buffers of a write, kept for the journal.
+    /// Byte offset and guest buffers of a write, kept for the journal and the hooks.
     journal: Option<(u64, Vec<(vm_memory::GuestAddress, u32)>)>,
 }
 
@@ -213,6 +234,10 @@ impl VirtioDevice for Block {
 
     fn take_disk_journal(&mut self) -> Option<DiskJournal> {
         self.journal.as_mut().map(std::mem::take)
+    }
+
+    fn disk_controls(&self) -> Option<DiskControls> {
+        Some(self.controls())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -264,8 +289,13 @@ impl VirtioDevice for Block {
                 Ok(req) => pending.push(self.prepare(mem, req, &mut ops)),
             }
         }
-        self.engine.run(&self.file, &mut ops);
-        self.journal_writes(mem, &mut pending, &ops);
+        let hooks = self.controls.hooks.get();
+        let vetoed = self.before_submit(&pending, &mut ops, hooks.as_ref());
+        let ran = self.engine.run(&self.file, &mut ops);
+        if let Some(hooks) = &hooks {
+            self.serve_failed(mem, &pending, &mut ops, &vetoed, hooks, ran);
+        }
+        self.journal_writes(mem, &pending, &ops);
         let any = !pending.is_empty();
         for p in pending {
             mark_dirty_if(mem, &p.dirty);
@@ -344,7 +374,7 @@ impl Block {
                     // At most MAX_DATA_BYTES, so it fits.
                     p.written = req.data_len as u32;
                     p.dirty = req.data;
-                } else if kind == OpKind::Write && self.journal.is_some() {
+                } else if kind == OpKind::Write {
                     p.journal = Some((req.offset, req.data));
                 }
             }
@@ -353,9 +383,112 @@ impl Block {
         p
     }
 
+    /// Applies injected faults and delay to the batch and shows its writes to the
+    /// hooks; operations that must not run get an Err result (the engine skips them).
+    /// Returns the writes the hooks refused (failed for the guest, not to be served).
+    fn before_submit(
+        &self,
+        pending: &[Pending],
+        ops: &mut [IoOp],
+        hooks: Option<&(usize, Arc<dyn DiskHooks>)>,
+    ) -> Vec<usize> {
+        let faults = &self.controls.faults;
+        if faults.is_active() && !ops.is_empty() {
+            if let Some(d) = faults.delay() {
+                // A slow disk: the vCPU that submitted waits, as it would for the I/O.
+                std::thread::sleep(d);
+            }
+            for op in ops.iter_mut() {
+                if let Some(e) = faults.check(op.kind, op.offset, op.len) {
+                    op.result = Err(e);
+                }
+            }
+        }
+        let Some((disk, hooks)) = hooks else {
+            return Vec::new();
+        };
+        let writes: Vec<usize> = pending
+            .iter()
+            .filter_map(|p| p.op)
+            .filter(|&i| ops[i].kind == OpKind::Write && ops[i].result.is_ok())
+            .collect();
+        if writes.is_empty() {
+            return writes;
+        }
+        let ranges: Vec<(u64, u64)> = writes
+            .iter()
+            .map(|&i| (ops[i].offset, ops[i].len))
+            .collect();
+        if let Err(e) = hooks.before_writes(*disk, &ranges) {
+            warn!(
+                "virtio-blk: disk {disk}: before_writes hook failed: {e}; failing {} writes",
+                writes.len()
+            );
+            for &i in &writes {
+                ops[i].result = Err(std::io::Error::new(e.kind(), e.to_string()));
+            }
+            return writes;
+        }
+        Vec::new()
+    }
+
+    /// Offers each operation the local image (or an injected fault) failed to the
+    /// hooks; the ones they serve become successes, completing after the `ran`
+    /// operations the engine ran (the journal records writes in that order).
+    fn serve_failed(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pending: &[Pending],
+        ops: &mut [IoOp],
+        vetoed: &[usize],
+        (disk, hooks): &(usize, Arc<dyn DiskHooks>),
+        ran: u32,
+    ) {
+        let (disk, hooks) = (*disk, hooks.as_ref());
+        let mut rank = ran;
+        let mut failures = 0usize;
+        let mut served = 0usize;
+        for p in pending {
+            let Some(i) = p.op.filter(|i| !vetoed.contains(i)) else {
+                continue;
+            };
+            let op = &mut ops[i];
+            let Err(err) = &op.result else { continue };
+            failures += 1;
+            let r = match op.kind {
+                OpKind::Read => serve_read(mem, hooks, disk, op.offset, op.len, &p.dirty, err),
+                OpKind::Write => match &p.journal {
+                    Some((offset, bufs)) => {
+                        serve_write(mem, hooks, disk, *offset, op.len, bufs, err)
+                    }
+                    None => Err(std::io::Error::other("write without its buffers")),
+                },
+                OpKind::Flush => hooks.flush_failed(disk, err),
+            };
+            match r {
+                Ok(()) => {
+                    if !self.degraded {
+                        warn!("virtio-blk: disk {disk}: local image failed ({err}); serving I/O through the disk hooks");
+                        self.degraded = true;
+                    }
+                    op.result = Ok(());
+                    op.completed = rank;
+                    rank += 1;
+                    served += 1;
+                }
+                Err(e) => warn!("virtio-blk: disk {disk}: {:?} at {} failed ({err}) and the hook could not serve it: {e}", op.kind, op.offset),
+            }
+        }
+        if self.degraded && failures == 0 && ran > 0 {
+            warn!("virtio-blk: disk {disk}: local image serves I/O again");
+            self.degraded = false;
+        }
+        debug_assert!(served <= failures);
+    }
+
     /// Copies the data of the batch's successful writes into the journal, in the
     /// order they completed.
-    fn journal_writes(&mut self, mem: &GuestMemoryMmap, pending: &mut [Pending], ops: &[IoOp]) {
+    fn journal_writes(&mut self, mem: &GuestMemoryMmap, pending: &[Pending], ops: &[IoOp]) {
         let Some(journal) = &mut self.journal else {
             return;
         };
@@ -369,8 +502,8 @@ impl Block {
             .collect();
         done.sort_unstable();
         for (_, k) in done {
-            if let Some((offset, bufs)) = pending[k].journal.take() {
-                if !journal.record(mem, offset, &bufs) {
+            if let Some((offset, bufs)) = &pending[k].journal {
+                if !journal.record(mem, *offset, bufs) {
                     warn!(
                         "virtio-blk: write {} could not be journalled",
                         pending[k].head
@@ -379,6 +512,57 @@ impl Block {
             }
         }
     }
+}
+
+/// Has the hooks fill a failed read's `len` bytes at `offset`, then copies them into the
+/// guest buffers `bufs` through vm-memory (so the dirty bitmap sees them).
+fn serve_read(
+    mem: &GuestMemoryMmap,
+    hooks: &dyn DiskHooks,
+    disk: usize,
+    offset: u64,
+    len: u64,
+    bufs: &[(vm_memory::GuestAddress, u32)],
+    err: &std::io::Error,
+) -> std::io::Result<()> {
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; len];
+    hooks.read_failed(disk, offset, &mut buf, err)?;
+    let mut at = 0usize;
+    for &(addr, n) in bufs {
+        let n = n as usize;
+        let chunk = buf
+            .get(at..at + n)
+            .ok_or_else(|| std::io::Error::other("read buffers longer than the request"))?;
+        mem.write_slice(chunk, addr)
+            .map_err(std::io::Error::other)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Copies a failed write's data out of guest memory and has the hooks store it.
+fn serve_write(
+    mem: &GuestMemoryMmap,
+    hooks: &dyn DiskHooks,
+    disk: usize,
+    offset: u64,
+    len: u64,
+    bufs: &[(vm_memory::GuestAddress, u32)],
+    err: &std::io::Error,
+) -> std::io::Result<()> {
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    let mut data = vec![0u8; len];
+    let mut at = 0usize;
+    for &(addr, n) in bufs {
+        let n = n as usize;
+        let chunk = data
+            .get_mut(at..at + n)
+            .ok_or_else(|| std::io::Error::other("write buffers longer than the request"))?;
+        mem.read_slice(chunk, addr).map_err(std::io::Error::other)?;
+        at += n;
+    }
+    hooks.write_failed(disk, offset, &data, err)
 }
 
 /// Copies the part of `cfg` at `offset` into `data`; the rest of `data` is zero.

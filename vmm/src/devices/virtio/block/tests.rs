@@ -2,6 +2,7 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -356,4 +357,326 @@ fn open_checks_size_and_lock() {
         Block::open(&missing),
         Err(BlockError::Open { .. })
     ));
+}
+
+/// Disk index and ranges of one `before_writes` call.
+type BeforeWrites = (usize, Vec<(u64, u64)>);
+
+/// Hooks over an in-memory second copy of the disk, recording what they were asked.
+#[derive(Default)]
+struct CopyHooks {
+    copy: std::sync::Mutex<Vec<u8>>,
+    fail_before_writes: bool,
+    before: std::sync::Mutex<Vec<BeforeWrites>>,
+    flushes: std::sync::atomic::AtomicU32,
+}
+
+impl CopyHooks {
+    fn with_copy(copy: Vec<u8>) -> CopyHooks {
+        CopyHooks {
+            copy: std::sync::Mutex::new(copy),
+            ..CopyHooks::default()
+        }
+    }
+}
+
+impl DiskHooks for CopyHooks {
+    fn before_writes(&self, disk: usize, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+        self.before.lock().unwrap().push((disk, ranges.to_vec()));
+        if self.fail_before_writes {
+            return Err(std::io::Error::other("bitmap not durable"));
+        }
+        Ok(())
+    }
+    fn read_failed(
+        &self,
+        _disk: usize,
+        offset: u64,
+        buf: &mut [u8],
+        _err: &std::io::Error,
+    ) -> std::io::Result<()> {
+        let c = self.copy.lock().unwrap();
+        buf.copy_from_slice(&c[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_failed(
+        &self,
+        _disk: usize,
+        offset: u64,
+        data: &[u8],
+        _err: &std::io::Error,
+    ) -> std::io::Result<()> {
+        let mut c = self.copy.lock().unwrap();
+        c[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush_failed(&self, _disk: usize, _err: &std::io::Error) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A device on `img` with its controls.
+fn faulty(
+    mem: &GuestMemoryMmap,
+    img: &TempImage,
+    engine: IoEngine,
+) -> (MmioTransport, DiskControls) {
+    let b = Block::open(&img.cfg(engine, false)).unwrap();
+    let c = b.controls();
+    (MmioTransport::new(mem.clone(), Box::new(b)).unwrap(), c)
+}
+
+/// Writes one sector of `fill` at `sector` (slot 0), then reads `sector` into
+/// DATA + 0x2000 (slot 1).
+fn write_then_read(
+    t: &mut MmioTransport,
+    mem: &GuestMemoryMmap,
+    drv: &mut Driver,
+    sector: u64,
+    fill: u8,
+) {
+    mem.write_slice(&[fill; 512], GuestAddress(DATA)).unwrap();
+    mem.write_slice(&[0x11; 512], GuestAddress(DATA + 0x2000))
+        .unwrap();
+    let base = drv.used_idx() * 3;
+    let h = header(mem, 0, VIRTIO_BLK_T_OUT, sector);
+    drv.chain(
+        base,
+        &[(h, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
+    // Separate batches: requests in flight together have no order.
+    w(t, REG_QUEUE_NOTIFY, 0);
+    let h = header(mem, 1, VIRTIO_BLK_T_IN, sector);
+    drv.chain(
+        base + 3,
+        &[
+            (h, 16, false),
+            (DATA + 0x2000, 512, true),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    w(t, REG_QUEUE_NOTIFY, 0);
+}
+
+fn sector_of_file(img: &TempImage, sector: u64) -> Vec<u8> {
+    std::fs::read(&img.0).unwrap()[sector as usize * 512..][..512].to_vec()
+}
+
+#[test]
+fn injected_bad_range_fails_without_touching_the_image() {
+    for engine in [IoEngine::IoUring, IoEngine::Sync] {
+        let img = TempImage::new("badrange", 16);
+        let mem = memory();
+        let (mut t, c) = faulty(&mem, &img, engine);
+        let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+        // Sector 5 bad for writes only, sector 6 for reads only.
+        c.faults
+            .add_bad_range(5 * 512, 512, FaultOps::Writes)
+            .unwrap();
+        c.faults.add_bad_range(6 * 512, 1, FaultOps::Reads).unwrap();
+        write_then_read(&mut t, &mem, &mut drv, 5, 0xEE);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+        assert_eq!(read_u8(&mem, DATA + 0x2000), 5, "image untouched");
+        assert_eq!(sector_of_file(&img, 5), vec![5u8; 512]);
+        assert_eq!(c.faults.injected(), 1);
+
+        write_then_read(&mut t, &mem, &mut drv, 6, 0xEE);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_IOERR);
+        assert_eq!(drv.used(3), (9, 1), "a failed read reports no data");
+        assert_eq!(read_u8(&mem, DATA + 0x2000), 0x11, "guest buffer untouched");
+        assert_eq!(sector_of_file(&img, 6), vec![0xEE; 512]);
+        assert_eq!(c.faults.injected(), 2);
+
+        c.faults.clear();
+        write_then_read(&mut t, &mem, &mut drv, 5, 0xEF);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+        assert_eq!(read_u8(&mem, DATA + 0x2000), 0xEF);
+    }
+}
+
+#[test]
+fn failed_disk_fails_everything_including_flush() {
+    let img = TempImage::new("faileddisk", 8);
+    let mem = memory();
+    let (mut t, c) = faulty(&mem, &img, IoEngine::IoUring);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+    c.faults.fail_disk();
+    mem.write_slice(&[0xAA; 512], GuestAddress(DATA)).unwrap();
+    let h = header(&mem, 0, VIRTIO_BLK_T_OUT, 1);
+    drv.chain(0, &[(h, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    let h = header(&mem, 1, VIRTIO_BLK_T_IN, 2);
+    drv.chain(
+        3,
+        &[
+            (h, 16, false),
+            (DATA + 0x1000, 512, true),
+            (STATUS + 1, 1, true),
+        ],
+    );
+    let h = header(&mem, 2, VIRTIO_BLK_T_FLUSH, 0);
+    drv.chain(6, &[(h, 16, false), (STATUS + 2, 1, true)]);
+    // GET_ID does no disk I/O: it still works.
+    let h = header(&mem, 3, VIRTIO_BLK_T_GET_ID, 0);
+    drv.chain(
+        8,
+        &[
+            (h, 16, false),
+            (DATA + 0x3000, 20, true),
+            (STATUS + 3, 1, true),
+        ],
+    );
+    w(&mut t, REG_QUEUE_NOTIFY, 0);
+    assert_eq!(drv.used_idx(), 4);
+    for i in 0..3 {
+        assert_eq!(status(&mem, i), VIRTIO_BLK_S_IOERR, "request {i}");
+    }
+    assert_eq!(status(&mem, 3), VIRTIO_BLK_S_OK);
+    assert_eq!(c.faults.injected(), 3);
+    assert_eq!(sector_of_file(&img, 1), vec![1u8; 512]);
+}
+
+#[test]
+fn delay_slows_each_batch() {
+    let img = TempImage::new("delay", 8);
+    let mem = memory();
+    let (mut t, c) = faulty(&mem, &img, IoEngine::Sync);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    c.faults
+        .set_delay(std::time::Duration::from_millis(60))
+        .unwrap();
+    let start = std::time::Instant::now();
+    write_then_read(&mut t, &mem, &mut drv, 3, 0x42);
+    assert!(start.elapsed() >= std::time::Duration::from_millis(60));
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+    assert_eq!(read_u8(&mem, DATA + 0x2000), 0x42);
+    assert_eq!(c.faults.injected(), 0);
+    c.faults.set_delay(std::time::Duration::ZERO).unwrap();
+    let start = std::time::Instant::now();
+    write_then_read(&mut t, &mem, &mut drv, 3, 0x43);
+    assert!(start.elapsed() < std::time::Duration::from_millis(60));
+}
+
+#[test]
+fn hook_serves_failed_reads_writes_and_flushes() {
+    for engine in [IoEngine::IoUring, IoEngine::Sync] {
+        let img = TempImage::new("hookserve", 16);
+        let mem = memory();
+        let (mut t, c) = faulty(&mem, &img, engine);
+        t.set_disk_journal(true);
+        let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+        // The other copy differs from the local image: sector s holds 0x80 + s.
+        let copy: Vec<u8> = (0..16u8).flat_map(|s| [0x80 + s; 512]).collect();
+        let hooks = Arc::new(CopyHooks::with_copy(copy));
+        c.set_hooks(3, Some(hooks.clone()));
+        c.faults.fail_disk();
+
+        // A failed read is filled from the copy, through vm-memory (dirty bitmap).
+        let h = header(&mem, 0, VIRTIO_BLK_T_IN, 4);
+        drv.chain(
+            0,
+            &[
+                (h, 16, false),
+                (DATA + 0x2000, 300, true),
+                (DATA + 0x4000, 212, true),
+                (STATUS, 1, true),
+            ],
+        );
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+        assert_eq!(drv.used(0), (0, 513));
+        assert_eq!(read_u8(&mem, DATA + 0x2000), 0x84);
+        assert_eq!(read_u8(&mem, DATA + 0x4000 + 211), 0x84);
+        let region = mem.find_region(GuestAddress(DATA + 0x4000)).unwrap();
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryRegion;
+        assert!(region.bitmap().dirty_at((DATA + 0x4000) as usize));
+
+        // A failed write is absorbed by the copy and journalled; a failed flush too.
+        let _ = t.take_disk_journal();
+        mem.write_slice(&[0x5A; 1024], GuestAddress(DATA)).unwrap();
+        let h = header(&mem, 1, VIRTIO_BLK_T_OUT, 7);
+        drv.chain(
+            4,
+            &[(h, 16, false), (DATA, 1024, false), (STATUS + 1, 1, true)],
+        );
+        let h = header(&mem, 2, VIRTIO_BLK_T_FLUSH, 0);
+        drv.chain(7, &[(h, 16, false), (STATUS + 2, 1, true)]);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+        assert_eq!(status(&mem, 2), VIRTIO_BLK_S_OK);
+        assert_eq!(hooks.flushes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let copy = hooks.copy.lock().unwrap().clone();
+        assert!(copy[7 * 512..9 * 512].iter().all(|&b| b == 0x5A));
+        assert_eq!(
+            sector_of_file(&img, 7),
+            vec![7u8; 512],
+            "local image untouched"
+        );
+        let j = t.take_disk_journal().unwrap();
+        assert_eq!(
+            j.writes().collect::<Vec<_>>(),
+            vec![(7 * 512, &[0x5A; 1024][..])]
+        );
+        // The failed disk was asked nothing: before_writes sees only submitted writes.
+        assert!(hooks.before.lock().unwrap().is_empty());
+        assert_eq!(c.faults.injected(), 3);
+    }
+}
+
+#[test]
+fn before_writes_sees_batch_and_its_error_fails_the_writes() {
+    let img = TempImage::new("beforewrites", 16);
+    let mem = memory();
+    let (mut t, c) = faulty(&mem, &img, IoEngine::IoUring);
+    t.set_disk_journal(true);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    let ok = Arc::new(CopyHooks::default());
+    c.set_hooks(1, Some(ok.clone()));
+    write_then_read(&mut t, &mem, &mut drv, 2, 0x77);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(*ok.before.lock().unwrap(), vec![(1, vec![(1024, 512)])]);
+    assert_eq!(sector_of_file(&img, 2), vec![0x77; 512]);
+
+    let refuse = Arc::new(CopyHooks {
+        fail_before_writes: true,
+        ..CopyHooks::default()
+    });
+    c.set_hooks(1, Some(refuse.clone()));
+    let _ = t.take_disk_journal();
+    write_then_read(&mut t, &mem, &mut drv, 3, 0x78);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR);
+    // The read of the same batch still ran (against the untouched image).
+    assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+    assert_eq!(read_u8(&mem, DATA + 0x2000), 3);
+    assert_eq!(sector_of_file(&img, 3), vec![3u8; 512]);
+    assert!(t.take_disk_journal().unwrap().is_empty());
+    assert_eq!(c.faults.injected(), 0);
+
+    // Removing the hooks restores the plain behaviour.
+    c.set_hooks(1, None);
+    write_then_read(&mut t, &mem, &mut drv, 3, 0x79);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(sector_of_file(&img, 3), vec![0x79; 512]);
+}
+
+#[test]
+fn no_hook_and_fault_is_ioerr_and_not_journalled() {
+    let img = TempImage::new("nohook", 8);
+    let mem = memory();
+    let (mut t, c) = faulty(&mem, &img, IoEngine::Sync);
+    t.set_disk_journal(true);
+    let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1);
+    c.faults.add_bad_range(0, 8 * 512, FaultOps::All).unwrap();
+    write_then_read(&mut t, &mem, &mut drv, 1, 0x33);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(status(&mem, 1), VIRTIO_BLK_S_IOERR);
+    assert!(t.take_disk_journal().unwrap().is_empty());
+    assert_eq!(sector_of_file(&img, 1), vec![1u8; 512]);
+    assert_eq!(c.faults.injected(), 2);
 }

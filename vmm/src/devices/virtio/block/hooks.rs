@@ -1,0 +1,70 @@
+//! Hooks the owner of a VM installs on its disks: told before writes reach the local
+//! image, and given the chance to serve an operation the local image failed (from
+//! another copy of the disk). Without hooks a failed operation is an I/O error for
+//! the guest.
+//!
+//! Hooks run on the vCPU thread that notified the queue, with the device locked: they
+//! must not call back into the VM's devices.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::faults::DiskFaults;
+
+pub trait DiskHooks: Send + Sync {
+    /// Called before a batch's writes are submitted to the local image, with (byte
+    /// offset, len) of each. An error fails those writes (IOERR to the guest) and they
+    /// are not submitted. (Used for a persistent write-intent bitmap that must be
+    /// durable before the data write.)
+    fn before_writes(&self, disk: usize, ranges: &[(u64, u64)]) -> io::Result<()>;
+    /// A read failed on the local image (real error or injected): fill `buf` from
+    /// elsewhere. Ok => the guest sees success.
+    fn read_failed(
+        &self,
+        disk: usize,
+        offset: u64,
+        buf: &mut [u8],
+        err: &io::Error,
+    ) -> io::Result<()>;
+    /// A write failed on the local image: Ok => counted as done (it is journalled like
+    /// any successful write).
+    fn write_failed(
+        &self,
+        disk: usize,
+        offset: u64,
+        data: &[u8],
+        err: &io::Error,
+    ) -> io::Result<()>;
+    /// A flush failed on the local image: Ok => the guest sees success.
+    fn flush_failed(&self, disk: usize, err: &io::Error) -> io::Result<()>;
+}
+
+/// The hooks of one disk with the disk's index, replaceable while the VM runs.
+#[derive(Default)]
+pub(crate) struct HookSlot(Mutex<Option<(usize, Arc<dyn DiskHooks>)>>);
+
+impl HookSlot {
+    /// The installed hooks; one uncontended lock per batch.
+    pub(crate) fn get(&self) -> Option<(usize, Arc<dyn DiskHooks>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set(&self, hooks: Option<(usize, Arc<dyn DiskHooks>)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = hooks;
+    }
+}
+
+/// Handles on a block device's fault injection and hooks, shared with the device.
+#[derive(Clone, Default)]
+pub struct DiskControls {
+    pub faults: Arc<DiskFaults>,
+    pub(crate) hooks: Arc<HookSlot>,
+}
+
+impl DiskControls {
+    /// Installs (or with `None` removes) the hooks of this disk, which is `disk` in
+    /// the VM config's `disks`. Takes effect from the next batch of requests.
+    pub fn set_hooks(&self, disk: usize, hooks: Option<Arc<dyn DiskHooks>>) {
+        self.hooks.set(hooks.map(|h| (disk, h)));
+    }
+}
