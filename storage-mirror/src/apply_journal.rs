@@ -416,10 +416,7 @@ impl ApplyJournal {
         let mut pos: u64 = 0;
         let mut prev: Option<u64> = None;
         let mut buf = std::mem::take(&mut self.buf);
-        loop {
-            let Some((epoch, entries, rec_len)) = self.read_record(pos, file_len, &mut buf)? else {
-                break;
-            };
+        while let Some((epoch, entries, rec_len)) = self.read_record(pos, file_len, &mut buf)? {
             // Stale records (from before a truncate that didn't reach the disk) can only
             // sit after newer ones if the file is damaged: stop there.
             if prev.is_some_and(|p| epoch <= p) {

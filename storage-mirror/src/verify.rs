@@ -113,7 +113,8 @@ impl Verifier {
         }
         if range_bytes == 0
             || range_bytes > MAX_RANGE_BYTES
-            || range_bytes % u64::from(block_size) != 0
+            || range_bytes & (u64::from(block_size) - 1) != 0
+        // a power of two, checked above
         {
             return Err(VerifyError::Config(
                 "range size must be a non-zero multiple of the block size, at most 64 MiB",
