@@ -246,7 +246,9 @@ impl ApplyJournal {
     /// Makes `epoch`'s writes durable (one journal append + one fdatasync), then writes them
     /// into the images without syncing them. Epochs must strictly increase. Every write is
     /// validated before anything is written. On an I/O error the journal is poisoned:
-    /// reopen it to recover (a record that reached the journal is replayed then).
+    /// reopen it to recover (a record that reached the journal is replayed then). An error
+    /// after the append (image write, checkpoint) still leaves the epoch durable:
+    /// [`last_committed`](Self::last_committed) says which epochs are.
     pub fn commit(&mut self, epoch: u64, writes: &[(u16, u64, &[u8])]) -> Result<(), JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
