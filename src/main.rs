@@ -27,6 +27,7 @@ fn main() {
                 }
             }
         }
+        Command::Vm(VmCommand::Fault(a)) => twinrun::cli::fault::run(&a),
         Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
         Command::Demo(a) => twinrun::demo::run(&a),

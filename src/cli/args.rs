@@ -88,6 +88,8 @@ pub struct RestoreArgs {
     pub disk_paths: Vec<PathBuf>,
 }
 
+// Parsed once per process, like `Command`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Boot a VM and run it until the guest exits, it crashes, or SIGTERM/SIGINT.
@@ -97,6 +99,11 @@ pub enum VmCommand {
     /// 3 the VM crashed (triple fault, internal error, ...); 4 the VM could not be
     /// built or started.
     Run(RunArgs),
+    /// Inject disk faults into a running VM (started with --name): fail the disk, fail
+    /// a byte range, slow its I/O, or clear; prints the disk's faults afterwards.
+    ///
+    /// Exit codes: 0 applied; 1 the VM could not be reached; 2 bad input.
+    Fault(super::fault::FaultArgs),
 }
 
 /// A test-guest workload.

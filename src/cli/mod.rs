@@ -6,6 +6,7 @@
 //! `--guest` is given.
 pub mod args;
 pub mod config_file;
+pub mod fault;
 pub mod ft;
 pub mod guest_path;
 pub mod resolve;

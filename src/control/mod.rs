@@ -4,6 +4,7 @@
 //! many bytes of postcard. The client sends a [`Request`] and reads one [`Response`];
 //! it may send more on the same connection. A request of another
 //! [`PROTOCOL_VERSION`], or one that does not decode, gets [`Response::Error`].
+pub mod disk_fault;
 pub mod server;
 
 use std::io::{Read, Write};
@@ -28,6 +29,47 @@ pub enum Op {
     Pause,
     Resume,
     SnapshotCreate,
+    /// Fault injection on disk `disk` (index in the VM config's `disks`); answered
+    /// with [`Response::DiskFaults`].
+    DiskFault {
+        disk: u32,
+        action: FaultAction,
+    },
+}
+
+/// What to do to a disk's fault injection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultAction {
+    /// The whole disk fails: every read, write and flush is an I/O error.
+    Fail,
+    /// Operations `ops` touching bytes `[offset, offset + len)` fail.
+    BadRange {
+        offset: u64,
+        len: u64,
+        ops: FaultOps,
+    },
+    /// Each batch of requests waits this long before it runs (0: no delay).
+    DelayMs(u64),
+    /// Remove every fault.
+    Clear,
+    /// Change nothing; report.
+    Show,
+}
+
+/// Which operations a bad range fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultOps {
+    Reads,
+    Writes,
+    All,
+}
+
+/// A bad range in a [`Response::DiskFaults`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadRange {
+    pub offset: u64,
+    pub len: u64,
+    pub ops: FaultOps,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +89,15 @@ pub enum Response {
     },
     Error {
         message: String,
+    },
+    /// A disk's faults after the request was applied.
+    DiskFaults {
+        disk: u32,
+        failed: bool,
+        bad_ranges: Vec<BadRange>,
+        delay_ms: u64,
+        /// Operations failed by injection since the VM started.
+        injected: u64,
     },
 }
 

@@ -1,6 +1,6 @@
 //! Serving the control socket from the thread that waits for the VM: it polls the
 //! listener between checks for the VM's end, and runs requests (pause, resume,
-//! snapshot) against the [`Vmm`] directly. One connection is served at a time.
+//! snapshot, disk faults) against the [`Vmm`] directly. One connection is served at a time.
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -180,6 +180,7 @@ impl Server {
                 }
                 Err(e) => err(format!("snapshot: {e}")),
             },
+            Op::DiskFault { disk, action } => super::disk_fault::apply(vmm, disk, &action),
         }
     }
 }
