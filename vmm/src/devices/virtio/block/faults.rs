@@ -18,8 +18,10 @@ use super::io::OpKind;
 
 /// Most bad ranges one disk holds; a bound so `check` stays cheap.
 pub const MAX_BAD_RANGES: usize = 64;
-/// Longest injected delay: beyond it a vCPU would look hung, not slow.
-pub const MAX_DELAY: Duration = Duration::from_secs(10);
+/// Longest injected delay. The vCPU sleeps it with the device locked, so it must stay
+/// well under `vmm_handle::PAUSE_LIMIT` (2 s), or pausing the VM (snapshots, FT
+/// epochs) would fail while a request is being delayed.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Which operations a bad range fails. Flushes are failed only by a failed disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
