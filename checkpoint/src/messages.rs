@@ -19,6 +19,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk_msgs::{DiskToPrimary, DiskToStandby};
+
 /// Guest page size (x86-64; what KVM's dirty log and vm-memory's bitmap use).
 pub const PAGE_SIZE: usize = 4096;
 /// Pages in one part (16 MiB of page data).
@@ -157,13 +159,17 @@ pub enum ToStandby {
         round: u32,
         pages: u64,
     },
+    /// Disk mirroring (see [`crate::disk_msgs`]).
+    Disk(DiskToStandby),
 }
 
 /// Standby to primary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToPrimary {
     /// Every epoch up to and including `epoch` is applied on the standby (cumulative).
     Ack { epoch: u64 },
+    /// Disk mirroring (see [`crate::disk_msgs`]).
+    Disk(DiskToPrimary),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -451,9 +457,16 @@ fn decode_head<'a, T: Deserialize<'a>>(head: &'a [u8]) -> Result<T, DecodeError>
 /// A decoded primary-to-standby message.
 #[derive(Debug)]
 pub enum StandboundMsg<'a> {
-    Hello { layout: Vec<(u64, u64)> },
+    Hello {
+        layout: Vec<(u64, u64)>,
+    },
     Part(PartView<'a>),
-    SyncRoundDone { round: u32, pages: u64 },
+    SyncRoundDone {
+        round: u32,
+        pages: u64,
+    },
+    /// A disk-mirroring message (checked) and its payload.
+    Disk(DiskToStandby, &'a [u8]),
 }
 
 /// Decodes a message from the primary: its head and its payload (validated, borrowed).
@@ -479,15 +492,40 @@ pub fn decode_to_standby<'a>(
             Ok(StandboundMsg::SyncRoundDone { round, pages })
         }
         ToStandby::Part(h) => Ok(StandboundMsg::Part(PartView::new(h, payload)?)),
+        ToStandby::Disk(d) => {
+            d.check(payload)?;
+            Ok(StandboundMsg::Disk(d, payload))
+        }
     }
 }
 
+/// A decoded standby-to-primary message.
+#[derive(Debug)]
+pub enum PrimaryboundMsg<'a> {
+    Ack {
+        epoch: u64,
+    },
+    /// A disk-mirroring message (checked) and its payload.
+    Disk(DiskToPrimary, &'a [u8]),
+}
+
 /// Decodes a message from the standby.
-pub fn decode_to_primary(head: &[u8], payload: &[u8]) -> Result<ToPrimary, DecodeError> {
-    if !payload.is_empty() {
-        return Err(DecodeError::UnexpectedPayload("ack"));
+pub fn decode_to_primary<'a>(
+    head: &[u8],
+    payload: &'a [u8],
+) -> Result<PrimaryboundMsg<'a>, DecodeError> {
+    match decode_head::<ToPrimary>(head)? {
+        ToPrimary::Ack { epoch } => {
+            if !payload.is_empty() {
+                return Err(DecodeError::UnexpectedPayload("ack"));
+            }
+            Ok(PrimaryboundMsg::Ack { epoch })
+        }
+        ToPrimary::Disk(d) => {
+            d.check(payload)?;
+            Ok(PrimaryboundMsg::Disk(d, payload))
+        }
     }
-    decode_head(head)
 }
 
 /// Splits `runs` (ascending, page-aligned) into groups of at most
@@ -722,10 +760,10 @@ mod tests {
             Err(DecodeError::HeadTooLarge(_))
         ));
         let ack = encode(&ToPrimary::Ack { epoch: 3 }).unwrap();
-        assert_eq!(
+        assert!(matches!(
             decode_to_primary(&ack, &[]).unwrap(),
-            ToPrimary::Ack { epoch: 3 }
-        );
+            PrimaryboundMsg::Ack { epoch: 3 }
+        ));
         assert!(decode_to_primary(&ack, &[1]).is_err());
         let mut trailing = ack.clone();
         trailing.push(0);

@@ -238,6 +238,7 @@ fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
                 max_part_pages: Some(64),
                 acked: Some(acked),
                 verify: None,
+                ..PrimaryDriverConfig::default()
             };
             let r = run_primary(&pvmm, &plink, &cfg, &pstop);
             (r, plink)

@@ -118,6 +118,7 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
             let opts = StandbyDriverConfig {
                 protocol: StandbyConfig { max_staged: 4 },
                 verify: Some(slog),
+                ..StandbyDriverConfig::default()
             };
             let out = run_standby_with(&slink, &scfg, &opts, &sstop);
             (out, slink)
@@ -144,6 +145,7 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
                 max_part_pages: Some(256),
                 acked: Some(acked),
                 verify: Some(plog),
+                ..PrimaryDriverConfig::default()
             };
             let r = run_primary(&pvmm, &plink, &cfg, &pstop);
             (r, plink)

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use checkpoint::messages::{
     decode_to_primary, decode_to_standby, encode, split_runs, ConsoleOut, DiskExtent, FrameOut,
-    PageRun, PartHead, PartOf, StandboundMsg, ToPrimary, ToStandby, PAGE_SIZE,
+    PageRun, PartHead, PartOf, PrimaryboundMsg, StandboundMsg, ToPrimary, ToStandby, PAGE_SIZE,
 };
 use checkpoint::protocol::{
     Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase, Standby, StandbyAction,
@@ -462,8 +462,11 @@ fn run(seed: u64) -> Report {
                 }
                 Payload::ToPrimary(h) => {
                     if p.alive {
-                        let ToPrimary::Ack { epoch } = decode_to_primary(&h, &[])
-                            .unwrap_or_else(|e| panic!("seed {seed}: ack: {e}"));
+                        let PrimaryboundMsg::Ack { epoch } = decode_to_primary(&h, &[])
+                            .unwrap_or_else(|e| panic!("seed {seed}: ack: {e}"))
+                        else {
+                            panic!("seed {seed}: not an ack")
+                        };
                         acked_max = acked_max.max(epoch);
                         p.pending.push_back(PrimaryEvent::Ack { epoch });
                         primary_run(&mut p, &mut s, &mut w, &mut net, &mut rng, &f, now, seed);

@@ -58,6 +58,14 @@ pub struct FtArgs {
     /// Missed heartbeats after which a link is down (default 4).
     #[arg(long, value_name = "N")]
     pub heartbeat_misses: Option<u32>,
+    /// Disk resync rate limit in MiB/s while the guest is quiet (default: unlimited;
+    /// guest I/O always slows the resync down).
+    #[arg(long, value_name = "MIB_S")]
+    pub resync_rate: Option<u64>,
+    /// Standby: forget this replica's disk metadata so that the primary sends a full
+    /// copy (the way out of a refused resync, e.g. after a split brain).
+    #[arg(long)]
+    pub discard_disk_data: bool,
 }
 
 /// Why the FT flags cannot be used.
@@ -77,6 +85,8 @@ pub enum FtError {
     NeedsRole(&'static str),
     #[error("--{0} must be positive")]
     Zero(&'static str),
+    #[error("{0} is only meaningful with --role standby")]
+    StandbyOnly(&'static str),
     #[error("at most {max} --alink (got {got})")]
     TooManyLinks { max: usize, got: usize },
 }
@@ -91,6 +101,9 @@ pub struct FtSettings {
     pub epoch_ms: Option<u64>,
     pub heartbeat_ms: u64,
     pub heartbeat_misses: u32,
+    /// Bytes/s; None = unlimited.
+    pub resync_rate: Option<u64>,
+    pub discard_disk_data: bool,
 }
 
 impl FtSettings {
@@ -150,6 +163,8 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.epoch_ms.is_some(), "--epoch-ms"),
             (a.heartbeat_ms.is_some(), "--heartbeat-ms"),
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
+            (a.resync_rate.is_some(), "--resync-rate"),
+            (a.discard_disk_data, "--discard-disk-data"),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(FtError::NeedsRole(flag)),
@@ -181,6 +196,12 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
     if a.epoch_ms == Some(0) {
         return Err(FtError::Zero("epoch-ms"));
     }
+    if a.resync_rate == Some(0) {
+        return Err(FtError::Zero("resync-rate"));
+    }
+    if a.discard_disk_data && role != Role::Standby {
+        return Err(FtError::StandbyOnly("--discard-disk-data"));
+    }
     Ok(Some(FtSettings {
         role,
         alinks: a.alinks.clone(),
@@ -192,6 +213,8 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
         epoch_ms: a.epoch_ms,
         heartbeat_ms,
         heartbeat_misses,
+        resync_rate: a.resync_rate.map(|m| m.saturating_mul(1 << 20)),
+        discard_disk_data: a.discard_disk_data,
     }))
 }
 

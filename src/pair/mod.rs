@@ -36,7 +36,7 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings) -> i32 {
     let acfg = alink_config(ft);
     match ft.role {
         Role::Primary => primary::run(cfg, ft, acfg, &shutdown),
-        Role::Standby => standby::run(cfg, acfg, &shutdown),
+        Role::Standby => standby::run(cfg, ft, acfg, &shutdown),
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alink::{Alink, AlinkConfig};
+use checkpoint::primary::disks::PrimaryDisks;
 use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
@@ -41,6 +42,16 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
     } else {
         warn!("the console is not a file: output the standby releases again after a failover may be duplicated");
     }
+    // Before the guest runs: every write is marked in the disks' persistent bitmaps
+    // until a standby is in sync.
+    let disks = match PrimaryDisks::open(cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("cannot start disk mirroring: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    vm.set_disk_hooks(Some(disks.clone()));
     if let Err(e) = vm.start() {
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;
@@ -50,16 +61,6 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         acfg.links.len(),
         acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
     );
-    let link = match Alink::start(acfg) {
-        Ok(l) => l,
-        Err(e) => {
-            error!("cannot start the A-Link: {e}");
-            vm.stopper().stop();
-            vm.wait();
-            return exit::START_FAILED;
-        }
-    };
-    let acked = Arc::new(AtomicU64::new(0));
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
         protocol.epoch_len = Duration::from_millis(ms);
@@ -69,46 +70,86 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         "FT primary: epoch {:?}, {} epochs in flight at most",
         protocol.epoch_len, protocol.max_in_flight
     );
-    let dcfg = driver_config(protocol, acked.clone());
-    let result = std::thread::scope(|s| {
-        s.spawn(|| announce_protection(&acked, sd));
-        let r = run_primary(&vm, &link, &dcfg, sd.flag());
-        // Ends the announcer if nothing was ever acknowledged.
-        acked.fetch_max(u64::MAX, Ordering::SeqCst);
-        r
-    });
-    drop(link);
-    match result {
-        Ok(report) => {
-            log_report(&report);
-            sd.hand_vm(vm.stopper());
-            vm.stopper().stop();
-            let end = vm.wait();
-            exit_code(&end, true)
+    // One session per standby: when the standby is lost the VM runs on (degraded,
+    // written blocks recorded) and the next standby to connect is resynced and
+    // protects it again.
+    for session in 1u64.. {
+        let link = match Alink::start(acfg.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("cannot start the A-Link: {e}");
+                vm.stopper().stop();
+                vm.wait();
+                return exit::START_FAILED;
+            }
+        };
+        if session > 1 {
+            info!("FT primary: waiting for a standby (session {session})");
         }
-        Err(e) => {
-            if let Some(end) = vm.wait_timeout(Duration::ZERO) {
-                info!("checkpointing ended with the VM: {e}");
+        let acked = Arc::new(AtomicU64::new(0));
+        let dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| announce_protection(&acked, sd));
+            let r = run_primary(&vm, &link, &dcfg, sd.flag());
+            // Ends the announcer if nothing was ever acknowledged.
+            acked.fetch_max(u64::MAX, Ordering::SeqCst);
+            r
+        });
+        drop(link);
+        match result {
+            Ok(report) if report.simplex && !sd.requested() => {
+                log_report(&report);
+                if let Some(end) = vm.wait_timeout(Duration::ZERO) {
+                    return exit_code(&end, sd.requested());
+                }
+                // Output commit is off (released at simplex); the next session turns
+                // it on again at its epoch 0.
+                continue;
+            }
+            Ok(report) => {
+                log_report(&report);
+                sd.hand_vm(vm.stopper());
+                vm.stopper().stop();
+                let end = vm.wait();
+                disks.clean_shutdown();
+                return exit_code(&end, true);
+            }
+            Err(e) => {
+                if let Some(end) = vm.wait_timeout(Duration::ZERO) {
+                    info!("checkpointing ended with the VM: {e}");
+                    disks.clean_shutdown();
+                    return exit_code(&end, sd.requested());
+                }
+                error!(
+                    "FT primary: checkpointing FAILED ({e}); the VM runs on UNPROTECTED \
+                     (held output released)"
+                );
+                unprotect(&vm);
+                disks.peer_lost();
+                sd.hand_vm(vm.stopper());
+                let end = vm.wait();
+                disks.clean_shutdown();
                 return exit_code(&end, sd.requested());
             }
-            error!(
-                "FT primary: checkpointing FAILED ({e}); the VM runs on UNPROTECTED \
-                 (held output released)"
-            );
-            unprotect(&vm);
-            sd.hand_vm(vm.stopper());
-            let end = vm.wait();
-            exit_code(&end, sd.requested())
         }
     }
+    unreachable!("sessions are numbered without end")
 }
 
 /// The driver's config, field by field: it grows (e.g. test-mode hashing) and keeps
 /// its defaults for what FT mode does not set, whichever fields it has.
 #[allow(clippy::field_reassign_with_default)]
-fn driver_config(protocol: PrimaryConfig, acked: Arc<AtomicU64>) -> PrimaryDriverConfig {
+fn driver_config(
+    protocol: PrimaryConfig,
+    acked: Arc<AtomicU64>,
+    disks: Arc<PrimaryDisks>,
+    ft: &FtSettings,
+) -> PrimaryDriverConfig {
     let mut d = PrimaryDriverConfig::default();
     d.protocol = protocol;
+    d.disks = Some(disks);
+    d.resync.rate_limit = ft.resync_rate;
+    d.return_on_simplex = true;
     // The VM runs (unprotected, output not yet held) until the standby connects;
     // waiting for it is not an error.
     d.connect_timeout = Duration::from_secs(365 * 24 * 3600);
@@ -167,4 +208,13 @@ fn log_report(r: &PrimaryReport) {
             ""
         }
     );
+    if let Some(rs) = &r.resync {
+        info!(
+            "FT primary: disk resync of the session: {} chunks, {} bytes, {} passes in {:?}",
+            rs.chunks, rs.bytes, rs.passes, rs.elapsed
+        );
+    }
+    if let Some(why) = &r.refused {
+        error!("FT primary: the standby was refused: {why}");
+    }
 }

@@ -3,8 +3,9 @@
 
 use alink::{Alink, AlinkConfig};
 use checkpoint::protocol::StandbyConfig;
-use checkpoint::standby::{run_standby, StandbyOutcome};
+use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome};
 use log::{error, info, warn};
+use twinrun::cli::ft::FtSettings;
 use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
 
@@ -14,7 +15,7 @@ use crate::run::exit_code;
 /// The line logged when the standby's VM runs (the demo and tests look for it).
 pub use twinrun::demo::FAILOVER_LOG;
 
-pub fn run(cfg: &VmConfig, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
+pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
     if !matches!(cfg.console, ConsoleConfig::File { .. }) {
         warn!(
             "the console is not a file: output released again after a failover may be duplicated"
@@ -42,7 +43,13 @@ pub fn run(cfg: &VmConfig, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
             return exit::START_FAILED;
         }
     };
-    let outcome = run_standby(&link, cfg, StandbyConfig::default(), sd.flag());
+    let opts = StandbyDriverConfig {
+        protocol: StandbyConfig::default(),
+        mirror_disks: true,
+        discard_disk_data: ft.discard_disk_data,
+        ..StandbyDriverConfig::default()
+    };
+    let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
     // The old primary must not reach this VM's replica machinery again.
     drop(link);
     match outcome {

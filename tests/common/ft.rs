@@ -238,6 +238,24 @@ pub struct Pm {
     pub role: &'static str,
 }
 
+/// The workload flags of [`Pm::spawn`].
+pub const DEFAULT_WORKLOAD: &[&str] = &[
+    "--mem-mib",
+    "64",
+    "--workload",
+    "kv,counter,dirty,disk",
+    "--counter-rate",
+    "500",
+    "--dirty-pages",
+    "512",
+    "--dirty-rate",
+    "20000",
+    "--disk-rate",
+    "200",
+    "--disk-flush-every",
+    "1",
+];
+
 /// Files and knobs of one FT pair.
 pub struct PairFiles {
     pub dir: PathBuf,
@@ -269,6 +287,17 @@ impl PairFiles {
 impl Pm {
     /// Starts PM `i` (0 = primary on pm1, 1 = standby on pm2).
     pub fn spawn(topo: &FtTopology, files: &PairFiles, i: usize, extra: &[&str]) -> Pm {
+        Self::spawn_with(topo, files, i, DEFAULT_WORKLOAD, extra)
+    }
+
+    /// [`Pm::spawn`] with other workload flags than [`DEFAULT_WORKLOAD`].
+    pub fn spawn_with(
+        topo: &FtTopology,
+        files: &PairFiles,
+        i: usize,
+        workload: &[&str],
+        extra: &[&str],
+    ) -> Pm {
         let role = if i == 0 { "primary" } else { "standby" };
         let stderr_path = files.dir.join(format!("{role}.stderr"));
         let mut cmd = Command::new("ip");
@@ -284,10 +313,7 @@ impl Pm {
             .args(["--heartbeat-ms", &heartbeat_ms(), "--heartbeat-misses", "8"])
             .arg("--guest")
             .arg(guest_elf())
-            .args(["--mem-mib", "64", "--workload", "kv,counter,dirty,disk"])
-            .args(["--counter-rate", "500", "--dirty-pages", "512"])
-            .args(["--dirty-rate", "20000", "--disk-rate", "200"])
-            .args(["--disk-flush-every", "1"])
+            .args(workload)
             .arg("--disk")
             .arg(format!("{},serial=ftdisk", files.disks[i].display()))
             .args(["--net", &format!("{},{MAC}", topo.taps[i])])

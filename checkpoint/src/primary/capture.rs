@@ -75,6 +75,9 @@ pub struct Capturer {
     max_part_pages: u32,
     /// Test mode: per-page CRCs of guest memory (see [`crate::verify`]).
     verify: Option<PageHashes>,
+    /// Mirrored disks: told of each capture while the guest is paused (their
+    /// activity log attributes writes to epochs).
+    disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>,
 }
 
 impl Capturer {
@@ -85,7 +88,13 @@ impl Capturer {
             dirty: DirtySet::new(vmm.guest_memory()),
             max_part_pages: MAX_PAGES_PER_PART,
             verify: None,
+            disks: None,
         })
+    }
+
+    /// Mirrored disks to tell of each capture (while paused).
+    pub fn set_disks(&mut self, disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>) {
+        self.disks = disks;
     }
 
     /// Pages per part (tests use small parts to exercise splitting).
@@ -301,6 +310,9 @@ impl Capturer {
         } else {
             vmm.take_disk_journal()?
         };
+        if let Some(d) = &self.disks {
+            d.captured(epoch);
+        }
         let runs = runs_of(&self.dirty);
         let (parts, _) = self.page_parts(vmm, &runs)?;
         Ok((runs, parts, state, journals, console, frames))
@@ -383,6 +395,20 @@ fn runs_of(set: &DirtySet) -> Vec<PageRun> {
         }
     }
     out
+}
+
+/// Takes (and so resets) every disk's written-block map: epoch 0 then ships only the
+/// blocks written from now on (a disk resync copies the rest).
+pub fn reset_written_blocks(vmm: &Vmm) {
+    let mut i = 0;
+    // Non-block devices have no map (None).
+    while let Some(t) = vmm.devices().transport(i) {
+        let _ = t
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_written_blocks();
+        i += 1;
+    }
 }
 
 /// The blocks each disk had written since the VM started (the virtio-blk written map,

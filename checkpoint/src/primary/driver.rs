@@ -15,10 +15,14 @@ use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkError, Event, LinkEvent};
 
-use crate::messages::{decode_to_primary, ToPrimary, ToStandby};
+use crate::disk_msgs::DiskToPrimary;
+use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
+use crate::primary::disks::PrimaryDisks;
+use crate::primary::resync::{run_disk_session, ResyncStats, SessionEnd};
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
 use crate::verify::HashLog;
+use storage_mirror::resync::ResyncConfig;
 use vmm::{Vmm, VmmError};
 
 /// How often the loop looks at waiting output and link events when nothing else wakes it.
@@ -37,10 +41,12 @@ pub enum DriverError {
     Alink(#[from] AlinkError),
     #[error("the standby did not connect within {0:?}")]
     NoStandby(Duration),
+    #[error("disk session: {0}")]
+    DiskSession(String),
 }
 
 /// Tunables of the driver (the protocol's are in [`PrimaryConfig`]).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PrimaryDriverConfig {
     pub protocol: PrimaryConfig,
     /// How long to wait for the standby's first link before giving up.
@@ -53,6 +59,16 @@ pub struct PrimaryDriverConfig {
     /// them here by epoch (see [`crate::verify`]). Lengthens each pause by a pass over
     /// guest memory.
     pub verify: Option<Arc<HashLog>>,
+    /// Mirrored disks: metadata exchange and resync before the memory sync, activity
+    /// log while protected, degraded bitmap after the standby is lost. None: the
+    /// standby's images are taken to equal the primary's at start (tests of the memory
+    /// protocol).
+    pub disks: Option<Arc<PrimaryDisks>>,
+    /// Resync pacing.
+    pub resync: ResyncConfig,
+    /// Return when the standby is lost (the VM runs on; the caller may wait for a new
+    /// standby and start another session) instead of idling until `stop`.
+    pub return_on_simplex: bool,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -63,6 +79,9 @@ impl Default for PrimaryDriverConfig {
             max_part_pages: None,
             acked: None,
             verify: None,
+            disks: None,
+            resync: ResyncConfig::default(),
+            return_on_simplex: false,
         }
     }
 }
@@ -85,6 +104,10 @@ pub struct PrimaryReport {
     /// output before it went out directly, as did disk writes (their copy to the
     /// standby is the storage issue's initial disk sync).
     pub protected_from_console: Option<u64>,
+    /// The disk session refused the standby (reason).
+    pub refused: Option<String>,
+    /// The disk resync of this session.
+    pub resync: Option<ResyncStats>,
 }
 
 /// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
@@ -118,18 +141,40 @@ pub fn run_primary(
         t0,
         acked: cfg.acked.clone(),
         verify: cfg.verify.clone(),
+        disks: cfg.disks.clone(),
     };
     d.cap.set_verify(vmm, d.verify.is_some());
+    d.cap.set_disks(cfg.disks.clone());
     if let Some(n) = cfg.max_part_pages {
         d.cap.set_max_part_pages(n);
     }
     let layout = vmm::persist::memory::layout(vmm.guest_memory());
     match d.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
-        Ok(()) => d.feed(PrimaryEvent::Start { now: d.now() })?,
+        Ok(()) => match &cfg.disks {
+            None => d.feed(PrimaryEvent::Start { now: d.now() })?,
+            Some(disks) => match run_disk_session(link, disks, vmm, &cfg.resync)? {
+                SessionEnd::Ready(stats) => {
+                    d.report.resync = Some(stats);
+                    d.feed(PrimaryEvent::Start { now: d.now() })?
+                }
+                SessionEnd::Refused(reason) => {
+                    log::error!(
+                        "primary: the standby cannot be resynced: {reason}; the VM runs \
+                         UNPROTECTED until an operator resolves it"
+                    );
+                    d.report.refused = Some(reason);
+                    d.peer_lost()?;
+                }
+                SessionEnd::PeerLost => d.peer_lost()?,
+            },
+        },
         Err(Lost::Error(e)) => return Err(e),
         Err(Lost::Peer) => d.peer_lost()?,
     }
     while !stop.load(Ordering::Relaxed) {
+        if cfg.return_on_simplex && d.proto.phase() == PrimaryPhase::Simplex {
+            break;
+        }
         d.step()?;
     }
     d.report.pauses.sort();
@@ -149,6 +194,7 @@ struct Driver<'a> {
     t0: Instant,
     acked: Option<Arc<AtomicU64>>,
     verify: Option<Arc<HashLog>>,
+    disks: Option<Arc<PrimaryDisks>>,
 }
 
 impl Driver<'_> {
@@ -168,7 +214,8 @@ impl Driver<'_> {
         };
         match self.link.recv(wait) {
             Ok(Some(m)) => match decode_to_primary(m.head_bytes(), m.payload()) {
-                Ok(ToPrimary::Ack { epoch }) => self.feed(PrimaryEvent::Ack { epoch })?,
+                Ok(PrimaryboundMsg::Ack { epoch }) => self.feed(PrimaryEvent::Ack { epoch })?,
+                Ok(PrimaryboundMsg::Disk(d, payload)) => self.on_disk_msg(d, payload),
                 Err(e) => log::error!("primary: undecodable message from the standby: {e}"),
             },
             Ok(None) => {}
@@ -293,6 +340,9 @@ impl Driver<'_> {
                     .release_output(through)
                     .map_err(DriverError::from)?;
                 self.report.epochs_acked = through + 1;
+                if let Some(d) = &self.disks {
+                    d.acked(through);
+                }
                 if let Some(a) = &self.acked {
                     a.store(through + 1, Ordering::Relaxed);
                 }
@@ -308,7 +358,14 @@ impl Driver<'_> {
         }
     }
 
+    fn on_disk_msg(&mut self, m: DiskToPrimary, _payload: &[u8]) {
+        log::warn!("primary: unexpected disk message {m:?}");
+    }
+
     fn enter_simplex(&mut self) -> Result<(), VmmError> {
+        if let Some(d) = &self.disks {
+            d.peer_lost();
+        }
         self.staged.clear();
         self.report.simplex = true;
         if !self.paused_by_throttle {

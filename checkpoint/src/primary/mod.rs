@@ -1,7 +1,9 @@
 //! The primary's I/O side.
 
 pub mod capture;
+pub mod disks;
 pub mod driver;
+pub mod resync;
 
 pub use capture::{CaptureError, Captured, Capturer, OutPart};
 pub use driver::{run_primary, DriverError, PrimaryDriverConfig, PrimaryReport};

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkError, Event, InMsg, LinkEvent};
 
+use crate::disk_msgs::{DiskToPrimary, DiskToStandby, DIGEST_LEN};
 use crate::messages::{decode_to_standby, PartOf, StandboundMsg, ToPrimary};
 use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
+use crate::standby::disks::{StandbyDiskError, StandbyDisks};
 use crate::standby::mirror::{Mirror, MirrorError};
 use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 use vmm::config::VmConfig;
@@ -45,6 +47,8 @@ pub enum StandbyDriverError {
     Build(#[from] BuildError),
     #[error("failover: {0}")]
     Vmm(#[from] VmmError),
+    #[error("disk mirroring: {0}")]
+    Disks(#[from] StandbyDiskError),
     #[error("the primary sent an epoch before its memory layout")]
     NoHello,
     #[error("failover with no committed state in the mirror")]
@@ -103,7 +107,7 @@ pub fn run_standby(
 ) -> Result<StandbyOutcome, StandbyDriverError> {
     let opts = StandbyDriverConfig {
         protocol,
-        verify: None,
+        ..StandbyDriverConfig::default()
     };
     run_standby_with(link, cfg, &opts, stop)
 }
@@ -116,6 +120,12 @@ pub struct StandbyDriverConfig {
     /// canonical parts and record them here by epoch (see [`crate::verify`]). Delays
     /// each ack by a pass over the mirror.
     pub verify: Option<Arc<HashLog>>,
+    /// Mirrored disks: report metadata, take resync chunks, apply epochs through the
+    /// crash-safe apply journal (the primary must run with disks too).
+    pub mirror_disks: bool,
+    /// Forget the disks' metadata first, so that the primary sends full copies (the
+    /// operator's way out of a refused resync: "discard this replica's data").
+    pub discard_disk_data: bool,
 }
 
 /// [`run_standby`] with the driver's options.
@@ -125,9 +135,20 @@ pub fn run_standby_with(
     opts: &StandbyDriverConfig,
     stop: &AtomicBool,
 ) -> Result<StandbyOutcome, StandbyDriverError> {
+    let mut disks = None;
+    if opts.mirror_disks {
+        let mut d = StandbyDisks::open(cfg)?;
+        if opts.discard_disk_data {
+            log::warn!("standby: discarding the disks' replica metadata: the primary will send full copies");
+            d.discard_all()?;
+        }
+        disks = Some(d);
+    }
     let mut d = Driver {
         link,
         cfg,
+        disks,
+        last_progress_save: Instant::now(),
         verify: opts.verify.clone(),
         proto: Standby::new(opts.protocol),
         mirror: None,
@@ -149,6 +170,8 @@ pub fn run_standby_with(
 struct Driver<'a> {
     link: &'a Alink,
     cfg: &'a VmConfig,
+    disks: Option<StandbyDisks>,
+    last_progress_save: Instant,
     proto: Standby,
     mirror: Option<Mirror>,
     /// End of the console output of each received epoch (from its last part).
@@ -212,7 +235,15 @@ impl Driver<'_> {
                     }
                     self.mirror = Some(m);
                     log::info!("standby: primary connected, mirror of {layout:x?}");
+                    if let Some(d) = &self.disks {
+                        let (disks, payload) = d.report();
+                        self.send_disk(DiskToPrimary::Meta { disks }, payload)?;
+                    }
                 }
+                return Ok(None);
+            }
+            Ok(StandboundMsg::Disk(msg, payload)) => {
+                self.on_disk(msg, payload)?;
                 return Ok(None);
             }
             Ok(StandboundMsg::SyncRoundDone { round, pages }) => {
@@ -296,7 +327,13 @@ impl Driver<'_> {
                         }
                     }
                     StandbyAction::Apply { epoch } => {
-                        let st = self.mirror()?.apply(epoch)?;
+                        let mirror = self.mirror.as_mut().ok_or(StandbyDriverError::NoHello)?;
+                        let st = mirror.apply_into(epoch, self.disks.as_mut())?;
+                        if epoch == 0 {
+                            if let Some(d) = &mut self.disks {
+                                d.in_sync();
+                            }
+                        }
                         if let Some(log) = self.verify.clone() {
                             let m = self.mirror()?;
                             let state = match m.vm_state() {
@@ -351,6 +388,121 @@ impl Driver<'_> {
         Ok(None)
     }
 
+    fn send_disk(&self, m: DiskToPrimary, payload: Vec<u8>) -> Result<(), StandbyDriverError> {
+        let payload = if payload.is_empty() {
+            Vec::new()
+        } else {
+            vec![alink::Bytes::from(payload)]
+        };
+        match self
+            .link
+            .send_timeout(&ToPrimary::Disk(m), payload, Some(Duration::from_secs(5)))
+        {
+            Ok(_) | Err(AlinkError::Timeout) | Err(AlinkError::Closed) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn on_disk(&mut self, m: DiskToStandby, payload: &[u8]) -> Result<(), StandbyDriverError> {
+        let Some(disks) = self.disks.as_mut() else {
+            log::error!("standby: disk message but this standby does not mirror disks");
+            return Ok(());
+        };
+        match m {
+            DiskToStandby::Plan { disks: plan } => {
+                if let Err(e) = disks.on_plan(&plan) {
+                    log::error!("standby: {e}");
+                    self.send_disk(
+                        DiskToPrimary::Refused {
+                            reason: e.to_string().chars().take(1000).collect(),
+                        },
+                        Vec::new(),
+                    )?;
+                    return Err(e.into());
+                }
+            }
+            DiskToStandby::Chunk {
+                disk,
+                first_block,
+                blocks,
+                ..
+            } => {
+                disks.write_chunk(disk, first_block, blocks, payload)?;
+                if self.last_progress_save.elapsed() > Duration::from_secs(1) {
+                    disks.save_progress();
+                    self.last_progress_save = Instant::now();
+                }
+                self.send_disk(
+                    DiskToPrimary::ChunkDone {
+                        disk,
+                        first_block,
+                        blocks,
+                    },
+                    Vec::new(),
+                )?;
+            }
+            DiskToStandby::ResyncDone { rounds, blocks } => {
+                disks.save_progress();
+                log::info!(
+                    "standby: disk resync rounds done ({rounds} passes, {} bytes received); consistent once epoch 0 commits",
+                    disks.resync_bytes
+                );
+                let _ = blocks;
+            }
+            DiskToStandby::Read {
+                id,
+                disk,
+                offset,
+                len,
+            } => {
+                let (ok, data) = match disks.read(disk, offset, len) {
+                    Ok(d) => (true, d),
+                    Err(e) => {
+                        log::error!("standby: serving a read for the primary: {e}");
+                        (false, Vec::new())
+                    }
+                };
+                self.send_disk(DiskToPrimary::ReadDone { id, ok }, data)?;
+            }
+            DiskToStandby::Verify {
+                id,
+                disk,
+                range_bytes,
+                first_range,
+                count,
+            } => {
+                let mut buf = Vec::new();
+                let r = disks.image(usize::from(disk)).map(|(f, size)| {
+                    storage_mirror::verify::range_digests(
+                        f,
+                        size,
+                        range_bytes,
+                        first_range,
+                        count,
+                        &mut buf,
+                    )
+                });
+                let (ok, payload) = match r {
+                    Some(Ok(ds)) => {
+                        let mut p = Vec::with_capacity(ds.len() * DIGEST_LEN);
+                        for d in &ds {
+                            p.extend_from_slice(d);
+                        }
+                        (true, p)
+                    }
+                    Some(Err(e)) => {
+                        log::error!("standby: verify digests: {e}");
+                        (false, Vec::new())
+                    }
+                    None => (false, Vec::new()),
+                };
+                let count = if ok { count } else { 0 };
+                self.send_disk(DiskToPrimary::Digests { id, count, ok }, payload)?;
+            }
+        }
+        Ok(())
+    }
+
     fn fail_over(
         &mut self,
         last_committed: u64,
@@ -362,6 +514,9 @@ impl Driver<'_> {
              {released_through:?}). Without a quorum witness, a cut of all links with both \
              PMs alive leads to two running copies"
         );
+        if let Some(d) = &mut self.disks {
+            d.prepare_failover()?;
+        }
         let mirror = self.mirror.take().ok_or(StandbyDriverError::NoState)?;
         let mut state = mirror.vm_state().ok_or(StandbyDriverError::NoState)??;
         let cfg = rebind_attachments(&mut state, self.cfg);
@@ -413,6 +568,14 @@ impl Driver<'_> {
             }
         }
         drop(mirror);
+        if self.disks.is_some() {
+            // From the first instruction the resumed guest runs, its writes are the
+            // survivor's alone: record them (new generation, degraded) for the resync
+            // of the returning peer.
+            let survivor = crate::primary::disks::PrimaryDisks::open(&cfg)
+                .map_err(|e| StandbyDiskError::Survivor(e.to_string()))?;
+            vmm.set_disk_hooks(Some(survivor));
+        }
         vmm.start()?;
         out.failover_time = t0.elapsed();
         repeat_announces(vmm.devices().output_gate().clone(), macs);

@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::disks::StandbyDisks;
 use crate::messages::{decode_to_standby, DecodeError, StandboundMsg, PAGE_SIZE};
 use crate::verify::PageHashes;
 use vmm::vstate::memory::GuestMemoryMmap;
@@ -55,6 +56,8 @@ pub enum MirrorError {
     NotStaged(u64),
     #[error("staging would exceed {MAX_STAGED_BYTES} bytes")]
     StagingFull,
+    #[error("committing the epoch's disk writes: {0}")]
+    Journal(String),
     #[error("writing disk {device}: {source}")]
     Disk { device: u16, source: io::Error },
     #[error("filling guest memory: layouts differ (mirror {mirror:x?}, VM {vm:x?})")]
@@ -257,6 +260,17 @@ impl Mirror {
     /// Applies staged `epoch`: validates every part, then writes pages, disk writes
     /// (then `fdatasync` of each written disk), console log and state.
     pub fn apply(&mut self, epoch: u64) -> Result<ApplyStats, MirrorError> {
+        self.apply_into(epoch, None)
+    }
+
+    /// [`Mirror::apply`], with the disk writes going through the standby's apply
+    /// journal (`disks`) when given: one durable journal record per epoch instead of
+    /// direct writes and an `fdatasync` of every written image.
+    pub fn apply_into(
+        &mut self,
+        epoch: u64,
+        disks: Option<&mut StandbyDisks>,
+    ) -> Result<ApplyStats, MirrorError> {
         let msgs = self
             .staging
             .remove(&epoch)
@@ -296,6 +310,7 @@ impl Mirror {
         let mut stats = ApplyStats::default();
         let mut slot = slots.into_iter();
         let mut written = vec![false; self.disks.len()];
+        let mut journalled: Vec<(u16, u64, &[u8])> = Vec::new();
         for v in &views {
             // `pages()` first: zip must not pull a slot past this part's last page.
             for ((gpa, data), (r, off)) in v.pages().zip(slot.by_ref()) {
@@ -309,6 +324,12 @@ impl Mirror {
             }
             for (d, data) in v.disk_writes() {
                 let dev = usize::from(d.device);
+                if disks.is_some() {
+                    journalled.push((d.device, d.offset, data));
+                    stats.disk_writes += 1;
+                    stats.disk_bytes += data.len() as u64;
+                    continue;
+                }
                 self.disks[dev]
                     .write_all_at(data, d.offset)
                     .map_err(|source| MirrorError::Disk {
@@ -338,6 +359,10 @@ impl Mirror {
             }
         }
         // The epoch is acknowledged after this: its disk writes must be durable.
+        if let Some(j) = disks {
+            j.commit(epoch, &journalled)
+                .map_err(|e| MirrorError::Journal(e.to_string()))?;
+        }
         for (dev, w) in written.into_iter().enumerate() {
             if w {
                 self.disks[dev]

@@ -1,5 +1,6 @@
 //! The standby's I/O side: the mirror of the protected VM and the driver.
 
+pub mod disks;
 pub mod driver;
 pub mod mirror;
 

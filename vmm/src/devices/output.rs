@@ -578,6 +578,9 @@ impl OutputGate {
             let b = Self::take_through(&mut st, g);
             st.open = OpenCounts::default();
             st.generation += 1;
+            // The next enable starts a new numbering (a new standby session counts its
+            // epochs from 0 again).
+            st.last_closed = None;
             self.enabled.store(false, Ordering::Release);
             for s in &mut st.streams {
                 if std::mem::take(&mut s.stalled) {

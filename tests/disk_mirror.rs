@@ -1,0 +1,302 @@
+//! Disk mirroring of a real pair (two `twinrun vm run --role` processes in network
+//! namespaces, real image files):
+//!
+//! - `delta_resync_after_the_standby_returns`: the first session copies the whole disk
+//!   (no metadata yet); the standby is SIGKILLed and the primary runs on degraded,
+//!   recording written blocks; the standby comes back and gets a delta of only the
+//!   recorded blocks; once the guest's disk workload ends, both images are
+//!   byte-identical and every record is intact.
+//! - `interrupted_resync_resumes`: a rate-limited full resync is cut by SIGKILL of the
+//!   standby; its metadata says inconsistent (never promotable); the next standby
+//!   resumes from what was left (a delta, not a new full copy) and converges.
+mod common;
+#[path = "common/ft.rs"]
+mod ft;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::require_kvm;
+use ft::{check_disk_records, read_console, FtTopology, PairFiles, Pm};
+use storage_mirror::meta::{MetaState, MetaStore};
+
+const PROTECTED_LOG: &str = "FT primary: protected";
+const RESYNC_DONE: &str = "primary: disk resync done: ";
+
+/// Counter keeps the guest alive after the disk workload's last record.
+fn workload(limit: u64, rate: u32) -> Vec<String> {
+    [
+        "--mem-mib",
+        "64",
+        "--workload",
+        "counter,disk",
+        "--counter-rate",
+        "100",
+        "--disk-flush-every",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--disk-rate".to_string(),
+        rate.to_string(),
+        "--disk-limit".to_string(),
+        limit.to_string(),
+    ])
+    .collect()
+}
+
+fn count(p: &Pm, needle: &str) -> usize {
+    p.stderr().matches(needle).count()
+}
+
+fn wait_count(p: &mut Pm, other: &Pm, needle: &str, n: usize, timeout: Duration, why: &str) {
+    let t0 = Instant::now();
+    while count(p, needle) < n {
+        assert!(
+            p.alive(),
+            "{why}: the {} exited\n{}\n--- {}:\n{}",
+            p.role,
+            tail(p),
+            other.role,
+            tail(other)
+        );
+        assert!(
+            t0.elapsed() < timeout,
+            "{why}: no {n}x {needle:?} within {timeout:?}\n{}\n--- {}:\n{}",
+            tail(p),
+            other.role,
+            tail(other)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(p: &Pm) -> String {
+    ft::tail(&p.stderr(), 40)
+}
+
+/// `(chunks, bytes)` of each "disk resync done" line, in order.
+fn resyncs(p: &Pm) -> Vec<(u64, u64)> {
+    p.stderr()
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(RESYNC_DONE)? + RESYNC_DONE.len()..];
+            let mut it = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty());
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sequence numbers of the `W <seq>` lines (durable records) on the console.
+fn written_seqs(console: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(console)
+        .lines()
+        .filter_map(|l| l.strip_prefix("W ")?.trim().parse().ok())
+        .collect()
+}
+
+fn wait_last_record(console: &Path, last: u64, timeout: Duration, p: &mut Pm) {
+    let t0 = Instant::now();
+    while !written_seqs(&read_console(console)).contains(&last) {
+        assert!(p.alive(), "the primary exited\n{}", tail(p));
+        assert!(
+            t0.elapsed() < timeout,
+            "record {last} not written within {timeout:?}\n{}",
+            tail(p)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Both images equal (the guest no longer writes; every epoch since is committed).
+fn assert_images_equal(files: &PairFiles, primary: &Pm, standby: &Pm) {
+    // Epochs keep committing; give the last disk writes' epoch time to be applied.
+    let t0 = Instant::now();
+    loop {
+        let a = std::fs::read(&files.disks[0]).unwrap();
+        let b = std::fs::read(&files.disks[1]).unwrap();
+        if a == b {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let differ = a
+                .chunks(4096)
+                .zip(b.chunks(4096))
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, _)| i)
+                .take(20)
+                .collect::<Vec<_>>();
+            panic!(
+                "images differ in blocks {differ:?}\n--- primary:\n{}\n--- standby:\n{}",
+                tail(primary),
+                tail(standby)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn delta_resync_after_the_standby_returns() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    const LIMIT: u64 = 2000;
+    let wl = workload(LIMIT, 250);
+    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let extra = ["--epoch-ms", "10"];
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        1,
+        Duration::from_secs(30),
+        "first session",
+    );
+    // No metadata existed: the standby got the whole disk.
+    let first = resyncs(&primary);
+    assert_eq!(first.len(), 1, "{}", tail(&primary));
+    assert_eq!(first[0].1, ft::DISK_BYTES, "first session copies the disk");
+
+    std::thread::sleep(Duration::from_millis(800));
+    standby.kill();
+    primary
+        .wait_log("DEGRADED", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let at_loss = written_seqs(&read_console(&files.console));
+    std::thread::sleep(Duration::from_secs(2));
+    let before_return = written_seqs(&read_console(&files.console));
+    let degraded_records = before_return.len() - at_loss.len();
+    assert!(
+        degraded_records > 100,
+        "the guest kept writing ({degraded_records})"
+    );
+
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        2,
+        Duration::from_secs(60),
+        "second session",
+    );
+    let log = primary.stderr();
+    assert!(
+        log.contains("Delta"),
+        "the returning standby gets a delta\n{}",
+        tail(&primary)
+    );
+    let all = resyncs(&primary);
+    assert_eq!(all.len(), 2, "{}", tail(&primary));
+    let (_, delta_bytes) = all[1];
+    // Records are 512 bytes, one per sector, in order: the degraded period (plus the
+    // epochs in flight at the loss and the writes during the resync) touched few
+    // blocks; the delta copies those, not the disk.
+    let records_since_loss = written_seqs(&read_console(&files.console)).len() - at_loss.len();
+    let bound = ((records_since_loss as u64 + 64) * 512).div_ceil(4096) * 4096 + 8 * 4096;
+    assert!(
+        delta_bytes > 0 && delta_bytes <= bound,
+        "delta copied {delta_bytes} bytes; {records_since_loss} records written since the loss (bound {bound})"
+    );
+    assert!(delta_bytes < ft::DISK_BYTES / 4);
+
+    wait_last_record(
+        &files.console,
+        LIMIT - 1,
+        Duration::from_secs(60),
+        &mut primary,
+    );
+    assert_images_equal(&files, &primary, &standby);
+    let img = std::fs::read(&files.disks[1]).unwrap();
+    check_disk_records(&img, &written_seqs(&read_console(&files.console)))
+        .unwrap_or_else(|e| panic!("standby image: {e}"));
+    // The standby's metadata says in sync: same generation as the primary, consistent.
+    let meta = |p: &Path| match MetaStore::for_image(p).load().unwrap() {
+        MetaState::Ok(m) => m,
+        other => panic!("metadata of {}: {other:?}", p.display()),
+    };
+    let (pm, sm) = (meta(&files.disks[0]), meta(&files.disks[1]));
+    assert!(!sm.inconsistent);
+    assert_eq!(pm.current_gen, sm.current_gen);
+    assert!(standby.alive() && primary.alive());
+}
+
+#[test]
+fn interrupted_resync_resumes() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    // A 64 MiB disk at 16 MiB/s: the first (full) resync takes about 4 s.
+    for d in &files.disks {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    const LIMIT: u64 = 1500;
+    let wl = workload(LIMIT, 200);
+    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
+    primary
+        .wait_log("Full", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    standby.kill();
+    assert_eq!(count(&primary, PROTECTED_LOG), 0, "killed mid-resync");
+    // The cut replica is marked inconsistent: never promotable.
+    match MetaStore::for_image(&files.disks[1]).load().unwrap() {
+        MetaState::Ok(m) => assert!(m.inconsistent, "{m:?}"),
+        other => panic!("standby metadata: {other:?}"),
+    }
+    let standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        1,
+        Duration::from_secs(60),
+        "resumed",
+    );
+    let log = primary.stderr();
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("primary: disk ") && l.contains("Delta"))
+        .count();
+    assert!(
+        resumed >= 1,
+        "the second standby resumes with a delta\n{}",
+        tail(&primary)
+    );
+    let all = resyncs(&primary);
+    let copied = all.last().unwrap().1;
+    assert!(
+        copied < 64 << 20,
+        "resumed, not restarted: {copied} bytes copied"
+    );
+    wait_last_record(
+        &files.console,
+        LIMIT - 1,
+        Duration::from_secs(60),
+        &mut primary,
+    );
+    assert_images_equal(&files, &primary, &standby);
+}
