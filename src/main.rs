@@ -20,7 +20,7 @@ fn main() {
                         .map_err(|e| e.to_string())
                 }) {
                 Ok((cfg, None)) => run::run_vm(&cfg, args.name.as_deref()),
-                Ok((cfg, Some(ft))) => pair::run_pair(&cfg, &ft),
+                Ok((cfg, Some(ft))) => pair::run_pair(&cfg, &ft, args.name.as_deref()),
                 Err(e) => {
                     eprintln!("twinrun: error: {e}");
                     exit::USAGE

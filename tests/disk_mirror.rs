@@ -300,3 +300,114 @@ fn interrupted_resync_resumes() {
     );
     assert_images_equal(&files, &primary, &standby);
 }
+
+/// `B read bytes=<n> ns=<n> reqs=<n> bad=<n>` -> bad.
+fn blkbench_bad(console: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(console).lines().find_map(|l| {
+        let rest = l.strip_prefix("B read ")?;
+        rest.split_whitespace()
+            .find_map(|kv| kv.strip_prefix("bad="))?
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn primary_disk_failure_is_served_by_the_standby() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    for d in &files.disks {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d)
+            .unwrap()
+            .set_len(80 << 20)
+            .unwrap();
+    }
+    // blkbench writes 64 MiB then reads it back and counts bad blocks; the primary's
+    // disk fails during the writes, so the rest of the writes, the flush and every
+    // read are served through the standby's replica.
+    let wl = [
+        "--mem-mib",
+        "64",
+        "--workload",
+        "blkbench,counter",
+        "--counter-rate",
+        "50",
+        "--blkbench-mib",
+        "64",
+        "--blkbench-req-kib",
+        "64",
+    ];
+    let name = format!("dm-fail-{}", std::process::id());
+    let extra = ["--epoch-ms", "10"];
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let pextra = ["--epoch-ms", "10", "--name", &name];
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &pextra);
+    let fault = |args: &[&str]| {
+        std::process::Command::new(common::twinrun_bin())
+            .args(["vm", "fault", "--name", &name, "--disk", "0"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A slow local disk first (20 ms per batch), so that blkbench is still writing
+    // when the pair is protected and the disk fails.
+    let t0 = Instant::now();
+    while !fault(&["--delay-ms", "20"]).status.success() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        1,
+        Duration::from_secs(60),
+        "protected",
+    );
+    let out = fault(&["--fail"]);
+    assert!(
+        out.status.success(),
+        "twinrun vm fault: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fault(&["--delay-ms", "0"]).status.success());
+    primary
+        .wait_log("LOCAL DISK FAILED", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let bad = loop {
+        let console = read_console(&files.console);
+        if let Some(b) = blkbench_bad(&console) {
+            break b;
+        }
+        assert!(
+            !String::from_utf8_lossy(&console).contains("ERROR"),
+            "the guest saw a disk error:\n{}",
+            String::from_utf8_lossy(&console)
+        );
+        assert!(primary.alive(), "primary exited\n{}", tail(&primary));
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "blkbench did not finish\n{}\n--- standby:\n{}",
+            tail(&primary),
+            tail(&standby)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let console = String::from_utf8_lossy(&read_console(&files.console)).to_string();
+    assert_eq!(bad, 0, "reads served by the standby were wrong:\n{console}");
+    assert!(!console.contains("ERROR"), "{console}");
+    // The failed replica is marked so in its metadata (never trusted again).
+    match MetaStore::for_image(&files.disks[0]).load().unwrap() {
+        MetaState::Ok(m) => assert!(m.failed, "{m:?}"),
+        other => panic!("primary metadata: {other:?}"),
+    }
+    assert!(standby.alive());
+}

@@ -1,6 +1,7 @@
 //! The control socket's disk fault injection: applies a [`FaultAction`] to one disk of
 //! the running VM and reports that disk's faults.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::info;
@@ -12,11 +13,19 @@ use super::{BadRange, FaultAction, FaultOps, Response};
 /// Applies `action` to disk `disk`; every failure is bad input (no such disk, a range
 /// or delay past the limits), reported as [`Response::Error`].
 pub fn apply(vmm: &Vmm, disk: u32, action: &FaultAction) -> Response {
+    let faults: Vec<_> = (0..vmm.devices().disk_count())
+        .filter_map(|d| vmm.disk_faults(d))
+        .collect();
+    apply_to(&faults, disk, action)
+}
+
+/// [`apply`] on the VM's disks' fault injectors (in config order).
+pub fn apply_to(faults: &[Arc<DiskFaults>], disk: u32, action: &FaultAction) -> Response {
     let err = |message: String| Response::Error { message };
-    let Some(f) = usize::try_from(disk).ok().and_then(|d| vmm.disk_faults(d)) else {
+    let Some(f) = usize::try_from(disk).ok().and_then(|d| faults.get(d)) else {
         return err(format!(
             "the VM has no disk {disk} ({} disks)",
-            vmm.devices().disk_count()
+            faults.len()
         ));
     };
     let applied = match action {
@@ -38,7 +47,7 @@ pub fn apply(vmm: &Vmm, disk: u32, action: &FaultAction) -> Response {
     if *action != FaultAction::Show {
         info!("disk {disk}: fault injection {action:?} by control request");
     }
-    report(disk, &f)
+    report(disk, f)
 }
 
 fn report(disk: u32, f: &DiskFaults) -> Response {

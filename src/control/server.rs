@@ -83,8 +83,35 @@ impl Server {
         })
     }
 
-    /// Waits up to `timeout` for a connection and serves it.
-    pub fn poll(&mut self, vmm: &Vmm, timeout: Duration) {
+    /// A member of an FT pair: only status and disk fault injection (pausing or
+    /// snapshotting would fight the checkpoints), on the VM's disks' injectors.
+    pub fn poll_ft(
+        &mut self,
+        faults: &[std::sync::Arc<vmm::devices::virtio::block::DiskFaults>],
+        timeout: Duration,
+    ) {
+        let Some(s) = self.accept(timeout) else {
+            return;
+        };
+        let name = self.name.clone();
+        serve_with(s, &mut |op| {
+            match op {
+            Op::Status => Response::Status {
+                name: name.clone(),
+                pid: std::process::id(),
+                paused: false,
+            },
+            Op::DiskFault { disk, action } => super::disk_fault::apply_to(faults, disk, &action),
+            other => Response::Error {
+                message: format!(
+                    "{other:?} is not available on a member of an FT pair (it would fight the checkpoints)"
+                ),
+            },
+        }
+        });
+    }
+
+    fn accept(&mut self, timeout: Duration) -> Option<UnixStream> {
         let mut pfd = libc::pollfd {
             fd: self.listener.as_raw_fd(),
             events: libc::POLLIN,
@@ -93,46 +120,22 @@ impl Server {
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
         if n <= 0 {
-            return;
+            return None;
         }
         match self.listener.accept() {
-            Ok((s, _)) => self.serve(vmm, s),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => warn!("control socket accept: {e}"),
+            Ok((s, _)) => Some(s),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                None
+            }
         }
     }
 
-    fn serve(&mut self, vmm: &Vmm, mut s: UnixStream) {
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-        loop {
-            let msg = match read_message(&mut s) {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(e) => {
-                    let r = Response::Error {
-                        message: format!("bad request: {e}"),
-                    };
-                    reply(&mut s, &r);
-                    return;
-                }
-            };
-            let resp = match postcard::from_bytes::<Request>(&msg) {
-                Ok(req) if req.version != PROTOCOL_VERSION => Response::Error {
-                    message: format!(
-                        "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
-                        req.version
-                    ),
-                },
-                Ok(req) => self.handle(vmm, req.op),
-                Err(e) => Response::Error {
-                    message: format!("request does not decode: {e}"),
-                },
-            };
-            if !reply(&mut s, &resp) {
-                return;
-            }
+    /// Waits up to `timeout` for a connection and serves it.
+    pub fn poll(&mut self, vmm: &Vmm, timeout: Duration) {
+        if let Some(s) = self.accept(timeout) {
+            serve_with(s, &mut |op| self.handle(vmm, op));
         }
     }
 
@@ -181,6 +184,41 @@ impl Server {
                 Err(e) => err(format!("snapshot: {e}")),
             },
             Op::DiskFault { disk, action } => super::disk_fault::apply(vmm, disk, &action),
+        }
+    }
+}
+
+/// Serves the requests of one connection with `handle`.
+fn serve_with(mut s: UnixStream, handle: &mut dyn FnMut(Op) -> Response) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    loop {
+        let msg = match read_message(&mut s) {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                let r = Response::Error {
+                    message: format!("bad request: {e}"),
+                };
+                reply(&mut s, &r);
+                return;
+            }
+        };
+        let resp = match postcard::from_bytes::<Request>(&msg) {
+            Ok(req) if req.version != PROTOCOL_VERSION => Response::Error {
+                message: format!(
+                    "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
+                    req.version
+                ),
+            },
+            Ok(req) => handle(req.op),
+            Err(e) => Response::Error {
+                message: format!("request does not decode: {e}"),
+            },
+        };
+        if !reply(&mut s, &resp) {
+            return;
         }
     }
 }

@@ -21,7 +21,7 @@ const PRIMARY_NODE: u64 = 1;
 const STANDBY_NODE: u64 = 2;
 
 /// Runs this process's end of the pair; returns the exit code.
-pub fn run_pair(cfg: &VmConfig, ft: &FtSettings) -> i32 {
+pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
     // Before any thread exists, so every later thread inherits the mask.
     if let Err(e) = signals::block() {
         error!("cannot block SIGTERM/SIGINT: {e}");
@@ -34,8 +34,15 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings) -> i32 {
          built yet)"
     );
     let acfg = alink_config(ft);
+    // With --name, the primary serves a control socket for status and disk fault
+    // injection (no pause or snapshot: they would fight the checkpoints).
+    let server = match name.map(|n| crate::run::control_server(Some(n), cfg)) {
+        Some(Ok(s)) => s,
+        Some(Err(code)) => return code,
+        None => None,
+    };
     match ft.role {
-        Role::Primary => primary::run(cfg, ft, acfg, &shutdown),
+        Role::Primary => primary::run(cfg, ft, acfg, &shutdown, server),
         Role::Standby => standby::run(cfg, ft, acfg, &shutdown),
     }
 }

@@ -3,7 +3,7 @@
 //! edge at epoch 0; a file console is positioned first so that its bytes land at
 //! their stream positions (the standby may write the same bytes there again).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +19,18 @@ use vmm::{build_vm, Vmm};
 
 use super::shutdown::Shutdown;
 use crate::run::exit_code;
+use twinrun::control::server::Server;
 
 /// The line `twinrun demo` (and scripts) wait for: the standby has committed epoch 0.
 pub use twinrun::demo::PROTECTED_LOG;
 
-pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
+pub fn run(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    acfg: AlinkConfig,
+    sd: &Shutdown,
+    server: Option<Server>,
+) -> i32 {
     let mut vm = match build_vm(cfg) {
         Ok(vm) => vm,
         Err(e) => {
@@ -56,6 +63,7 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;
     }
+    let _control = server.map(|s| ControlThread::start(s, &vm));
     info!(
         "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
         acfg.links.len(),
@@ -97,7 +105,8 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         });
         drop(link);
         match result {
-            Ok(report) if report.simplex && !sd.requested() => {
+            // Without a stop request the driver returns only when the standby is gone.
+            Ok(report) if !sd.requested() => {
                 log_report(&report);
                 if let Some(end) = vm.wait_timeout(Duration::ZERO) {
                     return exit_code(&end, sd.requested());
@@ -134,6 +143,40 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         }
     }
     unreachable!("sessions are numbered without end")
+}
+
+/// Serves the control socket (status, disk faults) on its own thread until dropped.
+struct ControlThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlThread {
+    fn start(mut server: Server, vm: &Vmm) -> ControlThread {
+        let faults: Vec<_> = (0..vm.devices().disk_count())
+            .filter_map(|d| vm.disk_faults(d))
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                server.poll_ft(&faults, Duration::from_millis(50));
+            }
+        });
+        ControlThread {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The driver's config, field by field: it grows (e.g. test-mode hashing) and keeps

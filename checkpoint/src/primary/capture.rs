@@ -281,7 +281,7 @@ impl Capturer {
             Vec<PageRun>,
             Vec<(Vec<PageRun>, Vec<u8>)>,
             vmm::VmState,
-            Vec<vmm::devices::virtio::block::DiskJournal>,
+            Vec<std::sync::Arc<vmm::devices::virtio::block::DiskJournal>>,
             Option<EpochConsole>,
             Vec<(usize, Vec<u8>)>,
         ),
@@ -310,8 +310,9 @@ impl Capturer {
         } else {
             vmm.take_disk_journal()?
         };
+        let journals: Vec<_> = journals.into_iter().map(std::sync::Arc::new).collect();
         if let Some(d) = &self.disks {
-            d.captured(epoch);
+            d.captured(epoch, &journals);
         }
         let runs = runs_of(&self.dirty);
         let (parts, _) = self.page_parts(vmm, &runs)?;
@@ -407,6 +408,24 @@ pub fn reset_written_blocks(vmm: &Vmm) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take_written_blocks();
+        i += 1;
+    }
+}
+
+/// Takes (and so resets) the written-block map of disk `disk` only (the `disk`-th
+/// virtio-blk device).
+pub fn reset_written_blocks_of(vmm: &Vmm, disk: usize) {
+    let mut i = 0;
+    let mut k = 0;
+    while let Some(t) = vmm.devices().transport(i) {
+        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+        if t.device_type() == twinrun_guest_abi::VIRTIO_ID_BLOCK {
+            if k == disk {
+                let _ = t.take_written_blocks();
+                return;
+            }
+            k += 1;
+        }
         i += 1;
     }
 }

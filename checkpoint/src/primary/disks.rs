@@ -22,12 +22,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, DEFAULT_BLOCK_SIZE};
 use vmm::config::VmConfig;
 use vmm::devices::virtio::block::hooks::DiskHooks;
+use vmm::devices::virtio::block::{overlay_writes, DiskJournal};
+
+use crate::disk_msgs::{DiskToStandby, MAX_CHUNK_BYTES};
+use crate::messages::ToStandby;
 
 /// Activity-log extent: 4 MiB.
 pub const EXTENT_SHIFT: u32 = 22;
@@ -82,6 +89,11 @@ pub struct PrimaryDisk {
     pending_ranges: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Guest bytes written (resync yields to guest I/O).
     pub guest_write_bytes: u64,
+    /// Protected: the writes of each captured, unacknowledged epoch (shared with the
+    /// capture's payload, no copy). When the local disk has failed, a read is served
+    /// from the standby's image with these laid over it: the standby may not have
+    /// applied them yet.
+    retained: BTreeMap<u64, Arc<DiskJournal>>,
 }
 
 impl PrimaryDisk {
@@ -148,6 +160,7 @@ impl PrimaryDisk {
             open_ranges: Vec::new(),
             pending_ranges: BTreeMap::new(),
             guest_write_bytes: 0,
+            retained: BTreeMap::new(),
         })
     }
 
@@ -228,6 +241,12 @@ impl PrimaryDisk {
             .map_err(|e| io::Error::other(format!("dirty bitmap: {e}")))
     }
 
+    /// A resync pass begins: forget which blocks the guest wrote during the last one
+    /// (the new pass reads each of them again after the write).
+    pub fn new_pass(&mut self) {
+        self.touched.iter_mut().for_each(|w| *w = 0);
+    }
+
     /// A resync chunk is durable on the standby: its blocks are in sync unless the
     /// guest wrote them since the resync began.
     pub fn chunk_done(&mut self, first: u64, blocks: u64) {
@@ -259,7 +278,12 @@ impl PrimaryDisk {
         clear(run, &mut self.bitmap);
     }
 
-    fn captured(&mut self, epoch: u64) {
+    fn captured(&mut self, epoch: u64, journal: Option<&Arc<DiskJournal>>) {
+        if let Some(j) = journal.filter(|j| !j.is_empty()) {
+            if self.mode != Mode::Degraded {
+                self.retained.insert(epoch, j.clone());
+            }
+        }
         if self.mode == Mode::Syncing && epoch == 0 {
             // Epoch 0 carries every block written since the resync began; from here on
             // the activity log covers writes of unacknowledged epochs.
@@ -284,6 +308,7 @@ impl PrimaryDisk {
             return;
         }
         let first_ack = self.meta.bitmap_base_gen != 0 || self.meta.resync.is_some();
+        self.retained = self.retained.split_off(&(through + 1));
         let later = self.pending.split_off(&(through + 1));
         let done = std::mem::replace(&mut self.pending, later);
         self.pending_ranges = self.pending_ranges.split_off(&(through + 1));
@@ -334,10 +359,26 @@ impl PrimaryDisk {
         if self.mode == Mode::Degraded {
             return;
         }
-        if self.mode == Mode::Protected {
+        self.retained.clear();
+        let was = self.mode;
+        // Until epoch 0 is acknowledged the standby never held this generation and the
+        // bitmap still holds every block the resync and epoch 0 were to bring it.
+        let never_in_sync = self.meta.bitmap_base_gen != 0 || self.meta.resync.is_some();
+        if was == Mode::Protected && !never_in_sync {
             self.narrow_to_unacked();
         }
         self.mode = Mode::Degraded;
+        if was == Mode::Syncing || never_in_sync {
+            // The standby never held this generation (it is an inconsistent resync
+            // target of it): the generation goes on, and so does the bitmap, so that
+            // the standby's return resumes the resync where it stopped.
+            log::warn!(
+                "disk {}: resync interrupted, {} blocks still to copy",
+                self.path.display(),
+                self.bitmap.count()
+            );
+            return;
+        }
         // The bits still set (active extents, unfinished resync) stay: they are part of
         // the delta when the standby returns.
         if let Err(e) = self.meta.new_generation() {
@@ -398,7 +439,24 @@ impl PrimaryDisk {
 /// Every mirrored disk of the VM, shared between the driver and the VMM's write hook.
 pub struct PrimaryDisks {
     disks: Vec<Mutex<PrimaryDisk>>,
+    peer: PeerReads,
 }
+
+/// Reads of a failed local disk served by the standby: requests go out through the
+/// driver's outbox, answers come back through its inbox pump.
+#[derive(Default)]
+struct PeerReads {
+    tx: Mutex<Option<Sender<ToStandby>>>,
+    next_id: AtomicU64,
+    replies: Mutex<HashMap<u64, Option<PeerReply>>>,
+    cv: Condvar,
+}
+
+/// The standby's answer to a read: success and the data.
+type PeerReply = (bool, Vec<u8>);
+
+/// How long a vCPU waits for the standby to serve a read.
+const PEER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PrimaryDisks {
     /// Opens (or starts) the metadata and bitmap of every disk of `cfg`; the VM runs
@@ -409,7 +467,10 @@ impl PrimaryDisks {
             .iter()
             .map(|d| PrimaryDisk::open(&d.path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(PrimaryDisks { disks }))
+        Ok(Arc::new(PrimaryDisks {
+            disks,
+            peer: PeerReads::default(),
+        }))
     }
 
     pub fn len(&self) -> usize {
@@ -434,10 +495,110 @@ impl PrimaryDisks {
         }
     }
 
-    /// Epoch `epoch` was captured (the guest is paused).
-    pub fn captured(&self, epoch: u64) {
+    /// Epoch `epoch` was captured (the guest is paused) with these disk writes.
+    pub fn captured(&self, epoch: u64, journals: &[Arc<DiskJournal>]) {
         for i in 0..self.len() {
-            self.lock(i).captured(epoch);
+            let j = journals.iter().find(|j| j.disk_index == i);
+            self.lock(i).captured(epoch, j);
+        }
+    }
+
+    /// Where reads of a failed disk go (None: no standby connected).
+    pub fn set_peer(&self, tx: Option<Sender<ToStandby>>) {
+        *self.peer.tx.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+        if let Ok(mut r) = self.peer.replies.lock() {
+            r.clear();
+        }
+        self.peer.cv.notify_all();
+    }
+
+    /// The standby answered read `id`.
+    pub fn read_done(&self, id: u64, ok: bool, data: &[u8]) {
+        let mut r = self.peer.replies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = r.get_mut(&id) {
+            *slot = Some((ok, data.to_vec()));
+            self.peer.cv.notify_all();
+        }
+    }
+
+    /// Marks disk `disk`'s replica failed (once): logged and recorded in its metadata,
+    /// so that it is never used again until replaced and fully resynced.
+    fn note_failure(&self, disk: usize, err: &io::Error) -> Mode {
+        let mut d = self.lock(disk);
+        if !d.meta.failed {
+            d.meta.failed = true;
+            d.save_meta();
+            log::error!(
+                "disk {}: LOCAL DISK FAILED ({err}); guest I/O is served from the standby's \
+                 replica; this replica is marked failed until it is replaced and fully resynced",
+                d.path.display()
+            );
+        }
+        d.mode
+    }
+
+    /// Reads from the standby's replica, with the unacknowledged epochs' writes laid
+    /// over it.
+    fn peer_read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let retained: Vec<Arc<DiskJournal>> = self.lock(disk).retained.values().cloned().collect();
+        let id = self.peer.next_id.fetch_add(1, Ordering::Relaxed);
+        let len = u32::try_from(buf.len())
+            .ok()
+            .filter(|&l| l <= MAX_CHUNK_BYTES)
+            .ok_or_else(|| io::Error::other("read too large for the standby"))?;
+        self.peer
+            .replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, None);
+        let sent = {
+            let tx = self.peer.tx.lock().unwrap_or_else(|p| p.into_inner());
+            tx.as_ref().is_some_and(|tx| {
+                tx.send(ToStandby::Disk(DiskToStandby::Read {
+                    id,
+                    disk: disk as u16,
+                    offset,
+                    len,
+                }))
+                .is_ok()
+            })
+        };
+        let mut r = self.peer.replies.lock().unwrap_or_else(|p| p.into_inner());
+        if !sent {
+            r.remove(&id);
+            return Err(io::Error::other("no standby to read from"));
+        }
+        let t0 = Instant::now();
+        let reply = loop {
+            match r.get(&id) {
+                Some(Some(_)) => break r.remove(&id).flatten(),
+                // Cleared: the standby went away.
+                None => break None,
+                Some(None) => {}
+            }
+            let left = PEER_READ_TIMEOUT.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                r.remove(&id);
+                break None;
+            }
+            r = self
+                .peer
+                .cv
+                .wait_timeout(r, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        drop(r);
+        match reply {
+            Some((true, data)) if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                for j in &retained {
+                    overlay_writes(buf, offset, j.writes());
+                }
+                Ok(())
+            }
+            Some(_) => Err(io::Error::other("the standby could not serve the read")),
+            None => Err(io::Error::other("no answer from the standby")),
         }
     }
 
@@ -481,26 +642,39 @@ impl DiskHooks for PrimaryDisks {
 
     fn read_failed(
         &self,
-        _disk: usize,
-        _offset: u64,
-        _buf: &mut [u8],
+        disk: usize,
+        offset: u64,
+        buf: &mut [u8],
         err: &io::Error,
     ) -> io::Result<()> {
-        Err(io::Error::new(err.kind(), err.to_string()))
+        if disk >= self.len() || self.note_failure(disk, err) != Mode::Protected {
+            // No replica in sync elsewhere: the guest sees the error.
+            return Err(io::Error::new(err.kind(), err.to_string()));
+        }
+        self.peer_read(disk, offset, buf)
     }
 
     fn write_failed(
         &self,
-        _disk: usize,
+        disk: usize,
         _offset: u64,
         _data: &[u8],
         err: &io::Error,
     ) -> io::Result<()> {
-        Err(io::Error::new(err.kind(), err.to_string()))
+        // Protected: the write is journalled with its epoch, which the standby applies
+        // (durably) before the epoch's output leaves: the standby's replica has it.
+        if disk >= self.len() || self.note_failure(disk, err) != Mode::Protected {
+            return Err(io::Error::new(err.kind(), err.to_string()));
+        }
+        Ok(())
     }
 
-    fn flush_failed(&self, _disk: usize, err: &io::Error) -> io::Result<()> {
-        Err(io::Error::new(err.kind(), err.to_string()))
+    fn flush_failed(&self, disk: usize, err: &io::Error) -> io::Result<()> {
+        // Protected: every epoch is durable on the standby once acknowledged.
+        if disk >= self.len() || self.note_failure(disk, err) != Mode::Protected {
+            return Err(io::Error::new(err.kind(), err.to_string()));
+        }
+        Ok(())
     }
 }
 

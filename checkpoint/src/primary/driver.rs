@@ -19,6 +19,7 @@ use crate::disk_msgs::DiskToPrimary;
 use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
 use crate::primary::disks::PrimaryDisks;
+use crate::primary::inbox::{outbox, pump, Inbox};
 use crate::primary::resync::{run_disk_session, ResyncStats, SessionEnd};
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
 use crate::verify::HashLog;
@@ -130,9 +131,39 @@ pub fn run_primary(
         std::thread::sleep(Duration::from_millis(5));
     }
     log::info!("primary: standby connected, starting the initial synchronisation");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let inbox = Inbox::new(rx);
+    let quit = AtomicBool::new(false);
+    let disks = cfg.disks.as_deref();
+    std::thread::scope(|s| {
+        let quit = &quit;
+        s.spawn(move || pump(link, disks, tx, quit));
+        if let Some(d) = disks {
+            let (otx, orx) = std::sync::mpsc::channel();
+            s.spawn(move || outbox(link, orx, quit));
+            d.set_peer(Some(otx));
+        }
+        let r = session(vmm, link, &inbox, cfg, stop, t0);
+        if let Some(d) = disks {
+            d.set_peer(None);
+        }
+        quit.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+fn session(
+    vmm: &Vmm,
+    link: &Alink,
+    inbox: &Inbox,
+    cfg: &PrimaryDriverConfig,
+    stop: &AtomicBool,
+    t0: Instant,
+) -> Result<PrimaryReport, DriverError> {
     let mut d = Driver {
         vmm,
         link,
+        inbox,
         proto: Primary::new(cfg.protocol),
         cap: Capturer::new(vmm)?,
         staged: VecDeque::new(),
@@ -152,7 +183,7 @@ pub fn run_primary(
     match d.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
         Ok(()) => match &cfg.disks {
             None => d.feed(PrimaryEvent::Start { now: d.now() })?,
-            Some(disks) => match run_disk_session(link, disks, vmm, &cfg.resync)? {
+            Some(disks) => match run_disk_session(link, inbox, disks, vmm, &cfg.resync)? {
                 SessionEnd::Ready(stats) => {
                     d.report.resync = Some(stats);
                     d.feed(PrimaryEvent::Start { now: d.now() })?
@@ -163,9 +194,15 @@ pub fn run_primary(
                          UNPROTECTED until an operator resolves it"
                     );
                     d.report.refused = Some(reason);
+                    d.report.simplex = true;
+                    disks.peer_lost();
                     d.peer_lost()?;
                 }
-                SessionEnd::PeerLost => d.peer_lost()?,
+                SessionEnd::PeerLost => {
+                    d.report.simplex = true;
+                    disks.peer_lost();
+                    d.peer_lost()?
+                }
             },
         },
         Err(Lost::Error(e)) => return Err(e),
@@ -185,6 +222,7 @@ pub fn run_primary(
 struct Driver<'a> {
     vmm: &'a Vmm,
     link: &'a Alink,
+    inbox: &'a Inbox,
     proto: Primary,
     cap: Capturer,
     /// Captured epochs waiting for their `Send`.
@@ -212,7 +250,7 @@ impl Driver<'_> {
             Some(d) => d.saturating_sub(self.now()).min(POLL),
             None => POLL,
         };
-        match self.link.recv(wait) {
+        match self.inbox.recv(wait) {
             Ok(Some(m)) => match decode_to_primary(m.head_bytes(), m.payload()) {
                 Ok(PrimaryboundMsg::Ack { epoch }) => self.feed(PrimaryEvent::Ack { epoch })?,
                 Ok(PrimaryboundMsg::Disk(d, payload)) => self.on_disk_msg(d, payload),

@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod disks;
 pub mod driver;
+pub mod inbox;
 pub mod resync;
 
 pub use capture::{CaptureError, Captured, Capturer, OutPart};

@@ -21,6 +21,7 @@ use vmm::Vmm;
 
 use super::disks::PrimaryDisks;
 use super::driver::DriverError;
+use super::inbox::Inbox;
 use crate::disk_msgs::{bitmap_words, DiskPlan, DiskToPrimary, DiskToStandby, PlanKind};
 use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 
@@ -81,8 +82,12 @@ fn send(link: &Alink, head: &ToStandby, payload: Vec<alink::Bytes>) -> Result<()
 }
 
 /// Receives the next disk message (waiting at most `wait`).
-fn recv_disk(link: &Alink, wait: Duration) -> Result<Option<(DiskToPrimary, Vec<u8>)>, Fail> {
-    let Some(m) = link.recv(wait)? else {
+fn recv_disk(
+    link: &Alink,
+    inbox: &Inbox,
+    wait: Duration,
+) -> Result<Option<(DiskToPrimary, Vec<u8>)>, Fail> {
+    let Some(m) = inbox.recv(wait)? else {
         if !link.peer_reachable() {
             return Err(Fail::Peer);
         }
@@ -104,11 +109,12 @@ fn recv_disk(link: &Alink, wait: Duration) -> Result<Option<(DiskToPrimary, Vec<
 /// Runs the disk session; the `Hello` was sent.
 pub fn run_disk_session(
     link: &Alink,
+    inbox: &Inbox,
     disks: &PrimaryDisks,
     vmm: &Vmm,
     cfg: &ResyncConfig,
 ) -> Result<SessionEnd, DriverError> {
-    match session(link, disks, vmm, cfg) {
+    match session(link, inbox, disks, vmm, cfg) {
         Ok(end) => Ok(end),
         Err(Fail::Peer) => Ok(SessionEnd::PeerLost),
         Err(Fail::Error(e)) => Err(e),
@@ -117,6 +123,7 @@ pub fn run_disk_session(
 
 fn session(
     link: &Alink,
+    inbox: &Inbox,
     disks: &PrimaryDisks,
     vmm: &Vmm,
     cfg: &ResyncConfig,
@@ -128,7 +135,7 @@ fn session(
                 "the standby did not report its disks within {META_TIMEOUT:?}"
             ))));
         }
-        match recv_disk(link, Duration::from_millis(20))? {
+        match recv_disk(link, inbox, Duration::from_millis(20))? {
             Some((DiskToPrimary::Meta { disks }, p)) => break (disks, p),
             Some((DiskToPrimary::Refused { reason }, _)) => return Ok(SessionEnd::Refused(reason)),
             Some((other, _)) => log::warn!("primary: unexpected {other:?} before the disk report"),
@@ -225,7 +232,7 @@ fn session(
         if p.kind == PlanKind::InSync {
             continue;
         }
-        resync_disk(link, disks, i, cfg, &mut stats)?;
+        resync_disk(vmm, link, inbox, disks, i, cfg, &mut stats)?;
     }
     stats.elapsed = t0.elapsed();
     send(
@@ -265,7 +272,9 @@ fn refuse_all(link: &Alink, n: usize, reason: &str) -> Result<(), Fail> {
 
 /// Copies disk `i`'s marked blocks, pass after pass.
 fn resync_disk(
+    vmm: &Vmm,
     link: &Alink,
+    inbox: &Inbox,
     disks: &PrimaryDisks,
     i: usize,
     cfg: &ResyncConfig,
@@ -300,7 +309,7 @@ fn resync_disk(
         // A pass ends when nothing is in flight and nothing is set past its last
         // chunk (the planner would wrap to block 0 for the next pass on its own).
         if planner.progress().chunks_in_flight == 0 {
-            let d = disks.lock(i);
+            let mut d = disks.lock(i);
             if d.bitmap.next_set(pass_end).is_none() {
                 passes += 1;
                 let left = d.bitmap.count();
@@ -311,6 +320,12 @@ fn resync_disk(
                     return Ok(());
                 }
                 pass_end = 0;
+                // The next pass reads every block the guest wrote during this one again:
+                // from here on only its own writes need to be caught, by its touched set
+                // and by the written-block map epoch 0 ships (which stays small).
+                d.new_pass();
+                drop(d);
+                crate::primary::capture::reset_written_blocks_of(vmm, i);
             }
         }
         // Issue what the window and the rate allow.
@@ -345,7 +360,7 @@ fn resync_disk(
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_millis(20))
             .clamp(Duration::from_micros(100), Duration::from_millis(20));
-        match recv_disk(link, wait)? {
+        match recv_disk(link, inbox, wait)? {
             Some((
                 DiskToPrimary::ChunkDone {
                     disk: d,

@@ -456,7 +456,15 @@ impl Block {
             let Err(err) = &op.result else { continue };
             failures += 1;
             let r = match op.kind {
-                OpKind::Read => serve_read(mem, hooks, disk, op.offset, op.len, &p.dirty, err),
+                OpKind::Read => serve_read(
+                    mem,
+                    hooks,
+                    disk,
+                    (op.offset, op.len),
+                    &p.dirty,
+                    err,
+                    self.journal.as_ref(),
+                ),
                 OpKind::Write => match &p.journal {
                     Some((offset, bufs)) => {
                         serve_write(mem, hooks, disk, *offset, op.len, bufs, err)
@@ -515,19 +523,24 @@ impl Block {
 }
 
 /// Has the hooks fill a failed read's `len` bytes at `offset`, then copies them into the
-/// guest buffers `bufs` through vm-memory (so the dirty bitmap sees them).
+/// guest buffers `bufs` through vm-memory (so the dirty bitmap sees them). The writes
+/// in `journal` (this device's writes since the journal was last taken, which only it
+/// knows yet) are laid over what the hooks returned, in order.
 fn serve_read(
     mem: &GuestMemoryMmap,
     hooks: &dyn DiskHooks,
     disk: usize,
-    offset: u64,
-    len: u64,
+    (offset, len): (u64, u64),
     bufs: &[(vm_memory::GuestAddress, u32)],
     err: &std::io::Error,
+    journal: Option<&DiskJournal>,
 ) -> std::io::Result<()> {
     let len = usize::try_from(len).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; len];
     hooks.read_failed(disk, offset, &mut buf, err)?;
+    if let Some(j) = journal {
+        overlay_writes(&mut buf, offset, j.writes());
+    }
     let mut at = 0usize;
     for &(addr, n) in bufs {
         let n = n as usize;
@@ -539,6 +552,26 @@ fn serve_read(
         at += n;
     }
     Ok(())
+}
+
+/// Lays `writes` (`(byte offset, data)`, in order) over `buf`, which holds the image
+/// bytes from `offset`: the parts that overlap.
+pub fn overlay_writes<'a>(
+    buf: &mut [u8],
+    offset: u64,
+    writes: impl Iterator<Item = (u64, &'a [u8])>,
+) {
+    let end = offset + buf.len() as u64;
+    for (at, data) in writes {
+        let w_end = at + data.len() as u64;
+        let (lo, hi) = (at.max(offset), w_end.min(end));
+        if lo >= hi {
+            continue;
+        }
+        let dst = (lo - offset) as usize..(hi - offset) as usize;
+        let src = (lo - at) as usize..(hi - at) as usize;
+        buf[dst].copy_from_slice(&data[src]);
+    }
 }
 
 /// Copies a failed write's data out of guest memory and has the hooks store it.

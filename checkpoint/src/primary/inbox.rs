@@ -1,0 +1,92 @@
+//! The primary's receive side: one thread takes every message off the A-Link, hands
+//! the answers to reads served by the standby straight to the waiting vCPU (see
+//! `disks::PrimaryDisks::read_failed`) and queues everything else for the driver.
+//!
+//! Why a thread: a vCPU whose local disk failed waits inside a device exit for the
+//! standby's answer, while the driver may be waiting for that very vCPU to park for a
+//! capture. If the driver were also the only reader of the link, neither would move.
+//! The vCPU's request goes out through [`outbox`] for the same reason: the link
+//! handle lives in the driver's scope, not in the `'static` disk hooks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
+
+use alink::{Alink, AlinkError, InMsg};
+
+use super::disks::PrimaryDisks;
+use crate::disk_msgs::DiskToPrimary;
+use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
+
+/// How often the pump looks at its quit flag.
+const PUMP_POLL: Duration = Duration::from_millis(5);
+
+pub enum Inbound {
+    Msg(InMsg),
+    Closed,
+}
+
+/// The driver's end.
+pub struct Inbox {
+    rx: Receiver<Inbound>,
+}
+
+impl Inbox {
+    pub fn new(rx: Receiver<Inbound>) -> Inbox {
+        Inbox { rx }
+    }
+
+    /// The next message for the driver, waiting at most `wait`.
+    pub fn recv(&self, wait: Duration) -> Result<Option<InMsg>, AlinkError> {
+        match self.rx.recv_timeout(wait) {
+            Ok(Inbound::Msg(m)) => Ok(Some(m)),
+            Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => Err(AlinkError::Closed),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+        }
+    }
+}
+
+/// Runs until `quit` or the link closes.
+pub fn pump(link: &Alink, disks: Option<&PrimaryDisks>, tx: Sender<Inbound>, quit: &AtomicBool) {
+    while !quit.load(Ordering::Relaxed) {
+        match link.recv(PUMP_POLL) {
+            Ok(Some(m)) => {
+                if let Some(d) = disks {
+                    if let Ok(PrimaryboundMsg::Disk(DiskToPrimary::ReadDone { id, ok }, data)) =
+                        decode_to_primary(m.head_bytes(), m.payload())
+                    {
+                        d.read_done(id, ok, data);
+                        continue;
+                    }
+                }
+                if tx.send(Inbound::Msg(m)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(AlinkError::Closed) => {
+                let _ = tx.send(Inbound::Closed);
+                return;
+            }
+            Err(e) => {
+                log::error!("primary: A-Link receive: {e}");
+                let _ = tx.send(Inbound::Closed);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends what the vCPU threads ask the standby (reads of a failed disk) until `quit`.
+pub fn outbox(link: &Alink, rx: Receiver<ToStandby>, quit: &AtomicBool) {
+    while !quit.load(Ordering::Relaxed) {
+        match rx.recv_timeout(PUMP_POLL) {
+            Ok(m) => match link.send_timeout(&m, Vec::new(), Some(Duration::from_secs(1))) {
+                Ok(_) => {}
+                Err(e) => log::warn!("primary: sending {m:?} to the standby: {e}"),
+            },
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
