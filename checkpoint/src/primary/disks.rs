@@ -28,7 +28,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use storage_mirror::bitmap::DirtyBitmap;
-use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, DEFAULT_BLOCK_SIZE};
+use storage_mirror::meta::{
+    MetaState, MetaStore, ReplicaMeta, ResyncProgress, VerifyReport, DEFAULT_BLOCK_SIZE,
+};
 use vmm::config::VmConfig;
 use vmm::devices::virtio::block::hooks::DiskHooks;
 use vmm::devices::virtio::block::{overlay_writes, DiskJournal};
@@ -89,6 +91,11 @@ pub struct PrimaryDisk {
     pending_ranges: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Guest bytes written (resync yields to guest I/O).
     pub guest_write_bytes: u64,
+    /// A verify is running: (ranges compared, ranges in total).
+    pub(crate) verify_progress: Option<(u64, u64)>,
+    /// A verify batch is out: the ranges the guest writes meanwhile (their digests on
+    /// the two sides may differ only because of that write).
+    pub(crate) verify_watch: Option<Vec<(u64, u64)>>,
     /// Protected: the writes of each captured, unacknowledged epoch (shared with the
     /// capture's payload, no copy). When the local disk has failed, a read is served
     /// from the standby's image with these laid over it: the standby may not have
@@ -161,6 +168,8 @@ impl PrimaryDisk {
             pending_ranges: BTreeMap::new(),
             guest_write_bytes: 0,
             retained: BTreeMap::new(),
+            verify_progress: None,
+            verify_watch: None,
         })
     }
 
@@ -181,6 +190,9 @@ impl PrimaryDisk {
     fn before_writes(&mut self, ranges: &[(u64, u64)]) -> io::Result<()> {
         for &(_, len) in ranges {
             self.guest_write_bytes += len;
+        }
+        if let Some(w) = &mut self.verify_watch {
+            w.extend_from_slice(ranges);
         }
         match self.mode {
             Mode::Degraded => self.mark(ranges),
@@ -436,10 +448,35 @@ impl PrimaryDisk {
     }
 }
 
+/// What `twinrun disk status` shows of one mirrored disk of a running primary.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskStatus {
+    pub path: String,
+    /// "degraded" (no standby in sync: written blocks recorded), "syncing" (a resync
+    /// is copying to the standby), "protected" (in sync, epochs commit on the standby).
+    pub mode: String,
+    /// The local replica failed: guest I/O goes to the standby.
+    pub failed: bool,
+    pub current_gen: u64,
+    pub bitmap_base_gen: u64,
+    /// Blocks marked in the persistent bitmap (still to copy to the standby).
+    pub dirty_blocks: u64,
+    pub blocks: u64,
+    pub block_size: u32,
+    /// Of the running or last resync.
+    pub resync: Option<ResyncProgress>,
+    /// Of the running verify: (ranges compared, ranges in total).
+    pub verify_running: Option<(u64, u64)>,
+    /// Of the last finished verify.
+    pub verify: Option<VerifyReport>,
+}
+
 /// Every mirrored disk of the VM, shared between the driver and the VMM's write hook.
 pub struct PrimaryDisks {
     disks: Vec<Mutex<PrimaryDisk>>,
     peer: PeerReads,
+    /// An online verify was asked for (see [`PrimaryDisks::request_verify`]).
+    pub(crate) verify_requested: std::sync::atomic::AtomicBool,
 }
 
 /// Reads of a failed local disk served by the standby: requests go out through the
@@ -470,6 +507,7 @@ impl PrimaryDisks {
         Ok(Arc::new(PrimaryDisks {
             disks,
             peer: PeerReads::default(),
+            verify_requested: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -501,6 +539,39 @@ impl PrimaryDisks {
             let j = journals.iter().find(|j| j.disk_index == i);
             self.lock(i).captured(epoch, j);
         }
+    }
+
+    /// Each disk's replication state, resync progress and verify results.
+    pub fn status(&self) -> Vec<DiskStatus> {
+        (0..self.len())
+            .map(|i| {
+                let d = self.lock(i);
+                DiskStatus {
+                    path: d.path.display().to_string(),
+                    mode: match d.mode {
+                        Mode::Degraded => "degraded",
+                        Mode::Syncing => "syncing",
+                        Mode::Protected => "protected",
+                    }
+                    .into(),
+                    failed: d.meta.failed,
+                    current_gen: d.meta.current_gen,
+                    bitmap_base_gen: d.meta.bitmap_base_gen,
+                    dirty_blocks: d.bitmap.count(),
+                    blocks: d.bitmap.blocks(),
+                    block_size: d.meta.block_size,
+                    resync: d.meta.resync,
+                    verify_running: d.verify_progress,
+                    verify: d.meta.verify,
+                }
+            })
+            .collect()
+    }
+
+    /// Asks for an online verify of every disk (run by the primary's driver while
+    /// protected). False if one is already requested or running.
+    pub fn request_verify(&self) -> bool {
+        !self.verify_requested.swap(true, Ordering::SeqCst)
     }
 
     /// Where reads of a failed disk go (None: no standby connected).
