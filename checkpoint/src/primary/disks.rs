@@ -96,6 +96,9 @@ pub struct PrimaryDisk {
     /// A verify batch is out: the ranges the guest writes meanwhile (their digests on
     /// the two sides may differ only because of that write).
     pub(crate) verify_watch: Option<Vec<(u64, u64)>>,
+    /// Byte ranges an online verify found differing: kept marked in the bitmap until a
+    /// resync copies them (clearing idle extents must not forget them).
+    verify_marked: Vec<(u64, u64)>,
     /// Protected: the writes of each captured, unacknowledged epoch (shared with the
     /// capture's payload, no copy). When the local disk has failed, a read is served
     /// from the standby's image with these laid over it: the standby may not have
@@ -170,11 +173,49 @@ impl PrimaryDisk {
             retained: BTreeMap::new(),
             verify_progress: None,
             verify_watch: None,
+            verify_marked: Vec::new(),
         })
     }
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Byte ranges written in unacknowledged epochs and in the open one (protected).
+    pub(crate) fn unacked_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v = self.open_ranges.clone();
+        for r in self.pending_ranges.values() {
+            v.extend_from_slice(r);
+        }
+        v
+    }
+
+    /// Marks what an online verify found differing, durably, for the next resync.
+    pub(crate) fn mark_verify_differences(&mut self, ranges: &[(u64, u64)]) {
+        self.verify_marked.extend_from_slice(ranges);
+        if let Err(e) = self.mark(ranges) {
+            log::error!(
+                "disk {}: marking verify differences: {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    /// After clearing bits: the verify differences stay marked.
+    fn remark_verify_differences(&mut self) {
+        if !self.verify_marked.is_empty() {
+            let r = self.verify_marked.clone();
+            if let Err(e) = self.mark(&r) {
+                log::error!(
+                    "disk {}: re-marking verify differences: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    pub(crate) fn save_meta_pub(&self) {
+        self.save_meta();
     }
 
     fn save_meta(&self) {
@@ -257,6 +298,11 @@ impl PrimaryDisk {
     /// (the new pass reads each of them again after the write).
     pub fn new_pass(&mut self) {
         self.touched.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// A resync began: it copies every marked block, verify differences included.
+    fn forget_verify_marks(&mut self) {
+        self.verify_marked.clear();
     }
 
     /// A resync chunk is durable on the standby: its blocks are in sync unless the
@@ -349,6 +395,7 @@ impl PrimaryDisk {
             if let Err(e) = self.bitmap.flush() {
                 log::warn!("dirty bitmap flush: {e}");
             }
+            self.remark_verify_differences();
             self.meta.bitmap_base_gen = 0;
             self.meta.resync = None;
             self.save_meta();
@@ -360,10 +407,14 @@ impl PrimaryDisk {
             return;
         }
         let per_extent = 1u64 << (EXTENT_SHIFT - self.meta.block_size.trailing_zeros());
+        let cleared = !idle.is_empty();
         for x in idle {
             let first = x * per_extent;
             let n = per_extent.min(self.bitmap.blocks().saturating_sub(first));
             let _ = self.bitmap.clear_blocks(first, n);
+        }
+        if cleared {
+            self.remark_verify_differences();
         }
     }
 
@@ -440,6 +491,7 @@ impl PrimaryDisk {
         if let Err(e) = self.bitmap.flush() {
             log::warn!("dirty bitmap flush: {e}");
         }
+        self.remark_verify_differences();
         self.refs.clear();
         self.open.clear();
         self.pending.clear();
@@ -528,6 +580,7 @@ impl PrimaryDisks {
     pub fn begin_resync(&self) {
         for i in 0..self.len() {
             let mut d = self.lock(i);
+            d.forget_verify_marks();
             d.mode = Mode::Syncing;
             d.touched.iter_mut().for_each(|w| *w = 0);
         }
@@ -608,49 +661,38 @@ impl PrimaryDisks {
         d.mode
     }
 
-    /// Reads from the standby's replica, with the unacknowledged epochs' writes laid
-    /// over it.
-    fn peer_read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let retained: Vec<Arc<DiskJournal>> = self.lock(disk).retained.values().cloned().collect();
+    /// A fresh id for a request to the standby, registered for its answer.
+    pub(crate) fn next_request_id(&self) -> u64 {
         let id = self.peer.next_id.fetch_add(1, Ordering::Relaxed);
-        let len = u32::try_from(buf.len())
-            .ok()
-            .filter(|&l| l <= MAX_CHUNK_BYTES)
-            .ok_or_else(|| io::Error::other("read too large for the standby"))?;
         self.peer
             .replies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, None);
-        let sent = {
-            let tx = self.peer.tx.lock().unwrap_or_else(|p| p.into_inner());
-            tx.as_ref().is_some_and(|tx| {
-                tx.send(ToStandby::Disk(DiskToStandby::Read {
-                    id,
-                    disk: disk as u16,
-                    offset,
-                    len,
-                }))
-                .is_ok()
-            })
-        };
+        id
+    }
+
+    /// Queues `m` for the standby (false: none connected).
+    pub(crate) fn send_to_peer(&self, m: ToStandby) -> bool {
+        let tx = self.peer.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.as_ref().is_some_and(|tx| tx.send(m).is_ok())
+    }
+
+    /// Waits for the answer to request `id` (None: timeout or the standby went away).
+    pub(crate) fn wait_reply(&self, id: u64, timeout: Duration) -> Option<PeerReply> {
         let mut r = self.peer.replies.lock().unwrap_or_else(|p| p.into_inner());
-        if !sent {
-            r.remove(&id);
-            return Err(io::Error::other("no standby to read from"));
-        }
         let t0 = Instant::now();
-        let reply = loop {
+        loop {
             match r.get(&id) {
-                Some(Some(_)) => break r.remove(&id).flatten(),
+                Some(Some(_)) => return r.remove(&id).flatten(),
                 // Cleared: the standby went away.
-                None => break None,
+                None => return None,
                 Some(None) => {}
             }
-            let left = PEER_READ_TIMEOUT.saturating_sub(t0.elapsed());
+            let left = timeout.saturating_sub(t0.elapsed());
             if left.is_zero() {
                 r.remove(&id);
-                break None;
+                return None;
             }
             r = self
                 .peer
@@ -658,8 +700,33 @@ impl PrimaryDisks {
                 .wait_timeout(r, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        };
-        drop(r);
+        }
+    }
+
+    /// Reads from the standby's replica, with the unacknowledged epochs' writes laid
+    /// over it.
+    fn peer_read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let retained: Vec<Arc<DiskJournal>> = self.lock(disk).retained.values().cloned().collect();
+        let len = u32::try_from(buf.len())
+            .ok()
+            .filter(|&l| l <= MAX_CHUNK_BYTES)
+            .ok_or_else(|| io::Error::other("read too large for the standby"))?;
+        let id = self.next_request_id();
+        let sent = self.send_to_peer(ToStandby::Disk(DiskToStandby::Read {
+            id,
+            disk: disk as u16,
+            offset,
+            len,
+        }));
+        if !sent {
+            self.peer
+                .replies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(io::Error::other("no standby to read from"));
+        }
+        let reply = self.wait_reply(id, PEER_READ_TIMEOUT);
         match reply {
             Some((true, data)) if data.len() == buf.len() => {
                 buf.copy_from_slice(&data);

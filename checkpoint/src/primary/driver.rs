@@ -21,6 +21,7 @@ use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
 use crate::primary::disks::PrimaryDisks;
 use crate::primary::inbox::{outbox, pump, Inbox};
 use crate::primary::resync::{run_disk_session, ResyncStats, SessionEnd};
+use crate::primary::verify_disks::verifier;
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
 use crate::verify::HashLog;
 use storage_mirror::resync::ResyncConfig;
@@ -142,6 +143,7 @@ pub fn run_primary(
             let (otx, orx) = std::sync::mpsc::channel();
             s.spawn(move || outbox(link, orx, quit));
             d.set_peer(Some(otx));
+            s.spawn(move || verifier(d, quit));
         }
         let r = session(vmm, link, &inbox, cfg, stop, t0);
         if let Some(d) = disks {

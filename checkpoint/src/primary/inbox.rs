@@ -52,8 +52,11 @@ pub fn pump(link: &Alink, disks: Option<&PrimaryDisks>, tx: Sender<Inbound>, qui
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
                 if let Some(d) = disks {
-                    if let Ok(PrimaryboundMsg::Disk(DiskToPrimary::ReadDone { id, ok }, data)) =
-                        decode_to_primary(m.head_bytes(), m.payload())
+                    // Answers a vCPU or the verifier waits for.
+                    if let Ok(PrimaryboundMsg::Disk(
+                        DiskToPrimary::ReadDone { id, ok } | DiskToPrimary::Digests { id, ok, .. },
+                        data,
+                    )) = decode_to_primary(m.head_bytes(), m.payload())
                     {
                         d.read_done(id, ok, data);
                         continue;
