@@ -1,7 +1,7 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net). Needs root (KVM, network
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror). Needs root (KVM, network
 //! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
 
 mod blk;
@@ -10,6 +10,7 @@ mod env;
 mod exits;
 mod ft;
 mod ftnet;
+mod mirror;
 mod net;
 mod pause;
 mod proc;
@@ -32,11 +33,13 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 7] = ["boot", "exits", "blk", "kv", "pause", "ft", "ft-net"];
+const SECTIONS: [&str; 8] = [
+    "boot", "exits", "blk", "kv", "pause", "ft", "ft-net", "mirror",
+];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
@@ -195,6 +198,7 @@ fn main() {
         };
         ftnet::run(&twinrun, &elf, &dir, &sizes)
     });
+    section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
     drop(scratch);
 
     context.push((
