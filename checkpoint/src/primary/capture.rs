@@ -18,7 +18,8 @@ use vm_memory::{Bytes as _, GuestAddress};
 use crate::messages::{
     split_runs, ConsoleOut, DiskExtent, FrameOut, LimitError, PageRun, PartHead, PartOf,
     MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_FRAMES_PER_EPOCH,
-    MAX_FRAME_BYTES_PER_EPOCH, MAX_FRAME_LEN, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, PAGE_SIZE,
+    MAX_FRAME_BYTES_PER_EPOCH, MAX_FRAME_LEN, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, MAX_PARTS,
+    PAGE_SIZE,
 };
 use crate::verify::{hash_state, is_full_epoch, PageHashes, ReplicaHash};
 use vmm::devices::output::EpochConsole;
@@ -195,30 +196,59 @@ impl Capturer {
         });
         // Off the pause: encode state, disk extents, checksums.
         let state = state.to_bytes()?;
-        let mut disk = Vec::new();
-        let mut disk_data = Vec::new();
+        // Disk writes in groups that fit a part each (an extent longer than a piece is
+        // cut: epoch 0 reads back whole runs of written blocks), in order.
+        let mut groups: Vec<(Vec<DiskExtent>, Vec<u8>)> = vec![(Vec::new(), Vec::new())];
         for j in &journals {
             for (offset, data) in j.writes() {
-                disk.push(DiskExtent {
-                    device: j.disk_index as u16,
-                    offset,
-                    len: data.len() as u32,
-                });
-                disk_data.extend_from_slice(data);
+                for (k, piece) in data.chunks(DISK_PIECE_BYTES).enumerate() {
+                    let full = groups.last().is_some_and(|(e, d)| {
+                        e.len() == MAX_DISK_EXTENTS_PER_PART
+                            || d.len() as u64 + piece.len() as u64 > MAX_DISK_BYTES_PER_PART
+                    });
+                    if full {
+                        groups.push((Vec::new(), Vec::new()));
+                    }
+                    if let Some((e, d)) = groups.last_mut() {
+                        e.push(DiskExtent {
+                            device: j.disk_index as u16,
+                            offset: offset + (k * DISK_PIECE_BYTES) as u64,
+                            len: piece.len() as u32,
+                        });
+                        d.extend_from_slice(piece);
+                    }
+                }
             }
         }
-        if disk.len() > MAX_DISK_EXTENTS_PER_PART
-            || disk_data.len() as u64 > MAX_DISK_BYTES_PER_PART
-        {
-            return Err(CaptureError::DiskTooLarge {
-                extents: disk.len(),
-                bytes: disk_data.len() as u64,
-            });
+        if groups.len() as u64 > u64::from(MAX_PARTS) / 2 {
+            let bytes = groups.iter().map(|(_, d)| d.len() as u64).sum();
+            let extents = groups.iter().map(|(e, _)| e.len()).sum();
+            return Err(CaptureError::DiskTooLarge { extents, bytes });
         }
+        // The last group rides with the last page part; the others get parts of their
+        // own, first (the standby applies an epoch's parts in order).
+        let (last_disk, last_data) = groups.pop().unwrap_or_default();
         let pages = runs.iter().map(|r| u64::from(r.pages)).sum();
-        let n = page_data.len() as u32;
-        let mut out = Vec::with_capacity(page_data.len());
-        let mut disk_once = Some((disk, disk_data));
+        let n = (groups.len() + page_data.len()) as u32;
+        let mut out = Vec::with_capacity(n as usize);
+        for (k, (ext, ddata)) in groups.into_iter().enumerate() {
+            let payload = vec![Bytes::new(), Bytes::from(ddata), Bytes::new(), Bytes::new()];
+            let head = PartHead::new(
+                PartOf::Epoch { epoch, sync_rounds },
+                k as u32,
+                n,
+                0,
+                Vec::new(),
+                ext,
+                None,
+                Vec::new(),
+                released_through,
+                &payload,
+            )?;
+            out.push(OutPart { head, payload });
+        }
+        let first_page_part = out.len() as u32;
+        let mut disk_once = Some((last_disk, last_data));
         let console_out = console.as_ref().map(|c| ConsoleOut {
             pos: c.pos,
             len: c.data.len() as u32,
@@ -228,7 +258,8 @@ impl Capturer {
         let frames_out = ship_frames(frames, &mut output);
         let mut output_once = Some((output, frames_out));
         for (k, (runs, data)) in page_data.into_iter().enumerate() {
-            let last = k as u32 + 1 == n;
+            let part = first_page_part + k as u32;
+            let last = part + 1 == n;
             let (ext, ddata, st, con, cout, fout) = if last {
                 let (e, d) = disk_once.take().unwrap_or_default();
                 let (con, fout) = output_once.take().unwrap_or_default();
@@ -251,7 +282,7 @@ impl Capturer {
             ];
             let head = PartHead::new(
                 PartOf::Epoch { epoch, sync_rounds },
-                k as u32,
+                part,
                 n,
                 payload[0].len() as u32,
                 runs,
@@ -397,6 +428,9 @@ fn runs_of(set: &DirtySet) -> Vec<PageRun> {
     }
     out
 }
+
+/// Longest piece of a disk write in a part.
+const DISK_PIECE_BYTES: usize = 4 << 20;
 
 /// Takes (and so resets) every disk's written-block map: epoch 0 then ships only the
 /// blocks written from now on (a disk resync copies the rest).
