@@ -818,3 +818,157 @@ impl DiskHooks for PrimaryDisks {
 
 /// Default block size of new metadata (re-exported for callers that size bitmaps).
 pub const BLOCK_SIZE: u32 = DEFAULT_BLOCK_SIZE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use storage_mirror::BlockSet;
+
+    struct Img {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl Drop for Img {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn image(mib: u64) -> Img {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "twinrun-pdisk-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        File::create(&path).unwrap().set_len(mib << 20).unwrap();
+        Img { dir, path }
+    }
+
+    fn blocks(d: &PrimaryDisk) -> Vec<(u64, u64)> {
+        d.bitmap.runs_from(0).collect()
+    }
+
+    #[test]
+    fn degraded_marks_every_written_block_durably() {
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        assert_eq!(d.mode(), Mode::Degraded);
+        // Starting alone begins a generation whose base is the previous one.
+        assert_ne!(d.meta.bitmap_base_gen, 0);
+        d.before_writes(&[(512, 512), (3 * 4096, 8192)]).unwrap();
+        assert_eq!(blocks(&d), vec![(0, 1), (3, 2)]);
+        // Durable before the write is issued: a fresh open sees the bits.
+        let again = DirtyBitmap::open(&d.store.bitmap_path(), 8 << 20, 4096).unwrap();
+        assert_eq!(again.count(), 3);
+    }
+
+    #[test]
+    fn a_chunk_written_meanwhile_keeps_its_bit() {
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.bitmap.set_all().unwrap();
+        d.mode = Mode::Syncing;
+        // The guest writes block 5 after the chunk 0..16 was read.
+        d.before_writes(&[(5 * 4096, 4096)]).unwrap();
+        d.chunk_done(0, 16);
+        assert_eq!(blocks(&d)[0], (5, 1));
+        // The next pass forgets what was touched in the last one.
+        d.new_pass();
+        d.chunk_done(5, 1);
+        assert_eq!(d.bitmap.next_set(0), Some(16));
+    }
+
+    #[test]
+    fn activity_log_clears_extents_once_their_epochs_commit() {
+        let img = image(16);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.mode = Mode::Syncing;
+        d.captured(0, None);
+        assert_eq!(d.mode(), Mode::Protected);
+        // Epoch 1 writes in extent 0, epoch 2 in extents 0 and 2.
+        d.before_writes(&[(4096, 4096)]).unwrap();
+        d.captured(1, None);
+        d.before_writes(&[(8192, 4096), (9 << 20, 4096)]).unwrap();
+        d.captured(2, None);
+        // Whole extents are marked (one sync per extent entering the active set).
+        assert_eq!(d.bitmap.count(), 2048);
+        // Epoch 0 commits: in sync, generation base cleared; active extents stay.
+        d.acked(0);
+        assert_eq!(d.meta.bitmap_base_gen, 0);
+        assert_eq!(d.bitmap.count(), 2048);
+        d.acked(1);
+        assert_eq!(d.bitmap.count(), 2048, "extent 0 still has epoch 2");
+        d.acked(2);
+        assert_eq!(d.bitmap.count(), 0);
+    }
+
+    #[test]
+    fn losing_the_standby_keeps_exactly_the_unacknowledged_blocks() {
+        let img = image(16);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.mode = Mode::Syncing;
+        d.captured(0, None);
+        d.acked(0);
+        let gen = d.meta.current_gen;
+        d.before_writes(&[(4096, 4096)]).unwrap();
+        d.captured(1, None);
+        d.acked(1);
+        d.before_writes(&[(3 * 4096, 4096)]).unwrap();
+        d.captured(2, None);
+        d.before_writes(&[(5 << 20, 100)]).unwrap();
+        d.peer_lost();
+        assert_eq!(d.mode(), Mode::Degraded);
+        // Epoch 1 is on the standby; epoch 2 and the open epoch are not.
+        assert_eq!(blocks(&d), vec![(3, 1), (1280, 1)]);
+        assert_eq!(d.meta.bitmap_base_gen, gen);
+        assert_ne!(d.meta.current_gen, gen);
+        // Degraded writes are recorded from then on.
+        d.before_writes(&[(0, 4096)]).unwrap();
+        assert_eq!(blocks(&d)[0], (0, 1));
+    }
+
+    #[test]
+    fn an_interrupted_resync_keeps_its_generation_and_bits() {
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        let gen = d.meta.current_gen;
+        d.bitmap.set_all().unwrap();
+        d.mode = Mode::Syncing;
+        d.chunk_done(0, 100);
+        d.peer_lost();
+        assert_eq!(d.meta.current_gen, gen, "the standby resumes against it");
+        assert_eq!(d.bitmap.count(), 2048 - 100);
+    }
+
+    #[test]
+    fn verify_marks_survive_extent_clearing() {
+        let img = image(16);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.mode = Mode::Syncing;
+        d.captured(0, None);
+        d.acked(0);
+        d.mark_verify_differences(&[(10 * 4096, 4096)]);
+        d.before_writes(&[(0, 4096)]).unwrap();
+        d.captured(1, None);
+        d.acked(1);
+        assert_eq!(blocks(&d), vec![(10, 1)]);
+    }
+
+    #[test]
+    fn a_failed_replica_refuses_to_start() {
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.meta.failed = true;
+        d.save_meta();
+        drop(d);
+        assert!(matches!(
+            PrimaryDisk::open(&img.path),
+            Err(DiskSetupError::Failed { .. })
+        ));
+    }
+}

@@ -680,3 +680,25 @@ fn no_hook_and_fault_is_ioerr_and_not_journalled() {
     assert_eq!(sector_of_file(&img, 1), vec![1u8; 512]);
     assert_eq!(c.faults.injected(), 2);
 }
+
+#[test]
+fn overlay_writes_lays_only_the_overlapping_parts_in_order() {
+    let mut buf = vec![0u8; 16];
+    let a = [1u8; 8];
+    let b = [2u8; 4];
+    let c = [3u8; 64];
+    // Before, partly inside, later write over an earlier one, entirely outside.
+    super::overlay_writes(
+        &mut buf,
+        100,
+        [(96u64, &a[..]), (106, &b[..]), (1000, &c[..])].into_iter(),
+    );
+    assert_eq!(&buf[..4], &[1, 1, 1, 1]);
+    assert_eq!(&buf[4..6], &[0, 0]);
+    assert_eq!(&buf[6..10], &[2, 2, 2, 2]);
+    assert!(buf[10..].iter().all(|&x| x == 0));
+    super::overlay_writes(&mut buf, 100, [(0u64, &c[..])].into_iter());
+    assert!(buf.iter().all(|&x| x == 0), "ends before the buffer");
+    super::overlay_writes(&mut buf, 100, [(90u64, &c[..])].into_iter());
+    assert!(buf.iter().all(|&x| x == 3), "covers the whole buffer");
+}
