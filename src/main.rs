@@ -30,6 +30,7 @@ fn main() {
         Command::Vm(VmCommand::Fault(a)) => twinrun::cli::fault::run(&a),
         Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
+        Command::Disk(cmd) => twinrun::cli::disk::run(&cmd),
         Command::Demo(a) => twinrun::demo::run(&a),
     };
     std::process::exit(code);

@@ -24,6 +24,10 @@ pub enum Command {
     /// Snapshots of a VM: create, list, restore, delete, export, import.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Mirrored disks: replication state (live or from the metadata files) and
+    /// online verify.
+    #[command(subcommand)]
+    Disk(super::disk::DiskCommand),
     /// FT demo on this machine (root): a protected pair in network namespaces, a kv
     /// client, SIGKILL of the primary mid-load, and a report of what was lost (nothing).
     Demo(DemoArgs),

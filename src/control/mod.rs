@@ -5,6 +5,7 @@
 //! it may send more on the same connection. A request of another
 //! [`PROTOCOL_VERSION`], or one that does not decode, gets [`Response::Error`].
 pub mod disk_fault;
+pub mod disks;
 pub mod server;
 
 use std::io::{Read, Write};
@@ -35,6 +36,14 @@ pub enum Op {
         disk: u32,
         action: FaultAction,
     },
+    // New variants go last: postcard encodes the variant index, so appending keeps
+    // the messages of older clients decoding.
+    /// Replication state of each mirrored disk; answered with [`Response::Disks`]
+    /// (FT primary only).
+    DiskStatus,
+    /// Start an online verify of every mirrored disk; answered with [`Response::Ok`]
+    /// (FT primary only, while a standby is in sync).
+    DiskVerify,
 }
 
 /// What to do to a disk's fault injection.
@@ -98,6 +107,10 @@ pub enum Response {
         delay_ms: u64,
         /// Operations failed by injection since the VM started.
         injected: u64,
+    },
+    /// Each mirrored disk's replication state, in the VM config's disk order.
+    Disks {
+        disks: Vec<checkpoint::primary::disks::DiskStatus>,
     },
 }
 

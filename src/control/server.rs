@@ -1,6 +1,7 @@
 //! Serving the control socket from the thread that waits for the VM: it polls the
 //! listener between checks for the VM's end, and runs requests (pause, resume,
-//! snapshot, disk faults) against the [`Vmm`] directly. One connection is served at a time.
+//! snapshot, disk faults) against the [`Vmm`] directly; an FT primary serves it from a
+//! thread of its own ([`Server::poll_ft`]). One connection is served at a time.
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -8,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use checkpoint::primary::disks::PrimaryDisks;
 use log::{info, warn};
 use vmm::config::VmConfig;
 use vmm::Vmm;
@@ -83,11 +85,13 @@ impl Server {
         })
     }
 
-    /// A member of an FT pair: only status and disk fault injection (pausing or
-    /// snapshotting would fight the checkpoints), on the VM's disks' injectors.
+    /// The FT primary: only status, disk fault injection (on the VM's disks'
+    /// injectors) and the mirrored disks' state and verify (pausing or snapshotting
+    /// would fight the checkpoints).
     pub fn poll_ft(
         &mut self,
         faults: &[std::sync::Arc<vmm::devices::virtio::block::DiskFaults>],
+        disks: &PrimaryDisks,
         timeout: Duration,
     ) {
         let Some(s) = self.accept(timeout) else {
@@ -102,6 +106,8 @@ impl Server {
                 paused: false,
             },
             Op::DiskFault { disk, action } => super::disk_fault::apply_to(faults, disk, &action),
+            Op::DiskStatus => super::disks::status(disks),
+            Op::DiskVerify => super::disks::verify(disks),
             other => Response::Error {
                 message: format!(
                     "{other:?} is not available on a member of an FT pair (it would fight the checkpoints)"
@@ -184,6 +190,7 @@ impl Server {
                 Err(e) => err(format!("snapshot: {e}")),
             },
             Op::DiskFault { disk, action } => super::disk_fault::apply(vmm, disk, &action),
+            Op::DiskStatus | Op::DiskVerify => err(super::disks::NOT_MIRRORED.into()),
         }
     }
 }

@@ -63,7 +63,7 @@ pub fn run(
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;
     }
-    let _control = server.map(|s| ControlThread::start(s, &vm));
+    let _control = server.map(|s| ControlThread::start(s, &vm, disks.clone()));
     info!(
         "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
         acfg.links.len(),
@@ -145,14 +145,15 @@ pub fn run(
     unreachable!("sessions are numbered without end")
 }
 
-/// Serves the control socket (status, disk faults) on its own thread until dropped.
+/// Serves the control socket (status, disk faults, mirrored disks' state and verify)
+/// on its own thread until dropped.
 struct ControlThread {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ControlThread {
-    fn start(mut server: Server, vm: &Vmm) -> ControlThread {
+    fn start(mut server: Server, vm: &Vmm, disks: Arc<PrimaryDisks>) -> ControlThread {
         let faults: Vec<_> = (0..vm.devices().disk_count())
             .filter_map(|d| vm.disk_faults(d))
             .collect();
@@ -160,7 +161,7 @@ impl ControlThread {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                server.poll_ft(&faults, Duration::from_millis(50));
+                server.poll_ft(&faults, &disks, Duration::from_millis(50));
             }
         });
         ControlThread {
