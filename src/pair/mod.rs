@@ -50,7 +50,13 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
 /// The A-Link configuration of this end; both ends derive the same window, heartbeat
 /// and cluster id from the same flags.
 fn alink_config(ft: &FtSettings) -> AlinkConfig {
-    let (me, peer) = match ft.role {
+    alink_config_as(ft, ft.role)
+}
+
+/// [`alink_config`] for this end acting as `role` (a failover survivor becomes the
+/// primary: it dials, the restarted old primary listens as the standby).
+fn alink_config_as(ft: &FtSettings, role: Role) -> AlinkConfig {
+    let (me, peer) = match role {
         Role::Primary => (PRIMARY_NODE, STANDBY_NODE),
         Role::Standby => (STANDBY_NODE, PRIMARY_NODE),
     };

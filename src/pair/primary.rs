@@ -69,6 +69,19 @@ pub fn run(
         acfg.links.len(),
         acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
     );
+    protect(vm, ft, acfg, sd, disks)
+}
+
+/// Protects the running `vm` with one standby after another until it ends or
+/// SIGTERM/SIGINT: the primary's whole life, and a failover survivor's (failback: the
+/// old primary, restarted as a standby, is resynced with a delta and protects the VM).
+pub fn protect(
+    mut vm: Vmm,
+    ft: &FtSettings,
+    acfg: AlinkConfig,
+    sd: &Shutdown,
+    disks: Arc<PrimaryDisks>,
+) -> i32 {
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
         protocol.epoch_len = Duration::from_millis(ms);

@@ -5,7 +5,7 @@ use alink::{Alink, AlinkConfig};
 use checkpoint::protocol::StandbyConfig;
 use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome};
 use log::{error, info, warn};
-use twinrun::cli::ft::FtSettings;
+use twinrun::cli::ft::{FtSettings, Role};
 use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
 
@@ -69,12 +69,21 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
                 r.announces
             );
             warn!(
-                "FT standby: this VM now runs UNPROTECTED (no standby of its own); if the \
-                 primary is in fact alive behind cut A-Links, two copies run"
+                "FT standby: this VM now runs UNPROTECTED until a standby joins (start one \
+                 on the other PM: it is resynced with a delta and protects the VM again); if \
+                 the primary is in fact alive behind cut A-Links, two copies run"
             );
             sd.hand_vm(vm.stopper());
-            let end = vm.wait();
-            exit_code(&end, sd.requested())
+            match r.disks.clone() {
+                Some(disks) => {
+                    let acfg = super::alink_config_as(ft, Role::Primary);
+                    super::primary::protect(vm, ft, acfg, sd, disks)
+                }
+                None => {
+                    let end = vm.wait();
+                    exit_code(&end, sd.requested())
+                }
+            }
         }
         Ok(StandbyOutcome::NoReplica) => {
             error!(

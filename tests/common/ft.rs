@@ -299,7 +299,23 @@ impl Pm {
         extra: &[&str],
     ) -> Pm {
         let role = if i == 0 { "primary" } else { "standby" };
-        let stderr_path = files.dir.join(format!("{role}.stderr"));
+        Self::spawn_as(topo, files, i, role, workload, extra)
+    }
+
+    /// PM `i` in `role` (e.g. the old primary's PM restarted as the standby).
+    pub fn spawn_as(
+        topo: &FtTopology,
+        files: &PairFiles,
+        i: usize,
+        role: &'static str,
+        workload: &[&str],
+        extra: &[&str],
+    ) -> Pm {
+        let stderr_path = if (i == 0) == (role == "primary") {
+            files.dir.join(format!("{role}.stderr"))
+        } else {
+            files.dir.join(format!("{role}-pm{}.stderr", i + 1))
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.pm[i].name])
             .arg(twinrun_bin())
@@ -326,7 +342,7 @@ impl Pm {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .stdin(Stdio::null())
-            .stdout(File::create(files.dir.join(format!("{role}.stdout"))).unwrap())
+            .stdout(File::create(stderr_path.with_extension("stdout")).unwrap())
             .stderr(File::create(&stderr_path).unwrap());
         let child = cmd.spawn().expect("spawn twinrun");
         Pm {

@@ -531,6 +531,14 @@ pub struct PrimaryDisks {
     pub(crate) verify_requested: std::sync::atomic::AtomicBool,
 }
 
+impl std::fmt::Debug for PrimaryDisks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryDisks")
+            .field("disks", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Reads of a failed local disk served by the standby: requests go out through the
 /// driver's outbox, answers come back through its inbox pump.
 #[derive(Default)]

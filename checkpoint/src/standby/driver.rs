@@ -75,6 +75,9 @@ pub struct FailoverReport {
     /// the TAP refused (or whose device the config lacks).
     pub resent_frames: u64,
     pub resend_failed: u64,
+    /// The survivor's mirrored disks (recording its writes, degraded), installed as
+    /// the VM's disk hooks: what protects the VM again when a standby returns.
+    pub disks: Option<Arc<crate::primary::disks::PrimaryDisks>>,
 }
 
 /// How a standby run ended.
@@ -574,7 +577,8 @@ impl Driver<'_> {
             // of the returning peer.
             let survivor = crate::primary::disks::PrimaryDisks::open(&cfg)
                 .map_err(|e| StandbyDiskError::Survivor(e.to_string()))?;
-            vmm.set_disk_hooks(Some(survivor));
+            vmm.set_disk_hooks(Some(survivor.clone()));
+            out.disks = Some(survivor);
         }
         vmm.start()?;
         out.failover_time = t0.elapsed();
