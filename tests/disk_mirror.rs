@@ -548,3 +548,101 @@ fn failback_resyncs_the_old_primary_with_a_delta() {
     check_disk_records(&img, &written_seqs(&read_console(&files.console)))
         .unwrap_or_else(|e| panic!("old primary's image: {e}"));
 }
+
+#[test]
+fn online_verify_reports_and_marks_a_difference() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    const LIMIT: u64 = 300;
+    let wl = workload(LIMIT, 300);
+    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let name = format!("dm-verify-{}", std::process::id());
+    let extra = ["--epoch-ms", "10"];
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let pextra = ["--epoch-ms", "10", "--name", &name];
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &pextra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        1,
+        Duration::from_secs(60),
+        "protected",
+    );
+    wait_last_record(
+        &files.console,
+        LIMIT - 1,
+        Duration::from_secs(60),
+        &mut primary,
+    );
+    // Damage the standby's replica behind the pair's back (far from the records).
+    let at = 6u64 << 20;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&files.disks[1])
+            .unwrap();
+        f.write_all_at(&[0xAB; 4096], at).unwrap();
+        f.sync_all().unwrap();
+    }
+    let twinrun = |args: &[&str]| {
+        std::process::Command::new(common::twinrun_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = twinrun(&[
+        "disk",
+        "verify",
+        "--name",
+        &name,
+        "--wait",
+        "--timeout-secs",
+        "60",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "verify finds the difference\nstdout: {}\nstderr: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&primary)
+    );
+    assert!(primary.stderr().contains("replicas DIFFER"));
+    // Marked for resync, not repaired.
+    let out = twinrun(&["disk", "status", "--name", &name, "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dirty = v[0]["dirty_blocks"].as_u64().unwrap_or(0);
+    assert!(dirty >= 1, "marked blocks: {v}");
+    let mut byte = [0u8; 1];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&files.disks[1])
+            .unwrap()
+            .read_exact_at(&mut byte, at)
+            .unwrap();
+    }
+    assert_eq!(byte[0], 0xAB, "verify never repairs");
+    // The next standby session copies the marked blocks: the replicas are equal again.
+    standby.kill();
+    primary
+        .wait_log("DEGRADED", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        2,
+        Duration::from_secs(60),
+        "after verify",
+    );
+    assert_images_equal(&files, &primary, &standby);
+}
