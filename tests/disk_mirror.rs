@@ -646,3 +646,69 @@ fn online_verify_reports_and_marks_a_difference() {
     );
     assert_images_equal(&files, &primary, &standby);
 }
+
+#[test]
+fn a_resync_cut_by_the_primary_crash_resumes() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    for d in &files.disks {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    const LIMIT: u64 = 600;
+    let wl = workload(LIMIT, 200);
+    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
+    primary
+        .wait_log("Full", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    // The primary dies mid-resync: the standby has nothing committed to take over.
+    primary.kill();
+    standby
+        .wait_log("nothing to take over", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
+    // Both come back: the resync resumes from the primary's bitmap.
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
+    standby
+        .wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
+    wait_count(
+        &mut primary,
+        &standby,
+        PROTECTED_LOG,
+        1,
+        Duration::from_secs(60),
+        "resumed",
+    );
+    let log = primary.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("primary: disk ") && l.contains("Delta")),
+        "resumed with a delta, not a new full copy\n{}",
+        tail(&primary)
+    );
+    let copied = resyncs(&primary).last().unwrap().1;
+    assert!(copied < 64 << 20, "{copied} bytes copied");
+    // The guest (rebooted on the primary's disk) keeps writing records; once done the
+    // replicas are equal.
+    wait_last_record(
+        &files.console,
+        LIMIT - 1,
+        Duration::from_secs(60),
+        &mut primary,
+    );
+    assert_images_equal(&files, &primary, &standby);
+}

@@ -147,8 +147,13 @@ impl PrimaryDisk {
                     source,
                 }
             })?;
-        // Running without a standby from here on.
-        meta.new_generation().map_err(meta_err)?;
+        // Running without a standby from here on: a new generation, unless this
+        // replica never got back in sync since its bitmap began (a resync source that
+        // crashed): its generation was never shared, and keeping it lets the standby
+        // resume the resync (or take a delta) instead of a full copy.
+        if meta.bitmap_base_gen == 0 {
+            meta.new_generation().map_err(meta_err)?;
+        }
         meta.unclean_primary = true;
         store.save(&meta).map_err(meta_err)?;
         let image = File::open(path).map_err(|source| DiskSetupError::Io {
@@ -965,6 +970,26 @@ mod tests {
         d.captured(1, None);
         d.acked(1);
         assert_eq!(blocks(&d), vec![(10, 1)]);
+    }
+
+    #[test]
+    fn a_resync_source_restarted_keeps_its_generation() {
+        let img = image(8);
+        let d = PrimaryDisk::open(&img.path).unwrap();
+        let gen = d.meta.current_gen;
+        drop(d);
+        // Crashed before any standby got in sync: same generation, the standby resumes.
+        let d = PrimaryDisk::open(&img.path).unwrap();
+        assert_eq!(d.meta.current_gen, gen);
+        // Once in sync (base cleared), a restart begins a new generation.
+        let mut d = d;
+        d.mode = Mode::Syncing;
+        d.captured(0, None);
+        d.acked(0);
+        drop(d);
+        let d = PrimaryDisk::open(&img.path).unwrap();
+        assert_ne!(d.meta.current_gen, gen);
+        assert_eq!(d.meta.bitmap_base_gen, gen);
     }
 
     #[test]
