@@ -327,10 +327,33 @@ impl StandbyDisks {
         epoch: u64,
         writes: &[(u16, u64, &[u8])],
     ) -> Result<(), StandbyDiskError> {
-        match &mut self.journal {
-            Some(j) => Ok(j.commit(epoch, writes)?),
-            None if writes.is_empty() => Ok(()),
-            None => Err(StandbyDiskError::NoPlan),
+        let r = match &mut self.journal {
+            Some(j) => j.commit(epoch, writes),
+            None if writes.is_empty() => return Ok(()),
+            None => return Err(StandbyDiskError::NoPlan),
+        };
+        if let Err(JournalError::Disk { disk, source }) = &r {
+            // This replica can no longer take the primary's writes: it is failed until
+            // replaced and fully resynced (the primary runs on degraded meanwhile).
+            self.mark_failed(usize::from(*disk), source);
+        }
+        Ok(r?)
+    }
+
+    fn mark_failed(&mut self, disk: usize, err: &io::Error) {
+        let Some(d) = self.disks.get_mut(disk) else {
+            return;
+        };
+        log::error!(
+            "standby: disk {} FAILED ({err}); this replica is marked failed until it is \
+             replaced and fully resynced",
+            d.path.display()
+        );
+        if let MetaState::Ok(m) = &mut d.meta {
+            m.failed = true;
+            if let Err(e) = d.store.save(m) {
+                log::error!("disk {}: saving replica metadata: {e}", d.path.display());
+            }
         }
     }
 
@@ -345,6 +368,10 @@ impl StandbyDisks {
             m.history = p.source_history.clone();
             m.bitmap_base_gen = 0;
             m.inconsistent = false;
+            if p.kind == PlanKind::Full {
+                // Fully resynced: a replaced (or repaired) disk is trusted again.
+                m.failed = false;
+            }
             m.sync_source_gen = 0;
             m.resync = None;
             m.last_committed_epoch = Some(0);
