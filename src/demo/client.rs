@@ -158,12 +158,8 @@ pub fn run(ns: &str, addr: SocketAddr, ctl: Arc<ClientCtl>) -> io::Result<Client
         };
         let done = Instant::now();
         rep.max_reply_ms = rep.max_reply_ms.max((done - t).as_millis() as u64);
-        if ctl
-            .killed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        let dead_at = *ctl.killed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if dead_at.is_some_and(|k| t >= k) {
             let mut f = ctl
                 .first_reply_after_kill
                 .lock()

@@ -123,6 +123,10 @@ pub struct DemoReport {
     pub disk_records_checked: u64,
     pub disk_records_lost: u64,
     pub standby_exit: Option<i32>,
+    /// How the standby's disk was brought in sync before protection ("Full" on a first
+    /// start: it had no replica metadata), and the bytes the resync copied.
+    pub disk_plan: Option<String>,
+    pub disk_resync_bytes: Option<u64>,
     pub pm1_ns: String,
     pub pm2_ns: String,
 }
@@ -159,7 +163,8 @@ impl DemoReport {
              \"kv_acknowledged_writes\":{},\"kv_lost_writes\":{},\"kv_incr_acknowledged\":{},\
              \"kv_incr_ok\":{},\"kv_max_reply_ms\":{},\"kv_reconnects\":{},\
              \"tcp_connection_survived\":{},\"dirty_check_errors\":{},\"guest_panics\":{},\
-             \"disk_records_checked\":{},\"disk_records_lost\":{},\"kv_errors\":[{}]}}",
+             \"disk_records_checked\":{},\"disk_records_lost\":{},\"disk_plan\":{},\
+             \"disk_resync_bytes\":{},\"kv_errors\":[{}]}}",
             self.ok(),
             opt(self.failover_ms),
             opt(self.standby_restore_ms),
@@ -181,6 +186,10 @@ impl DemoReport {
             self.guest_panics,
             self.disk_records_checked,
             self.disk_records_lost,
+            self.disk_plan
+                .as_ref()
+                .map_or("null".to_string(), |p| format!("\"{}\"", json_escape(p))),
+            opt(self.disk_resync_bytes),
             errs.join(",")
         )
     }
@@ -218,6 +227,12 @@ impl DemoReport {
             "dirty:    {} self-check errors; disk: {} durable records checked on the \
              standby's image, {} lost",
             self.dirty_check_errors, self.disk_records_checked, self.disk_records_lost
+        );
+        println!(
+            "mirror:   the standby's disk was brought in sync by a {} resync of {} bytes \
+             before protection began",
+            self.disk_plan.as_deref().unwrap_or("?"),
+            self.disk_resync_bytes.map_or("?".into(), |v| v.to_string())
         );
         for e in &self.kv.errors {
             println!("  kv: {e}");
@@ -411,9 +426,11 @@ fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
         "{acked_before} writes acknowledged; SIGKILL to the primary"
     ));
     let kill_at = Instant::now();
-    *ctl.killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(kill_at);
     primary.signal(libc::SIGKILL);
     primary.kill_now();
+    // Only replies to requests sent once the primary is gone count: a reply the dying
+    // primary released just before the signal landed says nothing about the failover.
+    *ctl.killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     nap(Duration::from_millis(a.keep_going_ms), intr)?;
     if let Some(st) = standby.try_status() {
         return Err(DemoError::Failed(format!(
@@ -451,6 +468,15 @@ fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
         r.resumed_from_epoch = number_after(&l, "resumed from epoch");
     } else {
         say("the standby never logged a failover");
+    }
+    if let Some(l) = log_has(&plog, "primary: disk resync done:") {
+        r.disk_resync_bytes = number_after(&l, "chunks,");
+    }
+    if let Some(l) = log_has(&plog, "primary: disk /") {
+        r.disk_plan = ["Full", "Delta", "InSync"]
+            .iter()
+            .find(|k| l.contains(&format!(": {k}:")))
+            .map(|k| k.to_string());
     }
     let c = check_console(&std::fs::read(&console)?);
     let img = std::fs::read(&sdisk)?;
