@@ -206,6 +206,8 @@ fn driver_config(
     d.protocol = protocol;
     d.disks = Some(disks);
     d.resync.rate_limit = ft.resync_rate;
+    // Twice the standby's acknowledgement batch: the next chunks travel while it syncs.
+    d.resync.max_in_flight = 16;
     d.return_on_simplex = true;
     // The VM runs (unprotected, output not yet held) until the standby connects;
     // waiting for it is not an error.

@@ -52,6 +52,8 @@ struct StandbyDisk {
     size: u64,
     plan: Option<DiskPlan>,
     copied_blocks: u64,
+    /// Resync chunks written since the last sync.
+    unsynced: bool,
 }
 
 /// Every disk of the standby.
@@ -61,6 +63,8 @@ pub struct StandbyDisks {
     journal_dir: Option<PathBuf>,
     /// Bytes written by resync chunks (for the report).
     pub resync_bytes: u64,
+    /// Resync chunks written, not yet durable and acknowledged.
+    unacked: Vec<(u16, u64, u32)>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StandbyDiskError + '_ {
@@ -97,6 +101,7 @@ impl StandbyDisks {
                 size,
                 plan: None,
                 copied_blocks: 0,
+                unsynced: false,
             });
         }
         let mut me = StandbyDisks {
@@ -104,6 +109,7 @@ impl StandbyDisks {
             journal: None,
             journal_dir: None,
             resync_bytes: 0,
+            unacked: Vec::new(),
         };
         if let Some(first) = me.disks.first() {
             let dir = journal_dir(&first.path);
@@ -300,10 +306,27 @@ impl StandbyDisks {
             });
         };
         d.file.write_all_at(data, off).map_err(io_err(&d.path))?;
-        d.file.sync_data().map_err(io_err(&d.path))?;
         d.copied_blocks += u64::from(blocks);
+        d.unsynced = true;
         self.resync_bytes += data.len() as u64;
+        self.unacked.push((disk, first_block, blocks));
         Ok(())
+    }
+
+    /// Chunks written and not yet acknowledged (they are acknowledged once durable).
+    pub fn unacked_chunks(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Makes the chunks written so far durable (one `fdatasync` per written disk, not
+    /// one per chunk) and returns their acknowledgements `(disk, first_block, blocks)`.
+    pub fn sync_chunks(&mut self) -> Result<Vec<(u16, u64, u32)>, StandbyDiskError> {
+        for d in &mut self.disks {
+            if std::mem::take(&mut d.unsynced) {
+                d.file.sync_data().map_err(io_err(&d.path))?;
+            }
+        }
+        Ok(std::mem::take(&mut self.unacked))
     }
 
     /// Records resync progress in the metadata (for `twinrun disk status`).

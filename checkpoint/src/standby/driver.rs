@@ -29,6 +29,9 @@ use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm_from_state, BuildError, VmState, Vmm, VmmError};
 
 const POLL: Duration = Duration::from_millis(5);
+/// Resync chunks written before one `fdatasync` acknowledges them all (fewer when the
+/// link is idle).
+const CHUNK_ACK_BATCH: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyDriverError {
@@ -188,11 +191,21 @@ struct Driver<'a> {
 
 impl Driver<'_> {
     fn step(&mut self) -> Result<Option<StandbyOutcome>, StandbyDriverError> {
-        let msg = match self.link.recv(POLL) {
+        let wait = if self.disks.as_ref().is_some_and(|d| d.unacked_chunks() > 0) {
+            Duration::ZERO
+        } else {
+            POLL
+        };
+        let msg = match self.link.recv(wait) {
             Ok(m) => m,
             Err(AlinkError::Closed) => None,
             Err(e) => return Err(e.into()),
         };
+        if msg.is_none() {
+            // Nothing waiting: make the resync chunks written so far durable and
+            // acknowledge them.
+            self.ack_chunks()?;
+        }
         if let Some(m) = msg {
             self.seen_peer = true;
             if let Some(out) = self.on_message(m)? {
@@ -391,6 +404,27 @@ impl Driver<'_> {
         Ok(None)
     }
 
+    /// Syncs the resync chunks written so far and acknowledges them.
+    fn ack_chunks(&mut self) -> Result<(), StandbyDriverError> {
+        let Some(disks) = self.disks.as_mut() else {
+            return Ok(());
+        };
+        if disks.unacked_chunks() == 0 {
+            return Ok(());
+        }
+        for (disk, first_block, blocks) in disks.sync_chunks()? {
+            self.send_disk(
+                DiskToPrimary::ChunkDone {
+                    disk,
+                    first_block,
+                    blocks,
+                },
+                Vec::new(),
+            )?;
+        }
+        Ok(())
+    }
+
     fn send_disk(&self, m: DiskToPrimary, payload: Vec<u8>) -> Result<(), StandbyDriverError> {
         let payload = if payload.is_empty() {
             Vec::new()
@@ -435,14 +469,11 @@ impl Driver<'_> {
                     disks.save_progress();
                     self.last_progress_save = Instant::now();
                 }
-                self.send_disk(
-                    DiskToPrimary::ChunkDone {
-                        disk,
-                        first_block,
-                        blocks,
-                    },
-                    Vec::new(),
-                )?;
+                // Acknowledged in batches once durable: here when enough are waiting,
+                // else as soon as no message is waiting (see `step`).
+                if disks.unacked_chunks() >= CHUNK_ACK_BATCH {
+                    self.ack_chunks()?;
+                }
             }
             DiskToStandby::ResyncDone { rounds, blocks } => {
                 disks.save_progress();
