@@ -54,7 +54,14 @@ fn dirty(pages: u32, rate: u32) -> Workloads {
     }
 }
 
-fn link_cfg(node: u64, peer: u64, remote: SocketAddr) -> AlinkConfig {
+/// Heartbeat misses before the standby declares the primary dead: 4 x 20 ms where
+/// failover time is measured; the sweep, which measures no failover, uses a wide
+/// window so that a busy 2-core machine (initial sync next to an unpaced dirtier)
+/// cannot cause a false one.
+const MISSES_FAILOVER: u32 = 4;
+const MISSES_WIDE: u32 = 25;
+
+fn link_cfg(node: u64, peer: u64, remote: SocketAddr, misses: u32) -> AlinkConfig {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
     let mut c = AlinkConfig::new(
         21,
@@ -63,9 +70,9 @@ fn link_cfg(node: u64, peer: u64, remote: SocketAddr) -> AlinkConfig {
         SECRET,
         vec![LinkAddrs { local: any, remote }],
     );
-    // 20 ms heartbeats, 4 misses: the standby declares the primary dead after 80 ms.
+    // 20 ms heartbeats: with 4 misses the standby declares the primary dead after 80 ms.
     c.health.interval = Duration::from_millis(20);
-    c.health.misses = 4;
+    c.health.misses = misses;
     c.window = WindowLimits {
         max_msgs: 1024,
         max_bytes: 128 << 20,
@@ -84,10 +91,16 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(pcfg: &VmConfig, scfg: VmConfig, epoch: Duration) -> Result<Pair, String> {
+    fn start(
+        pcfg: &VmConfig,
+        scfg: VmConfig,
+        epoch: Duration,
+        misses: u32,
+    ) -> Result<Pair, String> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
-        let slink = Alink::start(link_cfg(2, 1, any)).map_err(|e| format!("A-Link: {e}"))?;
-        let plink = Alink::start(link_cfg(1, 2, slink.local_addrs()[0]))
+        let slink =
+            Alink::start(link_cfg(2, 1, any, misses)).map_err(|e| format!("A-Link: {e}"))?;
+        let plink = Alink::start(link_cfg(1, 2, slink.local_addrs()[0], misses))
             .map_err(|e| format!("A-Link: {e}"))?;
         let sstop = Arc::new(AtomicBool::new(false));
         let standby = {
@@ -166,7 +179,9 @@ impl Pair {
             ..
         } = self;
         let (s, slink) = standby.join().map_err(|_| "standby panicked")?;
-        s?;
+        if let StandbyOutcome::NoReplica = s? {
+            return Err("the standby lost the primary before epoch 0 committed".into());
+        }
         pstop.store(true, Ordering::SeqCst);
         let pri = primary.take().ok_or("primary already stopped")?;
         let (r, plink) = pri.join().map_err(|_| "primary thread panicked")?;
@@ -211,6 +226,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             &vm(elf, &p, 256, dirty(16_384, rate)),
             vm(elf, &s, 256, dirty(16_384, rate)),
             default_epoch,
+            MISSES_FAILOVER,
         )?;
         pair.wait_protected(Duration::from_secs(20))?;
         std::thread::sleep(Duration::from_secs_f64(secs));
@@ -261,6 +277,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             &vm(elf, &p, 256, dirty(64, 1000)),
             vm(elf, &s, 256, dirty(64, 1000)),
             default_epoch,
+            MISSES_FAILOVER,
         )?;
         let took = pair.wait_protected(Duration::from_secs(30))?;
         let total = t.elapsed();
@@ -300,6 +317,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             &vm(elf, &fp, 64, w.clone()),
             vm(elf, &fs, 64, w),
             default_epoch,
+            MISSES_FAILOVER,
         )?;
         pair.wait_protected(Duration::from_secs(20))?;
         std::thread::sleep(Duration::from_millis(300));
@@ -336,6 +354,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             &vm(elf, &p, 64, w.clone()),
             vm(elf, &s, 64, w),
             default_epoch,
+            MISSES_FAILOVER,
         )?;
         pair.wait_protected(Duration::from_secs(20))?;
         std::thread::sleep(Duration::from_millis(300 + 97 * run));
@@ -424,4 +443,840 @@ fn raw_tcp(secs: f64) -> Result<f64, String> {
     drop(s);
     let (total, took) = rx.join().map_err(|_| "receiver panicked")?;
     Ok(total as f64 / took.as_secs_f64() / 1e6)
+}
+
+// ---------------------------------------------------------------------------------
+// Epoch-length sweep (section `ft-epoch`): the figures the default epoch length is
+// chosen from, every epoch length measured in the same run against the same
+// unprotected baselines.
+
+/// Epoch lengths the sweep measures and how long it measures each.
+pub struct SweepSizes {
+    pub epochs_ms: Vec<u64>,
+    /// Seconds of each dirty-workload measurement.
+    pub dirty_secs: f64,
+    /// `redis-benchmark -n` per pipeline depth.
+    pub bench_n: u32,
+    /// SET round trips for the latency percentiles.
+    pub latency_samples: usize,
+}
+
+impl SweepSizes {
+    pub fn new(quick: bool) -> SweepSizes {
+        if quick {
+            SweepSizes {
+                epochs_ms: vec![5, 20, 40],
+                dirty_secs: 1.0,
+                bench_n: 2_000,
+                latency_samples: 200,
+            }
+        } else {
+            SweepSizes {
+                epochs_ms: vec![5, 10, 20, 40, 80],
+                dirty_secs: 2.0,
+                bench_n: 5_000,
+                latency_samples: 500,
+            }
+        }
+    }
+}
+
+/// Unpaced dirtier: the worst case for dirty tracking (every page written every pass).
+const SWEEP_UNPACED_PAGES: u32 = 2048;
+/// Paced dirtier: a guest that keeps up unprotected; pages per epoch grow with the
+/// epoch length (50 at 5 ms, 800 at 80 ms, all distinct in the 1,024-page working
+/// set), so its pause shows what a longer epoch costs in stall per checkpoint. Its
+/// 10 passes/s make a fine-grained rate.
+const SWEEP_PACED_PAGES: u32 = 1024;
+const SWEEP_PACED_RATE: u32 = 10_000;
+const SWEEP_GROUP: &str = "ft-epoch";
+
+/// Pages/s of the dirty workload from its `D pass=` lines over about `secs`: the file
+/// is polled every 2 ms and the rate taken between the first and the last new line
+/// seen, so a partial pass at either end does not count (in FT mode the lines come
+/// out an epoch late, by output commit, which shifts both ends alike).
+fn d_rate(console: &Path, pages: u32, secs: f64) -> f64 {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut last = d_lines(console);
+    let mut first: Option<(u64, Instant)> = None;
+    let mut latest: Option<(u64, Instant)> = None;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(2));
+        let n = d_lines(console);
+        if n != last {
+            let now = (n, Instant::now());
+            first.get_or_insert(now);
+            latest = Some(now);
+            last = n;
+        }
+    }
+    match (first, latest) {
+        (Some((n0, t0)), Some((n1, t1))) if n1 > n0 => {
+            (n1 - n0) as f64 * f64::from(pages) / (t1 - t0).as_secs_f64()
+        }
+        _ => 0.0,
+    }
+}
+
+/// The dirty workload's pages/s, unprotected, 64 MiB.
+fn dirty_alone(elf: &Path, console: &Path, w: &Workloads, secs: f64) -> Result<f64, String> {
+    let mut v = build_vm(&vm(elf, console, 64, w.clone())).map_err(|e| e.to_string())?;
+    v.start().map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = d_rate(console, w.dirty_pages, secs);
+    v.stopper().stop();
+    v.wait();
+    let _ = std::fs::remove_file(console);
+    Ok(r)
+}
+
+/// One FT run of the dirty workload (64 MiB, in-process pair over loopback).
+struct FtDirty {
+    pages_s: f64,
+    /// Sum of the epoch pauses over the protected wall time.
+    pause_share: f64,
+    p50_us: f64,
+    p99_us: f64,
+    epochs: usize,
+    throttles: u64,
+    /// Protected wall time the pauses are counted over.
+    window: Duration,
+}
+
+fn dirty_ft(
+    elf: &Path,
+    dir: &Path,
+    w: &Workloads,
+    epoch: Duration,
+    secs: f64,
+) -> Result<FtDirty, String> {
+    let (p, s) = (dir.join("ft-sweep-p.log"), dir.join("ft-sweep-s.log"));
+    let pair = Pair::start(
+        &vm(elf, &p, 64, w.clone()),
+        vm(elf, &s, 64, w.clone()),
+        epoch,
+        MISSES_WIDE,
+    )?;
+    if let Err(e) = pair.wait_protected(Duration::from_secs(20)) {
+        // The drivers' own errors say why.
+        let why = match pair.stop() {
+            Ok(_) => "both drivers stopped cleanly".to_string(),
+            Err(d) => d,
+        };
+        return Err(format!("{} ms epochs: {e} ({why})", epoch.as_millis()));
+    }
+    let t_prot = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let pages_s = d_rate(&p, w.dirty_pages, secs);
+    let window = t_prot.elapsed();
+    let rep = pair.stop()?;
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_file(&s);
+    let mut pauses = rep.pauses;
+    pauses.sort();
+    let paused: Duration = pauses.iter().sum();
+    Ok(FtDirty {
+        pages_s,
+        pause_share: paused.as_secs_f64() / window.as_secs_f64(),
+        p50_us: pct(&pauses, 0.5),
+        p99_us: pct(&pauses, 0.99),
+        epochs: pauses.len(),
+        throttles: rep.throttles,
+        window,
+    })
+}
+
+/// One sweep row: everything measured at one epoch length.
+struct SweepRow {
+    epoch_ms: u64,
+    unpaced_base: f64,
+    unpaced: FtDirty,
+    paced_base: f64,
+    paced: FtDirty,
+    kv: kv::Side,
+}
+
+/// Runs the sweep: per epoch length, the unpaced and paced dirty workloads (in-process
+/// pair over loopback, each against the same guest unprotected just before it) and the
+/// kv guest (real `twinrun` processes on the demo topology, against the same guest
+/// unprotected at the start and at the end of the sweep). Prints a table.
+pub fn sweep(
+    twinrun: &Path,
+    elf: &Path,
+    dir: &Path,
+    sz: &SweepSizes,
+) -> Result<Vec<Figure>, String> {
+    let unpaced = dirty(SWEEP_UNPACED_PAGES, 0);
+    let paced = dirty(SWEEP_PACED_PAGES, SWEEP_PACED_RATE);
+    let con = dir.join("ft-sweep-u.log");
+    let topo = kv::topology()?;
+    eprintln!("   kv unprotected (before) ...");
+    let kv_before = kv::unprotected(twinrun, elf, dir, &topo, sz)?;
+    let mut rows = Vec::new();
+    for &ms in &sz.epochs_ms {
+        let epoch = Duration::from_millis(ms);
+        eprintln!("   epoch {ms} ms: dirty workloads ...");
+        let unpaced_base = dirty_alone(elf, &con, &unpaced, sz.dirty_secs)?;
+        let unpaced_ft = dirty_ft(elf, dir, &unpaced, epoch, sz.dirty_secs)?;
+        let paced_base = dirty_alone(elf, &con, &paced, sz.dirty_secs)?;
+        let paced_ft = dirty_ft(elf, dir, &paced, epoch, sz.dirty_secs)?;
+        eprintln!("   epoch {ms} ms: kv FT pair ...");
+        let kv_ft = kv::protected(twinrun, elf, dir, &topo, sz, ms)?;
+        rows.push(SweepRow {
+            epoch_ms: ms,
+            unpaced_base,
+            unpaced: unpaced_ft,
+            paced_base,
+            paced: paced_ft,
+            kv: kv_ft,
+        });
+    }
+    eprintln!("   kv unprotected (after) ...");
+    let kv_after = kv::unprotected(twinrun, elf, dir, &topo, sz)?;
+    drop(topo);
+    let kv_base = kv::Side::mean(&kv_before, &kv_after);
+    println!("{}", sweep_table(&rows, &kv_base, &kv_before, &kv_after));
+    Ok(sweep_figures(&rows, &kv_base, sz))
+}
+
+/// Mean of SET and GET requests/s at pipeline index `i`.
+fn rps(s: &kv::Side, i: usize) -> f64 {
+    (s.rps[i].0 + s.rps[i].1) / 2.0
+}
+
+fn ratio(v: f64, base: f64) -> f64 {
+    if base > 0.0 {
+        v / base
+    } else {
+        f64::NAN
+    }
+}
+
+fn sweep_table(rows: &[SweepRow], base: &kv::Side, before: &kv::Side, after: &kv::Side) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let default_ms = PrimaryConfig::default().epoch_len.as_millis();
+    let _ = writeln!(
+        t,
+        "epoch-length sweep (default now {default_ms} ms); ratios are FT / unprotected, same run"
+    );
+    let _ = writeln!(
+        t,
+        "kv unprotected: -P 1 {:.0} / {:.0} req/s (before / after), -P 16 {:.0} / {:.0}, SET p50 {:.2} ms",
+        rps(before, 0),
+        rps(after, 0),
+        rps(before, 1),
+        rps(after, 1),
+        kv::pct(&base.lat_ms, 0.5)
+    );
+    let _ = writeln!(
+        t,
+        "{:>6} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7} | {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "epoch",
+        "unpaced",
+        "pause",
+        "epochs",
+        "paced",
+        "pause",
+        "pause",
+        "pause",
+        "kv",
+        "kv",
+        "lat",
+        "lat",
+        "added",
+        "kv"
+    );
+    let _ = writeln!(
+        t,
+        "{:>6} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7} | {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "ms",
+        "ratio",
+        "share",
+        "/s",
+        "ratio",
+        "p50 us",
+        "p99 us",
+        "share",
+        "P1",
+        "P16",
+        "p50 ms",
+        "p99 ms",
+        "p50 ms",
+        "pause~"
+    );
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "{:>6} | {:>8.2} {:>7.1}% {:>7.0} | {:>8.2} {:>8.0} {:>8.0} {:>6.1}% | {:>6.2} {:>6.2} {:>7.2} {:>7.2} {:>7.2} {:>6.1}%",
+            r.epoch_ms,
+            ratio(r.unpaced.pages_s, r.unpaced_base),
+            r.unpaced.pause_share * 100.0,
+            r.unpaced.epochs as f64 / r.unpaced.window.as_secs_f64(),
+            ratio(r.paced.pages_s, r.paced_base),
+            r.paced.p50_us,
+            r.paced.p99_us,
+            r.paced.pause_share * 100.0,
+            ratio(rps(&r.kv, 0), rps(base, 0)),
+            ratio(rps(&r.kv, 1), rps(base, 1)),
+            kv::pct(&r.kv.lat_ms, 0.5),
+            kv::pct(&r.kv.lat_ms, 0.99),
+            kv::pct(&r.kv.lat_ms, 0.5) - kv::pct(&base.lat_ms, 0.5),
+            r.kv.pause_share().map_or(f64::NAN, |s| s * 100.0),
+        );
+    }
+    t
+}
+
+fn sweep_figures(rows: &[SweepRow], base: &kv::Side, sz: &SweepSizes) -> Vec<Figure> {
+    let g = SWEEP_GROUP;
+    let mut figs = Vec::new();
+    let (up50, up99) = (kv::pct(&base.lat_ms, 0.5), kv::pct(&base.lat_ms, 0.99));
+    for r in rows {
+        let e = r.epoch_ms;
+        let (u, p) = (&r.unpaced, &r.paced);
+        figs.push(
+            Figure::new(g, &format!("{e} ms: unpaced dirty"), u.pages_s, "pages/s", Better::Higher)
+                .baseline("same guest unprotected, just before", r.unpaced_base)
+                .target(0.8, true, ">= 80 % of unprotected")
+                .note(format!(
+                    "64 MiB, {SWEEP_UNPACED_PAGES}-page working set, unpaced; {} epochs, {} throttles; {LOOP}",
+                    u.epochs, u.throttles
+                )),
+        );
+        figs.push(
+            Figure::new(g, &format!("{e} ms: unpaced pause share"), u.pause_share * 100.0, "%", Better::Lower)
+                .note(format!(
+                    "sum of epoch pauses / protected wall time ({:.1} s); pause p50 {:.0} us p99 {:.0} us",
+                    u.window.as_secs_f64(), u.p50_us, u.p99_us
+                )),
+        );
+        let nominal = f64::from(SWEEP_PACED_RATE) * e as f64 / 1e3;
+        let pnote = format!(
+            "64 MiB, dirty {SWEEP_PACED_RATE} pages/s over {SWEEP_PACED_PAGES} pages (~{nominal:.0} pages/epoch nominal); {} epochs, {} throttles, pause share {:.1} %; {LOOP}",
+            p.epochs, p.throttles, p.pause_share * 100.0
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: paced dirty"),
+                p.pages_s,
+                "pages/s",
+                Better::Higher,
+            )
+            .baseline("same guest unprotected, just before", r.paced_base)
+            .target(0.8, true, ">= 80 % of unprotected")
+            .note(pnote.clone()),
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: paced pause p50"),
+                p.p50_us,
+                "us",
+                Better::Lower,
+            )
+            .note(pnote.clone()),
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: paced pause p99"),
+                p.p99_us,
+                "us",
+                Better::Lower,
+            )
+            .note(pnote),
+        );
+        for (i, depth) in kv::PIPELINES.iter().enumerate() {
+            figs.push(
+                Figure::new(
+                    g,
+                    &format!("{e} ms: kv -P {depth} (mean of SET, GET)"),
+                    rps(&r.kv, i),
+                    "req/s",
+                    Better::Higher,
+                )
+                .baseline(kv::UNPROT, rps(base, i))
+                .target(0.8, true, ">= 80 % of unprotected")
+                .note(format!(
+                    "redis-benchmark -t set,get -c 10 -n {}; real processes on the demo topology, 2 A-Links",
+                    sz.bench_n
+                )),
+            );
+        }
+        let lnote = format!(
+            "SET round trip, one at a time, {} samples; real processes on the demo topology",
+            r.kv.lat_ms.len()
+        );
+        let fp50 = kv::pct(&r.kv.lat_ms, 0.5);
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: request latency p50"),
+                fp50,
+                "ms",
+                Better::Lower,
+            )
+            .baseline(kv::UNPROT, up50)
+            .note(lnote.clone()),
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: request latency p99"),
+                kv::pct(&r.kv.lat_ms, 0.99),
+                "ms",
+                Better::Lower,
+            )
+            .baseline(kv::UNPROT, up99)
+            .note(lnote),
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: added request latency p50"),
+                fp50 - up50,
+                "ms",
+                Better::Lower,
+            )
+            .target(e as f64 + 2.0, false, &format!("< epoch {e} ms + 2 ms"))
+            .note("FT p50 - unprotected p50; a reply leaves when the standby acks its epoch"),
+        );
+        figs.push(
+            Figure::new(
+                g,
+                &format!("{e} ms: kv pause share (estimate)"),
+                r.kv.pause_share().map_or(f64::NAN, |s| s * 100.0),
+                "%",
+                Better::Lower,
+            )
+            .note(format!(
+                "epochs captured x pause p50 (from the primary's exit log: {} epochs, p50 {:?}) / protected wall time {:.1} s",
+                r.kv.epochs.map_or("?".to_string(), |n| n.to_string()),
+                r.kv.pause_p50.unwrap_or_default(),
+                r.kv.window.as_secs_f64()
+            )),
+        );
+    }
+    figs
+}
+
+/// The kv guest as real `twinrun` processes on the demo topology (the `ft-net`
+/// set-up), with the epoch length given on the command line.
+mod kv {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use twinrun::demo::client::enter_netns;
+    use twinrun::demo::process::ChildGuard;
+    use twinrun::demo::topology::Topology;
+    use twinrun::demo::{FAILOVER_LOG, PROTECTED_LOG};
+
+    use super::SweepSizes;
+    use crate::proc::output_timeout;
+    use crate::redis::parse_rps;
+
+    pub const PIPELINES: [u32; 2] = [1, 16];
+    pub const UNPROT: &str = "same guest unprotected, same topology (mean of before and after)";
+    const KV_PORT: u16 = 6379;
+
+    /// One guest configuration's results.
+    pub struct Side {
+        /// (SET, GET) requests/s per entry of [`PIPELINES`].
+        pub rps: Vec<(f64, f64)>,
+        /// Sorted SET round trips, ms.
+        pub lat_ms: Vec<f64>,
+        /// From the FT primary's exit log: epochs captured and pause p50.
+        pub epochs: Option<u64>,
+        pub pause_p50: Option<Duration>,
+        /// Protected wall time (FT) or measurement time (unprotected).
+        pub window: Duration,
+    }
+
+    impl Side {
+        /// Two unprotected measurements as one baseline: mean requests/s, latencies
+        /// pooled.
+        pub fn mean(a: &Side, b: &Side) -> Side {
+            let rps = a
+                .rps
+                .iter()
+                .zip(&b.rps)
+                .map(|(x, y)| ((x.0 + y.0) / 2.0, (x.1 + y.1) / 2.0))
+                .collect();
+            let mut lat_ms: Vec<f64> = a.lat_ms.iter().chain(&b.lat_ms).copied().collect();
+            lat_ms.sort_by(f64::total_cmp);
+            Side {
+                rps,
+                lat_ms,
+                epochs: None,
+                pause_p50: None,
+                window: a.window + b.window,
+            }
+        }
+
+        /// Estimated share of wall time the guest spent paused for checkpoints.
+        pub fn pause_share(&self) -> Option<f64> {
+            let (n, p50) = (self.epochs?, self.pause_p50?);
+            let w = self.window.as_secs_f64();
+            (w > 0.0).then(|| n as f64 * p50.as_secs_f64() / w)
+        }
+    }
+
+    pub fn pct(sorted: &[f64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[i.min(sorted.len() - 1)]
+    }
+
+    pub fn topology() -> Result<Topology, String> {
+        Topology::create(&format!("be{}", std::process::id() % 1_000_000))
+            .map_err(|e| format!("demo topology: {e}"))
+    }
+
+    fn redis_bench(topo: &Topology, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+        let host = topo.guest_ip().to_string();
+        let mut c = Topology::command_in(&topo.client_ns, "redis-benchmark");
+        c.args(["-h", &host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
+            .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
+        let out = output_timeout(&mut c, Duration::from_secs(120))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
+            (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
+            _ => Err(format!(
+                "redis-benchmark -P {pipeline} against {host} failed ({}):\n{text}",
+                out.status
+            )),
+        }
+    }
+
+    fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
+        let host = topo.guest_ip().to_string();
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            let mut c = Topology::command_in(&topo.client_ns, "redis-cli");
+            c.args(["-h", &host, "-p", "6379", "PING"]);
+            if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
+                if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "kv at {host} never answered PING within {timeout:?}"
+        ))
+    }
+
+    /// `SET lat:<i> <i>` one at a time on one connection from `ns`, after 20 untimed
+    /// ones; sorted round trips in ms. 2 s per reply, 60 s overall.
+    fn latency(ns: &str, addr: SocketAddr, samples: usize) -> Result<Vec<f64>, String> {
+        const WARMUP: usize = 20;
+        let ns = ns.to_string();
+        let worker = std::thread::spawn(move || -> Result<Vec<f64>, String> {
+            enter_netns(&ns).map_err(|e| format!("setns {ns}: {e}"))?;
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let mut w = s.try_clone().map_err(|e| e.to_string())?;
+            let mut r = BufReader::new(s);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut out = Vec::with_capacity(samples);
+            let mut line = String::new();
+            for i in 0..samples + WARMUP {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let (k, v) = (format!("lat:{i}"), i.to_string());
+                let req = format!(
+                    "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                    k.len(),
+                    v.len()
+                );
+                let t = Instant::now();
+                w.write_all(req.as_bytes())
+                    .map_err(|e| format!("send: {e}"))?;
+                line.clear();
+                r.read_line(&mut line)
+                    .map_err(|e| format!("reply {i}: {e}"))?;
+                let dt = t.elapsed();
+                if line != "+OK\r\n" {
+                    return Err(format!("reply {i}: unexpected {line:?}"));
+                }
+                if i >= WARMUP {
+                    out.push(dt.as_secs_f64() * 1e3);
+                }
+            }
+            Ok(out)
+        });
+        let mut v = worker
+            .join()
+            .map_err(|_| "latency client panicked".to_string())??;
+        if v.len() < samples / 2 {
+            return Err(format!(
+                "only {} of {samples} latency samples within the deadline",
+                v.len()
+            ));
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v)
+    }
+
+    fn measure(topo: &Topology, sz: &SweepSizes) -> Result<Side, String> {
+        wait_ping(topo, Duration::from_secs(30))?;
+        let t0 = Instant::now();
+        let mut rps = Vec::new();
+        for p in PIPELINES {
+            rps.push(redis_bench(topo, sz.bench_n, p)?);
+        }
+        let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
+        let lat_ms = latency(&topo.client_ns, addr, sz.latency_samples)?;
+        Ok(Side {
+            rps,
+            lat_ms,
+            epochs: None,
+            pause_p50: None,
+            window: t0.elapsed(),
+        })
+    }
+
+    fn args(elf: &Path, topo: &Topology, console: &Path, tap: &str) -> Vec<String> {
+        let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
+        v.push(elf.display().to_string());
+        v.extend([
+            "--mem-mib".into(),
+            "64".into(),
+            "--workload".into(),
+            "kv".into(),
+            "--kv-addr".into(),
+            topo.guest_cidr(),
+            "--console".into(),
+            format!("file:{}", console.display()),
+            "--net".into(),
+            format!("{tap},{}", topo.guest_mac()),
+        ]);
+        v
+    }
+
+    fn read_log(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    pub fn unprotected(
+        twinrun: &Path,
+        elf: &Path,
+        dir: &Path,
+        topo: &Topology,
+        sz: &SweepSizes,
+    ) -> Result<Side, String> {
+        let (console, log) = (dir.join("ftsweep-u.console"), dir.join("ftsweep-u.log"));
+        let a = args(elf, topo, &console, &topo.pm1_tap);
+        let mut vm = ChildGuard::spawn_in_netns("unprotected", &topo.pm1_ns, twinrun, &a, &log)
+            .map_err(|e| format!("spawn unprotected VM: {e}"))?;
+        let r = measure(topo, sz);
+        if let Some(st) = vm.try_status() {
+            return Err(format!(
+                "the unprotected VM exited ({st}):\n{}",
+                read_log(&log)
+            ));
+        }
+        vm.terminate(Duration::from_secs(5));
+        r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", read_log(&log)))
+    }
+
+    /// An FT pair with `--epoch-ms epoch_ms`, measured once the primary is protected.
+    pub fn protected(
+        twinrun: &Path,
+        elf: &Path,
+        dir: &Path,
+        topo: &Topology,
+        sz: &SweepSizes,
+        epoch_ms: u64,
+    ) -> Result<Side, String> {
+        let secret = dir.join("ftsweep.secret");
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
+        let (l1, l2) = topo.alink_args();
+        let role = |role: &str, links: &[String], tap: &str, console: &Path| {
+            let mut a = args(elf, topo, console, tap);
+            a.extend(["--role".into(), role.into()]);
+            for l in links {
+                a.extend(["--alink".into(), l.clone()]);
+            }
+            a.extend([
+                "--cluster-id".into(),
+                format!("sweep-{}-{epoch_ms}", std::process::id()),
+                "--cluster-secret-file".into(),
+                secret.display().to_string(),
+                // Failover is not measured: a wide window keeps a busy 2-core machine
+                // from a false one.
+                "--heartbeat-misses".into(),
+                "20".into(),
+            ]);
+            if role == "primary" {
+                a.extend(["--epoch-ms".into(), epoch_ms.to_string()]);
+            }
+            a
+        };
+        let (plog, slog) = (dir.join("ftsweep-p.log"), dir.join("ftsweep-s.log"));
+        let (pcon, scon) = (dir.join("ftsweep-p.console"), dir.join("ftsweep-s.console"));
+        let mut standby = ChildGuard::spawn_in_netns(
+            "standby",
+            &topo.pm2_ns,
+            twinrun,
+            &role("standby", &l2, &topo.pm2_tap, &scon),
+            &slog,
+        )
+        .map_err(|e| format!("spawn standby: {e}"))?;
+        let mut primary = ChildGuard::spawn_in_netns(
+            "primary",
+            &topo.pm1_ns,
+            twinrun,
+            &role("primary", &l1, &topo.pm1_tap, &pcon),
+            &plog,
+        )
+        .map_err(|e| format!("spawn primary: {e}"))?;
+        let t0 = Instant::now();
+        while !read_log(&plog).contains(PROTECTED_LOG) {
+            for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
+                if let Some(st) = c.try_status() {
+                    return Err(format!(
+                        "the {} exited before protection ({st}):\n{}",
+                        c.name,
+                        read_log(log)
+                    ));
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
+                    read_log(&plog)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t_prot = Instant::now();
+        let r = measure(topo, sz);
+        let window = t_prot.elapsed();
+        // A failover during the run would mean the standby served part of it.
+        let still = primary.try_status().is_none();
+        let failed_over = read_log(&slog).contains(FAILOVER_LOG);
+        // The standby stops first: a primary stopped first would let it fail over,
+        // and its gratuitous ARP would point the LAN bridge at PM2's TAP for the next
+        // guest on PM1. The primary logs its report (epochs, pauses) when it notices
+        // the standby gone (20 heartbeat misses, about 1 s), or else when stopped.
+        standby.terminate(Duration::from_secs(5));
+        let t_wait = Instant::now();
+        while t_wait.elapsed() < Duration::from_secs(3)
+            && !read_log(&plog).contains("epochs captured")
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        primary.terminate(Duration::from_secs(5));
+        if !still {
+            return Err(format!(
+                "the primary exited during the measurement:\n{}",
+                read_log(&plog)
+            ));
+        }
+        if failed_over {
+            return Err("the standby failed over during the measurement".into());
+        }
+        let mut side = r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&plog)))?;
+        let (epochs, p50) = parse_report(&read_log(&plog));
+        if epochs.is_none() || p50.is_none() {
+            let log = read_log(&plog);
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            eprintln!("   no epoch report in the primary's log; its last lines: {tail:?}");
+        }
+        side.epochs = epochs;
+        side.pause_p50 = p50;
+        side.window = window;
+        for p in [secret, plog, slog, pcon, scon] {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(side)
+    }
+
+    /// Epochs captured and pause p50 from the primary's first report line, the one of
+    /// the measured session (`... N epochs captured, ... pause p50 Some(412.5µs) ...`;
+    /// once its standby is gone the primary opens a session 2 and, stopped, reports
+    /// that one too, empty).
+    pub fn parse_report(log: &str) -> (Option<u64>, Option<Duration>) {
+        let Some(line) = log.lines().find(|l| l.contains("epochs captured")) else {
+            return (None, None);
+        };
+        let epochs = line
+            .split(" epochs captured")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok());
+        let p50 = line
+            .split("pause p50 Some(")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(parse_debug_duration);
+        (epochs, p50)
+    }
+
+    /// A `Duration`'s `Debug` text (`12ns`, `412.5µs`, `1.2ms`, `3s`).
+    pub fn parse_debug_duration(s: &str) -> Option<Duration> {
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, unit) = s.split_at(split);
+        let v: f64 = num.parse().ok()?;
+        let ns_per_unit = match unit {
+            "ns" => 1.0,
+            "µs" | "us" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            _ => return None,
+        };
+        let ns = (v * ns_per_unit).round();
+        (0.0..1e18)
+            .contains(&ns)
+            .then(|| Duration::from_nanos(ns as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::kv::{parse_debug_duration, parse_report};
+
+    #[test]
+    fn debug_durations() {
+        let d = |s| parse_debug_duration(s);
+        assert_eq!(d("12ns"), Some(Duration::from_nanos(12)));
+        assert_eq!(d("412.5µs"), Some(Duration::from_nanos(412_500)));
+        assert_eq!(d("3ms"), Some(Duration::from_millis(3)));
+        assert_eq!(d("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(d("5 parsecs"), None);
+        assert_eq!(d("ms"), None);
+    }
+
+    #[test]
+    fn primary_report_line() {
+        let log = "INFO FT primary: protected\n\
+                   INFO FT primary: 2 sync rounds, 345 epochs captured, 344 acknowledged, \
+                   released through Some(343), pause p50 Some(412.5µs) p99 Some(1.2ms), 0 throttles\n\
+                   INFO FT primary: waiting for a standby (session 2)\n\
+                   INFO FT primary: 0 sync rounds, 0 epochs captured, 0 acknowledged, \
+                   released through None, pause p50 None p99 None, 0 throttles\n";
+        assert_eq!(
+            parse_report(log),
+            (Some(345), Some(Duration::from_nanos(412_500)))
+        );
+        assert_eq!(parse_report("nothing here"), (None, None));
+    }
 }

@@ -1,8 +1,9 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror). Needs root (KVM, network
-//! namespaces) and `redis-benchmark` for the kv figures. See benches/README.md.
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ft-epoch; all but
+//! ft-epoch by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
+//! figures. See benches/README.md.
 
 mod blk;
 mod boot;
@@ -33,14 +34,19 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 8] = [
-    "boot", "exits", "blk", "kv", "pause", "ft", "ft-net", "mirror",
+const SECTIONS: [&str; 9] = [
+    "boot", "exits", "blk", "kv", "pause", "ft", "ft-net", "mirror", "ft-epoch",
 ];
+
+/// Sections run only when `--only` names them: the epoch-length sweep (about 2 min)
+/// is for choosing the default epoch, not for every run.
+const OPT_IN: [&str; 1] = ["ft-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,ft-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
+  --only: default all but ft-epoch (the epoch-length sweep, opt-in)
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
   --kvm-probe: C source of the raw KVM probe used as the exit baseline in full runs
@@ -53,7 +59,11 @@ fn parse_args() -> Opts {
     let mut o = Opts {
         json: None,
         quick: false,
-        only: SECTIONS.iter().map(|s| s.to_string()).collect(),
+        only: SECTIONS
+            .iter()
+            .filter(|s| !OPT_IN.contains(s))
+            .map(|s| s.to_string())
+            .collect(),
         dir: std::env::temp_dir(),
         kvm_probe: Some(PathBuf::from(KVM_PROBE)).filter(|p| p.is_file()),
     };
@@ -199,6 +209,12 @@ fn main() {
         ftnet::run(&twinrun, &elf, &dir, &sizes)
     });
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
+    section("ft-epoch", &mut || {
+        if !env::have("redis-benchmark") || !env::have("redis-cli") {
+            return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
+        }
+        ft::sweep(&twinrun, &elf, &dir, &ft::SweepSizes::new(q))
+    });
     drop(scratch);
 
     context.push((

@@ -43,8 +43,15 @@ pub struct PrimaryConfig {
 impl Default for PrimaryConfig {
     fn default() -> Self {
         PrimaryConfig {
-            // Remus ran 25 ms epochs; shorter epochs cut added output latency. To be
-            // revisited with the benchmarks of issue 4.
+            // Chosen from the epoch-length sweep (`twinrun-bench --only ft-epoch`,
+            // benches/README.md): a guest with output waiting ends its epoch after
+            // `min_epoch` whatever this is, so request latency and kv throughput did
+            // not move from 5 to 80 ms (added p50 2.0-2.3 ms). For a guest without
+            // output the pause share fell from 5.5 % (5 ms) to 3.6 % (20 ms) and no
+            // further at 40-80 ms, while the pause per epoch kept growing (p50 at
+            // 10k pages/s: 0.23, 0.42, 0.87, 1.07 ms at 5, 20, 40, 80 ms). 20 ms is
+            // the shortest length past which longer epochs buy nothing but longer
+            // stalls, more staging memory and more work lost at a failover.
             epoch_len: Duration::from_millis(20),
             min_epoch: Duration::from_millis(2),
             max_in_flight: 4,
