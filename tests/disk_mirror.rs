@@ -23,6 +23,114 @@ use storage_mirror::meta::{MetaState, MetaStore};
 const PROTECTED_LOG: &str = "FT primary: protected";
 const RESYNC_DONE: &str = "primary: disk resync done: ";
 
+/// A fresh pair's namespaces and files (disks resized to `bytes` if given).
+fn setup(bytes: Option<u64>) -> (tempfile::TempDir, FtTopology, PairFiles) {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = FtTopology::new();
+    let files = PairFiles::new(dir.path());
+    if let Some(b) = bytes {
+        for d in &files.disks {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d)
+                .unwrap()
+                .set_len(b)
+                .unwrap();
+        }
+    }
+    (dir, topo, files)
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The standby on PM2, listening.
+fn start_standby(topo: &FtTopology, files: &PairFiles, wl: &[&str], extra: &[&str]) -> Pm {
+    let mut s = Pm::spawn_with(topo, files, 1, wl, extra);
+    s.wait_log("listening for the primary", Duration::from_secs(30))
+        .unwrap();
+    s
+}
+
+/// Starts a pair whose first (full, rate-limited) resync is under way for 1.5 s.
+fn full_resync_under_way(
+    topo: &FtTopology,
+    files: &PairFiles,
+    wl: &[&str],
+    extra: &[&str],
+) -> (Pm, Pm) {
+    let standby = start_standby(topo, files, wl, extra);
+    let mut primary = Pm::spawn_with(topo, files, 0, wl, extra);
+    primary
+        .wait_log("Full", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    (standby, primary)
+}
+
+/// The last session of `primary` resumed a resync of a `disk_bytes` disk with a delta
+/// instead of a new full copy.
+fn assert_resumed_with_delta(primary: &Pm, disk_bytes: u64) {
+    assert!(
+        primary
+            .stderr()
+            .lines()
+            .any(|l| l.contains("primary: disk ") && l.contains("Delta")),
+        "resumed with a delta, not a new full copy\n{}",
+        tail(primary)
+    );
+    let copied = resyncs(primary).last().unwrap().1;
+    assert!(
+        copied < disk_bytes,
+        "resumed, not restarted: {copied} bytes copied"
+    );
+}
+
+/// Starts a protected pair whose primary serves the control socket of a VM named
+/// `dm-<tag>-<pid>`; returns the name, the standby and the primary.
+fn named_pair(topo: &FtTopology, files: &PairFiles, wl: &[&str], tag: &str) -> (String, Pm, Pm) {
+    let name = format!("dm-{tag}-{}", std::process::id());
+    let (standby, primary) = protected_pair(topo, files, wl, &["--name", &name]);
+    (name, standby, primary)
+}
+
+/// Starts a pair (10 ms epochs; `pextra` for the primary only) and waits until it is
+/// protected; returns the standby and the primary.
+fn protected_pair(topo: &FtTopology, files: &PairFiles, wl: &[&str], pextra: &[&str]) -> (Pm, Pm) {
+    let extra = ["--epoch-ms", "10"];
+    let standby = start_standby(topo, files, wl, &extra);
+    let mut pargs = extra.to_vec();
+    pargs.extend_from_slice(pextra);
+    let mut primary = Pm::spawn_with(topo, files, 0, wl, &pargs);
+    wait_protected(&mut primary, &standby, 1, "first session");
+    (standby, primary)
+}
+
+/// Once the guest wrote its last record (`limit - 1`) on `running`'s side: both images
+/// are equal and `check`'s image holds every record the guest saw durable.
+fn assert_converged(files: &PairFiles, limit: u64, running: &mut Pm, other: &Pm, check: usize) {
+    wait_last_record(&files.console, limit - 1, Duration::from_secs(60), running);
+    assert_images_equal(files, running, other);
+    let img = std::fs::read(&files.disks[check]).unwrap();
+    check_disk_records(&img, &written_seqs(&read_console(&files.console)))
+        .unwrap_or_else(|e| panic!("image {check}: {e}"));
+}
+
+/// Waits for the `n`-th protection of `p` (60 s at most).
+fn wait_protected(p: &mut Pm, other: &Pm, n: usize, why: &str) {
+    wait_count(p, other, PROTECTED_LOG, n, Duration::from_secs(60), why);
+}
+
+/// Runs the `twinrun` CLI.
+fn twinrun(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::twinrun_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// Counter keeps the guest alive after the disk workload's last record.
 fn workload(limit: u64, rate: u32) -> Vec<String> {
     [
@@ -142,27 +250,12 @@ fn assert_images_equal(files: &PairFiles, primary: &Pm, standby: &Pm) {
 
 #[test]
 fn delta_resync_after_the_standby_returns() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
+    let (_dir, topo, files) = setup(None);
     const LIMIT: u64 = 2000;
     let wl = workload(LIMIT, 250);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let wl = strs(&wl);
     let extra = ["--epoch-ms", "10"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(30),
-        "first session",
-    );
+    let (mut standby, mut primary) = protected_pair(&topo, &files, &wl, &[]);
     // No metadata existed: the standby got the whole disk.
     let first = resyncs(&primary);
     assert_eq!(first.len(), 1, "{}", tail(&primary));
@@ -183,14 +276,7 @@ fn delta_resync_after_the_standby_returns() {
     );
 
     let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        2,
-        Duration::from_secs(60),
-        "second session",
-    );
+    wait_protected(&mut primary, &standby, 2, "second session");
     let log = primary.stderr();
     assert!(
         log.contains("Delta"),
@@ -211,16 +297,7 @@ fn delta_resync_after_the_standby_returns() {
     );
     assert!(delta_bytes < ft::DISK_BYTES / 4);
 
-    wait_last_record(
-        &files.console,
-        LIMIT - 1,
-        Duration::from_secs(60),
-        &mut primary,
-    );
-    assert_images_equal(&files, &primary, &standby);
-    let img = std::fs::read(&files.disks[1]).unwrap();
-    check_disk_records(&img, &written_seqs(&read_console(&files.console)))
-        .unwrap_or_else(|e| panic!("standby image: {e}"));
+    assert_converged(&files, LIMIT, &mut primary, &standby, 1);
     // The standby's metadata says in sync: same generation as the primary, consistent.
     let meta = |p: &Path| match MetaStore::for_image(p).load().unwrap() {
         MetaState::Ok(m) => m,
@@ -234,32 +311,13 @@ fn delta_resync_after_the_standby_returns() {
 
 #[test]
 fn interrupted_resync_resumes() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
     // A 64 MiB disk at 16 MiB/s: the first (full) resync takes about 4 s.
-    for d in &files.disks {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(d)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-    }
+    let (_dir, topo, files) = setup(Some(64 << 20));
     const LIMIT: u64 = 1500;
     let wl = workload(LIMIT, 200);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let wl = strs(&wl);
     let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
-    primary
-        .wait_log("Full", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::thread::sleep(Duration::from_millis(1500));
+    let (mut standby, mut primary) = full_resync_under_way(&topo, &files, &wl, &extra);
     standby.kill();
     assert_eq!(count(&primary, PROTECTED_LOG), 0, "killed mid-resync");
     // The cut replica is marked inconsistent: never promotable.
@@ -268,30 +326,8 @@ fn interrupted_resync_resumes() {
         other => panic!("standby metadata: {other:?}"),
     }
     let standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "resumed",
-    );
-    let log = primary.stderr();
-    let resumed = log
-        .lines()
-        .filter(|l| l.contains("primary: disk ") && l.contains("Delta"))
-        .count();
-    assert!(
-        resumed >= 1,
-        "the second standby resumes with a delta\n{}",
-        tail(&primary)
-    );
-    let all = resyncs(&primary);
-    let copied = all.last().unwrap().1;
-    assert!(
-        copied < 64 << 20,
-        "resumed, not restarted: {copied} bytes copied"
-    );
+    wait_protected(&mut primary, &standby, 1, "resumed");
+    assert_resumed_with_delta(&primary, 64 << 20);
     wait_last_record(
         &files.console,
         LIMIT - 1,
@@ -314,18 +350,7 @@ fn blkbench_bad(console: &[u8]) -> Option<u64> {
 
 #[test]
 fn primary_disk_failure_is_served_by_the_standby() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
-    for d in &files.disks {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(d)
-            .unwrap()
-            .set_len(80 << 20)
-            .unwrap();
-    }
+    let (_dir, topo, files) = setup(Some(80 << 20));
     // blkbench writes 64 MiB then reads it back and counts bad blocks; the primary's
     // disk fails during the writes, so the rest of the writes, the flush and every
     // read are served through the standby's replica.
@@ -343,18 +368,13 @@ fn primary_disk_failure_is_served_by_the_standby() {
     ];
     let name = format!("dm-fail-{}", std::process::id());
     let extra = ["--epoch-ms", "10"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
+    let mut standby = start_standby(&topo, &files, &wl, &extra);
     let pextra = ["--epoch-ms", "10", "--name", &name];
     let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &pextra);
     let fault = |args: &[&str]| {
-        std::process::Command::new(common::twinrun_bin())
-            .args(["vm", "fault", "--name", &name, "--disk", "0"])
-            .args(args)
-            .output()
-            .unwrap()
+        let mut a = vec!["vm", "fault", "--name", &name, "--disk", "0"];
+        a.extend_from_slice(args);
+        twinrun(&a)
     };
     // A slow local disk first (20 ms per batch), so that blkbench is still writing
     // when the pair is protected and the disk fails.
@@ -363,14 +383,7 @@ fn primary_disk_failure_is_served_by_the_standby() {
         assert!(t0.elapsed() < Duration::from_secs(10), "no control socket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "protected",
-    );
+    wait_protected(&mut primary, &standby, 1, "protected");
     let out = fault(&["--fail"]);
     assert!(
         out.status.success(),
@@ -414,34 +427,13 @@ fn primary_disk_failure_is_served_by_the_standby() {
 
 #[test]
 fn disk_workload_survives_the_primary_disk_failure() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
+    let (_dir, topo, files) = setup(None);
     const LIMIT: u64 = 1200;
     let wl = workload(LIMIT, 250);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
-    let name = format!("dm-wl-{}", std::process::id());
-    let extra = ["--epoch-ms", "10"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let pextra = ["--epoch-ms", "10", "--name", &name];
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &pextra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "protected",
-    );
+    let wl = strs(&wl);
+    let (name, mut standby, mut primary) = named_pair(&topo, &files, &wl, "wl");
     std::thread::sleep(Duration::from_millis(500));
-    let out = std::process::Command::new(common::twinrun_bin())
-        .args(["vm", "fault", "--name", &name, "--disk", "0", "--fail"])
-        .output()
-        .unwrap();
+    let out = twinrun(&["vm", "fault", "--name", &name, "--disk", "0", "--fail"]);
     assert!(
         out.status.success(),
         "{}",
@@ -480,27 +472,12 @@ fn disk_workload_survives_the_primary_disk_failure() {
 
 #[test]
 fn failback_resyncs_the_old_primary_with_a_delta() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
+    let (_dir, topo, files) = setup(None);
     const LIMIT: u64 = 2000;
     let wl = workload(LIMIT, 250);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let wl = strs(&wl);
     let extra = ["--epoch-ms", "10"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "first session",
-    );
+    let (mut standby, mut primary) = protected_pair(&topo, &files, &wl, &[]);
     std::thread::sleep(Duration::from_millis(800));
     // PM1 dies; PM2 takes over and runs the VM alone, recording what it writes.
     primary.kill();
@@ -511,14 +488,7 @@ fn failback_resyncs_the_old_primary_with_a_delta() {
     std::thread::sleep(Duration::from_millis(1500));
     // PM1 comes back as the standby of the survivor.
     let old = Pm::spawn_as(&topo, &files, 0, "standby", &wl, &extra);
-    wait_count(
-        &mut standby,
-        &old,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "failback",
-    );
+    wait_protected(&mut standby, &old, 1, "failback");
     let log = standby.stderr();
     assert!(
         log.lines()
@@ -536,44 +506,17 @@ fn failback_resyncs_the_old_primary_with_a_delta() {
         delta_bytes <= (4 << 20) + ((since as u64 + 64) * 512).div_ceil(4096) * 4096,
         "delta of {delta_bytes} bytes"
     );
-    wait_last_record(
-        &files.console,
-        LIMIT - 1,
-        Duration::from_secs(60),
-        &mut standby,
-    );
     // Images: disks[1] is the survivor's (now primary), disks[0] the old primary's.
-    assert_images_equal(&files, &standby, &old);
-    let img = std::fs::read(&files.disks[0]).unwrap();
-    check_disk_records(&img, &written_seqs(&read_console(&files.console)))
-        .unwrap_or_else(|e| panic!("old primary's image: {e}"));
+    assert_converged(&files, LIMIT, &mut standby, &old, 0);
 }
 
 #[test]
 fn online_verify_reports_and_marks_a_difference() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
+    let (_dir, topo, files) = setup(None);
     const LIMIT: u64 = 300;
     let wl = workload(LIMIT, 300);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
-    let name = format!("dm-verify-{}", std::process::id());
-    let extra = ["--epoch-ms", "10"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let pextra = ["--epoch-ms", "10", "--name", &name];
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &pextra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "protected",
-    );
+    let wl = strs(&wl);
+    let (name, mut standby, mut primary) = named_pair(&topo, &files, &wl, "verify");
     wait_last_record(
         &files.console,
         LIMIT - 1,
@@ -591,12 +534,6 @@ fn online_verify_reports_and_marks_a_difference() {
         f.write_all_at(&[0xAB; 4096], at).unwrap();
         f.sync_all().unwrap();
     }
-    let twinrun = |args: &[&str]| {
-        std::process::Command::new(common::twinrun_bin())
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let out = twinrun(&[
         "disk",
         "verify",
@@ -635,73 +572,29 @@ fn online_verify_reports_and_marks_a_difference() {
     primary
         .wait_log("DEGRADED", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
-    let standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        2,
-        Duration::from_secs(60),
-        "after verify",
-    );
+    let standby = Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
+    wait_protected(&mut primary, &standby, 2, "after verify");
     assert_images_equal(&files, &primary, &standby);
 }
 
 #[test]
 fn a_resync_cut_by_the_primary_crash_resumes() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
-    let files = PairFiles::new(dir.path());
-    for d in &files.disks {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(d)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-    }
+    let (_dir, topo, files) = setup(Some(64 << 20));
     const LIMIT: u64 = 600;
     let wl = workload(LIMIT, 200);
-    let wl: Vec<&str> = wl.iter().map(String::as_str).collect();
+    let wl = strs(&wl);
     let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
-    let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
-    primary
-        .wait_log("Full", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::thread::sleep(Duration::from_millis(1500));
+    let (mut standby, mut primary) = full_resync_under_way(&topo, &files, &wl, &extra);
     // The primary dies mid-resync: the standby has nothing committed to take over.
     primary.kill();
     standby
         .wait_log("nothing to take over", Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
     // Both come back: the resync resumes from the primary's bitmap.
-    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &extra);
-    standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
-        .unwrap();
+    let standby = start_standby(&topo, &files, &wl, &extra);
     let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
-    wait_count(
-        &mut primary,
-        &standby,
-        PROTECTED_LOG,
-        1,
-        Duration::from_secs(60),
-        "resumed",
-    );
-    let log = primary.stderr();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("primary: disk ") && l.contains("Delta")),
-        "resumed with a delta, not a new full copy\n{}",
-        tail(&primary)
-    );
-    let copied = resyncs(&primary).last().unwrap().1;
-    assert!(copied < 64 << 20, "{copied} bytes copied");
+    wait_protected(&mut primary, &standby, 1, "resumed");
+    assert_resumed_with_delta(&primary, 64 << 20);
     // The guest (rebooted on the primary's disk) keeps writing records; once done the
     // replicas are equal.
     wait_last_record(
