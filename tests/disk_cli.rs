@@ -13,7 +13,6 @@ mod ft;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{disk_image, require_kvm, twinrun_bin, VmProcess, VmRun};
@@ -22,12 +21,7 @@ use storage_mirror::meta::{MetaStore, ReplicaMeta, ResyncProgress, VerifyReport}
 
 /// One run directory for this test process (control sockets of the VMs it starts).
 fn env_dirs() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    // Set before any VMM is spawned; children inherit it.
-    std::env::set_var("TWINRUN_RUN_DIR", d.path().join("run"));
-    std::env::set_var("TWINRUN_STATE_DIR", d.path().join("state"));
-    d.path()
+    common::private_dirs()
 }
 
 fn disk(args: &[&str]) -> Output {

@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{disk_image, require_kvm, twinrun_bin, ConsoleLog, VmProcess, VmRun};
@@ -14,13 +13,8 @@ use twinrun::control::{self, Op, Response};
 
 /// One run/state directory for this test process (tests in it use distinct VM names).
 fn env_dirs() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    // Set before any VMM is spawned; children inherit it.
-    std::env::set_var("TWINRUN_RUN_DIR", d.path().join("run"));
-    std::env::set_var("TWINRUN_STATE_DIR", d.path().join("state"));
     std::env::set_var("TWINRUN_SNAPSHOT_MEMCHECK", "1");
-    d.path()
+    common::private_dirs()
 }
 
 fn twinrun(args: &[&str]) -> Output {

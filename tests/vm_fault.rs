@@ -5,19 +5,13 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{disk_image, require_kvm, twinrun_bin, VmProcess, VmRun};
 
 /// One run directory for this test process.
 fn env_dirs() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    // Set before any VMM is spawned; children inherit it.
-    std::env::set_var("TWINRUN_RUN_DIR", d.path().join("run"));
-    std::env::set_var("TWINRUN_STATE_DIR", d.path().join("state"));
-    d.path()
+    common::private_dirs()
 }
 
 fn fault(args: &[&str]) -> Output {

@@ -22,6 +22,17 @@ pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// One run/state directory for this test process (`$TWINRUN_RUN_DIR` for control
+/// sockets, `$TWINRUN_STATE_DIR` for snapshots), set in the environment before any VMM
+/// is spawned so that children inherit it; tests in one process use distinct VM names.
+pub fn private_dirs() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    std::env::set_var("TWINRUN_RUN_DIR", d.path().join("run"));
+    std::env::set_var("TWINRUN_STATE_DIR", d.path().join("state"));
+    d.path()
+}
+
 /// The `twinrun` binary cargo built for these tests.
 pub fn twinrun_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_twinrun"))
