@@ -865,23 +865,18 @@ fn sweep_figures(rows: &[SweepRow], base: &kv::Side, sz: &SweepSizes) -> Vec<Fig
 /// The kv guest as real `twinrun` processes on the demo topology (the `ft-net`
 /// set-up), with the epoch length given on the command line.
 mod kv {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{SocketAddr, TcpStream};
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use twinrun::demo::client::enter_netns;
-    use twinrun::demo::process::ChildGuard;
     use twinrun::demo::topology::Topology;
-    use twinrun::demo::{FAILOVER_LOG, PROTECTED_LOG};
 
     use super::SweepSizes;
-    use crate::proc::output_timeout;
-    use crate::redis::parse_rps;
+    use crate::ftnet::{self, read_log, Load, Pair};
 
-    pub const PIPELINES: [u32; 2] = [1, 16];
+    pub(crate) use crate::ftnet::{pct, PIPELINES};
     pub const UNPROT: &str = "same guest unprotected, same topology (mean of before and after)";
-    const KV_PORT: u16 = 6379;
+    /// The prefix of this sweep's files (`ftsweep-u.log`, ...), apart from `ft-net`'s.
+    const TAG: &str = "ftsweep";
 
     /// One guest configuration's results.
     pub struct Side {
@@ -897,6 +892,16 @@ mod kv {
     }
 
     impl Side {
+        fn measured(m: ftnet::Side) -> Side {
+            Side {
+                rps: m.rps,
+                lat_ms: m.lat_ms,
+                epochs: None,
+                pause_p50: None,
+                window: m.window,
+            }
+        }
+
         /// Two unprotected measurements as one baseline: mean requests/s, latencies
         /// pooled.
         pub fn mean(a: &Side, b: &Side) -> Side {
@@ -925,147 +930,16 @@ mod kv {
         }
     }
 
-    pub fn pct(sorted: &[f64], p: f64) -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[i.min(sorted.len() - 1)]
-    }
-
     pub fn topology() -> Result<Topology, String> {
         Topology::create(&format!("be{}", std::process::id() % 1_000_000))
             .map_err(|e| format!("demo topology: {e}"))
     }
 
-    fn redis_bench(topo: &Topology, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
-        let host = topo.guest_ip().to_string();
-        let mut c = Topology::command_in(&topo.client_ns, "redis-benchmark");
-        c.args(["-h", &host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
-            .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
-        let out = output_timeout(&mut c, Duration::from_secs(120))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
-            (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
-            _ => Err(format!(
-                "redis-benchmark -P {pipeline} against {host} failed ({}):\n{text}",
-                out.status
-            )),
+    fn load(sz: &SweepSizes) -> Load {
+        Load {
+            bench_n: sz.bench_n,
+            latency_samples: sz.latency_samples,
         }
-    }
-
-    fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
-        let host = topo.guest_ip().to_string();
-        let t0 = Instant::now();
-        while t0.elapsed() < timeout {
-            let mut c = Topology::command_in(&topo.client_ns, "redis-cli");
-            c.args(["-h", &host, "-p", "6379", "PING"]);
-            if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
-                if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(format!(
-            "kv at {host} never answered PING within {timeout:?}"
-        ))
-    }
-
-    /// `SET lat:<i> <i>` one at a time on one connection from `ns`, after 20 untimed
-    /// ones; sorted round trips in ms. 2 s per reply, 60 s overall.
-    fn latency(ns: &str, addr: SocketAddr, samples: usize) -> Result<Vec<f64>, String> {
-        const WARMUP: usize = 20;
-        let ns = ns.to_string();
-        let worker = std::thread::spawn(move || -> Result<Vec<f64>, String> {
-            enter_netns(&ns).map_err(|e| format!("setns {ns}: {e}"))?;
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))
-                .map_err(|e| e.to_string())?;
-            let mut w = s.try_clone().map_err(|e| e.to_string())?;
-            let mut r = BufReader::new(s);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut out = Vec::with_capacity(samples);
-            let mut line = String::new();
-            for i in 0..samples + WARMUP {
-                if Instant::now() > deadline {
-                    break;
-                }
-                let (k, v) = (format!("lat:{i}"), i.to_string());
-                let req = format!(
-                    "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
-                    k.len(),
-                    v.len()
-                );
-                let t = Instant::now();
-                w.write_all(req.as_bytes())
-                    .map_err(|e| format!("send: {e}"))?;
-                line.clear();
-                r.read_line(&mut line)
-                    .map_err(|e| format!("reply {i}: {e}"))?;
-                let dt = t.elapsed();
-                if line != "+OK\r\n" {
-                    return Err(format!("reply {i}: unexpected {line:?}"));
-                }
-                if i >= WARMUP {
-                    out.push(dt.as_secs_f64() * 1e3);
-                }
-            }
-            Ok(out)
-        });
-        let mut v = worker
-            .join()
-            .map_err(|_| "latency client panicked".to_string())??;
-        if v.len() < samples / 2 {
-            return Err(format!(
-                "only {} of {samples} latency samples within the deadline",
-                v.len()
-            ));
-        }
-        v.sort_by(f64::total_cmp);
-        Ok(v)
-    }
-
-    fn measure(topo: &Topology, sz: &SweepSizes) -> Result<Side, String> {
-        wait_ping(topo, Duration::from_secs(30))?;
-        let t0 = Instant::now();
-        let mut rps = Vec::new();
-        for p in PIPELINES {
-            rps.push(redis_bench(topo, sz.bench_n, p)?);
-        }
-        let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
-        let lat_ms = latency(&topo.client_ns, addr, sz.latency_samples)?;
-        Ok(Side {
-            rps,
-            lat_ms,
-            epochs: None,
-            pause_p50: None,
-            window: t0.elapsed(),
-        })
-    }
-
-    fn args(elf: &Path, topo: &Topology, console: &Path, tap: &str) -> Vec<String> {
-        let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
-        v.push(elf.display().to_string());
-        v.extend([
-            "--mem-mib".into(),
-            "64".into(),
-            "--workload".into(),
-            "kv".into(),
-            "--kv-addr".into(),
-            topo.guest_cidr(),
-            "--console".into(),
-            format!("file:{}", console.display()),
-            "--net".into(),
-            format!("{tap},{}", topo.guest_mac()),
-        ]);
-        v
-    }
-
-    fn read_log(p: &Path) -> String {
-        std::fs::read_to_string(p).unwrap_or_default()
     }
 
     pub fn unprotected(
@@ -1075,19 +949,7 @@ mod kv {
         topo: &Topology,
         sz: &SweepSizes,
     ) -> Result<Side, String> {
-        let (console, log) = (dir.join("ftsweep-u.console"), dir.join("ftsweep-u.log"));
-        let a = args(elf, topo, &console, &topo.pm1_tap);
-        let mut vm = ChildGuard::spawn_in_netns("unprotected", &topo.pm1_ns, twinrun, &a, &log)
-            .map_err(|e| format!("spawn unprotected VM: {e}"))?;
-        let r = measure(topo, sz);
-        if let Some(st) = vm.try_status() {
-            return Err(format!(
-                "the unprotected VM exited ({st}):\n{}",
-                read_log(&log)
-            ));
-        }
-        vm.terminate(Duration::from_secs(5));
-        r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", read_log(&log)))
+        ftnet::unprotected(twinrun, elf, dir, topo, TAG, &load(sz)).map(Side::measured)
     }
 
     /// An FT pair with `--epoch-ms epoch_ms`, measured once the primary is protected.
@@ -1099,110 +961,26 @@ mod kv {
         sz: &SweepSizes,
         epoch_ms: u64,
     ) -> Result<Side, String> {
-        let secret = dir.join("ftsweep.secret");
-        let mut key = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut key))
-            .map_err(|e| format!("/dev/urandom: {e}"))?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
-        let (l1, l2) = topo.alink_args();
-        let role = |role: &str, links: &[String], tap: &str, console: &Path| {
-            let mut a = args(elf, topo, console, tap);
-            a.extend(["--role".into(), role.into()]);
-            for l in links {
-                a.extend(["--alink".into(), l.clone()]);
-            }
-            a.extend([
-                "--cluster-id".into(),
-                format!("sweep-{}-{epoch_ms}", std::process::id()),
-                "--cluster-secret-file".into(),
-                secret.display().to_string(),
-                // Failover is not measured: a wide window keeps a busy 2-core machine
-                // from a false one.
-                "--heartbeat-misses".into(),
-                "20".into(),
-            ]);
-            if role == "primary" {
-                a.extend(["--epoch-ms".into(), epoch_ms.to_string()]);
-            }
-            a
-        };
-        let (plog, slog) = (dir.join("ftsweep-p.log"), dir.join("ftsweep-s.log"));
-        let (pcon, scon) = (dir.join("ftsweep-p.console"), dir.join("ftsweep-s.console"));
-        let mut standby = ChildGuard::spawn_in_netns(
-            "standby",
-            &topo.pm2_ns,
-            twinrun,
-            &role("standby", &l2, &topo.pm2_tap, &scon),
-            &slog,
-        )
-        .map_err(|e| format!("spawn standby: {e}"))?;
-        let mut primary = ChildGuard::spawn_in_netns(
-            "primary",
-            &topo.pm1_ns,
-            twinrun,
-            &role("primary", &l1, &topo.pm1_tap, &pcon),
-            &plog,
-        )
-        .map_err(|e| format!("spawn primary: {e}"))?;
-        let t0 = Instant::now();
-        while !read_log(&plog).contains(PROTECTED_LOG) {
-            for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
-                if let Some(st) = c.try_status() {
-                    return Err(format!(
-                        "the {} exited before protection ({st}):\n{}",
-                        c.name,
-                        read_log(log)
-                    ));
-                }
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                return Err(format!(
-                    "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
-                    read_log(&plog)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let id = format!("sweep-{}-{epoch_ms}", std::process::id());
+        let extra = ["--epoch-ms".to_string(), epoch_ms.to_string()];
+        let mut pair = Pair::start(twinrun, elf, dir, topo, TAG, &id, &extra)?;
         let t_prot = Instant::now();
-        let r = measure(topo, sz);
+        let r = ftnet::measure(topo, &load(sz));
         let window = t_prot.elapsed();
-        // A failover during the run would mean the standby served part of it.
-        let still = primary.try_status().is_none();
-        let failed_over = read_log(&slog).contains(FAILOVER_LOG);
-        // The standby stops first: a primary stopped first would let it fail over,
-        // and its gratuitous ARP would point the LAN bridge at PM2's TAP for the next
-        // guest on PM1. The primary logs its report (epochs, pauses) when it notices
-        // the standby gone (20 heartbeat misses, about 1 s), or else when stopped.
-        standby.terminate(Duration::from_secs(5));
-        let t_wait = Instant::now();
-        while t_wait.elapsed() < Duration::from_secs(3)
-            && !read_log(&plog).contains("epochs captured")
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        primary.terminate(Duration::from_secs(5));
-        if !still {
-            return Err(format!(
-                "the primary exited during the measurement:\n{}",
-                read_log(&plog)
-            ));
-        }
-        if failed_over {
-            return Err("the standby failed over during the measurement".into());
-        }
-        let mut side = r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&plog)))?;
-        let (epochs, p50) = parse_report(&read_log(&plog));
+        // The primary's report (epochs, pauses) is what this sweep reads from it.
+        pair.stop(Duration::from_secs(3))?;
+        let m = r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&pair.plog)))?;
+        let mut side = Side::measured(m);
+        let (epochs, p50) = parse_report(&read_log(&pair.plog));
         if epochs.is_none() || p50.is_none() {
-            let log = read_log(&plog);
+            let log = read_log(&pair.plog);
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             eprintln!("   no epoch report in the primary's log; its last lines: {tail:?}");
         }
         side.epochs = epochs;
         side.pause_p50 = p50;
         side.window = window;
-        for p in [secret, plog, slog, pcon, scon] {
+        for p in [&pair.secret, &pair.plog, &pair.slog, &pair.pcon, &pair.scon] {
             let _ = std::fs::remove_file(p);
         }
         Ok(side)

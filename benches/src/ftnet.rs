@@ -20,17 +20,17 @@
 //! Every count and wait is bounded; the namespaces and processes go away on drop.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use twinrun::demo::client::enter_netns;
 use twinrun::demo::process::ChildGuard;
 use twinrun::demo::topology::Topology;
-use twinrun::demo::PROTECTED_LOG;
+use twinrun::demo::{FAILOVER_LOG, PROTECTED_LOG};
 
+use crate::net::{tcp_join, tcp_receiver, tcp_sender};
 use crate::proc::output_timeout;
-use crate::redis::parse_rps;
 use crate::report::{Better, Figure};
 
 const KV_PORT: u16 = 6379;
@@ -43,31 +43,31 @@ pub struct Sizes {
     pub tcp_secs: f64,
 }
 
-/// Results of one guest configuration (FT or unprotected).
-struct Side {
-    /// (SET, GET) requests/s for `-P 1` and `-P 16`.
-    rps: Vec<(f64, f64)>,
-    /// Sorted round-trip times in ms.
-    lat_ms: Vec<f64>,
+/// How much kv load one measurement puts on a guest (shared with the `ft-epoch`
+/// sweep, which measures the same guest the same way).
+pub(crate) struct Load {
+    /// `redis-benchmark -n` per pipeline depth.
+    pub bench_n: u32,
+    /// SET round trips for the latency percentiles.
+    pub latency_samples: usize,
 }
 
-const PIPELINES: [u32; 2] = [1, 16];
+/// Results of one guest configuration (FT or unprotected).
+pub(crate) struct Side {
+    /// (SET, GET) requests/s per entry of [`PIPELINES`].
+    pub rps: Vec<(f64, f64)>,
+    /// Sorted round-trip times in ms.
+    pub lat_ms: Vec<f64>,
+    /// From the first PONG to the last latency sample.
+    pub window: Duration,
+}
+
+pub(crate) const PIPELINES: [u32; 2] = [1, 16];
 
 fn redis_bench(topo: &Topology, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
     let host = topo.guest_ip().to_string();
-    let mut c = Topology::command_in(&topo.client_ns, "redis-benchmark");
-    c.args(["-h", &host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
-        .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
-    let out = output_timeout(&mut c, Duration::from_secs(120))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
-        (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
-        _ => Err(format!(
-            "redis-benchmark -P {pipeline} against {host} failed ({}):\n{text}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )),
-    }
+    let c = Topology::command_in(&topo.client_ns, "redis-benchmark");
+    crate::redis::set_get(c, &host, n, pipeline, Duration::from_secs(120))
 }
 
 fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
@@ -147,7 +147,7 @@ fn latency(ns: &str, addr: SocketAddr, samples: usize, warmup: usize) -> Result<
     Ok(v)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -155,18 +155,26 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn measure(topo: &Topology, s: &Sizes) -> Result<Side, String> {
+/// Once the kv guest answers PING: `redis-benchmark` at each of [`PIPELINES`], then
+/// the latency client (20 untimed requests first).
+pub(crate) fn measure(topo: &Topology, load: &Load) -> Result<Side, String> {
     wait_ping(topo, Duration::from_secs(30))?;
+    let t0 = Instant::now();
     let mut rps = Vec::new();
     for p in PIPELINES {
-        rps.push(redis_bench(topo, s.bench_n, p)?);
+        rps.push(redis_bench(topo, load.bench_n, p)?);
     }
     let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
-    let lat_ms = latency(&topo.client_ns, addr, s.latency_samples, 20)?;
-    Ok(Side { rps, lat_ms })
+    let lat_ms = latency(&topo.client_ns, addr, load.latency_samples, 20)?;
+    Ok(Side {
+        rps,
+        lat_ms,
+        window: t0.elapsed(),
+    })
 }
 
-fn common_args(elf: &Path, topo: &Topology, console: &Path) -> Vec<String> {
+/// `twinrun vm run` of the 64 MiB kv guest on `tap`, console to `console`.
+fn vm_args(elf: &Path, topo: &Topology, console: &Path, tap: &str) -> Vec<String> {
     let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
     v.push(elf.display().to_string());
     v.extend([
@@ -178,35 +186,38 @@ fn common_args(elf: &Path, topo: &Topology, console: &Path) -> Vec<String> {
         topo.guest_cidr(),
         "--console".into(),
         format!("file:{}", console.display()),
+        "--net".into(),
+        format!("{tap},{}", topo.guest_mac()),
     ]);
     v
-}
-
-fn net_arg(tap: &str, topo: &Topology) -> [String; 2] {
-    ["--net".into(), format!("{tap},{}", topo.guest_mac())]
 }
 
 fn log_has(path: &Path, needle: &str) -> bool {
     std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle))
 }
 
-fn read_log(p: &Path) -> String {
+pub(crate) fn read_log(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-fn unprotected(
+/// The kv guest unprotected in pm1 on PM1's TAP, measured; its files are
+/// `<tag>-u.console` and `<tag>-u.log` in `dir`.
+pub(crate) fn unprotected(
     twinrun: &Path,
     elf: &Path,
     dir: &Path,
     topo: &Topology,
-    s: &Sizes,
+    tag: &str,
+    load: &Load,
 ) -> Result<Side, String> {
-    let (console, log) = (dir.join("ftnet-u.console"), dir.join("ftnet-u.log"));
-    let mut args = common_args(elf, topo, &console);
-    args.extend(net_arg(&topo.pm1_tap, topo));
+    let (console, log) = (
+        dir.join(format!("{tag}-u.console")),
+        dir.join(format!("{tag}-u.log")),
+    );
+    let args = vm_args(elf, topo, &console, &topo.pm1_tap);
     let mut vm = ChildGuard::spawn_in_netns("unprotected", &topo.pm1_ns, twinrun, &args, &log)
         .map_err(|e| format!("spawn unprotected VM: {e}"))?;
-    let r = measure(topo, s);
+    let r = measure(topo, load);
     if let Some(st) = vm.try_status() {
         return Err(format!(
             "the unprotected VM exited ({st}):\n{}",
@@ -217,95 +228,147 @@ fn unprotected(
     r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", read_log(&log)))
 }
 
+/// A running FT pair of the kv guest: standby in pm2, primary in pm1, both A-Links.
+/// Its files in `dir` are `<tag>.secret`, `<tag>-{p,s}.log` and `<tag>-{p,s}.console`.
+pub(crate) struct Pair {
+    primary: ChildGuard,
+    standby: ChildGuard,
+    pub secret: PathBuf,
+    pub plog: PathBuf,
+    pub slog: PathBuf,
+    pub pcon: PathBuf,
+    pub scon: PathBuf,
+}
+
+impl Pair {
+    /// Starts the pair (`primary_args` added to the primary's command line, e.g.
+    /// `--epoch-ms`) and returns once the primary logs [`PROTECTED_LOG`] (60 s at
+    /// most; an exit of either side first is an error).
+    pub(crate) fn start(
+        twinrun: &Path,
+        elf: &Path,
+        dir: &Path,
+        topo: &Topology,
+        tag: &str,
+        cluster_id: &str,
+        primary_args: &[String],
+    ) -> Result<Pair, String> {
+        let secret = dir.join(format!("{tag}.secret"));
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
+        let (l1, l2) = topo.alink_args();
+        let (plog, slog) = (
+            dir.join(format!("{tag}-p.log")),
+            dir.join(format!("{tag}-s.log")),
+        );
+        let (pcon, scon) = (
+            dir.join(format!("{tag}-p.console")),
+            dir.join(format!("{tag}-s.console")),
+        );
+        let spawn = |role: &'static str,
+                     ns: &str,
+                     links: &[String],
+                     tap: &str,
+                     console: &Path,
+                     log: &Path| {
+            let mut a = vm_args(elf, topo, console, tap);
+            a.extend(["--role".into(), role.into()]);
+            for l in links {
+                a.extend(["--alink".into(), l.clone()]);
+            }
+            a.extend([
+                "--cluster-id".into(),
+                cluster_id.into(),
+                "--cluster-secret-file".into(),
+                secret.display().to_string(),
+                // Failover is not measured here: a wide detection window keeps a busy
+                // 2-core machine (initial sync, redis-benchmark) from a false failover.
+                "--heartbeat-misses".into(),
+                "20".into(),
+            ]);
+            if role == "primary" {
+                a.extend(primary_args.iter().cloned());
+            }
+            ChildGuard::spawn_in_netns(role, ns, twinrun, &a, log)
+                .map_err(|e| format!("spawn {role}: {e}"))
+        };
+        let mut standby = spawn("standby", &topo.pm2_ns, &l2, &topo.pm2_tap, &scon, &slog)?;
+        let mut primary = spawn("primary", &topo.pm1_ns, &l1, &topo.pm1_tap, &pcon, &plog)?;
+        let t0 = Instant::now();
+        while !log_has(&plog, PROTECTED_LOG) {
+            for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
+                if let Some(st) = c.try_status() {
+                    return Err(format!(
+                        "the {} exited before protection ({st}):\n{}",
+                        c.name,
+                        read_log(log)
+                    ));
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
+                    read_log(&plog)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Pair {
+            primary,
+            standby,
+            secret,
+            plog,
+            slog,
+            pcon,
+            scon,
+        })
+    }
+
+    /// Stops the pair after a measurement; an error if the primary exited or the
+    /// standby failed over meanwhile (then the standby served part of the run).
+    /// The standby stops first: a primary stopped first would let it fail over, and
+    /// its gratuitous ARP would point the LAN bridge at PM2's TAP for the next guest
+    /// on PM1. Then up to `report_wait` for the primary to log its session report
+    /// ("epochs captured", logged when it notices the standby gone: 20 heartbeat
+    /// misses, about 1 s), or else it logs it when stopped.
+    pub(crate) fn stop(&mut self, report_wait: Duration) -> Result<(), String> {
+        let still = self.primary.try_status().is_none();
+        let failed_over = log_has(&self.slog, FAILOVER_LOG);
+        self.standby.terminate(Duration::from_secs(5));
+        let t_wait = Instant::now();
+        while t_wait.elapsed() < report_wait && !log_has(&self.plog, "epochs captured") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.primary.terminate(Duration::from_secs(5));
+        if !still {
+            return Err(format!(
+                "the primary exited during the measurement:\n{}",
+                read_log(&self.plog)
+            ));
+        }
+        if failed_over {
+            return Err("the standby failed over during the measurement".into());
+        }
+        Ok(())
+    }
+}
+
 fn protected(
     twinrun: &Path,
     elf: &Path,
     dir: &Path,
     topo: &Topology,
-    s: &Sizes,
+    load: &Load,
 ) -> Result<Side, String> {
-    let secret = dir.join("ftnet.secret");
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
-    let (l1, l2) = topo.alink_args();
-    let role = |role: &str, links: &[String], tap: &str, console: &Path| {
-        let mut a = common_args(elf, topo, console);
-        a.extend(net_arg(tap, topo));
-        a.extend(["--role".into(), role.into()]);
-        for l in links {
-            a.extend(["--alink".into(), l.clone()]);
-        }
-        a.extend([
-            "--cluster-id".into(),
-            format!("bench-{}", std::process::id()),
-            "--cluster-secret-file".into(),
-            secret.display().to_string(),
-            // Failover is not measured here: a wide detection window keeps a busy
-            // 2-core machine (initial sync, redis-benchmark) from a false failover.
-            "--heartbeat-misses".into(),
-            "20".into(),
-        ]);
-        a
-    };
-    let (plog, slog) = (dir.join("ftnet-p.log"), dir.join("ftnet-s.log"));
-    let (pcon, scon) = (dir.join("ftnet-p.console"), dir.join("ftnet-s.console"));
-    let mut standby = ChildGuard::spawn_in_netns(
-        "standby",
-        &topo.pm2_ns,
-        twinrun,
-        &role("standby", &l2, &topo.pm2_tap, &scon),
-        &slog,
-    )
-    .map_err(|e| format!("spawn standby: {e}"))?;
-    let mut primary = ChildGuard::spawn_in_netns(
-        "primary",
-        &topo.pm1_ns,
-        twinrun,
-        &role("primary", &l1, &topo.pm1_tap, &pcon),
-        &plog,
-    )
-    .map_err(|e| format!("spawn primary: {e}"))?;
-    let t0 = Instant::now();
-    while !log_has(&plog, PROTECTED_LOG) {
-        for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
-            if let Some(st) = c.try_status() {
-                return Err(format!(
-                    "the {} exited before protection ({st}):\n{}",
-                    c.name,
-                    read_log(log)
-                ));
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
-                read_log(&plog)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let r = measure(topo, s);
-    // Checked before stopping anything: a failover during the run would mean the
-    // standby served part of it. The standby stops first so that stopping the
-    // primary cannot trigger one.
-    let still = primary.try_status().is_none();
-    let failed_over = log_has(&slog, twinrun::demo::FAILOVER_LOG);
-    standby.terminate(Duration::from_secs(5));
-    primary.terminate(Duration::from_secs(5));
-    if !still {
-        return Err(format!(
-            "the primary exited during the measurement:\n{}",
-            read_log(&plog)
-        ));
-    }
-    if failed_over {
-        return Err("the standby failed over during the measurement".into());
-    }
-    r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&plog)))
+    let id = format!("bench-{}", std::process::id());
+    let mut pair = Pair::start(twinrun, elf, dir, topo, "ftnet", &id, &[])?;
+    let r = measure(topo, load);
+    pair.stop(Duration::ZERO)?;
+    r.map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&pair.plog)))
 }
 
 /// One TCP connection: a receiver (in `rx_ns`, or this namespace) and a sender (in
@@ -316,29 +379,7 @@ fn raw_tcp(
     ip: Ipv4Addr,
     secs: f64,
 ) -> Result<f64, String> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
-    let rx = std::thread::spawn(move || -> Result<f64, String> {
-        let setup = (|| {
-            if let Some(ns) = &rx_ns {
-                enter_netns(ns).map_err(|e| format!("setns {ns}: {e}"))?;
-            }
-            let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
-            let a = l.local_addr().map_err(|e| e.to_string())?;
-            Ok::<_, String>((l, a))
-        })();
-        let l = match setup {
-            Ok((l, a)) => {
-                let _ = ready_tx.send(Ok(a));
-                l
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.clone()));
-                return Err(e);
-            }
-        };
-        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
+    let (addr, rx) = tcp_receiver(rx_ns, IpAddr::V4(ip), |mut s| {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         let mut t0 = None;
@@ -355,18 +396,8 @@ fn raw_tcp(
             return Err("the receiver got nothing".into());
         }
         Ok(total as f64 / dt / 1e6)
-    });
-    let addr = ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| "the receiver did not start".to_string())??;
-    let tx = std::thread::spawn(move || -> Result<(), String> {
-        if let Some(ns) = &tx_ns {
-            enter_netns(ns).map_err(|e| format!("setns {ns}: {e}"))?;
-        }
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
+    })?;
+    let tx = tcp_sender(tx_ns, addr, move |mut s| {
         let chunk = vec![0x5au8; 1 << 20];
         let t0 = Instant::now();
         while t0.elapsed().as_secs_f64() < secs {
@@ -374,10 +405,7 @@ fn raw_tcp(
         }
         Ok(())
     });
-    let sent = tx.join().map_err(|_| "sender panicked".to_string())?;
-    let got = rx.join().map_err(|_| "receiver panicked".to_string())?;
-    sent?;
-    got
+    tcp_join(tx, rx)
 }
 
 pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figure>, String> {
@@ -388,10 +416,14 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figu
         .epoch_len
         .as_secs_f64()
         * 1e3;
+    let load = Load {
+        bench_n: s.bench_n,
+        latency_samples: s.latency_samples,
+    };
     eprintln!("   unprotected guest in {} ...", topo.pm1_ns);
-    let u = unprotected(twinrun, elf, &dir, &topo, s)?;
+    let u = unprotected(twinrun, elf, &dir, &topo, "ftnet", &load)?;
     eprintln!("   FT pair in {} / {} ...", topo.pm1_ns, topo.pm2_ns);
-    let f = protected(twinrun, elf, &dir, &topo, s)?;
+    let f = protected(twinrun, elf, &dir, &topo, &load)?;
     eprintln!("   raw TCP over A-Link 1 and loopback ...");
     let alink_ip = topo.alink(0).1.ip();
     let std::net::IpAddr::V4(alink_ip) = alink_ip else {

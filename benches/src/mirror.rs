@@ -25,15 +25,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twinrun::demo::client::enter_netns;
 use twinrun::demo::process::ChildGuard;
 use twinrun::demo::topology::Topology;
 use twinrun::demo::PROTECTED_LOG;
 
+use crate::net::{tcp_join, tcp_receiver, tcp_sender};
 use crate::report::{Better, Figure};
 
 const GROUP: &str = "mirror";
@@ -207,29 +207,9 @@ fn tcp_copy(
     bytes: u64,
 ) -> Result<f64, String> {
     let _ = std::fs::remove_file(to);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
-    let (rx_ns, to) = (rx_ns.to_string(), to.to_path_buf());
-    let rx = std::thread::spawn(move || -> Result<(u64, f64), String> {
-        let setup = (|| {
-            enter_netns(&rx_ns).map_err(|e| format!("setns {rx_ns}: {e}"))?;
-            let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
-            let a = l.local_addr().map_err(|e| e.to_string())?;
-            Ok::<_, String>((l, a))
-        })();
-        let l = match setup {
-            Ok((l, a)) => {
-                let _ = ready_tx.send(Ok(a));
-                l
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.clone()));
-                return Err(e);
-            }
-        };
-        let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+    let to = to.to_path_buf();
+    let (addr, rx) = tcp_receiver(Some(rx_ns.to_string()), ip, move |mut s| {
         let t0 = Instant::now();
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
         let mut f = File::create(&to).map_err(|e| format!("create {}: {e}", to.display()))?;
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
@@ -243,17 +223,9 @@ fn tcp_copy(
         }
         f.sync_all().map_err(|e| format!("fsync: {e}"))?;
         Ok((total, t0.elapsed().as_secs_f64()))
-    });
-    let addr = ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| "the TCP receiver did not start".to_string())??;
-    let (tx_ns, from) = (tx_ns.to_string(), from.to_path_buf());
-    let tx = std::thread::spawn(move || -> Result<(), String> {
-        enter_netns(&tx_ns).map_err(|e| format!("setns {tx_ns}: {e}"))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
+    })?;
+    let from = from.to_path_buf();
+    let tx = tcp_sender(Some(tx_ns.to_string()), addr, move |mut s| {
         let mut src = File::open(&from).map_err(|e| format!("open {}: {e}", from.display()))?;
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -264,10 +236,7 @@ fn tcp_copy(
             s.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
         }
     });
-    let sent = tx.join().map_err(|_| "TCP sender panicked".to_string())?;
-    let got = rx.join().map_err(|_| "TCP receiver panicked".to_string())?;
-    sent?;
-    let (total, secs) = got?;
+    let (total, secs) = tcp_join(tx, rx)?;
     if total != bytes {
         return Err(format!("TCP copy moved {total} of {bytes} bytes"));
     }

@@ -4,7 +4,7 @@
 //! bridge of the same namespace path, in the same run.
 
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::net::KvNet;
@@ -24,20 +24,33 @@ pub fn parse_rps(out: &str, test: &str) -> Option<f64> {
         .next_back()
 }
 
-fn bench(net: &KvNet, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
-    let mut c = net.client_ns.command("redis-benchmark");
+/// `redis-benchmark -t set,get -c 10 -q -n <n> -P <pipeline>` against `host:6379`,
+/// `c` being the program already placed in the client's namespace; (SET, GET)
+/// requests/s. Shared by every kv figure so they all measure the same way.
+pub fn set_get(
+    mut c: Command,
+    host: &str,
+    n: u32,
+    pipeline: u32,
+    timeout: Duration,
+) -> Result<(f64, f64), String> {
     c.args(["-h", host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
         .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
-    let out = output_timeout(&mut c, Duration::from_secs(90))?;
+    let out = output_timeout(&mut c, timeout)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
         (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
         _ => Err(format!(
-            "redis-benchmark against {host} failed ({}):\n{text}\n{}",
+            "redis-benchmark -P {pipeline} against {host} failed ({}):\n{text}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         )),
     }
+}
+
+fn bench(net: &KvNet, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+    let c = net.client_ns.command("redis-benchmark");
+    set_get(c, host, n, pipeline, Duration::from_secs(90))
 }
 
 /// Waits until a kv server answers PING from the client namespace.
