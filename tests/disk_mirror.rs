@@ -605,3 +605,59 @@ fn a_resync_cut_by_the_primary_crash_resumes() {
     );
     assert_images_equal(&files, &primary, &standby);
 }
+
+#[test]
+fn split_brain_is_refused_until_one_side_discards_its_data() {
+    let (_dir, topo, files) = setup(None);
+    let wl = workload(3000, 200);
+    let wl = strs(&wl);
+    let (mut standby, mut primary) = protected_pair(&topo, &files, &wl, &[]);
+    // Every A-Link cut with both PMs alive (no quorum witness yet): the standby takes
+    // over, the primary runs on alone: both write, two copies of the disk diverge.
+    for k in 0..2 {
+        topo.set_alink(0, k, false);
+    }
+    standby
+        .wait_log("failover complete", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
+    primary
+        .wait_log("DEGRADED", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&primary)));
+    std::thread::sleep(Duration::from_millis(500));
+    // PM1's process is restarted as the standby of the copy running on PM2: the disks
+    // have both moved on from the same generation, so no resync direction can be
+    // trusted; the pair refuses and says why.
+    primary.kill();
+    for k in 0..2 {
+        topo.set_alink(0, k, true);
+    }
+    let extra = ["--epoch-ms", "10"];
+    let mut old = Pm::spawn_as(&topo, &files, 0, "standby", &wl, &extra);
+    standby
+        .wait_log("split brain", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n--- old primary:\n{}", tail(&standby), tail(&old)));
+    let t0 = Instant::now();
+    while old.alive() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the refused standby exits"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(old.stderr().contains("refused"), "{}", tail(&old));
+    assert_eq!(count(&standby, PROTECTED_LOG), 0);
+    // The operator discards PM1's data: a full copy, then protection.
+    let old = Pm::spawn_as(
+        &topo,
+        &files,
+        0,
+        "standby",
+        &wl,
+        &["--epoch-ms", "10", "--discard-disk-data"],
+    );
+    wait_protected(&mut standby, &old, 1, "after discarding");
+    assert!(
+        resyncs(&standby).last().unwrap().1 == ft::DISK_BYTES,
+        "a full copy"
+    );
+}
