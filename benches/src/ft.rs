@@ -451,14 +451,24 @@ fn raw_tcp(secs: f64) -> Result<f64, String> {
 // unprotected baselines.
 
 /// Epoch lengths the sweep measures and how long it measures each.
+#[derive(Clone)]
 pub struct SweepSizes {
     pub epochs_ms: Vec<u64>,
+    /// `--min-epoch-ms` values tried for the kv guest at the default epoch length (an
+    /// epoch with output waiting ends after this: the knob that sets how many replies
+    /// one checkpoint carries).
+    pub min_epochs_ms: Vec<u64>,
     /// Seconds of each dirty-workload measurement.
     pub dirty_secs: f64,
     /// `redis-benchmark -n` per pipeline depth.
     pub bench_n: u32,
     /// SET round trips for the latency percentiles.
     pub latency_samples: usize,
+    /// `redis-benchmark -c` of the kv rows.
+    pub clients: u32,
+    /// Also measure the kv guest (unprotected and FT at the default epoch) with this
+    /// many clients: redis-benchmark's own default, 50.
+    pub many_clients: u32,
 }
 
 impl SweepSizes {
@@ -466,16 +476,22 @@ impl SweepSizes {
         if quick {
             SweepSizes {
                 epochs_ms: vec![5, 20, 40],
+                min_epochs_ms: vec![2, 5],
                 dirty_secs: 1.0,
                 bench_n: 2_000,
                 latency_samples: 200,
+                clients: crate::redis::CLIENTS,
+                many_clients: 50,
             }
         } else {
             SweepSizes {
                 epochs_ms: vec![5, 10, 20, 40, 80],
+                min_epochs_ms: vec![2, 5, 10],
                 dirty_secs: 2.0,
                 bench_n: 5_000,
                 latency_samples: 500,
+                clients: crate::redis::CLIENTS,
+                many_clients: 50,
             }
         }
     }
@@ -631,12 +647,112 @@ pub fn sweep(
             kv: kv_ft,
         });
     }
+    let mut min_rows = Vec::new();
+    for &min in &sz.min_epochs_ms {
+        eprintln!("   kv FT pair, min epoch {min} ms ...");
+        let args = ["--min-epoch-ms".to_string(), min.to_string()];
+        min_rows.push((
+            min,
+            kv::protected_with(twinrun, elf, dir, &topo, sz, &args)?,
+        ));
+    }
+    eprintln!(
+        "   kv with {} clients, unprotected then FT ...",
+        sz.many_clients
+    );
+    let many = SweepSizes {
+        clients: sz.many_clients,
+        epochs_ms: Vec::new(),
+        min_epochs_ms: Vec::new(),
+        ..sz.clone()
+    };
+    let many_base = kv::unprotected(twinrun, elf, dir, &topo, &many)?;
+    let many_ft = kv::protected_with(twinrun, elf, dir, &topo, &many, &[])?;
     eprintln!("   kv unprotected (after) ...");
     let kv_after = kv::unprotected(twinrun, elf, dir, &topo, sz)?;
     drop(topo);
     let kv_base = kv::Side::mean(&kv_before, &kv_after);
     println!("{}", sweep_table(&rows, &kv_base, &kv_before, &kv_after));
-    Ok(sweep_figures(&rows, &kv_base, sz))
+    println!("{}", min_epoch_table(&min_rows, &kv_base));
+    println!(
+        "kv guest with {} clients at the default epoch: -P 1 {:.0} vs {:.0} req/s ({:.2}), \
+         -P 16 {:.0} vs {:.0} ({:.2}); SET p50 {:.2} vs {:.2} ms\n",
+        sz.many_clients,
+        rps(&many_ft, 0),
+        rps(&many_base, 0),
+        ratio(rps(&many_ft, 0), rps(&many_base, 0)),
+        rps(&many_ft, 1),
+        rps(&many_base, 1),
+        ratio(rps(&many_ft, 1), rps(&many_base, 1)),
+        kv::pct(&many_ft.lat_ms, 0.5),
+        kv::pct(&many_base.lat_ms, 0.5),
+    );
+    let mut figs = sweep_figures(&rows, &kv_base, sz);
+    figs.extend(min_epoch_figures(&min_rows, &kv_base));
+    figs.push(
+        Figure::new(
+            "ft-epoch",
+            &format!(
+                "kv SET/GET -P 1, {} clients, default epoch",
+                sz.many_clients
+            ),
+            rps(&many_ft, 0),
+            "req/s",
+            Better::Higher,
+        )
+        .baseline("same guest unprotected, same clients", rps(&many_base, 0))
+        .target(0.8, true, ">= 80 % of unprotected"),
+    );
+    Ok(figs)
+}
+
+/// kv figures per `--min-epoch-ms` (default epoch length).
+fn min_epoch_table(rows: &[(u64, kv::Side)], base: &kv::Side) -> String {
+    let mut t = String::from(
+        "kv guest per min epoch (epoch 20 ms); ratios are FT / unprotected, same run\n \
+         min ms |     P1    P16 | lat p50 ms  p99 ms | added p50 ms\n",
+    );
+    let base_p50 = kv::pct(&base.lat_ms, 0.5);
+    for (min, s) in rows {
+        let p50 = kv::pct(&s.lat_ms, 0.5);
+        t.push_str(&format!(
+            " {min:>6} | {:>6.2} {:>6.2} | {:>10.2} {:>7.2} | {:>12.2}\n",
+            ratio(rps(s, 0), rps(base, 0)),
+            ratio(rps(s, 1), rps(base, 1)),
+            p50,
+            kv::pct(&s.lat_ms, 0.99),
+            p50 - base_p50,
+        ));
+    }
+    t
+}
+
+fn min_epoch_figures(rows: &[(u64, kv::Side)], base: &kv::Side) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for (min, s) in rows {
+        out.push(
+            Figure::new(
+                "ft-epoch",
+                &format!("kv SET/GET -P 1 at min epoch {min} ms"),
+                rps(s, 0),
+                "req/s",
+                Better::Higher,
+            )
+            .baseline("same guest unprotected", rps(base, 0))
+            .target(0.8, true, ">= 80 % of unprotected"),
+        );
+        out.push(
+            Figure::new(
+                "ft-epoch",
+                &format!("kv added SET latency p50 at min epoch {min} ms"),
+                kv::pct(&s.lat_ms, 0.5) - kv::pct(&base.lat_ms, 0.5),
+                "ms",
+                Better::Lower,
+            )
+            .note("target: within the epoch length (20 ms) + 2 ms"),
+        );
+    }
+    out
 }
 
 /// Mean of SET and GET requests/s at pipeline index `i`.
@@ -939,6 +1055,7 @@ mod kv {
         Load {
             bench_n: sz.bench_n,
             latency_samples: sz.latency_samples,
+            clients: sz.clients,
         }
     }
 
@@ -961,9 +1078,25 @@ mod kv {
         sz: &SweepSizes,
         epoch_ms: u64,
     ) -> Result<Side, String> {
-        let id = format!("sweep-{}-{epoch_ms}", std::process::id());
         let extra = ["--epoch-ms".to_string(), epoch_ms.to_string()];
-        let mut pair = Pair::start(twinrun, elf, dir, topo, TAG, &id, &extra)?;
+        protected_with(twinrun, elf, dir, topo, sz, &extra)
+    }
+
+    /// An FT pair whose primary gets `extra` flags, measured once it is protected.
+    pub fn protected_with(
+        twinrun: &Path,
+        elf: &Path,
+        dir: &Path,
+        topo: &Topology,
+        sz: &SweepSizes,
+        extra: &[String],
+    ) -> Result<Side, String> {
+        let id = format!(
+            "sweep-{}-{}",
+            std::process::id(),
+            extra.join("").replace('-', "")
+        );
+        let mut pair = Pair::start(twinrun, elf, dir, topo, TAG, &id, extra)?;
         let t_prot = Instant::now();
         let r = ftnet::measure(topo, &load(sz));
         let window = t_prot.elapsed();

@@ -50,6 +50,8 @@ pub(crate) struct Load {
     pub bench_n: u32,
     /// SET round trips for the latency percentiles.
     pub latency_samples: usize,
+    /// `redis-benchmark -c` (concurrent clients).
+    pub clients: u32,
 }
 
 /// Results of one guest configuration (FT or unprotected).
@@ -64,10 +66,10 @@ pub(crate) struct Side {
 
 pub(crate) const PIPELINES: [u32; 2] = [1, 16];
 
-fn redis_bench(topo: &Topology, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+fn redis_bench(topo: &Topology, n: u32, pipeline: u32, clients: u32) -> Result<(f64, f64), String> {
     let host = topo.guest_ip().to_string();
     let c = Topology::command_in(&topo.client_ns, "redis-benchmark");
-    crate::redis::set_get(c, &host, n, pipeline, Duration::from_secs(120))
+    crate::redis::set_get(c, &host, n, pipeline, clients, Duration::from_secs(120))
 }
 
 fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
@@ -162,7 +164,7 @@ pub(crate) fn measure(topo: &Topology, load: &Load) -> Result<Side, String> {
     let t0 = Instant::now();
     let mut rps = Vec::new();
     for p in PIPELINES {
-        rps.push(redis_bench(topo, load.bench_n, p)?);
+        rps.push(redis_bench(topo, load.bench_n, p, load.clients)?);
     }
     let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
     let lat_ms = latency(&topo.client_ns, addr, load.latency_samples, 20)?;
@@ -419,6 +421,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figu
     let load = Load {
         bench_n: s.bench_n,
         latency_samples: s.latency_samples,
+        clients: crate::redis::CLIENTS,
     };
     eprintln!("   unprotected guest in {} ...", topo.pm1_ns);
     let u = unprotected(twinrun, elf, &dir, &topo, "ftnet", &load)?;

@@ -27,14 +27,19 @@ pub fn parse_rps(out: &str, test: &str) -> Option<f64> {
 /// `redis-benchmark -t set,get -c 10 -q -n <n> -P <pipeline>` against `host:6379`,
 /// `c` being the program already placed in the client's namespace; (SET, GET)
 /// requests/s. Shared by every kv figure so they all measure the same way.
+/// Concurrent `redis-benchmark` clients of the kv figures (`-c`).
+pub const CLIENTS: u32 = 10;
+
 pub fn set_get(
     mut c: Command,
     host: &str,
     n: u32,
     pipeline: u32,
+    clients: u32,
     timeout: Duration,
 ) -> Result<(f64, f64), String> {
-    c.args(["-h", host, "-p", "6379", "-t", "set,get", "-c", "10", "-q"])
+    c.args(["-h", host, "-p", "6379", "-t", "set,get", "-q"])
+        .args(["-c", &clients.to_string()])
         .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
     let out = output_timeout(&mut c, timeout)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -50,7 +55,7 @@ pub fn set_get(
 
 fn bench(net: &KvNet, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
     let c = net.client_ns.command("redis-benchmark");
-    set_get(c, host, n, pipeline, Duration::from_secs(90))
+    set_get(c, host, n, pipeline, CLIENTS, Duration::from_secs(90))
 }
 
 /// Waits until a kv server answers PING from the client namespace.

@@ -85,11 +85,14 @@ pub fn protect(
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
         protocol.epoch_len = Duration::from_millis(ms);
-        protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
     }
+    if let Some(ms) = ft.min_epoch_ms {
+        protocol.min_epoch = Duration::from_millis(ms);
+    }
+    protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
     info!(
-        "FT primary: epoch {:?}, {} epochs in flight at most",
-        protocol.epoch_len, protocol.max_in_flight
+        "FT primary: epoch {:?} (at least {:?} when output waits), {} epochs in flight at most",
+        protocol.epoch_len, protocol.min_epoch, protocol.max_in_flight
     );
     // One session per standby: when the standby is lost the VM runs on (degraded,
     // written blocks recorded) and the next standby to connect is resynced and
