@@ -306,6 +306,8 @@ fn delta_resync_after_the_standby_returns() {
     let (pm, sm) = (meta(&files.disks[0]), meta(&files.disks[1]));
     assert!(!sm.inconsistent);
     assert_eq!(pm.current_gen, sm.current_gen);
+    // Both record how far they got (the standby about once a second).
+    assert!(pm.last_committed_epoch.is_some() && sm.last_committed_epoch.is_some());
     assert!(standby.alive() && primary.alive());
 }
 
@@ -585,13 +587,14 @@ fn a_resync_cut_by_the_primary_crash_resumes() {
     let wl = strs(&wl);
     let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
     let (mut standby, mut primary) = full_resync_under_way(&topo, &files, &wl, &extra);
-    // The primary dies mid-resync: the standby has nothing committed to take over.
+    // The primary dies mid-resync: the standby has nothing committed to take over and
+    // waits for a primary again.
     primary.kill();
     standby
-        .wait_log("nothing to take over", Duration::from_secs(15))
+        .wait_log("waiting for a primary again", Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
-    // Both come back: the resync resumes from the primary's bitmap.
-    let standby = start_standby(&topo, &files, &wl, &extra);
+    assert!(standby.alive());
+    // The primary comes back: the resync resumes from its bitmap.
     let mut primary = Pm::spawn_with(&topo, &files, 0, &wl, &extra);
     wait_protected(&mut primary, &standby, 1, "resumed");
     assert_resumed_with_delta(&primary, 64 << 20);

@@ -36,22 +36,40 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         acfg.links.len(),
         acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
     );
-    let link = match Alink::start(acfg) {
-        Ok(l) => l,
-        Err(e) => {
-            error!("cannot start the A-Link: {e}");
-            return exit::START_FAILED;
-        }
-    };
-    let opts = StandbyDriverConfig {
+    let mut opts = StandbyDriverConfig {
         protocol: StandbyConfig::default(),
         mirror_disks: true,
         discard_disk_data: ft.discard_disk_data,
         ..StandbyDriverConfig::default()
     };
-    let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
-    // The old primary must not reach this VM's replica machinery again.
-    drop(link);
+    // A primary lost before the first checkpoint committed left nothing to take over:
+    // wait for it (or another primary) again, on a fresh A-Link (the next primary's
+    // messages are numbered from the start again). The replica's disks keep what the
+    // interrupted resync wrote: their metadata says inconsistent, and the next session
+    // resumes or redoes the copy.
+    let outcome = loop {
+        let link = match Alink::start(acfg.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("cannot start the A-Link: {e}");
+                return exit::START_FAILED;
+            }
+        };
+        let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
+        // The old primary must not reach this VM's replica machinery again.
+        drop(link);
+        // Discarding is for the first session only: later ones resume what it began.
+        opts.discard_disk_data = false;
+        match outcome {
+            Ok(StandbyOutcome::NoReplica) if !sd.requested() => {
+                warn!(
+                    "FT standby: the primary was lost before the first checkpoint committed; \
+                     there is nothing to take over: waiting for a primary again"
+                );
+            }
+            other => break other,
+        }
+    };
     match outcome {
         Ok(StandbyOutcome::FailedOver(vm, r)) => {
             let mut vm = *vm;
@@ -86,11 +104,8 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
             }
         }
         Ok(StandbyOutcome::NoReplica) => {
-            error!(
-                "FT standby: the primary was lost before the first checkpoint committed; \
-                 there is nothing to take over"
-            );
-            exit::START_FAILED
+            info!("FT standby: stopped before anything was committed");
+            exit::OK
         }
         Ok(StandbyOutcome::Stopped { committed }) => {
             info!("FT standby: stopped (last committed epoch {committed:?})");

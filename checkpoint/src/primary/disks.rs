@@ -99,6 +99,8 @@ pub struct PrimaryDisk {
     /// Byte ranges an online verify found differing: kept marked in the bitmap until a
     /// resync copies them (clearing idle extents must not forget them).
     verify_marked: Vec<(u64, u64)>,
+    /// Pace of metadata saves that only record progress (the last committed epoch).
+    last_meta_save: Instant,
     /// Protected: the writes of each captured, unacknowledged epoch (shared with the
     /// capture's payload, no copy). When the local disk has failed, a read is served
     /// from the standby's image with these laid over it: the standby may not have
@@ -179,6 +181,7 @@ impl PrimaryDisk {
             verify_progress: None,
             verify_watch: None,
             verify_marked: Vec::new(),
+            last_meta_save: Instant::now(),
         })
     }
 
@@ -369,6 +372,11 @@ impl PrimaryDisk {
     fn acked(&mut self, through: u64) {
         if self.mode != Mode::Protected {
             return;
+        }
+        self.meta.last_committed_epoch = Some(through);
+        if self.last_meta_save.elapsed() > Duration::from_secs(1) {
+            self.save_meta();
+            self.last_meta_save = Instant::now();
         }
         let first_ack = self.meta.bitmap_base_gen != 0 || self.meta.resync.is_some();
         self.retained = self.retained.split_off(&(through + 1));

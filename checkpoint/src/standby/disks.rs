@@ -343,6 +343,21 @@ impl StandbyDisks {
         }
     }
 
+    /// Records `epoch` as the last committed one in every consistent replica's metadata
+    /// (the caller paces it: a metadata save is a write, an fsync and a rename).
+    pub fn note_committed(&mut self, epoch: u64) {
+        for d in &mut self.disks {
+            if let MetaState::Ok(m) = &mut d.meta {
+                if !m.inconsistent && m.last_committed_epoch != Some(epoch) {
+                    m.last_committed_epoch = Some(epoch);
+                    if let Err(e) = d.store.save(m) {
+                        log::warn!("disk {}: saving replica metadata: {e}", d.path.display());
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies committed epoch `epoch`'s writes through the journal: durable when this
     /// returns (the epoch may be acknowledged).
     pub fn commit(
@@ -423,6 +438,9 @@ impl StandbyDisks {
     pub fn prepare_failover(&mut self) -> Result<(), StandbyDiskError> {
         if let Some(j) = &mut self.journal {
             j.sync_all()?;
+            if let Some(e) = j.last_committed() {
+                self.note_committed(e);
+            }
         }
         for d in &self.disks {
             if let MetaState::Ok(ReplicaMeta {

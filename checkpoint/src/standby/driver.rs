@@ -345,9 +345,12 @@ impl Driver<'_> {
                     StandbyAction::Apply { epoch } => {
                         let mirror = self.mirror.as_mut().ok_or(StandbyDriverError::NoHello)?;
                         let st = mirror.apply_into(epoch, self.disks.as_mut())?;
-                        if epoch == 0 {
-                            if let Some(d) = &mut self.disks {
+                        if let Some(d) = &mut self.disks {
+                            if epoch == 0 {
                                 d.in_sync();
+                            } else if self.last_progress_save.elapsed() > Duration::from_secs(1) {
+                                d.note_committed(epoch);
+                                self.last_progress_save = Instant::now();
                             }
                         }
                         if let Some(log) = self.verify.clone() {
