@@ -13,7 +13,7 @@ mod common;
 #[path = "common/ft.rs"]
 mod ft;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::require_kvm;
@@ -663,4 +663,66 @@ fn split_brain_is_refused_until_one_side_discards_its_data() {
         resyncs(&standby).last().unwrap().1 == ft::DISK_BYTES,
         "a full copy"
     );
+}
+
+/// A loop block device over a file, detached on drop.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn over(file: &Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn block_devices_are_mirrored_with_their_metadata_in_the_state_dir() {
+    let (_dir, topo, mut files) = setup(None);
+    let state = common::private_dirs().join("state");
+    let loops = [Loop::over(&files.disks[0]), Loop::over(&files.disks[1])];
+    files.disks = [loops[0].0.clone(), loops[1].0.clone()];
+    const LIMIT: u64 = 1200;
+    let wl = workload(LIMIT, 250);
+    let wl = strs(&wl);
+    let (mut standby, mut primary) = protected_pair(&topo, &files, &wl, &[]);
+    // Sized from the device (a block device's file length is 0): the whole 8 MiB.
+    assert_eq!(resyncs(&primary)[0].1, ft::DISK_BYTES, "{}", tail(&primary));
+    // Metadata is not written into /dev.
+    for d in &files.disks {
+        let store = MetaStore::for_image(d);
+        assert!(
+            store.dir().starts_with(state.join("mirror")),
+            "{:?}",
+            store.dir()
+        );
+        assert!(matches!(store.load().unwrap(), MetaState::Ok(_)));
+    }
+    standby.kill();
+    primary
+        .wait_log("DEGRADED", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1000));
+    let standby = start_standby(&topo, &files, &wl, &["--epoch-ms", "10"]);
+    wait_protected(&mut primary, &standby, 2, "second session");
+    assert_resumed_with_delta(&primary, ft::DISK_BYTES);
+    assert_converged(&files, LIMIT, &mut primary, &standby, 1);
+    drop((primary, standby));
 }

@@ -32,7 +32,7 @@ pub enum CliError {
     GuestNotFound { searched: Vec<PathBuf> },
     #[error("the config file's Linux payload has no kernel; give payload.kernel or --kernel")]
     NoKernel,
-    #[error("{what} {} does not exist or is not a regular file", path.display())]
+    #[error("{what} {} does not exist or is not a regular file (or, for a disk, a block device)", path.display())]
     MissingFile { what: String, path: PathBuf },
     #[error("console {what} directory {} does not exist", path.display())]
     MissingDir { what: &'static str, path: PathBuf },
@@ -175,7 +175,12 @@ fn check_files(cfg: &VmConfig) -> Result<(), CliError> {
         }
     }
     for (i, d) in cfg.disks.iter().enumerate() {
-        if !d.path.is_file() {
+        // A regular file or a block device (e.g. an LVM volume).
+        let ok = std::fs::metadata(&d.path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.is_file() || m.file_type().is_block_device()
+        });
+        if !ok {
             return Err(CliError::MissingFile {
                 what: format!("disks[{i}] image"),
                 path: d.path.clone(),

@@ -28,6 +28,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use vmm::devices::virtio::block::image_size;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::VmConfig;
@@ -108,10 +109,7 @@ struct PreDisk {
 
 impl PreDisk {
     fn size(&self) -> Result<u64, SnapError> {
-        self.src
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| SnapError::io(&self.path, e))
+        image_size(&self.src).map_err(|e| SnapError::io(&self.path, e))
     }
 }
 
@@ -277,7 +275,7 @@ impl Snapshotter {
         let mut disks = Vec::new();
         for (i, d) in self.cfg.disks.iter().enumerate() {
             let f = File::open(&d.path).map_err(|e| SnapError::io(&d.path, e))?;
-            let size = f.metadata().map_err(|e| SnapError::io(&d.path, e))?.len();
+            let size = image_size(&f).map_err(|e| SnapError::io(&d.path, e))?;
             let dst = tmp.join(Manifest::disk_file(i, Kind::Full));
             // Read back for the checksum once patched.
             let out = std::fs::OpenOptions::new()
@@ -385,7 +383,7 @@ impl Snapshotter {
         let mut disks = Vec::new();
         for (d, w) in self.cfg.disks.iter().zip(&written) {
             let f = File::open(&d.path).map_err(|e| SnapError::io(&d.path, e))?;
-            let size = f.metadata().map_err(|e| SnapError::io(&d.path, e))?.len();
+            let size = image_size(&f).map_err(|e| SnapError::io(&d.path, e))?;
             let mut runs = Vec::new();
             let mut data = Vec::new();
             for (start, len) in block_runs(w, size) {

@@ -47,6 +47,8 @@ const BITMAP_FILE: &str = "bitmap";
 /// getrandom returning zero (or the same id) twice in a row is already absurd; the
 /// bound only keeps the loop explicit.
 const RANDOM_ATTEMPTS: u32 = 16;
+/// Where block devices' metadata lives unless `$TWINRUN_STATE_DIR` says otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/twinrun";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -223,12 +225,28 @@ pub struct MetaStore {
 }
 
 impl MetaStore {
+    /// The metadata of `image`: beside it (`<image>.twinrun/`) for a file; for a block
+    /// device (whose directory, `/dev`, is not persistent) under
+    /// `$TWINRUN_STATE_DIR/mirror/` (default `/var/lib/twinrun/mirror/`), named after
+    /// the device path (`/dev/vg0/vm1` -> `dev_vg0_vm1.twinrun`).
     pub fn for_image(image: &Path) -> MetaStore {
-        let mut dir = image.as_os_str().to_owned();
-        dir.push(".twinrun");
+        let is_block = fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
+        let dir = if is_block {
+            let root = std::env::var_os("TWINRUN_STATE_DIR")
+                .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
+            let name: String = image
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .replace('/', "_");
+            root.join("mirror").join(format!("{name}.twinrun"))
+        } else {
+            let mut dir = image.as_os_str().to_owned();
+            dir.push(".twinrun");
+            PathBuf::from(dir)
+        };
         MetaStore {
             image: image.to_path_buf(),
-            dir: PathBuf::from(dir),
+            dir,
         }
     }
 

@@ -501,7 +501,7 @@ fn written_since_start(
             source,
         };
         let f = std::fs::File::open(&cfg.path).map_err(err)?;
-        let size = f.metadata().map_err(err)?.len();
+        let size = vmm::devices::virtio::block::image_size(&f).map_err(err)?;
         for (first, n) in w.runs() {
             let off = first * WRITE_BLOCK;
             let len = (n * WRITE_BLOCK).min(size.saturating_sub(off));

@@ -91,7 +91,7 @@ impl StandbyDisks {
                 .write(true)
                 .open(&p)
                 .map_err(io_err(&p))?;
-            let size = file.metadata().map_err(io_err(&p))?.len();
+            let size = vmm::devices::virtio::block::image_size(&file).map_err(io_err(&p))?;
             disks.push(StandbyDisk {
                 store: MetaStore::for_image(&p),
                 path: p,

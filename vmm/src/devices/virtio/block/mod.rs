@@ -122,13 +122,10 @@ impl Block {
         engine: IoEngine,
         serial: &str,
     ) -> Result<Block, BlockError> {
-        let size = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: path.into(),
-                source,
-            })?
-            .len();
+        let size = image_size(&file).map_err(|source| BlockError::Open {
+            path: path.into(),
+            source,
+        })?;
         if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::BadSize {
                 path: path.into(),
@@ -173,6 +170,20 @@ impl Block {
     pub fn controls(&self) -> DiskControls {
         self.controls.clone()
     }
+}
+
+/// Bytes of a disk image: a regular file or a block device (whose metadata length is
+/// 0: its size is where a seek to the end lands).
+pub fn image_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let md = file.metadata()?;
+    if md.is_file() {
+        return Ok(md.len());
+    }
+    let mut f = file;
+    let size = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(size)
 }
 
 fn file_name(p: &Path) -> String {
