@@ -26,6 +26,9 @@ const RESYNC_DONE: &str = "primary: disk resync done: ";
 /// A fresh pair's namespaces and files (disks resized to `bytes` if given).
 fn setup(bytes: Option<u64>) -> (tempfile::TempDir, FtTopology, PairFiles) {
     require_kvm();
+    // Control sockets (`--name`) and block devices' metadata go to this process's own
+    // directories, removed when it exits.
+    common::private_dirs();
     let dir = tempfile::tempdir().unwrap();
     let topo = FtTopology::new();
     let files = PairFiles::new(dir.path());

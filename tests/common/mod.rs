@@ -26,11 +26,27 @@ pub fn repo_root() -> &'static Path {
 /// sockets, `$TWINRUN_STATE_DIR` for snapshots), set in the environment before any VMM
 /// is spawned so that children inherit it; tests in one process use distinct VM names.
 pub fn private_dirs() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    std::env::set_var("TWINRUN_RUN_DIR", d.path().join("run"));
-    std::env::set_var("TWINRUN_STATE_DIR", d.path().join("state"));
-    d.path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let d = DIR.get_or_init(|| {
+        // Kept past the test's end (the TempDir guard would remove it when the first
+        // test using it returns), removed when the test process exits.
+        let p = tempfile::tempdir().unwrap().keep();
+        // SAFETY: registers a plain function; it only reads a static set before it.
+        unsafe { libc::atexit(remove_private_dirs) };
+        p
+    });
+    std::env::set_var("TWINRUN_RUN_DIR", d.join("run"));
+    std::env::set_var("TWINRUN_STATE_DIR", d.join("state"));
+    PRIVATE.get_or_init(|| d.clone());
+    d
+}
+
+static PRIVATE: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_private_dirs() {
+    if let Some(p) = PRIVATE.get() {
+        let _ = std::fs::remove_dir_all(p);
+    }
 }
 
 /// The `twinrun` binary cargo built for these tests.
