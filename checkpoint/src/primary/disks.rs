@@ -28,9 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use storage_mirror::bitmap::DirtyBitmap;
-use storage_mirror::meta::{
-    MetaState, MetaStore, ReplicaMeta, ResyncProgress, VerifyReport, DEFAULT_BLOCK_SIZE,
-};
+use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, ResyncProgress, VerifyReport};
 use vmm::config::VmConfig;
 use vmm::devices::virtio::block::hooks::DiskHooks;
 use vmm::devices::virtio::block::{overlay_writes, DiskJournal};
@@ -40,6 +38,15 @@ use crate::messages::ToStandby;
 
 /// Activity-log extent: 4 MiB.
 pub const EXTENT_SHIFT: u32 = 22;
+
+/// The extents each of `ranges` (byte offset, length) touches, one item per (range,
+/// extent) pair: how writes are counted in and out of the activity log.
+fn extents_of(ranges: &[(u64, u64)]) -> impl Iterator<Item = u64> + '_ {
+    ranges
+        .iter()
+        .filter(|&&(_, len)| len > 0)
+        .flat_map(|&(off, len)| (off >> EXTENT_SHIFT)..=((off + len - 1) >> EXTENT_SHIFT))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskSetupError {
@@ -78,17 +85,14 @@ pub struct PrimaryDisk {
     /// Syncing: blocks written since the resync began (in memory only: a crash ends the
     /// resync, and the bitmap keeps every such block set).
     touched: Vec<u64>,
-    /// Protected: extents written since the last capture.
-    open: Vec<u64>,
-    /// Protected: extents written per captured, unacknowledged epoch.
-    pending: BTreeMap<u64, Vec<u64>>,
-    /// Protected: extent -> number of entries in `open` and `pending`.
-    refs: HashMap<u64, u32>,
-    /// Protected: the exact byte ranges behind `open` and `pending` (when the standby
-    /// is lost while this PM lives, the degraded bitmap keeps exactly these blocks
-    /// instead of whole extents).
+    /// Protected: byte ranges written since the last capture, and per captured,
+    /// unacknowledged epoch (when the standby is lost while this PM lives, the degraded
+    /// bitmap keeps exactly these blocks instead of whole extents).
     open_ranges: Vec<(u64, u64)>,
     pending_ranges: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Protected: extent -> (range, extent) pairs of `open_ranges` and `pending_ranges`
+    /// that touch it; an extent is active while this is nonzero.
+    refs: HashMap<u64, u32>,
     /// Guest bytes written (resync yields to guest I/O).
     pub guest_write_bytes: u64,
     /// A verify is running: (ranges compared, ranges in total).
@@ -171,8 +175,6 @@ impl PrimaryDisk {
             bitmap,
             mode: Mode::Degraded,
             touched: vec![0; words],
-            open: Vec::new(),
-            pending: BTreeMap::new(),
             refs: HashMap::new(),
             open_ranges: Vec::new(),
             pending_ranges: BTreeMap::new(),
@@ -222,11 +224,7 @@ impl PrimaryDisk {
         }
     }
 
-    pub(crate) fn save_meta_pub(&self) {
-        self.save_meta();
-    }
-
-    fn save_meta(&self) {
+    pub(crate) fn save_meta(&self) {
         if let Err(e) = self.store.save(&self.meta) {
             log::error!("disk {}: saving replica metadata: {e}", self.path.display());
         }
@@ -263,17 +261,11 @@ impl PrimaryDisk {
             Mode::Protected => {
                 self.open_ranges.extend_from_slice(ranges);
                 let mut new_extents = Vec::new();
-                for &(off, len) in ranges {
-                    if len == 0 {
-                        continue;
-                    }
-                    for x in (off >> EXTENT_SHIFT)..=((off + len - 1) >> EXTENT_SHIFT) {
-                        self.open.push(x);
-                        let r = self.refs.entry(x).or_insert(0);
-                        *r += 1;
-                        if *r == 1 {
-                            new_extents.push(x);
-                        }
+                for x in extents_of(ranges) {
+                    let r = self.refs.entry(x).or_insert(0);
+                    *r += 1;
+                    if *r == 1 {
+                        new_extents.push(x);
                     }
                 }
                 if new_extents.is_empty() {
@@ -354,16 +346,12 @@ impl PrimaryDisk {
             // Epoch 0 carries every block written since the resync began; from here on
             // the activity log covers writes of unacknowledged epochs.
             self.mode = Mode::Protected;
-            self.open.clear();
             self.refs.clear();
-            self.pending.clear();
             self.open_ranges.clear();
             self.pending_ranges.clear();
             return;
         }
         if self.mode == Mode::Protected {
-            let open = std::mem::take(&mut self.open);
-            self.pending.insert(epoch, open);
             let ranges = std::mem::take(&mut self.open_ranges);
             self.pending_ranges.insert(epoch, ranges);
         }
@@ -380,11 +368,10 @@ impl PrimaryDisk {
         }
         let first_ack = self.meta.bitmap_base_gen != 0 || self.meta.resync.is_some();
         self.retained = self.retained.split_off(&(through + 1));
-        let later = self.pending.split_off(&(through + 1));
-        let done = std::mem::replace(&mut self.pending, later);
-        self.pending_ranges = self.pending_ranges.split_off(&(through + 1));
+        let later = self.pending_ranges.split_off(&(through + 1));
+        let done = std::mem::replace(&mut self.pending_ranges, later);
         let mut idle = Vec::new();
-        for x in done.into_values().flatten() {
+        for x in done.values().flat_map(|r| extents_of(r)) {
             if let Some(r) = self.refs.get_mut(&x) {
                 *r -= 1;
                 if *r == 0 {
@@ -506,8 +493,6 @@ impl PrimaryDisk {
         }
         self.remark_verify_differences();
         self.refs.clear();
-        self.open.clear();
-        self.pending.clear();
         self.open_ranges.clear();
         self.pending_ranges.clear();
     }
@@ -836,9 +821,6 @@ impl DiskHooks for PrimaryDisks {
         Ok(())
     }
 }
-
-/// Default block size of new metadata (re-exported for callers that size bitmaps).
-pub const BLOCK_SIZE: u32 = DEFAULT_BLOCK_SIZE;
 
 #[cfg(test)]
 mod tests {

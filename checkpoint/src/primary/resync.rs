@@ -49,6 +49,7 @@ pub enum SessionEnd {
 pub struct ResyncStats {
     pub passes: u32,
     pub chunks: u64,
+    pub blocks: u64,
     pub bytes: u64,
     pub elapsed: Duration,
 }
@@ -239,7 +240,7 @@ fn session(
         link,
         &ToStandby::Disk(DiskToStandby::ResyncDone {
             rounds: stats.passes,
-            blocks: stats.bytes / 4096,
+            blocks: stats.blocks,
         }),
         Vec::new(),
     )?;
@@ -341,6 +342,7 @@ fn resync_disk(
             ids.insert(c.first_block, c.id);
             pass_end = c.end_block();
             stats.chunks += 1;
+            stats.blocks += u64::from(c.blocks);
             stats.bytes += buf.len() as u64;
             let head = ToStandby::Disk(DiskToStandby::Chunk {
                 disk,

@@ -156,7 +156,7 @@ fn verify_disk(disks: &PrimaryDisks, i: usize, quit: &AtomicBool) -> Result<(), 
     let mut d = disks.lock(i);
     d.verify_progress = None;
     d.meta.verify = Some(report);
-    d.save_meta_pub();
+    d.save_meta();
     log::info!(
         "verify of {} done in {:?}: {} ranges compared, {} differ ({} blocks marked), {} skipped (written meanwhile)",
         path.display(),

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use storage_mirror::apply_journal::{self, ApplyJournal, JournalError};
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, ResyncProgress};
+use storage_mirror::resync::{write_chunk, Chunk, ResyncError};
 use vmm::config::VmConfig;
 
 use crate::disk_msgs::{DiskPlan, DiskReport, PlanKind, WireMeta};
@@ -290,22 +291,27 @@ impl StandbyDisks {
             return Err(StandbyDiskError::NoPlan);
         }
         let bs = match &d.meta {
-            MetaState::Ok(m) => u64::from(m.block_size),
+            MetaState::Ok(m) => m.block_size,
             _ => return Err(StandbyDiskError::NoPlan),
         };
-        let off = first_block.checked_mul(bs);
-        let fits = off
-            .and_then(|o| o.checked_add(data.len() as u64))
-            .is_some_and(|end| end <= d.size)
-            && data.len() as u64 <= u64::from(blocks) * bs;
-        let (Some(off), true) = (off, fits) else {
-            return Err(StandbyDiskError::ChunkRange {
+        let chunk = Chunk {
+            id: 0,
+            first_block,
+            blocks,
+        };
+        // Checks range and length (exactly the chunk's bytes, the last block may be
+        // short) before writing.
+        write_chunk(&d.file, bs, d.size, &chunk, data).map_err(|e| match e {
+            ResyncError::Io(source) => StandbyDiskError::Io {
+                path: d.path.clone(),
+                source,
+            },
+            _ => StandbyDiskError::ChunkRange {
                 disk,
                 first: first_block,
                 len: data.len(),
-            });
-        };
-        d.file.write_all_at(data, off).map_err(io_err(&d.path))?;
+            },
+        })?;
         d.copied_blocks += u64::from(blocks);
         d.unsynced = true;
         self.resync_bytes += data.len() as u64;

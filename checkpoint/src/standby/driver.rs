@@ -481,10 +481,10 @@ impl Driver<'_> {
             DiskToStandby::ResyncDone { rounds, blocks } => {
                 disks.save_progress();
                 log::info!(
-                    "standby: disk resync rounds done ({rounds} passes, {} bytes received); consistent once epoch 0 commits",
+                    "standby: disk resync rounds done ({rounds} passes, {blocks} blocks sent, \
+                     {} bytes received); consistent once epoch 0 commits",
                     disks.resync_bytes
                 );
-                let _ = blocks;
             }
             DiskToStandby::Read {
                 id,
