@@ -26,27 +26,11 @@ use vmm::{build_vm, Vmm};
 const SECRET: &[u8] = b"failover-test-cluster-secret";
 const DISK_BYTES: u64 = 8 << 20;
 
-// The test guest is built (once per test process) the way the vmm tests build it.
-#[path = "../../vmm/tests/support/guest.rs"]
-mod vmm_support;
-use vmm_support::guest_elf;
-
-/// Removes the run's files even when an assertion fails.
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
+mod support;
+use support::{guest_elf, Cleanup};
 
 fn temp(run: u32, tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "twinrun-failover-{}-{run}-{tag}",
-        std::process::id()
-    ))
+    support::temp("failover", &format!("{run}-{tag}"))
 }
 
 fn config(console: &Path, disk: &Path) -> VmConfig {

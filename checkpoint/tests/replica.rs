@@ -15,23 +15,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::{build_vm, build_vm_from_state};
 
-// The test guest is built (once per test process) the way the vmm tests build it.
-#[path = "../../vmm/tests/support/guest.rs"]
-mod vmm_support;
-use vmm_support::guest_elf;
-
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
+mod support;
+use support::{guest_elf, Cleanup};
 
 fn temp(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("twinrun-ckpt-{tag}-{}", std::process::id()))
+    support::temp("ckpt", tag)
 }
 
 fn counter_config(log: &Path) -> VmConfig {

@@ -23,23 +23,11 @@ const SECRET: &[u8] = b"replica-equality-cluster-secret";
 /// Committed epochs the driver test must check, at least.
 const EPOCHS: u64 = 2000;
 
-// The test guest is built (once per test process) the way the vmm tests build it.
-#[path = "../../vmm/tests/support/guest.rs"]
-mod vmm_support;
-use vmm_support::guest_elf;
-
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
+mod support;
+use support::{guest_elf, Cleanup};
 
 fn temp(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("twinrun-repeq-{}-{tag}", std::process::id()))
+    support::temp("repeq", tag)
 }
 
 /// 32 MiB guest, `dirty` over 2048 pages at 200,000 pages/s (with 2 ms epochs: a few
