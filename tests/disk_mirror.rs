@@ -420,7 +420,18 @@ fn primary_disk_failure_is_served_by_the_standby() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let console = String::from_utf8_lossy(&read_console(&files.console)).to_string();
-    assert_eq!(bad, 0, "reads served by the standby were wrong:\n{console}");
+    assert_eq!(
+        bad,
+        0,
+        "reads served by the standby were wrong:\n{}\n--- primary:\n{}\n--- standby:\n{}",
+        console
+            .lines()
+            .filter(|l| !l.starts_with("C "))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        ft::tail(&primary.stderr(), 200),
+        ft::tail(&standby.stderr(), 60)
+    );
     assert!(!console.contains("ERROR"), "{console}");
     // The failed replica is marked so in its metadata (never trusted again).
     match MetaStore::for_image(&files.disks[0]).load().unwrap() {

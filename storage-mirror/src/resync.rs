@@ -153,6 +153,8 @@ pub enum ResyncError {
     AlreadyAcked(u64),
     #[error("chunk {0} was never handed out")]
     UnknownChunk(u64),
+    #[error("a new pass cannot start with {0} chunks in flight")]
+    InFlight(usize),
     #[error("chunk {first_block}+{blocks} is outside a disk of {disk_size} bytes")]
     Range {
         first_block: u64,
@@ -225,6 +227,23 @@ impl ResyncPlanner {
     /// Completed passes over the disk (a pass ends when the cursor wraps).
     pub fn passes(&self) -> u64 {
         self.passes
+    }
+
+    /// Starts a new pass at block 0, now, whatever the cursor says: a caller that ends
+    /// passes itself (nothing set past the last chunk) must make the next pass sweep
+    /// the whole disk again. Otherwise the walk would go on from the old cursor, find
+    /// only blocks the guest wrote ahead of it, and a "pass" of those alone would skip
+    /// every block left set behind it (written during the previous pass, which the new
+    /// pass exists to copy again). Only with nothing in flight.
+    pub fn restart_pass(&mut self) -> Result<(), ResyncError> {
+        if !self.in_flight.is_empty() {
+            return Err(ResyncError::InFlight(self.in_flight.len()));
+        }
+        if self.cursor > 0 {
+            self.cursor = 0;
+            self.passes += 1;
+        }
+        Ok(())
     }
 
     fn chunk_bytes(&self) -> u64 {
@@ -537,6 +556,26 @@ mod tests {
         assert!(matches!(p.on_acked(99), Err(ResyncError::UnknownChunk(99))));
         assert!(p.is_done(&set));
         assert_eq!(p.progress().done_blocks, 40);
+    }
+
+    #[test]
+    fn a_restarted_pass_sweeps_from_block_0_not_from_the_old_cursor() {
+        // The driver's pass ends with nothing set past its last chunk; blocks behind
+        // the cursor were written during that pass and must be copied again. Before
+        // restart_pass the walk went on from the old cursor: a guest writing just
+        // ahead of it made a "pass" of its new blocks alone and the old ones were
+        // never sent again.
+        let t = Instant::now();
+        let mut p = ResyncPlanner::new(cfg(4, 8, None), 4096, 2).unwrap();
+        let mut set = Bits(vec![false; 40]);
+        set.0[10] = true;
+        let a = p.next_chunk(t, &set).unwrap();
+        set.clear(&p.on_acked(a.id).unwrap());
+        set.0[2] = true; // written behind the cursor during the pass
+        set.0[30] = true; // written ahead of it after the pass ended
+        p.restart_pass().unwrap();
+        assert_eq!(p.next_chunk(t, &set).unwrap().first_block, 2);
+        assert!(p.restart_pass().is_err(), "a chunk is in flight");
     }
 
     #[test]

@@ -321,9 +321,15 @@ fn resync_disk(
                     return Ok(());
                 }
                 pass_end = 0;
-                // The next pass reads every block the guest wrote during this one again:
-                // from here on only its own writes need to be caught, by its touched set
-                // and by the written-block map epoch 0 ships (which stays small).
+                // The next pass reads every block the guest wrote during this one again,
+                // from block 0 (the planner's cursor must not carry over: a pass that
+                // found only blocks written ahead of it would end without sending the
+                // ones behind, which neither its touched set nor the written-block map
+                // epoch 0 ships would hold any more): from here on only its own writes
+                // need to be caught, by its touched set and by that map.
+                planner.restart_pass().map_err(|e| {
+                    Fail::Error(DriverError::DiskSession(format!("resync pass: {e}")))
+                })?;
                 d.new_pass();
                 drop(d);
                 crate::primary::capture::reset_written_blocks_of(vmm, i);
