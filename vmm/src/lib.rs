@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod persist;
+pub mod spin;
 pub mod vmm_handle;
 pub mod vstate;
 

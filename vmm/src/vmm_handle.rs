@@ -16,6 +16,7 @@ use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
 };
 use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker, HarvestStats, KvmDirtySource};
+use crate::vstate::hot_pages::HotPageConfig;
 use crate::vstate::memory::{GuestMemoryMmap, SlotFlags};
 use crate::vstate::vcpu::VcpuRunner;
 use crate::vstate::vm::{Vm, VmError};
@@ -92,6 +93,10 @@ pub struct Vmm {
     dirty: Mutex<Option<DirtyTracker>>,
     /// COM1 of a Linux guest (its state is part of [`Vmm::capture_state`]).
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// What [`Vmm::capture_state`] reads once and reuses.
+    capture_cache: Mutex<capture::CaptureCache>,
+    /// Hot-page policy for dirty tracking (see [`Vmm::set_hot_pages`]).
+    hot_pages: Mutex<Option<HotPageConfig>>,
     // Declared last: the threads (joined in Drop) use the VM and its memory.
     vm: Vm,
     mem: GuestMemoryMmap,
@@ -118,6 +123,8 @@ impl Vmm {
             finished: None,
             dirty: Mutex::new(None),
             serial: None,
+            capture_cache: Mutex::new((None, Vec::new())),
+            hot_pages: Mutex::new(None),
             vm,
             mem,
         }
@@ -162,11 +169,29 @@ impl Vmm {
         self.install_tracker(&mut d, DirtyTracker::with_source(source))
     }
 
+    /// Hot pages for dirty tracking, now and when tracking (re)starts (see
+    /// [`crate::vstate::hot_pages`]); `None` re-protects every page at each harvest.
+    /// False when the KVM log in use cannot keep pages writable (no manual re-protect).
+    pub fn set_hot_pages(&self, cfg: Option<HotPageConfig>) -> bool {
+        *self.hot_pages.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        match d.as_mut() {
+            Some(t) => t.set_hot_pages(cfg),
+            None => true,
+        }
+    }
+
     fn install_tracker(
         &self,
         slot: &mut Option<DirtyTracker>,
         mut t: DirtyTracker,
     ) -> Result<(), VmmError> {
+        let hot = *self.hot_pages.lock().unwrap_or_else(|p| p.into_inner());
+        if hot.is_some() && !t.set_hot_pages(hot) {
+            log::info!(
+                "dirty tracking: hot pages need manual re-protect; every page is re-protected"
+            );
+        }
         t.start(&self.vm, &self.mem)?;
         log::debug!("dirty tracking started ({})", t.source_name());
         *slot = Some(t);

@@ -1,11 +1,9 @@
 //! [`Vmm::capture_state`]: the whole VM state but guest memory, read while paused.
 
-use std::sync::Arc;
-
 use super::{Vmm, VmmError, PAUSE_LIMIT};
 use crate::persist::memory::layout;
 use crate::persist::VmState;
-use crate::vstate::vcpu_state::{msrs_to_save, xsave_size, VcpuState, VcpuStateError};
+use crate::vstate::vcpu_state::{CaptureSpec, VcpuConstants, VcpuState, VcpuStateError};
 use crate::vstate::vm_state::{KvmVmState, VmStateError};
 
 /// Why a capture failed.
@@ -19,7 +17,26 @@ pub enum CaptureError {
     Vm(#[from] VmStateError),
 }
 
+/// What captures reuse: the host's [`CaptureSpec`] and each vCPU's
+/// [`VcpuConstants`], filled by the first capture.
+pub(crate) type CaptureCache = (Option<CaptureSpec>, Vec<Option<VcpuConstants>>);
+
 impl Vmm {
+    fn capture_inputs(&self) -> Result<(CaptureSpec, Vec<Option<VcpuConstants>>), VmmError> {
+        let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let spec = match &c.0 {
+            Some(s) => s.clone(),
+            None => {
+                let s = CaptureSpec::probe(self.vm.kvm()).map_err(CaptureError::from)?;
+                c.0 = Some(s.clone());
+                s
+            }
+        };
+        let mut constants = c.1.clone();
+        constants.resize(self.vcpu_count(), None);
+        Ok((spec, constants))
+    }
+
     /// Captures every device, every vCPU and the VM-wide KVM state (not guest memory:
     /// copy that separately while still paused). A started VM must be paused; a VM
     /// that was built but not started, or has ended, can be captured as it is.
@@ -44,28 +61,31 @@ impl Vmm {
             .as_ref()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot());
 
-        let kvm = self.vm.kvm();
-        let msrs: Arc<[u32]> = msrs_to_save(kvm).map_err(CaptureError::from)?.into();
-        let xsave_bytes = xsave_size(kvm);
-        let has_xcrs = kvm.check_extension(kvm_ioctls::Cap::Xcrs);
+        let (spec, constants) = self.capture_inputs()?;
         let mut vcpus = Vec::with_capacity(self.vcpu_count());
         if running {
             for index in 0..self.threads.len() {
-                let msrs = msrs.clone();
+                let spec = spec.clone();
+                let known = constants.get(index).cloned().flatten();
                 let vcpu = index as u8;
                 let r = self.control.run_parked(
                     index,
-                    move |fd| VcpuState::capture(fd, vcpu, &msrs, xsave_bytes, has_xcrs),
+                    move |fd| VcpuState::capture(fd, vcpu, &spec, known.as_ref()),
                     PAUSE_LIMIT,
                 )?;
                 vcpus.push(r.map_err(CaptureError::from)?);
             }
         } else {
             for (index, fd) in self.vcpus.iter().enumerate() {
-                let s = VcpuState::capture(fd, index as u8, &msrs, xsave_bytes, has_xcrs)
+                let known = constants.get(index).cloned().flatten();
+                let s = VcpuState::capture(fd, index as u8, &spec, known.as_ref())
                     .map_err(CaptureError::from)?;
                 vcpus.push(s);
             }
+        }
+        if constants.iter().any(Option::is_none) {
+            let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.1 = vcpus.iter().map(|v| Some(v.constants())).collect();
         }
         let vm = KvmVmState::capture(self.vm.fd()).map_err(CaptureError::from)?;
         Ok(VmState {

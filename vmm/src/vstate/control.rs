@@ -11,7 +11,7 @@
 //! be lost.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::VmExit;
+use crate::spin::{spin_until, HANDOFF_SPIN};
 
 /// Offset of the kick signal from `SIGRTMIN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -158,6 +159,11 @@ pub struct RunControl {
     /// Set whenever a pause or stop is pending: vCPU threads read it before each
     /// `KVM_RUN` without taking the lock.
     request: AtomicBool,
+    /// `parked + exited`, readable without the lock (the controller spins on it).
+    settled: AtomicUsize,
+    /// Bumped whenever parked threads have something new to look at (resume, stop, a
+    /// job): they spin on it before sleeping on `resume_cv`.
+    wake_seq: AtomicU64,
     vcpus: usize,
 }
 
@@ -168,8 +174,22 @@ impl RunControl {
             resume_cv: Condvar::new(),
             ctl_cv: Condvar::new(),
             request: AtomicBool::new(false),
+            settled: AtomicUsize::new(0),
+            wake_seq: AtomicU64::new(0),
             vcpus,
         }
+    }
+
+    /// Wakes parked vCPU threads, spinning or sleeping. Called with the lock held.
+    fn wake_parked(&self) {
+        self.wake_seq.fetch_add(1, Ordering::SeqCst);
+        self.resume_cv.notify_all();
+    }
+
+    /// Publishes `parked + exited` and wakes the controller. Called with the lock held.
+    fn settled_changed(&self, s: &State) {
+        self.settled.store(s.parked + s.exited, Ordering::SeqCst);
+        self.ctl_cv.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -221,7 +241,10 @@ impl RunControl {
         let mut s = self.lock();
         if s.paused && !s.stopping {
             s.parked += 1;
-            self.ctl_cv.notify_all();
+            self.settled_changed(&s);
+            // Spin once before each sleep (see `crate::spin`): the capture job and the
+            // resume usually follow within the pause's few hundred microseconds.
+            let mut spun = false;
             while s.paused && !s.stopping {
                 if let Some(job) = s.jobs.get_mut(index).and_then(Option::take) {
                     // Without the lock: the job makes ioctls, and other vCPUs' jobs
@@ -229,11 +252,21 @@ impl RunControl {
                     drop(s);
                     job(fd);
                     s = self.lock();
+                    spun = false;
+                    continue;
+                }
+                if !spun {
+                    spun = true;
+                    let seq = self.wake_seq.load(Ordering::SeqCst);
+                    drop(s);
+                    spin_until(HANDOFF_SPIN, || self.wake_seq.load(Ordering::SeqCst) != seq);
+                    s = self.lock();
                     continue;
                 }
                 s = self.resume_cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.parked -= 1;
+            self.settled.store(s.parked + s.exited, Ordering::SeqCst);
         }
         if s.stopping {
             return Next::Exit;
@@ -255,7 +288,7 @@ impl RunControl {
         s.stopping = true;
         self.request.store(true, Ordering::SeqCst);
         self.kick_all(&s);
-        self.resume_cv.notify_all();
+        self.wake_parked();
         self.ctl_cv.notify_all();
     }
 
@@ -263,7 +296,7 @@ impl RunControl {
     pub fn vcpu_exited(&self) {
         let mut s = self.lock();
         s.exited += 1;
-        self.ctl_cv.notify_all();
+        self.settled_changed(&s);
     }
 
     /// Pauses every vCPU; returns once all are parked (or gone), with the time it took.
@@ -276,6 +309,11 @@ impl RunControl {
         s.paused = true;
         self.request.store(true, Ordering::SeqCst);
         self.kick_all(&s);
+        drop(s);
+        spin_until(HANDOFF_SPIN, || {
+            self.settled.load(Ordering::SeqCst) >= self.vcpus
+        });
+        let mut s = self.lock();
         let mut rekick = Duration::from_millis(5);
         while s.parked + s.exited < self.vcpus {
             let elapsed = t0.elapsed();
@@ -284,7 +322,7 @@ impl RunControl {
                 // Leave the VM running rather than half paused.
                 s.paused = false;
                 self.request.store(s.stopping, Ordering::SeqCst);
-                self.resume_cv.notify_all();
+                self.wake_parked();
                 return Err(ControlError::PauseTimeout(limit, parked, self.vcpus));
             }
             let (g, timeout) = self
@@ -309,7 +347,7 @@ impl RunControl {
         }
         s.paused = false;
         self.request.store(false, Ordering::SeqCst);
-        self.resume_cv.notify_all();
+        self.wake_parked();
         Ok(())
     }
 
@@ -334,7 +372,19 @@ impl RunControl {
                 // The receiver may have given up; nothing to do then.
                 let _ = tx.send(f(fd));
             }));
-            self.resume_cv.notify_all();
+            self.wake_parked();
+        }
+        let mut early = None;
+        spin_until(HANDOFF_SPIN, || match rx.try_recv() {
+            Ok(v) => {
+                early = Some(v);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            Err(mpsc::TryRecvError::Disconnected) => true,
+        });
+        if let Some(v) = early {
+            return Ok(v);
         }
         match rx.recv_timeout(limit) {
             Ok(v) => Ok(v),

@@ -31,6 +31,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::hot_pages::{HotPageConfig, HotPages};
 use super::memory::{GuestMemoryMmap, SlotFlags};
 use super::vm::{Vm, VmError};
 
@@ -308,6 +309,8 @@ pub struct HarvestStats {
     pub kvm_time: Duration,
     /// Time taking and resetting the VMM's bitmaps.
     pub vmm_time: Duration,
+    /// Pages left writable by the hot-page policy (reported again next harvest).
+    pub hot_pages: usize,
 }
 
 /// How vCPU writes are logged by KVM: the slot bitmap ([`BitmapSource`]) or, on
@@ -332,6 +335,18 @@ pub trait KvmDirtySource: Send {
 
     /// Turns logging off.
     fn disable(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError>;
+
+    /// Leaves pages written in consecutive harvests writable (see
+    /// [`super::hot_pages`]); `None` re-protects everything at each harvest. False when
+    /// this log cannot do it (then nothing changes).
+    fn set_hot_pages(&mut self, _cfg: Option<HotPageConfig>) -> bool {
+        false
+    }
+
+    /// Pages the last harvest left writable.
+    fn hot_pages(&self) -> usize {
+        0
+    }
 }
 
 /// KVM's per-slot dirty bitmap, with manual re-protect when the kernel offers it
@@ -342,6 +357,9 @@ pub struct BitmapSource {
     manual: bool,
     /// Per-slot buffer for KVM_GET_DIRTY_LOG, reused across harvests.
     bufs: Vec<Vec<u64>>,
+    /// Hot-page policy (manual re-protect only) and its buffer of pages to clear.
+    hot: Option<HotPages>,
+    clear: Vec<u64>,
 }
 
 impl BitmapSource {
@@ -353,6 +371,8 @@ impl BitmapSource {
         BitmapSource {
             manual: caps > 0 && caps as u32 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0,
             bufs: Vec::new(),
+            hot: None,
+            clear: Vec::new(),
         }
     }
 
@@ -362,6 +382,8 @@ impl BitmapSource {
         BitmapSource {
             manual: false,
             bufs: Vec::new(),
+            hot: None,
+            clear: Vec::new(),
         }
     }
 
@@ -455,7 +477,14 @@ impl KvmDirtySource for BitmapSource {
         self.size_bufs(mem);
         // Discard the log so far: the baseline.
         let mut scratch = DirtySet::new(mem);
-        self.harvest(vm, mem, &mut scratch)?;
+        let hot = self.hot.take();
+        let r = self.harvest(vm, mem, &mut scratch);
+        self.hot = hot.map(|mut h| {
+            // The baseline reports every page: it says nothing of what is hot.
+            h.reset();
+            h
+        });
+        r?;
         Ok(())
     }
 
@@ -469,14 +498,25 @@ impl KvmDirtySource for BitmapSource {
             return Err(DirtyError::Layout("slots changed since tracking started"));
         }
         let mut pages = 0;
+        if let Some(h) = &mut self.hot {
+            h.begin(self.bufs.iter().map(Vec::len));
+        }
         for (slot, (buf, region)) in self.bufs.iter_mut().zip(&mut out.regions).enumerate() {
-            let slot = slot as u32;
-            Self::get_log(vm.fd(), slot, buf)?;
+            let slot_no = slot as u32;
+            Self::get_log(vm.fd(), slot_no, buf)?;
             let any = region.or_words(buf);
             if any {
                 pages += buf.iter().map(|w| w.count_ones() as usize).sum::<usize>();
                 if self.manual {
-                    Self::clear_log(vm.fd(), slot, region.pages, buf)?;
+                    match &mut self.hot {
+                        Some(h) => {
+                            self.clear.clear();
+                            self.clear.resize(buf.len(), 0);
+                            h.select(slot, buf, &mut self.clear);
+                            Self::clear_log(vm.fd(), slot_no, region.pages, &mut self.clear)?;
+                        }
+                        None => Self::clear_log(vm.fd(), slot_no, region.pages, buf)?,
+                    }
                 }
             }
         }
@@ -486,6 +526,19 @@ impl KvmDirtySource for BitmapSource {
     fn disable(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError> {
         vm.set_slot_flags(mem, SlotFlags { dirty_log: false })?;
         Ok(())
+    }
+
+    fn set_hot_pages(&mut self, cfg: Option<HotPageConfig>) -> bool {
+        if !self.manual {
+            // Without manual re-protect, GET itself re-protects the whole slot.
+            return false;
+        }
+        self.hot = cfg.map(HotPages::new);
+        true
+    }
+
+    fn hot_pages(&self) -> usize {
+        self.hot.as_ref().map_or(0, HotPages::hot)
     }
 }
 
@@ -529,6 +582,11 @@ impl DirtyTracker {
         self.kvm.name()
     }
 
+    /// See [`KvmDirtySource::set_hot_pages`].
+    pub fn set_hot_pages(&mut self, cfg: Option<HotPageConfig>) -> bool {
+        self.kvm.set_hot_pages(cfg)
+    }
+
     /// Turns logging on and clears both logs: the next harvest returns the pages
     /// written after this call. Take the baseline copy of memory after this returns.
     pub fn start(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError> {
@@ -557,6 +615,7 @@ impl DirtyTracker {
             total_pages: out.count(),
             kvm_time: t1 - t0,
             vmm_time: t2 - t1,
+            hot_pages: self.kvm.hot_pages(),
         })
     }
 

@@ -2,6 +2,7 @@
 pub mod control;
 pub mod cpuid;
 pub mod dirty;
+pub mod hot_pages;
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -20,6 +20,8 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING,
     KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::fam::FamStruct;
@@ -117,6 +119,36 @@ pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, VcpuStateError> {
     v.sort_unstable();
     v.dedup();
     Ok(v)
+}
+
+/// What every capture needs from the host, probed once per VM: the MSR list, the
+/// XSAVE area size and whether XCRs exist do not change while the process runs.
+#[derive(Clone, Debug)]
+pub struct CaptureSpec {
+    pub msrs: Arc<[u32]>,
+    pub xsave_bytes: usize,
+    pub has_xcrs: bool,
+}
+
+impl CaptureSpec {
+    pub fn probe(kvm: &Kvm) -> Result<CaptureSpec, VcpuStateError> {
+        Ok(CaptureSpec {
+            msrs: msrs_to_save(kvm)?.into(),
+            xsave_bytes: xsave_size(kvm),
+            has_xcrs: kvm.check_extension(Cap::Xcrs),
+        })
+    }
+}
+
+/// The part of a vCPU's state that cannot change once it has run: its CPUID (KVM
+/// refuses a different one after the first `KVM_RUN`; the bits KVM derives at run
+/// time, such as OSXSAVE, are derived again from CR4 and XCR0 on restore) and its TSC
+/// frequency. A checkpoint reads them at the first capture and reuses them, which
+/// saves two ioctls per vCPU per epoch.
+#[derive(Clone, Debug)]
+pub struct VcpuConstants {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub tsc_khz: Option<u32>,
 }
 
 /// Size in bytes of the host's XSAVE area for `KVM_GET_XSAVE2`, or 0 when the legacy
@@ -222,36 +254,40 @@ fn write_msrs(
 
 impl VcpuState {
     /// Reads the state of vCPU `index` from `fd`, which KVM must not be running.
-    /// `msr_list` comes from [`msrs_to_save`], `xsave_bytes` from [`xsave_size`].
+    /// `constants` (from an earlier capture of the same vCPU, see [`VcpuConstants`])
+    /// spares reading CPUID and the TSC frequency again.
     pub fn capture(
         fd: &VcpuFd,
         index: u8,
-        msr_list: &[u32],
-        xsave_bytes: usize,
-        has_xcrs: bool,
+        spec: &CaptureSpec,
+        constants: Option<&VcpuConstants>,
     ) -> Result<VcpuState, VcpuStateError> {
         let io = |what| ioctl(index, what);
-        let cpuid = fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(io("KVM_GET_CPUID2"))?
-            .as_slice()
-            .to_vec();
+        let (cpuid, tsc_khz) = match constants {
+            Some(c) => (c.cpuid.clone(), c.tsc_khz),
+            None => (
+                fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(io("KVM_GET_CPUID2"))?
+                    .as_slice()
+                    .to_vec(),
+                fd.get_tsc_khz().ok(),
+            ),
+        };
         let mp_state = fd.get_mp_state().map_err(io("KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(io("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(io("KVM_GET_SREGS"))?;
-        let xsave = Self::get_xsave(fd, index, xsave_bytes)?;
-        let xcrs = if has_xcrs {
+        let xsave = Self::get_xsave(fd, index, spec.xsave_bytes)?;
+        let xcrs = if spec.has_xcrs {
             Some(fd.get_xcrs().map_err(io("KVM_GET_XCRS"))?)
         } else {
             None
         };
         let debug_regs = fd.get_debug_regs().map_err(io("KVM_GET_DEBUGREGS"))?;
         let lapic = fd.get_lapic().map_err(io("KVM_GET_LAPIC"))?;
-        let (msrs, unreadable_msrs) = read_msrs(fd, index, msr_list)?;
+        let (msrs, unreadable_msrs) = read_msrs(fd, index, &spec.msrs)?;
         if !unreadable_msrs.is_empty() {
             log::debug!("vCPU {index}: MSRs KVM lists but will not read: {unreadable_msrs:x?}");
         }
-        let tsc_khz = fd.get_tsc_khz().ok();
         // Last, as KVM's own order has it: reading the rest does not change the events.
         let events = fd.get_vcpu_events().map_err(io("KVM_GET_VCPU_EVENTS"))?;
         Ok(VcpuState {
@@ -269,6 +305,14 @@ impl VcpuState {
             events,
             tsc_khz,
         })
+    }
+
+    /// What later captures of this vCPU may reuse.
+    pub fn constants(&self) -> VcpuConstants {
+        VcpuConstants {
+            cpuid: self.cpuid.clone(),
+            tsc_khz: self.tsc_khz,
+        }
     }
 
     fn get_xsave(fd: &VcpuFd, vcpu: u8, xsave_bytes: usize) -> Result<Vec<u32>, VcpuStateError> {
