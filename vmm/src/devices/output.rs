@@ -236,7 +236,13 @@ struct State {
     open: OpenCounts,
     streams: Vec<Stream>,
     last_close: LastClose,
+    /// Called when the open epoch takes its first item (see
+    /// [`OutputGate::set_waiting_notifier`]).
+    notify_waiting: Option<WaitingNotifier>,
 }
+
+/// Told that output is waiting in the open epoch.
+pub type WaitingNotifier = Arc<dyn Fn() + Send + Sync>;
 
 /// The VM's output gate (one per VM, shared by its output devices).
 pub struct OutputGate {
@@ -265,6 +271,7 @@ impl Default for OutputGate {
                 open: OpenCounts::default(),
                 streams: Vec::new(),
                 last_close: None,
+                notify_waiting: None,
             }),
             release_lock: Mutex::new(()),
         }
@@ -598,6 +605,14 @@ impl OutputGate {
         lock(&self.state).held_bytes
     }
 
+    /// `f` is called whenever the open epoch goes from empty to holding output, on the
+    /// thread that emitted it and outside the gate's lock, so a checkpoint driver can
+    /// end the epoch at once instead of polling [`OutputGate::output_waiting`]. It
+    /// must not block. `None` removes it.
+    pub fn set_waiting_notifier(&self, f: Option<WaitingNotifier>) {
+        lock(&self.state).notify_waiting = f;
+    }
+
     /// True when the open epoch holds output.
     pub fn output_waiting(&self) -> bool {
         let st = lock(&self.state);
@@ -724,12 +739,23 @@ impl GatePort {
             }),
         }
         st.held_bytes += len;
+        let was_empty = st.open.console_bytes == 0 && st.open.net_frames == 0;
         match kind {
             StreamKind::Console => st.open.console_bytes += len,
             StreamKind::Net => {
                 st.open.net_frames += 1;
                 st.open.net_bytes += len;
             }
+        }
+        let now_waiting = st.open.console_bytes > 0 || st.open.net_frames > 0;
+        let notify = if was_empty && now_waiting {
+            st.notify_waiting.clone()
+        } else {
+            None
+        };
+        drop(st);
+        if let Some(f) = notify {
+            f();
         }
         Ok(())
     }

@@ -124,6 +124,12 @@ impl Vmm {
         self.devices.output_gate().held_bytes()
     }
 
+    /// Calls `f` whenever the open epoch starts holding output (see
+    /// [`crate::devices::output::OutputGate::set_waiting_notifier`]); `None` removes it.
+    pub fn set_output_notifier(&self, f: Option<crate::devices::output::WaitingNotifier>) {
+        self.devices.output_gate().set_waiting_notifier(f);
+    }
+
     /// True when the open epoch holds output (an epoch may then end early).
     pub fn output_waiting(&self) -> bool {
         self.devices.output_gate().output_waiting()

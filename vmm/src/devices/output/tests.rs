@@ -338,3 +338,43 @@ fn epoch_frames_copies_the_last_closed_epochs_frames_per_nic() {
     );
     assert!(gate.epoch_frames(3).is_empty(), "released");
 }
+
+#[test]
+fn the_notifier_hears_of_the_first_output_of_each_epoch_only() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gate = OutputGate::new();
+    let (con, _crec) = stream(&gate, StreamKind::Console);
+    let (net, _nrec) = stream(&gate, StreamKind::Net);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let g = Arc::downgrade(&gate);
+    gate.set_waiting_notifier(Some(Arc::new(move || {
+        // Called outside the gate's lock: the gate may be asked at once.
+        if let Some(g) = g.upgrade() {
+            assert!(g.output_waiting());
+        }
+        c.fetch_add(1, Ordering::SeqCst);
+    })));
+    gate.enable();
+    con.hold(b"a".to_vec(), 0).unwrap();
+    con.hold(b"b".to_vec(), 0).unwrap();
+    net.hold(b"frame".to_vec(), 0).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    gate.close_epoch(0).unwrap();
+    // An empty frame still waits (a frame is output whatever its length).
+    net.hold(b"HDR".to_vec(), 3).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    gate.close_epoch(1).unwrap();
+    gate.set_waiting_notifier(None);
+    con.hold(b"c".to_vec(), 0).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Direct output (gate off) is not waiting output.
+    gate.disable();
+    let (con2, _r) = stream(&gate, StreamKind::Console);
+    let c2 = calls.clone();
+    gate.set_waiting_notifier(Some(Arc::new(move || {
+        c2.fetch_add(1, Ordering::SeqCst);
+    })));
+    assert!(con2.hold(b"d".to_vec(), 0).is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
