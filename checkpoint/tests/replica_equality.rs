@@ -18,6 +18,7 @@ use checkpoint::verify::{hash_guest_memory, hash_state, HashLog};
 use vm_memory::{Bytes as _, GuestAddress};
 use vmm::build_vm;
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
+use vmm::vstate::hot_pages::HotPageConfig;
 
 const SECRET: &[u8] = b"replica-equality-cluster-secret";
 /// Committed epochs the driver test must check, at least.
@@ -133,6 +134,14 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
                 max_part_pages: Some(256),
                 acked: Some(acked),
                 verify: Some(plog),
+                // A wide window: most of the working set (rewritten every ~5 epochs)
+                // stays writable and is copied every epoch, so hot pages, their
+                // bound and the cooling harvests are all exercised under the hashes.
+                hot_pages: Some(HotPageConfig {
+                    max_pages: 1024,
+                    cool_every: 16,
+                    window: 8,
+                }),
                 ..PrimaryDriverConfig::default()
             };
             let r = run_primary(&pvmm, &plink, &cfg, &pstop);
@@ -209,10 +218,17 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
         !con.contains("DIRTY-ERROR"),
         "the dirty self-check failed: {con}"
     );
+    // Hot pages were really used: many epochs copied pages left writable.
+    let hot_per_epoch = preport.hot_pages as f64 / preport.epochs_captured as f64;
+    assert!(
+        hot_per_epoch > 100.0,
+        "only {hot_per_epoch:.1} hot pages per epoch"
+    );
     let pauses = &preport.pauses;
     eprintln!(
         "{} epochs committed and equal in {elapsed:?}; {} distinct memory hashes; \
-         capture pause (full rehash excluded) p50 {:?} max {:?}",
+         capture pause (full rehash excluded) p50 {:?} max {:?}; {hot_per_epoch:.0} hot \
+         pages per epoch",
         s.len(),
         distinct.len(),
         pauses[pauses.len() / 2],

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
@@ -52,11 +53,16 @@ pub struct FtArgs {
     /// Checkpoint epoch length in ms (default: the protocol's).
     #[arg(long, value_name = "MS")]
     pub epoch_ms: Option<u64>,
-    /// An epoch with output waiting ends after at least this many ms (default: the
-    /// protocol's, 2): longer batches more replies per checkpoint (fewer pauses and
-    /// dirty-page faults) at the cost of request latency.
+    /// An epoch with output waiting ends after at least this many ms (fractions
+    /// allowed, 0 = at once; default: the protocol's, 0.5): longer batches more replies
+    /// per checkpoint (fewer pauses) at the cost of request latency.
     #[arg(long, value_name = "MS")]
-    pub min_epoch_ms: Option<u64>,
+    pub min_epoch_ms: Option<f64>,
+    /// Pages the guest keeps rewriting stay writable and are copied at every epoch,
+    /// at most this many (default 2048; 0 = re-protect every page at every epoch, the
+    /// right choice on hosts with hardware dirty logging, where write exits are cheap).
+    #[arg(long, value_name = "PAGES")]
+    pub hot_pages: Option<usize>,
     /// A-Link heartbeat interval in ms (default 50).
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -72,6 +78,12 @@ pub struct FtArgs {
     #[arg(long)]
     pub discard_disk_data: bool,
 }
+
+/// Largest `--min-epoch-ms` (an epoch with output waiting must end within a second).
+const MAX_MIN_EPOCH_MS: f64 = 1000.0;
+/// Largest `--hot-pages`: 256 MiB copied per epoch (the wire's per-epoch page limit is
+/// far above any sensible hot set).
+const MAX_HOT_PAGES: usize = 65536;
 
 /// Why the FT flags cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,6 +102,10 @@ pub enum FtError {
     NeedsRole(&'static str),
     #[error("--{0} must be positive")]
     Zero(&'static str),
+    #[error("--min-epoch-ms must be a number of ms from 0 to {MAX_MIN_EPOCH_MS} (got {0})")]
+    MinEpoch(String),
+    #[error("--hot-pages must be at most {0}")]
+    HotPages(usize),
     #[error("{0} is only meaningful with --role standby")]
     StandbyOnly(&'static str),
     #[error("at most {max} --alink (got {got})")]
@@ -104,7 +120,9 @@ pub struct FtSettings {
     pub cluster_id: String,
     pub secret: Vec<u8>,
     pub epoch_ms: Option<u64>,
-    pub min_epoch_ms: Option<u64>,
+    pub min_epoch: Option<Duration>,
+    /// `--hot-pages`: None = the default policy, Some(0) = off.
+    pub hot_pages: Option<usize>,
     pub heartbeat_ms: u64,
     pub heartbeat_misses: u32,
     /// Bytes/s; None = unlimited.
@@ -168,6 +186,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.cluster_secret_file.is_some(), "--cluster-secret-file"),
             (a.epoch_ms.is_some(), "--epoch-ms"),
             (a.min_epoch_ms.is_some(), "--min-epoch-ms"),
+            (a.hot_pages.is_some(), "--hot-pages"),
             (a.heartbeat_ms.is_some(), "--heartbeat-ms"),
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
             (a.resync_rate.is_some(), "--resync-rate"),
@@ -203,14 +222,21 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
     if a.epoch_ms == Some(0) {
         return Err(FtError::Zero("epoch-ms"));
     }
-    if a.min_epoch_ms == Some(0) {
-        return Err(FtError::Zero("min-epoch-ms"));
-    }
+    let min_epoch = match a.min_epoch_ms {
+        None => None,
+        Some(ms) if ms.is_finite() && (0.0..=MAX_MIN_EPOCH_MS).contains(&ms) => {
+            Some(Duration::from_secs_f64(ms / 1e3))
+        }
+        Some(ms) => return Err(FtError::MinEpoch(ms.to_string())),
+    };
     if a.resync_rate == Some(0) {
         return Err(FtError::Zero("resync-rate"));
     }
     if a.discard_disk_data && role != Role::Standby {
         return Err(FtError::StandbyOnly("--discard-disk-data"));
+    }
+    if a.hot_pages.is_some_and(|n| n > MAX_HOT_PAGES) {
+        return Err(FtError::HotPages(MAX_HOT_PAGES));
     }
     Ok(Some(FtSettings {
         role,
@@ -221,7 +247,8 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_string()),
         secret,
         epoch_ms: a.epoch_ms,
-        min_epoch_ms: a.min_epoch_ms,
+        min_epoch,
+        hot_pages: a.hot_pages,
         heartbeat_ms,
         heartbeat_misses,
         resync_rate: a.resync_rate.map(|m| m.saturating_mul(1 << 20)),
@@ -362,5 +389,37 @@ mod tests {
         .unwrap();
         assert_eq!(resolve_ft(&a).unwrap_err(), FtError::Zero("heartbeat-ms"));
         assert!(parse(&["--role", "witness"]).is_err());
+        let with = |flag: &str, v: &str| {
+            let arg = format!("{flag}={v}");
+            let a = parse(&[
+                "--role",
+                "primary",
+                "--alink",
+                "1.1.1.1:1,2.2.2.2:2",
+                "--cluster-secret-file",
+                p,
+                &arg,
+            ])
+            .unwrap();
+            resolve_ft(&a)
+        };
+        let s = with("--min-epoch-ms", "0.25").unwrap().unwrap();
+        assert_eq!(s.min_epoch, Some(Duration::from_micros(250)));
+        let s = with("--min-epoch-ms", "0").unwrap().unwrap();
+        assert_eq!(s.min_epoch, Some(Duration::ZERO));
+        for bad in ["-1", "NaN", "inf", "1000.5"] {
+            assert!(
+                matches!(with("--min-epoch-ms", bad), Err(FtError::MinEpoch(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            with("--hot-pages", "0").unwrap().unwrap().hot_pages,
+            Some(0)
+        );
+        assert_eq!(
+            with("--hot-pages", "65537").unwrap_err(),
+            FtError::HotPages(65536)
+        );
     }
 }

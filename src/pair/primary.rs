@@ -86,8 +86,8 @@ pub fn protect(
     if let Some(ms) = ft.epoch_ms {
         protocol.epoch_len = Duration::from_millis(ms);
     }
-    if let Some(ms) = ft.min_epoch_ms {
-        protocol.min_epoch = Duration::from_millis(ms);
+    if let Some(d) = ft.min_epoch {
+        protocol.min_epoch = d;
     }
     protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
     info!(
@@ -216,6 +216,15 @@ fn driver_config(
     // waiting for it is not an error.
     d.connect_timeout = Duration::from_secs(365 * 24 * 3600);
     d.acked = Some(acked);
+    match ft.hot_pages {
+        None => {}
+        Some(0) => d.hot_pages = None,
+        Some(n) => {
+            if let Some(h) = &mut d.hot_pages {
+                h.max_pages = n;
+            }
+        }
+    }
     d
 }
 
@@ -256,13 +265,17 @@ fn log_report(r: &PrimaryReport) {
     let pct = |p: usize| r.pauses.get(r.pauses.len() * p / 100).copied();
     info!(
         "FT primary: {} sync rounds, {} epochs captured, {} acknowledged, released through \
-         {:?}, pause p50 {:?} p99 {:?}, {} throttles{}",
+         {:?}, pause p50 {:?} p99 {:?}, commit wait p50 {:?}, {:.1} dirty pages per epoch \
+         ({:.1} hot), {} throttles{}",
         r.sync_rounds,
         r.epochs_captured,
         r.epochs_acked,
         r.released,
         pct(50),
         pct(99),
+        r.commit_waits.get(r.commit_waits.len() / 2),
+        r.epoch_pages as f64 / r.epochs_captured.saturating_sub(1).max(1) as f64,
+        r.hot_pages as f64 / r.epochs_captured.saturating_sub(1).max(1) as f64,
         r.throttles,
         if r.simplex {
             "; ran SIMPLEX (standby lost)"

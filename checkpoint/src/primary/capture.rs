@@ -68,6 +68,8 @@ pub struct Captured {
     pub pause: Duration,
     /// Replica-equality hashes taken while paused (verify mode, epochs only).
     pub hash: Option<ReplicaHash>,
+    /// Of `pages`, how many the hot-page policy left writable (epochs only).
+    pub hot_pages: usize,
 }
 
 /// Keeps the dirty set between captures (no allocation per epoch).
@@ -79,6 +81,8 @@ pub struct Capturer {
     /// Mirrored disks: told of each capture while the guest is paused (their
     /// activity log attributes writes to epochs).
     disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>,
+    /// Hot pages of the last epoch harvest.
+    hot_pages: usize,
 }
 
 impl Capturer {
@@ -90,6 +94,7 @@ impl Capturer {
             max_part_pages: MAX_PAGES_PER_PART,
             verify: None,
             disks: None,
+            hot_pages: 0,
         })
     }
 
@@ -150,6 +155,7 @@ impl Capturer {
             pages,
             pause: Duration::ZERO,
             hash: None,
+            hot_pages: 0,
         })
     }
 
@@ -299,6 +305,7 @@ impl Capturer {
             pages,
             pause,
             hash,
+            hot_pages: self.hot_pages,
         })
     }
 
@@ -329,7 +336,7 @@ impl Capturer {
         // failover, so the resumed guest's TCP need not wait for its RTO.
         let frames = vmm.epoch_frames(epoch);
         self.dirty.clear();
-        vmm.harvest_dirty_into(&mut self.dirty)?;
+        self.hot_pages = vmm.harvest_dirty_into(&mut self.dirty)?.hot_pages;
         let state = vmm.capture_state()?;
         let journals = if epoch == 0 {
             // From here on every write travels with its epoch. Epoch 0 carries the

@@ -19,14 +19,17 @@ use crate::disk_msgs::DiskToPrimary;
 use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
 use crate::primary::disks::PrimaryDisks;
-use crate::primary::inbox::{outbox, pump, Inbox};
+use crate::primary::inbox::{outbox, pump, Inbound, Inbox};
 use crate::primary::resync::{run_disk_session, ResyncStats, SessionEnd};
 use crate::primary::verify_disks::verifier;
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
 use crate::verify::HashLog;
 use storage_mirror::resync::ResyncConfig;
+use vmm::vstate::hot_pages::HotPageConfig;
 use vmm::{Vmm, VmmError};
 
+/// Commit waits kept for the report at most (about an hour of 20 ms epochs).
+const MAX_COMMIT_SAMPLES: usize = 1 << 18;
 /// How often the loop looks at waiting output and link events when nothing else wakes it.
 const POLL: Duration = Duration::from_millis(1);
 /// A send waits this long for room in the A-Link's window before the driver checks
@@ -71,6 +74,9 @@ pub struct PrimaryDriverConfig {
     /// Return when the standby is lost (the VM runs on; the caller may wait for a new
     /// standby and start another session) instead of idling until `stop`.
     pub return_on_simplex: bool,
+    /// Pages the guest keeps writing stay writable and are copied at every epoch
+    /// (see `vmm::vstate::hot_pages`); None re-protects every page at every harvest.
+    pub hot_pages: Option<HotPageConfig>,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -84,6 +90,7 @@ impl Default for PrimaryDriverConfig {
             disks: None,
             resync: ResyncConfig::default(),
             return_on_simplex: false,
+            hot_pages: Some(HotPageConfig::default()),
         }
     }
 }
@@ -102,6 +109,13 @@ pub struct PrimaryReport {
     pub pauses: Vec<Duration>,
     /// Captures that found the guest already paused by a throttle.
     pub throttles: u64,
+    /// Dirty pages of every epoch after epoch 0, summed (per-epoch mean in the logs).
+    pub epoch_pages: u64,
+    /// Of those, the pages the hot-page policy had left writable, summed.
+    pub hot_pages: u64,
+    /// Per acknowledged epoch: from the end of its capture (guest resumed) to its
+    /// acknowledgement, sorted. What output commit adds to a reply beyond the pause.
+    pub commit_waits: Vec<Duration>,
     /// Console stream position where output commit began (epoch 0's first byte):
     /// output before it went out directly, as did disk writes (their copy to the
     /// standby is the storage issue's initial disk sync).
@@ -134,11 +148,26 @@ pub fn run_primary(
     log::info!("primary: standby connected, starting the initial synchronisation");
     let (tx, rx) = std::sync::mpsc::channel();
     let inbox = Inbox::new(rx);
+    // Waiting output wakes the loop at once: a reply's epoch can end as soon as
+    // `min_epoch` allows, not at the next poll.
+    let wake = tx.clone();
+    vmm.set_output_notifier(Some(Arc::new(move || {
+        let _ = wake.send(Inbound::Wake);
+    })));
     let quit = AtomicBool::new(false);
     let disks = cfg.disks.as_deref();
-    std::thread::scope(|s| {
+    let r = std::thread::scope(|s| {
         let quit = &quit;
-        s.spawn(move || pump(link, disks, tx, quit));
+        // The standby holds epoch N once it acknowledges it: its output may leave at
+        // once (the driver's own release of it, later, finds nothing left to write).
+        // Acks come only for epochs captured (closed) in this session: a session has
+        // its own A-Link, and the gate's numbering restarts with it.
+        let release = move |epoch: u64| {
+            if let Err(e) = vmm.release_output(epoch) {
+                log::debug!("primary: early release through epoch {epoch}: {e}");
+            }
+        };
+        s.spawn(move || pump(link, disks, &release, tx, quit));
         if let Some(d) = disks {
             let (otx, orx) = std::sync::mpsc::channel();
             s.spawn(move || outbox(link, orx, quit));
@@ -151,7 +180,9 @@ pub fn run_primary(
         }
         quit.store(true, Ordering::Relaxed);
         r
-    })
+    });
+    vmm.set_output_notifier(None);
+    r
 }
 
 fn session(
@@ -171,6 +202,7 @@ fn session(
         proto: Primary::new(cfg.protocol),
         cap: Capturer::new(vmm)?,
         staged: VecDeque::new(),
+        captured_at: VecDeque::new(),
         paused_by_throttle: false,
         report: PrimaryReport::default(),
         t0,
@@ -179,6 +211,9 @@ fn session(
         disks: cfg.disks.clone(),
     };
     d.cap.set_verify(vmm, d.verify.is_some());
+    if !vmm.set_hot_pages(cfg.hot_pages) {
+        log::info!("primary: this KVM cannot leave hot pages writable; every page is re-protected");
+    }
     d.cap.set_disks(cfg.disks.clone());
     if let Some(n) = cfg.max_part_pages {
         d.cap.set_max_part_pages(n);
@@ -219,6 +254,7 @@ fn session(
         d.step()?;
     }
     d.report.pauses.sort();
+    d.report.commit_waits.sort();
     d.report.released = d.proto.released();
     Ok(d.report)
 }
@@ -234,6 +270,8 @@ struct Driver<'a> {
     cap: Capturer,
     /// Captured epochs waiting for their `Send`.
     staged: VecDeque<(u64, Vec<OutPart>)>,
+    /// When each unacknowledged epoch's capture ended.
+    captured_at: VecDeque<(u64, Instant)>,
     paused_by_throttle: bool,
     report: PrimaryReport,
     t0: Instant,
@@ -340,7 +378,11 @@ impl Driver<'_> {
                     self.report.throttles += 1;
                 }
                 let Captured {
-                    parts, pause, hash, ..
+                    parts,
+                    pause,
+                    hash,
+                    pages,
+                    hot_pages,
                 } = self.cap.capture_epoch(
                     self.vmm,
                     epoch,
@@ -359,7 +401,12 @@ impl Driver<'_> {
                 }
                 self.report.pauses.push(pause);
                 self.report.epochs_captured += 1;
+                if epoch > 0 {
+                    self.report.epoch_pages += pages;
+                    self.report.hot_pages += hot_pages as u64;
+                }
                 self.staged.push_back((epoch, parts));
+                self.captured_at.push_back((epoch, Instant::now()));
                 Ok(Some(PrimaryEvent::Captured {
                     epoch,
                     now: self.now(),
@@ -385,6 +432,15 @@ impl Driver<'_> {
                 Ok(None)
             }
             PrimaryAction::ReleaseOutput { through } => {
+                while let Some(&(e, at)) = self.captured_at.front() {
+                    if e > through {
+                        break;
+                    }
+                    self.captured_at.pop_front();
+                    if e > 0 && self.report.commit_waits.len() < MAX_COMMIT_SAMPLES {
+                        self.report.commit_waits.push(at.elapsed());
+                    }
+                }
                 self.vmm
                     .release_output(through)
                     .map_err(DriverError::from)?;
@@ -428,6 +484,7 @@ impl Driver<'_> {
             d.peer_lost();
         }
         self.staged.clear();
+        self.captured_at.clear();
         self.report.simplex = true;
         if !self.paused_by_throttle {
             self.vmm.pause()?;

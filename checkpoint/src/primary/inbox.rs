@@ -24,6 +24,9 @@ const PUMP_POLL: Duration = Duration::from_millis(5);
 pub enum Inbound {
     Msg(InMsg),
     Closed,
+    /// Output began to wait in the open epoch (the VMM's notifier): the driver looks
+    /// at once instead of at its next poll.
+    Wake,
 }
 
 /// The driver's end.
@@ -36,21 +39,37 @@ impl Inbox {
         Inbox { rx }
     }
 
-    /// The next message for the driver, waiting at most `wait`.
+    /// The next message for the driver, waiting at most `wait` (None: the wait ran
+    /// out or a wake-up came).
     pub fn recv(&self, wait: Duration) -> Result<Option<InMsg>, AlinkError> {
         match self.rx.recv_timeout(wait) {
             Ok(Inbound::Msg(m)) => Ok(Some(m)),
+            Ok(Inbound::Wake) => Ok(None),
             Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => Err(AlinkError::Closed),
             Err(RecvTimeoutError::Timeout) => Ok(None),
         }
     }
 }
 
-/// Runs until `quit` or the link closes.
-pub fn pump(link: &Alink, disks: Option<&PrimaryDisks>, tx: Sender<Inbound>, quit: &AtomicBool) {
+/// Runs until `quit` or the link closes. `on_ack` is called with each acknowledged
+/// epoch before the driver hears of it: the driver's copy of the acknowledgement
+/// waits for this thread to hand it over and for the driver to wake, so releasing the
+/// epoch's held output here takes those thread switches off every reply's path.
+pub fn pump(
+    link: &Alink,
+    disks: Option<&PrimaryDisks>,
+    on_ack: &(dyn Fn(u64) + Sync),
+    tx: Sender<Inbound>,
+    quit: &AtomicBool,
+) {
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
+                if let Ok(PrimaryboundMsg::Ack { epoch }) =
+                    decode_to_primary(m.head_bytes(), m.payload())
+                {
+                    on_ack(epoch);
+                }
                 if let Some(d) = disks {
                     // Answers a vCPU or the verifier waits for.
                     if let Ok(PrimaryboundMsg::Disk(
