@@ -457,7 +457,7 @@ pub struct SweepSizes {
     /// `--min-epoch-ms` values tried for the kv guest at the default epoch length (an
     /// epoch with output waiting ends after this: the knob that sets how many replies
     /// one checkpoint carries).
-    pub min_epochs_ms: Vec<u64>,
+    pub min_epochs_ms: Vec<f64>,
     /// Seconds of each dirty-workload measurement.
     pub dirty_secs: f64,
     /// `redis-benchmark -n` per pipeline depth.
@@ -476,7 +476,7 @@ impl SweepSizes {
         if quick {
             SweepSizes {
                 epochs_ms: vec![5, 20, 40],
-                min_epochs_ms: vec![2, 5],
+                min_epochs_ms: vec![0.0, 0.5, 2.0],
                 dirty_secs: 1.0,
                 bench_n: 2_000,
                 latency_samples: 200,
@@ -486,7 +486,7 @@ impl SweepSizes {
         } else {
             SweepSizes {
                 epochs_ms: vec![5, 10, 20, 40, 80],
-                min_epochs_ms: vec![2, 5, 10],
+                min_epochs_ms: vec![0.0, 0.25, 0.5, 1.0, 2.0, 5.0],
                 dirty_secs: 2.0,
                 bench_n: 5_000,
                 latency_samples: 500,
@@ -647,104 +647,105 @@ pub fn sweep(
             kv: kv_ft,
         });
     }
-    let mut min_rows = Vec::new();
-    for &min in &sz.min_epochs_ms {
-        eprintln!("   kv FT pair, min epoch {min} ms ...");
-        let args = ["--min-epoch-ms".to_string(), min.to_string()];
-        min_rows.push((
-            min,
-            kv::protected_with(twinrun, elf, dir, &topo, sz, &args)?,
-        ));
-    }
-    eprintln!(
-        "   kv with {} clients, unprotected then FT ...",
-        sz.many_clients
-    );
-    let many = SweepSizes {
-        clients: sz.many_clients,
-        epochs_ms: Vec::new(),
-        min_epochs_ms: Vec::new(),
-        ..sz.clone()
-    };
-    let many_base = kv::unprotected(twinrun, elf, dir, &topo, &many)?;
-    let many_ft = kv::protected_with(twinrun, elf, dir, &topo, &many, &[])?;
     eprintln!("   kv unprotected (after) ...");
     let kv_after = kv::unprotected(twinrun, elf, dir, &topo, sz)?;
     drop(topo);
     let kv_base = kv::Side::mean(&kv_before, &kv_after);
     println!("{}", sweep_table(&rows, &kv_base, &kv_before, &kv_after));
-    println!("{}", min_epoch_table(&min_rows, &kv_base));
-    println!(
-        "kv guest with {} clients at the default epoch: -P 1 {:.0} vs {:.0} req/s ({:.2}), \
-         -P 16 {:.0} vs {:.0} ({:.2}); SET p50 {:.2} vs {:.2} ms\n",
-        sz.many_clients,
-        rps(&many_ft, 0),
-        rps(&many_base, 0),
-        ratio(rps(&many_ft, 0), rps(&many_base, 0)),
-        rps(&many_ft, 1),
-        rps(&many_base, 1),
-        ratio(rps(&many_ft, 1), rps(&many_base, 1)),
-        kv::pct(&many_ft.lat_ms, 0.5),
-        kv::pct(&many_base.lat_ms, 0.5),
-    );
-    let mut figs = sweep_figures(&rows, &kv_base, sz);
-    figs.extend(min_epoch_figures(&min_rows, &kv_base));
-    figs.push(
-        Figure::new(
-            "ft-epoch",
-            &format!(
-                "kv SET/GET -P 1, {} clients, default epoch",
-                sz.many_clients
-            ),
-            rps(&many_ft, 0),
-            "req/s",
-            Better::Higher,
-        )
-        .baseline("same guest unprotected, same clients", rps(&many_base, 0))
-        .target(0.8, true, ">= 80 % of unprotected"),
-    );
+    Ok(sweep_figures(&rows, &kv_base, sz))
+}
+
+/// The minimum-epoch sweep (`--only ft-min-epoch`): the kv guest at the default epoch
+/// length with each `--min-epoch-ms` of `sz`, with `sz.clients` and with
+/// `sz.many_clients` clients, against the same guest unprotected with as many clients
+/// (measured before and after the FT runs; mean).
+pub fn min_epoch_sweep(
+    twinrun: &Path,
+    elf: &Path,
+    dir: &Path,
+    sz: &SweepSizes,
+) -> Result<Vec<Figure>, String> {
+    let topo = kv::topology()?;
+    let mut tables = Vec::new();
+    let mut figs = Vec::new();
+    for clients in [sz.clients, sz.many_clients] {
+        let at = SweepSizes {
+            clients,
+            ..sz.clone()
+        };
+        eprintln!("   {clients} clients: kv unprotected (before) ...");
+        let before = kv::unprotected(twinrun, elf, dir, &topo, &at)?;
+        let mut rows = Vec::new();
+        for &min in &sz.min_epochs_ms {
+            eprintln!("   {clients} clients: kv FT pair, min epoch {min} ms ...");
+            let args = ["--min-epoch-ms".to_string(), min.to_string()];
+            rows.push((
+                min,
+                kv::protected_with(twinrun, elf, dir, &topo, &at, &args)?,
+            ));
+        }
+        eprintln!("   {clients} clients: kv unprotected (after) ...");
+        let after = kv::unprotected(twinrun, elf, dir, &topo, &at)?;
+        let base = kv::Side::mean(&before, &after);
+        tables.push(format!(
+            "{clients} clients, unprotected: -P 1 {:.0} / {:.0} req/s (before / after), SET p50 {:.2} ms\n{}",
+            rps(&before, 0),
+            rps(&after, 0),
+            kv::pct(&base.lat_ms, 0.5),
+            min_epoch_table(&rows, &base)
+        ));
+        figs.extend(min_epoch_figures(&rows, &base, clients));
+    }
+    drop(topo);
+    for t in tables {
+        println!("{t}");
+    }
     Ok(figs)
 }
 
 /// kv figures per `--min-epoch-ms` (default epoch length).
-fn min_epoch_table(rows: &[(u64, kv::Side)], base: &kv::Side) -> String {
+fn min_epoch_table(rows: &[(f64, kv::Side)], base: &kv::Side) -> String {
     let mut t = String::from(
         "kv guest per min epoch (epoch 20 ms); ratios are FT / unprotected, same run\n \
-         min ms |     P1    P16 | lat p50 ms  p99 ms | added p50 ms\n",
+         min ms |     P1    P16 | lat p50 ms  p99 ms | added p50 ms | epochs/s  pause p50 us  pages/epoch  commit p50 us\n",
     );
     let base_p50 = kv::pct(&base.lat_ms, 0.5);
     for (min, s) in rows {
         let p50 = kv::pct(&s.lat_ms, 0.5);
         t.push_str(&format!(
-            " {min:>6} | {:>6.2} {:>6.2} | {:>10.2} {:>7.2} | {:>12.2}\n",
+            " {min:>6} | {:>6.2} {:>6.2} | {:>10.2} {:>7.2} | {:>12.2} | {:>8.0} {:>12.0} {:>12.1} {:>14.0}\n",
             ratio(rps(s, 0), rps(base, 0)),
             ratio(rps(s, 1), rps(base, 1)),
             p50,
             kv::pct(&s.lat_ms, 0.99),
             p50 - base_p50,
+            s.epochs.map_or(f64::NAN, |e| e as f64 / s.window.as_secs_f64()),
+            s.pause_p50.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6),
+            s.epoch_pages.unwrap_or(f64::NAN),
+            s.commit_p50.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6),
         ));
     }
     t
 }
 
-fn min_epoch_figures(rows: &[(u64, kv::Side)], base: &kv::Side) -> Vec<Figure> {
+fn min_epoch_figures(rows: &[(f64, kv::Side)], base: &kv::Side, clients: u32) -> Vec<Figure> {
     let mut out = Vec::new();
     for (min, s) in rows {
         out.push(
             Figure::new(
-                "ft-epoch",
-                &format!("kv SET/GET -P 1 at min epoch {min} ms"),
+                "ft-min-epoch",
+                &format!("kv SET/GET -P 1 -c {clients} at min epoch {min} ms"),
                 rps(s, 0),
                 "req/s",
                 Better::Higher,
             )
-            .baseline("same guest unprotected", rps(base, 0))
+            .baseline("same guest unprotected, same clients", rps(base, 0))
             .target(0.8, true, ">= 80 % of unprotected"),
         );
         out.push(
             Figure::new(
-                "ft-epoch",
-                &format!("kv added SET latency p50 at min epoch {min} ms"),
+                "ft-min-epoch",
+                &format!("kv added SET latency p50 -c {clients} at min epoch {min} ms"),
                 kv::pct(&s.lat_ms, 0.5) - kv::pct(&base.lat_ms, 0.5),
                 "ms",
                 Better::Lower,
@@ -1003,6 +1004,10 @@ mod kv {
         /// From the FT primary's exit log: epochs captured and pause p50.
         pub epochs: Option<u64>,
         pub pause_p50: Option<Duration>,
+        /// Mean dirty pages per epoch, from the same line.
+        pub epoch_pages: Option<f64>,
+        /// Commit wait p50 (capture end to ack), from the same line.
+        pub commit_p50: Option<Duration>,
         /// Protected wall time (FT) or measurement time (unprotected).
         pub window: Duration,
     }
@@ -1014,6 +1019,8 @@ mod kv {
                 lat_ms: m.lat_ms,
                 epochs: None,
                 pause_p50: None,
+                epoch_pages: None,
+                commit_p50: None,
                 window: m.window,
             }
         }
@@ -1034,6 +1041,8 @@ mod kv {
                 lat_ms,
                 epochs: None,
                 pause_p50: None,
+                epoch_pages: None,
+                commit_p50: None,
                 window: a.window + b.window,
             }
         }
@@ -1112,6 +1121,8 @@ mod kv {
         }
         side.epochs = epochs;
         side.pause_p50 = p50;
+        side.epoch_pages = parse_pages(&read_log(&pair.plog));
+        side.commit_p50 = parse_commit_wait(&read_log(&pair.plog));
         side.window = window;
         for p in [&pair.secret, &pair.plog, &pair.slog, &pair.pcon, &pair.scon] {
             let _ = std::fs::remove_file(p);
@@ -1138,6 +1149,25 @@ mod kv {
             .and_then(|s| s.split(')').next())
             .and_then(parse_debug_duration);
         (epochs, p50)
+    }
+
+    /// Mean dirty pages per epoch from the primary's report line (`... 41.5 dirty
+    /// pages per epoch ...`).
+    pub fn parse_pages(log: &str) -> Option<f64> {
+        let line = log.lines().find(|l| l.contains("epochs captured"))?;
+        line.split(" dirty pages per epoch")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+    }
+
+    /// Commit wait p50 from the primary's report line (`commit wait p50 Some(..)`).
+    pub fn parse_commit_wait(log: &str) -> Option<Duration> {
+        let line = log.lines().find(|l| l.contains("epochs captured"))?;
+        line.split("commit wait p50 Some(")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(parse_debug_duration)
     }
 
     /// A `Duration`'s `Debug` text (`12ns`, `412.5µs`, `1.2ms`, `3s`).

@@ -1,8 +1,8 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ft-epoch; all but
-//! ft-epoch by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ft-epoch,
+//! ft-min-epoch; all but the two sweeps by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
 //! figures. See benches/README.md.
 
 mod blk;
@@ -34,19 +34,28 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 9] = [
-    "boot", "exits", "blk", "kv", "pause", "ft", "ft-net", "mirror", "ft-epoch",
+const SECTIONS: [&str; 10] = [
+    "boot",
+    "exits",
+    "blk",
+    "kv",
+    "pause",
+    "ft",
+    "ft-net",
+    "mirror",
+    "ft-epoch",
+    "ft-min-epoch",
 ];
 
-/// Sections run only when `--only` names them: the epoch-length sweep (about 2 min)
-/// is for choosing the default epoch, not for every run.
-const OPT_IN: [&str; 1] = ["ft-epoch"];
+/// Sections run only when `--only` names them: the epoch-length and minimum-epoch
+/// sweeps (minutes) are for choosing defaults, not for every run.
+const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,ft-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe]
-  --only: default all but ft-epoch (the epoch-length sweep, opt-in)
+  --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
   --kvm-probe: C source of the raw KVM probe used as the exit baseline in full runs
@@ -214,6 +223,12 @@ fn main() {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
         }
         ft::sweep(&twinrun, &elf, &dir, &ft::SweepSizes::new(q))
+    });
+    section("ft-min-epoch", &mut || {
+        if !env::have("redis-benchmark") || !env::have("redis-cli") {
+            return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
+        }
+        ft::min_epoch_sweep(&twinrun, &elf, &dir, &ft::SweepSizes::new(q))
     });
     drop(scratch);
 
