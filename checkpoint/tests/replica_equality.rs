@@ -134,13 +134,15 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
                 max_part_pages: Some(256),
                 acked: Some(acked),
                 verify: Some(plog),
-                // A wide window: most of the working set (rewritten every ~5 epochs)
-                // stays writable and is copied every epoch, so hot pages, their
-                // bound and the cooling harvests are all exercised under the hashes.
+                // A wide window: the working set is rewritten every ~15 epochs, so
+                // with these settings much of it stays writable and is copied every
+                // epoch up to the bound (an eighth of the working set), and cooling harvests
+                // come every 64: hot pages, their bound and the cooling are all
+                // exercised under the hashes.
                 hot_pages: Some(HotPageConfig {
-                    max_pages: 1024,
-                    cool_every: 16,
-                    window: 8,
+                    max_pages: 256,
+                    cool_every: 64,
+                    window: 32,
                 }),
                 ..PrimaryDriverConfig::default()
             };
