@@ -344,7 +344,7 @@ impl Capturer {
             // primary's as they were at start: the full initial disk copy and resync
             // are the storage issue's).
             vmm.enable_disk_journal()?;
-            written_since_start(vmm, &state)?
+            written_since_start(vmm, &state, self.disks.as_deref())?
         } else {
             vmm.take_disk_journal()?
         };
@@ -472,11 +472,13 @@ pub fn reset_written_blocks_of(vmm: &Vmm, disk: usize) {
 }
 
 /// The blocks each disk had written since the VM started (the virtio-blk written map,
-/// taken and reset), read back from the images as journal extents. Only while paused:
-/// no request is in flight, so the image holds every completed write.
+/// taken and reset) plus, with mirrored disks, the blocks their resync left unconfirmed,
+/// read back from the images as journal extents. Only while paused: no request is in
+/// flight, so the image holds every completed write.
 fn written_since_start(
     vmm: &Vmm,
     state: &vmm::VmState,
+    disks: Option<&super::disks::PrimaryDisks>,
 ) -> Result<Vec<vmm::devices::virtio::block::DiskJournal>, CaptureError> {
     use std::os::unix::fs::FileExt;
     use vmm::devices::virtio::block::journal::JournalExtent;
@@ -497,8 +499,19 @@ fn written_since_start(
             disk_index: disk,
             ..Default::default()
         };
+        let Some(mut w) = written else {
+            disk += 1;
+            continue;
+        };
+        // Blocks the resync has not confirmed on the standby go too (see
+        // `PrimaryDisks::unsynced_ranges`): the written-block map alone relies on every
+        // resync pass having swept the whole disk.
+        if let Some(d) = disks.filter(|d| disk < d.len()) {
+            for (off, len) in d.unsynced_ranges(disk) {
+                w.mark(off, len);
+            }
+        }
         disk += 1;
-        let Some(w) = written else { continue };
         if w.count() == 0 {
             out.push(j);
             continue;

@@ -577,6 +577,23 @@ impl PrimaryDisks {
         self.disks.is_empty()
     }
 
+    /// Byte ranges of disk `i` not known to be on the standby while a resync session
+    /// runs (set in its bitmap): epoch 0 carries them along with the blocks written
+    /// since the last resync pass, so the standby's replica is whole when epoch 0
+    /// commits whatever the passes left behind (the first acknowledgement then clears
+    /// the bitmap). Empty outside the resync.
+    pub fn unsynced_ranges(&self, i: usize) -> Vec<(u64, u64)> {
+        let d = self.lock(i);
+        if d.mode != Mode::Syncing {
+            return Vec::new();
+        }
+        let bs = u64::from(d.meta.block_size);
+        d.bitmap
+            .runs_from(0)
+            .map(|(f, n)| (f * bs, n * bs))
+            .collect()
+    }
+
     /// Disk `i`, locked (the write hook waits meanwhile: keep it short).
     pub fn lock(&self, i: usize) -> MutexGuard<'_, PrimaryDisk> {
         self.disks[i].lock().unwrap_or_else(|p| p.into_inner())
@@ -933,6 +950,28 @@ mod tests {
         // Degraded writes are recorded from then on.
         d.before_writes(&[(0, 4096)]).unwrap();
         assert_eq!(blocks(&d)[0], (0, 1));
+    }
+
+    #[test]
+    fn epoch_0_is_told_of_the_blocks_a_resync_left_unconfirmed() {
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.before_writes(&[(4096, 8192), (1 << 20, 512)]).unwrap();
+        let disks = PrimaryDisks {
+            disks: vec![Mutex::new(d)],
+            peer: PeerReads::default(),
+            verify_requested: std::sync::atomic::AtomicBool::new(false),
+        };
+        // Degraded: no resync, nothing to ship.
+        assert!(disks.unsynced_ranges(0).is_empty());
+        disks.begin_resync();
+        assert_eq!(
+            disks.unsynced_ranges(0),
+            vec![(4096, 8192), (1 << 20, 4096)]
+        );
+        // Epoch 0 captured: protected, the activity log takes over.
+        disks.captured(0, &[]);
+        assert!(disks.unsynced_ranges(0).is_empty());
     }
 
     #[test]
