@@ -299,7 +299,8 @@ impl RunControl {
         self.settled_changed(&s);
     }
 
-    /// Pauses every vCPU; returns once all are parked (or gone), with the time it took.
+    /// Pauses every vCPU; returns once all are parked, with the time it took, or
+    /// `NotRunning` when the VM ended meanwhile.
     pub fn pause(&self, limit: Duration) -> Result<Duration, ControlError> {
         let t0 = Instant::now();
         let mut s = self.lock();
@@ -336,6 +337,13 @@ impl RunControl {
                 self.kick_all(&s);
                 rekick = rekick.saturating_mul(2);
             }
+        }
+        if s.stopping {
+            // The VM ended while pausing (a vCPU that exits counts as settled): say
+            // so now rather than let the caller find out at resume.
+            s.paused = false;
+            self.wake_parked();
+            return Err(ControlError::NotRunning);
         }
         Ok(t0.elapsed())
     }
