@@ -65,21 +65,22 @@ pub fn pump(
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
-                if let Ok(PrimaryboundMsg::Ack { epoch }) =
-                    decode_to_primary(m.head_bytes(), m.payload())
-                {
-                    on_ack(epoch);
-                }
-                if let Some(d) = disks {
+                // Decoded once here; the driver decodes what it is handed on.
+                match (decode_to_primary(m.head_bytes(), m.payload()), disks) {
+                    (Ok(PrimaryboundMsg::Ack { epoch }), _) => on_ack(epoch),
                     // Answers a vCPU or the verifier waits for.
-                    if let Ok(PrimaryboundMsg::Disk(
-                        DiskToPrimary::ReadDone { id, ok } | DiskToPrimary::Digests { id, ok, .. },
-                        data,
-                    )) = decode_to_primary(m.head_bytes(), m.payload())
-                    {
+                    (
+                        Ok(PrimaryboundMsg::Disk(
+                            DiskToPrimary::ReadDone { id, ok }
+                            | DiskToPrimary::Digests { id, ok, .. },
+                            data,
+                        )),
+                        Some(d),
+                    ) => {
                         d.read_done(id, ok, data);
                         continue;
                     }
+                    _ => {}
                 }
                 if tx.send(Inbound::Msg(m)).is_err() {
                     return;

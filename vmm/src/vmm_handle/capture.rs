@@ -1,5 +1,7 @@
 //! [`Vmm::capture_state`]: the whole VM state but guest memory, read while paused.
 
+use std::sync::Arc;
+
 use super::{Vmm, VmmError, PAUSE_LIMIT};
 use crate::persist::memory::layout;
 use crate::persist::VmState;
@@ -19,10 +21,12 @@ pub enum CaptureError {
 
 /// What captures reuse: the host's [`CaptureSpec`] and each vCPU's
 /// [`VcpuConstants`], filled by the first capture.
-pub(crate) type CaptureCache = (Option<CaptureSpec>, Vec<Option<VcpuConstants>>);
+/// (Shared, so that a capture copies no CPUID table but the one its state keeps.)
+pub(crate) type CaptureCache = (Option<CaptureSpec>, Vec<Option<Arc<VcpuConstants>>>);
 
 impl Vmm {
-    fn capture_inputs(&self) -> Result<(CaptureSpec, Vec<Option<VcpuConstants>>), VmmError> {
+    #[allow(clippy::type_complexity)]
+    fn capture_inputs(&self) -> Result<(CaptureSpec, Vec<Option<Arc<VcpuConstants>>>), VmmError> {
         let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
         let spec = match &c.0 {
             Some(s) => s.clone(),
@@ -70,7 +74,7 @@ impl Vmm {
                 let vcpu = index as u8;
                 let r = self.control.run_parked(
                     index,
-                    move |fd| VcpuState::capture(fd, vcpu, &spec, known.as_ref()),
+                    move |fd| VcpuState::capture(fd, vcpu, &spec, known.as_deref()),
                     PAUSE_LIMIT,
                 )?;
                 vcpus.push(r.map_err(CaptureError::from)?);
@@ -78,14 +82,17 @@ impl Vmm {
         } else {
             for (index, fd) in self.vcpus.iter().enumerate() {
                 let known = constants.get(index).cloned().flatten();
-                let s = VcpuState::capture(fd, index as u8, &spec, known.as_ref())
+                let s = VcpuState::capture(fd, index as u8, &spec, known.as_deref())
                     .map_err(CaptureError::from)?;
                 vcpus.push(s);
             }
         }
         if constants.iter().any(Option::is_none) {
             let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
-            c.1 = vcpus.iter().map(|v| Some(v.constants())).collect();
+            c.1 = vcpus
+                .iter()
+                .map(|v| Some(Arc::new(v.constants())))
+                .collect();
         }
         let vm = KvmVmState::capture(self.vm.fd()).map_err(CaptureError::from)?;
         Ok(VmState {
