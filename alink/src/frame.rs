@@ -12,10 +12,12 @@
 //! at line rate (CRC32C runs at memory speed) without MACing every page byte. See README.md
 //! for the trade-off.
 //!
-//! The decoder reads straight into the final body buffer (no intermediate copy), never
-//! allocates more than `max_body` bytes per frame, validates the header (and its tag) before
-//! allocating, and never panics on any input.
+//! The decoder reads straight into the final body buffer (no intermediate copy), taken
+//! from a [`BufPool`] so that steady traffic reuses memory that is already mapped; it
+//! never takes more than `max_body` bytes per frame, validates the header (and its tag)
+//! before taking a buffer, and never panics on any input.
 
+use crate::buf::{Buf, BufPool};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::os::fd::AsRawFd;
@@ -180,7 +182,7 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub header: Header,
-    pub body: Vec<u8>,
+    pub body: Buf,
 }
 
 impl Frame {
@@ -277,18 +279,24 @@ pub struct FrameDecoder {
     hdr: [u8; HEADER_LEN],
     hdr_filled: usize,
     pending: Option<Header>,
-    /// Body of the pending frame. Capacity is the full body length; `len()` is what is
-    /// initialized (>= `body_filled`): the socket path reads into spare capacity without
-    /// zeroing, the slice path zero-extends first.
-    body: Vec<u8>,
+    /// Body of the pending frame (`body_len` bytes, from `pool`), filled up to
+    /// `body_filled`.
+    body: Option<Buf>,
     body_filled: usize,
+    pool: BufPool,
     failed: Option<FrameError>,
 }
 
 impl FrameDecoder {
     /// A new decoder in handshake phase (only Hello and Auth, bodies up to
-    /// [`HANDSHAKE_MAX_BODY`]).
+    /// [`HANDSHAKE_MAX_BODY`]), with a pool of its own.
     pub fn new(max_body: u32) -> FrameDecoder {
+        FrameDecoder::with_pool(max_body, BufPool::default())
+    }
+
+    /// As [`FrameDecoder::new`], taking body buffers from `pool` (shared by the links
+    /// of one A-Link: the consumer's drops feed every reader).
+    pub fn with_pool(max_body: u32, pool: BufPool) -> FrameDecoder {
         FrameDecoder {
             key: FrameKey::handshake(),
             session: false,
@@ -297,8 +305,9 @@ impl FrameDecoder {
             hdr: [0u8; HEADER_LEN],
             hdr_filled: 0,
             pending: None,
-            body: Vec::new(),
+            body: None,
             body_filled: 0,
+            pool,
             failed: None,
         }
     }
@@ -322,49 +331,26 @@ impl FrameDecoder {
         if self.failed.is_some() {
             return &mut [];
         }
-        match self.pending {
-            None => &mut self.hdr[self.hdr_filled..],
-            Some(h) => {
-                self.body.resize(h.body_len as usize, 0);
-                &mut self.body[self.body_filled..]
-            }
+        match (&self.pending, &mut self.body) {
+            (Some(_), Some(b)) => &mut b[self.body_filled..],
+            _ => &mut self.hdr[self.hdr_filled..],
         }
     }
 
-    /// Reads once from `fd` into the frame being decoded, without zeroing body buffers
-    /// first; returns the byte count for [`FrameDecoder::advance`] (0 = end of stream).
+    /// Reads once from `fd` into the frame being decoded (header, or the body buffer
+    /// itself); returns the byte count for [`FrameDecoder::advance`] (0 = end of stream).
     pub fn read_from_fd(&mut self, fd: &impl AsRawFd) -> std::io::Result<usize> {
-        let (ptr, room) = match self.pending {
-            _ if self.failed.is_some() => return Ok(0),
-            None => {
-                let b = &mut self.hdr[self.hdr_filled..];
-                (b.as_mut_ptr(), b.len())
-            }
-            Some(h) if self.body.len() > self.body_filled => {
-                let b = &mut self.body[self.body_filled..h.body_len as usize];
-                (b.as_mut_ptr(), b.len())
-            }
-            Some(h) => {
-                let spare = self.body.spare_capacity_mut();
-                let room = h.body_len as usize - self.body_filled;
-                debug_assert!(spare.len() >= room);
-                (spare.as_mut_ptr().cast::<u8>(), room)
-            }
-        };
-        // SAFETY: `ptr..ptr+room` lies inside `hdr` or inside the body Vec's allocation
-        // (initialized tail or reserved capacity), which outlives the call; read(2) writes
-        // at most `room` bytes there.
-        let r = unsafe { libc::read(fd.as_raw_fd(), ptr.cast(), room) };
+        if self.failed.is_some() {
+            return Ok(0);
+        }
+        let b = self.read_buf();
+        // SAFETY: `b` is a live, exclusively borrowed slice (the header tail or the body
+        // buffer's unfilled tail); read(2) writes at most `b.len()` bytes into it.
+        let r = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let n = r as usize;
-        if self.pending.is_some() && self.body.len() < self.body_filled + n {
-            // SAFETY: the kernel initialized bytes up to body_filled + n, all within the
-            // capacity reserved for this body.
-            unsafe { self.body.set_len(self.body_filled + n) };
-        }
-        Ok(n)
+        Ok(r as usize)
     }
 
     /// Records that `n` bytes were written into [`FrameDecoder::read_buf`]. Returns a frame
@@ -391,7 +377,7 @@ impl FrameDecoder {
                 let h = self.check_header()?;
                 self.hdr_filled = 0;
                 // Bounded by check_header; filled by the reads, not zeroed here.
-                self.body = Vec::with_capacity(h.body_len as usize);
+                self.body = Some(self.pool.take(h.body_len as usize));
                 self.body_filled = 0;
                 self.pending = Some(h);
                 if h.body_len == 0 {
@@ -401,10 +387,7 @@ impl FrameDecoder {
             }
             Some(h) => {
                 let target = h.body_len as usize;
-                assert!(
-                    self.body_filled + n <= self.body.len() && self.body.len() <= target,
-                    "advance past read_buf"
-                );
+                assert!(self.body_filled + n <= target, "advance past read_buf");
                 self.body_filled += n;
                 if self.body_filled < target {
                     return Ok(None);
@@ -479,7 +462,11 @@ impl FrameDecoder {
             .pending
             .take()
             .expect("finish_body with a pending header");
-        let body = std::mem::take(&mut self.body);
+        let body = self
+            .body
+            .take()
+            .unwrap_or_else(|| Buf::from_vec(Vec::new()));
+        debug_assert_eq!(body.len(), h.body_len as usize);
         self.body_filled = 0;
         let got = crc32c::crc32c(&body);
         if got != h.body_crc {
@@ -629,7 +616,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_from_a_socket_without_zeroing() {
+    fn reads_from_a_socket_into_pooled_bodies() {
         use std::io::Write;
         let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
         let (mut e, mut d) = session_pair();

@@ -1,6 +1,7 @@
 //! A-Link: the transport between the two PMs of a twinrun pair.
 //!
 //! Layers, each a pure state machine except the I/O edge:
+//! - [`buf`]: pooled byte buffers for frame bodies and page payloads.
 //! - [`frame`]: framed, versioned, authenticated frames; incremental decoder.
 //! - [`handshake`]: mutual challenge/response with the cluster secret; session keys.
 //! - [`health`]: per-link heartbeats and failure detection.
@@ -10,6 +11,7 @@
 //!
 //! See README.md for the frame format and the protocol.
 
+pub mod buf;
 pub mod frame;
 pub mod handshake;
 pub mod health;
@@ -20,6 +22,7 @@ pub mod tcp;
 #[cfg(test)]
 mod sim;
 
+pub use buf::{Buf, BufPool, PoolStats};
 pub use bytes::Bytes;
 pub use handshake::{HandshakeError, PROTOCOL_VERSION};
 pub use health::HealthConfig;

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 pub struct InMsg {
     pub seq: u64,
     pub head_len: usize,
-    pub body: Vec<u8>,
+    /// The frame body as received (a pooled buffer: dropping it recycles the memory).
+    pub body: crate::buf::Buf,
 }
 
 impl InMsg {
@@ -119,7 +120,7 @@ mod tests {
         InMsg {
             seq,
             head_len: 0,
-            body: seq.to_le_bytes().to_vec(),
+            body: seq.to_le_bytes().to_vec().into(),
         }
     }
 

@@ -11,6 +11,7 @@
 //!   authenticated on a short-lived thread (at most [`MAX_PENDING_HANDSHAKES`] at once), so a
 //!   garbage or slow connection never blocks the live link.
 
+use crate::buf::BufPool;
 use crate::frame::{FrameDecoder, FrameEncoder, FrameError, Kind, HEADER_LEN, MAX_BODY_CEILING};
 use crate::handshake::{
     random_nonce, Handshake, HandshakeConfig, HandshakeError, HsStep, ReplayCache, Role,
@@ -215,6 +216,9 @@ struct Shared {
     health: Vec<Mutex<LinkHealth>>,
     replay: Mutex<ReplayCache>,
     handshakes_inflight: AtomicUsize,
+    /// Receive buffers of every link (frame bodies, handed to the consumer as
+    /// [`InMsg::body`] and recycled when it drops them).
+    rx_pool: BufPool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -327,7 +331,7 @@ fn handshake(
         .set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(HsFail::Io)?;
     let mut enc = FrameEncoder::new(shared.cfg.max_frame_body);
-    let mut dec = FrameDecoder::new(shared.cfg.max_frame_body);
+    let mut dec = FrameDecoder::with_pool(shared.cfg.max_frame_body, shared.rx_pool.clone());
     let nonce = random_nonce().map_err(HsFail::Io)?;
     let (mut hs, hello) = Handshake::new(shared.handshake_config(), role, nonce, shared.now());
     let send =
@@ -425,6 +429,7 @@ impl Alink {
                 .collect(),
             replay: Mutex::new(ReplayCache::new(1024)),
             handshakes_inflight: AtomicUsize::new(0),
+            rx_pool: BufPool::default(),
             cfg,
         });
         let mut threads = Vec::new();
@@ -613,6 +618,11 @@ impl Alink {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// How the receive-buffer pool has done (buffers reused against allocated).
+    pub fn rx_pool_stats(&self) -> crate::buf::PoolStats {
+        self.shared.rx_pool.stats()
     }
 
     /// True while at least one link is up.

@@ -143,12 +143,25 @@ impl Pair {
         })
     }
 
-    fn wait_protected(&self, limit: Duration) -> Result<Duration, String> {
+    fn wait_protected(&mut self, limit: Duration) -> Result<Duration, String> {
         let t = Instant::now();
         while self.acked.load(Ordering::SeqCst) == 0 {
             let dead = self.primary.as_ref().is_none_or(|p| p.is_finished());
-            if t.elapsed() > limit || dead {
-                return Err("the pair never committed epoch 0".into());
+            if dead {
+                // Say why: the primary's own error (or that it stopped without one).
+                let why = match self.primary.take().map(|p| p.join()) {
+                    Some(Ok((Err(e), _))) => e,
+                    Some(Ok((Ok(_), _))) => "it stopped without an error".into(),
+                    Some(Err(_)) => "its thread panicked".into(),
+                    None => "it was already stopped".into(),
+                };
+                return Err(format!("the pair never committed epoch 0: primary: {why}"));
+            }
+            if t.elapsed() > limit {
+                return Err(format!(
+                    "the pair never committed epoch 0 within {:.1} s",
+                    limit.as_secs_f64()
+                ));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -222,7 +235,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
     // Pause per epoch against dirty pages per epoch (nominal: rate x epoch length).
     for rate in [5_000u32, 50_000, 200_000] {
         let (p, s) = (f("pp"), f("ps"));
-        let pair = Pair::start(
+        let mut pair = Pair::start(
             &vm(elf, &p, 256, dirty(16_384, rate)),
             vm(elf, &s, 256, dirty(16_384, rate)),
             default_epoch,
@@ -273,7 +286,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
     {
         let (p, s) = (f("tp"), f("ts"));
         let t = Instant::now();
-        let pair = Pair::start(
+        let mut pair = Pair::start(
             &vm(elf, &p, 256, dirty(64, 1000)),
             vm(elf, &s, 256, dirty(64, 1000)),
             default_epoch,
@@ -313,7 +326,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
         alone.wait();
         drop(alone);
         let (fp, fs) = (f("sp"), f("ss"));
-        let pair = Pair::start(
+        let mut pair = Pair::start(
             &vm(elf, &fp, 64, w.clone()),
             vm(elf, &fs, 64, w),
             default_epoch,
@@ -567,7 +580,7 @@ fn dirty_ft(
     secs: f64,
 ) -> Result<FtDirty, String> {
     let (p, s) = (dir.join("ft-sweep-p.log"), dir.join("ft-sweep-s.log"));
-    let pair = Pair::start(
+    let mut pair = Pair::start(
         &vm(elf, &p, 64, w.clone()),
         vm(elf, &s, 64, w.clone()),
         epoch,

@@ -226,6 +226,15 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
         hot_per_epoch > 100.0,
         "only {hot_per_epoch:.1} hot pages per epoch"
     );
+    // Staging buffers went back to the pool at each acknowledgement and were taken
+    // again: a steady run allocates only while the window fills.
+    let st = preport.staging;
+    assert!(
+        st.reused > 10 * st.allocated,
+        "staging buffers: {} reused, {} allocated",
+        st.reused,
+        st.allocated
+    );
     let pauses = &preport.pauses;
     eprintln!(
         "{} epochs committed and equal in {elapsed:?}; {} distinct memory hashes; \

@@ -6,12 +6,20 @@
 //! bandwidth). It resumes the guest before the slow parts: encoding the state,
 //! checksums, building heads, and of course sending.
 //!
-//! A sync round pauses only to harvest; pages are copied while the guest runs. A page
-//! the guest writes during the copy was re-protected by the harvest, so it is dirty
-//! again and a later round (or the stop-and-copy of epoch 0) sends it again.
+//! A sync round pauses only to harvest; pages are copied while the guest runs, one part
+//! at a time ([`Capturer::begin_sync_round`], [`Capturer::next_sync_part`]) so that the
+//! driver sends each part before copying the next: memory for a round is bounded by
+//! the A-Link window, not by the guest's size, and copying overlaps sending. A page the
+//! guest writes during the copy was re-protected by the harvest, so it is dirty again
+//! and a later round (or the stop-and-copy of epoch 0) sends it again.
+//!
+//! Staging buffers come from a [`BufPool`]: they go back to it when the A-Link drops
+//! the last reference (on acknowledgement), so steady checkpointing reuses memory that
+//! is already mapped instead of faulting in fresh pages for every part.
 
 use std::time::{Duration, Instant};
 
+use alink::{Buf, BufPool};
 use bytes::Bytes;
 use vm_memory::{Bytes as _, GuestAddress};
 
@@ -19,7 +27,7 @@ use crate::messages::{
     split_runs, ConsoleOut, DiskExtent, FrameOut, LimitError, PageRun, PartHead, PartOf,
     MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_FRAMES_PER_EPOCH,
     MAX_FRAME_BYTES_PER_EPOCH, MAX_FRAME_LEN, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, MAX_PARTS,
-    PAGE_SIZE,
+    MAX_SYNC_PARTS, PAGE_SIZE,
 };
 use crate::verify::{hash_state, is_full_epoch, PageHashes, ReplicaHash};
 use vmm::devices::output::EpochConsole;
@@ -41,6 +49,8 @@ pub enum CaptureError {
     Limit(#[from] LimitError),
     #[error("epoch dirtied {0} pages, more than one epoch may carry")]
     TooManyPages(u64),
+    #[error("initial-sync round of {0} pages needs more parts than a round may have")]
+    SyncTooLarge(u64),
     #[error("reading disk image {path}: {source}")]
     DiskRead {
         path: std::path::PathBuf,
@@ -83,6 +93,28 @@ pub struct Capturer {
     disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>,
     /// Hot pages of the last epoch harvest.
     hot_pages: usize,
+    /// Staging buffers of page payloads.
+    pool: BufPool,
+}
+
+/// An initial-sync round being copied and sent part by part.
+pub struct SyncRound {
+    round: u32,
+    groups: std::vec::IntoIter<Vec<PageRun>>,
+    next: u32,
+    parts: u32,
+    pages: u64,
+}
+
+impl SyncRound {
+    /// Pages the round sends.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+    /// Parts the round is split into.
+    pub fn parts(&self) -> u32 {
+        self.parts
+    }
 }
 
 impl Capturer {
@@ -95,7 +127,13 @@ impl Capturer {
             verify: None,
             disks: None,
             hot_pages: 0,
+            pool: BufPool::default(),
         })
+    }
+
+    /// How the staging-buffer pool has done.
+    pub fn pool_stats(&self) -> alink::PoolStats {
+        self.pool.stats()
     }
 
     /// Mirrored disks to tell of each capture (while paused).
@@ -115,10 +153,28 @@ impl Capturer {
             on.then(|| PageHashes::new(&vmm::persist::memory::layout(vmm.guest_memory())));
     }
 
-    /// Initial-sync round `round`: round 0 starts dirty tracking and sends all of
-    /// memory; later rounds send what was dirtied since the previous harvest. The guest
-    /// runs during the copy.
+    /// Initial-sync round `round`, all parts at once (tests; the driver streams them
+    /// with [`Capturer::begin_sync_round`] and [`Capturer::next_sync_part`]).
     pub fn sync_round(&mut self, vmm: &Vmm, round: u32) -> Result<Captured, CaptureError> {
+        let mut r = self.begin_sync_round(vmm, round)?;
+        let mut parts = Vec::with_capacity(r.parts as usize);
+        while let Some(p) = self.next_sync_part(vmm, &mut r) {
+            parts.push(p?);
+        }
+        Ok(Captured {
+            parts,
+            pages: r.pages,
+            pause: Duration::ZERO,
+            hash: None,
+            hot_pages: 0,
+        })
+    }
+
+    /// Starts initial-sync round `round`: round 0 starts dirty tracking and covers all
+    /// of memory; later rounds cover what was dirtied since the previous harvest. Pauses
+    /// only for the harvest; the parts are copied by [`Capturer::next_sync_part`] while
+    /// the guest runs.
+    pub fn begin_sync_round(&mut self, vmm: &Vmm, round: u32) -> Result<SyncRound, CaptureError> {
         vmm.pause()?;
         let r = if round == 0 {
             vmm.start_dirty_tracking()
@@ -131,32 +187,47 @@ impl Capturer {
         vmm.resume()?;
         let set = r?;
         let runs = runs_of(&set);
-        let (parts, pages) = self.page_parts(vmm, &runs)?;
-        let n = parts.len() as u32;
-        let mut out = Vec::with_capacity(parts.len());
-        for (k, (runs, data)) in parts.into_iter().enumerate() {
-            let payload = vec![Bytes::from(data)];
+        let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+        let groups: Vec<Vec<PageRun>> = split_runs(runs, self.max_part_pages.min(SYNC_PART_PAGES));
+        let parts = u32::try_from(groups.len())
+            .ok()
+            .filter(|&n| n <= MAX_SYNC_PARTS)
+            .ok_or(CaptureError::SyncTooLarge(pages))?;
+        Ok(SyncRound {
+            round,
+            groups: groups.into_iter(),
+            next: 0,
+            parts,
+            pages,
+        })
+    }
+
+    /// Copies the next part of `r` (None when the round is done).
+    pub fn next_sync_part(
+        &mut self,
+        vmm: &Vmm,
+        r: &mut SyncRound,
+    ) -> Option<Result<OutPart, CaptureError>> {
+        let group = r.groups.next()?;
+        let k = r.next;
+        r.next += 1;
+        Some((|| {
+            let data = self.copy_pages(vmm, &group)?;
+            let payload = vec![data.into_bytes()];
             let head = PartHead::new(
-                PartOf::Sync { round },
-                k as u32,
-                n,
+                PartOf::Sync { round: r.round },
+                k,
+                r.parts,
                 0,
-                runs,
+                group,
                 Vec::new(),
                 None,
                 Vec::new(),
                 None,
                 &payload,
             )?;
-            out.push(OutPart { head, payload });
-        }
-        Ok(Captured {
-            parts: out,
-            pages,
-            pause: Duration::ZERO,
-            hash: None,
-            hot_pages: 0,
-        })
+            Ok(OutPart { head, payload })
+        })())
     }
 
     /// Captures epoch `epoch`. Pauses the guest unless `already_paused` (a throttle);
@@ -284,7 +355,7 @@ impl Capturer {
                 Bytes::from(st),
                 Bytes::from(ddata),
                 Bytes::from(con),
-                Bytes::from(data),
+                data.into_bytes(),
             ];
             let head = PartHead::new(
                 PartOf::Epoch { epoch, sync_rounds },
@@ -317,7 +388,7 @@ impl Capturer {
     ) -> Result<
         (
             Vec<PageRun>,
-            Vec<(Vec<PageRun>, Vec<u8>)>,
+            Vec<(Vec<PageRun>, Buf)>,
             vmm::VmState,
             Vec<std::sync::Arc<vmm::devices::virtio::block::DiskJournal>>,
             Option<EpochConsole>,
@@ -363,26 +434,33 @@ impl Capturer {
         &self,
         vmm: &Vmm,
         runs: &[PageRun],
-    ) -> Result<(Vec<(Vec<PageRun>, Vec<u8>)>, u64), CaptureError> {
+    ) -> Result<(Vec<(Vec<PageRun>, Buf)>, u64), CaptureError> {
         let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         if total > MAX_PAGES_PER_EPOCH {
             return Err(CaptureError::TooManyPages(total));
         }
-        let mem = vmm.guest_memory();
         let mut out = Vec::new();
         for group in split_runs(runs.iter().copied(), self.max_part_pages) {
-            let n: usize = group.iter().map(|r| r.pages as usize).sum();
-            let mut buf = vec![0u8; n * PAGE_SIZE];
-            let mut at = 0;
-            for r in &group {
-                let len = r.pages as usize * PAGE_SIZE;
-                mem.read_slice(&mut buf[at..at + len], GuestAddress(r.gpa))
-                    .map_err(|source| CaptureError::Memory { gpa: r.gpa, source })?;
-                at += len;
-            }
+            let buf = self.copy_pages(vmm, &group)?;
             out.push((group, buf));
         }
         Ok((out, total))
+    }
+
+    /// The pages of `group` in one staging buffer, in run order.
+    fn copy_pages(&self, vmm: &Vmm, group: &[PageRun]) -> Result<Buf, CaptureError> {
+        let mem = vmm.guest_memory();
+        let n: usize = group.iter().map(|r| r.pages as usize).sum();
+        let mut buf = self.pool.take(n * PAGE_SIZE);
+        let mut at = 0;
+        for r in group {
+            let len = r.pages as usize * PAGE_SIZE;
+            mem.read_slice(&mut buf[at..at + len], GuestAddress(r.gpa))
+                .map_err(|source| CaptureError::Memory { gpa: r.gpa, source })?;
+            at += len;
+        }
+        debug_assert_eq!(at, buf.len());
+        Ok(buf)
     }
 }
 
@@ -435,6 +513,14 @@ fn runs_of(set: &DirtySet) -> Vec<PageRun> {
     }
     out
 }
+
+/// Pages in one initial-sync part (4 MiB). Smaller than an epoch's largest part so
+/// that buffers cycle: the standby drops each sync part as soon as it is written into
+/// the mirror and the primary gets its staging buffers back at each acknowledgement,
+/// and both pools then hand out memory that is already mapped. Measured (1 GiB guest,
+/// loopback): 4,096 pages per part 836 MB/s, 1,024 939 MB/s, 256 926 MB/s; 64 MiB
+/// guest: 505, 675, 675 MB/s.
+pub const SYNC_PART_PAGES: u32 = 1024;
 
 /// Longest piece of a disk write in a part.
 const DISK_PIECE_BYTES: usize = 4 << 20;

@@ -124,6 +124,8 @@ pub struct PrimaryReport {
     pub refused: Option<String>,
     /// The disk resync of this session.
     pub resync: Option<ResyncStats>,
+    /// Page staging buffers: how many were reused from the pool, how many allocated.
+    pub staging: alink::PoolStats,
 }
 
 /// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
@@ -256,6 +258,7 @@ fn session(
     d.report.pauses.sort();
     d.report.commit_waits.sort();
     d.report.released = d.proto.released();
+    d.report.staging = d.cap.pool_stats();
     Ok(d.report)
 }
 
@@ -363,10 +366,15 @@ impl Driver<'_> {
                 if round == 0 {
                     self.sync_started = Some(Instant::now());
                 }
-                let c = self.cap.sync_round(self.vmm, round)?;
-                let (pages, parts) = (c.pages, c.parts.len());
-                self.sync_bytes += c.parts.iter().map(|p| p.head.payload_len()).sum::<u64>();
-                self.send_parts(c.parts)?;
+                // Part by part: copy one, send it (waiting for window room), then the
+                // next, so a round holds at most a window of staging buffers.
+                let mut r = self.cap.begin_sync_round(self.vmm, round)?;
+                let (pages, parts) = (r.pages(), r.parts());
+                while let Some(p) = self.cap.next_sync_part(self.vmm, &mut r) {
+                    let p = p?;
+                    self.sync_bytes += p.head.payload_len();
+                    self.send_msg(&ToStandby::Part(p.head), p.payload)?;
+                }
                 self.send_msg(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
                 log::info!("primary: initial sync round {round}: {pages} pages in {parts} parts");
                 self.report.sync_rounds = round + 1;
