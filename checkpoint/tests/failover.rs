@@ -214,6 +214,7 @@ fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
                     epoch_len: Duration::from_millis(5),
                     min_epoch: Duration::from_millis(1),
                     max_in_flight: 4,
+                    coalesce_bytes: PrimaryConfig::default().coalesce_bytes,
                     sync_max_rounds: 4,
                     sync_small_pages: 256,
                 },

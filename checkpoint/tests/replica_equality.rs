@@ -127,6 +127,7 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
                     epoch_len: Duration::from_millis(2),
                     min_epoch: Duration::from_millis(1),
                     max_in_flight: 4,
+                    coalesce_bytes: PrimaryConfig::default().coalesce_bytes,
                     sync_max_rounds: 4,
                     sync_small_pages: 256,
                 },

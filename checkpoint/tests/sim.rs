@@ -364,6 +364,8 @@ fn run(seed: u64) -> Report {
         epoch_len: Duration::from_millis(4 + rng.below(12)),
         min_epoch: Duration::from_millis(1 + rng.below(3)),
         max_in_flight: 1 + rng.below(4) as u32,
+        // From "every early end waits for an ack" to "never waits".
+        coalesce_bytes: [0, 4096, 1 << 20, u64::MAX][rng.below(4) as usize],
         sync_max_rounds: 1 + rng.below(4) as u32,
         sync_small_pages: rng.below(4),
     };
@@ -658,9 +660,13 @@ fn primary_run(
                         p.sm.released(),
                     );
                     w.oracle.insert(epoch, p.guest.clone());
+                    let bytes = parts.iter().map(|(_, b)| b.len() as u64).sum();
                     p.staged.insert(epoch, parts);
-                    p.pending
-                        .push_back(PrimaryEvent::Captured { epoch, now: t });
+                    p.pending.push_back(PrimaryEvent::Captured {
+                        epoch,
+                        now: t,
+                        bytes,
+                    });
                 }
                 PrimaryAction::Send { epoch } => {
                     p.paused = false;

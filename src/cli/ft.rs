@@ -58,6 +58,12 @@ pub struct FtArgs {
     /// per checkpoint (fewer pauses) at the cost of request latency.
     #[arg(long, value_name = "MS")]
     pub min_epoch_ms: Option<f64>,
+    /// Waiting output ends an epoch early only while less than this many KiB of
+    /// checkpoints are unacknowledged (or none is); past it the epoch waits for an
+    /// acknowledgement (default 1024; 0 = only with nothing in flight). Bounds the
+    /// checkpoint rate of a guest that writes much memory and output at once.
+    #[arg(long, value_name = "KIB")]
+    pub coalesce_kib: Option<u64>,
     /// Pages the guest keeps rewriting stay writable and are copied at every epoch,
     /// at most this many (default 2048; 0 = re-protect every page at every epoch, the
     /// right choice on hosts with hardware dirty logging, where write exits are cheap).
@@ -81,6 +87,8 @@ pub struct FtArgs {
 
 /// Largest `--min-epoch-ms` (an epoch with output waiting must end within a second).
 const MAX_MIN_EPOCH_MS: f64 = 1000.0;
+/// Largest `--coalesce-kib` (16 GiB: past any window, i.e. never wait).
+const MAX_COALESCE_KIB: u64 = 16 << 20;
 /// Largest `--hot-pages`: 256 MiB copied per epoch (the wire's per-epoch page limit is
 /// far above any sensible hot set).
 const MAX_HOT_PAGES: usize = 65536;
@@ -106,6 +114,8 @@ pub enum FtError {
     MinEpoch(String),
     #[error("--hot-pages must be at most {0}")]
     HotPages(usize),
+    #[error("--coalesce-kib must be at most {0}")]
+    Coalesce(u64),
     #[error("{0} is only meaningful with --role standby")]
     StandbyOnly(&'static str),
     #[error("at most {max} --alink (got {got})")]
@@ -121,6 +131,8 @@ pub struct FtSettings {
     pub secret: Vec<u8>,
     pub epoch_ms: Option<u64>,
     pub min_epoch: Option<Duration>,
+    /// `--coalesce-kib`, in bytes.
+    pub coalesce_bytes: Option<u64>,
     /// `--hot-pages`: None = the default policy, Some(0) = off.
     pub hot_pages: Option<usize>,
     pub heartbeat_ms: u64,
@@ -186,6 +198,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.cluster_secret_file.is_some(), "--cluster-secret-file"),
             (a.epoch_ms.is_some(), "--epoch-ms"),
             (a.min_epoch_ms.is_some(), "--min-epoch-ms"),
+            (a.coalesce_kib.is_some(), "--coalesce-kib"),
             (a.hot_pages.is_some(), "--hot-pages"),
             (a.heartbeat_ms.is_some(), "--heartbeat-ms"),
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
@@ -238,6 +251,9 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
     if a.hot_pages.is_some_and(|n| n > MAX_HOT_PAGES) {
         return Err(FtError::HotPages(MAX_HOT_PAGES));
     }
+    if a.coalesce_kib.is_some_and(|k| k > MAX_COALESCE_KIB) {
+        return Err(FtError::Coalesce(MAX_COALESCE_KIB));
+    }
     Ok(Some(FtSettings {
         role,
         alinks: a.alinks.clone(),
@@ -248,6 +264,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
         secret,
         epoch_ms: a.epoch_ms,
         min_epoch,
+        coalesce_bytes: a.coalesce_kib.map(|k| k << 10),
         hot_pages: a.hot_pages,
         heartbeat_ms,
         heartbeat_misses,
@@ -420,6 +437,21 @@ mod tests {
         assert_eq!(
             with("--hot-pages", "65537").unwrap_err(),
             FtError::HotPages(65536)
+        );
+        assert_eq!(
+            with("--coalesce-kib", "0").unwrap().unwrap().coalesce_bytes,
+            Some(0)
+        );
+        assert_eq!(
+            with("--coalesce-kib", "256")
+                .unwrap()
+                .unwrap()
+                .coalesce_bytes,
+            Some(256 << 10)
+        );
+        assert_eq!(
+            with("--coalesce-kib", "16777217").unwrap_err(),
+            FtError::Coalesce(16 << 20)
         );
     }
 }

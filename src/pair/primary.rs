@@ -90,9 +90,16 @@ pub fn protect(
         protocol.min_epoch = d;
     }
     protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
+    if let Some(b) = ft.coalesce_bytes {
+        protocol.coalesce_bytes = b;
+    }
     info!(
-        "FT primary: epoch {:?} (at least {:?} when output waits), {} epochs in flight at most",
-        protocol.epoch_len, protocol.min_epoch, protocol.max_in_flight
+        "FT primary: epoch {:?} (at least {:?} when output waits, and less than {} KiB \
+         in flight), {} epochs in flight at most",
+        protocol.epoch_len,
+        protocol.min_epoch,
+        protocol.coalesce_bytes >> 10,
+        protocol.max_in_flight
     );
     // One session per standby: when the standby is lost the VM runs on (degraded,
     // written blocks recorded) and the next standby to connect is resynced and

@@ -413,11 +413,13 @@ impl Driver<'_> {
                     self.report.epoch_pages += pages;
                     self.report.hot_pages += hot_pages as u64;
                 }
+                let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
                 self.staged.push_back((epoch, parts));
                 self.captured_at.push_back((epoch, Instant::now()));
                 Ok(Some(PrimaryEvent::Captured {
                     epoch,
                     now: self.now(),
+                    bytes,
                 }))
             }
             PrimaryAction::Send { epoch } => {

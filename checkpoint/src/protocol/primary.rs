@@ -6,7 +6,8 @@
 //!   Idle --Start--> InitialSync(round 0: all memory, guest running)
 //!        InitialSync(r) --SyncRoundSent(r, pages)--> InitialSync(r+1)   [pages large, r+1 < max]
 //!        InitialSync(r) --SyncRoundSent(r, pages)--> Protected, Capture(0)  [small or round limit]
-//!   Protected: epoch N runs; on Tick (epoch_len elapsed) or OutputWaiting (min_epoch elapsed):
+//!   Protected: epoch N runs; on Tick (epoch_len elapsed) or OutputWaiting (min_epoch elapsed,
+//!              and less than coalesce_bytes of earlier epochs unacknowledged, or none):
 //!        unacked < max_in_flight  -> Capture(N)         (pause, capture, stage, resume)
 //!        otherwise                -> ThrottleGuest      (guest stays paused until an ack)
 //!      Captured(N) -> Send(N);  Ack(N) -> ReleaseOutput(N) [+ Capture if throttled]
@@ -33,6 +34,14 @@ pub struct PrimaryConfig {
     /// Epochs captured and not yet acknowledged, at most. Beyond, the guest is paused
     /// until an acknowledgement arrives: memory for staged epochs stays bounded.
     pub max_in_flight: u32,
+    /// An epoch with output waiting ends early only while the epochs in flight hold
+    /// less than this many bytes (or none is in flight); past it, it waits for an
+    /// acknowledgement (or `epoch_len`). A guest whose epochs are small (a server
+    /// replying to requests) keeps its early ends; one that dirties pages fast and
+    /// writes output all the time (its replies could not leave before the queued
+    /// epochs are acknowledged anyway) gets fewer, larger epochs instead of a
+    /// saturated pipeline: fewer pauses, fewer copies of the same hot pages.
+    pub coalesce_bytes: u64,
     /// Initial-sync rounds at most (round 0 copies all of memory).
     pub sync_max_rounds: u32,
     /// A sync round (after round 0) this small ends the initial sync: the rest goes in
@@ -60,6 +69,7 @@ impl Default for PrimaryConfig {
             // of 0 while bounding a chatty guest to 2,000 checkpoints a second.
             min_epoch: Duration::from_micros(500),
             max_in_flight: 4,
+            coalesce_bytes: 1 << 20,
             sync_max_rounds: 8,
             sync_small_pages: 1024,
         }
@@ -94,10 +104,12 @@ pub enum PrimaryEvent {
     OutputWaiting {
         now: Duration,
     },
-    /// Epoch `epoch` is captured and staged; the guest runs again.
+    /// Epoch `epoch` is captured and staged (`bytes` of checkpoint data); the guest runs
+    /// again.
     Captured {
         epoch: u64,
         now: Duration,
+        bytes: u64,
     },
     /// The standby applied every epoch through `epoch`.
     Ack {
@@ -162,6 +174,9 @@ pub struct Primary {
     output_waiting: bool,
     throttled: bool,
     sync_rounds: u32,
+    /// Bytes of each unacknowledged epoch, oldest first (at most `max_in_flight`).
+    in_flight: std::collections::VecDeque<(u64, u64)>,
+    in_flight_bytes: u64,
 }
 
 impl Primary {
@@ -181,7 +196,21 @@ impl Primary {
             output_waiting: false,
             throttled: false,
             sync_rounds: 0,
+            in_flight: std::collections::VecDeque::new(),
+            in_flight_bytes: 0,
         }
+    }
+
+    /// Bytes of checkpoint data captured and not yet acknowledged.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes
+    }
+
+    /// Waiting output may end the running epoch early (see
+    /// [`PrimaryConfig::coalesce_bytes`]).
+    fn may_end_early(&self) -> bool {
+        self.output_waiting
+            && (self.in_flight.is_empty() || self.in_flight_bytes < self.cfg.coalesce_bytes)
     }
 
     pub fn config(&self) -> PrimaryConfig {
@@ -231,7 +260,7 @@ impl Primary {
         if self.phase != PrimaryPhase::Protected || self.capturing.is_some() || self.throttled {
             return None;
         }
-        let after = if self.output_waiting {
+        let after = if self.may_end_early() {
             self.cfg.min_epoch
         } else {
             self.cfg.epoch_len
@@ -281,7 +310,7 @@ impl Primary {
                     self.maybe_end_epoch(now, &mut out);
                 }
             }
-            PrimaryEvent::Captured { epoch, now } => {
+            PrimaryEvent::Captured { epoch, now, bytes } => {
                 if self.phase == PrimaryPhase::Simplex {
                     // The standby went away during the capture; nothing to send.
                     return Ok(out);
@@ -294,6 +323,8 @@ impl Primary {
                 }
                 self.capturing = None;
                 self.next_epoch = epoch + 1;
+                self.in_flight.push_back((epoch, bytes));
+                self.in_flight_bytes += bytes;
                 self.throttled = false;
                 self.epoch_started = now;
                 self.output_waiting = false;
@@ -314,6 +345,13 @@ impl Primary {
                 }
                 self.first_unacked = epoch + 1;
                 self.released_below = epoch + 1;
+                while let Some(&(e, b)) = self.in_flight.front() {
+                    if e > epoch {
+                        break;
+                    }
+                    self.in_flight.pop_front();
+                    self.in_flight_bytes -= b;
+                }
                 out.push(PrimaryAction::ReleaseOutput { through: epoch });
                 if self.throttled && self.capturing.is_none() {
                     // The throttle held the guest because an epoch was due: capture it
@@ -353,7 +391,7 @@ impl Primary {
             return;
         }
         let ran = now.saturating_sub(self.epoch_started);
-        let due = ran >= self.cfg.epoch_len || (self.output_waiting && ran >= self.cfg.min_epoch);
+        let due = ran >= self.cfg.epoch_len || (self.may_end_early() && ran >= self.cfg.min_epoch);
         if !due {
             return;
         }
@@ -387,6 +425,15 @@ impl Primary {
         if self.throttled {
             assert_eq!(self.phase, PrimaryPhase::Protected);
         }
+        // The in-flight byte count covers exactly the unacknowledged epochs (until
+        // Simplex, which stops counting).
+        if self.phase == PrimaryPhase::Protected {
+            assert_eq!(self.in_flight.len() as u64, self.unacked());
+            assert_eq!(
+                self.in_flight.iter().map(|&(_, b)| b).sum::<u64>(),
+                self.in_flight_bytes
+            );
+        }
     }
 }
 
@@ -405,6 +452,7 @@ mod tests {
             epoch_len: ms(10),
             min_epoch: ms(2),
             max_in_flight: 2,
+            coalesce_bytes: 1000,
             sync_max_rounds: 3,
             sync_small_pages: 10,
         }
@@ -430,7 +478,8 @@ mod tests {
         assert_eq!(
             p.on_event(E::Captured {
                 epoch: 0,
-                now: ms(1)
+                now: ms(1),
+                bytes: 100,
             })
             .unwrap(),
             [A::Send { epoch: 0 }]
@@ -483,6 +532,7 @@ mod tests {
         p.on_event(E::Captured {
             epoch: 1,
             now: ms(12),
+            bytes: 100,
         })
         .unwrap();
         // Output waiting: not before min_epoch.
@@ -498,6 +548,54 @@ mod tests {
     }
 
     #[test]
+    fn waiting_output_waits_for_an_ack_when_much_is_in_flight() {
+        let mut p = protected();
+        p.on_event(E::Ack { epoch: 0 }).unwrap();
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(11) }).unwrap(),
+            [A::Capture { epoch: 1 }]
+        );
+        // A large epoch in flight (over coalesce_bytes).
+        p.on_event(E::Captured {
+            epoch: 1,
+            now: ms(12),
+            bytes: 5000,
+        })
+        .unwrap();
+        assert_eq!(p.in_flight_bytes(), 5000);
+        // Output waits, min_epoch passes: no early end, the deadline is the timer's.
+        assert!(p
+            .on_event(E::OutputWaiting { now: ms(15) })
+            .unwrap()
+            .is_empty());
+        assert_eq!(p.next_deadline(), Some(ms(22)));
+        // The ack arrives: the epoch ends at once (its output could not leave earlier).
+        assert_eq!(
+            p.on_event(E::Ack { epoch: 1 }).unwrap(),
+            [A::ReleaseOutput { through: 1 }]
+        );
+        assert_eq!(p.in_flight_bytes(), 0);
+        assert_eq!(p.next_deadline(), Some(ms(14)));
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(16) }).unwrap(),
+            [A::Capture { epoch: 2 }]
+        );
+        // A small epoch in flight does not hold the next early end back.
+        p.on_event(E::Captured {
+            epoch: 2,
+            now: ms(16),
+            bytes: 10,
+        })
+        .unwrap();
+        p.on_event(E::OutputWaiting { now: ms(17) }).unwrap();
+        assert_eq!(p.next_deadline(), Some(ms(18)));
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(18) }).unwrap(),
+            [A::Capture { epoch: 3 }]
+        );
+    }
+
+    #[test]
     fn throttles_at_max_in_flight_and_resumes_on_ack() {
         let mut p = protected();
         // Epoch 0 unacked; epoch 1 may go (max 2).
@@ -508,6 +606,7 @@ mod tests {
         p.on_event(E::Captured {
             epoch: 1,
             now: ms(11),
+            bytes: 100,
         })
         .unwrap();
         assert_eq!(
@@ -539,7 +638,8 @@ mod tests {
         assert!(p
             .on_event(E::Captured {
                 epoch: 1,
-                now: ms(12)
+                now: ms(12),
+                bytes: 100,
             })
             .unwrap()
             .is_empty());
