@@ -2,8 +2,9 @@
 //! style): the real primary and standby state machines and the real wire format, driven
 //! by a seeded scheduler over a toy guest (a few pages of memory, a counter as its VM
 //! state, a small disk and a console), through message loss, reordering, duplication,
-//! corruption, link-down windows, and a crash of the primary (or of the standby) at any
-//! point of its action stream.
+//! corruption (which the A-Link's frame check turns into a late resend), link-down
+//! windows, and a crash of the primary (or of the standby) at any point of its action
+//! stream.
 //!
 //! Checked for every seed:
 //! - at every commit, the standby's mirror (memory, state, disk) equals the primary's at
@@ -167,9 +168,17 @@ impl Net {
         }
         let copies = if rng.chance(f.dup) { 2 } else { 1 };
         for _ in 0..copies {
-            let mut p = payload.clone();
+            let p = payload.clone();
+            let mut at = now.max(self.down_until) + 1 + rng.below(f.max_delay + 1);
             if rng.chance(f.corrupt) {
-                if let Payload::ToStandby(h, b) = &mut p {
+                // A bit flipped on the wire. The A-Link's frame CRC-32C (over head and
+                // payload; the frame header is authenticated) refuses the frame and
+                // drops the connection, and the unacknowledged message goes again on
+                // the next connection: the protocol sees it late, never corrupted.
+                let mut bad = p.clone();
+                if let Payload::ToStandby(h, b) = &mut bad {
+                    let wire_crc = |h: &[u8], b: &[u8]| crc32c::crc32c_append(crc32c::crc32c(h), b);
+                    let before = wire_crc(h, b);
                     if !b.is_empty() {
                         let i = rng.below(b.len() as u64) as usize;
                         b[i] ^= 0x40;
@@ -177,9 +186,14 @@ impl Net {
                         let i = rng.below(h.len() as u64) as usize;
                         h[i] ^= 0x40;
                     }
+                    assert_ne!(
+                        before,
+                        wire_crc(h, b),
+                        "the frame check missed a flipped bit"
+                    );
                 }
+                at += 1 + rng.below(f.max_delay + 1);
             }
-            let mut at = now.max(self.down_until) + 1 + rng.below(f.max_delay + 1);
             if f.fifo {
                 let dir = usize::from(matches!(p, Payload::ToPrimary(_)));
                 at = at.max(self.last_at[dir]);
@@ -907,16 +921,22 @@ fn standby_act(
                 released_through,
             } => {
                 assert_eq!(Some(last_committed), s.sm.committed());
+                if std::env::var("SIM_DEBUG").is_ok() {
+                    eprintln!("seed {seed} step {now}: failover from {last_committed}, released through {released_through:?}");
+                }
                 let want = w.oracle.get(&last_committed).expect("oracle");
                 assert!(s.mirror == *want, "seed {seed}: failover state differs");
                 // Output of committed epochs the primary may not have released: again,
                 // at the same positions.
+                // (None when the primary had released everything committed.)
                 let from = released_through.map_or(0, |r| r + 1);
-                for (_, (pos, data)) in s.out_log.range(from..=last_committed) {
+                let replay = (from <= last_committed).then_some(from..=last_committed);
+                for (_, (pos, data)) in replay.clone().into_iter().flat_map(|r| s.out_log.range(r))
+                {
                     w.seen.write_at(*pos, data, seed);
                 }
                 // Their frames: again, in order, before the resumed guest sends.
-                for (_, frames) in s.frame_log.range(from..=last_committed) {
+                for (_, frames) in replay.into_iter().flat_map(|r| s.frame_log.range(r)) {
                     for f in frames {
                         w.lan.frame(f, seed);
                     }
