@@ -13,7 +13,7 @@ use checkpoint::primary::{Captured, Capturer};
 use checkpoint::standby::Mirror;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
-use vmm::{build_vm, build_vm_from_state};
+use vmm::{build_vm, build_vm_from_state_with_memory};
 
 mod support;
 use support::{guest_elf, Cleanup};
@@ -156,7 +156,7 @@ fn mirror_equals_primary_and_failover_continues_the_console() {
     // attachment against the state, so on another PM the path is the same too.
     let state = mirror.vm_state().unwrap().unwrap();
     let (mut standby, _report) =
-        build_vm_from_state(&cfg, &state, |m| mirror.fill_memory(m)).unwrap();
+        build_vm_from_state_with_memory(&cfg, &state, mirror.take_memory().unwrap()).unwrap();
     standby.start().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     standby.stopper().stop();

@@ -26,7 +26,7 @@ use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 use vmm::config::VmConfig;
 use vmm::devices::output::OutputGate;
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
-use vmm::{build_vm_from_state, BuildError, VmState, Vmm, VmmError};
+use vmm::{build_vm_from_state_with_memory, BuildError, VmState, Vmm, VmmError};
 
 const POLL: Duration = Duration::from_millis(5);
 /// Resync chunks written before one `fdatasync` acknowledges them all (fewer when the
@@ -554,10 +554,12 @@ impl Driver<'_> {
         if let Some(d) = &mut self.disks {
             d.prepare_failover()?;
         }
-        let mirror = self.mirror.take().ok_or(StandbyDriverError::NoState)?;
+        let mut mirror = self.mirror.take().ok_or(StandbyDriverError::NoState)?;
         let mut state = mirror.vm_state().ok_or(StandbyDriverError::NoState)??;
         let cfg = rebind_attachments(&mut state, self.cfg);
-        let (mut vmm, report) = build_vm_from_state(&cfg, &state, |m| mirror.fill_memory(m))?;
+        // The VM runs in the mirror's RAM itself: no copy, whatever the guest's size.
+        let mem = mirror.take_memory().ok_or(StandbyDriverError::NoState)?;
+        let (mut vmm, report) = build_vm_from_state_with_memory(&cfg, &state, mem)?;
         if !report.refused_msrs.is_empty() {
             log::warn!(
                 "standby: MSRs refused on restore: {:x?}",

@@ -10,15 +10,18 @@
 //! protocol never fails over in the middle of an apply (the standby state machine waits
 //! for `Applied`), so from the protocol's view the apply is atomic.
 //!
-//! The RAM copy is one zeroed allocation per region; large zeroed allocations are
-//! anonymous mappings the kernel fills lazily, so untouched guest pages cost nothing.
+//! The RAM copy is a `GuestMemoryMmap` laid out like the primary's (anonymous mappings
+//! the kernel fills lazily, so untouched guest pages cost nothing). At failover it is
+//! handed to the new VM as its RAM ([`Mirror::take_memory`]): nothing is copied, so the
+//! failover time does not grow with the guest's size (copying 1 GiB into fresh memory
+//! took 3.2 s here).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::disks::StandbyDisks;
 use crate::messages::{decode_to_standby, DecodeError, StandboundMsg, PAGE_SIZE};
@@ -60,16 +63,26 @@ pub enum MirrorError {
     Journal(String),
     #[error("writing disk {device}: {source}")]
     Disk { device: u16, source: io::Error },
-    #[error("filling guest memory: layouts differ (mirror {mirror:x?}, VM {vm:x?})")]
-    FillLayout {
-        mirror: Vec<(u64, u64)>,
-        vm: Vec<(u64, u64)>,
-    },
+    #[error("allocating the mirror's guest memory: {0}")]
+    Memory(String),
 }
 
+/// One region of the mirror's RAM: where it sits in guest physical memory and in this
+/// process (a mapping owned by [`Mirror::mem`]).
 struct Region {
     start: u64,
-    bytes: Vec<u8>,
+    len: usize,
+    host: usize,
+}
+
+/// The bytes of `g`.
+fn bytes_of(g: &Region) -> &[u8] {
+    // SAFETY: regions are built only from `Mirror::mem`'s mappings and dropped with
+    // them (`take_memory` empties `regions` as it takes `mem`), so `host..host + len`
+    // is mapped for as long as the region is borrowed. No vCPU runs on that memory
+    // while the mirror owns it and every writer holds `&mut Mirror`, so it does not
+    // change during the borrow.
+    unsafe { std::slice::from_raw_parts(g.host as *const u8, g.len) }
 }
 
 /// A received message: `body[..head_len]` is the head (as `alink::InMsg`).
@@ -89,6 +102,8 @@ pub struct ApplyStats {
 }
 
 pub struct Mirror {
+    /// Guest RAM (None once taken by a failover).
+    mem: Option<GuestMemoryMmap>,
     regions: Vec<Region>,
     disks: Vec<File>,
     /// Encoded `VmState` of the newest committed epoch.
@@ -117,7 +132,7 @@ impl Mirror {
         if layout.is_empty() || layout.len() > MAX_REGIONS {
             return Err(bad());
         }
-        let mut regions = Vec::with_capacity(layout.len());
+        let mut ranges = Vec::with_capacity(layout.len());
         let mut prev_end = 0u64;
         for &(start, len) in layout {
             let end = start.checked_add(len).ok_or_else(bad)?;
@@ -129,13 +144,26 @@ impl Mirror {
                 return Err(bad());
             }
             prev_end = end;
-            let n = usize::try_from(len).map_err(|_| bad())?;
+            ranges.push((
+                GuestAddress(start),
+                usize::try_from(len).map_err(|_| bad())?,
+            ));
+        }
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| MirrorError::Memory(e.to_string()))?;
+        let mut regions = Vec::with_capacity(ranges.len());
+        for r in mem.iter() {
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| MirrorError::Memory(e.to_string()))?;
             regions.push(Region {
-                start,
-                bytes: vec![0u8; n],
+                start: r.start_addr().0,
+                len: r.len() as usize,
+                host: host as usize,
             });
         }
         Ok(Mirror {
+            mem: Some(mem),
             regions,
             disks,
             state: None,
@@ -152,8 +180,26 @@ impl Mirror {
     pub fn layout(&self) -> Vec<(u64, u64)> {
         self.regions
             .iter()
-            .map(|r| (r.start, r.bytes.len() as u64))
+            .map(|r| (r.start, r.len as u64))
             .collect()
+    }
+
+    /// Hands the mirror's RAM over (to the VM built at failover: see
+    /// `vmm::build_vm_from_state_with_memory`). The mirror holds no memory afterwards:
+    /// every page access fails as outside guest RAM.
+    pub fn take_memory(&mut self) -> Option<GuestMemoryMmap> {
+        self.regions.clear();
+        self.hashes = None;
+        self.mem.take()
+    }
+
+    /// The 4 KiB page at `off` of region `r`, writable.
+    fn page_mut(&mut self, r: usize, off: usize) -> &mut [u8] {
+        let g = &self.regions[r];
+        assert!(off + PAGE_SIZE <= g.len, "page_slot checked the page");
+        // SAFETY: as in `bytes_of` (the region's mapping lives while `self` does), and
+        // `&mut self` makes this the only reference into the mirror's RAM.
+        unsafe { std::slice::from_raw_parts_mut((g.host + off) as *mut u8, PAGE_SIZE) }
     }
 
     pub fn committed(&self) -> Option<u64> {
@@ -174,7 +220,7 @@ impl Mirror {
     /// the pages it writes (read back from the mirror). Built from the whole mirror now.
     pub fn enable_page_hashes(&mut self) {
         let mut t = PageHashes::new(&self.layout());
-        t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+        t.rebuild_from(self.regions.iter().map(|r| (r.start, bytes_of(r))));
         self.hashes = Some(t);
     }
 
@@ -183,7 +229,7 @@ impl Mirror {
     pub fn page_hash_digest(&mut self, full: bool) -> Option<u32> {
         let t = self.hashes.as_mut()?;
         if full {
-            t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+            t.rebuild_from(self.regions.iter().map(|r| (r.start, bytes_of(r))));
         }
         Some(t.digest())
     }
@@ -191,7 +237,7 @@ impl Mirror {
     /// [`crate::verify::hash_guest_memory`]'s value for the mirror, from scratch.
     pub fn memory_hash(&self) -> u32 {
         let mut t = PageHashes::new(&self.layout());
-        t.rebuild_from(self.regions.iter().map(|r| (r.start, &r.bytes[..])));
+        t.rebuild_from(self.regions.iter().map(|r| (r.start, bytes_of(r))));
         t.digest()
     }
 
@@ -199,20 +245,20 @@ impl Mirror {
     pub fn page(&self, gpa: u64) -> Option<&[u8]> {
         let (r, off) = self.locate(gpa)?;
         let off = off & !(PAGE_SIZE - 1);
-        self.regions[r].bytes.get(off..off + PAGE_SIZE)
+        bytes_of(&self.regions[r]).get(off..off + PAGE_SIZE)
     }
 
     fn locate(&self, gpa: u64) -> Option<(usize, usize)> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
             let off = gpa.checked_sub(r.start)?;
-            (off < r.bytes.len() as u64).then_some((i, off as usize))
+            (off < r.len as u64).then_some((i, off as usize))
         })
     }
 
     /// Where the page at `gpa` lives, if the whole page is inside one region.
     fn page_slot(&self, gpa: u64) -> Result<(usize, usize), MirrorError> {
         match self.locate(gpa) {
-            Some((r, off)) if off + PAGE_SIZE <= self.regions[r].bytes.len() => Ok((r, off)),
+            Some((r, off)) if off + PAGE_SIZE <= self.regions[r].len => Ok((r, off)),
             _ => Err(MirrorError::PageOutside(gpa)),
         }
     }
@@ -231,7 +277,7 @@ impl Mirror {
         }
         let mut n = 0;
         for ((r, off), (_, data)) in slots.into_iter().zip(view.pages()) {
-            self.regions[r].bytes[off..off + PAGE_SIZE].copy_from_slice(data);
+            self.page_mut(r, off).copy_from_slice(data);
             n += 1;
         }
         Ok(n)
@@ -320,11 +366,10 @@ impl Mirror {
         for v in &views {
             // `pages()` first: zip must not pull a slot past this part's last page.
             for ((gpa, data), (r, off)) in v.pages().zip(slot.by_ref()) {
-                let page = &mut self.regions[r].bytes[off..off + PAGE_SIZE];
-                page.copy_from_slice(data);
+                self.page_mut(r, off).copy_from_slice(data);
                 if let Some(t) = &mut self.hashes {
                     // Read back from where it landed, not from the message.
-                    t.update(gpa, page);
+                    t.update(gpa, &bytes_of(&self.regions[r])[off..off + PAGE_SIZE]);
                 }
                 stats.pages += 1;
             }
@@ -430,27 +475,6 @@ impl Mirror {
         self.console
             .range(from..)
             .map(|(_, (pos, b))| (*pos, b.as_slice()))
-    }
-
-    /// Copies the mirror into `mem` (a new VM's RAM, same layout): the `fill_memory` of
-    /// `vmm::build_vm_from_state` on failover.
-    pub fn fill_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
-        let vm = vmm::persist::memory::layout(mem);
-        if vm != self.layout() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                MirrorError::FillLayout {
-                    mirror: self.layout(),
-                    vm,
-                }
-                .to_string(),
-            ));
-        }
-        for r in &self.regions {
-            mem.write_slice(&r.bytes, GuestAddress(r.start))
-                .map_err(io::Error::other)?;
-        }
-        Ok(())
     }
 }
 
@@ -601,13 +625,14 @@ mod tests {
         m.trim_output(0);
         assert_eq!(m.console_to_rerelease(None).count(), 0);
 
-        let mem = vmm::vstate::memory::create_guest_memory(4 << 20).unwrap();
-        m.fill_memory(&mem).unwrap();
+        // The RAM itself goes to the failed-over VM, laid out as a VM's.
+        let mem = m.take_memory().unwrap();
+        assert_eq!(vmm::persist::memory::layout(&mem), layout());
         let mut page = vec![0u8; PAGE_SIZE];
         mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
         assert!(page.iter().all(|&b| b == 3));
-        let other = vmm::vstate::memory::create_guest_memory(8 << 20).unwrap();
-        assert!(m.fill_memory(&other).is_err());
+        assert!(m.page(0x3000).is_none());
+        assert!(m.take_memory().is_none());
     }
 
     #[test]

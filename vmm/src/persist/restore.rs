@@ -6,7 +6,7 @@ use crate::devices::bus::Bus;
 use crate::devices::manager::DeviceManager;
 use crate::devices::virtio::persist::TransportRestoreError;
 use crate::vmm_handle::Vmm;
-use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::vstate::memory::{create_guest_memory, ram_ranges, GuestMemoryMmap};
 use crate::vstate::vcpu_state::{xsave_size, VcpuStateError};
 use crate::vstate::vm::Vm;
 use crate::vstate::vm_state::VmStateError;
@@ -29,6 +29,11 @@ pub enum RestoreError {
     DeviceCount { saved: usize, config: usize },
     #[error("filling guest memory: {0}")]
     FillMemory(std::io::Error),
+    #[error("guest memory given has layout {given:x?}, the config's is {config:x?}")]
+    MemoryGiven {
+        given: Vec<(u64, u64)>,
+        config: Vec<(u64, u64)>,
+    },
     #[error(transparent)]
     Vcpu(#[from] VcpuStateError),
     #[error("VM state: {0}")]
@@ -60,6 +65,48 @@ where
 {
     cfg.validate()?;
     let mem = create_guest_memory(cfg.mem_mib << 20)?;
+    // Checked before the fill: a wrong layout must not cost a copy of all of RAM.
+    check_layout(state, &mem)?;
+    fill_memory(&mem).map_err(RestoreError::FillMemory)?;
+    build_vm_from_state_with_memory(cfg, state, mem)
+}
+
+/// The memory layout `cfg` gives must be the one `state` was saved with.
+fn check_layout(state: &VmState, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+    let config_layout = layout(mem);
+    if config_layout != state.memory {
+        return Err(RestoreError::MemoryLayout {
+            saved: state.memory.clone(),
+            config: config_layout,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// [`build_vm_from_state`] on guest memory that already holds the guest's RAM (a
+/// standby's mirror at failover: the VM runs in the very memory the checkpoints were
+/// applied to, so nothing is copied however large the guest). Its layout must be the
+/// one `cfg` gives and `state` was saved with.
+pub fn build_vm_from_state_with_memory(
+    cfg: &VmConfig,
+    state: &VmState,
+    mem: GuestMemoryMmap,
+) -> Result<(Vmm, RestoreReport), BuildError> {
+    cfg.validate()?;
+    // The memory given must be what `cfg` would have allocated.
+    let expected: Vec<(u64, u64)> = ram_ranges(cfg.mem_mib << 20)?
+        .iter()
+        .map(|&(start, len)| (start.0, len as u64))
+        .collect();
+    let given = layout(&mem);
+    if given != expected {
+        return Err(RestoreError::MemoryGiven {
+            given,
+            config: expected,
+        }
+        .into());
+    }
     let config_layout = layout(&mem);
     if config_layout != state.memory {
         return Err(RestoreError::MemoryLayout {
@@ -75,7 +122,6 @@ where
         }
         .into());
     }
-    fill_memory(&mem).map_err(RestoreError::FillMemory)?;
 
     let mut report = RestoreReport::default();
     let vm = Vm::new(&mem, cfg.vcpus)?;
