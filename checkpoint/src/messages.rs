@@ -147,6 +147,11 @@ pub struct PartHead {
     /// The primary had released the output of every epoch through this one when it sent
     /// this part (the standby then forgets that output).
     pub released_through: Option<u64>,
+    /// Initial-sync parts only: pages that were all zero, sent as runs without data
+    /// (a guest's free memory mostly is). Disjoint from `runs`; the standby zeroes them
+    /// (in round 0 its mirror is still untouched zero memory and it skips them, so they
+    /// cost neither the wire nor the standby's memory).
+    pub zero: Vec<PageRun>,
 }
 
 /// Primary to standby.
@@ -191,6 +196,19 @@ pub enum LimitError {
     PartIndex { part: u32, parts: u32 },
     #[error("VM state in part {part} of {parts}: only the last part of an epoch carries it")]
     StatePlacement { part: u32, parts: u32 },
+    #[error("zero-page runs in an epoch part (only initial-sync parts carry them)")]
+    ZeroRunsInEpoch,
+}
+
+/// A run must be non-empty, page aligned and end inside the address space.
+fn check_run(r: &PageRun) -> Result<(), LimitError> {
+    let end = u64::from(r.pages)
+        .checked_mul(PAGE_SIZE as u64)
+        .and_then(|l| r.gpa.checked_add(l));
+    if r.pages == 0 || !r.gpa.is_multiple_of(PAGE_SIZE as u64) || end.is_none() {
+        return Err(LimitError::BadRun { gpa: r.gpa });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -217,6 +235,19 @@ fn exceeded(what: &'static str, have: u64, max: u64) -> Result<(), LimitError> {
 }
 
 impl PartHead {
+    /// Sets the all-zero pages of an initial-sync part (see [`PartHead::zero`]),
+    /// checking the limits again.
+    pub fn with_zero_runs(mut self, zero: Vec<PageRun>) -> Result<PartHead, LimitError> {
+        self.zero = zero;
+        self.check()?;
+        Ok(self)
+    }
+
+    /// All-zero pages of this part (no data in the payload).
+    pub fn zero_page_count(&self) -> u64 {
+        self.zero.iter().map(|r| u64::from(r.pages)).sum()
+    }
+
     /// Total pages in this part.
     pub fn page_count(&self) -> u64 {
         self.runs.iter().map(|r| u64::from(r.pages)).sum()
@@ -262,18 +293,28 @@ impl PartHead {
         exceeded("runs", self.runs.len() as u64, MAX_RUNS_PER_PART as u64)?;
         let mut pages = 0u64;
         for r in &self.runs {
-            if r.pages == 0 || r.gpa % PAGE_SIZE as u64 != 0 {
-                return Err(LimitError::BadRun { gpa: r.gpa });
-            }
-            let end = u64::from(r.pages)
-                .checked_mul(PAGE_SIZE as u64)
-                .and_then(|l| r.gpa.checked_add(l));
-            if end.is_none() {
-                return Err(LimitError::BadRun { gpa: r.gpa });
-            }
+            check_run(r)?;
             pages += u64::from(r.pages);
         }
         exceeded("pages in a part", pages, u64::from(MAX_PAGES_PER_PART))?;
+        if !self.zero.is_empty() && !matches!(self.of, PartOf::Sync { .. }) {
+            return Err(LimitError::ZeroRunsInEpoch);
+        }
+        exceeded(
+            "zero runs",
+            self.zero.len() as u64,
+            MAX_RUNS_PER_PART as u64,
+        )?;
+        let mut zero_pages = 0u64;
+        for r in &self.zero {
+            check_run(r)?;
+            zero_pages += u64::from(r.pages);
+        }
+        exceeded(
+            "zero pages in a part",
+            zero_pages,
+            u64::from(MAX_PAGES_PER_PART),
+        )?;
         exceeded(
             "disk extents",
             self.disk.len() as u64,
@@ -354,6 +395,7 @@ impl PartHead {
             console,
             frames,
             released_through,
+            zero: Vec::new(),
         };
         h.check()?;
         let have: u64 = payload.iter().map(|c| c.as_ref().len() as u64).sum();
@@ -414,6 +456,14 @@ impl<'a> PartView<'a> {
             .iter()
             .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.gpa + i * PAGE_SIZE as u64))
             .zip(data.chunks_exact(PAGE_SIZE))
+    }
+
+    /// The guest-physical address of every all-zero page (initial-sync parts only).
+    pub fn zero_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.head
+            .zero
+            .iter()
+            .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.gpa + i * PAGE_SIZE as u64))
     }
 
     /// Every net frame as `(net device index, frame)`, in order.
@@ -636,6 +686,59 @@ mod tests {
     }
 
     #[test]
+    fn zero_runs_only_in_sync_parts_and_bounded() {
+        // An empty sync part; an epoch's only part carries a 1-byte state.
+        let mk = |of| {
+            let state: &[u8] = match of {
+                PartOf::Sync { .. } => b"",
+                PartOf::Epoch { .. } => b"S",
+            };
+            PartHead::new(
+                of,
+                0,
+                1,
+                state.len() as u32,
+                vec![],
+                vec![],
+                None,
+                vec![],
+                None,
+                &[state],
+            )
+            .unwrap()
+        };
+        let z = vec![PageRun {
+            gpa: 0x1000,
+            pages: 2,
+        }];
+        let sync = mk(PartOf::Sync { round: 0 })
+            .with_zero_runs(z.clone())
+            .unwrap();
+        assert_eq!(sync.zero_page_count(), 2);
+        assert_eq!(sync.payload_len(), 0, "zero pages carry no data");
+        let epoch = mk(PartOf::Epoch {
+            epoch: 1,
+            sync_rounds: 0,
+        });
+        assert_eq!(epoch.with_zero_runs(z), Err(LimitError::ZeroRunsInEpoch));
+        let s = mk(PartOf::Sync { round: 0 });
+        assert!(matches!(
+            s.clone().with_zero_runs(vec![PageRun {
+                gpa: 0x1001,
+                pages: 1
+            }]),
+            Err(LimitError::BadRun { .. })
+        ));
+        assert!(matches!(
+            s.with_zero_runs(vec![PageRun {
+                gpa: 0,
+                pages: MAX_PAGES_PER_PART + 1
+            }]),
+            Err(LimitError::Exceeded { .. })
+        ));
+    }
+
+    #[test]
     fn payload_of_the_wrong_length_is_refused() {
         let chunks = [b"s".to_vec(), page(5)];
         let h = PartHead::new(
@@ -678,6 +781,7 @@ mod tests {
             console: None,
             frames: vec![],
             released_through: None,
+            zero: vec![],
         };
         let too_many = mk(
             vec![PageRun {

@@ -126,6 +126,12 @@ pub struct PrimaryReport {
     pub resync: Option<ResyncStats>,
     /// Page staging buffers: how many were reused from the pool, how many allocated.
     pub staging: alink::PoolStats,
+    /// Bytes of page data the initial sync sent (sync rounds; epoch 0 not included).
+    pub sync_bytes: u64,
+    /// Pages the initial sync found all zero and sent without data.
+    pub sync_zero_pages: u64,
+    /// From round 0 to epoch 0 committed.
+    pub sync_time: Option<Duration>,
 }
 
 /// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
@@ -198,6 +204,7 @@ fn session(
     let mut d = Driver {
         sync_started: None,
         sync_bytes: 0,
+        sync_zero_pages: 0,
         vmm,
         link,
         inbox,
@@ -266,6 +273,8 @@ struct Driver<'a> {
     /// When sync round 0 began, and the bytes the sync rounds shipped (throughput log).
     sync_started: Option<Instant>,
     sync_bytes: u64,
+    /// Pages the sync rounds found all zero (sent as runs, without data).
+    sync_zero_pages: u64,
     vmm: &'a Vmm,
     link: &'a Alink,
     inbox: &'a Inbox,
@@ -373,6 +382,7 @@ impl Driver<'_> {
                 while let Some(p) = self.cap.next_sync_part(self.vmm, &mut r) {
                     let p = p?;
                     self.sync_bytes += p.head.payload_len();
+                    self.sync_zero_pages += p.head.zero_page_count();
                     self.send_msg(&ToStandby::Part(p.head), p.payload)?;
                 }
                 self.send_msg(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
@@ -468,12 +478,17 @@ impl Driver<'_> {
                         // A-Link, standby staging and apply) while the guest runs.
                         let el = t.elapsed();
                         log::info!(
-                            "primary: initial synchronisation: {} bytes of memory from round 0 \
-                             to epoch 0 committed in {:.1} ms ({:.0} MB/s)",
+                            "primary: initial synchronisation: {} bytes of memory sent ({} \
+                             all-zero pages not sent) from round 0 to epoch 0 committed in \
+                             {:.1} ms ({:.0} MB/s)",
                             self.sync_bytes,
+                            self.sync_zero_pages,
                             el.as_secs_f64() * 1e3,
                             self.sync_bytes as f64 / el.as_secs_f64() / 1e6
                         );
+                        self.report.sync_bytes = self.sync_bytes;
+                        self.report.sync_zero_pages = self.sync_zero_pages;
+                        self.report.sync_time = Some(el);
                     }
                 }
                 Ok(None)

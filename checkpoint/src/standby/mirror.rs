@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::disks::StandbyDisks;
-use crate::messages::{decode_to_standby, DecodeError, StandboundMsg, PAGE_SIZE};
+use crate::messages::{decode_to_standby, DecodeError, PartOf, StandboundMsg, PAGE_SIZE};
 use crate::verify::PageHashes;
 use vmm::vstate::memory::GuestMemoryMmap;
 
@@ -104,6 +104,10 @@ pub struct ApplyStats {
 pub struct Mirror {
     /// Guest RAM (None once taken by a failover).
     mem: Option<GuestMemoryMmap>,
+    /// Nothing but round-0 sync data was written yet: every page round 0 has not
+    /// reached is still zero (the protocol delivers round 0's parts once each, in order,
+    /// before anything else).
+    pristine: bool,
     regions: Vec<Region>,
     disks: Vec<File>,
     /// Encoded `VmState` of the newest committed epoch.
@@ -164,6 +168,7 @@ impl Mirror {
         }
         Ok(Mirror {
             mem: Some(mem),
+            pristine: true,
             regions,
             disks,
             state: None,
@@ -275,9 +280,25 @@ impl Mirror {
         for (gpa, _) in view.pages() {
             slots.push(self.page_slot(gpa)?);
         }
+        let mut zero = Vec::with_capacity(view.head.zero_page_count() as usize);
+        for gpa in view.zero_pages() {
+            zero.push(self.page_slot(gpa)?);
+        }
         let mut n = 0;
         for ((r, off), (_, data)) in slots.into_iter().zip(view.pages()) {
             self.page_mut(r, off).copy_from_slice(data);
+            n += 1;
+        }
+        // Round 0 covers every page exactly once and the mirror starts as untouched
+        // zero memory: its zero pages are zero already (and writing them would only
+        // make the kernel back them). A later round's zero page may hold an older copy.
+        let round0 = matches!(view.head.of, PartOf::Sync { round: 0 });
+        self.pristine &= round0;
+        let skip_zero = self.pristine;
+        for (r, off) in zero {
+            if !skip_zero {
+                self.page_mut(r, off).fill(0);
+            }
             n += 1;
         }
         Ok(n)
@@ -327,6 +348,7 @@ impl Mirror {
             .staging
             .remove(&epoch)
             .ok_or(MirrorError::NotStaged(epoch))?;
+        self.pristine = false;
         self.staged_bytes -= msgs.iter().map(|m| m.body.len()).sum::<usize>();
         let mut views = Vec::with_capacity(msgs.len());
         for m in &msgs {
@@ -592,6 +614,78 @@ mod tests {
     fn layout() -> Vec<(u64, u64)> {
         let mem = vmm::vstate::memory::create_guest_memory(4 << 20).unwrap();
         vmm::persist::memory::layout(&mem)
+    }
+
+    /// An initial-sync part of `round`: `pages` with data (each filled with its byte),
+    /// `zero` as all-zero runs.
+    fn sync_part(round: u32, pages: &[(u64, u8)], zero: Vec<PageRun>) -> (Vec<u8>, Vec<u8>) {
+        let runs: Vec<PageRun> = pages
+            .iter()
+            .map(|&(gpa, _)| PageRun { gpa, pages: 1 })
+            .collect();
+        let data: Vec<u8> = pages
+            .iter()
+            .flat_map(|&(_, b)| vec![b; PAGE_SIZE])
+            .collect();
+        let h = PartHead::new(
+            PartOf::Sync { round },
+            0,
+            1,
+            0,
+            runs,
+            vec![],
+            None,
+            vec![],
+            None,
+            &[&data[..]],
+        )
+        .unwrap()
+        .with_zero_runs(zero)
+        .unwrap();
+        (encode(&ToStandby::Part(h)).unwrap(), data)
+    }
+
+    #[test]
+    fn zero_pages_of_sync_rounds_are_skipped_only_while_pristine() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        // Round 0: one page with data, three zero pages (untouched memory: skipped).
+        let (h, b) = sync_part(
+            0,
+            &[(0x1000, 5)],
+            vec![PageRun {
+                gpa: 0x2000,
+                pages: 3,
+            }],
+        );
+        assert_eq!(m.write_sync(&h, &b).unwrap(), 4);
+        assert!(m.page(0x1000).unwrap().iter().all(|&x| x == 5));
+        assert!(m.page(0x3000).unwrap().iter().all(|&x| x == 0));
+        // Round 1: the page with data became zero: it must be zeroed here.
+        let (h, b) = sync_part(
+            1,
+            &[(0x2000, 6)],
+            vec![PageRun {
+                gpa: 0x1000,
+                pages: 1,
+            }],
+        );
+        assert_eq!(m.write_sync(&h, &b).unwrap(), 2);
+        assert!(m.page(0x1000).unwrap().iter().all(|&x| x == 0));
+        assert!(m.page(0x2000).unwrap().iter().all(|&x| x == 6));
+        // A zero run outside guest RAM is refused before anything is written.
+        let (h, b) = sync_part(
+            2,
+            &[(0x5000, 7)],
+            vec![PageRun {
+                gpa: 1 << 40,
+                pages: 1,
+            }],
+        );
+        assert!(matches!(
+            m.write_sync(&h, &b),
+            Err(MirrorError::PageOutside(_))
+        ));
+        assert!(m.page(0x5000).unwrap().iter().all(|&x| x == 0));
     }
 
     #[test]
