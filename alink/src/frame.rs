@@ -283,6 +283,10 @@ pub struct FrameDecoder {
     /// `body_filled`.
     body: Option<Buf>,
     body_filled: usize,
+    /// CRC32C of `body[..body_filled]`, extended after every read while those bytes
+    /// are still in cache (one pass over a multi-MiB body at the end would read it
+    /// back from memory).
+    body_crc: u32,
     pool: BufPool,
     failed: Option<FrameError>,
 }
@@ -307,6 +311,7 @@ impl FrameDecoder {
             pending: None,
             body: None,
             body_filled: 0,
+            body_crc: 0,
             pool,
             failed: None,
         }
@@ -379,6 +384,7 @@ impl FrameDecoder {
                 // Bounded by check_header; filled by the reads, not zeroed here.
                 self.body = Some(self.pool.take(h.body_len as usize));
                 self.body_filled = 0;
+                self.body_crc = 0;
                 self.pending = Some(h);
                 if h.body_len == 0 {
                     return self.finish_body();
@@ -388,6 +394,10 @@ impl FrameDecoder {
             Some(h) => {
                 let target = h.body_len as usize;
                 assert!(self.body_filled + n <= target, "advance past read_buf");
+                if let Some(b) = &self.body {
+                    let fresh = &b[self.body_filled..self.body_filled + n];
+                    self.body_crc = crc32c::crc32c_append(self.body_crc, fresh);
+                }
                 self.body_filled += n;
                 if self.body_filled < target {
                     return Ok(None);
@@ -467,8 +477,9 @@ impl FrameDecoder {
             .take()
             .unwrap_or_else(|| Buf::from_vec(Vec::new()));
         debug_assert_eq!(body.len(), h.body_len as usize);
+        debug_assert_eq!(self.body_filled, body.len());
         self.body_filled = 0;
-        let got = crc32c::crc32c(&body);
+        let got = std::mem::take(&mut self.body_crc);
         if got != h.body_crc {
             return Err(FrameError::BadChecksum {
                 expected: h.body_crc,
