@@ -67,18 +67,23 @@ impl Vmm {
 
         let (spec, constants) = self.capture_inputs()?;
         let mut vcpus = Vec::with_capacity(self.vcpu_count());
-        if running {
+        let vm = if running {
+            // Every vCPU's thread reads its own state while this thread reads the
+            // VM-wide state: the pause lasts the longest of them, not their sum.
+            let mut jobs = Vec::with_capacity(self.threads.len());
             for index in 0..self.threads.len() {
                 let spec = spec.clone();
                 let known = constants.get(index).cloned().flatten();
                 let vcpu = index as u8;
-                let r = self.control.run_parked(
-                    index,
-                    move |fd| VcpuState::capture(fd, vcpu, &spec, known.as_deref()),
-                    PAUSE_LIMIT,
-                )?;
-                vcpus.push(r.map_err(CaptureError::from)?);
+                jobs.push(self.control.submit_parked(index, move |fd| {
+                    VcpuState::capture(fd, vcpu, &spec, known.as_deref())
+                })?);
             }
+            let vm = KvmVmState::capture(self.vm.fd());
+            for job in jobs {
+                vcpus.push(job.wait(PAUSE_LIMIT)?.map_err(CaptureError::from)?);
+            }
+            vm
         } else {
             for (index, fd) in self.vcpus.iter().enumerate() {
                 let known = constants.get(index).cloned().flatten();
@@ -86,7 +91,9 @@ impl Vmm {
                     .map_err(CaptureError::from)?;
                 vcpus.push(s);
             }
-        }
+            KvmVmState::capture(self.vm.fd())
+        };
+        let vm = vm.map_err(CaptureError::from)?;
         if constants.iter().any(Option::is_none) {
             let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
             c.1 = vcpus
@@ -94,7 +101,6 @@ impl Vmm {
                 .map(|v| Some(Arc::new(v.constants())))
                 .collect();
         }
-        let vm = KvmVmState::capture(self.vm.fd()).map_err(CaptureError::from)?;
         Ok(VmState {
             memory: layout(&self.mem),
             vcpus,

@@ -367,6 +367,17 @@ impl RunControl {
         T: Send + 'static,
         F: FnOnce(&mut VcpuFd) -> T + Send + 'static,
     {
+        self.submit_parked(index, f)?.wait(limit)
+    }
+
+    /// Hands `f` to the thread of vCPU `index` (as [`RunControl::run_parked`]) without
+    /// waiting: the caller does other work meanwhile (the VM-wide state, the other
+    /// vCPUs' jobs) and collects the result with [`ParkedJob::wait`].
+    pub fn submit_parked<T, F>(&self, index: usize, f: F) -> Result<ParkedJob<'_, T>, ControlError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut VcpuFd) -> T + Send + 'static,
+    {
         let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut s = self.lock();
@@ -382,29 +393,11 @@ impl RunControl {
             }));
             self.wake_parked();
         }
-        let mut early = None;
-        spin_until(HANDOFF_SPIN, || match rx.try_recv() {
-            Ok(v) => {
-                early = Some(v);
-                true
-            }
-            Err(mpsc::TryRecvError::Empty) => false,
-            Err(mpsc::TryRecvError::Disconnected) => true,
-        });
-        if let Some(v) = early {
-            return Ok(v);
-        }
-        match rx.recv_timeout(limit) {
-            Ok(v) => Ok(v),
-            Err(_) => {
-                // Take the job back if it never ran, so it cannot run later.
-                let mut s = self.lock();
-                if let Some(j) = s.jobs.get_mut(index) {
-                    *j = None;
-                }
-                Err(ControlError::JobTimeout(index, limit))
-            }
-        }
+        Ok(ParkedJob {
+            control: self,
+            index,
+            rx,
+        })
     }
 
     pub fn is_paused(&self) -> bool {
@@ -438,5 +431,42 @@ impl RunControl {
     /// their thread ids are no longer valid.
     pub fn disable_kicks(&self) {
         self.lock().kicks_enabled = false;
+    }
+}
+
+/// A job handed to a parked vCPU's thread ([`RunControl::submit_parked`]).
+pub struct ParkedJob<'a, T> {
+    control: &'a RunControl,
+    index: usize,
+    rx: mpsc::Receiver<T>,
+}
+
+impl<T> ParkedJob<'_, T> {
+    /// The job's result, waiting up to `limit` (spinning briefly first: a parked vCPU
+    /// thread answers within microseconds, and sleeping would cost a wake-up).
+    pub fn wait(self, limit: Duration) -> Result<T, ControlError> {
+        let mut early = None;
+        spin_until(HANDOFF_SPIN, || match self.rx.try_recv() {
+            Ok(v) => {
+                early = Some(v);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            Err(mpsc::TryRecvError::Disconnected) => true,
+        });
+        if let Some(v) = early {
+            return Ok(v);
+        }
+        match self.rx.recv_timeout(limit) {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                // Take the job back if it never ran, so it cannot run later.
+                let mut s = self.control.lock();
+                if let Some(j) = s.jobs.get_mut(self.index) {
+                    *j = None;
+                }
+                Err(ControlError::JobTimeout(self.index, limit))
+            }
+        }
     }
 }
