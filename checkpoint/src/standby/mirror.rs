@@ -198,6 +198,30 @@ impl Mirror {
         self.mem.take()
     }
 
+    /// Asks the kernel to back `[gpa, gpa + len)` (within its region) with writable
+    /// pages now (`MADV_POPULATE_WRITE`, Linux 5.14): one call instead of a fault per
+    /// page. Best effort: where unsupported the writes fault the pages in as before.
+    fn populate(&self, gpa: u64, len: usize) {
+        let Some((r, off)) = self.locate(gpa) else {
+            return;
+        };
+        let g = &self.regions[r];
+        let len = len.min(g.len - off);
+        // SAFETY: `[host + off, host + off + len)` lies inside region `r`'s mapping,
+        // owned by `self.mem` and alive while `self` is; MADV_POPULATE_WRITE only
+        // faults pages in (zero-filled or as they are), it never changes contents.
+        let rc = unsafe {
+            libc::madvise(
+                (g.host + off) as *mut libc::c_void,
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            log::trace!("MADV_POPULATE_WRITE: {}", io::Error::last_os_error());
+        }
+    }
+
     /// The 4 KiB page at `off` of region `r`, writable.
     fn page_mut(&mut self, r: usize, off: usize) -> &mut [u8] {
         let g = &self.regions[r];
@@ -283,6 +307,11 @@ impl Mirror {
         let mut zero = Vec::with_capacity(view.head.zero_page_count() as usize);
         for gpa in view.zero_pages() {
             zero.push(self.page_slot(gpa)?);
+        }
+        // Back each run's pages in one call before writing them: the mirror is fresh
+        // memory, and taking a page fault per 4 KiB page costs more than the copy.
+        for run in &view.head.runs {
+            self.populate(run.gpa, run.pages as usize * PAGE_SIZE);
         }
         let mut n = 0;
         for ((r, off), (_, data)) in slots.into_iter().zip(view.pages()) {
