@@ -133,6 +133,9 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
                 },
                 connect_timeout: Duration::from_secs(10),
                 max_part_pages: Some(256),
+                // Parts of 128 pages and more are copied by two threads (the driver's
+                // thread and vCPU 0's): both halves land under the hashes.
+                split_copy_min_pages: Some(128),
                 acked: Some(acked),
                 verify: Some(plog),
                 // A wide window: the working set is rewritten every ~15 epochs, so
@@ -235,6 +238,11 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
         "staging buffers: {} reused, {} allocated",
         st.reused,
         st.allocated
+    );
+    assert!(
+        preport.split_copies > 100,
+        "only {} parts were copied by two threads",
+        preport.split_copies
     );
     let pauses = &preport.pauses;
     eprintln!(

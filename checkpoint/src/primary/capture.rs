@@ -95,6 +95,10 @@ pub struct Capturer {
     hot_pages: usize,
     /// Staging buffers of page payloads.
     pool: BufPool,
+    /// Parts of at least this many pages are copied by two threads.
+    split_min: u64,
+    /// Parts copied that way so far.
+    split_copies: std::cell::Cell<u64>,
 }
 
 /// An initial-sync round being copied and sent part by part.
@@ -128,7 +132,20 @@ impl Capturer {
             disks: None,
             hot_pages: 0,
             pool: BufPool::default(),
+            split_min: SPLIT_COPY_MIN_PAGES,
+            split_copies: std::cell::Cell::new(0),
         })
+    }
+
+    /// Parts of at least `n` pages (at least 2) are copied half on vCPU 0's parked
+    /// thread (tests lower it from [`SPLIT_COPY_MIN_PAGES`]).
+    pub fn set_split_copy_min_pages(&mut self, n: u64) {
+        self.split_min = n.max(2);
+    }
+
+    /// Parts whose copy was split between two threads so far.
+    pub fn split_copies(&self) -> u64 {
+        self.split_copies.get()
     }
 
     /// How the staging-buffer pool has done.
@@ -263,8 +280,10 @@ impl Capturer {
         // Verify mode, other epochs: the dirty pages from the bytes copied while paused.
         let hash = self.verify.as_mut().map(|t| {
             if !full {
-                for (runs, data) in &page_data {
-                    t.update_runs(runs, data);
+                for (_, chunks) in &page_data {
+                    for (runs, data) in chunks {
+                        t.update_runs(runs, data);
+                    }
                 }
             }
             ReplicaHash {
@@ -335,7 +354,7 @@ impl Capturer {
         let mut output = console.map(|c| c.data).unwrap_or_default();
         let frames_out = ship_frames(frames, &mut output);
         let mut output_once = Some((output, frames_out));
-        for (k, (runs, data)) in page_data.into_iter().enumerate() {
+        for (k, (runs, chunks)) in page_data.into_iter().enumerate() {
             let part = first_page_part + k as u32;
             let last = part + 1 == n;
             let (ext, ddata, st, con, cout, fout) = if last {
@@ -352,12 +371,8 @@ impl Capturer {
                     Vec::new(),
                 )
             };
-            let payload = vec![
-                Bytes::from(st),
-                Bytes::from(ddata),
-                Bytes::from(con),
-                data.into_bytes(),
-            ];
+            let mut payload = vec![Bytes::from(st), Bytes::from(ddata), Bytes::from(con)];
+            payload.extend(chunks.into_iter().map(|(_, b)| b.into_bytes()));
             let head = PartHead::new(
                 PartOf::Epoch { epoch, sync_rounds },
                 part,
@@ -389,7 +404,7 @@ impl Capturer {
     ) -> Result<
         (
             Vec<PageRun>,
-            Vec<(Vec<PageRun>, Buf)>,
+            Vec<PartPages>,
             vmm::VmState,
             Vec<std::sync::Arc<vmm::devices::virtio::block::DiskJournal>>,
             Option<EpochConsole>,
@@ -429,21 +444,43 @@ impl Capturer {
         Ok((runs, parts, state, journals, console, frames))
     }
 
-    /// Copies the pages of `runs` into one staging buffer per part.
-    #[allow(clippy::type_complexity)]
+    /// Copies the pages of `runs` into staging buffers, per part (the guest is
+    /// paused). A part of at least [`SPLIT_COPY_MIN_PAGES`] pages is copied half here,
+    /// half on vCPU 0's parked thread, into two buffers: on two CPUs the copy, most of
+    /// a large epoch's pause, takes about half as long.
     fn page_parts(
         &self,
         vmm: &Vmm,
         runs: &[PageRun],
-    ) -> Result<(Vec<(Vec<PageRun>, Buf)>, u64), CaptureError> {
+    ) -> Result<(Vec<PartPages>, u64), CaptureError> {
         let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         if total > MAX_PAGES_PER_EPOCH {
             return Err(CaptureError::TooManyPages(total));
         }
         let mut out = Vec::new();
         for group in split_runs(runs.iter().copied(), self.max_part_pages) {
-            let buf = self.copy_pages(vmm, &group)?;
-            out.push((group, buf));
+            let pages: u64 = group.iter().map(|r| u64::from(r.pages)).sum();
+            if pages < self.split_min {
+                let buf = self.copy_pages(vmm, &group)?;
+                out.push((group.clone(), vec![(group, buf)]));
+                continue;
+            }
+            let (mine, theirs) = split_at_pages(&group, pages / 2);
+            let n: usize = theirs.iter().map(|r| r.pages as usize).sum();
+            let mut buf = self.pool.take(n * PAGE_SIZE);
+            let mem = vmm.guest_memory().clone();
+            let job_runs = theirs.clone();
+            let job = vmm.submit_to_parked_vcpu(move || {
+                copy_runs(&mem, &job_runs, &mut buf).map(|()| buf)
+            })?;
+            // This thread's half meanwhile; the job is always waited for (it writes
+            // into a buffer the part owns).
+            let here = self.copy_pages(vmm, &mine);
+            let there = job
+                .wait(vmm::vmm_handle::PAUSE_LIMIT)
+                .map_err(VmmError::from)?;
+            out.push((group, vec![(mine, here?), (theirs, there?)]));
+            self.split_copies.set(self.split_copies.get() + 1);
         }
         Ok((out, total))
     }
@@ -495,17 +532,9 @@ impl Capturer {
 
     /// The pages of `group` in one staging buffer, in run order.
     fn copy_pages(&self, vmm: &Vmm, group: &[PageRun]) -> Result<Buf, CaptureError> {
-        let mem = vmm.guest_memory();
         let n: usize = group.iter().map(|r| r.pages as usize).sum();
         let mut buf = self.pool.take(n * PAGE_SIZE);
-        let mut at = 0;
-        for r in group {
-            let len = r.pages as usize * PAGE_SIZE;
-            mem.read_slice(&mut buf[at..at + len], GuestAddress(r.gpa))
-                .map_err(|source| CaptureError::Memory { gpa: r.gpa, source })?;
-            at += len;
-        }
-        debug_assert_eq!(at, buf.len());
+        copy_runs(vmm.guest_memory(), group, &mut buf)?;
         Ok(buf)
     }
 }
@@ -542,6 +571,58 @@ fn ship_frames(frames: Vec<(usize, Vec<u8>)>, payload: &mut Vec<u8>) -> Vec<Fram
         log::debug!("capture: {left_out} frames of the epoch not shipped (limits)");
     }
     out
+}
+
+/// One part's pages: its runs, and the staging buffers holding them in run order with
+/// the runs each holds (two buffers when the copy was split, see `page_parts`).
+type PartPages = (Vec<PageRun>, Vec<(Vec<PageRun>, Buf)>);
+
+/// Parts with fewer pages are copied by one thread (handing half to a parked vCPU's
+/// thread costs tens of microseconds; copying 2 MiB takes a few hundred).
+pub const SPLIT_COPY_MIN_PAGES: u64 = 512;
+
+/// Copies the pages of `runs` from `mem` into `buf`, in run order (`buf` is exactly
+/// their size).
+fn copy_runs(
+    mem: &vmm::vstate::memory::GuestMemoryMmap,
+    runs: &[PageRun],
+    buf: &mut [u8],
+) -> Result<(), CaptureError> {
+    let mut at = 0;
+    for r in runs {
+        let len = r.pages as usize * PAGE_SIZE;
+        mem.read_slice(&mut buf[at..at + len], GuestAddress(r.gpa))
+            .map_err(|source| CaptureError::Memory { gpa: r.gpa, source })?;
+        at += len;
+    }
+    debug_assert_eq!(at, buf.len());
+    Ok(())
+}
+
+/// `runs` cut after their first `n` pages (a run may be cut in two).
+fn split_at_pages(runs: &[PageRun], n: u64) -> (Vec<PageRun>, Vec<PageRun>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut left = n;
+    for r in runs {
+        let p = u64::from(r.pages);
+        if left >= p {
+            a.push(*r);
+            left -= p;
+        } else if left > 0 {
+            a.push(PageRun {
+                gpa: r.gpa,
+                pages: left as u32,
+            });
+            b.push(PageRun {
+                gpa: r.gpa + left * PAGE_SIZE as u64,
+                pages: (p - left) as u32,
+            });
+            left = 0;
+        } else {
+            b.push(*r);
+        }
+    }
+    (a, b)
 }
 
 /// Pages copied at a time before their zero check (256 KiB: stays in L2).
@@ -689,4 +770,29 @@ fn written_since_start(
         out.push(j);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(gpa: u64, pages: u32) -> PageRun {
+        PageRun { gpa, pages }
+    }
+
+    #[test]
+    fn split_at_pages_cuts_a_run_where_needed() {
+        let runs = [run(0, 3), run(0x10000, 4), run(0x20000, 1)];
+        let (a, b) = split_at_pages(&runs, 5);
+        assert_eq!(a, [run(0, 3), run(0x10000, 2)]);
+        assert_eq!(b, [run(0x12000, 2), run(0x20000, 1)]);
+        let (a, b) = split_at_pages(&runs, 3);
+        assert_eq!((a.len(), b.len()), (1, 2));
+        let (a, b) = split_at_pages(&runs, 0);
+        assert!(a.is_empty());
+        assert_eq!(b, runs);
+        let (a, b) = split_at_pages(&runs, 8);
+        assert_eq!(a, runs);
+        assert!(b.is_empty());
+    }
 }

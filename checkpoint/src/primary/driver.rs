@@ -58,6 +58,9 @@ pub struct PrimaryDriverConfig {
     pub connect_timeout: Duration,
     /// Pages per part (default: the wire limit).
     pub max_part_pages: Option<u32>,
+    /// Parts of at least this many pages are copied by two threads during the pause
+    /// (default 512; tests lower it to cover the split copy with small parts).
+    pub split_copy_min_pages: Option<u64>,
     /// Updated with the count of acknowledged epochs as acks arrive (for monitoring).
     pub acked: Option<Arc<AtomicU64>>,
     /// Test mode: hash guest memory and state while paused at every capture and record
@@ -85,6 +88,7 @@ impl Default for PrimaryDriverConfig {
             protocol: PrimaryConfig::default(),
             connect_timeout: Duration::from_secs(10),
             max_part_pages: None,
+            split_copy_min_pages: None,
             acked: None,
             verify: None,
             disks: None,
@@ -126,6 +130,8 @@ pub struct PrimaryReport {
     pub resync: Option<ResyncStats>,
     /// Page staging buffers: how many were reused from the pool, how many allocated.
     pub staging: alink::PoolStats,
+    /// Parts whose page copy was split between the driver's and vCPU 0's threads.
+    pub split_copies: u64,
     /// Bytes of page data the initial sync sent (sync rounds; epoch 0 not included).
     pub sync_bytes: u64,
     /// Pages the initial sync found all zero and sent without data.
@@ -224,6 +230,9 @@ fn session(
         log::info!("primary: this KVM cannot leave hot pages writable; every page is re-protected");
     }
     d.cap.set_disks(cfg.disks.clone());
+    if let Some(n) = cfg.split_copy_min_pages {
+        d.cap.set_split_copy_min_pages(n);
+    }
     if let Some(n) = cfg.max_part_pages {
         d.cap.set_max_part_pages(n);
     }
@@ -266,6 +275,7 @@ fn session(
     d.report.commit_waits.sort();
     d.report.released = d.proto.released();
     d.report.staging = d.cap.pool_stats();
+    d.report.split_copies = d.cap.split_copies();
     Ok(d.report)
 }
 

@@ -47,6 +47,23 @@ impl Vmm {
     ///
     /// vCPU state is read by each vCPU's own thread, parked, after a `KVM_RUN` that
     /// completed any I/O exit KVM had not finished.
+    /// Runs `f` on vCPU 0's thread while the (started) VM is paused and returns a
+    /// handle to its result: work done during a pause (copying dirty pages) can use
+    /// that thread's CPU beside the caller's. Fails unless the VM is paused.
+    pub fn submit_to_parked_vcpu<T, F>(
+        &self,
+        f: F,
+    ) -> Result<crate::vstate::control::ParkedJob<'_, T>, VmmError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        if self.threads.is_empty() || !self.control.is_paused() {
+            return Err(CaptureError::NotPaused.into());
+        }
+        Ok(self.control.submit_parked(0, move |_fd| f())?)
+    }
+
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         let running = !self.threads.is_empty();
         if running && !self.control.is_paused() {
