@@ -99,6 +99,9 @@ pub struct Capturer {
     split_min: u64,
     /// Parts copied that way so far.
     split_copies: std::cell::Cell<u64>,
+    /// Never-touched guest pages (sync rounds skip them unread); None if
+    /// `/proc/self/pagemap` cannot be read.
+    untouched: Option<vmm::vstate::memory::UntouchedPages>,
 }
 
 /// An initial-sync round being copied and sent part by part.
@@ -134,6 +137,9 @@ impl Capturer {
             pool: BufPool::default(),
             split_min: SPLIT_COPY_MIN_PAGES,
             split_copies: std::cell::Cell::new(0),
+            untouched: vmm::vstate::memory::UntouchedPages::open()
+                .map_err(|e| log::debug!("no /proc/self/pagemap ({e}): zero pages are read"))
+                .ok(),
         })
     }
 
@@ -499,6 +505,7 @@ impl Capturer {
         let mut buf = self.pool.take(n * PAGE_SIZE);
         let (mut data, mut zero) = (Vec::new(), Vec::new());
         let mut at = 0;
+        let mut never = [false; ZERO_CHECK_CHUNK_PAGES as usize];
         for r in group {
             // In chunks that stay in cache between the copy and the zero check.
             let mut first = 0u64;
@@ -506,6 +513,19 @@ impl Capturer {
                 let n = (u64::from(r.pages) - first).min(ZERO_CHECK_CHUNK_PAGES);
                 let gpa0 = r.gpa + first * PAGE_SIZE as u64;
                 let len = n as usize * PAGE_SIZE;
+                // A chunk the guest never touched is zero: not even read (an idle
+                // guest's free memory, most of a large guest's round 0).
+                if let Some(u) = &self.untouched {
+                    let never = &mut never[..n as usize];
+                    u.scan(mem, gpa0, never);
+                    if never.iter().all(|&b| b) {
+                        for i in 0..n {
+                            push_page(&mut zero, gpa0 + i * PAGE_SIZE as u64);
+                        }
+                        first += n;
+                        continue;
+                    }
+                }
                 mem.read_slice(&mut buf[at..at + len], GuestAddress(gpa0))
                     .map_err(|source| CaptureError::Memory { gpa: gpa0, source })?;
                 let mut kept = at;
