@@ -131,17 +131,15 @@ impl PageHashes {
         }
     }
 
-    /// Rehashes the pages of `runs` from `data` (their bytes, back to back in run
-    /// order, as an epoch's staging buffer holds them).
-    pub fn update_runs(&mut self, runs: &[crate::messages::PageRun], data: &[u8]) {
-        let mut at = 0;
-        for r in runs {
-            for k in 0..u64::from(r.pages) {
-                if let Some(page) = data.get(at..at + PAGE) {
-                    self.update(r.gpa + k * PAGE as u64, page);
-                }
-                at += PAGE;
-            }
+    /// Rehashes the pages of `runs` from `chunks` (their bytes, back to back in run
+    /// order across the chunks, as an epoch part's staging buffers hold them).
+    pub fn update_runs<C: AsRef<[u8]>>(&mut self, runs: &[crate::messages::PageRun], chunks: &[C]) {
+        let gpas = runs
+            .iter()
+            .flat_map(|r| (0..u64::from(r.pages)).map(move |k| r.gpa + k * PAGE as u64));
+        let pages = chunks.iter().flat_map(|c| c.as_ref().chunks_exact(PAGE));
+        for (gpa, page) in gpas.zip(pages) {
+            self.update(gpa, page);
         }
     }
 

@@ -98,7 +98,7 @@ pub struct Capturer {
     /// Parts of at least this many pages are copied by two threads.
     split_min: u64,
     /// Parts copied that way so far.
-    split_copies: std::cell::Cell<u64>,
+    split_copies: u64,
     /// Never-touched guest pages (sync rounds skip them unread); None if
     /// `/proc/self/pagemap` cannot be read.
     untouched: Option<vmm::vstate::memory::UntouchedPages>,
@@ -136,7 +136,7 @@ impl Capturer {
             hot_pages: 0,
             pool: BufPool::default(),
             split_min: SPLIT_COPY_MIN_PAGES,
-            split_copies: std::cell::Cell::new(0),
+            split_copies: 0,
             untouched: vmm::vstate::memory::UntouchedPages::open()
                 .map_err(|e| log::debug!("no /proc/self/pagemap ({e}): zero pages are read"))
                 .ok(),
@@ -151,7 +151,7 @@ impl Capturer {
 
     /// Parts whose copy was split between two threads so far.
     pub fn split_copies(&self) -> u64 {
-        self.split_copies.get()
+        self.split_copies
     }
 
     /// How the staging-buffer pool has done.
@@ -286,10 +286,8 @@ impl Capturer {
         // Verify mode, other epochs: the dirty pages from the bytes copied while paused.
         let hash = self.verify.as_mut().map(|t| {
             if !full {
-                for (_, chunks) in &page_data {
-                    for (runs, data) in chunks {
-                        t.update_runs(runs, data);
-                    }
+                for (runs, chunks) in &page_data {
+                    t.update_runs(runs, chunks);
                 }
             }
             ReplicaHash {
@@ -378,7 +376,7 @@ impl Capturer {
                 )
             };
             let mut payload = vec![Bytes::from(st), Bytes::from(ddata), Bytes::from(con)];
-            payload.extend(chunks.into_iter().map(|(_, b)| b.into_bytes()));
+            payload.extend(chunks.into_iter().map(Buf::into_bytes));
             let head = PartHead::new(
                 PartOf::Epoch { epoch, sync_rounds },
                 part,
@@ -455,7 +453,7 @@ impl Capturer {
     /// half on vCPU 0's parked thread, into two buffers: on two CPUs the copy, most of
     /// a large epoch's pause, takes about half as long.
     fn page_parts(
-        &self,
+        &mut self,
         vmm: &Vmm,
         runs: &[PageRun],
     ) -> Result<(Vec<PartPages>, u64), CaptureError> {
@@ -468,25 +466,23 @@ impl Capturer {
             let pages: u64 = group.iter().map(|r| u64::from(r.pages)).sum();
             if pages < self.split_min {
                 let buf = self.copy_pages(vmm, &group)?;
-                out.push((group.clone(), vec![(group, buf)]));
+                out.push((group, vec![buf]));
                 continue;
             }
             let (mine, theirs) = split_at_pages(&group, pages / 2);
             let n: usize = theirs.iter().map(|r| r.pages as usize).sum();
             let mut buf = self.pool.take(n * PAGE_SIZE);
             let mem = vmm.guest_memory().clone();
-            let job_runs = theirs.clone();
-            let job = vmm.submit_to_parked_vcpu(move || {
-                copy_runs(&mem, &job_runs, &mut buf).map(|()| buf)
-            })?;
+            let job = vmm
+                .submit_to_parked_vcpu(move || copy_runs(&mem, &theirs, &mut buf).map(|()| buf))?;
             // This thread's half meanwhile; the job is always waited for (it writes
             // into a buffer the part owns).
             let here = self.copy_pages(vmm, &mine);
             let there = job
                 .wait(vmm::vmm_handle::PAUSE_LIMIT)
                 .map_err(VmmError::from)?;
-            out.push((group, vec![(mine, here?), (theirs, there?)]));
-            self.split_copies.set(self.split_copies.get() + 1);
+            out.push((group, vec![here?, there?]));
+            self.split_copies += 1;
         }
         Ok((out, total))
     }
@@ -519,9 +515,7 @@ impl Capturer {
                     let never = &mut never[..n as usize];
                     u.scan(mem, gpa0, never);
                     if never.iter().all(|&b| b) {
-                        for i in 0..n {
-                            push_page(&mut zero, gpa0 + i * PAGE_SIZE as u64);
-                        }
+                        push_pages(&mut zero, gpa0, n as u32);
                         first += n;
                         continue;
                     }
@@ -593,9 +587,9 @@ fn ship_frames(frames: Vec<(usize, Vec<u8>)>, payload: &mut Vec<u8>) -> Vec<Fram
     out
 }
 
-/// One part's pages: its runs, and the staging buffers holding them in run order with
-/// the runs each holds (two buffers when the copy was split, see `page_parts`).
-type PartPages = (Vec<PageRun>, Vec<(Vec<PageRun>, Buf)>);
+/// One part's pages: its runs, and the staging buffers holding their bytes back to
+/// back in run order (two when the copy was split, see `page_parts`).
+type PartPages = (Vec<PageRun>, Vec<Buf>);
 
 /// Parts with fewer pages are copied by one thread (handing half to a parked vCPU's
 /// thread costs tens of microseconds; copying 2 MiB takes a few hundred).
@@ -656,13 +650,18 @@ fn is_zero_page(page: &[u8]) -> bool {
 
 /// Appends the page at `gpa` to `runs`, extending the last run when contiguous.
 fn push_page(runs: &mut Vec<PageRun>, gpa: u64) {
+    push_pages(runs, gpa, 1);
+}
+
+/// Appends `pages` pages from `gpa` to `runs`, extending the last run when contiguous.
+fn push_pages(runs: &mut Vec<PageRun>, gpa: u64, pages: u32) {
     if let Some(last) = runs.last_mut() {
         if last.gpa + u64::from(last.pages) * PAGE_SIZE as u64 == gpa {
-            last.pages += 1;
+            last.pages += pages;
             return;
         }
     }
-    runs.push(PageRun { gpa, pages: 1 });
+    runs.push(PageRun { gpa, pages });
 }
 
 fn runs_of(set: &DirtySet) -> Vec<PageRun> {

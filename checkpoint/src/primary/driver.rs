@@ -209,8 +209,6 @@ fn session(
 ) -> Result<PrimaryReport, DriverError> {
     let mut d = Driver {
         sync_started: None,
-        sync_bytes: 0,
-        sync_zero_pages: 0,
         vmm,
         link,
         inbox,
@@ -280,11 +278,8 @@ fn session(
 }
 
 struct Driver<'a> {
-    /// When sync round 0 began, and the bytes the sync rounds shipped (throughput log).
+    /// When sync round 0 began (throughput log; the bytes are counted in the report).
     sync_started: Option<Instant>,
-    sync_bytes: u64,
-    /// Pages the sync rounds found all zero (sent as runs, without data).
-    sync_zero_pages: u64,
     vmm: &'a Vmm,
     link: &'a Alink,
     inbox: &'a Inbox,
@@ -391,8 +386,8 @@ impl Driver<'_> {
                 let (pages, parts) = (r.pages(), r.parts());
                 while let Some(p) = self.cap.next_sync_part(self.vmm, &mut r) {
                     let p = p?;
-                    self.sync_bytes += p.head.payload_len();
-                    self.sync_zero_pages += p.head.zero_page_count();
+                    self.report.sync_bytes += p.head.payload_len();
+                    self.report.sync_zero_pages += p.head.zero_page_count();
                     self.send_msg(&ToStandby::Part(p.head), p.payload)?;
                 }
                 self.send_msg(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
@@ -491,13 +486,11 @@ impl Driver<'_> {
                             "primary: initial synchronisation: {} bytes of memory sent ({} \
                              all-zero pages not sent) from round 0 to epoch 0 committed in \
                              {:.1} ms ({:.0} MB/s)",
-                            self.sync_bytes,
-                            self.sync_zero_pages,
+                            self.report.sync_bytes,
+                            self.report.sync_zero_pages,
                             el.as_secs_f64() * 1e3,
-                            self.sync_bytes as f64 / el.as_secs_f64() / 1e6
+                            self.report.sync_bytes as f64 / el.as_secs_f64() / 1e6
                         );
-                        self.report.sync_bytes = self.sync_bytes;
-                        self.report.sync_zero_pages = self.sync_zero_pages;
                         self.report.sync_time = Some(el);
                     }
                 }

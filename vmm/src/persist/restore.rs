@@ -107,14 +107,7 @@ pub fn build_vm_from_state_with_memory(
         }
         .into());
     }
-    let config_layout = layout(&mem);
-    if config_layout != state.memory {
-        return Err(RestoreError::MemoryLayout {
-            saved: state.memory.clone(),
-            config: config_layout,
-        }
-        .into());
-    }
+    check_layout(state, &mem)?;
     if state.vcpus.len() != usize::from(cfg.vcpus) {
         return Err(RestoreError::VcpuCount {
             saved: state.vcpus.len(),
