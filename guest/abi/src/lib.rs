@@ -109,6 +109,19 @@ pub const EXIT_PANIC: u32 = 0x70;
 /// Exit status when the parameter block is missing or of another version.
 pub const EXIT_BAD_PARAMS: u32 = 0x71;
 
+/// A hypervisor CPUID leaf only twinrun's CPUID table has: EAX is the highest leaf of
+/// its range (the leaf itself), EBX:ECX:EDX spell [`CPUID_TWINRUN_SIGNATURE`]. It sits
+/// in the 0x4000_0100 slot so that KVM's own leaves at 0x4000_0000 (which a Linux
+/// guest looks for) stay where they are.
+///
+/// Guest code that reads CPUID at CPL3 uses it to tell whether CPUID is virtualized:
+/// on some software KVMs user-mode `cpuid` is not intercepted and runs on the host
+/// CPU, which returns the host's values (no twinrun signature, the host's APIC ids).
+/// On hardware KVM CPUID always exits and the VMM's table answers.
+pub const CPUID_TWINRUN_LEAF: u32 = 0x4000_0100;
+/// `"twinrunTWRN"` padded to 12 bytes: EBX, ECX, EDX of [`CPUID_TWINRUN_LEAF`].
+pub const CPUID_TWINRUN_SIGNATURE: [u8; 12] = *b"twinrunTWRN\0";
+
 /// `b"TWRNPRM1"` as a little-endian u64.
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"TWRNPRM1");
 pub const PARAMS_VERSION: u32 = 1;

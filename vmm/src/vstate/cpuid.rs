@@ -5,6 +5,7 @@
 //! enumerates CPUs from CPUID agrees with what the VMM created.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use twinrun_guest_abi as abi;
 
 /// CPUID.1:ECX bit 31 — running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -108,7 +109,26 @@ pub fn for_vcpu(base: &CpuId, index: u8, vcpus: u8) -> Result<CpuId, vmm_sys_uti
             });
         }
     }
+    entries.push(twinrun_leaf());
     CpuId::from_entries(&entries)
+}
+
+/// The leaf that names this VMM ([`abi::CPUID_TWINRUN_LEAF`]): lets guest code tell
+/// whether its CPUID is answered by this table or (unintercepted CPL3 `cpuid` on some
+/// software KVMs) by the host CPU.
+fn twinrun_leaf() -> kvm_cpuid_entry2 {
+    let sig = abi::CPUID_TWINRUN_SIGNATURE;
+    let word = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
+    kvm_cpuid_entry2 {
+        function: abi::CPUID_TWINRUN_LEAF,
+        index: 0,
+        flags: 0,
+        eax: abi::CPUID_TWINRUN_LEAF,
+        ebx: word(0),
+        ecx: word(4),
+        edx: word(8),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -143,5 +163,18 @@ mod tests {
         assert_eq!(id_bits(1), 0);
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(32), 5);
+        // The twinrun leaf, once, with its signature.
+        let tw: Vec<_> = c
+            .as_slice()
+            .iter()
+            .filter(|e| e.function == abi::CPUID_TWINRUN_LEAF)
+            .collect();
+        assert_eq!(tw.len(), 1);
+        let mut sig = Vec::new();
+        for r in [tw[0].ebx, tw[0].ecx, tw[0].edx] {
+            sig.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(sig, abi::CPUID_TWINRUN_SIGNATURE);
+        assert_eq!(tw[0].eax, abi::CPUID_TWINRUN_LEAF);
     }
 }
