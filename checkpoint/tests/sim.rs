@@ -813,6 +813,7 @@ fn standby_receive(
                 round,
                 part: v.head.part,
                 parts: v.head.parts,
+                msg: (),
             },
             PartOf::Epoch { epoch, sync_rounds } => StandbyEvent::EpochPart {
                 epoch,
@@ -820,6 +821,7 @@ fn standby_receive(
                 parts: v.head.parts,
                 sync_rounds,
                 released_through: v.head.released_through,
+                msg: (),
             },
         },
         Ok(_) => return,

@@ -9,8 +9,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use checkpoint::primary::disks::PrimaryDisks;
 use log::{info, warn};
+use storage_mirror::primary::PrimaryDisks;
 use vmm::config::VmConfig;
 use vmm::Vmm;
 

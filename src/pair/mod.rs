@@ -5,6 +5,7 @@
 //! `standby` run each role to its end and map it to `vm run`'s exit codes.
 
 mod primary;
+mod role;
 mod shutdown;
 mod standby;
 

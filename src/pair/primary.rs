@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alink::{Alink, AlinkConfig};
-use checkpoint::primary::disks::PrimaryDisks;
-use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::primary::{run_primary, MirroredDisks, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
+use storage_mirror::primary::PrimaryDisks;
 use twinrun::cli::ft::FtSettings;
 use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
@@ -51,14 +51,15 @@ pub fn run(
     }
     // Before the guest runs: every write is marked in the disks' persistent bitmaps
     // until a standby is in sync.
-    let disks = match PrimaryDisks::open(cfg) {
+    let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
+    let disks = match PrimaryDisks::open(&images) {
         Ok(d) => d,
         Err(e) => {
             error!("cannot start disk mirroring: {e}");
             return exit::START_FAILED;
         }
     };
-    vm.set_disk_hooks(Some(disks.clone()));
+    vm.set_disk_hooks(Some(Arc::new(MirroredDisks(disks.clone()))));
     if let Err(e) = vm.start() {
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;

@@ -36,10 +36,12 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
         acfg.links.len(),
         acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
     );
+    let (before_start, survivor) = super::role::survivor_hook(cfg);
     let mut opts = StandbyDriverConfig {
         protocol: StandbyConfig::default(),
         mirror_disks: true,
         discard_disk_data: ft.discard_disk_data,
+        before_start: Some(before_start),
         ..StandbyDriverConfig::default()
     };
     // A primary lost before the first checkpoint committed left nothing to take over:
@@ -92,7 +94,7 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
                  the primary is in fact alive behind cut A-Links, two copies run"
             );
             sd.hand_vm(vm.stopper());
-            match r.disks.clone() {
+            match survivor.take() {
                 Some(disks) => {
                     let acfg = super::alink_config_as(ft, Role::Primary);
                     super::primary::protect(vm, ft, acfg, sd, disks)
