@@ -31,6 +31,23 @@ pub trait ToPrimaryLink {
         -> Result<(), AlinkError>;
 }
 
+impl<T: ToStandbyLink + ?Sized> ToStandbyLink for &T {
+    fn send(&self, head: &ToStandby, payload: Vec<Bytes>) -> Result<(), SendError> {
+        (**self).send(head, payload)
+    }
+}
+
+impl<T: ToPrimaryLink + ?Sized> ToPrimaryLink for &T {
+    fn send(
+        &self,
+        head: &ToPrimary,
+        payload: Vec<Bytes>,
+        wait: Duration,
+    ) -> Result<(), AlinkError> {
+        (**self).send(head, payload, wait)
+    }
+}
+
 /// A send waits this long for window room before looking whether the standby is still
 /// there.
 const SEND_WAIT: Duration = Duration::from_millis(50);

@@ -532,8 +532,10 @@ pub fn check_part(head: &PartHead, payload: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// A decoded primary-to-standby message.
+/// A decoded primary-to-standby message (a transient value: the view of a part is the
+/// large variant, and boxing it would cost an allocation per message).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum StandboundMsg<'a> {
     Hello {
         layout: Vec<(u64, u64)>,

@@ -345,8 +345,11 @@ impl Capturer {
             let extents = groups.iter().map(|(e, _)| e.len()).sum();
             return Err(CaptureError::DiskTooLarge { extents, bytes });
         }
-        // The last group rides with the last page part; the others get parts of their
-        // own, first (the standby applies an epoch's parts in order).
+        // The last group rides with the first page part; the others get parts of their
+        // own, before it (the standby applies an epoch's parts in order). So an epoch's
+        // disk writes reach the standby before its state: a standby that applied disk
+        // writes before their epoch commits (a bug) would show it whenever an epoch is
+        // cut short, which the simulation does.
         let (last_disk, last_data) = groups.pop().unwrap_or_default();
         let pages = runs.iter().map(|r| u64::from(r.pages)).sum();
         let n = (groups.len() + page_data.len()) as u32;
@@ -380,19 +383,18 @@ impl Capturer {
         for (k, (runs, chunks)) in page_data.into_iter().enumerate() {
             let part = first_page_part + k as u32;
             let last = part + 1 == n;
-            let (ext, ddata, st, con, cout, fout) = if last {
-                let (e, d) = disk_once.take().unwrap_or_default();
-                let (con, fout) = output_once.take().unwrap_or_default();
-                (e, d, state.clone(), con, console_out, fout)
+            // The disk writes ride with the first page part, the state and the output
+            // with the last.
+            let (ext, ddata) = if k == 0 {
+                disk_once.take().unwrap_or_default()
             } else {
-                (
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    None,
-                    Vec::new(),
-                )
+                (Vec::new(), Vec::new())
+            };
+            let (st, con, cout, fout) = if last {
+                let (con, fout) = output_once.take().unwrap_or_default();
+                (state.clone(), con, console_out, fout)
+            } else {
+                (Vec::new(), Vec::new(), None, Vec::new())
             };
             let mut payload = vec![Bytes::from(st), Bytes::from(ddata), Bytes::from(con)];
             payload.extend(chunks.into_iter().map(Buf::into_bytes));

@@ -184,12 +184,15 @@ impl From<SendError> for Lost {
     }
 }
 
+/// The driver's clock: time since its `base`.
+pub type Clock = Box<dyn Fn() -> Duration>;
+
 /// The primary's side of one standby connection, one step at a time.
-pub struct PrimaryDriver<'a, V: PrimaryVm, L: ToStandbyLink> {
-    vm: &'a V,
-    link: &'a L,
-    /// Time since the driver was made (the protocol's clock).
-    clock: &'a dyn Fn() -> Duration,
+pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
+    vm: V,
+    link: L,
+    /// Time since `base` (the protocol's clock).
+    clock: Clock,
     /// The instant `clock` counts from (the disk session's clock).
     base: Instant,
     proto: Primary,
@@ -210,17 +213,17 @@ pub struct PrimaryDriver<'a, V: PrimaryVm, L: ToStandbyLink> {
     sync_started: Option<Duration>,
 }
 
-impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
+impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
     /// A driver for `vm` (started) over `link`; `clock` gives the time since `base`.
     pub fn new(
-        vm: &'a V,
-        link: &'a L,
+        vm: V,
+        link: L,
         cfg: &PrimaryDriverConfig,
-        clock: &'a dyn Fn() -> Duration,
+        clock: Clock,
         base: Instant,
     ) -> Result<Self, DriverError> {
-        let mut cap = Capturer::new(vm)?;
-        cap.set_verify(vm, cfg.verify.is_some());
+        let mut cap = Capturer::new(&vm)?;
+        cap.set_verify(&vm, cfg.verify.is_some());
         cap.set_observer(
             cfg.disks
                 .clone()
@@ -317,7 +320,7 @@ impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
                 let now = self.instant();
                 match &mut self.session {
                     Some(s) => {
-                        let step = s.on_msg(msg, &payload, now, self.vm, self.link);
+                        let step = s.on_msg(msg, &payload, now, &self.vm, &self.link);
                         self.session_step(step)
                     }
                     None => {
@@ -333,7 +336,7 @@ impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
     pub fn tick(&mut self) -> Result<(), DriverError> {
         let now = self.instant();
         if let Some(s) = &mut self.session {
-            let step = s.tick(now, self.vm, self.link);
+            let step = s.tick(now, &self.vm, &self.link);
             return self.session_step(step);
         }
         if self.proto.phase() == PrimaryPhase::Simplex {
@@ -350,7 +353,7 @@ impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
     pub fn peer_lost(&mut self) -> Result<(), DriverError> {
         if let Some(mut s) = self.session.take() {
             let now = self.instant();
-            s.peer_lost(now, self.vm, self.link);
+            s.peer_lost(now, &self.vm, &self.link);
             return self.session_ended(Step::PeerLost);
         }
         self.feed(PrimaryEvent::PeerLost)
@@ -444,9 +447,9 @@ impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
                 }
                 // Part by part: copy one, send it (waiting for window room), then the
                 // next, so a round holds at most a window of staging buffers.
-                let mut r = self.cap.begin_sync_round(self.vm, round)?;
+                let mut r = self.cap.begin_sync_round(&self.vm, round)?;
                 let (pages, parts) = (r.pages(), r.parts());
-                while let Some(p) = self.cap.next_sync_part(self.vm, &mut r) {
+                while let Some(p) = self.cap.next_sync_part(&self.vm, &mut r) {
                     let p = p?;
                     self.report.sync_bytes += p.head.payload_len();
                     self.report.sync_zero_pages += p.head.zero_page_count();
@@ -469,7 +472,7 @@ impl<'a, V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<'a, V, L> {
                     pages,
                     hot_pages,
                 } = self.cap.capture_epoch(
-                    self.vm,
+                    &self.vm,
                     epoch,
                     self.proto.sync_rounds(),
                     self.proto.released(),
@@ -665,7 +668,7 @@ fn session(
     t0: Instant,
 ) -> Result<PrimaryReport, DriverError> {
     let clock = move || t0.elapsed();
-    let mut d = PrimaryDriver::new(vmm, link, cfg, &clock, t0)?;
+    let mut d = PrimaryDriver::new(vmm, link, cfg, Box::new(clock), t0)?;
     d.start()?;
     while !stop.load(Ordering::Relaxed) {
         if d.phase() == PrimaryPhase::Simplex {

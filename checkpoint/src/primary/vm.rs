@@ -89,6 +89,52 @@ pub trait PrimaryVm {
     fn reset_written_blocks(&self, disk: Option<usize>);
 }
 
+impl<T: PrimaryVm + ?Sized> PrimaryVm for &T {
+    type State = T::State;
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        (**self).guest_memory()
+    }
+    fn pause(&self) -> Result<Duration, VmmError> {
+        (**self).pause()
+    }
+    fn resume(&self) -> Result<(), VmmError> {
+        (**self).resume()
+    }
+    fn start_dirty_tracking(&self) -> Result<(), VmmError> {
+        (**self).start_dirty_tracking()
+    }
+    fn harvest_dirty_into(&self, out: &mut DirtySet) -> Result<HarvestStats, VmmError> {
+        (**self).harvest_dirty_into(out)
+    }
+    fn cut_epoch(
+        &self,
+        epoch: u64,
+        dirty: &mut DirtySet,
+        kind: CutKind<'_>,
+    ) -> Result<Cut<T::State>, VmmError> {
+        (**self).cut_epoch(epoch, dirty, kind)
+    }
+    fn run_parked<R, F>(&self, f: F) -> Result<Parked<'_, R>, VmmError>
+    where
+        R: Send + 'static,
+        F: FnOnce() -> R + Send + 'static,
+    {
+        (**self).run_parked(f)
+    }
+    fn release_output(&self, through: u64) -> Result<(), VmmError> {
+        (**self).release_output(through)
+    }
+    fn output_waiting(&self) -> bool {
+        (**self).output_waiting()
+    }
+    fn end_output_commit(&self) -> Result<(u64, u64), VmmError> {
+        (**self).end_output_commit()
+    }
+    fn reset_written_blocks(&self, disk: Option<usize>) {
+        (**self).reset_written_blocks(disk)
+    }
+}
+
 impl PrimaryVm for Vmm {
     type State = vmm::VmState;
     fn guest_memory(&self) -> &GuestMemoryMmap {

@@ -53,10 +53,10 @@ pub struct StandbyDriverConfig {
 }
 
 /// The standby's side of one primary connection, one step at a time.
-pub struct StandbyDriver<'a, L: ToPrimaryLink, T: Takeover> {
-    link: &'a L,
+pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
+    link: L,
     takeover: T,
-    clock: &'a dyn Fn() -> Duration,
+    clock: crate::primary::driver::Clock,
     base: Instant,
     /// The standby's own disk images (the mirror writes them, directly or through the
     /// apply journal).
@@ -72,15 +72,15 @@ pub struct StandbyDriver<'a, L: ToPrimaryLink, T: Takeover> {
     verify: Option<Arc<HashLog>>,
 }
 
-impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
+impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
     /// A driver for the standby's disk `images` (opened now when `opts.mirror_disks`:
     /// the apply journal is recovered before anything else).
     pub fn new(
-        link: &'a L,
+        link: L,
         takeover: T,
         images: Vec<PathBuf>,
         opts: &StandbyDriverConfig,
-        clock: &'a dyn Fn() -> Duration,
+        clock: crate::primary::driver::Clock,
         base: Instant,
     ) -> Result<Self, StandbyDriverError> {
         let disks = if opts.mirror_disks {
@@ -141,7 +141,7 @@ impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
     pub fn on_idle(&mut self) -> Result<(), StandbyDriverError> {
         let now = self.instant();
         if let Some(d) = &mut self.disks {
-            d.feed(DiskEvent::Idle, &[], now, self.link)?;
+            d.feed(DiskEvent::Idle, &[], now, &self.link)?;
         }
         Ok(())
     }
@@ -164,7 +164,7 @@ impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
                     log::info!("standby: primary connected, mirror of {layout:x?}");
                     let now = self.instant();
                     if let Some(d) = &mut self.disks {
-                        d.feed(DiskEvent::Hello, &[], now, self.link)?;
+                        d.feed(DiskEvent::Hello, &[], now, &self.link)?;
                     }
                 }
                 return Ok(None);
@@ -172,7 +172,7 @@ impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
             Ok(Standbound::Disk(m)) => {
                 let now = self.instant();
                 match &mut self.disks {
-                    Some(d) => d.on_msg(&m.head, m.payload(), now, self.link)?,
+                    Some(d) => d.on_msg(&m.head, m.payload(), now, &self.link)?,
                     None => {
                         log::error!("standby: disk message but this standby does not mirror disks")
                     }
@@ -302,7 +302,7 @@ impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
             .map(|d| &mut d.disks as &mut dyn DiskCommit);
         let st = mirror.apply_into(epoch, commit)?;
         if let Some(d) = &mut self.disks {
-            d.feed(DiskEvent::Committed { epoch }, &[], now, self.link)?;
+            d.feed(DiskEvent::Committed { epoch }, &[], now, &self.link)?;
         }
         if let Some(log) = self.verify.clone() {
             let m = self.mirror_mut()?;
@@ -340,7 +340,7 @@ impl<'a, L: ToPrimaryLink, T: Takeover> StandbyDriver<'a, L, T> {
         if let Some(mut d) = self.disks.take() {
             // The images hold every committed epoch durably; a half-done resync target
             // is never promoted. The disks are closed before the VM opens them.
-            d.feed(DiskEvent::Failover, &[], t0, self.link)?;
+            d.feed(DiskEvent::Failover, &[], t0, &self.link)?;
         }
         let mut mirror = self.mirror.take().ok_or(StandbyDriverError::NoState)?;
         let state = mirror
@@ -399,13 +399,19 @@ pub fn run_standby_with(
     stop: &AtomicBool,
 ) -> Result<StandbyOutcome, StandbyDriverError> {
     let t0 = Instant::now();
-    let clock = move || t0.elapsed();
     let takeover = VmmTakeover {
         cfg,
         before_start: opts.before_start.clone(),
     };
     let images = cfg.disks.iter().map(|d| d.path.clone()).collect();
-    let mut d = StandbyDriver::new(link, takeover, images, opts, &clock, t0)?;
+    let mut d = StandbyDriver::new(
+        link,
+        takeover,
+        images,
+        opts,
+        Box::new(move || t0.elapsed()),
+        t0,
+    )?;
     let mut seen_peer = false;
     while !stop.load(Ordering::Relaxed) {
         let wait = if d.acks_waiting() {

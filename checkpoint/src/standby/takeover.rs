@@ -55,10 +55,13 @@ pub trait Takeover {
     ) -> Result<(Self::Vm, FailoverReport), StandbyDriverError>;
 }
 
+/// What [`BeforeStart`] runs.
+pub type BeforeStartFn = dyn Fn(&mut Vmm) -> Result<(), String> + Send + Sync;
+
 /// Called on the built VM before it starts (the pair's role switch installs the
 /// survivor's disk hooks there).
 #[derive(Clone)]
-pub struct BeforeStart(pub Arc<dyn Fn(&mut Vmm) -> Result<(), String> + Send + Sync>);
+pub struct BeforeStart(pub Arc<BeforeStartFn>);
 
 impl std::fmt::Debug for BeforeStart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,9 +92,11 @@ impl Takeover for VmmTakeover<'_> {
                 report.refused_msrs
             );
         }
-        let mut out = FailoverReport::default();
         // The resumed guest's output continues where the last committed epoch's ended.
-        out.console_next = vmm.set_console_positioned(input.console_next)?;
+        let mut out = FailoverReport {
+            console_next: vmm.set_console_positioned(input.console_next)?,
+            ..FailoverReport::default()
+        };
         for (pos, bytes) in input.console {
             vmm.write_console_at(pos, bytes);
             out.rereleased_from.get_or_insert(pos);

@@ -70,6 +70,9 @@ impl Default for SessionConfig {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResyncStats {
+    /// Disks copied whole, and disks copied as a delta, by the plan.
+    pub full_disks: u32,
+    pub delta_disks: u32,
     pub passes: u32,
     pub chunks: u64,
     pub blocks: u64,
@@ -265,6 +268,13 @@ impl PrimarySession {
                 let todo: Vec<usize> = (0..plans.len())
                     .filter(|&i| plans[i].kind != PlanKind::InSync)
                     .collect();
+                for p in &plans {
+                    match p.kind {
+                        PlanKind::Full => self.stats.full_disks += 1,
+                        PlanKind::Delta => self.stats.delta_disks += 1,
+                        PlanKind::InSync | PlanKind::Refuse => {}
+                    }
+                }
                 out.push(SessionAction::BeginResync);
                 out.push(SessionAction::Send(DiskToStandby::Plan { disks: plans }));
                 self.start_disk(todo, 0, now, view, &mut out);
