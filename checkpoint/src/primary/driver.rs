@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 use alink::{Alink, AlinkError, Event, LinkEvent};
 use storage_mirror::primary::{PrimaryDisks, ResyncStats, SessionConfig, SessionEnd};
 use storage_mirror::resync::ResyncConfig;
-use storage_mirror::wire::DiskToPrimary;
 use vmm::vstate::hot_pages::HotPageConfig;
 use vmm::{Vmm, VmmError};
 
 use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 use super::disks::{DiskSide, MirroredDisks, Step};
-use super::inbox::{outbox, pump, Inbound, Inbox};
+use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox};
 use super::vm::PrimaryVm;
 use crate::link::{SendError, ToStandbyLink};
 use crate::messages::ToStandby;
@@ -143,18 +142,6 @@ pub struct PrimaryReport {
     pub sync_zero_pages: u64,
     /// From round 0 to epoch 0 committed.
     pub sync_time: Option<Duration>,
-}
-
-/// A message from the standby, decoded once (by the receive pump, or the simulation).
-#[derive(Debug)]
-pub enum FromStandby {
-    Ack {
-        epoch: u64,
-    },
-    Disk {
-        msg: DiskToPrimary,
-        payload: Vec<u8>,
-    },
 }
 
 /// Why an action did not complete.

@@ -17,11 +17,22 @@ use alink::{Alink, AlinkError};
 use storage_mirror::primary::PrimaryDisks;
 use storage_mirror::wire::{self, DiskToPrimary, DiskToStandby};
 
-use super::driver::FromStandby;
 use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 
 /// How often the pump looks at its quit flag.
 const PUMP_POLL: Duration = Duration::from_millis(5);
+
+/// A message from the standby, decoded once (by the receive pump, or the simulation).
+#[derive(Debug)]
+pub enum FromStandby {
+    Ack {
+        epoch: u64,
+    },
+    Disk {
+        msg: DiskToPrimary,
+        payload: Vec<u8>,
+    },
+}
 
 pub enum Inbound {
     Msg(FromStandby),

@@ -9,7 +9,6 @@ pub mod vm;
 
 pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 pub use disks::MirroredDisks;
-pub use driver::{
-    run_primary, DriverError, FromStandby, PrimaryDriver, PrimaryDriverConfig, PrimaryReport,
-};
+pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
+pub use inbox::FromStandby;
 pub use vm::{Cut, EpochState, Parked, PrimaryVm};

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::activity::{extent_range, ActivityLog, EXTENT_SHIFT};
-use super::EpochWrites;
+use super::peer::EpochWrites;
 use crate::bitmap::{BitmapError, DirtyBitmap};
 use crate::meta::{MetaError, MetaState, MetaStore, ReplicaMeta};
 

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use disk::{DiskSetupError, Mode, PrimaryDisk};
+pub use peer::EpochWrites;
 pub use session::{
     DiskView, PrimarySession, ResyncStats, SessionAction, SessionConfig, SessionEnd, SessionEvent,
 };
@@ -32,13 +33,6 @@ use crate::resync::{read_chunk, Chunk};
 use crate::wire::{DiskToStandby, PlanKind, MAX_CHUNK_BYTES};
 use crate::BlockSet;
 use peer::{PeerRequests, PeerSend};
-
-/// The writes of one captured epoch to one disk, as the checkpoint holds them.
-pub trait EpochWrites: Send + Sync {
-    fn is_empty(&self) -> bool;
-    /// Calls `f(byte offset, data)` for each write, in order.
-    fn for_each_write(&self, f: &mut dyn FnMut(u64, &[u8]));
-}
 
 /// How long a vCPU waits for the standby to serve a read.
 const PEER_READ_TIMEOUT: Duration = Duration::from_secs(5);

@@ -14,8 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::EpochWrites;
 use crate::wire::DiskToStandby;
+
+/// The writes of one captured epoch to one disk, as the checkpoint holds them (laid
+/// over a read the standby serves: it may not have applied them yet).
+pub trait EpochWrites: Send + Sync {
+    fn is_empty(&self) -> bool;
+    /// Calls `f(byte offset, data)` for each write, in order.
+    fn for_each_write(&self, f: &mut dyn FnMut(u64, &[u8]));
+}
 
 /// Sends a request to the standby; false when none is connected or the send failed.
 pub type PeerSend = Box<dyn Fn(DiskToStandby) -> bool + Send + Sync>;

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::PrimaryDisk;
+use super::disk::PrimaryDisk;
 use crate::meta::{ResyncProgress, VerifyReport};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
