@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz) and runs each for a bounded time.
+# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, checkpoint/fuzz, storage-mirror/fuzz)
+# and runs each for a bounded time.
 # Exits non-zero if a build fails or any target finds a crash.
 # Usage: scripts/fuzz-smoke.sh [seconds-per-target]   (default 20)
 set -euo pipefail
@@ -12,9 +13,11 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 # "crate-dir:target" pairs; each crate dir has its own fuzz/ workspace.
-targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder)
+targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder
+    checkpoint:checkpoint_messages storage-mirror:disk_messages storage-mirror:meta_parser
+    storage-mirror:bitmap_parser storage-mirror:apply_journal_parser)
 
-for d in vmm alink; do
+for d in vmm alink checkpoint storage-mirror; do
     (cd "$root/$d" && cargo +nightly fuzz build)
 done
 
@@ -27,7 +30,8 @@ for dt in "${targets[@]}"; do
     work="$(mktemp -d)"
     mkdir -p "$work/corpus"
     echo "== fuzz $t for ${secs}s"
-    if cargo +nightly fuzz run "$t" "$work/corpus" -- \
+    # Targets that read files (the storage-mirror parsers) keep them in $work too.
+    if TWINRUN_FUZZ_SCRATCH="$work" cargo +nightly fuzz run "$t" "$work/corpus" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -artifact_prefix="$work/" \
         >"$work/log" 2>&1; then
         tail -n 2 "$work/log"
