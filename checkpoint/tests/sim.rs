@@ -650,6 +650,8 @@ struct S2P {
     now: Rc<Cell<u64>>,
     session: u32,
     dead: Rc<Cell<bool>>,
+    world: WorldRef,
+    image: PathBuf,
 }
 
 impl ToPrimaryLink for S2P {
@@ -661,6 +663,25 @@ impl ToPrimaryLink for S2P {
     ) -> Result<(), AlinkError> {
         if self.dead.get() {
             return Ok(());
+        }
+        if let ToPrimary::Ack { epoch } = head {
+            // Ack only after apply: the epoch's disk writes are on the standby's image
+            // (durably: the apply journal commits before it writes the image) when its
+            // ack leaves.
+            let mut disk = vec![0u8; DISK as usize];
+            File::open(&self.image)
+                .and_then(|f| f.read_exact_at(&mut disk, 0))
+                .expect("standby image");
+            let w = self.world.borrow();
+            let seed = w.seed;
+            let want = w
+                .oracle
+                .get(&(self.session, *epoch))
+                .unwrap_or_else(|| panic!("seed {seed}: ack of epoch {epoch}, never captured"));
+            assert!(
+                disk == want.disk,
+                "seed {seed}: ack of epoch {epoch} before its disk writes reached the standby"
+            );
         }
         let h = encode(head).expect("encode");
         self.net.borrow_mut().send(
@@ -753,6 +774,7 @@ struct Report {
     commits: u64,
     /// Disk resyncs by plan: (full, delta), over all sessions.
     resyncs: (u32, u32),
+    throttles: u64,
     rewrites: u64,
     frame_duplicates: u64,
     failovers: u32,
@@ -821,12 +843,18 @@ struct Sim {
     crashed_sessions: Vec<u32>,
     /// Disk resyncs by plan: (full, delta).
     resyncs: (u32, u32),
+    /// Captures that found the guest held by a throttle.
+    throttles: u64,
 }
 
 impl Sim {
-    /// Counts what a primary driver's disk session did.
+    /// Counts what a primary driver did (its disk session, its throttles).
     fn retire(&mut self, d: Option<PrimaryDriver<Toy, P2S>>) {
-        if let Some(r) = d.and_then(|d| d.report().resync) {
+        let Some(r) = d.map(|d| d.report()) else {
+            return;
+        };
+        self.throttles += r.throttles;
+        if let Some(r) = r.resync {
             self.resyncs.0 += r.full_disks;
             self.resyncs.1 += r.delta_disks;
         }
@@ -860,6 +888,8 @@ impl Sim {
             now: self.now.clone(),
             session,
             dead: sdead.clone(),
+            world: self.world.clone(),
+            image: standby_image.clone(),
         };
         let takeover = SimTakeover {
             world: self.world.clone(),
@@ -1295,6 +1325,7 @@ fn run(seed: u64) -> Report {
         violations: 0,
         crashed_sessions: Vec::new(),
         resyncs: (0, 0),
+        throttles: 0,
     };
     // The primary: its disks opened (degraded, recording) before the guest runs.
     let pimage = scratch.image("pm1.img");
@@ -1369,6 +1400,7 @@ fn run(seed: u64) -> Report {
     Report {
         commits: w.commits_checked,
         resyncs: sim.resyncs,
+        throttles: sim.throttles,
         rewrites: w.sink.rewrites,
         frame_duplicates: w.lan.duplicates,
         failovers: sim.failovers,
@@ -1414,6 +1446,8 @@ struct Totals {
     protected: u64,
     full: u64,
     delta: u64,
+    throttles: u64,
+    throttled_runs: u64,
 }
 
 impl Totals {
@@ -1428,6 +1462,8 @@ impl Totals {
         self.fifo += u64::from(r.fifo);
         self.full += u64::from(r.resyncs.0);
         self.delta += u64::from(r.resyncs.1);
+        self.throttles += r.throttles;
+        self.throttled_runs += u64::from(r.throttles > 0);
     }
 
     fn merge(&mut self, o: Totals) {
@@ -1441,6 +1477,8 @@ impl Totals {
         self.fifo += o.fifo;
         self.full += o.full;
         self.delta += o.delta;
+        self.throttles += o.throttles;
+        self.throttled_runs += o.throttled_runs;
     }
 }
 
@@ -1506,8 +1544,8 @@ fn simulation_under_faults() {
     eprintln!(
         "{} seeds in {:?} on {threads} threads: {} commits checked, {} failovers, {} runs \
          with a later session (failback or a standby's return), disk resyncs {} full and {} \
-         delta, {} of {} in-order runs protected, {} idempotent console re-releases, {} \
-         duplicate frames on the LAN",
+         delta, {} throttled captures in {} runs, {} of {} in-order runs protected, {} \
+         idempotent console re-releases, {} duplicate frames on the LAN",
         t.seeds,
         t0.elapsed(),
         t.commits,
@@ -1515,6 +1553,8 @@ fn simulation_under_faults() {
         t.later_sessions,
         t.full,
         t.delta,
+        t.throttles,
+        t.throttled_runs,
         t.protected,
         t.fifo,
         t.rewrites,
@@ -1536,5 +1576,10 @@ fn simulation_under_faults() {
             t.later_sessions
         );
         assert!(t.delta * 10 > t.seeds, "{} delta resyncs", t.delta);
+        assert!(
+            t.throttled_runs * 10 > t.seeds,
+            "{} throttled runs",
+            t.throttled_runs
+        );
     }
 }
