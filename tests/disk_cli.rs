@@ -8,14 +8,13 @@
 //! - live: a plain VM refuses the disk ops (exit 2); a protected FT primary says
 //!   protected, in text and JSON, and accepts a verify request.
 mod common;
-#[path = "common/ft.rs"]
-mod ft;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{disk_image, require_kvm, twinrun_bin, VmProcess, VmRun};
+use common::pair::{listening, protected, PairFiles, Pm};
+use common::{disk_image, require_kvm, topology, twinrun_bin, VmRun};
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaStore, ReplicaMeta, ResyncProgress, VerifyReport};
 
@@ -290,25 +289,6 @@ fn bad_input_exits_2() {
     expect_usage_error(&o, &["--wait"]);
 }
 
-fn wait_socket(name: &str, vm: &mut VmProcess) {
-    let sock = env_dirs().join("run").join(format!("{name}.sock"));
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            vm.wait_timeout(Duration::ZERO).is_none(),
-            "the VM exited:\n{}",
-            vm.stderr()
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no control socket {}:\n{}",
-            sock.display(),
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_plain_vm_does_not_mirror() {
     require_kvm();
@@ -321,7 +301,7 @@ fn a_plain_vm_does_not_mirror() {
         .args(["--workload", "counter", "--counter-rate", "50"])
         .args(["--disk", &path_str(&img)])
         .spawn();
-    wait_socket(&name, &mut vm);
+    vm.wait_control(&env_dirs().join("run").join(format!("{name}.sock")));
     let o = disk(&["status", "--name", &name]);
     expect_usage_error(&o, &["does not mirror its disks", "--role"]);
     let o = disk(&["verify", "--name", &name]);
@@ -333,8 +313,8 @@ fn live_status_of_a_protected_primary() {
     require_kvm();
     env_dirs();
     let dir = tempfile::tempdir().unwrap();
-    let topo = ft::FtTopology::new();
-    let files = ft::PairFiles::new(dir.path());
+    let topo = topology(twinrun_lab::Topology::builder());
+    let files = PairFiles::new(dir.path());
     let wl = [
         "--mem-mib",
         "64",
@@ -344,11 +324,11 @@ fn live_status_of_a_protected_primary() {
         "50",
     ];
     let name = format!("dlive{}", std::process::id());
-    let mut standby = ft::Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
     standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
+        .wait_status("listening", Duration::from_secs(30), listening)
         .unwrap();
-    let mut primary = ft::Pm::spawn_with(
+    let mut primary = Pm::spawn_with(
         &topo,
         &files,
         0,
@@ -356,7 +336,7 @@ fn live_status_of_a_protected_primary() {
         &["--epoch-ms", "10", "--name", &name],
     );
     primary
-        .wait_log("FT primary: protected", Duration::from_secs(60))
+        .wait_status("protected", Duration::from_secs(60), protected)
         .unwrap_or_else(|e| panic!("{e}\n--- standby:\n{}", standby.stderr()));
     // The first session copies the whole disk before protection: in sync now.
     let o = disk(&["status", "--name", &name]);

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::proc::{field, ConsoleFile, Guarded};
 use crate::report::{median_p90, Better, Figure};
+use twinrun_lab::console::{field, ConsoleLog};
+use twinrun_lab::Proc;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
@@ -211,9 +212,9 @@ fn guest(twinrun: &Path, elf: &Path, dir: &Path, s: Shape, e: Engine) -> Result<
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = Guarded::spawn(&mut cmd)?;
+    let mut child = Proc::spawn("twinrun", &mut cmd).map_err(|e| e.to_string())?;
     let status = child.wait_timeout(Duration::from_secs(120));
-    let mut con = ConsoleFile::new(&console);
+    let mut con = ConsoleLog::new(&console);
     con.poll();
     let _ = std::fs::remove_file(&img);
     let _ = std::fs::remove_file(&console);
@@ -227,7 +228,7 @@ fn guest(twinrun: &Path, elf: &Path, dir: &Path, s: Shape, e: Engine) -> Result<
             ))
         }
     }
-    let find = |p: &str| con.lines.iter().find(|l| l.starts_with(p)).cloned();
+    let find = |p: &str| con.seen.iter().find(|l| l.starts_with(p)).cloned();
     let (Some(w), Some(r)) = (find("B write "), find("B read ")) else {
         return Err(format!("no B lines; console:\n{}", con.tail(10)));
     };
