@@ -81,10 +81,16 @@ impl Pair {
         )
     }
 
-    /// A load client on ONE connection to the guest, from the client namespace.
-    fn client(&self) -> LoadClient {
-        let addr = SocketAddr::from((self.topo.guest_ip(), KV_PORT));
-        LoadClient::start(LoadConfig::new(self.topo.client_ns(), addr)).unwrap()
+    /// A protected pair and a load client on ONE connection to the guest (from the
+    /// client namespace) that had `acks` writes acknowledged.
+    fn loaded(acks: u64) -> (Pair, LoadClient) {
+        let pair = Pair::start();
+        let addr = SocketAddr::from((pair.topo.guest_ip(), KV_PORT));
+        let client = LoadClient::start(LoadConfig::new(pair.topo.client_ns(), addr)).unwrap();
+        client
+            .wait_acks(acks, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+        (pair, client)
     }
 
     /// SIGKILLs the primary with the client under load, waits for the standby's
@@ -238,11 +244,7 @@ fn sigkill_primary_at_random_moments() {
     for run in 0..runs {
         let kill_after = Duration::from_millis(100 + rng.next() % 900);
         let t_run = Instant::now();
-        let pair = Pair::start();
-        let client = pair.client();
-        client
-            .wait_acks(4, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", pair.logs()));
+        let (pair, client) = Pair::loaded(4);
         std::thread::sleep(kill_after);
         let tag = format!("run {run} (FT_SEED={seed}, kill after {kill_after:?})");
         let s = pair.kill_and_check(client, &tag);
@@ -290,11 +292,7 @@ fn sigkill_primary_at_random_moments() {
 #[test]
 fn one_alink_cut_and_restored_then_failover() {
     require_kvm();
-    let mut pair = Pair::start();
-    let client = pair.client();
-    client
-        .wait_acks(10, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let (mut pair, client) = Pair::loaded(10);
     let before = client.max_reply_during(Duration::from_millis(500));
     // Cut link 1 on the primary's side (the peer end loses carrier too).
     pair.topo.set_alink(0, 1, false).unwrap();
@@ -425,11 +423,7 @@ fn wrong_secret_handshake(ns: &str, addr: SocketAddr, nonce: [u8; 32]) -> Vec<u8
 #[test]
 fn bad_input_on_the_alink_port_is_refused_while_protected() {
     require_kvm();
-    let mut pair = Pair::start();
-    let client = pair.client();
-    client
-        .wait_acks(10, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let (mut pair, client) = Pair::loaded(10);
     // The standby accepts (the primary dials): its listen address on link 0, reached
     // from the primary's namespace (where an A-Link peer would be).
     let target = pair.topo.alink_addr(1, 0);

@@ -3,19 +3,9 @@
 //! `twinrun_lab::Topology::builder().single()`).
 mod common;
 
-use std::process::Output;
 use std::time::Duration;
 
-use common::{require_kvm, require_tool, topology, Topology, VmRun};
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}; stdout {:?}; stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
+use common::{output_text, require_kvm, require_tool, topology, Topology, VmRun};
 
 #[test]
 fn redis_cli_set_get_and_ping_through_the_guest() {
@@ -43,7 +33,7 @@ fn redis_cli_set_get_and_ping_through_the_guest() {
         .args(["-c", "3", "-i", "0.2", "-W", "2", &guest_ip])
         .output()
         .unwrap();
-    assert!(ping.status.success(), "ping: {}", text(&ping));
+    assert!(ping.status.success(), "ping: {}", output_text(&ping));
 
     let redis = |args: &[&str]| -> String {
         let o = net
@@ -54,7 +44,11 @@ fn redis_cli_set_get_and_ping_through_the_guest() {
             .args(args)
             .output()
             .unwrap();
-        assert!(o.status.success(), "redis-cli {args:?}: {}", text(&o));
+        assert!(
+            o.status.success(),
+            "redis-cli {args:?}: {}",
+            output_text(&o)
+        );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     assert_eq!(redis(&["PING"]), "PONG");

@@ -27,11 +27,13 @@ mod common;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Output, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, require_tool, topology, twinrun_bin, unique_prefix, VmProcess, VmRun};
+use common::{
+    output_text, require_kvm, require_tool, topology, twinrun_bin, unique_prefix, VmProcess, VmRun,
+};
 use twinrun_lab::{Proc, Topology};
 
 /// Per-test run and state directories (control sockets, snapshots) plus logs; removed
@@ -71,15 +73,6 @@ impl Dirs {
             .env("TWINRUN_STATE_DIR", self.state())
             .spawn()
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}; stdout {:?}; stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
 }
 
 /// One long-lived `redis-cli` REPL in the client namespace; killed on drop.
@@ -156,7 +149,7 @@ fn conns_to_guest(net: &Topology) -> Vec<(String, String, String)> {
         .args(["-Htani"])
         .output()
         .expect("run ss (iproute2)");
-    assert!(o.status.success(), "ss: {}", text(&o));
+    assert!(o.status.success(), "ss: {}", output_text(&o));
     let peer = format!("{}:6379", net.guest_ip());
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     // With -i the details are on the line after each socket.
@@ -201,7 +194,11 @@ fn ping(net: &Topology) {
         ])
         .output()
         .expect("run ping");
-    assert!(o.status.success(), "ping the restored guest: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "ping the restored guest: {}",
+        output_text(&o)
+    );
 }
 
 /// A fresh one-shot `redis-cli` (a new connection).
@@ -214,7 +211,11 @@ fn redis_once(net: &Topology, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run redis-cli");
-    assert!(o.status.success(), "redis-cli {args:?}: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "redis-cli {args:?}: {}",
+        output_text(&o)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -240,7 +241,7 @@ fn snapshot_create(dirs: &Dirs, name: &str) {
         .args(["snapshot", "create", name])
         .output()
         .expect("run twinrun snapshot create");
-    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    assert!(o.status.success(), "snapshot create: {}", output_text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("generation 1 (full)"), "{out}");
 }

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
@@ -207,12 +207,8 @@ fn guest(twinrun: &Path, elf: &Path, dir: &Path, s: Shape, e: Engine) -> Result<
         .args(["--blkbench-req-kib", &(s.req >> 10).to_string()])
         .args(["--blkbench-depth", &s.depth.to_string()])
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = Proc::spawn("twinrun", &mut cmd).map_err(|e| e.to_string())?;
+        .arg(format!("file:{}", console.display()));
+    let mut child = Proc::spawn_quiet("twinrun", &mut cmd).map_err(|e| e.to_string())?;
     let status = child.wait_timeout(Duration::from_secs(120));
     let mut con = ConsoleLog::new(&console);
     con.poll();

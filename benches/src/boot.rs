@@ -52,13 +52,9 @@ fn cli_once(twinrun: &Path, elf: &Path, console: &Path) -> Result<(f64, f64), St
         .arg("--guest")
         .arg(elf)
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg(format!("file:{}", console.display()));
     let t0 = Instant::now();
-    let mut child = Proc::spawn("twinrun", &mut cmd).map_err(|e| e.to_string())?;
+    let mut child = Proc::spawn_quiet("twinrun", &mut cmd).map_err(|e| e.to_string())?;
     let mut con = ConsoleLog::new(console).every(POLL);
     let mut status = None;
     con.wait_while(

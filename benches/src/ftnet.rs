@@ -232,9 +232,7 @@ struct End {
 
 impl End {
     fn status(&self) -> Option<FtStatus> {
-        twinrun_control::status(&self.sock, Duration::from_secs(5))
-            .ok()
-            .and_then(|s| s.ft.map(|f| *f))
+        twinrun_control::ft_status(&self.sock)
     }
 }
 

@@ -284,9 +284,7 @@ impl Vm {
     }
 
     fn status(&self) -> Option<FtStatus> {
-        twinrun_control::status(&self.sock, Duration::from_secs(5))
-            .ok()
-            .and_then(|s| s.ft.map(|f| *f))
+        twinrun_control::ft_status(&self.sock)
     }
 }
 

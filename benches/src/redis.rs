@@ -4,7 +4,7 @@
 //! bridge of the same namespace path, in the same run.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use twinrun_lab::console::ConsoleLog;
@@ -104,12 +104,8 @@ pub fn run(
         .arg(elf)
         .args(net.vm_net_args(0))
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut vm = Proc::spawn("kv guest", &mut cmd).map_err(|e| e.to_string())?;
+        .arg(format!("file:{}", console.display()));
+    let mut vm = Proc::spawn_quiet("kv guest", &mut cmd).map_err(|e| e.to_string())?;
     let mut con = ConsoleLog::new(&console);
     con.wait_while(
         Duration::from_secs(30),
@@ -126,11 +122,8 @@ pub fn run(
 
     // The host baseline: same engine, host TCP, same client path.
     let mut cmd = net.pms[0].ns.command(kv_host);
-    cmd.arg(format!("{host_ip}:6379"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut server = Proc::spawn("kv_host", &mut cmd).map_err(|e| e.to_string())?;
+    cmd.arg(format!("{host_ip}:6379"));
+    let mut server = Proc::spawn_quiet("kv_host", &mut cmd).map_err(|e| e.to_string())?;
     wait_ping(&net, &host_ip, Duration::from_secs(10))?;
     let mut host = Vec::new();
     for p in pipelines {

@@ -286,6 +286,12 @@ pub fn status(path: &Path, timeout: Duration) -> Result<VmStatus, String> {
     }
 }
 
+/// The FT part of the status of the VM whose socket is `path` (5 s at most); `None`
+/// while it does not answer (not started yet, or gone) or runs alone.
+pub fn ft_status(path: &Path) -> Option<FtStatus> {
+    status(path, Duration::from_secs(5)).ok()?.ft.map(|f| *f)
+}
+
 /// Sends `op` to the VM whose socket is `path` and waits for the answer.
 pub fn call(path: &Path, op: Op, timeout: Duration) -> Result<Response, String> {
     let mut s = UnixStream::connect(path).map_err(|e| {

@@ -39,6 +39,16 @@ impl Proc {
         Self::start(name, cmd, true, None)
     }
 
+    /// Starts `cmd` with stdin, stdout and stderr on /dev/null and `RUST_LOG=warn`
+    /// (a VMM or server whose output nobody reads).
+    pub fn spawn_quiet(name: &str, cmd: &mut Command) -> Result<Proc, LabError> {
+        cmd.env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Self::start(name, cmd, false, None)
+    }
+
     /// Starts `cmd` with stdin from /dev/null, stderr to `log` and stdout to `log` with
     /// the extension `stdout`.
     pub fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc, LabError> {

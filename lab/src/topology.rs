@@ -198,14 +198,11 @@ impl Builder {
             let mut pm = attach_pm(ns, &p, n, &sw, &lan_bridge, host_ip)?;
             if let Some(mb) = &mgmt_bridge {
                 let (ifname, port) = (format!("{p}m{n}"), format!("{p}n{n}"));
-                attach(
-                    pm.ns.name(),
-                    &ifname,
-                    &sw,
-                    &port,
-                    mb,
-                    mgmt_ip_of(net, i as u8 + 1),
-                )?;
+                let mgmt = Bridge {
+                    switch: &sw,
+                    name: mb,
+                };
+                mgmt.attach(pm.ns.name(), &ifname, &port, mgmt_ip_of(net, i as u8 + 1))?;
                 pm.mgmt = Some((ifname, port));
             }
             pms.push(pm);
@@ -220,24 +217,28 @@ impl Builder {
             pms[0].alink_ifs.push(a);
             pms[1].alink_ifs.push(z);
         }
-        let client = host(
+        let lan = Bridge {
+            switch: &sw,
+            name: &lan_bridge,
+        };
+        let client = lan.host(
             &format!("{p}-cl"),
             &format!("{p}c"),
-            &sw,
             &format!("{p}lc"),
-            &lan_bridge,
             lan_ip(net, 1),
         )?;
         let mut witnesses = Vec::with_capacity(self.witnesses);
         if let Some(mb) = &mgmt_bridge {
+            let mgmt = Bridge {
+                switch: &sw,
+                name: mb,
+            };
             for j in 0..self.witnesses {
                 let w = j + 1;
-                witnesses.push(host(
+                witnesses.push(mgmt.host(
                     &format!("{p}-w{w}"),
                     &format!("{p}w{w}"),
-                    &sw,
                     &format!("{p}x{w}"),
-                    mb,
                     mgmt_ip_of(net, 10 + j as u8),
                 )?);
             }
@@ -269,38 +270,33 @@ fn alink_ips(net: u8, k: usize) -> (Ipv4Addr, Ipv4Addr) {
     (Ipv4Addr::new(10, net, s, 1), Ipv4Addr::new(10, net, s, 2))
 }
 
-/// Joins `ifname` in namespace `ns` to `bridge` of the switch through a veth pair
-/// whose switch end is `port`, with address `ip`/24.
-fn attach(
-    ns: &str,
-    ifname: &str,
-    switch: &str,
-    port: &str,
-    bridge: &str,
-    ip: Ipv4Addr,
-) -> Result<(), LabError> {
-    add_veth(ns, ifname, switch, port)?;
-    enslave(switch, port, bridge)?;
-    add_addr(ns, ifname, &format!("{ip}/24"))
+/// A bridge of the switch namespace.
+#[derive(Clone, Copy)]
+struct Bridge<'a> {
+    switch: &'a str,
+    name: &'a str,
 }
 
-/// A host namespace `ns` on `bridge` of the switch.
-fn host(
-    ns: &str,
-    ifname: &str,
-    switch: &str,
-    port: &str,
-    bridge: &str,
-    ip: Ipv4Addr,
-) -> Result<Host, LabError> {
-    let ns = NetNs::new(ns)?;
-    attach(ns.name(), ifname, switch, port, bridge, ip)?;
-    Ok(Host {
-        ns,
-        ifname: ifname.to_string(),
-        port: port.to_string(),
-        ip,
-    })
+impl Bridge<'_> {
+    /// Joins `ifname` in namespace `ns` to this bridge through a veth pair whose
+    /// switch end is `port`, with address `ip`/24.
+    fn attach(self, ns: &str, ifname: &str, port: &str, ip: Ipv4Addr) -> Result<(), LabError> {
+        add_veth(ns, ifname, self.switch, port)?;
+        enslave(self.switch, port, self.name)?;
+        add_addr(ns, ifname, &format!("{ip}/24"))
+    }
+
+    /// A host namespace `ns` on this bridge.
+    fn host(self, ns: &str, ifname: &str, port: &str, ip: Ipv4Addr) -> Result<Host, LabError> {
+        let ns = NetNs::new(ns)?;
+        self.attach(ns.name(), ifname, port, ip)?;
+        Ok(Host {
+            ns,
+            ifname: ifname.to_string(),
+            port: port.to_string(),
+            ip,
+        })
+    }
 }
 
 /// PM `n` (1 or 2): its TAP and its uplink to the LAN on a local bridge.

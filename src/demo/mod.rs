@@ -338,9 +338,7 @@ struct End {
 impl End {
     /// The FT part of its status (`None` while its socket does not answer yet).
     fn status(&self) -> Option<FtStatus> {
-        twinrun_control::status(&self.sock, Duration::from_secs(5))
-            .ok()
-            .and_then(|s| s.ft.map(|f| *f))
+        twinrun_control::ft_status(&self.sock)
     }
 
     /// An error if it exited.

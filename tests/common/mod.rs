@@ -76,6 +76,16 @@ pub fn require_kvm() {
     );
 }
 
+/// A finished command's status and output, for failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {}; stdout {:?}; stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim()
+    )
+}
+
 /// A sparse raw disk image of `mib` MiB in `dir`.
 pub fn disk_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     let path = dir.join(name);

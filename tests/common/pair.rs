@@ -175,10 +175,7 @@ impl Pm {
 
     /// What its control socket says now (`None` while it does not answer).
     pub fn status(&self) -> Option<FtStatus> {
-        let sock = twinrun_control::paths::control_socket(&self.name);
-        twinrun_control::status(&sock, Duration::from_secs(5))
-            .ok()
-            .and_then(|s| s.ft.map(|f| *f))
+        twinrun_control::ft_status(&twinrun_control::paths::control_socket(&self.name))
     }
 
     /// What its control socket says now; panics (with its log) if it does not answer.
@@ -201,49 +198,43 @@ impl Pm {
         timeout: Duration,
         done: impl Fn(&FtStatus) -> bool,
     ) -> Result<Duration, String> {
-        let t0 = Instant::now();
-        loop {
-            let st = self.status();
-            if st.as_ref().is_some_and(&done) {
-                return Ok(t0.elapsed());
-            }
-            if !self.alive() {
-                return Err(format!(
-                    "the {} exited before it was {what}; stderr:\n{}",
-                    self.role,
-                    self.tail(40)
-                ));
-            }
-            if t0.elapsed() > timeout {
-                return Err(format!(
-                    "the {} was not {what} within {timeout:?}; status {st:?}; stderr:\n{}",
-                    self.role,
-                    self.tail(40)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.wait_until(what, timeout, |pm| {
+            let st = pm.status();
+            (st.as_ref().is_some_and(&done), format!("status {st:?}"))
+        })
     }
 
     /// Waits until its log contains `needle`, for what only the log says (checking the
     /// process is alive).
     pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> Result<Duration, String> {
+        self.wait_until(&format!("logging {needle:?}"), timeout, |pm| {
+            (pm.stderr().contains(needle), String::new())
+        })
+    }
+
+    /// Polls `check` (done?, what to say if not) every 5 ms while the process runs.
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Pm) -> (bool, String),
+    ) -> Result<Duration, String> {
         let t0 = Instant::now();
         loop {
-            if self.stderr().contains(needle) {
+            let (done, seen) = check(self);
+            if done {
                 return Ok(t0.elapsed());
             }
-            if !self.alive() {
+            let gone = !self.alive();
+            if gone || t0.elapsed() > timeout {
                 return Err(format!(
-                    "{} exited before logging {needle:?}; stderr:\n{}",
+                    "the {} {} {what}; {seen}; stderr:\n{}",
                     self.role,
-                    self.tail(40)
-                ));
-            }
-            if t0.elapsed() > timeout {
-                return Err(format!(
-                    "{} did not log {needle:?} within {timeout:?}; stderr:\n{}",
-                    self.role,
+                    if gone {
+                        "exited before".to_string()
+                    } else {
+                        format!("was not done within {timeout:?}:")
+                    },
                     self.tail(40)
                 ));
             }
