@@ -6,7 +6,8 @@
 //!   damaged metadata, replaced image; text and `--json`;
 //! - bad input exits with code 2 and names the problem;
 //! - live: a plain VM refuses the disk ops (exit 2); a protected FT primary says
-//!   protected, in text and JSON, and accepts a verify request.
+//!   protected, in text and JSON, and accepts a verify request; `twinrun vm status`
+//!   of both ends (the primary protected, the standby mirroring).
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -360,5 +361,43 @@ fn live_status_of_a_protected_primary() {
     let o = disk(&["verify", "--name", &name]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert!(text(&o.stdout).contains("started"), "{}", text(&o.stdout));
+    // `twinrun vm status` of both ends: the primary protected, the standby mirroring.
+    let status = |name: &str, json: bool| {
+        let mut c = Command::new(twinrun_bin());
+        c.args(["vm", "status", "--name", name]);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+        text(&o.stdout)
+    };
+    let p = status(&name, false);
+    assert!(p.contains("role: primary, PROTECTED"), "{p}");
+    assert!(
+        p.contains("a-link 0: up") && p.contains("a-link 1: up"),
+        "{p}"
+    );
+    assert!(p.contains("protected (in sync with the standby)"), "{p}");
+    let v: serde_json::Value = serde_json::from_str(&status(&name, true)).unwrap();
+    assert_eq!(v["ft"]["role"], "Primary", "{v}");
+    assert_eq!(v["ft"]["state"], "Protected", "{v}");
+    assert!(v["ft"]["epochs_committed"].as_u64().unwrap() >= 1, "{v}");
+    let s = status(&standby.name, false);
+    assert!(s.contains("role: standby, mirroring the primary"), "{s}");
+    assert!(
+        s.contains("(offline)"),
+        "the standby's replica from its metadata: {s}"
+    );
+    let o = Command::new(twinrun_bin())
+        .args([
+            "vm",
+            "status",
+            "--name",
+            &format!("ghost{}", std::process::id()),
+        ])
+        .output()
+        .unwrap();
+    expect_usage_error(&o, &["no running VM named"]);
     assert!(primary.alive() && standby.alive());
 }

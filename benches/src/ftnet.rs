@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twinrun_control::{FtState, FtStatus, SessionStatus};
+use twinrun_control::{FtState, SessionStatus};
 use twinrun_lab::resp::{Reply, Resp};
 use twinrun_lab::tcp::{tcp_join, tcp_receiver, tcp_sender};
 use twinrun_lab::topology::KV_PORT;
@@ -224,24 +224,15 @@ pub(crate) fn unprotected(
     r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", vm.log()))
 }
 
-/// One end of a pair: its process and its control socket.
-struct End {
-    proc: Proc,
-    sock: PathBuf,
-}
-
-impl End {
-    fn status(&self) -> Option<FtStatus> {
-        twinrun_control::ft_status(&self.sock)
-    }
-}
-
 /// A running FT pair of the kv guest: standby in pm2, primary in pm1, both A-Links.
 /// Its files in `dir` are `<tag>.secret`, `<tag>-{p,s}.log` and `<tag>-{p,s}.console`;
 /// its control sockets are in `dir/run`.
 pub(crate) struct Pair {
-    primary: End,
-    standby: End,
+    primary: Proc,
+    standby: Proc,
+    /// The control sockets of the primary and the standby.
+    psock: PathBuf,
+    ssock: PathBuf,
     pub secret: PathBuf,
     pub plog: PathBuf,
     pub slog: PathBuf,
@@ -294,36 +285,30 @@ impl Pair {
             }
             let proc = Proc::spawn_logged(role, &mut cmd, log)
                 .map_err(|e| format!("spawn {role}: {e}"))?;
-            Ok::<_, String>(End {
-                proc,
-                sock: dir.join("run").join(format!("{name}.sock")),
-            })
+            Ok::<_, String>((proc, dir.join("run").join(format!("{name}.sock"))))
         };
         // The primary first (it runs unprotected until a standby connects), the
         // standby once the guest has filled its memory: the initial sync then ships
         // what a server's RAM would hold, not zero pages.
-        let mut primary = spawn("primary", 0, &pcon, &plog)?;
-        wait_filled(&mut primary.proc, &pcon)?;
-        let mut standby = spawn("standby", 1, &scon, &slog)?;
+        let (mut primary, psock) = spawn("primary", 0, &pcon, &plog)?;
+        wait_filled(&mut primary, &pcon)?;
+        let (mut standby, ssock) = spawn("standby", 1, &scon, &slog)?;
         let t0 = Instant::now();
-        while primary
-            .status()
-            .is_none_or(|s| s.state != FtState::Protected)
-        {
+        while twinrun_control::ft_status(&psock).is_none_or(|s| s.state != FtState::Protected) {
             for end in [&mut primary, &mut standby] {
-                if let Some(st) = end.proc.try_wait() {
+                if let Some(st) = end.try_wait() {
                     return Err(format!(
                         "the {} exited before protection ({st}):\n{}",
-                        end.proc.name(),
-                        end.proc.log()
+                        end.name(),
+                        end.log()
                     ));
                 }
             }
             if t0.elapsed() > Duration::from_secs(60) {
                 return Err(format!(
                     "not protected within 60 s (status {:?}); primary log:\n{}",
-                    primary.status(),
-                    primary.proc.log()
+                    twinrun_control::ft_status(&psock),
+                    primary.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -331,6 +316,8 @@ impl Pair {
         Ok(Pair {
             primary,
             standby,
+            psock,
+            ssock,
             secret,
             plog,
             slog,
@@ -348,13 +335,14 @@ impl Pair {
     /// about 1 s) and report it in its status (and log), which is returned; a primary
     /// stopped before that logs its report when it stops.
     pub(crate) fn stop(&mut self, report_wait: Duration) -> Result<Option<SessionStatus>, String> {
-        let still = self.primary.proc.alive();
-        let failed_over = self.standby.status().is_some_and(|s| s.failover.is_some());
-        self.standby.proc.terminate(Duration::from_secs(5));
+        let still = self.primary.alive();
+        let failed_over =
+            twinrun_control::ft_status(&self.ssock).is_some_and(|s| s.failover.is_some());
+        self.standby.terminate(Duration::from_secs(5));
         let report = twinrun_lab::poll(report_wait, Duration::from_millis(20), || {
-            self.primary.status().and_then(|s| s.last_session)
+            twinrun_control::ft_status(&self.psock).and_then(|s| s.last_session)
         });
-        self.primary.proc.terminate(Duration::from_secs(5));
+        self.primary.terminate(Duration::from_secs(5));
         if !still {
             return Err(format!(
                 "the primary exited during the measurement:\n{}",

@@ -45,6 +45,19 @@ struct Inner {
     images: Vec<PathBuf>,
 }
 
+/// What [`FtControl::status`] copies out of [`Inner`].
+struct Snapshot {
+    role: FtRole,
+    session: u64,
+    protected_sessions: u64,
+    acked: u64,
+    failover: Option<FailoverStatus>,
+    last_session: Option<SessionStatus>,
+    vm_running: bool,
+    disks: Option<Arc<PrimaryDisks>>,
+    images: Vec<PathBuf>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -167,8 +180,23 @@ impl FtControl for PairStatus {
     fn status(&self) -> FtStatus {
         let links = self.links();
         let peer = links.iter().any(|l| l.up);
-        let i = lock(&self.inner);
-        let acked = i.acked.as_ref().map_or(0, |a| a.load(Ordering::SeqCst));
+        // A copy of the shared state: the disks' views below read files, which must not
+        // hold up the runtime.
+        let i = {
+            let g = lock(&self.inner);
+            Snapshot {
+                role: g.role,
+                session: g.session,
+                protected_sessions: g.protected_sessions,
+                acked: g.acked.as_ref().map_or(0, |a| a.load(Ordering::SeqCst)),
+                failover: g.failover.clone(),
+                last_session: g.last_session.clone(),
+                vm_running: g.vm_running,
+                disks: g.disks.clone(),
+                images: g.images.clone(),
+            }
+        };
+        let acked = i.acked;
         let disks: Vec<DiskView> = match &i.disks {
             Some(d) => d.status().iter().map(DiskView::live).collect(),
             None => i
@@ -205,8 +233,8 @@ impl FtControl for PairStatus {
             protections: i.protected_sessions + u64::from(acked > 0),
             epochs_committed: acked,
             last_committed_epoch,
-            failover: i.failover.clone(),
-            last_session: i.last_session.clone(),
+            failover: i.failover,
+            last_session: i.last_session,
             links,
             disks,
         }
