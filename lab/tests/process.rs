@@ -84,10 +84,11 @@ fn terminate_sends_sigterm_first_and_logs_go_to_files() {
     assert!(p.log().contains("got-term"), "{}", p.log());
     assert!(!p.alive());
     assert_eq!(p.try_wait(), Some(st), "the status stays known");
-    // A program that ignores SIGTERM is killed after the grace period.
+    // A program that ignores SIGTERM is killed after the grace period (`exec`: the
+    // ignored SIGTERM carries over, and the SIGKILL leaves no child behind).
     let mut q = Proc::spawn(
         "stubborn",
-        Command::new("sh").args(["-c", "trap '' TERM; sleep 1000"]),
+        Command::new("sh").args(["-c", "trap '' TERM; exec sleep 1000"]),
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(100));
