@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::timing::Timing;
-use crate::types::{Generation, NodeId, Role, Slot};
+use crate::types::{next_generation, Generation, NodeId, Role, Slot};
 use crate::witness::ops::{Reply, Request};
 
 /// How the pair decides without its peer.
@@ -73,7 +73,28 @@ pub struct NodeConfig {
     pub mutations: NodeMutations,
 }
 
+/// Why a [`NodeConfig`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("node ids {0} and {1} must differ in parity (one odd, one even): generations name their holder by parity")]
+    Parity(u64, u64),
+    #[error("{0}")]
+    Timing(#[from] crate::timing::TimingError),
+    #[error("{0}")]
+    Name(String),
+}
+
 impl NodeConfig {
+    /// Checks the ids, the VM name and the timing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.0 % 2 == self.peer.0 % 2 {
+            return Err(ConfigError::Parity(self.node.0, self.peer.0));
+        }
+        crate::types::check_name("VM name", &self.vm).map_err(ConfigError::Name)?;
+        self.timing.validate()?;
+        Ok(())
+    }
+
     pub fn new(vm: &str, node: NodeId, peer: NodeId, mode: Mode) -> NodeConfig {
         NodeConfig {
             vm: vm.to_string(),
@@ -111,6 +132,9 @@ pub enum PeerMsg {
         /// processed.
         elected: Slot,
         elect_seq: u64,
+        /// The sender's election proposal not yet acknowledged: it records it when the
+        /// acknowledgement arrives, so it may use either.
+        proposing: Option<Slot>,
     },
     /// Primary to standby: record `slot` as the elected witness.
     Elect { slot: Slot, seq: u64 },
@@ -191,10 +215,14 @@ pub enum Action {
     Guest(GuestState),
     /// Standby: run the VM from the replica as primary of `generation` (stamp it on the
     /// A-Link session, every checkpoint and the storage-mirror metadata).
-    TakeOver { generation: Generation },
+    TakeOver {
+        generation: Generation,
+    },
     /// Primary that lost: discard held output, stop the VM and rejoin as standby of the
     /// peer at `generation` (the disk becomes the resync target).
-    Demote { generation: Generation },
+    Demote {
+        generation: Generation,
+    },
     /// Record (durably) that this node now knows `generation` (held or the peer's).
     Generation(Generation),
     /// Send `request` (id `id`) to witness `slot`; answer with [`Event::WitnessReply`].
@@ -206,10 +234,16 @@ pub enum Action {
     /// Send to the peer (dropped if unreachable).
     ToPeer(PeerMsg),
     /// Record (durably, before the next action) the elected witness.
-    RecordElected { slot: Slot, seq: u64 },
+    RecordElected {
+        slot: Slot,
+        seq: u64,
+    },
     Alert(Alert),
     /// Write to the audit log.
-    Audit { operator: String, what: String },
+    Audit {
+        operator: String,
+        what: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -269,7 +303,10 @@ pub struct QuorumNode {
     pending: Vec<Pending>,
     next_id: u64,
     elected: Slot,
+    /// The election sequence of the recorded `elected`.
     elect_seq: u64,
+    /// The highest election sequence seen anywhere (a new proposal goes above it).
+    max_seq: u64,
     /// Our election message not yet reflected by the peer: (slot, seq).
     proposal: Option<(Slot, u64)>,
     /// Highest election sequence we sent (Elect or ElectAck).
@@ -280,6 +317,11 @@ pub struct QuorumNode {
     preferred_both_since: Option<Duration>,
     last_status: Option<Duration>,
     acquire_not_before: Duration,
+    /// Per slot: the id of an Acquire that may still be granted (no answer to it or to
+    /// a later request to that witness yet). A standby does not change its elected
+    /// witness while one is out: the holder would stop keeping a lease where a grant
+    /// can still happen.
+    acquire_unsettled: [Option<u64>; 2],
     peer_lost_at: Option<Duration>,
     /// Manual override in force (until the peer is back).
     overridden: bool,
@@ -315,6 +357,7 @@ impl QuorumNode {
             next_id: 1,
             elected,
             elect_seq,
+            max_seq: elect_seq,
             proposal: None,
             sent_elect_seq: elect_seq,
             // Unknown until the peer tells us: it may use any configured witness.
@@ -323,6 +366,7 @@ impl QuorumNode {
             preferred_both_since: None,
             last_status: None,
             acquire_not_before: Duration::ZERO,
+            acquire_unsettled: [None; 2],
             peer_lost_at: None,
             overridden: false,
             gate: None,
@@ -412,7 +456,11 @@ impl QuorumNode {
                 }
             }
             if let Some(sent) = st.last_sent {
-                let d = if st.answered { t.renew_interval } else { t.retry };
+                let d = if st.answered {
+                    t.renew_interval
+                } else {
+                    t.retry
+                };
                 w = w.min((sent + d).max(now));
             }
         }
@@ -477,7 +525,9 @@ impl QuorumNode {
                 }
             }
             Event::FromPeer(m) => self.on_peer(now, m, &mut out),
-            Event::WitnessReply { slot, id, reply } => self.on_reply(now, slot, id, reply, &mut out),
+            Event::WitnessReply { slot, id, reply } => {
+                self.on_reply(now, slot, id, reply, &mut out)
+            }
             Event::ManualOverride { operator, reason } => {
                 self.on_override(now, operator, reason, &mut out)
             }
@@ -486,7 +536,13 @@ impl QuorumNode {
         out
     }
 
-    fn on_override(&mut self, _now: Duration, operator: String, reason: String, out: &mut Vec<Action>) {
+    fn on_override(
+        &mut self,
+        _now: Duration,
+        operator: String,
+        reason: String,
+        out: &mut Vec<Action>,
+    ) {
         if self.peer_reachable {
             out.push(Action::Audit {
                 operator,
@@ -512,7 +568,9 @@ impl QuorumNode {
         );
         self.overridden = true;
         if self.role == Role::Standby {
-            self.take_over(self.generation + 1, out);
+            if let Some(g) = next_generation(self.generation, self.cfg.node) {
+                self.take_over(g, out);
+            }
         }
     }
 
@@ -524,40 +582,59 @@ impl QuorumNode {
                 reach,
                 elected,
                 elect_seq,
+                proposing,
             } => {
                 if generation > self.generation {
                     self.learn(generation, "the peer", out);
                 }
+                self.max_seq = self.max_seq.max(elect_seq);
                 if elect_seq >= self.sent_elect_seq {
-                    // The peer processed everything we sent: it uses `elected` only.
-                    self.peer_may_use = [elected].into_iter().collect();
-                    if let Some((_, seq)) = self.proposal {
-                        if elect_seq >= seq && self.role == Role::Primary {
-                            // Reflected without the ack (ack lost): done.
+                    // The peer recorded everything we sent: it uses `elected` (or the
+                    // slot it proposes, once acknowledged) only.
+                    self.peer_may_use = [elected].into_iter().chain(proposing).collect();
+                    if let Some((slot, seq)) = self.proposal {
+                        if elect_seq >= seq && elected == slot && self.role == Role::Primary {
+                            // Recorded by the peer but the ack was lost: done.
                             self.proposal = None;
+                            self.elected = slot;
+                            self.elect_seq = seq;
+                            out.push(Action::RecordElected { slot, seq });
                         }
                     }
                 } else {
                     self.peer_may_use.insert(elected);
+                    self.peer_may_use.extend(proposing);
                 }
-                if self.with_witness() {
-                    self.peer_may_use.retain(|s| *s == Slot::Preferred || self.cfg.mode == Mode::Witness { alternate: true });
-                }
-                self.elect_seq = self.elect_seq.max(elect_seq);
                 if self.peer_reachable {
-                    self.peer = Some(PeerView { at: now, role, reach });
+                    self.peer = Some(PeerView {
+                        at: now,
+                        role,
+                        reach,
+                    });
                 }
             }
             PeerMsg::Elect { slot, seq } => {
-                if seq > self.elect_seq || (seq == self.elect_seq && slot != self.elected) {
+                if self.role == Role::Primary || self.acquire_unsettled.iter().any(Option::is_some)
+                {
+                    // Only a standby follows; and not while a takeover it asked for may
+                    // still be granted at the witness it would leave (the primary asks
+                    // again).
+                    return;
+                }
+                self.max_seq = self.max_seq.max(seq);
+                if seq > self.elect_seq {
                     self.elect_seq = seq;
                     if slot != self.elected {
                         self.elected = slot;
-                        alert(out, AlertKind::Elected(slot), format!("elected witness: {slot}"));
+                        alert(
+                            out,
+                            AlertKind::Elected(slot),
+                            format!("elected witness: {slot}"),
+                        );
                     }
                     out.push(Action::RecordElected { slot, seq });
                 }
-                if seq == self.elect_seq {
+                if seq == self.elect_seq && slot == self.elected {
                     // The primary records `slot` when this arrives.
                     self.peer_may_use.insert(slot);
                     self.sent_elect_seq = self.sent_elect_seq.max(seq);
@@ -570,9 +647,13 @@ impl QuorumNode {
                         self.proposal = None;
                         if self.elected != slot {
                             self.elected = slot;
-                            alert(out, AlertKind::Elected(slot), format!("elected witness: {slot}"));
+                            alert(
+                                out,
+                                AlertKind::Elected(slot),
+                                format!("elected witness: {slot}"),
+                            );
                         }
-                        self.elect_seq = self.elect_seq.max(seq);
+                        self.elect_seq = seq;
                         out.push(Action::RecordElected { slot, seq });
                         // The peer processed `seq`: it uses `slot` only.
                         self.peer_may_use = [slot].into_iter().collect();
@@ -626,11 +707,25 @@ impl QuorumNode {
         out.push(Action::TakeOver { generation });
     }
 
-    fn on_reply(&mut self, now: Duration, slot: Slot, id: u64, reply: Reply, out: &mut Vec<Action>) {
-        let Some(i) = self.pending.iter().position(|p| p.id == id && p.slot == slot) else {
+    fn on_reply(
+        &mut self,
+        now: Duration,
+        slot: Slot,
+        id: u64,
+        reply: Reply,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.id == id && p.slot == slot)
+        else {
             return; // late duplicate or unknown
         };
         let p = self.pending.remove(i);
+        if self.acquire_unsettled[slot.index()].is_some_and(|a| a <= id) {
+            self.acquire_unsettled[slot.index()] = None;
+        }
         // Older requests to this slot can no longer be answered in order (the wire
         // refuses stale sequence numbers): forget them.
         self.pending.retain(|q| q.slot != slot || q.id > id);
@@ -639,7 +734,11 @@ impl QuorumNode {
         st.last_reply = Some(now);
         if !st.reachable {
             st.reachable = true;
-            alert(out, AlertKind::WitnessReachable(slot), format!("{slot} reachable"));
+            alert(
+                out,
+                AlertKind::WitnessReachable(slot),
+                format!("{slot} reachable"),
+            );
         }
         #[allow(unused_mut)]
         let mut base = p.sent_at;
@@ -660,7 +759,12 @@ impl QuorumNode {
                             confirmed_id: id,
                         });
                         if l.generation != generation {
-                            *l = Lease { generation, valid_until, peer_outdated: outdated, confirmed_id: id };
+                            *l = Lease {
+                                generation,
+                                valid_until,
+                                peer_outdated: outdated,
+                                confirmed_id: id,
+                            };
                         }
                         l.valid_until = l.valid_until.max(valid_until);
                         if id >= l.confirmed_id {
@@ -670,7 +774,9 @@ impl QuorumNode {
                     }
                 }
                 Asked::Acquire { from } => {
-                    if generation != from + 1 || from != self.generation {
+                    if Some(generation) != next_generation(from, self.cfg.node)
+                        || from != self.generation
+                    {
                         return;
                     }
                     let lease = Lease {
@@ -753,7 +859,8 @@ impl QuorumNode {
         }
         // Both nodes standby (both restarted): the witness decides who runs.
         self.peer.is_some_and(|p| {
-            p.role == Role::Standby && now.saturating_sub(p.at) < self.cfg.timing.status_interval * 3
+            p.role == Role::Standby
+                && now.saturating_sub(p.at) < self.cfg.timing.status_interval * 3
         })
     }
 
@@ -762,7 +869,9 @@ impl QuorumNode {
         // Witness reachability.
         for s in self.configured().collect::<Vec<_>>() {
             let st = &mut self.slots[s.index()];
-            let fresh = st.last_reply.is_some_and(|r| now.saturating_sub(r) < t.reach_timeout);
+            let fresh = st
+                .last_reply
+                .is_some_and(|r| now.saturating_sub(r) < t.reach_timeout);
             if st.reachable && !fresh {
                 st.reachable = false;
                 alert(
@@ -773,7 +882,10 @@ impl QuorumNode {
             }
         }
         // Status to the peer.
-        if self.last_status.is_none_or(|l| now.saturating_sub(l) >= t.status_interval) {
+        if self
+            .last_status
+            .is_none_or(|l| now.saturating_sub(l) >= t.status_interval)
+        {
             self.last_status = Some(now);
             out.push(Action::ToPeer(PeerMsg::Status {
                 generation: self.generation,
@@ -781,6 +893,7 @@ impl QuorumNode {
                 reach: [self.slots[0].reachable, self.slots[1].reachable],
                 elected: self.elected,
                 elect_seq: self.elect_seq,
+                proposing: self.proposal.map(|p| p.0),
             }));
         }
         match self.cfg.mode {
@@ -828,8 +941,8 @@ impl QuorumNode {
                 }
             }
             None if target != self.elected => {
-                let seq = self.elect_seq + 1;
-                self.elect_seq = seq;
+                let seq = self.max_seq.max(self.elect_seq) + 1;
+                self.max_seq = seq;
                 self.proposal = Some((target, seq));
                 self.sent_elect_seq = seq;
                 self.peer_may_use.insert(target);
@@ -863,7 +976,15 @@ impl QuorumNode {
         if self.pending.len() >= MAX_PENDING {
             self.pending.remove(0);
         }
-        self.pending.push(Pending { id, slot, sent_at: now, asked });
+        self.pending.push(Pending {
+            id,
+            slot,
+            sent_at: now,
+            asked,
+        });
+        if matches!(asked, Asked::Acquire { .. }) {
+            self.acquire_unsettled[slot.index()] = Some(id);
+        }
         let st = &mut self.slots[slot.index()];
         st.last_sent = Some(now);
         st.answered = false;
@@ -879,7 +1000,11 @@ impl QuorumNode {
             let due = match st.last_sent {
                 None => true,
                 Some(s) => {
-                    let d = if st.answered { t.renew_interval } else { t.retry };
+                    let d = if st.answered {
+                        t.renew_interval
+                    } else {
+                        t.retry
+                    };
                     now.saturating_sub(s) >= d
                 }
             };
@@ -910,7 +1035,9 @@ impl QuorumNode {
             let urgent = matches!(asked, Asked::Acquire { from } if from > 0)
                 && st.answered
                 && now >= self.acquire_not_before
-                && st.last_sent.is_some_and(|s| now.saturating_sub(s) >= t.retry);
+                && st
+                    .last_sent
+                    .is_some_and(|s| now.saturating_sub(s) >= t.retry);
             if due || urgent {
                 self.send(now, slot, asked, out);
             }
@@ -930,7 +1057,9 @@ impl QuorumNode {
         if self.role != Role::Standby || self.peer_reachable || !self.protected {
             return;
         }
-        let lost_for = self.peer_lost_at.map_or(Duration::ZERO, |l| now.saturating_sub(l));
+        let lost_for = self
+            .peer_lost_at
+            .map_or(Duration::ZERO, |l| now.saturating_sub(l));
         match self.cfg.mode {
             Mode::NoWitness => {
                 alert(
@@ -940,12 +1069,16 @@ impl QuorumNode {
                      alive behind cut links, two copies of the VM run"
                         .into(),
                 );
-                self.take_over(self.generation + 1, out);
+                if let Some(g) = next_generation(self.generation, self.cfg.node) {
+                    self.take_over(g, out);
+                }
             }
             Mode::StaticPreference { preferred } if preferred == self.cfg.node => {
                 // Give the other node, which pauses on peer loss, time to do so.
                 if lost_for >= self.cfg.timing.lease_ttl {
-                    self.take_over(self.generation + 1, out);
+                    if let Some(g) = next_generation(self.generation, self.cfg.node) {
+                        self.take_over(g, out);
+                    }
                 }
             }
             _ => {}
@@ -1014,7 +1147,11 @@ impl QuorumNode {
         let leases: Vec<Option<Lease>> = self
             .lease_set()
             .iter()
-            .map(|s| self.slots[s.index()].lease.filter(|l| l.generation == self.generation))
+            .map(|s| {
+                self.slots[s.index()]
+                    .lease
+                    .filter(|l| l.generation == self.generation)
+            })
             .collect();
         let until = leases
             .iter()

@@ -149,7 +149,10 @@ mod tests {
         t.validate().unwrap();
         // 200 ms * 0.99 / 1.01 = 196.04 ms, minus 30 ms.
         let v = t.local_validity();
-        assert!(v > Duration::from_millis(166) && v < Duration::from_millis(167), "{v:?}");
+        assert!(
+            v > Duration::from_millis(166) && v < Duration::from_millis(167),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -174,15 +177,35 @@ mod tests {
     #[test]
     fn bad_timings() {
         let d = Timing::default();
-        let e = Timing { lease_ttl: Duration::from_millis(10), ..d }.validate();
+        let e = Timing {
+            lease_ttl: Duration::from_millis(10),
+            ..d
+        }
+        .validate();
         assert!(matches!(e, Err(TimingError::Lease(_))));
-        let e = Timing { margin: Duration::ZERO, ..d }.validate();
+        let e = Timing {
+            margin: Duration::ZERO,
+            ..d
+        }
+        .validate();
         assert!(matches!(e, Err(TimingError::Margin(_))));
-        let e = Timing { renew_interval: Duration::from_millis(100), ..d }.validate();
+        let e = Timing {
+            renew_interval: Duration::from_millis(100),
+            ..d
+        }
+        .validate();
         assert!(matches!(e, Err(TimingError::Renew { .. })), "{e:?}");
-        let e = Timing { max_drift_ppm: 200_000, ..d }.validate();
+        let e = Timing {
+            max_drift_ppm: 200_000,
+            ..d
+        }
+        .validate();
         assert!(matches!(e, Err(TimingError::Drift(_))));
-        let e = Timing { retry: Duration::ZERO, ..d }.validate();
+        let e = Timing {
+            retry: Duration::ZERO,
+            ..d
+        }
+        .validate();
         assert!(matches!(e, Err(TimingError::Zero("retry"))));
     }
 }

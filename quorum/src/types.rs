@@ -7,6 +7,21 @@ use serde::{Deserialize, Serialize};
 /// whoever holds the highest one is the only node allowed to act for the VM.
 pub type Generation = u64;
 
+/// The generation a takeover by `node` from `from` gets: the next one whose parity is
+/// the node id's. The two PMs of a pair have ids of different parity (checked by
+/// `NodeConfig::validate`), so two witnesses that each grant "the next generation" to a
+/// different node (the nodes' elected witnesses differ after a half-finished switch)
+/// never hand out the same number: a generation names its holder, and stays a fencing
+/// token. None on overflow.
+pub fn next_generation(from: Generation, node: NodeId) -> Option<Generation> {
+    let g = from.checked_add(1)?;
+    if g % 2 == node.0 % 2 {
+        Some(g)
+    } else {
+        g.checked_add(1)
+    }
+}
+
 /// One of the two PMs of a pair (the A-Link node id: 1 or 2 today).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub u64);
@@ -69,7 +84,9 @@ pub fn check_name(what: &str, s: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!("{what} {s:?} has the character {c:?} (allowed: A-Z a-z 0-9 . _ -)"));
+        return Err(format!(
+            "{what} {s:?} has the character {c:?} (allowed: A-Z a-z 0-9 . _ -)"
+        ));
     }
     if s.starts_with('.') {
         return Err(format!("{what} {s:?} must not start with '.'"));
@@ -80,6 +97,15 @@ pub fn check_name(what: &str, s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generations_name_their_holder() {
+        assert_eq!(next_generation(0, NodeId(1)), Some(1));
+        assert_eq!(next_generation(0, NodeId(2)), Some(2));
+        assert_eq!(next_generation(1, NodeId(1)), Some(3));
+        assert_eq!(next_generation(1, NodeId(2)), Some(2));
+        assert_eq!(next_generation(u64::MAX - 1, NodeId(1)), None);
+    }
 
     #[test]
     fn names() {

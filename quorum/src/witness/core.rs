@@ -201,7 +201,14 @@ impl WitnessCore {
                 lease_ms,
                 peer_outdated,
                 ..
-            } => self.renew(now, existing.as_ref(), *node, *generation, *lease_ms, *peer_outdated),
+            } => self.renew(
+                now,
+                existing.as_ref(),
+                *node,
+                *generation,
+                *lease_ms,
+                *peer_outdated,
+            ),
             Request::Acquire {
                 node,
                 from,
@@ -256,9 +263,20 @@ impl WitnessCore {
         };
         match e {
             // Unknown here, or known at an older generation: the pair got `generation`
-            // from the other witness (or this one lost its disk); adopt it.
+            // from the other witness (or this one lost its disk); adopt it, but never
+            // over another node's running lease (it may still be acting on it).
             None => (granted, Some(held)),
-            Some(e) if e.rec.generation < generation => (granted, Some(held)),
+            Some(e) if e.rec.generation < generation => match Self::live(e, now) {
+                Some(left) if e.rec.holder != Some(node) => (
+                    Reply::Busy {
+                        generation: e.rec.generation,
+                        holder: e.rec.holder,
+                        retry_after_ms: ms(left).max(1),
+                    },
+                    None,
+                ),
+                _ => (granted, Some(held)),
+            },
             Some(e) if e.rec.generation > generation => (
                 Reply::Lost {
                     generation: e.rec.generation,
@@ -287,7 +305,7 @@ impl WitnessCore {
         lease_ms: u32,
     ) -> (Reply, Option<Entry>) {
         let lease = Duration::from_millis(u64::from(lease_ms));
-        let Some(next_gen) = from.checked_add(1) else {
+        let Some(next_gen) = crate::types::next_generation(from, node) else {
             return (Reply::Refused(OpError::GenerationOverflow(from)), None);
         };
         let grant = |peer_outdated: bool| {
@@ -329,7 +347,11 @@ impl WitnessCore {
             )
         };
         let Some(e) = e else {
-            return if from == 0 { grant(false) } else { unknown(from) };
+            return if from == 0 {
+                grant(false)
+            } else {
+                unknown(from)
+            };
         };
         if e.rec.generation > from {
             return (
@@ -427,16 +449,26 @@ mod tests {
         assert_eq!(w.handle(ms_(100), "c", &renew(A, 1, false), &mut s), g(1));
         assert!(matches!(
             w.handle(ms_(250), "c", &acquire(B, 1), &mut s),
-            Reply::Busy { retry_after_ms: 50, holder: Some(A), .. }
+            Reply::Busy {
+                retry_after_ms: 50,
+                holder: Some(A),
+                ..
+            }
         ));
         // Lapsed: granted by compare-and-set, A's replica marked stale.
         assert_eq!(w.handle(ms_(301), "c", &acquire(B, 1), &mut s), g(2));
         let r = s.records[&("c".into(), "vm0".into())];
-        assert_eq!((r.generation, r.holder, r.peer_outdated), (2, Some(B), true));
+        assert_eq!(
+            (r.generation, r.holder, r.peer_outdated),
+            (2, Some(B), true)
+        );
         // A's renewal and a second acquire from 1 learn the loss.
         assert_eq!(
             w.handle(ms_(302), "c", &renew(A, 1, false), &mut s),
-            Reply::Lost { generation: 2, holder: Some(B) }
+            Reply::Lost {
+                generation: 2,
+                holder: Some(B)
+            }
         );
         assert!(matches!(
             w.handle(ms_(303), "c", &acquire(A, 1), &mut s),
@@ -481,7 +513,10 @@ mod tests {
         ));
         assert!(matches!(
             w.handle(ms_(100), "c", &acquire(A, 2), &mut s),
-            Reply::Busy { retry_after_ms: 105, .. }
+            Reply::Busy {
+                retry_after_ms: 105,
+                ..
+            }
         ));
         // After the grace: A's replica is outdated (B's takeover said so).
         assert_eq!(
@@ -494,6 +529,16 @@ mod tests {
     fn adoption_and_unknown_generations() {
         let mut s = MemStore::default();
         let mut w = WitnessCore::new(CoreLimits::default(), [], ms_(0));
+        // Another node's running lease is never overridden by an adoption.
+        w.handle(ms_(0), "c2", &acquire(A, 0), &mut s);
+        assert!(matches!(
+            w.handle(ms_(1), "c2", &renew(B, 4, false), &mut s),
+            Reply::Busy { generation: 1, .. }
+        ));
+        assert!(matches!(
+            w.handle(ms_(201), "c2", &renew(B, 4, false), &mut s),
+            Reply::Granted { generation: 4, .. }
+        ));
         // The pair comes here at generation 7 (it used the other witness before).
         assert!(matches!(
             w.handle(ms_(0), "c", &renew(B, 7, false), &mut s),
@@ -501,7 +546,10 @@ mod tests {
         ));
         assert!(matches!(
             w.handle(ms_(1), "c", &renew(A, 6, false), &mut s),
-            Reply::Lost { generation: 7, holder: Some(B) }
+            Reply::Lost {
+                generation: 7,
+                holder: Some(B)
+            }
         ));
         // A standby asking from a generation this witness never saw waits one lease.
         assert!(matches!(
@@ -510,7 +558,7 @@ mod tests {
         ));
         assert!(matches!(
             w.handle(ms_(211), "c", &acquire(A, 9), &mut s),
-            Reply::Granted { generation: 10, .. }
+            Reply::Granted { generation: 11, .. }
         ));
     }
 
@@ -547,13 +595,22 @@ mod tests {
             from: 0,
             lease_ms: 200,
         };
-        assert!(matches!(w.handle(ms_(0), "c", &acq("a"), &mut s), Reply::Granted { .. }));
-        assert!(matches!(w.handle(ms_(0), "c", &acq("b"), &mut s), Reply::Granted { .. }));
+        assert!(matches!(
+            w.handle(ms_(0), "c", &acq("a"), &mut s),
+            Reply::Granted { .. }
+        ));
+        assert!(matches!(
+            w.handle(ms_(0), "c", &acq("b"), &mut s),
+            Reply::Granted { .. }
+        ));
         assert_eq!(
             w.handle(ms_(0), "c", &acq("c"), &mut s),
             Reply::Refused(OpError::TooManyVms(2))
         );
-        assert!(matches!(w.handle(ms_(0), "d", &acq("c"), &mut s), Reply::Granted { .. }));
+        assert!(matches!(
+            w.handle(ms_(0), "d", &acq("c"), &mut s),
+            Reply::Granted { .. }
+        ));
         assert_eq!(
             w.handle(ms_(0), "e", &acq("x"), &mut s),
             Reply::Refused(OpError::TooManyVms(3))

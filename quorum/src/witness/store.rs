@@ -223,7 +223,10 @@ mod tests {
         );
         // A leftover temp file (crash between write and rename) is ignored.
         fs::write(d.path().join("c1/vm0.rec.tmp"), b"junk").unwrap();
-        assert_eq!(FileStore::open(d.path()).unwrap().load_all().unwrap().len(), 2);
+        assert_eq!(
+            FileStore::open(d.path()).unwrap().load_all().unwrap().len(),
+            2
+        );
     }
 
     #[test]

@@ -147,7 +147,9 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
 
 /// Encodes one datagram (None if it would exceed [`MAX_DATAGRAM`]).
 pub fn encode(p: &Packet) -> Option<Vec<u8>> {
-    postcard::to_stdvec(p).ok().filter(|b| b.len() <= MAX_DATAGRAM)
+    postcard::to_stdvec(p)
+        .ok()
+        .filter(|b| b.len() <= MAX_DATAGRAM)
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
@@ -201,12 +203,18 @@ fn tag16(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
 
 fn request_tag(key: &[u8], session: u64, seq: u64, op: &Request) -> [u8; 16] {
     let body = postcard::to_stdvec(op).unwrap_or_default();
-    tag16(key, &[b"req", &session.to_le_bytes(), &seq.to_le_bytes(), &body])
+    tag16(
+        key,
+        &[b"req", &session.to_le_bytes(), &seq.to_le_bytes(), &body],
+    )
 }
 
 fn response_tag(key: &[u8], session: u64, seq: u64, reply: &Reply) -> [u8; 16] {
     let body = postcard::to_stdvec(reply).unwrap_or_default();
-    tag16(key, &[b"resp", &session.to_le_bytes(), &seq.to_le_bytes(), &body])
+    tag16(
+        key,
+        &[b"resp", &session.to_le_bytes(), &seq.to_le_bytes(), &body],
+    )
 }
 
 /// Fills a nonce from the kernel's random source.
@@ -322,7 +330,11 @@ impl ServerWire {
         store: &mut dyn Store,
     ) -> (Option<Vec<u8>>, Option<Refused>) {
         self.counters.datagrams += 1;
-        let refuse = |why: Refusal, cn: [u8; NONCE_LEN], session: u64, cluster: Option<String>, node: Option<NodeId>| {
+        let refuse = |why: Refusal,
+                      cn: [u8; NONCE_LEN],
+                      session: u64,
+                      cluster: Option<String>,
+                      node: Option<NodeId>| {
             let reply = encode(&Packet::Error {
                 client_nonce: cn,
                 session,
@@ -342,7 +354,13 @@ impl ServerWire {
             Ok(p) => p,
             Err(e) => {
                 self.counters.malformed += 1;
-                return refuse(Refusal::Malformed(e.to_string()), [0; NONCE_LEN], 0, None, None);
+                return refuse(
+                    Refusal::Malformed(e.to_string()),
+                    [0; NONCE_LEN],
+                    0,
+                    None,
+                    None,
+                );
             }
         };
         self.expire(now);
@@ -429,9 +447,8 @@ impl ServerWire {
                 }
                 let keys = keys(secret, &ch.transcript);
                 // A session id that is unpredictable and unused.
-                let mut session = u64::from_le_bytes(
-                    ch.transcript[..8].try_into().unwrap_or([1; 8]),
-                ) | 1;
+                let mut session =
+                    u64::from_le_bytes(ch.transcript[..8].try_into().unwrap_or([1; 8])) | 1;
                 while self.sessions.contains_key(&session) {
                     session = session.wrapping_add(2);
                 }
@@ -441,7 +458,10 @@ impl ServerWire {
                 if self.sessions.len() >= self.limits.max_sessions {
                     self.evict_lru();
                 }
-                let tag = tag16(&keys.w2c, &[b"welcome", &session.to_le_bytes(), &ch.client_nonce]);
+                let tag = tag16(
+                    &keys.w2c,
+                    &[b"welcome", &session.to_le_bytes(), &ch.client_nonce],
+                );
                 self.sessions.insert(
                     session,
                     SessionState {
@@ -486,7 +506,15 @@ impl ServerWire {
                     };
                     let (c, n) = (s.cluster.clone(), s.node);
                     // Authenticated but stale: no answer (the client moved on).
-                    return (None, Some(Refused { from, why, cluster: Some(c), node: Some(n) }));
+                    return (
+                        None,
+                        Some(Refused {
+                            from,
+                            why,
+                            cluster: Some(c),
+                            node: Some(n),
+                        }),
+                    );
                 }
                 s.last_seq = seq;
                 s.last_used = now;
@@ -495,7 +523,9 @@ impl ServerWire {
                 let key = s.keys.w2c;
                 // The node in a request must be the authenticated one.
                 let reply = match &op {
-                    Request::Renew { node, .. } | Request::Acquire { node, .. } if *node != s.node => {
+                    Request::Renew { node, .. } | Request::Acquire { node, .. }
+                        if *node != s.node =>
+                    {
                         Reply::Refused(super::ops::OpError::BadName(format!(
                             "request names {node} but the session is {}",
                             s.node
@@ -514,7 +544,10 @@ impl ServerWire {
                     None,
                 )
             }
-            Packet::Challenge { .. } | Packet::Welcome { .. } | Packet::Response { .. } | Packet::Error { .. } => {
+            Packet::Challenge { .. }
+            | Packet::Welcome { .. }
+            | Packet::Response { .. }
+            | Packet::Error { .. } => {
                 self.counters.malformed += 1;
                 (
                     None,
@@ -541,7 +574,8 @@ impl ServerWire {
         }
         let idle = self.limits.session_idle;
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| now.saturating_sub(s.last_used) < idle);
+        self.sessions
+            .retain(|_, s| now.saturating_sub(s.last_used) < idle);
         if self.sessions.len() != before {
             let live = &self.sessions;
             self.by_node.retain(|_, id| live.contains_key(id));
@@ -712,9 +746,8 @@ impl ClientWire {
             ) => {
                 // Unauthenticated: act on it only if it names what we are waiting on.
                 let ours = match state {
-                    ClientState::AwaitChallenge { nonce } | ClientState::AwaitWelcome { nonce, .. } => {
-                        client_nonce == *nonce
-                    }
+                    ClientState::AwaitChallenge { nonce }
+                    | ClientState::AwaitWelcome { nonce, .. } => client_nonce == *nonce,
                     ClientState::Ready { session: s, .. } => session == *s,
                     ClientState::Idle => false,
                 };
@@ -771,7 +804,9 @@ mod tests {
         fn connect(&mut self, c: &mut ClientWire) -> Vec<Vec<u8>> {
             let mut sent = vec![c.hello([0xaa; 32])];
             let ch = self.send(&sent[0]).0.unwrap();
-            let ClientEvent::Send(auth) = c.on_datagram(&ch).unwrap() else { panic!() };
+            let ClientEvent::Send(auth) = c.on_datagram(&ch).unwrap() else {
+                panic!()
+            };
             sent.push(auth.clone());
             let w = self.send(&auth).0.unwrap();
             assert_eq!(c.on_datagram(&w).unwrap(), ClientEvent::Ready);
@@ -822,7 +857,10 @@ mod tests {
         let resp = r.send(&b).0.unwrap();
         assert!(matches!(
             c.on_datagram(&resp).unwrap(),
-            ClientEvent::Reply { reply: Reply::Refused(_), .. }
+            ClientEvent::Reply {
+                reply: Reply::Refused(_),
+                ..
+            }
         ));
     }
 
@@ -834,11 +872,23 @@ mod tests {
         let ch = r.send(&c.hello([1; 32])).0.unwrap();
         assert_eq!(c.on_datagram(&ch), Err(ClientError::WitnessNotAuthentic));
         // ...and a forged auth fails at the witness.
-        let Packet::Challenge { witness_nonce, .. } = decode(&ch).unwrap() else { panic!() };
-        let forged = encode(&Packet::Auth { witness_nonce, mac: [7; 32] }).unwrap();
+        let Packet::Challenge { witness_nonce, .. } = decode(&ch).unwrap() else {
+            panic!()
+        };
+        let forged = encode(&Packet::Auth {
+            witness_nonce,
+            mac: [7; 32],
+        })
+        .unwrap();
         let (reply, why) = r.send(&forged);
         assert_eq!(why.unwrap().why, Refusal::WrongSecret);
-        assert!(matches!(decode(&reply.unwrap()).unwrap(), Packet::Error { refusal: Refusal::WrongSecret, .. }));
+        assert!(matches!(
+            decode(&reply.unwrap()).unwrap(),
+            Packet::Error {
+                refusal: Refusal::WrongSecret,
+                ..
+            }
+        ));
         assert_eq!(r.srv.session_count(), 0);
     }
 
@@ -877,7 +927,11 @@ mod tests {
             assert!(matches!(why.unwrap().why, Refusal::Malformed(_)));
             assert!(reply.is_some());
         }
-        let mut ok = encode(&Packet::Auth { witness_nonce: [0; 32], mac: [0; 32] }).unwrap();
+        let mut ok = encode(&Packet::Auth {
+            witness_nonce: [0; 32],
+            mac: [0; 32],
+        })
+        .unwrap();
         ok.push(0);
         assert_eq!(decode(&ok), Err(DecodeError::Trailing(1)));
         let hello = encode(&Packet::Hello {
@@ -887,7 +941,10 @@ mod tests {
             nonce: [0; 32],
         })
         .unwrap();
-        assert!(matches!(r.send(&hello).1.unwrap().why, Refusal::Version { theirs: 9, .. }));
+        assert!(matches!(
+            r.send(&hello).1.unwrap().why,
+            Refusal::Version { theirs: 9, .. }
+        ));
         let hello = encode(&Packet::Hello {
             version: WIRE_VERSION,
             cluster: "a/b".into(),
@@ -914,8 +971,13 @@ mod tests {
             let mut c = ClientWire::new("c1", NodeId(node), b"0123456789abcdef");
             let t = Duration::from_millis(node);
             let h = c.hello([node as u8; 32]);
-            let ch = srv.handle(t, addr(), &h, [node as u8; 32], &mut core, &mut st).0.unwrap();
-            let ClientEvent::Send(a) = c.on_datagram(&ch).unwrap() else { panic!() };
+            let ch = srv
+                .handle(t, addr(), &h, [node as u8; 32], &mut core, &mut st)
+                .0
+                .unwrap();
+            let ClientEvent::Send(a) = c.on_datagram(&ch).unwrap() else {
+                panic!()
+            };
             srv.handle(t, addr(), &a, [0; 32], &mut core, &mut st);
             assert!(srv.session_count() <= 3);
             assert!(srv.challenges.len() <= 2);
