@@ -11,9 +11,7 @@
 //! | `witness::wire` | authenticated datagrams, HMAC challenge/response | none |
 //! | `witness::server` | `twinrun witness`: UDP server, config, status | socket, files |
 //! | `client` | the witness client and the runner that drives a node's machine | socket, clock |
-//! | `etcd` | the same grant through an etcd transaction | etcd |
 pub mod client;
-pub mod etcd;
 pub mod node;
 pub mod timing;
 pub mod types;

@@ -437,10 +437,6 @@ impl QuorumNode {
         })
     }
 
-    fn with_witness(&self) -> bool {
-        matches!(self.cfg.mode, Mode::Witness { .. })
-    }
-
     /// The latest moment the machine must be stepped again (`Event::Tick`).
     pub fn next_wakeup(&self, now: Duration) -> Duration {
         let t = &self.cfg.timing;

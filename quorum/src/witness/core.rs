@@ -363,6 +363,17 @@ impl WitnessCore {
             );
         }
         if e.rec.generation < from {
+            // What this witness knows of the requester's replica carries over: it was
+            // stale at an older generation and nothing here says it was resynced since
+            // (a holder that renews here states it afresh).
+            if e.rec.peer_outdated && e.rec.holder != Some(node) {
+                return (
+                    Reply::Outdated {
+                        generation: e.rec.generation,
+                    },
+                    None,
+                );
+            }
             return unknown(from);
         }
         #[cfg(feature = "mutations")]
