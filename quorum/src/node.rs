@@ -930,12 +930,11 @@ impl QuorumNode {
             e => e,
         };
         match self.proposal {
-            Some((slot, seq)) => {
-                // Resend until acknowledged.
-                if self.last_status == Some(now) {
-                    out.push(Action::ToPeer(PeerMsg::Elect { slot, seq }));
-                }
+            // Resend until acknowledged.
+            Some((slot, seq)) if self.last_status == Some(now) => {
+                out.push(Action::ToPeer(PeerMsg::Elect { slot, seq }));
             }
+            Some(_) => {}
             None if target != self.elected => {
                 let seq = self.max_seq.max(self.elect_seq) + 1;
                 self.max_seq = seq;
@@ -1069,12 +1068,12 @@ impl QuorumNode {
                     self.take_over(g, out);
                 }
             }
-            Mode::StaticPreference { preferred } if preferred == self.cfg.node => {
-                // Give the other node, which pauses on peer loss, time to do so.
-                if lost_for >= self.cfg.timing.lease_ttl {
-                    if let Some(g) = next_generation(self.generation, self.cfg.node) {
-                        self.take_over(g, out);
-                    }
+            // Give the other node, which pauses on peer loss, time to do so.
+            Mode::StaticPreference { preferred }
+                if preferred == self.cfg.node && lost_for >= self.cfg.timing.lease_ttl =>
+            {
+                if let Some(g) = next_generation(self.generation, self.cfg.node) {
+                    self.take_over(g, out);
                 }
             }
             _ => {}
@@ -1198,4 +1197,236 @@ pub struct NodeStatus {
 
 fn alert(out: &mut Vec<Action>, kind: AlertKind, message: String) {
     out.push(Action::Alert(Alert { kind, message }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    fn node(role: Role, generation: u64, mode: Mode) -> QuorumNode {
+        let id = if role == Role::Primary {
+            NodeId(1)
+        } else {
+            NodeId(2)
+        };
+        let peer = if id == NodeId(1) {
+            NodeId(2)
+        } else {
+            NodeId(1)
+        };
+        let cfg = NodeConfig::new("vm0", id, peer, mode);
+        cfg.validate().unwrap();
+        QuorumNode::new(
+            cfg,
+            Start {
+                role,
+                generation,
+                elected: None,
+            },
+        )
+    }
+    fn requests(a: &[Action]) -> Vec<(Slot, u64, Request)> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::ToWitness { slot, id, request } => Some((*slot, *id, request.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+    const ONE: Mode = Mode::Witness { alternate: false };
+
+    #[test]
+    fn simplex_waits_for_the_outdated_mark_and_ends_before_the_lease() {
+        let mut n = node(Role::Primary, 1, ONE);
+        n.step(ms(0), Event::PeerReachable(true));
+        n.step(ms(0), Event::Protected(true));
+        assert_eq!(n.gate(), Some(OutputGate::Acked));
+        // The peer goes: a renewal with the peer marked stale goes out at once.
+        let a = n.step(ms(10), Event::PeerReachable(false));
+        let r = requests(&a);
+        let (slot, id, req) = r
+            .iter()
+            .find(|r| matches!(r.2, Request::Renew { .. }))
+            .unwrap()
+            .clone();
+        assert!(matches!(
+            req,
+            Request::Renew {
+                peer_outdated: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            n.gate(),
+            Some(OutputGate::Hold),
+            "no unacked release before the mark"
+        );
+        let a = n.step(
+            ms(15),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: Reply::Granted {
+                    generation: 1,
+                    lease_ms: 200,
+                },
+            },
+        );
+        let until = ms(10) + Timing::default().local_validity();
+        assert!(
+            a.contains(&Action::Output(OutputGate::Free { until: Some(until) })),
+            "{a:?}"
+        );
+        assert!(n.may_release_unacked(until - ms(1)) && !n.may_release_unacked(until));
+        // No more answers: at `until` the guest pauses.
+        let a = n.step(until, Event::Tick);
+        assert!(a.contains(&Action::Guest(GuestState::Pause)), "{a:?}");
+        assert_eq!(n.gate(), Some(OutputGate::Hold));
+        // The witness says generation 2 exists: demoted.
+        let id = requests(&n.step(until + ms(50), Event::Tick))[0].1;
+        let a = n.step(
+            until + ms(51),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: Reply::Lost {
+                    generation: 2,
+                    holder: Some(NodeId(2)),
+                },
+            },
+        );
+        assert!(a.contains(&Action::Demote { generation: 2 }), "{a:?}");
+        assert_eq!(n.role(), Role::Standby);
+    }
+
+    #[test]
+    fn standby_takes_over_only_with_the_grant() {
+        let mut n = node(Role::Standby, 1, ONE);
+        n.step(ms(0), Event::PeerReachable(true));
+        n.step(ms(0), Event::Protected(true));
+        let a = n.step(ms(5), Event::PeerReachable(false));
+        let (slot, id, req) = requests(&a)[0].clone();
+        assert_eq!(
+            req,
+            Request::Acquire {
+                vm: "vm0".into(),
+                node: NodeId(2),
+                from: 1,
+                lease_ms: 200
+            }
+        );
+        let a = n.step(
+            ms(6),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: Reply::Busy {
+                    generation: 1,
+                    holder: Some(NodeId(1)),
+                    retry_after_ms: 100,
+                },
+            },
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::TakeOver { .. })));
+        assert!(n.next_wakeup(ms(6)) <= ms(106));
+        let a = n.step(ms(106), Event::Tick);
+        let (slot, id, req) = requests(&a)
+            .into_iter()
+            .find(|r| matches!(r.2, Request::Acquire { .. }))
+            .unwrap();
+        assert!(matches!(req, Request::Acquire { from: 1, .. }));
+        let a = n.step(
+            ms(107),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: Reply::Granted {
+                    generation: 2,
+                    lease_ms: 200,
+                },
+            },
+        );
+        assert!(a.contains(&Action::TakeOver { generation: 2 }), "{a:?}");
+        assert_eq!((n.role(), n.generation()), (Role::Primary, 2));
+        assert!(matches!(n.gate(), Some(OutputGate::Free { .. })));
+    }
+
+    #[test]
+    fn outdated_standby_waits_and_override_is_audited() {
+        let mut n = node(Role::Standby, 1, ONE);
+        n.step(ms(0), Event::Protected(true));
+        let a = n.step(
+            ms(0),
+            Event::ManualOverride {
+                operator: "ops".into(),
+                reason: "x".into(),
+            },
+        );
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, Action::TakeOver { generation: 2 })));
+        assert!(a.iter().any(|a| matches!(a, Action::Audit { .. })));
+        assert_eq!(n.gate(), Some(OutputGate::Free { until: None }));
+        // Refused while the peer is reachable.
+        let mut n = node(Role::Standby, 1, ONE);
+        n.step(ms(0), Event::PeerReachable(true));
+        let a = n.step(
+            ms(1),
+            Event::ManualOverride {
+                operator: "ops".into(),
+                reason: "x".into(),
+            },
+        );
+        assert!(
+            matches!(&a[..], [Action::Audit { what, .. }, ..] if what.contains("REFUSED")),
+            "{a:?}"
+        );
+        assert_eq!(n.role(), Role::Standby);
+    }
+
+    #[test]
+    fn no_witness_modes() {
+        let mut n = node(Role::Standby, 1, Mode::NoWitness);
+        let a = n.step(ms(0), Event::Protected(true));
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::Alert(Alert {
+                kind: AlertKind::NoWitness,
+                ..
+            })
+        )));
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::TakeOver { generation: 2 })),
+            "today's behaviour"
+        );
+        // Static preference: the other node pauses, the preferred one waits a lease.
+        let pref = Mode::StaticPreference {
+            preferred: NodeId(2),
+        };
+        let mut p = node(Role::Primary, 1, pref);
+        p.step(ms(0), Event::PeerReachable(true));
+        let a = p.step(ms(1), Event::PeerReachable(false));
+        assert!(a.contains(&Action::Guest(GuestState::Pause)), "{a:?}");
+        let mut s = node(Role::Standby, 1, pref);
+        s.step(ms(0), Event::PeerReachable(true));
+        s.step(ms(0), Event::Protected(true));
+        s.step(ms(1), Event::PeerReachable(false));
+        assert_eq!(s.role(), Role::Standby);
+        let a = s.step(ms(201), Event::Tick);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::TakeOver { generation: 2 })),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn parity_is_checked() {
+        let cfg = NodeConfig::new("vm0", NodeId(1), NodeId(3), ONE);
+        assert!(matches!(cfg.validate(), Err(ConfigError::Parity(1, 3))));
+    }
 }

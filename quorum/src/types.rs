@@ -104,7 +104,7 @@ mod tests {
         assert_eq!(next_generation(0, NodeId(2)), Some(2));
         assert_eq!(next_generation(1, NodeId(1)), Some(3));
         assert_eq!(next_generation(1, NodeId(2)), Some(2));
-        assert_eq!(next_generation(u64::MAX - 1, NodeId(1)), None);
+        assert_eq!(next_generation(u64::MAX - 1, NodeId(2)), None);
     }
 
     #[test]
