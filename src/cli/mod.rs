@@ -13,6 +13,7 @@ pub mod ft;
 pub mod resolve;
 pub mod snapshot;
 pub mod status;
+pub mod witness;
 
 pub use args::{Cli, Command, DemoArgs, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};
 pub use resolve::{resolve_run_config, CliError};
