@@ -26,9 +26,24 @@ impl Rng {
         self.next() % n.max(1)
     }
 
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi.saturating_sub(lo).saturating_add(1))
+    }
+
     /// True `per_mille` times in a thousand.
     pub fn chance(&mut self, per_mille: u64) -> bool {
         self.below(1000) < per_mille
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn percent(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// A number in `[0, 1)` (53 random bits).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Fills `buf` with random bytes.
@@ -78,6 +93,10 @@ mod tests {
         let mut r = Rng(7);
         assert!((0..1000).all(|_| r.below(10) < 10));
         assert_eq!(r.below(0), 0);
+        assert!((0..1000).all(|_| (5..=7).contains(&r.range(5, 7))));
+        assert!((0..1000).all(|_| (0.0..1.0).contains(&r.unit())));
+        let hits = (0..10_000).filter(|_| r.percent(30)).count();
+        assert!((2500..3500).contains(&hits), "{hits}");
         let mut v: Vec<u32> = (0..50).collect();
         r.shuffle(&mut v);
         let mut s = v.clone();
