@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, checkpoint/fuzz, storage-mirror/fuzz)
-# and runs each for a bounded time.
+# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, quorum/fuzz, checkpoint/fuzz,
+# storage-mirror/fuzz) and runs each for a bounded time.
 # Exits non-zero if a build fails or any target finds a crash.
 # Usage: scripts/fuzz-smoke.sh [seconds-per-target]   (default 20)
 set -euo pipefail
@@ -14,10 +14,10 @@ fi
 
 # "crate-dir:target" pairs; each crate dir has its own fuzz/ workspace.
 targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder
-    checkpoint:checkpoint_messages storage-mirror:disk_messages storage-mirror:meta_parser
-    storage-mirror:bitmap_parser storage-mirror:apply_journal_parser)
+    quorum:witness_decoder checkpoint:checkpoint_messages storage-mirror:disk_messages
+    storage-mirror:meta_parser storage-mirror:bitmap_parser storage-mirror:apply_journal_parser)
 
-for d in vmm alink checkpoint storage-mirror; do
+for d in vmm alink quorum checkpoint storage-mirror; do
     (cd "$root/$d" && cargo +nightly fuzz build)
 done
 
