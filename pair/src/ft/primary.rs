@@ -7,19 +7,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::exit;
+use crate::settings::FtSettings;
 use alink::{Alink, AlinkConfig};
 use checkpoint::primary::{run_primary, MirroredDisks, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
 use storage_mirror::primary::PrimaryDisks;
-use twinrun::cli::ft::FtSettings;
-use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::{build_vm, Vmm};
 
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
-use crate::run::exit_code;
+use crate::alone::exit_code;
 
 /// Logged once the standby has committed epoch 0 (tools ask the control socket's
 /// status instead).

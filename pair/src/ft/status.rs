@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::settings::Role;
 use alink::Alink;
 use checkpoint::primary::PrimaryReport;
 use checkpoint::standby::FailoverReport;
 use storage_mirror::primary::PrimaryDisks;
-use twinrun::cli::ft::Role;
 use twinrun_control::disks::{self, DiskView};
 use twinrun_control::server::{FtControl, Server};
 use twinrun_control::{FailoverStatus, FtRole, FtState, FtStatus, LinkState, SessionStatus};
