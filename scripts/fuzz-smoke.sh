@@ -30,13 +30,16 @@ for dt in "${targets[@]}"; do
     work="$(mktemp -d)"
     mkdir -p "$work/corpus"
     echo "== fuzz $t for ${secs}s"
-    # Targets that read files (the storage-mirror parsers) keep them in $work too.
-    if TWINRUN_FUZZ_SCRATCH="$work" cargo +nightly fuzz run "$t" "$work/corpus" -- \
+    # Targets that read files (the storage-mirror parsers) write them in a scratch
+    # directory of their own, on tmpfs when there is one (they fsync).
+    scratch="$(mktemp -d -p "$([ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")")"
+    if TWINRUN_FUZZ_SCRATCH="$scratch" cargo +nightly fuzz run "$t" "$work/corpus" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -artifact_prefix="$work/" \
         >"$work/log" 2>&1; then
         tail -n 2 "$work/log"
-        rm -rf "$work"
+        rm -rf "$work" "$scratch"
     else
+        rm -rf "$scratch"
         echo "!! $t failed; log and crash input kept in $work"
         tail -n 40 "$work/log"
         failed+=("$t")
