@@ -77,6 +77,10 @@ const HORIZON: u64 = 300;
 const TAIL: u64 = 300;
 /// Pair sessions per seed, at most (the first, then one per failover or restart).
 const MAX_SESSIONS: u32 = 3;
+/// Steps a session runs on after its first commit, at least.
+const AFTER_PROTECTION: u64 = 100;
+/// No run goes past this step.
+const LAST_STEP: u64 = HORIZON + MAX_SESSIONS as u64 * TAIL + AFTER_PROTECTION;
 
 /// splitmix64 (the lab's one RNG: the seeds kept as regression cases replay the same
 /// schedules).
@@ -1000,7 +1004,22 @@ impl Sim {
         }
         w.committed.insert(session, c);
         w.commits_checked += 1;
+        let first = !self.commits.contains_key(&session);
         *self.commits.entry(session).or_default() += 1;
+        if first {
+            // A session's first commit may come late (a resync one block at a time over
+            // slow links is sound, just slow): it gets time to show it keeps going.
+            self.end = self
+                .end
+                .max(self.now.get() + AFTER_PROTECTION)
+                .min(LAST_STEP);
+        }
+        if debug() {
+            eprintln!(
+                "seed {seed} step {}: session {session} committed epoch {c}",
+                self.now.get()
+            );
+        }
         let want = w
             .oracle
             .get(&(session, c))
