@@ -30,20 +30,6 @@ pub mod standby;
 pub mod verify;
 pub mod wire;
 
-/// Bytes of a disk image: a regular file or a block device (whose metadata length is
-/// 0: its size is where a seek to the end lands).
-pub fn image_size(file: &std::fs::File) -> std::io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let md = file.metadata()?;
-    if md.is_file() {
-        return Ok(md.len());
-    }
-    let mut f = file;
-    let size = f.seek(SeekFrom::End(0))?;
-    f.seek(SeekFrom::Start(0))?;
-    Ok(size)
-}
-
 /// A set of blocks of one disk, walked in disk order (the dirty bitmap is one; the
 /// resync and verify planners take any).
 pub trait BlockSet {

@@ -62,6 +62,18 @@ struct StandbyDisk {
     unsynced: bool,
 }
 
+impl StandbyDisk {
+    /// The replica's bitmap for the geometry `m` describes (created clear if missing).
+    fn open_bitmap(&self, m: &ReplicaMeta) -> Result<DirtyBitmap, StandbyDiskError> {
+        DirtyBitmap::open(&self.store.bitmap_path(), m.disk_size, m.block_size).map_err(|source| {
+            StandbyDiskError::Bitmap {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
 /// Every disk of the standby.
 pub struct StandbyDisks {
     disks: Vec<StandbyDisk>,
@@ -97,7 +109,7 @@ impl StandbyDisks {
                 .write(true)
                 .open(&p)
                 .map_err(io_err(&p))?;
-            let size = crate::image_size(&file).map_err(io_err(&p))?;
+            let size = crate::meta::image_identity(&p).map_err(io_err(&p))?.size;
             disks.push(StandbyDisk {
                 store: MetaStore::for_image(&p),
                 path: p,
@@ -139,14 +151,7 @@ impl StandbyDisks {
                 source,
             })?;
             if let MetaState::Ok(m) = &d.meta {
-                d.bitmap = Some(
-                    DirtyBitmap::open(&d.store.bitmap_path(), m.disk_size, m.block_size).map_err(
-                        |source| StandbyDiskError::Bitmap {
-                            path: d.path.clone(),
-                            source,
-                        },
-                    )?,
-                );
+                d.bitmap = Some(d.open_bitmap(m)?);
             }
         }
         Ok(me)
@@ -230,14 +235,7 @@ impl StandbyDisks {
             };
             if d.bitmap.is_none() {
                 let _ = std::fs::remove_file(d.store.bitmap_path());
-                d.bitmap = Some(
-                    DirtyBitmap::open(&d.store.bitmap_path(), m.disk_size, m.block_size).map_err(
-                        |source| StandbyDiskError::Bitmap {
-                            path: d.path.clone(),
-                            source,
-                        },
-                    )?,
-                );
+                d.bitmap = Some(d.open_bitmap(&m)?);
             }
             // Until epoch 0 commits this replica is not a copy of anything the guest saw.
             m.inconsistent = true;
