@@ -209,6 +209,9 @@ struct ToyInner {
     /// Pages written since the last harvest.
     since: RefCell<DirtySet>,
     image: File,
+    /// The VM has its disk (some seeds run a VM without disks: the image file then
+    /// stays zero on both machines).
+    has_disk: bool,
     hooks: RefCell<Option<Arc<dyn DiskHooks>>>,
     written: RefCell<WrittenBlocks>,
     journal: RefCell<Option<DiskJournal>>,
@@ -245,6 +248,7 @@ impl Toy {
         mem: GuestMemoryMmap,
         counter: u64,
         image: &Path,
+        has_disk: bool,
     ) -> Toy {
         let since = DirtySet::new(&mem);
         Toy(Rc::new(ToyInner {
@@ -256,6 +260,7 @@ impl Toy {
             paused: Cell::new(false),
             since: RefCell::new(since),
             image: open_rw(image),
+            has_disk,
             hooks: RefCell::new(None),
             written: RefCell::new(WrittenBlocks::new(DISK)),
             journal: RefCell::new(None),
@@ -263,9 +268,9 @@ impl Toy {
         }))
     }
 
-    fn fresh(world: &WorldRef, image: &Path) -> Toy {
+    fn fresh(world: &WorldRef, image: &Path, has_disk: bool) -> Toy {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("toy memory");
-        Toy::new(world, 0, mem, 0, image)
+        Toy::new(world, 0, mem, 0, image, has_disk)
     }
 
     fn set_hooks(&self, h: Arc<dyn DiskHooks>) {
@@ -284,7 +289,7 @@ impl Toy {
             .write_slice(&i.to_le_bytes(), GuestAddress(at))
             .expect("toy memory write");
         t.since.borrow_mut().mark(GuestAddress(at), 8);
-        if i.is_multiple_of(3) {
+        if t.has_disk && i.is_multiple_of(3) {
             let sector = ((i / 3).wrapping_mul(7)) % (DISK / SECTOR);
             let off = sector * SECTOR;
             let data: Vec<u8> = (0..SECTOR).map(|k| (i as u8) ^ (k as u8)).collect();
@@ -396,6 +401,7 @@ impl PrimaryVm for Toy {
         dirty.clear();
         let harvest = self.harvest_dirty_into(dirty)?;
         let journals = match kind {
+            _ if !t.has_disk => Vec::new(),
             CutKind::First { read_back: extra } => {
                 let mut w = t.written.borrow_mut().take();
                 for &(off, len) in extra.first().map_or(&[][..], |v| &v[..]) {
@@ -693,6 +699,7 @@ struct SimTakeover {
     world: WorldRef,
     session: u32,
     image: PathBuf,
+    has_disk: bool,
 }
 
 impl Takeover for SimTakeover {
@@ -711,6 +718,7 @@ impl Takeover for SimTakeover {
             input.memory,
             counter,
             &self.image,
+            self.has_disk,
         );
         let w = self.world.borrow();
         let seed = w.seed;
@@ -834,9 +842,20 @@ struct Sim {
     resyncs: (u32, u32),
     /// Captures that found the guest held by a throttle.
     throttles: u64,
+    /// The VM has a disk (one seed in ten runs one without).
+    has_disk: bool,
 }
 
 impl Sim {
+    /// The VM config's disks on a machine whose image is `image`.
+    fn images(&self, image: &Path) -> Vec<PathBuf> {
+        if self.has_disk {
+            vec![image.to_path_buf()]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Counts what a primary driver did (its disk session, its throttles).
     fn retire(&mut self, d: Option<PrimaryDriver<Toy, P2S>>) {
         let Some(r) = d.map(|d| d.report()) else {
@@ -884,6 +903,7 @@ impl Sim {
             world: self.world.clone(),
             session,
             image: standby_image.clone(),
+            has_disk: self.has_disk,
         };
         let opts = StandbyDriverConfig {
             protocol: StandbyConfig {
@@ -895,7 +915,7 @@ impl Sim {
         let driver = StandbyDriver::new(
             link,
             takeover,
-            vec![standby_image.clone()],
+            self.images(&standby_image),
             &opts,
             self.clock(),
             self.base,
@@ -1193,7 +1213,7 @@ impl Sim {
                 // opened as a primary's and record every write from the first
                 // instruction the resumed guest runs.
                 let toy = *toy;
-                let disks = PrimaryDisks::open(std::slice::from_ref(&image))
+                let disks = PrimaryDisks::open(&self.images(&image))
                     .unwrap_or_else(|e| panic!("seed {}: survivor disks: {e}", self.seed));
                 toy.set_hooks(Arc::new(MirroredDisks(disks.clone())));
                 let old = self.primary.take().map(|p| (p.image, p.driver));
@@ -1290,6 +1310,7 @@ fn run(seed: u64) -> Report {
         max_in_flight: 1 + rng.below(8) as usize,
         ..ResyncConfig::default()
     };
+    let has_disk = !rng.chance(100);
     let scratch = Scratch::new(seed);
     let world = Rc::new(RefCell::new(World {
         seed,
@@ -1330,12 +1351,13 @@ fn run(seed: u64) -> Report {
         crashed_sessions: Vec::new(),
         resyncs: (0, 0),
         throttles: 0,
+        has_disk,
     };
     // The primary: its disks opened (degraded, recording) before the guest runs.
     let pimage = scratch.image("pm1.img");
     let simage = scratch.image("pm2.img");
-    let toy = Toy::fresh(&world, &pimage);
-    let disks = PrimaryDisks::open(std::slice::from_ref(&pimage))
+    let toy = Toy::fresh(&world, &pimage, sim.has_disk);
+    let disks = PrimaryDisks::open(&sim.images(&pimage))
         .unwrap_or_else(|e| panic!("seed {seed}: primary disks: {e}"));
     toy.set_hooks(Arc::new(MirroredDisks(disks.clone())));
     sim.primary = Some(PrimaryNode {

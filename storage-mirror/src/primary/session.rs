@@ -253,7 +253,7 @@ impl PrimarySession {
         match ev {
             SessionEvent::PeerLost => self.end(SessionEnd::PeerLost, &mut out),
             SessionEvent::Meta { reports, words } => match self.phase {
-                Phase::WaitMeta => self.on_meta(&reports, words, view, &mut out),
+                Phase::WaitMeta => self.on_meta(&reports, words, now, view, &mut out),
                 _ => log::warn!("primary: a second disk report (ignored)"),
             },
             SessionEvent::Prepared { blocks } => {
@@ -261,23 +261,8 @@ impl PrimarySession {
                     log::warn!("primary: disks prepared outside the session's plan (ignored)");
                     return out;
                 };
-                let mut plans = std::mem::take(plans);
-                for (p, b) in plans.iter_mut().zip(blocks) {
-                    p.blocks = b;
-                }
-                let todo: Vec<usize> = (0..plans.len())
-                    .filter(|&i| plans[i].kind != PlanKind::InSync)
-                    .collect();
-                for p in &plans {
-                    match p.kind {
-                        PlanKind::Full => self.stats.full_disks += 1,
-                        PlanKind::Delta => self.stats.delta_disks += 1,
-                        PlanKind::InSync | PlanKind::Refuse => {}
-                    }
-                }
-                out.push(SessionAction::BeginResync);
-                out.push(SessionAction::Send(DiskToStandby::Plan { disks: plans }));
-                self.start_disk(todo, 0, now, view, &mut out);
+                let plans = std::mem::take(plans);
+                self.prepared(plans, blocks, now, view, &mut out);
             }
             SessionEvent::Refused { reason } => {
                 let end = match self.phase {
@@ -343,10 +328,39 @@ impl PrimarySession {
         out.push(SessionAction::End(end));
     }
 
+    /// The disks are prepared (`blocks` to copy each): the plan goes out and the
+    /// resync of the first disk that needs one starts.
+    fn prepared(
+        &mut self,
+        mut plans: Vec<DiskPlan>,
+        blocks: Vec<u64>,
+        now: Instant,
+        view: &dyn DiskView,
+        out: &mut Vec<SessionAction>,
+    ) {
+        for (p, b) in plans.iter_mut().zip(blocks) {
+            p.blocks = b;
+        }
+        let todo: Vec<usize> = (0..plans.len())
+            .filter(|&i| plans[i].kind != PlanKind::InSync)
+            .collect();
+        for p in &plans {
+            match p.kind {
+                PlanKind::Full => self.stats.full_disks += 1,
+                PlanKind::Delta => self.stats.delta_disks += 1,
+                PlanKind::InSync | PlanKind::Refuse => {}
+            }
+        }
+        out.push(SessionAction::BeginResync);
+        out.push(SessionAction::Send(DiskToStandby::Plan { disks: plans }));
+        self.start_disk(todo, 0, now, view, out);
+    }
+
     fn on_meta(
         &mut self,
         reports: &[DiskReport],
         mut words: Vec<Vec<u64>>,
+        now: Instant,
         view: &dyn DiskView,
         out: &mut Vec<SessionAction>,
     ) {
@@ -408,6 +422,12 @@ impl PrimarySession {
             let reason = p.reason.clone();
             out.push(SessionAction::Send(DiskToStandby::Plan { disks: plans }));
             self.end(SessionEnd::Refused(reason), out);
+            return;
+        }
+        if plans.is_empty() {
+            // A VM without disks: nothing to prepare, nothing to copy (the edge reports
+            // `Prepared` after its last `Prepare`, and there is none).
+            self.prepared(plans, Vec::new(), now, view, out);
             return;
         }
         for (i, p) in plans.iter().enumerate() {
@@ -746,6 +766,39 @@ mod tests {
         );
         assert_eq!(d.dirty_blocks(0), 0);
         assert!(s.on_event(SessionEvent::Tick, t0, &d).is_empty());
+    }
+
+    #[test]
+    fn a_vm_without_disks_is_ready_at_once() {
+        let t0 = Instant::now();
+        let mut d = Disks {
+            metas: vec![],
+            bits: vec![],
+            guest: vec![],
+        };
+        let mut s = PrimarySession::new(SessionConfig::default(), t0);
+        let a = s.on_event(
+            SessionEvent::Meta {
+                reports: vec![],
+                words: vec![],
+            },
+            t0,
+            &d,
+        );
+        let (mut sent, mut chunks) = (Vec::new(), Vec::new());
+        let end = perform(&mut s, &mut d, t0, a, &mut sent, &mut chunks);
+        assert!(matches!(end, Some(SessionEnd::Ready(_))), "{end:?}");
+        assert_eq!(
+            sent,
+            vec![
+                DiskToStandby::Plan { disks: vec![] },
+                DiskToStandby::ResyncDone {
+                    rounds: 0,
+                    blocks: 0
+                }
+            ]
+        );
+        assert!(chunks.is_empty());
     }
 
     #[test]
