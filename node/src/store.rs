@@ -18,7 +18,7 @@ use crate::model::{NodeName, Version, VmRecord};
 
 /// Commands remembered for exactly-once (older ones are pruned): a client retrying a
 /// command within this many later commands gets the first outcome back.
-pub const MAX_COMMANDS: i64 = 10_000;
+pub const MAX_COMMANDS: i64 = 4096;
 /// Events kept in the local log.
 pub const MAX_EVENTS: i64 = 20_000;
 
@@ -94,6 +94,9 @@ impl Store {
              CREATE TABLE IF NOT EXISTS commands (
                  id TEXT PRIMARY KEY, record TEXT NOT NULL, clock INTEGER NOT NULL,
                  seq INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS done (
+                 vm TEXT PRIMARY KEY, restart INTEGER NOT NULL, failback INTEGER NOT NULL,
+                 clear INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
                  vm TEXT, message TEXT NOT NULL);",
@@ -255,6 +258,52 @@ impl Store {
             out.push(serde_json::from_str(&t?)?);
         }
         Ok(out)
+    }
+
+    /// Every command id held (the peer's digest of commands).
+    pub fn command_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare("SELECT id FROM commands ORDER BY seq")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every command, oldest first.
+    pub fn commands(&self) -> Result<Vec<CommandRecord>, StoreError> {
+        self.commands_since(0)
+    }
+
+    /// How far this node got through each VM's one-shot counters (local, not
+    /// replicated: each node performs each step once).
+    pub fn done(&self) -> Result<std::collections::BTreeMap<String, (u64, u64, u64)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT vm, restart, failback, clear FROM done")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)? as u64,
+                ),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_done(
+        &self,
+        vm: &str,
+        restart: u64,
+        failback: u64,
+        clear: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO done (vm, restart, failback, clear) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(vm) DO UPDATE SET restart = ?2, failback = ?3, clear = ?4",
+            params![vm, restart as i64, failback as i64, clear as i64],
+        )?;
+        Ok(())
     }
 
     pub fn log_event(&self, vm: Option<&str>, message: &str) -> Result<(), StoreError> {

@@ -416,22 +416,22 @@ impl Sim {
     /// The final table: each VM's state on each live node.
     fn table(&mut self) {
         self.note("state");
-        for i in 0..2 {
+        for (i, node) in NODES.iter().enumerate() {
             let Some(c) = self.nodes[i].cluster.as_ref() else {
-                let _ = writeln!(self.log, "{} down", NODES[i]);
+                let _ = writeln!(self.log, "{node} down");
                 continue;
             };
             let names: Vec<String> = self.nodes[i].store.keys().cloned().collect();
             for vm in names {
                 let Some(sh) = c.shown(&vm) else {
-                    let _ = writeln!(self.log, "{} {vm}: (forgotten)", NODES[i]);
+                    let _ = writeln!(self.log, "{} {vm}: (forgotten)", node);
                     continue;
                 };
                 let rec = c.record(&vm).expect("record");
                 let _ = writeln!(
                     self.log,
                     "{} {vm}: {} desired={} owner={} local={} v={} | {}",
-                    NODES[i],
+                    node,
                     sh.state,
                     rec.desired,
                     rec.owner.as_deref().unwrap_or("-"),

@@ -41,7 +41,6 @@ pub struct LinkSettings {
     pub cluster: String,
     pub me: String,
     pub peer: String,
-    pub listen: SocketAddr,
     pub peer_addr: SocketAddr,
     pub secret: Vec<u8>,
     pub heartbeat: Duration,
@@ -73,14 +72,14 @@ impl Outbox {
     }
 }
 
-/// Runs the channel forever: binds the listener (Err if it cannot), then dials or
-/// accepts, session after session.
+/// Runs the channel forever on `listener` (bound by the caller, so a bad address
+/// fails the start): dials or accepts, session after session.
 pub async fn run(
     s: LinkSettings,
+    listener: TcpListener,
     replica: Arc<dyn Replica>,
     outbox: Outbox,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(s.listen).await?;
     let s = Arc::new(s);
     if s.me < s.peer {
         tokio::spawn(async move {
@@ -93,12 +92,11 @@ pub async fn run(
             }
         });
         loop {
-            match tokio::time::timeout(s.timeout, TcpStream::connect(s.peer_addr)).await {
-                Ok(Ok(c)) => {
-                    let why = session(&s, c, &replica, &outbox).await;
-                    replica.peer_lost(why);
-                }
-                Ok(Err(_)) | Err(_) => {}
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(s.timeout, TcpStream::connect(s.peer_addr)).await
+            {
+                let why = session(&s, c, &replica, &outbox).await;
+                replica.peer_lost(why);
             }
             tokio::time::sleep(s.heartbeat).await;
         }

@@ -211,6 +211,16 @@ impl Supervisor {
             c.args(&plan.args[1..]);
             c
         };
+        // The daemon's systemd variables are its own, not the VMM's.
+        for k in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+        ] {
+            cmd.env_remove(k);
+        }
         cmd.envs(plan.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
