@@ -26,9 +26,6 @@ pub enum ClientError {
         error: String,
         kind: String,
     },
-    /// A command that was refused (404/409/400 with the command's answer).
-    #[error("{}", .0.message)]
-    Refused(Box<CommandResponse>),
 }
 
 impl ClientError {
@@ -36,11 +33,6 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => None,
             ClientError::Api { status, .. } => Some(*status),
-            ClientError::Refused(r) => Some(match r.error.as_deref() {
-                Some("unknown-vm") => 404,
-                Some("invalid") => 400,
-                _ => 409,
-            }),
         }
     }
 }
@@ -89,9 +81,6 @@ impl Client {
         if (200..300).contains(&status) {
             return serde_json::from_str(&text)
                 .map_err(|e| self.unreachable(format!("bad answer: {e}")));
-        }
-        if let Ok(c) = serde_json::from_str::<CommandResponse>(&text) {
-            return Err(ClientError::Refused(Box::new(c)));
         }
         match serde_json::from_str::<ApiError>(&text) {
             Ok(e) => Err(ClientError::Api {

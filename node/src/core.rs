@@ -26,7 +26,8 @@ use crate::peer::{Outbox, Replica};
 use crate::store::{CommandRecord, Event, Store};
 use crate::supervisor::{Supervisor, VmmEvent};
 
-/// Answer to a command, as the API returns it.
+/// Answer to a command that was done, as the API returns it (a refused command gets an
+/// [`crate::api::ApiError`] with its `command_id`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CommandResponse {
     /// The command's id (the client's `X-Command-Id`, or one made up): sending the same
@@ -34,13 +35,17 @@ pub struct CommandResponse {
     pub command_id: String,
     pub vm: String,
     pub op: String,
-    pub ok: bool,
     pub message: String,
-    /// unknown-vm, conflict, invalid (absent on success).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
     /// True when this answer is the one given the first time the id was seen.
     pub replayed: bool,
+}
+
+/// A command's HTTP status and JSON body (a [`CommandResponse`] or an
+/// [`crate::api::ApiError`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandOutcome {
+    pub status: u16,
+    pub body: serde_json::Value,
 }
 
 #[derive(Clone, Debug)]
@@ -298,15 +303,17 @@ impl Core {
     }
 
     /// Runs a command from the API exactly once per id.
-    pub fn command(&self, id: Option<String>, vm: &str, cmd: Command) -> CommandResponse {
+    pub fn command(&self, id: Option<String>, vm: &str, cmd: Command) -> CommandOutcome {
         let op = cmd.name().to_string();
         let id = id.unwrap_or_else(|| new_command_id(&self.cfg.node));
         let mut g = self.lock();
         if let Ok(Some(c)) = g.store.command(&id) {
-            if let Ok(mut r) = serde_json::from_value::<CommandResponse>(c.body) {
-                r.replayed = true;
-                return r;
-            }
+            let mut body = c.body;
+            body["replayed"] = serde_json::Value::Bool(true);
+            return CommandOutcome {
+                status: c.status,
+                body,
+            };
         }
         self.feed_locked(
             &mut g,
@@ -322,13 +329,13 @@ impl Core {
             .map(|(_, r)| r)
             .unwrap_or_else(|| Err(CmdError::Conflict("the command got no answer".into())));
         g.replies.clear();
-        let resp = response(&id, vm, &op, &result);
+        let out = outcome(&id, vm, &op, &result);
         let rec = CommandRecord {
             id: id.clone(),
             vm: vm.to_string(),
             op,
-            status: status_of(&result),
-            body: serde_json::to_value(&resp).unwrap_or_default(),
+            status: out.status,
+            body: out.body.clone(),
             node: self.cfg.node.clone(),
             clock: g.store.clock().unwrap_or(0),
         };
@@ -340,7 +347,7 @@ impl Core {
             }
             Err(e) => warn!("cannot record command {id}: {e}"),
         }
-        resp
+        out
     }
 
     pub fn vm_views(&self) -> Vec<VmView> {
@@ -471,44 +478,54 @@ fn view(peer: &str, g: &Inner, r: &VmRecord) -> VmView {
     }
 }
 
-fn status_of(r: &Result<CmdOk, CmdError>) -> u16 {
-    match r {
-        Ok(_) => 200,
-        Err(CmdError::UnknownVm(_)) => 404,
-        Err(CmdError::Conflict(_)) => 409,
-        Err(CmdError::Invalid(_)) => 400,
-    }
-}
-
-fn response(id: &str, vm: &str, op: &str, r: &Result<CmdOk, CmdError>) -> CommandResponse {
-    CommandResponse {
-        command_id: id.to_string(),
-        vm: vm.to_string(),
-        op: op.to_string(),
-        ok: r.is_ok(),
-        message: match r {
-            Ok(m) => m.clone(),
-            Err(e) => e.to_string(),
-        },
-        error: match r {
-            Ok(_) => None,
-            Err(CmdError::UnknownVm(_)) => Some("unknown-vm".into()),
-            Err(CmdError::Conflict(_)) => Some("conflict".into()),
-            Err(CmdError::Invalid(_)) => Some("invalid".into()),
-        },
-        replayed: false,
+fn outcome(id: &str, vm: &str, op: &str, r: &Result<CmdOk, CmdError>) -> CommandOutcome {
+    let (status, kind) = match r {
+        Ok(m) => {
+            let body = CommandResponse {
+                command_id: id.to_string(),
+                vm: vm.to_string(),
+                op: op.to_string(),
+                message: m.clone(),
+                replayed: false,
+            };
+            let status = if op == "create" { 201 } else { 200 };
+            return CommandOutcome {
+                status,
+                body: serde_json::to_value(body).unwrap_or_default(),
+            };
+        }
+        Err(CmdError::UnknownVm(_)) => (404, "not-found"),
+        Err(CmdError::Conflict(_)) => (409, "conflict"),
+        Err(CmdError::Invalid(_)) => (400, "invalid"),
+    };
+    let e = crate::api::ApiError {
+        error: r
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        kind: kind.into(),
+        command_id: Some(id.to_string()),
+        status,
+    };
+    CommandOutcome {
+        status,
+        body: serde_json::to_value(e).unwrap_or_default(),
     }
 }
 
 /// Turns a stored answer back into the step function's result (replicated commands).
-fn result_of(body: &serde_json::Value) -> Option<Result<CmdOk, CmdError>> {
-    let r: CommandResponse = serde_json::from_value(body.clone()).ok()?;
-    Some(match r.error.as_deref() {
-        None => Ok(r.message),
-        Some("unknown-vm") => Err(CmdError::UnknownVm(r.vm)),
-        Some("invalid") => Err(CmdError::Invalid(r.message)),
-        Some(_) => Err(CmdError::Conflict(r.message)),
-    })
+fn result_of(c: &CommandRecord) -> Option<Result<CmdOk, CmdError>> {
+    if (200..300).contains(&c.status) {
+        let r: CommandResponse = serde_json::from_value(c.body.clone()).ok()?;
+        return Some(Ok(r.message));
+    }
+    let e: crate::api::ApiError = serde_json::from_value(c.body.clone()).ok()?;
+    Some(Err(match c.status {
+        404 => CmdError::UnknownVm(c.vm.clone()),
+        400 => CmdError::Invalid(e.error),
+        _ => CmdError::Conflict(e.error),
+    }))
 }
 
 pub fn new_command_id(node: &str) -> String {
@@ -587,7 +604,7 @@ impl Replica for Core {
                 warn!("the peer sent a command record that does not decode");
                 continue;
             };
-            if let (Ok(true), Some(result)) = (g.store.put_command(&c), result_of(&c.body)) {
+            if let (Ok(true), Some(result)) = (g.store.put_command(&c), result_of(&c)) {
                 inputs.push(Input::CommandSeen { id: c.id, result });
             }
         }

@@ -96,18 +96,6 @@ fn command_id(h: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// A command's answer with the status it maps to.
-fn answer(r: CommandResponse, created: bool) -> Response {
-    let status = match r.error.as_deref() {
-        None if created && !r.replayed => StatusCode::CREATED,
-        None => StatusCode::OK,
-        Some("unknown-vm") => StatusCode::NOT_FOUND,
-        Some("invalid") => StatusCode::BAD_REQUEST,
-        Some(_) => StatusCode::CONFLICT,
-    };
-    (status, Json(r)).into_response()
-}
-
 async fn run(
     st: Arc<ApiState>,
     h: &HeaderMap,
@@ -116,10 +104,10 @@ async fn run(
 ) -> Result<Response, ApiError> {
     authorize(&st, h, Access::Admin)?;
     let id = command_id(h)?;
-    let created = matches!(cmd, Command::Create(_));
     let core = st.core.clone();
     let r = blocking(move || core.command(id, &vm, cmd)).await?;
-    Ok(answer(r, created))
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(r.body)).into_response())
 }
 
 /// The OpenAPI document of this API (no token needed).
@@ -205,9 +193,8 @@ pub async fn show_vm(
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", security(("token" = [])),
     params(("X-Command-Id" = Option<String>, Header, description = "Makes the command run once")),
     request_body = VmSpec,
-    responses((status = 201, body = CommandResponse), (status = 200, description = "A replayed create", body = CommandResponse),
-        (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError),
-        (status = 409, body = CommandResponse)))]
+    responses((status = 201, body = CommandResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
+        (status = 403, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn create_vm(State(st): S, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorize(&st, &h, Access::Admin)?;
     let spec: VmSpec = parse_json(&body)?;
@@ -222,7 +209,7 @@ pub async fn create_vm(State(st): S, h: HeaderMap, body: Bytes) -> Result<Respon
     params(("name" = String, Path, description = "VM name"), ("X-Command-Id" = Option<String>, Header, description = "Makes the command run once")),
     request_body = VmSettings,
     responses((status = 200, body = CommandResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
-        (status = 403, body = ApiError), (status = 404, body = CommandResponse), (status = 409, body = CommandResponse)))]
+        (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn set_vm(
     State(st): S,
     h: HeaderMap,
@@ -240,7 +227,7 @@ macro_rules! vm_command {
         #[utoipa::path($method, path = $path, tag = "vms", security(("token" = [])),
             params(("name" = String, Path, description = "VM name"), ("X-Command-Id" = Option<String>, Header, description = "Makes the command run once")),
             responses((status = 200, body = CommandResponse), (status = 400, body = ApiError), (status = 401, body = ApiError),
-                (status = 403, body = ApiError), (status = 404, body = CommandResponse), (status = 409, body = CommandResponse)))]
+                (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
         pub async fn $fn(State(st): S, h: HeaderMap, Path(name): Path<String>) -> Result<Response, ApiError> {
             run(st, &h, name, $cmd).await
         }

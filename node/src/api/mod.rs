@@ -36,6 +36,9 @@ pub struct ApiError {
     pub error: String,
     /// unauthorized, forbidden, bad-request, not-found, conflict, invalid, internal.
     pub kind: String,
+    /// The refused command's id (commands only): sent again, it gets this answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
     #[serde(skip)]
     pub status: u16,
 }
@@ -45,6 +48,7 @@ impl ApiError {
         ApiError {
             error: error.into(),
             kind: kind.into(),
+            command_id: None,
             status: status.as_u16(),
         }
     }
