@@ -118,7 +118,7 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
     let mut plan = ClusterPlan::new();
     plan.boot_grace_ms = 200;
     let _reaper = VmmReaper(&plan);
-    let _d = Daemon::start(&plan, 0);
+    let d = Daemon::start(&plan, 0);
     let api = Api::new(&plan);
     let (a, r) = (Some(ADMIN), Some(READER));
     // The validation is real: a body that does not fit the document is caught.
@@ -357,7 +357,7 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
             );
             (v["state"] == "running").then_some(v)
         },
-        || String::new(),
+        || d.log_text(),
     );
     assert_eq!(view["vmms"][0]["role"], "solo");
     assert!(
@@ -416,7 +416,7 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
             (v["state"] == "stopped" && v["vmms"].as_array().is_some_and(Vec::is_empty))
                 .then_some(())
         },
-        || String::new(),
+        || d.log_text(),
     );
     assert_eq!(
         api.call(
