@@ -532,6 +532,14 @@ peer = "10.0.0.2"
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../packaging/node.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!((c.node.as_str(), c.peer.name.as_str()), ("pm1", "pm2"));
+        assert_eq!(c.alink.links.len(), 2);
+    }
+
+    #[test]
     fn secret_must_be_long_enough() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = parse(GOOD).unwrap();
