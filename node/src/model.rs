@@ -205,6 +205,9 @@ pub struct VmRecord {
     pub clear_seq: u64,
     /// A deleted VM stays as a tombstone so a node that was away learns of the delete.
     pub deleted: bool,
+    /// Why the cluster (not the operator) stopped it, shown on both nodes.
+    #[serde(default)]
+    pub stopped_because: Option<String>,
     pub version: Version,
 }
 

@@ -395,3 +395,106 @@ fn start_raw(plan: &ClusterPlan, i: usize, text: &str) -> Daemon {
         log,
     }
 }
+
+#[test]
+fn an_ft_vm_goes_on_when_its_node_dies_and_is_protected_again_when_it_returns() {
+    let plan = ClusterPlan::new();
+    let _reaper = VmmReaper(&plan);
+    let mut d1 = Daemon::start(&plan, 0);
+    let d2 = Daemon::start(&plan, 1);
+    let (c1, c2) = (plan.client(0, ADMIN), plan.client(1, ADMIN));
+    let logs = |d1: &Daemon, d2: &Daemon| {
+        format!("--- pm1:\n{}\n--- pm2:\n{}", d1.log_text(), d2.log_text())
+    };
+    wait_for(
+        LONG,
+        "the daemons to meet",
+        || (peer_state(&c1) == Some(NodeState::Online)).then_some(()),
+        || logs(&d1, &d2),
+    );
+    c1.create(&spec("ft1", "ft", "pm1", &["counter", "disk"], true), None)
+        .unwrap();
+    c1.action("ft1", "start", None).unwrap();
+    wait_for(
+        LONG,
+        "ft1 protected",
+        || (c2.vm("ft1").ok()?.state == VmState::Protected).then_some(()),
+        || logs(&d1, &d2),
+    );
+
+    // PM1 dies: its daemon and its VMMs are SIGKILLed.
+    let pm1_vmms = vmm_pids(&plan, 0);
+    d1.kill();
+    for p in &pm1_vmms {
+        // SAFETY: kill(2) on the VMM pm1's daemon started (from its pid file).
+        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+    }
+    // The standby on pm2 takes over; pm2's daemon sees it, asks the quorum gate, and
+    // records itself as the owner; the guest goes on on pm2.
+    let v = wait_for(
+        LONG,
+        "pm2 to own ft1",
+        || {
+            let v = c2.vm("ft1").ok()?;
+            (v.owner.as_deref() == Some("pm2") && v.state == VmState::Simplex).then_some(v)
+        },
+        || logs(&d1, &d2),
+    );
+    let m = vmm(&v, "pm2").expect("the VMM on pm2");
+    assert_eq!(
+        m.0,
+        Role::Primary,
+        "the standby acts as the primary now: {:?}",
+        v.vmms
+    );
+    assert!(v.vmms.iter().any(|m| m.failed_over));
+    let events: Vec<String> = c2
+        .events(Some("ft1"), 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("quorum granted to take over")),
+        "{events:?}"
+    );
+    console_grows(&plan, 1, "ft1", &|| logs(&d1, &d2));
+
+    // PM1 returns: it catches up (pm2 owns ft1), starts a standby, the pair is protected
+    // again; failback is manual, and the reason says how.
+    let d1 = Daemon::start(&plan, 0);
+    let v = wait_for(
+        LONG,
+        "ft1 protected again",
+        || {
+            let v = c1.vm("ft1").ok()?;
+            (v.state == VmState::Protected && vmm(&v, "pm1").map(|m| m.0) == Some(Role::Standby))
+                .then_some(v)
+        },
+        || logs(&d1, &d2),
+    );
+    assert_eq!(v.owner.as_deref(), Some("pm2"));
+    let v2 = c2.vm("ft1").unwrap();
+    assert!(
+        v2.reason.contains("twinrun vm failback ft1"),
+        "{}",
+        v2.reason
+    );
+    // Failback needs the engine's role swap (phase 2): the command is taken, and the VM
+    // says why it stays.
+    c1.action("ft1", "failback", None).unwrap();
+    wait_for(
+        LONG,
+        "the failback's outcome",
+        || {
+            let v = c2.vm("ft1").ok()?;
+            v.reason
+                .contains("failback not done: the FT engine has no planned role swap yet")
+                .then_some(())
+        },
+        || logs(&d1, &d2),
+    );
+    console_grows(&plan, 1, "ft1", &|| logs(&d1, &d2));
+}

@@ -595,6 +595,7 @@ fn golden_both_start_at_once() {
         failback_seq: 0,
         clear_seq: 0,
         deleted: false,
+        stopped_because: None,
         version: Version {
             clock: 4,
             node: "pm1".into(),
@@ -690,4 +691,32 @@ fn golden_crash_restart_policy_and_daemon_restart() {
     s.boot(0);
     s.wait(100);
     s.compare("crash_and_adopt");
+}
+
+#[test]
+fn golden_node_return_without_autostart() {
+    let mut s = Sim::new();
+    s.link = true;
+    s.boot(0);
+    s.boot(1);
+    s.note("an unprotected VM without autostart runs on pm1");
+    s.command(
+        0,
+        "c1",
+        "un2",
+        Command::Create(spec(
+            "un2",
+            Protection::Unprotected,
+            "pm1",
+            Failback::Manual,
+            false,
+        )),
+    );
+    s.command(0, "c2", "un2", Command::Start);
+    s.note("pm1 dies and comes back: un2 stays stopped, and says why");
+    s.crash_node(0);
+    s.wait(100);
+    s.boot(0);
+    s.wait(100);
+    s.compare("node_return_no_autostart");
 }

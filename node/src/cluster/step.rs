@@ -606,15 +606,15 @@ impl Cluster {
                 continue;
             }
             if r.owner.as_deref() == Some(me.as_str()) && !r.spec.autostart {
+                let why = format!(
+                    "ran on {me} before its daemon started and runs no more; autostart is off: left stopped"
+                );
                 let mut rec = r.clone();
                 rec.desired = Desired::Stopped;
                 rec.owner = None;
+                rec.stopped_because = Some(why.clone());
                 let a = self.write(rec);
-                out.push(log(
-                    Some(&vm),
-                    "was running here before this node restarted; autostart is off: left stopped"
-                        .into(),
-                ));
+                out.push(log(Some(&vm), why));
                 out.push(a);
             }
         }
@@ -748,6 +748,7 @@ impl Cluster {
                     failback_seq: 0,
                     clear_seq: 0,
                     deleted: false,
+                    stopped_because: None,
                     version: Version::default(),
                 };
                 // A re-created name starts from a fresh slot (the tombstone's counters
@@ -778,6 +779,7 @@ impl Cluster {
                     return Ok("already running (nothing to do)".into());
                 }
                 rec.desired = Desired::Running;
+                rec.stopped_because = None;
                 let msg = if held.is_some() || peer_held.is_some() {
                     rec.clear_seq += 1;
                     "error cleared; starting"
@@ -799,6 +801,7 @@ impl Cluster {
                 }
                 rec.desired = want;
                 rec.owner = None;
+                rec.stopped_because = None;
                 out.push(self.write(rec));
                 Ok(if want == Desired::Stopped {
                     "shutting down".into()
@@ -931,10 +934,10 @@ impl Cluster {
         let acting = l.acting();
         if exit == ExitKind::Clean && acting != Role::Standby {
             // The guest ended by itself: it is stopped, not crashed.
-            s.note = "the guest exited (status 0)".into();
             let mut rec = rec;
             rec.desired = Desired::Stopped;
             rec.owner = None;
+            rec.stopped_because = Some(format!("the guest exited (status 0) on {}", self.me));
             out.push(self.write(rec));
             return;
         }
@@ -1014,8 +1017,8 @@ impl Cluster {
                 (VmState::Stopping, format!("{} by command", rec.desired))
             } else if peer_vmm.as_ref().is_some_and(|p| p.role.is_some()) {
                 (VmState::Stopping, format!("stopping on {peer}"))
-            } else if !s.note.is_empty() && s.note.contains("exited") {
-                (VmState::Stopped, s.note.clone())
+            } else if let Some(why) = &rec.stopped_because {
+                (VmState::Stopped, why.clone())
             } else {
                 (VmState::Stopped, format!("{} by command", rec.desired))
             }

@@ -103,7 +103,15 @@ pub async fn run(
     } else {
         let mut current: Option<tokio::task::JoinHandle<()>> = None;
         loop {
-            let (c, from) = listener.accept().await?;
+            let (c, from) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and the like pass; the channel must outlive them.
+                    warn!("peer channel: accept: {e}");
+                    tokio::time::sleep(s.heartbeat).await;
+                    continue;
+                }
+            };
             if let Some(old) = current.take() {
                 info!("new connection from {from} replaces the current one");
                 old.abort();

@@ -186,6 +186,7 @@ mod tests {
             failback_seq: 0,
             clear_seq: 0,
             deleted: false,
+            stopped_because: None,
             version: Version::default(),
         }
     }
