@@ -221,13 +221,8 @@ impl Core {
                     self.outbox.send(Msg::Records(vec![j]));
                 }
             }
-            Action::Done {
-                vm,
-                restart,
-                failback,
-                clear,
-            } => {
-                if let Err(e) = g.store.put_done(&vm, restart, failback, clear) {
+            Action::Done { vm, done } => {
+                if let Err(e) = g.store.put_done(&vm, &done) {
                     warn!("{vm}: {e}");
                 }
             }
@@ -582,18 +577,18 @@ impl Replica for Core {
 
     fn merge_records(&self, records: Vec<String>) {
         let mut g = self.lock();
-        let mut inputs = Vec::new();
+        // One record at a time: the store merges it and the step function sees it
+        // before anything else steps, so every record the step function holds is the
+        // store's (a local write never lands on a newer record it has not seen).
         for j in records {
             match serde_json::from_str::<VmRecord>(&j) {
                 Ok(r) => match g.store.merge(&r) {
-                    Ok(true) => inputs.push(Input::Record(r)),
-                    Ok(false) => {}
+                    Ok(_) => self.feed_locked(&mut g, vec![Input::Record(r)]),
                     Err(e) => warn!("merging {}: {e}", r.spec.name),
                 },
                 Err(e) => warn!("the peer sent a record that does not decode: {e}"),
             }
         }
-        self.feed_locked(&mut g, inputs);
     }
 
     fn merge_commands(&self, commands: Vec<String>) {

@@ -208,6 +208,8 @@ pub struct VmRecord {
     /// Why the cluster (not the operator) stopped it, shown on both nodes.
     #[serde(default)]
     pub stopped_because: Option<String>,
+    /// The version that created it: tells one incarnation of a name from the next.
+    pub created: Version,
     pub version: Version,
 }
 

@@ -19,6 +19,9 @@ use crate::model::{NodeName, Version, VmRecord};
 /// Commands remembered for exactly-once (older ones are pruned): a client retrying a
 /// command within this many later commands gets the first outcome back.
 pub const MAX_COMMANDS: i64 = 4096;
+/// Tombstones kept (the oldest go first): a node away for more deletes than this may
+/// bring a deleted VM's record back.
+pub const MAX_TOMBSTONES: i64 = 1024;
 /// Events kept in the local log.
 pub const MAX_EVENTS: i64 = 20_000;
 
@@ -94,9 +97,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS commands (
                  id TEXT PRIMARY KEY, record TEXT NOT NULL, clock INTEGER NOT NULL,
                  seq INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS done (
-                 vm TEXT PRIMARY KEY, restart INTEGER NOT NULL, failback INTEGER NOT NULL,
-                 clear INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS done (vm TEXT PRIMARY KEY, done TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
                  vm TEXT, message TEXT NOT NULL);",
@@ -200,6 +201,14 @@ impl Store {
                 rec.version.node
             ],
         )?;
+        if rec.deleted {
+            self.conn.execute(
+                "DELETE FROM vms WHERE name IN (SELECT name FROM vms
+                 WHERE json_extract(record, '$.deleted') = 1
+                 ORDER BY clock DESC LIMIT -1 OFFSET ?1)",
+                params![MAX_TOMBSTONES],
+            )?;
+        }
         Ok(())
     }
 
@@ -274,34 +283,23 @@ impl Store {
 
     /// How far this node got through each VM's one-shot counters (local, not
     /// replicated: each node performs each step once).
-    pub fn done(&self) -> Result<std::collections::BTreeMap<String, (u64, u64, u64)>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT vm, restart, failback, clear FROM done")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                (
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, i64>(3)? as u64,
-                ),
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn done(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, crate::cluster::Done>, StoreError> {
+        let mut st = self.conn.prepare("SELECT vm, done FROM done")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (vm, text) = row?;
+            out.insert(vm, serde_json::from_str(&text)?);
+        }
+        Ok(out)
     }
 
-    pub fn put_done(
-        &self,
-        vm: &str,
-        restart: u64,
-        failback: u64,
-        clear: u64,
-    ) -> Result<(), StoreError> {
+    pub fn put_done(&self, vm: &str, done: &crate::cluster::Done) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO done (vm, restart, failback, clear) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(vm) DO UPDATE SET restart = ?2, failback = ?3, clear = ?4",
-            params![vm, restart as i64, failback as i64, clear as i64],
+            "INSERT INTO done (vm, done) VALUES (?1, ?2) ON CONFLICT(vm) DO UPDATE SET done = ?2",
+            params![vm, serde_json::to_string(done)?],
         )?;
         Ok(())
     }
@@ -373,6 +371,7 @@ mod tests {
             clear_seq: 0,
             deleted: false,
             stopped_because: None,
+            created: Version::default(),
             version: Version {
                 clock,
                 node: node.into(),

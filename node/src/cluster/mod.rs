@@ -10,6 +10,6 @@ mod sim;
 pub mod step;
 
 pub use step::{
-    Action, Cluster, CmdError, CmdOk, Command, ExitKind, Input, PeerState, PeerVmm, Policy,
+    Action, Cluster, CmdError, CmdOk, Command, Done, ExitKind, Input, PeerState, PeerVmm, Policy,
     QuorumKind,
 };

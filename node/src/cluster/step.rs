@@ -135,7 +135,8 @@ pub enum Input {
     PeerLost,
     /// The peer's VMMs (complete: a VM missing has none there).
     PeerReport(BTreeMap<String, PeerVmm>),
-    /// A record that changed in the store by replication (it won the merge).
+    /// A record received from the peer (after the store merged it by the same rule:
+    /// it replaces ours only if its version is greater).
     Record(VmRecord),
     Command {
         id: String,
@@ -187,6 +188,17 @@ pub enum Input {
     },
 }
 
+/// How far a node got through one VM incarnation's one-shot counters (persisted
+/// locally, so a restarted daemon performs no step twice). A counter of another
+/// incarnation (the VM was deleted and created again) does not count.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Done {
+    pub created: Version,
+    pub restart: u64,
+    pub failback: u64,
+    pub clear: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Start a VMM for `record` with `role` on this node.
@@ -204,9 +216,7 @@ pub enum Action {
     /// Remember how far this node got through a VM's one-shot counters.
     Done {
         vm: String,
-        restart: u64,
-        failback: u64,
-        clear: u64,
+        done: Done,
     },
     /// Answer a command (and record the answer under its id).
     Reply {
@@ -265,6 +275,8 @@ struct Slot {
     local: Option<Local>,
     /// Times (ms) of crash restarts within the window.
     crashes: VecDeque<u64>,
+    /// The incarnation the done_* counters belong to (`VmRecord::created`).
+    incarnation: Version,
     done_restart: u64,
     done_failback: u64,
     done_clear: u64,
@@ -288,8 +300,15 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(record: VmRecord, done: (u64, u64, u64)) -> Slot {
+    /// A slot for `record`; `done` counts only if it is of the record's incarnation,
+    /// else every step the record holds counts as done (it was not ours to do).
+    fn new(record: VmRecord, done: Option<&Done>) -> Slot {
+        let done = match done {
+            Some(d) if d.created == record.created => (d.restart, d.failback, d.clear),
+            _ => (record.restart_seq, record.failback_seq, record.clear_seq),
+        };
         Slot {
+            incarnation: record.created.clone(),
             record,
             local: None,
             crashes: VecDeque::new(),
@@ -348,17 +367,13 @@ impl Cluster {
         peer: &str,
         policy: Policy,
         records: Vec<VmRecord>,
-        done: BTreeMap<String, (u64, u64, u64)>,
+        done: BTreeMap<String, Done>,
         clock: u64,
     ) -> Cluster {
         let vms = records
             .into_iter()
             .map(|r| {
-                let d = done.get(&r.spec.name).copied().unwrap_or((
-                    r.restart_seq,
-                    r.failback_seq,
-                    r.clear_seq,
-                ));
+                let d = done.get(&r.spec.name);
                 (r.spec.name.clone(), Slot::new(r, d))
             })
             .collect();
@@ -585,10 +600,8 @@ impl Cluster {
         for vm in names {
             self.reconcile(&vm, &mut out);
         }
-        // Tombstones whose files are gone and that nothing runs are forgotten here
-        // (the store keeps them for replication).
-        self.vms
-            .retain(|_, s| !(s.record.deleted && s.files_removed && s.local.is_none()));
+        // Tombstones stay (as in the store): a record of the deleted VM that the
+        // peer sends later must lose against them here as it does in the store.
         #[cfg(any(test, debug_assertions))]
         self.check();
         out
@@ -624,6 +637,10 @@ impl Cluster {
         self.clock = self.clock.max(rec.version.clock);
         let name = rec.spec.name.clone();
         match self.vms.get_mut(&name) {
+            // The same rule as the store's merge: an older or equal record changes
+            // nothing (the daemon feeds every received record, winner or not, so the
+            // clock above moves past every clock seen).
+            Some(s) if !crate::replica::wins(&rec.version, &s.record.version) => {}
             Some(s) => {
                 // Records from the catch-up (before PeerUp) that replace one written
                 // here: both were written while the nodes were apart, and ours lost.
@@ -640,9 +657,52 @@ impl Cluster {
                         ),
                     ));
                 }
+                if rec.created != s.incarnation {
+                    // Another incarnation (deleted and created again): its counters
+                    // start afresh, and nothing of the old one is held against it.
+                    s.incarnation = rec.created.clone();
+                    s.done_restart = rec.restart_seq;
+                    s.done_failback = rec.failback_seq;
+                    s.done_clear = rec.clear_seq;
+                    s.held = None;
+                    s.crashes.clear();
+                    s.record = rec;
+                    let d = done(&name, s);
+                    out.push(d);
+                    return;
+                }
                 if rec.clear_seq > s.done_clear {
                     s.held = None;
                     s.crashes.clear();
+                }
+                // The one-shot counters only grow: a record that won over ours by
+                // last-writer-wins must not undo a restart, failback or clear that ours
+                // carried (both were written while the nodes were apart). The maximum
+                // of each is written as a new version, which both nodes then hold.
+                // Floors: what ours carried and what this node already performed.
+                let ours = s.record.clone();
+                let floor = (
+                    ours.restart_seq.max(s.done_restart),
+                    ours.failback_seq.max(s.done_failback),
+                    ours.clear_seq.max(s.done_clear),
+                );
+                let mut rec = rec;
+                let lost_steps = !rec.deleted
+                    && (floor.0 > rec.restart_seq
+                        || floor.1 > rec.failback_seq
+                        || floor.2 > rec.clear_seq);
+                if lost_steps {
+                    rec.restart_seq = rec.restart_seq.max(floor.0);
+                    rec.failback_seq = rec.failback_seq.max(floor.1);
+                    rec.clear_seq = rec.clear_seq.max(floor.2);
+                    out.push(log(
+                        Some(&name),
+                        "kept the commands (restart, failback, clear) of the change it replaced"
+                            .into(),
+                    ));
+                    s.record = rec.clone();
+                    out.push(self.write(rec));
+                    return;
                 }
                 s.record = rec;
             }
@@ -654,8 +714,7 @@ impl Cluster {
                     Some(&name),
                     format!("learned of it from {}", rec.version.node),
                 ));
-                let d = (rec.restart_seq, rec.failback_seq, rec.clear_seq);
-                self.vms.insert(name, Slot::new(rec, d));
+                self.vms.insert(name, Slot::new(rec, None));
             }
         }
     }
@@ -739,6 +798,7 @@ impl Cluster {
                 let slot = (0..MAX_VMS as u16 * 2)
                     .find(|s| !used.contains(s))
                     .unwrap_or(0);
+                let version = self.version();
                 let rec = VmRecord {
                     spec,
                     desired: Desired::Stopped,
@@ -749,13 +809,15 @@ impl Cluster {
                     clear_seq: 0,
                     deleted: false,
                     stopped_because: None,
-                    version: Version::default(),
+                    created: version.clone(),
+                    version,
                 };
-                // A re-created name starts from a fresh slot (the tombstone's counters
-                // belong to the old VM).
-                self.vms
-                    .insert(vm.to_string(), Slot::new(rec.clone(), (0, 0, 0)));
-                out.push(self.write(rec));
+                // A new incarnation: a fresh slot (a tombstone's counters belong to the
+                // old VM).
+                let fresh = Slot::new(rec.clone(), None);
+                out.push(done(vm, &fresh));
+                self.vms.insert(vm.to_string(), fresh);
+                out.push(Action::Persist(rec));
                 Ok("created (stopped; `twinrun vm start` runs it)".into())
             }
             Command::Delete => {
@@ -1113,17 +1175,64 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| me.clone());
         let peer_role = peer_vmm.and_then(|p| p.role);
+        if let Some(role) = local_role {
+            // A VMM started for another protection level (the level was changed on
+            // the other node while the nodes were apart) stops, to start again as one
+            // that fits.
+            let fits = if ft {
+                role != Role::Solo
+            } else {
+                role == Role::Solo
+            };
+            if !fits {
+                self.stop_local(vm, false, out);
+                return (
+                    VmState::Stopping,
+                    format!(
+                        "its level is now {}: stopping the {role} VMM started for the old one",
+                        rec.spec.protection
+                    ),
+                );
+            }
+        }
         if local_role.is_none() {
-            if let Some(other) = self
+            let clash = self
                 .records()
                 .find(|r| r.slot == rec.slot && r.spec.name != rec.spec.name)
-            {
+                .map(|r| (r.spec.name.clone(), r.created.clone()));
+            if let Some((other, other_created)) = clash {
+                // Two VMs created while the nodes were apart took the same slot (A-Link
+                // ports, TAP names). One that runs nowhere moves to the lowest free slot
+                // if the other runs or is not to run, or else the younger one does; both
+                // nodes pick the same slot.
+                let younger =
+                    (rec.created.clone(), rec.spec.name.clone()) > (other_created, other.clone());
+                let other_runs = self.vms.get(&other).is_some_and(|s| s.local.is_some())
+                    || self.peer_vmms.get(&other).is_some_and(|p| p.role.is_some());
+                let other_waits = self
+                    .vms
+                    .get(&other)
+                    .is_some_and(|s| s.record.desired == Desired::Running);
+                if peer_role.is_none() && (other_runs || !other_waits || younger) {
+                    let used: std::collections::BTreeSet<u16> =
+                        self.records().map(|r| r.slot).collect();
+                    if let Some(free) = (0..MAX_VMS as u16 * 2).find(|s| !used.contains(s)) {
+                        let mut r = rec.clone();
+                        r.slot = free;
+                        out.push(log(
+                            Some(vm),
+                            format!("its slot {} was also {other}'s (both created while the nodes were apart): moved to slot {free}", rec.slot),
+                        ));
+                        out.push(self.write(r));
+                        return (
+                            VmState::Pending,
+                            format!("moved to slot {free} (A-Link ports, TAP names)"),
+                        );
+                    }
+                }
                 return (
                     VmState::Pending,
-                    format!(
-                        "its A-Link ports and TAP names clash with VM {} (both created while the nodes were apart): delete and re-create one of them",
-                        other.spec.name
-                    ),
+                    format!("its A-Link ports and TAP names clash with VM {other}'s (both created while the nodes were apart); one of them moves"),
                 );
             }
         }
@@ -1132,6 +1241,19 @@ impl Cluster {
         // writes owner = itself; the other waits for the record.
         let owner = match rec.owner.clone() {
             Some(o) => o,
+            None if matches!(local_role, Some(Role::Solo | Role::Primary)) => {
+                // It already runs here (a start on the other node while the nodes were
+                // apart cleared the owner): this copy is the one; were the other node
+                // to claim it too, the later record wins and the loser stops its copy.
+                let mut r = rec.clone();
+                r.owner = Some(me.clone());
+                out.push(log(
+                    Some(vm),
+                    format!("already runs on {me}: owner is {me}"),
+                ));
+                out.push(self.write(r));
+                me.clone()
+            }
             None => {
                 let target = if self.node_online(&pref) {
                     pref.clone()
@@ -1282,6 +1404,31 @@ impl Cluster {
         // The owner is the peer.
         if ft {
             if let Some(Role::Primary) = local_role {
+                let peer_primary = peer_online
+                    && peer_vmm.is_some_and(|p| {
+                        p.role == Some(Role::Primary)
+                            || (p.role == Some(Role::Standby) && p.failed_over)
+                    });
+                if peer_primary {
+                    // Both nodes run it (our standby took over while the owner lived:
+                    // the A-Links were cut, or a partition healed). The record decides:
+                    // the owner's copy stays, ours stops.
+                    if !self.vms[vm].stop_sent {
+                        out.push(log(
+                            Some(vm),
+                            format!(
+                                "split brain: both nodes ran it; the record names {peer} the owner: stopping the copy here (its disk needs a resync)"
+                            ),
+                        ));
+                    }
+                    self.stop_local(vm, false, out);
+                    return (
+                        VmState::Stopping,
+                        format!(
+                            "split brain resolved for {peer}, the owner: stopping the copy here"
+                        ),
+                    );
+                }
                 // Our standby took over: the record must follow, under the quorum.
                 return self.takeover(vm, rec, out);
             }
@@ -1424,8 +1571,14 @@ impl Cluster {
                 }
             }
             assert!(
-                s.done_restart <= s.record.restart_seq && s.done_clear <= s.record.clear_seq,
-                "{name}: a counter step done that the record does not hold"
+                s.record.deleted
+                    || (s.done_restart <= s.record.restart_seq
+                        && s.done_clear <= s.record.clear_seq),
+                "{name}: a counter step done that the record does not hold (done {}/{}, record {}/{})",
+                s.done_restart,
+                s.done_clear,
+                s.record.restart_seq,
+                s.record.clear_seq
             );
         }
     }
@@ -1441,8 +1594,11 @@ fn log(vm: Option<&str>, msg: String) -> Action {
 fn done(vm: &str, s: &Slot) -> Action {
     Action::Done {
         vm: vm.into(),
-        restart: s.done_restart,
-        failback: s.done_failback,
-        clear: s.done_clear,
+        done: Done {
+            created: s.incarnation.clone(),
+            restart: s.done_restart,
+            failback: s.done_failback,
+            clear: s.done_clear,
+        },
     }
 }

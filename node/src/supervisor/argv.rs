@@ -187,6 +187,7 @@ mod tests {
             clear_seq: 0,
             deleted: false,
             stopped_because: None,
+            created: Version::default(),
             version: Version::default(),
         }
     }
