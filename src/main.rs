@@ -34,6 +34,7 @@ fn main() {
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
         Command::Disk(cmd) => twinrun::cli::disk::run(&cmd),
         Command::Demo(a) => twinrun::demo::run(&a),
+        Command::Witness(a) => twinrun::cli::witness::run(&a),
     };
     std::process::exit(code);
 }

@@ -34,6 +34,8 @@ pub enum Command {
     /// FT demo on this machine (root): a protected pair in network namespaces, a kv
     /// client, SIGKILL of the primary mid-load, and a report of what was lost (nothing).
     Demo(DemoArgs),
+    /// Quorum witness service for FT pairs (UDP), and its status.
+    Witness(super::witness::WitnessArgs),
 }
 
 /// Flags of `twinrun demo`.

@@ -14,6 +14,7 @@ pub mod ft;
 pub mod guest_path;
 pub mod resolve;
 pub mod snapshot;
+pub mod witness;
 
 pub use args::{Cli, Command, DemoArgs, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};
 pub use resolve::{resolve_run_config, CliError};
