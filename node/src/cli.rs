@@ -39,6 +39,9 @@ pub struct Conn {
     pub json: bool,
     /// `--command-id`: makes a change run once even if the command is sent again.
     pub command_id: Option<String>,
+    /// `--ca-file`, else `$TWINRUN_API_CA`: the CA (or self-signed certificate) of an
+    /// HTTPS API.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One cluster command.
@@ -71,7 +74,14 @@ impl Conn {
                 read_token(&f)?
             }
         };
-        Ok(Client::new(&api, &token))
+        let ca = self
+            .ca_file
+            .clone()
+            .or_else(|| std::env::var_os("TWINRUN_API_CA").map(PathBuf::from));
+        match ca {
+            Some(ca) => Client::with_ca(&api, &token, &ca).map_err(|e| (exit::USAGE, e)),
+            None => Ok(Client::new(&api, &token)),
+        }
     }
 }
 

@@ -45,15 +45,41 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        Self::build(base, token, None)
+    }
+
+    /// A client of an HTTPS API whose certificate is signed by the PEM CA in `ca`
+    /// (or is that self-signed certificate).
+    pub fn with_ca(base: &str, token: &str, ca: &std::path::Path) -> Result<Client, String> {
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", ca.display()))?;
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|i| match i {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(format!("{}: no PEM certificate in it", ca.display()));
+        }
+        Ok(Self::build(
+            base,
+            token,
+            Some(ureq::tls::RootCerts::new_with_certs(&certs)),
+        ))
+    }
+
+    fn build(base: &str, token: &str, roots: Option<ureq::tls::RootCerts>) -> Client {
+        let mut cfg = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
-            .http_status_as_error(false)
-            .build()
-            .into();
+            .http_status_as_error(false);
+        if let Some(r) = roots {
+            cfg = cfg.tls_config(ureq::tls::TlsConfig::builder().root_certs(r).build());
+        }
         Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
-            agent,
+            agent: cfg.build().into(),
         }
     }
 

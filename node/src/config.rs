@@ -57,6 +57,11 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Lines `admin <token>` or `read-only <token>` ('#' starts a comment).
     pub tokens_file: PathBuf,
+    /// Serve HTTPS: PEM certificate chain and private key (both or neither).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -343,6 +348,18 @@ impl NodeConfig {
                 self.cluster_link.peer_timeout_ms, self.cluster_link.heartbeat_ms
             )));
         }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            let key = if self.api.tls_cert.is_some() {
+                "tls_cert"
+            } else {
+                "tls_key"
+            };
+            return Err((
+                "api",
+                key,
+                "give both tls_cert and tls_key (PEM), or neither".into(),
+            ));
+        }
         if self.cluster_link.listen == self.api.listen {
             return Err((
                 "api",
@@ -525,6 +542,13 @@ peer = "10.0.0.2"
         assert_eq!(parse(&bad).unwrap_err().line(), Some(4));
         let bad = GOOD.replace("links = [{ local = \"10.88.0.1\", peer = \"10.88.0.2\" }, { local = \"10.88.1.1\", peer = \"10.88.1.2\" }]", "links = []");
         assert_eq!(parse(&bad).unwrap_err().line(), Some(20));
+        let bad = GOOD.replace(
+            "tokens_file = \"/etc/twinrun/api-tokens\"",
+            "tokens_file = \"/etc/twinrun/api-tokens\"\ntls_cert = \"/c.pem\"",
+        );
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.line(), Some(10), "{e}");
+        assert!(e.to_string().contains("both tls_cert and tls_key"), "{e}");
         let bad = format!("{GOOD}\n[quorum]\nmode = \"witness\"\npreferred = \"10.0.9.1:4557\"\n");
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.line(), Some(27), "{e}");

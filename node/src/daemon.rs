@@ -32,6 +32,7 @@ pub struct Checked {
     pub secret: Vec<u8>,
     pub tokens: Tokens,
     pub twinrun_bin: PathBuf,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 pub fn check(config: &Path) -> Result<Checked, String> {
@@ -61,11 +62,16 @@ pub fn check(config: &Path) -> Result<Checked, String> {
             ));
         }
     }
+    let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+        (Some(c), Some(k)) => Some(crate::api::tls::acceptor(c, k)?),
+        _ => None,
+    };
     Ok(Checked {
         cfg,
         secret,
         tokens,
         twinrun_bin,
+        tls,
     })
 }
 
@@ -99,6 +105,7 @@ async fn serve(c: Checked) -> i32 {
         secret,
         tokens,
         twinrun_bin,
+        tls,
     } = c;
     let api_listener = match TcpListener::bind(cfg.api.listen).await {
         Ok(l) => l,
@@ -151,7 +158,7 @@ async fn serve(c: Checked) -> i32 {
         tokens,
     });
     tokio::spawn(async move {
-        if let Err(e) = crate::api::serve(api_listener, state).await {
+        if let Err(e) = crate::api::serve(api_listener, tls, state).await {
             error!("API: {e}");
         }
     });

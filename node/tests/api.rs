@@ -648,3 +648,111 @@ fn cli_json_output_and_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(6));
 }
+
+#[test]
+fn the_api_over_tls() {
+    let mut plan = ClusterPlan::new();
+    // A self-signed certificate for the API's loopback address.
+    let (cert, key) = (
+        plan.dir.path().join("api.crt"),
+        plan.dir.path().join("api.key"),
+    );
+    let ip = plan.api[0].ip().to_string();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=twinrund",
+        ])
+        .arg("-addext")
+        .arg(format!("subjectAltName=IP:{ip}"))
+        // An end-entity certificate (webpki refuses a CA certificate as the server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    plan.tls = Some((cert.clone(), key.clone()));
+    let d = Daemon::start(&plan, 0);
+    let url = format!("https://{}", plan.api[0]);
+    // A client that trusts the certificate talks; the token still decides.
+    let c = Client::with_ca(&url, READER, &cert).unwrap();
+    assert_eq!(c.nodes().unwrap().len(), 2, "{}", d.log_text());
+    let admin = Client::with_ca(&url, ADMIN, &cert).unwrap();
+    admin
+        .create(
+            &spec("web", "unprotected", "pm1", &["counter"], false),
+            None,
+        )
+        .unwrap();
+    assert!(matches!(
+        c.create(&spec("x", "unprotected", "pm1", &["counter"], false), None),
+        Err(twinrund::client::ClientError::Api { status: 403, .. })
+    ));
+    // One that does not trust it, and plain HTTP on the TLS port, get nowhere.
+    let e = Client::new(&url, READER).nodes().unwrap_err();
+    assert!(
+        matches!(e, twinrund::client::ClientError::Unreachable { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    assert!(Client::new(&format!("http://{}", plan.api[0]), READER)
+        .nodes()
+        .is_err());
+    // The CLI: --ca-file, and a clear error without it.
+    let tok = plan.dir.path().join("ro.token");
+    std::fs::write(&tok, READER).unwrap();
+    let run = |ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(twinrun_bin());
+        cmd.args(["vm", "list", "--json", "--api", &url, "--token-file"])
+            .arg(&tok);
+        if let Some(ca) = ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = run(Some(&cert));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&ok.stdout).unwrap()[0]["spec"]["name"],
+        "web"
+    );
+    assert_eq!(run(None).status.code(), Some(6));
+    // A certificate and key that do not fit are a config error (exit 2).
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = Command::new(twinrund_bin())
+        .args(["--check-config", "--config"])
+        .arg(plan.config_path(0))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

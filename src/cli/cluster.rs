@@ -29,6 +29,10 @@ pub struct ApiArgs {
     /// first answer.
     #[arg(long, value_name = "ID")]
     pub command_id: Option<String>,
+    /// CA (or self-signed certificate), PEM, of an https:// API (default:
+    /// $TWINRUN_API_CA, else the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -38,6 +42,7 @@ impl ApiArgs {
             token_file: self.token_file.clone(),
             json: self.json,
             command_id: self.command_id.clone(),
+            ca_file: self.ca_file.clone(),
         }
     }
 }

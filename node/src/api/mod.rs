@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod doc;
 mod handlers;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -86,7 +87,23 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ApiState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+/// Serves the API on `listener` until the process ends, over TLS when `tls` is given.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<ApiState>,
+) -> std::io::Result<()> {
+    match tls {
+        Some(acceptor) => {
+            axum::serve(
+                tls::TlsListener {
+                    tcp: listener,
+                    acceptor,
+                },
+                router(state),
+            )
+            .await
+        }
+        None => axum::serve(listener, router(state)).await,
+    }
 }

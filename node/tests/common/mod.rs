@@ -141,6 +141,8 @@ pub struct ClusterPlan {
     pub port_base: u16,
     pub max_restart: u32,
     pub boot_grace_ms: u64,
+    /// Serve the API over TLS: (certificate, key) PEM files.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -172,6 +174,7 @@ impl ClusterPlan {
             dir,
             max_restart: 2,
             boot_grace_ms: 1500,
+            tls: None,
         }
     }
 
@@ -206,6 +209,7 @@ guest_elf = "{guest}"
 [api]
 listen = "{api}"
 tokens_file = "{d}/tokens"
+{tls}
 
 [cluster_link]
 listen = "{link}"
@@ -242,6 +246,11 @@ scope = "never"
             base = self.port_base,
             max_restart = self.max_restart,
             grace = self.boot_grace_ms,
+            tls = self.tls.as_ref().map_or(String::new(), |(c, k)| format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"",
+                c.display(),
+                k.display()
+            )),
         );
         let p = self.config_path(i);
         std::fs::write(&p, text).expect("config");
@@ -249,7 +258,12 @@ scope = "never"
     }
 
     pub fn client(&self, i: usize, token: &str) -> Client {
-        Client::new(&format!("http://{}", self.api[i]), token)
+        match &self.tls {
+            Some((cert, _)) => {
+                Client::with_ca(&format!("https://{}", self.api[i]), token, cert).expect("CA")
+            }
+            None => Client::new(&format!("http://{}", self.api[i]), token),
+        }
     }
 }
 
@@ -289,10 +303,10 @@ impl Daemon {
         };
         let c = plan.client(i, READER);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while c.nodes().is_err() {
+        while let Err(e) = c.nodes() {
             assert!(
                 Instant::now() < deadline,
-                "twinrund did not serve its API:\n{}",
+                "twinrund did not serve its API ({e}):\n{}",
                 d.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
