@@ -187,6 +187,9 @@ fn vms_run_survive_a_daemon_sigkill_and_crashes_follow_the_restart_policy() {
             .any(|m| m.starts_with("adopted its running solo VMM")),
         "{events:?}"
     );
+    // Both adoptions were confirmed by the VMMs' control sockets.
+    let log = d1.log_text();
+    assert!(!log.contains("control socket"), "{log}");
 
     // A crashing VMM: restarted twice (max_restart = 2), then held in error.
     for round in 1..=3 {

@@ -7,7 +7,6 @@
 //! pid file and the control socket.
 
 pub mod argv;
-pub mod control;
 mod procfs;
 
 use std::collections::BTreeMap;
@@ -136,7 +135,7 @@ impl Supervisor {
         if st.start_time != pf.start_time {
             return Err(format!("pid {} now belongs to another process", pf.pid));
         }
-        if st.zombie {
+        if st.ended() {
             return Err("the process has ended".into());
         }
         let cmdline = procfs::cmdline(pf.pid).unwrap_or_default();
@@ -147,13 +146,19 @@ impl Supervisor {
                 pf.pid
             ));
         }
-        // The control socket confirms (solo and primary serve one; a standby does not).
-        if pf.role != Role::Standby {
-            let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
-            match control::status(&sock, Duration::from_secs(2)) {
-                Ok(s) if s.name == vm && s.pid == pf.pid => {}
-                Ok(s) => warn!("{vm}: control socket answers as {} (pid {})", s.name, s.pid),
-                Err(e) => warn!("{vm}: control socket: {e} (adopting on the pid file's word)"),
+        // The control socket confirms (every `twinrun vm run --name` serves one, both
+        // ends of a pair included). /proc already showed this is our VM's process, so a
+        // socket that disagrees or does not answer is logged, never a reason to start
+        // a second copy.
+        let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
+        match twinrun_control::status(&sock, Duration::from_secs(2)) {
+            Ok(s) if s.name == vm && s.pid == pf.pid => {}
+            Ok(s) => warn!(
+                "{vm}: its control socket answers as {} pid {}, not pid {}",
+                s.name, s.pid, pf.pid
+            ),
+            Err(e) => {
+                warn!("{vm}: control socket: {e} (adopting on the pid file's and /proc's word)")
             }
         }
         info!("{vm}: adopted running {} VMM pid {}", pf.role, pf.pid);
@@ -308,7 +313,8 @@ impl Supervisor {
                     Err(e) => Some(ExitKind::Crashed(format!("cannot wait for it: {e}"))),
                 },
                 None => match procfs::stat(p.pid) {
-                    Some(s) if s.start_time == p.start_time && !s.zombie => None,
+                    // Ended only once every thread is gone (its socket closed with it).
+                    Some(s) if s.start_time == p.start_time && !s.ended() => None,
                     _ => Some(ExitKind::Crashed(format!(
                         "ended while adopted (status unknown; see {})",
                         p.log.display()

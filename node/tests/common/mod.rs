@@ -27,13 +27,28 @@ pub fn twinrund_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_twinrund"))
 }
 
-/// The `twinrun` binary (another package's): `$TWINRUN_BIN`, else built once per test
-/// process with cargo (a no-op when it is up to date, as in a workspace test run).
+/// The `twinrun` binary (another package's): `$TWINRUN_BIN`, else the one a workspace
+/// build left in the target directory (`cargo nextest run --workspace` builds it for
+/// the root package's tests), else built once here. A `cargo test -p twinrund` after a
+/// change to the CLI uses the binary as last built: build the workspace first, or
+/// set `$TWINRUN_BIN`. (Building it from here each time would relink it whenever the
+/// two packages' feature sets differ, ~30 s.)
 pub fn twinrun_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("TWINRUN_BIN") {
             return Ok(PathBuf::from(p));
+        }
+        // The test binary lives in target/<profile>/deps; twinrun in target/debug.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let target = exe
+            .ancestors()
+            .find(|a| a.file_name().is_some_and(|n| n == "target"))
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| repo_root().join("target"));
+        let p = target.join("debug/twinrun");
+        if p.is_file() {
+            return Ok(p);
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
@@ -47,14 +62,6 @@ pub fn twinrun_bin() -> PathBuf {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        // The test binary lives in target/<profile>/deps; twinrun in target/debug.
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let target = exe
-            .ancestors()
-            .find(|a| a.file_name().is_some_and(|n| n == "target"))
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let p = target.join("debug/twinrun");
         if p.is_file() {
             Ok(p)
         } else {
