@@ -321,21 +321,16 @@ pub struct NodeView {
     pub protocol: Option<u32>,
 }
 
-/// Checks a VM name: it becomes file and socket names.
+/// Checks a VM name: it becomes file and socket names (the VMM's own rule) and an
+/// argument of commands (so not starting with '-'), at most 48 bytes.
 pub fn check_vm_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad VM name {name:?}: use 1-48 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
-        ))
+    twinrun_control::paths::check_vm_name(name)?;
+    if name.len() > 48 || name.starts_with('-') {
+        return Err(format!(
+            "bad VM name {name:?}: at most 48 bytes, not starting with '-'"
+        ));
     }
+    Ok(())
 }
 
 const WORKLOADS: [&str; 4] = ["counter", "dirty", "disk", "kv"];
