@@ -202,7 +202,7 @@ fn main() {
         if q {
             pause::run(&[256, 1024], 8, 2)
         } else {
-            pause::run(&[256, 1024, 4096], 20, 2)
+            pause::run(&[256, 1024, 4096, 16384], 20, 2)
         }
     });
     section("ft", &mut || ft::run(&elf, &dir, q));
