@@ -1,0 +1,312 @@
+//! The [`Alink`] handle: starting the links, sending, receiving, flushing, events and
+//! status, and shutting everything down on drop.
+
+use crate::buf::BufPool;
+use crate::handshake::{ReplayCache, Role};
+use crate::health::LinkHealth;
+use crate::linkset::TxWindow;
+use crate::reorder::{InMsg, RxReorder};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::config::AlinkConfig;
+use super::connect::{link_manager, listen, Authed};
+use super::error::AlinkError;
+use super::events::Event;
+use super::shared::{lock, LinkShared, Shared};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub up: bool,
+    pub queued_msgs: usize,
+    pub sent_msgs: u64,
+    pub sent_bytes: u64,
+    pub connections: u64,
+    pub refused: u64,
+}
+
+pub struct Alink {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+impl Alink {
+    /// Starts all links. The accepting end binds its listeners before returning (errors are
+    /// reported here); connections are made in the background.
+    pub fn start(cfg: AlinkConfig) -> Result<Alink, AlinkError> {
+        cfg.validate()?;
+        let n = cfg.links.len();
+        let role = cfg.role();
+        let shared = Arc::new(Shared {
+            origin: Instant::now(),
+            stop: AtomicBool::new(false),
+            tx: Mutex::new(TxWindow::new(n, cfg.window)),
+            tx_work: Condvar::new(),
+            tx_room: Condvar::new(),
+            rx: Mutex::new(RxReorder::new(cfg.window.max_msgs as u64)),
+            rx_ready: Condvar::new(),
+            ack_sent: AtomicU64::new(1),
+            ack_due: AtomicBool::new(false),
+            bytes_since_ack: AtomicU64::new(0),
+            events: Mutex::new(VecDeque::new()),
+            event_cv: Condvar::new(),
+            links: (0..n).map(|_| LinkShared::default()).collect(),
+            health: (0..n)
+                .map(|_| Mutex::new(LinkHealth::new(cfg.health)))
+                .collect(),
+            replay: Mutex::new(ReplayCache::new(1024)),
+            handshakes_inflight: AtomicUsize::new(0),
+            rx_pool: BufPool::default(),
+            cfg,
+        });
+        let mut threads = Vec::new();
+        let mut local_addrs = Vec::new();
+        for (i, addrs) in shared.cfg.links.iter().enumerate() {
+            match role {
+                Role::Dialer => {
+                    local_addrs.push(addrs.local);
+                    let s = shared.clone();
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("alink-dial{i}"))
+                            .spawn(move || link_manager(s, i, None))?,
+                    );
+                }
+                Role::Acceptor => {
+                    let listener = TcpListener::bind(addrs.local)?;
+                    listener.set_nonblocking(true)?;
+                    local_addrs.push(listener.local_addr()?);
+                    let (tx, rx) = mpsc::sync_channel::<Authed>(1);
+                    let s = shared.clone();
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("alink-lsn{i}"))
+                            .spawn(move || listen(s, i, listener, tx))?,
+                    );
+                    let s = shared.clone();
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("alink-acc{i}"))
+                            .spawn(move || link_manager(s, i, Some(rx)))?,
+                    );
+                }
+            }
+        }
+        Ok(Alink {
+            shared,
+            threads,
+            local_addrs,
+        })
+    }
+
+    /// The addresses the links use locally (listeners: the bound address, useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Sends a message: `head` is postcard-encoded, `payload` chunks are sent as they are
+    /// (reference-counted, never copied). Blocks while the window is full.
+    pub fn send<T: serde::Serialize>(
+        &self,
+        head: &T,
+        payload: Vec<Bytes>,
+    ) -> Result<u64, AlinkError> {
+        self.send_timeout(head, payload, None)
+    }
+
+    /// Like [`Alink::send`], failing with Timeout if the window stays full for `timeout`.
+    pub fn send_timeout<T: serde::Serialize>(
+        &self,
+        head: &T,
+        payload: Vec<Bytes>,
+        timeout: Option<Duration>,
+    ) -> Result<u64, AlinkError> {
+        let head = postcard::to_stdvec(head)?;
+        let len = head.len() + payload.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.shared.cfg.max_frame_body as usize {
+            return Err(AlinkError::TooLarge {
+                len,
+                max: self.shared.cfg.max_frame_body,
+            });
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut tx = lock(&self.shared.tx);
+        loop {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Err(AlinkError::Closed);
+            }
+            if tx.has_room(len) {
+                break;
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(AlinkError::Timeout);
+                    }
+                    (d - now).min(Duration::from_millis(100))
+                }
+                None => Duration::from_millis(100),
+            };
+            tx = self
+                .shared
+                .tx_room
+                .wait_timeout(tx, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let seq = tx.push(head, payload).ok_or(AlinkError::Timeout)?;
+        drop(tx);
+        self.shared.tx_work.notify_all();
+        Ok(seq)
+    }
+
+    /// Next message in sequence order, waiting up to `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<InMsg>, AlinkError> {
+        let deadline = Instant::now() + timeout;
+        let mut rx = lock(&self.shared.rx);
+        loop {
+            if let Some(m) = rx.pop() {
+                let ack = rx.ack();
+                let has_more = rx.has_ready();
+                drop(rx);
+                self.after_consume(ack, m.body.len() as u64, has_more);
+                return Ok(Some(m));
+            }
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Err(AlinkError::Closed);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            rx = self
+                .shared
+                .rx_ready
+                .wait_timeout(rx, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Decides whether the consumption just recorded warrants an immediate ack (rather than
+    /// waiting for the next heartbeat): an eighth of the window consumed, or the consumer
+    /// caught up with what arrived.
+    fn after_consume(&self, ack: u64, bytes: u64, has_more: bool) {
+        let s = &self.shared;
+        let since = s.bytes_since_ack.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let sent = s.ack_sent.load(Ordering::Relaxed);
+        let w = s.cfg.window;
+        let msgs_due = ack.saturating_sub(sent) >= (w.max_msgs as u64 / 8).max(1);
+        let bytes_due = since >= (w.max_bytes as u64 / 8).max(1);
+        if msgs_due || bytes_due || (!has_more && ack > sent) {
+            s.ack_due.store(true, Ordering::Release);
+            // Take the tx lock so a writer between its check and its wait cannot miss this.
+            drop(lock(&s.tx));
+            s.tx_work.notify_all();
+        }
+    }
+
+    /// Waits until the peer consumed everything sent so far.
+    pub fn flush(&self, timeout: Duration) -> Result<(), AlinkError> {
+        let deadline = Instant::now() + timeout;
+        let mut tx = lock(&self.shared.tx);
+        while !tx.is_drained() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AlinkError::Timeout);
+            }
+            tx = self
+                .shared
+                .tx_room
+                .wait_timeout(tx, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Next event, waiting up to `timeout`.
+    pub fn poll_event(&self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut q = lock(&self.shared.events);
+        loop {
+            if let Some(e) = q.pop_front() {
+                return Some(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            q = self
+                .shared
+                .event_cv
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// How the receive-buffer pool has done (buffers reused against allocated).
+    pub fn rx_pool_stats(&self) -> crate::buf::PoolStats {
+        self.shared.rx_pool.stats()
+    }
+
+    /// True while at least one link is up.
+    pub fn peer_reachable(&self) -> bool {
+        lock(&self.shared.tx).any_up()
+    }
+
+    pub fn link_status(&self) -> Vec<LinkStatus> {
+        let tx = lock(&self.shared.tx).stats();
+        tx.iter()
+            .zip(&self.shared.links)
+            .map(|(t, l)| LinkStatus {
+                up: t.up,
+                queued_msgs: t.queued_msgs,
+                sent_msgs: t.sent_msgs,
+                sent_bytes: t.sent_bytes,
+                connections: l.connections.load(Ordering::Relaxed),
+                refused: l.refused.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Messages received twice (resent after a link failure) and dropped.
+    pub fn duplicates_dropped(&self) -> u64 {
+        lock(&self.shared.rx).duplicates()
+    }
+}
+
+impl Drop for Alink {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.stop.store(true, Ordering::SeqCst);
+        for l in &s.links {
+            if let Some(c) = lock(&l.conn).as_ref() {
+                c.kill();
+            }
+        }
+        {
+            let _g = lock(&s.tx);
+            s.tx_work.notify_all();
+            s.tx_room.notify_all();
+        }
+        s.rx_ready.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Handshake threads end within the handshake timeout (they poll `stop` every 50 ms).
+        let deadline = Instant::now() + s.cfg.handshake_timeout + Duration::from_millis(200);
+        while s.handshakes_inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
