@@ -119,6 +119,9 @@ pub struct FrameDecoder {
     seg: Option<SegRx>,
     pool: BufPool,
     placer: Option<Placer>,
+    /// The message whose payload was granted a placement and has not completed (also
+    /// after the frame failed: its destinations hold part of it).
+    placing: Option<u64>,
     failed: Option<FrameError>,
 }
 
@@ -158,6 +161,7 @@ impl FrameDecoder {
             seg: None,
             pool,
             placer: None,
+            placing: None,
             failed: None,
         }
     }
@@ -183,10 +187,7 @@ impl FrameDecoder {
     /// The message whose payload is being written into a placement now (granted, not
     /// finished): if the stream ends here, its destinations hold a partial payload.
     pub fn placing(&self) -> Option<u64> {
-        match (&self.pending, &self.seg) {
-            (Some(h), Some(s)) if s.placed.is_some() => Some(h.msg_seq),
-            _ => None,
-        }
+        self.placing
     }
 
     /// Where the next bytes from the stream go. Never empty unless the decoder failed.
@@ -416,7 +417,9 @@ impl FrameDecoder {
                 });
             }
         }
-        if placed.is_none() {
+        if placed.is_some() {
+            self.placing = Some(h.msg_seq);
+        } else {
             let mut body = self.pool.take(h.body_len as usize);
             if let Some(head) = &self.body {
                 body[..head_len].copy_from_slice(&head[..head_len]);
@@ -593,6 +596,7 @@ impl FrameDecoder {
                 let nseg = s.nseg;
                 let crcs = s.crcs.finish();
                 let torn = seg::check(&s.trailer[..s.trailer_need], nseg, &crcs)?;
+                self.placing = None;
                 self.take_pending();
                 let body = self
                     .body
@@ -1089,6 +1093,17 @@ mod tests {
         // The rest (trailer included) completes it and ends the placement.
         assert_eq!(d.feed(&w[HEADER_LEN + 1 + 5000..]).unwrap().len(), 1);
         assert_eq!(d.placing(), None);
+        // A placed frame that fails its segment checks (found at the trailer) leaves the
+        // placement reported: its destinations hold bytes that did not check.
+        let mut w = e
+            .encode_segmented(43, b"h", &pattern(3 * 4096, 4), seg(4096), &[])
+            .unwrap();
+        w[HEADER_LEN + 1 + 4096 + 5] ^= 1;
+        assert!(matches!(
+            d.feed(&w),
+            Err(FrameError::BadSegment { index: 1, .. })
+        ));
+        assert_eq!(d.placing(), Some(43));
     }
 
     #[test]

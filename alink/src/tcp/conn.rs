@@ -3,8 +3,9 @@
 //! the link's unacknowledged messages move to the other links.
 
 use crate::frame::Kind;
+use crate::frame::{PlaceRequest, Placement};
 use crate::health::HealthAction;
-use crate::reorder::InMsg;
+use crate::reorder::{InMsg, PayloadAt};
 use log::{info, warn};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,12 @@ pub(super) fn run_conn(
     if let Err(e) = stream.set_read_timeout(Some(shared.tick())) {
         warn!("alink link {link}: {e}");
         return None;
+    }
+    {
+        // Placed payloads: claim the message first (see `reorder`), then ask the
+        // receiver's placer; a claim the placer declines is given back.
+        let s = shared.clone();
+        dec.set_placer(Box::new(move |req| place(&s, link, req)));
     }
     let conn = Arc::new(Conn {
         stream,
@@ -105,7 +112,7 @@ pub(super) fn run_conn(
             Ok(0) => break "peer closed the connection".to_string(),
             Ok(n) => match dec.advance(n) {
                 Ok(Some(frame)) => {
-                    if let Err(e) = on_frame(shared, frame) {
+                    if let Err(e) = on_frame(shared, frame, link) {
                         shared.refuse(link, Some(peer), e.clone());
                         break e;
                     }
@@ -145,6 +152,11 @@ pub(super) fn run_conn(
         warn!("alink link {link}: connection with {peer} down: {reason}");
     }
     conn.kill();
+    if let Some(seq) = dec.placing() {
+        // Cut off mid-payload (or the frame failed its checks): its places hold part of
+        // it. Another copy, parked meanwhile, resolves it now; else a resend or void will.
+        abandon(shared, seq, link);
+    }
     {
         let _g = lock(&shared.tx);
         shared.tx_work.notify_all();
@@ -163,16 +175,57 @@ pub(super) fn run_conn(
     replacement
 }
 
-pub(super) fn on_frame(shared: &Shared, frame: crate::frame::Frame) -> Result<(), String> {
+/// The decoder's placer on `link`: a claim, then the receiver's placer.
+fn place(shared: &Shared, link: usize, req: &PlaceRequest<'_>) -> Option<Placement> {
+    let placer = lock(&shared.placer).clone()?;
+    if !lock(&shared.rx).try_claim(req.msg_seq, req.barrier, link) {
+        return None;
+    }
+    let p = placer(req);
+    if p.is_none() {
+        abandon(shared, req.msg_seq, link);
+    }
+    p
+}
+
+fn abandon(shared: &Shared, seq: u64, link: usize) {
+    let mut rx = lock(&shared.rx);
+    match rx.abandon(seq, link) {
+        Ok(_) => {
+            if rx.has_ready() {
+                shared.rx_ready.notify_all();
+            }
+        }
+        Err(e) => warn!("alink link {link}: message {seq}: {e}"),
+    }
+}
+
+pub(super) fn on_frame(
+    shared: &Shared,
+    frame: crate::frame::Frame,
+    link: usize,
+) -> Result<(), String> {
     match frame.header.kind {
         Kind::Data => {
-            let msg = InMsg {
-                seq: frame.header.msg_seq,
-                head_len: frame.header.head_len as usize,
-                body: frame.body,
-            };
+            let mut msg = InMsg::new(
+                frame.header.msg_seq,
+                frame.header.head_len as usize,
+                frame.body,
+            );
+            if let Some(s) = frame.seg {
+                msg.at = if s.void {
+                    PayloadAt::Lost
+                } else if let Some(p) = &s.placed {
+                    msg.placed_len = p.len();
+                    PayloadAt::Placed
+                } else {
+                    PayloadAt::InBody
+                };
+                msg.torn = s.torn;
+                msg.seg_size = s.seg_size;
+            }
             let mut rx = lock(&shared.rx);
-            rx.on_message(msg).map_err(|e| e.to_string())?;
+            rx.on_message_from(msg, link).map_err(|e| e.to_string())?;
             if rx.has_ready() {
                 shared.rx_ready.notify_all();
             }

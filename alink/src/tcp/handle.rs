@@ -2,9 +2,11 @@
 //! status, and shutting everything down on drop.
 
 use crate::buf::BufPool;
+use crate::frame::{PlaceRequest, Placement};
 use crate::handshake::{ReplayCache, Role};
 use crate::health::LinkHealth;
-use crate::linkset::TxWindow;
+use crate::lent::Lent;
+use crate::linkset::{SegOpts, TxWindow};
 use crate::reorder::{InMsg, RxReorder};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -64,6 +66,8 @@ impl Alink {
             replay: Mutex::new(ReplayCache::new(1024)),
             handshakes_inflight: AtomicUsize::new(0),
             rx_pool: BufPool::default(),
+            placer: Mutex::new(None),
+            lost: Mutex::new(Vec::new()),
             cfg,
         });
         let mut threads = Vec::new();
@@ -129,14 +133,118 @@ impl Alink {
         timeout: Option<Duration>,
     ) -> Result<u64, AlinkError> {
         let head = postcard::to_stdvec(head)?;
-        let len = head.len() + payload.iter().map(|p| p.len()).sum::<usize>();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.push(head, payload, None, None, deadline)
+    }
+
+    /// Sends a segmented message (see [`SegOpts`]): a CRC per `seg_size` segment of the
+    /// payload instead of one for the body, and the receiver may have the payload read
+    /// straight into its final place ([`Alink::set_placer`]) once message
+    /// `opts.barrier` was consumed there. Blocks while the window is full.
+    pub fn send_segmented<T: serde::Serialize>(
+        &self,
+        head: &T,
+        payload: Vec<Bytes>,
+        opts: SegOpts,
+    ) -> Result<u64, AlinkError> {
+        let head = postcard::to_stdvec(head)?;
+        self.push(head, payload, Some(opts), None, None)
+    }
+
+    /// Sends a batch of segmented messages whose payloads are *lent*: slices of the
+    /// caller's memory (guest memory), written by the links' writer threads straight
+    /// from where they lie, spread over every healthy link, with no copy. Blocks until
+    /// every message was written whole into a socket once (or `timeout`), then ends the
+    /// loan; returns the messages' sequence numbers.
+    ///
+    /// With `opts.volatile` the memory may change while it is sent: segments that
+    /// changed under their write are marked torn (the receiver gets them unchecked in
+    /// [`InMsg::torn`]; the caller must send that memory again, which a dirty log does).
+    /// A message that has to be sent again after the loan ended (its link failed before
+    /// the peer acknowledged it, or it was not written within `timeout`) goes as a void
+    /// message: delivered as [`crate::PayloadAt::Lost`] and listed by
+    /// [`Alink::take_lost`], so the caller sends that memory again too.
+    pub fn send_lent<T: serde::Serialize>(
+        &self,
+        batch: &[(&T, &[&[u8]])],
+        opts: SegOpts,
+        timeout: Duration,
+    ) -> Result<Vec<u64>, AlinkError> {
+        /// Ends every loan when the call returns, whatever the path (errors, unwinding):
+        /// no writer may touch the caller's memory afterwards.
+        struct Loans(Vec<Arc<Lent>>);
+        impl Drop for Loans {
+            fn drop(&mut self) {
+                for l in &self.0 {
+                    l.revoke();
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut loans = Loans(Vec::with_capacity(batch.len()));
+        let mut seqs = Vec::with_capacity(batch.len());
+        for (head, slices) in batch {
+            let head = postcard::to_stdvec(head)?;
+            // SAFETY: the slices are borrowed for this whole call, and `loans` revokes
+            // every loan (waiting for the writers holding it) before the call returns.
+            let lent = Arc::new(unsafe { Lent::new(slices) });
+            loans.0.push(lent.clone());
+            seqs.push(self.push(head, Vec::new(), Some(opts), Some(lent), Some(deadline))?);
+        }
+        for l in &loans.0 {
+            l.wait_written(deadline);
+        }
+        drop(loans);
+        Ok(seqs)
+    }
+
+    /// Lent messages sent void since the last call (see [`Alink::send_lent`]), each once.
+    /// A message may be listed although the peer got it whole (its acknowledgement was
+    /// lost with the link): sending its memory again is then merely redundant.
+    pub fn take_lost(&self) -> Vec<u64> {
+        std::mem::take(&mut *lock(&self.shared.lost))
+    }
+
+    /// From now on, the payload of each segmented message is read straight into the
+    /// places `placer` returns for it (given its checked head), or into a pooled buffer
+    /// when it returns None. Delivered messages say which ([`InMsg::at`]); a placed
+    /// message's segments were checked as they arrived, before it counts. See
+    /// [`crate::reorder`] for the rules that make writing in place safe, and
+    /// [`Placement::new`] for what the destinations must guarantee.
+    pub fn set_placer(
+        &self,
+        placer: impl Fn(&PlaceRequest<'_>) -> Option<Placement> + Send + Sync + 'static,
+    ) {
+        *lock(&self.shared.placer) = Some(Arc::new(placer));
+    }
+
+    /// Payloads go into pooled buffers again (messages being placed now finish).
+    pub fn clear_placer(&self) {
+        *lock(&self.shared.placer) = None;
+    }
+
+    /// Messages whose payloads are being written in place right now.
+    pub fn placing(&self) -> usize {
+        lock(&self.shared.rx).claimed()
+    }
+
+    fn push(
+        &self,
+        head: Vec<u8>,
+        payload: Vec<Bytes>,
+        seg: Option<SegOpts>,
+        lent: Option<Arc<Lent>>,
+        deadline: Option<Instant>,
+    ) -> Result<u64, AlinkError> {
+        let len = head.len()
+            + payload.iter().map(|p| p.len()).sum::<usize>()
+            + lent.as_ref().map_or(0, |l| l.len());
         if len > self.shared.cfg.max_frame_body as usize {
             return Err(AlinkError::TooLarge {
                 len,
                 max: self.shared.cfg.max_frame_body,
             });
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         let mut tx = lock(&self.shared.tx);
         loop {
             if self.shared.stop.load(Ordering::Relaxed) {
@@ -162,7 +270,9 @@ impl Alink {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        let seq = tx.push(head, payload).ok_or(AlinkError::Timeout)?;
+        let seq = tx
+            .push_msg(head, payload, seg, lent)
+            .ok_or(AlinkError::Timeout)?;
         drop(tx);
         self.shared.tx_work.notify_all();
         Ok(seq)
@@ -177,7 +287,7 @@ impl Alink {
                 let ack = rx.ack();
                 let has_more = rx.has_ready();
                 drop(rx);
-                self.after_consume(ack, m.body.len() as u64, has_more);
+                self.after_consume(ack, (m.body.len() + m.placed_len) as u64, has_more);
                 return Ok(Some(m));
             }
             if self.shared.stop.load(Ordering::Relaxed) {

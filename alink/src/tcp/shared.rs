@@ -1,6 +1,7 @@
 //! State shared by the A-Link's threads and its handle.
 
 use crate::buf::BufPool;
+use crate::frame::{PlaceRequest, Placement};
 use crate::handshake::{HandshakeConfig, ReplayCache};
 use crate::health::LinkHealth;
 use crate::linkset::TxWindow;
@@ -61,7 +62,16 @@ pub(super) struct Shared {
     /// Receive buffers of every link (frame bodies, handed to the consumer as
     /// [`InMsg::body`] and recycled when it drops them).
     pub(super) rx_pool: BufPool,
+    /// Where placed payloads go (see `reorder`); None: every payload into `rx_pool`.
+    pub(super) placer: Mutex<Option<SharedPlacer>>,
+    /// Lent messages that had to be sent as void (their loan ended before a resend),
+    /// for [`super::Alink::take_lost`].
+    pub(super) lost: Mutex<Vec<u64>>,
 }
+
+/// The receiver's placer, shared by every link's reader.
+pub(super) type SharedPlacer =
+    Arc<dyn Fn(&PlaceRequest<'_>) -> Option<Placement> + Send + Sync + 'static>;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking thread already reported its bug; the state machines stay consistent under
