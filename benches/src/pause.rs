@@ -424,6 +424,34 @@ pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure
 }
 
 pub fn figures(all: &[SizeRun]) -> Vec<Figure> {
+    for run in all {
+        for (plot, p) in [("pause-p50", 50.0), ("pause-p99", 99.0)] {
+            let points = COUNTS
+                .iter()
+                .zip(&run.rounds)
+                .filter(|(n, _)| **n > 0)
+                .map(|(n, r)| (f64::from(*n), pct(&r.total, p) * 1e6))
+                .collect();
+            crate::series::line(
+                plot,
+                &format!("checkpoint pause p{p:.0} (us: kick + capture + harvest) vs dirty pages"),
+                &run.label(),
+                points,
+            );
+        }
+        let points = COUNTS
+            .iter()
+            .zip(&run.rounds)
+            .filter(|(n, _)| **n > 0)
+            .map(|(n, r)| (f64::from(*n), pct(&r.harvest, 50.0) * 1e6))
+            .collect();
+        crate::series::line(
+            "harvest-p50",
+            "dirty harvest p50 (us) vs dirty pages",
+            &run.label(),
+            points,
+        );
+    }
     let us = |v: &[f64], p: f64| pct(v, p) * 1e6;
     let smallest = all.first().map(|r| r.mib);
     let mut figs = Vec::new();
