@@ -324,7 +324,8 @@ fn write_report(dir: &std::path::Path, figs: &[Figure]) -> Result<usize, String>
         }
     }
     let machine = format!(
-        "{}; kernel {}; {}",
+        "{} CPUs {}; kernel {}; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(
