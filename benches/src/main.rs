@@ -63,7 +63,7 @@ fn usage() -> ! {
         "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
-  --report DIR: DIR/report.json (figures, series, context) and one SVG + PNG per plot;
+  --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
          without --only it runs every section, the sweeps included
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
@@ -347,5 +347,45 @@ fn write_report(dir: &std::path::Path, figs: &[Figure]) -> Result<usize, String>
         }
     );
     let files = plots::render(dir, &series, &format!("twinrun-bench, {machine}"))?;
+    // The data behind the plots.
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let rows: Vec<String> = series
+        .iter()
+        .map(|s| {
+            let data = match &s.data {
+                series::Data::Line { label, points } => format!(
+                    "\"line\":\"{}\",\"points\":[{}]",
+                    esc(label),
+                    points
+                        .iter()
+                        .map(|(x, y)| format!("[{x},{y}]"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                series::Data::Bars(b) => format!(
+                    "\"bars\":[{}]",
+                    b.iter()
+                        .map(|(l, v)| format!("[\"{}\",{v}]", esc(l)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            };
+            format!(
+                "{{\"plot\":\"{}\",\"title\":\"{}\",{data}}}",
+                esc(&s.plot),
+                esc(&s.title)
+            )
+        })
+        .collect();
+    let path = dir.join("series.json");
+    std::fs::write(
+        &path,
+        format!(
+            "{{\"machine\":\"{}\",\"series\":[{}]}}\n",
+            esc(&machine),
+            rows.join(",")
+        ),
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(files.len())
 }
