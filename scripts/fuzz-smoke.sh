@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz) and runs each for a bounded time.
+# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, quorum/fuzz) and runs each for a bounded time.
 # Exits non-zero if a build fails or any target finds a crash.
 # Usage: scripts/fuzz-smoke.sh [seconds-per-target]   (default 20)
 set -euo pipefail
@@ -12,9 +12,10 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 # "crate-dir:target" pairs; each crate dir has its own fuzz/ workspace.
-targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder)
+targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder
+    quorum:witness_decoder)
 
-for d in vmm alink; do
+for d in vmm alink quorum; do
     (cd "$root/$d" && cargo +nightly fuzz build)
 done
 

@@ -31,6 +31,8 @@ pub enum Command {
     /// FT demo on this machine (root): a protected pair in network namespaces, a kv
     /// client, SIGKILL of the primary mid-load, and a report of what was lost (nothing).
     Demo(DemoArgs),
+    /// Quorum witness service for FT pairs (UDP), and its status.
+    Witness(super::witness::WitnessArgs),
 }
 
 /// Flags of `twinrun demo`.
@@ -108,6 +110,11 @@ pub enum VmCommand {
     ///
     /// Exit codes: 0 applied; 1 the VM could not be reached; 2 bad input.
     Fault(super::fault::FaultArgs),
+    /// What a running VM (started with --name) reports: for one end of an FT pair its
+    /// role, protection state, checkpoints committed, failover, A-Links and disks.
+    ///
+    /// Exit codes: 0 printed; 1 the VM could not be reached; 2 bad input.
+    Status(super::status::StatusArgs),
 }
 
 /// A test-guest workload.

@@ -1,22 +1,41 @@
 //! Where a run's two ends live: both on loopback, or in two network namespaces joined by
 //! veth pairs (one per link), and the memory the page-moving runs send and receive.
 
-#[path = "../../tests/common/netns.rs"]
-mod netns;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::thread::JoinHandle;
 
-pub use netns::available as netns_available;
+use twinrun_lab::netns::in_netns;
+use twinrun_lab::Topology;
+
+pub use twinrun_lab::can_build_namespaces as netns_available;
 
 pub enum Net {
     Loopback,
-    Netns(netns::NetnsPair),
+    /// Two PMs of the lab's topology joined by one veth pair per A-Link.
+    Netns(Box<Topology>),
+}
+
+/// A thread on one side; joined for its result.
+pub enum Thread<T> {
+    Plain(std::thread::JoinHandle<T>),
+    Ns(twinrun_lab::netns::NsThread<T>),
+}
+
+impl<T> Thread<T> {
+    pub fn join(self) -> Result<T, String> {
+        match self {
+            Thread::Plain(h) => h.join().map_err(|_| "thread panicked".to_string()),
+            Thread::Ns(h) => h.join().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl Net {
     pub fn netns(links: usize) -> Result<Net, String> {
-        Ok(Net::Netns(netns::NetnsPair::new(links)?))
+        Topology::builder()
+            .alinks(links)
+            .build()
+            .map(|t| Net::Netns(Box::new(t)))
+            .map_err(|e| e.to_string())
     }
 
     pub fn name(&self) -> &'static str {
@@ -30,7 +49,7 @@ impl Net {
     pub fn addr(&self, link: usize, side: usize, port: u16) -> SocketAddr {
         match self {
             Net::Loopback => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-            Net::Netns(p) => p.addr(link, side, port),
+            Net::Netns(t) => SocketAddr::new(t.alink_addr(side, link).ip(), port),
         }
     }
 
@@ -39,10 +58,12 @@ impl Net {
         &self,
         side: usize,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> JoinHandle<T> {
+    ) -> Thread<T> {
         match self {
-            Net::Loopback => std::thread::spawn(f),
-            Net::Netns(p) => p.run_in(side, f),
+            Net::Loopback => Thread::Plain(std::thread::spawn(f)),
+            Net::Netns(t) => {
+                Thread::Ns(in_netns(t.pm_ns(side), f).expect("enter the PM's namespace"))
+            }
         }
     }
 }

@@ -1,0 +1,393 @@
+//! `twinrun witness` as a real process on loopback, with real UDP clients: grants and
+//! leases, wrong secret, unknown cluster, replay, malformed datagrams, many clusters and
+//! VMs, and a restart that keeps every generation.
+
+use std::fs;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quorum::witness::ops::{Reply, Request};
+use quorum::witness::wire::{
+    decode, encode, ClientError, ClientEvent, ClientWire, Packet, Refusal,
+};
+use quorum::NodeId;
+use twinrun_lab::Proc;
+
+const SECRET: &[u8] = b"witness-test-secret-0123";
+
+/// A witness process, killed (and reaped) on drop.
+struct Witness {
+    proc: Proc,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Witness {
+    fn start(dir: &Path, clusters: &[&str]) -> Witness {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinrun"));
+        cmd.args(["witness", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join("state"));
+        for c in clusters {
+            let s = dir.join(format!("{c}.secret"));
+            fs::write(&s, SECRET).unwrap();
+            cmd.arg("--cluster").arg(format!("{c}={}", s.display()));
+        }
+        let _ = fs::remove_file(dir.join("state/status.json"));
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let proc = Proc::spawn("witness", &mut cmd).unwrap();
+        // The listen address (port 0 was bound) comes from its status file.
+        let t = Instant::now();
+        let addr = loop {
+            if let Ok(b) = fs::read(dir.join("state/status.json")) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                    if let Some(a) = v["listen"].as_str().and_then(|s| s.parse().ok()) {
+                        break a;
+                    }
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the witness did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Witness {
+            proc,
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn stop(&mut self) -> i32 {
+        self.proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+        let st = self.proc.wait_timeout(Duration::from_secs(60));
+        st.expect("the witness stops on SIGTERM")
+            .code()
+            .unwrap_or(-1)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_twinrun"))
+            .args(["witness", "status", "--json", "--state-dir"])
+            .arg(self.dir.join("state"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// A synchronous client: one socket, one session.
+struct Client {
+    sock: UdpSocket,
+    wire: ClientWire,
+    to: SocketAddr,
+}
+
+impl Client {
+    fn new(to: SocketAddr, cluster: &str, node: u64, secret: &[u8]) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Client {
+            sock,
+            wire: ClientWire::new(cluster, NodeId(node), secret),
+            to,
+        }
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        let mut b = [0u8; 2048];
+        self.sock
+            .recv_from(&mut b)
+            .ok()
+            .map(|(n, _)| b[..n].to_vec())
+    }
+
+    /// The handshake; the error the client saw if it failed.
+    fn connect(&mut self) -> Result<(), ClientError> {
+        for _ in 0..10 {
+            let h = self
+                .wire
+                .hello(quorum::witness::wire::random_nonce().unwrap());
+            self.sock.send_to(&h, self.to).unwrap();
+            while let Some(b) = self.recv() {
+                match self.wire.on_datagram(&b)? {
+                    ClientEvent::Send(a) => {
+                        self.sock.send_to(&a, self.to).unwrap();
+                    }
+                    ClientEvent::Ready => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+        panic!("no handshake with the witness");
+    }
+
+    fn call(&mut self, op: &Request) -> Reply {
+        for _ in 0..10 {
+            let (seq, b) = self.wire.request(op).unwrap();
+            self.sock.send_to(&b, self.to).unwrap();
+            while let Some(b) = self.recv() {
+                if let Ok(ClientEvent::Reply { seq: s, reply }) = self.wire.on_datagram(&b) {
+                    if s == seq {
+                        return reply;
+                    }
+                }
+            }
+        }
+        panic!("no answer to {op:?}");
+    }
+}
+
+fn acquire(vm: &str, node: u64, from: u64) -> Request {
+    Request::Acquire {
+        vm: vm.into(),
+        node: NodeId(node),
+        from,
+        lease_ms: 200,
+    }
+}
+
+#[test]
+fn grants_leases_and_restart_keep_generations() {
+    let d = tempfile::tempdir().unwrap();
+    let mut w = Witness::start(d.path(), &["plant-a"]);
+    let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
+    let mut b = Client::new(w.addr, "plant-a", 2, SECRET);
+    a.connect().unwrap();
+    b.connect().unwrap();
+    assert_eq!(
+        a.call(&acquire("vm0", 1, 0)),
+        Reply::Granted {
+            generation: 1,
+            lease_ms: 200
+        }
+    );
+    let renew = Request::Renew {
+        vm: "vm0".into(),
+        node: NodeId(1),
+        generation: 1,
+        lease_ms: 200,
+        peer_outdated: false,
+    };
+    assert!(matches!(
+        a.call(&renew),
+        Reply::Granted { generation: 1, .. }
+    ));
+    // The standby cannot take over while the holder's lease runs...
+    assert!(matches!(
+        b.call(&acquire("vm0", 2, 1)),
+        Reply::Busy {
+            holder: Some(NodeId(1)),
+            ..
+        }
+    ));
+    // ...and gets generation 2 once it lapsed.
+    std::thread::sleep(Duration::from_millis(260));
+    assert_eq!(
+        b.call(&acquire("vm0", 2, 1)),
+        Reply::Granted {
+            generation: 2,
+            lease_ms: 200
+        }
+    );
+    assert!(matches!(
+        a.call(&renew),
+        Reply::Lost {
+            generation: 2,
+            holder: Some(NodeId(2))
+        }
+    ));
+    assert_eq!(w.stop(), 0, "SIGTERM stops the witness cleanly");
+
+    // A restarted witness knows generation 2, and waits a full lease before granting.
+    let w = Witness::start(d.path(), &["plant-a"]);
+    let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
+    a.connect().unwrap();
+    assert!(matches!(
+        a.call(&acquire("vm0", 1, 1)),
+        Reply::Lost { generation: 2, .. }
+    ));
+    assert!(matches!(a.call(&acquire("vm0", 1, 2)), Reply::Busy { .. }));
+    let st = w.status();
+    assert_eq!(st["vms"][0]["generation"], 2);
+    assert_eq!(st["vms"][0]["holder"], 2);
+    // The old primary's replica is stale: it may not take over from 2.
+    std::thread::sleep(Duration::from_millis(260));
+    assert_eq!(
+        a.call(&acquire("vm0", 1, 2)),
+        Reply::Outdated { generation: 2 }
+    );
+}
+
+#[test]
+fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let w = Witness::start(d.path(), &["plant-a"]);
+    // Wrong secret: the witness's proof does not verify at the client...
+    let mut bad = Client::new(w.addr, "plant-a", 1, b"not-the-secret-at-all");
+    assert_eq!(bad.connect(), Err(ClientError::WitnessNotAuthentic));
+    // ...and a guessed auth is refused by the witness.
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let hello = encode(&Packet::Hello {
+        version: quorum::witness::wire::WIRE_VERSION,
+        cluster: "plant-a".into(),
+        node: NodeId(1),
+        nonce: [9; 32],
+    })
+    .unwrap();
+    raw.send_to(&hello, w.addr).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = raw.recv(&mut buf).unwrap();
+    let Packet::Challenge { witness_nonce, .. } = decode(&buf[..n]).unwrap() else {
+        panic!()
+    };
+    raw.send_to(
+        &encode(&Packet::Auth {
+            witness_nonce,
+            mac: [0; 32],
+        })
+        .unwrap(),
+        w.addr,
+    )
+    .unwrap();
+    let n = raw.recv(&mut buf).unwrap();
+    assert!(matches!(
+        decode(&buf[..n]).unwrap(),
+        Packet::Error {
+            refusal: Refusal::WrongSecret,
+            ..
+        }
+    ));
+
+    // Unknown cluster.
+    let mut other = Client::new(w.addr, "plant-z", 1, SECRET);
+    assert_eq!(
+        other.connect(),
+        Err(ClientError::Refused(Refusal::UnknownCluster(
+            "plant-z".into()
+        )))
+    );
+
+    // Replay: the same authenticated request a second time gets no answer.
+    let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
+    a.connect().unwrap();
+    let (_, req) = a
+        .wire
+        .request(&Request::Query { vm: "vm0".into() })
+        .unwrap();
+    a.sock.send_to(&req, w.addr).unwrap();
+    assert!(a.recv().is_some());
+    a.sock.send_to(&req, w.addr).unwrap();
+    assert!(a.recv().is_none(), "a replayed request is not answered");
+
+    // Garbage and oversized datagrams: a clear refusal, and the witness serves on.
+    for junk in [
+        vec![0xffu8; 16],
+        vec![0u8; 1500],
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ] {
+        raw.send_to(&junk, w.addr).unwrap();
+        let n = raw.recv(&mut buf).unwrap();
+        assert!(matches!(
+            decode(&buf[..n]).unwrap(),
+            Packet::Error {
+                refusal: Refusal::Malformed(_),
+                ..
+            }
+        ));
+    }
+    assert!(matches!(
+        a.call(&Request::Query { vm: "vm0".into() }),
+        Reply::State { .. }
+    ));
+    // The refusals are counted in the status.
+    std::thread::sleep(Duration::from_millis(1100));
+    let st = w.status();
+    let c = &st["counters"];
+    assert!(c["wrong_secret"].as_u64().unwrap() >= 1, "{st}");
+    assert!(c["unknown_cluster"].as_u64().unwrap() >= 1, "{st}");
+    assert!(c["replays"].as_u64().unwrap() >= 1, "{st}");
+    assert!(c["malformed"].as_u64().unwrap() >= 3, "{st}");
+}
+
+#[test]
+fn many_clusters_and_vms() {
+    let d = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let w = Witness::start(d.path(), &refs);
+    for c in &names {
+        let mut cl = Client::new(w.addr, c, 1, SECRET);
+        cl.connect().unwrap();
+        for v in 0..40 {
+            let vm = format!("vm{v}");
+            assert!(matches!(
+                cl.call(&acquire(&vm, 1, 0)),
+                Reply::Granted { generation: 1, .. }
+            ));
+        }
+        // Names are checked.
+        assert!(matches!(
+            cl.call(&acquire("../etc", 1, 0)),
+            Reply::Refused(_)
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let st = w.status();
+    assert_eq!(st["vms"].as_array().unwrap().len(), 240);
+    assert_eq!(st["clusters"].as_array().unwrap().len(), 6);
+    // Every grant is on disk.
+    let files: usize = names
+        .iter()
+        .map(|c| {
+            fs::read_dir(d.path().join("state").join(c))
+                .unwrap()
+                .count()
+        })
+        .sum();
+    assert_eq!(files, 240);
+}
+
+#[test]
+fn bad_configuration_exits_with_2() {
+    let d = tempfile::tempdir().unwrap();
+    let short = d.path().join("short");
+    fs::write(&short, "abc").unwrap();
+    for args in [
+        vec![
+            "witness".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        vec![
+            "witness".into(),
+            "--state-dir".into(),
+            d.path().display().to_string(),
+            "--cluster".into(),
+            format!("c={}", short.display()),
+        ],
+        vec![
+            "witness".into(),
+            "--state-dir".into(),
+            d.path().display().to_string(),
+            "--cluster".into(),
+            "bad/name=x".into(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_twinrun"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
