@@ -245,6 +245,11 @@ impl RxReorder {
         !self.ready.is_empty()
     }
 
+    /// Messages deliverable in order now.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
     /// Cumulative acknowledgement: the next sequence not yet consumed.
     pub fn ack(&self) -> u64 {
         self.consumed

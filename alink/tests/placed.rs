@@ -645,9 +645,14 @@ fn placement_waits_for_the_barrier_to_be_consumed() {
     let first = parts(1, &order[..32], 32);
     let second = parts(2, &order[32..], 32);
     let s1 = send_round(&tx, &src, &first, 0, false);
-    // Barrier s1 is not consumed yet when the second part arrives: buffered.
+    // Barrier s1 is not consumed yet when the second part arrives (nothing is consumed
+    // before both are in): buffered.
     let s2 = send_round(&tx, &src, &second, s1, false);
     let t = Instant::now();
+    while rx.link.ready_to_recv() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "both parts arrive");
+        thread::sleep(Duration::from_millis(2));
+    }
     let mut got = Vec::new();
     while got.len() < 2 {
         assert!(t.elapsed() < Duration::from_secs(10));

@@ -223,6 +223,11 @@ impl Alink {
         *lock(&self.shared.placer) = None;
     }
 
+    /// Messages received whole and deliverable in order by [`Alink::recv`] now.
+    pub fn ready_to_recv(&self) -> usize {
+        lock(&self.shared.rx).ready_len()
+    }
+
     /// Messages whose payloads are being written in place right now.
     pub fn placing(&self) -> usize {
         lock(&self.shared.rx).claimed()
