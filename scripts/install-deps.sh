@@ -10,6 +10,8 @@ declare -A NEED=(
     [redis-cli]=redis-tools  # the kv workload's real client
     [cc]=gcc                 # linker for Rust binaries and the guest
     [iasl]=acpica-tools [lz4]=lz4 [zstd]=zstd  # ACPI table test; guest/linux/build.sh
+    [systemd-analyze]=systemd  # twinrund: the unit files are checked offline
+    [openssl]=openssl          # twinrund: a test certificate for the API over TLS
 )
 
 missing=()

@@ -27,6 +27,8 @@ fn main() {
         }
         Command::Vm(VmCommand::Fault(a)) => twinrun::cli::fault::run(&a),
         Command::Vm(VmCommand::Status(a)) => twinrun::cli::status::run(&a),
+        Command::Vm(VmCommand::Cluster(c)) => twinrun::cli::cluster::run_vm(c),
+        Command::Node(c) => twinrun::cli::cluster::run_node(c),
         Command::Snapshot(SnapshotCommand::Restore(a)) => {
             twinrun_pair::restore_vm(&twinrun_pair::RestoreOptions {
                 vm: a.vm,
