@@ -5,6 +5,7 @@
 //! | `types` | generations, node ids, witness slots, names | none |
 //! | `timing` | lease, renewal and margin, and the arithmetic that keeps them safe | none |
 //! | `node` | the node-side quorum state machine (events in, actions out) | none |
+//! | `rules` | the grant rules both backends apply (compare-and-set, leases, outdated peer) | none |
 //! | `witness::ops` | what a node asks a witness and the answers | none |
 //! | `witness::core` | the witness's decisions (compare-and-set of generations, leases) | through `Store` |
 //! | `witness::store` | the witness's durable records | files |
@@ -13,6 +14,7 @@
 //! | `client` | the witness client and the runner that drives a node's machine | socket, clock |
 pub mod client;
 pub mod node;
+pub mod rules;
 pub mod timing;
 pub mod types;
 pub mod witness;
