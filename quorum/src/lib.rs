@@ -11,8 +11,12 @@
 //! | `witness::store` | the witness's durable records | files |
 //! | `witness::wire` | authenticated datagrams, HMAC challenge/response | none |
 //! | `witness::server` | `twinrun witness`: UDP server, config, status | socket, files |
-//! | `client` | the witness client and the runner that drives a node's machine | socket, clock |
+//! | `client` | the `Backend` trait, the witness client, and the runner that drives a node's machine | socket, clock |
+//! | `etcd` | etcd as the second backend: key layout, sans-IO session, `etcd-client` edge | etcd (tokio) |
+//! | `config` | the pair's `[quorum]` table: backend choice, etcd/witness options, timing | files |
 pub mod client;
+pub mod config;
+pub mod etcd;
 pub mod node;
 pub mod rules;
 pub mod timing;
