@@ -1031,8 +1031,10 @@ mod tests {
         let mut s = session(B);
         s.request(5, acquire(B, 1));
         let (o, _) = op(&mut s);
-        let mut lone = Observed::default();
-        lone.owner = state(1, A, false, 5, Some(3)).owner;
+        let lone = Observed {
+            owner: state(1, A, false, 5, Some(3)).owner,
+            ..Observed::default()
+        };
         s.on_result(o, OpResult::Read(lone));
         assert_eq!(
             s.take_answers(),
