@@ -12,6 +12,7 @@ declare -A NEED=(
     [iasl]=acpica-tools [lz4]=lz4 [zstd]=zstd  # ACPI table test; guest/linux/build.sh
     [etcd]=etcd-server       # the quorum etcd backend's tests run a real etcd
     [protoc]=protobuf-compiler  # the etcd-client crate compiles etcd's protos when built
+    [openssl]=openssl        # certificates for the etcd TLS test
 )
 # file -> Debian package, for what has no command of its own
 declare -A NEED_FILE=(

@@ -219,6 +219,11 @@ impl Runner {
         self.epoch.elapsed()
     }
 
+    /// The instant of the node's time `t` (e.g. a gate's `until`).
+    pub fn instant(&self, t: Duration) -> Instant {
+        self.epoch + t
+    }
+
     pub fn node(&self) -> &QuorumNode {
         &self.node
     }
