@@ -19,6 +19,14 @@
 //!    transaction's else-branch read is decided on again (a few rounds, then the request
 //!    is dropped: the node machine asks again).
 //!
+//! Order: one operation is in flight at a time, but one that timed out may still reach
+//! etcd later (a delayed packet, a member that forwards it after a partition). So after
+//! a transaction whose outcome is unknown, the VM is *fenced*: its next commit rewrites
+//! the `outdated` key, which is never deleted, so the stale transaction's compare on
+//! that key's revision can never hold again; it cannot take effect after a later
+//! request. A lease given up (a grant that did not commit, whose revoke may also arrive
+//! late) is never adopted afterwards.
+//!
 //! The holder's renewal is the same path starting at step 3 with the state its last
 //! commit left: one keep-alive of its own lease, then a transaction that confirms
 //! (compares) that nothing changed and writes the peer-outdated mark if it changed.
@@ -30,7 +38,7 @@
 //! revisions, every permission is bounded by the requester's own clock, and the
 //! generation is a fencing token.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use super::keys::{decode, encode, Holder, Key, Outdated, VmKeys};
@@ -138,6 +146,8 @@ pub struct EtcdMutations {
     pub ignore_owner: bool,
     /// Commit without comparing revisions (a blind write).
     pub no_compares: bool,
+    /// The shared rules' bugs, applied by this session.
+    pub rules: crate::rules::CoreMutations,
 }
 
 /// Who the session is and where its keys live.
@@ -169,8 +179,10 @@ impl SessionConfig {
 
 /// Most requests waiting (older ones are dropped: the machine resends).
 pub const MAX_QUEUED: usize = 8;
-/// Most VMs whose lease one session remembers.
-pub const MAX_HELD: usize = 256;
+/// Most VMs one session serves (a node machine asks about one).
+pub const MAX_VMS: usize = 64;
+/// Leases given up that are remembered (never adopted again).
+const MAX_ABANDONED: usize = 1024;
 /// Decisions per request before it is dropped (each a lost race with another writer).
 const MAX_ROUNDS: u32 = 3;
 
@@ -246,6 +258,11 @@ pub struct EtcdSession {
     in_flight: Option<(u64, bool)>,
     next_op: u64,
     held: HashMap<String, Held>,
+    /// The VMs asked about (at most [`MAX_VMS`]).
+    vms: HashSet<String>,
+    /// VMs whose next commit must rewrite `outdated` (a transaction's outcome unknown).
+    fenced: HashSet<String>,
+    abandoned: VecDeque<i64>,
     answers: Vec<(u64, Reply)>,
     pub stats: SessionStats,
     /// The last failure (for logs and status).
@@ -258,14 +275,20 @@ impl EtcdSession {
         // Checks prefix and cluster with a valid VM name.
         VmKeys::new(&cfg.prefix, &cfg.cluster, "x")?;
         Ok(EtcdSession {
+            rules: Rules {
+                #[cfg(feature = "mutations")]
+                mutations: cfg.mutations.rules,
+            },
             cfg,
-            rules: Rules::default(),
             queue: VecDeque::new(),
             work: None,
             revokes: Vec::new(),
             in_flight: None,
             next_op: 1,
             held: HashMap::new(),
+            vms: HashSet::new(),
+            fenced: HashSet::new(),
+            abandoned: VecDeque::new(),
             answers: Vec::new(),
             stats: SessionStats::default(),
             last_error: None,
@@ -321,7 +344,7 @@ impl EtcdSession {
                 lease,
                 next,
                 ..
-            } => self.commit_op(&w.keys, observed, *lease, next),
+            } => self.commit_op(&w.keys, observed, *lease, next, w.req.vm()),
         };
         Some(self.issue(op, false))
     }
@@ -345,6 +368,13 @@ impl EtcdSession {
                 return;
             }
         };
+        if !self.vms.contains(req.vm()) {
+            if self.vms.len() >= MAX_VMS {
+                self.answer(id, Reply::Refused(OpError::TooManyVms(MAX_VMS as u32)));
+                return;
+            }
+            self.vms.insert(req.vm().to_string());
+        }
         let lease_ms = match req {
             Request::Renew { lease_ms, .. } | Request::Acquire { lease_ms, .. } => lease_ms,
             Request::Query { .. } => 0,
@@ -403,14 +433,16 @@ impl EtcdSession {
                 // The outcome is unknown: the next renewal starts from a read.
                 self.held.remove(&vm);
                 if let Step::Commit {
-                    lease,
-                    new_lease: true,
-                    ..
+                    lease, new_lease, ..
                 } = step
                 {
-                    // Nobody was told of this lease: if the commit happened, revoking
-                    // it frees the VM at once instead of after a TTL.
-                    self.revokes.push(lease);
+                    // The transaction may still take effect: fence it off.
+                    self.fenced.insert(vm);
+                    if new_lease {
+                        // Nobody was told of this lease: if the commit happened,
+                        // revoking it frees the VM at once instead of after a TTL.
+                        self.abandon(lease);
+                    }
                 }
                 self.drop_work();
             }
@@ -459,7 +491,7 @@ impl EtcdSession {
                 OpResult::Granted { lease, ttl_s },
             ) => {
                 if ttl_s < w.ttl_s {
-                    self.revokes.push(lease);
+                    self.abandon(lease);
                     self.lease_too_short(ttl_s, w.ttl_s);
                 } else {
                     w.step = Step::Commit {
@@ -486,10 +518,8 @@ impl EtcdSession {
                 },
             ) => {
                 if succeeded {
+                    self.fenced.remove(&vm);
                     if next.holder == Some(self.cfg.node) {
-                        if self.held.len() >= MAX_HELD && !self.held.contains_key(&vm) {
-                            self.held.clear();
-                        }
                         self.held.insert(
                             vm,
                             Held {
@@ -507,7 +537,7 @@ impl EtcdSession {
                     self.stats.lost_races += 1;
                     self.held.remove(&vm);
                     if new_lease {
-                        self.revokes.push(lease);
+                        self.abandon(lease);
                     }
                     w.rounds += 1;
                     if w.rounds >= MAX_ROUNDS {
@@ -525,6 +555,15 @@ impl EtcdSession {
                 self.drop_work();
             }
         }
+    }
+
+    /// Gives a lease up: revoked, and never adopted again.
+    fn abandon(&mut self, lease: i64) {
+        self.revokes.push(lease);
+        if self.abandoned.len() >= MAX_ABANDONED {
+            self.abandoned.pop_front();
+        }
+        self.abandoned.push_back(lease);
     }
 
     fn drop_work(&mut self) {
@@ -570,15 +609,15 @@ impl EtcdSession {
             self.answer(w.id, d.reply);
             return;
         };
-        #[allow(unused_mut)]
-        let mut owner = observed.owner.clone();
-        #[cfg(feature = "mutations")]
-        if self.cfg.mutations.ignore_owner {
-            owner = None;
-        }
+        let owner = observed.owner.clone().filter(|_| !self.ignores_owner());
         w.step = match owner {
-            // The requester owns the key: extend its lease (unless just done).
-            Some(o) if next.holder.is_some() && self.owner_holder(&w.keys, &o) == next.holder => {
+            // The requester owns the key: extend its lease (unless just done), unless
+            // it is a lease this session gave up (its revoke may still arrive).
+            Some(o)
+                if next.holder.is_some()
+                    && self.owner_holder(&w.keys, &o) == next.holder
+                    && !self.abandoned.contains(&o.lease) =>
+            {
                 if extended == Some(o.lease) {
                     Step::Commit {
                         observed,
@@ -617,6 +656,13 @@ impl EtcdSession {
             },
         };
         self.work = Some(w);
+    }
+
+    fn ignores_owner(&self) -> bool {
+        #[cfg(feature = "mutations")]
+        return self.cfg.mutations.ignore_owner;
+        #[cfg(not(feature = "mutations"))]
+        false
     }
 
     fn owner_holder(&self, keys: &VmKeys, o: &KeyState) -> Option<NodeId> {
@@ -675,12 +721,21 @@ impl EtcdSession {
                 lease_ms: 0,
             },
             // etcd does not say how long the lease has left: ask again after the poll.
-            live: owner.map(|_| self.cfg.busy_retry),
+            live: owner
+                .filter(|_| !self.ignores_owner())
+                .map(|_| self.cfg.busy_retry),
         }))
     }
 
     /// The transaction that commits `next` over `observed` with the owner on `lease`.
-    fn commit_op(&self, keys: &VmKeys, observed: &Observed, lease: i64, next: &VmRecord) -> Op {
+    fn commit_op(
+        &self,
+        keys: &VmKeys,
+        observed: &Observed,
+        lease: i64,
+        next: &VmRecord,
+        vm: &str,
+    ) -> Op {
         let h = Holder {
             generation: next.generation,
             holder: next.holder.map(|n| n.0),
@@ -701,7 +756,8 @@ impl EtcdSession {
             });
         }
         let ov = encode(&out);
-        if !same(Key::Outdated, &ov) {
+        // A fenced VM rewrites `outdated` even unchanged (see the module docs).
+        if !same(Key::Outdated, &ov) || self.fenced.contains(vm) {
             puts.push(Put {
                 key: Key::Outdated,
                 value: ov,
