@@ -10,3 +10,13 @@ pub const USAGE: i32 = 2;
 pub const CRASH: i32 = 3;
 /// The VM could not be built or started (KVM, TAP, disk or console setup failed).
 pub const START_FAILED: i32 = 4;
+
+/// Exit code of a failed snapshot command: [`USAGE`] for bad input (damaged or foreign
+/// files included), 1 for a failure of this machine.
+pub fn of_snapshot_error(e: &twinrun_snapshot::SnapError) -> i32 {
+    if e.is_bad_input() {
+        USAGE
+    } else {
+        1
+    }
+}

@@ -1,9 +1,9 @@
 //! The `twinrun` command line: argument parsing and config resolution (a library so
-//! the integration tests and the binary share it), plus running a VM.
+//! the integration tests and the binary share it), the subcommands that talk to a
+//! running VM (through `twinrun-control`) or read its files (`twinrun-snapshot`,
+//! `storage-mirror`), and `twinrun demo` (on `twinrun-lab`'s namespaces). Running a
+//! VM, alone or as one end of an FT pair, is the binary's (`src/run.rs`, `src/pair/`).
 pub mod cli;
-pub mod control;
 pub mod demo;
 pub mod exit;
-pub mod paths;
 pub mod signals;
-pub mod snapshot;

@@ -8,12 +8,12 @@ use std::time::Duration;
 use log::{error, info, warn};
 use twinrun::cli::resolve::test_guest_elf;
 use twinrun::cli::RestoreArgs;
-use twinrun::control::server::{Server, ServerError};
 use twinrun::exit;
-use twinrun::paths::DEFAULT_VM_NAME;
-use twinrun::snapshot::rebuild::{restore_disk, Chain};
-use twinrun::snapshot::store::Store;
-use twinrun::snapshot::SnapError;
+use twinrun_control::paths::DEFAULT_VM_NAME;
+use twinrun_control::server::{Server, ServerError};
+use twinrun_snapshot::rebuild::{restore_disk, Chain};
+use twinrun_snapshot::store::Store;
+use twinrun_snapshot::SnapError;
 use vmm::config::VmConfig;
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm, build_vm_from_state, VmExit, VmState, Vmm};
@@ -126,7 +126,7 @@ pub fn restore_vm(a: &RestoreArgs) -> i32 {
     }
     let fail = |e: SnapError| {
         eprintln!("twinrun: error: {e}");
-        e.exit_code()
+        exit::of_snapshot_error(&e)
     };
     let store = match Store::new(&a.vm) {
         Ok(s) => s,

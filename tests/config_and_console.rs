@@ -2,7 +2,7 @@
 //! and the console can stream to a Unix socket.
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,8 +45,8 @@ fn console_streams_to_a_unix_socket() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("console.sock");
-    let mut child = Command::new(twinrun_bin())
-        .args(["vm", "run", "--mem-mib", "48", "--guest"])
+    let mut cmd = Command::new(twinrun_bin());
+    cmd.args(["vm", "run", "--mem-mib", "48", "--guest"])
         .arg(guest_elf())
         // Paced so the VM is still running when we connect (~0.5 s): once it has
         // ended there is no socket to connect to.
@@ -62,15 +62,15 @@ fn console_streams_to_a_unix_socket() {
         .arg(format!("socket:{}", sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    // Killed and reaped on drop, also when an assertion fails.
+    let mut vm = twinrun_lab::Proc::spawn("twinrun", &mut cmd).unwrap();
+    let mut stderr = vm.child().and_then(|c| c.stderr.take()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let stream = loop {
         match UnixStream::connect(&sock) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => {
-                let _ = child.kill();
                 panic!("cannot connect to {}: {e}", sock.display());
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -84,13 +84,10 @@ fn console_streams_to_a_unix_socket() {
         .lines()
         .map_while(Result::ok)
         .collect();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let status = vm.wait_timeout(Duration::from_secs(30));
+    let mut err = String::new();
+    let _ = stderr.read_to_string(&mut err);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
     assert!(
         lines.first().is_some_and(|l| l.starts_with("BOOT")),
         "{lines:?}"

@@ -6,16 +6,16 @@
 //!   damaged metadata, replaced image; text and `--json`;
 //! - bad input exits with code 2 and names the problem;
 //! - live: a plain VM refuses the disk ops (exit 2); a protected FT primary says
-//!   protected, in text and JSON, and accepts a verify request.
+//!   protected, in text and JSON, and accepts a verify request; `twinrun vm status`
+//!   of both ends (the primary protected, the standby mirroring).
 mod common;
-#[path = "common/ft.rs"]
-mod ft;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{disk_image, require_kvm, twinrun_bin, VmProcess, VmRun};
+use common::pair::{listening, protected, PairFiles, Pm};
+use common::{disk_image, require_kvm, topology, twinrun_bin, VmRun};
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaStore, ReplicaMeta, ResyncProgress, VerifyReport};
 
@@ -290,25 +290,6 @@ fn bad_input_exits_2() {
     expect_usage_error(&o, &["--wait"]);
 }
 
-fn wait_socket(name: &str, vm: &mut VmProcess) {
-    let sock = env_dirs().join("run").join(format!("{name}.sock"));
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            vm.wait_timeout(Duration::ZERO).is_none(),
-            "the VM exited:\n{}",
-            vm.stderr()
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no control socket {}:\n{}",
-            sock.display(),
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_plain_vm_does_not_mirror() {
     require_kvm();
@@ -321,7 +302,7 @@ fn a_plain_vm_does_not_mirror() {
         .args(["--workload", "counter", "--counter-rate", "50"])
         .args(["--disk", &path_str(&img)])
         .spawn();
-    wait_socket(&name, &mut vm);
+    vm.wait_control(&env_dirs().join("run").join(format!("{name}.sock")));
     let o = disk(&["status", "--name", &name]);
     expect_usage_error(&o, &["does not mirror its disks", "--role"]);
     let o = disk(&["verify", "--name", &name]);
@@ -333,8 +314,8 @@ fn live_status_of_a_protected_primary() {
     require_kvm();
     env_dirs();
     let dir = tempfile::tempdir().unwrap();
-    let topo = ft::FtTopology::new();
-    let files = ft::PairFiles::new(dir.path());
+    let topo = topology(twinrun_lab::Topology::builder());
+    let files = PairFiles::new(dir.path());
     let wl = [
         "--mem-mib",
         "64",
@@ -344,11 +325,11 @@ fn live_status_of_a_protected_primary() {
         "50",
     ];
     let name = format!("dlive{}", std::process::id());
-    let mut standby = ft::Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
+    let mut standby = Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
     standby
-        .wait_log("listening for the primary", Duration::from_secs(30))
+        .wait_status("listening", Duration::from_secs(30), listening)
         .unwrap();
-    let mut primary = ft::Pm::spawn_with(
+    let mut primary = Pm::spawn_with(
         &topo,
         &files,
         0,
@@ -356,7 +337,7 @@ fn live_status_of_a_protected_primary() {
         &["--epoch-ms", "10", "--name", &name],
     );
     primary
-        .wait_log("FT primary: protected", Duration::from_secs(60))
+        .wait_status("protected", Duration::from_secs(60), protected)
         .unwrap_or_else(|e| panic!("{e}\n--- standby:\n{}", standby.stderr()));
     // The first session copies the whole disk before protection: in sync now.
     let o = disk(&["status", "--name", &name]);
@@ -380,5 +361,43 @@ fn live_status_of_a_protected_primary() {
     let o = disk(&["verify", "--name", &name]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert!(text(&o.stdout).contains("started"), "{}", text(&o.stdout));
+    // `twinrun vm status` of both ends: the primary protected, the standby mirroring.
+    let status = |name: &str, json: bool| {
+        let mut c = Command::new(twinrun_bin());
+        c.args(["vm", "status", "--name", name]);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+        text(&o.stdout)
+    };
+    let p = status(&name, false);
+    assert!(p.contains("role: primary, PROTECTED"), "{p}");
+    assert!(
+        p.contains("a-link 0: up") && p.contains("a-link 1: up"),
+        "{p}"
+    );
+    assert!(p.contains("protected (in sync with the standby)"), "{p}");
+    let v: serde_json::Value = serde_json::from_str(&status(&name, true)).unwrap();
+    assert_eq!(v["ft"]["role"], "Primary", "{v}");
+    assert_eq!(v["ft"]["state"], "Protected", "{v}");
+    assert!(v["ft"]["epochs_committed"].as_u64().unwrap() >= 1, "{v}");
+    let s = status(&standby.name, false);
+    assert!(s.contains("role: standby, mirroring the primary"), "{s}");
+    assert!(
+        s.contains("(offline)"),
+        "the standby's replica from its metadata: {s}"
+    );
+    let o = Command::new(twinrun_bin())
+        .args([
+            "vm",
+            "status",
+            "--name",
+            &format!("ghost{}", std::process::id()),
+        ])
+        .output()
+        .unwrap();
+    expect_usage_error(&o, &["no running VM named"]);
     assert!(primary.alive() && standby.alive());
 }

@@ -9,28 +9,32 @@
 //! - `interrupted_resync_resumes`: a rate-limited full resync is cut by SIGKILL of the
 //!   standby; its metadata says inconsistent (never promotable); the next standby
 //!   resumes from what was left (a delta, not a new full copy) and converges.
+//!
+//! The pair's state (listening, protected, degraded, failed disk, failover, a refused
+//! standby) comes from the control sockets; the resync plan of a session (full or
+//! delta) and the bytes it copied from the primary's log, the only place the disk
+//! session reports them while the session runs.
 mod common;
-#[path = "common/ft.rs"]
-mod ft;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::require_kvm;
-use ft::{check_disk_records, read_console, FtTopology, PairFiles, Pm};
+use common::pair::{degraded, disk_failed, failed_over, listening, PairFiles, Pm, DISK_BYTES};
+use common::{require_kvm, topology};
 use storage_mirror::meta::{MetaState, MetaStore};
+use twinrun_lab::console::{check_disk_records, read as read_console, written_seqs};
+use twinrun_lab::Topology;
 
-const PROTECTED_LOG: &str = "FT primary: protected";
 const RESYNC_DONE: &str = "primary: disk resync done: ";
 
 /// A fresh pair's namespaces and files (disks resized to `bytes` if given).
-fn setup(bytes: Option<u64>) -> (tempfile::TempDir, FtTopology, PairFiles) {
+fn setup(bytes: Option<u64>) -> (tempfile::TempDir, Topology, PairFiles) {
     require_kvm();
     // Control sockets (`--name`) and block devices' metadata go to this process's own
     // directories, removed when it exits.
     common::private_dirs();
     let dir = tempfile::tempdir().unwrap();
-    let topo = FtTopology::new();
+    let topo = topology(Topology::builder());
     let files = PairFiles::new(dir.path());
     if let Some(b) = bytes {
         for d in &files.disks {
@@ -50,16 +54,16 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 /// The standby on PM2, listening.
-fn start_standby(topo: &FtTopology, files: &PairFiles, wl: &[&str], extra: &[&str]) -> Pm {
+fn start_standby(topo: &Topology, files: &PairFiles, wl: &[&str], extra: &[&str]) -> Pm {
     let mut s = Pm::spawn_with(topo, files, 1, wl, extra);
-    s.wait_log("listening for the primary", Duration::from_secs(30))
+    s.wait_status("listening", Duration::from_secs(30), listening)
         .unwrap();
     s
 }
 
 /// Starts a pair whose first (full, rate-limited) resync is under way for 1.5 s.
 fn full_resync_under_way(
-    topo: &FtTopology,
+    topo: &Topology,
     files: &PairFiles,
     wl: &[&str],
     extra: &[&str],
@@ -67,7 +71,11 @@ fn full_resync_under_way(
     let standby = start_standby(topo, files, wl, extra);
     let mut primary = Pm::spawn_with(topo, files, 0, wl, extra);
     primary
-        .wait_log("Full", Duration::from_secs(30))
+        .wait_status("copying a full resync", Duration::from_secs(30), |s| {
+            s.disks
+                .iter()
+                .any(|d| d.kind == "syncing" && d.resync.is_some_and(|r| r.full))
+        })
         .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_millis(1500));
     (standby, primary)
@@ -93,7 +101,7 @@ fn assert_resumed_with_delta(primary: &Pm, disk_bytes: u64) {
 
 /// Starts a protected pair whose primary serves the control socket of a VM named
 /// `dm-<tag>-<pid>`; returns the name, the standby and the primary.
-fn named_pair(topo: &FtTopology, files: &PairFiles, wl: &[&str], tag: &str) -> (String, Pm, Pm) {
+fn named_pair(topo: &Topology, files: &PairFiles, wl: &[&str], tag: &str) -> (String, Pm, Pm) {
     let name = format!("dm-{tag}-{}", std::process::id());
     let (standby, primary) = protected_pair(topo, files, wl, &["--name", &name]);
     (name, standby, primary)
@@ -101,7 +109,7 @@ fn named_pair(topo: &FtTopology, files: &PairFiles, wl: &[&str], tag: &str) -> (
 
 /// Starts a pair (10 ms epochs; `pextra` for the primary only) and waits until it is
 /// protected; returns the standby and the primary.
-fn protected_pair(topo: &FtTopology, files: &PairFiles, wl: &[&str], pextra: &[&str]) -> (Pm, Pm) {
+fn protected_pair(topo: &Topology, files: &PairFiles, wl: &[&str], pextra: &[&str]) -> (Pm, Pm) {
     let extra = ["--epoch-ms", "10"];
     let standby = start_standby(topo, files, wl, &extra);
     let mut pargs = extra.to_vec();
@@ -122,8 +130,18 @@ fn assert_converged(files: &PairFiles, limit: u64, running: &mut Pm, other: &Pm,
 }
 
 /// Waits for the `n`-th protection of `p` (60 s at most).
-fn wait_protected(p: &mut Pm, other: &Pm, n: usize, why: &str) {
-    wait_count(p, other, PROTECTED_LOG, n, Duration::from_secs(60), why);
+fn wait_protected(p: &mut Pm, other: &Pm, n: u64, why: &str) {
+    p.wait_status(
+        &format!("protected {n} time(s)"),
+        Duration::from_secs(60),
+        |s| s.protections >= n,
+    )
+    .unwrap_or_else(|e| panic!("{why}: {e}\n--- {}:\n{}", other.role, tail(other)));
+}
+
+/// Times `p` was protected so far.
+fn protections(p: &Pm) -> u64 {
+    p.status_now().protections
 }
 
 /// Runs the `twinrun` CLI.
@@ -157,34 +175,8 @@ fn workload(limit: u64, rate: u32) -> Vec<String> {
     .collect()
 }
 
-fn count(p: &Pm, needle: &str) -> usize {
-    p.stderr().matches(needle).count()
-}
-
-fn wait_count(p: &mut Pm, other: &Pm, needle: &str, n: usize, timeout: Duration, why: &str) {
-    let t0 = Instant::now();
-    while count(p, needle) < n {
-        assert!(
-            p.alive(),
-            "{why}: the {} exited\n{}\n--- {}:\n{}",
-            p.role,
-            tail(p),
-            other.role,
-            tail(other)
-        );
-        assert!(
-            t0.elapsed() < timeout,
-            "{why}: no {n}x {needle:?} within {timeout:?}\n{}\n--- {}:\n{}",
-            tail(p),
-            other.role,
-            tail(other)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn tail(p: &Pm) -> String {
-    ft::tail(&p.stderr(), 40)
+    p.tail(40)
 }
 
 /// `(chunks, bytes)` of each "disk resync done" line, in order.
@@ -198,14 +190,6 @@ fn resyncs(p: &Pm) -> Vec<(u64, u64)> {
                 .filter(|s| !s.is_empty());
             Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
         })
-        .collect()
-}
-
-/// Sequence numbers of the `W <seq>` lines (durable records) on the console.
-fn written_seqs(console: &[u8]) -> Vec<u64> {
-    String::from_utf8_lossy(console)
-        .lines()
-        .filter_map(|l| l.strip_prefix("W ")?.trim().parse().ok())
         .collect()
 }
 
@@ -262,12 +246,12 @@ fn delta_resync_after_the_standby_returns() {
     // No metadata existed: the standby got the whole disk.
     let first = resyncs(&primary);
     assert_eq!(first.len(), 1, "{}", tail(&primary));
-    assert_eq!(first[0].1, ft::DISK_BYTES, "first session copies the disk");
+    assert_eq!(first[0].1, DISK_BYTES, "first session copies the disk");
 
     std::thread::sleep(Duration::from_millis(800));
     standby.kill();
     primary
-        .wait_log("DEGRADED", Duration::from_secs(10))
+        .wait_status("degraded", Duration::from_secs(10), degraded)
         .unwrap_or_else(|e| panic!("{e}"));
     let at_loss = written_seqs(&read_console(&files.console));
     std::thread::sleep(Duration::from_secs(2));
@@ -298,7 +282,7 @@ fn delta_resync_after_the_standby_returns() {
         delta_bytes > 0 && delta_bytes <= bound,
         "delta copied {delta_bytes} bytes; {records_since_loss} records written since the loss (bound {bound})"
     );
-    assert!(delta_bytes < ft::DISK_BYTES / 4);
+    assert!(delta_bytes < DISK_BYTES / 4);
 
     assert_converged(&files, LIMIT, &mut primary, &standby, 1);
     // The standby's metadata says in sync: same generation as the primary, consistent.
@@ -324,7 +308,7 @@ fn interrupted_resync_resumes() {
     let extra = ["--epoch-ms", "10", "--resync-rate", "16"];
     let (mut standby, mut primary) = full_resync_under_way(&topo, &files, &wl, &extra);
     standby.kill();
-    assert_eq!(count(&primary, PROTECTED_LOG), 0, "killed mid-resync");
+    assert_eq!(protections(&primary), 0, "killed mid-resync");
     // The cut replica is marked inconsistent: never promotable.
     match MetaStore::for_image(&files.disks[1]).load().unwrap() {
         MetaState::Ok(m) => assert!(m.inconsistent, "{m:?}"),
@@ -397,7 +381,11 @@ fn primary_disk_failure_is_served_by_the_standby() {
     );
     assert!(fault(&["--delay-ms", "0"]).status.success());
     primary
-        .wait_log("LOCAL DISK FAILED", Duration::from_secs(30))
+        .wait_status(
+            "running on a failed local disk",
+            Duration::from_secs(30),
+            disk_failed,
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     let t0 = Instant::now();
     let bad = loop {
@@ -429,8 +417,8 @@ fn primary_disk_failure_is_served_by_the_standby() {
             .filter(|l| !l.starts_with("C "))
             .collect::<Vec<_>>()
             .join("\n"),
-        ft::tail(&primary.stderr(), 200),
-        ft::tail(&standby.stderr(), 60)
+        primary.tail(200),
+        standby.tail(60)
     );
     assert!(!console.contains("ERROR"), "{console}");
     // The failed replica is marked so in its metadata (never trusted again).
@@ -456,7 +444,11 @@ fn disk_workload_survives_the_primary_disk_failure() {
         String::from_utf8_lossy(&out.stderr)
     );
     primary
-        .wait_log("LOCAL DISK FAILED", Duration::from_secs(30))
+        .wait_status(
+            "running on a failed local disk",
+            Duration::from_secs(30),
+            disk_failed,
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     let failed_at = written_seqs(&read_console(&files.console)).len();
     wait_last_record(
@@ -480,7 +472,7 @@ fn disk_workload_survives_the_primary_disk_failure() {
     // one): kill the primary, the standby takes over with all of them.
     primary.kill();
     standby
-        .wait_log("failover complete", Duration::from_secs(15))
+        .wait_status("failed over", Duration::from_secs(15), failed_over)
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
     let img = std::fs::read(&files.disks[1]).unwrap();
     check_disk_records(&img, &seqs).unwrap_or_else(|e| panic!("standby replica: {e}"));
@@ -498,7 +490,7 @@ fn failback_resyncs_the_old_primary_with_a_delta() {
     // PM1 dies; PM2 takes over and runs the VM alone, recording what it writes.
     primary.kill();
     standby
-        .wait_log("failover complete", Duration::from_secs(15))
+        .wait_status("failed over", Duration::from_secs(15), failed_over)
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
     let at_failover = written_seqs(&read_console(&files.console)).len();
     std::thread::sleep(Duration::from_millis(1500));
@@ -586,7 +578,7 @@ fn online_verify_reports_and_marks_a_difference() {
     // The next standby session copies the marked blocks: the replicas are equal again.
     standby.kill();
     primary
-        .wait_log("DEGRADED", Duration::from_secs(10))
+        .wait_status("degraded", Duration::from_secs(10), degraded)
         .unwrap_or_else(|e| panic!("{e}"));
     let standby = Pm::spawn_with(&topo, &files, 1, &wl, &["--epoch-ms", "10"]);
     wait_protected(&mut primary, &standby, 2, "after verify");
@@ -605,7 +597,11 @@ fn a_resync_cut_by_the_primary_crash_resumes() {
     // waits for a primary again.
     primary.kill();
     standby
-        .wait_log("waiting for a primary again", Duration::from_secs(15))
+        .wait_status(
+            "waiting for a primary again",
+            Duration::from_secs(15),
+            |s| s.session >= 2,
+        )
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
     assert!(standby.alive());
     // The primary comes back: the resync resumes from its bitmap.
@@ -632,13 +628,13 @@ fn split_brain_is_refused_until_one_side_discards_its_data() {
     // Every A-Link cut with both PMs alive (no quorum witness yet): the standby takes
     // over, the primary runs on alone: both write, two copies of the disk diverge.
     for k in 0..2 {
-        topo.set_alink(0, k, false);
+        topo.set_alink(0, k, false).unwrap();
     }
     standby
-        .wait_log("failover complete", Duration::from_secs(15))
+        .wait_status("failed over", Duration::from_secs(15), failed_over)
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&standby)));
     primary
-        .wait_log("DEGRADED", Duration::from_secs(15))
+        .wait_status("degraded", Duration::from_secs(15), degraded)
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&primary)));
     std::thread::sleep(Duration::from_millis(500));
     // PM1's process is restarted as the standby of the copy running on PM2: the disks
@@ -646,12 +642,17 @@ fn split_brain_is_refused_until_one_side_discards_its_data() {
     // trusted; the pair refuses and says why.
     primary.kill();
     for k in 0..2 {
-        topo.set_alink(0, k, true);
+        topo.set_alink(0, k, true).unwrap();
     }
     let extra = ["--epoch-ms", "10"];
     let mut old = Pm::spawn_as(&topo, &files, 0, "standby", &wl, &extra);
     standby
-        .wait_log("split brain", Duration::from_secs(30))
+        .wait_status("refusing a split brain", Duration::from_secs(30), |s| {
+            s.last_session
+                .as_ref()
+                .and_then(|l| l.refused.as_deref())
+                .is_some_and(|r| r.contains("split brain"))
+        })
         .unwrap_or_else(|e| panic!("{e}\n{}\n--- old primary:\n{}", tail(&standby), tail(&old)));
     let t0 = Instant::now();
     while old.alive() {
@@ -662,7 +663,7 @@ fn split_brain_is_refused_until_one_side_discards_its_data() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(old.stderr().contains("refused"), "{}", tail(&old));
-    assert_eq!(count(&standby, PROTECTED_LOG), 0);
+    assert_eq!(protections(&standby), 0);
     // The operator discards PM1's data: a full copy, then protection.
     let old = Pm::spawn_as(
         &topo,
@@ -674,7 +675,7 @@ fn split_brain_is_refused_until_one_side_discards_its_data() {
     );
     wait_protected(&mut standby, &old, 1, "after discarding");
     assert!(
-        resyncs(&standby).last().unwrap().1 == ft::DISK_BYTES,
+        resyncs(&standby).last().unwrap().1 == DISK_BYTES,
         "a full copy"
     );
 }
@@ -718,7 +719,7 @@ fn block_devices_are_mirrored_with_their_metadata_in_the_state_dir() {
     let wl = strs(&wl);
     let (mut standby, mut primary) = protected_pair(&topo, &files, &wl, &[]);
     // Sized from the device (a block device's file length is 0): the whole 8 MiB.
-    assert_eq!(resyncs(&primary)[0].1, ft::DISK_BYTES, "{}", tail(&primary));
+    assert_eq!(resyncs(&primary)[0].1, DISK_BYTES, "{}", tail(&primary));
     // Metadata is not written into /dev.
     for d in &files.disks {
         let store = MetaStore::for_image(d);
@@ -731,12 +732,12 @@ fn block_devices_are_mirrored_with_their_metadata_in_the_state_dir() {
     }
     standby.kill();
     primary
-        .wait_log("DEGRADED", Duration::from_secs(10))
+        .wait_status("degraded", Duration::from_secs(10), degraded)
         .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_millis(1000));
     let standby = start_standby(&topo, &files, &wl, &["--epoch-ms", "10"]);
     wait_protected(&mut primary, &standby, 2, "second session");
-    assert_resumed_with_delta(&primary, ft::DISK_BYTES);
+    assert_resumed_with_delta(&primary, DISK_BYTES);
     assert_converged(&files, LIMIT, &mut primary, &standby, 1);
     drop((primary, standby));
 }

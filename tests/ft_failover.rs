@@ -1,7 +1,8 @@
 //! FT mode at the process level: two `twinrun vm run --role primary|standby` processes in
 //! their own network namespaces (two A-Links, a TAP each on a shared LAN, a client
-//! namespace; topology in common/ft.rs), the test guest running kv + counter + dirty +
-//! disk, a RESP client holding ONE TCP connection to the guest.
+//! namespace: `twinrun_lab::Topology`), the test guest running kv + counter + dirty +
+//! disk, a RESP client holding ONE TCP connection to the guest. The pair's state
+//! (listening, protected, failed over, links) comes from both ends' control sockets.
 //!
 //! - `sigkill_primary_at_random_moments`: FT_RUNS runs (default 20, FT_SOAK=1: 200), the
 //!   primary SIGKILLed at a seeded random moment (FT_SEED replays); checked: the console
@@ -16,28 +17,27 @@
 //!   handshake and a replayed hello on the standby's A-Link listen port are refused and
 //!   logged; protection continues; then a clean failover.
 mod common;
-#[path = "common/ft.rs"]
-mod ft;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::require_kvm;
-use ft::{
-    check_console, check_disk_records, count_c, in_netns, read_console, wait_console, FtTopology,
-    LoadClient, PairFiles, Pm, Rng,
-};
+use common::pair::{failed_over, listening, protected, wait_console, PairFiles, Pm};
+use common::{require_kvm, topology};
+use twinrun_lab::console::{check_console, check_disk_records, count_c, read as read_console};
+use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::netns::in_netns;
+use twinrun_lab::tap::{capture, is_rarp_from, parse_mac, tcp_payload_to};
+use twinrun_lab::topology::{ALINK_PORT, KV_PORT};
+use twinrun_lab::{Rng, Topology};
 
-const FAILOVER_LOG: &str = "failover complete";
-const PROTECTED_LOG: &str = "FT primary: protected";
 const CLUSTER: &str = "ft-test";
 
 /// A running pair. Fields drop in order: processes, then the namespaces, then the files.
 struct Pair {
     primary: Pm,
     standby: Pm,
-    topo: FtTopology,
+    topo: Topology,
     files: PairFiles,
     _dir: tempfile::TempDir,
 }
@@ -46,17 +46,17 @@ impl Pair {
     /// Standby first, then the primary; returns once the primary reports protection.
     fn start() -> Pair {
         let dir = tempfile::tempdir().unwrap();
-        let topo = FtTopology::new();
+        let topo = topology(Topology::builder());
         let files = PairFiles::new(dir.path());
         let extra = ["--cluster-id", CLUSTER, "--epoch-ms", "10"];
         let mut standby = Pm::spawn(&topo, &files, 1, &extra);
         standby
-            .wait_log("listening for the primary", Duration::from_secs(30))
+            .wait_status("listening", Duration::from_secs(30), listening)
             .unwrap_or_else(|e| panic!("{e}"));
         let mut primary = Pm::spawn(&topo, &files, 0, &extra);
         primary
-            .wait_log(PROTECTED_LOG, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", ft::tail(&standby.stderr(), 30)));
+            .wait_status("protected", Duration::from_secs(60), protected)
+            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
         wait_console(
             &files.console,
             "KV listening",
@@ -76,9 +76,21 @@ impl Pair {
     fn logs(&self) -> String {
         format!(
             "--- primary stderr:\n{}\n--- standby stderr:\n{}",
-            ft::tail(&self.primary.stderr(), 40),
-            ft::tail(&self.standby.stderr(), 40)
+            self.primary.tail(40),
+            self.standby.tail(40)
         )
+    }
+
+    /// A protected pair and a load client on ONE connection to the guest (from the
+    /// client namespace) that had `acks` writes acknowledged.
+    fn loaded(acks: u64) -> (Pair, LoadClient) {
+        let pair = Pair::start();
+        let addr = SocketAddr::from((pair.topo.guest_ip(), KV_PORT));
+        let client = LoadClient::start(LoadConfig::new(pair.topo.client_ns(), addr)).unwrap();
+        client
+            .wait_acks(acks, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+        (pair, client)
     }
 
     /// SIGKILLs the primary with the client under load, waits for the standby's
@@ -86,23 +98,24 @@ impl Pair {
     fn kill_and_check(mut self, client: LoadClient, tag: &str) -> RunStats {
         let console_at_kill = read_console(&self.files.console);
         let c_at_kill = count_c(&console_at_kill);
-        let acks_at_kill = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+        let acks_at_kill = client.acks();
         // Watch for the MAC announcement (RARP) the standby sends on failover: where its
         // VMM writes it (its TAP) and where the LAN must see it (the LAN-side port of the
         // standby's uplink).
-        let mac = ft::mac_bytes();
+        let mac = parse_mac(&self.topo.guest_mac()).unwrap();
         let watch = |ns: &str, dev: &str| {
-            ft::capture(ns, dev, Duration::from_secs(3), move |eth| {
-                ft::is_rarp_from(eth, mac).then(Instant::now)
+            capture(ns, dev, Duration::from_secs(3), move |eth| {
+                is_rarp_from(eth, mac).then(Instant::now)
             })
+            .unwrap()
         };
-        let on_lan = watch(&self.topo.lan.name, &self.topo.lan_ports[1]);
-        let on_tap = watch(&self.topo.pm[1].name, &self.topo.taps[1]);
+        let on_lan = watch(self.topo.switch_ns(), &self.topo.pms[1].lan_port);
+        let on_tap = watch(self.topo.pm_ns(1), self.topo.tap(1));
         let t_kill = Instant::now();
         self.primary.kill();
         let failover = self
             .standby
-            .wait_log(FAILOVER_LOG, Duration::from_secs(10))
+            .wait_status("failed over", Duration::from_secs(10), failed_over)
             .unwrap_or_else(|e| panic!("{tag}: {e}"));
         // The client continues on the same connection; the guest keeps counting.
         let resumed = client
@@ -129,19 +142,18 @@ impl Pair {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let rep = client.finish();
+        let rep = client.finish().unwrap();
         // Stop the standby before reading its console and disk (final contents).
-        let standby_log = self.standby.stderr();
+        let standby_log = self.standby.tail(30);
         self.standby.kill();
         let logs = format!(
-            "--- primary stderr:\n{}\n--- standby stderr:\n{}",
-            ft::tail(&self.primary.stderr(), 30),
-            ft::tail(&standby_log, 30)
+            "--- primary stderr:\n{}\n--- standby stderr:\n{standby_log}",
+            self.primary.tail(30),
         );
         assert!(
-            rep.error.is_none(),
+            rep.errors.is_empty(),
             "{tag}: client: {:?} ({} writes acked, INCR at {}, longest reply {:?} at {:?})\n{logs}",
-            rep.error,
+            rep.errors,
             rep.sets_acked.len(),
             rep.incrs_acked,
             rep.max_reply,
@@ -192,7 +204,7 @@ struct Announce {
 
 #[derive(Debug)]
 struct RunStats {
-    /// From SIGKILL to the standby's "failover complete" line (as polled).
+    /// From SIGKILL to the standby's status reporting the failover (as polled).
     failover: Duration,
     /// The standby's RARP announce, as seen on its TAP and on the LAN.
     announced: Announce,
@@ -204,19 +216,6 @@ struct RunStats {
     w_records: u64,
     max_reply: Duration,
     tcp_port: Option<u16>,
-}
-
-fn seed() -> u64 {
-    std::env::var("FT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
 }
 
 fn pct(v: &mut [Duration], p: usize) -> Duration {
@@ -235,7 +234,7 @@ fn sigkill_primary_at_random_moments() {
         } else {
             20
         });
-    let seed = seed();
+    let seed = twinrun_lab::rng::seed_from_env("FT_SEED");
     eprintln!("FT_SEED={seed} FT_RUNS={runs}");
     let mut rng = Rng(seed);
     let t_all = Instant::now();
@@ -245,11 +244,7 @@ fn sigkill_primary_at_random_moments() {
     for run in 0..runs {
         let kill_after = Duration::from_millis(100 + rng.next() % 900);
         let t_run = Instant::now();
-        let pair = Pair::start();
-        let client = LoadClient::start(&pair.topo.client.name);
-        client
-            .wait_acks(4, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("run {run}: {e}\n{}", pair.logs()));
+        let (pair, client) = Pair::loaded(4);
         std::thread::sleep(kill_after);
         let tag = format!("run {run} (FT_SEED={seed}, kill after {kill_after:?})");
         let s = pair.kill_and_check(client, &tag);
@@ -294,36 +289,19 @@ fn sigkill_primary_at_random_moments() {
     }
 }
 
-/// Longest reply wait seen in a window of `d` (the client's max is reset first).
-fn max_reply_during(client: &LoadClient, d: Duration) -> Duration {
-    client
-        .window_max_ms
-        .store(0, std::sync::atomic::Ordering::SeqCst);
-    std::thread::sleep(d);
-    Duration::from_millis(
-        client
-            .window_max_ms
-            .load(std::sync::atomic::Ordering::SeqCst),
-    )
-}
-
 #[test]
 fn one_alink_cut_and_restored_then_failover() {
     require_kvm();
-    let mut pair = Pair::start();
-    let client = LoadClient::start(&pair.topo.client.name);
-    client
-        .wait_acks(10, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
-    let before = max_reply_during(&client, Duration::from_millis(500));
+    let (mut pair, client) = Pair::loaded(10);
+    let before = client.max_reply_during(Duration::from_millis(500));
     // Cut link 1 on the primary's side (the peer end loses carrier too).
-    pair.topo.set_alink(0, 1, false);
-    let acks0 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
-    let during = max_reply_during(&client, Duration::from_millis(1500));
-    let acks1 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    pair.topo.set_alink(0, 1, false).unwrap();
+    let acks0 = client.acks();
+    let during = client.max_reply_during(Duration::from_millis(1500));
+    let acks1 = client.acks();
     assert!(pair.primary.alive() && pair.standby.alive());
     assert!(
-        !pair.standby.stderr().contains(FAILOVER_LOG),
+        !failed_over(&pair.standby.status_now()),
         "the standby failed over with one link still up\n{}",
         pair.logs()
     );
@@ -344,39 +322,25 @@ fn one_alink_cut_and_restored_then_failover() {
     );
     // The cut took effect: the primary declared link 1 down (heartbeats) and link 0
     // carried the checkpoints meanwhile.
+    let links = pair.primary.status_now().links;
     assert!(
-        pair.primary.stderr().contains("alink: LinkDown(1)"),
-        "the primary never saw link 1 go down\n{}",
+        !links[1].up && links[0].up,
+        "the primary never saw link 1 go down: {links:?}\n{}",
         pair.logs()
     );
     // Restore: the link must come back into use (checkpoint traffic on it again).
-    let conns_before = pair
+    let conns_before = links[1].connections;
+    pair.topo.set_alink(0, 1, true).unwrap();
+    let reconnected = pair
         .primary
-        .stderr()
-        .matches("alink link 1: authenticated connection")
-        .count();
-    pair.topo.set_alink(0, 1, true);
-    let t0 = Instant::now();
-    let reconnected = loop {
-        let n = pair
-            .primary
-            .stderr()
-            .matches("alink link 1: authenticated connection")
-            .count();
-        if n > conns_before {
-            break t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "link 1 did not reconnect within 10 s\n{}",
-            pair.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let tx0 = pair.topo.alink_tx_bytes(0, 1);
+        .wait_status("reconnected on link 1", Duration::from_secs(10), |s| {
+            s.links[1].up && s.links[1].connections > conns_before
+        })
+        .unwrap_or_else(|e| panic!("link 1 did not reconnect: {e}\n{}", pair.logs()));
+    let tx0 = pair.topo.alink_tx_bytes(0, 1).unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    let tx1 = pair.topo.alink_tx_bytes(0, 1);
-    let other = pair.topo.alink_tx_bytes(0, 0);
+    let tx1 = pair.topo.alink_tx_bytes(0, 1).unwrap();
+    let other = pair.topo.alink_tx_bytes(0, 0).unwrap();
     eprintln!(
         "link 1 restored: reconnected after {reconnected:?}, {} bytes sent on it in 1 s \
          (link 0 total {other})",
@@ -405,6 +369,7 @@ fn poke(ns: &str, addr: SocketAddr, bytes: Vec<u8>) -> Vec<u8> {
         let _ = s.read_to_end(&mut got);
         got
     })
+    .unwrap()
     .join()
     .unwrap()
 }
@@ -450,6 +415,7 @@ fn wrong_secret_handshake(ns: &str, addr: SocketAddr, nonce: [u8; 32]) -> Vec<u8
         let _ = s.read_to_end(&mut rest);
         hello_frame
     })
+    .unwrap()
     .join()
     .unwrap()
 }
@@ -457,29 +423,31 @@ fn wrong_secret_handshake(ns: &str, addr: SocketAddr, nonce: [u8; 32]) -> Vec<u8
 #[test]
 fn bad_input_on_the_alink_port_is_refused_while_protected() {
     require_kvm();
-    let mut pair = Pair::start();
-    let client = LoadClient::start(&pair.topo.client.name);
-    client
-        .wait_acks(10, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let (mut pair, client) = Pair::loaded(10);
     // The standby accepts (the primary dials): its listen address on link 0, reached
     // from the primary's namespace (where an A-Link peer would be).
     let target = pair.topo.alink_addr(1, 0);
-    let from: String = pair.topo.pm[0].name.clone();
-    let refusals = |p: &Pair| p.standby.stderr().matches("refused connection").count();
-    let wait_refusal = |p: &Pair, n: usize, what: &str, needle: &str| {
+    let from: String = pair.topo.pm_ns(0).to_string();
+    // Connections the standby refused, as its status counts them.
+    let refusals =
+        |p: &Pair| -> u64 { p.standby.status_now().links.iter().map(|l| l.refused).sum() };
+    let wait_refusal = |p: &Pair, n: u64, what: &str, needle: &str| {
         let t0 = Instant::now();
         while refusals(p) < n {
             assert!(
                 t0.elapsed() < Duration::from_secs(5),
-                "{what}: not refused/logged\n{}",
+                "{what}: not refused\n{}",
                 p.logs()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The refusal says why, in the standby's log (written right after it counted).
+        let logged = twinrun_lab::poll(Duration::from_secs(5), Duration::from_millis(10), || {
+            p.standby.stderr().contains(needle).then_some(())
+        });
         let log = p.standby.stderr();
         assert!(
-            log.contains(needle),
+            logged.is_some(),
             "{what}: refusal logged without {needle:?}\n{}",
             p.logs()
         );
@@ -491,11 +459,12 @@ fn bad_input_on_the_alink_port_is_refused_while_protected() {
         eprintln!("{what}: {line}");
     };
     let mut expected = refusals(&pair);
-    let acks0 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    let acks0 = client.acks();
 
     // 1. Garbage bytes.
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let garbage: Vec<u8> = (0..512).map(|_| rng.next() as u8).collect();
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut garbage = vec![0u8; 512];
+    rng.fill(&mut garbage);
     poke(&from, target, garbage);
     expected += 1;
     wait_refusal(&pair, expected, "garbage", "bad magic");
@@ -526,12 +495,15 @@ fn bad_input_on_the_alink_port_is_refused_while_protected() {
     // 5. A session frame captured off the wire (the primary's traffic to the standby on
     //    link 0), replayed on a new connection: its tag is keyed with that session's
     //    key and sequence, so it does not verify anywhere else.
-    let frame = ft::capture_session_frame(
-        &pair.topo.pm[1].name,
-        &pair.topo.alink_ifs[1][0],
-        ft::ALINK_PORT,
+    let frame = capture(
+        pair.topo.pm_ns(1),
+        &pair.topo.pms[1].alink_ifs[0],
         Duration::from_secs(3),
+        |eth| alink_session_frame(tcp_payload_to(eth, ALINK_PORT)?),
     )
+    .unwrap()
+    .join()
+    .unwrap()
     .expect("no A-Link session frame captured on link 0 within 3 s");
     eprintln!(
         "captured a session frame of kind {} ({} bytes)",
@@ -549,13 +521,23 @@ fn bad_input_on_the_alink_port_is_refused_while_protected() {
 
     // Protection continued all along: the client kept getting replies (each one is
     // released only after the standby acknowledged its epoch), no failover.
-    let acks1 = client.acks.load(std::sync::atomic::Ordering::SeqCst);
+    let acks1 = client.acks();
     client
         .wait_acks(20, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("after the bad input: {e}\n{}", pair.logs()));
     assert!(acks1 > acks0, "no kv reply while the bad input was sent");
-    assert!(!pair.standby.stderr().contains(FAILOVER_LOG));
+    assert!(!failed_over(&pair.standby.status_now()));
     assert!(pair.primary.alive() && pair.standby.alive());
     let s = pair.kill_and_check(client, "after the bad input");
     eprintln!("then failover: {s:?}");
+}
+
+/// One complete A-Link session frame (a Data or Heartbeat frame: magic "ALNK", kind 3
+/// or 4) at the start of a TCP payload: its bytes (header and body), to be replayed.
+fn alink_session_frame(payload: &[u8]) -> Option<Vec<u8>> {
+    if payload.len() < 56 || &payload[0..4] != b"ALNK" || !matches!(payload[5], 3 | 4) {
+        return None;
+    }
+    let body_len = u32::from_le_bytes(payload[28..32].try_into().ok()?) as usize;
+    payload.get(..56 + body_len).map(<[u8]>::to_vec)
 }

@@ -47,24 +47,12 @@ fn tiny_elf(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
 }
 
 fn run(guest: &Path) -> std::process::Output {
-    let mut child = std::process::Command::new(twinrun_bin())
-        .args(["vm", "run", "--mem-mib", "32", "--guest"])
-        .arg(guest)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new(twinrun_bin());
+    cmd.args(["vm", "run", "--mem-mib", "32", "--guest"])
+        .arg(guest);
     // The VMM must never hang on these guests.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("twinrun hung on {}", guest.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    twinrun_lab::process::output_timeout(&mut cmd, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("twinrun hung on {}: {e}", guest.display()))
 }
 
 #[test]

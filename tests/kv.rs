@@ -1,20 +1,11 @@
 //! The kv workload under the real VMM: redis-cli and ping from a client namespace reach
-//! the guest's RESP server over virtio-net and a TAP (topology in common/net.rs).
+//! the guest's RESP server over virtio-net and a TAP (one PM and a client:
+//! `twinrun_lab::Topology::builder().single()`).
 mod common;
 
-use std::process::Output;
 use std::time::Duration;
 
-use common::{require_kvm, require_tool, KvNet, VmRun};
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}; stdout {:?}; stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
+use common::{output_text, require_kvm, require_tool, topology, Topology, VmRun};
 
 #[test]
 fn redis_cli_set_get_and_ping_through_the_guest() {
@@ -22,35 +13,42 @@ fn redis_cli_set_get_and_ping_through_the_guest() {
     require_tool("redis-cli", "redis-tools");
     require_tool("ping", "iputils-ping");
     let dir = tempfile::tempdir().unwrap();
-    let net = KvNet::new();
+    let net = topology(Topology::builder().single());
+    let guest_ip = net.guest_ip().to_string();
     let mut vm = VmRun::new(dir.path(), "kv")
         .args(["--mem-mib", "64", "--workload", "kv"])
-        .args(net.vm_args("02:00:00:77:00:02"))
-        .in_netns(&net.vm_ns.name)
+        .args(net.vm_net_args(0))
+        .in_netns(net.pm_ns(0))
         .spawn();
     let listening = vm
         .console
         .wait_for(Duration::from_secs(60), |l| l.starts_with("KV listening"));
     let listening = listening.unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()));
-    assert_eq!(listening, format!("KV listening {}:6379", net.guest_ip));
+    assert_eq!(listening, format!("KV listening {guest_ip}:6379"));
 
     let ping = net
-        .client_ns
+        .client
+        .ns
         .command("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "2", &net.guest_ip])
+        .args(["-c", "3", "-i", "0.2", "-W", "2", &guest_ip])
         .output()
         .unwrap();
-    assert!(ping.status.success(), "ping: {}", text(&ping));
+    assert!(ping.status.success(), "ping: {}", output_text(&ping));
 
     let redis = |args: &[&str]| -> String {
         let o = net
-            .client_ns
+            .client
+            .ns
             .command("redis-cli")
-            .args(["-h", &net.guest_ip, "-p", "6379"])
+            .args(["-h", &guest_ip, "-p", "6379"])
             .args(args)
             .output()
             .unwrap();
-        assert!(o.status.success(), "redis-cli {args:?}: {}", text(&o));
+        assert!(
+            o.status.success(),
+            "redis-cli {args:?}: {}",
+            output_text(&o)
+        );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     assert_eq!(redis(&["PING"]), "PONG");

@@ -2,8 +2,8 @@
 //! `twinrun snapshot restore` (issue 3, Verify: "a `redis-cli` connection held open
 //! across the save/kill/restore still works").
 //!
-//! One real `redis-cli` process runs in the client namespace of the kv topology
-//! (`common/net.rs`). With no command arguments it runs its REPL, which also works with
+//! One real `redis-cli` process runs in the client namespace of a one-PM topology
+//! (`twinrun_lab::Topology::builder().single()`). With no command arguments it runs its REPL, which also works with
 //! a pipe as stdin: it connects once at start, reads one line at a time and prints each
 //! reply (raw, one line for the simple replies used here) as soon as it arrives. So the
 //! test writes a command, reads its reply, and so on, over ONE TCP connection. The REPL
@@ -27,14 +27,14 @@ mod common;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{guest_elf, require_kvm, require_tool, twinrun_bin, unique_prefix, ConsoleLog, KvNet};
-use twinrun::control::{self, Op, Response};
-
-const MAC: &str = "02:00:00:77:01:02";
+use common::{
+    output_text, require_kvm, require_tool, topology, twinrun_bin, unique_prefix, VmProcess, VmRun,
+};
+use twinrun_lab::{Proc, Topology};
 
 /// Per-test run and state directories (control sockets, snapshots) plus logs; removed
 /// on drop.
@@ -57,138 +57,43 @@ impl Dirs {
     fn state(&self) -> PathBuf {
         self.path().join("state")
     }
-    /// `twinrun` (in namespace `ns` if given) with this test's directories.
-    fn twinrun(&self, ns: Option<&str>) -> Command {
-        let mut c = match ns {
-            // `ip netns exec` execs, so the child's pid is twinrun's and the
-            // environment set here reaches it.
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(twinrun_bin());
-                c
-            }
-            None => Command::new(twinrun_bin()),
-        };
+    /// `twinrun` with this test's directories.
+    fn twinrun(&self) -> Command {
+        let mut c = Command::new(twinrun_bin());
         c.env("TWINRUN_RUN_DIR", self.run())
-            .env("TWINRUN_STATE_DIR", self.state())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            );
+            .env("TWINRUN_STATE_DIR", self.state());
         c
     }
-}
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {}; stdout {:?}; stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
-
-/// A VMM process (`vm run` or `snapshot restore`) with its console in a file; SIGKILLed
-/// and reaped on drop if still running.
-struct Vmm {
-    child: Option<Child>,
-    console: ConsoleLog,
-    stderr: PathBuf,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn spawn(dirs: &Dirs, ns: &str, name: &str, args: &[String], tag: &str) -> Vmm {
-        let console = dirs.path().join(format!("{tag}.console"));
-        let stderr = dirs.path().join(format!("{tag}.stderr"));
-        let child = dirs
-            .twinrun(Some(ns))
-            .args(args)
-            .arg("--console")
-            .arg(format!("file:{}", console.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
+    /// A VMM (`vm run` or `snapshot restore` in `run`) in namespace `ns` with this
+    /// test's directories, its files tagged `tag`.
+    fn vm(&self, run: VmRun, ns: &str) -> VmProcess {
+        run.in_netns(ns)
+            .env("TWINRUN_RUN_DIR", self.run())
+            .env("TWINRUN_STATE_DIR", self.state())
             .spawn()
-            .expect("spawn twinrun");
-        Vmm {
-            child: Some(child),
-            console: ConsoleLog::new(&console),
-            stderr,
-            sock: dirs.run().join(format!("{name}.sock")),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits until the control socket answers a status request from this process.
-    fn wait_control(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let pid = self.child.as_ref().map_or(0, Child::id);
-        loop {
-            if let Ok(Response::Status { pid: p, .. }) =
-                control::call(&self.sock, Op::Status, Duration::from_secs(5))
-            {
-                if p == pid {
-                    return;
-                }
-            }
-            if let Some(Ok(Some(s))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("twinrun exited ({s}) early; stderr:\n{}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no control socket answer from {}; stderr:\n{}",
-                self.sock.display(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn sigkill(&mut self) {
-        let mut c = self.child.take().expect("running");
-        c.kill().expect("SIGKILL the VMM");
-        let s = c.wait().expect("reap the VMM");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&s),
-            Some(libc::SIGKILL),
-            "{s}"
-        );
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
 /// One long-lived `redis-cli` REPL in the client namespace; killed on drop.
 struct RedisCli {
-    child: Child,
+    // Field order is drop order: stdin closes, then the process is killed.
     stdin: ChildStdin,
+    _proc: Proc,
     replies: Receiver<String>,
     stderr: PathBuf,
 }
 
 impl RedisCli {
-    fn spawn(net: &KvNet, dir: &Path, tag: &str) -> Self {
+    fn spawn(net: &Topology, dir: &Path, tag: &str) -> Self {
         let stderr = dir.join(format!("{tag}.redis-cli.stderr"));
-        let mut child = net
-            .client_ns
-            .command("redis-cli")
-            .args(["-h", &net.guest_ip, "-p", "6379"])
+        let mut cmd = net.client.ns.command("redis-cli");
+        cmd.args(["-h", &net.guest_ip().to_string(), "-p", "6379"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn redis-cli");
+            .stderr(File::create(&stderr).expect("stderr file"));
+        let mut proc = Proc::spawn("redis-cli", &mut cmd).expect("spawn redis-cli");
+        let child = proc.child().expect("redis-cli runs");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, replies) = mpsc::channel();
@@ -203,8 +108,8 @@ impl RedisCli {
             }
         });
         RedisCli {
-            child,
             stdin,
+            _proc: proc,
             replies,
             stderr,
         }
@@ -234,24 +139,18 @@ impl RedisCli {
     }
 }
 
-impl Drop for RedisCli {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The client namespace's TCP connections to the guest's port 6379 as
 /// `(state, local address, ss details)`.
-fn conns_to_guest(net: &KvNet) -> Vec<(String, String, String)> {
+fn conns_to_guest(net: &Topology) -> Vec<(String, String, String)> {
     let o = net
-        .client_ns
+        .client
+        .ns
         .command("ss")
         .args(["-Htani"])
         .output()
         .expect("run ss (iproute2)");
-    assert!(o.status.success(), "ss: {}", text(&o));
-    let peer = format!("{}:6379", net.guest_ip);
+    assert!(o.status.success(), "ss: {}", output_text(&o));
+    let peer = format!("{}:6379", net.guest_ip());
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     // With -i the details are on the line after each socket.
     let lines: Vec<&str> = out.lines().collect();
@@ -270,7 +169,7 @@ fn conns_to_guest(net: &KvNet) -> Vec<(String, String, String)> {
 }
 
 /// The local address of the client's only established connection to the guest.
-fn only_connection(net: &KvNet) -> String {
+fn only_connection(net: &Topology) -> String {
     let c = conns_to_guest(net);
     assert!(
         c.len() == 1 && c[0].0 == "ESTAB",
@@ -279,55 +178,70 @@ fn only_connection(net: &KvNet) -> String {
     c[0].1.clone()
 }
 
-fn ping(net: &KvNet) {
+fn ping(net: &Topology) {
     let o = net
-        .client_ns
+        .client
+        .ns
         .command("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "2", &net.guest_ip])
+        .args([
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &net.guest_ip().to_string(),
+        ])
         .output()
         .expect("run ping");
-    assert!(o.status.success(), "ping the restored guest: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "ping the restored guest: {}",
+        output_text(&o)
+    );
 }
 
 /// A fresh one-shot `redis-cli` (a new connection).
-fn redis_once(net: &KvNet, args: &[&str]) -> String {
+fn redis_once(net: &Topology, args: &[&str]) -> String {
     let o = net
-        .client_ns
+        .client
+        .ns
         .command("redis-cli")
-        .args(["-h", &net.guest_ip, "-p", "6379"])
+        .args(["-h", &net.guest_ip().to_string(), "-p", "6379"])
         .args(args)
         .output()
         .expect("run redis-cli");
-    assert!(o.status.success(), "redis-cli {args:?}: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "redis-cli {args:?}: {}",
+        output_text(&o)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// Boots the kv workload named `name` in the VM namespace and waits for it to listen.
-fn boot_kv(dirs: &Dirs, net: &KvNet, name: &str) -> Vmm {
-    let mut args: Vec<String> = ["vm", "run", "--name", name, "--guest"]
-        .map(String::from)
-        .into();
-    args.push(guest_elf().display().to_string());
-    args.extend(["--mem-mib", "64", "--workload", "kv"].map(String::from));
-    args.extend(net.vm_args(MAC));
-    let mut vm = Vmm::spawn(dirs, &net.vm_ns.name, name, &args, "orig");
+fn boot_kv(dirs: &Dirs, net: &Topology, name: &str) -> VmProcess {
+    let run = VmRun::new(dirs.path(), "orig")
+        .args(["--name", name, "--mem-mib", "64", "--workload", "kv"])
+        .args(net.vm_net_args(0));
+    let mut vm = dirs.vm(run, net.pm_ns(0));
     // The control socket answers once the VM runs (and an early exit fails fast).
-    vm.wait_control();
+    vm.wait_control(&dirs.run().join(format!("{name}.sock")));
     let l = vm
         .console
         .wait_for(Duration::from_secs(60), |l| l.starts_with("KV listening"));
     let l = l.unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()));
-    assert_eq!(l, format!("KV listening {}:6379", net.guest_ip));
+    assert_eq!(l, format!("KV listening {}:6379", net.guest_ip()));
     vm
 }
 
 fn snapshot_create(dirs: &Dirs, name: &str) {
     let o = dirs
-        .twinrun(None)
+        .twinrun()
         .args(["snapshot", "create", name])
         .output()
         .expect("run twinrun snapshot create");
-    assert!(o.status.success(), "snapshot create: {}", text(&o));
+    assert!(o.status.success(), "snapshot create: {}", output_text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("generation 1 (full)"), "{out}");
 }
@@ -335,10 +249,10 @@ fn snapshot_create(dirs: &Dirs, name: &str) {
 /// `twinrun snapshot restore <name> 1` in the VM namespace: same VM name (its stale
 /// control socket is replaced), and the snapshot's config attaches the same TAP by
 /// name with the same MAC.
-fn restore(dirs: &Dirs, net: &KvNet, name: &str) -> Vmm {
-    let args: Vec<String> = ["snapshot", "restore", name, "1"].map(String::from).into();
-    let mut vm = Vmm::spawn(dirs, &net.vm_ns.name, name, &args, "restored");
-    vm.wait_control();
+fn restore(dirs: &Dirs, net: &Topology, name: &str) -> VmProcess {
+    let run = VmRun::restore(dirs.path(), "restored", &[name, "1"]);
+    let mut vm = dirs.vm(run, net.pm_ns(0));
+    vm.wait_control(&dirs.run().join(format!("{name}.sock")));
     assert!(
         vm.stderr().contains("restored VM"),
         "stderr:\n{}",
@@ -349,7 +263,7 @@ fn restore(dirs: &Dirs, net: &KvNet, name: &str) -> Vmm {
 
 fn vm_name() -> String {
     // unique_prefix is unique among concurrently running test processes and tests.
-    format!("skv{}", unique_prefix())
+    format!("skv{}", unique_prefix("k"))
 }
 
 #[test]
@@ -361,7 +275,7 @@ fn redis_cli_connection_held_across_snapshot_sigkill_restore() {
     // Drop order is the reverse of declaration: redis-cli, then the VMMs, then the
     // namespaces, then the directories.
     let dirs = Dirs::new();
-    let net = KvNet::new();
+    let net = topology(Topology::builder().single());
     let name = vm_name();
     let mut vm = boot_kv(&dirs, &net, &name);
 
@@ -436,7 +350,7 @@ fn traffic_after_snapshot_rolls_back_and_desynchronises_the_held_connection() {
     require_tool("redis-cli", "redis-tools");
     require_tool("ss", "iproute2");
     let dirs = Dirs::new();
-    let net = KvNet::new();
+    let net = topology(Topology::builder().single());
     let name = vm_name();
     let mut vm = boot_kv(&dirs, &net, &name);
 

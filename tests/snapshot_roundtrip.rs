@@ -5,11 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{disk_image, require_kvm, twinrun_bin, ConsoleLog, VmProcess, VmRun};
-use twinrun::control::{self, Op, Response};
+use twinrun_control::{self as control, Op, Response, VmStatus};
 
 /// One run/state directory for this test process (tests in it use distinct VM names).
 fn env_dirs() -> &'static Path {
@@ -41,14 +41,8 @@ fn ctl(name: &str, op: Op) -> Response {
     control::call(&sock(name), op, Duration::from_secs(30)).unwrap()
 }
 
-fn wait_socket(name: &str, vm: &VmProcess) {
-    for _ in 0..500 {
-        if sock(name).exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no control socket for {name}; stderr:\n{}", vm.stderr());
+fn wait_socket(name: &str, vm: &mut VmProcess) {
+    vm.wait_control(&sock(name));
 }
 
 fn last_seq(lines: &[String], prefix: &str) -> Option<u64> {
@@ -58,53 +52,19 @@ fn last_seq(lines: &[String], prefix: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(prefix)?.parse().ok())
 }
 
-/// `twinrun snapshot restore` as a child process with a console file, killed on drop.
-struct Restored {
-    child: std::process::Child,
-    console: ConsoleLog,
-    stderr: PathBuf,
+/// `twinrun snapshot restore <args>` as a child process with a console file, killed on
+/// drop.
+fn restored(dir: &Path, args: &[&str], tag: &str) -> VmProcess {
+    env_dirs();
+    VmRun::restore(dir, tag, args).spawn()
 }
 
-impl Restored {
-    fn spawn(dir: &Path, args: &[&str], tag: &str) -> Restored {
-        env_dirs();
-        let console = dir.join(format!("{tag}.console"));
-        let stderr = dir.join(format!("{tag}.stderr"));
-        let child = Command::new(twinrun_bin())
-            .args(["snapshot", "restore"])
-            .args(args)
-            .arg("--console")
-            .arg(format!("file:{}", console.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Restored {
-            child,
-            console: ConsoleLog::new(&console),
-            stderr,
-        }
-    }
-
-    fn first(&mut self, prefix: &str) -> String {
-        let r = self
-            .console
-            .wait_for(Duration::from_secs(60), |l| l.starts_with(prefix));
-        r.unwrap_or_else(|e| {
-            panic!(
-                "{e}\nstderr:\n{}",
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            )
-        })
-    }
-}
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The first console line of `vm` starting with `prefix` (60 s at most).
+fn first(vm: &mut VmProcess, prefix: &str) -> String {
+    let r = vm
+        .console
+        .wait_for(Duration::from_secs(60), |l| l.starts_with(prefix));
+    r.unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()))
 }
 
 #[test]
@@ -120,7 +80,7 @@ fn round_trip_across_sigkill_continues_every_workload() {
         .args(["--dirty-pages", "1024", "--dirty-rate", "2000"])
         .args(["--disk-rate", "20", "--disk", &img.display().to_string()])
         .spawn();
-    wait_socket(&name, &vm);
+    wait_socket(&name, &mut vm);
     vm.console
         .wait_for(Duration::from_secs(60), |l| l == "C 50")
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr()));
@@ -135,7 +95,7 @@ fn round_trip_across_sigkill_continues_every_workload() {
     assert!(out.contains("generation 1 (full)"), "{out}");
     assert!(matches!(
         ctl(&name, Op::Status),
-        Response::Status { paused: true, .. }
+        Response::Status(VmStatus { paused: true, .. })
     ));
     assert_eq!(ctl(&name, Op::Resume), Response::Ok);
     // The VM keeps running after the snapshot; then it dies hard.
@@ -151,12 +111,16 @@ fn round_trip_across_sigkill_continues_every_workload() {
     );
 
     let restored_name = format!("{name}r");
-    let mut r = Restored::spawn(
+    let mut r = restored(
         dir.path(),
         &[&name, "1", "--name", &restored_name],
         "restored",
     );
-    assert_eq!(r.first("C "), format!("C {}", c + 1), "counter continues");
+    assert_eq!(
+        first(&mut r, "C "),
+        format!("C {}", c + 1),
+        "counter continues"
+    );
     // A second reader of the same console, for the first disk record.
     let mut wlog = ConsoleLog::new(&dir.path().join("restored.console"));
     let first_w = wlog.wait_for(Duration::from_secs(60), |l| l.starts_with("W "));
@@ -202,7 +166,7 @@ fn live_full_snapshot_under_dirty_load_verifies_and_restores() {
         .args(["--dirty-pages", "4096", "--dirty-rate", "50000"])
         .args(["--disk-rate", "100", "--disk", &img.display().to_string()])
         .spawn();
-    wait_socket(&name, &vm);
+    wait_socket(&name, &mut vm);
     vm.console
         .wait_for(Duration::from_secs(60), |l| l.starts_with("D "))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr()));
@@ -222,13 +186,13 @@ fn live_full_snapshot_under_dirty_load_verifies_and_restores() {
     vm.signal(libc::SIGKILL);
     vm.wait_timeout(Duration::from_secs(10)).unwrap();
 
-    let mut r = Restored::spawn(
+    let mut r = restored(
         dir.path(),
         &[&name, "1", "--name", &format!("{name}r")],
         "lr",
     );
     // The snapshot point lies between the lines seen before and after the create.
-    let c: u64 = r.first("C ")[2..].parse().unwrap();
+    let c: u64 = first(&mut r, "C ")[2..].parse().unwrap();
     assert!(
         (c_before + 1..=c_after + 1).contains(&c),
         "counter resumes at {c}, expected {}..={}",
@@ -251,7 +215,7 @@ fn live_full_snapshot_under_dirty_load_verifies_and_restores() {
     // workload last wrote (a torn or stale page in the snapshot shows as errors). The
     // counter catches up on the time the VM was down in a burst: wait for passes.
     for _ in 0..3 {
-        r.first("D ");
+        first(&mut r, "D ");
     }
     r.console.poll();
     let lines = &r.console.seen;
@@ -280,7 +244,7 @@ fn incremental_chain_limit_export_and_import() {
         .args(["--dirty-pages", "512", "--dirty-rate", "5000"])
         .args(["--disk-rate", "50", "--disk", &img.display().to_string()])
         .spawn();
-    wait_socket(&name, &vm);
+    wait_socket(&name, &mut vm);
     vm.console
         .wait_for(Duration::from_secs(60), |l| l == "C 20")
         .unwrap();

@@ -23,15 +23,8 @@ fn fault(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn wait_socket(name: &str, vm: &VmProcess) {
-    let sock = env_dirs().join("run").join(format!("{name}.sock"));
-    for _ in 0..500 {
-        if sock.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no control socket for {name}; stderr:\n{}", vm.stderr());
+fn wait_socket(name: &str, vm: &mut VmProcess) {
+    vm.wait_control(&env_dirs().join("run").join(format!("{name}.sock")));
 }
 
 fn text(o: &[u8]) -> String {
@@ -50,7 +43,7 @@ fn bad_range_through_the_cli_fails_guest_writes() {
         .args(["--workload", "counter,disk", "--counter-rate", "50"])
         .args(["--disk-rate", "200", "--disk", &img.display().to_string()])
         .spawn();
-    wait_socket(&name, &vm);
+    wait_socket(&name, &mut vm);
     vm.console
         .wait_for(Duration::from_secs(60), |l| l == "W 20")
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr()));

@@ -5,7 +5,7 @@
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quorum::witness::ops::{Reply, Request};
@@ -13,12 +13,13 @@ use quorum::witness::wire::{
     decode, encode, ClientError, ClientEvent, ClientWire, Packet, Refusal,
 };
 use quorum::NodeId;
+use twinrun_lab::Proc;
 
 const SECRET: &[u8] = b"witness-test-secret-0123";
 
 /// A witness process, killed (and reaped) on drop.
 struct Witness {
-    child: Option<Child>,
+    proc: Proc,
     addr: SocketAddr,
     dir: PathBuf,
 }
@@ -34,11 +35,8 @@ impl Witness {
             cmd.arg("--cluster").arg(format!("{c}={}", s.display()));
         }
         let _ = fs::remove_file(dir.join("state/status.json"));
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let proc = Proc::spawn("witness", &mut cmd).unwrap();
         // The listen address (port 0 was bound) comes from its status file.
         let t = Instant::now();
         let addr = loop {
@@ -56,17 +54,18 @@ impl Witness {
             std::thread::sleep(Duration::from_millis(20));
         };
         Witness {
-            child: Some(child),
+            proc,
             addr,
             dir: dir.to_path_buf(),
         }
     }
 
     fn stop(&mut self) -> i32 {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap().code().unwrap_or(-1)
+        self.proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+        let st = self.proc.wait_timeout(Duration::from_secs(60));
+        st.expect("the witness stops on SIGTERM")
+            .code()
+            .unwrap_or(-1)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -77,15 +76,6 @@ impl Witness {
             .unwrap();
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Witness {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -5,29 +5,42 @@
 //!
 //! Prints a table and one JSON line.
 
-#[path = "../tests/common/netns.rs"]
-mod netns;
-
 use alink::{Alink, AlinkConfig, Bytes, LinkAddrs, WindowLimits};
-use netns::NetnsPair;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use twinrun_lab::netns::{in_netns, NsThread};
+use twinrun_lab::Topology;
 
 const SECRET: &[u8] = b"throughput-example-secret-0123";
 
+/// PM `side`'s address on link `link`, port `port`.
+fn addr(t: &Topology, link: usize, side: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(t.alink_addr(side, link).ip(), port)
+}
+
+/// `f` on a thread inside PM `side`'s namespace.
+fn run_in<T: Send + 'static>(
+    t: &Topology,
+    side: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> NsThread<T> {
+    in_netns(t.pm_ns(side), f).expect("enter the PM's namespace")
+}
+
 /// Raw TCP over `links` parallel streams (one per veth pair), `secs` seconds. Returns bytes/s
 /// seen by the receiver.
-fn raw_tcp(pair: &NetnsPair, links: usize, secs: f64) -> f64 {
+fn raw_tcp(pair: &Topology, links: usize, secs: f64) -> f64 {
     let mut receivers = Vec::new();
     let mut ready = Vec::new();
     for l in 0..links {
-        let addr = pair.addr(l, 1, 7600 + l as u16);
+        let addr = addr(pair, l, 1, 7600 + l as u16);
         let (tx, rx) = std::sync::mpsc::channel();
         ready.push(rx);
-        receivers.push(pair.run_in(1, move || {
+        receivers.push(run_in(pair, 1, move || {
             let lsn = TcpListener::bind(addr).unwrap();
             tx.send(()).unwrap();
             let (mut s, _) = lsn.accept().unwrap();
@@ -48,8 +61,8 @@ fn raw_tcp(pair: &NetnsPair, links: usize, secs: f64) -> f64 {
     }
     let mut senders = Vec::new();
     for l in 0..links {
-        let addr = pair.addr(l, 1, 7600 + l as u16);
-        senders.push(pair.run_in(0, move || {
+        let addr = addr(pair, l, 1, 7600 + l as u16);
+        senders.push(run_in(pair, 0, move || {
             let mut s = TcpStream::connect(addr).unwrap();
             let buf = vec![0x5au8; 1 << 20];
             let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -71,11 +84,11 @@ fn raw_tcp(pair: &NetnsPair, links: usize, secs: f64) -> f64 {
     bytes as f64 / time.as_secs_f64()
 }
 
-fn alink_cfg(pair: &NetnsPair, side: usize, links: usize) -> AlinkConfig {
+fn alink_cfg(pair: &Topology, side: usize, links: usize) -> AlinkConfig {
     let addrs = (0..links)
         .map(|l| LinkAddrs {
-            local: pair.addr(l, side, if side == 1 { 7700 } else { 0 }),
-            remote: pair.addr(l, 1 - side, if side == 0 { 7700 } else { 0 }),
+            local: addr(pair, l, side, if side == 1 { 7700 } else { 0 }),
+            remote: addr(pair, l, 1 - side, if side == 0 { 7700 } else { 0 }),
         })
         .collect();
     let (me, peer) = if side == 0 { (1, 2) } else { (2, 1) };
@@ -88,15 +101,13 @@ fn alink_cfg(pair: &NetnsPair, side: usize, links: usize) -> AlinkConfig {
 }
 
 /// A-Link with `links` links, messages of `pages` 4 KiB pages (one iovec per page).
-fn alink(pair: &NetnsPair, links: usize, pages: usize, secs: f64) -> f64 {
+fn alink(pair: &Topology, links: usize, pages: usize, secs: f64) -> f64 {
     let (cb, ca) = (alink_cfg(pair, 1, links), alink_cfg(pair, 0, links));
-    let b = pair
-        .run_in(1, move || Alink::start(cb))
+    let b = run_in(pair, 1, move || Alink::start(cb))
         .join()
         .unwrap()
         .unwrap();
-    let a = pair
-        .run_in(0, move || Alink::start(ca))
+    let a = run_in(pair, 0, move || Alink::start(ca))
         .join()
         .unwrap()
         .unwrap();
@@ -156,11 +167,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let pages: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
-    if !netns::available() {
+    if !twinrun_lab::can_build_namespaces() {
         eprintln!("needs root and iproute2");
         std::process::exit(2);
     }
-    let pair = NetnsPair::new(2).expect("namespaces");
+    let pair = Topology::builder().alinks(2).build().expect("namespaces");
     let gb = |x: f64| x / 1e9;
     let raw1 = raw_tcp(&pair, 1, secs);
     let raw2 = raw_tcp(&pair, 2, secs);

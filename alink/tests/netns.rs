@@ -1,15 +1,16 @@
-//! A-Link between two network namespaces over two veth pairs: cutting one link mid-stream
-//! loses nothing and does not interrupt delivery; restoring it brings it back into use.
-//! Needs root (skips with a message otherwise).
+//! A-Link between two PMs (network namespaces of `twinrun_lab::Topology`) over two veth
+//! pairs: cutting one link mid-stream loses nothing and does not interrupt delivery;
+//! restoring it brings it back into use. Needs root (skips with a message otherwise).
 
-mod common;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use alink::linkset::LinkEvent;
 use alink::{Alink, AlinkConfig, Bytes, Event, LinkAddrs, WindowLimits};
-use common::netns::{available, NetnsPair};
 use serde::{Deserialize, Serialize};
-use std::thread;
-use std::time::{Duration, Instant};
+use twinrun_lab::netns::in_netns;
+use twinrun_lab::{can_build_namespaces, Topology};
 
 const SECRET: &[u8] = b"netns-test-cluster-secret-0123";
 const PORT: u16 = 7411;
@@ -19,18 +20,23 @@ struct Head {
     n: u64,
 }
 
-fn cfg(pair: &NetnsPair, side: usize) -> AlinkConfig {
+/// PM `side`'s address on link `link`, port `port`.
+fn addr(topo: &Topology, link: usize, side: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(topo.alink_addr(side, link).ip(), port)
+}
+
+fn cfg(topo: &Topology, side: usize) -> AlinkConfig {
     let links = (0..2)
         .map(|l| {
             if side == 0 {
                 LinkAddrs {
-                    local: pair.addr(l, 0, 0),
-                    remote: pair.addr(l, 1, PORT),
+                    local: addr(topo, l, 0, 0),
+                    remote: addr(topo, l, 1, PORT),
                 }
             } else {
                 LinkAddrs {
-                    local: pair.addr(l, 1, PORT),
-                    remote: pair.addr(l, 0, 0),
+                    local: addr(topo, l, 1, PORT),
+                    remote: addr(topo, l, 0, 0),
                 }
             }
         })
@@ -64,26 +70,36 @@ fn wait_links(a: &Alink, want: impl Fn(&[alink::LinkStatus]) -> bool, what: &str
     }
 }
 
+/// Two PMs with two A-Links, or `None` (with a message) where namespaces cannot be made.
+fn topology() -> Option<Topology> {
+    let _ = env_logger::builder().is_test(true).try_init();
+    if !can_build_namespaces() {
+        eprintln!("SKIP: needs root and iproute2 for network namespaces");
+        return None;
+    }
+    Some(Topology::builder().alinks(2).build().expect("namespaces"))
+}
+
+/// Both ends, each started inside its PM's namespace (the listening side first); once
+/// both links are up.
+fn start_pair(topo: &Topology) -> (Alink, Alink) {
+    let start = |side: usize| {
+        let c = cfg(topo, side);
+        in_netns(topo.pm_ns(side), move || Alink::start(c))
+            .and_then(|t| t.join())
+            .unwrap()
+            .unwrap()
+    };
+    let b = start(1);
+    let a = start(0);
+    wait_links(&a, |s| s.iter().all(|l| l.up), "both links up");
+    (a, b)
+}
+
 #[test]
 fn cut_one_of_two_links_mid_stream_then_restore() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    if !available() {
-        eprintln!("SKIP: needs root and iproute2 for network namespaces");
-        return;
-    }
-    let pair = NetnsPair::new(2).expect("namespaces");
-    let (cb, ca) = (cfg(&pair, 1), cfg(&pair, 0));
-    let b = pair
-        .run_in(1, move || Alink::start(cb))
-        .join()
-        .unwrap()
-        .unwrap();
-    let a = pair
-        .run_in(0, move || Alink::start(ca))
-        .join()
-        .unwrap()
-        .unwrap();
-    wait_links(&a, |s| s.iter().all(|l| l.up), "both links up");
+    let Some(topo) = topology() else { return };
+    let (a, b) = start_pair(&topo);
 
     let total = 6000u64;
     let consumer = thread::spawn(move || {
@@ -108,10 +124,10 @@ fn cut_one_of_two_links_mid_stream_then_restore() {
     let mut sent_on_1_after_restore = None;
     for n in 0..total {
         if n == 1500 {
-            pair.set_link(1, false).unwrap();
+            topo.set_alink(0, 1, false).unwrap();
         }
         if n == 3500 {
-            pair.set_link(1, true).unwrap();
+            topo.set_alink(0, 1, true).unwrap();
         }
         if n == 4000 {
             wait_links(&a, |s| s[1].up, "link 1 back up");
@@ -154,29 +170,13 @@ fn cut_one_of_two_links_mid_stream_then_restore() {
 
 #[test]
 fn all_links_cut_reports_peer_unreachable_then_recovers() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    if !available() {
-        eprintln!("SKIP: needs root and iproute2 for network namespaces");
-        return;
-    }
-    let pair = NetnsPair::new(2).expect("namespaces");
-    let (cb, ca) = (cfg(&pair, 1), cfg(&pair, 0));
-    let b = pair
-        .run_in(1, move || Alink::start(cb))
-        .join()
-        .unwrap()
-        .unwrap();
-    let a = pair
-        .run_in(0, move || Alink::start(ca))
-        .join()
-        .unwrap()
-        .unwrap();
-    wait_links(&a, |s| s.iter().all(|l| l.up), "both links up");
+    let Some(topo) = topology() else { return };
+    let (a, b) = start_pair(&topo);
     for n in 0..10 {
         a.send(&Head { n }, payload(n)).unwrap();
     }
-    pair.set_link(0, false).unwrap();
-    pair.set_link(1, false).unwrap();
+    topo.set_alink(0, 0, false).unwrap();
+    topo.set_alink(0, 1, false).unwrap();
     let t = Instant::now();
     let mut unreachable = None;
     while t.elapsed() < Duration::from_secs(5) {
@@ -195,7 +195,7 @@ fn all_links_cut_reports_peer_unreachable_then_recovers() {
     for n in 10..20 {
         a.send(&Head { n }, payload(n)).unwrap();
     }
-    pair.set_link(0, true).unwrap();
+    topo.set_alink(0, 0, true).unwrap();
     for n in 0..20 {
         let m = b
             .recv(Duration::from_secs(10))

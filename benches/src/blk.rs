@@ -16,13 +16,14 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::proc::{field, ConsoleFile, Guarded};
 use crate::report::{median_p90, Better, Figure};
+use twinrun_lab::console::{field, ConsoleLog};
+use twinrun_lab::Proc;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
@@ -206,14 +207,10 @@ fn guest(twinrun: &Path, elf: &Path, dir: &Path, s: Shape, e: Engine) -> Result<
         .args(["--blkbench-req-kib", &(s.req >> 10).to_string()])
         .args(["--blkbench-depth", &s.depth.to_string()])
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = Guarded::spawn(&mut cmd)?;
+        .arg(format!("file:{}", console.display()));
+    let mut child = Proc::spawn_quiet("twinrun", &mut cmd).map_err(|e| e.to_string())?;
     let status = child.wait_timeout(Duration::from_secs(120));
-    let mut con = ConsoleFile::new(&console);
+    let mut con = ConsoleLog::new(&console);
     con.poll();
     let _ = std::fs::remove_file(&img);
     let _ = std::fs::remove_file(&console);
@@ -227,7 +224,7 @@ fn guest(twinrun: &Path, elf: &Path, dir: &Path, s: Shape, e: Engine) -> Result<
             ))
         }
     }
-    let find = |p: &str| con.lines.iter().find(|l| l.starts_with(p)).cloned();
+    let find = |p: &str| con.seen.iter().find(|l| l.starts_with(p)).cloned();
     let (Some(w), Some(r)) = (find("B write "), find("B read ")) else {
         return Err(format!("no B lines; console:\n{}", con.tail(10)));
     };

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::VmExit;
 
-use crate::proc::{ConsoleFile, Guarded};
+use twinrun_lab::console::ConsoleLog;
+use twinrun_lab::Proc;
+
 use crate::report::{median_p90, Better, Figure};
 
 const POLL: Duration = Duration::from_micros(100);
@@ -50,19 +52,19 @@ fn cli_once(twinrun: &Path, elf: &Path, console: &Path) -> Result<(f64, f64), St
         .arg("--guest")
         .arg(elf)
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg(format!("file:{}", console.display()));
     let t0 = Instant::now();
-    let mut child = Guarded::spawn(&mut cmd)?;
-    let mut con = ConsoleFile::new(console);
+    let mut child = Proc::spawn_quiet("twinrun", &mut cmd).map_err(|e| e.to_string())?;
+    let mut con = ConsoleLog::new(console).every(POLL);
     let mut status = None;
-    con.wait_prefix("BOOT ", POLL, LIMIT, || {
-        status = status.or_else(|| child.try_wait());
-        status.is_none()
-    })?;
+    con.wait_while(
+        LIMIT,
+        |l| l.starts_with("BOOT "),
+        || {
+            status = status.or_else(|| child.try_wait());
+            status.is_none()
+        },
+    )?;
     let boot = t0.elapsed();
     let status = match status {
         Some(s) => s,
@@ -86,8 +88,8 @@ fn in_process_once(elf: &Path, console: &Path) -> Result<(f64, f64), String> {
     let built = t0.elapsed();
     let t1 = Instant::now();
     vm.start().map_err(|e| format!("start: {e}"))?;
-    let mut con = ConsoleFile::new(console);
-    let r = con.wait_prefix("BOOT ", POLL, LIMIT, || true);
+    let mut con = ConsoleLog::new(console).every(POLL);
+    let r = con.wait_for(LIMIT, |l| l.starts_with("BOOT "));
     let boot = t1.elapsed();
     r?;
     match vm.wait_timeout(LIMIT) {

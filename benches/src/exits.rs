@@ -17,8 +17,8 @@ use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::devices::bus::BusDevice;
 use vmm::VmExit;
 
-use crate::proc::output_timeout;
 use crate::report::{median_p90, Better, Figure};
+use twinrun_lab::process::output_timeout;
 
 const DEV_MMIO: u64 = abi::MMIO_BASE + 0x6000;
 const DEV_PORT: u16 = 0x510;
@@ -114,7 +114,7 @@ pub fn raw_kvm_probe(src: &Path, dir: &Path) -> Result<f64, String> {
     let bin = dir.join("kvm-probe");
     let mut cc = Command::new("gcc");
     cc.args(["-O2", "-o"]).arg(&bin).arg(src);
-    let out = output_timeout(&mut cc, Duration::from_secs(60))?;
+    let out = output_timeout(&mut cc, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
             "gcc {}: {}",
@@ -122,7 +122,8 @@ pub fn raw_kvm_probe(src: &Path, dir: &Path) -> Result<f64, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let out = output_timeout(&mut Command::new(&bin), Duration::from_secs(120))?;
+    let out = output_timeout(&mut Command::new(&bin), Duration::from_secs(120))
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     parse_probe(&text).ok_or_else(|| format!("no CPL3 MMIO line in kvm-probe output:\n{text}"))
 }

@@ -1059,7 +1059,7 @@ mod kv {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use twinrun::demo::topology::Topology;
+    use twinrun_lab::Topology;
 
     use super::SweepSizes;
     use crate::ftnet::{self, read_log, Load, Pair};

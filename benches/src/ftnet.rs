@@ -1,13 +1,13 @@
 //! FT mode with real processes on the demo topology (issue 4): what `ft` (an
 //! in-process pair over loopback) cannot show.
 //!
-//! The network is `twinrun::demo::topology::Topology` (namespaces pm1, pm2, lan,
-//! client; two A-Link veths between the PMs; a TAP per PM bridged to the LAN). The
-//! guest runs the `kv` workload, 64 MiB, in `twinrun vm run` processes:
+//! The network is `twinrun_lab::Topology` (namespaces pm1, pm2, the switch with the
+//! LAN, client; two A-Link veths between the PMs; a TAP per PM bridged to the LAN).
+//! The guest runs the `kv` workload, 64 MiB, in `twinrun vm run` processes:
 //!
 //! - unprotected: `twinrun vm run` (no `--role`) in pm1 on PM1's TAP;
 //! - FT: `--role standby` in pm2 and `--role primary` in pm1, default epoch, both
-//!   A-Links, measured once the primary logs "FT primary: protected".
+//!   A-Links, measured once the primary's control socket says it is protected.
 //!
 //! Against each, from the client namespace: `redis-benchmark -t set,get -c 10 -q` with
 //! `-P 1` and `-P 16` (requests/s, target FT >= 80 % of unprotected), then a RESP
@@ -19,21 +19,19 @@
 //!
 //! Every count and wait is bounded; the namespaces and processes go away on drop.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twinrun::demo::client::enter_netns;
-use twinrun::demo::process::ChildGuard;
-use twinrun::demo::topology::Topology;
-use twinrun::demo::{FAILOVER_LOG, PROTECTED_LOG};
+use twinrun_control::{FtState, SessionStatus};
+use twinrun_lab::resp::{Reply, Resp};
+use twinrun_lab::tcp::{tcp_join, tcp_receiver, tcp_sender};
+use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::{Proc, Topology};
 
-use crate::net::{tcp_join, tcp_receiver, tcp_sender};
-use crate::proc::output_timeout;
 use crate::report::{Better, Figure};
 
-const KV_PORT: u16 = 6379;
 const UNPROT: &str = "same guest unprotected, same topology";
 
 /// How much to measure.
@@ -68,77 +66,40 @@ pub(crate) const PIPELINES: [u32; 2] = [1, 16];
 
 fn redis_bench(topo: &Topology, n: u32, pipeline: u32, clients: u32) -> Result<(f64, f64), String> {
     let host = topo.guest_ip().to_string();
-    let c = Topology::command_in(&topo.client_ns, "redis-benchmark");
+    let c = topo.client.ns.command("redis-benchmark");
     crate::redis::set_get(c, &host, n, pipeline, clients, Duration::from_secs(120))
-}
-
-fn wait_ping(topo: &Topology, timeout: Duration) -> Result<(), String> {
-    let host = topo.guest_ip().to_string();
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        let mut c = Topology::command_in(&topo.client_ns, "redis-cli");
-        c.args(["-h", &host, "-p", "6379", "PING"]);
-        if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
-            if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!(
-        "kv at {host} never answered PING within {timeout:?}"
-    ))
 }
 
 /// `SET lat:<i> <i>` one at a time on one connection from the client namespace;
 /// `warmup` untimed requests first. Returns the sorted round trips in ms. Bounded by
 /// a 2 s read timeout per reply and a 60 s deadline overall.
 fn latency(ns: &str, addr: SocketAddr, samples: usize, warmup: usize) -> Result<Vec<f64>, String> {
-    let ns = ns.to_string();
-    let worker = std::thread::Builder::new()
-        .name("ftnet-latency".into())
-        .spawn(move || -> Result<Vec<f64>, String> {
-            enter_netns(&ns).map_err(|e| format!("setns {ns}: {e}"))?;
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))
-                .map_err(|e| e.to_string())?;
-            let mut w = s.try_clone().map_err(|e| e.to_string())?;
-            let mut r = BufReader::new(s);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut out = Vec::with_capacity(samples);
-            let mut line = String::new();
-            for i in 0..samples + warmup {
-                if Instant::now() > deadline {
-                    break;
-                }
-                let (k, v) = (format!("lat:{i}"), i.to_string());
-                let req = format!(
-                    "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
-                    k.len(),
-                    v.len()
-                );
-                let t = Instant::now();
-                w.write_all(req.as_bytes())
-                    .map_err(|e| format!("send: {e}"))?;
-                line.clear();
-                r.read_line(&mut line)
-                    .map_err(|e| format!("reply {i}: {e}"))?;
-                let dt = t.elapsed();
-                if line != "+OK\r\n" {
-                    return Err(format!("reply {i}: unexpected {line:?}"));
-                }
-                if i >= warmup {
-                    out.push(dt.as_secs_f64() * 1e3);
-                }
+    let worker = twinrun_lab::netns::in_netns(ns, move || -> Result<Vec<f64>, String> {
+        let mut c = Resp::connect_with(addr, Duration::from_secs(5), Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut out = Vec::with_capacity(samples);
+        for i in 0..samples + warmup {
+            if Instant::now() > deadline {
+                break;
             }
-            Ok(out)
-        })
-        .map_err(|e| e.to_string())?;
-    let mut v = worker
-        .join()
-        .map_err(|_| "latency client panicked".to_string())??;
+            let (k, v) = (format!("lat:{i}"), i.to_string());
+            let t = Instant::now();
+            let r = c
+                .call(&["SET", &k, &v])
+                .map_err(|e| format!("reply {i}: {e}"))?;
+            let dt = t.elapsed();
+            if r != Reply::Simple("OK".into()) {
+                return Err(format!("reply {i}: unexpected {r:?}"));
+            }
+            if i >= warmup {
+                out.push(dt.as_secs_f64() * 1e3);
+            }
+        }
+        Ok(out)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut v = worker.join().map_err(|e| e.to_string())??;
     if v.len() < samples / 2 {
         return Err(format!(
             "only {} of {samples} latency samples within the deadline",
@@ -160,14 +121,14 @@ pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
 /// Once the kv guest answers PING: `redis-benchmark` at each of [`PIPELINES`], then
 /// the latency client (20 untimed requests first).
 pub(crate) fn measure(topo: &Topology, load: &Load) -> Result<Side, String> {
-    wait_ping(topo, Duration::from_secs(30))?;
+    crate::redis::wait_ping(topo, &topo.guest_ip().to_string(), Duration::from_secs(30))?;
     let t0 = Instant::now();
     let mut rps = Vec::new();
     for p in PIPELINES {
         rps.push(redis_bench(topo, load.bench_n, p, load.clients)?);
     }
     let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
-    let lat_ms = latency(&topo.client_ns, addr, load.latency_samples, 20)?;
+    let lat_ms = latency(topo.client_ns(), addr, load.latency_samples, 20)?;
     Ok(Side {
         rps,
         lat_ms,
@@ -179,7 +140,7 @@ pub(crate) fn measure(topo: &Topology, load: &Load) -> Result<Side, String> {
 /// Pages the guest fills at boot (32 MiB of its 64: the dirty workload takes at most half).
 const FILL_PAGES: u32 = 8192;
 
-fn vm_args(elf: &Path, topo: &Topology, console: &Path, tap: &str) -> Vec<String> {
+fn vm_args(elf: &Path, topo: &Topology, console: &Path, pm: usize) -> Vec<String> {
     let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
     v.push(elf.display().to_string());
     v.extend([
@@ -196,44 +157,40 @@ fn vm_args(elf: &Path, topo: &Topology, console: &Path, tap: &str) -> Vec<String
         "0".into(),
         "--dirty-passes".into(),
         "1".into(),
-        "--kv-addr".into(),
-        topo.guest_cidr(),
         "--console".into(),
         format!("file:{}", console.display()),
-        "--net".into(),
-        format!("{tap},{}", topo.guest_mac()),
     ]);
+    v.extend(topo.vm_net_args(pm));
     v
 }
 
 /// Waits (30 s at most) for the guest's line saying it wrote its fill pages once.
-fn wait_filled(vm: &mut ChildGuard, console: &Path, log: &Path) -> Result<(), String> {
-    let t0 = Instant::now();
-    while !log_has(console, "D pass=1 ") {
-        if let Some(st) = vm.try_status() {
-            return Err(format!(
-                "the {} exited before its guest filled its memory ({st}):\n{}",
-                vm.name,
-                read_log(log)
-            ));
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            return Err(format!(
-                "the {} guest did not fill its memory within 30 s",
-                vm.name
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-fn log_has(path: &Path, needle: &str) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle))
+fn wait_filled(vm: &mut Proc, console: &Path) -> Result<(), String> {
+    let mut con = twinrun_lab::console::ConsoleLog::new(console).every(Duration::from_millis(5));
+    con.wait_while(
+        Duration::from_secs(30),
+        |l| l.starts_with("D pass=1 "),
+        || vm.alive(),
+    )
+    .map_err(|e| {
+        format!(
+            "the {} guest did not fill its memory: {e}\n{}",
+            vm.name(),
+            vm.log()
+        )
+    })
+    .map(|_| ())
 }
 
 pub(crate) fn read_log(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// `twinrun` in PM `pm`'s namespace, its control socket (if named) in `dir/run`.
+fn twinrun_in(topo: &Topology, pm: usize, twinrun: &Path, dir: &Path) -> std::process::Command {
+    let mut c = topo.pms[pm].ns.command(twinrun);
+    c.env("TWINRUN_RUN_DIR", dir.join("run"));
+    c
 }
 
 /// The kv guest unprotected in pm1 on PM1's TAP, measured; its files are
@@ -250,29 +207,32 @@ pub(crate) fn unprotected(
         dir.join(format!("{tag}-u.console")),
         dir.join(format!("{tag}-u.log")),
     );
-    let args = vm_args(elf, topo, &console, &topo.pm1_tap);
-    let mut vm = ChildGuard::spawn_in_netns("unprotected", &topo.pm1_ns, twinrun, &args, &log)
+    let _ = std::fs::remove_file(&console);
+    let mut cmd = twinrun_in(topo, 0, twinrun, dir);
+    cmd.args(vm_args(elf, topo, &console, 0));
+    let mut vm = Proc::spawn_logged("unprotected VM", &mut cmd, &log)
         .map_err(|e| format!("spawn unprotected VM: {e}"))?;
     // As the FT pair's primary: measured once the guest has filled its memory (first
     // writes to guest pages are slow on a software KVM; they must not land in the
     // measurement).
-    wait_filled(&mut vm, &console, &log)?;
+    wait_filled(&mut vm, &console)?;
     let r = measure(topo, load);
-    if let Some(st) = vm.try_status() {
-        return Err(format!(
-            "the unprotected VM exited ({st}):\n{}",
-            read_log(&log)
-        ));
+    if let Some(st) = vm.try_wait() {
+        return Err(format!("the unprotected VM exited ({st}):\n{}", vm.log()));
     }
     vm.terminate(Duration::from_secs(5));
-    r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", read_log(&log)))
+    r.map_err(|e| format!("unprotected: {e}\nVM log:\n{}", vm.log()))
 }
 
 /// A running FT pair of the kv guest: standby in pm2, primary in pm1, both A-Links.
-/// Its files in `dir` are `<tag>.secret`, `<tag>-{p,s}.log` and `<tag>-{p,s}.console`.
+/// Its files in `dir` are `<tag>.secret`, `<tag>-{p,s}.log` and `<tag>-{p,s}.console`;
+/// its control sockets are in `dir/run`.
 pub(crate) struct Pair {
-    primary: ChildGuard,
-    standby: ChildGuard,
+    primary: Proc,
+    standby: Proc,
+    /// The control sockets of the primary and the standby.
+    psock: PathBuf,
+    ssock: PathBuf,
     pub secret: PathBuf,
     pub plog: PathBuf,
     pub slog: PathBuf,
@@ -282,7 +242,7 @@ pub(crate) struct Pair {
 
 impl Pair {
     /// Starts the pair (`primary_args` added to the primary's command line, e.g.
-    /// `--epoch-ms`) and returns once the primary logs [`PROTECTED_LOG`] (60 s at
+    /// `--epoch-ms`) and returns once the primary's status says protected (60 s at
     /// most; an exit of either side first is an error).
     pub(crate) fn start(
         twinrun: &Path,
@@ -300,7 +260,6 @@ impl Pair {
             .map_err(|e| format!("/dev/urandom: {e}"))?;
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::write(&secret, hex).map_err(|e| format!("secret file: {e}"))?;
-        let (l1, l2) = topo.alink_args();
         let (plog, slog) = (
             dir.join(format!("{tag}-p.log")),
             dir.join(format!("{tag}-s.log")),
@@ -309,54 +268,47 @@ impl Pair {
             dir.join(format!("{tag}-p.console")),
             dir.join(format!("{tag}-s.console")),
         );
-        let spawn = |role: &'static str,
-                     ns: &str,
-                     links: &[String],
-                     tap: &str,
-                     console: &Path,
-                     log: &Path| {
-            let mut a = vm_args(elf, topo, console, tap);
-            a.extend(["--role".into(), role.into()]);
-            for l in links {
-                a.extend(["--alink".into(), l.clone()]);
-            }
-            a.extend([
-                "--cluster-id".into(),
-                cluster_id.into(),
-                "--cluster-secret-file".into(),
-                secret.display().to_string(),
+        let spawn = |role: &'static str, pm: usize, console: &Path, log: &Path| {
+            let name = format!("{tag}-{cluster_id}-{role}");
+            let _ = std::fs::remove_file(console);
+            let mut cmd = twinrun_in(topo, pm, twinrun, dir);
+            cmd.args(vm_args(elf, topo, console, pm))
+                .args(["--role", role, "--name", &name])
+                .args(topo.alink_args(pm))
+                .args(["--cluster-id", cluster_id, "--cluster-secret-file"])
+                .arg(&secret)
                 // Failover is not measured here: a wide detection window keeps a busy
                 // 2-core machine (initial sync, redis-benchmark) from a false failover.
-                "--heartbeat-misses".into(),
-                "20".into(),
-            ]);
+                .args(["--heartbeat-misses", "20"]);
             if role == "primary" {
-                a.extend(primary_args.iter().cloned());
+                cmd.args(primary_args);
             }
-            ChildGuard::spawn_in_netns(role, ns, twinrun, &a, log)
-                .map_err(|e| format!("spawn {role}: {e}"))
+            let proc = Proc::spawn_logged(role, &mut cmd, log)
+                .map_err(|e| format!("spawn {role}: {e}"))?;
+            Ok::<_, String>((proc, dir.join("run").join(format!("{name}.sock"))))
         };
         // The primary first (it runs unprotected until a standby connects), the
         // standby once the guest has filled its memory: the initial sync then ships
         // what a server's RAM would hold, not zero pages.
-        let mut primary = spawn("primary", &topo.pm1_ns, &l1, &topo.pm1_tap, &pcon, &plog)?;
-        wait_filled(&mut primary, &pcon, &plog)?;
-        let mut standby = spawn("standby", &topo.pm2_ns, &l2, &topo.pm2_tap, &scon, &slog)?;
+        let (mut primary, psock) = spawn("primary", 0, &pcon, &plog)?;
+        wait_filled(&mut primary, &pcon)?;
+        let (mut standby, ssock) = spawn("standby", 1, &scon, &slog)?;
         let t0 = Instant::now();
-        while !log_has(&plog, PROTECTED_LOG) {
-            for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
-                if let Some(st) = c.try_status() {
+        while twinrun_control::ft_status(&psock).is_none_or(|s| s.state != FtState::Protected) {
+            for end in [&mut primary, &mut standby] {
+                if let Some(st) = end.try_wait() {
                     return Err(format!(
                         "the {} exited before protection ({st}):\n{}",
-                        c.name,
-                        read_log(log)
+                        end.name(),
+                        end.log()
                     ));
                 }
             }
             if t0.elapsed() > Duration::from_secs(60) {
                 return Err(format!(
-                    "not protected within 60 s (RUST_LOG must allow info); primary log:\n{}",
-                    read_log(&plog)
+                    "not protected within 60 s (status {:?}); primary log:\n{}",
+                    twinrun_control::ft_status(&psock),
+                    primary.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -364,6 +316,8 @@ impl Pair {
         Ok(Pair {
             primary,
             standby,
+            psock,
+            ssock,
             secret,
             plog,
             slog,
@@ -376,17 +330,18 @@ impl Pair {
     /// standby failed over meanwhile (then the standby served part of the run).
     /// The standby stops first: a primary stopped first would let it fail over, and
     /// its gratuitous ARP would point the LAN bridge at PM2's TAP for the next guest
-    /// on PM1. Then up to `report_wait` for the primary to log its session report
-    /// ("epochs captured", logged when it notices the standby gone: 20 heartbeat
-    /// misses, about 1 s), or else it logs it when stopped.
-    pub(crate) fn stop(&mut self, report_wait: Duration) -> Result<(), String> {
-        let still = self.primary.try_status().is_none();
-        let failed_over = log_has(&self.slog, FAILOVER_LOG);
+    /// on PM1. Then up to `report_wait` for the primary to end its session (it notices
+    /// the standby gone at once when its links close, or after 20 heartbeat misses,
+    /// about 1 s) and report it in its status (and log), which is returned; a primary
+    /// stopped before that logs its report when it stops.
+    pub(crate) fn stop(&mut self, report_wait: Duration) -> Result<Option<SessionStatus>, String> {
+        let still = self.primary.alive();
+        let failed_over =
+            twinrun_control::ft_status(&self.ssock).is_some_and(|s| s.failover.is_some());
         self.standby.terminate(Duration::from_secs(5));
-        let t_wait = Instant::now();
-        while t_wait.elapsed() < report_wait && !log_has(&self.plog, "epochs captured") {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let report = twinrun_lab::poll(report_wait, Duration::from_millis(20), || {
+            twinrun_control::ft_status(&self.psock).and_then(|s| s.last_session)
+        });
         self.primary.terminate(Duration::from_secs(5));
         if !still {
             return Err(format!(
@@ -397,12 +352,13 @@ impl Pair {
         if failed_over {
             return Err("the standby failed over during the measurement".into());
         }
-        Ok(())
+        Ok(report)
     }
 }
 
 /// The FT pair measured like the unprotected guest, and the checkpoint throughput of
-/// its initial synchronisation (MB/s, from the primary's log) across the namespaces.
+/// its initial synchronisation (MB/s: the bytes the sync rounds sent from round 0 to
+/// epoch 0 committed, from the session's report) across the namespaces.
 fn protected(
     twinrun: &Path,
     elf: &Path,
@@ -413,19 +369,16 @@ fn protected(
     let id = format!("bench-{}", std::process::id());
     let mut pair = Pair::start(twinrun, elf, dir, topo, "ftnet", &id, &[])?;
     let r = measure(topo, load);
-    let sync = sync_throughput(&read_log(&pair.plog));
-    pair.stop(Duration::ZERO)?;
+    let report = pair.stop(Duration::from_secs(5))?;
+    let sync = report.as_ref().and_then(sync_throughput);
     r.map(|side| (side, sync))
         .map_err(|e| format!("FT: {e}\nprimary log:\n{}", read_log(&pair.plog)))
 }
 
-/// MB/s of the primary's `initial synchronisation: ... (N MB/s)` line.
-fn sync_throughput(log: &str) -> Option<f64> {
-    let l = log
-        .lines()
-        .find(|l| l.contains("primary: initial synchronisation:"))?;
-    let rest = &l[l.rfind('(')? + 1..];
-    rest.split_whitespace().next()?.parse().ok()
+/// MB/s of a session's initial synchronisation.
+fn sync_throughput(s: &SessionStatus) -> Option<f64> {
+    let us = s.sync_us.filter(|&u| u > 0)?;
+    Some(s.sync_bytes as f64 / us as f64)
 }
 
 /// One TCP connection: a receiver (in `rx_ns`, or this namespace) and a sender (in
@@ -467,7 +420,7 @@ fn raw_tcp(
 
 pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figure>, String> {
     let topo = Topology::create(&format!("bx{}", std::process::id() % 1_000_000))
-        .map_err(|e| format!("demo topology: {e}"))?;
+        .map_err(|e| format!("pair topology: {e}"))?;
     let dir: PathBuf = dir.to_path_buf();
     let epoch_ms = checkpoint::protocol::PrimaryConfig::default()
         .epoch_len
@@ -478,9 +431,9 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figu
         latency_samples: s.latency_samples,
         clients: crate::redis::CLIENTS,
     };
-    eprintln!("   unprotected guest in {} ...", topo.pm1_ns);
+    eprintln!("   unprotected guest in {} ...", topo.pm_ns(0));
     let u = unprotected(twinrun, elf, &dir, &topo, "ftnet", &load)?;
-    eprintln!("   FT pair in {} / {} ...", topo.pm1_ns, topo.pm2_ns);
+    eprintln!("   FT pair in {} / {} ...", topo.pm_ns(0), topo.pm_ns(1));
     let (f, sync_mbs) = protected(twinrun, elf, &dir, &topo, &load)?;
     eprintln!("   raw TCP over A-Link 1 and loopback ...");
     let alink_ip = topo.alink(0).1.ip();
@@ -488,8 +441,8 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figu
         return Err("A-Link address is not IPv4".into());
     };
     let veth = raw_tcp(
-        Some(topo.pm2_ns.clone()),
-        Some(topo.pm1_ns.clone()),
+        Some(topo.pm_ns(1).to_string()),
+        Some(topo.pm_ns(0).to_string()),
         alink_ip,
         s.tcp_secs,
     )?;
@@ -586,12 +539,27 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, s: &Sizes) -> Result<Vec<Figu
 #[cfg(test)]
 mod tests {
     #[test]
-    fn sync_line() {
-        let l = "[x INFO checkpoint::primary::driver] primary: initial synchronisation: 67108864 \
-                 bytes of memory sent (512 all-zero pages not sent) from round 0 to epoch 0 \
-                 committed in 250.3 ms (268 MB/s)";
-        assert_eq!(super::sync_throughput(l), Some(268.0));
-        assert_eq!(super::sync_throughput("nothing"), None);
+    fn sync_figure() {
+        let s = twinrun_control::SessionStatus {
+            session: 1,
+            sync_rounds: 2,
+            epochs_captured: 10,
+            epochs_acked: 9,
+            pause_p50_us: None,
+            pause_p99_us: None,
+            commit_wait_p50_us: None,
+            epoch_pages: 0,
+            throttles: 0,
+            sync_bytes: 67_108_864,
+            sync_us: Some(250_300),
+            resync_bytes: None,
+            refused: None,
+            simplex: true,
+        };
+        let mbs = super::sync_throughput(&s).unwrap();
+        assert!((mbs - 268.1).abs() < 0.1, "{mbs}");
+        let none = twinrun_control::SessionStatus { sync_us: None, ..s };
+        assert_eq!(super::sync_throughput(&none), None);
     }
 
     #[test]

@@ -12,9 +12,7 @@ mod exits;
 mod ft;
 mod ftnet;
 mod mirror;
-mod net;
 mod pause;
-mod proc;
 mod redis;
 mod report;
 

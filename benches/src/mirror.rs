@@ -1,6 +1,9 @@
 //! Disk mirroring (issue 5) on a real pair: two `twinrun vm run --role` processes in the
-//! PM namespaces of the demo topology (`twinrun::demo::topology::Topology`), A-Links
-//! over veths, real image files in the scratch directory.
+//! PM namespaces of the pair topology (`twinrun_lab::Topology`), A-Links over veths,
+//! real image files in the scratch directory. Protection, degradation and the
+//! standby's readiness come from the processes' control sockets; the resync figures
+//! (bytes, passes, time) and plans from the primary's log, which is where the disk
+//! session reports them while the session runs.
 //!
 //! 1. Full resync against a raw copy. The primary's image (`disk` bytes of non-zero
 //!    data) is copied to a fresh standby image (no metadata: a full copy) while the
@@ -29,11 +32,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twinrun::demo::process::ChildGuard;
-use twinrun::demo::topology::Topology;
-use twinrun::demo::PROTECTED_LOG;
+use twinrun_control::{FtState, FtStatus};
+use twinrun_lab::tcp::{tcp_join, tcp_receiver, tcp_sender};
+use twinrun_lab::{Proc, Rng, Topology};
 
-use crate::net::{tcp_join, tcp_receiver, tcp_sender};
 use crate::report::{Better, Figure};
 
 const GROUP: &str = "mirror";
@@ -137,17 +139,14 @@ impl Drop for Files {
     }
 }
 
-/// Writes `bytes` of non-zero data (xorshift, every 4 KiB block stamped with its
+/// Writes `bytes` of non-zero data (seeded, every 4 KiB block stamped with its
 /// index so no two blocks are equal) to `path`, fsync'd.
 fn fill_image(path: &Path, bytes: u64) -> Result<(), String> {
     let mut f = File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut buf = vec![0u8; CHUNK];
     for w in buf.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&(x | 1).to_le_bytes());
+        w.copy_from_slice(&(rng.next() | 1).to_le_bytes());
     }
     let mut off = 0u64;
     while off < bytes {
@@ -253,19 +252,40 @@ struct Ctx<'a> {
     images: [PathBuf; 2],
 }
 
-/// `env RUST_LOG=info twinrun ...`: the figures come from info lines, whatever the
-/// caller's RUST_LOG says (`env` execs, so the pid is twinrun's).
-fn spawn(
-    name: &'static str,
-    ns: &str,
-    twinrun: &Path,
-    args: &[String],
-    log: &Path,
-) -> Result<ChildGuard, String> {
-    let mut a = vec!["RUST_LOG=info".to_string(), twinrun.display().to_string()];
-    a.extend(args.iter().cloned());
-    ChildGuard::spawn_in_netns(name, ns, Path::new("/usr/bin/env"), &a, log)
-        .map_err(|e| format!("spawn {name}: {e}"))
+/// One `twinrun vm run` of this section in namespace `ns` (`RUST_LOG=info`: the resync
+/// figures come from info lines, whatever the caller's RUST_LOG says), named `name`
+/// (its control socket in `dir/run`).
+struct Vm {
+    proc: Proc,
+    sock: PathBuf,
+}
+
+impl Vm {
+    fn spawn(
+        role: &'static str,
+        ns: &twinrun_lab::NetNs,
+        cx: (&Path, &Path),
+        name: &str,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Vm, String> {
+        let (twinrun, dir) = cx;
+        let mut cmd = ns.command(twinrun);
+        cmd.args(args)
+            .args(["--name", name])
+            .env("RUST_LOG", "info")
+            .env("TWINRUN_RUN_DIR", dir.join("run"));
+        let proc =
+            Proc::spawn_logged(role, &mut cmd, log).map_err(|e| format!("spawn {role}: {e}"))?;
+        Ok(Vm {
+            proc,
+            sock: dir.join("run").join(format!("{name}.sock")),
+        })
+    }
+
+    fn status(&self) -> Option<FtStatus> {
+        twinrun_control::ft_status(&self.sock)
+    }
 }
 
 fn vm_args(elf: &Path, image: &Path, console: &Path, workload: &[String]) -> Vec<String> {
@@ -286,8 +306,8 @@ fn vm_args(elf: &Path, image: &Path, console: &Path, workload: &[String]) -> Vec
 /// A primary and a standby; the standby is stopped first (no failover) on drop.
 struct Pair {
     // Field order is drop order: the standby first.
-    standby: Option<ChildGuard>,
-    primary: ChildGuard,
+    standby: Option<Vm>,
+    primary: Vm,
     plog: PathBuf,
     slog: PathBuf,
     pcon: PathBuf,
@@ -299,11 +319,8 @@ impl Ctx<'_> {
         let con = self.dir.join(format!("mirror-{tag}-{role}.console"));
         let _ = std::fs::remove_file(&con);
         let mut a = vm_args(self.elf, &self.images[i], &con, workload);
-        let (l1, l2) = self.topo.alink_args();
         a.extend(["--role".into(), role.into()]);
-        for l in if i == 0 { &l1 } else { &l2 } {
-            a.extend(["--alink".into(), l.clone()]);
-        }
+        a.extend(self.topo.alink_args(i));
         a.extend([
             "--cluster-id".into(),
             format!("bench-mirror-{}", std::process::id()),
@@ -317,22 +334,26 @@ impl Ctx<'_> {
         a
     }
 
-    fn spawn_standby(
-        &self,
-        tag: &str,
-        workload: &[String],
-    ) -> Result<(ChildGuard, PathBuf), String> {
+    fn spawn(&self, i: usize, tag: &str, workload: &[String], log: &Path) -> Result<Vm, String> {
+        let role = if i == 0 { "primary" } else { "standby" };
+        let name = format!("mirror-{}-{tag}-{role}", std::process::id());
+        let args = self.role_args(i, tag, workload);
+        Vm::spawn(
+            role,
+            &self.topo.pms[i].ns,
+            (self.twinrun, self.dir),
+            &name,
+            &args,
+            log,
+        )
+    }
+
+    fn spawn_standby(&self, tag: &str, workload: &[String]) -> Result<(Vm, PathBuf), String> {
         let slog = self.dir.join(format!("mirror-{tag}-standby.log"));
-        let mut s = spawn(
-            "standby",
-            &self.topo.pm2_ns,
-            self.twinrun,
-            &self.role_args(1, tag, workload),
-            &slog,
-        )?;
+        let mut s = self.spawn(1, tag, workload, &slog)?;
         let t0 = Instant::now();
-        while !read(&slog).contains("listening for the primary") {
-            if let Some(st) = s.try_status() {
+        while s.status().is_none_or(|st| st.session == 0) {
+            if let Some(st) = s.proc.try_wait() {
                 return Err(format!("the standby exited ({st}):\n{}", tail(&slog, 20)));
             }
             if t0.elapsed() > PAIR_TIMEOUT {
@@ -349,13 +370,7 @@ impl Ctx<'_> {
         let (standby, slog) = self.spawn_standby(tag, workload)?;
         let plog = self.dir.join(format!("mirror-{tag}-primary.log"));
         let pcon = self.dir.join(format!("mirror-{tag}-primary.console"));
-        let primary = spawn(
-            "primary",
-            &self.topo.pm1_ns,
-            self.twinrun,
-            &self.role_args(0, tag, workload),
-            &plog,
-        )?;
+        let primary = self.spawn(0, tag, workload, &plog)?;
         let mut pair = Pair {
             standby: Some(standby),
             primary,
@@ -363,29 +378,33 @@ impl Ctx<'_> {
             slog,
             pcon,
         };
-        let running = pair.wait_log("FT primary: VM running", 1)?;
-        let protected = pair.wait_log(PROTECTED_LOG, 1)?;
+        let running = pair.wait_status("VM running", |s| s.vm_running)?;
+        let protected = pair.wait_status("protected", |s| s.protections >= 1)?;
         Ok((pair, protected.duration_since(running)))
     }
 }
 
 impl Pair {
-    /// Waits until the primary's log holds `needle` `n` times; when it saw it.
-    fn wait_log(&mut self, needle: &str, n: usize) -> Result<Instant, String> {
+    /// Polls the primary's status (every 5 ms) until `done` holds; when it saw it.
+    fn wait_status(
+        &mut self,
+        what: &str,
+        done: impl Fn(&FtStatus) -> bool,
+    ) -> Result<Instant, String> {
         let t0 = Instant::now();
         loop {
-            if read(&self.plog).matches(needle).count() >= n {
+            if self.primary.status().is_some_and(|s| done(&s)) {
                 return Ok(Instant::now());
             }
-            if let Some(st) = self.primary.try_status() {
+            if let Some(st) = self.primary.proc.try_wait() {
                 return Err(format!(
-                    "the primary exited ({st}) before {needle:?}:\n{}",
+                    "the primary exited ({st}) before {what}:\n{}",
                     tail(&self.plog, 20)
                 ));
             }
-            if let Some(st) = self.standby.as_mut().and_then(|s| s.try_status()) {
+            if let Some(st) = self.standby.as_mut().and_then(|s| s.proc.try_wait()) {
                 return Err(format!(
-                    "the standby exited ({st}) before the primary logged {needle:?}:\n{}\n\
+                    "the standby exited ({st}) before the primary was {what}:\n{}\n\
                      primary:\n{}",
                     tail(&self.slog, 20),
                     tail(&self.plog, 20)
@@ -393,7 +412,8 @@ impl Pair {
             }
             if t0.elapsed() > PAIR_TIMEOUT {
                 return Err(format!(
-                    "no {n}x {needle:?} within {PAIR_TIMEOUT:?}; primary:\n{}\nstandby:\n{}",
+                    "not {what} within {PAIR_TIMEOUT:?} (status {:?}); primary:\n{}\nstandby:\n{}",
+                    self.primary.status(),
                     tail(&self.plog, 20),
                     tail(&self.slog, 10)
                 ));
@@ -413,9 +433,9 @@ impl Pair {
 
     fn stop(mut self) {
         if let Some(mut s) = self.standby.take() {
-            s.terminate(Duration::from_secs(5));
+            s.proc.terminate(Duration::from_secs(5));
         }
-        self.primary.terminate(Duration::from_secs(5));
+        self.primary.proc.terminate(Duration::from_secs(5));
     }
 }
 
@@ -503,7 +523,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let disk: u64 = if quick { 128 << 20 } else { 256 << 20 };
     let blocks = disk / BLOCK;
     let topo = Topology::create(&format!("mr{}", std::process::id() % 1_000_000))
-        .map_err(|e| format!("demo topology: {e}"))?;
+        .map_err(|e| format!("pair topology: {e}"))?;
     let secret = dir.join("mirror.secret");
     let images = [dir.join("mirror-pm1.img"), dir.join("mirror-pm2.img")];
     let (copy, tcp_out) = (dir.join("mirror-copy.img"), dir.join("mirror-tcp.img"));
@@ -541,8 +561,8 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let tcp_secs = tcp_copy(
         &images[0],
         &tcp_out,
-        &topo.pm1_ns,
-        &topo.pm2_ns,
+        topo.pm_ns(0),
+        topo.pm_ns(1),
         alink_ip,
         disk,
     )?;
@@ -582,9 +602,9 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let (mut pair, _) = cx.pair("delta", &writer)?;
     std::thread::sleep(Duration::from_millis(300));
     if let Some(mut s) = pair.standby.take() {
-        s.kill_now();
+        s.proc.kill();
     }
-    pair.wait_log("DEGRADED", 1)?;
+    pair.wait_status("degraded", |s| s.disks.iter().any(|d| d.kind == "degraded"))?;
     // Output held at the loss is released once the primary is degraded.
     std::thread::sleep(Duration::from_millis(100));
     let at_loss = pair.last_record();
@@ -603,7 +623,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let (standby, slog) = cx.spawn_standby("delta2", &writer)?;
     pair.standby = Some(standby);
     pair.slog = slog;
-    pair.wait_log(PROTECTED_LOG, 2)?;
+    pair.wait_status("protected again", |s| s.protections >= 2)?;
     let log = read(&pair.plog);
     pair.stop();
     let all = resyncs(&log);
@@ -634,25 +654,33 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     files.0.push(ucon.clone());
     files.0.push(ulog.clone());
     let local = {
-        let mut vm = spawn(
+        let name = format!("mirror-{}-local", std::process::id());
+        let args = vm_args(elf, &copy, &ucon, &sync_writer);
+        let mut vm = Vm::spawn(
             "unprotected",
-            &topo.pm1_ns,
-            twinrun,
-            &vm_args(elf, &copy, &ucon, &sync_writer),
+            &topo.pms[0].ns,
+            (twinrun, dir),
+            &name,
+            &args,
             &ulog,
         )?;
-        let r = records_rate(&ucon, window, || vm.try_status().is_none());
-        vm.terminate(Duration::from_secs(5));
+        let r = records_rate(&ucon, window, || vm.proc.alive());
+        vm.proc.terminate(Duration::from_secs(5));
         r.map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?
     };
     let (mut pair, to_protect) = cx.pair("sync", &sync_writer)?;
     let pcon = pair.pcon.clone();
-    let ft = records_rate(&pcon, window, || pair.primary.try_status().is_none());
+    let ft = records_rate(&pcon, window, || pair.primary.proc.alive());
     let plog = read(&pair.plog);
-    let alive = pair.primary.try_status().is_none();
+    let alive = pair.primary.proc.alive();
+    // Protected once, still in its first session: never degraded meanwhile.
+    let stayed = pair
+        .primary
+        .status()
+        .is_some_and(|s| s.protections == 1 && s.session == 1 && s.state == FtState::Protected);
     pair.stop();
     let ft = ft.map_err(|e| format!("FT: {e}\n{plog}"))?;
-    if !alive || plog.matches(PROTECTED_LOG).count() != 1 || plog.contains("DEGRADED") {
+    if !alive || !stayed {
         return Err(format!(
             "the pair did not stay protected during the measurement:\n{plog}"
         ));

@@ -4,14 +4,14 @@
 //! bridge of the same namespace path, in the same run.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::net::KvNet;
-use crate::proc::{output_timeout, ConsoleFile, Guarded};
-use crate::report::{Better, Figure};
+use twinrun_lab::console::ConsoleLog;
+use twinrun_lab::process::output_timeout;
+use twinrun_lab::{Proc, Topology};
 
-const MAC: &str = "02:00:00:77:00:02";
+use crate::report::{Better, Figure};
 
 /// `redis-benchmark -q` prints `SET: 1234.56 requests per second, ...` after progress
 /// lines separated by `\r`; the last such segment per test is the result.
@@ -41,7 +41,7 @@ pub fn set_get(
     c.args(["-h", host, "-p", "6379", "-t", "set,get", "-q"])
         .args(["-c", &clients.to_string()])
         .args(["-n", &n.to_string(), "-P", &pipeline.to_string()]);
-    let out = output_timeout(&mut c, timeout)?;
+    let out = output_timeout(&mut c, timeout).map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match (parse_rps(&text, "SET"), parse_rps(&text, "GET")) {
         (Some(s), Some(g)) if out.status.success() => Ok((s, g)),
@@ -53,24 +53,24 @@ pub fn set_get(
     }
 }
 
-fn bench(net: &KvNet, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
-    let c = net.client_ns.command("redis-benchmark");
+fn bench(net: &Topology, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64), String> {
+    let c = net.client.ns.command("redis-benchmark");
     set_get(c, host, n, pipeline, CLIENTS, Duration::from_secs(90))
 }
 
-/// Waits until a kv server answers PING from the client namespace.
-fn wait_ping(net: &KvNet, host: &str) -> Result<(), String> {
-    for _ in 0..100 {
-        let mut c = net.client_ns.command("redis-cli");
+/// Waits (up to `timeout`) until a kv server answers `redis-cli PING` from the client
+/// namespace of `net`.
+pub fn wait_ping(net: &Topology, host: &str, timeout: Duration) -> Result<(), String> {
+    let pong = || {
+        let mut c = net.client.ns.command("redis-cli");
         c.args(["-h", host, "-p", "6379", "PING"]);
-        if let Ok(o) = output_timeout(&mut c, Duration::from_secs(5)) {
-            if String::from_utf8_lossy(&o.stdout).trim() == "PONG" {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("kv server at {host} never answered PING"))
+        output_timeout(&mut c, Duration::from_secs(5))
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+    };
+    twinrun_lab::poll(timeout, Duration::from_millis(100), pong)
+        .map(|_| ())
+        .ok_or_else(|| format!("kv server at {host} never answered PING within {timeout:?}"))
 }
 
 pub fn run(
@@ -80,57 +80,56 @@ pub fn run(
     dir: &Path,
     n: u32,
 ) -> Result<Vec<Figure>, String> {
-    let net = KvNet::new()?;
+    // One PM with a client; the host baseline listens on the PM's own LAN address, so
+    // its clients cross the same veths and bridges as the guest's.
+    let net = Topology::builder()
+        .prefix(&format!("tb{}", std::process::id() % 100_000))
+        .single()
+        .host_addrs()
+        .build()
+        .map_err(|e| format!("kv topology: {e}"))?;
+    let guest_ip = net.guest_ip().to_string();
+    let host_ip = net
+        .host_ip(0)
+        .ok_or("the kv topology has no host address")?
+        .to_string();
     let pipelines = [1u32, 16];
 
     // The guest.
     let console = dir.join("kv.console");
     let _ = std::fs::remove_file(&console);
-    let mut cmd = net.vm_ns.command(&twinrun.display().to_string());
+    let mut cmd = net.pms[0].ns.command(twinrun);
     cmd.args(["vm", "run", "--mem-mib", "128", "--workload", "kv"])
         .arg("--guest")
         .arg(elf)
-        .args(["--net", &format!("{},{MAC}", net.tap)])
-        .args(["--kv-addr", &format!("{}/24", net.guest_ip)])
+        .args(net.vm_net_args(0))
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut vm = Guarded::spawn(&mut cmd)?;
-    let mut con = ConsoleFile::new(&console);
-    let mut gone = false;
-    con.wait_prefix(
-        "KV listening",
-        Duration::from_millis(20),
+        .arg(format!("file:{}", console.display()));
+    let mut vm = Proc::spawn_quiet("kv guest", &mut cmd).map_err(|e| e.to_string())?;
+    let mut con = ConsoleLog::new(&console);
+    con.wait_while(
         Duration::from_secs(30),
-        || {
-            gone = gone || vm.try_wait().is_some();
-            !gone
-        },
+        |l| l.starts_with("KV listening"),
+        || vm.alive(),
     )?;
-    wait_ping(&net, net.guest_ip)?;
+    wait_ping(&net, &guest_ip, Duration::from_secs(10))?;
     let mut guest = Vec::new();
     for p in pipelines {
-        guest.push(bench(&net, net.guest_ip, n, p)?);
+        guest.push(bench(&net, &guest_ip, n, p)?);
     }
-    vm.stop(Duration::from_secs(5));
+    vm.terminate(Duration::from_secs(5));
     let _ = std::fs::remove_file(&console);
 
     // The host baseline: same engine, host TCP, same client path.
-    let mut cmd = net.vm_ns.command(&kv_host.display().to_string());
-    cmd.arg(format!("{}:6379", net.host_ip))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut server = Guarded::spawn(&mut cmd)?;
-    wait_ping(&net, net.host_ip)?;
+    let mut cmd = net.pms[0].ns.command(kv_host);
+    cmd.arg(format!("{host_ip}:6379"));
+    let mut server = Proc::spawn_quiet("kv_host", &mut cmd).map_err(|e| e.to_string())?;
+    wait_ping(&net, &host_ip, Duration::from_secs(10))?;
     let mut host = Vec::new();
     for p in pipelines {
-        host.push(bench(&net, net.host_ip, n, p)?);
+        host.push(bench(&net, &host_ip, n, p)?);
     }
-    server.stop(Duration::from_secs(2));
+    server.terminate(Duration::from_secs(2));
 
     let mut figs = Vec::new();
     for (i, p) in pipelines.iter().enumerate() {

@@ -77,17 +77,8 @@ fn fast(mut c: AlinkConfig) -> AlinkConfig {
     c
 }
 
-/// A small xorshift: the kill moments vary per run, and a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+/// The kill moments vary per run, and a failing seed can be replayed.
+use twinrun_lab::Rng;
 
 struct RunResult {
     primary: PrimaryReport,
@@ -411,16 +402,7 @@ fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
 #[test]
 fn primary_killed_at_random_moments_standby_takes_over_without_loss() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let seed = std::env::var("FAILOVER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = twinrun_lab::rng::seed_from_env("FAILOVER_SEED");
     let runs: u32 = std::env::var("FAILOVER_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -41,24 +41,9 @@ const PART_PAGES: u32 = 3;
 const HORIZON: u64 = 250;
 const AFTER_FAILOVER: u64 = 60;
 
-/// splitmix64: small, fast, good enough for scheduling.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
+/// splitmix64 (the lab's one RNG: the seeds kept as regression cases replay the same
+/// schedules).
+use twinrun_lab::Rng;
 
 fn mix(i: u64) -> u64 {
     let mut r = Rng(i);

@@ -61,29 +61,8 @@ use quorum::{NodeId, Role, Slot};
 
 // ---------------------------------------------------------------- randomness
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, p_percent: u64) -> bool {
-        self.below(100) < p_percent
-    }
-    fn f(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+// splitmix64, the lab's one RNG (the same sequence: kept seeds replay).
+use twinrun_lab::Rng;
 
 // ---------------------------------------------------------------- clocks
 
@@ -487,8 +466,8 @@ impl Sim {
     fn new(seed: u64, muts: Muts, variant: Variant) -> Sim {
         let mut rng = Rng(seed);
         let clock = |rng: &mut Rng| Clock {
-            offset: rng.f() * 10e6,
-            rate: 1.0 + (rng.f() * 2.0 - 1.0) * 0.009,
+            offset: rng.unit() * 10e6,
+            rate: 1.0 + (rng.unit() * 2.0 - 1.0) * 0.009,
         };
         let mut nodes = Vec::new();
         for i in 0..2 {
@@ -617,7 +596,7 @@ impl Sim {
 
     fn send(&mut self, from: Party, to: Party, msg: Msg) {
         let l = self.links[from][to];
-        if !l.up || self.rng.chance(l.loss) {
+        if !l.up || self.rng.percent(l.loss) {
             return;
         }
         let base = match (&msg, from.max(to) >= 2) {
@@ -836,7 +815,7 @@ impl Sim {
             0..=29 => {
                 // Toggle one link, one or both directions.
                 let (a, b) = pair[self.rng.below(5) as usize];
-                let up = self.rng.chance(45);
+                let up = self.rng.percent(45);
                 let dir = self.rng.below(3);
                 if dir != 1 {
                     self.links[a][b].up = up;
@@ -849,7 +828,7 @@ impl Sim {
             30..=39 => {
                 // Isolate a node or a witness completely, or heal all.
                 let p = self.rng.below(4) as usize;
-                let up = self.rng.chance(40);
+                let up = self.rng.percent(40);
                 for q in 0..4 {
                     if q != p && !(p >= 2 && q >= 2) {
                         self.links[p][q].up = up;

@@ -110,6 +110,11 @@ pub enum VmCommand {
     ///
     /// Exit codes: 0 applied; 1 the VM could not be reached; 2 bad input.
     Fault(super::fault::FaultArgs),
+    /// What a running VM (started with --name) reports: for one end of an FT pair its
+    /// role, protection state, checkpoints committed, failover, A-Links and disks.
+    ///
+    /// Exit codes: 0 printed; 1 the VM could not be reached; 2 bad input.
+    Status(super::status::StatusArgs),
 }
 
 /// A test-guest workload.

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use clap::{ArgGroup, Args, Subcommand};
 
-use crate::control::disks::{self, DiskView, VERIFY_RUNNING};
-use crate::control::{self, Op, Response};
 use crate::exit;
+use twinrun_control::disks::{self, DiskView, VERIFY_RUNNING};
+use twinrun_control::{self as control, Op, Response};
 
 /// Exit code of `twinrun disk verify --wait` when ranges differ.
 pub const VERIFY_DIFFERS: i32 = 3;
@@ -136,15 +136,7 @@ fn offline(images: &[PathBuf]) -> Result<Vec<DiskView>, Failure> {
 
 /// The control socket of the running VM `name`, checked to exist.
 fn socket(name: &str) -> Result<PathBuf, Failure> {
-    crate::paths::check_vm_name(name).map_err(usage)?;
-    let sock = crate::paths::control_socket(name);
-    if !sock.exists() {
-        return Err(usage(format!(
-            "no running VM named {name} (no control socket {})",
-            sock.display()
-        )));
-    }
-    Ok(sock)
+    control::socket_of(name).map_err(usage)
 }
 
 fn live(name: &str) -> Result<Vec<checkpoint::primary::disks::DiskStatus>, Failure> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, ValueEnum};
 
-use crate::control::{self, FaultAction, FaultOps, Op, Response};
 use crate::exit;
+use twinrun_control::{self as control, FaultAction, FaultOps, Op, Response};
 
 /// Flags of `twinrun vm fault`: exactly one action.
 #[derive(Debug, Args)]
@@ -109,15 +109,7 @@ pub fn run(a: &FaultArgs) -> i32 {
 
 fn call(a: &FaultArgs) -> Result<String, (i32, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    crate::paths::check_vm_name(&a.name).map_err(usage)?;
-    let sock = crate::paths::control_socket(&a.name);
-    if !sock.exists() {
-        return Err(usage(format!(
-            "no running VM named {} (no control socket {})",
-            a.name,
-            sock.display()
-        )));
-    }
+    let sock = control::socket_of(&a.name).map_err(usage)?;
     let op = Op::DiskFault {
         disk: a.disk,
         action: a.action(),

@@ -11,7 +11,6 @@ use vmm::config::{ConfigError, ConsoleConfig, Payload, VmConfig, Workloads};
 
 use super::args::{RunArgs, Workload};
 use super::config_file::{self, ConfigFileError, FileConfig, FilePayload};
-use super::guest_path;
 
 /// Guest RAM when neither file nor flag says.
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -53,7 +52,7 @@ pub fn resolve_run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
         Some(p) => config_file::load(p)?,
         None => FileConfig::default(),
     };
-    let cfg = merge(file, args, guest_path::find_default_guest)?;
+    let cfg = merge(file, args, twinrun_lab::guest::find_built)?;
     cfg.validate()?;
     check_files(&cfg)?;
     Ok(cfg)

@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use crate::control::{self, Op, Response};
 use crate::exit;
-use crate::snapshot::export::{export, import};
-use crate::snapshot::rebuild::Chain;
-use crate::snapshot::store::Store;
-use crate::snapshot::take::mem_crc;
-use crate::snapshot::SnapError;
+use twinrun_control::{self as control, Op, Response};
+use twinrun_snapshot::export::{export, import};
+use twinrun_snapshot::rebuild::Chain;
+use twinrun_snapshot::store::Store;
+use twinrun_snapshot::take::mem_crc;
+use twinrun_snapshot::SnapError;
 
 use super::args::SnapshotCommand;
 
@@ -19,7 +19,7 @@ pub fn run(cmd: &SnapshotCommand) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("twinrun: error: {e}");
-            e.exit_code()
+            exit::of_snapshot_error(&e)
         }
     }
 }
@@ -58,14 +58,7 @@ fn cmd_result(cmd: &SnapshotCommand) -> Result<(), SnapError> {
 }
 
 fn create(vm: &str) -> Result<(), SnapError> {
-    crate::paths::check_vm_name(vm).map_err(SnapError::Invalid)?;
-    let sock = crate::paths::control_socket(vm);
-    if !sock.exists() {
-        return Err(SnapError::Invalid(format!(
-            "no running VM named {vm} (no control socket {})",
-            sock.display()
-        )));
-    }
+    let sock = control::socket_of(vm).map_err(SnapError::Invalid)?;
     match control::call(&sock, Op::SnapshotCreate, Duration::from_secs(600))
         .map_err(SnapError::Vm)?
     {

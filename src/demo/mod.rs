@@ -1,34 +1,35 @@
 //! `twinrun demo`: FT mode end to end on one machine. A protected pair in network
-//! namespaces (see [`topology`]), the test guest running kv + counter + dirty + disk,
-//! a kv client on one TCP connection, SIGKILL of the primary mid-load, and a report of
-//! what the outside saw. Everything it creates (namespaces, processes, files) goes
-//! away at the end, on error, and on SIGINT/SIGTERM.
+//! namespaces (`twinrun_lab::Topology`: PM1, PM2, LAN, client, two A-Links), the test
+//! guest running kv + counter + dirty + disk, a kv client on one TCP connection,
+//! SIGKILL of the primary mid-load, and a report of what the outside saw. The pair's
+//! state (protection, failover) comes from both ends' control sockets. Everything it
+//! creates (namespaces, processes, files) goes away at the end, on error, and on
+//! SIGINT/SIGTERM.
 
-pub mod analyze;
-pub mod client;
-pub mod process;
-pub mod topology;
-
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cli::guest_path::find_default_guest;
+use twinrun_control::{FtState, FtStatus};
+use twinrun_lab::console::{analyze, records_lost};
+use twinrun_lab::kvload::{LoadClient, LoadConfig, LoadReport};
+use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::{Proc, Topology};
+
 use crate::cli::DemoArgs;
 use crate::signals;
-use analyze::{check_console, records_lost};
-use client::{ClientCtl, ClientReport};
-use process::ChildGuard;
-use topology::Topology;
 
-/// What `twinrun vm run --role primary` logs once the first checkpoint is committed.
-pub const PROTECTED_LOG: &str = "FT primary: protected";
-/// What the standby logs when its VM runs after a failover.
-pub const FAILOVER_LOG: &str = "FT standby: failover complete in";
-
-const KV_PORT: u16 = 6379;
 const DISK_BYTES: u64 = 16 << 20;
+/// The INCR key of the kv client, and how often it increments (every tenth request).
+const INCR_KEY: &str = "demo-counter";
+const INCR_EVERY: u64 = 10;
+/// The primary logs these when it made its disk plan and finished the resync: the
+/// plan and the bytes copied are not in its control socket's status yet (the disk
+/// session's report comes only at the end of a session).
+const PLAN_LOG: &str = "primary: disk /";
+const RESYNC_LOG: &str = "primary: disk resync done:";
 
 /// Exit code when interrupted (as a shell reports SIGINT).
 const INTERRUPTED: i32 = 130;
@@ -37,6 +38,8 @@ const INTERRUPTED: i32 = 130;
 enum DemoError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Lab(#[from] twinrun_lab::LabError),
     #[error("{0}")]
     Failed(String),
     #[error("interrupted")]
@@ -106,6 +109,38 @@ pub fn run(a: &DemoArgs) -> i32 {
     }
 }
 
+/// What the kv client saw.
+#[derive(Clone, Debug, Default)]
+pub struct KvFigures {
+    pub acked_writes: u64,
+    pub lost_writes: u64,
+    pub incr_acked: u64,
+    /// The counter read back, and whether it matched the acknowledged INCRs.
+    pub incr_final: Option<i64>,
+    pub incr_ok: bool,
+    pub connection_survived: bool,
+    pub reconnects: u32,
+    /// Longest wait for one reply.
+    pub max_reply_ms: u64,
+    pub errors: Vec<String>,
+}
+
+impl From<&LoadReport> for KvFigures {
+    fn from(r: &LoadReport) -> Self {
+        KvFigures {
+            acked_writes: r.sets_acked.len() as u64,
+            lost_writes: r.lost.len() as u64,
+            incr_acked: r.incrs_acked.max(0) as u64,
+            incr_final: r.counter_final,
+            incr_ok: r.incr_ok(),
+            connection_survived: r.connection_survived(),
+            reconnects: r.reconnects,
+            max_reply_ms: r.max_reply.as_millis() as u64,
+            errors: r.errors.clone(),
+        }
+    }
+}
+
 /// The demo's findings.
 #[derive(Debug, Default)]
 pub struct DemoReport {
@@ -117,7 +152,7 @@ pub struct DemoReport {
     pub console_duplicates: u64,
     pub console_boots: u64,
     pub counter_last: u64,
-    pub kv: ClientReport,
+    pub kv: KvFigures,
     pub dirty_check_errors: u64,
     pub guest_panics: u64,
     pub disk_records_checked: u64,
@@ -294,24 +329,79 @@ fn number_after(line: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// One end of the pair: its process and its control socket.
+struct End {
+    proc: Proc,
+    sock: PathBuf,
+}
+
+impl End {
+    /// The FT part of its status (`None` while its socket does not answer yet).
+    fn status(&self) -> Option<FtStatus> {
+        twinrun_control::ft_status(&self.sock)
+    }
+
+    /// An error if it exited.
+    fn check_alive(&mut self) -> Result<(), DemoError> {
+        match self.proc.try_wait() {
+            None => Ok(()),
+            Some(st) => Err(DemoError::Failed(format!(
+                "the {} exited early ({st}); its log:\n{}",
+                self.proc.name(),
+                self.proc.log()
+            ))),
+        }
+    }
+}
+
+/// Polls `end`'s status every 20 ms until `done` says yes (its value), checking that
+/// it (and `other`) still run and for interrupts; an error after `limit`.
+fn wait_status<T>(
+    end: &mut End,
+    mut other: Option<&mut End>,
+    limit: Duration,
+    what: &str,
+    intr: &AtomicBool,
+    mut done: impl FnMut(&FtStatus) -> Option<T>,
+) -> Result<T, DemoError> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = end.status().as_ref().and_then(&mut done) {
+            return Ok(v);
+        }
+        end.check_alive()?;
+        if let Some(o) = other.as_deref_mut() {
+            o.check_alive()?;
+        }
+        if t0.elapsed() > limit {
+            return Err(DemoError::Failed(format!(
+                "{what}: not within {limit:?}; last status {:?}",
+                end.status()
+            )));
+        }
+        nap(Duration::from_millis(20), intr)?;
+    }
+}
+
 fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
     let exe = std::env::current_exe()?;
-    let guest = find_default_guest().map_err(|searched| {
+    let guest = twinrun_lab::guest::find_built().map_err(|searched| {
         DemoError::Failed(format!(
             "the test guest is not built (looked at {searched:?}); run `cd guest && cargo build --release`"
         ))
     })?;
     let pid = std::process::id();
     let work = WorkDir(std::env::temp_dir().join(format!("twinrun-demo-{pid}")));
-    std::fs::create_dir_all(&work.0)?;
+    let run_dir = work.0.join("run");
+    std::fs::create_dir_all(&run_dir)?;
     let w = |n: &str| work.0.join(n);
     let topo = Topology::create(&format!("td{}", pid % 1_000_000))?;
     say(&format!(
         "namespaces {} {} {} {}; A-Links {:?} {:?}; guest {} ({})",
-        topo.pm1_ns,
-        topo.pm2_ns,
-        topo.lan_ns,
-        topo.client_ns,
+        topo.pm_ns(0),
+        topo.pm_ns(1),
+        topo.switch_ns(),
+        topo.client_ns(),
         topo.alink(0),
         topo.alink(1),
         topo.guest_ip(),
@@ -320,27 +410,26 @@ fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
     let (pdisk, sdisk, console, secret) =
         (w("pm1.img"), w("pm2.img"), w("console.log"), w("secret"));
     std::fs::File::create(&pdisk)?.set_len(DISK_BYTES)?;
-    // The standby's image starts identical (the initial disk copy is the storage
-    // issue's).
+    // The standby's image starts as a copy; the first session resyncs it anyway (no
+    // replica metadata yet: a full copy).
     std::fs::copy(&pdisk, &sdisk)?;
     let mut key = [0u8; 32];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&secret, hex)?;
 
-    let (l1, l2) = topo.alink_args();
-    let vm_args = |role: &str, links: &[String], disk: &Path, tap: &str| -> Vec<String> {
+    let vm_args = |i: usize, role: &str, disk: &Path| -> Vec<String> {
         let mut v: Vec<String> = ["vm", "run", "--role", role, "--guest"]
             .iter()
             .map(|s| s.to_string())
             .collect();
         v.push(guest.display().to_string());
-        for l in links {
-            v.push("--alink".into());
-            v.push(l.clone());
-        }
+        v.extend(topo.alink_args(i));
+        v.extend(topo.vm_net_args(i));
         v.extend([
-            "--cluster-id".to_string(),
+            "--name".to_string(),
+            format!("demo{pid}-pm{}", i + 1),
+            "--cluster-id".into(),
             format!("demo-{pid}"),
             "--cluster-secret-file".into(),
             secret.display().to_string(),
@@ -358,10 +447,6 @@ fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
             "50".into(),
             "--disk-flush-every".into(),
             "1".into(),
-            "--kv-addr".into(),
-            topo.guest_cidr(),
-            "--net".into(),
-            format!("{tap},{}", topo.guest_mac()),
             "--disk".into(),
             disk.display().to_string(),
             "--console".into(),
@@ -369,127 +454,136 @@ fn demo(a: &DemoArgs, intr: &AtomicBool) -> Result<DemoReport, DemoError> {
         ]);
         v
     };
-    let (plog, slog) = (w("pm1.log"), w("pm2.log"));
+    let start = |i: usize, role: &str, disk: &Path| -> Result<End, DemoError> {
+        let mut cmd = topo.pms[i].ns.command(&exe);
+        // The control sockets live in the demo's own directory.
+        cmd.args(vm_args(i, role, disk))
+            .env("TWINRUN_RUN_DIR", &run_dir);
+        let log = w(&format!("pm{}.log", i + 1));
+        Ok(End {
+            proc: Proc::spawn_logged(role, &mut cmd, &log)?,
+            sock: run_dir.join(format!("demo{pid}-pm{}.sock", i + 1)),
+        })
+    };
     say("starting the standby in PM2, then the primary in PM1");
-    let mut standby = ChildGuard::spawn_in_netns(
-        "standby",
-        &topo.pm2_ns,
-        &exe,
-        &vm_args("standby", &l2, &sdisk, &topo.pm2_tap),
-        &slog,
-    )?;
-    let mut primary = ChildGuard::spawn_in_netns(
-        "primary",
-        &topo.pm1_ns,
-        &exe,
-        &vm_args("primary", &l1, &pdisk, &topo.pm1_tap),
-        &plog,
-    )?;
+    let mut standby = start(1, "standby", &sdisk)?;
+    let mut primary = start(0, "primary", &pdisk)?;
     let t0 = Instant::now();
-    while log_has(&plog, PROTECTED_LOG).is_none() {
-        nap(Duration::from_millis(20), intr)?;
-        for (c, log) in [(&mut primary, &plog), (&mut standby, &slog)] {
-            if let Some(st) = c.try_status() {
-                return Err(DemoError::Failed(format!(
-                    "the {} exited early ({st}); its log:\n{}",
-                    c.name,
-                    std::fs::read_to_string(log).unwrap_or_default()
-                )));
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(DemoError::Failed("not protected after 60 s".into()));
-        }
-    }
+    wait_status(
+        &mut primary,
+        Some(&mut standby),
+        Duration::from_secs(60),
+        "protection",
+        intr,
+        |s| (s.state == FtState::Protected).then_some(()),
+    )?;
     say(&format!(
         "protected after {} ms; starting the kv client",
         t0.elapsed().as_millis()
     ));
 
-    let ctl = Arc::new(ClientCtl::default());
-    let client = {
-        let (ns, ctl) = (topo.client_ns.clone(), ctl.clone());
-        let addr = std::net::SocketAddr::from((topo.guest_ip(), KV_PORT));
-        std::thread::Builder::new()
-            .name("kv-client".into())
-            .spawn(move || client::run(&ns, addr, ctl))?
-    };
+    let mut load = LoadConfig::new(
+        topo.client_ns(),
+        SocketAddr::from((topo.guest_ip(), KV_PORT)),
+    );
+    load.counter_key = INCR_KEY.into();
+    load.incr_every = INCR_EVERY;
+    // Keep going across the failover; reconnect (and say so) only if the connection
+    // really broke. A failover takes well under a second; the guest's TCP retransmits.
+    load.reconnect = true;
+    load.connect_for = Duration::from_secs(20);
+    load.connect_timeout = Duration::from_secs(2);
+    load.read_timeout = Duration::from_secs(20);
+    let client = LoadClient::start(load)?;
     nap(Duration::from_millis(a.kill_after_ms), intr)?;
     if client.is_finished() {
-        let r = client.join();
+        let r = client.finish();
         return Err(DemoError::Failed(format!(
             "the kv client ended early: {r:?}"
         )));
     }
-    let acked_before = ctl.acked.load(Ordering::SeqCst);
     say(&format!(
-        "{acked_before} writes acknowledged; SIGKILL to the primary"
+        "{} writes acknowledged; SIGKILL to the primary",
+        client.acks()
     ));
     let kill_at = Instant::now();
-    primary.signal(libc::SIGKILL);
-    primary.kill_now();
+    primary.proc.kill();
     // Only replies to requests sent once the primary is gone count: a reply the dying
     // primary released just before the signal landed says nothing about the failover.
-    *ctl.killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    nap(Duration::from_millis(a.keep_going_ms), intr)?;
-    if let Some(st) = standby.try_status() {
-        return Err(DemoError::Failed(format!(
-            "the standby exited ({st}); its log:\n{}",
-            std::fs::read_to_string(&slog).unwrap_or_default()
-        )));
-    }
+    client.mark();
+    let failover = wait_status(
+        &mut standby,
+        None,
+        Duration::from_secs(30),
+        "failover",
+        intr,
+        |s| s.failover.clone(),
+    );
+    // The primary is gone on purpose: only the standby's end matters now.
+    let failover = match failover {
+        Ok(f) => Some(f),
+        Err(DemoError::Interrupted) => return Err(DemoError::Interrupted),
+        Err(e) if standby.proc.try_wait().is_some() => return Err(e),
+        Err(e) => {
+            say(&format!("the standby never reported a failover: {e}"));
+            None
+        }
+    };
+    nap(
+        Duration::from_millis(a.keep_going_ms).saturating_sub(kill_at.elapsed()),
+        intr,
+    )?;
+    standby.check_alive()?;
     say(&format!(
         "{} writes acknowledged; stopping the client, reading everything back",
-        ctl.acked.load(Ordering::SeqCst)
+        client.acks()
     ));
-    ctl.stop.store(true, Ordering::SeqCst);
     // The read-back is bounded by the client's timeouts; check for interrupts meanwhile.
-    while !client.is_finished() {
+    let first = client.first_reply_after_mark();
+    let finishing = std::thread::spawn(move || client.finish());
+    while !finishing.is_finished() {
         nap(Duration::from_millis(20), intr)?;
     }
-    let kv = client
+    let kv = finishing
         .join()
         .map_err(|_| DemoError::Failed("the kv client panicked".into()))??;
-    let first = *ctl
-        .first_reply_after_kill
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let st = standby.terminate(Duration::from_secs(10));
+    let st = standby.proc.terminate(Duration::from_secs(10));
 
+    let plog = primary
+        .proc
+        .log_path()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let mut r = DemoReport {
         failover_ms: first.map(|t| (t - kill_at).as_millis() as u64),
+        standby_restore_ms: failover.as_ref().map(|f| f.time_ms),
+        resumed_from_epoch: failover.as_ref().map(|f| f.resumed_from_epoch),
         standby_exit: st.and_then(|s| s.code()),
-        pm1_ns: topo.pm1_ns.clone(),
-        pm2_ns: topo.pm2_ns.clone(),
+        pm1_ns: topo.pm_ns(0).to_string(),
+        pm2_ns: topo.pm_ns(1).to_string(),
         ..DemoReport::default()
     };
-    if let Some(l) = log_has(&slog, FAILOVER_LOG) {
-        r.standby_restore_ms = number_after(&l, FAILOVER_LOG);
-        r.resumed_from_epoch = number_after(&l, "resumed from epoch");
-    } else {
-        say("the standby never logged a failover");
-    }
-    if let Some(l) = log_has(&plog, "primary: disk resync done:") {
+    if let Some(l) = log_has(&plog, RESYNC_LOG) {
         r.disk_resync_bytes = number_after(&l, "chunks,");
     }
-    if let Some(l) = log_has(&plog, "primary: disk /") {
+    if let Some(l) = log_has(&plog, PLAN_LOG) {
         r.disk_plan = ["Full", "Delta", "InSync"]
             .iter()
             .find(|k| l.contains(&format!(": {k}:")))
             .map(|k| k.to_string());
     }
-    let c = check_console(&std::fs::read(&console)?);
+    let c = analyze(&std::fs::read(&console)?);
     let img = std::fs::read(&sdisk)?;
     r.console_records = c.records;
     r.console_gaps = c.gaps;
     r.console_duplicates = c.duplicates;
     r.console_boots = c.boots;
     r.counter_last = c.counter_last;
-    r.dirty_check_errors = c.dirty_errors;
+    r.dirty_check_errors = c.dirty_errors + c.d_failed;
     r.guest_panics = c.panics + c.disk_errors;
     r.disk_records_checked = c.w_seqs.len() as u64;
     r.disk_records_lost = records_lost(&img, &c.w_seqs);
-    r.kv = kv;
+    r.kv = KvFigures::from(&kv);
     Ok(r)
 }
 
@@ -499,9 +593,9 @@ mod tests {
 
     #[test]
     fn numbers_from_log_lines() {
-        let l = "[INFO] FT standby: failover complete in 63 ms (restore ...): resumed from epoch 812, x";
-        assert_eq!(number_after(l, FAILOVER_LOG), Some(63));
-        assert_eq!(number_after(l, "resumed from epoch"), Some(812));
+        let l = "[INFO] primary: disk resync done: 64 chunks, 16777216 bytes, 1 passes in 3ms";
+        assert_eq!(number_after(l, "chunks,"), Some(16_777_216));
+        assert_eq!(number_after(l, RESYNC_LOG), Some(64));
         assert_eq!(number_after(l, "nothing"), None);
     }
 

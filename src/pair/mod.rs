@@ -2,11 +2,13 @@
 //!
 //! `shutdown` takes SIGTERM/SIGINT on a dedicated thread (as `vm run` does) and stops
 //! whatever runs at that moment: the checkpoint driver, then the VM; `primary` and
-//! `standby` run each role to its end and map it to `vm run`'s exit codes.
+//! `standby` run each role to its end and map it to `vm run`'s exit codes; `status`
+//! is what either end serves on its control socket (with `--name`).
 
 mod primary;
 mod shutdown;
 mod standby;
+mod status;
 
 use std::time::Duration;
 
@@ -34,16 +36,19 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
          built yet)"
     );
     let acfg = alink_config(ft);
-    // With --name, the primary serves a control socket for status and disk fault
-    // injection (no pause or snapshot: they would fight the checkpoints).
+    // With --name, either end serves a control socket: status (role, protection,
+    // failover, links, disks) and, where a VM runs, disk fault injection and the
+    // mirrored disks' state (no pause or snapshot: they would fight the checkpoints).
     let server = match name.map(|n| crate::run::control_server(Some(n), cfg)) {
         Some(Ok(s)) => s,
         Some(Err(code)) => return code,
         None => None,
     };
+    let status = status::PairStatus::new(ft.role, cfg);
+    let _control = server.map(|s| status::ControlThread::start(s, status.clone()));
     match ft.role {
-        Role::Primary => primary::run(cfg, ft, acfg, &shutdown, server),
-        Role::Standby => standby::run(cfg, ft, acfg, &shutdown),
+        Role::Primary => primary::run(cfg, ft, acfg, &shutdown, &status),
+        Role::Standby => standby::run(cfg, ft, acfg, &shutdown, &status),
     }
 }
 

@@ -18,18 +18,19 @@ use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::{build_vm, Vmm};
 
 use super::shutdown::Shutdown;
+use super::status::PairStatus;
 use crate::run::exit_code;
-use twinrun::control::server::Server;
 
-/// The line `twinrun demo` (and scripts) wait for: the standby has committed epoch 0.
-pub use twinrun::demo::PROTECTED_LOG;
+/// Logged once the standby has committed epoch 0 (tools ask the control socket's
+/// status instead).
+const PROTECTED_LOG: &str = "FT primary: protected";
 
 pub fn run(
     cfg: &VmConfig,
     ft: &FtSettings,
     acfg: AlinkConfig,
     sd: &Shutdown,
-    server: Option<Server>,
+    status: &PairStatus,
 ) -> i32 {
     let mut vm = match build_vm(cfg) {
         Ok(vm) => vm,
@@ -63,13 +64,13 @@ pub fn run(
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;
     }
-    let _control = server.map(|s| ControlThread::start(s, &vm, disks.clone()));
+    status.vm_running(&vm, Some(disks.clone()));
     info!(
         "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
         acfg.links.len(),
         acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
     );
-    protect(vm, ft, acfg, sd, disks)
+    protect(vm, ft, acfg, sd, disks, status)
 }
 
 /// Protects the running `vm` with one standby after another until it ends or
@@ -81,6 +82,7 @@ pub fn protect(
     acfg: AlinkConfig,
     sd: &Shutdown,
     disks: Arc<PrimaryDisks>,
+    status: &PairStatus,
 ) -> i32 {
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
@@ -106,7 +108,7 @@ pub fn protect(
     // protects it again.
     for session in 1u64.. {
         let link = match Alink::start(acfg.clone()) {
-            Ok(l) => l,
+            Ok(l) => Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
                 vm.stopper().stop();
@@ -118,19 +120,24 @@ pub fn protect(
             info!("FT primary: waiting for a standby (session {session})");
         }
         let acked = Arc::new(AtomicU64::new(0));
+        status.begin_session(link.clone(), Some(acked.clone()));
         let dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
+        let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
-            s.spawn(|| announce_protection(&acked, sd));
+            s.spawn(|| announce_protection(&acked, &done, sd));
             let r = run_primary(&vm, &link, &dcfg, sd.flag());
             // Ends the announcer if nothing was ever acknowledged.
-            acked.fetch_max(u64::MAX, Ordering::SeqCst);
+            done.store(true, Ordering::SeqCst);
             r
         });
+        if let Ok(report) = &result {
+            log_report(report);
+        }
+        status.end_session(result.as_ref().ok());
         drop(link);
         match result {
             // Without a stop request the driver returns only when the standby is gone.
-            Ok(report) if !sd.requested() => {
-                log_report(&report);
+            Ok(_) if !sd.requested() => {
                 if let Some(end) = vm.wait_timeout(Duration::ZERO) {
                     return exit_code(&end, sd.requested());
                 }
@@ -138,8 +145,7 @@ pub fn protect(
                 // it on again at its epoch 0.
                 continue;
             }
-            Ok(report) => {
-                log_report(&report);
+            Ok(_) => {
                 sd.hand_vm(vm.stopper());
                 vm.stopper().stop();
                 let end = vm.wait();
@@ -166,41 +172,6 @@ pub fn protect(
         }
     }
     unreachable!("sessions are numbered without end")
-}
-
-/// Serves the control socket (status, disk faults, mirrored disks' state and verify)
-/// on its own thread until dropped.
-struct ControlThread {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ControlThread {
-    fn start(mut server: Server, vm: &Vmm, disks: Arc<PrimaryDisks>) -> ControlThread {
-        let faults: Vec<_> = (0..vm.devices().disk_count())
-            .filter_map(|d| vm.disk_faults(d))
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                server.poll_ft(&faults, &disks, Duration::from_millis(50));
-            }
-        });
-        ControlThread {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ControlThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// The driver's config, field by field: it grows (e.g. test-mode hashing) and keeps
@@ -235,18 +206,15 @@ fn driver_config(
     d
 }
 
-/// Logs [`PROTECTED_LOG`] once the first epoch is acknowledged.
-fn announce_protection(acked: &AtomicU64, sd: &Shutdown) {
+/// Logs [`PROTECTED_LOG`] once the first epoch is acknowledged (for people reading
+/// the log; tools and tests ask the control socket's status).
+fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown) {
     loop {
-        match acked.load(Ordering::SeqCst) {
-            u64::MAX => return,
-            0 => {}
-            _ => {
-                info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
-                return;
-            }
+        if acked.load(Ordering::SeqCst) > 0 {
+            info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+            return;
         }
-        if sd.requested() {
+        if done.load(Ordering::SeqCst) || sd.requested() {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -10,12 +10,20 @@ use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
 
 use super::shutdown::Shutdown;
+use super::status::PairStatus;
 use crate::run::exit_code;
 
-/// The line logged when the standby's VM runs (the demo and tests look for it).
-pub use twinrun::demo::FAILOVER_LOG;
+/// Logged when the standby's VM runs (tools ask the control socket's status, whose
+/// `failover` says the same).
+const FAILOVER_LOG: &str = "FT standby: failover complete in";
 
-pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) -> i32 {
+pub fn run(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    acfg: AlinkConfig,
+    sd: &Shutdown,
+    status: &PairStatus,
+) -> i32 {
     if !matches!(cfg.console, ConsoleConfig::File { .. }) {
         warn!(
             "the console is not a file: output released again after a failover may be duplicated"
@@ -49,14 +57,16 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
     // resumes or redoes the copy.
     let outcome = loop {
         let link = match Alink::start(acfg.clone()) {
-            Ok(l) => l,
+            Ok(l) => std::sync::Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
                 return exit::START_FAILED;
             }
         };
+        status.begin_session(link.clone(), None);
         let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
         // The old primary must not reach this VM's replica machinery again.
+        status.end_session(None);
         drop(link);
         // Discarding is for the first session only: later ones resume what it began.
         opts.discard_disk_data = false;
@@ -92,10 +102,11 @@ pub fn run(cfg: &VmConfig, ft: &FtSettings, acfg: AlinkConfig, sd: &Shutdown) ->
                  the primary is in fact alive behind cut A-Links, two copies run"
             );
             sd.hand_vm(vm.stopper());
+            status.failed_over(&r, &vm);
             match r.disks.clone() {
                 Some(disks) => {
                     let acfg = super::alink_config_as(ft, Role::Primary);
-                    super::primary::protect(vm, ft, acfg, sd, disks)
+                    super::primary::protect(vm, ft, acfg, sd, disks, status)
                 }
                 None => {
                     let end = vm.wait();

@@ -28,20 +28,7 @@ const LIMITS: JournalLimits = JournalLimits {
 };
 const EPOCHS_PER_ROUND: u64 = 60;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use twinrun_lab::Rng;
 
 /// The writes of `epoch` under `seed`: deterministic, so parent and child agree.
 fn epoch_writes(seed: u64, epoch: u64) -> Vec<(u16, u64, Vec<u8>)> {

@@ -18,24 +18,7 @@ const BS: u32 = 4096;
 const DISK_SIZE: u64 = (1 << 20) + 1234;
 const BLOCKS: u64 = DISK_SIZE.div_ceil(BS as u64);
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for x in b {
-            *x = self.next() as u8;
-        }
-    }
-}
+use twinrun_lab::Rng;
 
 /// The test's own in-memory block set (the real one is the persistent dirty bitmap).
 struct Bits(Vec<bool>);

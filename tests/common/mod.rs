@@ -1,30 +1,23 @@
-//! Shared harness of the integration tests: builds the test guest, runs `twinrun vm run`
-//! as a child process with a console file, reads console lines with timeouts, and owns
-//! network namespaces / TAP / veth plumbing through RAII guards that clean up on drop,
-//! also when a test panics.
+//! Shared harness of the integration tests: `twinrun vm run` (and `snapshot restore`)
+//! as child processes with a console file ([`vm`]), one end of an FT pair and what its
+//! control socket reports ([`pair`]), and the per-process run/state directories. The
+//! namespaces, processes, guest, clients and checks come from `twinrun_lab`.
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
-pub mod console;
-pub mod net;
+pub mod pair;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-pub use console::ConsoleLog;
-pub use net::{KvNet, NetNs};
+pub use twinrun_lab::console::ConsoleLog;
+pub use twinrun_lab::{unique_prefix, NetNs, Topology};
 pub use vm::{VmProcess, VmRun};
 
-/// Root of the repository (the root package's manifest dir).
-pub fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// One run/state directory for this test process (`$TWINRUN_RUN_DIR` for control
-/// sockets, `$TWINRUN_STATE_DIR` for snapshots), set in the environment before any VMM
-/// is spawned so that children inherit it; tests in one process use distinct VM names.
+/// sockets, `$TWINRUN_STATE_DIR` for snapshots and block devices' replica metadata),
+/// set in the environment before any VMM is spawned so that children inherit it; tests
+/// in one process use distinct VM names.
 pub fn private_dirs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let d = DIR.get_or_init(|| {
@@ -54,65 +47,22 @@ pub fn twinrun_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_twinrun"))
 }
 
-/// Builds the test guest (once per test process; cargo's lock on `guest/target`
-/// serialises parallel test processes) and returns its ELF. `$TWINRUN_GUEST` skips the
-/// build. Panics with cargo's output when the build fails.
+/// The test guest (`$TWINRUN_GUEST`, or built once per test process); panics with
+/// cargo's output when the build fails.
 pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(build_guest)
-        .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
+    twinrun_lab::guest::guest_elf().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn build_guest() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-        return Ok(PathBuf::from(p));
-    }
-    let guest_dir = repo_root().join("guest");
-    let target = guest_dir.join("target");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release"])
-        .current_dir(&guest_dir)
-        // The guest has its own target dir and flags; nothing of the outer build leaks.
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .output()
-        .map_err(|e| format!("cannot run cargo to build the guest: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building the test guest failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let elf = repo_root().join("guest/target/x86_64-unknown-linux-gnu/release/twinrun-guest");
-    if !elf.is_file() {
-        return Err(format!("guest built but {} is missing", elf.display()));
-    }
-    Ok(elf)
-}
-
-/// A name prefix unique among concurrently running tests: `tw<pid%10000><n>`. Short
-/// enough that a 3-byte suffix keeps interface names within 15 bytes.
-pub fn unique_prefix() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "tw{}{}",
-        std::process::id() % 10000,
-        N.fetch_add(1, Ordering::Relaxed) % 100
-    )
+/// A topology with a unique prefix; panics (with `ip`'s message) if it cannot be made.
+pub fn topology(b: twinrun_lab::topology::Builder) -> Topology {
+    b.build()
+        .unwrap_or_else(|e| panic!("building the test network: {e}"))
 }
 
 /// Panics with an install hint when `tool` is not on PATH.
 pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
     assert!(
-        found,
+        twinrun_lab::have(tool),
         "`{tool}` is not installed: install Debian's `{package}` \
          (scripts/install-deps.sh does, and scripts/test.sh runs it)"
     );
@@ -124,6 +74,16 @@ pub fn require_kvm() {
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: these tests boot real VMs"
     );
+}
+
+/// A finished command's status and output, for failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {}; stdout {:?}; stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim()
+    )
 }
 
 /// A sparse raw disk image of `mib` MiB in `dir`.

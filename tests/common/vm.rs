@@ -1,29 +1,52 @@
-//! `twinrun vm run` as a child process, killed on drop.
+//! `twinrun vm run` (or `twinrun snapshot restore`) as a child process with its console
+//! in a file, killed and reaped on drop.
 
-use std::fs::File;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use super::{guest_elf, twinrun_bin, ConsoleLog};
+use twinrun_lab::console::{tail, ConsoleLog};
+use twinrun_lab::Proc;
 
-/// Arguments of one `twinrun vm run`; the console always goes to a file in `dir`.
+use super::{guest_elf, twinrun_bin};
+
+/// Arguments of one `twinrun vm run` (or `snapshot restore`); the console always goes
+/// to a file in `dir`.
 pub struct VmRun {
     dir: PathBuf,
     name: String,
     args: Vec<String>,
     netns: Option<String>,
+    env: Vec<(String, OsString)>,
 }
 
 impl VmRun {
-    /// A run named `name` (file names in `dir`) of the built test guest.
+    /// A `vm run` named `name` (file names in `dir`) of the built test guest.
     pub fn new(dir: &Path, name: &str) -> Self {
         VmRun {
             dir: dir.to_path_buf(),
             name: name.to_string(),
-            args: vec!["--guest".into(), guest_elf().display().to_string()],
+            args: vec![
+                "vm".into(),
+                "run".into(),
+                "--guest".into(),
+                guest_elf().display().to_string(),
+            ],
             netns: None,
+            env: Vec::new(),
         }
+    }
+
+    /// A `snapshot restore <args>` named `name`.
+    pub fn restore(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let mut r = VmRun::new(dir, name);
+        r.args = ["snapshot", "restore"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        r.args.extend(args.iter().map(|s| s.to_string()));
+        r
     }
 
     /// Adds raw flags.
@@ -43,35 +66,35 @@ impl VmRun {
         self
     }
 
+    /// Sets an environment variable of the VMM.
+    pub fn env(mut self, key: &str, value: impl Into<OsString>) -> Self {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
     pub fn spawn(self) -> VmProcess {
         let console = self.dir.join(format!("{}.console", self.name));
         let stderr_path = self.dir.join(format!("{}.stderr", self.name));
-        let stdout_path = self.dir.join(format!("{}.stdout", self.name));
         let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(twinrun_bin());
-                c
-            }
+            Some(ns) => twinrun_lab::netns::command_in(ns, twinrun_bin()),
             None => Command::new(twinrun_bin()),
         };
-        cmd.args(["vm", "run"])
-            .args(&self.args)
+        cmd.args(&self.args)
             .arg("--console")
             .arg(format!("file:{}", console.display()))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create stdout file"))
-            .stderr(File::create(&stderr_path).expect("create stderr file"));
-        let child = cmd.spawn().expect("spawn twinrun");
+            );
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn_logged(&self.name, &mut cmd, &stderr_path)
+            .unwrap_or_else(|e| panic!("spawn twinrun: {e}"));
         VmProcess {
-            child: Some(child),
+            proc,
             console: ConsoleLog::new(&console),
             console_path: console,
-            stderr_path,
         }
     }
 
@@ -112,70 +135,69 @@ impl Finished {
             "unexpected exit ({})\nstderr:\n{}\nconsole tail:\n{}",
             self.status,
             self.stderr,
-            tail(&self.lines, 20)
+            tail(&self.lines.join("\n"), 20)
         );
         self
     }
 }
 
-pub fn tail(lines: &[String], n: usize) -> String {
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// A running VMM process; killed (SIGKILL) and reaped on drop if still running.
 pub struct VmProcess {
-    child: Option<Child>,
+    proc: Proc,
     pub console: ConsoleLog,
     pub console_path: PathBuf,
-    stderr_path: PathBuf,
 }
 
 impl VmProcess {
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.proc.pid().unwrap_or(0)
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
-        if let Some(c) = &self.child {
-            let pid = i32::try_from(c.id()).expect("pid fits i32");
-            // SAFETY: kill(2) on our own child's pid, which is not reaped yet (we hold
-            // the Child and have not waited), so the pid cannot have been reused.
-            let rc = unsafe { libc::kill(pid, signal) };
-            assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
-        }
+        let sig = nix::sys::signal::Signal::try_from(signal).expect("a signal number");
+        self.proc.signal(sig).expect("signal the VMM");
+    }
+
+    /// SIGKILL and reap; the status must say it died of SIGKILL.
+    pub fn sigkill(&mut self) {
+        let s = self.proc.kill().expect("the VMM was running");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&s),
+            Some(libc::SIGKILL),
+            "{s}"
+        );
     }
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            match child.try_wait() {
-                Ok(Some(s)) => {
-                    self.child = None;
-                    return Some(s);
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => return None,
-                Err(e) => panic!("waiting for twinrun: {e}"),
-            }
-        }
+        self.proc.wait_timeout(timeout)
     }
 
     /// The VMM's stderr so far (its log).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.proc.log()
     }
-}
 
-impl Drop for VmProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+    /// Waits (60 s at most) until the control socket `sock` answers a status request
+    /// from this process (an early exit fails at once).
+    pub fn wait_control(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = self.pid();
+        loop {
+            if twinrun_control::status(sock, Duration::from_secs(5)).is_ok_and(|s| s.pid == pid) {
+                return;
+            }
+            if let Some(s) = self.proc.try_wait() {
+                panic!("twinrun exited ({s}) early; stderr:\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no control socket answer from {}; stderr:\n{}",
+                sock.display(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -2,19 +2,15 @@
 //! the real test guest (dirty workload + virtio-blk reads + net RX) whose memory is
 //! rebuilt from harvested pages alone and compared with live memory at every pause.
 
-#[path = "support/flat_dirty_guest.rs"]
-mod flat;
-#[path = "support/guest.rs"]
-mod guest;
-#[path = "support/tap.rs"]
-mod tap;
+mod support;
+use support::{flat_dirty_guest as flat, guest, tap};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest::{create_image, disk, guest_config, TempFile};
-use tap::{arp_request, is_arp_reply, PacketSock, Tap};
+use tap::{arp_request, is_arp_reply, PacketSocket, Tap};
 use twinrun_guest_abi as abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{NetConfig, VmConfig, Workloads};
@@ -139,7 +135,7 @@ const GUEST_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
 const HOST_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 
 /// Counts ARP replies (from the guest) waiting on the socket.
-fn drain_arp_replies(sock: &PacketSock, buf: &mut [u8]) -> u64 {
+fn drain_arp_replies(sock: &PacketSocket, buf: &mut [u8]) -> u64 {
     let mut n = 0;
     sock.drain(buf, |f| {
         if is_arp_reply(f) {
@@ -227,7 +223,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut vmm = build_vm(&cfg).expect("build");
 
     // Host side of the network: ARP requests and noise frames into the VM's RX.
-    let sock = Arc::new(PacketSock::new(tap.name()));
+    let sock = Arc::new(PacketSocket::bind(tap.name()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {

@@ -3,8 +3,8 @@
 //! an I/O error (`DISK-ERROR`) for it without hooks. A VM whose local disk failed
 //! before boot recovers its records through the hooks' reads.
 
-#[path = "support/guest.rs"]
-mod guest;
+mod support;
+use support::guest;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -3,15 +3,13 @@
 //! gate stalls the guest without loss, net TX frames reach a real TAP only on release,
 //! and a second disk image rebuilt from journals equals the first.
 
-#[path = "support/guest.rs"]
-mod guest;
-#[path = "support/tap.rs"]
-mod tap;
+mod support;
+use support::{guest, tap};
 
 use std::time::{Duration, Instant};
 
 use guest::{check_counter_lines, counter_config, disk, guest_config, TempFile};
-use tap::{arp_request, is_arp_reply, is_from, PacketSock, Tap};
+use tap::{arp_request, is_arp_reply, is_from, PacketSocket, Tap};
 use vmm::config::{NetConfig, VmConfig, Workloads};
 use vmm::devices::virtio::block::apply_journal;
 use vmm::{build_vm, VmExit, Vmm};
@@ -179,7 +177,7 @@ const GUEST_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x02];
 const HOST_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 0, 0x01];
 
 /// Frames from the guest's MAC waiting on the socket: (all, ARP replies).
-fn drain_from_guest(sock: &PacketSock) -> (u64, u64) {
+fn drain_from_guest(sock: &PacketSocket) -> (u64, u64) {
     let mut buf = vec![0u8; 65536];
     let (mut all, mut arp) = (0, 0);
     sock.drain(&mut buf, |f| {
@@ -209,7 +207,7 @@ fn net_tx_frames_reach_the_tap_only_on_release() {
         ..guest_config(workloads, log.path())
     };
     let mut vmm = build_vm(&cfg).expect("build");
-    let sock = PacketSock::new(tap.name());
+    let sock = PacketSocket::bind(tap.name()).unwrap();
     vmm.enable_output_commit().unwrap();
     vmm.start().unwrap();
     // ARP requests until the guest has answered some (held, so we see none).

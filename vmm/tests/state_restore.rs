@@ -4,8 +4,8 @@
 //! process from files), and check the guest carried on as if nothing happened: no
 //! counter or disk record gap or duplicate, no dirty-page self-check error.
 
-#[path = "support/guest.rs"]
-mod guest;
+mod support;
+use support::guest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,8 +1,8 @@
 //! Runs the real test guest (guest/, built here with cargo) with the counter workload
 //! and checks its console output.
 
-#[path = "support/guest.rs"]
-mod guest;
+mod support;
+use support::guest;
 
 use std::time::{Duration, Instant};
 

@@ -1,12 +1,13 @@
-//! Shared by the checkpoint integration tests: the test guest (built once per test
-//! process, the way the vmm tests build it), unique temp paths and their cleanup.
+//! Shared by the checkpoint integration tests: the test guest (`twinrun_lab::guest`,
+//! built once per test process), unique temp paths and their cleanup.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::PathBuf;
 
-#[path = "../../../vmm/tests/support/guest.rs"]
-mod vmm_support;
-pub use vmm_support::guest_elf;
+/// The test guest; panics with cargo's output when it cannot be built.
+pub fn guest_elf() -> PathBuf {
+    twinrun_lab::guest::guest_elf().unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// Removes the test's files even when an assertion fails.
 pub struct Cleanup(pub Vec<PathBuf>);

@@ -2,45 +2,18 @@
 //! building it once, the temporary console/disk files it writes, base configs and the
 //! checks and waits on its console lines.
 
-// Each test binary includes this module on its own (`#[path] mod guest;`) and uses only
-// part of it, so what one binary leaves unused is not dead code.
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vmm::config::{ConsoleConfig, DiskConfig, IoEngine, Payload, VmConfig, Workloads};
 use vmm::Vmm;
 
-/// Builds the guest once per test process (`$TWINRUN_GUEST` skips the build).
+pub use twinrun_lab::console::count_prefix;
+
+/// The test guest (`$TWINRUN_GUEST`, or built once per test process by
+/// `twinrun_lab::guest`); panics with cargo's output when the build fails.
 pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-            return Ok(PathBuf::from(p));
-        }
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release"])
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", dir.join("target"))
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "guest build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(dir.join("target/x86_64-unknown-linux-gnu/release/twinrun-guest"))
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
+    twinrun_lab::guest::guest_elf().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A temporary file (console log, disk image) unique to this process and `tag`,
@@ -124,11 +97,6 @@ pub fn create_image(path: &Path, len: u64) {
     std::fs::File::create(path)
         .and_then(|f| f.set_len(len))
         .unwrap();
-}
-
-/// How many lines of `text` start with `prefix`.
-pub fn count_prefix(text: &str, prefix: &str) -> usize {
-    text.lines().filter(|l| l.starts_with(prefix)).count()
 }
 
 /// Waits until the console file `log` holds `n` lines starting with `prefix`,

@@ -258,6 +258,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
+    use twinrun_lab::tap::PacketSocket;
 
     /// A unique TAP name; whatever is left pre-opened under it is closed on drop.
     struct Name(String);
@@ -279,44 +280,14 @@ mod tests {
         }
     }
 
-    /// An AF_PACKET socket bound to an interface: what it sends leaves through the
-    /// interface, i.e. reaches the TAP's descriptor.
-    fn packet_socket(ifname: &str) -> OwnedFd {
-        let idx = if_index(ifname);
-        assert_ne!(idx, 0);
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation, checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        assert!(fd >= 0, "{}", io::Error::last_os_error());
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = idx as i32;
-        // SAFETY: `sa` is a valid sockaddr_ll of the size passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
-        fd
+    /// An AF_PACKET socket bound to an interface (the lab's): what it sends leaves
+    /// through the interface, i.e. reaches the TAP's descriptor.
+    fn packet_socket(ifname: &str) -> PacketSocket {
+        PacketSocket::bind(ifname).unwrap()
     }
 
-    fn send(sock: &OwnedFd, frame: &[u8]) {
-        // SAFETY: sending from a valid buffer on a bound socket.
-        let r = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(r as usize, frame.len(), "{}", io::Error::last_os_error());
+    fn send(sock: &PacketSocket, frame: &[u8]) {
+        assert!(sock.send(frame), "{}", io::Error::last_os_error());
     }
 
     /// Waits until `fd` has something to read, without reading it.

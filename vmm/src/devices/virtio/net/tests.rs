@@ -2,7 +2,9 @@
 //! an AF_PACKET socket on the interface), a socketpair for the guest-error cases.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+
 use std::time::{Duration, Instant};
+use twinrun_lab::tap::PacketSocket;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -39,70 +41,19 @@ impl Drop for TapName {
     }
 }
 
-/// Raw packet socket bound to an interface: what the host network sees.
-struct PacketSock(OwnedFd);
-
-impl PacketSock {
-    fn new(ifname: &str) -> PacketSock {
-        let idx = if_index(ifname);
-        assert_ne!(idx, 0);
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation, checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                i32::from(proto),
-            )
-        };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = idx as i32;
-        // SAFETY: `sa` is a valid sockaddr_ll of the given size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        PacketSock(fd)
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: sending from a valid buffer on a bound socket.
-        let r = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            r as usize,
-            frame.len(),
-            "{}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// Waits for a frame with our test EtherType.
-    fn recv_test_frame(&self) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 70000];
-        while Instant::now() < deadline {
-            // SAFETY: receiving into a valid buffer.
-            let r =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if r > 14 && buf[12..14] == ETHERTYPE {
-                return buf[..r as usize].to_vec();
-            }
-            if r < 0 {
-                std::thread::sleep(Duration::from_millis(2));
+/// Waits for a frame with our test EtherType on `host` (the lab's raw packet socket on
+/// the TAP: what the host network sees).
+fn recv_test_frame(host: &PacketSocket) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 70000];
+    while Instant::now() < deadline {
+        if let Some(n) = host.recv_timeout(&mut buf, Duration::from_millis(50)) {
+            if n > 14 && buf[12..14] == ETHERTYPE {
+                return buf[..n].to_vec();
             }
         }
-        panic!("no test frame seen");
     }
+    panic!("no test frame seen");
 }
 
 /// IEEE local experimental EtherType: nothing else on the link uses it.
@@ -159,7 +110,7 @@ fn tx_and_rx_through_a_real_tap() {
     assert_eq!(mac, MAC);
     assert_ne!(r(&mut t, REG_DEVICE_FEATURES) as u64 & VIRTIO_NET_F_MAC, 0);
     let (mut rx, mut tx) = ready_both(&mut t, &mem);
-    let host = PacketSock::new(&name.0);
+    let host = PacketSocket::bind(&name.0).unwrap();
 
     // TX: header + frame split over two descriptors.
     let f = frame(b"guest to host");
@@ -175,7 +126,7 @@ fn tx_and_rx_through_a_real_tap() {
     );
     w(&mut t, REG_QUEUE_NOTIFY, TX_QUEUE as u32);
     assert_eq!(tx.used_idx(), 1);
-    assert_eq!(host.recv_test_frame(), f);
+    assert_eq!(recv_test_frame(&host), f);
 
     // RX: the guest offers a buffer and notifies; the host sends a frame.
     rx.chain(0, &[(0x20000, 2048, true)]);
@@ -183,7 +134,7 @@ fn tx_and_rx_through_a_real_tap() {
     t.backend_event(rx_evt, libc::EPOLLIN as u32);
     assert!(fd_of(&t, rx_evt).contains(&tap_fd));
     let f = frame(b"host to guest");
-    host.send(&f);
+    assert!(host.send(&f));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         t.backend_event(tap_fd, libc::EPOLLIN as u32);

@@ -1,7 +1,8 @@
 //! Serving the control socket from the thread that waits for the VM: it polls the
 //! listener between checks for the VM's end, and runs requests (pause, resume,
-//! snapshot, disk faults) against the [`Vmm`] directly; an FT primary serves it from a
-//! thread of its own ([`Server::poll_ft`]). One connection is served at a time.
+//! snapshot, disk faults) against the [`Vmm`] directly; either end of an FT pair serves
+//! it from a thread of its own ([`Server::poll_ft`]), asking the pair's runtime for
+//! what it needs through [`FtControl`]. One connection is served at a time.
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -9,13 +10,35 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use checkpoint::primary::disks::PrimaryDisks;
 use log::{info, warn};
+use twinrun_snapshot::paths;
+use twinrun_snapshot::take::Snapshotter;
 use vmm::config::VmConfig;
+use vmm::devices::virtio::block::DiskFaults;
 use vmm::Vmm;
 
-use super::{read_message, write_message, Op, Request, Response, PROTOCOL_VERSION};
-use crate::snapshot::take::Snapshotter;
+use super::{
+    read_message, write_message, FtStatus, Op, Request, Response, VmStatus, PROTOCOL_VERSION,
+};
+
+/// What one end of an FT pair offers its control socket; the pair's runtime
+/// implements it over its shared state (the answers change as the end goes through
+/// its sessions and, for a standby, its failover).
+pub trait FtControl: Send + Sync {
+    /// The FT part of the status, now.
+    fn status(&self) -> FtStatus;
+    /// Fault injectors of the running VM's disks (none while no VM runs here).
+    fn disk_faults(&self) -> Vec<Arc<DiskFaults>>;
+    /// The mirrored disks of the running VM (none on a standby before a failover).
+    fn disks(&self) -> Option<Arc<PrimaryDisks>>;
+}
+
+/// The answer to the disk operations of an end that runs no VM.
+pub const NO_VM_HERE: &str = "this end of the pair runs no VM (yet): a standby before a \
+     failover holds only a replica, a primary is still starting; ask the primary";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -45,13 +68,13 @@ impl Server {
     /// Binds the socket of VM `name`; fails if a live VM serves it (a stale socket of
     /// a VMM that died is replaced).
     pub fn bind(name: &str, cfg: &VmConfig) -> Result<Server, ServerError> {
-        crate::paths::check_vm_name(name).map_err(ServerError::Name)?;
-        let dir = crate::paths::run_dir();
+        paths::check_vm_name(name).map_err(ServerError::Name)?;
+        let dir = paths::run_dir();
         std::fs::create_dir_all(&dir).map_err(|source| ServerError::Io {
             path: dir.clone(),
             source,
         })?;
-        let path = crate::paths::control_socket(name);
+        let path = paths::control_socket(name);
         let listener = match UnixListener::bind(&path) {
             Ok(l) => l,
             Err(e) if e.kind() == ErrorKind::AddrInUse => {
@@ -85,29 +108,40 @@ impl Server {
         })
     }
 
-    /// The FT primary: only status, disk fault injection (on the VM's disks'
+    /// One end of an FT pair: status, disk fault injection (on the running VM's disks'
     /// injectors) and the mirrored disks' state and verify (pausing or snapshotting
-    /// would fight the checkpoints).
-    pub fn poll_ft(
-        &mut self,
-        faults: &[std::sync::Arc<vmm::devices::virtio::block::DiskFaults>],
-        disks: &PrimaryDisks,
-        timeout: Duration,
-    ) {
+    /// would fight the checkpoints). Waits up to `timeout` for a connection.
+    pub fn poll_ft(&mut self, ft: &dyn FtControl, timeout: Duration) {
         let Some(s) = self.accept(timeout) else {
             return;
         };
         let name = self.name.clone();
         serve_with(s, &mut |op| {
             match op {
-            Op::Status => Response::Status {
+            Op::Status => Response::Status(VmStatus {
                 name: name.clone(),
                 pid: std::process::id(),
                 paused: false,
+                ft: Some(Box::new(ft.status())),
+            }),
+            Op::DiskFault { disk, action } => match ft.disks() {
+                None => Response::Error {
+                    message: NO_VM_HERE.into(),
+                },
+                Some(_) => super::disk_fault::apply_to(&ft.disk_faults(), disk, &action),
             },
-            Op::DiskFault { disk, action } => super::disk_fault::apply_to(faults, disk, &action),
-            Op::DiskStatus => super::disks::status(disks),
-            Op::DiskVerify => super::disks::verify(disks),
+            Op::DiskStatus => match ft.disks() {
+                Some(d) => super::disks::status(&d),
+                None => Response::Error {
+                    message: NO_VM_HERE.into(),
+                },
+            },
+            Op::DiskVerify => match ft.disks() {
+                Some(d) => super::disks::verify(&d),
+                None => Response::Error {
+                    message: NO_VM_HERE.into(),
+                },
+            },
             other => Response::Error {
                 message: format!(
                     "{other:?} is not available on a member of an FT pair (it would fight the checkpoints)"
@@ -148,11 +182,12 @@ impl Server {
     fn handle(&mut self, vmm: &Vmm, op: Op) -> Response {
         let err = |message: String| Response::Error { message };
         match op {
-            Op::Status => Response::Status {
+            Op::Status => Response::Status(VmStatus {
                 name: self.name.clone(),
                 pid: std::process::id(),
                 paused: self.paused,
-            },
+                ft: None,
+            }),
             Op::Pause if self.paused => Response::Ok,
             Op::Pause => match vmm.pause() {
                 Ok(t) => {

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use checkpoint::primary::disks::{DiskStatus, PrimaryDisks};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, ResyncProgress, VerifyReport};
 
@@ -66,7 +66,7 @@ pub fn verify(disks: &PrimaryDisks) -> Response {
 }
 
 /// A verify in progress: ranges compared so far of `total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyRunning {
     pub compared: u64,
     pub total: u64,
@@ -74,14 +74,14 @@ pub struct VerifyRunning {
 
 /// One disk's replication state, live or offline. Generation ids are 16 hex digits
 /// (strings: JSON numbers lose the low bits of a 64-bit id in many readers).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskView {
     pub path: String,
     /// "live" (the running primary) or "offline" (the metadata files).
-    pub source: &'static str,
+    pub source: String,
     /// Stable key: protected, syncing, degraded, in-sync, inconsistent, failed,
     /// no-metadata, damaged, replaced.
-    pub kind: &'static str,
+    pub kind: String,
     /// The state in words, e.g. "degraded (12 blocks to copy)".
     pub state: String,
     pub failed: bool,
@@ -124,8 +124,8 @@ impl DiskView {
     fn empty(path: &Path, kind: &'static str, state: String) -> DiskView {
         DiskView {
             path: path.display().to_string(),
-            source: "offline",
-            kind,
+            source: "offline".into(),
+            kind: kind.into(),
             state,
             failed: false,
             inconsistent: None,
@@ -175,7 +175,7 @@ impl DiskView {
             }
         };
         DiskView {
-            source: "live",
+            source: "live".into(),
             failed: s.failed,
             current_gen: nonzero_gen(s.current_gen),
             bitmap_base_gen: nonzero_gen(s.bitmap_base_gen),

@@ -13,8 +13,11 @@
 //! - [`store`]: listing, reading, deleting and folding generations.
 //! - [`rebuild`]: memory, state and disks of a generation from its chain.
 //! - [`export`]: one portable file per generation, and importing it.
+//! - [`paths`]: where per-VM files live (the state directory of snapshots, the run
+//!   directory of control sockets) and which VM names are valid.
 pub mod export;
 pub mod format;
+pub mod paths;
 pub mod rebuild;
 pub mod store;
 pub mod take;
@@ -50,12 +53,9 @@ impl SnapError {
         }
     }
 
-    /// Process exit code: 2 for bad input (damaged files included), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            SnapError::Corrupt(_) | SnapError::Invalid(_) => crate::exit::USAGE,
-            _ => 1,
-        }
+    /// Bad input (damaged files included), as opposed to a failure of this machine.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, SnapError::Corrupt(_) | SnapError::Invalid(_))
     }
 }
 

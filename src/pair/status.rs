@@ -1,0 +1,287 @@
+//! What this end of the pair tells its control socket (`twinrun vm status`, tools,
+//! tests): role, protection state, sessions, the checkpoints its standby committed,
+//! the failover it performed, its A-Links and its disks. The pair's code records what
+//! happens here as it goes; the control thread reads it ([`FtControl`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use alink::Alink;
+use checkpoint::primary::disks::PrimaryDisks;
+use checkpoint::primary::PrimaryReport;
+use checkpoint::standby::FailoverReport;
+use twinrun::cli::ft::Role;
+use twinrun_control::disks::{self, DiskView};
+use twinrun_control::server::{FtControl, Server};
+use twinrun_control::{FailoverStatus, FtRole, FtState, FtStatus, LinkState, SessionStatus};
+use vmm::config::VmConfig;
+use vmm::devices::virtio::block::DiskFaults;
+use vmm::Vmm;
+
+/// The state of one end of the pair, shared by its runtime and its control thread.
+pub struct PairStatus {
+    inner: Mutex<Inner>,
+    /// The A-Link of the current session. Its state is read only under this lock and
+    /// the slot is emptied before the runtime drops the link, so that drop really
+    /// closes it (a standby's next session listens on the same addresses).
+    link: Mutex<Option<Arc<Alink>>>,
+}
+
+struct Inner {
+    role: FtRole,
+    session: u64,
+    /// Finished sessions (in this process) that had committed a checkpoint.
+    protected_sessions: u64,
+    /// Checkpoints acknowledged in the current session of a primary.
+    acked: Option<Arc<AtomicU64>>,
+    failover: Option<FailoverStatus>,
+    last_session: Option<SessionStatus>,
+    vm_running: bool,
+    faults: Vec<Arc<DiskFaults>>,
+    disks: Option<Arc<PrimaryDisks>>,
+    /// The disk images of this end (a standby's replicas).
+    images: Vec<PathBuf>,
+}
+
+/// What [`FtControl::status`] copies out of [`Inner`].
+struct Snapshot {
+    role: FtRole,
+    session: u64,
+    protected_sessions: u64,
+    acked: u64,
+    failover: Option<FailoverStatus>,
+    last_session: Option<SessionStatus>,
+    vm_running: bool,
+    disks: Option<Arc<PrimaryDisks>>,
+    images: Vec<PathBuf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PairStatus {
+    pub fn new(role: Role, cfg: &VmConfig) -> Arc<PairStatus> {
+        Arc::new(PairStatus {
+            inner: Mutex::new(Inner {
+                role: match role {
+                    Role::Primary => FtRole::Primary,
+                    Role::Standby => FtRole::Standby,
+                },
+                session: 0,
+                protected_sessions: 0,
+                acked: None,
+                failover: None,
+                last_session: None,
+                vm_running: false,
+                faults: Vec::new(),
+                disks: None,
+                images: cfg.disks.iter().map(|d| d.path.clone()).collect(),
+            }),
+            link: Mutex::new(None),
+        })
+    }
+
+    /// The VM runs here now, with these mirrored disks.
+    pub fn vm_running(&self, vm: &Vmm, disks: Option<Arc<PrimaryDisks>>) {
+        let faults = (0..vm.devices().disk_count())
+            .filter_map(|d| vm.disk_faults(d))
+            .collect();
+        let mut i = lock(&self.inner);
+        i.vm_running = true;
+        i.faults = faults;
+        i.disks = disks;
+    }
+
+    /// A session begins on `link`; a primary's `acked` counts the checkpoints its
+    /// standby acknowledges.
+    pub fn begin_session(&self, link: Arc<Alink>, acked: Option<Arc<AtomicU64>>) {
+        {
+            let mut i = lock(&self.inner);
+            i.session += 1;
+            i.acked = acked;
+        }
+        *lock(&self.link) = Some(link);
+    }
+
+    /// The session ended (a primary's with its report); the runtime may drop the link
+    /// once this returns.
+    pub fn end_session(&self, report: Option<&PrimaryReport>) {
+        *lock(&self.link) = None;
+        let mut i = lock(&self.inner);
+        let acked = i.acked.take().map_or(0, |a| a.load(Ordering::SeqCst));
+        if acked > 0 {
+            i.protected_sessions += 1;
+        }
+        if let Some(r) = report {
+            i.last_session = Some(session_status(i.session, r));
+        }
+    }
+
+    /// This standby took over: from now on it is the primary of the VM `vm`.
+    pub fn failed_over(&self, r: &FailoverReport, vm: &Vmm) {
+        {
+            let mut i = lock(&self.inner);
+            i.role = FtRole::Primary;
+            i.session = 0;
+            i.failover = Some(FailoverStatus {
+                time_ms: r.failover_time.as_millis() as u64,
+                resumed_from_epoch: r.last_committed,
+                released_through: r.released_through,
+                rereleased_bytes: r.rereleased_bytes,
+                announces: r.announces as u64,
+            });
+        }
+        self.vm_running(vm, r.disks.clone());
+    }
+
+    fn links(&self) -> Vec<LinkState> {
+        lock(&self.link).as_ref().map_or_else(Vec::new, |l| {
+            l.link_status()
+                .iter()
+                .map(|s| LinkState {
+                    up: s.up,
+                    connections: s.connections,
+                    refused: s.refused,
+                    sent_bytes: s.sent_bytes,
+                })
+                .collect()
+        })
+    }
+}
+
+fn us(d: Option<&Duration>) -> Option<u64> {
+    d.map(|d| d.as_micros() as u64)
+}
+
+fn session_status(session: u64, r: &PrimaryReport) -> SessionStatus {
+    let pct = |p: usize| r.pauses.get(r.pauses.len() * p / 100);
+    SessionStatus {
+        session,
+        sync_rounds: r.sync_rounds,
+        epochs_captured: r.epochs_captured,
+        epochs_acked: r.epochs_acked,
+        pause_p50_us: us(pct(50)),
+        pause_p99_us: us(pct(99)),
+        commit_wait_p50_us: us(r.commit_waits.get(r.commit_waits.len() / 2)),
+        epoch_pages: r.epoch_pages,
+        throttles: r.throttles,
+        sync_bytes: r.sync_bytes,
+        sync_us: r.sync_time.map(|t| t.as_micros() as u64),
+        resync_bytes: r.resync.map(|s| s.bytes),
+        refused: r.refused.clone(),
+        simplex: r.simplex,
+    }
+}
+
+impl FtControl for PairStatus {
+    fn status(&self) -> FtStatus {
+        let links = self.links();
+        let peer = links.iter().any(|l| l.up);
+        // A copy of the shared state: the disks' views below read files, which must not
+        // hold up the runtime.
+        let i = {
+            let g = lock(&self.inner);
+            Snapshot {
+                role: g.role,
+                session: g.session,
+                protected_sessions: g.protected_sessions,
+                acked: g.acked.as_ref().map_or(0, |a| a.load(Ordering::SeqCst)),
+                failover: g.failover.clone(),
+                last_session: g.last_session.clone(),
+                vm_running: g.vm_running,
+                disks: g.disks.clone(),
+                images: g.images.clone(),
+            }
+        };
+        let acked = i.acked;
+        let disks: Vec<DiskView> = match &i.disks {
+            Some(d) => d.status().iter().map(DiskView::live).collect(),
+            None => i
+                .images
+                .iter()
+                .filter_map(|p| disks::offline(p).ok())
+                .collect(),
+        };
+        let (state, last_committed_epoch) = match i.role {
+            FtRole::Primary => (
+                if acked > 0 {
+                    FtState::Protected
+                } else if peer {
+                    FtState::Syncing
+                } else {
+                    FtState::WaitingForPeer
+                },
+                acked.checked_sub(1),
+            ),
+            FtRole::Standby => (
+                if peer {
+                    FtState::Mirroring
+                } else {
+                    FtState::WaitingForPeer
+                },
+                disks.iter().map(|d| d.last_committed_epoch).min().flatten(),
+            ),
+        };
+        FtStatus {
+            role: i.role,
+            state,
+            vm_running: i.vm_running,
+            session: i.session,
+            protections: i.protected_sessions + u64::from(acked > 0),
+            epochs_committed: acked,
+            last_committed_epoch,
+            failover: i.failover,
+            last_session: i.last_session,
+            links,
+            disks,
+        }
+    }
+
+    fn disk_faults(&self) -> Vec<Arc<DiskFaults>> {
+        lock(&self.inner).faults.clone()
+    }
+
+    fn disks(&self) -> Option<Arc<PrimaryDisks>> {
+        lock(&self.inner).disks.clone()
+    }
+}
+
+/// Serves the control socket of this end on its own thread until dropped.
+pub struct ControlThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlThread {
+    pub fn start(mut server: Server, status: Arc<PairStatus>) -> ControlThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    server.poll_ft(status.as_ref(), Duration::from_millis(50));
+                }
+            });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::warn!("cannot start the control thread ({e}): no control socket");
+                None
+            }
+        };
+        ControlThread { stop, thread }
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
