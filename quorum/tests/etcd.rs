@@ -21,7 +21,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use quorum::node::{
 use quorum::timing::Timing;
 use quorum::witness::ops::{Reply, Request};
 use quorum::{NodeId, Role};
+use twinrun_lab::Proc;
 
 const A: NodeId = NodeId(1);
 const B: NodeId = NodeId(2);
@@ -64,9 +65,11 @@ fn ms(d: Duration) -> f64 {
 
 // ---------------------------------------------------------------- etcd process
 
-/// An etcd process with its data dir; killed and reaped on drop.
+/// An etcd process with its data dir; killed and reaped on drop (the lab's `Proc`).
 struct Etcd {
-    child: Option<Child>,
+    proc: Option<Proc>,
+    /// Processes started so far (each logs to its own file).
+    starts: u32,
     dir: tempfile::TempDir,
     client: u16,
     peer: u16,
@@ -94,7 +97,8 @@ impl Etcd {
     /// own client.
     fn start_with(scheme: &'static str, extra: Vec<String>, opts: ConnectOptions) -> Etcd {
         let mut e = Etcd {
-            child: None,
+            proc: None,
+            starts: 0,
             dir: tempfile::tempdir().unwrap(),
             client: 0,
             peer: 0,
@@ -117,13 +121,18 @@ impl Etcd {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
+        self.dir.path().join(format!("etcd-{}.log", self.starts))
     }
 
     fn log_tail(&self) -> String {
-        let s = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.proc
+            .as_ref()
+            .map(|p| p.log_tail(30))
+            .unwrap_or_else(|| {
+                let s = fs::read_to_string(self.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = s.lines().collect();
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            })
     }
 
     /// Starts etcd on the current ports and data dir; false if it exits at once (a
@@ -131,11 +140,7 @@ impl Etcd {
     fn spawn(&mut self) -> bool {
         let data = self.dir.path().join("data");
         let peer = format!("http://127.0.0.1:{}", self.peer);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        self.starts += 1;
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg("default")
@@ -153,10 +158,7 @@ impl Etcd {
             .arg(format!("default={peer}"))
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(&self.extra);
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the
         // child's own state: etcd dies with the test process even if it is killed.
         unsafe {
@@ -165,16 +167,16 @@ impl Etcd {
                 Ok(())
             });
         }
-        let child = match cmd.spawn() {
-            Ok(c) => c,
+        let proc = match Proc::spawn_logged("etcd", &mut cmd, &self.log_path()) {
+            Ok(p) => p,
             Err(e) => panic!("cannot run etcd (Debian package etcd-server): {e}"),
         };
-        self.child = Some(child);
+        self.proc = Some(proc);
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(30) {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    self.child = None;
+            if let Some(p) = self.proc.as_mut() {
+                if !p.alive() {
+                    self.proc = None;
                     return false;
                 }
             }
@@ -212,9 +214,8 @@ impl Etcd {
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 
@@ -225,18 +226,19 @@ impl Etcd {
     }
 
     fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.as_ref().map(|c| c.id()).unwrap();
-        // SAFETY: kill(2) on our own child's pid.
+        let pid = self.proc.as_ref().and_then(|p| p.pid()).unwrap();
+        // SAFETY: kill(2) on our own child's pid, not reaped yet (the Proc holds it).
         unsafe { libc::kill(pid as libc::pid_t, sig) };
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.kill();
         if std::thread::panicking() {
             eprintln!("etcd log tail:\n{}", self.log_tail());
         }
+        // The Proc kills and reaps it.
+        self.kill();
     }
 }
 
