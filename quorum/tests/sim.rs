@@ -1370,40 +1370,7 @@ impl Sim {
                 ));
             }
         }
-        if let Reply::Granted { generation, .. } = reply {
-            match req {
-                Request::Acquire { from, .. } => {
-                    if generation <= from {
-                        return Err(format!("I4: witness {w} grants {generation} from {from}"));
-                    }
-                    if let Some((other, _)) = self.granted_to.get(&generation) {
-                        if *other != node {
-                            return Err(format!(
-                                "I4: witness {w} grants generation {generation} to {node}, already granted to {other}"
-                            ));
-                        }
-                    }
-                    self.max_granted = self.max_granted.max(generation);
-                    self.granted_to.entry(generation).or_insert((node, self.now));
-                    self.log(|| format!("witness {w} GRANTS generation {generation} to {node}"));
-                }
-                Request::Renew { .. } => match self.granted_to.get(&generation) {
-                    Some((h, _)) if *h == node => {}
-                    other => {
-                        return Err(format!(
-                            "I4: witness {w} renews generation {generation} for {node}, granted to {other:?}"
-                        ))
-                    }
-                },
-                Request::Query { .. } => {}
-            }
-        }
-        if matches!(
-            reply,
-            Reply::Busy { .. } | Reply::Outdated { .. } | Reply::Lost { .. }
-        ) {
-            self.stats.refusals += 1;
-        }
+        self.check_answer(&format!("witness {w}"), node, &req, &reply)?;
         let _: Option<VmRecord> = after;
         self.send(
             2 + w,
@@ -1423,6 +1390,53 @@ impl Sim {
 }
 
 impl Sim {
+    /// I4 on an answer of `who` to `node`'s `req`: a grant is of a higher generation
+    /// than asked from and never of one granted to the other node; a renewal is granted
+    /// only for a generation granted to its sender. Counts refusals.
+    fn check_answer(
+        &mut self,
+        who: &str,
+        node: NodeId,
+        req: &Request,
+        reply: &Reply,
+    ) -> Result<(), String> {
+        if let Reply::Granted { generation, .. } = *reply {
+            match *req {
+                Request::Acquire { from, .. } => {
+                    if generation <= from {
+                        return Err(format!("I4: {who} grants {generation} from {from}"));
+                    }
+                    if let Some((other, _)) = self.granted_to.get(&generation) {
+                        if *other != node {
+                            return Err(format!(
+                                "I4: {who} grants generation {generation} to {node}, already granted to {other}"
+                            ));
+                        }
+                    }
+                    self.max_granted = self.max_granted.max(generation);
+                    self.granted_to
+                        .entry(generation)
+                        .or_insert((node, self.now));
+                    self.log(|| format!("{who} GRANTS generation {generation} to {node}"));
+                }
+                Request::Renew { .. } => match self.granted_to.get(&generation) {
+                    Some((h, _)) if *h == node => {}
+                    other => return Err(format!(
+                        "I4: {who} renews generation {generation} for {node}, granted to {other:?}"
+                    )),
+                },
+                Request::Query { .. } => {}
+            }
+        }
+        if matches!(
+            reply,
+            Reply::Busy { .. } | Reply::Outdated { .. } | Reply::Lost { .. }
+        ) {
+            self.stats.refusals += 1;
+        }
+        Ok(())
+    }
+
     /// Sends node `i`'s next etcd operation of slot `s` (one in flight at a time, with
     /// the edge's timeout) and hands its session's answers to the machine.
     fn pump(&mut self, i: usize, s: usize) {
@@ -1488,40 +1502,8 @@ impl Sim {
     fn etcd_answer(&mut self, i: usize, slot: Slot, id: u64, reply: Reply) -> Result<(), String> {
         let node = NODES[i];
         let req = self.nodes[i].asked.remove(&(slot.index(), id));
-        if let (Some(req), Reply::Granted { generation, .. }) = (&req, &reply) {
-            let generation = *generation;
-            match req {
-                Request::Acquire { from, .. } => {
-                    if generation <= *from {
-                        return Err(format!("I4: etcd {slot} grants {generation} from {from}"));
-                    }
-                    if let Some((other, _)) = self.granted_to.get(&generation) {
-                        if *other != node {
-                            return Err(format!(
-                                "I4: etcd {slot} grants generation {generation} to {node}, already granted to {other}"
-                            ));
-                        }
-                    }
-                    self.max_granted = self.max_granted.max(generation);
-                    self.granted_to.entry(generation).or_insert((node, self.now));
-                    self.log(|| format!("etcd {slot} GRANTS generation {generation} to {node}"));
-                }
-                Request::Renew { .. } => match self.granted_to.get(&generation) {
-                    Some((h, _)) if *h == node => {}
-                    other => {
-                        return Err(format!(
-                            "I4: etcd {slot} renews generation {generation} for {node}, granted to {other:?}"
-                        ))
-                    }
-                },
-                Request::Query { .. } => {}
-            }
-        }
-        if matches!(
-            reply,
-            Reply::Busy { .. } | Reply::Outdated { .. } | Reply::Lost { .. }
-        ) {
-            self.stats.refusals += 1;
+        if let Some(req) = req {
+            self.check_answer(&format!("etcd {slot}"), node, &req, &reply)?;
         }
         self.step_node(i, Event::WitnessReply { slot, id, reply })
     }
