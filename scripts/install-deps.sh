@@ -12,7 +12,8 @@ declare -A NEED=(
     [iasl]=acpica-tools [lz4]=lz4 [zstd]=zstd  # ACPI table test; guest/linux/build.sh
     [etcd]=etcd-server       # the quorum etcd backend's tests run a real etcd
     [protoc]=protobuf-compiler  # the etcd-client crate compiles etcd's protos when built
-    [openssl]=openssl        # certificates for the etcd TLS test
+    [systemd-analyze]=systemd  # twinrund: the unit files are checked offline
+    [openssl]=openssl          # twinrund: a test certificate for the API over TLS; the etcd TLS test
 )
 # file -> Debian package, for what has no command of its own
 declare -A NEED_FILE=(

@@ -29,6 +29,8 @@ fn main() {
         }
         Command::Vm(VmCommand::Fault(a)) => twinrun::cli::fault::run(&a),
         Command::Vm(VmCommand::Status(a)) => twinrun::cli::status::run(&a),
+        Command::Vm(VmCommand::Cluster(c)) => twinrun::cli::cluster::run_vm(c),
+        Command::Node(c) => twinrun::cli::cluster::run_node(c),
         Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
         Command::Disk(cmd) => twinrun::cli::disk::run(&cmd),

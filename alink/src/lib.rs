@@ -6,7 +6,9 @@
 //! - [`handshake`]: mutual challenge/response with the cluster secret; session keys.
 //! - [`health`]: per-link heartbeats and failure detection.
 //! - [`linkset`]: window of unacknowledged messages spread over healthy links.
-//! - [`reorder`]: in-order, duplicate-free delivery on the receiving side.
+//! - [`reorder`]: in-order, duplicate-free delivery on the receiving side, and the rules
+//!   that make payloads written in place safe.
+//! - [`lent`]: memory lent for one blocking send (guest memory, no staging copy).
 //! - [`tcp`]: TCP links, threads, the [`Alink`] handle.
 //!
 //! See README.md for the frame format and the protocol.
@@ -15,6 +17,7 @@ pub mod buf;
 pub mod frame;
 pub mod handshake;
 pub mod health;
+pub mod lent;
 pub mod linkset;
 pub mod reorder;
 pub mod tcp;
@@ -24,8 +27,9 @@ mod sim;
 
 pub use buf::{Buf, BufPool, PoolStats};
 pub use bytes::Bytes;
+pub use frame::{PlaceRequest, Placement};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION};
 pub use health::HealthConfig;
-pub use linkset::{LinkEvent, WindowLimits, MAX_LINKS};
-pub use reorder::InMsg;
+pub use linkset::{LinkEvent, SegOpts, WindowLimits, MAX_LINKS};
+pub use reorder::{InMsg, PayloadAt};
 pub use tcp::{Alink, AlinkConfig, AlinkError, Event, LinkAddrs, LinkStatus};

@@ -16,18 +16,48 @@ use std::sync::Arc;
 /// Maximum number of links per A-Link (explicit limit).
 pub const MAX_LINKS: usize = 8;
 
+/// How a segmented message is framed (see `frame`): its payload segment size, whether
+/// its memory may change while it is sent (then every segment is checked again after
+/// its write and the changed ones marked torn), and the message it may be placed after
+/// at the receiver (0 = none; see `reorder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegOpts {
+    pub seg_size: u32,
+    pub volatile: bool,
+    pub barrier: u64,
+}
+
+impl Default for SegOpts {
+    /// 4 KiB segments (pages), stable memory, no barrier.
+    fn default() -> Self {
+        SegOpts {
+            seg_size: 4096,
+            volatile: false,
+            barrier: 0,
+        }
+    }
+}
+
 /// A message as the writer threads see it. Payload chunks are reference-counted views of the
-/// caller's buffers: sending and retransmitting never copies them.
+/// caller's buffers: sending and retransmitting never copies them. A lent payload is the
+/// caller's memory itself, for the time of its blocking send (`lent`).
 #[derive(Debug)]
 pub struct OutMsg {
     pub seq: u64,
     pub head: Vec<u8>,
     pub payload: Vec<Bytes>,
+    /// Segmented framing (always, for a lent payload).
+    pub seg: Option<SegOpts>,
+    pub lent: Option<Arc<crate::lent::Lent>>,
+    /// Reported lost once already (a void frame can be sent again on another link).
+    pub lost_reported: std::sync::atomic::AtomicBool,
 }
 
 impl OutMsg {
     pub fn wire_len(&self) -> usize {
-        self.head.len() + self.payload.iter().map(|p| p.len()).sum::<usize>()
+        self.head.len()
+            + self.payload.iter().map(|p| p.len()).sum::<usize>()
+            + self.lent.as_ref().map_or(0, |l| l.len())
     }
 }
 
@@ -131,13 +161,38 @@ impl TxWindow {
 
     /// Enqueues a message. Returns its sequence or None when the window is full.
     pub fn push(&mut self, head: Vec<u8>, payload: Vec<Bytes>) -> Option<u64> {
-        let bytes = head.len() + payload.iter().map(|p| p.len()).sum::<usize>();
+        self.push_msg(head, payload, None, None)
+    }
+
+    /// Enqueues a message with segmented framing, its payload in `payload` or lent.
+    pub fn push_msg(
+        &mut self,
+        head: Vec<u8>,
+        payload: Vec<Bytes>,
+        seg: Option<SegOpts>,
+        lent: Option<Arc<crate::lent::Lent>>,
+    ) -> Option<u64> {
+        let bytes = head.len()
+            + payload.iter().map(|p| p.len()).sum::<usize>()
+            + lent.as_ref().map_or(0, |l| l.len());
         if !self.has_room(bytes) {
             return None;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let msg = Arc::new(OutMsg { seq, head, payload });
+        let seg = if lent.is_some() {
+            Some(seg.unwrap_or_default())
+        } else {
+            seg
+        };
+        let msg = Arc::new(OutMsg {
+            seq,
+            head,
+            payload,
+            seg,
+            lent,
+            lost_reported: Default::default(),
+        });
         self.unacked.insert(seq, Entry { msg, link: None });
         self.unacked_bytes += bytes;
         self.assign(seq);

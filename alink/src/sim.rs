@@ -198,11 +198,7 @@ fn on_bytes(n: &mut Node, net: &mut Net, link: usize, dir: usize, bytes: &[u8]) 
                 }
             }
             Kind::Data => {
-                let m = InMsg {
-                    seq: f.header.msg_seq,
-                    head_len: f.header.head_len as usize,
-                    body: f.body,
-                };
+                let m = InMsg::new(f.header.msg_seq, f.header.head_len as usize, f.body);
                 if n.rx.on_message(m).is_err() {
                     return false;
                 }

@@ -7,14 +7,17 @@
 
 mod blk;
 mod boot;
+mod datapath;
 mod env;
 mod exits;
 mod ft;
 mod ftnet;
 mod mirror;
 mod pause;
+mod plots;
 mod redis;
 mod report;
+mod series;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,12 +30,14 @@ struct Opts {
     only: Vec<String>,
     dir: PathBuf,
     kvm_probe: Option<PathBuf>,
+    /// `--report DIR`: JSON and plots written there.
+    report: Option<PathBuf>,
 }
 
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 12] = [
     "boot",
     "exits",
     "blk",
@@ -41,6 +46,8 @@ const SECTIONS: [&str; 10] = [
     "ft",
     "ft-net",
     "mirror",
+    "datapath",
+    "overhead",
     "ft-epoch",
     "ft-min-epoch",
 ];
@@ -51,9 +58,11 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,ft-epoch,ft-min-epoch] [--dir DIR]
-                     [--kvm-probe FILE.c | --no-kvm-probe]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+                     [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
+  --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
+         without --only it runs every section, the sweeps included
   --dir: where scratch files go (default: the temp dir); the disk figures compare
          guest and host on that filesystem
   --kvm-probe: C source of the raw KVM probe used as the exit baseline in full runs
@@ -73,7 +82,9 @@ fn parse_args() -> Opts {
             .collect(),
         dir: std::env::temp_dir(),
         kvm_probe: Some(PathBuf::from(KVM_PROBE)).filter(|p| p.is_file()),
+        report: None,
     };
+    let mut only_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -82,15 +93,25 @@ fn parse_args() -> Opts {
             "--dir" => o.dir = args.next().unwrap_or_else(|| usage()).into(),
             "--kvm-probe" => o.kvm_probe = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--no-kvm-probe" => o.kvm_probe = None,
+            "--report" => o.report = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--only" => {
                 let list = args.next().unwrap_or_else(|| usage());
                 o.only = list.split(',').map(str::to_string).collect();
+                only_given = true;
                 if o.only.iter().any(|s| !SECTIONS.contains(&s.as_str())) {
                     usage();
                 }
             }
             "-h" | "--help" => usage(),
             _ => usage(),
+        }
+    }
+    if o.report.is_some() && !only_given {
+        o.only = SECTIONS.iter().map(|s| s.to_string()).collect();
+    }
+    if let Some(r) = &o.report {
+        if o.json.is_none() {
+            o.json = Some(r.join("report.json"));
         }
     }
     o
@@ -200,9 +221,11 @@ fn main() {
         if q {
             pause::run(&[256, 1024], 8, 2)
         } else {
-            pause::run(&[256, 1024, 4096], 20, 2)
+            pause::run(&[256, 1024, 4096, 16384], 20, 2)
         }
     });
+    section("datapath", &mut || datapath::run(q));
+    section("overhead", &mut || ft::overhead(&twinrun, &dir, q));
     section("ft", &mut || ft::run(&elf, &dir, q));
     section("ft-net", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
@@ -243,6 +266,18 @@ fn main() {
         println!("{name}: NOT MEASURED: {}", e.lines().next().unwrap_or(""));
     }
     println!("total wall time {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(r) = &o.report {
+        match write_report(r, &figs) {
+            Ok(n) => {
+                eprintln!("wrote {n} plot files to {}", r.display());
+                context.push(("plots".into(), format!("{n} files in {}", r.display())));
+            }
+            Err(e) => {
+                eprintln!("error: report: {e}");
+                errors.push(("report".into(), e));
+            }
+        }
+    }
     if let Some(p) = &o.json {
         let text = report::json(&figs, o.quick, &context);
         if let Err(e) = std::fs::write(p, text) {
@@ -254,4 +289,101 @@ fn main() {
     if !errors.is_empty() {
         std::process::exit(1);
     }
+}
+
+/// The plots of `--report`: the series the sections recorded, and for the sections that
+/// record none, each figure that has a baseline as a pair of bars (value, baseline).
+fn write_report(dir: &std::path::Path, figs: &[Figure]) -> Result<usize, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !plots::register_font() {
+        // Debian's DejaVu fonts: plotters measures and draws text with them.
+        let _ = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q", "fonts-dejavu-core"])
+            .status();
+        if !plots::register_font() {
+            return Err("no font for the plots (install fonts-dejavu-core)".into());
+        }
+    }
+    let mut series = series::all();
+    let recorded: std::collections::BTreeSet<&str> = ["pause", "ft", "datapath", "overhead"].into();
+    for f in figs {
+        if recorded.contains(f.group.as_str()) {
+            continue;
+        }
+        if let Some((label, value)) = &f.baseline {
+            series.push(series::Series {
+                plot: format!("figures-{}", f.group),
+                title: format!("{}: value against its same-run baseline", f.group),
+                data: series::Data::Bars(vec![
+                    (format!("{} ({})", f.name, f.unit), f.value),
+                    (format!("  baseline: {label}"), *value),
+                ]),
+            });
+        }
+    }
+    let machine = format!(
+        "{} CPUs {}; kernel {}; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        if std::fs::read_to_string("/proc/modules").is_ok_and(|m| m.contains("kvm_pvm")) {
+            "software KVM (kvm_pvm)"
+        } else {
+            "KVM"
+        }
+    );
+    let files = plots::render(dir, &series, &format!("twinrun-bench, {machine}"))?;
+    // The data behind the plots.
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let rows: Vec<String> = series
+        .iter()
+        .map(|s| {
+            let data = match &s.data {
+                series::Data::Line { label, points } => format!(
+                    "\"line\":\"{}\",\"points\":[{}]",
+                    esc(label),
+                    points
+                        .iter()
+                        .map(|(x, y)| format!("[{x},{y}]"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                series::Data::Bars(b) => format!(
+                    "\"bars\":[{}]",
+                    b.iter()
+                        .map(|(l, v)| format!("[\"{}\",{v}]", esc(l)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            };
+            format!(
+                "{{\"plot\":\"{}\",\"title\":\"{}\",{data}}}",
+                esc(&s.plot),
+                esc(&s.title)
+            )
+        })
+        .collect();
+    let path = dir.join("series.json");
+    std::fs::write(
+        &path,
+        format!(
+            "{{\"machine\":\"{}\",\"series\":[{}]}}\n",
+            esc(&machine),
+            rows.join(",")
+        ),
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(files.len())
 }

@@ -137,8 +137,9 @@ impl BusDevice for Dev {
     }
 }
 
-/// The VM (built, not started), its control registers, and the guest's page table.
-fn build(mem_mib: u64) -> Result<(Vmm, Arc<Control>, Vec<u64>), String> {
+/// The VM (built, not started), its control registers, and the guest's page table
+/// (pages spread over all RAM, or over its first `within_mib` MiB).
+fn build(mem_mib: u64, within_mib: Option<u64>) -> Result<(Vmm, Arc<Control>, Vec<u64>), String> {
     let cfg = VmConfig {
         mem_mib,
         vcpus: 1,
@@ -154,6 +155,17 @@ fn build(mem_mib: u64) -> Result<(Vmm, Arc<Control>, Vec<u64>), String> {
     let mut vm =
         build_vm_with_image(&cfg, Image::Flat(&code())).map_err(|e| format!("build: {e}"))?;
     let layout = vmm::persist::memory::layout(vm.guest_memory());
+    let layout: Vec<(u64, u64)> = match within_mib {
+        Some(mib) => {
+            let cap = mib << 20;
+            layout
+                .iter()
+                .filter(|(s, _)| *s < cap)
+                .map(|&(s, l)| (s, l.min(cap - s)))
+                .collect()
+        }
+        None => layout,
+    };
     let table = page_table(&layout);
     let bytes: Vec<u8> = table.iter().flat_map(|p| p.to_le_bytes()).collect();
     vm.guest_memory()
@@ -211,6 +223,12 @@ struct Rounds {
     kick: Vec<f64>,
     capture: Vec<f64>,
     harvest: Vec<f64>,
+    /// Of the harvest: KVM_GET_DIRTY_LOG and the scan of its bitmap; the re-protect
+    /// (KVM_CLEAR_DIRTY_LOG) and its call count; the VMM's own bitmap.
+    kvm_get: Vec<f64>,
+    kvm_clear: Vec<f64>,
+    clear_calls: Vec<f64>,
+    vmm_log: Vec<f64>,
     total: Vec<f64>,
     copy_gbs: Vec<f64>,
     memcpy_gbs: Vec<f64>,
@@ -228,8 +246,13 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 /// Runs every dirty count on one guest of `mem_mib`.
-fn measure(mem_mib: u64, rounds: usize, warmup: usize) -> Result<Vec<Rounds>, String> {
-    let (mut vm, ctl, table) = build(mem_mib)?;
+fn measure(
+    mem_mib: u64,
+    within_mib: Option<u64>,
+    rounds: usize,
+    warmup: usize,
+) -> Result<Vec<Rounds>, String> {
+    let (mut vm, ctl, table) = build(mem_mib, within_mib)?;
     vm.start_dirty_tracking()
         .map_err(|e| format!("start dirty tracking: {e}"))?;
     ctl.n.store(COUNTS[0], Ordering::SeqCst);
@@ -257,7 +280,8 @@ fn measure(mem_mib: u64, rounds: usize, warmup: usize) -> Result<Vec<Rounds>, St
             let capture = t.elapsed();
             set.clear();
             let t = Instant::now();
-            vm.harvest_dirty_into(&mut set)
+            let hs = vm
+                .harvest_dirty_into(&mut set)
                 .map_err(|e| format!("harvest: {e}"))?;
             let harvest = t.elapsed();
             drop(state);
@@ -307,6 +331,11 @@ fn measure(mem_mib: u64, rounds: usize, warmup: usize) -> Result<Vec<Rounds>, St
                 r.kick.push(kick.as_secs_f64());
                 r.capture.push(capture.as_secs_f64());
                 r.harvest.push(harvest.as_secs_f64());
+                r.kvm_get
+                    .push((hs.kvm_time.saturating_sub(hs.kvm_clear_time)).as_secs_f64());
+                r.kvm_clear.push(hs.kvm_clear_time.as_secs_f64());
+                r.clear_calls.push(hs.kvm_clear_calls as f64);
+                r.vmm_log.push(hs.vmm_time.as_secs_f64());
                 r.total.push((kick + capture + harvest).as_secs_f64());
                 if bytes > 0 {
                     r.copy_gbs.push(bytes as f64 / copy.as_secs_f64() / 1e9);
@@ -338,28 +367,113 @@ fn size_name(mib: u64) -> String {
     }
 }
 
-pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure>, String> {
+/// What one guest size measured, per dirty count of [`COUNTS`].
+pub struct SizeRun {
+    pub mib: u64,
+    /// Dirty pages confined to the first this many MiB (a control run), else spread
+    /// over all RAM.
+    pub within_mib: Option<u64>,
+    rounds: Vec<Rounds>,
+}
+
+impl SizeRun {
+    pub fn label(&self) -> String {
+        match self.within_mib {
+            Some(w) => format!("{} (pages in {})", size_name(self.mib), size_name(w)),
+            None => size_name(self.mib),
+        }
+    }
+}
+
+/// Measures every size (pages spread over all RAM), then, when there is more than one
+/// size, the largest again with the pages confined to the smallest size's RAM: the
+/// same pages in the same 2 MiB regions as the smallest guest, which separates what
+/// grows with the guest's size from what grows with how scattered its writes are.
+pub fn measure_all(
+    sizes_mib: &[u64],
+    rounds: usize,
+    warmup: usize,
+) -> Result<Vec<SizeRun>, String> {
     let mut all = Vec::new();
-    for &mib in sizes_mib {
+    let mut plan: Vec<(u64, Option<u64>)> = sizes_mib.iter().map(|m| (*m, None)).collect();
+    if let (Some(&small), Some(&large)) = (sizes_mib.first(), sizes_mib.last()) {
+        if large > small {
+            plan.push((large, Some(small)));
+        }
+    }
+    for (mib, within_mib) in plan {
         let t = Instant::now();
-        all.push((mib, measure(mib, rounds, warmup)?));
+        let rounds = measure(mib, within_mib, rounds, warmup)?;
+        let run = SizeRun {
+            mib,
+            within_mib,
+            rounds,
+        };
         eprintln!(
             "   {} guest: {:.1} s",
-            size_name(mib),
+            run.label(),
             t.elapsed().as_secs_f64()
+        );
+        all.push(run);
+    }
+    Ok(all)
+}
+
+pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure>, String> {
+    Ok(figures(&measure_all(sizes_mib, rounds, warmup)?))
+}
+
+pub fn figures(all: &[SizeRun]) -> Vec<Figure> {
+    for run in all {
+        for (plot, p) in [("pause-p50", 50.0), ("pause-p99", 99.0)] {
+            let points = COUNTS
+                .iter()
+                .zip(&run.rounds)
+                .filter(|(n, _)| **n > 0)
+                .map(|(n, r)| (f64::from(*n), pct(&r.total, p) * 1e6))
+                .collect();
+            crate::series::line(
+                plot,
+                &format!("checkpoint pause p{p:.0} (us: kick + capture + harvest) vs dirty pages"),
+                &run.label(),
+                points,
+            );
+        }
+        let points = COUNTS
+            .iter()
+            .zip(&run.rounds)
+            .filter(|(n, _)| **n > 0)
+            .map(|(n, r)| (f64::from(*n), pct(&r.harvest, 50.0) * 1e6))
+            .collect();
+        crate::series::line(
+            "harvest-p50",
+            "dirty harvest p50 (us) vs dirty pages",
+            &run.label(),
+            points,
         );
     }
     let us = |v: &[f64], p: f64| pct(v, p) * 1e6;
-    let smallest = all.first().map(|(m, _)| *m);
+    let smallest = all.first().map(|r| r.mib);
     let mut figs = Vec::new();
-    for (mib, per) in &all {
+    for run in all {
+        let (mib, per) = (&run.mib, &run.rounds);
         for (ci, (n, r)) in COUNTS.iter().zip(per).enumerate() {
-            let head = format!("{}, {n} pages", size_name(*mib));
-            let note = |v: &[f64]| format!("p99 {:.1} us, {} rounds", us(v, 99.0), v.len());
+            let head = format!("{}, {n} pages", run.label());
+            let calls = pct(&r.clear_calls, 50.0);
+            let note = |v: &[f64]| {
+                format!(
+                    "p99 {:.1} us, {} rounds, {calls} CLEAR call(s) p50",
+                    us(v, 99.0),
+                    v.len()
+                )
+            };
             for (what, v) in [
                 ("vCPU kick/park", &r.kick),
                 ("capture", &r.capture),
                 ("harvest", &r.harvest),
+                ("harvest: KVM GET + scan", &r.kvm_get),
+                ("harvest: KVM re-protect", &r.kvm_clear),
+                ("harvest: VMM bitmap", &r.vmm_log),
             ] {
                 figs.push(
                     Figure::new(
@@ -384,16 +498,34 @@ pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure
                 us(&r.total, 99.0)
             ));
             if let (Some(base_mib), true) = (smallest, Some(*mib) != smallest) {
-                let base = &all[0].1[ci];
+                let base = &all[0].rounds[ci];
                 f = f.baseline(
                     &format!("{}, same pages", size_name(base_mib)),
                     us(&base.total, 50.0),
                 );
-                if *mib == 4096 && base_mib == 256 {
-                    f = f.target(1.5, true, "<= 1.5x 256 MiB");
+                if base_mib == 256 && run.within_mib.is_none() {
+                    if *mib == 4096 {
+                        f = f.target(1.5, true, "<= 1.5x 256 MiB");
+                    } else if *mib == 16384 {
+                        f = f.target(1.2, true, "<= 1.2x 256 MiB");
+                    }
                 }
+                // The harvest alone against the smallest guest's, same run.
+                figs.push(
+                    Figure::new(
+                        "pause",
+                        &format!("{head}: harvest p50 vs smallest"),
+                        us(&r.harvest, 50.0),
+                        "us",
+                        Better::Lower,
+                    )
+                    .baseline(
+                        &format!("{}, same pages", size_name(base_mib)),
+                        us(&base.harvest, 50.0),
+                    ),
+                );
             }
-            if *mib == 1024 && *n == 1000 {
+            if *mib == 1024 && *n == 1000 && run.within_mib.is_none() {
                 f = f.target(1000.0, false, "< 1 ms");
             }
             figs.push(f);
@@ -420,7 +552,7 @@ pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure
             }
         }
     }
-    Ok(figs)
+    figs
 }
 
 #[cfg(test)]

@@ -1419,12 +1419,14 @@ impl Sim {
                         .or_insert((node, self.now));
                     self.log(|| format!("{who} GRANTS generation {generation} to {node}"));
                 }
-                Request::Renew { .. } => match self.granted_to.get(&generation) {
-                    Some((h, _)) if *h == node => {}
-                    other => return Err(format!(
-                        "I4: {who} renews generation {generation} for {node}, granted to {other:?}"
-                    )),
-                },
+                Request::Renew { .. } => {
+                    let holder = self.granted_to.get(&generation).map(|g| g.0);
+                    if holder != Some(node) {
+                        return Err(format!(
+                            "I4: {who} renews {generation} for {node}, granted to {holder:?}"
+                        ));
+                    }
+                }
                 Request::Query { .. } => {}
             }
         }

@@ -28,6 +28,9 @@ pub enum Command {
     /// online verify.
     #[command(subcommand)]
     Disk(super::disk::DiskCommand),
+    /// The cluster's nodes, through a node daemon's API.
+    #[command(subcommand)]
+    Node(super::cluster::NodeCommand),
     /// FT demo on this machine (root): a protected pair in network namespaces, a kv
     /// client, SIGKILL of the primary mid-load, and a report of what was lost (nothing).
     Demo(DemoArgs),
@@ -115,6 +118,9 @@ pub enum VmCommand {
     ///
     /// Exit codes: 0 printed; 1 the VM could not be reached; 2 bad input.
     Status(super::status::StatusArgs),
+    /// The cluster's VMs, through a node daemon's API.
+    #[command(flatten)]
+    Cluster(super::cluster::ClusterVmCommand),
 }
 
 /// A test-guest workload.

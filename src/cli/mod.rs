@@ -6,6 +6,7 @@
 //! `twinrun_lab::guest` finds); `fault`, `status`, `snapshot` and `disk` run the
 //! subcommands that talk to a running VM or read its files.
 pub mod args;
+pub mod cluster;
 pub mod config_file;
 pub mod disk;
 pub mod fault;

@@ -18,21 +18,53 @@ use vmm::vstate::dirty::{BitmapSource, DirtyError, DirtySet, PAGE_SIZE};
 use vmm::vstate::memory::GuestMemoryMmap;
 use vmm::{build_vm, VmExit, Vmm, VmmError};
 
-fn flat_pages(n: u64) -> Vec<GuestAddress> {
-    (0..n)
-        .map(|i| GuestAddress(flat::DIRTY_BASE + i * PAGE_SIZE))
-        .collect()
+/// One round of the flat guest: `n` pages from `base`, `stride` bytes apart.
+#[derive(Clone, Copy)]
+struct Round {
+    n: u64,
+    base: u64,
+    stride: u64,
+}
+
+impl Round {
+    const fn dense(n: u64) -> Round {
+        Round {
+            n,
+            base: flat::DIRTY_BASE,
+            stride: PAGE_SIZE,
+        }
+    }
+
+    fn pages(&self) -> Vec<GuestAddress> {
+        (0..self.n)
+            .map(|i| GuestAddress(self.base + i * self.stride))
+            .collect()
+    }
+
+    fn set(&self, ctl: &flat::Control) {
+        ctl.n.store(self.n as u32, Ordering::SeqCst);
+        ctl.base.store(self.base, Ordering::SeqCst);
+        ctl.stride.store(self.stride as u32, Ordering::SeqCst);
+    }
 }
 
 /// Runs rounds of the flat guest and checks each harvest is exactly the pages written
 /// (plus the pages the VMM wrote itself while paused).
 fn exact_sets(vmm: &mut Vmm, ctl: &flat::Control) {
+    let plan = [5, 3, 3, 70, 0, 1].map(Round::dense);
+    exact_sets_with(vmm, ctl, &plan);
+}
+
+/// As [`exact_sets`], with the guest writing the pages of `plan[i]` in round `i + 1`.
+fn exact_sets_with(vmm: &mut Vmm, ctl: &flat::Control, plan: &[Round]) {
     // Round 1 writes 5 pages; each later round sets N before releasing the guest.
-    ctl.n.store(5, Ordering::SeqCst);
+    plan[0].set(ctl);
     vmm.start().unwrap();
-    let plan = [5u64, 3, 3, 70, 0, 1];
     let mut expect_vmm: Vec<GuestAddress> = Vec::new();
-    for (i, &n) in plan.iter().enumerate() {
+    // 2 MiB pages the guest has touched so far.
+    let mut touched = std::collections::BTreeSet::new();
+    for (i, r) in plan.iter().enumerate() {
+        let n = r.n;
         let round = i as u32 + 1;
         flat::wait_done(ctl, round);
         vmm.pause().unwrap();
@@ -41,15 +73,17 @@ fn exact_sets(vmm: &mut Vmm, ctl: &flat::Control) {
             let st = vmm.harvest_dirty_into(&mut s).unwrap();
             (s, st)
         };
-        let mut want = flat_pages(n);
+        let mut want = r.pages();
         want.append(&mut expect_vmm);
         want.sort();
         want.dedup();
         let mut got: Vec<GuestAddress> = set.pages().collect();
         let mut extra = 0;
-        if round == 1 {
-            // The first accesses also make the CPU set accessed/dirty bits in the
-            // page tables, which KVM rightly logs as guest writes.
+        let first_touch = r.pages().iter().any(|p| touched.insert(p.0 >> 21));
+        if round == 1 || first_touch {
+            // The first accesses (of the program, or of a 2 MiB page) also make the
+            // CPU set accessed/dirty bits in the page tables, which KVM rightly logs
+            // as guest writes.
             let tables = abi::PML4_ADDR..abi::PD_ADDR + abi::MAX_MAPPED_GIB * PAGE_SIZE;
             let before = got.len();
             got.retain(|p| !tables.contains(&p.0));
@@ -57,6 +91,14 @@ fn exact_sets(vmm: &mut Vmm, ctl: &flat::Control) {
         }
         assert_eq!(got, want, "round {round} ({stats:?})");
         assert_eq!(stats.kvm_pages, n as usize + extra, "round {round}");
+        let gap = vmm::vstate::dirty::CLEAR_MERGE_GAP_WORDS as u64 * 64 * PAGE_SIZE;
+        if r.stride > gap {
+            // One re-protect call per page at least (page-table pages may add some).
+            assert!(
+                stats.kvm_clear_calls as u64 >= n,
+                "round {round} ({stats:?})"
+            );
+        }
         // Nothing more until the guest runs again.
         assert!(vmm.harvest_dirty().unwrap().is_empty());
         // A VMM write while paused (as device emulation does) shows in the next
@@ -64,8 +106,8 @@ fn exact_sets(vmm: &mut Vmm, ctl: &flat::Control) {
         let vmm_page = GuestAddress(0x30_0000 + u64::from(round) * 0x1_1000);
         vmm.guest_memory().write_obj(round, vmm_page).unwrap();
         expect_vmm.push(GuestAddress(vmm_page.0 & !(PAGE_SIZE - 1)));
-        if let Some(&next) = plan.get(i + 1) {
-            ctl.n.store(next as u32, Ordering::SeqCst);
+        if let Some(next) = plan.get(i + 1) {
+            next.set(ctl);
         }
         ctl.go.store(round, Ordering::SeqCst);
         vmm.resume().unwrap();
@@ -95,6 +137,42 @@ fn flat_guest_harvests_exactly_the_pages_written() {
     vmm.start_dirty_tracking().unwrap();
     assert!(vmm.vm().slot_flags().dirty_log);
     exact_sets(&mut vmm, &ctl);
+}
+
+/// Pages far enough apart that each is re-protected by its own KVM_CLEAR_DIRTY_LOG
+/// call (dirty words more than `CLEAR_MERGE_GAP_WORDS` apart), in both memory slots
+/// (3 GiB of low RAM, 1 GiB above 4 GiB): every page is reported exactly once per
+/// round it is written, so each range was re-protected, and nothing is reported
+/// again without a write, so no range was missed.
+#[test]
+fn scattered_pages_across_both_slots_are_re_protected_range_by_range() {
+    let (mut vmm, ctl) = flat::build(4096);
+    vmm.start_dirty_tracking().unwrap();
+    // More than CLEAR_MERGE_GAP_WORDS (256 words: 64 MiB) between dirty words: low RAM
+    // from 16 MiB, 80 MiB + 4 KiB apart (30 pages end below 3 GiB); high RAM from
+    // 4 GiB + 4 KiB, 68 MiB + 4 KiB apart (14 pages end below 5 GiB).
+    let gap = (vmm::vstate::dirty::CLEAR_MERGE_GAP_WORDS as u64) * 64 * PAGE_SIZE;
+    let low = |n| Round {
+        n,
+        base: flat::DIRTY_BASE,
+        stride: (80 << 20) + PAGE_SIZE,
+    };
+    let high = |n| Round {
+        n,
+        base: (4 << 30) + PAGE_SIZE,
+        stride: (68 << 20) + PAGE_SIZE,
+    };
+    assert!(low(1).stride > gap && high(1).stride > gap);
+    let plan = [
+        low(3),
+        high(14),
+        low(30),
+        low(30),
+        high(5),
+        Round::dense(0),
+        high(14),
+    ];
+    exact_sets_with(&mut vmm, &ctl, &plan);
 }
 
 #[test]

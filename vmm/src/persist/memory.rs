@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::vstate::dirty::SummaryBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -59,7 +59,7 @@ pub fn load_memory(mem: &GuestMemoryMmap, r: &mut impl Read) -> io::Result<()> {
         }
     }
     for region in mem.iter() {
-        let bitmap: &AtomicBitmap = MmapRegion::bitmap(region);
+        let bitmap: &SummaryBitmap = MmapRegion::bitmap(region);
         bitmap.reset();
     }
     Ok(())

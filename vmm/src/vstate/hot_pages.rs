@@ -53,14 +53,19 @@ impl Default for HotPageConfig {
     }
 }
 
-/// The policy's state for one dirty log (all its slots).
+/// The policy's state for one dirty log (all its slots). Everything it does per
+/// harvest costs per dirty word (the words the log reported and the words of the
+/// harvest that leaves the window), not per GiB of guest memory.
 #[derive(Debug)]
 pub struct HotPages {
     cfg: HotPageConfig,
-    /// Per slot, the bits each of the last `window` harvests reported (oldest first).
-    history: Vec<std::collections::VecDeque<Vec<u64>>>,
-    /// Per slot, the OR of `history`.
+    /// Per slot, the non-zero words `(index, bits)` each of the last `window` harvests
+    /// reported (oldest first, ascending indices).
+    history: Vec<std::collections::VecDeque<Vec<(usize, u64)>>>,
+    /// Per slot, the OR of `history` (dense: one word per 64 pages).
     recent: Vec<Vec<u64>>,
+    /// An evicted history entry, reused for the next harvest.
+    spare: Vec<(usize, u64)>,
     harvests: u64,
     /// Pages kept hot by the harvest in progress (or the last one).
     hot: usize,
@@ -76,6 +81,7 @@ impl HotPages {
             },
             history: Vec::new(),
             recent: Vec::new(),
+            spare: Vec::new(),
             harvests: 0,
             hot: 0,
             cooling: false,
@@ -101,19 +107,26 @@ impl HotPages {
         self.hot = 0;
     }
 
-    /// For slot `slot`, whose log reported `dirty`: writes into `clear` the pages to
-    /// re-protect (a subset of `dirty`); the others stay writable and reported.
-    pub fn select(&mut self, slot: usize, dirty: &[u64], clear: &mut [u64]) {
+    /// For slot `slot`, whose log reported `bits`, of which `words` are the indices of
+    /// the non-zero words (ascending): rewrites each of those words of `bits` to the
+    /// pages to re-protect (a subset of what was reported); the other reported pages
+    /// stay writable and reported. Words not named are neither read nor written.
+    pub fn select(&mut self, slot: usize, words: &[usize], bits: &mut [u64]) {
         let (Some(recent), Some(history)) = (self.recent.get_mut(slot), self.history.get_mut(slot))
         else {
-            clear.copy_from_slice(dirty);
-            return;
+            return; // unknown slot: re-protect everything reported
         };
-        assert_eq!(recent.len(), dirty.len());
-        assert_eq!(clear.len(), dirty.len());
+        assert_eq!(recent.len(), bits.len());
         let never = self.cooling || self.cfg.window == 0;
-        for ((r, d), c) in recent.iter().zip(dirty).zip(clear.iter_mut()) {
-            let mut keep = if never { 0 } else { *d & *r };
+        let mut record = std::mem::take(&mut self.spare);
+        record.clear();
+        for &i in words {
+            let d = bits[i];
+            if d == 0 {
+                continue;
+            }
+            record.push((i, d));
+            let mut keep = if never { 0 } else { d & recent[i] };
             let room = self.cfg.max_pages - self.hot;
             if keep.count_ones() as usize > room {
                 // Keep the lowest `room` pages of this word, drop the rest.
@@ -126,25 +139,32 @@ impl HotPages {
                 keep = trimmed;
             }
             self.hot += keep.count_ones() as usize;
-            *c = *d & !keep;
+            bits[i] = d & !keep;
         }
         debug_assert!(self.hot <= self.cfg.max_pages);
-        // Slide the window: this harvest in, the oldest out.
-        if self.cfg.window > 0 {
-            let mut oldest = if history.len() as u32 >= self.cfg.window {
-                history.pop_front().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            oldest.clear();
-            oldest.extend_from_slice(dirty);
-            history.push_back(oldest);
-            recent.iter_mut().for_each(|w| *w = 0);
-            for h in history.iter() {
-                for (r, w) in recent.iter_mut().zip(h) {
-                    *r |= *w;
-                }
+        if self.cfg.window == 0 {
+            self.spare = record;
+            return;
+        }
+        // Slide the window: this harvest in, the oldest out; `recent` changes only at
+        // the words of those two.
+        let evicted = if history.len() as u32 >= self.cfg.window {
+            history.pop_front()
+        } else {
+            None
+        };
+        for &(i, d) in &record {
+            recent[i] |= d;
+        }
+        history.push_back(record);
+        if let Some(old) = evicted {
+            for &(i, _) in &old {
+                recent[i] = history
+                    .iter()
+                    .filter_map(|h| h.binary_search_by_key(&i, |e| e.0).ok().map(|k| h[k].1))
+                    .fold(0, |a, b| a | b);
             }
+            self.spare = old;
         }
     }
 
@@ -167,10 +187,20 @@ impl HotPages {
 mod tests {
     use super::*;
 
+    /// The words of `dirty` that are non-zero, as the log's scan finds them.
+    fn nonzero(dirty: &[u64]) -> Vec<usize> {
+        (0..dirty.len()).filter(|i| dirty[*i] != 0).collect()
+    }
+
+    fn select(h: &mut HotPages, slot: usize, dirty: &[u64], clear: &mut [u64]) {
+        clear.copy_from_slice(dirty);
+        h.select(slot, &nonzero(dirty), clear);
+    }
+
     fn harvest(h: &mut HotPages, dirty: &[u64]) -> Vec<u64> {
         h.begin(std::iter::once(dirty.len()));
         let mut clear = vec![0; dirty.len()];
-        h.select(0, dirty, &mut clear);
+        select(h, 0, dirty, &mut clear);
         clear
     }
 
@@ -207,8 +237,8 @@ mod tests {
             h.begin([2usize, 2].into_iter());
             let mut c0 = [0u64; 2];
             let mut c1 = [0u64; 2];
-            h.select(0, &all, &mut c0);
-            h.select(1, &all, &mut c1);
+            select(&mut h, 0, &all, &mut c0);
+            select(&mut h, 1, &all, &mut c1);
             // Cleared pages are exactly those not kept, and every reported page is
             // either cleared or counted hot.
             let cleared: u32 = c0.iter().chain(&c1).map(|w| w.count_ones()).sum();
@@ -274,5 +304,55 @@ mod tests {
         let mut h = HotPages::new(HotPageConfig::default());
         harvest(&mut h, &[1]);
         assert_eq!(harvest(&mut h, &[1, 0]), vec![1, 0]);
+    }
+
+    /// The sparse history against the dense rule it implements: a page is kept when it
+    /// was reported by one of the `window` previous harvests (bounded, cooled).
+    #[test]
+    fn sparse_history_matches_the_dense_rule() {
+        let cfg = HotPageConfig {
+            max_pages: 40,
+            cool_every: 7,
+            window: 3,
+        };
+        let mut h = HotPages::new(cfg);
+        let mut past: std::collections::VecDeque<Vec<u64>> = Default::default();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for n in 1..=200u64 {
+            let dirty: Vec<u64> = (0..8)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Mostly sparse words, some empty.
+                    if x.is_multiple_of(3) {
+                        0
+                    } else {
+                        x & (x >> 7) & (x >> 19)
+                    }
+                })
+                .collect();
+            let got = harvest(&mut h, &dirty);
+            let mut room = cfg.max_pages;
+            let cooling = n % u64::from(cfg.cool_every) == 0;
+            let want: Vec<u64> = dirty
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let recent = past.iter().fold(0, |a, p| a | p[i]);
+                    let mut keep = if cooling { 0 } else { d & recent };
+                    while keep.count_ones() as usize > room {
+                        keep &= !(1u64 << (63 - keep.leading_zeros()));
+                    }
+                    room -= keep.count_ones() as usize;
+                    d & !keep
+                })
+                .collect();
+            assert_eq!(got, want, "harvest {n}");
+            if past.len() == cfg.window as usize {
+                past.pop_front();
+            }
+            past.push_back(dirty);
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Guest memory.
 //!
-//! Guest RAM is a `vm-memory` mmap backend with an atomic dirty bitmap per region, so
-//! writes the VMM itself makes to guest memory (device emulation) are tracked beside
-//! KVM's own dirty log.
+//! Guest RAM is a `vm-memory` mmap backend with a dirty bitmap per region
+//! ([`SummaryBitmap`]: one bit per page plus a summary level, so taking it costs per
+//! dirty word), so writes the VMM itself makes to guest memory (device emulation) are
+//! tracked beside KVM's own dirty log.
 //!
 //! The layout follows the guest ABI: low RAM from 0 up to at most
 //! [`abi::RAM_GAP_START`], the rest from [`abi::RAM_HIGH_START`]. Each region becomes one
@@ -11,13 +12,14 @@
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use twinrun_guest_abi as abi;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::dirty::SummaryBitmap;
+
 /// Guest memory as every part of the VMM sees it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<SummaryBitmap>;
 /// One region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<SummaryBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

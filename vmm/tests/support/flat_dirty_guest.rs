@@ -1,12 +1,13 @@
 //! A hand-assembled CPL3 guest that dirties a chosen number of pages per round, for
 //! dirty-tracking tests and the `dirty_cost` example.
 //!
-//! Round `g` (1, 2, ...): read N from the control device, write `g` into the first
-//! 8 bytes of N consecutive pages from [`DIRTY_BASE`], report `done = g`, then spin on
+//! Round `g` (1, 2, ...): read N, the first page (default [`DIRTY_BASE`]) and the
+//! stride (default 4 KiB) from the control device, write `g` into the first 8 bytes of
+//! N pages from the first page, one stride apart, report `done = g`, then spin on
 //! MMIO reads until the host sets `go = g`. So when the host sees `done == g` the guest
 //! has written exactly the N pages of round g and writes nothing until released.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ pub const DIRTY_BASE: u64 = 16 << 20;
 const REG_DONE: u64 = 0;
 const REG_GO: u64 = 8;
 const REG_N: u64 = 0x10;
+const REG_STRIDE: u64 = 0x18;
+const REG_BASE: u64 = 0x20;
 
 /// Machine code of the guest.
 pub fn code() -> Vec<u8> {
@@ -33,15 +36,15 @@ pub fn code() -> Vec<u8> {
     c.extend_from_slice(&[0x31, 0xc9]); // xor ecx, ecx
     let outer = c.len();
     c.extend_from_slice(&[0x48, 0xff, 0xc1]); // inc rcx
-    c.push(0xb8); // mov eax, DIRTY_BASE
-    c.extend_from_slice(&(DIRTY_BASE as u32).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x8b, 0x43, REG_BASE as u8]); // mov rax, [rbx + REG_BASE]
     c.extend_from_slice(&[0x8b, 0x53, REG_N as u8]); // mov edx, [rbx + REG_N]
+    c.extend_from_slice(&[0x8b, 0x7b, REG_STRIDE as u8]); // mov edi, [rbx + REG_STRIDE]
     c.extend_from_slice(&[0x85, 0xd2]); // test edx, edx
-    let inner: [u8; 13] = [
+    let inner: [u8; 10] = [
         0x48, 0x89, 0x08, // mov [rax], rcx
-        0x48, 0x05, 0x00, 0x10, 0x00, 0x00, // add rax, 0x1000
+        0x48, 0x01, 0xf8, // add rax, rdi
         0xff, 0xca, // dec edx
-        0x75, 0xf3, // jnz inner (-13)
+        0x75, 0xf6, // jnz inner (-10)
     ];
     c.extend_from_slice(&[0x74, inner.len() as u8]); // jz after
     c.extend_from_slice(&inner);
@@ -60,6 +63,10 @@ pub struct Control {
     pub done: AtomicU32,
     pub go: AtomicU32,
     pub n: AtomicU32,
+    /// Bytes between two dirtied pages (0 = 4 KiB).
+    pub stride: AtomicU32,
+    /// First page dirtied (0 = [`DIRTY_BASE`]).
+    pub base: AtomicU64,
 }
 
 struct Dev(Arc<Control>);
@@ -67,12 +74,20 @@ struct Dev(Arc<Control>);
 impl BusDevice for Dev {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let v = match offset {
-            REG_GO => self.0.go.load(Ordering::SeqCst),
-            REG_N => self.0.n.load(Ordering::SeqCst),
+            REG_GO => u64::from(self.0.go.load(Ordering::SeqCst)),
+            REG_N => u64::from(self.0.n.load(Ordering::SeqCst)),
+            REG_STRIDE => match self.0.stride.load(Ordering::SeqCst) {
+                0 => 4096,
+                s => u64::from(s),
+            },
+            REG_BASE => match self.0.base.load(Ordering::SeqCst) {
+                0 => DIRTY_BASE,
+                b => b,
+            },
             _ => 0,
         };
         let b = v.to_le_bytes();
-        let n = data.len().min(4);
+        let n = data.len().min(8);
         data[..n].copy_from_slice(&b[..n]);
     }
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {

@@ -1,0 +1,232 @@
+//! Making authenticated connections: dialing (the lower node id), listening and
+//! authenticating accepted connections on short-lived threads (the higher), the
+//! handshake on a socket, and the per-link manager that reconnects with backoff.
+
+use crate::frame::{FrameDecoder, FrameEncoder, FrameError, Kind};
+use crate::handshake::{random_nonce, Handshake, HandshakeError, HsStep, Role};
+use log::{debug, warn};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::config::LinkAddrs;
+use super::conn::run_conn;
+use super::shared::{is_timeout, lock, Shared};
+
+/// Accepted connections being authenticated at once, per link.
+pub const MAX_PENDING_HANDSHAKES: usize = 4;
+
+/// An authenticated connection ready to carry traffic.
+pub(super) struct Authed {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) enc: FrameEncoder,
+    pub(super) dec: FrameDecoder,
+}
+
+#[derive(Debug)]
+pub(super) enum HsFail {
+    Io(io::Error),
+    Frame(FrameError),
+    Hs(HandshakeError),
+}
+
+impl std::fmt::Display for HsFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HsFail::Io(e) => write!(f, "I/O during handshake: {e}"),
+            HsFail::Frame(e) => write!(f, "bad frame during handshake: {e}"),
+            HsFail::Hs(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+pub(super) fn handshake(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+) -> Result<Authed, HsFail> {
+    stream.set_nodelay(true).map_err(HsFail::Io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(HsFail::Io)?;
+    let mut enc = FrameEncoder::new(shared.cfg.max_frame_body);
+    let mut dec = FrameDecoder::with_pool(shared.cfg.max_frame_body, shared.rx_pool.clone());
+    let nonce = random_nonce().map_err(HsFail::Io)?;
+    let (mut hs, hello) = Handshake::new(shared.handshake_config(), role, nonce, shared.now());
+    let send =
+        |enc: &mut FrameEncoder, stream: &mut TcpStream, kind: Kind, msg| -> Result<(), HsFail> {
+            let body = postcard::to_stdvec(&msg)
+                .map_err(|e| HsFail::Hs(HandshakeError::Malformed(e.to_string())))?;
+            let wire = enc
+                .encode(kind, 0, &[], &body)
+                .ok_or_else(|| HsFail::Hs(HandshakeError::Malformed("hello too large".into())))?;
+            stream.write_all(&wire).map_err(HsFail::Io)
+        };
+    send(&mut enc, &mut stream, Kind::Hello, hello)?;
+    loop {
+        hs.on_tick(shared.now()).map_err(HsFail::Hs)?;
+        if shared.stop.load(Ordering::Relaxed) {
+            return Err(HsFail::Io(io::Error::other("shutting down")));
+        }
+        let n = match stream.read(dec.read_buf()) {
+            Ok(0) => {
+                return Err(HsFail::Hs(HandshakeError::Malformed(
+                    "peer closed the connection during the handshake".into(),
+                )))
+            }
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(HsFail::Io(e)),
+        };
+        let Some(frame) = dec.advance(n).map_err(HsFail::Frame)? else {
+            continue;
+        };
+        let step = if role == Role::Acceptor {
+            let mut cache = lock(&shared.replay);
+            hs.on_body(&frame.body, Some(&mut cache))
+        } else {
+            hs.on_body(&frame.body, None)
+        }
+        .map_err(HsFail::Hs)?;
+        match step {
+            HsStep::Send(msg) => send(&mut enc, &mut stream, Kind::Auth, msg)?,
+            HsStep::Done(session) => {
+                enc.set_session_key(&session.send_key);
+                dec.set_session_key(&session.recv_key);
+                return Ok(Authed {
+                    stream,
+                    peer,
+                    enc,
+                    dec,
+                });
+            }
+        }
+    }
+}
+
+pub(super) fn dial(shared: &Shared, addrs: LinkAddrs) -> io::Result<(TcpStream, SocketAddr)> {
+    let domain = socket2::Domain::for_address(addrs.remote);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if !addrs.local.ip().is_unspecified() {
+        sock.bind(&SocketAddr::new(addrs.local.ip(), 0).into())?;
+    }
+    let timeout = shared.cfg.handshake_timeout.min(Duration::from_secs(1));
+    sock.connect_timeout(&addrs.remote.into(), timeout)?;
+    Ok((sock.into(), addrs.remote))
+}
+
+pub(super) fn listen(
+    shared: Arc<Shared>,
+    link: usize,
+    listener: TcpListener,
+    out: SyncSender<Authed>,
+) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if is_timeout(&e) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => {
+                warn!("alink link {link}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.handshakes_inflight.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+            shared.refuse(link, Some(peer), "too many pending handshakes".into());
+            continue;
+        }
+        if let Err(e) = stream.set_nonblocking(false) {
+            warn!("alink link {link}: {e}");
+            continue;
+        }
+        shared.handshakes_inflight.fetch_add(1, Ordering::SeqCst);
+        let s = shared.clone();
+        let out = out.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("alink-hs{link}"))
+            .spawn(move || {
+                match handshake(&s, stream, peer, Role::Acceptor) {
+                    Ok(mut authed) => {
+                        // Hand over to the manager; give up if shutting down.
+                        loop {
+                            match out.try_send(authed) {
+                                Ok(()) => break,
+                                Err(TrySendError::Full(a)) => {
+                                    if s.stop.load(Ordering::Relaxed) {
+                                        break;
+                                    }
+                                    authed = a;
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                                Err(TrySendError::Disconnected(_)) => break,
+                            }
+                        }
+                    }
+                    Err(e) => s.refuse(link, Some(peer), e.to_string()),
+                }
+                s.handshakes_inflight.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            shared.handshakes_inflight.fetch_sub(1, Ordering::SeqCst);
+            warn!("alink link {link}: cannot spawn handshake thread");
+        }
+    }
+}
+
+/// Dials (or waits for accepted connections) and runs them, forever until stop.
+pub(super) fn link_manager(shared: Arc<Shared>, link: usize, incoming: Option<Receiver<Authed>>) {
+    let addrs = shared.cfg.links[link];
+    let mut backoff = Duration::from_millis(50);
+    let mut next: Option<Authed> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let authed = match (next.take(), &incoming) {
+            (Some(a), _) => a,
+            (None, Some(rx)) => match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            (None, None) => {
+                let attempt = dial(&shared, addrs)
+                    .map_err(HsFail::Io)
+                    .and_then(|(s, p)| handshake(&shared, s, p, Role::Dialer));
+                match attempt {
+                    Ok(a) => {
+                        backoff = Duration::from_millis(50);
+                        a
+                    }
+                    Err(e) => {
+                        match &e {
+                            HsFail::Io(io) => {
+                                debug!("alink link {link}: dial {}: {io}", addrs.remote)
+                            }
+                            _ => shared.refuse(link, Some(addrs.remote), e.to_string()),
+                        }
+                        sleep_unless_stopped(&shared, backoff);
+                        backoff = (backoff * 2).min(shared.cfg.reconnect_max);
+                        continue;
+                    }
+                }
+            }
+        };
+        next = run_conn(&shared, link, authed, incoming.as_ref());
+    }
+}
+
+pub(super) fn sleep_unless_stopped(shared: &Shared, d: Duration) {
+    let end = Instant::now() + d;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}

@@ -1,0 +1,19 @@
+//! Errors of the A-Link handle.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlinkError {
+    #[error("invalid A-Link configuration: {0}")]
+    Config(String),
+    #[error("A-Link I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("cannot encode message head: {0}")]
+    Encode(#[from] postcard::Error),
+    #[error("message of {len} bytes exceeds the frame limit of {max}")]
+    TooLarge { len: usize, max: u32 },
+    #[error("timed out")]
+    Timeout,
+    #[error("A-Link is shut down")]
+    Closed,
+}

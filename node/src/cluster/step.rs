@@ -1,0 +1,1604 @@
+//! The cluster step function: `Cluster::step(now, input) -> actions`, no I/O.
+//!
+//! Each node runs one `Cluster` over the replicated VM records and its own view of the
+//! peer. Both nodes apply the same rules to the same records, so they agree on where a
+//! VM runs without a master: the record's `owner` is written only by the node that
+//! becomes the owner (placement, takeover, failback), and a node runs only its own VMM
+//! processes. What a node may do alone (start an active copy while the peer is not
+//! online, take over from a lost peer) it asks the quorum gate first.
+//!
+//! Invariants (checked by `check` after every step in tests and debug builds):
+//! - at most one local VMM per VM, and a Solo or Primary one only where `owner == me`
+//!   or (FT) where the standby took over;
+//! - an action in flight (spawn, stop, quorum question) is never issued twice;
+//! - each command id is answered once (a repeat gets the first answer back and changes
+//!   nothing), and each `restart_seq` / `failback_seq` / `clear_seq` step is performed
+//!   once on a node.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use crate::model::{
+    Desired, Failback, NodeName, Protection, Role, Version, VmRecord, VmSettings, VmSpec, VmState,
+    MAX_VMS,
+};
+
+/// Commands remembered by the step function for duplicate detection (the store keeps
+/// more, across restarts and nodes).
+pub const MAX_APPLIED: usize = 4096;
+
+/// Limits the supervisor applies; from the node config.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Crash restarts within `restart_window_ms` before the VM is held in error.
+    pub max_restart: u32,
+    pub restart_window_ms: u64,
+    /// After boot, how long to wait for the peer before acting alone.
+    pub boot_grace_ms: u64,
+    /// A protected FT primary that ended: how long to wait for the standby's takeover
+    /// to be reported before restarting the primary here.
+    pub takeover_wait_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// Not seen since this daemon started.
+    Unknown,
+    /// Connected, authenticated, records exchanged.
+    Online,
+    /// Was online; its heartbeats stopped.
+    Lost,
+}
+
+/// What the peer reports about one VM.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerVmm {
+    /// The peer's VMM for it, if any: (role, pid).
+    pub role: Option<Role>,
+    pub pid: u32,
+    pub protected: bool,
+    pub failed_over: bool,
+    /// The peer holds it in error.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Create(VmSpec),
+    Delete,
+    Start,
+    Shutdown,
+    PowerOff,
+    Restart,
+    Set(VmSettings),
+    Failback,
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Create(_) => "create",
+            Command::Delete => "delete",
+            Command::Start => "start",
+            Command::Shutdown => "shutdown",
+            Command::PowerOff => "poweroff",
+            Command::Restart => "restart",
+            Command::Set(_) => "set",
+            Command::Failback => "failback",
+        }
+    }
+}
+
+/// A command's success: what was done, in words.
+pub type CmdOk = String;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmdError {
+    UnknownVm(String),
+    /// The command does not fit the VM's state; the message says what to do first.
+    Conflict(String),
+    Invalid(String),
+}
+
+impl fmt::Display for CmdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CmdError::UnknownVm(vm) => write!(f, "no VM named {vm:?} (see `twinrun vm list`)"),
+            CmdError::Conflict(m) | CmdError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Exit status 0: the guest ended, or the VMM stopped on request.
+    Clean,
+    /// Anything else, described ("exit code 3", "killed by signal 9").
+    Crashed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum QuorumKind {
+    /// Run the active copy of a VM while the peer is not online.
+    Alone,
+    /// Become the owner of a VM whose owner node is lost.
+    Takeover,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The daemon started; adopted VMMs were reported before it.
+    Boot,
+    Tick,
+    /// The peer connected, authenticated and its records were merged.
+    PeerUp,
+    PeerLost,
+    /// The peer's VMMs (complete: a VM missing has none there).
+    PeerReport(BTreeMap<String, PeerVmm>),
+    /// A record received from the peer (after the store merged it by the same rule:
+    /// it replaces ours only if its version is greater).
+    Record(VmRecord),
+    Command {
+        id: String,
+        vm: String,
+        cmd: Command,
+    },
+    /// A command the peer ran (replicated): the same id arriving here is not run again.
+    CommandSeen {
+        id: String,
+        result: Result<CmdOk, CmdError>,
+    },
+    /// A local VMM runs (spawned or found running at boot).
+    VmmRunning {
+        vm: String,
+        role: Role,
+        pid: u32,
+        adopted: bool,
+    },
+    VmmSpawnFailed {
+        vm: String,
+        error: String,
+    },
+    /// Our FT primary reports the standby committed a checkpoint.
+    VmmProtected {
+        vm: String,
+    },
+    /// Our FT primary lost its standby (or is waiting for one).
+    VmmUnprotected {
+        vm: String,
+    },
+    /// Our FT standby took over the VM.
+    VmmFailedOver {
+        vm: String,
+    },
+    VmmExited {
+        vm: String,
+        exit: ExitKind,
+    },
+    /// A role swap (failback) could not be done; `error` says why.
+    SwapFailed {
+        vm: String,
+        error: String,
+    },
+    Quorum {
+        vm: String,
+        kind: QuorumKind,
+        granted: bool,
+        reason: String,
+    },
+}
+
+/// How far a node got through one VM incarnation's one-shot counters (persisted
+/// locally, so a restarted daemon performs no step twice). A counter of another
+/// incarnation (the VM was deleted and created again) does not count.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Done {
+    pub created: Version,
+    pub restart: u64,
+    pub failback: u64,
+    pub clear: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a VMM for `record` with `role` on this node.
+    Spawn {
+        role: Role,
+        record: VmRecord,
+    },
+    /// Stop our VMM: SIGTERM (devices flushed) or, with `force`, SIGKILL.
+    Stop {
+        vm: String,
+        force: bool,
+    },
+    /// Write the record and send it to the peer.
+    Persist(VmRecord),
+    /// Remember how far this node got through a VM's one-shot counters.
+    Done {
+        vm: String,
+        done: Done,
+    },
+    /// Answer a command (and record the answer under its id).
+    Reply {
+        id: String,
+        vm: String,
+        result: Result<CmdOk, CmdError>,
+    },
+    AskQuorum {
+        vm: String,
+        kind: QuorumKind,
+    },
+    /// FT failback: a planned role swap at an epoch boundary.
+    SwapRoles {
+        vm: String,
+    },
+    /// The VM is deleted and stopped here: remove its files on this node.
+    RemoveFiles {
+        vm: String,
+    },
+    Log {
+        vm: Option<String>,
+        msg: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Grant {
+    None,
+    Asked,
+    Granted,
+    Denied(String),
+}
+
+#[derive(Clone, Debug)]
+struct Local {
+    role: Role,
+    pid: u32,
+    protected: bool,
+    failed_over: bool,
+}
+
+impl Local {
+    /// The role it plays now (a standby that took over is the primary).
+    fn acting(&self) -> Role {
+        if self.role == Role::Standby && self.failed_over {
+            Role::Primary
+        } else {
+            self.role
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    record: VmRecord,
+    local: Option<Local>,
+    /// Times (ms) of crash restarts within the window.
+    crashes: VecDeque<u64>,
+    /// The incarnation the done_* counters belong to (`VmRecord::created`).
+    incarnation: Version,
+    done_restart: u64,
+    done_failback: u64,
+    done_clear: u64,
+    held: Option<String>,
+    spawn_sent: bool,
+    stop_sent: bool,
+    /// Stopping for a restart: spawn again once it exits.
+    restarting: bool,
+    /// Our protected FT primary ended at this time: the standby should take over.
+    lost_primary_at: Option<u64>,
+    alone: Grant,
+    takeover: Grant,
+    swap_sent: bool,
+    /// Why the last role swap failed; cleared by a new failback command.
+    swap_blocked: Option<String>,
+    files_removed: bool,
+    /// The last thing that happened to it, shown when the state says nothing more.
+    note: String,
+    state: VmState,
+    reason: String,
+}
+
+impl Slot {
+    /// A slot for `record`; `done` counts only if it is of the record's incarnation,
+    /// else every step the record holds counts as done (it was not ours to do).
+    fn new(record: VmRecord, done: Option<&Done>) -> Slot {
+        let done = match done {
+            Some(d) if d.created == record.created => (d.restart, d.failback, d.clear),
+            _ => (record.restart_seq, record.failback_seq, record.clear_seq),
+        };
+        Slot {
+            incarnation: record.created.clone(),
+            record,
+            local: None,
+            crashes: VecDeque::new(),
+            done_restart: done.0,
+            done_failback: done.1,
+            done_clear: done.2,
+            held: None,
+            spawn_sent: false,
+            stop_sent: false,
+            restarting: false,
+            lost_primary_at: None,
+            alone: Grant::None,
+            takeover: Grant::None,
+            swap_sent: false,
+            swap_blocked: None,
+            files_removed: false,
+            note: String::new(),
+            state: VmState::Stopped,
+            reason: String::new(),
+        }
+    }
+}
+
+/// A VM's state and reason as the step function sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shown {
+    pub state: VmState,
+    pub reason: String,
+    pub local_role: Option<Role>,
+    pub local_pid: Option<u32>,
+    pub local_protected: bool,
+    pub local_failed_over: bool,
+    pub restarts: u32,
+    pub held: Option<String>,
+}
+
+pub struct Cluster {
+    me: NodeName,
+    peer: NodeName,
+    policy: Policy,
+    now: u64,
+    booted_at: Option<u64>,
+    clock: u64,
+    peer_state: PeerState,
+    peer_vmms: BTreeMap<String, PeerVmm>,
+    vms: BTreeMap<String, Slot>,
+    applied: BTreeMap<String, Result<CmdOk, CmdError>>,
+    applied_order: VecDeque<String>,
+}
+
+impl Cluster {
+    /// `records` as loaded from the store; `done` how far this node got through each
+    /// VM's counters; `clock` the store's Lamport clock.
+    pub fn new(
+        me: &str,
+        peer: &str,
+        policy: Policy,
+        records: Vec<VmRecord>,
+        done: BTreeMap<String, Done>,
+        clock: u64,
+    ) -> Cluster {
+        let vms = records
+            .into_iter()
+            .map(|r| {
+                let d = done.get(&r.spec.name);
+                (r.spec.name.clone(), Slot::new(r, d))
+            })
+            .collect();
+        Cluster {
+            me: me.into(),
+            peer: peer.into(),
+            policy,
+            now: 0,
+            booted_at: None,
+            clock,
+            peer_state: PeerState::Unknown,
+            peer_vmms: BTreeMap::new(),
+            vms,
+            applied: BTreeMap::new(),
+            applied_order: VecDeque::new(),
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    pub fn peer_state(&self) -> PeerState {
+        self.peer_state
+    }
+
+    pub fn record(&self, vm: &str) -> Option<&VmRecord> {
+        self.vms.get(vm).map(|s| &s.record)
+    }
+
+    /// Live (not deleted) records by name.
+    pub fn records(&self) -> impl Iterator<Item = &VmRecord> {
+        self.vms.values().map(|s| &s.record).filter(|r| !r.deleted)
+    }
+
+    pub fn shown(&self, vm: &str) -> Option<Shown> {
+        let s = self.vms.get(vm)?;
+        Some(Shown {
+            state: s.state,
+            reason: s.reason.clone(),
+            local_role: s.local.as_ref().map(Local::acting),
+            local_pid: s.local.as_ref().map(|l| l.pid),
+            local_protected: s.local.as_ref().is_some_and(|l| l.protected),
+            local_failed_over: s.local.as_ref().is_some_and(|l| l.failed_over),
+            restarts: s.crashes.len() as u32,
+            held: s.held.clone(),
+        })
+    }
+
+    /// The peer's VMMs as last reported.
+    pub fn peer_report(&self) -> &BTreeMap<String, PeerVmm> {
+        &self.peer_vmms
+    }
+
+    pub fn peer_vmm(&self, vm: &str) -> Option<&PeerVmm> {
+        self.peer_vmms.get(vm)
+    }
+
+    /// What this node reports to the peer about its VMMs.
+    pub fn report(&self) -> BTreeMap<String, PeerVmm> {
+        self.vms
+            .iter()
+            .filter(|(_, s)| s.local.is_some() || s.held.is_some())
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    PeerVmm {
+                        role: s.local.as_ref().map(|l| l.role),
+                        pid: s.local.as_ref().map_or(0, |l| l.pid),
+                        protected: s.local.as_ref().is_some_and(|l| l.protected),
+                        failed_over: s.local.as_ref().is_some_and(|l| l.failed_over),
+                        error: s.held.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn version(&mut self) -> Version {
+        self.clock += 1;
+        Version {
+            clock: self.clock,
+            node: self.me.clone(),
+        }
+    }
+
+    /// Persists `rec` with a new version; returns the action.
+    fn write(&mut self, mut rec: VmRecord) -> Action {
+        rec.version = self.version();
+        if let Some(s) = self.vms.get_mut(&rec.spec.name) {
+            s.record = rec.clone();
+        }
+        Action::Persist(rec)
+    }
+
+    fn node_online(&self, node: &str) -> bool {
+        node == self.me || (node == self.peer && self.peer_state == PeerState::Online)
+    }
+
+    /// One step: apply `input` at time `now` (ms, monotonic) and return what to do.
+    pub fn step(&mut self, now: u64, input: Input) -> Vec<Action> {
+        self.now = now.max(self.now);
+        let mut out = Vec::new();
+        match input {
+            Input::Boot => {
+                self.booted_at = Some(self.now);
+                self.boot(&mut out);
+            }
+            Input::Tick => {}
+            Input::PeerUp => {
+                if self.peer_state != PeerState::Online {
+                    out.push(log(None, format!("peer {} online", self.peer)));
+                }
+                self.peer_state = PeerState::Online;
+                // Grants to act alone held only while the peer was away.
+                for s in self.vms.values_mut() {
+                    if s.alone != Grant::Asked {
+                        s.alone = Grant::None;
+                    }
+                }
+            }
+            Input::PeerLost => {
+                if self.peer_state == PeerState::Online {
+                    out.push(log(None, format!("peer {} lost", self.peer)));
+                }
+                self.peer_state = PeerState::Lost;
+            }
+            Input::PeerReport(r) => self.peer_vmms = r,
+            Input::Record(rec) => self.on_record(rec, &mut out),
+            Input::Command { id, vm, cmd } => self.on_command(id, vm, cmd, &mut out),
+            Input::CommandSeen { id, result } => {
+                if !self.applied.contains_key(&id) {
+                    self.remember(&id, &result);
+                }
+            }
+            Input::VmmRunning {
+                vm,
+                role,
+                pid,
+                adopted,
+            } => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    s.spawn_sent = false;
+                    s.local = Some(Local {
+                        role,
+                        pid,
+                        protected: false,
+                        failed_over: false,
+                    });
+                    if adopted {
+                        s.note = format!("adopted its running {role} VMM (pid {pid})");
+                        out.push(log(Some(&vm), s.note.clone()));
+                    }
+                }
+            }
+            Input::VmmSpawnFailed { vm, error } => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    s.spawn_sent = false;
+                    let why = format!("its VMM could not be started: {error}");
+                    out.push(log(Some(&vm), why.clone()));
+                    // A spawn that fails is a crash for the restart budget.
+                    self.crashed(&vm, why, &mut out);
+                }
+            }
+            Input::VmmProtected { vm } => {
+                if let Some(l) = self.vms.get_mut(&vm).and_then(|s| s.local.as_mut()) {
+                    if !l.protected {
+                        l.protected = true;
+                        out.push(log(Some(&vm), "protected: the standby is in sync".into()));
+                    }
+                }
+            }
+            Input::VmmUnprotected { vm } => {
+                if let Some(l) = self.vms.get_mut(&vm).and_then(|s| s.local.as_mut()) {
+                    if l.protected {
+                        l.protected = false;
+                        out.push(log(
+                            Some(&vm),
+                            "no longer protected: its standby is gone".into(),
+                        ));
+                    }
+                }
+            }
+            Input::VmmFailedOver { vm } => self.on_failed_over(&vm, &mut out),
+            Input::VmmExited { vm, exit } => self.on_exit(&vm, exit, &mut out),
+            Input::SwapFailed { vm, error } => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    let why = format!("failback not done: {error}");
+                    out.push(log(Some(&vm), why.clone()));
+                    s.swap_blocked = Some(why);
+                }
+            }
+            Input::Quorum {
+                vm,
+                kind,
+                granted,
+                reason,
+            } => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    let g = if granted {
+                        Grant::Granted
+                    } else {
+                        Grant::Denied(reason.clone())
+                    };
+                    let what = match kind {
+                        QuorumKind::Alone => "to run alone",
+                        QuorumKind::Takeover => "to take over",
+                    };
+                    out.push(log(
+                        Some(&vm),
+                        format!(
+                            "quorum {} {what}: {reason}",
+                            if granted { "granted" } else { "denied" }
+                        ),
+                    ));
+                    match kind {
+                        QuorumKind::Alone => s.alone = g,
+                        QuorumKind::Takeover => s.takeover = g,
+                    }
+                }
+            }
+        }
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for vm in names {
+            self.reconcile(&vm, &mut out);
+        }
+        // Tombstones stay (as in the store): a record of the deleted VM that the
+        // peer sends later must lose against them here as it does in the store.
+        #[cfg(any(test, debug_assertions))]
+        self.check();
+        out
+    }
+
+    fn boot(&mut self, out: &mut Vec<Action>) {
+        // VMs this node owned that did not survive (the node itself restarted): start
+        // again only with autostart, else record that they are off.
+        let me = self.me.clone();
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for vm in names {
+            let Some(s) = self.vms.get(&vm) else { continue };
+            let r = &s.record;
+            if r.deleted || s.local.is_some() || r.desired != Desired::Running {
+                continue;
+            }
+            if r.owner.as_deref() == Some(me.as_str()) && !r.spec.autostart {
+                let why = format!(
+                    "ran on {me} before its daemon started and runs no more; autostart is off: left stopped"
+                );
+                let mut rec = r.clone();
+                rec.desired = Desired::Stopped;
+                rec.owner = None;
+                rec.stopped_because = Some(why.clone());
+                let a = self.write(rec);
+                out.push(log(Some(&vm), why));
+                out.push(a);
+            }
+        }
+    }
+
+    fn on_record(&mut self, rec: VmRecord, out: &mut Vec<Action>) {
+        self.clock = self.clock.max(rec.version.clock);
+        let name = rec.spec.name.clone();
+        match self.vms.get_mut(&name) {
+            // The same rule as the store's merge: an older or equal record changes
+            // nothing (the daemon feeds every received record, winner or not, so the
+            // clock above moves past every clock seen).
+            Some(s) if !crate::replica::wins(&rec.version, &s.record.version) => {}
+            Some(s) => {
+                // Records from the catch-up (before PeerUp) that replace one written
+                // here: both were written while the nodes were apart, and ours lost.
+                if self.peer_state != PeerState::Online
+                    && s.record.version.node == self.me
+                    && rec.version.node != self.me
+                    && !s.record.deleted
+                {
+                    out.push(log(
+                        Some(&name),
+                        format!(
+                            "the change made here at {} while {} was away lost to its change at {} (the later version wins)",
+                            s.record.version, self.peer, rec.version
+                        ),
+                    ));
+                }
+                if rec.created != s.incarnation {
+                    // Another incarnation (deleted and created again): its counters
+                    // start afresh, and nothing of the old one is held against it.
+                    s.incarnation = rec.created.clone();
+                    s.done_restart = rec.restart_seq;
+                    s.done_failback = rec.failback_seq;
+                    s.done_clear = rec.clear_seq;
+                    s.held = None;
+                    s.crashes.clear();
+                    s.record = rec;
+                    let d = done(&name, s);
+                    out.push(d);
+                    return;
+                }
+                if rec.clear_seq > s.done_clear {
+                    s.held = None;
+                    s.crashes.clear();
+                }
+                // The one-shot counters only grow: a record that won over ours by
+                // last-writer-wins must not undo a restart, failback or clear that ours
+                // carried (both were written while the nodes were apart). The maximum
+                // of each is written as a new version, which both nodes then hold.
+                // Floors: what ours carried and what this node already performed.
+                let ours = s.record.clone();
+                let floor = (
+                    ours.restart_seq.max(s.done_restart),
+                    ours.failback_seq.max(s.done_failback),
+                    ours.clear_seq.max(s.done_clear),
+                );
+                let mut rec = rec;
+                let lost_steps = !rec.deleted
+                    && (floor.0 > rec.restart_seq
+                        || floor.1 > rec.failback_seq
+                        || floor.2 > rec.clear_seq);
+                if lost_steps {
+                    rec.restart_seq = rec.restart_seq.max(floor.0);
+                    rec.failback_seq = rec.failback_seq.max(floor.1);
+                    rec.clear_seq = rec.clear_seq.max(floor.2);
+                    out.push(log(
+                        Some(&name),
+                        "kept the commands (restart, failback, clear) of the change it replaced"
+                            .into(),
+                    ));
+                    s.record = rec.clone();
+                    out.push(self.write(rec));
+                    return;
+                }
+                s.record = rec;
+            }
+            None => {
+                if rec.deleted {
+                    return;
+                }
+                out.push(log(
+                    Some(&name),
+                    format!("learned of it from {}", rec.version.node),
+                ));
+                self.vms.insert(name, Slot::new(rec, None));
+            }
+        }
+    }
+
+    fn remember(&mut self, id: &str, result: &Result<CmdOk, CmdError>) {
+        self.applied.insert(id.to_string(), result.clone());
+        self.applied_order.push_back(id.to_string());
+        while self.applied_order.len() > MAX_APPLIED {
+            if let Some(old) = self.applied_order.pop_front() {
+                self.applied.remove(&old);
+            }
+        }
+    }
+
+    fn on_command(&mut self, id: String, vm: String, cmd: Command, out: &mut Vec<Action>) {
+        if let Some(first) = self.applied.get(&id) {
+            out.push(log(
+                Some(&vm),
+                format!("command {id} ({}) seen before: not run again", cmd.name()),
+            ));
+            out.push(Action::Reply {
+                id,
+                vm,
+                result: first.clone(),
+            });
+            return;
+        }
+        let name = cmd.name();
+        let result = self.run_command(&vm, cmd, out);
+        match &result {
+            Ok(m) => out.push(log(Some(&vm), format!("command {id} {name}: {m}"))),
+            Err(e) => out.push(log(Some(&vm), format!("command {id} {name} refused: {e}"))),
+        }
+        self.remember(&id, &result);
+        out.push(Action::Reply { id, vm, result });
+    }
+
+    fn live(&self, vm: &str) -> Result<VmRecord, CmdError> {
+        match self.vms.get(vm) {
+            Some(s) if !s.record.deleted => Ok(s.record.clone()),
+            _ => Err(CmdError::UnknownVm(vm.into())),
+        }
+    }
+
+    fn runs_anywhere(&self, vm: &str) -> bool {
+        self.vms.get(vm).is_some_and(|s| s.local.is_some())
+            || self.peer_vmms.get(vm).is_some_and(|p| p.role.is_some())
+    }
+
+    fn run_command(
+        &mut self,
+        vm: &str,
+        cmd: Command,
+        out: &mut Vec<Action>,
+    ) -> Result<CmdOk, CmdError> {
+        match cmd {
+            Command::Create(spec) => {
+                if spec.name != vm {
+                    return Err(CmdError::Invalid(
+                        "the spec's name differs from the VM's".into(),
+                    ));
+                }
+                spec.validate(&[&self.me, &self.peer])
+                    .map_err(CmdError::Invalid)?;
+                if self.live(vm).is_ok() {
+                    return Err(CmdError::Conflict(format!(
+                        "a VM named {vm:?} exists already (delete it first, or choose another name)"
+                    )));
+                }
+                if self.records().count() >= MAX_VMS {
+                    return Err(CmdError::Conflict(format!(
+                        "the cluster holds at most {MAX_VMS} VMs"
+                    )));
+                }
+                let mut spec = spec;
+                if spec.preferred_node.is_none() {
+                    spec.preferred_node = Some(self.me.clone());
+                }
+                let used: std::collections::BTreeSet<u16> =
+                    self.records().map(|r| r.slot).collect();
+                let slot = (0..MAX_VMS as u16 * 2)
+                    .find(|s| !used.contains(s))
+                    .unwrap_or(0);
+                let version = self.version();
+                let rec = VmRecord {
+                    spec,
+                    desired: Desired::Stopped,
+                    owner: None,
+                    slot,
+                    restart_seq: 0,
+                    failback_seq: 0,
+                    clear_seq: 0,
+                    deleted: false,
+                    stopped_because: None,
+                    created: version.clone(),
+                    version,
+                };
+                // A new incarnation: a fresh slot (a tombstone's counters belong to the
+                // old VM).
+                let fresh = Slot::new(rec.clone(), None);
+                out.push(done(vm, &fresh));
+                self.vms.insert(vm.to_string(), fresh);
+                out.push(Action::Persist(rec));
+                Ok("created (stopped; `twinrun vm start` runs it)".into())
+            }
+            Command::Delete => {
+                let rec = self.live(vm)?;
+                if rec.desired == Desired::Running || self.runs_anywhere(vm) {
+                    return Err(CmdError::Conflict(format!(
+                        "{vm} is running: stop it first (`twinrun vm shutdown {vm}` or `poweroff`)"
+                    )));
+                }
+                let mut rec = rec;
+                rec.deleted = true;
+                rec.owner = None;
+                out.push(self.write(rec));
+                Ok("deleted".into())
+            }
+            Command::Start => {
+                let mut rec = self.live(vm)?;
+                let held = self.vms.get(vm).and_then(|s| s.held.clone());
+                let peer_held = self.peer_vmms.get(vm).and_then(|p| p.error.clone());
+                if rec.desired == Desired::Running && held.is_none() && peer_held.is_none() {
+                    return Ok("already running (nothing to do)".into());
+                }
+                rec.desired = Desired::Running;
+                rec.stopped_because = None;
+                let msg = if held.is_some() || peer_held.is_some() {
+                    rec.clear_seq += 1;
+                    "error cleared; starting"
+                } else {
+                    "starting"
+                };
+                out.push(self.write(rec));
+                Ok(msg.into())
+            }
+            Command::Shutdown | Command::PowerOff => {
+                let mut rec = self.live(vm)?;
+                let want = if cmd == Command::Shutdown {
+                    Desired::Stopped
+                } else {
+                    Desired::PoweredOff
+                };
+                if rec.desired == want && !self.runs_anywhere(vm) {
+                    return Ok("already stopped (nothing to do)".into());
+                }
+                rec.desired = want;
+                rec.owner = None;
+                rec.stopped_because = None;
+                out.push(self.write(rec));
+                Ok(if want == Desired::Stopped {
+                    "shutting down".into()
+                } else {
+                    "powering off".into()
+                })
+            }
+            Command::Restart => {
+                let mut rec = self.live(vm)?;
+                if rec.desired != Desired::Running {
+                    return Err(CmdError::Conflict(format!(
+                        "{vm} is not running: use `twinrun vm start {vm}`"
+                    )));
+                }
+                rec.restart_seq += 1;
+                out.push(self.write(rec));
+                Ok("restarting".into())
+            }
+            Command::Set(set) => {
+                let mut rec = self.live(vm)?;
+                if let Some(p) = set.protection {
+                    if p != rec.spec.protection
+                        && (rec.desired == Desired::Running || self.runs_anywhere(vm))
+                    {
+                        return Err(CmdError::Conflict(format!(
+                            "changing the protection of a running VM ({} -> {p}) needs the engine's \
+                             online level change, not built yet: shut {vm} down, set it, start it",
+                            rec.spec.protection
+                        )));
+                    }
+                    rec.spec.protection = p;
+                }
+                if let Some(n) = set.preferred_node {
+                    rec.spec.preferred_node = Some(n);
+                }
+                if let Some(a) = set.autostart {
+                    rec.spec.autostart = a;
+                }
+                if let Some(f) = set.failback {
+                    rec.spec.failback = f;
+                }
+                rec.spec
+                    .validate(&[&self.me, &self.peer])
+                    .map_err(CmdError::Invalid)?;
+                out.push(self.write(rec));
+                Ok("settings changed".into())
+            }
+            Command::Failback => {
+                let mut rec = self.live(vm)?;
+                let pref = rec.spec.preferred_node.clone().unwrap_or_default();
+                if rec.desired != Desired::Running || rec.owner.is_none() {
+                    return Err(CmdError::Conflict(format!("{vm} is not running")));
+                }
+                if rec.owner.as_deref() == Some(pref.as_str()) {
+                    return Ok(format!(
+                        "already on its preferred node {pref} (nothing to do)"
+                    ));
+                }
+                if rec.spec.protection != Protection::Ft {
+                    return Err(CmdError::Conflict(format!(
+                        "failback of a {} VM moves it by live migration, which is not built yet \
+                         (issue 16): shut it down and start it again to run it on {pref}",
+                        rec.spec.protection
+                    )));
+                }
+                rec.failback_seq += 1;
+                out.push(self.write(rec));
+                Ok(format!("failing back to {pref} once it is in sync"))
+            }
+        }
+    }
+
+    fn on_failed_over(&mut self, vm: &str, out: &mut Vec<Action>) {
+        let Some(s) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(l) = s.local.as_mut() else { return };
+        if l.failed_over {
+            return;
+        }
+        l.failed_over = true;
+        l.protected = false;
+        s.note = format!("took over from {} (FT failover)", self.peer);
+        out.push(log(Some(vm), s.note.clone()));
+    }
+
+    fn crashed(&mut self, vm: &str, why: String, out: &mut Vec<Action>) {
+        let now = self.now;
+        let window = self.policy.restart_window_ms;
+        let max = self.policy.max_restart as usize;
+        let Some(s) = self.vms.get_mut(vm) else {
+            return;
+        };
+        while s.crashes.front().is_some_and(|&t| t + window < now) {
+            s.crashes.pop_front();
+        }
+        if s.crashes.len() >= max {
+            let held = format!(
+                "crashed {} times within {} s (last: {why}); fix the cause, then `twinrun vm start {vm}`",
+                s.crashes.len() + 1,
+                window / 1000
+            );
+            out.push(log(Some(vm), format!("held in error: {held}")));
+            s.held = Some(held);
+        } else {
+            s.crashes.push_back(now);
+            s.note = format!("restarted after {why} ({} of {max})", s.crashes.len());
+            out.push(log(Some(vm), s.note.clone()));
+        }
+    }
+
+    fn on_exit(&mut self, vm: &str, exit: ExitKind, out: &mut Vec<Action>) {
+        let now = self.now;
+        let Some(s) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(l) = s.local.take() else { return };
+        s.spawn_sent = false;
+        let requested = std::mem::take(&mut s.stop_sent);
+        if requested {
+            out.push(log(Some(vm), format!("its {} VMM stopped", l.role)));
+            return;
+        }
+        let why = match &exit {
+            ExitKind::Clean => "exit status 0".to_string(),
+            ExitKind::Crashed(w) => w.clone(),
+        };
+        out.push(log(Some(vm), format!("its {} VMM ended: {why}", l.role)));
+        let rec = s.record.clone();
+        let acting = l.acting();
+        if exit == ExitKind::Clean && acting != Role::Standby {
+            // The guest ended by itself: it is stopped, not crashed.
+            let mut rec = rec;
+            rec.desired = Desired::Stopped;
+            rec.owner = None;
+            rec.stopped_because = Some(format!("the guest exited (status 0) on {}", self.me));
+            out.push(self.write(rec));
+            return;
+        }
+        if acting == Role::Primary && l.protected && rec.spec.protection == Protection::Ft {
+            // The standby takes over by itself; restart here only if it does not.
+            s.lost_primary_at = Some(now);
+            s.note = format!(
+                "its primary ended ({why}); the standby on {} takes over",
+                self.peer
+            );
+            return;
+        }
+        self.crashed(vm, why, out);
+    }
+
+    /// Brings one VM's local VMM in line with its record and computes its state.
+    fn reconcile(&mut self, vm: &str, out: &mut Vec<Action>) {
+        let me = self.me.clone();
+        let peer = self.peer.clone();
+        let peer_state = self.peer_state;
+        let now = self.now;
+        let in_grace = match self.booted_at {
+            None => true,
+            Some(t) => peer_state == PeerState::Unknown && now < t + self.policy.boot_grace_ms,
+        };
+        let peer_vmm = self.peer_vmms.get(vm).cloned();
+        let Some(s) = self.vms.get(vm) else { return };
+        let rec = s.record.clone();
+
+        // Counters: a clear forgets crashes; a restart stops the VMM to start it again.
+        if rec.clear_seq > s.done_clear {
+            let s = self.vms.get_mut(vm).expect("slot exists");
+            s.held = None;
+            s.crashes.clear();
+            s.done_clear = rec.clear_seq;
+            out.push(done(vm, s));
+        }
+        let s = self.vms.get(vm).expect("slot exists");
+        if rec.restart_seq > s.done_restart {
+            let s = self.vms.get_mut(vm).expect("slot exists");
+            s.done_restart = rec.restart_seq;
+            if s.local.is_some() && !s.stop_sent {
+                s.restarting = true;
+                s.stop_sent = true;
+                s.note = "restarted by command".into();
+                out.push(Action::Stop {
+                    vm: vm.into(),
+                    force: false,
+                });
+            }
+            out.push(done(vm, s));
+        }
+        if rec.failback_seq > self.vms[vm].done_failback && rec.owner.as_deref() != Some(&me) {
+            // Failback is the owner's job; the other node just notes the step.
+            let s = self.vms.get_mut(vm).expect("slot exists");
+            s.done_failback = rec.failback_seq;
+            out.push(done(vm, s));
+        }
+
+        let s = self.vms.get(vm).expect("slot exists");
+        let local_role = s.local.as_ref().map(Local::acting);
+        let (state, reason) = if rec.deleted {
+            if s.local.is_some() {
+                self.stop_local(vm, true, out);
+                (VmState::Stopping, "deleted: stopping its VMM".into())
+            } else if !s.files_removed {
+                let s = self.vms.get_mut(vm).expect("slot exists");
+                s.files_removed = true;
+                out.push(Action::RemoveFiles { vm: vm.into() });
+                (VmState::Stopped, "deleted".into())
+            } else {
+                (VmState::Stopped, "deleted".into())
+            }
+        } else if rec.desired != Desired::Running {
+            if s.local.is_some() {
+                self.stop_local(vm, rec.desired == Desired::PoweredOff, out);
+                (VmState::Stopping, format!("{} by command", rec.desired))
+            } else if peer_vmm.as_ref().is_some_and(|p| p.role.is_some()) {
+                (VmState::Stopping, format!("stopping on {peer}"))
+            } else if let Some(why) = &rec.stopped_because {
+                (VmState::Stopped, why.clone())
+            } else {
+                (VmState::Stopped, format!("{} by command", rec.desired))
+            }
+        } else if let Some(h) = s.held.clone() {
+            if s.local.is_some() {
+                self.stop_local(vm, false, out);
+            }
+            (VmState::Error, h)
+        } else if let Some(h) = peer_vmm.as_ref().and_then(|p| p.error.clone()) {
+            (VmState::Error, format!("held in error on {peer}: {h}"))
+        } else {
+            self.reconcile_running(vm, &rec, in_grace, peer_vmm.as_ref(), local_role, out)
+        };
+        let s = self.vms.get_mut(vm).expect("slot exists");
+        s.state = state;
+        s.reason = reason;
+    }
+
+    fn stop_local(&mut self, vm: &str, force: bool, out: &mut Vec<Action>) {
+        let s = self.vms.get_mut(vm).expect("slot exists");
+        if !s.stop_sent {
+            s.stop_sent = true;
+            out.push(Action::Stop {
+                vm: vm.into(),
+                force,
+            });
+        }
+    }
+
+    fn spawn(&mut self, vm: &str, role: Role, out: &mut Vec<Action>) {
+        let s = self.vms.get_mut(vm).expect("slot exists");
+        if s.spawn_sent || s.local.is_some() || s.stop_sent {
+            return;
+        }
+        s.spawn_sent = true;
+        s.restarting = false;
+        out.push(Action::Spawn {
+            role,
+            record: s.record.clone(),
+        });
+    }
+
+    /// May this node run the active copy of `vm` now? Asks the quorum gate when the
+    /// peer is not online; Err is why not (yet).
+    fn may_run_alone(
+        &mut self,
+        vm: &str,
+        in_grace: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<(), String> {
+        if self.peer_state == PeerState::Online {
+            return Ok(());
+        }
+        if in_grace {
+            return Err(format!(
+                "waiting for {} (boot grace) before starting it alone",
+                self.peer
+            ));
+        }
+        let s = self.vms.get_mut(vm).expect("slot exists");
+        match &s.alone {
+            Grant::Granted => Ok(()),
+            Grant::Asked => Err("waiting for the quorum's answer to run it alone".into()),
+            Grant::Denied(why) => Err(format!("the quorum refused to run it alone: {why}")),
+            Grant::None => {
+                s.alone = Grant::Asked;
+                out.push(Action::AskQuorum {
+                    vm: vm.into(),
+                    kind: QuorumKind::Alone,
+                });
+                Err("asking the quorum to run it alone".into())
+            }
+        }
+    }
+
+    fn reconcile_running(
+        &mut self,
+        vm: &str,
+        rec: &VmRecord,
+        in_grace: bool,
+        peer_vmm: Option<&PeerVmm>,
+        local_role: Option<Role>,
+        out: &mut Vec<Action>,
+    ) -> (VmState, String) {
+        let me = self.me.clone();
+        let peer = self.peer.clone();
+        let peer_online = self.peer_state == PeerState::Online;
+        let ft = rec.spec.protection == Protection::Ft;
+        let pref = rec
+            .spec
+            .preferred_node
+            .clone()
+            .unwrap_or_else(|| me.clone());
+        let peer_role = peer_vmm.and_then(|p| p.role);
+        if let Some(role) = local_role {
+            // A VMM started for another protection level (the level was changed on
+            // the other node while the nodes were apart) stops, to start again as one
+            // that fits.
+            let fits = if ft {
+                role != Role::Solo
+            } else {
+                role == Role::Solo
+            };
+            if !fits {
+                self.stop_local(vm, false, out);
+                return (
+                    VmState::Stopping,
+                    format!(
+                        "its level is now {}: stopping the {role} VMM started for the old one",
+                        rec.spec.protection
+                    ),
+                );
+            }
+        }
+        if local_role.is_none() {
+            let clash = self
+                .records()
+                .find(|r| r.slot == rec.slot && r.spec.name != rec.spec.name)
+                .map(|r| (r.spec.name.clone(), r.created.clone()));
+            if let Some((other, other_created)) = clash {
+                // Two VMs created while the nodes were apart took the same slot (A-Link
+                // ports, TAP names). One that runs nowhere moves to the lowest free slot
+                // if the other runs or is not to run, or else the younger one does; both
+                // nodes pick the same slot.
+                let younger =
+                    (rec.created.clone(), rec.spec.name.clone()) > (other_created, other.clone());
+                let other_runs = self.vms.get(&other).is_some_and(|s| s.local.is_some())
+                    || self.peer_vmms.get(&other).is_some_and(|p| p.role.is_some());
+                let other_waits = self
+                    .vms
+                    .get(&other)
+                    .is_some_and(|s| s.record.desired == Desired::Running);
+                if peer_role.is_none() && (other_runs || !other_waits || younger) {
+                    let used: std::collections::BTreeSet<u16> =
+                        self.records().map(|r| r.slot).collect();
+                    if let Some(free) = (0..MAX_VMS as u16 * 2).find(|s| !used.contains(s)) {
+                        let mut r = rec.clone();
+                        r.slot = free;
+                        out.push(log(
+                            Some(vm),
+                            format!("its slot {} was also {other}'s (both created while the nodes were apart): moved to slot {free}", rec.slot),
+                        ));
+                        out.push(self.write(r));
+                        return (
+                            VmState::Pending,
+                            format!("moved to slot {free} (A-Link ports, TAP names)"),
+                        );
+                    }
+                }
+                return (
+                    VmState::Pending,
+                    format!("its A-Link ports and TAP names clash with VM {other}'s (both created while the nodes were apart); one of them moves"),
+                );
+            }
+        }
+
+        // Placement: the node chosen (the preferred one if online, else the other)
+        // writes owner = itself; the other waits for the record.
+        let owner = match rec.owner.clone() {
+            Some(o) => o,
+            None if matches!(local_role, Some(Role::Solo | Role::Primary)) => {
+                // It already runs here (a start on the other node while the nodes were
+                // apart cleared the owner): this copy is the one; were the other node
+                // to claim it too, the later record wins and the loser stops its copy.
+                let mut r = rec.clone();
+                r.owner = Some(me.clone());
+                out.push(log(
+                    Some(vm),
+                    format!("already runs on {me}: owner is {me}"),
+                ));
+                out.push(self.write(r));
+                me.clone()
+            }
+            None => {
+                let target = if self.node_online(&pref) {
+                    pref.clone()
+                } else {
+                    me.clone()
+                };
+                if target != me {
+                    return (
+                        VmState::Pending,
+                        format!("{target} (its preferred node) starts it"),
+                    );
+                }
+                if let Err(why) = self.may_run_alone(vm, in_grace, out) {
+                    return (VmState::Pending, why);
+                }
+                let mut r = rec.clone();
+                r.owner = Some(me.clone());
+                out.push(log(Some(vm), format!("placed on {me}")));
+                out.push(self.write(r));
+                me.clone()
+            }
+        };
+        let rec = &self.vms[vm].record.clone();
+
+        if owner == me {
+            let want = if ft { Role::Primary } else { Role::Solo };
+            // A standby here still waiting to take over (the record moved first).
+            if local_role == Some(Role::Standby) {
+                return (
+                    VmState::Pending,
+                    format!("waiting for the standby here to take over from {peer}"),
+                );
+            }
+            if local_role.is_none() {
+                let s = &self.vms[vm];
+                if let Some(t) = s.lost_primary_at {
+                    let reported = peer_vmm.is_some_and(|p| p.failed_over);
+                    if reported || !peer_online {
+                        // The peer took over (its record will follow) or is gone too.
+                        if !peer_online {
+                            let s = self.vms.get_mut(vm).expect("slot exists");
+                            s.lost_primary_at = None;
+                        }
+                        return (
+                            VmState::Pending,
+                            format!("{peer} took over; waiting for its record"),
+                        );
+                    }
+                    if self.now < t + self.policy.takeover_wait_ms {
+                        return (VmState::Pending, s.note.clone());
+                    }
+                    let s = self.vms.get_mut(vm).expect("slot exists");
+                    s.lost_primary_at = None;
+                    let why = "primary ended and the standby did not take over".to_string();
+                    out.push(log(Some(vm), why.clone()));
+                    self.crashed(vm, why, out);
+                    if self.vms[vm].held.is_some() {
+                        return (
+                            VmState::Error,
+                            self.vms[vm].held.clone().unwrap_or_default(),
+                        );
+                    }
+                }
+                if let Err(why) = self.may_run_alone(vm, in_grace, out) {
+                    return (VmState::Pending, why);
+                }
+                let restarting = self.vms[vm].restarting;
+                self.spawn(vm, want, out);
+                let note = &self.vms[vm].note;
+                let why = if restarting || !note.is_empty() && note.starts_with("restarted") {
+                    note.clone()
+                } else {
+                    format!("starting its {want} VMM on {me}")
+                };
+                return (VmState::Starting, why);
+            }
+            // Our VMM runs.
+            let s = &self.vms[vm];
+            let l = s.local.as_ref().expect("local exists");
+            if s.stop_sent {
+                return (VmState::Stopping, s.note.clone());
+            }
+            if !ft {
+                let why = match rec.spec.protection {
+                    Protection::Ha => format!(
+                        "running on {me}; HA disk mirroring and restart on the survivor are not built yet (phase 2): unprotected for now"
+                    ),
+                    _ => format!("running on {me}"),
+                };
+                return (VmState::Running, self.with_note(vm, why));
+            }
+            // FT primary (possibly a standby that took over).
+            if l.protected {
+                // Failback: owner is not the preferred node, which is back and in sync.
+                if pref != me && peer_online && peer_role == Some(Role::Standby) {
+                    let asked = rec.failback_seq > s.done_failback;
+                    if asked {
+                        let s = self.vms.get_mut(vm).expect("slot exists");
+                        s.swap_sent = false;
+                        s.swap_blocked = None;
+                    }
+                    let s = &self.vms[vm];
+                    if let Some(why) = &s.swap_blocked {
+                        return (
+                            VmState::Protected,
+                            format!("protected on {me}, standby on {peer}; {why}"),
+                        );
+                    }
+                    if rec.spec.failback == Failback::Auto || asked {
+                        if !s.swap_sent {
+                            let s = self.vms.get_mut(vm).expect("slot exists");
+                            s.swap_sent = true;
+                            s.done_failback = rec.failback_seq;
+                            out.push(log(Some(vm), format!("failback to {pref}: role swap")));
+                            out.push(Action::SwapRoles { vm: vm.into() });
+                            out.push(done(vm, s));
+                        }
+                        return (
+                            VmState::Protected,
+                            format!("protected; failing back to {pref}"),
+                        );
+                    }
+                    return (
+                        VmState::Protected,
+                        format!("protected on {me} with its standby on {peer}; its preferred node is {pref}: `twinrun vm failback {vm}` moves it (failback is manual)"),
+                    );
+                }
+                return (
+                    VmState::Protected,
+                    format!("primary on {me}, standby on {peer} in sync"),
+                );
+            }
+            let why = if !peer_online {
+                format!("simplex: primary on {me}; {peer} is {}", self.peer_word())
+            } else if peer_role == Some(Role::Standby) {
+                format!("primary on {me}; standby on {peer} synchronizing")
+            } else {
+                format!("primary on {me}; waiting for {peer} to start the standby")
+            };
+            let state = if peer_online {
+                VmState::Running
+            } else {
+                VmState::Simplex
+            };
+            return (state, self.with_note(vm, why));
+        }
+
+        // The owner is the peer.
+        if ft {
+            if let Some(Role::Primary) = local_role {
+                let peer_primary = peer_online
+                    && peer_vmm.is_some_and(|p| {
+                        p.role == Some(Role::Primary)
+                            || (p.role == Some(Role::Standby) && p.failed_over)
+                    });
+                if peer_primary {
+                    // Both nodes run it (our standby took over while the owner lived:
+                    // the A-Links were cut, or a partition healed). The record decides:
+                    // the owner's copy stays, ours stops.
+                    if !self.vms[vm].stop_sent {
+                        out.push(log(
+                            Some(vm),
+                            format!(
+                                "split brain: both nodes ran it; the record names {peer} the owner: stopping the copy here (its disk needs a resync)"
+                            ),
+                        ));
+                    }
+                    self.stop_local(vm, false, out);
+                    return (
+                        VmState::Stopping,
+                        format!(
+                            "split brain resolved for {peer}, the owner: stopping the copy here"
+                        ),
+                    );
+                }
+                // Our standby took over: the record must follow, under the quorum.
+                return self.takeover(vm, rec, out);
+            }
+            if local_role == Some(Role::Standby) {
+                if self.vms[vm].stop_sent {
+                    return (VmState::Stopping, self.vms[vm].note.clone());
+                }
+                return if !peer_online {
+                    (
+                        VmState::Simplex,
+                        format!(
+                            "{peer} is {}; the standby here takes over when the A-Links confirm",
+                            self.peer_word()
+                        ),
+                    )
+                } else if peer_vmm.is_some_and(|p| p.protected) {
+                    (
+                        VmState::Protected,
+                        format!("primary on {peer}, standby on {me} in sync"),
+                    )
+                } else {
+                    (
+                        VmState::Running,
+                        format!("primary on {peer}; standby on {me} synchronizing"),
+                    )
+                };
+            }
+            if !peer_online {
+                return (
+                    VmState::Down,
+                    format!(
+                        "its owner {peer} is {} and no standby ran here",
+                        self.peer_word()
+                    ),
+                );
+            }
+            self.spawn(vm, Role::Standby, out);
+            return (VmState::Starting, format!("starting the standby on {me}"));
+        }
+        if local_role.is_some() {
+            // An unprotected copy here while the record says the peer owns it.
+            self.stop_local(vm, false, out);
+            return (
+                VmState::Stopping,
+                format!("its owner is {peer}: stopping the copy here"),
+            );
+        }
+        if !peer_online {
+            let why = match rec.spec.protection {
+                Protection::Ha => format!("{peer} is {}: HA restart on the survivor is not built yet (phase 2)", self.peer_word()),
+                _ => format!(
+                    "{peer} is {}: unprotected VMs are not failed over; it comes back with {peer}{}",
+                    self.peer_word(),
+                    if rec.spec.autostart { " (autostart)" } else { " if started again (autostart is off)" }
+                ),
+            };
+            return (VmState::Down, why);
+        }
+        match peer_role {
+            Some(_) => (VmState::Running, format!("running on {peer}")),
+            None => (VmState::Starting, format!("{peer} is starting it")),
+        }
+    }
+
+    /// Our FT standby took over from the lost owner: ask the quorum, then own it.
+    fn takeover(&mut self, vm: &str, rec: &VmRecord, out: &mut Vec<Action>) -> (VmState, String) {
+        let me = self.me.clone();
+        let s = self.vms.get_mut(vm).expect("slot exists");
+        match s.takeover.clone() {
+            Grant::None => {
+                s.takeover = Grant::Asked;
+                out.push(Action::AskQuorum {
+                    vm: vm.into(),
+                    kind: QuorumKind::Takeover,
+                });
+                (
+                    VmState::Simplex,
+                    "took over; asking the quorum to own it".into(),
+                )
+            }
+            Grant::Asked => (VmState::Simplex, "took over; waiting for the quorum".into()),
+            Grant::Denied(why) => (
+                VmState::Simplex,
+                format!("took over but the quorum refused ownership: {why}"),
+            ),
+            Grant::Granted => {
+                s.takeover = Grant::None;
+                let mut r = rec.clone();
+                r.owner = Some(me.clone());
+                out.push(log(Some(vm), format!("owner is now {me} (takeover)")));
+                out.push(self.write(r));
+                (VmState::Simplex, format!("took over on {me}"))
+            }
+        }
+    }
+
+    fn peer_word(&self) -> &'static str {
+        match self.peer_state {
+            PeerState::Unknown => "not seen yet",
+            PeerState::Online => "online",
+            PeerState::Lost => "lost",
+        }
+    }
+
+    fn with_note(&self, vm: &str, why: String) -> String {
+        let note = &self.vms[vm].note;
+        if note.is_empty() || note.starts_with("placed") {
+            why
+        } else {
+            format!("{why} ({note})")
+        }
+    }
+
+    /// Invariants; panics name the broken one.
+    pub fn check(&self) {
+        assert!(
+            self.applied.len() <= MAX_APPLIED && self.applied_order.len() == self.applied.len()
+        );
+        for (name, s) in &self.vms {
+            assert_eq!(name, &s.record.spec.name, "slot keyed by its record's name");
+            assert!(
+                !(s.spawn_sent && s.local.is_some()),
+                "{name}: spawn in flight with a VMM running"
+            );
+            assert!(
+                s.crashes.len() <= self.policy.max_restart as usize,
+                "{name}: crash budget"
+            );
+            if let Some(l) = &s.local {
+                if l.acting() == Role::Solo
+                    && !s.stop_sent
+                    && !s.record.deleted
+                    && s.record.desired == Desired::Running
+                {
+                    assert_eq!(
+                        s.record.owner.as_deref(),
+                        Some(self.me.as_str()),
+                        "{name}: a solo VMM runs only on its owner"
+                    );
+                }
+            }
+            assert!(
+                s.record.deleted
+                    || (s.done_restart <= s.record.restart_seq
+                        && s.done_clear <= s.record.clear_seq),
+                "{name}: a counter step done that the record does not hold (done {}/{}, record {}/{})",
+                s.done_restart,
+                s.done_clear,
+                s.record.restart_seq,
+                s.record.clear_seq
+            );
+        }
+    }
+}
+
+fn log(vm: Option<&str>, msg: String) -> Action {
+    Action::Log {
+        vm: vm.map(str::to_owned),
+        msg,
+    }
+}
+
+fn done(vm: &str, s: &Slot) -> Action {
+    Action::Done {
+        vm: vm.into(),
+        done: Done {
+            created: s.incarnation.clone(),
+            restart: s.done_restart,
+            failback: s.done_failback,
+            clear: s.done_clear,
+        },
+    }
+}

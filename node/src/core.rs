@@ -1,0 +1,664 @@
+//! The daemon's core: the step function, the store and the supervisor behind one lock,
+//! and the edges that feed the step function (API commands, the peer channel, VMM
+//! events, quorum answers) and carry out its actions.
+//!
+//! Every input goes through [`Core::feed`], which steps, executes the actions (each may
+//! produce further inputs, e.g. a spawn produces `VmmRunning`) until nothing is left.
+//! The lock is a std mutex held for one feed, never across an await.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::cluster::{
+    Action, Cluster, CmdError, CmdOk, Command, Input, PeerState, PeerVmm, Policy,
+};
+use crate::config::NodeConfig;
+use crate::gate::{QuorumGate, QuorumRequest};
+use crate::model::{NodeState, NodeView, Role, VmRecord, VmView, VmmInfo};
+use crate::peer::wire::Msg;
+use crate::peer::{Outbox, Replica};
+use crate::store::{CommandRecord, Event, Store};
+use crate::supervisor::{Supervisor, VmmEvent};
+
+/// Answer to a command that was done, as the API returns it (a refused command gets an
+/// [`crate::api::ApiError`] with its `command_id`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CommandResponse {
+    /// The command's id (the client's `X-Command-Id`, or one made up): sending the same
+    /// id again returns this answer and runs nothing.
+    pub command_id: String,
+    pub vm: String,
+    pub op: String,
+    pub message: String,
+    /// True when this answer is the one given the first time the id was seen.
+    pub replayed: bool,
+}
+
+/// A command's HTTP status and JSON body (a [`CommandResponse`] or an
+/// [`crate::api::ApiError`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandOutcome {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+#[derive(Clone, Debug)]
+struct PeerInfo {
+    state: NodeState,
+    protocol: Option<u32>,
+    reason: String,
+    last_seen: Option<Instant>,
+}
+
+struct Inner {
+    store: Store,
+    cluster: Cluster,
+    sup: Supervisor,
+    peer: PeerInfo,
+    last_report: String,
+    /// Replies produced by the current feed, by command id.
+    replies: BTreeMap<String, (String, Result<CmdOk, CmdError>)>,
+}
+
+pub struct Core {
+    pub cfg: NodeConfig,
+    inner: Mutex<Inner>,
+    outbox: Outbox,
+    gate: Arc<dyn QuorumGate>,
+    epoch: Instant,
+    me: Weak<Core>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Core {
+    /// Opens the store, adopts running VMMs and builds the step function (not yet
+    /// booted: [`Core::boot`] once the API and the channel are up).
+    pub fn open(
+        cfg: NodeConfig,
+        gate: Arc<dyn QuorumGate>,
+        twinrun_bin: PathBuf,
+        outbox: Outbox,
+    ) -> Result<Arc<Core>, CoreError> {
+        for d in [&cfg.state_dir, &cfg.run_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| CoreError::Setup(format!("cannot create {}: {e}", d.display())))?;
+        }
+        let store = Store::open(&cfg.db_path())?;
+        let records = store.all()?;
+        let done = store.done()?;
+        let clock = store.clock()?;
+        let policy = Policy {
+            max_restart: cfg.supervision.max_restart,
+            restart_window_ms: cfg.supervision.restart_window_s * 1000,
+            boot_grace_ms: cfg.supervision.boot_grace_ms,
+            takeover_wait_ms: 5_000,
+        };
+        let cluster = Cluster::new(&cfg.node, &cfg.peer.name, policy, records, done, clock);
+        let mut sup = Supervisor::new(cfg.clone(), twinrun_bin);
+        let adopted = sup.adopt_all();
+        let core = Arc::new_cyclic(|me| Core {
+            cfg,
+            inner: Mutex::new(Inner {
+                store,
+                cluster,
+                sup,
+                peer: PeerInfo {
+                    state: NodeState::Unknown,
+                    protocol: None,
+                    reason: "not connected yet since this daemon started".into(),
+                    last_seen: None,
+                },
+                last_report: String::new(),
+                replies: BTreeMap::new(),
+            }),
+            outbox,
+            gate,
+            epoch: Instant::now(),
+            me: me.clone(),
+        });
+        let inputs = adopted
+            .into_iter()
+            .map(|(vm, role, pid)| Input::VmmRunning {
+                vm,
+                role,
+                pid,
+                adopted: true,
+            })
+            .collect();
+        core.feed(inputs);
+        Ok(core)
+    }
+
+    pub fn boot(&self) {
+        self.feed(vec![Input::Boot]);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug the step function's invariants
+        // caught; the daemon exits (systemd restarts it) rather than go on.
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(_) => {
+                log::error!("internal state poisoned by an earlier panic; exiting");
+                std::process::exit(70);
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn uses_scopes(&self) -> bool {
+        self.lock().sup.uses_scopes()
+    }
+
+    /// Steps every input and carries out the actions, until nothing is left.
+    pub fn feed(&self, inputs: Vec<Input>) {
+        let mut g = self.lock();
+        self.feed_locked(&mut g, inputs);
+    }
+
+    fn feed_locked(&self, g: &mut Inner, inputs: Vec<Input>) {
+        let mut queue: VecDeque<Input> = inputs.into();
+        let mut budget = 10_000u32;
+        while let Some(input) = queue.pop_front() {
+            budget -= 1;
+            if budget == 0 {
+                warn!("step loop did not settle; dropping the rest");
+                break;
+            }
+            let actions = g.cluster.step(self.now_ms(), input);
+            for a in actions {
+                self.execute(g, a, &mut queue);
+            }
+        }
+        // Tell the peer when our VMMs changed.
+        let report = serde_json::to_string(&g.cluster.report()).unwrap_or_default();
+        if report != g.last_report {
+            g.last_report = report.clone();
+            self.outbox.send(Msg::Report(report));
+        }
+    }
+
+    fn execute(&self, g: &mut Inner, a: Action, queue: &mut VecDeque<Input>) {
+        match a {
+            Action::Spawn { role, record } => {
+                let vm = record.spec.name.clone();
+                match g.sup.spawn(&record, role) {
+                    Ok(pid) => queue.push_back(Input::VmmRunning {
+                        vm,
+                        role,
+                        pid,
+                        adopted: false,
+                    }),
+                    Err(error) => queue.push_back(Input::VmmSpawnFailed { vm, error }),
+                }
+            }
+            Action::Stop { vm, force } => g.sup.stop(&vm, force),
+            Action::Persist(rec) => {
+                if let Err(e) = g
+                    .store
+                    .put(&rec)
+                    .and_then(|()| g.store.observe(rec.version.clock))
+                {
+                    warn!("{}: cannot write its record: {e}", rec.spec.name);
+                }
+                if let Ok(j) = serde_json::to_string(&rec) {
+                    self.outbox.send(Msg::Records(vec![j]));
+                }
+            }
+            Action::Done { vm, done } => {
+                if let Err(e) = g.store.put_done(&vm, &done) {
+                    warn!("{vm}: {e}");
+                }
+            }
+            Action::Reply { id, vm, result } => {
+                g.replies.insert(id.clone(), (vm, result));
+            }
+            Action::AskQuorum { vm, kind } => {
+                let req = QuorumRequest {
+                    cluster: self.cfg.cluster.clone(),
+                    node: self.cfg.node.clone(),
+                    peer: self.cfg.peer.name.clone(),
+                    vm: vm.clone(),
+                    kind,
+                    peer_silent_for: g.peer.last_seen.map(|t| t.elapsed()),
+                };
+                let gate = self.gate.clone();
+                let me = self.me.clone();
+                // The gate may block on the network: its own thread, answer fed back.
+                let spawned = std::thread::Builder::new()
+                    .name(format!("quorum-{vm}"))
+                    .spawn(move || {
+                        let v = gate.decide(&req);
+                        if let Some(core) = me.upgrade() {
+                            core.feed(vec![Input::Quorum {
+                                vm: req.vm,
+                                kind: req.kind,
+                                granted: v.granted,
+                                reason: v.reason,
+                            }]);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    queue.push_back(Input::Quorum {
+                        vm,
+                        kind,
+                        granted: false,
+                        reason: format!("cannot ask the quorum: {e}"),
+                    });
+                }
+            }
+            Action::SwapRoles { vm } => queue.push_back(Input::SwapFailed {
+                vm,
+                error: "the FT engine has no planned role swap yet (phase 2 of issue 15)".into(),
+            }),
+            Action::RemoveFiles { vm } => g.sup.remove_files(&vm),
+            Action::Log { vm, msg } => {
+                match &vm {
+                    Some(v) => info!("{v}: {msg}"),
+                    None => info!("{msg}"),
+                }
+                if let Err(e) = g.store.log_event(vm.as_deref(), &msg) {
+                    warn!("event log: {e}");
+                }
+            }
+        }
+    }
+
+    /// Periodic work: VMM ends and log markers, then a tick.
+    pub fn tick(&self) {
+        let mut g = self.lock();
+        let events = g.sup.poll();
+        let mut inputs: Vec<Input> = events
+            .into_iter()
+            .map(|e| match e {
+                VmmEvent::Exited { vm, exit } => Input::VmmExited { vm, exit },
+                VmmEvent::Protected { vm } => Input::VmmProtected { vm },
+                VmmEvent::Unprotected { vm } => Input::VmmUnprotected { vm },
+                VmmEvent::FailedOver { vm } => Input::VmmFailedOver { vm },
+            })
+            .collect();
+        inputs.push(Input::Tick);
+        self.feed_locked(&mut g, inputs);
+    }
+
+    /// Runs a command from the API exactly once per id.
+    pub fn command(&self, id: Option<String>, vm: &str, cmd: Command) -> CommandOutcome {
+        let op = cmd.name().to_string();
+        let id = id.unwrap_or_else(|| new_command_id(&self.cfg.node));
+        let mut g = self.lock();
+        if let Ok(Some(c)) = g.store.command(&id) {
+            let mut body = c.body;
+            body["replayed"] = serde_json::Value::Bool(true);
+            return CommandOutcome {
+                status: c.status,
+                body,
+            };
+        }
+        self.feed_locked(
+            &mut g,
+            vec![Input::Command {
+                id: id.clone(),
+                vm: vm.to_string(),
+                cmd,
+            }],
+        );
+        let result = g
+            .replies
+            .remove(&id)
+            .map(|(_, r)| r)
+            .unwrap_or_else(|| Err(CmdError::Conflict("the command got no answer".into())));
+        g.replies.clear();
+        let out = outcome(&id, vm, &op, &result);
+        let rec = CommandRecord {
+            id: id.clone(),
+            vm: vm.to_string(),
+            op,
+            status: out.status,
+            body: out.body.clone(),
+            node: self.cfg.node.clone(),
+            clock: g.store.clock().unwrap_or(0),
+        };
+        match g.store.put_command(&rec) {
+            Ok(_) => {
+                if let Ok(j) = serde_json::to_string(&rec) {
+                    self.outbox.send(Msg::Commands(vec![j]));
+                }
+            }
+            Err(e) => warn!("cannot record command {id}: {e}"),
+        }
+        out
+    }
+
+    pub fn vm_views(&self) -> Vec<VmView> {
+        let g = self.lock();
+        g.cluster
+            .records()
+            .map(|r| view(&self.cfg.peer.name, &g, r))
+            .collect()
+    }
+
+    pub fn vm_view(&self, name: &str) -> Option<VmView> {
+        let g = self.lock();
+        g.cluster
+            .record(name)
+            .filter(|r| !r.deleted)
+            .map(|r| view(&self.cfg.peer.name, &g, r))
+    }
+
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let g = self.lock();
+        let owned = |n: &str| {
+            g.cluster
+                .records()
+                .filter(|r| r.owner.as_deref() == Some(n))
+                .count() as u32
+        };
+        vec![
+            NodeView {
+                name: self.cfg.node.clone(),
+                state: NodeState::Local,
+                api_addr: self.cfg.api.listen.to_string(),
+                peer_addr: self.cfg.cluster_link.listen.to_string(),
+                vms_owned: owned(&self.cfg.node),
+                reason: format!(
+                    "this node; quorum: {}; VMMs in {}",
+                    self.gate.describe(),
+                    if g.sup.uses_scopes() {
+                        "systemd scopes"
+                    } else {
+                        "their own sessions"
+                    }
+                ),
+                protocol: Some(crate::peer::wire::PROTOCOL),
+            },
+            NodeView {
+                name: self.cfg.peer.name.clone(),
+                state: g.peer.state,
+                api_addr: self.cfg.peer.api.to_string(),
+                peer_addr: self.cfg.peer.addr.to_string(),
+                vms_owned: owned(&self.cfg.peer.name),
+                reason: g.peer.reason.clone(),
+                protocol: g.peer.protocol,
+            },
+        ]
+    }
+
+    pub fn events(&self, vm: Option<&str>, limit: u32) -> Vec<Event> {
+        self.lock().store.events(vm, limit).unwrap_or_default()
+    }
+
+    /// One line for systemd's STATUS=.
+    pub fn status_line(&self) -> String {
+        let g = self.lock();
+        let total = g.cluster.records().count();
+        let running = g
+            .cluster
+            .records()
+            .filter(|r| g.sup.running(&r.spec.name).is_some())
+            .count();
+        format!(
+            "{}: API on {}; peer {} {}; {total} VMs, {running} VMMs here",
+            self.cfg.node,
+            self.cfg.api.listen,
+            self.cfg.peer.name,
+            match g.peer.state {
+                NodeState::Online => "online",
+                NodeState::Lost => "lost",
+                _ => "not seen",
+            }
+        )
+    }
+}
+
+fn view(peer: &str, g: &Inner, r: &VmRecord) -> VmView {
+    let name = &r.spec.name;
+    let shown = g.cluster.shown(name);
+    let mut vmms = Vec::new();
+    if let Some(sh) = &shown {
+        if let (Some(role), Some(pid)) = (sh.local_role, sh.local_pid) {
+            vmms.push(VmmInfo {
+                node: g.cluster.me().to_string(),
+                role,
+                pid,
+                protected: sh.local_protected,
+                failed_over: sh.local_failed_over,
+            });
+        }
+    }
+    if let Some(PeerVmm {
+        role: Some(role),
+        pid,
+        protected,
+        failed_over,
+        ..
+    }) = g.cluster.peer_vmm(name)
+    {
+        vmms.push(VmmInfo {
+            node: peer.to_string(),
+            role: *role,
+            pid: *pid,
+            protected: *protected,
+            failed_over: *failed_over,
+        });
+    }
+    VmView {
+        spec: r.spec.clone(),
+        desired: r.desired,
+        owner: r.owner.clone(),
+        state: shown
+            .as_ref()
+            .map_or(crate::model::VmState::Pending, |s| s.state),
+        reason: shown
+            .as_ref()
+            .map_or_else(String::new, |s| s.reason.clone()),
+        vmms,
+        restarts: shown.as_ref().map_or(0, |s| s.restarts),
+        version: r.version.clone(),
+    }
+}
+
+fn outcome(id: &str, vm: &str, op: &str, r: &Result<CmdOk, CmdError>) -> CommandOutcome {
+    let (status, kind) = match r {
+        Ok(m) => {
+            let body = CommandResponse {
+                command_id: id.to_string(),
+                vm: vm.to_string(),
+                op: op.to_string(),
+                message: m.clone(),
+                replayed: false,
+            };
+            let status = if op == "create" { 201 } else { 200 };
+            return CommandOutcome {
+                status,
+                body: serde_json::to_value(body).unwrap_or_default(),
+            };
+        }
+        Err(CmdError::UnknownVm(_)) => (404, "not-found"),
+        Err(CmdError::Conflict(_)) => (409, "conflict"),
+        Err(CmdError::Invalid(_)) => (400, "invalid"),
+    };
+    let e = crate::api::ApiError {
+        error: r
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        kind: kind.into(),
+        command_id: Some(id.to_string()),
+        status,
+    };
+    CommandOutcome {
+        status,
+        body: serde_json::to_value(e).unwrap_or_default(),
+    }
+}
+
+/// Turns a stored answer back into the step function's result (replicated commands).
+fn result_of(c: &CommandRecord) -> Option<Result<CmdOk, CmdError>> {
+    if (200..300).contains(&c.status) {
+        let r: CommandResponse = serde_json::from_value(c.body.clone()).ok()?;
+        return Some(Ok(r.message));
+    }
+    let e: crate::api::ApiError = serde_json::from_value(c.body.clone()).ok()?;
+    Some(Err(match c.status {
+        404 => CmdError::UnknownVm(c.vm.clone()),
+        400 => CmdError::Invalid(e.error),
+        _ => CmdError::Conflict(e.error),
+    }))
+}
+
+pub fn new_command_id(node: &str) -> String {
+    let n = crate::peer::wire::nonce();
+    let hex: String = n[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{node}-{hex}")
+}
+
+impl Replica for Core {
+    fn digest(&self) -> (Vec<(String, u64, String)>, Vec<String>) {
+        let g = self.lock();
+        let recs = g
+            .store
+            .digest()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, v)| (n, v.clock, v.node))
+            .collect();
+        (recs, g.store.command_ids().unwrap_or_default())
+    }
+
+    fn records_for(&self, peer: &[(String, u64, String)]) -> Vec<String> {
+        let g = self.lock();
+        let theirs: Vec<(String, crate::model::Version)> = peer
+            .iter()
+            .map(|(n, c, node)| {
+                (
+                    n.clone(),
+                    crate::model::Version {
+                        clock: *c,
+                        node: node.clone(),
+                    },
+                )
+            })
+            .collect();
+        let ours = g.store.digest().unwrap_or_default();
+        crate::replica::to_send(&ours, &theirs)
+            .into_iter()
+            .filter_map(|n| g.store.get(&n).ok().flatten())
+            .filter_map(|r| serde_json::to_string(&r).ok())
+            .collect()
+    }
+
+    fn commands_for(&self, peer: &BTreeSet<String>) -> Vec<String> {
+        let g = self.lock();
+        g.store
+            .commands()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| !peer.contains(&c.id))
+            .filter_map(|c| serde_json::to_string(&c).ok())
+            .collect()
+    }
+
+    fn merge_records(&self, records: Vec<String>) {
+        let mut g = self.lock();
+        // One record at a time: the store merges it and the step function sees it
+        // before anything else steps, so every record the step function holds is the
+        // store's (a local write never lands on a newer record it has not seen).
+        for j in records {
+            match serde_json::from_str::<VmRecord>(&j) {
+                Ok(r) => match g.store.merge(&r) {
+                    Ok(_) => self.feed_locked(&mut g, vec![Input::Record(r)]),
+                    Err(e) => warn!("merging {}: {e}", r.spec.name),
+                },
+                Err(e) => warn!("the peer sent a record that does not decode: {e}"),
+            }
+        }
+    }
+
+    fn merge_commands(&self, commands: Vec<String>) {
+        let mut g = self.lock();
+        let mut inputs = Vec::new();
+        for j in commands {
+            let Ok(c) = serde_json::from_str::<CommandRecord>(&j) else {
+                warn!("the peer sent a command record that does not decode");
+                continue;
+            };
+            if let (Ok(true), Some(result)) = (g.store.put_command(&c), result_of(&c)) {
+                inputs.push(Input::CommandSeen { id: c.id, result });
+            }
+        }
+        self.feed_locked(&mut g, inputs);
+    }
+
+    fn report(&self) -> String {
+        serde_json::to_string(&self.lock().cluster.report()).unwrap_or_default()
+    }
+
+    fn peer_up(&self, protocol: u32) {
+        let mut g = self.lock();
+        g.peer = PeerInfo {
+            state: NodeState::Online,
+            protocol: Some(protocol),
+            reason: format!("connected and caught up (protocol {protocol})"),
+            last_seen: Some(Instant::now()),
+        };
+        g.last_report.clear();
+        self.feed_locked(&mut g, vec![Input::PeerUp]);
+    }
+
+    fn peer_report(&self, report: String) {
+        let mut g = self.lock();
+        g.peer.last_seen = Some(Instant::now());
+        match serde_json::from_str::<BTreeMap<String, PeerVmm>>(&report) {
+            Ok(r) => self.feed_locked(&mut g, vec![Input::PeerReport(r)]),
+            Err(e) => warn!("the peer's report does not decode: {e}"),
+        }
+    }
+
+    fn peer_lost(&self, why: String) {
+        let mut g = self.lock();
+        let was_online = g.peer.state == NodeState::Online;
+        g.peer.state = if was_online || g.peer.state == NodeState::Lost {
+            NodeState::Lost
+        } else {
+            NodeState::Unknown
+        };
+        g.peer.reason = why;
+        if was_online {
+            self.feed_locked(
+                &mut g,
+                vec![Input::PeerLost, Input::PeerReport(BTreeMap::new())],
+            );
+        }
+    }
+}
+
+/// How long the tick loop sleeps between polls of the VMMs.
+pub const TICK: Duration = Duration::from_millis(100);
+
+impl Core {
+    pub fn peer_state(&self) -> PeerState {
+        self.lock().cluster.peer_state()
+    }
+
+    /// (role, pid) of a VM's VMM on this node.
+    pub fn local_vmm(&self, vm: &str) -> Option<(Role, u32)> {
+        self.lock().sup.running(vm)
+    }
+}

@@ -1,0 +1,254 @@
+//! The command line of a VMM process, derived from the node's config and the VM's
+//! record: the operator never types a role, an A-Link address, a secret file, a disk
+//! path or a TAP name. Pure, so the derivation is unit-tested.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::config::NodeConfig;
+use crate::model::{PayloadSpec, Role, VmRecord};
+
+/// The derived pieces of one VMM (also shown by `vm show --json` via the API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmPlan {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Disk images this node keeps for the VM, with their sizes in bytes.
+    pub disks: Vec<(PathBuf, u64)>,
+    /// TAPs to create (and bridge) before the VMM starts.
+    pub taps: Vec<String>,
+    pub log: PathBuf,
+    pub console: PathBuf,
+}
+
+/// This node's A-Link addresses for the VM: (local, peer) per link.
+pub fn alinks(cfg: &NodeConfig, rec: &VmRecord) -> Vec<(SocketAddr, SocketAddr)> {
+    let n = cfg.alink.links.len() as u32;
+    cfg.alink
+        .links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let port = u32::from(cfg.alink.port_base) + u32::from(rec.slot) * n + i as u32;
+            // Config validation keeps port_base >= 1024; slots are bounded by MAX_VMS.
+            let port = u16::try_from(port).unwrap_or(u16::MAX);
+            (
+                SocketAddr::new(l.local, port),
+                SocketAddr::new(l.peer, port),
+            )
+        })
+        .collect()
+}
+
+pub fn tap_name(cfg: &NodeConfig, rec: &VmRecord, nic: usize) -> String {
+    format!("{}{}n{}", cfg.network.tap_prefix, rec.slot, nic)
+}
+
+pub fn plan(
+    cfg: &NodeConfig,
+    rec: &VmRecord,
+    role: Role,
+    twinrun_bin: &Path,
+) -> Result<VmmPlan, String> {
+    let spec = &rec.spec;
+    let dir = cfg.vm_dir(&spec.name);
+    let mut a: Vec<String> = vec![
+        twinrun_bin.display().to_string(),
+        "vm".into(),
+        "run".into(),
+        "--name".into(),
+        spec.name.clone(),
+        "--vcpus".into(),
+        spec.vcpus.to_string(),
+        "--mem-mib".into(),
+        spec.mem_mib.to_string(),
+    ];
+    match &spec.payload {
+        PayloadSpec::TestGuest {
+            elf,
+            workloads,
+            counter_rate,
+            kv_addr,
+        } => {
+            let elf = elf.clone().or_else(|| cfg.guest_elf.clone()).ok_or(
+                "the VM's payload names no test guest ELF and the node config has no guest_elf",
+            )?;
+            a.extend(["--guest".into(), elf.display().to_string()]);
+            if !workloads.is_empty() {
+                a.extend(["--workload".into(), workloads.join(",")]);
+            }
+            if let Some(r) = counter_rate {
+                a.extend(["--counter-rate".into(), r.to_string()]);
+            }
+            if let Some(k) = kv_addr {
+                a.extend(["--kv-addr".into(), k.clone()]);
+            }
+        }
+        PayloadSpec::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            a.extend(["--kernel".into(), kernel.display().to_string()]);
+            if let Some(i) = initrd {
+                a.extend(["--initrd".into(), i.display().to_string()]);
+            }
+            if let Some(c) = cmdline {
+                a.extend(["--cmdline".into(), c.clone()]);
+            }
+        }
+    }
+    let mut disks = Vec::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let p = dir.join(format!("disk{i}.img"));
+        a.extend(["--disk".into(), p.display().to_string()]);
+        disks.push((p, d.size_mib << 20));
+    }
+    let mut taps = Vec::new();
+    for (i, n) in spec.nics.iter().enumerate() {
+        let tap = tap_name(cfg, rec, i);
+        a.extend(["--net".into(), format!("{tap},{}", n.mac)]);
+        taps.push(tap);
+    }
+    let console = dir.join("console.log");
+    a.extend(["--console".into(), format!("file:{}", console.display())]);
+    match role {
+        Role::Solo => {}
+        Role::Primary | Role::Standby => {
+            a.extend([
+                "--role".into(),
+                role.to_string(),
+                "--cluster-id".into(),
+                cfg.cluster.clone(),
+                "--cluster-secret-file".into(),
+                cfg.secret_file.display().to_string(),
+            ]);
+            for (local, peer) in alinks(cfg, rec) {
+                a.extend(["--alink".into(), format!("{local},{peer}")]);
+            }
+        }
+    }
+    let env = vec![
+        (
+            "TWINRUN_RUN_DIR".to_string(),
+            cfg.vmm_run_dir().display().to_string(),
+        ),
+        (
+            "TWINRUN_STATE_DIR".to_string(),
+            cfg.state_dir.join("vmm-state").display().to_string(),
+        ),
+        ("RUST_LOG".to_string(), "info".to_string()),
+    ];
+    Ok(VmmPlan {
+        args: a,
+        env,
+        disks,
+        taps,
+        log: dir.join("vmm.log"),
+        console,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn cfg() -> NodeConfig {
+        NodeConfig::parse(Path::new("n.toml"), crate::config::tests::GOOD).unwrap()
+    }
+
+    fn rec(protection: Protection) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                name: "db".into(),
+                vcpus: 2,
+                mem_mib: 128,
+                disks: vec![DiskSpec { size_mib: 8 }],
+                nics: vec![NicSpec {
+                    mac: "02:00:00:00:00:07".into(),
+                }],
+                payload: PayloadSpec::TestGuest {
+                    elf: Some("/g.elf".into()),
+                    workloads: vec!["disk".into(), "kv".into()],
+                    counter_rate: None,
+                    kv_addr: Some("10.0.0.2/24".into()),
+                },
+                protection,
+                preferred_node: Some("pm1".into()),
+                autostart: true,
+                failback: Failback::Auto,
+            },
+            desired: Desired::Running,
+            owner: Some("pm1".into()),
+            slot: 3,
+            restart_seq: 0,
+            failback_seq: 0,
+            clear_seq: 0,
+            deleted: false,
+            stopped_because: None,
+            created: Version::default(),
+            version: Version::default(),
+        }
+    }
+
+    #[test]
+    fn ft_standby_gets_role_links_secret_and_own_files() {
+        let p = plan(
+            &cfg(),
+            &rec(Protection::Ft),
+            Role::Standby,
+            Path::new("/usr/bin/twinrun"),
+        )
+        .unwrap();
+        let line = p.args.join(" ");
+        assert!(line.starts_with("/usr/bin/twinrun vm run --name db --vcpus 2 --mem-mib 128 --guest /g.elf --workload disk,kv"), "{line}");
+        assert!(line.contains("--role standby --cluster-id plant-a --cluster-secret-file /etc/twinrun/cluster.secret"), "{line}");
+        // Two links, slot 3: ports 7500 + 3*2 + i.
+        assert!(
+            line.contains(
+                "--alink 10.88.0.1:7506,10.88.0.2:7506 --alink 10.88.1.1:7507,10.88.1.2:7507"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("--disk /var/lib/twinrund/vms/db/disk0.img"),
+            "{line}"
+        );
+        assert!(line.contains("--net twr3n0,02:00:00:00:00:07"), "{line}");
+        assert!(
+            line.contains("--console file:/var/lib/twinrund/vms/db/console.log"),
+            "{line}"
+        );
+        assert_eq!(
+            p.disks,
+            vec![("/var/lib/twinrund/vms/db/disk0.img".into(), 8 << 20)]
+        );
+        assert_eq!(p.taps, vec!["twr3n0".to_string()]);
+        assert!(p
+            .env
+            .contains(&("TWINRUN_RUN_DIR".into(), "/run/twinrund/vmm".into())));
+    }
+
+    #[test]
+    fn solo_has_no_ft_flags_and_missing_guest_is_an_error() {
+        let p = plan(
+            &cfg(),
+            &rec(Protection::Unprotected),
+            Role::Solo,
+            Path::new("t"),
+        )
+        .unwrap();
+        assert!(!p.args.iter().any(|a| a == "--role" || a == "--alink"));
+        let mut r = rec(Protection::Unprotected);
+        r.spec.payload = PayloadSpec::TestGuest {
+            elf: None,
+            workloads: vec![],
+            counter_rate: None,
+            kv_addr: None,
+        };
+        assert!(plan(&cfg(), &r, Role::Solo, Path::new("t"))
+            .unwrap_err()
+            .contains("guest_elf"));
+    }
+}

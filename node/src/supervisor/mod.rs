@@ -1,0 +1,473 @@
+//! The VMM processes of this node: spawned so that they outlive the daemon (own session;
+//! a systemd scope where systemd is PID 1), recorded in pid files, found again and
+//! adopted by a restarted daemon, watched for their end and for what they log
+//! (protected, standby lost, failover), stopped on request.
+//!
+//! A restarted daemon never touches a running guest: adoption only reads `/proc`, the
+//! pid file and the control socket.
+
+pub mod argv;
+mod procfs;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ExitKind;
+use crate::config::{NodeConfig, ScopeMode};
+use crate::model::{Role, VmRecord};
+
+/// Lines of `twinrun vm run`'s log that the daemon follows.
+pub const PROTECTED_LOG: &str = "FT primary: protected";
+pub const WAITING_LOG: &str = "FT primary: waiting for a standby";
+pub const FAILOVER_LOG: &str = "FT standby: failover complete";
+/// Longest log line kept while looking for the markers.
+const MAX_LINE: usize = 64 << 10;
+
+/// What the pid file of a VMM holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidFile {
+    pub pid: u32,
+    /// Field 22 of /proc/<pid>/stat: tells a reused pid from ours.
+    pub start_time: u64,
+    pub role: Role,
+    pub log: PathBuf,
+}
+
+/// Something a VMM did, noticed by [`Supervisor::poll`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmEvent {
+    Exited { vm: String, exit: ExitKind },
+    Protected { vm: String },
+    Unprotected { vm: String },
+    FailedOver { vm: String },
+}
+
+struct Proc {
+    role: Role,
+    pid: u32,
+    start_time: u64,
+    /// Our child (spawned by this daemon); None when adopted.
+    child: Option<Child>,
+    log: PathBuf,
+    log_offset: u64,
+    partial: Vec<u8>,
+}
+
+pub struct Supervisor {
+    cfg: NodeConfig,
+    bin: PathBuf,
+    scope: bool,
+    procs: BTreeMap<String, Proc>,
+}
+
+/// True when systemd runs this machine (PID 1): VMMs then get their own scope, so a
+/// `systemctl restart twinrund` does not reach them.
+pub fn systemd_is_pid1() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+        && std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
+}
+
+impl Supervisor {
+    pub fn new(cfg: NodeConfig, bin: PathBuf) -> Supervisor {
+        let scope = match cfg.supervision.scope {
+            ScopeMode::Always => true,
+            ScopeMode::Never => false,
+            ScopeMode::Auto => systemd_is_pid1(),
+        };
+        Supervisor {
+            cfg,
+            bin,
+            scope,
+            procs: BTreeMap::new(),
+        }
+    }
+
+    pub fn uses_scopes(&self) -> bool {
+        self.scope
+    }
+
+    /// (role, pid) of the VM's VMM here.
+    pub fn running(&self, vm: &str) -> Option<(Role, u32)> {
+        self.procs.get(vm).map(|p| (p.role, p.pid))
+    }
+
+    /// Finds the VMMs a previous daemon left running, from their pid files; removes
+    /// stale pid files. Returns (vm, role, pid) of each adopted one.
+    pub fn adopt_all(&mut self) -> Vec<(String, Role, u32)> {
+        let dir = self.cfg.run_dir.join("pids");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(vm) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pid"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            match self.adopt(&vm, &path) {
+                Ok((role, pid)) => out.push((vm, role, pid)),
+                Err(why) => {
+                    info!("{vm}: not adopting ({why}); removing {}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        out
+    }
+
+    fn adopt(&mut self, vm: &str, path: &Path) -> Result<(Role, u32), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let pf: PidFile = serde_json::from_str(&text).map_err(|e| format!("bad pid file: {e}"))?;
+        let st = procfs::stat(pf.pid).ok_or("the process is gone")?;
+        if st.start_time != pf.start_time {
+            return Err(format!("pid {} now belongs to another process", pf.pid));
+        }
+        if st.ended() {
+            return Err("the process has ended".into());
+        }
+        let cmdline = procfs::cmdline(pf.pid).unwrap_or_default();
+        let named = cmdline.windows(2).any(|w| w[0] == "--name" && w[1] == vm);
+        if !named || !cmdline.iter().any(|a| a == "run") {
+            return Err(format!(
+                "pid {} is not `twinrun vm run --name {vm}`",
+                pf.pid
+            ));
+        }
+        // The control socket confirms (every `twinrun vm run --name` serves one, both
+        // ends of a pair included). /proc already showed this is our VM's process, so a
+        // socket that disagrees or does not answer is logged, never a reason to start
+        // a second copy.
+        let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
+        match twinrun_control::status(&sock, Duration::from_secs(2)) {
+            Ok(s) if s.name == vm && s.pid == pf.pid => {}
+            Ok(s) => warn!(
+                "{vm}: its control socket answers as {} pid {}, not pid {}",
+                s.name, s.pid, pf.pid
+            ),
+            Err(e) => {
+                warn!("{vm}: control socket: {e} (adopting on the pid file's and /proc's word)")
+            }
+        }
+        info!("{vm}: adopted running {} VMM pid {}", pf.role, pf.pid);
+        self.procs.insert(
+            vm.to_string(),
+            Proc {
+                role: pf.role,
+                pid: pf.pid,
+                start_time: pf.start_time,
+                child: None,
+                log: pf.log.clone(),
+                log_offset: 0,
+                partial: Vec::new(),
+            },
+        );
+        Ok((pf.role, pf.pid))
+    }
+
+    /// Starts the VMM of `rec` as `role`; its pid.
+    pub fn spawn(&mut self, rec: &VmRecord, role: Role) -> Result<u32, String> {
+        let vm = rec.spec.name.clone();
+        if self.procs.contains_key(&vm) {
+            return Err("a VMM for it runs already".into());
+        }
+        let plan = argv::plan(&self.cfg, rec, role, &self.bin)?;
+        let dir = self.cfg.vm_dir(&vm);
+        for d in [
+            &dir,
+            &self.cfg.vmm_run_dir(),
+            &self.cfg.run_dir.join("pids"),
+        ] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        for (path, size) in &plan.disks {
+            ensure_disk(path, *size)?;
+        }
+        if let Some(br) = &self.cfg.network.bridge {
+            for tap in &plan.taps {
+                attach_tap(tap, br)?;
+            }
+        }
+        // Each start gets a fresh log (the previous one is kept as .1).
+        let _ = std::fs::rename(&plan.log, plan.log.with_extension("log.1"));
+        let log = File::create(&plan.log).map_err(|e| format!("{}: {e}", plan.log.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = if self.scope {
+            let mut c = Command::new("systemd-run");
+            c.args(["--scope", "--quiet", "--collect", "--unit"])
+                .arg(format!("twinrun-vm-{vm}"))
+                .arg("--")
+                .args(&plan.args);
+            c
+        } else {
+            let mut c = Command::new(&plan.args[0]);
+            c.args(&plan.args[1..]);
+            c
+        };
+        // The daemon's systemd variables are its own, not the VMM's.
+        for k in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.envs(plan.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe and touches nothing of the parent; it
+        // puts the VMM in its own session so that signals aimed at the daemon's
+        // process group or terminal (Ctrl-C, a unit stop) do not reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", plan.args[0]))?;
+        let pid = child.id();
+        let start_time = procfs::stat(pid).map_or(0, |s| s.start_time);
+        let pf = PidFile {
+            pid,
+            start_time,
+            role,
+            log: plan.log.clone(),
+        };
+        write_atomic(
+            &self.cfg.pid_file(&vm),
+            serde_json::to_string(&pf)
+                .map_err(|e| e.to_string())?
+                .as_bytes(),
+        )?;
+        info!(
+            "{vm}: started {role} VMM pid {pid}: {}",
+            plan.args.join(" ")
+        );
+        self.procs.insert(
+            vm,
+            Proc {
+                role,
+                pid,
+                start_time,
+                child: Some(child),
+                log: plan.log,
+                log_offset: 0,
+                partial: Vec::new(),
+            },
+        );
+        Ok(pid)
+    }
+
+    /// SIGTERM (the VMM flushes its devices and exits) or SIGKILL.
+    pub fn stop(&mut self, vm: &str, force: bool) {
+        let Some(p) = self.procs.get(vm) else { return };
+        let sig = if force { libc::SIGKILL } else { libc::SIGTERM };
+        // Our pid only while its start time matches (never signal a reused pid).
+        if procfs::stat(p.pid).is_some_and(|s| s.start_time == p.start_time) {
+            // SAFETY: kill(2) with a pid we checked is still our VMM.
+            unsafe { libc::kill(p.pid as libc::pid_t, sig) };
+        }
+    }
+
+    /// Reaps ended VMMs and reads their logs; what happened, in order.
+    pub fn poll(&mut self) -> Vec<VmmEvent> {
+        let mut out = Vec::new();
+        let mut ended = Vec::new();
+        for (vm, p) in &mut self.procs {
+            scan_log(vm, p, &mut out);
+            let exit = match p.child.as_mut() {
+                Some(c) => match c.try_wait() {
+                    Ok(Some(st)) => Some(
+                        match (
+                            st.code(),
+                            std::os::unix::process::ExitStatusExt::signal(&st),
+                        ) {
+                            (Some(0), _) => ExitKind::Clean,
+                            (Some(c), _) => {
+                                ExitKind::Crashed(format!("exit code {c}{}", exit_hint(c)))
+                            }
+                            (None, Some(s)) => ExitKind::Crashed(format!("killed by signal {s}")),
+                            (None, None) => ExitKind::Crashed("ended".into()),
+                        },
+                    ),
+                    Ok(None) => None,
+                    Err(e) => Some(ExitKind::Crashed(format!("cannot wait for it: {e}"))),
+                },
+                None => match procfs::stat(p.pid) {
+                    // Ended only once every thread is gone (its socket closed with it).
+                    Some(s) if s.start_time == p.start_time && !s.ended() => None,
+                    _ => Some(ExitKind::Crashed(format!(
+                        "ended while adopted (status unknown; see {})",
+                        p.log.display()
+                    ))),
+                },
+            };
+            if let Some(exit) = exit {
+                ended.push((vm.clone(), exit));
+            }
+        }
+        for (vm, exit) in ended {
+            if let Some(mut p) = self.procs.remove(&vm) {
+                scan_log(&vm, &mut p, &mut out);
+            }
+            let _ = std::fs::remove_file(self.cfg.pid_file(&vm));
+            out.push(VmmEvent::Exited { vm, exit });
+        }
+        out
+    }
+
+    /// Removes a deleted VM's files on this node.
+    pub fn remove_files(&self, vm: &str) {
+        let dir = self.cfg.vm_dir(vm);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("{vm}: cannot remove {}: {e}", dir.display());
+            }
+        }
+        let _ = std::fs::remove_file(self.cfg.pid_file(vm));
+    }
+}
+
+fn exit_hint(code: i32) -> &'static str {
+    match code {
+        1 => " (the guest failed)",
+        2 => " (bad VMM configuration)",
+        3 => " (the VM crashed)",
+        4 => " (the VM could not be built or started)",
+        _ => "",
+    }
+}
+
+/// Reads what the VMM logged since the last call and turns marker lines into events.
+fn scan_log(vm: &str, p: &mut Proc, out: &mut Vec<VmmEvent>) {
+    let Ok(mut f) = File::open(&p.log) else {
+        return;
+    };
+    if f.seek(SeekFrom::Start(p.log_offset)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    let Ok(n) = f.take(4 << 20).read_to_end(&mut buf) else {
+        return;
+    };
+    p.log_offset += n as u64;
+    p.partial.extend_from_slice(&buf);
+    while let Some(nl) = p.partial.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = p.partial.drain(..=nl).collect();
+        let line = String::from_utf8_lossy(&line);
+        let ev = if line.contains(PROTECTED_LOG) {
+            Some(VmmEvent::Protected { vm: vm.into() })
+        } else if line.contains(WAITING_LOG) {
+            Some(VmmEvent::Unprotected { vm: vm.into() })
+        } else if line.contains(FAILOVER_LOG) {
+            Some(VmmEvent::FailedOver { vm: vm.into() })
+        } else {
+            None
+        };
+        out.extend(ev);
+    }
+    if p.partial.len() > MAX_LINE {
+        p.partial.clear();
+    }
+}
+
+fn ensure_disk(path: &Path, size: u64) -> Result<(), String> {
+    if path.exists() {
+        return Ok(());
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("cannot create disk image {}: {e}", path.display()))?;
+    f.set_len(size)
+        .map_err(|e| format!("cannot size disk image {}: {e}", path.display()))
+}
+
+/// Creates TAP `tap` if needed and puts it on bridge `br`.
+fn attach_tap(tap: &str, br: &str) -> Result<(), String> {
+    let ip = |args: &[&str]| -> Result<std::process::Output, String> {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))
+    };
+    let o = ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    if !o.status.success() && !ip(&["link", "show", tap])?.status.success() {
+        return Err(format!(
+            "cannot create TAP {tap}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    let o = ip(&["link", "set", tap, "master", br, "up"])?;
+    if !o.status.success() {
+        return Err(format!(
+            "cannot put TAP {tap} on bridge {br}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_markers_become_events_across_partial_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        std::fs::write(&log, "x\nINFO FT primary: protec").unwrap();
+        let mut p = Proc {
+            role: Role::Primary,
+            pid: 1,
+            start_time: 0,
+            child: None,
+            log: log.clone(),
+            log_offset: 0,
+            partial: Vec::new(),
+        };
+        let mut out = Vec::new();
+        scan_log("a", &mut p, &mut out);
+        assert!(out.is_empty());
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"ted: the standby\nFT primary: waiting for a standby (session 2)\n",
+        )
+        .unwrap();
+        scan_log("a", &mut p, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                VmmEvent::Protected { vm: "a".into() },
+                VmmEvent::Unprotected { vm: "a".into() }
+            ]
+        );
+    }
+}
