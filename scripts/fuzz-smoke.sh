@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, quorum/fuzz) and runs each for a bounded time.
+# Builds the cargo-fuzz targets (vmm/fuzz, alink/fuzz, quorum/fuzz, checkpoint/fuzz,
+# storage-mirror/fuzz) and runs each for a bounded time.
 # Exits non-zero if a build fails or any target finds a crash.
 # Usage: scripts/fuzz-smoke.sh [seconds-per-target]   (default 20)
 set -euo pipefail
@@ -13,9 +14,10 @@ fi
 
 # "crate-dir:target" pairs; each crate dir has its own fuzz/ workspace.
 targets=(vmm:block_request vmm:net_tx vmm:console_tx vmm:mmio_transport alink:frame_decoder
-    quorum:witness_decoder)
+    quorum:witness_decoder checkpoint:checkpoint_messages storage-mirror:disk_messages
+    storage-mirror:meta_parser storage-mirror:bitmap_parser storage-mirror:apply_journal_parser)
 
-for d in vmm alink quorum; do
+for d in vmm alink quorum checkpoint storage-mirror; do
     (cd "$root/$d" && cargo +nightly fuzz build)
 done
 
@@ -28,12 +30,16 @@ for dt in "${targets[@]}"; do
     work="$(mktemp -d)"
     mkdir -p "$work/corpus"
     echo "== fuzz $t for ${secs}s"
-    if cargo +nightly fuzz run "$t" "$work/corpus" -- \
+    # Targets that read files (the storage-mirror parsers) write them in a scratch
+    # directory of their own, on tmpfs when there is one (they fsync).
+    scratch="$(mktemp -d -p "$([ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")")"
+    if TWINRUN_FUZZ_SCRATCH="$scratch" cargo +nightly fuzz run "$t" "$work/corpus" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -artifact_prefix="$work/" \
         >"$work/log" 2>&1; then
         tail -n 2 "$work/log"
-        rm -rf "$work"
+        rm -rf "$work" "$scratch"
     else
+        rm -rf "$scratch"
         echo "!! $t failed; log and crash input kept in $work"
         tail -n 40 "$work/log"
         failed+=("$t")

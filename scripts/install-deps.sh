@@ -10,13 +10,23 @@ declare -A NEED=(
     [redis-cli]=redis-tools  # the kv workload's real client
     [cc]=gcc                 # linker for Rust binaries and the guest
     [iasl]=acpica-tools [lz4]=lz4 [zstd]=zstd  # ACPI table test; guest/linux/build.sh
+    [etcd]=etcd-server       # the quorum etcd backend's tests run a real etcd
+    [protoc]=protobuf-compiler  # the etcd-client crate compiles etcd's protos when built
     [systemd-analyze]=systemd  # twinrund: the unit files are checked offline
-    [openssl]=openssl          # twinrund: a test certificate for the API over TLS
+    [openssl]=openssl          # twinrund: a test certificate for the API over TLS; the etcd TLS test
+)
+# file -> Debian package, for what has no command of its own
+declare -A NEED_FILE=(
+    # protoc's well-known types (only a Recommends of protobuf-compiler)
+    [/usr/include/google/protobuf/descriptor.proto]=libprotobuf-dev
 )
 
 missing=()
 for tool in "${!NEED[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${NEED[$tool]}")
+done
+for f in "${!NEED_FILE[@]}"; do
+    [[ -e $f ]] || missing+=("${NEED_FILE[$f]}")
 done
 
 if ((${#missing[@]} == 0)); then

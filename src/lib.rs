@@ -2,8 +2,7 @@
 //! the integration tests and the binary share it), the subcommands that talk to a
 //! running VM (through `twinrun-control`) or read its files (`twinrun-snapshot`,
 //! `storage-mirror`), and `twinrun demo` (on `twinrun-lab`'s namespaces). Running a
-//! VM, alone or as one end of an FT pair, is the binary's (`src/run.rs`, `src/pair/`).
+//! VM, alone or as one end of an FT pair, is `twinrun-pair`'s (the binary calls it).
 pub mod cli;
 pub mod demo;
-pub mod exit;
-pub mod signals;
+pub use twinrun_pair::{exit, signals};

@@ -1,6 +1,4 @@
 //! `twinrun`: the fault-tolerant hypervisor layer's command-line front end.
-mod pair;
-mod run;
 
 use clap::Parser;
 use twinrun::cli::ft::resolve_ft;
@@ -19,8 +17,8 @@ fn main() {
                         .map(|ft| (cfg, ft))
                         .map_err(|e| e.to_string())
                 }) {
-                Ok((cfg, None)) => run::run_vm(&cfg, args.name.as_deref()),
-                Ok((cfg, Some(ft))) => pair::run_pair(&cfg, &ft, args.name.as_deref()),
+                Ok((cfg, None)) => twinrun_pair::run_vm(&cfg, args.name.as_deref()),
+                Ok((cfg, Some(ft))) => twinrun_pair::run_pair(&cfg, &ft, args.name.as_deref()),
                 Err(e) => {
                     eprintln!("twinrun: error: {e}");
                     exit::USAGE
@@ -31,7 +29,15 @@ fn main() {
         Command::Vm(VmCommand::Status(a)) => twinrun::cli::status::run(&a),
         Command::Vm(VmCommand::Cluster(c)) => twinrun::cli::cluster::run_vm(c),
         Command::Node(c) => twinrun::cli::cluster::run_node(c),
-        Command::Snapshot(SnapshotCommand::Restore(a)) => run::restore_vm(&a),
+        Command::Snapshot(SnapshotCommand::Restore(a)) => {
+            twinrun_pair::restore_vm(&twinrun_pair::RestoreOptions {
+                vm: a.vm,
+                generation: a.generation,
+                name: a.name,
+                console: a.console,
+                disk_paths: a.disk_paths,
+            })
+        }
         Command::Snapshot(cmd) => twinrun::cli::snapshot::run(&cmd),
         Command::Disk(cmd) => twinrun::cli::disk::run(&cmd),
         Command::Demo(a) => twinrun::demo::run(&a),

@@ -2,11 +2,15 @@
 //! output commit and failover.
 //!
 //! Layers (see README.md):
-//! - [`disk_msgs`]: the disk-mirroring part of the wire format.
-//! - [`messages`]: the wire format (postcard heads, raw page payloads, explicit limits).
+//! - [`messages`]: the wire format (postcard heads, raw page payloads, explicit limits;
+//!   disk-mirroring messages carried opaque).
 //! - [`protocol`]: the primary and standby state machines — pure, no I/O, time passed
 //!   in — so that a deterministic simulation drives them through every fault.
-pub mod disk_msgs;
+//! - [`primary`], [`standby`]: the drivers (step functions over traits for the VM and
+//!   the link, and the real loops around them), the capture edge, the mirror, failover.
+//! - [`link`]: what the drivers send over.
+//! - [`verify`]: replica-equality hashes (test mode).
+pub mod link;
 pub mod messages;
 pub mod primary;
 pub mod protocol;

@@ -18,10 +18,19 @@
 //! Every count and size is bounded by an explicit limit, checked on encode and on
 //! decode: a malformed or hostile head gives a typed [`DecodeError`], never a panic or an
 //! unbounded allocation.
+//!
+//! Disk-mirroring messages travel in an opaque kind ([`ToStandby::Disk`],
+//! [`ToPrimary::Disk`]): their own head as bytes (bounded by [`MAX_DISK_HEAD_BYTES`])
+//! plus the payload (bounded by [`MAX_DISK_PAYLOAD_BYTES`]); what is inside is
+//! `storage_mirror::wire`'s business.
+//!
+//! The standby decodes each message once ([`decode_standbound`]): a part keeps its
+//! checked head beside the received buffer ([`ReceivedPart`]) and hands out borrowed
+//! views of it ([`ReceivedPart::view`]) without checking again.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
-
-use crate::disk_msgs::{DiskToPrimary, DiskToStandby};
 
 /// Guest page size (x86-64; what KVM's dirty log and vm-memory's bitmap use).
 pub const PAGE_SIZE: usize = 4096;
@@ -56,6 +65,11 @@ pub const MAX_FRAME_BYTES_PER_EPOCH: u32 = 4 << 20;
 pub const MAX_FRAME_LEN: u32 = 65562;
 /// Encoded head of one message.
 pub const MAX_HEAD_BYTES: usize = 256 << 10;
+/// Head bytes of one disk-mirroring message carried in [`ToStandby::Disk`] /
+/// [`ToPrimary::Disk`].
+pub const MAX_DISK_HEAD_BYTES: usize = 256 << 10;
+/// Payload of one disk-mirroring message.
+pub const MAX_DISK_PAYLOAD_BYTES: usize = 48 << 20;
 /// Head plus payload of one message; below the A-Link's default frame limit (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = MAX_HEAD_BYTES
     + MAX_STATE_BYTES as usize
@@ -167,8 +181,9 @@ pub enum ToStandby {
         round: u32,
         pages: u64,
     },
-    /// Disk mirroring (see [`crate::disk_msgs`]).
-    Disk(DiskToStandby),
+    /// A disk-mirroring message: its own encoded head (opaque here); its payload is
+    /// the message's.
+    Disk(Vec<u8>),
 }
 
 /// Standby to primary.
@@ -176,8 +191,9 @@ pub enum ToStandby {
 pub enum ToPrimary {
     /// Every epoch up to and including `epoch` is applied on the standby (cumulative).
     Ack { epoch: u64 },
-    /// Disk mirroring (see [`crate::disk_msgs`]).
-    Disk(DiskToPrimary),
+    /// A disk-mirroring message: its own encoded head (opaque here); its payload is
+    /// the message's.
+    Disk(Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -412,7 +428,7 @@ impl PartHead {
 /// A part checked against its payload, borrowing the payload.
 #[derive(Debug)]
 pub struct PartView<'a> {
-    pub head: PartHead,
+    pub head: Cow<'a, PartHead>,
     pub state: &'a [u8],
     /// Console bytes (see [`ConsoleOut`]).
     pub console: &'a [u8],
@@ -424,28 +440,30 @@ pub struct PartView<'a> {
 impl<'a> PartView<'a> {
     /// Checks `head` (limits, payload length) against `payload`.
     pub fn new(head: PartHead, payload: &'a [u8]) -> Result<PartView<'a>, DecodeError> {
-        head.check()?;
-        let want = head.payload_len();
-        if payload.len() as u64 != want {
-            return Err(LimitError::PayloadLen {
-                have: payload.len() as u64,
-                want,
-            }
-            .into());
-        }
-        // Lengths were checked against the payload just above.
-        let (state, rest) = payload.split_at(head.state_len as usize);
-        let (disk_data, rest) = rest.split_at(head.disk_bytes() as usize);
-        let (console, rest) = rest.split_at(head.console_bytes() as usize);
-        let (frame_data, page_data) = rest.split_at(head.frame_bytes() as usize);
-        Ok(PartView {
+        check_part(&head, payload)?;
+        Ok(PartView::split(Cow::Owned(head), payload))
+    }
+
+    /// The view of a head already checked against `payload` (see [`check_part`]).
+    fn split(head: Cow<'a, PartHead>, payload: &'a [u8]) -> PartView<'a> {
+        // The lengths were checked against the payload: these splits are in range, and
+        // `split_at_checked` keeps a broken invariant from panicking.
+        let cut = |rest: &'a [u8], n: u64| {
+            rest.split_at_checked(n as usize)
+                .unwrap_or((rest, &rest[rest.len()..]))
+        };
+        let (state, rest) = cut(payload, u64::from(head.state_len));
+        let (disk_data, rest) = cut(rest, head.disk_bytes());
+        let (console, rest) = cut(rest, head.console_bytes());
+        let (frame_data, page_data) = cut(rest, head.frame_bytes());
+        PartView {
             head,
             state,
             console,
             frame_data,
             disk_data,
             page_data,
-        })
+        }
     }
 
     /// Every page as `(gpa, 4 KiB of data)`, in run order.
@@ -500,8 +518,24 @@ fn decode_head<'a, T: Deserialize<'a>>(head: &'a [u8]) -> Result<T, DecodeError>
     Ok(v)
 }
 
-/// A decoded primary-to-standby message.
+/// Checks a part's head (limits) and its payload's length.
+pub fn check_part(head: &PartHead, payload: &[u8]) -> Result<(), DecodeError> {
+    head.check()?;
+    let want = head.payload_len();
+    if payload.len() as u64 != want {
+        return Err(LimitError::PayloadLen {
+            have: payload.len() as u64,
+            want,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// A decoded primary-to-standby message (a transient value: the view of a part is the
+/// large variant, and boxing it would cost an allocation per message).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum StandboundMsg<'a> {
     Hello {
         layout: Vec<(u64, u64)>,
@@ -511,9 +545,29 @@ pub enum StandboundMsg<'a> {
         round: u32,
         pages: u64,
     },
-    /// A disk-mirroring message (checked) and its payload.
-    Disk(DiskToStandby, &'a [u8]),
+    /// A disk-mirroring message: its head (opaque here) and its payload.
+    Disk {
+        head: Vec<u8>,
+        payload: &'a [u8],
+    },
 }
+
+fn check_disk(head: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
+    exceeded(
+        "disk message head bytes",
+        head.len() as u64,
+        MAX_DISK_HEAD_BYTES as u64,
+    )?;
+    exceeded(
+        "disk message payload bytes",
+        payload.len() as u64,
+        MAX_DISK_PAYLOAD_BYTES as u64,
+    )?;
+    Ok(())
+}
+
+/// Memory regions in a `Hello`, at most.
+pub const MAX_REGIONS: usize = 64;
 
 /// Decodes a message from the primary: its head and its payload (validated, borrowed).
 pub fn decode_to_standby<'a>(
@@ -530,7 +584,7 @@ pub fn decode_to_standby<'a>(
     match decode_head::<ToStandby>(head)? {
         ToStandby::Hello { layout } => {
             bare("hello")?;
-            exceeded("memory regions", layout.len() as u64, 64)?;
+            exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
             Ok(StandboundMsg::Hello { layout })
         }
         ToStandby::SyncRoundDone { round, pages } => {
@@ -538,9 +592,116 @@ pub fn decode_to_standby<'a>(
             Ok(StandboundMsg::SyncRoundDone { round, pages })
         }
         ToStandby::Part(h) => Ok(StandboundMsg::Part(PartView::new(h, payload)?)),
-        ToStandby::Disk(d) => {
-            d.check(payload)?;
-            Ok(StandboundMsg::Disk(d, payload))
+        ToStandby::Disk(head) => {
+            check_disk(&head, payload)?;
+            Ok(StandboundMsg::Disk { head, payload })
+        }
+    }
+}
+
+/// A part as the standby received it, decoded and checked once: the head beside the
+/// message body it came in (the A-Link's receive buffer, kept as it is: no copy).
+pub struct ReceivedPart {
+    head: PartHead,
+    body: alink::Buf,
+    head_len: usize,
+}
+
+impl std::fmt::Debug for ReceivedPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceivedPart")
+            .field("of", &self.head.of)
+            .field("part", &self.head.part)
+            .field("parts", &self.head.parts)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
+}
+
+impl ReceivedPart {
+    pub fn head(&self) -> &PartHead {
+        &self.head
+    }
+
+    /// The part's contents, borrowed (not checked again: they were when received).
+    pub fn view(&self) -> PartView<'_> {
+        let payload = self.body.get(self.head_len..).unwrap_or(&[]);
+        PartView::split(Cow::Borrowed(&self.head), payload)
+    }
+
+    /// Bytes of the message body (head and payload) held.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+}
+
+/// A disk-mirroring message as the standby received it: its head (opaque here) and
+/// the message body its payload is in.
+pub struct ReceivedDisk {
+    pub head: Vec<u8>,
+    body: alink::Buf,
+    head_len: usize,
+}
+
+impl ReceivedDisk {
+    pub fn payload(&self) -> &[u8] {
+        self.body.get(self.head_len..).unwrap_or(&[])
+    }
+}
+
+/// A primary-to-standby message decoded once, owning its received buffer.
+pub enum Standbound {
+    Hello { layout: Vec<(u64, u64)> },
+    Part(ReceivedPart),
+    SyncRoundDone { round: u32, pages: u64 },
+    Disk(ReceivedDisk),
+}
+
+/// Decodes a received message body (`body[..head_len]` is the head, as the A-Link
+/// delivers it), checking everything once.
+pub fn decode_standbound(
+    head_len: usize,
+    body: impl Into<alink::Buf>,
+) -> Result<Standbound, DecodeError> {
+    let body = body.into();
+    let head_len = head_len.min(body.len());
+    let (h, payload) = body.split_at(head_len);
+    let bare = |what| {
+        if payload.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::UnexpectedPayload(what))
+        }
+    };
+    match decode_head::<ToStandby>(h)? {
+        ToStandby::Hello { layout } => {
+            bare("hello")?;
+            exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
+            Ok(Standbound::Hello { layout })
+        }
+        ToStandby::SyncRoundDone { round, pages } => {
+            bare("sync-round-done")?;
+            Ok(Standbound::SyncRoundDone { round, pages })
+        }
+        ToStandby::Part(head) => {
+            check_part(&head, payload)?;
+            Ok(Standbound::Part(ReceivedPart {
+                head,
+                body,
+                head_len,
+            }))
+        }
+        ToStandby::Disk(head) => {
+            check_disk(&head, payload)?;
+            Ok(Standbound::Disk(ReceivedDisk {
+                head,
+                body,
+                head_len,
+            }))
         }
     }
 }
@@ -551,8 +712,11 @@ pub enum PrimaryboundMsg<'a> {
     Ack {
         epoch: u64,
     },
-    /// A disk-mirroring message (checked) and its payload.
-    Disk(DiskToPrimary, &'a [u8]),
+    /// A disk-mirroring message: its head (opaque here) and its payload.
+    Disk {
+        head: Vec<u8>,
+        payload: &'a [u8],
+    },
 }
 
 /// Decodes a message from the standby.
@@ -567,9 +731,9 @@ pub fn decode_to_primary<'a>(
             }
             Ok(PrimaryboundMsg::Ack { epoch })
         }
-        ToPrimary::Disk(d) => {
-            d.check(payload)?;
-            Ok(PrimaryboundMsg::Disk(d, payload))
+        ToPrimary::Disk(head) => {
+            check_disk(&head, payload)?;
+            Ok(PrimaryboundMsg::Disk { head, payload })
         }
     }
 }
@@ -667,7 +831,7 @@ mod tests {
         let StandboundMsg::Part(v) = decode_to_standby(&head, &payload).unwrap() else {
             panic!("not a part");
         };
-        assert_eq!(v.head, h);
+        assert_eq!(*v.head, h);
         assert_eq!(v.state, &state[..]);
         assert_eq!(v.console, &console[..]);
         let f: Vec<_> = v.frames().collect();

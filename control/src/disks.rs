@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use checkpoint::primary::disks::{DiskStatus, PrimaryDisks};
 use serde::{Deserialize, Serialize};
 use storage_mirror::bitmap::DirtyBitmap;
 use storage_mirror::meta::{MetaState, MetaStore, ReplicaMeta, ResyncProgress, VerifyReport};
+use storage_mirror::primary::{DiskStatus, PrimaryDisks};
 
 use super::Response;
 

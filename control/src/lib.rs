@@ -117,7 +117,7 @@ pub enum Response {
     },
     /// Each mirrored disk's replication state, in the VM config's disk order.
     Disks {
-        disks: Vec<checkpoint::primary::disks::DiskStatus>,
+        disks: Vec<storage_mirror::primary::DiskStatus>,
     },
 }
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use checkpoint::primary::disks::PrimaryDisks;
 use log::{info, warn};
+use storage_mirror::primary::PrimaryDisks;
 use twinrun_snapshot::paths;
 use twinrun_snapshot::take::Snapshotter;
 use vmm::config::VmConfig;

@@ -1,7 +1,12 @@
-//! The node's I/O edge toward its witnesses: [`WitnessClient`] (one UDP socket and one
-//! authenticated session per witness) and [`Runner`], which drives a [`QuorumNode`]
-//! with time from the monotonic clock, carries its witness requests and answers, and
+//! The node's I/O edge toward its quorum services: the [`Backend`] trait (one quorum
+//! service as a node sees it), [`WitnessClient`] (the UDP witness: one socket and one
+//! authenticated session per witness), the etcd backend (`crate::etcd::EtcdBackend`)
+//! and [`Runner`], which drives a [`QuorumNode`] with time from the monotonic clock,
+//! carries its requests and answers through whichever backend sits in each slot, and
 //! hands every other action to the pair runtime.
+//!
+//! Both backends answer the same [`Request`]s with the same [`Reply`]s under the same
+//! rules (`crate::rules`), so the node machine does not know which one it talks to.
 //!
 //! Phase 2 wires it: a quorum thread owns the `Runner`, calls [`Runner::poll`] in a
 //! loop, feeds `PeerReachable` / `Protected` / `FromPeer` events with
@@ -11,12 +16,37 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use crate::node::{Action, Event, QuorumNode};
 use crate::types::{NodeId, Slot};
 use crate::witness::ops::{Reply, Request};
 use crate::witness::wire::{random_nonce, ClientError, ClientEvent, ClientWire, MAX_DATAGRAM};
+
+/// One quorum service (the UDP witness or etcd) as one node sees it. It carries the
+/// node machine's requests ([`Action::ToWitness`]) and hands back the answers
+/// ([`Event::WitnessReply`]); it never blocks its caller.
+///
+/// What an implementation must guarantee (the node machine's safety rests on it):
+/// - an answer `Granted` to a request means the service started or extended the
+///   holder's lease no earlier than the moment the request was given to [`send`]
+///   (the machine measures the lease from then, on its own clock);
+/// - a request that changes state is answered only once the change is durable;
+/// - requests of one node take effect in the order they were sent (a request may be
+///   dropped; the machine resends on its own schedule).
+///
+/// [`send`]: Backend::send
+pub trait Backend: Send {
+    /// Sends request `id`, or queues it until the service can be reached.
+    fn send(&mut self, id: u64, req: &Request) -> io::Result<()>;
+    /// The answers that arrived since the last call, as (id, reply); never waits.
+    fn drain(&mut self) -> io::Result<Vec<(u64, Reply)>>;
+    /// A descriptor that becomes readable when an answer may be waiting (for poll(2)).
+    fn wake_fd(&self) -> BorrowedFd<'_>;
+    /// What this is, for logs and status views ("witness 10.0.0.3:4557", "etcd ...").
+    fn describe(&self) -> String;
+}
 
 /// One witness as seen by one node: socket, session, outstanding requests.
 pub struct WitnessClient {
@@ -75,7 +105,7 @@ impl WitnessClient {
     }
 
     /// Sends (or queues until the session is up) request `id`.
-    pub fn send(&mut self, id: u64, req: &Request) -> io::Result<()> {
+    fn send_request(&mut self, id: u64, req: &Request) -> io::Result<()> {
         if !self.wire.is_ready() {
             if self.queued.len() >= MAX_QUEUED {
                 self.queued.remove(0);
@@ -100,7 +130,7 @@ impl WitnessClient {
     }
 
     /// Reads every datagram waiting; returns the answers as (id, reply).
-    pub fn drain(&mut self) -> io::Result<Vec<(u64, Reply)>> {
+    fn drain_replies(&mut self) -> io::Result<Vec<(u64, Reply)>> {
         let mut out = Vec::new();
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
@@ -120,7 +150,7 @@ impl WitnessClient {
                 Ok(ClientEvent::Ready) => {
                     self.last_error = None;
                     for (id, req) in std::mem::take(&mut self.queued) {
-                        self.send(id, &req)?;
+                        self.send_request(id, &req)?;
                     }
                 }
                 Ok(ClientEvent::Reply { seq, reply }) => {
@@ -144,19 +174,38 @@ impl WitnessClient {
     }
 }
 
-/// Drives one node's [`QuorumNode`] against real witnesses.
+impl Backend for WitnessClient {
+    fn send(&mut self, id: u64, req: &Request) -> io::Result<()> {
+        self.send_request(id, req)
+    }
+
+    fn drain(&mut self) -> io::Result<Vec<(u64, Reply)>> {
+        self.drain_replies()
+    }
+
+    fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    fn describe(&self) -> String {
+        format!("witness {}", self.addr)
+    }
+}
+
+/// Drives one node's [`QuorumNode`] against its real quorum services.
 pub struct Runner {
     node: QuorumNode,
-    clients: [Option<WitnessClient>; 2],
+    clients: [Option<Box<dyn Backend>>; 2],
     epoch: Instant,
 }
 
 impl Runner {
-    /// `preferred` and `alternate` are the clients of the configured witnesses.
+    /// `preferred` and `alternate` are the backends of the configured slots (a UDP
+    /// witness or etcd each).
     pub fn new(
         node: QuorumNode,
-        preferred: Option<WitnessClient>,
-        alternate: Option<WitnessClient>,
+        preferred: Option<Box<dyn Backend>>,
+        alternate: Option<Box<dyn Backend>>,
     ) -> Runner {
         Runner {
             node,
@@ -170,8 +219,18 @@ impl Runner {
         self.epoch.elapsed()
     }
 
+    /// The instant of the node's time `t` (e.g. a gate's `until`).
+    pub fn instant(&self, t: Duration) -> Instant {
+        self.epoch + t
+    }
+
     pub fn node(&self) -> &QuorumNode {
         &self.node
+    }
+
+    /// The backend in `slot`, if configured.
+    pub fn backend(&self, slot: Slot) -> Option<&dyn Backend> {
+        self.clients[slot.index()].as_deref()
     }
 
     /// Feeds an event from the pair runtime; returns the actions for the runtime
@@ -231,13 +290,13 @@ impl Runner {
     }
 }
 
-fn wait_readable(clients: &[Option<WitnessClient>; 2], d: Duration) {
+fn wait_readable(clients: &[Option<Box<dyn Backend>>; 2], d: Duration) {
     use std::os::fd::AsRawFd;
     let mut fds: Vec<libc::pollfd> = clients
         .iter()
         .flatten()
         .map(|c| libc::pollfd {
-            fd: c.socket().as_raw_fd(),
+            fd: c.wake_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })

@@ -59,6 +59,12 @@ pub struct NodeMutations {
     pub any_witness: bool,
     /// The holder renews only at its own elected witness (ignores `peer_may_use`).
     pub renew_elected_only: bool,
+    /// Keep believing the peer is marked outdated after sending a renewal that clears
+    /// the mark, until that renewal is answered.
+    pub keep_outdated_belief: bool,
+    /// Take a takeover grant as the peer-outdated mark (release alone before the
+    /// renewal that sets it is granted).
+    pub trust_takeover_mark: bool,
 }
 
 /// Static configuration of one node for one VM.
@@ -246,7 +252,7 @@ pub enum Action {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Asked {
     Renew { outdated: bool },
     Acquire { from: Generation },
@@ -778,9 +784,11 @@ impl QuorumNode {
                     let lease = Lease {
                         generation,
                         valid_until: base + self.validity,
-                        // A takeover records the previous holder's replica as stale; a
-                        // first grant or a re-acquire is confirmed by the next renewal.
-                        peer_outdated: self.role == Role::Standby,
+                        // Not relied on until a renewal that sets it is granted (sent at
+                        // once below): a takeover marks the previous holder's replica
+                        // stale, but a node that held the previous generation itself (it
+                        // restarted) keeps the peer's old status at the witness.
+                        peer_outdated: self.trusts_takeover_mark(),
                         confirmed_id: id,
                     };
                     if self.role == Role::Standby {
@@ -831,6 +839,14 @@ impl QuorumNode {
                 format!("the {slot} refused a request: {e}"),
             ),
         }
+    }
+
+    /// Whether a takeover grant is taken as the peer-outdated mark (only the mutation).
+    fn trusts_takeover_mark(&self) -> bool {
+        #[cfg(feature = "mutations")]
+        return self.cfg.mutations.trust_takeover_mark && self.role == Role::Standby;
+        #[cfg(not(feature = "mutations"))]
+        false
     }
 
     /// Where this node, as holder, must keep a lease.
@@ -983,6 +999,19 @@ impl QuorumNode {
         let st = &mut self.slots[slot.index()];
         st.last_sent = Some(now);
         st.answered = false;
+        if asked == (Asked::Renew { outdated: false }) {
+            // This renewal clears the peer-outdated mark at the witness once it arrives,
+            // whether or not its answer comes back: from now on the mark is not relied
+            // on (and an answer to an older renewal that set it does not restore it).
+            #[cfg(feature = "mutations")]
+            let keep = self.cfg.mutations.keep_outdated_belief;
+            #[cfg(not(feature = "mutations"))]
+            let keep = false;
+            if let Some(l) = st.lease.as_mut().filter(|_| !keep) {
+                l.peer_outdated = false;
+                l.confirmed_id = l.confirmed_id.max(id);
+            }
+        }
         out.push(Action::ToWitness { slot, id, request });
     }
 
@@ -1303,6 +1332,79 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_that_clears_the_mark_ends_reliance_on_it_when_sent() {
+        let mut n = node(Role::Primary, 1, ONE);
+        n.step(ms(0), Event::PeerReachable(true));
+        n.step(ms(0), Event::Protected(true));
+        let a = n.step(ms(10), Event::PeerReachable(false));
+        let (slot, id, _) = requests(&a)
+            .into_iter()
+            .find(|r| matches!(r.2, Request::Renew { .. }))
+            .unwrap();
+        let granted = Reply::Granted {
+            generation: 1,
+            lease_ms: 200,
+        };
+        n.step(
+            ms(11),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: granted.clone(),
+            },
+        );
+        assert!(matches!(n.gate(), Some(OutputGate::Free { .. })));
+        // The standby is back: a renewal clearing the mark goes out; its answer is lost.
+        n.step(ms(20), Event::PeerReachable(true));
+        let a = n.step(ms(20), Event::Protected(true));
+        assert!(requests(&a).iter().any(|r| matches!(
+            r.2,
+            Request::Renew {
+                peer_outdated: false,
+                ..
+            }
+        )));
+        assert_eq!(n.gate(), Some(OutputGate::Acked));
+        // The peer goes again, well inside the old lease: the witness may have cleared
+        // the mark, so nothing leaves without acknowledgement until it is set again.
+        let a = n.step(ms(30), Event::PeerReachable(false));
+        assert_eq!(n.gate(), Some(OutputGate::Hold), "{a:?}");
+        assert!(!n.may_release_unacked(ms(31)));
+        // A late answer to the first renewal (which set the mark) changes nothing...
+        n.step(
+            ms(31),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: granted.clone(),
+            },
+        );
+        assert_eq!(n.gate(), Some(OutputGate::Hold));
+        // ...the answer to the new renewal that sets it does.
+        let (slot, id, _) = requests(&a)
+            .into_iter()
+            .find(|r| {
+                matches!(
+                    r.2,
+                    Request::Renew {
+                        peer_outdated: true,
+                        ..
+                    }
+                )
+            })
+            .unwrap();
+        n.step(
+            ms(32),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: granted,
+            },
+        );
+        assert!(matches!(n.gate(), Some(OutputGate::Free { .. })));
+    }
+
+    #[test]
     fn standby_takes_over_only_with_the_grant() {
         let mut n = node(Role::Standby, 1, ONE);
         n.step(ms(0), Event::PeerReachable(true));
@@ -1351,6 +1453,32 @@ mod tests {
         );
         assert!(a.contains(&Action::TakeOver { generation: 2 }), "{a:?}");
         assert_eq!((n.role(), n.generation()), (Role::Primary, 2));
+        // Output leaves alone only once the witness confirmed the old primary's replica
+        // stale: the renewal that says so goes out at once.
+        assert_eq!(n.gate(), Some(OutputGate::Hold));
+        let (slot, id, req) = requests(&a)
+            .into_iter()
+            .find(|r| matches!(r.2, Request::Renew { .. }))
+            .expect("a renewal right after the grant");
+        assert!(matches!(
+            req,
+            Request::Renew {
+                generation: 2,
+                peer_outdated: true,
+                ..
+            }
+        ));
+        n.step(
+            ms(108),
+            Event::WitnessReply {
+                slot,
+                id,
+                reply: Reply::Granted {
+                    generation: 2,
+                    lease_ms: 200,
+                },
+            },
+        );
         assert!(matches!(n.gate(), Some(OutputGate::Free { .. })));
     }
 

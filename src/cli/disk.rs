@@ -139,15 +139,12 @@ fn socket(name: &str) -> Result<PathBuf, Failure> {
     control::socket_of(name).map_err(usage)
 }
 
-fn live(name: &str) -> Result<Vec<checkpoint::primary::disks::DiskStatus>, Failure> {
+fn live(name: &str) -> Result<Vec<storage_mirror::primary::DiskStatus>, Failure> {
     let sock = socket(name)?;
     live_at(name, &sock)
 }
 
-fn live_at(
-    name: &str,
-    sock: &Path,
-) -> Result<Vec<checkpoint::primary::disks::DiskStatus>, Failure> {
+fn live_at(name: &str, sock: &Path) -> Result<Vec<storage_mirror::primary::DiskStatus>, Failure> {
     match control::call(sock, Op::DiskStatus, CALL_TIMEOUT) {
         Ok(Response::Disks { disks }) => Ok(disks),
         // The VM refuses only a VM that does not mirror its disks.
@@ -239,13 +236,13 @@ enum Outcome {
 /// cut short when nothing runs any more but a disk has no new report (the standby was
 /// lost, or the disk failed).
 fn verify_outcome(
-    before: &[checkpoint::primary::disks::DiskStatus],
-    now: &[checkpoint::primary::disks::DiskStatus],
+    before: &[storage_mirror::primary::DiskStatus],
+    now: &[storage_mirror::primary::DiskStatus],
 ) -> Outcome {
     if now.iter().any(|d| d.verify_running.is_some()) {
         return Outcome::Running;
     }
-    let pending: Vec<&checkpoint::primary::disks::DiskStatus> = before
+    let pending: Vec<&storage_mirror::primary::DiskStatus> = before
         .iter()
         .zip(now)
         .filter(|(b, n)| !b.failed && n.verify == b.verify)
@@ -276,7 +273,7 @@ fn verify_outcome(
     )
 }
 
-fn describe_verify(name: &str, now: &[checkpoint::primary::disks::DiskStatus]) -> String {
+fn describe_verify(name: &str, now: &[storage_mirror::primary::DiskStatus]) -> String {
     let mut out = format!("verify of {name} done\n");
     for (i, d) in now.iter().enumerate() {
         out += &format!("disk {i}: {}\n", d.path);
@@ -443,9 +440,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use checkpoint::primary::disks::DiskStatus;
     use clap::Parser;
     use storage_mirror::meta::VerifyReport;
+    use storage_mirror::primary::DiskStatus;
 
     fn parse(args: &[&str]) -> Result<DiskCommand, clap::Error> {
         let mut full = vec!["twinrun", "disk"];

@@ -4,11 +4,11 @@
 //! replica (standby) is tied to the peer over one or more A-Links, each given as
 //! `--alink <local_ip:port>,<peer_ip:port>`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+pub use twinrun_pair::settings::{AlinkSpec, FtSettings, Role};
 
 /// Heartbeat interval default: with 4 misses a dead link is noticed in about 200 ms,
 /// well under the 500 ms failover target.
@@ -17,22 +17,6 @@ pub const DEFAULT_HEARTBEAT_MISSES: u32 = 4;
 pub const DEFAULT_CLUSTER_ID: &str = "twinrun";
 /// The A-Link refuses shorter secrets.
 pub const MIN_SECRET_BYTES: usize = 16;
-
-/// Which end of a protected pair this process is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// Runs the VM and checkpoints it to the standby.
-    Primary,
-    /// Keeps a replica and takes over when every A-Link to the primary is lost.
-    Standby,
-}
-
-/// One A-Link: this end's address and the peer's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AlinkSpec {
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
-}
 
 /// The FT flags of `vm run` (flattened into [`super::RunArgs`]).
 #[derive(Debug, Default, Args)]
@@ -120,33 +104,6 @@ pub enum FtError {
     StandbyOnly(&'static str),
     #[error("at most {max} --alink (got {got})")]
     TooManyLinks { max: usize, got: usize },
-}
-
-/// Everything FT mode needs, checked.
-#[derive(Clone, Debug)]
-pub struct FtSettings {
-    pub role: Role,
-    pub alinks: Vec<AlinkSpec>,
-    pub cluster_id: String,
-    pub secret: Vec<u8>,
-    pub epoch_ms: Option<u64>,
-    pub min_epoch: Option<Duration>,
-    /// `--coalesce-kib`, in bytes.
-    pub coalesce_bytes: Option<u64>,
-    /// `--hot-pages`: None = the default policy, Some(0) = off.
-    pub hot_pages: Option<usize>,
-    pub heartbeat_ms: u64,
-    pub heartbeat_misses: u32,
-    /// Bytes/s; None = unlimited.
-    pub resync_rate: Option<u64>,
-    pub discard_disk_data: bool,
-}
-
-impl FtSettings {
-    /// The numeric cluster id the A-Link carries: FNV-1a 64 of the name.
-    pub fn cluster_id_u64(&self) -> u64 {
-        twinrun_guest_abi::fnv1a64(self.cluster_id.as_bytes())
-    }
 }
 
 /// Parses `LOCAL_IP:PORT,PEER_IP:PORT`.

@@ -2,9 +2,11 @@
 //! RAID-1 that survives every order of failures and comes back in sync by copying only
 //! what changed whenever that can be trusted.
 //!
-//! Pure logic (the resync decision, the resync and verify planners) takes state and
-//! returns results with no I/O; the modules that touch files say so. The crate knows
-//! nothing of the VMM or the A-Link: the checkpoint crate carries its messages.
+//! Pure logic (the resync decision, the resync and verify planners, the disk session
+//! machines of both sides) takes state and events and returns results or actions with
+//! no I/O; the modules that touch files say so. The crate knows nothing of the VMM or
+//! the A-Link: the checkpoint crate carries its messages (opaque to it) and tells it of
+//! epochs, and adapts the VMM's disk hooks to [`primary::PrimaryDisks`].
 //!
 //! | module | concern |
 //! | --- | --- |
@@ -14,13 +16,19 @@
 //! | [`resync`] | resync planner (disk order, window, rate limit; pure) and chunk I/O |
 //! | [`apply_journal`] | the standby's crash-safe, in-order apply of committed epochs |
 //! | [`verify`] | online verify: range digests, comparison, marking |
+//! | [`wire`] | the disk session's messages, bounded and checked on decode |
+//! | [`primary`] | the primary's disks (modes, activity log), session machine, peer reads, verify |
+//! | [`standby`] | the standby's disks (report, chunks, apply journal), session machine |
 
 pub mod apply_journal;
 pub mod bitmap;
 pub mod decision;
 pub mod meta;
+pub mod primary;
 pub mod resync;
+pub mod standby;
 pub mod verify;
+pub mod wire;
 
 /// A set of blocks of one disk, walked in disk order (the dirty bitmap is one; the
 /// resync and verify planners take any).

@@ -2,41 +2,21 @@
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
+pub mod error;
 pub mod linux;
+pub mod platform;
 
-use crate::boot::linux::{LinuxBootError, LinuxImage};
+pub use error::BuildError;
+
+use crate::boot::linux::LinuxImage;
 use crate::boot::{self, BootError, BootFacts, Image};
 use crate::config::{ConfigError, Payload, VmConfig};
 use crate::devices::bus::Bus;
-use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::manager::DeviceManager;
 use crate::vmm_handle::Vmm;
-use crate::vstate::memory::{create_guest_memory, ram_bounds, MemoryError};
+use crate::vstate::memory::{create_guest_memory, ram_bounds};
 use crate::vstate::vcpu::{create_vcpu, setup_boot_vcpu, VcpuError};
-use crate::vstate::vm::{Vm, VmError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    #[error("loading the guest: {0}")]
-    Boot(#[from] BootError),
-    #[error("devices: {0}")]
-    Devices(#[from] DeviceError),
-    #[error("KVM_GET_TSC_KHZ: {0}")]
-    TscKhz(kvm_ioctls::Error),
-    #[error("restoring VM state: {0}")]
-    Restore(#[from] crate::persist::restore::RestoreError),
-    #[error("loading the Linux kernel: {0}")]
-    LinuxBoot(#[from] LinuxBootError),
-    #[error("platform devices: {0}")]
-    Platform(#[from] linux::PlatformError),
-}
+use crate::vstate::vm::Vm;
 
 /// Validates `cfg`, creates memory, the VM, its vCPUs and devices, and loads the
 /// payload named in the config (test guest ELF, or Linux kernel and initrd). The VM is

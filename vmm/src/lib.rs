@@ -19,6 +19,6 @@ pub mod vstate;
 
 pub use builder::{build_vm, BuildError};
 pub use exit::{RegsReport, VmExit};
-pub use persist::restore::{build_vm_from_state, build_vm_from_state_with_memory};
+pub use persist::restore::{build_vm_from_state, build_vm_from_state_with_memory, RestoreError};
 pub use persist::{RestoreReport, VmState};
-pub use vmm_handle::{Stopper, Vmm, VmmError};
+pub use vmm_handle::{CutKind, EpochCut, Stopper, Vmm, VmmError};

@@ -53,11 +53,15 @@ pub enum VmmError {
     Output(#[from] crate::devices::output::OutputError),
     #[error("attaching the UART to the output gate: {0}")]
     SerialGate(std::io::Error),
+    #[error("reading written blocks back from a disk image: {0}")]
+    DiskReadBack(std::io::Error),
 }
 
 mod capture;
+mod epoch;
 mod output;
 pub use capture::CaptureError;
+pub use epoch::{CutKind, EpochCut};
 
 /// Ends a running VM from any thread (e.g. a SIGTERM handler thread): `wait` then
 /// returns [`VmExit::Stopped`].

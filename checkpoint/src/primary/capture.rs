@@ -1,10 +1,12 @@
-//! The primary's capture edge: turns a running [`Vmm`] into checkpoint messages.
+//! The primary's capture edge: turns a running VM ([`PrimaryVm`]: the real `Vmm`, or
+//! the simulation's toy) into checkpoint messages.
 //!
-//! An epoch capture pauses the guest only for what must be consistent: close the
-//! output epoch, harvest the dirty set (re-protecting the pages), capture the VM state,
-//! take the disk journal and copy the dirty pages into staging buffers (at memory
-//! bandwidth). It resumes the guest before the slow parts: encoding the state,
-//! checksums, building heads, and of course sending.
+//! An epoch capture pauses the guest only for what must be consistent: the VM's epoch
+//! cut (output epoch closed, dirty set harvested and re-protected, VM state, disk
+//! writes: one call, see `Vmm::cut_epoch`), the [`EpochObserver`]'s bookkeeping, and
+//! copying the dirty pages into staging buffers (at memory bandwidth). It resumes the
+//! guest before the slow parts: encoding the state, building heads, and of course
+//! sending.
 //!
 //! A sync round pauses only to harvest; pages are copied while the guest runs, one part
 //! at a time ([`Capturer::begin_sync_round`], [`Capturer::next_sync_part`]) so that the
@@ -17,22 +19,24 @@
 //! the last reference (on acknowledgement), so steady checkpointing reuses memory that
 //! is already mapped instead of faulting in fresh pages for every part.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Buf, BufPool};
 use bytes::Bytes;
 use vm_memory::{Bytes as _, GuestAddress};
 
+use super::vm::{Cut, EpochState, PrimaryVm};
 use crate::messages::{
     split_runs, ConsoleOut, DiskExtent, FrameOut, LimitError, PageRun, PartHead, PartOf,
     MAX_DISK_BYTES_PER_PART, MAX_DISK_EXTENTS_PER_PART, MAX_FRAMES_PER_EPOCH,
     MAX_FRAME_BYTES_PER_EPOCH, MAX_FRAME_LEN, MAX_PAGES_PER_EPOCH, MAX_PAGES_PER_PART, MAX_PARTS,
     MAX_SYNC_PARTS, PAGE_SIZE,
 };
-use crate::verify::{hash_state, is_full_epoch, PageHashes, ReplicaHash};
-use vmm::devices::output::EpochConsole;
+use crate::verify::{is_full_epoch, PageHashes, ReplicaHash};
+use vmm::devices::virtio::block::DiskJournal;
 use vmm::vstate::dirty::DirtySet;
-use vmm::{Vmm, VmmError};
+use vmm::{CutKind, VmmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -51,11 +55,6 @@ pub enum CaptureError {
     TooManyPages(u64),
     #[error("initial-sync round of {0} pages needs more parts than a round may have")]
     SyncTooLarge(u64),
-    #[error("reading disk image {path}: {source}")]
-    DiskRead {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("hashing guest memory (verify mode): {0}")]
     Hash(vm_memory::GuestMemoryError),
     #[error("disk journal of the epoch ({extents} writes, {bytes} bytes) exceeds one part")]
@@ -82,15 +81,23 @@ pub struct Captured {
     pub hot_pages: usize,
 }
 
+/// Told of each epoch while the guest is paused (mirrored disks: their activity log
+/// attributes writes to epochs, and a resync's unconfirmed blocks go into epoch 0).
+pub trait EpochObserver: Send + Sync {
+    /// Byte ranges per disk (config order) that epoch 0 reads back from the images
+    /// besides the blocks written since the VM's written-block maps were last reset.
+    fn read_back(&self) -> Vec<Vec<(u64, u64)>>;
+    /// Epoch `epoch` was cut with these writes (one journal per disk).
+    fn captured(&self, epoch: u64, journals: &[Arc<DiskJournal>]);
+}
+
 /// Keeps the dirty set between captures (no allocation per epoch).
 pub struct Capturer {
     dirty: DirtySet,
     max_part_pages: u32,
     /// Test mode: per-page CRCs of guest memory (see [`crate::verify`]).
     verify: Option<PageHashes>,
-    /// Mirrored disks: told of each capture while the guest is paused (their
-    /// activity log attributes writes to epochs).
-    disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>,
+    observer: Option<Arc<dyn EpochObserver>>,
     /// Hot pages of the last epoch harvest.
     hot_pages: usize,
     /// Staging buffers of page payloads.
@@ -125,14 +132,13 @@ impl SyncRound {
 }
 
 impl Capturer {
-    /// For `vmm`'s memory; starts dirty tracking (the baseline is "everything": round 0
-    /// of the initial sync sends all of memory).
-    pub fn new(vmm: &Vmm) -> Result<Capturer, CaptureError> {
+    /// For `vm`'s memory (round 0 of the initial sync sends all of it).
+    pub fn new(vm: &impl PrimaryVm) -> Result<Capturer, CaptureError> {
         Ok(Capturer {
-            dirty: DirtySet::new(vmm.guest_memory()),
+            dirty: DirtySet::new(vm.guest_memory()),
             max_part_pages: MAX_PAGES_PER_PART,
             verify: None,
-            disks: None,
+            observer: None,
             hot_pages: 0,
             pool: BufPool::default(),
             split_min: SPLIT_COPY_MIN_PAGES,
@@ -159,9 +165,9 @@ impl Capturer {
         self.pool.stats()
     }
 
-    /// Mirrored disks to tell of each capture (while paused).
-    pub fn set_disks(&mut self, disks: Option<std::sync::Arc<super::disks::PrimaryDisks>>) {
-        self.disks = disks;
+    /// Who is told of each epoch while paused (mirrored disks).
+    pub fn set_observer(&mut self, o: Option<Arc<dyn EpochObserver>>) {
+        self.observer = o;
     }
 
     /// Pages per part (tests use small parts to exercise splitting).
@@ -171,14 +177,17 @@ impl Capturer {
 
     /// Test mode: hash all guest memory and the VM state's canonical parts while paused
     /// at each epoch capture ([`Captured::hash`]).
-    pub fn set_verify(&mut self, vmm: &Vmm, on: bool) {
-        self.verify =
-            on.then(|| PageHashes::new(&vmm::persist::memory::layout(vmm.guest_memory())));
+    pub fn set_verify(&mut self, vm: &impl PrimaryVm, on: bool) {
+        self.verify = on.then(|| PageHashes::new(&vmm::persist::memory::layout(vm.guest_memory())));
     }
 
     /// Initial-sync round `round`, all parts at once (tests; the driver streams them
     /// with [`Capturer::begin_sync_round`] and [`Capturer::next_sync_part`]).
-    pub fn sync_round(&mut self, vmm: &Vmm, round: u32) -> Result<Captured, CaptureError> {
+    pub fn sync_round(
+        &mut self,
+        vmm: &impl PrimaryVm,
+        round: u32,
+    ) -> Result<Captured, CaptureError> {
         let mut r = self.begin_sync_round(vmm, round)?;
         let mut parts = Vec::with_capacity(r.parts as usize);
         while let Some(p) = self.next_sync_part(vmm, &mut r) {
@@ -197,7 +206,11 @@ impl Capturer {
     /// of memory; later rounds cover what was dirtied since the previous harvest. Pauses
     /// only for the harvest; the parts are copied by [`Capturer::next_sync_part`] while
     /// the guest runs.
-    pub fn begin_sync_round(&mut self, vmm: &Vmm, round: u32) -> Result<SyncRound, CaptureError> {
+    pub fn begin_sync_round(
+        &mut self,
+        vmm: &impl PrimaryVm,
+        round: u32,
+    ) -> Result<SyncRound, CaptureError> {
         vmm.pause()?;
         let r = if round == 0 {
             vmm.start_dirty_tracking()
@@ -228,7 +241,7 @@ impl Capturer {
     /// Copies the next part of `r` (None when the round is done).
     pub fn next_sync_part(
         &mut self,
-        vmm: &Vmm,
+        vmm: &impl PrimaryVm,
         r: &mut SyncRound,
     ) -> Option<Result<OutPart, CaptureError>> {
         let group = r.groups.next()?;
@@ -257,9 +270,9 @@ impl Capturer {
     /// Captures epoch `epoch`. Pauses the guest unless `already_paused` (a throttle);
     /// resumes it unless `stay_paused` (tests compare memory at this point). Epoch 0
     /// turns on output commit and the disk journal.
-    pub fn capture_epoch(
+    pub fn capture_epoch<V: PrimaryVm>(
         &mut self,
-        vmm: &Vmm,
+        vmm: &V,
         epoch: u64,
         sync_rounds: u32,
         released_through: Option<u64>,
@@ -282,7 +295,13 @@ impl Capturer {
             vmm.resume()?;
         }
         rebuilt.map_err(CaptureError::Hash)?;
-        let (runs, page_data, state, journals, console, frames) = r?;
+        let (runs, page_data, cut, journals) = r?;
+        let Cut {
+            state,
+            console,
+            frames,
+            ..
+        } = cut;
         // Verify mode, other epochs: the dirty pages from the bytes copied while paused.
         let hash = self.verify.as_mut().map(|t| {
             if !full {
@@ -292,7 +311,7 @@ impl Capturer {
             }
             ReplicaHash {
                 memory: t.digest(),
-                state: hash_state(&state),
+                state: state.hash(),
             }
         });
         // Off the pause: encode state, disk extents, checksums.
@@ -326,8 +345,11 @@ impl Capturer {
             let extents = groups.iter().map(|(e, _)| e.len()).sum();
             return Err(CaptureError::DiskTooLarge { extents, bytes });
         }
-        // The last group rides with the last page part; the others get parts of their
-        // own, first (the standby applies an epoch's parts in order).
+        // The last group rides with the first page part; the others get parts of their
+        // own, before it (the standby applies an epoch's parts in order). So an epoch's
+        // disk writes reach the standby before its state: a standby that applied disk
+        // writes before their epoch commits (a bug) would show it whenever an epoch is
+        // cut short, which the simulation does.
         let (last_disk, last_data) = groups.pop().unwrap_or_default();
         let pages = runs.iter().map(|r| u64::from(r.pages)).sum();
         let n = (groups.len() + page_data.len()) as u32;
@@ -361,19 +383,18 @@ impl Capturer {
         for (k, (runs, chunks)) in page_data.into_iter().enumerate() {
             let part = first_page_part + k as u32;
             let last = part + 1 == n;
-            let (ext, ddata, st, con, cout, fout) = if last {
-                let (e, d) = disk_once.take().unwrap_or_default();
-                let (con, fout) = output_once.take().unwrap_or_default();
-                (e, d, state.clone(), con, console_out, fout)
+            // The disk writes ride with the first page part, the state and the output
+            // with the last.
+            let (ext, ddata) = if k == 0 {
+                disk_once.take().unwrap_or_default()
             } else {
-                (
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    None,
-                    Vec::new(),
-                )
+                (Vec::new(), Vec::new())
+            };
+            let (st, con, cout, fout) = if last {
+                let (con, fout) = output_once.take().unwrap_or_default();
+                (state.clone(), con, console_out, fout)
+            } else {
+                (Vec::new(), Vec::new(), None, Vec::new())
             };
             let mut payload = vec![Bytes::from(st), Bytes::from(ddata), Bytes::from(con)];
             payload.extend(chunks.into_iter().map(Buf::into_bytes));
@@ -400,52 +421,49 @@ impl Capturer {
         })
     }
 
+    /// The paused part of an epoch capture: the VM's cut, the observer, the page copy.
     #[allow(clippy::type_complexity)]
-    fn capture_paused(
+    fn capture_paused<V: PrimaryVm>(
         &mut self,
-        vmm: &Vmm,
+        vmm: &V,
         epoch: u64,
     ) -> Result<
         (
             Vec<PageRun>,
             Vec<PartPages>,
-            vmm::VmState,
-            Vec<std::sync::Arc<vmm::devices::virtio::block::DiskJournal>>,
-            Option<EpochConsole>,
-            Vec<(usize, Vec<u8>)>,
+            Cut<V::State>,
+            Vec<Arc<DiskJournal>>,
         ),
         CaptureError,
     > {
-        if epoch == 0 {
-            vmm.enable_output_commit()?;
-        }
-        vmm.close_epoch(epoch)?;
-        // The epoch's console bytes (copied; the gate holds them until the ack) with
-        // their stream position: the standby releases them again after a failover.
-        let console = vmm.epoch_console(epoch);
-        // Its net frames likewise (copied): the standby sends them again after a
-        // failover, so the resumed guest's TCP need not wait for its RTO.
-        let frames = vmm.epoch_frames(epoch);
-        self.dirty.clear();
-        self.hot_pages = vmm.harvest_dirty_into(&mut self.dirty)?.hot_pages;
-        let state = vmm.capture_state()?;
-        let journals = if epoch == 0 {
-            // From here on every write travels with its epoch. Epoch 0 carries the
-            // blocks written since the VM started (the standby's images must equal the
-            // primary's as they were at start: the full initial disk copy and resync
-            // are the storage issue's).
-            vmm.enable_disk_journal()?;
-            written_since_start(vmm, &state, self.disks.as_deref())?
-        } else {
-            vmm.take_disk_journal()?
+        // Epoch 0 turns output commit and the disk journals on; its disk writes are
+        // the blocks written since the written-block maps were last reset (at VM start,
+        // or when a resync began) plus what the observer names, read back by the VM
+        // from its images (the standby's images must equal the primary's as they were
+        // then).
+        let read_back = match (epoch, &self.observer) {
+            (0, Some(o)) => o.read_back(),
+            _ => Vec::new(),
         };
-        let journals: Vec<_> = journals.into_iter().map(std::sync::Arc::new).collect();
-        if let Some(d) = &self.disks {
-            d.captured(epoch, &journals);
+        let kind = if epoch == 0 {
+            CutKind::First {
+                read_back: &read_back,
+            }
+        } else {
+            CutKind::Next
+        };
+        let mut cut = vmm.cut_epoch(epoch, &mut self.dirty, kind)?;
+        self.hot_pages = cut.harvest.hot_pages;
+        let journals: Vec<Arc<DiskJournal>> = std::mem::take(&mut cut.journals)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        if let Some(o) = &self.observer {
+            o.captured(epoch, &journals);
         }
         let runs = runs_of(&self.dirty);
         let (parts, _) = self.page_parts(vmm, &runs)?;
-        Ok((runs, parts, state, journals, console, frames))
+        Ok((runs, parts, cut, journals))
     }
 
     /// Copies the pages of `runs` into staging buffers, per part (the guest is
@@ -454,7 +472,7 @@ impl Capturer {
     /// a large epoch's pause, takes about half as long.
     fn page_parts(
         &mut self,
-        vmm: &Vmm,
+        vmm: &impl PrimaryVm,
         runs: &[PageRun],
     ) -> Result<(Vec<PartPages>, u64), CaptureError> {
         let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
@@ -473,14 +491,11 @@ impl Capturer {
             let n: usize = theirs.iter().map(|r| r.pages as usize).sum();
             let mut buf = self.pool.take(n * PAGE_SIZE);
             let mem = vmm.guest_memory().clone();
-            let job = vmm
-                .submit_to_parked_vcpu(move || copy_runs(&mem, &theirs, &mut buf).map(|()| buf))?;
+            let job = vmm.run_parked(move || copy_runs(&mem, &theirs, &mut buf).map(|()| buf))?;
             // This thread's half meanwhile; the job is always waited for (it writes
             // into a buffer the part owns).
             let here = self.copy_pages(vmm, &mine);
-            let there = job
-                .wait(vmm::vmm_handle::PAUSE_LIMIT)
-                .map_err(VmmError::from)?;
+            let there = job.wait(vmm::vmm_handle::PAUSE_LIMIT)?;
             out.push((group, vec![here?, there?]));
             self.split_copies += 1;
         }
@@ -493,7 +508,7 @@ impl Capturer {
     /// zero pages are squeezed out of the buffer while it is still in cache.
     fn copy_sync_pages(
         &self,
-        vmm: &Vmm,
+        vmm: &impl PrimaryVm,
         group: &[PageRun],
     ) -> Result<(Vec<PageRun>, Vec<PageRun>, Buf), CaptureError> {
         let mem = vmm.guest_memory();
@@ -545,7 +560,7 @@ impl Capturer {
     }
 
     /// The pages of `group` in one staging buffer, in run order.
-    fn copy_pages(&self, vmm: &Vmm, group: &[PageRun]) -> Result<Buf, CaptureError> {
+    fn copy_pages(&self, vmm: &impl PrimaryVm, group: &[PageRun]) -> Result<Buf, CaptureError> {
         let n: usize = group.iter().map(|r| r.pages as usize).sum();
         let mut buf = self.pool.take(n * PAGE_SIZE);
         copy_runs(vmm.guest_memory(), group, &mut buf)?;
@@ -690,106 +705,6 @@ pub const SYNC_PART_PAGES: u32 = 1024;
 
 /// Longest piece of a disk write in a part.
 const DISK_PIECE_BYTES: usize = 4 << 20;
-
-/// Takes (and so resets) every disk's written-block map: epoch 0 then ships only the
-/// blocks written from now on (a disk resync copies the rest).
-pub fn reset_written_blocks(vmm: &Vmm) {
-    let mut i = 0;
-    // Non-block devices have no map (None).
-    while let Some(t) = vmm.devices().transport(i) {
-        let _ = t
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_written_blocks();
-        i += 1;
-    }
-}
-
-/// Takes (and so resets) the written-block map of disk `disk` only (the `disk`-th
-/// virtio-blk device).
-pub fn reset_written_blocks_of(vmm: &Vmm, disk: usize) {
-    let mut i = 0;
-    let mut k = 0;
-    while let Some(t) = vmm.devices().transport(i) {
-        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-        if t.device_type() == twinrun_guest_abi::VIRTIO_ID_BLOCK {
-            if k == disk {
-                let _ = t.take_written_blocks();
-                return;
-            }
-            k += 1;
-        }
-        i += 1;
-    }
-}
-
-/// The blocks each disk had written since the VM started (the virtio-blk written map,
-/// taken and reset) plus, with mirrored disks, the blocks their resync left unconfirmed,
-/// read back from the images as journal extents. Only while paused: no request is in
-/// flight, so the image holds every completed write.
-fn written_since_start(
-    vmm: &Vmm,
-    state: &vmm::VmState,
-    disks: Option<&super::disks::PrimaryDisks>,
-) -> Result<Vec<vmm::devices::virtio::block::DiskJournal>, CaptureError> {
-    use std::os::unix::fs::FileExt;
-    use vmm::devices::virtio::block::journal::JournalExtent;
-    use vmm::devices::virtio::block::written::WRITE_BLOCK;
-    use vmm::devices::virtio::persist::DeviceState;
-    let mut out = Vec::new();
-    let mut disk = 0;
-    for (i, t) in state.devices.iter().enumerate() {
-        let DeviceState::Block { disk: cfg } = &t.device else {
-            continue;
-        };
-        let written = vmm.devices().transport(i).and_then(|t| {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take_written_blocks()
-        });
-        let mut j = vmm::devices::virtio::block::DiskJournal {
-            disk_index: disk,
-            ..Default::default()
-        };
-        let Some(mut w) = written else {
-            disk += 1;
-            continue;
-        };
-        // Blocks the resync has not confirmed on the standby go too (see
-        // `PrimaryDisks::unsynced_ranges`): the written-block map alone relies on every
-        // resync pass having swept the whole disk.
-        if let Some(d) = disks.filter(|d| disk < d.len()) {
-            for (off, len) in d.unsynced_ranges(disk) {
-                w.mark(off, len);
-            }
-        }
-        disk += 1;
-        if w.count() == 0 {
-            out.push(j);
-            continue;
-        }
-        let err = |source| CaptureError::DiskRead {
-            path: cfg.path.clone(),
-            source,
-        };
-        let f = std::fs::File::open(&cfg.path).map_err(err)?;
-        let size = vmm::devices::virtio::block::image_size(&f).map_err(err)?;
-        for (first, n) in w.runs() {
-            let off = first * WRITE_BLOCK;
-            let len = (n * WRITE_BLOCK).min(size.saturating_sub(off));
-            let at = j.data.len();
-            j.data.resize(at + len as usize, 0);
-            f.read_exact_at(&mut j.data[at..], off).map_err(err)?;
-            j.extents.push(JournalExtent {
-                sector: off / 512,
-                offset: at as u64,
-                len,
-            });
-        }
-        out.push(j);
-    }
-    Ok(out)
-}
 
 #[cfg(test)]
 mod tests {

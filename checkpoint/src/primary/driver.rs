@@ -1,12 +1,16 @@
-//! The primary's driver: runs the [`Primary`] state machine against a real [`Vmm`] and
-//! an [`Alink`], with a clock. It is the only place where the primary's protocol meets
-//! I/O: actions become captures, sends, pauses and releases; acks and link events become
-//! events.
+//! The primary's driver: runs the [`Primary`] state machine (and, with mirrored disks,
+//! the disk session before it) against a [`PrimaryVm`] and a [`ToStandbyLink`], with a
+//! clock. It is where the primary's protocol meets effects: actions become captures,
+//! sends, pauses and releases; acks and link events become events.
 //!
-//! One thread, one loop: wait for an ack (at most until the next epoch deadline or a
-//! short poll interval, so that waiting output can end an epoch early), drain link
-//! events, tick. Sends never block for long: when the A-Link's window stays full the
-//! driver looks at the link events again, so a dead standby is noticed even then.
+//! [`PrimaryDriver`] is a step function (no thread, no blocking wait of its own): the
+//! real loop [`run_primary`] feeds it what the A-Link delivers and the link events, and
+//! `tests/sim.rs` feeds it a simulated network and a toy VM, the same code either way.
+//!
+//! The real loop: one thread waits for a message (at most until the next epoch deadline
+//! or a short poll interval, so that waiting output can end an epoch early), drains
+//! link events, ticks. Sends never block for long: when the A-Link's window stays full
+//! the link reports a lost standby, which becomes `PeerLost`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,27 +18,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkError, Event, LinkEvent};
-
-use crate::disk_msgs::DiskToPrimary;
-use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
-use crate::primary::capture::{CaptureError, Captured, Capturer, OutPart};
-use crate::primary::disks::PrimaryDisks;
-use crate::primary::inbox::{outbox, pump, Inbound, Inbox};
-use crate::primary::resync::{run_disk_session, ResyncStats, SessionEnd};
-use crate::primary::verify_disks::verifier;
-use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
-use crate::verify::HashLog;
+use storage_mirror::primary::{PrimaryDisks, ResyncStats, SessionConfig, SessionEnd};
 use storage_mirror::resync::ResyncConfig;
 use vmm::vstate::hot_pages::HotPageConfig;
 use vmm::{Vmm, VmmError};
+
+use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
+use super::disks::{DiskSide, MirroredDisks, Step};
+use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox};
+use super::vm::PrimaryVm;
+use crate::link::{SendError, ToStandbyLink};
+use crate::messages::ToStandby;
+use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
+use crate::verify::HashLog;
 
 /// Commit waits kept for the report at most (about an hour of 20 ms epochs).
 const MAX_COMMIT_SAMPLES: usize = 1 << 18;
 /// How often the loop looks at waiting output and link events when nothing else wakes it.
 const POLL: Duration = Duration::from_millis(1);
-/// A send waits this long for room in the A-Link's window before the driver checks
-/// whether the standby is still there.
-const SEND_WAIT: Duration = Duration::from_millis(50);
+/// How often the loop ticks the disk session at least.
+const DISK_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -48,6 +51,8 @@ pub enum DriverError {
     NoStandby(Duration),
     #[error("disk session: {0}")]
     DiskSession(String),
+    #[error("encoding a message: {0}")]
+    Encode(String),
 }
 
 /// Tunables of the driver (the protocol's are in [`PrimaryConfig`]).
@@ -70,7 +75,7 @@ pub struct PrimaryDriverConfig {
     /// Mirrored disks: metadata exchange and resync before the memory sync, activity
     /// log while protected, degraded bitmap after the standby is lost. None: the
     /// standby's images are taken to equal the primary's at start (tests of the memory
-    /// protocol).
+    /// protocol). The VM's disk hooks must be [`MirroredDisks`] over the same disks.
     pub disks: Option<Arc<PrimaryDisks>>,
     /// Resync pacing.
     pub resync: ResyncConfig,
@@ -121,8 +126,7 @@ pub struct PrimaryReport {
     /// acknowledgement, sorted. What output commit adds to a reply beyond the pause.
     pub commit_waits: Vec<Duration>,
     /// Console stream position where output commit began (epoch 0's first byte):
-    /// output before it went out directly, as did disk writes (their copy to the
-    /// standby is the storage issue's initial disk sync).
+    /// output before it went out directly.
     pub protected_from_console: Option<u64>,
     /// The disk session refused the standby (reason).
     pub refused: Option<String>,
@@ -140,216 +144,264 @@ pub struct PrimaryReport {
     pub sync_time: Option<Duration>,
 }
 
-/// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
-/// is set later: in Simplex the driver just idles, the VM keeps running). The VM must
-/// be started; the link may still be connecting.
-pub fn run_primary(
-    vmm: &Vmm,
-    link: &Alink,
-    cfg: &PrimaryDriverConfig,
-    stop: &AtomicBool,
-) -> Result<PrimaryReport, DriverError> {
-    let t0 = Instant::now();
-    while !link.peer_reachable() {
-        if t0.elapsed() > cfg.connect_timeout {
-            return Err(DriverError::NoStandby(cfg.connect_timeout));
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Ok(PrimaryReport::default());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    log::info!("primary: standby connected, starting the initial synchronisation");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let inbox = Inbox::new(rx);
-    // Waiting output wakes the loop at once: a reply's epoch can end as soon as
-    // `min_epoch` allows, not at the next poll.
-    let wake = tx.clone();
-    vmm.set_output_notifier(Some(Arc::new(move || {
-        let _ = wake.send(Inbound::Wake);
-    })));
-    let quit = AtomicBool::new(false);
-    let disks = cfg.disks.as_deref();
-    let r = std::thread::scope(|s| {
-        let quit = &quit;
-        // The standby holds epoch N once it acknowledges it: its output may leave at
-        // once (the driver's own release of it, later, finds nothing left to write).
-        // Acks come only for epochs captured (closed) in this session: a session has
-        // its own A-Link, and the gate's numbering restarts with it.
-        let release = move |epoch: u64| {
-            if let Err(e) = vmm.release_output(epoch) {
-                log::debug!("primary: early release through epoch {epoch}: {e}");
-            }
-        };
-        s.spawn(move || pump(link, disks, &release, tx, quit));
-        if let Some(d) = disks {
-            let (otx, orx) = std::sync::mpsc::channel();
-            s.spawn(move || outbox(link, orx, quit));
-            d.set_peer(Some(otx));
-            s.spawn(move || verifier(d, quit));
-        }
-        let r = session(vmm, link, &inbox, cfg, stop, t0);
-        if let Some(d) = disks {
-            d.set_peer(None);
-        }
-        quit.store(true, Ordering::Relaxed);
-        r
-    });
-    vmm.set_output_notifier(None);
-    r
+/// Why an action did not complete.
+enum Lost {
+    Peer,
+    Error(DriverError),
 }
 
-fn session(
-    vmm: &Vmm,
-    link: &Alink,
-    inbox: &Inbox,
-    cfg: &PrimaryDriverConfig,
-    stop: &AtomicBool,
-    t0: Instant,
-) -> Result<PrimaryReport, DriverError> {
-    let mut d = Driver {
-        sync_started: None,
-        vmm,
-        link,
-        inbox,
-        proto: Primary::new(cfg.protocol),
-        cap: Capturer::new(vmm)?,
-        staged: VecDeque::new(),
-        captured_at: VecDeque::new(),
-        paused_by_throttle: false,
-        report: PrimaryReport::default(),
-        t0,
-        acked: cfg.acked.clone(),
-        verify: cfg.verify.clone(),
-        disks: cfg.disks.clone(),
-    };
-    d.cap.set_verify(vmm, d.verify.is_some());
-    if !vmm.set_hot_pages(cfg.hot_pages) {
-        log::info!("primary: this KVM cannot leave hot pages writable; every page is re-protected");
+impl From<DriverError> for Lost {
+    fn from(e: DriverError) -> Self {
+        Lost::Error(e)
     }
-    d.cap.set_disks(cfg.disks.clone());
-    if let Some(n) = cfg.split_copy_min_pages {
-        d.cap.set_split_copy_min_pages(n);
-    }
-    if let Some(n) = cfg.max_part_pages {
-        d.cap.set_max_part_pages(n);
-    }
-    let layout = vmm::persist::memory::layout(vmm.guest_memory());
-    match d.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
-        Ok(()) => match &cfg.disks {
-            None => d.feed(PrimaryEvent::Start { now: d.now() })?,
-            Some(disks) => match run_disk_session(link, inbox, disks, vmm, &cfg.resync)? {
-                SessionEnd::Ready(stats) => {
-                    d.report.resync = Some(stats);
-                    d.feed(PrimaryEvent::Start { now: d.now() })?
-                }
-                SessionEnd::Refused(reason) => {
-                    log::error!(
-                        "primary: the standby cannot be resynced: {reason}; the VM runs \
-                         UNPROTECTED until an operator resolves it"
-                    );
-                    d.report.refused = Some(reason);
-                    d.report.simplex = true;
-                    disks.peer_lost();
-                    d.peer_lost()?;
-                }
-                SessionEnd::PeerLost => {
-                    d.report.simplex = true;
-                    disks.peer_lost();
-                    d.peer_lost()?
-                }
-            },
-        },
-        Err(Lost::Error(e)) => return Err(e),
-        Err(Lost::Peer) => d.peer_lost()?,
-    }
-    while !stop.load(Ordering::Relaxed) {
-        if cfg.return_on_simplex && d.proto.phase() == PrimaryPhase::Simplex {
-            break;
-        }
-        d.step()?;
-    }
-    d.report.pauses.sort();
-    d.report.commit_waits.sort();
-    d.report.released = d.proto.released();
-    d.report.staging = d.cap.pool_stats();
-    d.report.split_copies = d.cap.split_copies();
-    Ok(d.report)
 }
 
-struct Driver<'a> {
-    /// When sync round 0 began (throughput log; the bytes are counted in the report).
-    sync_started: Option<Instant>,
-    vmm: &'a Vmm,
-    link: &'a Alink,
-    inbox: &'a Inbox,
+impl From<CaptureError> for Lost {
+    fn from(e: CaptureError) -> Self {
+        Lost::Error(e.into())
+    }
+}
+
+impl From<SendError> for Lost {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::PeerLost => Lost::Peer,
+            SendError::Failed(e) => Lost::Error(e.into()),
+        }
+    }
+}
+
+/// The driver's clock: time since its `base`.
+pub type Clock = Box<dyn Fn() -> Duration>;
+
+/// The primary's side of one standby connection, one step at a time.
+pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
+    vm: V,
+    link: L,
+    /// Time since `base` (the protocol's clock).
+    clock: Clock,
+    /// The instant `clock` counts from (the disk session's clock).
+    base: Instant,
     proto: Primary,
     cap: Capturer,
     /// Captured epochs waiting for their `Send`.
     staged: VecDeque<(u64, Vec<OutPart>)>,
     /// When each unacknowledged epoch's capture ended.
-    captured_at: VecDeque<(u64, Instant)>,
+    captured_at: VecDeque<(u64, Duration)>,
     paused_by_throttle: bool,
     report: PrimaryReport,
-    t0: Instant,
     acked: Option<Arc<AtomicU64>>,
     verify: Option<Arc<HashLog>>,
     disks: Option<Arc<PrimaryDisks>>,
+    resync: ResyncConfig,
+    /// The disk session, while it runs (before the memory sync).
+    session: Option<DiskSide>,
+    /// When sync round 0 began (throughput log; the bytes are counted in the report).
+    sync_started: Option<Duration>,
 }
 
-impl Driver<'_> {
-    fn now(&self) -> Duration {
-        self.t0.elapsed()
+impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
+    /// A driver for `vm` (started) over `link`; `clock` gives the time since `base`.
+    pub fn new(
+        vm: V,
+        link: L,
+        cfg: &PrimaryDriverConfig,
+        clock: Clock,
+        base: Instant,
+    ) -> Result<Self, DriverError> {
+        let mut cap = Capturer::new(&vm)?;
+        cap.set_verify(&vm, cfg.verify.is_some());
+        cap.set_observer(
+            cfg.disks
+                .clone()
+                .map(|d| Arc::new(MirroredDisks(d)) as Arc<dyn EpochObserver>),
+        );
+        if let Some(n) = cfg.split_copy_min_pages {
+            cap.set_split_copy_min_pages(n);
+        }
+        if let Some(n) = cfg.max_part_pages {
+            cap.set_max_part_pages(n);
+        }
+        Ok(PrimaryDriver {
+            vm,
+            link,
+            clock,
+            base,
+            proto: Primary::new(cfg.protocol),
+            cap,
+            staged: VecDeque::new(),
+            captured_at: VecDeque::new(),
+            paused_by_throttle: false,
+            report: PrimaryReport::default(),
+            acked: cfg.acked.clone(),
+            verify: cfg.verify.clone(),
+            disks: cfg.disks.clone(),
+            resync: cfg.resync,
+            session: None,
+            sync_started: None,
+        })
     }
 
-    fn step(&mut self) -> Result<(), DriverError> {
+    fn now(&self) -> Duration {
+        (self.clock)()
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + self.now()
+    }
+
+    pub fn phase(&self) -> PrimaryPhase {
+        self.proto.phase()
+    }
+
+    /// Epochs captured and not acknowledged.
+    pub fn unacked(&self) -> u64 {
+        self.proto.unacked()
+    }
+
+    /// When the driver wants to be ticked at the latest (time since `base`).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        if let Some(s) = &self.session {
+            let now = self.instant();
+            return Some(match s.next_wakeup(now) {
+                Some(t) => self.now() + t.saturating_duration_since(now),
+                None => self.now() + DISK_POLL,
+            });
+        }
+        self.proto.next_deadline()
+    }
+
+    /// The session begins: the `Hello`, then the disk session (mirrored disks) or the
+    /// initial sync.
+    pub fn start(&mut self) -> Result<(), DriverError> {
+        let layout = vmm::persist::memory::layout(self.vm.guest_memory());
+        match self.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
+            Ok(()) => {}
+            Err(Lost::Peer) => return self.peer_lost(),
+            Err(Lost::Error(e)) => return Err(e),
+        }
+        match &self.disks {
+            None => self.feed(PrimaryEvent::Start { now: self.now() }),
+            Some(d) => {
+                let cfg = SessionConfig {
+                    resync: self.resync,
+                    ..SessionConfig::default()
+                };
+                self.session = Some(DiskSide::new(d.clone(), cfg, self.instant()));
+                self.tick()
+            }
+        }
+    }
+
+    /// A message from the standby.
+    pub fn on_message(&mut self, m: FromStandby) -> Result<(), DriverError> {
+        match m {
+            FromStandby::Ack { epoch } => {
+                if self.session.is_some() {
+                    log::warn!("primary: ack of epoch {epoch} during the disk session (ignored)");
+                    return Ok(());
+                }
+                self.feed(PrimaryEvent::Ack { epoch })
+            }
+            FromStandby::Disk { msg, payload } => {
+                let now = self.instant();
+                match &mut self.session {
+                    Some(s) => {
+                        let step = s.on_msg(msg, &payload, now, &self.vm, &self.link);
+                        self.session_step(step)
+                    }
+                    None => {
+                        log::warn!("primary: unexpected disk message {msg:?}");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Time passed: ticks the disk session or the protocol (an epoch may end).
+    pub fn tick(&mut self) -> Result<(), DriverError> {
+        let now = self.instant();
+        if let Some(s) = &mut self.session {
+            let step = s.tick(now, &self.vm, &self.link);
+            return self.session_step(step);
+        }
         if self.proto.phase() == PrimaryPhase::Simplex {
-            // Nothing more to do: the VM runs on unprotected.
-            std::thread::sleep(Duration::from_millis(20));
             return Ok(());
         }
-        let wait = match self.proto.next_deadline() {
-            Some(d) => d.saturating_sub(self.now()).min(POLL),
-            None => POLL,
-        };
-        match self.inbox.recv(wait) {
-            Ok(Some(m)) => match decode_to_primary(m.head_bytes(), m.payload()) {
-                Ok(PrimaryboundMsg::Ack { epoch }) => self.feed(PrimaryEvent::Ack { epoch })?,
-                Ok(PrimaryboundMsg::Disk(d, payload)) => self.on_disk_msg(d, payload),
-                Err(e) => log::error!("primary: undecodable message from the standby: {e}"),
-            },
-            Ok(None) => {}
-            Err(AlinkError::Closed) => return self.peer_lost(),
-            Err(e) => return Err(e.into()),
-        }
-        if self.link_lost() {
-            return self.peer_lost();
-        }
         let now = self.now();
-        if self.vmm.output_waiting() {
+        if self.vm.output_waiting() {
             self.feed(PrimaryEvent::OutputWaiting { now })?;
         }
         self.feed(PrimaryEvent::Tick { now })
     }
 
-    /// Drains link events; true when every link is down.
-    fn link_lost(&self) -> bool {
-        let mut lost = false;
-        while let Some(ev) = self.link.poll_event(Duration::ZERO) {
-            match ev {
-                Event::Link(LinkEvent::PeerUnreachable) => lost = true,
-                Event::Link(LinkEvent::PeerReachable) => lost = false,
-                Event::Link(e) => log::info!("primary: A-Link {e:?}"),
-                Event::Refused { link, peer, reason } => {
-                    log::warn!("primary: A-Link {link} refused {peer:?}: {reason}")
-                }
-            }
+    /// Every link to the standby is down.
+    pub fn peer_lost(&mut self) -> Result<(), DriverError> {
+        if let Some(mut s) = self.session.take() {
+            let now = self.instant();
+            s.peer_lost(now, &self.vm, &self.link);
+            return self.session_ended(Step::PeerLost);
         }
-        lost && !self.link.peer_reachable()
+        self.feed(PrimaryEvent::PeerLost)
     }
 
-    fn peer_lost(&mut self) -> Result<(), DriverError> {
-        self.feed(PrimaryEvent::PeerLost)
+    fn session_step(&mut self, step: Step) -> Result<(), DriverError> {
+        match step {
+            Step::Running => Ok(()),
+            other => {
+                self.session = None;
+                self.session_ended(other)
+            }
+        }
+    }
+
+    fn session_ended(&mut self, step: Step) -> Result<(), DriverError> {
+        let disks = self.disks.clone();
+        let lost = |d: &mut Self| {
+            d.report.simplex = true;
+            if let Some(disks) = &disks {
+                disks.peer_lost();
+            }
+            d.feed(PrimaryEvent::PeerLost)
+        };
+        match step {
+            Step::Running => Ok(()),
+            Step::Ended(SessionEnd::Ready(stats)) => {
+                log::info!(
+                    "primary: disk resync done: {} chunks, {} bytes, {} passes in {:?}",
+                    stats.chunks,
+                    stats.bytes,
+                    stats.passes,
+                    stats.elapsed
+                );
+                self.report.resync = Some(stats);
+                self.feed(PrimaryEvent::Start { now: self.now() })
+            }
+            Step::Ended(SessionEnd::Refused(reason)) => {
+                log::error!(
+                    "primary: the standby cannot be resynced: {reason}; the VM runs \
+                     UNPROTECTED until an operator resolves it"
+                );
+                self.report.refused = Some(reason);
+                lost(self)
+            }
+            Step::Ended(SessionEnd::PeerLost) | Step::PeerLost => lost(self),
+            Step::Ended(SessionEnd::Failed(why)) | Step::Failed(why) => {
+                Err(DriverError::DiskSession(why))
+            }
+        }
+    }
+
+    /// The run's figures (pauses and waits sorted).
+    pub fn report(&self) -> PrimaryReport {
+        let mut r = self.report.clone();
+        r.pauses.sort();
+        r.commit_waits.sort();
+        r.released = self.proto.released();
+        r.staging = self.cap.pool_stats();
+        r.split_copies = self.cap.split_copies();
+        r
     }
 
     fn feed(&mut self, ev: PrimaryEvent) -> Result<(), DriverError> {
@@ -378,13 +430,13 @@ impl Driver<'_> {
         match a {
             PrimaryAction::SyncRound { round } => {
                 if round == 0 {
-                    self.sync_started = Some(Instant::now());
+                    self.sync_started = Some(self.now());
                 }
                 // Part by part: copy one, send it (waiting for window room), then the
                 // next, so a round holds at most a window of staging buffers.
-                let mut r = self.cap.begin_sync_round(self.vmm, round)?;
+                let mut r = self.cap.begin_sync_round(&self.vm, round)?;
                 let (pages, parts) = (r.pages(), r.parts());
-                while let Some(p) = self.cap.next_sync_part(self.vmm, &mut r) {
+                while let Some(p) = self.cap.next_sync_part(&self.vm, &mut r) {
                     let p = p?;
                     self.report.sync_bytes += p.head.payload_len();
                     self.report.sync_zero_pages += p.head.zero_page_count();
@@ -407,7 +459,7 @@ impl Driver<'_> {
                     pages,
                     hot_pages,
                 } = self.cap.capture_epoch(
-                    self.vmm,
+                    &self.vm,
                     epoch,
                     self.proto.sync_rounds(),
                     self.proto.released(),
@@ -430,17 +482,16 @@ impl Driver<'_> {
                 }
                 let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
                 self.staged.push_back((epoch, parts));
-                self.captured_at.push_back((epoch, Instant::now()));
-                Ok(Some(PrimaryEvent::Captured {
-                    epoch,
-                    now: self.now(),
-                    bytes,
-                }))
+                let now = self.now();
+                self.captured_at.push_back((epoch, now));
+                Ok(Some(PrimaryEvent::Captured { epoch, now, bytes }))
             }
             PrimaryAction::Send { epoch } => {
                 while let Some((e, parts)) = self.staged.pop_front() {
                     let done = e == epoch;
-                    self.send_parts(parts)?;
+                    for p in parts {
+                        self.send_msg(&ToStandby::Part(p.head), p.payload)?;
+                    }
                     if done {
                         break;
                     }
@@ -448,7 +499,7 @@ impl Driver<'_> {
                 Ok(None)
             }
             PrimaryAction::ThrottleGuest => {
-                self.vmm.pause().map_err(DriverError::from)?;
+                self.vm.pause().map_err(DriverError::from)?;
                 self.paused_by_throttle = true;
                 log::debug!(
                     "primary: {} epochs unacknowledged, guest held",
@@ -457,18 +508,17 @@ impl Driver<'_> {
                 Ok(None)
             }
             PrimaryAction::ReleaseOutput { through } => {
+                let now = self.now();
                 while let Some(&(e, at)) = self.captured_at.front() {
                     if e > through {
                         break;
                     }
                     self.captured_at.pop_front();
                     if e > 0 && self.report.commit_waits.len() < MAX_COMMIT_SAMPLES {
-                        self.report.commit_waits.push(at.elapsed());
+                        self.report.commit_waits.push(now.saturating_sub(at));
                     }
                 }
-                self.vmm
-                    .release_output(through)
-                    .map_err(DriverError::from)?;
+                self.vm.release_output(through).map_err(DriverError::from)?;
                 self.report.epochs_acked = through + 1;
                 if let Some(d) = &self.disks {
                     d.acked(through);
@@ -479,9 +529,9 @@ impl Driver<'_> {
                 if through == 0 {
                     log::info!("primary: standby committed epoch 0: the VM is protected");
                     if let Some(t) = self.sync_started.take() {
-                        // Checkpoint throughput of the pipeline (capture, checksums,
-                        // A-Link, standby staging and apply) while the guest runs.
-                        let el = t.elapsed();
+                        // Checkpoint throughput of the pipeline (capture, A-Link, standby
+                        // staging and apply) while the guest runs.
+                        let el = now.saturating_sub(t);
                         log::info!(
                             "primary: initial synchronisation: {} bytes of memory sent ({} \
                              all-zero pages not sent) from round 0 to epoch 0 committed in \
@@ -489,7 +539,7 @@ impl Driver<'_> {
                             self.report.sync_bytes,
                             self.report.sync_zero_pages,
                             el.as_secs_f64() * 1e3,
-                            self.report.sync_bytes as f64 / el.as_secs_f64() / 1e6
+                            self.report.sync_bytes as f64 / el.as_secs_f64().max(1e-9) / 1e6
                         );
                         self.report.sync_time = Some(el);
                     }
@@ -503,10 +553,6 @@ impl Driver<'_> {
         }
     }
 
-    fn on_disk_msg(&mut self, m: DiskToPrimary, _payload: &[u8]) {
-        log::warn!("primary: unexpected disk message {m:?}");
-    }
-
     fn enter_simplex(&mut self) -> Result<(), VmmError> {
         if let Some(d) = &self.disks {
             d.peer_lost();
@@ -515,66 +561,147 @@ impl Driver<'_> {
         self.captured_at.clear();
         self.report.simplex = true;
         if !self.paused_by_throttle {
-            self.vmm.pause()?;
+            self.vm.pause()?;
         }
         self.paused_by_throttle = false;
         // Held output of every epoch may leave now: no failover can roll it back.
-        let r = self.vmm.disable_output_commit();
-        self.vmm.disable_disk_journal();
-        let resumed = self.vmm.resume();
-        let r = r?;
+        let r = self.vm.end_output_commit();
+        let resumed = self.vm.resume();
+        let (console_bytes, frames) = r?;
         resumed?;
         log::error!(
-            "primary: STANDBY LOST, THE VM RUNS UNPROTECTED (simplex); released {} held \
-             console bytes and {} frames. If the standby is alive but cut off, it fails \
-             over too and two copies run (no quorum witness yet)",
-            r.console_bytes,
-            r.net_frames
+            "primary: STANDBY LOST, THE VM RUNS UNPROTECTED (simplex); released {console_bytes} \
+             held console bytes and {frames} frames. If the standby is alive but cut off, it \
+             fails over too and two copies run (no quorum witness yet)"
         );
         Ok(())
     }
 
-    fn send_parts(&self, parts: Vec<OutPart>) -> Result<(), Lost> {
-        for p in parts {
-            self.send_msg(&ToStandby::Part(p.head), p.payload)?;
-        }
-        Ok(())
-    }
-
-    /// Sends one message, waiting for window room while the standby is reachable.
     fn send_msg(&self, head: &ToStandby, payload: Vec<alink::Bytes>) -> Result<(), Lost> {
-        loop {
-            match self
-                .link
-                .send_timeout(head, payload.clone(), Some(SEND_WAIT))
-            {
-                Ok(_) => return Ok(()),
-                Err(AlinkError::Timeout) => {
-                    if !self.link.peer_reachable() {
-                        return Err(Lost::Peer);
-                    }
-                }
-                Err(AlinkError::Closed) => return Err(Lost::Peer),
-                Err(e) => return Err(Lost::Error(e.into())),
+        Ok(self.link.send(head, payload)?)
+    }
+}
+
+/// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`
+/// is set later: in Simplex the driver just idles, the VM keeps running; with
+/// `return_on_simplex` it returns then). The VM must be started; the link may still
+/// be connecting. With mirrored disks the VM's disk hooks must already be
+/// [`MirroredDisks`] over `cfg.disks`.
+pub fn run_primary(
+    vmm: &Vmm,
+    link: &Alink,
+    cfg: &PrimaryDriverConfig,
+    stop: &AtomicBool,
+) -> Result<PrimaryReport, DriverError> {
+    let t0 = Instant::now();
+    while !link.peer_reachable() {
+        if t0.elapsed() > cfg.connect_timeout {
+            return Err(DriverError::NoStandby(cfg.connect_timeout));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(PrimaryReport::default());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    log::info!("primary: standby connected, starting the initial synchronisation");
+    if !vmm.set_hot_pages(cfg.hot_pages) {
+        log::info!("primary: this KVM cannot leave hot pages writable; every page is re-protected");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let inbox = Inbox::new(rx);
+    // Waiting output wakes the loop at once: a reply's epoch can end as soon as
+    // `min_epoch` allows, not at the next poll.
+    let wake = tx.clone();
+    vmm.set_output_notifier(Some(Arc::new(move || {
+        let _ = wake.send(Inbound::Wake);
+    })));
+    let quit = AtomicBool::new(false);
+    let disks = cfg.disks.as_deref();
+    let r = std::thread::scope(|s| {
+        let quit = &quit;
+        // The standby holds epoch N once it acknowledges it: its output may leave at
+        // once (the driver's own release of it, later, finds nothing left to write).
+        // Acks come only for epochs captured (closed) in this session: a session has
+        // its own A-Link, and the gate's numbering restarts with it.
+        let release = move |epoch: u64| {
+            if let Err(e) = vmm.release_output(epoch) {
+                log::debug!("primary: early release through epoch {epoch}: {e}");
+            }
+        };
+        s.spawn(move || pump(link, disks, &release, tx, quit));
+        if let Some(d) = disks {
+            let (otx, orx) = std::sync::mpsc::channel();
+            s.spawn(move || outbox(link, orx, quit));
+            d.set_peer(Some(Box::new(move |m| otx.send(m).is_ok())));
+            s.spawn(move || storage_mirror::primary::verify::verifier(d, quit));
+        }
+        let r = session(vmm, link, &inbox, cfg, stop, t0);
+        if let Some(d) = disks {
+            d.set_peer(None);
+        }
+        quit.store(true, Ordering::Relaxed);
+        r
+    });
+    vmm.set_output_notifier(None);
+    r
+}
+
+fn session(
+    vmm: &Vmm,
+    link: &Alink,
+    inbox: &Inbox,
+    cfg: &PrimaryDriverConfig,
+    stop: &AtomicBool,
+    t0: Instant,
+) -> Result<PrimaryReport, DriverError> {
+    let clock = move || t0.elapsed();
+    let mut d = PrimaryDriver::new(vmm, link, cfg, Box::new(clock), t0)?;
+    d.start()?;
+    while !stop.load(Ordering::Relaxed) {
+        if d.phase() == PrimaryPhase::Simplex {
+            if cfg.return_on_simplex {
+                break;
+            }
+            // Nothing more to do: the VM runs on unprotected.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let wait = match d.next_deadline() {
+            Some(t) => t
+                .saturating_sub(clock())
+                .min(POLL.max(Duration::from_micros(100))),
+            None => POLL,
+        };
+        match inbox.recv(wait) {
+            Ok(Some(m)) => d.on_message(m)?,
+            Ok(None) => {}
+            Err(AlinkError::Closed) => {
+                d.peer_lost()?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if link_lost(link) {
+            d.peer_lost()?;
+            continue;
+        }
+        d.tick()?;
+    }
+    Ok(d.report())
+}
+
+/// Drains link events; true when every link is down.
+fn link_lost(link: &Alink) -> bool {
+    let mut lost = false;
+    while let Some(ev) = link.poll_event(Duration::ZERO) {
+        match ev {
+            Event::Link(LinkEvent::PeerUnreachable) => lost = true,
+            Event::Link(LinkEvent::PeerReachable) => lost = false,
+            Event::Link(e) => log::info!("primary: A-Link {e:?}"),
+            Event::Refused { link, peer, reason } => {
+                log::warn!("primary: A-Link {link} refused {peer:?}: {reason}")
             }
         }
     }
-}
-
-/// Why an action did not complete.
-enum Lost {
-    Peer,
-    Error(DriverError),
-}
-
-impl From<DriverError> for Lost {
-    fn from(e: DriverError) -> Self {
-        Lost::Error(e)
-    }
-}
-
-impl From<CaptureError> for Lost {
-    fn from(e: CaptureError) -> Self {
-        Lost::Error(e.into())
-    }
+    lost && !link.peer_reachable()
 }

@@ -1,6 +1,7 @@
-//! The primary's receive side: one thread takes every message off the A-Link, hands
-//! the answers to reads served by the standby straight to the waiting vCPU (see
-//! `disks::PrimaryDisks::read_failed`) and queues everything else for the driver.
+//! The primary's receive side: one thread takes every message off the A-Link, decodes
+//! it (once), hands the answers to reads served by the standby straight to the waiting
+//! vCPU (see `storage_mirror::primary::PrimaryDisks::read_failed`) and queues
+//! everything else, decoded, for the driver.
 //!
 //! Why a thread: a vCPU whose local disk failed waits inside a device exit for the
 //! standby's answer, while the driver may be waiting for that very vCPU to park for a
@@ -12,17 +13,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use alink::{Alink, AlinkError, InMsg};
+use alink::{Alink, AlinkError};
+use storage_mirror::primary::PrimaryDisks;
+use storage_mirror::wire::{self, DiskToPrimary, DiskToStandby};
 
-use super::disks::PrimaryDisks;
-use crate::disk_msgs::DiskToPrimary;
 use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
 
 /// How often the pump looks at its quit flag.
 const PUMP_POLL: Duration = Duration::from_millis(5);
 
+/// A message from the standby, decoded once (by the receive pump, or the simulation).
+#[derive(Debug)]
+pub enum FromStandby {
+    Ack {
+        epoch: u64,
+    },
+    Disk {
+        msg: DiskToPrimary,
+        payload: Vec<u8>,
+    },
+}
+
 pub enum Inbound {
-    Msg(InMsg),
+    Msg(FromStandby),
     Closed,
     /// Output began to wait in the open epoch (the VMM's notifier): the driver looks
     /// at once instead of at its next poll.
@@ -41,7 +54,7 @@ impl Inbox {
 
     /// The next message for the driver, waiting at most `wait` (None: the wait ran
     /// out or a wake-up came).
-    pub fn recv(&self, wait: Duration) -> Result<Option<InMsg>, AlinkError> {
+    pub fn recv(&self, wait: Duration) -> Result<Option<FromStandby>, AlinkError> {
         match self.rx.recv_timeout(wait) {
             Ok(Inbound::Msg(m)) => Ok(Some(m)),
             Ok(Inbound::Wake) => Ok(None),
@@ -65,24 +78,41 @@ pub fn pump(
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
-                // Decoded once here; the driver decodes what it is handed on.
-                match (decode_to_primary(m.head_bytes(), m.payload()), disks) {
-                    (Ok(PrimaryboundMsg::Ack { epoch }), _) => on_ack(epoch),
-                    // Answers a vCPU or the verifier waits for.
-                    (
-                        Ok(PrimaryboundMsg::Disk(
-                            DiskToPrimary::ReadDone { id, ok }
-                            | DiskToPrimary::Digests { id, ok, .. },
-                            data,
-                        )),
-                        Some(d),
-                    ) => {
-                        d.read_done(id, ok, data);
+                let msg = match decode_to_primary(m.head_bytes(), m.payload()) {
+                    Ok(PrimaryboundMsg::Ack { epoch }) => {
+                        on_ack(epoch);
+                        FromStandby::Ack { epoch }
+                    }
+                    Ok(PrimaryboundMsg::Disk { head, payload }) => {
+                        match wire::decode_to_primary(&head, payload) {
+                            // Answers a vCPU or the verifier waits for.
+                            Ok(
+                                DiskToPrimary::ReadDone { id, ok }
+                                | DiskToPrimary::Digests { id, ok, .. },
+                            ) => {
+                                if let Some(d) = disks {
+                                    d.peer_reply(id, ok, payload);
+                                }
+                                continue;
+                            }
+                            Ok(msg) => FromStandby::Disk {
+                                msg,
+                                payload: payload.to_vec(),
+                            },
+                            Err(e) => {
+                                log::error!(
+                                    "primary: undecodable disk message from the standby: {e}"
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("primary: undecodable message from the standby: {e}");
                         continue;
                     }
-                    _ => {}
-                }
-                if tx.send(Inbound::Msg(m)).is_err() {
+                };
+                if tx.send(Inbound::Msg(msg)).is_err() {
                     return;
                 }
             }
@@ -100,14 +130,23 @@ pub fn pump(
     }
 }
 
-/// Sends what the vCPU threads ask the standby (reads of a failed disk) until `quit`.
-pub fn outbox(link: &Alink, rx: Receiver<ToStandby>, quit: &AtomicBool) {
+/// Sends what the vCPU threads and the verifier ask the standby (reads of a failed
+/// disk, digests) until `quit`.
+pub fn outbox(link: &Alink, rx: Receiver<DiskToStandby>, quit: &AtomicBool) {
     while !quit.load(Ordering::Relaxed) {
         match rx.recv_timeout(PUMP_POLL) {
-            Ok(m) => match link.send_timeout(&m, Vec::new(), Some(Duration::from_secs(1))) {
-                Ok(_) => {}
-                Err(e) => log::warn!("primary: sending {m:?} to the standby: {e}"),
-            },
+            Ok(m) => {
+                let head = match wire::encode(&m) {
+                    Ok(h) => ToStandby::Disk(h),
+                    Err(e) => {
+                        log::error!("primary: encoding {m:?}: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = link.send_timeout(&head, Vec::new(), Some(Duration::from_secs(1))) {
+                    log::warn!("primary: sending {m:?} to the standby: {e}");
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }

@@ -1,11 +1,14 @@
-//! The primary's I/O side.
+//! The primary's side: the capture edge, the driver (a step function, and the real
+//! loop around it), the receive pump, and the adapter of storage-mirror's disks.
 
 pub mod capture;
 pub mod disks;
 pub mod driver;
 pub mod inbox;
-pub mod resync;
-pub mod verify_disks;
+pub mod vm;
 
-pub use capture::{CaptureError, Captured, Capturer, OutPart};
-pub use driver::{run_primary, DriverError, PrimaryDriverConfig, PrimaryReport};
+pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
+pub use disks::MirroredDisks;
+pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
+pub use inbox::FromStandby;
+pub use vm::{Cut, EpochState, Parked, PrimaryVm};

@@ -15,6 +15,9 @@
 //!            valid failover point
 //! ```
 //!
+//! Parts carry the received message (`M`) through the machine: a `WriteSync` or
+//! `Stage` action hands the driver the very message the event brought, decoded once.
+//!
 //! An epoch is a delta on top of the previous one, so epochs are applied strictly in
 //! order; parts of an epoch may arrive in any order and more than once (a resend after a
 //! link failure), and are staged until the epoch is complete. Sync parts go straight
@@ -55,9 +58,14 @@ pub enum StandbyPhase {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StandbyEvent {
+pub enum StandbyEvent<M = ()> {
     /// A valid (decoded, checksum-checked) part of an initial-sync round.
-    SyncPart { round: u32, part: u32, parts: u32 },
+    SyncPart {
+        round: u32,
+        part: u32,
+        parts: u32,
+        msg: M,
+    },
     /// A valid part of a checkpoint epoch.
     EpochPart {
         epoch: u64,
@@ -66,6 +74,7 @@ pub enum StandbyEvent {
         sync_rounds: u32,
         /// The primary's release progress when it sent the part.
         released_through: Option<u64>,
+        msg: M,
     },
     /// A message that did not decode or failed its checksum.
     BadMessage,
@@ -76,11 +85,11 @@ pub enum StandbyEvent {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StandbyAction {
+pub enum StandbyAction<M = ()> {
     /// Write this sync part's pages into the mirror.
-    WriteSync { round: u32, part: u32 },
+    WriteSync { round: u32, part: u32, msg: M },
     /// Keep this part in the staging area of `epoch`.
-    Stage { epoch: u64, part: u32 },
+    Stage { epoch: u64, part: u32, msg: M },
     /// Apply staged `epoch` atomically (pages, disk journal + fdatasync, state); report
     /// `Applied`.
     Apply { epoch: u64 },
@@ -146,7 +155,7 @@ impl Staged {
 }
 
 #[derive(Debug)]
-pub struct Standby {
+pub struct Standby<M = ()> {
     cfg: StandbyConfig,
     phase: StandbyPhase,
     /// Next sync part expected: `(round, part)`.
@@ -161,10 +170,11 @@ pub struct Standby {
     released_known: Option<u64>,
     /// Protocol violations seen (each one makes the standby Broken).
     violations: u64,
+    _msg: std::marker::PhantomData<fn(M)>,
 }
 
-impl Standby {
-    pub fn new(cfg: StandbyConfig) -> Standby {
+impl<M> Standby<M> {
+    pub fn new(cfg: StandbyConfig) -> Standby<M> {
         assert!(cfg.max_staged >= 1 && cfg.max_staged <= MAX_STAGED_LIMIT);
         Standby {
             cfg,
@@ -176,6 +186,7 @@ impl Standby {
             failover_pending: false,
             released_known: None,
             violations: 0,
+            _msg: std::marker::PhantomData,
         }
     }
 
@@ -211,7 +222,7 @@ impl Standby {
 
     /// Feeds one event; returns the actions to perform, in order. An error means the
     /// event was refused; for protocol violations the standby is now Broken.
-    pub fn on_event(&mut self, ev: StandbyEvent) -> Result<Vec<StandbyAction>, StandbyError> {
+    pub fn on_event(&mut self, ev: StandbyEvent<M>) -> Result<Vec<StandbyAction<M>>, StandbyError> {
         let mut out = Vec::new();
         if self.ended() {
             return match ev {
@@ -231,10 +242,19 @@ impl Standby {
         r.map(|()| out)
     }
 
-    fn step(&mut self, ev: StandbyEvent, out: &mut Vec<StandbyAction>) -> Result<(), StandbyError> {
+    fn step(
+        &mut self,
+        ev: StandbyEvent<M>,
+        out: &mut Vec<StandbyAction<M>>,
+    ) -> Result<(), StandbyError> {
         let broken = self.phase == StandbyPhase::Broken;
         match ev {
-            StandbyEvent::SyncPart { round, part, parts } => {
+            StandbyEvent::SyncPart {
+                round,
+                part,
+                parts,
+                msg,
+            } => {
                 if broken {
                     return Ok(());
                 }
@@ -257,7 +277,7 @@ impl Standby {
                 } else {
                     (round, part + 1)
                 };
-                out.push(StandbyAction::WriteSync { round, part });
+                out.push(StandbyAction::WriteSync { round, part, msg });
                 self.try_apply(out);
             }
             StandbyEvent::EpochPart {
@@ -266,6 +286,7 @@ impl Standby {
                 parts,
                 sync_rounds,
                 released_through,
+                msg,
             } => {
                 if broken {
                     return Ok(());
@@ -314,7 +335,7 @@ impl Standby {
                 if self.phase == StandbyPhase::WaitingForSync {
                     self.phase = StandbyPhase::Syncing;
                 }
-                out.push(StandbyAction::Stage { epoch, part });
+                out.push(StandbyAction::Stage { epoch, part, msg });
                 self.try_apply(out);
             }
             StandbyEvent::BadMessage => {
@@ -355,7 +376,7 @@ impl Standby {
         Ok(())
     }
 
-    fn fail_over(&mut self, out: &mut Vec<StandbyAction>) {
+    fn fail_over(&mut self, out: &mut Vec<StandbyAction<M>>) {
         if !self.staged.is_empty() {
             self.staged.clear();
             out.push(StandbyAction::DiscardStaged);
@@ -381,7 +402,7 @@ impl Standby {
         }
     }
 
-    fn try_apply(&mut self, out: &mut Vec<StandbyAction>) {
+    fn try_apply(&mut self, out: &mut Vec<StandbyAction<M>>) {
         if self.applying.is_some() {
             return;
         }
@@ -438,6 +459,7 @@ mod tests {
             parts,
             sync_rounds: 1,
             released_through: None,
+            msg: (),
         }
     }
 
@@ -447,14 +469,26 @@ mod tests {
             s.on_event(E::SyncPart {
                 round: 0,
                 part: 0,
-                parts: 1
+                parts: 1,
+                msg: ()
             })
             .unwrap(),
-            [A::WriteSync { round: 0, part: 0 }]
+            [A::WriteSync {
+                round: 0,
+                part: 0,
+                msg: ()
+            }]
         );
         assert_eq!(
             s.on_event(ep(0, 0, 1)).unwrap(),
-            [A::Stage { epoch: 0, part: 0 }, A::Apply { epoch: 0 }]
+            [
+                A::Stage {
+                    epoch: 0,
+                    part: 0,
+                    msg: ()
+                },
+                A::Apply { epoch: 0 }
+            ]
         );
         assert_eq!(
             s.on_event(E::Applied { epoch: 0 }).unwrap(),
@@ -474,22 +508,39 @@ mod tests {
             parts: 1,
             sync_rounds: 2,
             released_through: None,
+            msg: (),
         };
-        assert_eq!(s.on_event(e0).unwrap(), [A::Stage { epoch: 0, part: 0 }]);
+        assert_eq!(
+            s.on_event(e0).unwrap(),
+            [A::Stage {
+                epoch: 0,
+                part: 0,
+                msg: ()
+            }]
+        );
         s.on_event(E::SyncPart {
             round: 0,
             part: 0,
             parts: 1,
+            msg: (),
         })
         .unwrap();
         assert_eq!(
             s.on_event(E::SyncPart {
                 round: 1,
                 part: 0,
-                parts: 1
+                parts: 1,
+                msg: ()
             })
             .unwrap(),
-            [A::WriteSync { round: 1, part: 0 }, A::Apply { epoch: 0 }]
+            [
+                A::WriteSync {
+                    round: 1,
+                    part: 0,
+                    msg: ()
+                },
+                A::Apply { epoch: 0 }
+            ]
         );
     }
 
@@ -500,7 +551,8 @@ mod tests {
             .on_event(E::SyncPart {
                 round: 0,
                 part: 1,
-                parts: 2
+                parts: 2,
+                msg: ()
             })
             .is_err());
         assert_eq!(s.phase(), StandbyPhase::Broken);
@@ -512,16 +564,31 @@ mod tests {
         let mut s = synced();
         assert_eq!(
             s.on_event(ep(2, 0, 1)).unwrap(),
-            [A::Stage { epoch: 2, part: 0 }]
+            [A::Stage {
+                epoch: 2,
+                part: 0,
+                msg: ()
+            }]
         );
         assert_eq!(
             s.on_event(ep(1, 1, 2)).unwrap(),
-            [A::Stage { epoch: 1, part: 1 }]
+            [A::Stage {
+                epoch: 1,
+                part: 1,
+                msg: ()
+            }]
         );
         assert!(s.on_event(ep(1, 1, 2)).unwrap().is_empty()); // duplicate
         assert_eq!(
             s.on_event(ep(1, 0, 2)).unwrap(),
-            [A::Stage { epoch: 1, part: 0 }, A::Apply { epoch: 1 }]
+            [
+                A::Stage {
+                    epoch: 1,
+                    part: 0,
+                    msg: ()
+                },
+                A::Apply { epoch: 1 }
+            ]
         );
         assert_eq!(
             s.on_event(E::Applied { epoch: 1 }).unwrap(),
@@ -599,13 +666,14 @@ mod release_tests {
 
     #[test]
     fn released_progress_trims_and_reaches_failover() {
-        let mut s = Standby::new(StandbyConfig { max_staged: 2 });
+        let mut s: Standby = Standby::new(StandbyConfig { max_staged: 2 });
         let part = |epoch, released_through| StandbyEvent::EpochPart {
             epoch,
             part: 0,
             parts: if epoch == 2 { 2 } else { 1 },
             sync_rounds: 0,
             released_through,
+            msg: (),
         };
         s.on_event(part(0, None)).unwrap();
         s.on_event(StandbyEvent::Applied { epoch: 0 }).unwrap();
@@ -623,7 +691,7 @@ mod release_tests {
             })
         );
         // A release claim beyond what is committed is a violation.
-        let mut s = Standby::new(StandbyConfig { max_staged: 2 });
+        let mut s: Standby = Standby::new(StandbyConfig { max_staged: 2 });
         assert!(s.on_event(part(0, Some(0))).is_err());
     }
 }

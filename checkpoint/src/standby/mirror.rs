@@ -2,13 +2,15 @@
 //! `GuestMemoryMmap` regions, the committed VM state, the disk images, and a staging
 //! area for epochs still arriving.
 //!
-//! Staging keeps each received message body as it came off the A-Link (the receive
-//! buffer *is* the staging buffer: no copy). [`Mirror::apply`] checks every staged part
+//! Staging keeps each received part as the driver decoded it: its checked head beside
+//! the message body as it came off the A-Link (the receive buffer *is* the staging
+//! buffer: no copy, and no second decode). [`Mirror::apply`] checks every staged part
 //! of the epoch against the mirror (addresses inside guest RAM, known disks, one VM
 //! state) before it writes anything, so a bad epoch is refused whole; then it writes the
-//! pages, the disk writes (followed by `fdatasync`), and replaces the state. The
-//! protocol never fails over in the middle of an apply (the standby state machine waits
-//! for `Applied`), so from the protocol's view the apply is atomic.
+//! pages, the disk writes (through a [`DiskCommit`], or directly followed by
+//! `fdatasync`), and replaces the state. The protocol never fails over in the middle of
+//! an apply (the standby state machine waits for `Applied`), so from the protocol's
+//! view the apply is atomic.
 //!
 //! The RAM copy is a `GuestMemoryMmap` laid out like the primary's (anonymous mappings
 //! the kernel fills lazily, so untouched guest pages cost nothing). At failover it is
@@ -23,8 +25,9 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::disks::StandbyDisks;
-use crate::messages::{decode_to_standby, DecodeError, PartOf, StandboundMsg, PAGE_SIZE};
+use crate::messages::{
+    decode_standbound, DecodeError, PartOf, PartView, ReceivedPart, Standbound, PAGE_SIZE,
+};
 use crate::verify::PageHashes;
 use vmm::vstate::memory::GuestMemoryMmap;
 
@@ -85,10 +88,27 @@ fn bytes_of(g: &Region) -> &[u8] {
     unsafe { std::slice::from_raw_parts(g.host as *const u8, g.len) }
 }
 
-/// A received message: `body[..head_len]` is the head (as `alink::InMsg`).
-struct StagedMsg {
-    head_len: usize,
-    body: alink::Buf,
+/// Where an epoch's disk writes go when it is applied: durable when `commit` returns
+/// (the epoch is acknowledged after it).
+pub trait DiskCommit {
+    fn commit(&mut self, epoch: u64, writes: &[(u16, u64, &[u8])]) -> Result<(), String>;
+}
+
+/// A staged message: a decoded part, or one that did not decode (staged by
+/// [`Mirror::stage`], refused whole by the apply).
+enum Staged {
+    Part(ReceivedPart),
+    Bad(DecodeError),
+    NotPart,
+}
+
+impl Staged {
+    fn bytes(&self) -> usize {
+        match self {
+            Staged::Part(p) => p.len(),
+            Staged::Bad(_) | Staged::NotPart => 0,
+        }
+    }
 }
 
 /// What an apply wrote.
@@ -113,7 +133,7 @@ pub struct Mirror {
     /// Encoded `VmState` of the newest committed epoch.
     state: Option<Vec<u8>>,
     committed: Option<u64>,
-    staging: BTreeMap<u64, Vec<StagedMsg>>,
+    staging: BTreeMap<u64, Vec<Staged>>,
     staged_bytes: usize,
     /// Console output of committed epochs not known to be released by the primary:
     /// epoch -> (stream position, bytes).
@@ -292,14 +312,22 @@ impl Mirror {
         }
     }
 
+    /// Writes the pages of an initial-sync part (head and payload as sent) straight into
+    /// the mirror: [`Mirror::write_sync_part`] after a decode.
+    pub fn write_sync(&mut self, head: &[u8], payload: &[u8]) -> Result<u64, MirrorError> {
+        let mut body = head.to_vec();
+        body.extend_from_slice(payload);
+        match decode_standbound(head.len(), body)
+            .map_err(|source| MirrorError::Decode { epoch: 0, source })?
+        {
+            Standbound::Part(p) => self.write_sync_part(&p.view()),
+            _ => Err(MirrorError::NotEpochPart(0)),
+        }
+    }
+
     /// Writes the pages of an initial-sync part straight into the mirror (it is no
     /// replica before epoch 0 commits). Checks every address first.
-    pub fn write_sync(&mut self, head: &[u8], payload: &[u8]) -> Result<u64, MirrorError> {
-        let msg = decode_to_standby(head, payload)
-            .map_err(|source| MirrorError::Decode { epoch: 0, source })?;
-        let StandboundMsg::Part(view) = msg else {
-            return Err(MirrorError::NotEpochPart(0));
-        };
+    pub fn write_sync_part(&mut self, view: &PartView<'_>) -> Result<u64, MirrorError> {
         let mut slots = Vec::with_capacity(view.head.page_count() as usize);
         for (gpa, _) in view.pages() {
             slots.push(self.page_slot(gpa)?);
@@ -334,22 +362,34 @@ impl Mirror {
     }
 
     /// Keeps a received message (head length and body, as the A-Link delivered it) in
-    /// the staging area of `epoch`.
+    /// the staging area of `epoch`, decoding it first; one that does not decode is kept
+    /// as such and makes the epoch's apply fail (before anything is written).
     pub fn stage(
         &mut self,
         epoch: u64,
         head_len: usize,
         body: impl Into<alink::Buf>,
     ) -> Result<(), MirrorError> {
-        let body = body.into();
-        if self.staged_bytes + body.len() > MAX_STAGED_BYTES {
+        let staged = match decode_standbound(head_len, body) {
+            Ok(Standbound::Part(p)) => Staged::Part(p),
+            Ok(_) => Staged::NotPart,
+            Err(e) => Staged::Bad(e),
+        };
+        self.stage_staged(epoch, staged)
+    }
+
+    /// Keeps a decoded part in the staging area of `epoch`.
+    pub fn stage_part(&mut self, epoch: u64, part: ReceivedPart) -> Result<(), MirrorError> {
+        self.stage_staged(epoch, Staged::Part(part))
+    }
+
+    fn stage_staged(&mut self, epoch: u64, s: Staged) -> Result<(), MirrorError> {
+        let n = s.bytes();
+        if self.staged_bytes + n > MAX_STAGED_BYTES {
             return Err(MirrorError::StagingFull);
         }
-        self.staged_bytes += body.len();
-        self.staging
-            .entry(epoch)
-            .or_default()
-            .push(StagedMsg { head_len, body });
+        self.staged_bytes += n;
+        self.staging.entry(epoch).or_default().push(s);
         Ok(())
     }
 
@@ -365,29 +405,35 @@ impl Mirror {
         self.apply_into(epoch, None)
     }
 
-    /// [`Mirror::apply`], with the disk writes going through the standby's apply
-    /// journal (`disks`) when given: one durable journal record per epoch instead of
-    /// direct writes and an `fdatasync` of every written image.
+    /// [`Mirror::apply`], with the disk writes going through `disks` when given (the
+    /// standby's apply journal: one durable record per epoch instead of direct writes
+    /// and an `fdatasync` of every written image).
     pub fn apply_into(
         &mut self,
         epoch: u64,
-        disks: Option<&mut StandbyDisks>,
+        disks: Option<&mut dyn DiskCommit>,
     ) -> Result<ApplyStats, MirrorError> {
         let msgs = self
             .staging
             .remove(&epoch)
             .ok_or(MirrorError::NotStaged(epoch))?;
         self.pristine = false;
-        self.staged_bytes -= msgs.iter().map(|m| m.body.len()).sum::<usize>();
-        let mut views = Vec::with_capacity(msgs.len());
+        self.staged_bytes -= msgs.iter().map(Staged::bytes).sum::<usize>();
+        let mut parts = Vec::with_capacity(msgs.len());
         for m in &msgs {
-            let (h, p) = m.body.split_at(m.head_len.min(m.body.len()));
-            match decode_to_standby(h, p).map_err(|source| MirrorError::Decode { epoch, source })? {
-                StandboundMsg::Part(v) => views.push(v),
-                _ => return Err(MirrorError::NotEpochPart(epoch)),
+            match m {
+                Staged::Part(p) => parts.push(p),
+                Staged::Bad(source) => {
+                    return Err(MirrorError::Decode {
+                        epoch,
+                        source: source.clone(),
+                    })
+                }
+                Staged::NotPart => return Err(MirrorError::NotEpochPart(epoch)),
             }
         }
-        views.sort_by_key(|v| v.head.part);
+        parts.sort_by_key(|p| p.head().part);
+        let views: Vec<PartView<'_>> = parts.iter().map(|p| p.view()).collect();
         // Validate everything before writing anything.
         let states = views.iter().filter(|v| !v.state.is_empty()).count();
         if states != 1 {
@@ -414,6 +460,7 @@ impl Mirror {
         let mut slot = slots.into_iter();
         let mut written = vec![false; self.disks.len()];
         let mut journalled: Vec<(u16, u64, &[u8])> = Vec::new();
+        let journal = disks.is_some();
         for v in &views {
             // `pages()` first: zip must not pull a slot past this part's last page.
             for ((gpa, data), (r, off)) in v.pages().zip(slot.by_ref()) {
@@ -426,10 +473,10 @@ impl Mirror {
             }
             for (d, data) in v.disk_writes() {
                 let dev = usize::from(d.device);
-                if disks.is_some() {
+                stats.disk_writes += 1;
+                stats.disk_bytes += data.len() as u64;
+                if journal {
                     journalled.push((d.device, d.offset, data));
-                    stats.disk_writes += 1;
-                    stats.disk_bytes += data.len() as u64;
                     continue;
                 }
                 self.disks[dev]
@@ -439,8 +486,6 @@ impl Mirror {
                         source,
                     })?;
                 written[dev] = true;
-                stats.disk_writes += 1;
-                stats.disk_bytes += data.len() as u64;
             }
             if let Some(c) = v.head.console {
                 stats.console_bytes += v.console.len() as u64;
@@ -462,8 +507,7 @@ impl Mirror {
         }
         // The epoch is acknowledged after this: its disk writes must be durable.
         if let Some(j) = disks {
-            j.commit(epoch, &journalled)
-                .map_err(|e| MirrorError::Journal(e.to_string()))?;
+            j.commit(epoch, &journalled).map_err(MirrorError::Journal)?;
         }
         for (dev, w) in written.into_iter().enumerate() {
             if w {

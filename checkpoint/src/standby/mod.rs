@@ -1,11 +1,15 @@
-//! The standby's I/O side: the mirror of the protected VM and the driver.
+//! The standby's side: the mirror of the protected VM, the driver (a step function, and
+//! the real loop around it), the adapter of storage-mirror's disks, and failover.
 
 pub mod disks;
 pub mod driver;
 pub mod mirror;
+pub mod outcome;
+pub mod takeover;
 
-pub use driver::{
-    rarp_announce, rebind_attachments, run_standby, run_standby_with, FailoverReport,
-    StandbyDriverConfig, StandbyDriverError, StandbyOutcome,
+pub use driver::{run_standby, run_standby_with, StandbyDriver, StandbyDriverConfig};
+pub use mirror::{ApplyStats, DiskCommit, Mirror, MirrorError};
+pub use outcome::{FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
+pub use takeover::{
+    rarp_announce, rebind_attachments, BeforeStart, Takeover, TakeoverInput, VmmTakeover,
 };
-pub use mirror::{ApplyStats, Mirror, MirrorError};

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use super::ops::{OpError, Reply, Request};
 use super::store::{Store, VmRecord};
-use crate::timing::{MAX_LEASE, MIN_LEASE};
-use crate::types::{check_name, NodeId};
+use crate::rules::{self, Decision, Known, Rules};
 
 /// Memory bounds of one witness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,17 +32,8 @@ impl Default for CoreLimits {
     }
 }
 
-/// Test-only deliberate bugs, to show that the simulation catches them.
 #[cfg(feature = "mutations")]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CoreMutations {
-    /// Grant the next generation even while the holder's lease runs.
-    pub grant_without_lapse: bool,
-    /// Forget the leases' grace after a restart (leases start lapsed).
-    pub no_restart_grace: bool,
-    /// Ignore the peer-outdated flag.
-    pub ignore_outdated: bool,
-}
+pub use crate::rules::CoreMutations;
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -149,21 +139,8 @@ impl WitnessCore {
         req: &Request,
         store: &mut dyn Store,
     ) -> Reply {
-        if let Err(why) = check_name("VM name", req.vm()) {
-            return Reply::Refused(OpError::BadName(why));
-        }
-        let lease_ms = match req {
-            Request::Renew { lease_ms, .. } | Request::Acquire { lease_ms, .. } => Some(*lease_ms),
-            Request::Query { .. } => None,
-        };
-        if let Some(l) = lease_ms {
-            let d = Duration::from_millis(u64::from(l));
-            if !(MIN_LEASE..=MAX_LEASE).contains(&d) {
-                return Reply::Refused(OpError::BadLease(l));
-            }
-        }
-        if matches!(req, Request::Renew { generation: 0, .. }) {
-            return Reply::Refused(OpError::ZeroGeneration);
+        if let Err(e) = rules::validate(req) {
+            return Reply::Refused(e);
         }
         let key = (cluster.to_string(), req.vm().to_string());
         let existing = self.vms.get(&key).cloned();
@@ -176,46 +153,17 @@ impl WitnessCore {
                 return Reply::Refused(OpError::TooManyVms(self.limits.max_vms_per_cluster));
             }
         }
-        // The decision: the reply, the entry afterwards and whether its record changed.
-        let (reply, next) = match req {
-            Request::Query { .. } => {
-                let reply = match &existing {
-                    None => Reply::State {
-                        generation: 0,
-                        holder: None,
-                        peer_outdated: false,
-                        lease_left_ms: 0,
-                    },
-                    Some(e) => Reply::State {
-                        generation: e.rec.generation,
-                        holder: e.rec.holder,
-                        peer_outdated: e.rec.peer_outdated,
-                        lease_left_ms: Self::live(e, now).map_or(0, ms),
-                    },
-                };
-                (reply, None)
-            }
-            Request::Renew {
-                node,
-                generation,
-                lease_ms,
-                peer_outdated,
-                ..
-            } => self.renew(
-                now,
-                existing.as_ref(),
-                *node,
-                *generation,
-                *lease_ms,
-                *peer_outdated,
-            ),
-            Request::Acquire {
-                node,
-                from,
-                lease_ms,
-                ..
-            } => self.acquire(now, existing.as_ref(), *node, *from, *lease_ms),
-        };
+        // The decision (shared with the etcd backend): the reply and the record
+        // afterwards, whose holder's lease starts now.
+        let known = existing.as_ref().map(|e| Known {
+            rec: e.rec,
+            live: Self::live(e, now),
+        });
+        let Decision { reply, next } = self.rules().decide(known.as_ref(), req);
+        let next = next.map(|rec| Entry {
+            rec,
+            lease_until: Some(now + Duration::from_millis(u64::from(rec.lease_ms))),
+        });
         if let Some(next) = next {
             let changed = existing.as_ref().map(|e| e.rec) != Some(next.rec);
             if changed && next.rec.holder.is_some() {
@@ -235,191 +183,18 @@ impl WitnessCore {
         reply
     }
 
-    fn renew(
-        &self,
-        now: Duration,
-        e: Option<&Entry>,
-        node: NodeId,
-        generation: u64,
-        lease_ms: u32,
-        peer_outdated: bool,
-    ) -> (Reply, Option<Entry>) {
-        if generation == 0 {
-            return (Reply::Refused(OpError::ZeroGeneration), None);
+    fn rules(&self) -> Rules {
+        Rules {
+            #[cfg(feature = "mutations")]
+            mutations: self.mutations,
         }
-        let lease = Duration::from_millis(u64::from(lease_ms));
-        let granted = Reply::Granted {
-            generation,
-            lease_ms,
-        };
-        let held = Entry {
-            rec: VmRecord {
-                generation,
-                holder: Some(node),
-                peer_outdated,
-                lease_ms,
-            },
-            lease_until: Some(now + lease),
-        };
-        match e {
-            // Unknown here, or known at an older generation: the pair got `generation`
-            // from the other witness (or this one lost its disk); adopt it, but never
-            // over another node's running lease (it may still be acting on it).
-            None => (granted, Some(held)),
-            Some(e) if e.rec.generation < generation => match Self::live(e, now) {
-                Some(left) if e.rec.holder != Some(node) => (
-                    Reply::Busy {
-                        generation: e.rec.generation,
-                        holder: e.rec.holder,
-                        retry_after_ms: ms(left).max(1),
-                    },
-                    None,
-                ),
-                _ => (granted, Some(held)),
-            },
-            Some(e) if e.rec.generation > generation => (
-                Reply::Lost {
-                    generation: e.rec.generation,
-                    holder: e.rec.holder,
-                },
-                None,
-            ),
-            // Same generation, held by this node (or adopted with an unknown holder).
-            Some(e) if e.rec.holder.is_none_or(|h| h == node) => (granted, Some(held)),
-            Some(e) => (
-                Reply::Lost {
-                    generation: e.rec.generation,
-                    holder: e.rec.holder,
-                },
-                None,
-            ),
-        }
-    }
-
-    fn acquire(
-        &self,
-        now: Duration,
-        e: Option<&Entry>,
-        node: NodeId,
-        from: u64,
-        lease_ms: u32,
-    ) -> (Reply, Option<Entry>) {
-        let lease = Duration::from_millis(u64::from(lease_ms));
-        let Some(next_gen) = crate::types::next_generation(from, node) else {
-            return (Reply::Refused(OpError::GenerationOverflow(from)), None);
-        };
-        let grant = |peer_outdated: bool| {
-            (
-                Reply::Granted {
-                    generation: next_gen,
-                    lease_ms,
-                },
-                Some(Entry {
-                    rec: VmRecord {
-                        generation: next_gen,
-                        holder: Some(node),
-                        peer_outdated,
-                        lease_ms,
-                    },
-                    lease_until: Some(now + lease),
-                }),
-            )
-        };
-        // A generation this witness has not seen: its holder is unknown and may be
-        // renewing elsewhere or may have renewed here before a lost disk; treat it as
-        // live for one lease from now (kept in memory only: nothing granted yet).
-        let unknown = |generation: u64| {
-            (
-                Reply::Busy {
-                    generation,
-                    holder: None,
-                    retry_after_ms: lease_ms,
-                },
-                Some(Entry {
-                    rec: VmRecord {
-                        generation,
-                        holder: None,
-                        peer_outdated: false,
-                        lease_ms,
-                    },
-                    lease_until: Some(now + lease),
-                }),
-            )
-        };
-        let Some(e) = e else {
-            return if from == 0 {
-                grant(false)
-            } else {
-                unknown(from)
-            };
-        };
-        if e.rec.generation > from {
-            return (
-                Reply::Lost {
-                    generation: e.rec.generation,
-                    holder: e.rec.holder,
-                },
-                None,
-            );
-        }
-        if e.rec.generation < from {
-            // What this witness knows of the requester's replica carries over: it was
-            // stale at an older generation and nothing here says it was resynced since
-            // (a holder that renews here states it afresh).
-            if e.rec.peer_outdated && e.rec.holder != Some(node) {
-                return (
-                    Reply::Outdated {
-                        generation: e.rec.generation,
-                    },
-                    None,
-                );
-            }
-            return unknown(from);
-        }
-        #[cfg(feature = "mutations")]
-        let lapse_ignored = self.mutations.grant_without_lapse;
-        #[cfg(not(feature = "mutations"))]
-        let lapse_ignored = false;
-        if let Some(left) = Self::live(e, now).filter(|_| !lapse_ignored) {
-            return (
-                Reply::Busy {
-                    generation: e.rec.generation,
-                    holder: e.rec.holder,
-                    retry_after_ms: ms(left).max(1),
-                },
-                None,
-            );
-        }
-        #[cfg(feature = "mutations")]
-        let outdated_ignored = self.mutations.ignore_outdated;
-        #[cfg(not(feature = "mutations"))]
-        let outdated_ignored = false;
-        let requester_is_holder = e.rec.holder == Some(node);
-        if e.rec.peer_outdated && !requester_is_holder && !outdated_ignored {
-            return (
-                Reply::Outdated {
-                    generation: e.rec.generation,
-                },
-                None,
-            );
-        }
-        if e.rec.generation == 0 && e.rec.holder.is_none() {
-            return grant(false);
-        }
-        // The old holder may have run ahead of the new one (epochs it never got
-        // acknowledged, writes of its last moments): its replica is stale now. A holder
-        // re-acquiring after its own restart keeps the peer's status.
-        grant(if requester_is_holder {
-            e.rec.peer_outdated
-        } else {
-            true
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::NodeId;
     use crate::witness::store::MemStore;
 
     const A: NodeId = NodeId(1);

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{Bus, BusError};
 use super::output::OutputGate;
+use super::virtio::block::written::WrittenBlocks;
 use super::virtio::block::{Block, BlockError};
 use super::virtio::block::{DiskControls, DiskFaults, DiskHooks, DiskJournal};
 use super::virtio::console::sink::SinkError;
@@ -231,6 +232,42 @@ impl DeviceManager {
             let mut j = t.take_disk_journal().unwrap_or_default();
             j.disk_index = disk_index;
             out.push(j);
+        }
+        out
+    }
+
+    /// Every disk's written blocks since the last take (plus the byte ranges
+    /// `also[disk]`), read back from its image; disks in config order. Only while the
+    /// VM is paused.
+    pub fn read_back_written(&self, also: &[Vec<(u64, u64)>]) -> std::io::Result<Vec<DiskJournal>> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            let disk_index = out.len();
+            let extra = also.get(disk_index).map_or(&[][..], |v| &v[..]);
+            if let Some(j) = lock(&s.transport).read_back_written(extra) {
+                let mut j = j?;
+                j.disk_index = disk_index;
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Disk `disk`'s written-block map since its last take, taken (and so reset); the
+    /// maps of every disk with `None`. Only while the VM is paused (or not running),
+    /// for the map to hold every write issued.
+    pub fn take_written_blocks(&self, disk: Option<usize>) -> Vec<WrittenBlocks> {
+        let mut out = Vec::new();
+        let mut k = 0;
+        for s in &self.slots {
+            let mut t = lock(&s.transport);
+            if t.device_type() != abi::VIRTIO_ID_BLOCK {
+                continue;
+            }
+            if disk.is_none_or(|d| d == k) {
+                out.extend(t.take_written_blocks());
+            }
+            k += 1;
         }
         out
     }

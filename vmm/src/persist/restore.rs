@@ -1,6 +1,7 @@
 //! Builds a fresh VMM from a [`VmState`] and guest memory contents.
 
-use crate::builder::BuildError;
+use crate::builder::error::BuildError;
+use crate::builder::platform::attach_platform;
 use crate::config::VmConfig;
 use crate::devices::bus::Bus;
 use crate::devices::manager::DeviceManager;
@@ -14,8 +15,12 @@ use crate::vstate::vm_state::VmStateError;
 use super::memory::layout;
 use super::{RestoreReport, VmState};
 
+/// Why a VM could not be restored: its state does not fit the config, or building
+/// the VM around it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
     #[error("the state's guest memory layout {saved:x?} differs from the config's {config:x?}")]
     MemoryLayout {
         saved: Vec<(u64, u64)>,
@@ -59,12 +64,12 @@ pub fn build_vm_from_state<F>(
     cfg: &VmConfig,
     state: &VmState,
     fill_memory: F,
-) -> Result<(Vmm, RestoreReport), BuildError>
+) -> Result<(Vmm, RestoreReport), RestoreError>
 where
     F: FnOnce(&GuestMemoryMmap) -> std::io::Result<()>,
 {
-    cfg.validate()?;
-    let mem = create_guest_memory(cfg.mem_mib << 20)?;
+    cfg.validate().map_err(BuildError::from)?;
+    let mem = create_guest_memory(cfg.mem_mib << 20).map_err(BuildError::from)?;
     // Checked before the fill: a wrong layout must not cost a copy of all of RAM.
     check_layout(state, &mem)?;
     fill_memory(&mem).map_err(RestoreError::FillMemory)?;
@@ -72,14 +77,13 @@ where
 }
 
 /// The memory layout `cfg` gives must be the one `state` was saved with.
-fn check_layout(state: &VmState, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+fn check_layout(state: &VmState, mem: &GuestMemoryMmap) -> Result<(), RestoreError> {
     let config_layout = layout(mem);
     if config_layout != state.memory {
         return Err(RestoreError::MemoryLayout {
             saved: state.memory.clone(),
             config: config_layout,
-        }
-        .into());
+        });
     }
     Ok(())
 }
@@ -92,10 +96,11 @@ pub fn build_vm_from_state_with_memory(
     cfg: &VmConfig,
     state: &VmState,
     mem: GuestMemoryMmap,
-) -> Result<(Vmm, RestoreReport), BuildError> {
-    cfg.validate()?;
+) -> Result<(Vmm, RestoreReport), RestoreError> {
+    cfg.validate().map_err(BuildError::from)?;
     // The memory given must be what `cfg` would have allocated.
-    let expected: Vec<(u64, u64)> = ram_ranges(cfg.mem_mib << 20)?
+    let expected: Vec<(u64, u64)> = ram_ranges(cfg.mem_mib << 20)
+        .map_err(BuildError::from)?
         .iter()
         .map(|&(start, len)| (start.0, len as u64))
         .collect();
@@ -104,20 +109,18 @@ pub fn build_vm_from_state_with_memory(
         return Err(RestoreError::MemoryGiven {
             given,
             config: expected,
-        }
-        .into());
+        });
     }
     check_layout(state, &mem)?;
     if state.vcpus.len() != usize::from(cfg.vcpus) {
         return Err(RestoreError::VcpuCount {
             saved: state.vcpus.len(),
             config: cfg.vcpus,
-        }
-        .into());
+        });
     }
 
     let mut report = RestoreReport::default();
-    let vm = Vm::new(&mem, cfg.vcpus)?;
+    let vm = Vm::new(&mem, cfg.vcpus).map_err(BuildError::from)?;
     let xsave_bytes = xsave_size(vm.kvm());
     let has_xcrs = vm.kvm().check_extension(kvm_ioctls::Cap::Xcrs);
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -126,8 +129,7 @@ pub fn build_vm_from_state_with_memory(
             return Err(RestoreError::VcpuIndex {
                 position,
                 index: vs.index,
-            }
-            .into());
+            });
         }
         let fd = vm
             .fd()
@@ -147,14 +149,13 @@ pub fn build_vm_from_state_with_memory(
     }
     state.vm.restore(vm.fd()).map_err(RestoreError::from)?;
 
-    let devices = DeviceManager::new(&mem, cfg)?;
+    let devices = DeviceManager::new(&mem, cfg).map_err(BuildError::from)?;
     let count = devices.descriptors().len();
     if count != state.devices.len() {
         return Err(RestoreError::DeviceCount {
             saved: state.devices.len(),
             config: count,
-        }
-        .into());
+        });
     }
     for (index, ts) in state.devices.iter().enumerate() {
         let Some(t) = devices.transport(index) else {
@@ -166,13 +167,13 @@ pub fn build_vm_from_state_with_memory(
             .map_err(|source| RestoreError::Device { index, source })?;
     }
     let mut mmio = Bus::new();
-    devices.attach(&mut mmio)?;
+    devices.attach(&mut mmio).map_err(BuildError::from)?;
     let pio = Bus::new();
     let mut vmm = Vmm::new(mem, vm, vcpus, mmio, pio, devices);
     if cfg.payload.is_linux() {
         // UART, i8042 and the irqfds: GSI routes and irqfds are not part of the irqchip
         // state, so they are made again; the UART gets its captured registers.
-        crate::builder::linux::attach_platform(&mut vmm, cfg, state.serial.as_ref())?;
+        attach_platform(&mut vmm, cfg, state.serial.as_ref()).map_err(BuildError::from)?;
     }
     Ok((vmm, report))
 }

@@ -10,7 +10,7 @@ use crate::devices::virtio::block::DiskJournal;
 impl Vmm {
     /// True when no vCPU and no device thread can emit output or touch guest memory:
     /// before start, after the end, or paused.
-    fn quiet(&self) -> bool {
+    pub(super) fn quiet(&self) -> bool {
         !self.started || self.threads.is_empty() || self.control.is_paused()
     }
 

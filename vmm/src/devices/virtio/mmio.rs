@@ -171,6 +171,14 @@ impl MmioTransport {
         self.device.attach_output_gate(gate)
     }
 
+    /// See [`VirtioDevice::read_back_written`].
+    pub fn read_back_written(
+        &mut self,
+        also: &[(u64, u64)],
+    ) -> Option<std::io::Result<super::block::journal::DiskJournal>> {
+        self.device.read_back_written(also)
+    }
+
     /// See [`VirtioDevice::set_disk_journal`].
     pub fn set_disk_journal(&mut self, on: bool) -> bool {
         self.device.set_disk_journal(on)

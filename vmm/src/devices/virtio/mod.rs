@@ -133,6 +133,18 @@ pub trait VirtioDevice: Send {
     fn take_written_blocks(&mut self) -> Option<block::written::WrittenBlocks> {
         None
     }
+    /// A block device takes its written-block map (as
+    /// [`take_written_blocks`](VirtioDevice::take_written_blocks)), adds the byte ranges
+    /// `also`, and returns the data of those blocks read back from its image as a
+    /// journal (`disk_index` 0: the caller numbers the disks), in block order; other
+    /// devices return `None`. Only while the VM is paused: no request is in flight, so
+    /// the image holds every completed write.
+    fn read_back_written(
+        &mut self,
+        _also: &[(u64, u64)],
+    ) -> Option<std::io::Result<block::journal::DiskJournal>> {
+        None
+    }
     /// Output devices (console, net) register a stream with the VM's output gate and
     /// route their output through it from now on; others ignore it. Before the VM
     /// starts.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::request::SECTOR_SIZE;
+use super::written::{WrittenBlocks, WRITE_BLOCK};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// One journalled write: `len` bytes at `data[offset..]`, for the image at `sector`.
@@ -90,6 +91,28 @@ impl DiskJournal {
     }
 }
 
+/// The blocks of `written` read back from `file` (an image of `size` bytes; the last
+/// block may be short) as one journal extent per run of blocks, in block order.
+pub fn read_back(file: &File, size: u64, written: &WrittenBlocks) -> io::Result<DiskJournal> {
+    let mut j = DiskJournal::default();
+    for (first, n) in written.runs() {
+        let off = first * WRITE_BLOCK;
+        let len = (n * WRITE_BLOCK).min(size.saturating_sub(off));
+        if len == 0 {
+            continue;
+        }
+        let at = j.data.len();
+        j.data.resize(at + len as usize, 0);
+        file.read_exact_at(&mut j.data[at..], off)?;
+        j.extents.push(JournalExtent {
+            sector: off / SECTOR_SIZE,
+            offset: at as u64,
+            len,
+        });
+    }
+    Ok(j)
+}
+
 /// Applies `journal` to `file` (a copy of the disk): writes each extent in order with
 /// `pwrite`, then `fdatasync`. Pure I/O: no VM needed.
 pub fn apply_journal(file: &File, journal: &DiskJournal) -> io::Result<()> {
@@ -151,6 +174,16 @@ mod tests {
         // The later write of the same sector wins.
         assert!(img[1536..2048].iter().all(|&b| b == 3));
         assert!(img[2048..].iter().all(|&b| b == 0));
+
+        // Read back: blocks 0 and 2 (the last one short of its 4 KiB).
+        f.set_len(3 * 4096 - 512).unwrap();
+        let mut w = WrittenBlocks::new(3 * 4096);
+        w.mark(100, 1);
+        w.mark(2 * 4096, 10);
+        let back = read_back(&f, 3 * 4096 - 512, &w).unwrap();
+        let runs: Vec<_> = back.writes().map(|(o, d)| (o, d.len())).collect();
+        assert_eq!(runs, vec![(0, 4096), (8192, 3584)]);
+        assert_eq!(&back.data[1024..1536], &[1u8; 512][..]);
 
         let mut bad = j.clone();
         bad.extents[0].len = 1 << 40;

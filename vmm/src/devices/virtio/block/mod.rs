@@ -234,6 +234,14 @@ impl VirtioDevice for Block {
         Some(self.written.take())
     }
 
+    fn read_back_written(&mut self, also: &[(u64, u64)]) -> Option<std::io::Result<DiskJournal>> {
+        let mut w = self.written.take();
+        for &(offset, len) in also {
+            w.mark(offset, len);
+        }
+        Some(journal::read_back(&self.file, self.disk.capacity_bytes, &w))
+    }
+
     fn set_disk_journal(&mut self, on: bool) -> bool {
         match (on, self.journal.is_some()) {
             (true, false) => self.journal = Some(DiskJournal::default()),

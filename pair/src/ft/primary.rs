@@ -7,19 +7,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::exit;
+use crate::settings::FtSettings;
 use alink::{Alink, AlinkConfig};
-use checkpoint::primary::disks::PrimaryDisks;
-use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::primary::{run_primary, MirroredDisks, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
-use twinrun::cli::ft::FtSettings;
-use twinrun::exit;
+use storage_mirror::primary::PrimaryDisks;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::{build_vm, Vmm};
 
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
-use crate::run::exit_code;
+use crate::alone::exit_code;
 
 /// Logged once the standby has committed epoch 0 (tools ask the control socket's
 /// status instead).
@@ -52,14 +52,15 @@ pub fn run(
     }
     // Before the guest runs: every write is marked in the disks' persistent bitmaps
     // until a standby is in sync.
-    let disks = match PrimaryDisks::open(cfg) {
+    let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
+    let disks = match PrimaryDisks::open(&images) {
         Ok(d) => d,
         Err(e) => {
             error!("cannot start disk mirroring: {e}");
             return exit::START_FAILED;
         }
     };
-    vm.set_disk_hooks(Some(disks.clone()));
+    vm.set_disk_hooks(Some(Arc::new(MirroredDisks(disks.clone()))));
     if let Err(e) = vm.start() {
         error!("cannot start the VM: {e}");
         return exit::START_FAILED;

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::settings::Role;
 use alink::Alink;
-use checkpoint::primary::disks::PrimaryDisks;
 use checkpoint::primary::PrimaryReport;
 use checkpoint::standby::FailoverReport;
-use twinrun::cli::ft::Role;
+use storage_mirror::primary::PrimaryDisks;
 use twinrun_control::disks::{self, DiskView};
 use twinrun_control::server::{FtControl, Server};
 use twinrun_control::{FailoverStatus, FtRole, FtState, FtStatus, LinkState, SessionStatus};
@@ -121,7 +121,9 @@ impl PairStatus {
     }
 
     /// This standby took over: from now on it is the primary of the VM `vm`.
-    pub fn failed_over(&self, r: &FailoverReport, vm: &Vmm) {
+    /// The standby took over: the VM runs here, on the survivor's `disks` (opened by
+    /// the role switch).
+    pub fn failed_over(&self, r: &FailoverReport, vm: &Vmm, disks: Option<Arc<PrimaryDisks>>) {
         {
             let mut i = lock(&self.inner);
             i.role = FtRole::Primary;
@@ -134,7 +136,7 @@ impl PairStatus {
                 announces: r.announces as u64,
             });
         }
-        self.vm_running(vm, r.disks.clone());
+        self.vm_running(vm, disks);
     }
 
     fn links(&self) -> Vec<LinkState> {

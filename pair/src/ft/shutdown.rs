@@ -1,11 +1,12 @@
-//! SIGTERM/SIGINT for FT mode: a flag the drivers poll and, once a VM runs on its own
-//! (after the driver returned or after a failover), that VM's stopper.
+//! Stopping one end of the pair: a flag the drivers poll and, once a VM runs on its own
+//! (after the driver returned or after a failover), that VM's stopper. Set by
+//! SIGTERM/SIGINT ([`Shutdown::install`]) or by a caller ([`Shutdown::request`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::signals;
 use log::{info, warn};
-use twinrun::signals;
 use vmm::Stopper;
 
 #[derive(Default)]
@@ -16,24 +17,25 @@ struct Inner {
     vm: Mutex<Option<Stopper>>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Shutdown(Arc<Inner>);
 
 impl Shutdown {
+    /// A shutdown only [`Shutdown::request`] sets (in-process use, tests).
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
     /// Starts the signal thread (signals must be blocked already).
     pub fn install() -> Shutdown {
-        let s = Shutdown(Arc::new(Inner::default()));
+        let s = Shutdown::new();
         let t = s.clone();
         let spawned = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || match signals::wait() {
                 Ok(name) => {
                     info!("received {name}: stopping");
-                    let vm = t.0.vm.lock().unwrap_or_else(|p| p.into_inner());
-                    t.0.stop.store(true, Ordering::SeqCst);
-                    if let Some(st) = vm.as_ref() {
-                        st.stop();
-                    }
+                    t.request();
                 }
                 Err(e) => warn!("waiting for signals failed: {e}"),
             });
@@ -41,6 +43,16 @@ impl Shutdown {
             warn!("cannot start the signal thread ({e}); SIGTERM/SIGINT stay blocked");
         }
         s
+    }
+
+    /// Stops whatever runs: the drivers see the flag, a VM running on its own is
+    /// stopped (at once if one is registered, else when it is).
+    pub fn request(&self) {
+        let vm = self.0.vm.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.stop.store(true, Ordering::SeqCst);
+        if let Some(st) = vm.as_ref() {
+            st.stop();
+        }
     }
 
     /// The flag the checkpoint drivers poll.

@@ -1,18 +1,25 @@
-//! The disk-mirroring messages of the A-Link protocol (see `storage-mirror`): the
-//! metadata exchange that decides how a returning standby's disks are brought back in
-//! sync, the resync chunks, reads served from the partner's replica when the local disk
-//! failed, and online verify digests.
+//! The disk session's messages (what the two sides of a mirrored disk set say to each
+//! other): the metadata report that decides how a returning standby's disks are
+//! brought back in sync, the plan, the resync chunks and their acknowledgements, reads
+//! served from the partner's replica when the local disk failed, and online verify
+//! digests.
 //!
-//! Session order: the primary's `Hello` is answered by [`DiskToPrimary::Meta`]; the
-//! primary decides per disk and sends [`DiskToStandby::Plan`]; resync chunks follow in
-//! disk order, each acknowledged once durable; [`DiskToStandby::ResyncDone`] ends the
-//! resync rounds, and the memory synchronisation and epoch 0 (which carries every block
-//! written during the resync) follow. Every size is bounded and checked on decode.
+//! Each message is a postcard head plus a raw payload (chunk data, bitmap words,
+//! digests, read data); the transport carries both without looking inside (checkpoint
+//! puts them in an opaque, bounded kind of its own wire format). Every count and size is
+//! bounded and checked by [`decode_to_standby`] / [`decode_to_primary`]: a malformed or
+//! hostile message gives a typed [`WireError`], never a panic or an unbounded
+//! allocation.
+//!
+//! Session order: the standby answers the checkpoint's `Hello` with
+//! [`DiskToPrimary::Meta`]; the primary decides per disk and sends
+//! [`DiskToStandby::Plan`]; resync chunks follow in disk order, each acknowledged once
+//! durable; [`DiskToStandby::ResyncDone`] ends the resync, and the memory
+//! synchronisation and epoch 0 (which carries what the resync left) follow.
 
 use serde::{Deserialize, Serialize};
-use storage_mirror::meta::{MetaState, ReplicaMeta};
 
-use crate::messages::{DecodeError, LimitError};
+use crate::meta::{MetaState, ReplicaMeta};
 
 /// Disks per VM, at most.
 pub const MAX_DISKS: usize = 64;
@@ -20,12 +27,21 @@ pub const MAX_DISKS: usize = 64;
 pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
 /// Bitmap words of one disk, at most (1 TiB at 4 KiB blocks).
 pub const MAX_BITMAP_WORDS: u64 = (1 << 40) / 4096 / 64;
+/// Payload bytes of one message, at most (bitmap words of every disk in a report:
+/// under the A-Link's 64 MiB frame with room for the head).
+pub const MAX_PAYLOAD_BYTES: u64 = 48 << 20;
+/// Encoded head of one message, at most.
+pub const MAX_HEAD_BYTES: usize = 256 << 10;
 /// Verify digests per request, at most.
 pub const MAX_DIGESTS: u32 = 1024;
 /// Digest bytes (SHA-256).
 pub const DIGEST_LEN: usize = 32;
 /// Bytes of a reason string, at most.
 pub const MAX_REASON: usize = 1024;
+/// Generations in a plan's history, at most.
+pub const MAX_HISTORY: usize = 64;
+/// Largest verify range (64 MiB, as `verify::MAX_RANGE_BYTES`).
+pub const MAX_VERIFY_RANGE: u64 = crate::verify::MAX_RANGE_BYTES;
 
 /// One replica's metadata as sent over the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +104,7 @@ pub struct DiskPlan {
     pub blocks: u64,
 }
 
-/// Primary to standby, disk part.
+/// Primary to standby.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskToStandby {
     Plan {
@@ -102,7 +118,7 @@ pub enum DiskToStandby {
         blocks: u32,
         crc: u32,
     },
-    /// The resync rounds of every disk are over; epoch 0 carries the rest.
+    /// The resync passes of every disk are over; epoch 0 carries the rest.
     ResyncDone {
         rounds: u32,
         blocks: u64,
@@ -124,10 +140,10 @@ pub enum DiskToStandby {
     },
 }
 
-/// Standby to primary, disk part.
+/// Standby to primary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskToPrimary {
-    /// Answer to `Hello`; payload = the bitmaps.
+    /// Answer to the session's start; payload = the bitmaps.
     Meta { disks: Vec<DiskReport> },
     /// The chunk is durable on the standby's image.
     ChunkDone {
@@ -143,41 +159,70 @@ pub enum DiskToPrimary {
     Digests { id: u64, count: u32, ok: bool },
 }
 
-fn limit(what: &'static str, have: u64, max: u64) -> Result<(), DecodeError> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("disk message head of {0} bytes exceeds {MAX_HEAD_BYTES}")]
+    HeadTooLarge(usize),
+    #[error("disk message payload of {0} bytes exceeds {MAX_PAYLOAD_BYTES}")]
+    PayloadTooLarge(usize),
+    #[error("disk message head does not decode: {0}")]
+    Postcard(#[from] postcard::Error),
+    #[error("disk message head has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("{what}: {have} exceeds the limit of {max}")]
+    Exceeded {
+        what: &'static str,
+        have: u64,
+        max: u64,
+    },
+    #[error("payload is {have} bytes, the head describes {want}")]
+    PayloadLen { have: u64, want: u64 },
+    #[error("chunk checksum mismatch (head {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("a {0} message carries a payload")]
+    UnexpectedPayload(&'static str),
+    #[error("{0} must not be zero")]
+    Zero(&'static str),
+}
+
+fn limit(what: &'static str, have: u64, max: u64) -> Result<(), WireError> {
     if have > max {
-        return Err(LimitError::Exceeded { what, have, max }.into());
+        return Err(WireError::Exceeded { what, have, max });
     }
     Ok(())
 }
 
-fn no_payload(payload: &[u8], what: &'static str) -> Result<(), DecodeError> {
+fn no_payload(payload: &[u8], what: &'static str) -> Result<(), WireError> {
     if payload.is_empty() {
         Ok(())
     } else {
-        Err(DecodeError::UnexpectedPayload(what))
+        Err(WireError::UnexpectedPayload(what))
     }
 }
 
-fn payload_is(payload: &[u8], want: u64) -> Result<(), DecodeError> {
+fn payload_is(payload: &[u8], want: u64) -> Result<(), WireError> {
     if payload.len() as u64 != want {
-        return Err(LimitError::PayloadLen {
+        return Err(WireError::PayloadLen {
             have: payload.len() as u64,
             want,
-        }
-        .into());
+        });
     }
     Ok(())
 }
 
 impl DiskToStandby {
     /// Checks limits and the payload against the head.
-    pub fn check(&self, payload: &[u8]) -> Result<(), DecodeError> {
+    pub fn check(&self, payload: &[u8]) -> Result<(), WireError> {
         match self {
             DiskToStandby::Plan { disks } => {
                 limit("disks", disks.len() as u64, MAX_DISKS as u64)?;
                 for d in disks {
                     limit("reason bytes", d.reason.len() as u64, MAX_REASON as u64)?;
-                    limit("history entries", d.source_history.len() as u64, 64)?;
+                    limit(
+                        "history entries",
+                        d.source_history.len() as u64,
+                        MAX_HISTORY as u64,
+                    )?;
                 }
                 no_payload(payload, "disk plan")
             }
@@ -188,15 +233,14 @@ impl DiskToStandby {
                     u64::from(MAX_CHUNK_BYTES),
                 )?;
                 if *blocks == 0 || payload.is_empty() {
-                    return Err(LimitError::PayloadLen {
+                    return Err(WireError::PayloadLen {
                         have: payload.len() as u64,
                         want: 1,
-                    }
-                    .into());
+                    });
                 }
                 let computed = crc32c::crc32c(payload);
                 if computed != *crc {
-                    return Err(DecodeError::Checksum {
+                    return Err(WireError::Checksum {
                         stored: *crc,
                         computed,
                     });
@@ -212,14 +256,9 @@ impl DiskToStandby {
                 count, range_bytes, ..
             } => {
                 limit("digests", u64::from(*count), u64::from(MAX_DIGESTS))?;
-                limit("range bytes", *range_bytes, 1 << 30)?;
+                limit("range bytes", *range_bytes, MAX_VERIFY_RANGE)?;
                 if *range_bytes == 0 {
-                    return Err(LimitError::Exceeded {
-                        what: "zero range bytes",
-                        have: 0,
-                        max: 0,
-                    }
-                    .into());
+                    return Err(WireError::Zero("verify range bytes"));
                 }
                 no_payload(payload, "verify")
             }
@@ -229,7 +268,7 @@ impl DiskToStandby {
 
 impl DiskToPrimary {
     /// Checks limits and the payload against the head.
-    pub fn check(&self, payload: &[u8]) -> Result<(), DecodeError> {
+    pub fn check(&self, payload: &[u8]) -> Result<(), WireError> {
         match self {
             DiskToPrimary::Meta { disks } => {
                 limit("disks", disks.len() as u64, MAX_DISKS as u64)?;
@@ -237,7 +276,11 @@ impl DiskToPrimary {
                 for d in disks {
                     limit("bitmap words", d.bitmap_words, MAX_BITMAP_WORDS)?;
                     words += d.bitmap_words;
+                    if let WireMeta::Damaged(r) | WireMeta::Replaced(r) = &d.meta {
+                        limit("reason bytes", r.len() as u64, MAX_REASON as u64)?;
+                    }
                 }
+                limit("bitmap bytes", words * 8, MAX_PAYLOAD_BYTES)?;
                 payload_is(payload, words * 8)
             }
             DiskToPrimary::ChunkDone { .. } => no_payload(payload, "chunk done"),
@@ -268,7 +311,41 @@ impl DiskToPrimary {
     }
 }
 
-/// Splits a `Meta` payload into each disk's bitmap words.
+fn decode_head<'a, T: Deserialize<'a>>(head: &'a [u8], payload: &[u8]) -> Result<T, WireError> {
+    if head.len() > MAX_HEAD_BYTES {
+        return Err(WireError::HeadTooLarge(head.len()));
+    }
+    if payload.len() as u64 > MAX_PAYLOAD_BYTES {
+        return Err(WireError::PayloadTooLarge(payload.len()));
+    }
+    let (v, rest) = postcard::take_from_bytes::<T>(head)?;
+    if !rest.is_empty() {
+        return Err(WireError::Trailing(rest.len()));
+    }
+    Ok(v)
+}
+
+/// Decodes and checks a message from the primary (its head and its payload).
+pub fn decode_to_standby(head: &[u8], payload: &[u8]) -> Result<DiskToStandby, WireError> {
+    let m: DiskToStandby = decode_head(head, payload)?;
+    m.check(payload)?;
+    Ok(m)
+}
+
+/// Decodes and checks a message from the standby (its head and its payload).
+pub fn decode_to_primary(head: &[u8], payload: &[u8]) -> Result<DiskToPrimary, WireError> {
+    let m: DiskToPrimary = decode_head(head, payload)?;
+    m.check(payload)?;
+    Ok(m)
+}
+
+/// Encodes a message head (postcard).
+pub fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>, WireError> {
+    Ok(postcard::to_stdvec(m)?)
+}
+
+/// Splits a `Meta` payload into each disk's bitmap words (the payload was checked
+/// against the reports by [`decode_to_primary`]).
 pub fn bitmap_words(disks: &[DiskReport], payload: &[u8]) -> Vec<Vec<u64>> {
     let mut out = Vec::with_capacity(disks.len());
     let mut at = 0usize;
@@ -278,7 +355,11 @@ pub fn bitmap_words(disks: &[DiskReport], payload: &[u8]) -> Vec<Vec<u64>> {
         out.push(
             bytes
                 .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .map(|c| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                })
                 .collect(),
         );
         at += n;
@@ -300,9 +381,11 @@ mod tests {
             crc: crc32c::crc32c(&data),
         };
         ok.check(&data).unwrap();
+        let head = encode(&ok).unwrap();
+        assert_eq!(decode_to_standby(&head, &data).unwrap(), ok);
         let mut bad = data.clone();
         bad[7] ^= 1;
-        assert!(matches!(ok.check(&bad), Err(DecodeError::Checksum { .. })));
+        assert!(matches!(ok.check(&bad), Err(WireError::Checksum { .. })));
         let big = vec![0u8; MAX_CHUNK_BYTES as usize + 1];
         let h = DiskToStandby::Chunk {
             disk: 0,
@@ -362,5 +445,31 @@ mod tests {
         };
         d.check(&[0u8; 64]).unwrap();
         assert!(d.check(&[0u8; 63]).is_err());
+    }
+
+    #[test]
+    fn garbage_gives_typed_errors() {
+        for junk in [&b""[..], &[0xff; 7][..], &[9][..], &[2, 0][..]] {
+            assert!(decode_to_standby(junk, &[]).is_err());
+        }
+        for junk in [&b""[..], &[0xff; 7][..], &[5][..], &[1, 0][..]] {
+            assert!(decode_to_primary(junk, &[]).is_err());
+        }
+        assert!(matches!(
+            decode_to_standby(&vec![0u8; MAX_HEAD_BYTES + 1], &[]),
+            Err(WireError::HeadTooLarge(_))
+        ));
+        let mut h = encode(&DiskToPrimary::ChunkDone {
+            disk: 1,
+            first_block: 2,
+            blocks: 3,
+        })
+        .unwrap();
+        assert!(decode_to_primary(&h, &[]).is_ok());
+        h.push(0);
+        assert!(matches!(
+            decode_to_primary(&h, &[]),
+            Err(WireError::Trailing(1))
+        ));
     }
 }

@@ -1,17 +1,17 @@
 //! The standby: keeps the replica until the primary is lost, then runs the VM from the
 //! last committed checkpoint on its own devices until it ends or SIGTERM/SIGINT.
 
+use crate::exit;
+use crate::settings::{FtSettings, Role};
 use alink::{Alink, AlinkConfig};
 use checkpoint::protocol::StandbyConfig;
 use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome};
 use log::{error, info, warn};
-use twinrun::cli::ft::{FtSettings, Role};
-use twinrun::exit;
 use vmm::config::{ConsoleConfig, VmConfig};
 
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
-use crate::run::exit_code;
+use crate::alone::exit_code;
 
 /// Logged when the standby's VM runs (tools ask the control socket's status, whose
 /// `failover` says the same).
@@ -44,10 +44,12 @@ pub fn run(
         acfg.links.len(),
         acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
     );
+    let (before_start, survivor) = super::role::survivor_hook(cfg);
     let mut opts = StandbyDriverConfig {
         protocol: StandbyConfig::default(),
         mirror_disks: true,
         discard_disk_data: ft.discard_disk_data,
+        before_start: Some(before_start),
         ..StandbyDriverConfig::default()
     };
     // A primary lost before the first checkpoint committed left nothing to take over:
@@ -102,10 +104,11 @@ pub fn run(
                  the primary is in fact alive behind cut A-Links, two copies run"
             );
             sd.hand_vm(vm.stopper());
-            status.failed_over(&r, &vm);
-            match r.disks.clone() {
+            let disks = survivor.take();
+            status.failed_over(&r, &vm, disks.clone());
+            match disks {
                 Some(disks) => {
-                    let acfg = super::alink_config_as(ft, Role::Primary);
+                    let acfg = super::link::alink_config_as(ft, Role::Primary);
                     super::primary::protect(vm, ft, acfg, sd, disks, status)
                 }
                 None => {

@@ -1,28 +1,42 @@
-//! Running one VM to its end and turning how it ended into an exit code.
+//! A VM alone: build (or restore from a snapshot), start, serve its control socket,
+//! wait for its end, and turn how it ended into an exit code.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use log::{error, info, warn};
-use twinrun::cli::resolve::test_guest_elf;
-use twinrun::cli::RestoreArgs;
-use twinrun::exit;
 use twinrun_control::paths::DEFAULT_VM_NAME;
 use twinrun_control::server::{Server, ServerError};
 use twinrun_snapshot::rebuild::{restore_disk, Chain};
 use twinrun_snapshot::store::Store;
 use twinrun_snapshot::SnapError;
-use vmm::config::VmConfig;
+use vmm::config::{ConsoleConfig, Payload, VmConfig};
 use vmm::devices::virtio::persist::{ConsoleAttachment, DeviceState};
 use vmm::{build_vm, build_vm_from_state, VmExit, VmState, Vmm};
 
-use twinrun::signals;
+use crate::{exit, signals};
+
+/// What `twinrun snapshot restore` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// The snapshot's VM and generation.
+    pub vm: String,
+    pub generation: u32,
+    /// Name of the restored VM (default: the snapshot's VM name).
+    pub name: Option<String>,
+    /// Console sink of the restored VM (default: the snapshot's).
+    pub console: Option<ConsoleConfig>,
+    /// Where to rebuild disk images, in disk order (default: the configured paths).
+    pub disk_paths: Vec<PathBuf>,
+}
 
 /// The control server of VM `name` (`None`: the default name, which another VM may
 /// hold: then this one runs without a socket). Err is the exit code.
-pub(crate) fn control_server(name: Option<&str>, cfg: &VmConfig) -> Result<Option<Server>, i32> {
+pub fn control_server(name: Option<&str>, cfg: &VmConfig) -> Result<Option<Server>, i32> {
     match Server::bind(name.unwrap_or(DEFAULT_VM_NAME), cfg) {
         Ok(s) => Ok(Some(s)),
         Err(e @ ServerError::InUse { .. }) if name.is_none() => {
@@ -51,10 +65,10 @@ pub fn run_vm(cfg: &VmConfig, name: Option<&str>) -> i32 {
         error!("cannot block SIGTERM/SIGINT: {e}");
         return exit::START_FAILED;
     }
-    let guest = test_guest_elf(&cfg.payload).map_or_else(
-        || format!("{:?}", cfg.payload),
-        |elf| elf.display().to_string(),
-    );
+    let guest = match &cfg.payload {
+        Payload::TestGuest { elf, .. } => elf.display().to_string(),
+        other => format!("{other:?}"),
+    };
     info!(
         "building VM: {} MiB, {} vCPU(s), guest {}, {} disk(s), {} net(s)",
         cfg.mem_mib,
@@ -119,7 +133,7 @@ fn run_built(mut vm: Vmm, mut server: Option<Server>) -> i32 {
 
 /// `twinrun snapshot restore`: rebuilds the disks and memory of a generation and runs
 /// the VM from its state in this process.
-pub fn restore_vm(a: &RestoreArgs) -> i32 {
+pub fn restore_vm(a: &RestoreOptions) -> i32 {
     if let Err(e) = signals::block() {
         error!("cannot block SIGTERM/SIGINT: {e}");
         return exit::START_FAILED;
@@ -196,7 +210,7 @@ pub fn restore_vm(a: &RestoreArgs) -> i32 {
 }
 
 /// Maps how the VM ended to the process exit code, logging it.
-pub(crate) fn exit_code(end: &VmExit, signalled: bool) -> i32 {
+pub fn exit_code(end: &VmExit, signalled: bool) -> i32 {
     match end {
         VmExit::GuestExit { status: 0 } => {
             info!("guest exited with status 0");

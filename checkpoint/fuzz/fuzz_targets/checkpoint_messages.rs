@@ -1,0 +1,60 @@
+#![no_main]
+//! The checkpoint wire decoders on arbitrary bytes: `decode_to_standby` (and the
+//! standby's decode-once path, `decode_standbound`, walking every view of a part the way
+//! the mirror does), `decode_to_primary`. Input layout: byte 0 picks the decoder and
+//! bytes 1..3 the head length; the rest is head then payload. Every outcome must be a
+//! value or a typed error: no panic, no unbounded allocation, and a part's views stay
+//! inside its payload.
+
+use checkpoint::messages::{
+    decode_standbound, decode_to_primary, decode_to_standby, PartView, Standbound, StandboundMsg,
+};
+use libfuzzer_sys::fuzz_target;
+
+/// Touches everything a part hands out (as the mirror's write and apply do).
+fn walk(v: &PartView<'_>) -> u64 {
+    let mut n = v.state.len() as u64 + v.console.len() as u64;
+    for (gpa, data) in v.pages() {
+        assert_eq!(data.len(), 4096);
+        n = n.wrapping_add(gpa);
+    }
+    for gpa in v.zero_pages() {
+        n = n.wrapping_add(gpa);
+    }
+    for (d, data) in v.disk_writes() {
+        assert_eq!(data.len(), d.len as usize);
+        n += data.len() as u64;
+    }
+    for (_, f) in v.frames() {
+        n += f.len() as u64;
+    }
+    assert!(v.head.payload_len() >= n.min(v.head.payload_len()));
+    n
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    if rest.len() < 2 {
+        return;
+    }
+    let head_len = (usize::from(rest[0]) | usize::from(rest[1]) << 8).min(rest.len() - 2);
+    let body = &rest[2..];
+    let (head, payload) = body.split_at(head_len);
+    match which % 3 {
+        0 => {
+            if let Ok(StandboundMsg::Part(v)) = decode_to_standby(head, payload) {
+                walk(&v);
+            }
+        }
+        1 => {
+            if let Ok(Standbound::Part(p)) = decode_standbound(head_len, body.to_vec()) {
+                walk(&p.view());
+            }
+        }
+        _ => {
+            let _ = decode_to_primary(head, payload);
+        }
+    }
+});

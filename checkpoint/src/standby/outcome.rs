@@ -1,0 +1,76 @@
+//! How a standby run ends, what a failover did, and why a run failed.
+
+use std::time::Duration;
+
+use vmm::Vmm;
+
+use super::disks::DiskSideError;
+use super::mirror::MirrorError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyDriverError {
+    #[error("mirror: {0}")]
+    Mirror(#[from] MirrorError),
+    #[error("A-Link: {0}")]
+    Alink(#[from] alink::AlinkError),
+    #[error("opening the standby's disk {path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the committed VM state does not decode: {0}")]
+    State(#[from] vmm::persist::StateFormatError),
+    #[error("failover: building the VM: {0}")]
+    Build(#[from] vmm::RestoreError),
+    #[error("failover: {0}")]
+    Vmm(#[from] vmm::VmmError),
+    #[error("failover: preparing the VM: {0}")]
+    BeforeStart(String),
+    #[error("disk mirroring: {0}")]
+    Disks(#[from] DiskSideError),
+    #[error("the primary sent an epoch before its memory layout")]
+    NoHello,
+    #[error("failover with no committed state in the mirror")]
+    NoState,
+}
+
+/// What happened at the failover.
+#[derive(Clone, Debug, Default)]
+pub struct FailoverReport {
+    pub last_committed: u64,
+    pub released_through: Option<u64>,
+    /// Console bytes released again (those of committed epochs after
+    /// `released_through`), and the stream position of the first of them.
+    pub rereleased_bytes: u64,
+    pub rereleased_from: Option<u64>,
+    /// Where the resumed guest's console output starts.
+    pub console_next: Option<u64>,
+    /// From the loss of the primary to the VM running.
+    pub failover_time: Duration,
+    /// RARP announces written before the guest ran, one per net device (the repeats
+    /// of `takeover::ANNOUNCE_REPEATS` follow from a thread and are not counted).
+    pub announces: usize,
+    /// Net frames of committed epochs after `released_through` sent again, and those
+    /// the TAP refused (or whose device the config lacks).
+    pub resent_frames: u64,
+    pub resend_failed: u64,
+}
+
+/// How a standby run ended.
+pub enum StandbyOutcome<V = Vmm> {
+    /// The primary was lost; this VM runs now.
+    FailedOver(Box<V>, FailoverReport),
+    /// The primary was lost before the first epoch committed.
+    NoReplica,
+    /// `stop` was set.
+    Stopped { committed: Option<u64> },
+}
+
+/// What the standby has done so far (for progress reports and tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StandbyProgress {
+    pub committed: Option<u64>,
+    pub sync_pages: u64,
+    pub applied_pages: u64,
+    pub applied_disk_writes: u64,
+}

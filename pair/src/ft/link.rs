@@ -1,0 +1,44 @@
+//! The A-Link configuration of one end of the pair: both ends derive the same window,
+//! heartbeat and cluster id from the same settings.
+
+use std::time::Duration;
+
+use alink::{AlinkConfig, HealthConfig, LinkAddrs};
+
+use crate::settings::{FtSettings, Role};
+
+/// Node ids on the A-Link: the primary dials, the standby accepts.
+const PRIMARY_NODE: u64 = 1;
+const STANDBY_NODE: u64 = 2;
+
+/// The A-Link configuration of this end; both ends derive the same window, heartbeat
+/// and cluster id from the same flags.
+pub fn alink_config(ft: &FtSettings) -> AlinkConfig {
+    alink_config_as(ft, ft.role)
+}
+
+/// [`alink_config`] for this end acting as `role` (a failover survivor becomes the
+/// primary: it dials, the restarted old primary listens as the standby).
+pub fn alink_config_as(ft: &FtSettings, role: Role) -> AlinkConfig {
+    let (me, peer) = match role {
+        Role::Primary => (PRIMARY_NODE, STANDBY_NODE),
+        Role::Standby => (STANDBY_NODE, PRIMARY_NODE),
+    };
+    let links = ft
+        .alinks
+        .iter()
+        .map(|l| LinkAddrs {
+            local: l.local,
+            remote: l.peer,
+        })
+        .collect();
+    let mut c = AlinkConfig::new(ft.cluster_id_u64(), me, peer, &ft.secret, links);
+    c.health = HealthConfig {
+        interval: Duration::from_millis(ft.heartbeat_ms),
+        misses: ft.heartbeat_misses,
+    };
+    // Reconnect quickly: a link that comes back should be in use again within a
+    // heartbeat or two.
+    c.reconnect_max = Duration::from_millis(250);
+    c
+}

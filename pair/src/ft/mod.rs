@@ -1,0 +1,67 @@
+//! One end of a protected pair (`twinrun vm run --role primary|standby`).
+//!
+//! [`shutdown`] stops whatever runs (the checkpoint driver, then the VM) on
+//! SIGTERM/SIGINT, taken on a dedicated thread, or when asked; [`primary`] and
+//! [`standby`] run each role to its end and map it to `vm run`'s exit codes; [`role`]
+//! is the failover survivor's switch from standby to primary; [`status`] is what
+//! either end serves on its control socket (with `--name`); [`link`] the A-Link
+//! configuration both ends derive from the same settings.
+
+pub mod link;
+pub mod primary;
+pub mod role;
+pub mod shutdown;
+pub mod standby;
+pub mod status;
+
+use std::sync::Arc;
+
+use log::{error, warn};
+use vmm::config::VmConfig;
+
+use crate::settings::{FtSettings, Role};
+use crate::{exit, signals};
+use shutdown::Shutdown;
+use status::PairStatus;
+
+/// Runs this process's end of the pair until it ends or SIGTERM/SIGINT (with `name`,
+/// serving its control socket); returns the exit code.
+pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
+    // Before any thread exists, so every later thread inherits the mask.
+    if let Err(e) = signals::block() {
+        error!("cannot block SIGTERM/SIGINT: {e}");
+        return exit::START_FAILED;
+    }
+    let shutdown = Shutdown::install();
+    // With --name, either end serves a control socket: status (role, protection,
+    // failover, links, disks) and, where a VM runs, disk fault injection and the
+    // mirrored disks' state (no pause or snapshot: they would fight the checkpoints).
+    let server = match name.map(|n| crate::alone::control_server(Some(n), cfg)) {
+        Some(Ok(s)) => s,
+        Some(Err(code)) => return code,
+        None => None,
+    };
+    let status = PairStatus::new(ft.role, cfg);
+    let _control = server.map(|s| status::ControlThread::start(s, status.clone()));
+    run_pair_with(cfg, ft, &shutdown, &status)
+}
+
+/// [`run_pair`] in-process: no signal handling and no control socket; `shutdown`
+/// stops this end when requested, `status` shows how it goes.
+pub fn run_pair_with(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    shutdown: &Shutdown,
+    status: &Arc<PairStatus>,
+) -> i32 {
+    warn!(
+        "FT mode without quorum: if ALL A-Links are cut while both PMs are alive, the \
+         standby takes over and TWO copies of the VM run (the quorum witness is not \
+         built yet)"
+    );
+    let acfg = link::alink_config(ft);
+    match ft.role {
+        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status),
+        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status),
+    }
+}

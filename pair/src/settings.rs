@@ -1,0 +1,50 @@
+//! What one end of an FT pair is given: its role, its A-Links, the cluster's identity
+//! and secret, and the tunables (`twinrun vm run --role ...` resolves its flags into
+//! [`FtSettings`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Which end of a protected pair this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Role {
+    /// Runs the VM and checkpoints it to the standby.
+    Primary,
+    /// Keeps a replica and takes over when every A-Link to the primary is lost.
+    Standby,
+}
+
+/// One A-Link: this end's address and the peer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlinkSpec {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// Everything FT mode needs, checked.
+#[derive(Clone, Debug)]
+pub struct FtSettings {
+    pub role: Role,
+    pub alinks: Vec<AlinkSpec>,
+    pub cluster_id: String,
+    pub secret: Vec<u8>,
+    pub epoch_ms: Option<u64>,
+    pub min_epoch: Option<Duration>,
+    /// `--coalesce-kib`, in bytes.
+    pub coalesce_bytes: Option<u64>,
+    /// `--hot-pages`: None = the default policy, Some(0) = off.
+    pub hot_pages: Option<usize>,
+    pub heartbeat_ms: u64,
+    pub heartbeat_misses: u32,
+    /// Bytes/s; None = unlimited.
+    pub resync_rate: Option<u64>,
+    pub discard_disk_data: bool,
+}
+
+impl FtSettings {
+    /// The numeric cluster id the A-Link carries: FNV-1a 64 of the name.
+    pub fn cluster_id_u64(&self) -> u64 {
+        twinrun_guest_abi::fnv1a64(self.cluster_id.as_bytes())
+    }
+}
