@@ -20,6 +20,11 @@
 //! (as [`ImageId::Legacy`], with the checks it had) and written as version 2 at the
 //! next save. See [`ImageId`] for how a replaced image is recognised.
 //!
+//! Adding a field: postcard is positional (no field names, no defaults), so a new field
+//! is a new version. Copy today's [`ReplicaMeta`] as `ReplicaMetaV2` with a `From` into
+//! the new one (as [`ReplicaMetaV1`] does), add the field, bump [`META_VERSION`], and
+//! give `decode` an arm for version 2; older versions keep their arms.
+//!
 //! Saving is crash-safe: the new file is written to `meta.tmp`, fsynced, renamed over
 //! `meta`, and the directory fsynced, so after a crash `meta` is either the old or the new
 //! version, never a mix. A torn `meta.tmp` left behind is never read.
@@ -262,7 +267,10 @@ pub enum ImageId {
     /// file's, or a block device node's). Checked as version 1 did, and in addition an
     /// image that carries a replica id is not this one (version 1 wrote none). A new
     /// metadata (the replica's next full resync) records a whole [`ImageId`].
-    Legacy { dev: u64, ino: u64 },
+    Legacy {
+        dev: u64,
+        ino: u64,
+    },
 }
 
 /// A regular file's identity. Every part the filesystem offers is recorded when the
@@ -332,8 +340,12 @@ impl ImageId {
                     ))
                 }
             }
-            (ImageId::Block(_), _) => Err("image is not a block device; metadata describes one".into()),
-            (ImageId::File(_), _) => Err("image is not a regular file; metadata describes one".into()),
+            (ImageId::Block(_), _) => {
+                Err("image is not a block device; metadata describes one".into())
+            }
+            (ImageId::File(_), _) => {
+                Err("image is not a regular file; metadata describes one".into())
+            }
             (ImageId::Legacy { .. }, ImageId::Legacy { .. }) => {
                 Err("no identity read from the image".into())
             }
@@ -405,7 +417,10 @@ impl BlockId {
 }
 
 fn birth_text(b: Option<(i64, u32)>) -> String {
-    b.map_or_else(|| "at an unknown time".into(), |(s, ns)| format!("at {s}.{ns:09}"))
+    b.map_or_else(
+        || "at an unknown time".into(),
+        |(s, ns)| format!("at {s}.{ns:09}"),
+    )
 }
 
 fn token_text(t: Option<u64>) -> String {
@@ -1100,11 +1115,17 @@ pub(crate) mod tests {
         );
         match s.load().unwrap() {
             MetaState::Replaced { reason } => assert!(reason.contains("image"), "{reason}"),
-            other => panic!("a new file with the old inode number was taken as the image: {other:?}"),
+            other => {
+                panic!("a new file with the old inode number was taken as the image: {other:?}")
+            }
         }
         // Each part of the identity detects it by itself where the filesystem has it.
-        let ImageId::File(rec) = &m.image else { panic!("{:?}", m.image) };
-        let ImageId::File(now) = image_identity(&img).unwrap().id else { panic!() };
+        let ImageId::File(rec) = &m.image else {
+            panic!("{:?}", m.image)
+        };
+        let ImageId::File(now) = image_identity(&img).unwrap().id else {
+            panic!()
+        };
         assert_eq!((now.dev, now.ino), (rec.dev, rec.ino));
         assert_ne!(now.token, rec.token, "a new file has no replica id");
         assert_eq!(now.token, None);
@@ -1126,30 +1147,72 @@ pub(crate) mod tests {
         let img = image(&t, 8192);
         let s = MetaStore::for_image(&img);
         let m = s.create_fresh().unwrap();
-        let ImageId::File(rec) = m.image.clone() else { panic!() };
+        let ImageId::File(rec) = m.image.clone() else {
+            panic!()
+        };
         // This machine's filesystems (ext4 /tmp) keep all three; say so if one is lost.
-        assert!(rec.token.is_some(), "no replica id written on {}", img.display());
+        assert!(
+            rec.token.is_some(),
+            "no replica id written on {}",
+            img.display()
+        );
         assert!(rec.birth.is_some(), "no birth time on {}", img.display());
-        assert!(rec.generation.is_some(), "no inode generation on {}", img.display());
+        assert!(
+            rec.generation.is_some(),
+            "no inode generation on {}",
+            img.display()
+        );
         let now = ImageId::File(rec.clone());
         assert_eq!(m.image.check(&now), Ok(()));
         let variants = [
-            FileId { dev: rec.dev + 1, ..rec.clone() },
-            FileId { ino: rec.ino + 1, ..rec.clone() },
-            FileId { birth: rec.birth.map(|(s, ns)| (s, ns ^ 1)), ..rec.clone() },
-            FileId { birth: None, ..rec.clone() },
-            FileId { generation: rec.generation.map(|g| g ^ 1), ..rec.clone() },
-            FileId { token: rec.token.map(|t| t ^ 1), ..rec.clone() },
-            FileId { token: None, ..rec.clone() },
-            FileId { token: Some(0), ..rec.clone() },
+            FileId {
+                dev: rec.dev + 1,
+                ..rec.clone()
+            },
+            FileId {
+                ino: rec.ino + 1,
+                ..rec.clone()
+            },
+            FileId {
+                birth: rec.birth.map(|(s, ns)| (s, ns ^ 1)),
+                ..rec.clone()
+            },
+            FileId {
+                birth: None,
+                ..rec.clone()
+            },
+            FileId {
+                generation: rec.generation.map(|g| g ^ 1),
+                ..rec.clone()
+            },
+            FileId {
+                token: rec.token.map(|t| t ^ 1),
+                ..rec.clone()
+            },
+            FileId {
+                token: None,
+                ..rec.clone()
+            },
+            FileId {
+                token: Some(0),
+                ..rec.clone()
+            },
         ];
         for v in variants {
             assert!(m.image.check(&ImageId::File(v.clone())).is_err(), "{v:?}");
         }
         // A copy that keeps the attributes (cp -a) keeps the id, not the rest.
         let copy = t.0.join("copy.img");
-        assert!(Command::new("cp").arg("-a").arg(&img).arg(&copy).status().unwrap().success());
-        let ImageId::File(c) = image_identity(&copy).unwrap().id else { panic!() };
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(&img)
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
+        let ImageId::File(c) = image_identity(&copy).unwrap().id else {
+            panic!()
+        };
         assert_eq!(c.token, rec.token);
         assert!(m.image.check(&ImageId::File(c)).is_err());
         // A block device's identity is not a file's.
@@ -1167,9 +1230,14 @@ pub(crate) mod tests {
         s.save(&m).unwrap();
         for bad in ["not-hex-at-all!!", "12", "0123456789abcdef0"] {
             set_token_raw(&img, bad.as_bytes());
-            let ImageId::File(now) = image_identity(&img).unwrap().id else { panic!() };
+            let ImageId::File(now) = image_identity(&img).unwrap().id else {
+                panic!()
+            };
             assert_eq!(now.token, Some(0), "{bad}");
-            assert!(matches!(s.load().unwrap(), MetaState::Replaced { .. }), "{bad}");
+            assert!(
+                matches!(s.load().unwrap(), MetaState::Replaced { .. }),
+                "{bad}"
+            );
         }
         // A value longer than our buffer is foreign too.
         set_token_raw(&img, &[b'a'; 100]);
@@ -1334,10 +1402,15 @@ pub(crate) mod tests {
         };
         let m = s.create_fresh().unwrap();
         assert_eq!(m.disk_size, 1 << 20);
-        let ImageId::Block(rec) = &m.image else { panic!("{:?}", m.image) };
+        let ImageId::Block(rec) = &m.image else {
+            panic!("{:?}", m.image)
+        };
         let stable = rec.stable.clone().expect("a loop device's backing file");
         assert!(stable.contains("loop over file"), "{stable}");
-        assert!(stable.contains(&fs::metadata(&a).unwrap().ino().to_string()), "{stable}");
+        assert!(
+            stable.contains(&fs::metadata(&a).unwrap().ino().to_string()),
+            "{stable}"
+        );
         s.save(&m).unwrap();
         assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
         // Another node for the same device (as after a reboot, where devtmpfs makes new
@@ -1347,19 +1420,25 @@ pub(crate) mod tests {
         // SAFETY: `cpath` is NUL-terminated and lives for the call.
         let rc = unsafe { libc::mknod(cpath.as_ptr(), libc::S_IFBLK | 0o600, rec.rdev) };
         assert_eq!(rc, 0, "mknod: {}", io::Error::last_os_error());
-        let ImageId::Block(other) = image_identity(&node).unwrap().id else { panic!() };
+        let ImageId::Block(other) = image_identity(&node).unwrap().id else {
+            panic!()
+        };
         assert_ne!(other.node_ino, rec.node_ino);
         assert_eq!(m.image.check(&ImageId::Block(other)), Ok(()));
         // The same device pointed at another file of the same size: same path, node,
         // device number and size; another disk.
         dev.change_to(&b);
-        let ImageId::Block(now) = image_identity(&dev.0).unwrap().id else { panic!() };
+        let ImageId::Block(now) = image_identity(&dev.0).unwrap().id else {
+            panic!()
+        };
         assert_eq!(
             (now.rdev, now.node_dev, now.node_ino),
             (rec.rdev, rec.node_dev, rec.node_ino)
         );
         match s.load().unwrap() {
-            MetaState::Replaced { reason } => assert!(reason.contains("loop over file"), "{reason}"),
+            MetaState::Replaced { reason } => {
+                assert!(reason.contains("loop over file"), "{reason}")
+            }
             other => panic!("a loop device over another file was taken as the image: {other:?}"),
         }
         // Without a stable id (a device sysfs says nothing of), the number and the node.
@@ -1373,7 +1452,12 @@ pub(crate) mod tests {
         assert_eq!(r.check(&ImageId::Block(bare(7, 9))), Ok(()));
         assert!(r.check(&ImageId::Block(bare(8, 9))).is_err());
         assert!(r.check(&ImageId::Block(bare(7, 10))).is_err());
-        assert!(r.check(&ImageId::Block(BlockId { stable: Some("x".into()), ..bare(7, 9) })).is_err());
+        assert!(r
+            .check(&ImageId::Block(BlockId {
+                stable: Some("x".into()),
+                ..bare(7, 9)
+            }))
+            .is_err());
     }
 
     #[test]
