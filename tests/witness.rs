@@ -16,6 +16,9 @@ use quorum::NodeId;
 use twinrun_lab::Proc;
 
 const SECRET: &[u8] = b"witness-test-secret-0123";
+/// How long a test waits for the witness before it calls it hung (not a latency the
+/// witness promises: it fsyncs before answering, and the test machines are loaded).
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
 /// A witness process, killed (and reaped) on drop.
 struct Witness {
@@ -77,6 +80,24 @@ impl Witness {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     }
+
+    /// The status as the witness wrote it after answering at least `requests`
+    /// requests. The witness rewrites its status file once a second when its loop
+    /// gets there: a fixed sleep can read the one before the last answers.
+    fn status_after(&self, requests: u64) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let st = self.status();
+            if st["counters"]["requests"].as_u64().unwrap() >= requests {
+                return st;
+            }
+            assert!(
+                t.elapsed() < ANSWER_WITHIN,
+                "no status after {requests} requests: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// A synchronous client: one socket, one session.
@@ -106,9 +127,12 @@ impl Client {
             .map(|(n, _)| b[..n].to_vec())
     }
 
-    /// The handshake; the error the client saw if it failed.
+    /// The handshake; the error the client saw if it failed. A hello is resent every
+    /// read timeout (a handshake changes no state, and the wire ignores the answers to
+    /// an earlier hello), until [`ANSWER_WITHIN`].
     fn connect(&mut self) -> Result<(), ClientError> {
-        for _ in 0..10 {
+        let t = Instant::now();
+        while t.elapsed() < ANSWER_WITHIN {
             let h = self
                 .wire
                 .hello(quorum::witness::wire::random_nonce().unwrap());
@@ -123,14 +147,21 @@ impl Client {
                 }
             }
         }
-        panic!("no handshake with the witness");
+        panic!("no handshake with the witness in {ANSWER_WITHIN:?}");
     }
 
+    /// Sends `op` once and waits for its answer. Never resent: a resent request is a
+    /// new request (a new sequence number; the witness drops a repeated one as a
+    /// replay), and an Acquire is not idempotent: a second Acquire from 0 is answered
+    /// `Lost` by the grant of the first. Loopback loses no datagram; the witness
+    /// answers only once the record is fsynced, which on a loaded disk can take far
+    /// longer than one read timeout.
     fn call(&mut self, op: &Request) -> Reply {
-        for _ in 0..10 {
-            let (seq, b) = self.wire.request(op).unwrap();
-            self.sock.send_to(&b, self.to).unwrap();
-            while let Some(b) = self.recv() {
+        let (seq, b) = self.wire.request(op).unwrap();
+        self.sock.send_to(&b, self.to).unwrap();
+        let t = Instant::now();
+        while t.elapsed() < ANSWER_WITHIN {
+            if let Some(b) = self.recv() {
                 if let Ok(ClientEvent::Reply { seq: s, reply }) = self.wire.on_datagram(&b) {
                     if s == seq {
                         return reply;
@@ -138,7 +169,7 @@ impl Client {
                 }
             }
         }
-        panic!("no answer to {op:?}");
+        panic!("no answer to {op:?} in {ANSWER_WITHIN:?}");
     }
 }
 
@@ -223,6 +254,41 @@ fn grants_leases_and_restart_keep_generations() {
     );
 }
 
+/// The witness answers an Acquire only once its record is fsynced: on a loaded disk
+/// that can take longer than the client's read timeout. The answer is waited for, not
+/// asked for again (a second Acquire from 0 would be answered `Lost` by the first's
+/// grant: what `many_clusters_and_vms` once saw under load). The stall is made here
+/// by stopping the witness for longer than a read timeout.
+#[test]
+fn a_late_answer_is_waited_for() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = tempfile::tempdir().unwrap();
+    let w = Witness::start(d.path(), &["plant-a"]);
+    let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
+    a.connect().unwrap();
+    let pid = Pid::from_raw(i32::try_from(w.proc.pid().unwrap()).unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Resumed whatever happens here (and killed by the drop of `w` in any case).
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1000));
+        kill(pid, Signal::SIGCONT)
+    });
+    let reply = a.call(&acquire("vm0", 1, 0));
+    resume.join().unwrap().unwrap();
+    assert_eq!(
+        reply,
+        Reply::Granted {
+            generation: 1,
+            lease_ms: 200
+        }
+    );
+    // One request reached the witness, and it holds the one grant.
+    let st = w.status_after(1);
+    assert_eq!(st["counters"]["requests"], 1, "{st}");
+    assert_eq!(st["vms"][0]["generation"], 1, "{st}");
+}
+
 #[test]
 fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
     let d = tempfile::tempdir().unwrap();
@@ -305,9 +371,8 @@ fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
         a.call(&Request::Query { vm: "vm0".into() }),
         Reply::State { .. }
     ));
-    // The refusals are counted in the status.
-    std::thread::sleep(Duration::from_millis(1100));
-    let st = w.status();
+    // The refusals are counted in the status (written after the two answered queries).
+    let st = w.status_after(2);
     let c = &st["counters"];
     assert!(c["wrong_secret"].as_u64().unwrap() >= 1, "{st}");
     assert!(c["unknown_cluster"].as_u64().unwrap() >= 1, "{st}");
@@ -337,8 +402,8 @@ fn many_clusters_and_vms() {
             Reply::Refused(_)
         ));
     }
-    std::thread::sleep(Duration::from_millis(1100));
-    let st = w.status();
+    // 40 acquires and one refused name per cluster.
+    let st = w.status_after(6 * 41);
     assert_eq!(st["vms"].as_array().unwrap().len(), 240);
     assert_eq!(st["clusters"].as_array().unwrap().len(), 6);
     // Every grant is on disk.

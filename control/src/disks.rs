@@ -314,8 +314,7 @@ mod tests {
             last_committed_epoch: None,
             resync: None,
             verify: None,
-            image_dev: 1,
-            image_ino: 2,
+            image: storage_mirror::meta::ImageId::Legacy { dev: 1, ino: 2 },
         }
     }
 

@@ -16,6 +16,15 @@
 //! | n | postcard-encoded [`ReplicaMeta`] |
 //! | 4 | CRC32C of everything before it |
 //!
+//! Version 1 recorded the image as device and inode numbers only; it is still read
+//! (as [`ImageId::Legacy`], with the checks it had) and written as version 2 at the
+//! next save. See [`ImageId`] for how a replaced image is recognised.
+//!
+//! Adding a field: postcard is positional (no field names, no defaults), so a new field
+//! is a new version. Copy today's [`ReplicaMeta`] as `ReplicaMetaV2` with a `From` into
+//! the new one (as [`ReplicaMetaV1`] does), add the field, bump [`META_VERSION`], and
+//! give `decode` an arm for version 2; older versions keep their arms.
+//!
 //! Saving is crash-safe: the new file is written to `meta.tmp`, fsynced, renamed over
 //! `meta`, and the directory fsynced, so after a crash `meta` is either the old or the new
 //! version, never a mix. A torn `meta.tmp` left behind is never read.
@@ -24,12 +33,16 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub const META_VERSION: u32 = 1;
+/// 2: the image is recorded as an [`ImageId`] (1: device and inode numbers).
+pub const META_VERSION: u32 = 2;
+/// The version-1 layout, still read (see [`ReplicaMetaV1`]).
+const META_VERSION_1: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// Earlier generations remembered; enough to recognise a peer that missed a few
 /// restarts, small enough that an unrelated disk is not mistaken for an old copy.
@@ -44,6 +57,8 @@ const CRC_LEN: usize = 4;
 const META_FILE: &str = "meta";
 const META_TMP: &str = "meta.tmp";
 const BITMAP_FILE: &str = "bitmap";
+/// The extended attribute that carries an image file's replica id (see [`FileId::token`]).
+pub const TOKEN_XATTR: &str = "user.twinrun.replica";
 /// getrandom returning zero (or the same id) twice in a row is already absurd; the
 /// bound only keeps the loop explicit.
 const RANDOM_ATTEMPTS: u32 = 16;
@@ -112,9 +127,51 @@ pub struct ReplicaMeta {
     pub last_committed_epoch: Option<u64>,
     pub resync: Option<ResyncProgress>,
     pub verify: Option<VerifyReport>,
-    /// Identity of the image file, to detect a replaced disk.
-    pub image_dev: u64,
-    pub image_ino: u64,
+    /// Identity of the image this metadata describes, to detect a replaced disk.
+    pub image: ImageId,
+}
+
+/// [`ReplicaMeta`] as format version 1 stored it (postcard is positional: the fields
+/// in this order and no other).
+#[derive(Deserialize)]
+struct ReplicaMetaV1 {
+    disk_size: u64,
+    block_size: u32,
+    current_gen: u64,
+    bitmap_base_gen: u64,
+    history: Vec<u64>,
+    unclean_primary: bool,
+    inconsistent: bool,
+    sync_source_gen: u64,
+    failed: bool,
+    last_committed_epoch: Option<u64>,
+    resync: Option<ResyncProgress>,
+    verify: Option<VerifyReport>,
+    image_dev: u64,
+    image_ino: u64,
+}
+
+impl From<ReplicaMetaV1> for ReplicaMeta {
+    fn from(v: ReplicaMetaV1) -> ReplicaMeta {
+        ReplicaMeta {
+            disk_size: v.disk_size,
+            block_size: v.block_size,
+            current_gen: v.current_gen,
+            bitmap_base_gen: v.bitmap_base_gen,
+            history: v.history,
+            unclean_primary: v.unclean_primary,
+            inconsistent: v.inconsistent,
+            sync_source_gen: v.sync_source_gen,
+            failed: v.failed,
+            last_committed_epoch: v.last_committed_epoch,
+            resync: v.resync,
+            verify: v.verify,
+            image: ImageId::Legacy {
+                dev: v.image_dev,
+                ino: v.image_ino,
+            },
+        }
+    }
 }
 
 impl ReplicaMeta {
@@ -193,28 +250,423 @@ pub enum MetaState {
     Ok(ReplicaMeta),
 }
 
-/// Identity of an image file as the metadata records it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ImageIdentity {
+/// What identifies the image a replica's metadata describes.
+///
+/// An inode number alone does not identify a file over time: a filesystem hands a
+/// freed number to the next file it creates (ext4 at once, in the same directory), so
+/// an image deleted and created again, or a backup restored in its place, can carry
+/// the old image's number. Metadata taken for such a file would let a delta resync
+/// write a few blocks onto an unrelated disk: silent corruption. Hence a file is also
+/// known by its birth time, its inode generation and a random id written on it, and a
+/// block device by what the kernel says is behind it rather than by its node in /dev.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageId {
+    File(FileId),
+    Block(BlockId),
+    /// From format version 1: the device and inode numbers of the image (a regular
+    /// file's, or a block device node's). Checked as version 1 did, and in addition an
+    /// image that carries a replica id is not this one (version 1 wrote none). A new
+    /// metadata (the replica's next full resync) records a whole [`ImageId`].
+    Legacy {
+        dev: u64,
+        ino: u64,
+    },
+}
+
+/// A regular file's identity. Every part the filesystem offers is recorded when the
+/// metadata is created, and all of them must match for the metadata to apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
     pub dev: u64,
     pub ino: u64,
+    /// Birth time (statx `btime`: seconds, nanoseconds), where the filesystem keeps
+    /// one. A new file with a reused number is born later, unless both fall in the
+    /// same clock tick.
+    pub birth: Option<(i64, u32)>,
+    /// The inode generation (`FS_IOC_GETVERSION`), where the filesystem has one: the
+    /// number NFS file handles pair with the inode number for exactly this reason
+    /// (random for each new inode on ext4 and XFS).
+    pub generation: Option<u32>,
+    /// The random id [`MetaStore::create_fresh`] wrote on the file as the extended
+    /// attribute [`TOKEN_XATTR`], where the filesystem keeps user attributes. It goes
+    /// with the inode: a new file has none (a copy made with its attributes has the
+    /// original's, but also another inode and birth time). `Some(0)` stands for a
+    /// value that is not one of ours (ids are never 0).
+    pub token: Option<u64>,
+}
+
+/// A block device's identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockId {
+    /// The device number (major, minor).
+    pub rdev: u64,
+    /// The device node's own device and inode numbers (devtmpfs): new with each node,
+    /// so after a reboot too; compared only when `stable` is unknown.
+    pub node_dev: u64,
+    pub node_ino: u64,
+    /// What is behind the device, from sysfs: the device-mapper UUID (LVM gives each
+    /// new volume a random one), the disk's WWID or serial (plus the partition number
+    /// and start), or for a loop device its backing file's identity and offset. Stable
+    /// across reboots and different for a new volume or disk; when known it alone is
+    /// compared (a device number is reused by the next volume created).
+    pub stable: Option<String>,
+}
+
+impl ImageId {
+    /// Whether this recorded identity is `now`'s; if not, why (for `Replaced`).
+    pub fn check(&self, now: &ImageId) -> Result<(), String> {
+        match (self, now) {
+            (ImageId::File(a), ImageId::File(b)) => a.check(b),
+            (ImageId::Block(a), ImageId::Block(b)) => a.check(b),
+            (ImageId::Legacy { dev, ino }, ImageId::File(b)) => {
+                if (b.dev, b.ino) != (*dev, *ino) {
+                    Err(format!(
+                        "image is file {}:{}, metadata describes {dev}:{ino}",
+                        b.dev, b.ino
+                    ))
+                } else if b.token.is_some() {
+                    Err("image carries a replica id the (version 1) metadata never wrote".into())
+                } else {
+                    Ok(())
+                }
+            }
+            (ImageId::Legacy { dev, ino }, ImageId::Block(b)) => {
+                if (b.node_dev, b.node_ino) == (*dev, *ino) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "image is device node {}:{}, metadata describes {dev}:{ino}",
+                        b.node_dev, b.node_ino
+                    ))
+                }
+            }
+            (ImageId::Block(_), _) => {
+                Err("image is not a block device; metadata describes one".into())
+            }
+            (ImageId::File(_), _) => {
+                Err("image is not a regular file; metadata describes one".into())
+            }
+            (ImageId::Legacy { .. }, ImageId::Legacy { .. }) => {
+                Err("no identity read from the image".into())
+            }
+        }
+    }
+}
+
+impl FileId {
+    fn check(&self, now: &FileId) -> Result<(), String> {
+        if (now.dev, now.ino) != (self.dev, self.ino) {
+            return Err(format!(
+                "image is file {}:{}, metadata describes {}:{}",
+                now.dev, now.ino, self.dev, self.ino
+            ));
+        }
+        if now.birth != self.birth {
+            return Err(format!(
+                "image file {}:{} was born {}, the metadata's {} (the number was reused)",
+                now.dev,
+                now.ino,
+                birth_text(now.birth),
+                birth_text(self.birth)
+            ));
+        }
+        if now.generation != self.generation {
+            return Err(format!(
+                "image file {}:{} is inode generation {:?}, the metadata's {:?} (the number was reused)",
+                now.dev, now.ino, now.generation, self.generation
+            ));
+        }
+        if now.token != self.token {
+            return Err(format!(
+                "image's replica id ({TOKEN_XATTR}) is {}, the metadata's {}",
+                token_text(now.token),
+                token_text(self.token)
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BlockId {
+    fn check(&self, now: &BlockId) -> Result<(), String> {
+        if self.stable.is_some() || now.stable.is_some() {
+            if now.stable == self.stable {
+                return Ok(());
+            }
+            return Err(format!(
+                "block device is {}, metadata describes {}",
+                now.stable.as_deref().unwrap_or("unknown"),
+                self.stable.as_deref().unwrap_or("unknown")
+            ));
+        }
+        if (now.rdev, now.node_dev, now.node_ino) == (self.rdev, self.node_dev, self.node_ino) {
+            return Ok(());
+        }
+        Err(format!(
+            "block device {}:{} (node {}:{}), metadata describes {}:{} (node {}:{})",
+            libc::major(now.rdev),
+            libc::minor(now.rdev),
+            now.node_dev,
+            now.node_ino,
+            libc::major(self.rdev),
+            libc::minor(self.rdev),
+            self.node_dev,
+            self.node_ino
+        ))
+    }
+}
+
+fn birth_text(b: Option<(i64, u32)>) -> String {
+    b.map_or_else(
+        || "at an unknown time".into(),
+        |(s, ns)| format!("at {s}.{ns:09}"),
+    )
+}
+
+fn token_text(t: Option<u64>) -> String {
+    t.map_or_else(|| "absent".into(), |t| format!("{t:016x}"))
+}
+
+/// Identity and size of an image as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageIdentity {
+    pub id: ImageId,
     pub size: u64,
 }
 
-/// Reads the identity of `image` (a regular file or a block device).
+/// Reads the identity of `image` (a regular file or a block device). Every part comes
+/// from one open file, so they all describe the same inode.
 pub fn image_identity(image: &Path) -> io::Result<ImageIdentity> {
-    let md = fs::metadata(image)?;
-    let size = if md.file_type().is_block_device() {
+    image_identity_of(&File::open(image)?)
+}
+
+fn image_identity_of(f: &File) -> io::Result<ImageIdentity> {
+    let md = f.metadata()?;
+    if md.file_type().is_block_device() {
         // A block device's inode size is 0: its size is where its end is.
-        File::open(image)?.seek(SeekFrom::End(0))?
-    } else {
-        md.len()
-    };
+        let size = (&*f).seek(SeekFrom::End(0))?;
+        let rdev = md.rdev();
+        return Ok(ImageIdentity {
+            id: ImageId::Block(BlockId {
+                rdev,
+                node_dev: md.dev(),
+                node_ino: md.ino(),
+                stable: block_stable_id(f, rdev),
+            }),
+            size,
+        });
+    }
     Ok(ImageIdentity {
+        id: ImageId::File(file_id(f, &md)?),
+        size: md.len(),
+    })
+}
+
+fn file_id(f: &File, md: &fs::Metadata) -> io::Result<FileId> {
+    Ok(FileId {
         dev: md.dev(),
         ino: md.ino(),
-        size,
+        birth: birth_time(f)?,
+        generation: inode_generation(f),
+        token: read_token(f)?,
     })
+}
+
+/// statx's birth time, if the filesystem reports one.
+fn birth_time(f: &File) -> io::Result<Option<(i64, u32)>> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value of it.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated empty string and AT_EMPTY_PATH makes statx
+    // describe the open descriptor `f`; `stx` is a live, writable statx for the call.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BTIME,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // Kernels or libcs without statx: no birth time, like a filesystem without one.
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EPERM) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok((stx.stx_mask & libc::STATX_BTIME != 0)
+        .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)))
+}
+
+/// The inode generation, if the filesystem answers `FS_IOC_GETVERSION`.
+fn inode_generation(f: &File) -> Option<u32> {
+    let mut v: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes at most one `long` (filesystems write an int)
+    // to the pointer, which points at `v`, live and writable for the call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETVERSION, &mut v) };
+    // Any error (ENOTTY and the like) means the filesystem has no generation to give.
+    (rc == 0).then_some(v as u32)
+}
+
+/// The replica id on the file: `None` if it has none (or the filesystem keeps no
+/// user attributes), `Some(0)` for a value that is not an id of ours.
+fn read_token(f: &File) -> io::Result<Option<u64>> {
+    let name = c"user.twinrun.replica";
+    let mut buf = [0u8; 32];
+    // SAFETY: `name` is NUL-terminated; `buf` is live and writable for `buf.len()`
+    // bytes, and fgetxattr writes at most that many.
+    let n = unsafe {
+        libc::fgetxattr(
+            f.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(None),
+            // Longer than any id of ours.
+            Some(libc::ERANGE) => Ok(Some(0)),
+            _ => Err(e),
+        };
+    }
+    let parsed = std::str::from_utf8(&buf[..n as usize])
+        .ok()
+        .filter(|s| s.len() == 16)
+        .and_then(|s| u64::from_str_radix(s, 16).ok());
+    Ok(Some(parsed.unwrap_or(0)))
+}
+
+/// Writes a new random replica id on the file `path` and makes it durable. `Ok(false)`:
+/// the filesystem keeps no user attributes (the file is known by its other parts).
+fn write_token(f: &File, path: &Path) -> Result<bool, MetaError> {
+    debug_assert_eq!(TOKEN_XATTR, "user.twinrun.replica");
+    let token = format!("{:016x}", random_nonzero_u64()?);
+    // SAFETY: the name is NUL-terminated; the value pointer and length describe
+    // `token`'s bytes, live for the call.
+    let rc = unsafe {
+        libc::fsetxattr(
+            f.as_raw_fd(),
+            c"user.twinrun.replica".as_ptr(),
+            token.as_ptr().cast(),
+            token.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(false);
+        }
+        return Err(io_err(path, "write replica id on image")(e));
+    }
+    f.sync_all().map_err(io_err(path, "fsync image"))?;
+    Ok(true)
+}
+
+/// What sysfs says is behind block device `rdev` (see [`BlockId::stable`]).
+fn block_stable_id(f: &File, rdev: u64) -> Option<String> {
+    let sys = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(rdev),
+        libc::minor(rdev)
+    ));
+    let sys = fs::canonicalize(sys).ok()?;
+    let read = |p: &Path| {
+        fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(uuid) = read(&sys.join("dm/uuid")) {
+        return Some(format!("device-mapper {uuid}"));
+    }
+    if sys.join("loop").is_dir() {
+        return loop_backing_id(f, &sys);
+    }
+    let disk_id = |dir: &Path| {
+        ["wwid", "device/wwid", "serial", "device/serial"]
+            .iter()
+            .find_map(|name| read(&dir.join(name)).map(|v| format!("{name} {v}")))
+    };
+    match read(&sys.join("partition")) {
+        Some(n) => {
+            let start = read(&sys.join("start"))?;
+            let disk = disk_id(sys.parent()?)?;
+            Some(format!("{disk} partition {n} at sector {start}"))
+        }
+        None => disk_id(&sys),
+    }
+}
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+
+/// A loop device is known by its backing file (device, inode and, while the file at
+/// the backing path is that inode, birth time and generation) and window.
+fn loop_backing_id(f: &File, sys: &Path) -> Option<String> {
+    // SAFETY: LoopInfo64 is plain old data; all zeroes is a valid value of it.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, whose layout
+    // LoopInfo64 reproduces, to the pointer, which points at `info`, live and
+    // writable for the call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
+    if rc != 0 {
+        return None; // ENXIO: nothing attached.
+    }
+    // The kernel encodes the backing device number as new_encode_dev does.
+    let d = info.lo_device;
+    let backing_dev = libc::makedev(
+        ((d & 0xfff00) >> 8) as u32,
+        ((d & 0xff) | ((d >> 12) & 0xfff00)) as u32,
+    );
+    let mut id = format!(
+        "loop over file {}:{}:{}, offset {}, size limit {}",
+        libc::major(backing_dev),
+        libc::minor(backing_dev),
+        info.lo_inode,
+        info.lo_offset,
+        info.lo_sizelimit
+    );
+    // The backing file's other parts, read from its path in sysfs if that still names
+    // the same inode.
+    if let Some(bf) = fs::read_to_string(sys.join("loop/backing_file"))
+        .ok()
+        .and_then(|p| File::open(p.trim_end_matches('\n')).ok())
+    {
+        if let Ok(md) = bf.metadata() {
+            if (md.dev(), md.ino()) == (backing_dev, info.lo_inode) {
+                if let Ok(b) = file_id(&bf, &md) {
+                    id.push_str(&format!(
+                        ", born {}, generation {:?}",
+                        birth_text(b.birth),
+                        b.generation
+                    ));
+                }
+            }
+        }
+    }
+    Some(id)
 }
 
 /// The metadata directory of one image.
@@ -296,13 +748,8 @@ impl MetaStore {
             }
             Err(e) => return Err(io_err(&self.image, "stat image")(e)),
         };
-        if (id.dev, id.ino) != (meta.image_dev, meta.image_ino) {
-            return Ok(MetaState::Replaced {
-                reason: format!(
-                    "image is file {}:{}, metadata describes {}:{}",
-                    id.dev, id.ino, meta.image_dev, meta.image_ino
-                ),
-            });
+        if let Err(reason) = meta.image.check(&id.id) {
+            return Ok(MetaState::Replaced { reason });
         }
         if id.size != meta.disk_size {
             return Ok(MetaState::Replaced {
@@ -336,9 +783,18 @@ impl MetaStore {
     }
 
     /// Metadata for the image as it is now, holding a new random generation. Not saved:
-    /// the caller decides when it becomes the replica's truth.
+    /// the caller decides when it becomes the replica's truth. A regular file gets a
+    /// new replica id written on it (durably) first: from here on, metadata that
+    /// recorded another id, this image's earlier metadata included, no longer applies.
     pub fn create_fresh(&self) -> Result<ReplicaMeta, MetaError> {
-        let id = image_identity(&self.image).map_err(io_err(&self.image, "stat image"))?;
+        let f = File::open(&self.image).map_err(io_err(&self.image, "open image"))?;
+        if f.metadata()
+            .map_err(io_err(&self.image, "stat image"))?
+            .is_file()
+        {
+            write_token(&f, &self.image)?;
+        }
+        let id = image_identity_of(&f).map_err(io_err(&self.image, "stat image"))?;
         Ok(ReplicaMeta {
             disk_size: id.size,
             block_size: DEFAULT_BLOCK_SIZE,
@@ -352,8 +808,7 @@ impl MetaStore {
             last_committed_epoch: None,
             resync: None,
             verify: None,
-            image_dev: id.dev,
-            image_ino: id.ino,
+            image: id.id,
         })
     }
 }
@@ -409,11 +864,18 @@ fn decode(bytes: &[u8]) -> Result<ReplicaMeta, String> {
     if stored != crc {
         return Err(format!("crc {stored:#010x}, computed {crc:#010x}"));
     }
-    if version != META_VERSION {
-        return Err(format!("format version {version}, expected {META_VERSION}"));
-    }
-    let (meta, rest): (ReplicaMeta, _) =
-        postcard::take_from_bytes(&bytes[HEADER_LEN..end]).map_err(|e| format!("decode: {e}"))?;
+    let body = &bytes[HEADER_LEN..end];
+    let decoded = match version {
+        META_VERSION => postcard::take_from_bytes::<ReplicaMeta>(body),
+        META_VERSION_1 => postcard::take_from_bytes::<ReplicaMetaV1>(body)
+            .map(|(m, rest)| (ReplicaMeta::from(m), rest)),
+        _ => {
+            return Err(format!(
+                "format version {version}, expected {META_VERSION_1} or {META_VERSION}"
+            ))
+        }
+    };
+    let (meta, rest) = decoded.map_err(|e| format!("decode: {e}"))?;
     if !rest.is_empty() {
         return Err(format!("{} trailing bytes after the body", rest.len()));
     }
@@ -450,6 +912,7 @@ fn random_nonzero_u64() -> Result<u64, MetaError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A unique temp directory removed on drop (tests run in parallel).
@@ -576,7 +1039,7 @@ pub(crate) mod tests {
         }
         // A future version with a valid CRC is still refused.
         let mut v2 = good.clone();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        v2[8..12].copy_from_slice(&(META_VERSION + 1).to_le_bytes());
         let n = v2.len() - CRC_LEN;
         let crc = crc32c::crc32c(&v2[..n]);
         v2[n..].copy_from_slice(&crc.to_le_bytes());
@@ -594,15 +1057,407 @@ pub(crate) mod tests {
         let s = MetaStore::for_image(&img);
         let m = s.create_fresh().unwrap();
         s.save(&m).unwrap();
-        // Delete and recreate: same path and size, different file. Keep the old file
-        // open so its inode number cannot be reused by the new one.
-        let hold = File::open(&img).unwrap();
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
         fs::remove_file(&img).unwrap();
         assert!(matches!(s.load().unwrap(), MetaState::Replaced { .. }));
+        // Same path and size, another file (whatever its inode number).
         let img2 = image(&t, 8192);
         assert_eq!(img, img2);
         assert!(matches!(s.load().unwrap(), MetaState::Replaced { .. }));
-        drop(hold);
+    }
+
+    /// Deletes `img` and creates files in its directory until one gets the deleted
+    /// file's inode number (ext4 hands it to the next file at once; files that get
+    /// another number are kept, so the search moves on), then moves that file to `img`.
+    /// `None` if the filesystem does not reuse the number within the attempts.
+    fn recreate_with_same_inode(img: &Path, len: u64) -> Option<u64> {
+        let old = fs::metadata(img).unwrap().ino();
+        fs::remove_file(img).unwrap();
+        let dir = img.parent().unwrap();
+        let mut others = Vec::new();
+        for i in 0..20_000 {
+            let p = dir.join(format!("candidate-{i}"));
+            File::create(&p).unwrap().set_len(len).unwrap();
+            if fs::metadata(&p).unwrap().ino() == old {
+                fs::rename(&p, img).unwrap();
+                for o in others {
+                    fs::remove_file(o).unwrap();
+                }
+                return Some(i);
+            }
+            others.push(p);
+        }
+        None
+    }
+
+    #[test]
+    fn replaced_image_with_the_same_inode_number_is_detected() {
+        let t = TempDir::new("meta-reuse");
+        let img = image(&t, 8192);
+        let s = MetaStore::for_image(&img);
+        let m = s.create_fresh().unwrap();
+        s.save(&m).unwrap();
+        let before = fs::metadata(&img).unwrap();
+        let tries = recreate_with_same_inode(&img, 8192).unwrap_or_else(|| {
+            panic!(
+                "{}: the filesystem never reused inode {}; this test needs one that does \
+                 (ext4, like the CI's /tmp)",
+                t.0.display(),
+                before.ino()
+            )
+        });
+        let after = fs::metadata(&img).unwrap();
+        // The very case an inode check cannot see: same device, inode number, size.
+        assert_eq!(
+            (after.dev(), after.ino(), after.len()),
+            (before.dev(), before.ino(), before.len()),
+            "after {tries} tries"
+        );
+        match s.load().unwrap() {
+            MetaState::Replaced { reason } => assert!(reason.contains("image"), "{reason}"),
+            other => {
+                panic!("a new file with the old inode number was taken as the image: {other:?}")
+            }
+        }
+        // Each part of the identity detects it by itself where the filesystem has it.
+        let ImageId::File(rec) = &m.image else {
+            panic!("{:?}", m.image)
+        };
+        let ImageId::File(now) = image_identity(&img).unwrap().id else {
+            panic!()
+        };
+        assert_eq!((now.dev, now.ino), (rec.dev, rec.ino));
+        assert_ne!(now.token, rec.token, "a new file has no replica id");
+        assert_eq!(now.token, None);
+        if let (Some(a), Some(b)) = (now.generation, rec.generation) {
+            eprintln!("inode generation {b} -> {a}");
+        }
+        if let (Some(a), Some(b)) = (now.birth, rec.birth) {
+            eprintln!("birth {b:?} -> {a:?}");
+        }
+        // A fresh metadata for the new file applies to it, and only to it.
+        let m2 = s.create_fresh().unwrap();
+        s.save(&m2).unwrap();
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m2));
+    }
+
+    #[test]
+    fn each_part_of_a_file_identity_counts() {
+        let t = TempDir::new("meta-parts");
+        let img = image(&t, 8192);
+        let s = MetaStore::for_image(&img);
+        let m = s.create_fresh().unwrap();
+        let ImageId::File(rec) = m.image.clone() else {
+            panic!()
+        };
+        // This machine's filesystems (ext4 /tmp) keep all three; say so if one is lost.
+        assert!(
+            rec.token.is_some(),
+            "no replica id written on {}",
+            img.display()
+        );
+        assert!(rec.birth.is_some(), "no birth time on {}", img.display());
+        assert!(
+            rec.generation.is_some(),
+            "no inode generation on {}",
+            img.display()
+        );
+        let now = ImageId::File(rec.clone());
+        assert_eq!(m.image.check(&now), Ok(()));
+        let variants = [
+            FileId {
+                dev: rec.dev + 1,
+                ..rec.clone()
+            },
+            FileId {
+                ino: rec.ino + 1,
+                ..rec.clone()
+            },
+            FileId {
+                birth: rec.birth.map(|(s, ns)| (s, ns ^ 1)),
+                ..rec.clone()
+            },
+            FileId {
+                birth: None,
+                ..rec.clone()
+            },
+            FileId {
+                generation: rec.generation.map(|g| g ^ 1),
+                ..rec.clone()
+            },
+            FileId {
+                token: rec.token.map(|t| t ^ 1),
+                ..rec.clone()
+            },
+            FileId {
+                token: None,
+                ..rec.clone()
+            },
+            FileId {
+                token: Some(0),
+                ..rec.clone()
+            },
+        ];
+        for v in variants {
+            assert!(m.image.check(&ImageId::File(v.clone())).is_err(), "{v:?}");
+        }
+        // A copy that keeps the attributes (cp -a) keeps the id, not the rest.
+        let copy = t.0.join("copy.img");
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(&img)
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
+        let ImageId::File(c) = image_identity(&copy).unwrap().id else {
+            panic!()
+        };
+        assert_eq!(c.token, rec.token);
+        assert!(m.image.check(&ImageId::File(c)).is_err());
+        // A block device's identity is not a file's.
+        let block = ImageId::Block(BlockId::default());
+        assert!(m.image.check(&block).is_err());
+        assert!(block.check(&now).is_err());
+    }
+
+    #[test]
+    fn garbage_replica_id_is_a_foreign_one() {
+        let t = TempDir::new("meta-token");
+        let img = image(&t, 8192);
+        let s = MetaStore::for_image(&img);
+        let m = s.create_fresh().unwrap();
+        s.save(&m).unwrap();
+        for bad in ["not-hex-at-all!!", "12", "0123456789abcdef0"] {
+            set_token_raw(&img, bad.as_bytes());
+            let ImageId::File(now) = image_identity(&img).unwrap().id else {
+                panic!()
+            };
+            assert_eq!(now.token, Some(0), "{bad}");
+            assert!(
+                matches!(s.load().unwrap(), MetaState::Replaced { .. }),
+                "{bad}"
+            );
+        }
+        // A value longer than our buffer is foreign too.
+        set_token_raw(&img, &[b'a'; 100]);
+        assert!(matches!(s.load().unwrap(), MetaState::Replaced { .. }));
+    }
+
+    fn set_token_raw(img: &Path, v: &[u8]) {
+        let f = File::open(img).unwrap();
+        // SAFETY: NUL-terminated name; `v` is live for the call.
+        let rc = unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                c"user.twinrun.replica".as_ptr(),
+                v.as_ptr().cast(),
+                v.len(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// Format version 1 as it was written: the old layout, the old version number.
+    fn encode_v1(m: &ReplicaMeta, dev: u64, ino: u64) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            disk_size: u64,
+            block_size: u32,
+            current_gen: u64,
+            bitmap_base_gen: u64,
+            history: &'a [u64],
+            unclean_primary: bool,
+            inconsistent: bool,
+            sync_source_gen: u64,
+            failed: bool,
+            last_committed_epoch: Option<u64>,
+            resync: Option<ResyncProgress>,
+            verify: Option<VerifyReport>,
+            image_dev: u64,
+            image_ino: u64,
+        }
+        let body = postcard::to_stdvec(&V1 {
+            disk_size: m.disk_size,
+            block_size: m.block_size,
+            current_gen: m.current_gen,
+            bitmap_base_gen: m.bitmap_base_gen,
+            history: &m.history,
+            unclean_primary: m.unclean_primary,
+            inconsistent: m.inconsistent,
+            sync_source_gen: m.sync_source_gen,
+            failed: m.failed,
+            last_committed_epoch: m.last_committed_epoch,
+            resync: m.resync,
+            verify: m.verify,
+            image_dev: dev,
+            image_ino: ino,
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn version_1_metadata_is_read_and_rewritten_as_version_2() {
+        let t = TempDir::new("meta-v1");
+        // An image as version 1 left it: no replica id on it.
+        let img = image(&t, 8192);
+        let s = MetaStore::for_image(&img);
+        let md = fs::metadata(&img).unwrap();
+        let mut m = s.create_fresh().unwrap();
+        m.image = ImageId::Legacy {
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        // Version 1 wrote no replica id on the image: take the one just written off.
+        let f = File::open(&img).unwrap();
+        // SAFETY: NUL-terminated name.
+        let rc = unsafe { libc::fremovexattr(f.as_raw_fd(), c"user.twinrun.replica".as_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        m.last_committed_epoch = Some(7);
+        m.history = vec![3, 4];
+        fs::create_dir_all(s.dir()).unwrap();
+        fs::write(s.meta_path(), encode_v1(&m, md.dev(), md.ino())).unwrap();
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
+        // Saved again: version 2, same content.
+        s.save(&m).unwrap();
+        let b = fs::read(s.meta_path()).unwrap();
+        assert_eq!(b[8..12], META_VERSION.to_le_bytes());
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
+        // Version 1's checks still hold: another inode number is another image...
+        fs::write(s.meta_path(), encode_v1(&m, md.dev(), md.ino() + 1)).unwrap();
+        assert!(matches!(s.load().unwrap(), MetaState::Replaced { .. }));
+        // ...and so is an image stamped by newer metadata (not by this one).
+        fs::write(s.meta_path(), encode_v1(&m, md.dev(), md.ino())).unwrap();
+        set_token_raw(&img, b"0123456789abcdef");
+        match s.load().unwrap() {
+            MetaState::Replaced { reason } => assert!(reason.contains("replica id"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A read-only loop device over a file, detached on drop.
+    struct Loop(PathBuf);
+
+    impl Loop {
+        fn read_only_over(file: &Path) -> Loop {
+            let out = Command::new("losetup")
+                .args(["-r", "-f", "--show"])
+                .arg(file)
+                .output()
+                .expect("losetup");
+            assert!(
+                out.status.success(),
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        }
+
+        /// Points the device at `file` (LOOP_CHANGE_FD: read-only devices, same size),
+        /// in place: same device number, same node, no moment without a backing file.
+        fn change_to(&self, file: &Path) {
+            const LOOP_CHANGE_FD: libc::c_ulong = 0x4C06;
+            let dev = File::open(&self.0).unwrap();
+            let new = File::open(file).unwrap();
+            // SAFETY: LOOP_CHANGE_FD takes the new backing file's descriptor by value;
+            // both descriptors are open for the call.
+            let rc = unsafe {
+                libc::ioctl(
+                    dev.as_raw_fd(),
+                    LOOP_CHANGE_FD,
+                    new.as_raw_fd() as libc::c_ulong,
+                )
+            };
+            assert_eq!(rc, 0, "LOOP_CHANGE_FD: {}", io::Error::last_os_error());
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_known_by_what_is_behind_it() {
+        let t = TempDir::new("meta-blk");
+        let a = t.0.join("a.img");
+        let b = t.0.join("b.img");
+        for p in [&a, &b] {
+            File::create(p).unwrap().set_len(1 << 20).unwrap();
+        }
+        let dev = Loop::read_only_over(&a);
+        let s = MetaStore {
+            image: dev.0.clone(),
+            dir: t.0.join("dev.twinrun"),
+        };
+        let m = s.create_fresh().unwrap();
+        assert_eq!(m.disk_size, 1 << 20);
+        let ImageId::Block(rec) = &m.image else {
+            panic!("{:?}", m.image)
+        };
+        let stable = rec.stable.clone().expect("a loop device's backing file");
+        assert!(stable.contains("loop over file"), "{stable}");
+        assert!(
+            stable.contains(&fs::metadata(&a).unwrap().ino().to_string()),
+            "{stable}"
+        );
+        s.save(&m).unwrap();
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
+        // Another node for the same device (as after a reboot, where devtmpfs makes new
+        // nodes): still this image.
+        let node = t.0.join("node");
+        let cpath = std::ffi::CString::new(node.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `cpath` is NUL-terminated and lives for the call.
+        let rc = unsafe { libc::mknod(cpath.as_ptr(), libc::S_IFBLK | 0o600, rec.rdev) };
+        assert_eq!(rc, 0, "mknod: {}", io::Error::last_os_error());
+        let ImageId::Block(other) = image_identity(&node).unwrap().id else {
+            panic!()
+        };
+        assert_ne!(other.node_ino, rec.node_ino);
+        assert_eq!(m.image.check(&ImageId::Block(other)), Ok(()));
+        // The same device pointed at another file of the same size: same path, node,
+        // device number and size; another disk.
+        dev.change_to(&b);
+        let ImageId::Block(now) = image_identity(&dev.0).unwrap().id else {
+            panic!()
+        };
+        assert_eq!(
+            (now.rdev, now.node_dev, now.node_ino),
+            (rec.rdev, rec.node_dev, rec.node_ino)
+        );
+        match s.load().unwrap() {
+            MetaState::Replaced { reason } => {
+                assert!(reason.contains("loop over file"), "{reason}")
+            }
+            other => panic!("a loop device over another file was taken as the image: {other:?}"),
+        }
+        // Without a stable id (a device sysfs says nothing of), the number and the node.
+        let bare = |rdev, node_ino| BlockId {
+            rdev,
+            node_dev: 5,
+            node_ino,
+            stable: None,
+        };
+        let r = ImageId::Block(bare(7, 9));
+        assert_eq!(r.check(&ImageId::Block(bare(7, 9))), Ok(()));
+        assert!(r.check(&ImageId::Block(bare(8, 9))).is_err());
+        assert!(r.check(&ImageId::Block(bare(7, 10))).is_err());
+        assert!(r
+            .check(&ImageId::Block(BlockId {
+                stable: Some("x".into()),
+                ..bare(7, 9)
+            }))
+            .is_err());
     }
 
     #[test]

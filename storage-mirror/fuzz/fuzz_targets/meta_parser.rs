@@ -5,7 +5,7 @@
 //! (Missing, Damaged, Replaced or Ok), never an error for content, never a panic.
 
 use libfuzzer_sys::fuzz_target;
-use storage_mirror::meta::{MetaState, MetaStore};
+use storage_mirror::meta::{MetaState, MetaStore, META_VERSION};
 use storage_mirror_fuzz::{fresh, image, Input};
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +17,12 @@ fuzz_target!(|data: &[u8]| {
     let bytes = if mode & 1 == 0 {
         inp.rest()
     } else {
-        let version = if mode & 2 == 0 { 1 } else { inp.u32() };
+        // Today's version, the old one still read, or any.
+        let version = match mode & 0x0a {
+            0 => META_VERSION,
+            8 => 1,
+            _ => inp.u32(),
+        };
         let body = inp.rest();
         let mut f = Vec::new();
         f.extend_from_slice(b"TWRNMETA");

@@ -613,8 +613,7 @@ mod tests {
             last_committed_epoch: None,
             resync: None,
             verify: None,
-            image_dev: 1,
-            image_ino: 2,
+            image: crate::meta::ImageId::Legacy { dev: 1, ino: 2 },
         }
     }
 
