@@ -178,6 +178,16 @@ impl Sim {
             self.queue.push_back((other, Input::PeerLost));
         }
         for (vm, role, protected) in lost {
+            if role == Role::Standby {
+                // The surviving primary (FT or HA) loses its standby and says so.
+                if let Some(e) = self.nodes[other].vmms.get_mut(&vm) {
+                    if e.0 == Role::Primary && e.2 {
+                        e.2 = false;
+                        self.queue
+                            .push_back((other, Input::VmmUnprotected { vm: vm.clone() }));
+                    }
+                }
+            }
             if role == Role::Primary && protected {
                 if let Some(e) = self.nodes[other].vmms.get_mut(&vm) {
                     if e.0 == Role::Standby {
@@ -555,7 +565,7 @@ fn cluster_with_vms() -> Sim {
     s.link = true;
     s.boot(0);
     s.boot(1);
-    s.note("create and start an FT, an HA and an unprotected VM on pm1");
+    s.note("create and start an FT, an HA and an unprotected VM, all preferring pm1");
     s.command(
         0,
         "c1",
@@ -578,7 +588,7 @@ fn cluster_with_vms() -> Sim {
         0,
         "c3",
         "ha1",
-        Command::Create(spec("ha1", Protection::Ha, "pm2", Failback::Manual, false)),
+        Command::Create(spec("ha1", Protection::Ha, "pm1", Failback::Manual, false)),
     );
     for (id, vm) in [("c4", "ft1"), ("c5", "un1"), ("c6", "ha1")] {
         s.command(0, id, vm, Command::Start);
