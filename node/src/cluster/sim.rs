@@ -716,6 +716,54 @@ fn golden_change_while_peer_away() {
 }
 
 #[test]
+fn golden_quorum_alone_denied_granted_lost() {
+    let mut s = Sim::new();
+    s.note("pm1 boots alone (pm2 is off); the witness does not answer at first");
+    s.quorum_grants = false;
+    s.boot(0);
+    s.command(
+        0,
+        "c1",
+        "un1",
+        Command::Create(spec(
+            "un1",
+            Protection::Unprotected,
+            "pm1",
+            Failback::Manual,
+            true,
+        )),
+    );
+    s.command(
+        0,
+        "c2",
+        "ft1",
+        Command::Create(spec("ft1", Protection::Ft, "pm1", Failback::Manual, true)),
+    );
+    s.command(0, "c3", "un1", Command::Start);
+    s.command(0, "c4", "ft1", Command::Start);
+    s.note("after the boot grace: asked, refused, asked again 2 s later, then granted");
+    s.wait(policy().boot_grace_ms);
+    s.wait(1000);
+    s.quorum_grants = true;
+    s.wait(1000);
+    s.wait(100);
+    s.note("the renewals of the daemon's keys stop being granted (witness gone)");
+    for vm in ["un1", "ft1"] {
+        s.queue.push_back((
+            0,
+            Input::QuorumLost {
+                vm: vm.into(),
+                reason: "the permission to run it alone ended".into(),
+            },
+        ));
+    }
+    s.settle();
+    s.note("un1 (the daemon's own copy) is stopped and asks again; ft1's VMM keeps its own quorum");
+    s.wait(100);
+    s.compare("quorum_alone");
+}
+
+#[test]
 fn golden_crash_restart_policy_and_daemon_restart() {
     let mut s = cluster_with_vms();
     s.note("un1's VMM crashes three times: two restarts, then held in error");

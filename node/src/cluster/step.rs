@@ -186,8 +186,9 @@ pub enum Input {
         granted: bool,
         reason: String,
     },
-    /// A held `Alone` grant ended (its renewals stopped being granted): the copy here
-    /// must stop unless the peer is online (then the record alone decides).
+    /// A held `Alone` grant ended (its renewals stopped being granted): an unprotected
+    /// copy here stops unless the peer is online (then the record alone decides); an
+    /// FT/HA VMM is left to its own quorum (it holds the VM's key itself).
     QuorumLost {
         vm: String,
         reason: String,
@@ -611,7 +612,11 @@ impl Cluster {
                 if let Some(s) = self.vms.get_mut(&vm) {
                     s.alone = Grant::None;
                     out.push(log(Some(&vm), format!("quorum lost: {reason}")));
-                    if s.local.is_some() && !peer_online {
+                    // Only an unprotected copy is the daemon's to stop: an FT/HA VMM
+                    // holds the VM's own key and pauses itself when it loses both its
+                    // peer and the witness (the quorum crate's rules).
+                    let solo = s.local.as_ref().is_some_and(|l| l.role == Role::Solo);
+                    if solo && !peer_online {
                         s.note = format!("stopped: {reason}");
                         self.stop_local(&vm, true, &mut out);
                     }
