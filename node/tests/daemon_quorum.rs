@@ -360,3 +360,134 @@ fn a_daemon_alone_runs_an_unprotected_vm_only_with_the_witness_grant() {
         "{events:?}"
     );
 }
+
+// ------------------------------------------------------------ the etcd backend
+
+/// An etcd process (Debian `etcd-server`) on loopback with a short election timeout,
+/// its data in a temp dir; killed and reaped on drop, and with the test process.
+struct Etcd {
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (client, peer) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", "default", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .arg("--initial-cluster")
+                .arg(format!("default={peer_url}"))
+                .args(["--heartbeat-interval", "10", "--election-timeout", "100"]);
+            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the
+            // child: etcd dies with the test process even if that is killed.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut proc = Proc::spawn_logged("etcd", &mut cmd, &dir.path().join("etcd.log"))
+                .expect("run etcd (Debian package etcd-server)");
+            let t = Instant::now();
+            while proc.alive() && t.elapsed() < Duration::from_secs(30) {
+                if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                    return Etcd {
+                        _proc: proc,
+                        _dir: dir,
+                        url,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // A port taken between the probe and etcd's bind: try others.
+        }
+        panic!("etcd did not start");
+    }
+}
+
+fn etcd_table(cluster: &str, url: &str) -> quorum::config::QuorumConfig {
+    quorum::config::QuorumConfig::from_toml(&format!(
+        "cluster = \"{cluster}\"\nbackend = \"etcd\"\n[etcd]\nendpoints = [\"{url}\"]\n[timing]\nlease_ms = 1000\nrenew_ms = 200\n"
+    ))
+    .expect("etcd table")
+}
+
+/// One request through a VMM-side etcd backend of `node`.
+fn etcd_request(table: &quorum::config::QuorumConfig, node: u64, req: &Request) -> Reply {
+    let backends = table.open(NodeId(node)).expect("etcd backend");
+    let (b, _) = backends.for_vm().expect("backend");
+    let mut b = b.expect("preferred slot");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut id = 0;
+    loop {
+        id += 1;
+        b.send(id, req).expect("send");
+        let sent = Instant::now();
+        while sent.elapsed() < Duration::from_millis(500) {
+            if let Some((_, r)) = b.drain().expect("drain").into_iter().next() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(Instant::now() < deadline, "etcd did not answer {req:?}");
+    }
+}
+
+#[test]
+fn with_etcd_alone_and_takeover_follow_the_same_rule() {
+    let etcd = Etcd::start();
+    let cluster = format!("e{}-{}", std::process::id(), rand_suffix());
+    let table = etcd_table(&cluster, &etcd.url);
+    let g1 = ServiceGate::open(&table, 1, 2).expect("gate 1");
+    let g2 = ServiceGate::open(&table, 2, 1).expect("gate 2");
+    // Alone: one node at a time, under the daemon's own key.
+    let v1 = ask(&g1, "pm1", "web", QuorumKind::Alone);
+    assert!(v1.granted, "{v1:?}");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let v2 = ask(&g2, "pm2", "web", QuorumKind::Alone);
+        assert!(!v2.granted, "{v2:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    g1.release("web");
+    let v2 = wait_for(
+        Duration::from_secs(15),
+        "pm2's grant after pm1 released (etcd lease lapse)",
+        || Some(ask(&g2, "pm2", "web", QuorumKind::Alone)).filter(|v| v.granted),
+        String::new,
+    );
+    assert!(v2.token > v1.token, "{v1:?} {v2:?}");
+    g2.release("web");
+    // Takeover: only for the node whose VMM holds the VM's own key.
+    let g = match etcd_request(
+        &table,
+        2,
+        &Request::Acquire {
+            vm: "db".into(),
+            node: NodeId(2),
+            from: 0,
+            lease_ms: 5000,
+        },
+    ) {
+        Reply::Granted { generation, .. } => generation,
+        other => panic!("the VMM's acquire answered {other:?}"),
+    };
+    let v = ask(&g2, "pm2", "db", QuorumKind::Takeover);
+    assert!(v.granted && v.token == Some(g), "{v:?}");
+    let v = ask(&g1, "pm1", "db", QuorumKind::Takeover);
+    assert!(!v.granted && v.reason.contains("pm2 holds"), "{v:?}");
+}
