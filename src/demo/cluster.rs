@@ -122,6 +122,8 @@ impl VmOutcome {
 /// The demo's findings.
 #[derive(Debug, Default)]
 pub struct ClusterReport {
+    /// The demo's process id: its names (namespaces `tc<pid>-*`, `/tmp/twd<pid>`).
+    pub pid: u32,
     pub quorum: String,
     pub vms: Vec<VmOutcome>,
 }
@@ -134,8 +136,9 @@ impl ClusterReport {
     pub fn json(&self) -> String {
         let vms: Vec<String> = self.vms.iter().map(VmOutcome::json).collect();
         format!(
-            "{{\"ok\":{},\"quorum\":\"{}\",\"vms\":[{}]}}",
+            "{{\"ok\":{},\"pid\":{},\"quorum\":\"{}\",\"vms\":[{}]}}",
             self.ok(),
+            self.pid,
             json_escape(&self.quorum),
             vms.join(",")
         )
@@ -617,6 +620,7 @@ pub fn run(a: &DemoArgs, intr: &AtomicBool) -> Result<ClusterReport, DemoError> 
         }
     }
     let report = ClusterReport {
+        pid,
         quorum,
         vms: outcomes,
     };
@@ -693,6 +697,7 @@ mod tests {
     #[test]
     fn json_is_one_object() {
         let r = ClusterReport {
+            pid: 1,
             quorum: "none".into(),
             vms: vec![
                 outcome("ft", VmState::Simplex),
