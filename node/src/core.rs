@@ -222,7 +222,11 @@ impl Core {
                         pid,
                         adopted: false,
                     }),
-                    Err(error) => queue.push_back(Input::VmmSpawnFailed { vm, error }),
+                    Err(error) => {
+                        // No copy here: a grant to run it alone is given up.
+                        self.gate.release(&vm);
+                        queue.push_back(Input::VmmSpawnFailed { vm, error });
+                    }
                 }
             }
             Action::Stop { vm, force } => g.sup.stop(&vm, force),
