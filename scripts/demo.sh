@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # twinrun demo: installs what is missing, builds everything, then runs `twinrun demo`:
-# a protected pair (primary + standby) in network namespaces, a kv client, SIGKILL of
-# the primary mid-load, and a report of what was lost (extra arguments go to
-# `twinrun demo`, e.g. --json).
+# the whole system on one machine (two twinrund daemons in PM namespaces, a witness,
+# FT, HA and unprotected VMs under kv load), PM1 killed, and a report of what the
+# outside saw per VM (extra arguments go to `twinrun demo`: --json, --keep to explore
+# the survivor's API until Ctrl-C, --pair for the single-pair FT demo).
 #
 #   ./scripts/demo.sh --tour   instead runs the tour of the test guest's workloads
 #                              under one unprotected VMM:
@@ -32,7 +33,7 @@ echo "twinrun: $TWINRUN"
 echo "guest:   $GUEST"
 
 if [[ "${1:-}" != "--tour" ]]; then
-    say "FT demo: twinrun demo $*"
+    say "demo: twinrun demo $*"
     # twinrun demo cleans up its namespaces, processes and files itself (also on Ctrl-C).
     TWINRUN_GUEST="$GUEST" exec "$TWINRUN" demo "$@"
 fi

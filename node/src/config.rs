@@ -120,17 +120,28 @@ pub struct Priv0Config {
     pub peer: IpAddr,
 }
 
-/// How takeovers are decided (see `gate.rs`).
+/// How takeovers are decided (see `gate.rs`): the node's side of the `quorum` crate.
+/// The daemon turns it into the pair's `[quorum]` table (`quorum::config::QuorumConfig`,
+/// cluster = this cluster) that its VMMs get with `--quorum-config`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuorumConfig {
     #[serde(default)]
     pub mode: QuorumMode,
-    /// everRun's preferred / alternate quorum servers (`host:port`).
+    /// everRun's preferred / alternate quorum servers (`twinrun witness`, `IP:PORT`).
     #[serde(default)]
     pub preferred: Option<SocketAddr>,
     #[serde(default)]
     pub alternate: Option<SocketAddr>,
+    /// The secret the witness knows this cluster by (default: the cluster secret).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// mode = "etcd": the fleet's etcd cluster (the quorum crate's `[quorum.etcd]`).
+    #[serde(default)]
+    pub etcd: Option<quorum::config::EtcdConfig>,
+    /// Lease timing overrides (the quorum crate's `[quorum.timing]`).
+    #[serde(default)]
+    pub timing: quorum::config::TimingConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -140,8 +151,10 @@ pub enum QuorumMode {
     /// takes over (two copies may run after a full partition). Logged at every takeover.
     #[default]
     None,
-    /// A witness decides every takeover (the `quorum` crate).
+    /// `twinrun witness` servers decide every takeover (the `quorum` crate).
     Witness,
+    /// An etcd cluster decides (the `quorum` crate's etcd backend).
+    Etcd,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -367,15 +380,39 @@ impl NodeConfig {
                 "api.listen and cluster_link.listen must differ".into(),
             ));
         }
-        if self.quorum.mode == QuorumMode::Witness {
-            if self.quorum.preferred.is_none() {
-                return Err((
-                    "quorum",
-                    "preferred",
-                    "quorum mode \"witness\" needs a preferred witness address".into(),
-                ));
-            }
-            return Err(("quorum", "mode", "quorum mode \"witness\" is not available in this build yet (the quorum crate is wired in by phase 2 of issue 15); use mode = \"none\"".into()));
+        if self.quorum.mode == QuorumMode::Witness && self.quorum.preferred.is_none() {
+            return Err((
+                "quorum",
+                "preferred",
+                "quorum mode \"witness\" needs a preferred witness address".into(),
+            ));
+        }
+        if self.quorum.mode == QuorumMode::Etcd && self.quorum.etcd.is_none() {
+            return Err((
+                "quorum",
+                "mode",
+                "quorum mode \"etcd\" needs a [quorum.etcd] table (endpoints = [...])".into(),
+            ));
+        }
+        if self.quorum.mode != QuorumMode::Witness
+            && (self.quorum.preferred.is_some() || self.quorum.alternate.is_some())
+        {
+            return Err((
+                "quorum",
+                "preferred",
+                "preferred / alternate witnesses are for mode = \"witness\"".into(),
+            ));
+        }
+        if self.quorum.mode != QuorumMode::Etcd && self.quorum.etcd.is_some() {
+            return Err((
+                "quorum",
+                "mode",
+                "[quorum.etcd] is given but mode is not \"etcd\"".into(),
+            ));
+        }
+        if let Some(q) = self.quorum_table() {
+            q.validate()
+                .map_err(|e| ("quorum", "mode", e.to_string()))?;
         }
         if self.network.tap_prefix.is_empty() || self.network.tap_prefix.len() > 6 {
             return Err((
@@ -440,6 +477,68 @@ impl NodeConfig {
 
     pub fn nodes(&self) -> [&str; 2] {
         [&self.node, &self.peer.name]
+    }
+
+    /// This node's quorum node id (1 or 2), derived from the two names so both nodes
+    /// agree without being told: the name that sorts first is 1. The ids have
+    /// different parity, as the quorum crate's generations need.
+    pub fn quorum_node_id(&self) -> u64 {
+        if self.node < self.peer.name {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// The peer's quorum node id.
+    pub fn peer_quorum_node_id(&self) -> u64 {
+        3 - self.quorum_node_id()
+    }
+
+    /// The pair's `[quorum]` table for this cluster (None with mode = "none": the VMMs
+    /// then run without `--quorum-config`, as the contract says).
+    pub fn quorum_table(&self) -> Option<quorum::config::QuorumConfig> {
+        use quorum::config::{BackendKind, QuorumConfig as Table, WitnessConfig};
+        let q = &self.quorum;
+        let (backend, witness, etcd) = match q.mode {
+            QuorumMode::None => return None,
+            QuorumMode::Witness => (
+                BackendKind::Witness,
+                Some(WitnessConfig {
+                    preferred: q.preferred.map(|a| a.to_string()).unwrap_or_default(),
+                    alternate: q.alternate.map(|a| a.to_string()),
+                    secret_file: q
+                        .secret_file
+                        .clone()
+                        .unwrap_or_else(|| self.secret_file.clone()),
+                }),
+                None,
+            ),
+            QuorumMode::Etcd => (BackendKind::Etcd, None, q.etcd.clone()),
+        };
+        Some(Table {
+            cluster: self.cluster.clone(),
+            backend,
+            witness,
+            etcd,
+            static_preference: None,
+            timing: q.timing,
+        })
+    }
+
+    /// The file with the `[quorum]` table the VMMs get (`--quorum-config`).
+    pub fn quorum_file(&self) -> PathBuf {
+        self.state_dir.join("quorum.toml")
+    }
+
+    /// The text of [`Self::quorum_file`].
+    pub fn quorum_file_text(&self) -> Option<String> {
+        #[derive(serde::Serialize)]
+        struct File {
+            quorum: quorum::config::QuorumConfig,
+        }
+        let quorum = self.quorum_table()?;
+        toml::to_string(&File { quorum }).ok()
     }
 }
 
@@ -549,10 +648,46 @@ peer = "10.0.0.2"
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.line(), Some(10), "{e}");
         assert!(e.to_string().contains("both tls_cert and tls_key"), "{e}");
-        let bad = format!("{GOOD}\n[quorum]\nmode = \"witness\"\npreferred = \"10.0.9.1:4557\"\n");
+        let bad = format!("{GOOD}\n[quorum]\nmode = \"witness\"\n");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.line(), Some(26), "{e}");
+        assert!(e.to_string().contains("needs a preferred witness"), "{e}");
+        let bad = format!("{GOOD}\n[quorum]\nmode = \"none\"\npreferred = \"10.0.9.1:4557\"\n");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.line(), Some(28), "{e}");
+        let bad = format!("{GOOD}\n[quorum]\nmode = \"etcd\"\n");
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("[quorum.etcd]"));
+        // The quorum crate's own checks, at the [quorum] table.
+        let bad = format!("{GOOD}\n[quorum]\nmode = \"witness\"\npreferred = \"10.0.9.1:4557\"\n[quorum.timing]\nlease_ms = 10\n");
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.line(), Some(27), "{e}");
-        assert!(e.to_string().contains("phase 2"), "{e}");
+        assert!(e.to_string().contains("lease"), "{e}");
+    }
+
+    #[test]
+    fn witness_mode_gives_the_pairs_quorum_table() {
+        let text = format!("{GOOD}\n[quorum]\nmode = \"witness\"\npreferred = \"10.0.9.1:4557\"\nalternate = \"10.0.9.2:4557\"\n");
+        let c = parse(&text).unwrap();
+        assert_eq!((c.quorum_node_id(), c.peer_quorum_node_id()), (1, 2));
+        let file = c.quorum_file_text().unwrap();
+        // The file is exactly what the pair runtime parses.
+        let v: toml::Value = toml::from_str(&file).unwrap();
+        let table = toml::to_string(&v["quorum"]).unwrap();
+        let q = quorum::config::QuorumConfig::from_toml(&table).unwrap();
+        assert_eq!(q.cluster, "plant-a");
+        assert_eq!(q.backend, quorum::config::BackendKind::Witness);
+        let w = q.witness.unwrap();
+        assert_eq!(w.preferred, "10.0.9.1:4557");
+        assert_eq!(w.alternate.as_deref(), Some("10.0.9.2:4557"));
+        assert_eq!(w.secret_file, PathBuf::from("/etc/twinrun/cluster.secret"));
+        // pm2's id is 2 on its own node.
+        let mut c2 = c.clone();
+        std::mem::swap(&mut c2.node, &mut c2.peer.name);
+        assert_eq!(c2.quorum_node_id(), 2);
+        assert!(parse(GOOD).unwrap().quorum_file_text().is_none());
     }
 
     #[test]

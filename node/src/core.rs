@@ -96,6 +96,14 @@ impl Core {
             std::fs::create_dir_all(d)
                 .map_err(|e| CoreError::Setup(format!("cannot create {}: {e}", d.display())))?;
         }
+        if let Some(text) = cfg.quorum_file_text() {
+            // The VMMs' `--quorum-config`: written before any VMM is spawned.
+            let path = cfg.quorum_file();
+            let tmp = path.with_extension("toml.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| CoreError::Setup(format!("cannot write {}: {e}", path.display())))?;
+        }
         let store = Store::open(&cfg.db_path())?;
         let records = store.all()?;
         let done = store.done()?;
@@ -129,6 +137,15 @@ impl Core {
             epoch: Instant::now(),
             me: me.clone(),
         });
+        let weak = core.me.clone();
+        core.gate.on_lost(Box::new(move |vm: &str, reason: String| {
+            if let Some(core) = weak.upgrade() {
+                core.feed(vec![Input::QuorumLost {
+                    vm: vm.to_string(),
+                    reason,
+                }]);
+            }
+        }));
         let inputs = adopted
             .into_iter()
             .map(|(vm, role, pid)| Input::VmmRunning {
@@ -205,7 +222,11 @@ impl Core {
                         pid,
                         adopted: false,
                     }),
-                    Err(error) => queue.push_back(Input::VmmSpawnFailed { vm, error }),
+                    Err(error) => {
+                        // No copy here: a grant to run it alone is given up.
+                        self.gate.release(&vm);
+                        queue.push_back(Input::VmmSpawnFailed { vm, error });
+                    }
                 }
             }
             Action::Stop { vm, force } => g.sup.stop(&vm, force),
@@ -287,7 +308,11 @@ impl Core {
         let mut inputs: Vec<Input> = events
             .into_iter()
             .map(|e| match e {
-                VmmEvent::Exited { vm, exit } => Input::VmmExited { vm, exit },
+                VmmEvent::Exited { vm, exit } => {
+                    // No copy here any more: a grant to run it alone is given up.
+                    self.gate.release(&vm);
+                    Input::VmmExited { vm, exit }
+                }
                 VmmEvent::Protected { vm } => Input::VmmProtected { vm },
                 VmmEvent::Unprotected { vm } => Input::VmmUnprotected { vm },
                 VmmEvent::FailedOver { vm } => Input::VmmFailedOver { vm },

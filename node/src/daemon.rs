@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use crate::api::{ApiState, Tokens};
 use crate::config::NodeConfig;
 use crate::core::{Core, TICK};
-use crate::gate::NoWitness;
+use crate::gate::{NoWitness, ServiceGate};
 use crate::peer::{LinkSettings, Outbox, Replica};
 
 /// Exit codes of `twinrund`.
@@ -125,12 +125,18 @@ async fn serve(c: Checked) -> i32 {
         }
     };
     let outbox = Outbox::default();
-    let core = match Core::open(
-        cfg.clone(),
-        Arc::new(NoWitness),
-        twinrun_bin,
-        outbox.clone(),
-    ) {
+    let gate: Arc<dyn crate::gate::QuorumGate> = match cfg.quorum_table() {
+        None => Arc::new(NoWitness),
+        Some(t) => match ServiceGate::open(&t, cfg.quorum_node_id(), cfg.peer_quorum_node_id()) {
+            Ok(g) => Arc::new(g),
+            Err(e) => {
+                error!("{e}");
+                return exit::CONFIG;
+            }
+        },
+    };
+    info!("quorum: {}", gate.describe());
+    let core = match Core::open(cfg.clone(), gate, twinrun_bin, outbox.clone()) {
         Ok(c) => c,
         Err(e) => {
             error!("{e}");

@@ -36,6 +36,13 @@ pub enum Protection {
     Ft,
 }
 
+impl Protection {
+    /// FT and HA run as a pair of VMMs (primary and standby); unprotected as one.
+    pub fn paired(self) -> bool {
+        matches!(self, Protection::Ft | Protection::Ha)
+    }
+}
+
 impl fmt::Display for Protection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -50,6 +50,14 @@ pub struct DemoArgs {
     /// Keep the client going this long after the kill before reading back.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub keep_going_ms: u64,
+    /// The single-pair FT demo (two hand-started VMMs, no daemons) instead of the
+    /// whole system.
+    #[arg(long)]
+    pub pair: bool,
+    /// After the report, keep the surviving system running and print its API address,
+    /// until Ctrl-C.
+    #[arg(long, conflicts_with = "pair")]
+    pub keep: bool,
 }
 
 /// `twinrun snapshot ...`. Exit code 2 for bad input (unknown VM or generation,

@@ -1,4 +1,6 @@
-//! `twinrun demo`: FT mode end to end on one machine. A protected pair in network
+//! `twinrun demo`: the whole system on one machine (`cluster`: two daemons, a witness,
+//! FT, HA and unprotected VMs, PM1 killed); `twinrun demo --pair`: FT mode end to end on
+//! one machine, below the daemons. A protected pair in network
 //! namespaces (`twinrun_lab::Topology`: PM1, PM2, LAN, client, two A-Links), the test
 //! guest running kv + counter + dirty + disk, a kv client on one TCP connection,
 //! SIGKILL of the primary mid-load, and a report of what the outside saw. The pair's
@@ -20,6 +22,8 @@ use twinrun_lab::{Proc, Topology};
 
 use crate::cli::DemoArgs;
 use crate::signals;
+
+mod cluster;
 
 const DISK_BYTES: u64 = 16 << 20;
 /// The INCR key of the kv client, and how often it increments (every tenth request).
@@ -85,6 +89,30 @@ pub fn run(a: &DemoArgs) -> i32 {
                 flag.store(true, Ordering::SeqCst);
             }
         });
+    if !a.pair {
+        return match cluster::run(a, &interrupted) {
+            Ok(r) => {
+                if a.json {
+                    println!("{}", r.json());
+                } else {
+                    r.print_human();
+                }
+                if r.ok() {
+                    0
+                } else {
+                    1
+                }
+            }
+            Err(DemoError::Interrupted) => {
+                eprintln!("twinrun demo: interrupted; everything it made is removed");
+                INTERRUPTED
+            }
+            Err(e) => {
+                eprintln!("twinrun demo: error: {e}");
+                1
+            }
+        };
+    }
     match demo(a, &interrupted) {
         Ok(r) => {
             if a.json {

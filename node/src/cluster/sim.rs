@@ -178,6 +178,16 @@ impl Sim {
             self.queue.push_back((other, Input::PeerLost));
         }
         for (vm, role, protected) in lost {
+            if role == Role::Standby {
+                // The surviving primary (FT or HA) loses its standby and says so.
+                if let Some(e) = self.nodes[other].vmms.get_mut(&vm) {
+                    if e.0 == Role::Primary && e.2 {
+                        e.2 = false;
+                        self.queue
+                            .push_back((other, Input::VmmUnprotected { vm: vm.clone() }));
+                    }
+                }
+            }
             if role == Role::Primary && protected {
                 if let Some(e) = self.nodes[other].vmms.get_mut(&vm) {
                     if e.0 == Role::Standby {
@@ -555,7 +565,7 @@ fn cluster_with_vms() -> Sim {
     s.link = true;
     s.boot(0);
     s.boot(1);
-    s.note("create and start an FT, an HA and an unprotected VM on pm1");
+    s.note("create and start an FT, an HA and an unprotected VM, all preferring pm1");
     s.command(
         0,
         "c1",
@@ -578,7 +588,7 @@ fn cluster_with_vms() -> Sim {
         0,
         "c3",
         "ha1",
-        Command::Create(spec("ha1", Protection::Ha, "pm2", Failback::Manual, false)),
+        Command::Create(spec("ha1", Protection::Ha, "pm1", Failback::Manual, false)),
     );
     for (id, vm) in [("c4", "ft1"), ("c5", "un1"), ("c6", "ha1")] {
         s.command(0, id, vm, Command::Start);
@@ -703,6 +713,54 @@ fn golden_change_while_peer_away() {
     let b = &s.nodes[1].store;
     assert_eq!(a, b, "stores converge");
     s.compare("change_while_away");
+}
+
+#[test]
+fn golden_quorum_alone_denied_granted_lost() {
+    let mut s = Sim::new();
+    s.note("pm1 boots alone (pm2 is off); the witness does not answer at first");
+    s.quorum_grants = false;
+    s.boot(0);
+    s.command(
+        0,
+        "c1",
+        "un1",
+        Command::Create(spec(
+            "un1",
+            Protection::Unprotected,
+            "pm1",
+            Failback::Manual,
+            true,
+        )),
+    );
+    s.command(
+        0,
+        "c2",
+        "ft1",
+        Command::Create(spec("ft1", Protection::Ft, "pm1", Failback::Manual, true)),
+    );
+    s.command(0, "c3", "un1", Command::Start);
+    s.command(0, "c4", "ft1", Command::Start);
+    s.note("after the boot grace: asked, refused, asked again 2 s later, then granted");
+    s.wait(policy().boot_grace_ms);
+    s.wait(1000);
+    s.quorum_grants = true;
+    s.wait(1000);
+    s.wait(100);
+    s.note("the renewals of the daemon's keys stop being granted (witness gone)");
+    for vm in ["un1", "ft1"] {
+        s.queue.push_back((
+            0,
+            Input::QuorumLost {
+                vm: vm.into(),
+                reason: "the permission to run it alone ended".into(),
+            },
+        ));
+    }
+    s.settle();
+    s.note("un1 (the daemon's own copy) is stopped and asks again; ft1's VMM keeps its own quorum");
+    s.wait(100);
+    s.compare("quorum_alone");
 }
 
 #[test]

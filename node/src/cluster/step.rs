@@ -186,6 +186,13 @@ pub enum Input {
         granted: bool,
         reason: String,
     },
+    /// A held `Alone` grant ended (its renewals stopped being granted): an unprotected
+    /// copy here stops unless the peer is online (then the record alone decides); an
+    /// FT/HA VMM is left to its own quorum (it holds the VM's key itself).
+    QuorumLost {
+        vm: String,
+        reason: String,
+    },
 }
 
 /// How far a node got through one VM incarnation's one-shot counters (persisted
@@ -247,8 +254,13 @@ enum Grant {
     None,
     Asked,
     Granted,
-    Denied(String),
+    /// Refused at this time (ms); asked again after [`QUORUM_RETRY_MS`].
+    Denied(String, u64),
 }
+
+/// A refused quorum question is asked again after this long (the holder may have
+/// gone, the service may be back).
+pub const QUORUM_RETRY_MS: u64 = 2000;
 
 #[derive(Clone, Debug)]
 struct Local {
@@ -576,7 +588,7 @@ impl Cluster {
                     let g = if granted {
                         Grant::Granted
                     } else {
-                        Grant::Denied(reason.clone())
+                        Grant::Denied(reason.clone(), self.now)
                     };
                     let what = match kind {
                         QuorumKind::Alone => "to run alone",
@@ -592,6 +604,21 @@ impl Cluster {
                     match kind {
                         QuorumKind::Alone => s.alone = g,
                         QuorumKind::Takeover => s.takeover = g,
+                    }
+                }
+            }
+            Input::QuorumLost { vm, reason } => {
+                let peer_online = self.peer_state == PeerState::Online;
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    s.alone = Grant::None;
+                    out.push(log(Some(&vm), format!("quorum lost: {reason}")));
+                    // Only an unprotected copy is the daemon's to stop: an FT/HA VMM
+                    // holds the VM's own key and pauses itself when it loses both its
+                    // peer and the witness (the quorum crate's rules).
+                    let solo = s.local.as_ref().is_some_and(|l| l.role == Role::Solo);
+                    if solo && !peer_online {
+                        s.note = format!("stopped: {reason}");
+                        self.stop_local(&vm, true, &mut out);
                     }
                 }
             }
@@ -946,7 +973,12 @@ impl Cluster {
         }
         l.failed_over = true;
         l.protected = false;
-        s.note = format!("took over from {} (FT failover)", self.peer);
+        let level = if s.record.spec.protection == Protection::Ha {
+            "HA restart on the survivor"
+        } else {
+            "FT failover"
+        };
+        s.note = format!("took over from {} ({level})", self.peer);
         out.push(log(Some(vm), s.note.clone()));
     }
 
@@ -1003,7 +1035,7 @@ impl Cluster {
             out.push(self.write(rec));
             return;
         }
-        if acting == Role::Primary && l.protected && rec.spec.protection == Protection::Ft {
+        if acting == Role::Primary && l.protected && rec.spec.protection.paired() {
             // The standby takes over by itself; restart here only if it does not.
             s.lost_primary_at = Some(now);
             s.note = format!(
@@ -1144,7 +1176,17 @@ impl Cluster {
         match &s.alone {
             Grant::Granted => Ok(()),
             Grant::Asked => Err("waiting for the quorum's answer to run it alone".into()),
-            Grant::Denied(why) => Err(format!("the quorum refused to run it alone: {why}")),
+            Grant::Denied(why, at) if self.now < at + QUORUM_RETRY_MS => {
+                Err(format!("the quorum refused to run it alone: {why}"))
+            }
+            Grant::Denied(..) => {
+                s.alone = Grant::Asked;
+                out.push(Action::AskQuorum {
+                    vm: vm.into(),
+                    kind: QuorumKind::Alone,
+                });
+                Err("asking the quorum again to run it alone".into())
+            }
             Grant::None => {
                 s.alone = Grant::Asked;
                 out.push(Action::AskQuorum {
@@ -1168,7 +1210,10 @@ impl Cluster {
         let me = self.me.clone();
         let peer = self.peer.clone();
         let peer_online = self.peer_state == PeerState::Online;
-        let ft = rec.spec.protection == Protection::Ft;
+        // FT and HA run as a pair of VMMs (primary on the owner, standby on the
+        // other); the standby's VMM takes over by itself (HA: boots the guest from its
+        // disk replica), the daemon sees it through the status and follows.
+        let ft = rec.spec.protection.paired();
         let pref = rec
             .spec
             .preferred_node
@@ -1337,15 +1382,18 @@ impl Cluster {
                 return (VmState::Stopping, s.note.clone());
             }
             if !ft {
-                let why = match rec.spec.protection {
-                    Protection::Ha => format!(
-                        "running on {me}; HA disk mirroring and restart on the survivor are not built yet (phase 2): unprotected for now"
-                    ),
-                    _ => format!("running on {me}"),
-                };
+                let why = format!("running on {me}");
                 return (VmState::Running, self.with_note(vm, why));
             }
-            // FT primary (possibly a standby that took over).
+            // FT/HA primary (possibly a standby that took over).
+            if l.protected && rec.spec.protection == Protection::Ha && pref != me && peer_online {
+                // No planned role swap for HA: moving it means a restart (or live
+                // migration, issue 16); it stays where it is, protected.
+                return (
+                    VmState::Protected,
+                    format!("protected on {me}, standby on {peer} in sync; its preferred node is {pref}: an HA VM moves back only by `vm shutdown` + `vm start` (no live migration yet)"),
+                );
+            }
             if l.protected {
                 // Failback: owner is not the preferred node, which is back and in sync.
                 if pref != me && peer_online && peer_role == Some(Role::Standby) {
@@ -1477,14 +1525,15 @@ impl Cluster {
             );
         }
         if !peer_online {
-            let why = match rec.spec.protection {
-                Protection::Ha => format!("{peer} is {}: HA restart on the survivor is not built yet (phase 2)", self.peer_word()),
-                _ => format!(
-                    "{peer} is {}: unprotected VMs are not failed over; it comes back with {peer}{}",
-                    self.peer_word(),
-                    if rec.spec.autostart { " (autostart)" } else { " if started again (autostart is off)" }
-                ),
-            };
+            let why = format!(
+                "{peer} is {}: unprotected VMs are not failed over; it comes back with {peer}{}",
+                self.peer_word(),
+                if rec.spec.autostart {
+                    " (autostart)"
+                } else {
+                    " if started again (autostart is off)"
+                }
+            );
             return (VmState::Down, why);
         }
         match peer_role {
@@ -1493,7 +1542,7 @@ impl Cluster {
         }
     }
 
-    /// Our FT standby took over from the lost owner: ask the quorum, then own it.
+    /// Our FT/HA standby took over from the lost owner: ask the quorum, then own it.
     fn takeover(&mut self, vm: &str, rec: &VmRecord, out: &mut Vec<Action>) -> (VmState, String) {
         let me = self.me.clone();
         let s = self.vms.get_mut(vm).expect("slot exists");
@@ -1510,10 +1559,21 @@ impl Cluster {
                 )
             }
             Grant::Asked => (VmState::Simplex, "took over; waiting for the quorum".into()),
-            Grant::Denied(why) => (
+            Grant::Denied(why, at) if self.now < at + QUORUM_RETRY_MS => (
                 VmState::Simplex,
                 format!("took over but the quorum refused ownership: {why}"),
             ),
+            Grant::Denied(..) => {
+                s.takeover = Grant::Asked;
+                out.push(Action::AskQuorum {
+                    vm: vm.into(),
+                    kind: QuorumKind::Takeover,
+                });
+                (
+                    VmState::Simplex,
+                    "took over; asking the quorum again to own it".into(),
+                )
+            }
             Grant::Granted => {
                 s.takeover = Grant::None;
                 let mut r = rec.clone();

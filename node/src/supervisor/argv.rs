@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::NodeConfig;
-use crate::model::{PayloadSpec, Role, VmRecord};
+use crate::model::{PayloadSpec, Protection, Role, VmRecord};
 
 /// The derived pieces of one VMM (also shown by `vm show --json` via the API).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +126,20 @@ pub fn plan(
             for (local, peer) in alinks(cfg, rec) {
                 a.extend(["--alink".into(), format!("{local},{peer}")]);
             }
+            // HA: the same pair of processes, disks mirrored, no memory checkpoints
+            // (plan/CONTRACT.md); FT is the runtime's default.
+            if spec.protection == Protection::Ha {
+                a.extend(["--protection".into(), "ha".into()]);
+            }
+            // The pair's VMMs hold the VM's quorum key themselves (gate.rs).
+            if cfg.quorum_table().is_some() {
+                a.extend([
+                    "--quorum-config".into(),
+                    cfg.quorum_file().display().to_string(),
+                    "--quorum-node-id".into(),
+                    cfg.quorum_node_id().to_string(),
+                ]);
+            }
         }
     }
     let env = vec![
@@ -228,6 +242,53 @@ mod tests {
         assert!(p
             .env
             .contains(&("TWINRUN_RUN_DIR".into(), "/run/twinrund/vmm".into())));
+    }
+
+    #[test]
+    fn ha_gets_protection_ha_and_quorum_flags_with_a_witness() {
+        let p = plan(&cfg(), &rec(Protection::Ha), Role::Primary, Path::new("t")).unwrap();
+        let line = p.args.join(" ");
+        assert!(
+            line.contains("--role primary --cluster-id plant-a"),
+            "{line}"
+        );
+        assert!(line.contains("--protection ha"), "{line}");
+        // mode = "none": no quorum flags (the pair runs as before, with its warning).
+        assert!(!line.contains("--quorum-config"), "{line}");
+        let ft = plan(&cfg(), &rec(Protection::Ft), Role::Primary, Path::new("t")).unwrap();
+        assert!(!ft.args.iter().any(|a| a == "--protection"), "{ft:?}");
+
+        let text = format!(
+            "{}\n[quorum]\nmode = \"witness\"\npreferred = \"10.0.9.1:4557\"\n",
+            crate::config::tests::GOOD
+        );
+        let wcfg = NodeConfig::parse(Path::new("n.toml"), &text).unwrap();
+        for (prot, role) in [
+            (Protection::Ft, Role::Primary),
+            (Protection::Ft, Role::Standby),
+            (Protection::Ha, Role::Standby),
+        ] {
+            let line = plan(&wcfg, &rec(prot), role, Path::new("t"))
+                .unwrap()
+                .args
+                .join(" ");
+            assert!(
+                line.contains("--quorum-config /var/lib/twinrund/quorum.toml --quorum-node-id 1"),
+                "{line}"
+            );
+        }
+        // An unprotected VM's VMM holds no key (the daemon does, when alone).
+        let solo = plan(
+            &wcfg,
+            &rec(Protection::Unprotected),
+            Role::Solo,
+            Path::new("t"),
+        )
+        .unwrap();
+        assert!(
+            !solo.args.iter().any(|a| a == "--quorum-config"),
+            "{solo:?}"
+        );
     }
 
     #[test]

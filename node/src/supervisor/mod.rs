@@ -24,10 +24,19 @@ use crate::cluster::ExitKind;
 use crate::config::{NodeConfig, ScopeMode};
 use crate::model::{Role, VmRecord};
 
-/// Lines of `twinrun vm run`'s log that the daemon follows.
+/// Lines of `twinrun vm run`'s log that the daemon follows (FT's; an HA pair logs the
+/// same lines with "HA" for "FT", see [`marker`]).
 pub const PROTECTED_LOG: &str = "FT primary: protected";
 pub const WAITING_LOG: &str = "FT primary: waiting for a standby";
 pub const FAILOVER_LOG: &str = "FT standby: failover complete";
+
+/// Does `line` carry `marker` (an FT marker) from an FT or an HA pair?
+fn marker(line: &str, marker: &str) -> bool {
+    line.contains(marker)
+        || marker
+            .strip_prefix("FT ")
+            .is_some_and(|rest| line.contains(&format!("HA {rest}")))
+}
 /// Longest log line kept while looking for the markers.
 const MAX_LINE: usize = 64 << 10;
 
@@ -374,11 +383,11 @@ fn scan_log(vm: &str, p: &mut Proc, out: &mut Vec<VmmEvent>) {
     while let Some(nl) = p.partial.iter().position(|&b| b == b'\n') {
         let line: Vec<u8> = p.partial.drain(..=nl).collect();
         let line = String::from_utf8_lossy(&line);
-        let ev = if line.contains(PROTECTED_LOG) {
+        let ev = if marker(&line, PROTECTED_LOG) {
             Some(VmmEvent::Protected { vm: vm.into() })
-        } else if line.contains(WAITING_LOG) {
+        } else if marker(&line, WAITING_LOG) {
             Some(VmmEvent::Unprotected { vm: vm.into() })
-        } else if line.contains(FAILOVER_LOG) {
+        } else if marker(&line, FAILOVER_LOG) {
             Some(VmmEvent::FailedOver { vm: vm.into() })
         } else {
             None
@@ -458,7 +467,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         std::io::Write::write_all(
             &mut f,
-            b"ted: the standby\nFT primary: waiting for a standby (session 2)\n",
+            b"ted: the standby\nFT primary: waiting for a standby (session 2)\nHA standby: failover complete\n",
         )
         .unwrap();
         scan_log("a", &mut p, &mut out);
@@ -466,7 +475,8 @@ mod tests {
             out,
             vec![
                 VmmEvent::Protected { vm: "a".into() },
-                VmmEvent::Unprotected { vm: "a".into() }
+                VmmEvent::Unprotected { vm: "a".into() },
+                VmmEvent::FailedOver { vm: "a".into() }
             ]
         );
     }

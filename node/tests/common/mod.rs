@@ -150,6 +150,8 @@ pub struct ClusterPlan {
     pub boot_grace_ms: u64,
     /// Serve the API over TLS: (certificate, key) PEM files.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// A `[quorum]` table appended to both configs (empty: mode "none").
+    pub quorum: String,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -182,6 +184,7 @@ impl ClusterPlan {
             max_restart: 2,
             boot_grace_ms: 1500,
             tls: None,
+            quorum: String::new(),
         }
     }
 
@@ -237,7 +240,9 @@ max_restart = {max_restart}
 restart_window_s = 600
 boot_grace_ms = {grace}
 scope = "never"
+{quorum}
 "#,
+            quorum = self.quorum,
             cluster = self.cluster,
             me = self.names[i],
             d = d.display(),
