@@ -151,6 +151,7 @@ mod tests {
                     sent_bytes: 9,
                 }],
                 disks: vec![],
+                quorum: None,
             })),
         };
         let d = describe(&st);

@@ -9,6 +9,7 @@ use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome}
 use log::{error, info, warn};
 use vmm::config::{ConsoleConfig, VmConfig};
 
+use super::quorum::Quorum;
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
 use crate::alone::exit_code;
@@ -23,6 +24,7 @@ pub fn run(
     acfg: AlinkConfig,
     sd: &Shutdown,
     status: &PairStatus,
+    quorum: Option<&Quorum>,
 ) -> i32 {
     if !matches!(cfg.console, ConsoleConfig::File { .. }) {
         warn!(
@@ -44,12 +46,13 @@ pub fn run(
         acfg.links.len(),
         acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
     );
-    let (before_start, survivor) = super::role::survivor_hook(cfg);
+    let (before_start, survivor) = super::role::survivor_hook(cfg, quorum.is_some());
     let mut opts = StandbyDriverConfig {
         protocol: StandbyConfig::default(),
         mirror_disks: true,
         discard_disk_data: ft.discard_disk_data,
         before_start: Some(before_start),
+        takeover_gate: quorum.map(Quorum::takeover_gate),
         ..StandbyDriverConfig::default()
     };
     // A primary lost before the first checkpoint committed left nothing to take over:
@@ -66,9 +69,15 @@ pub fn run(
             }
         };
         status.begin_session(link.clone(), None);
+        if let Some(q) = quorum {
+            q.begin_session(link.clone(), None);
+        }
         let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
         // The old primary must not reach this VM's replica machinery again.
         status.end_session(None);
+        if let Some(q) = quorum {
+            q.end_session();
+        }
         drop(link);
         // Discarding is for the first session only: later ones resume what it began.
         opts.discard_disk_data = false;
@@ -77,6 +86,12 @@ pub fn run(
                 warn!(
                     "FT standby: the primary was lost before the first checkpoint committed; \
                      there is nothing to take over: waiting for a primary again"
+                );
+            }
+            Ok(StandbyOutcome::PrimaryBack { .. }) if !sd.requested() => {
+                warn!(
+                    "FT standby: the primary is back without a takeover (it ran on): waiting \
+                     for its next session, which resyncs this replica"
                 );
             }
             other => break other,
@@ -98,18 +113,34 @@ pub fn run(
                 r.console_next,
                 r.announces
             );
-            warn!(
-                "FT standby: this VM now runs UNPROTECTED until a standby joins (start one \
-                 on the other PM: it is resynced with a delta and protects the VM again); if \
-                 the primary is in fact alive behind cut A-Links, two copies run"
-            );
+            if quorum.is_some() {
+                warn!(
+                    "FT standby: this VM now runs UNPROTECTED, as granted by the quorum, until \
+                     a standby joins (restart the old primary as --role standby)"
+                );
+            } else {
+                warn!(
+                    "FT standby: this VM now runs UNPROTECTED until a standby joins (start one \
+                     on the other PM: it is resynced with a delta and protects the VM again); \
+                     if the primary is in fact alive behind cut A-Links, two copies run"
+                );
+            }
             sd.hand_vm(vm.stopper());
             let disks = survivor.take();
             status.failed_over(&r, &vm, disks.clone());
             match disks {
                 Some(disks) => {
                     let acfg = super::link::alink_config_as(ft, Role::Primary);
-                    super::primary::protect(vm, ft, acfg, sd, disks, status)
+                    super::primary::protect(
+                        vm,
+                        ft,
+                        acfg,
+                        sd,
+                        disks,
+                        status,
+                        quorum,
+                        quorum.is_some(),
+                    )
                 }
                 None => {
                     let end = vm.wait();
@@ -121,7 +152,8 @@ pub fn run(
             info!("FT standby: stopped before anything was committed");
             exit::OK
         }
-        Ok(StandbyOutcome::Stopped { committed }) => {
+        Ok(StandbyOutcome::Stopped { committed })
+        | Ok(StandbyOutcome::PrimaryBack { committed }) => {
             info!("FT standby: stopped (last committed epoch {committed:?})");
             exit::OK
         }
