@@ -219,10 +219,17 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
     let mut recorded = read_state(state_file).unwrap_or_default();
     let mut first = true;
     while !sh.stop.load(Ordering::SeqCst) {
-        let link = lock(&sh.link).clone();
-        let now_paths: Vec<bool> = link
-            .as_ref()
-            .map_or_else(Vec::new, |l| l.link_status().iter().map(|s| s.up).collect());
+        // Read under the lock, not kept: the runtime drops a session's link after
+        // `end_session`, and its next one binds the same addresses.
+        let (now_paths, r) = match lock(&sh.link).as_ref() {
+            Some(l) => (
+                l.link_status().iter().map(|s| s.up).collect::<Vec<bool>>(),
+                // Any path alive (the A-Link's own view: it is reachable until the
+                // heartbeats time out on every link).
+                l.peer_reachable(),
+            ),
+            None => (Vec::new(), false),
+        };
         if now_paths != paths {
             for (i, up) in now_paths.iter().enumerate() {
                 if paths.get(i) != Some(up) {
@@ -234,9 +241,6 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
             }
             paths = now_paths.clone();
         }
-        // Any path alive (the A-Link's own view: a link is up until its heartbeats
-        // time out on every link).
-        let r = link.as_ref().is_some_and(|l| l.peer_reachable());
         // Primary: the standby acknowledged a checkpoint of this session (the machine
         // drops it itself when the peer is lost); standby: its replica holds a
         // committed checkpoint (kept when the primary is lost: that is what it takes
@@ -294,8 +298,12 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
                     until: until.map(|u| runner.instant(u)),
                 },
             };
-            info!("quorum: output gate {g:?}");
-            lock(&sh.out).gate = gate;
+            let mut o = lock(&sh.out);
+            // A renewed lease moves `until` at every renewal: log changes of kind only.
+            if std::mem::discriminant(&o.gate) != std::mem::discriminant(&gate) {
+                info!("quorum: output gate {g:?}");
+            }
+            o.gate = gate;
         }
         Action::Guest(g) => {
             info!("quorum: guest {g:?}");

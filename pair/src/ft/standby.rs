@@ -18,6 +18,23 @@ use crate::alone::exit_code;
 /// `failover` says the same).
 const FAILOVER_LOG: &str = "FT standby: failover complete in";
 
+/// Starts the A-Link of a session. The previous session's link may still be closing
+/// (its last holder, e.g. the quorum thread between two looks, lets go within a few
+/// ms), so its listen addresses are retried for up to a second.
+fn start_alink(acfg: &AlinkConfig) -> Result<Alink, alink::AlinkError> {
+    let mut tries = 0;
+    loop {
+        match Alink::start(acfg.clone()) {
+            Err(e) if tries < 50 => {
+                log::debug!("A-Link start: {e}; retrying");
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn run(
     cfg: &VmConfig,
     ft: &FtSettings,
@@ -61,7 +78,7 @@ pub fn run(
     // interrupted resync wrote: their metadata says inconsistent, and the next session
     // resumes or redoes the copy.
     let outcome = loop {
-        let link = match Alink::start(acfg.clone()) {
+        let link = match start_alink(&acfg) {
             Ok(l) => std::sync::Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
