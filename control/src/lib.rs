@@ -26,7 +26,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// 2: [`Response::Status`] carries a [`VmStatus`] (with the FT state of a pair).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: [`FtStatus`] carries the pair's quorum state.
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAX_MESSAGE: u32 = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +186,9 @@ pub struct FtStatus {
     /// metadata.
     pub disks: Vec<disks::DiskView>,
     /// The pair's quorum as this node sees it (None: no quorum service configured).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Always encoded (postcard is not self-describing: a skipped field would not
+    /// decode); `default` lets older JSON without it parse.
+    #[serde(default)]
     pub quorum: Option<QuorumView>,
 }
 
