@@ -555,4 +555,137 @@ mod tests {
             FtError::Coalesce(16 << 20)
         );
     }
+
+    #[test]
+    fn quorum_flags() {
+        let s = secret_file(b"0123456789abcdef0123");
+        let w = secret_file(b"witness-secret-0123456789");
+        let sp = s.path().to_str().unwrap().to_string();
+        let wp = w.path().to_str().unwrap().to_string();
+        let base: Vec<&str> = vec![
+            "--role",
+            "primary",
+            "--alink",
+            "10.0.1.1:7000,10.0.1.2:7000",
+            "--cluster-secret-file",
+            &sp,
+        ];
+        let ft = resolve_ft_named(&parse(&base).unwrap(), Some("vm1"))
+            .unwrap()
+            .unwrap();
+        assert!(ft.quorum.is_none(), "no quorum without its flags");
+        let with = |extra: &[&str]| {
+            let mut v = base.clone();
+            v.extend_from_slice(extra);
+            resolve_ft_named(&parse(&v).unwrap(), Some("vm1"))
+        };
+        let q = with(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "2",
+            "--quorum-state",
+            "/tmp/q.state",
+        ])
+        .unwrap()
+        .unwrap()
+        .quorum
+        .unwrap();
+        assert_eq!((q.node.0, q.peer.0, q.vm.as_str()), (2, 1, "vm1"));
+        assert_eq!(q.state_file, PathBuf::from("/tmp/q.state"));
+        assert_eq!(q.config.cluster, DEFAULT_CLUSTER_ID);
+        let q = with(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1",
+            "--quorum-key",
+            "shared",
+        ])
+        .unwrap()
+        .unwrap()
+        .quorum
+        .unwrap();
+        assert_eq!((q.node.0, q.peer.0, q.vm.as_str()), (1, 2, "shared"));
+        let err = |extra: &[&str]| match with(extra) {
+            Err(FtError::Quorum(m)) => m,
+            other => panic!("expected a quorum error for {extra:?}, got {other:?}"),
+        };
+        assert!(
+            err(&["--witness", "10.0.200.10:4557", "--quorum-node-id", "1"])
+                .contains("--witness-secret-file")
+        );
+        assert!(err(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp
+        ])
+        .contains("--quorum-node-id"));
+        assert!(err(&[
+            "--witness",
+            "nowhere",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1"
+        ])
+        .contains("nowhere"));
+        assert!(err(&["--quorum-node-id", "1"]).contains("needs --quorum-config or --witness"));
+        assert!(err(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--quorum-config",
+            "/x.toml",
+            "--quorum-node-id",
+            "1"
+        ])
+        .contains("not both"));
+        // No --name: no quorum key.
+        let mut v = base.clone();
+        v.extend_from_slice(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1",
+        ]);
+        assert!(
+            matches!(resolve_ft_named(&parse(&v).unwrap(), None), Err(FtError::Quorum(m)) if m.contains("--name"))
+        );
+        // Quorum flags need --role.
+        assert_eq!(
+            resolve_ft(&parse(&["--witness", "10.0.200.10:4557"]).unwrap()).unwrap_err(),
+            FtError::NeedsRole("--witness")
+        );
+    }
+
+    #[test]
+    fn quorum_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("q.toml");
+        std::fs::write(
+            &f,
+            "[quorum]\ncluster = \"plant-a\"\nbackend = \"witness\"\n\n[quorum.witness]\npreferred = \"10.0.0.3:4557\"\nsecret_file = \"/etc/s\"\n\n[other]\nx = 1\n",
+        )
+        .unwrap();
+        let c = read_quorum_config(&f).unwrap();
+        assert_eq!(c.cluster, "plant-a");
+        std::fs::write(&f, "[other]\nx = 1\n").unwrap();
+        assert!(
+            matches!(read_quorum_config(&f), Err(FtError::Quorum(m)) if m.contains("no [quorum] table"))
+        );
+        std::fs::write(&f, "[quorum]\ncluster = \"a\"\nbackend = \"witness\"\n").unwrap();
+        assert!(
+            matches!(read_quorum_config(&f), Err(FtError::Quorum(m)) if m.contains("[quorum.witness]"))
+        );
+        std::fs::write(&f, "[quorum\n").unwrap();
+        assert!(read_quorum_config(&f).is_err());
+        assert!(read_quorum_config(&dir.path().join("missing.toml")).is_err());
+    }
 }
