@@ -1,7 +1,7 @@
 //! `twinrun`: the fault-tolerant hypervisor layer's command-line front end.
 
 use clap::Parser;
-use twinrun::cli::ft::resolve_ft;
+use twinrun::cli::ft::resolve_ft_named;
 use twinrun::cli::{resolve_run_config, Cli, Command, SnapshotCommand, VmCommand};
 use twinrun::exit;
 
@@ -13,7 +13,7 @@ fn main() {
             match resolve_run_config(&args)
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| {
-                    resolve_ft(&args.ft)
+                    resolve_ft_named(&args.ft, args.name.as_deref())
                         .map(|ft| (cfg, ft))
                         .map_err(|e| e.to_string())
                 }) {

@@ -12,6 +12,7 @@ mod env;
 mod exits;
 mod ft;
 mod ftnet;
+mod ftwitness;
 mod mirror;
 mod pause;
 mod plots;
@@ -37,7 +38,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "boot",
     "exits",
     "blk",
@@ -45,6 +46,7 @@ const SECTIONS: [&str; 12] = [
     "pause",
     "ft",
     "ft-net",
+    "ft-witness",
     "mirror",
     "datapath",
     "overhead",
@@ -58,7 +60,7 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,mirror,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,mirror,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -237,6 +239,9 @@ fn main() {
             tcp_secs: if q { 0.5 } else { 2.0 },
         };
         ftnet::run(&twinrun, &elf, &dir, &sizes)
+    });
+    section("ft-witness", &mut || {
+        ftwitness::run(&twinrun, &elf, &dir, q)
     });
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
     section("ft-epoch", &mut || {

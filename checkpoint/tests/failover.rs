@@ -274,6 +274,7 @@ fn one_run(run: u32, kill_after: Duration, cut_one_link: bool) -> RunResult {
         StandbyOutcome::FailedOver(v, r) => (v, r),
         StandbyOutcome::NoReplica => panic!("no replica"),
         StandbyOutcome::Stopped { .. } => panic!("standby stopped"),
+        StandbyOutcome::PrimaryBack { .. } => panic!("primary back"),
     };
     let detect = t_kill.elapsed();
     // Let the resumed guest run on.

@@ -168,7 +168,9 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
     sstop.store(true, Ordering::SeqCst);
     let (sout, slink) = standby.join().unwrap();
     let committed = match sout.unwrap() {
-        StandbyOutcome::Stopped { committed } => committed,
+        StandbyOutcome::Stopped { committed } | StandbyOutcome::PrimaryBack { committed } => {
+            committed
+        }
         StandbyOutcome::FailedOver(..) => panic!("the standby failed over"),
         StandbyOutcome::NoReplica => panic!("no replica"),
     };

@@ -1243,7 +1243,8 @@ impl Sim {
                 );
                 self.standby = None;
             }
-            Ok(Some(StandbyOutcome::Stopped { .. })) | Ok(None) => {}
+            Ok(Some(StandbyOutcome::Stopped { .. } | StandbyOutcome::PrimaryBack { .. }))
+            | Ok(None) => {}
             Err(e) => self.driver_error("standby", &e),
         }
     }

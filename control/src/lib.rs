@@ -26,7 +26,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// 2: [`Response::Status`] carries a [`VmStatus`] (with the FT state of a pair).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: [`FtStatus`] carries the pair's quorum state.
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAX_MESSAGE: u32 = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +185,56 @@ pub struct FtStatus {
     /// Each disk: a primary's live mirroring state, a standby's replicas from their
     /// metadata.
     pub disks: Vec<disks::DiskView>,
+    /// The pair's quorum as this node sees it (None: no quorum service configured).
+    /// Always encoded (postcard is not self-describing: a skipped field would not
+    /// decode); `default` lets older JSON without it parse.
+    #[serde(default)]
+    pub quorum: Option<QuorumView>,
+}
+
+/// The pair's quorum state on one node (`twinrun vm status --json`, field `quorum`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumView {
+    /// "witness", "etcd" or "none".
+    pub backend: String,
+    /// This node's quorum id.
+    pub node: u64,
+    /// "primary" or "standby", as the quorum sees this node.
+    pub role: String,
+    /// The fencing generation held (primary) or last known (standby).
+    pub generation: u64,
+    /// The elected witness slot ("preferred" or "alternate").
+    pub elected: String,
+    /// The output gate: "acked" (FT), "free" (simplex, while the lease lasts), "hold".
+    pub gate: String,
+    /// Unacknowledged release allowed for this long still (gate "free" with a lease).
+    pub free_left_ms: Option<u64>,
+    /// The guest "run"s or is "paused" by the quorum.
+    pub guest: String,
+    /// Some path to the peer (any A-Link) is alive.
+    pub peer_reachable: bool,
+    /// Per path to the peer (A-Links in order): alive.
+    pub paths: Vec<bool>,
+    /// Primary: the standby holds a committed checkpoint; standby: it holds one.
+    pub protected: bool,
+    /// Per configured witness slot.
+    pub witnesses: Vec<WitnessView>,
+    /// The generation this node was granted a takeover for, if it took over.
+    pub took_over: Option<u64>,
+    /// The higher generation that demoted this node, if it lost.
+    pub demoted_by: Option<u64>,
+}
+
+/// One quorum service slot as a node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessView {
+    /// "preferred" or "alternate".
+    pub slot: String,
+    /// What it is ("witness 10.0.0.3:4557", "etcd ...").
+    pub service: String,
+    pub reachable: bool,
+    /// This node's lease there, if it holds one of its generation.
+    pub lease_left_ms: Option<u64>,
 }
 
 /// The takeover this process performed.

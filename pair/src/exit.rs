@@ -10,6 +10,10 @@ pub const USAGE: i32 = 2;
 pub const CRASH: i32 = 3;
 /// The VM could not be built or started (KVM, TAP, disk or console setup failed).
 pub const START_FAILED: i32 = 4;
+/// FT primary demoted by the quorum: the peer took the VM over (a higher generation)
+/// while this node was cut off; its VM stopped without releasing held output, its
+/// disks are marked as the resync target. Restart it with `--role standby`.
+pub const DEMOTED: i32 = 5;
 
 /// Exit code of a failed snapshot command: [`USAGE`] for bad input (damaged or foreign
 /// files included), 1 for a failure of this machine.

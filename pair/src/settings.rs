@@ -3,7 +3,11 @@
 //! [`FtSettings`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub use ::quorum::config::QuorumConfig;
+pub use ::quorum::types::NodeId;
 
 /// Which end of a protected pair this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +44,24 @@ pub struct FtSettings {
     /// Bytes/s; None = unlimited.
     pub resync_rate: Option<u64>,
     pub discard_disk_data: bool,
+    /// The pair's quorum (`--quorum-config`/`--witness`); None: no quorum service,
+    /// today's behaviour (a cut of every A-Link runs two copies), loudly warned.
+    pub quorum: Option<QuorumSettings>,
+}
+
+/// What one node needs to ask its quorum service who may run the VM.
+#[derive(Clone, Debug)]
+pub struct QuorumSettings {
+    /// The `[quorum]` table: backend, witnesses or etcd, timing.
+    pub config: QuorumConfig,
+    /// This node's quorum id (the two PMs' ids differ in parity).
+    pub node: NodeId,
+    /// The peer's id (of the other parity).
+    pub peer: NodeId,
+    /// The VM's quorum key (its `--name`).
+    pub vm: String,
+    /// Where this node records its generation and elected witness, durably.
+    pub state_file: PathBuf,
 }
 
 impl FtSettings {

@@ -78,6 +78,7 @@ fn settings(role: Role, local: std::net::SocketAddr, peer: std::net::SocketAddr)
         heartbeat_misses: 10,
         resync_rate: None,
         discard_disk_data: false,
+        quorum: None,
     }
 }
 

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-pub use twinrun_pair::settings::{AlinkSpec, FtSettings, Role};
+pub use twinrun_pair::settings::{
+    AlinkSpec, FtSettings, NodeId, QuorumConfig, QuorumSettings, Role,
+};
 
 /// Heartbeat interval default: with 4 misses a dead link is noticed in about 200 ms,
 /// well under the 500 ms failover target.
@@ -67,6 +69,33 @@ pub struct FtArgs {
     /// copy (the way out of a refused resync, e.g. after a split brain).
     #[arg(long)]
     pub discard_disk_data: bool,
+    /// The pair's quorum: a TOML file whose `[quorum]` table says which backend
+    /// (witness, etcd or none) decides who runs the VM when the PMs cannot talk
+    /// (see quorum/README.md). Without it (or --witness) a cut of every A-Link with
+    /// both PMs alive runs two copies.
+    #[arg(long, value_name = "FILE")]
+    pub quorum_config: Option<PathBuf>,
+    /// This PM's quorum node id (1 or 2; the two PMs of a pair differ in parity).
+    /// Required with --quorum-config or --witness.
+    #[arg(long, value_name = "N")]
+    pub quorum_node_id: Option<u64>,
+    /// Where this node records its fencing generation (default
+    /// $TWINRUN_STATE_DIR/quorum/<cluster>-<vm>-node<N>.state).
+    #[arg(long, value_name = "FILE")]
+    pub quorum_state: Option<PathBuf>,
+    /// The VM's key at the quorum service (default: its --name). Both ends of a pair
+    /// must use the same key.
+    #[arg(long, value_name = "NAME")]
+    pub quorum_key: Option<String>,
+    /// Shorthand for a quorum config with backend "witness": the preferred witness.
+    #[arg(long, value_name = "IP:PORT")]
+    pub witness: Option<String>,
+    /// The alternate witness (with --witness).
+    #[arg(long, value_name = "IP:PORT")]
+    pub witness_alternate: Option<String>,
+    /// The witness's secret for this cluster (with --witness).
+    #[arg(long, value_name = "PATH")]
+    pub witness_secret_file: Option<PathBuf>,
 }
 
 /// Largest `--min-epoch-ms` (an epoch with output waiting must end within a second).
@@ -104,6 +133,8 @@ pub enum FtError {
     StandbyOnly(&'static str),
     #[error("at most {max} --alink (got {got})")]
     TooManyLinks { max: usize, got: usize },
+    #[error("{0}")]
+    Quorum(String),
 }
 
 /// Parses `LOCAL_IP:PORT,PEER_IP:PORT`.
@@ -161,6 +192,13 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
             (a.resync_rate.is_some(), "--resync-rate"),
             (a.discard_disk_data, "--discard-disk-data"),
+            (a.quorum_config.is_some(), "--quorum-config"),
+            (a.quorum_node_id.is_some(), "--quorum-node-id"),
+            (a.quorum_state.is_some(), "--quorum-state"),
+            (a.quorum_key.is_some(), "--quorum-key"),
+            (a.witness.is_some(), "--witness"),
+            (a.witness_alternate.is_some(), "--witness-alternate"),
+            (a.witness_secret_file.is_some(), "--witness-secret-file"),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(FtError::NeedsRole(flag)),
@@ -227,7 +265,113 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
         heartbeat_misses,
         resync_rate: a.resync_rate.map(|m| m.saturating_mul(1 << 20)),
         discard_disk_data: a.discard_disk_data,
+        quorum: None,
     }))
+}
+
+/// [`resolve_ft`] plus the quorum flags, which need the VM's `--name` (its quorum key).
+pub fn resolve_ft_named(a: &FtArgs, name: Option<&str>) -> Result<Option<FtSettings>, FtError> {
+    let Some(mut ft) = resolve_ft(a)? else {
+        return Ok(None);
+    };
+    ft.quorum = resolve_quorum(a, name, &ft.cluster_id)?;
+    Ok(Some(ft))
+}
+
+/// The quorum settings of `--quorum-config` or `--witness` (None without either).
+pub fn resolve_quorum(
+    a: &FtArgs,
+    name: Option<&str>,
+    cluster_id: &str,
+) -> Result<Option<QuorumSettings>, FtError> {
+    let bad = |s: String| Err(FtError::Quorum(s));
+    let config = match (&a.quorum_config, &a.witness) {
+        (Some(_), Some(_)) => return bad("give --quorum-config or --witness, not both".into()),
+        (None, None) => {
+            let stray = [
+                (a.quorum_node_id.is_some(), "--quorum-node-id"),
+                (a.quorum_state.is_some(), "--quorum-state"),
+                (a.quorum_key.is_some(), "--quorum-key"),
+                (a.witness_alternate.is_some(), "--witness-alternate"),
+                (a.witness_secret_file.is_some(), "--witness-secret-file"),
+            ];
+            return match stray.into_iter().find(|(set, _)| *set) {
+                Some((_, f)) => bad(format!("{f} needs --quorum-config or --witness")),
+                None => Ok(None),
+            };
+        }
+        (Some(path), None) => {
+            if a.witness_alternate.is_some() || a.witness_secret_file.is_some() {
+                return bad(
+                    "--witness-alternate and --witness-secret-file go with --witness".into(),
+                );
+            }
+            read_quorum_config(path)?
+        }
+        (None, Some(preferred)) => {
+            let Some(secret_file) = a.witness_secret_file.clone() else {
+                return bad("--witness needs --witness-secret-file".into());
+            };
+            let c = QuorumConfig {
+                cluster: cluster_id.to_string(),
+                backend: quorum::config::BackendKind::Witness,
+                witness: Some(quorum::config::WitnessConfig {
+                    preferred: preferred.clone(),
+                    alternate: a.witness_alternate.clone(),
+                    secret_file,
+                }),
+                etcd: None,
+                static_preference: None,
+                timing: Default::default(),
+            };
+            c.validate().map_err(|e| FtError::Quorum(e.to_string()))?;
+            c
+        }
+    };
+    let Some(node) = a.quorum_node_id else {
+        return bad("the quorum needs --quorum-node-id N (1 or 2, one per PM)".into());
+    };
+    if node == 0 {
+        return bad("--quorum-node-id must be positive".into());
+    }
+    let peer = if node % 2 == 1 { node + 1 } else { node - 1 };
+    let Some(vm) = a.quorum_key.as_deref().or(name) else {
+        return bad("the quorum needs the VM's --name (its key at the witness)".into());
+    };
+    quorum::types::check_name("VM name", vm).map_err(FtError::Quorum)?;
+    let state_file = a.quorum_state.clone().unwrap_or_else(|| {
+        let root = std::env::var_os("TWINRUN_STATE_DIR")
+            .map_or_else(|| PathBuf::from("/var/lib/twinrun"), PathBuf::from);
+        root.join("quorum")
+            .join(format!("{}-{vm}-node{node}.state", config.cluster))
+    });
+    Ok(Some(QuorumSettings {
+        config,
+        node: NodeId(node),
+        peer: NodeId(peer),
+        vm: vm.to_string(),
+        state_file,
+    }))
+}
+
+/// Reads the `[quorum]` table of a TOML file.
+pub fn read_quorum_config(path: &Path) -> Result<QuorumConfig, FtError> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| FtError::Quorum(format!("cannot read the quorum config {shown}: {e}")))?;
+    let mut doc: toml::Table = toml::from_str(&text)
+        .map_err(|e| FtError::Quorum(format!("quorum config {shown}: {e}")))?;
+    let Some(table) = doc.remove("quorum") else {
+        return Err(FtError::Quorum(format!(
+            "quorum config {shown}: no [quorum] table"
+        )));
+    };
+    let c: QuorumConfig = table
+        .try_into()
+        .map_err(|e| FtError::Quorum(format!("quorum config {shown}: [quorum]: {e}")))?;
+    c.validate()
+        .map_err(|e| FtError::Quorum(format!("{shown}: {e}")))?;
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -410,5 +554,138 @@ mod tests {
             with("--coalesce-kib", "16777217").unwrap_err(),
             FtError::Coalesce(16 << 20)
         );
+    }
+
+    #[test]
+    fn quorum_flags() {
+        let s = secret_file(b"0123456789abcdef0123");
+        let w = secret_file(b"witness-secret-0123456789");
+        let sp = s.path().to_str().unwrap().to_string();
+        let wp = w.path().to_str().unwrap().to_string();
+        let base: Vec<&str> = vec![
+            "--role",
+            "primary",
+            "--alink",
+            "10.0.1.1:7000,10.0.1.2:7000",
+            "--cluster-secret-file",
+            &sp,
+        ];
+        let ft = resolve_ft_named(&parse(&base).unwrap(), Some("vm1"))
+            .unwrap()
+            .unwrap();
+        assert!(ft.quorum.is_none(), "no quorum without its flags");
+        let with = |extra: &[&str]| {
+            let mut v = base.clone();
+            v.extend_from_slice(extra);
+            resolve_ft_named(&parse(&v).unwrap(), Some("vm1"))
+        };
+        let q = with(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "2",
+            "--quorum-state",
+            "/tmp/q.state",
+        ])
+        .unwrap()
+        .unwrap()
+        .quorum
+        .unwrap();
+        assert_eq!((q.node.0, q.peer.0, q.vm.as_str()), (2, 1, "vm1"));
+        assert_eq!(q.state_file, PathBuf::from("/tmp/q.state"));
+        assert_eq!(q.config.cluster, DEFAULT_CLUSTER_ID);
+        let q = with(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1",
+            "--quorum-key",
+            "shared",
+        ])
+        .unwrap()
+        .unwrap()
+        .quorum
+        .unwrap();
+        assert_eq!((q.node.0, q.peer.0, q.vm.as_str()), (1, 2, "shared"));
+        let err = |extra: &[&str]| match with(extra) {
+            Err(FtError::Quorum(m)) => m,
+            other => panic!("expected a quorum error for {extra:?}, got {other:?}"),
+        };
+        assert!(
+            err(&["--witness", "10.0.200.10:4557", "--quorum-node-id", "1"])
+                .contains("--witness-secret-file")
+        );
+        assert!(err(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp
+        ])
+        .contains("--quorum-node-id"));
+        assert!(err(&[
+            "--witness",
+            "nowhere",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1"
+        ])
+        .contains("nowhere"));
+        assert!(err(&["--quorum-node-id", "1"]).contains("needs --quorum-config or --witness"));
+        assert!(err(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--quorum-config",
+            "/x.toml",
+            "--quorum-node-id",
+            "1"
+        ])
+        .contains("not both"));
+        // No --name: no quorum key.
+        let mut v = base.clone();
+        v.extend_from_slice(&[
+            "--witness",
+            "10.0.200.10:4557",
+            "--witness-secret-file",
+            &wp,
+            "--quorum-node-id",
+            "1",
+        ]);
+        assert!(
+            matches!(resolve_ft_named(&parse(&v).unwrap(), None), Err(FtError::Quorum(m)) if m.contains("--name"))
+        );
+        // Quorum flags need --role.
+        assert_eq!(
+            resolve_ft(&parse(&["--witness", "10.0.200.10:4557"]).unwrap()).unwrap_err(),
+            FtError::NeedsRole("--witness")
+        );
+    }
+
+    #[test]
+    fn quorum_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("q.toml");
+        std::fs::write(
+            &f,
+            "[quorum]\ncluster = \"plant-a\"\nbackend = \"witness\"\n\n[quorum.witness]\npreferred = \"10.0.0.3:4557\"\nsecret_file = \"/etc/s\"\n\n[other]\nx = 1\n",
+        )
+        .unwrap();
+        let c = read_quorum_config(&f).unwrap();
+        assert_eq!(c.cluster, "plant-a");
+        std::fs::write(&f, "[other]\nx = 1\n").unwrap();
+        assert!(
+            matches!(read_quorum_config(&f), Err(FtError::Quorum(m)) if m.contains("no [quorum] table"))
+        );
+        std::fs::write(&f, "[quorum]\ncluster = \"a\"\nbackend = \"witness\"\n").unwrap();
+        assert!(
+            matches!(read_quorum_config(&f), Err(FtError::Quorum(m)) if m.contains("[quorum.witness]"))
+        );
+        std::fs::write(&f, "[quorum\n").unwrap();
+        assert!(read_quorum_config(&f).is_err());
+        assert!(read_quorum_config(&dir.path().join("missing.toml")).is_err());
     }
 }

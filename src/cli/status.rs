@@ -101,6 +101,40 @@ fn describe_ft(ft: &FtStatus) -> String {
     for (i, d) in ft.disks.iter().enumerate() {
         out += &format!("disk {i}: {} ({}): {}\n", d.path, d.source, d.state);
     }
+    if let Some(q) = &ft.quorum {
+        out += &format!(
+            "quorum ({}): node {}, {} of generation {}, elected witness {}, output {}{}, guest {}, \
+             peer {}\n",
+            q.backend,
+            q.node,
+            q.role,
+            q.generation,
+            q.elected,
+            q.gate,
+            q.free_left_ms
+                .map_or(String::new(), |ms| format!(" ({ms} ms left)")),
+            q.guest,
+            if q.peer_reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE on every path"
+            }
+        );
+        for w in &q.witnesses {
+            out += &format!(
+                "  {} {}: {}{}\n",
+                w.slot,
+                w.service,
+                if w.reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                },
+                w.lease_left_ms
+                    .map_or(String::new(), |ms| format!(", lease {ms} ms left"))
+            );
+        }
+    }
     if let Some(s) = &ft.last_session {
         out += &format!(
             "last session ({}): {} epochs captured, {} acknowledged, pause p50 {:?} us{}{}\n",
@@ -151,9 +185,39 @@ mod tests {
                     sent_bytes: 9,
                 }],
                 disks: vec![],
+                quorum: Some(twinrun_control::QuorumView {
+                    backend: "witness".into(),
+                    node: 2,
+                    role: "primary".into(),
+                    generation: 4,
+                    elected: "preferred".into(),
+                    gate: "free".into(),
+                    free_left_ms: Some(120),
+                    guest: "run".into(),
+                    peer_reachable: false,
+                    paths: vec![false],
+                    protected: false,
+                    witnesses: vec![twinrun_control::WitnessView {
+                        slot: "preferred".into(),
+                        service: "witness 10.0.0.3:4557".into(),
+                        reachable: true,
+                        lease_left_ms: Some(120),
+                    }],
+                    took_over: Some(4),
+                    demoted_by: None,
+                }),
             })),
         };
         let d = describe(&st);
+        assert!(
+            d.contains("quorum (witness): node 2, primary of generation 4"),
+            "{d}"
+        );
+        assert!(d.contains("output free (120 ms left)"), "{d}");
+        assert!(
+            d.contains("witness 10.0.0.3:4557: reachable, lease 120 ms left"),
+            "{d}"
+        );
         assert!(d.contains("role: primary, waiting for its peer"), "{d}");
         assert!(
             d.contains("took over in 12 ms, resumed from epoch 812"),

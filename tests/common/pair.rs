@@ -173,6 +173,19 @@ impl Pm {
         self.proc.kill();
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...).
+    pub fn proc_signal(&self, sig: nix::sys::signal::Signal) {
+        self.proc
+            .signal(sig)
+            .unwrap_or_else(|e| panic!("signal {sig} to the {}: {e}", self.role));
+    }
+
+    /// Waits up to `timeout` for it to exit; its exit code (None: still running, or
+    /// killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        self.proc.wait_timeout(timeout).and_then(|s| s.code())
+    }
+
     /// What its control socket says now (`None` while it does not answer).
     pub fn status(&self) -> Option<FtStatus> {
         twinrun_control::ft_status(&twinrun_control::paths::control_socket(&self.name))

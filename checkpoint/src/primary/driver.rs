@@ -85,6 +85,11 @@ pub struct PrimaryDriverConfig {
     /// Pages the guest keeps writing stay writable and are copied at every epoch
     /// (see `vmm::vstate::hot_pages`); None re-protects every page at every harvest.
     pub hot_pages: Option<HotPageConfig>,
+    /// At Simplex, keep every unacknowledged output held (output commit stays on, the
+    /// guest runs on) instead of releasing it: the pair's quorum decides what may leave
+    /// (a cut-off standby may take over with a witness's grant; output of a history it
+    /// never had must then never appear). The caller ends output commit itself.
+    pub hold_on_simplex: bool,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -100,6 +105,7 @@ impl Default for PrimaryDriverConfig {
             resync: ResyncConfig::default(),
             return_on_simplex: false,
             hot_pages: Some(HotPageConfig::default()),
+            hold_on_simplex: false,
         }
     }
 }
@@ -196,6 +202,7 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     resync: ResyncConfig,
     /// The disk session, while it runs (before the memory sync).
     session: Option<DiskSide>,
+    hold_on_simplex: bool,
     /// When sync round 0 began (throughput log; the bytes are counted in the report).
     sync_started: Option<Duration>,
 }
@@ -238,6 +245,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             disks: cfg.disks.clone(),
             resync: cfg.resync,
             session: None,
+            hold_on_simplex: cfg.hold_on_simplex,
             sync_started: None,
         })
     }
@@ -564,6 +572,15 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             self.vm.pause()?;
         }
         self.paused_by_throttle = false;
+        if self.hold_on_simplex {
+            // The quorum decides: output stays held, the guest runs on.
+            self.vm.resume()?;
+            log::error!(
+                "primary: STANDBY LOST; the VM runs on with its output HELD until the \
+                 quorum allows releasing it"
+            );
+            return Ok(());
+        }
         // Held output of every epoch may leave now: no failover can roll it back.
         let r = self.vm.end_output_commit();
         let resumed = self.vm.resume();

@@ -50,6 +50,30 @@ pub struct StandbyDriverConfig {
     pub discard_disk_data: bool,
     /// Called on the failed-over VM before it starts (see [`VmmTakeover`]).
     pub before_start: Option<BeforeStart>,
+    /// The pair's quorum: fail over only when it grants the takeover (None: as soon as
+    /// every link to the primary is down).
+    pub takeover_gate: Option<TakeoverGateRef>,
+}
+
+/// Whether a standby that lost every link to its primary may fail over: the pair's
+/// quorum (a witness grants the takeover) sits behind it. Without a grant the standby
+/// keeps its replica and waits; when a link to the primary comes back first, the run
+/// ends with [`StandbyOutcome::PrimaryBack`] (the primary starts a new session).
+pub trait TakeoverGate: Send + Sync {
+    /// The replica committed `epoch` of the current session (it can be taken over).
+    fn committed(&self, epoch: u64);
+    /// Asked while every link to the primary is down: fail over now?
+    fn may_take_over(&self) -> bool;
+}
+
+/// A shared [`TakeoverGate`] in a config.
+#[derive(Clone)]
+pub struct TakeoverGateRef(pub Arc<dyn TakeoverGate>);
+
+impl std::fmt::Debug for TakeoverGateRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TakeoverGate(..)")
+    }
 }
 
 /// The standby's side of one primary connection, one step at a time.
@@ -413,6 +437,10 @@ pub fn run_standby_with(
         t0,
     )?;
     let mut seen_peer = false;
+    let gate = opts.takeover_gate.as_ref().map(|g| g.0.clone());
+    // Every link is down and the gate has not granted the takeover yet.
+    let mut waiting_grant = false;
+    let mut told_committed = None;
     while !stop.load(Ordering::Relaxed) {
         let wait = if d.acks_waiting() {
             Duration::ZERO
@@ -434,6 +462,31 @@ pub fn run_standby_with(
                     return Ok(out);
                 }
             }
+        }
+        if let (Some(g), Some(c)) = (&gate, d.committed()) {
+            if told_committed != Some(c) {
+                told_committed = Some(c);
+                g.committed(c);
+            }
+        }
+        if waiting_grant {
+            if link.peer_reachable() {
+                log::warn!(
+                    "standby: a link to the primary is back before any takeover grant: it \
+                     ran on; a new session resyncs this replica"
+                );
+                return Ok(StandbyOutcome::PrimaryBack {
+                    committed: d.committed(),
+                });
+            }
+            if gate.as_ref().is_some_and(|g| g.may_take_over()) {
+                waiting_grant = false;
+                log::warn!("standby: the quorum grants the takeover");
+                if let Some(out) = d.on_peer_lost()? {
+                    return Ok(out);
+                }
+            }
+            continue;
         }
         let mut lost = false;
         while let Some(ev) = link.poll_event(Duration::ZERO) {
@@ -458,6 +511,16 @@ pub fn run_standby_with(
                 }
             }
             log::warn!("standby: every link to the primary is down, heartbeats timed out");
+            if let Some(g) = gate.as_ref().filter(|_| d.committed().is_some()) {
+                if !g.may_take_over() {
+                    log::warn!(
+                        "standby: waiting for the quorum's grant before taking over (the \
+                         replica is kept)"
+                    );
+                    waiting_grant = true;
+                    continue;
+                }
+            }
             if let Some(out) = d.on_peer_lost()? {
                 return Ok(out);
             }

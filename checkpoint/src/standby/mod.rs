@@ -7,7 +7,10 @@ pub mod mirror;
 pub mod outcome;
 pub mod takeover;
 
-pub use driver::{run_standby, run_standby_with, StandbyDriver, StandbyDriverConfig};
+pub use driver::{
+    run_standby, run_standby_with, StandbyDriver, StandbyDriverConfig, TakeoverGate,
+    TakeoverGateRef,
+};
 pub use mirror::{ApplyStats, DiskCommit, Mirror, MirrorError};
 pub use outcome::{FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 pub use takeover::{

@@ -64,6 +64,10 @@ pub enum StandbyOutcome<V = Vmm> {
     NoReplica,
     /// `stop` was set.
     Stopped { committed: Option<u64> },
+    /// Every link to the primary went down, the takeover gate did not grant the
+    /// takeover, and a link came back: the primary ran on (its next session resyncs
+    /// this replica).
+    PrimaryBack { committed: Option<u64> },
 }
 
 /// What the standby has done so far (for progress reports and tests).

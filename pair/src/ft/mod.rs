@@ -7,8 +7,10 @@
 //! either end serves on its control socket (with `--name`); [`link`] the A-Link
 //! configuration both ends derive from the same settings.
 
+pub mod gate;
 pub mod link;
 pub mod primary;
+pub mod quorum;
 pub mod role;
 pub mod shutdown;
 pub mod standby;
@@ -54,14 +56,29 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
-    warn!(
-        "FT mode without quorum: if ALL A-Links are cut while both PMs are alive, the \
-         standby takes over and TWO copies of the VM run (the quorum witness is not \
-         built yet)"
-    );
+    let q = match &ft.quorum {
+        None => {
+            warn!(
+                "FT mode WITHOUT QUORUM (no --quorum-config or --witness): if ALL A-Links \
+                 are cut while both PMs are alive, the standby takes over and TWO copies of \
+                 the VM run"
+            );
+            None
+        }
+        Some(qs) => match self::quorum::Quorum::start(qs, ft.role) {
+            Ok(q) => {
+                status.set_quorum(q.view());
+                Some(q)
+            }
+            Err(e) => {
+                error!("quorum: {e}");
+                return exit::USAGE;
+            }
+        },
+    };
     let acfg = link::alink_config(ft);
     match ft.role {
-        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status),
-        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status),
+        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
+        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
     }
 }

@@ -17,6 +17,8 @@ use storage_mirror::primary::PrimaryDisks;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::{build_vm, Vmm};
 
+use super::gate::HeldOutput;
+use super::quorum::Quorum;
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
 use crate::alone::exit_code;
@@ -31,6 +33,7 @@ pub fn run(
     acfg: AlinkConfig,
     sd: &Shutdown,
     status: &PairStatus,
+    quorum: Option<&Quorum>,
 ) -> i32 {
     let mut vm = match build_vm(cfg) {
         Ok(vm) => vm,
@@ -71,12 +74,18 @@ pub fn run(
         acfg.links.len(),
         acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
     );
-    protect(vm, ft, acfg, sd, disks, status)
+    protect(vm, ft, acfg, sd, disks, status, quorum, false)
 }
 
 /// Protects the running `vm` with one standby after another until it ends or
 /// SIGTERM/SIGINT: the primary's whole life, and a failover survivor's (failback: the
 /// old primary, restarted as a standby, is resynced with a delta and protects the VM).
+///
+/// With a quorum, output the standby has not acknowledged leaves only as the quorum
+/// says ([`HeldOutput`]), and a primary that lost the VM to a higher generation stops
+/// it and exits with [`exit::DEMOTED`]. `commit_on`: the VM holds its output already
+/// (a failover survivor's).
+#[allow(clippy::too_many_arguments)]
 pub fn protect(
     mut vm: Vmm,
     ft: &FtSettings,
@@ -84,6 +93,8 @@ pub fn protect(
     sd: &Shutdown,
     disks: Arc<PrimaryDisks>,
     status: &PairStatus,
+    quorum: Option<&Quorum>,
+    commit_on: bool,
 ) -> i32 {
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
@@ -107,6 +118,7 @@ pub fn protect(
     // One session per standby: when the standby is lost the VM runs on (degraded,
     // written blocks recorded) and the next standby to connect is resynced and
     // protects it again.
+    let mut held = HeldOutput::new(commit_on);
     for session in 1u64.. {
         let link = match Alink::start(acfg.clone()) {
             Ok(l) => Arc::new(l),
@@ -122,7 +134,32 @@ pub fn protect(
         }
         let acked = Arc::new(AtomicU64::new(0));
         status.begin_session(link.clone(), Some(acked.clone()));
-        let dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
+        if let Some(q) = quorum {
+            q.begin_session(link.clone(), Some(acked.clone()));
+            match wait_for_standby(&vm, &link, q, sd, &mut held) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Stop requested while waiting.
+                    q.end_session();
+                    status.end_session(None);
+                    drop(link);
+                    sd.hand_vm(vm.stopper());
+                    vm.stopper().stop();
+                    let end = vm.wait();
+                    disks.clean_shutdown();
+                    return exit_code(&end, true);
+                }
+                Err(generation) => {
+                    q.end_session();
+                    status.end_session(None);
+                    drop(link);
+                    held.discard(&vm);
+                    return demote(vm, &disks, generation);
+                }
+            }
+        }
+        let mut dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
+        dcfg.hold_on_simplex = quorum.is_some();
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
             s.spawn(|| announce_protection(&acked, &done, sd));
@@ -135,6 +172,10 @@ pub fn protect(
             log_report(report);
         }
         status.end_session(result.as_ref().ok());
+        if let Some(q) = quorum {
+            q.end_session();
+            held.after_session(&vm, result.as_ref().ok());
+        }
         drop(link);
         match result {
             // Without a stop request the driver returns only when the standby is gone.
@@ -173,6 +214,81 @@ pub fn protect(
         }
     }
     unreachable!("sessions are numbered without end")
+}
+
+/// Waits for a standby on `link` while the quorum governs the VM's output and guest.
+/// Ok(true): a standby is connected (held output handed to the session); Ok(false):
+/// stop requested; Err(generation): this primary lost the VM to that generation.
+fn wait_for_standby(
+    vm: &Vmm,
+    link: &Alink,
+    q: &Quorum,
+    sd: &Shutdown,
+    held: &mut HeldOutput,
+) -> Result<bool, u64> {
+    loop {
+        if let Some(g) = q.demoted() {
+            return Err(g);
+        }
+        if sd.requested() {
+            return Ok(false);
+        }
+        if let Err(e) = held.step(vm, q) {
+            warn!("quorum: applying the output gate: {e}");
+        }
+        if link.peer_reachable() {
+            if let Err(e) = held.before_session(vm) {
+                warn!("quorum: handing output to the session: {e}");
+            }
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A primary that lost: its VM stops with its held output discarded, its disks are
+/// marked as the resync target of the new primary (an interrupted resync target: the
+/// next session copies the new primary's disks over them), and the process exits with
+/// [`exit::DEMOTED`]; restarted with `--role standby` and the same disks it rejoins.
+fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 {
+    vm.stopper().stop();
+    let _ = vm.wait();
+    // Not a clean shutdown: the metadata must not say this disk is a usable primary's.
+    drop(vm);
+    for image in mark_resync_targets(disks) {
+        error!("quorum: could not mark disk {image} as the resync target");
+    }
+    error!(
+        "{DEMOTED_LOG}: the peer holds generation {generation}; this VM stopped without \
+         releasing its held output. Restart this node with --role standby (same disks): \
+         they are the resync target"
+    );
+    exit::DEMOTED
+}
+
+/// Logged by a primary that lost the VM to its peer.
+pub const DEMOTED_LOG: &str = "FT primary: DEMOTED";
+
+/// Marks every disk's replica metadata as an interrupted resync target (rule c of the
+/// resync decision: the other side's copy wins); returns the images it could not mark.
+fn mark_resync_targets(disks: &PrimaryDisks) -> Vec<String> {
+    let mut failed = Vec::new();
+    for st in disks.status() {
+        let store = storage_mirror::meta::MetaStore::for_image(std::path::Path::new(&st.path));
+        let r = match store.load() {
+            Ok(storage_mirror::meta::MetaState::Ok(mut m)) => {
+                m.inconsistent = true;
+                m.sync_source_gen = 0;
+                store.save(&m).map_err(|e| e.to_string())
+            }
+            Ok(other) => Err(format!("metadata {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            failed.push(format!("{} ({e})", st.path));
+        }
+    }
+    failed
 }
 
 /// The driver's config, field by field: it grows (e.g. test-mode hashing) and keeps

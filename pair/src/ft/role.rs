@@ -26,13 +26,18 @@ impl SurvivorDisks {
 
 /// The hook the standby driver calls on the failed-over VM before it starts, and where
 /// it leaves the disks it opened.
-pub fn survivor_hook(cfg: &VmConfig) -> (BeforeStart, SurvivorDisks) {
+/// With `hold_output` (a quorum decides what leaves) the resumed guest's output is held
+/// from its first instruction on.
+pub fn survivor_hook(cfg: &VmConfig, hold_output: bool) -> (BeforeStart, SurvivorDisks) {
     let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let slot = SurvivorDisks::default();
     let keep = slot.clone();
     let hook = BeforeStart(Arc::new(move |vm: &mut Vmm| {
         let disks = PrimaryDisks::open(&images).map_err(|e| e.to_string())?;
         vm.set_disk_hooks(Some(Arc::new(MirroredDisks(disks.clone()))));
+        if hold_output {
+            vm.enable_output_commit().map_err(|e| e.to_string())?;
+        }
         *keep.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(disks);
         Ok(())
     }));

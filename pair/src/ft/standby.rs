@@ -9,6 +9,7 @@ use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome}
 use log::{error, info, warn};
 use vmm::config::{ConsoleConfig, VmConfig};
 
+use super::quorum::Quorum;
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
 use crate::alone::exit_code;
@@ -17,12 +18,30 @@ use crate::alone::exit_code;
 /// `failover` says the same).
 const FAILOVER_LOG: &str = "FT standby: failover complete in";
 
+/// Starts the A-Link of a session. The previous session's link may still be closing
+/// (its last holder, e.g. the quorum thread between two looks, lets go within a few
+/// ms), so its listen addresses are retried for up to a second.
+fn start_alink(acfg: &AlinkConfig) -> Result<Alink, alink::AlinkError> {
+    let mut tries = 0;
+    loop {
+        match Alink::start(acfg.clone()) {
+            Err(e) if tries < 50 => {
+                log::debug!("A-Link start: {e}; retrying");
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn run(
     cfg: &VmConfig,
     ft: &FtSettings,
     acfg: AlinkConfig,
     sd: &Shutdown,
     status: &PairStatus,
+    quorum: Option<&Quorum>,
 ) -> i32 {
     if !matches!(cfg.console, ConsoleConfig::File { .. }) {
         warn!(
@@ -44,12 +63,13 @@ pub fn run(
         acfg.links.len(),
         acfg.links.iter().map(|l| l.local).collect::<Vec<_>>()
     );
-    let (before_start, survivor) = super::role::survivor_hook(cfg);
+    let (before_start, survivor) = super::role::survivor_hook(cfg, quorum.is_some());
     let mut opts = StandbyDriverConfig {
         protocol: StandbyConfig::default(),
         mirror_disks: true,
         discard_disk_data: ft.discard_disk_data,
         before_start: Some(before_start),
+        takeover_gate: quorum.map(Quorum::takeover_gate),
         ..StandbyDriverConfig::default()
     };
     // A primary lost before the first checkpoint committed left nothing to take over:
@@ -58,7 +78,7 @@ pub fn run(
     // interrupted resync wrote: their metadata says inconsistent, and the next session
     // resumes or redoes the copy.
     let outcome = loop {
-        let link = match Alink::start(acfg.clone()) {
+        let link = match start_alink(&acfg) {
             Ok(l) => std::sync::Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
@@ -66,9 +86,15 @@ pub fn run(
             }
         };
         status.begin_session(link.clone(), None);
+        if let Some(q) = quorum {
+            q.begin_session(link.clone(), None);
+        }
         let outcome = run_standby_with(&link, cfg, &opts, sd.flag());
         // The old primary must not reach this VM's replica machinery again.
         status.end_session(None);
+        if let Some(q) = quorum {
+            q.end_session();
+        }
         drop(link);
         // Discarding is for the first session only: later ones resume what it began.
         opts.discard_disk_data = false;
@@ -77,6 +103,12 @@ pub fn run(
                 warn!(
                     "FT standby: the primary was lost before the first checkpoint committed; \
                      there is nothing to take over: waiting for a primary again"
+                );
+            }
+            Ok(StandbyOutcome::PrimaryBack { .. }) if !sd.requested() => {
+                warn!(
+                    "FT standby: the primary is back without a takeover (it ran on): waiting \
+                     for its next session, which resyncs this replica"
                 );
             }
             other => break other,
@@ -98,18 +130,34 @@ pub fn run(
                 r.console_next,
                 r.announces
             );
-            warn!(
-                "FT standby: this VM now runs UNPROTECTED until a standby joins (start one \
-                 on the other PM: it is resynced with a delta and protects the VM again); if \
-                 the primary is in fact alive behind cut A-Links, two copies run"
-            );
+            if quorum.is_some() {
+                warn!(
+                    "FT standby: this VM now runs UNPROTECTED, as granted by the quorum, until \
+                     a standby joins (restart the old primary as --role standby)"
+                );
+            } else {
+                warn!(
+                    "FT standby: this VM now runs UNPROTECTED until a standby joins (start one \
+                     on the other PM: it is resynced with a delta and protects the VM again); \
+                     if the primary is in fact alive behind cut A-Links, two copies run"
+                );
+            }
             sd.hand_vm(vm.stopper());
             let disks = survivor.take();
             status.failed_over(&r, &vm, disks.clone());
             match disks {
                 Some(disks) => {
                     let acfg = super::link::alink_config_as(ft, Role::Primary);
-                    super::primary::protect(vm, ft, acfg, sd, disks, status)
+                    super::primary::protect(
+                        vm,
+                        ft,
+                        acfg,
+                        sd,
+                        disks,
+                        status,
+                        quorum,
+                        quorum.is_some(),
+                    )
                 }
                 None => {
                     let end = vm.wait();
@@ -121,7 +169,8 @@ pub fn run(
             info!("FT standby: stopped before anything was committed");
             exit::OK
         }
-        Ok(StandbyOutcome::Stopped { committed }) => {
+        Ok(StandbyOutcome::Stopped { committed })
+        | Ok(StandbyOutcome::PrimaryBack { committed }) => {
             info!("FT standby: stopped (last committed epoch {committed:?})");
             exit::OK
         }

@@ -27,6 +27,8 @@ pub struct PairStatus {
     /// the slot is emptied before the runtime drops the link, so that drop really
     /// closes it (a standby's next session listens on the same addresses).
     link: Mutex<Option<Arc<Alink>>>,
+    /// The quorum's state, when one is configured.
+    quorum: Mutex<Option<Arc<Mutex<twinrun_control::QuorumView>>>>,
 }
 
 struct Inner {
@@ -81,7 +83,13 @@ impl PairStatus {
                 images: cfg.disks.iter().map(|d| d.path.clone()).collect(),
             }),
             link: Mutex::new(None),
+            quorum: Mutex::new(None),
         })
+    }
+
+    /// Shows the quorum's state (kept up to date by its thread) in the status.
+    pub fn set_quorum(&self, view: Arc<Mutex<twinrun_control::QuorumView>>) {
+        *lock(&self.quorum) = Some(view);
     }
 
     /// The VM runs here now, with these mirrored disks.
@@ -239,6 +247,7 @@ impl FtControl for PairStatus {
             last_session: i.last_session,
             links,
             disks,
+            quorum: lock(&self.quorum).as_ref().map(|v| lock(v).clone()),
         }
     }
 

@@ -1,0 +1,527 @@
+//! The pair's quorum, wired in: one [`quorum::client::Runner`] per VM process, on its
+//! own thread, driving the node machine (`quorum::node`) against the configured
+//! witness(es) or etcd, fed by the runtime (every path to the peer, protection) and
+//! obeyed by it:
+//!
+//! - the standby fails over only on `Action::TakeOver` (the driver asks the
+//!   [`TakeoverGate`] this module implements);
+//! - the primary's output gate and guest state between protected sessions (`Free`
+//!   until the lease's end, `Hold`, `Pause`), applied by [`super::gate`];
+//! - `Demote`: the primary lost the VM to a higher generation;
+//! - the generation and elected witness recorded durably in the node's state file;
+//! - alerts and per-path changes in the log, the whole state in the control socket's
+//!   status.
+//!
+//! Quorum messages between the two nodes (`PeerMsg`: status, witness election) are
+//! not carried yet: a node learns the peer's generation from the witness (a query or
+//! a refused request), and the elected witness stays the preferred one (the holder
+//! keeps a lease at every configured witness, so that is safe, only less available).
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ::quorum::client::Runner;
+use ::quorum::config::{BackendKind, QuorumConfig};
+use ::quorum::node::{Action, Event, GuestState, NodeConfig, OutputGate, QuorumNode, Start};
+use ::quorum::types::{Role as QRole, Slot};
+use alink::Alink;
+use checkpoint::standby::TakeoverGate;
+use log::{error, info, warn};
+use twinrun_control::{QuorumView, WitnessView};
+
+use crate::settings::{QuorumSettings, Role};
+
+/// How long the quorum thread waits for witness answers between looks at the links.
+const POLL: Duration = Duration::from_millis(5);
+
+/// What the primary may do with its held output, as the quorum last said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// The checkpoint session releases on acknowledgements (or the standby is
+    /// resyncing: nothing is released without it).
+    Acked,
+    /// Release without acknowledgements, before `until` only (None: no limit).
+    Free { until: Option<Instant> },
+    /// Release nothing.
+    Hold,
+}
+
+impl Gate {
+    /// Whether output may leave without acknowledgement at `now`.
+    pub fn free_at(self, now: Instant) -> bool {
+        matches!(self, Gate::Free { until } if until.is_none_or(|u| now < u))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the runtime and the quorum thread share.
+struct Shared {
+    /// The current session's A-Link (None between sessions: no path to the peer).
+    link: Mutex<Option<Arc<Alink>>>,
+    /// A primary's acknowledged checkpoints of the current session.
+    acked: Mutex<Option<Arc<AtomicU64>>>,
+    /// A standby: its replica holds a committed checkpoint of the current session.
+    committed: AtomicBool,
+    out: Mutex<Out>,
+    view: Arc<Mutex<QuorumView>>,
+    stop: AtomicBool,
+}
+
+/// The machine's orders, as the runtime reads them.
+struct Out {
+    gate: Gate,
+    pause: bool,
+    took_over: Option<u64>,
+    demoted: Option<u64>,
+}
+
+/// One node's quorum (see the module docs). Stops its thread when dropped.
+pub struct Quorum {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Quorum {
+    /// Reads the node's recorded state, opens the backends and starts the thread for
+    /// this end (`role` at start).
+    pub fn start(q: &QuorumSettings, role: Role) -> Result<Quorum, String> {
+        let recorded = read_state(&q.state_file)?;
+        let mut ncfg = NodeConfig::new(&q.vm, q.node, q.peer, q.config.mode());
+        ncfg.timing = q.config.timing();
+        ncfg.validate().map_err(|e| e.to_string())?;
+        let backends = q.config.open(q.node).map_err(|e| e.to_string())?;
+        let (preferred, alternate) = backends.for_vm().map_err(|e| e.to_string())?;
+        let start = Start {
+            role: match role {
+                Role::Primary => QRole::Primary,
+                Role::Standby => QRole::Standby,
+            },
+            generation: recorded.generation,
+            elected: recorded.elected,
+        };
+        info!(
+            "quorum: backend {:?}, node {} (peer {}), VM {:?}, generation {} recorded in {}",
+            q.config.backend,
+            q.node.0,
+            q.peer.0,
+            q.vm,
+            recorded.generation,
+            q.state_file.display()
+        );
+        let node = QuorumNode::new(ncfg, start);
+        let runner = Runner::new(node, preferred, alternate);
+        let shared = Arc::new(Shared {
+            link: Mutex::new(None),
+            acked: Mutex::new(None),
+            committed: AtomicBool::new(false),
+            out: Mutex::new(Out {
+                // Nothing leaves before the machine's first word.
+                gate: Gate::Hold,
+                pause: false,
+                took_over: None,
+                demoted: None,
+            }),
+            view: Arc::new(Mutex::new(QuorumView::default())),
+            stop: AtomicBool::new(false),
+        });
+        let sh = shared.clone();
+        let cfg = q.config.clone();
+        let node_id = q.node.0;
+        let state_file = q.state_file.clone();
+        let thread = std::thread::Builder::new()
+            .name("quorum".into())
+            .spawn(move || run(runner, &sh, &cfg, node_id, &state_file))
+            .map_err(|e| format!("cannot start the quorum thread: {e}"))?;
+        Ok(Quorum {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A session begins on `link` (a primary's `acked` counts what its standby
+    /// acknowledged); the replica of a standby's new session holds nothing yet.
+    pub fn begin_session(&self, link: Arc<Alink>, acked: Option<Arc<AtomicU64>>) {
+        self.shared.committed.store(false, Ordering::SeqCst);
+        *lock(&self.shared.acked) = acked;
+        *lock(&self.shared.link) = Some(link);
+    }
+
+    /// The session ended: no path to the peer until the next one (the runtime drops
+    /// the link after this).
+    pub fn end_session(&self) {
+        *lock(&self.shared.link) = None;
+        *lock(&self.shared.acked) = None;
+        self.shared.committed.store(false, Ordering::SeqCst);
+    }
+
+    pub fn gate(&self) -> Gate {
+        lock(&self.shared.out).gate
+    }
+
+    /// The machine wants the guest paused.
+    pub fn pause(&self) -> bool {
+        lock(&self.shared.out).pause
+    }
+
+    /// The generation of a peer that won the VM over this primary, if it lost.
+    pub fn demoted(&self) -> Option<u64> {
+        lock(&self.shared.out).demoted
+    }
+
+    /// The takeover gate of this node's standby driver.
+    pub fn takeover_gate(&self) -> checkpoint::standby::TakeoverGateRef {
+        checkpoint::standby::TakeoverGateRef(Arc::new(Granted(self.shared.clone())))
+    }
+
+    /// The quorum part of the control socket's status, kept up to date.
+    pub fn view(&self) -> Arc<Mutex<QuorumView>> {
+        self.shared.view.clone()
+    }
+}
+
+impl Drop for Quorum {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The standby driver's [`TakeoverGate`]: committed replicas make the node
+/// `Protected`; the takeover waits for the machine's `TakeOver`.
+struct Granted(Arc<Shared>);
+
+impl TakeoverGate for Granted {
+    fn committed(&self, _epoch: u64) {
+        self.0.committed.store(true, Ordering::SeqCst);
+    }
+
+    fn may_take_over(&self) -> bool {
+        lock(&self.0.out).took_over.is_some()
+    }
+}
+
+/// The quorum thread: feeds the machine what the runtime sees and carries out its
+/// actions, until the process ends.
+fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_file: &Path) {
+    let mut reach = None;
+    let mut paths: Vec<bool> = Vec::new();
+    let mut protected = None;
+    let mut recorded = read_state(state_file).unwrap_or_default();
+    let mut first = true;
+    while !sh.stop.load(Ordering::SeqCst) {
+        // Read under the lock, not kept: the runtime drops a session's link after
+        // `end_session`, and its next one binds the same addresses.
+        let (now_paths, r) = match lock(&sh.link).as_ref() {
+            Some(l) => (
+                l.link_status().iter().map(|s| s.up).collect::<Vec<bool>>(),
+                // Any path alive (the A-Link's own view: it is reachable until the
+                // heartbeats time out on every link).
+                l.peer_reachable(),
+            ),
+            None => (Vec::new(), false),
+        };
+        if now_paths != paths {
+            for (i, up) in now_paths.iter().enumerate() {
+                if paths.get(i) != Some(up) {
+                    info!(
+                        "quorum: path a-link {i} to the peer {}",
+                        if *up { "alive" } else { "SILENT" }
+                    );
+                }
+            }
+            paths = now_paths.clone();
+        }
+        // Primary: the standby acknowledged a checkpoint of this session (the machine
+        // drops it itself when the peer is lost); standby: its replica holds a
+        // committed checkpoint (kept when the primary is lost: that is what it takes
+        // over from).
+        let p = match lock(&sh.acked).as_ref() {
+            Some(a) => a.load(Ordering::SeqCst) > 0,
+            None => sh.committed.load(Ordering::SeqCst),
+        };
+        let mut actions = Vec::new();
+        let mut feed = |ev: Event, runner: &mut Runner| match runner.event(ev) {
+            Ok(a) => actions.extend(a),
+            Err(e) => warn!("quorum: {e}"),
+        };
+        if first {
+            first = false;
+            feed(Event::Tick, &mut runner);
+        }
+        if reach != Some(r) {
+            reach = Some(r);
+            info!(
+                "quorum: peer {}",
+                if r {
+                    "reachable"
+                } else {
+                    "UNREACHABLE on every path"
+                }
+            );
+            feed(Event::PeerReachable(r), &mut runner);
+        }
+        if protected != Some(p) {
+            protected = Some(p);
+            feed(Event::Protected(p), &mut runner);
+        }
+        match runner.poll(POLL) {
+            Ok(a) => actions.extend(a),
+            Err(e) => {
+                warn!("quorum: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+        for a in actions {
+            obey(a, &runner, sh, state_file, &mut recorded);
+        }
+        *lock(&sh.view) = view(&runner, sh, cfg, node, &paths);
+    }
+}
+
+fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Recorded) {
+    match a {
+        Action::Output(g) => {
+            let gate = match g {
+                OutputGate::Acked => Gate::Acked,
+                OutputGate::Hold => Gate::Hold,
+                OutputGate::Free { until } => Gate::Free {
+                    until: until.map(|u| runner.instant(u)),
+                },
+            };
+            let mut o = lock(&sh.out);
+            // A renewed lease moves `until` at every renewal: log changes of kind only.
+            if std::mem::discriminant(&o.gate) != std::mem::discriminant(&gate) {
+                info!("quorum: output gate {g:?}");
+            }
+            o.gate = gate;
+        }
+        Action::Guest(g) => {
+            info!("quorum: guest {g:?}");
+            lock(&sh.out).pause = g == GuestState::Pause;
+        }
+        Action::TakeOver { generation } => {
+            rec.generation = generation;
+            record(state_file, rec);
+            warn!("quorum: takeover GRANTED: generation {generation}");
+            lock(&sh.out).took_over = Some(generation);
+        }
+        Action::Demote { generation } => {
+            rec.generation = rec.generation.max(generation);
+            record(state_file, rec);
+            error!(
+                "quorum: DEMOTED: the peer holds generation {generation}; this node's held \
+                 output is discarded and its VM stops"
+            );
+            let mut o = lock(&sh.out);
+            o.demoted = Some(generation);
+            o.gate = Gate::Hold;
+            o.pause = true;
+        }
+        Action::Generation(g) => {
+            if g > rec.generation {
+                rec.generation = g;
+                record(state_file, rec);
+            }
+        }
+        Action::RecordElected { slot, seq } => {
+            rec.elected = Some((slot, seq));
+            record(state_file, rec);
+        }
+        // Not carried yet (see the module docs).
+        Action::ToPeer(_) | Action::ToWitness { .. } => {}
+        Action::Alert(al) => warn!("quorum ALERT {:?}: {}", al.kind, al.message),
+        Action::Audit { operator, what } => warn!("quorum AUDIT ({operator}): {what}"),
+    }
+}
+
+fn view(runner: &Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, paths: &[bool]) -> QuorumView {
+    let now = runner.now();
+    let st = runner.node().status(now);
+    let out = lock(&sh.out);
+    let slot_name = |s: Slot| match s {
+        Slot::Preferred => "preferred",
+        Slot::Alternate => "alternate",
+    };
+    QuorumView {
+        backend: match cfg.backend {
+            BackendKind::Witness => "witness",
+            BackendKind::Etcd => "etcd",
+            BackendKind::None => "none",
+        }
+        .into(),
+        node,
+        role: match st.role {
+            QRole::Primary => "primary",
+            QRole::Standby => "standby",
+        }
+        .into(),
+        generation: st.generation,
+        elected: slot_name(st.elected).into(),
+        gate: match st.gate {
+            Some(OutputGate::Acked) => "acked",
+            Some(OutputGate::Free { .. }) => "free",
+            Some(OutputGate::Hold) | None => "hold",
+        }
+        .into(),
+        free_left_ms: match st.gate {
+            Some(OutputGate::Free { until: Some(u) }) => {
+                Some(u.saturating_sub(now).as_millis() as u64)
+            }
+            _ => None,
+        },
+        guest: if out.pause { "paused" } else { "run" }.into(),
+        peer_reachable: st.peer_reachable,
+        paths: paths.to_vec(),
+        protected: st.protected,
+        witnesses: Slot::ALL
+            .iter()
+            .filter_map(|&s| {
+                runner.backend(s).map(|b| WitnessView {
+                    slot: slot_name(s).into(),
+                    service: b.describe(),
+                    reachable: st.witness_reachable[s.index()],
+                    lease_left_ms: st.lease_left[s.index()].map(|d| d.as_millis() as u64),
+                })
+            })
+            .collect(),
+        took_over: out.took_over,
+        demoted_by: out.demoted,
+    }
+}
+
+/// What a node records across its runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Recorded {
+    generation: u64,
+    elected: Option<(Slot, u64)>,
+}
+
+const STATE_HEADER: &str = "twinrun-quorum-state 1";
+
+/// Reads the state file (absent: a node that never held or saw a generation).
+fn read_state(path: &Path) -> Result<Recorded, String> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recorded::default()),
+        Err(e) => return Err(format!("quorum state {}: {e}", path.display())),
+    };
+    parse_state(&text).map_err(|why| format!("quorum state {}: {why}", path.display()))
+}
+
+fn parse_state(text: &str) -> Result<Recorded, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(STATE_HEADER) {
+        return Err(format!(
+            "not a quorum state file (expected {STATE_HEADER:?} first)"
+        ));
+    }
+    let mut r = Recorded::default();
+    for l in lines {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["generation", g] => {
+                r.generation = g.parse().map_err(|_| format!("bad generation {g:?}"))?
+            }
+            ["elected", s, seq] => {
+                let slot = match *s {
+                    "preferred" => Slot::Preferred,
+                    "alternate" => Slot::Alternate,
+                    _ => return Err(format!("bad elected slot {s:?}")),
+                };
+                let seq = seq
+                    .parse()
+                    .map_err(|_| format!("bad election sequence {seq:?}"))?;
+                r.elected = Some((slot, seq));
+            }
+            [] => {}
+            _ => return Err(format!("bad line {l:?}")),
+        }
+    }
+    Ok(r)
+}
+
+fn format_state(r: &Recorded) -> String {
+    let mut s = format!("{STATE_HEADER}\ngeneration {}\n", r.generation);
+    if let Some((slot, seq)) = r.elected {
+        let name = match slot {
+            Slot::Preferred => "preferred",
+            Slot::Alternate => "alternate",
+        };
+        s += &format!("elected {name} {seq}\n");
+    }
+    s
+}
+
+/// Writes the state durably (temporary file, fsync, rename, fsync of the directory)
+/// before the runtime acts on it. A failure is logged loudly: the node runs on, but a
+/// restart may not know the newest generation (the witness still fences it).
+fn record(path: &Path, r: &Recorded) {
+    if let Err(e) = write_state(path, r) {
+        error!("quorum: cannot record the state in {}: {e}", path.display());
+    }
+}
+
+fn write_state(path: &Path, r: &Recorded) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = dir {
+        fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(format_state(r).as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(d) = dir {
+        fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip_and_errors() {
+        let r = Recorded {
+            generation: 7,
+            elected: Some((Slot::Alternate, 3)),
+        };
+        assert_eq!(parse_state(&format_state(&r)), Ok(r));
+        let d = Recorded::default();
+        assert_eq!(parse_state(&format_state(&d)), Ok(d));
+        assert!(parse_state("garbage").is_err());
+        assert!(parse_state(&format!("{STATE_HEADER}\ngeneration x\n")).is_err());
+        assert!(parse_state(&format!("{STATE_HEADER}\nelected nowhere 1\n")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/q.state");
+        assert_eq!(read_state(&p), Ok(Recorded::default()));
+        write_state(&p, &r).unwrap();
+        assert_eq!(read_state(&p), Ok(r));
+    }
+
+    #[test]
+    fn free_gate_expires() {
+        let now = Instant::now();
+        let g = Gate::Free {
+            until: Some(now + Duration::from_millis(10)),
+        };
+        assert!(g.free_at(now));
+        assert!(!g.free_at(now + Duration::from_millis(10)));
+        assert!(Gate::Free { until: None }.free_at(now));
+        assert!(!Gate::Hold.free_at(now));
+        assert!(!Gate::Acked.free_at(now));
+    }
+}
