@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-pub use twinrun_pair::settings::{AlinkSpec, FtSettings, Role};
+pub use twinrun_pair::settings::{AlinkSpec, FtSettings, Protection, Role};
 
 /// Heartbeat interval default: with 4 misses a dead link is noticed in about 200 ms,
 /// well under the 500 ms failover target.
@@ -24,6 +24,10 @@ pub struct FtArgs {
     /// Run as one end of a protected pair (absent: unprotected).
     #[arg(long, value_enum, value_name = "ROLE")]
     pub role: Option<Role>,
+    /// Protection level of the pair: ft (memory checkpoints, no reboot on failover) or
+    /// ha (disks mirrored synchronously, the VM boots again on the survivor).
+    #[arg(long, value_enum, value_name = "LEVEL", default_value = "ft")]
+    pub protection: Protection,
     /// One A-Link: LOCAL_IP:PORT,PEER_IP:PORT (repeatable, one per link; the standby
     /// listens on its local address, the primary connects to its peer address).
     #[arg(long = "alink", value_name = "LOCAL,PEER", value_parser = parse_alink_spec)]
@@ -161,6 +165,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
             (a.resync_rate.is_some(), "--resync-rate"),
             (a.discard_disk_data, "--discard-disk-data"),
+            (a.protection == Protection::Ha, "--protection ha"),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(FtError::NeedsRole(flag)),

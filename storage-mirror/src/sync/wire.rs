@@ -13,6 +13,9 @@ pub const MAX_BATCH_WRITES: usize = 1024;
 /// in order).
 pub type WriteHead = (u16, u64, u32);
 
+/// One write with its data: disk, byte offset, data (as the apply journal takes it).
+pub type WriteData<'a> = (u16, u64, &'a [u8]);
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HaToStandby {
     /// A session starts: report your disks (the disk session's `Hello`).
@@ -52,7 +55,7 @@ pub enum HaWireError {
 pub fn split_writes<'a>(
     writes: &[WriteHead],
     payload: &'a [u8],
-) -> Result<Vec<(u16, u64, &'a [u8])>, HaWireError> {
+) -> Result<Vec<WriteData<'a>>, HaWireError> {
     if writes.len() > MAX_BATCH_WRITES {
         return Err(HaWireError::Bounds(format!(
             "{} writes in a batch (at most {MAX_BATCH_WRITES})",
