@@ -160,6 +160,9 @@ fn send_session(link: &Alink, m: &DiskToStandby, payload: Vec<u8>) -> bool {
 #[derive(PartialEq, Eq)]
 enum Phase {
     Resync,
+    /// The resync passes are over: new writes wait at the gate while the ones in
+    /// flight get their acknowledgements (taken by this thread).
+    Draining,
     /// The closing commit is out; the gate holds new writes.
     Ending,
     InSync,
@@ -270,6 +273,9 @@ fn session(
                 return End::PeerLost;
             }
         }
+        if phase == Phase::Draining && sync.drained() {
+            phase = closing_commit(sync);
+        }
         if phase == Phase::Resync {
             pending.push_back(SessionEvent::Tick);
             drive(
@@ -333,6 +339,24 @@ fn drive(
     }
 }
 
+/// Sends the blocks still marked as the resync's closing commit (the gate is closed and
+/// drained).
+fn closing_commit(sync: &SyncDisks) -> Phase {
+    match sync.end_resync() {
+        Ok((heads, payload)) => {
+            if sync.send_end_resync(heads, payload) {
+                return Phase::Ending;
+            }
+            sync.peer_lost();
+        }
+        Err(e) => {
+            error!("HA primary: ending the resync: {e}; running on alone");
+            sync.peer_lost();
+        }
+    }
+    Phase::Idle
+}
+
 fn end_session(end: &SessionEnd, sync: &Arc<SyncDisks>, phase: &mut Phase) {
     match end {
         SessionEnd::Ready(stats) => {
@@ -340,21 +364,8 @@ fn end_session(end: &SessionEnd, sync: &Arc<SyncDisks>, phase: &mut Phase) {
                 "HA primary: resync done ({} chunks, {} bytes, {} passes in {:?}); closing commit",
                 stats.chunks, stats.bytes, stats.passes, stats.elapsed
             );
-            match sync.end_resync() {
-                Ok((heads, payload)) => {
-                    if sync.send_end_resync(heads, payload) {
-                        *phase = Phase::Ending;
-                    } else {
-                        sync.peer_lost();
-                        *phase = Phase::Idle;
-                    }
-                }
-                Err(e) => {
-                    error!("HA primary: ending the resync: {e}; running on alone");
-                    sync.peer_lost();
-                    *phase = Phase::Idle;
-                }
-            }
+            sync.close_gate();
+            *phase = Phase::Draining;
         }
         SessionEnd::Refused(why) => {
             error!("HA primary: the standby was refused: {why}");

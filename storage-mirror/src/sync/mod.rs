@@ -254,18 +254,24 @@ impl SyncDisks {
         }
     }
 
-    /// The resync passes are over: closes the gate on new write batches, waits for the
-    /// ones in flight, and returns the blocks still marked (read from the images) for
-    /// the standby to commit as epoch 0. The gate stays closed until
-    /// [`SyncDisks::in_sync`] or [`SyncDisks::peer_lost`].
+    /// The resync passes are over: closes the gate on new write batches. The caller
+    /// goes on taking acknowledgements (the batches in flight wait for theirs) until
+    /// [`SyncDisks::drained`], then calls [`SyncDisks::end_resync`]. The gate stays
+    /// closed until [`SyncDisks::in_sync`] or [`SyncDisks::peer_lost`].
+    pub fn close_gate(&self) {
+        self.state().gate_closed = true;
+    }
+
+    /// The gate is closed and no write batch is in flight.
+    pub fn drained(&self) -> bool {
+        let s = self.state();
+        s.gate_closed && s.in_flight == 0
+    }
+
+    /// Once [`SyncDisks::drained`]: the blocks still marked (read from the images) for
+    /// the standby to commit as the resync's end (the disk session's epoch 0).
     pub fn end_resync(&self) -> Result<(Vec<WriteHead>, Vec<u8>), EndResyncError> {
-        {
-            let mut s = self.state();
-            s.gate_closed = true;
-            while s.in_flight > 0 {
-                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-            }
-        }
+        debug_assert!(self.drained(), "end_resync with writes in flight");
         let mut heads = Vec::new();
         let mut payload = Vec::new();
         for (i, ranges) in self.disks.unsynced_ranges().into_iter().enumerate() {

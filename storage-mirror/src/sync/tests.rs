@@ -114,35 +114,39 @@ fn ending_a_resync_waits_for_writes_in_flight_and_sends_the_marked_blocks() {
     s.disks
         .perform(&crate::primary::SessionAction::BeginResync, &mut Vec::new());
     s.attach(send);
-    // A batch is open (before_writes seen, not completed): end_resync waits for it.
+    // A batch is open (before_writes seen, not completed): the gate waits for it.
     s.before_writes(0, &[(4096, 4096)]).unwrap();
+    s.close_gate();
+    assert!(!s.drained(), "a batch is open");
     std::thread::scope(|t| {
-        let end = t.spawn(|| s.end_resync());
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            !end.is_finished(),
-            "the gate did not wait for the open batch"
-        );
         let w = t.spawn(|| s.completed(0, &[(4096, &[9u8; 4096])]));
         let (m, _) = rx.recv().unwrap();
         assert!(matches!(m, HaToStandby::Writes { seq: 1, .. }));
+        // A new batch waits at the gate.
+        let blocked = t.spawn(|| s.before_writes(0, &[(0, 512)]));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!blocked.is_finished(), "a new batch passed the closed gate");
+        assert!(!s.drained());
         s.on_ack(1).unwrap();
         w.join().unwrap().unwrap();
-        let (heads, payload) = end.join().unwrap().unwrap();
+        assert!(s.drained());
+        let (heads, payload) = s.end_resync().unwrap();
         assert_eq!(heads, vec![(0, 4096, 4096)]);
         assert_eq!(payload, vec![9u8; 4096]);
+        assert!(s.send_end_resync(vec![], vec![]));
+        let (m, _) = rx.recv().unwrap();
+        assert_eq!(
+            m,
+            HaToStandby::EndResync {
+                seq: 2,
+                writes: vec![]
+            }
+        );
+        s.on_ack(2).unwrap();
+        s.in_sync();
+        // The gate is open again: the waiting batch goes on.
+        blocked.join().unwrap().unwrap();
     });
-    assert!(s.send_end_resync(vec![], vec![]));
-    let (m, _) = rx.recv().unwrap();
-    assert_eq!(
-        m,
-        HaToStandby::EndResync {
-            seq: 2,
-            writes: vec![]
-        }
-    );
-    s.on_ack(2).unwrap();
-    s.in_sync();
     assert_eq!(
         s.disks.lock(0).mode(),
         crate::primary::Mode::Protected,
