@@ -88,6 +88,8 @@ fn sigkill_primary_boot_on_survivor_failback_and_again() {
         .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", pm2.tail(30)));
     let st = pm1.status_now();
     assert!(st.vm_running && st.failover.is_none(), "{st:?}");
+    assert_eq!(st.protection, "ha");
+    assert_eq!(pm2.status_now().protection, "ha");
     assert!(!pm2.status_now().vm_running, "an HA standby runs no guest");
     wait_console(&files.console, "BOOT", Duration::from_secs(30), &mut pm1).unwrap();
     wait_records(&files, &mut pm1, 1, 0, 20);
@@ -105,6 +107,7 @@ fn sigkill_primary_boot_on_survivor_failback_and_again() {
     );
     let st = pm2.status_now();
     assert!(st.vm_running, "{st:?}");
+    assert_eq!(st.role, twinrun_control::FtRole::Primary);
     // The guest runs on the replica, which holds every record flushed before the kill.
     check_replica(&files, 1, "after the takeover");
 

@@ -159,6 +159,10 @@ pub enum FtState {
 /// The FT part of [`VmStatus`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FtStatus {
+    /// The pair's protection level: "ft" (memory checkpoints) or "ha" (disks mirrored
+    /// synchronously, the VM booted again on the survivor). Older ends omit it: "ft".
+    #[serde(default = "ft_level")]
+    pub protection: String,
     pub role: FtRole,
     pub state: FtState,
     /// A VM runs in this process: a primary's once built and started, a standby's
@@ -184,6 +188,10 @@ pub struct FtStatus {
     /// Each disk: a primary's live mirroring state, a standby's replicas from their
     /// metadata.
     pub disks: Vec<disks::DiskView>,
+}
+
+fn ft_level() -> String {
+    "ft".into()
 }
 
 /// The takeover this process performed.

@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | [`hooks`] | the VMM's disk hooks answered by `storage_mirror::sync::SyncDisks` |
 //! | [`primary`] | build and start the VM, then one session per standby: the disk session (resync), the closing commit, acknowledgements, the standby's loss |
+//! | [`status`] | the control socket's status: FT's, with `protection: "ha"` |
 //! | [`standby`] | the replica: the disk session's answers, write batches applied through the apply journal and acknowledged; the takeover |
 //!
 //! Status: the control socket serves the same `FtStatus` as FT (role, state
@@ -18,6 +19,7 @@
 pub mod hooks;
 pub mod primary;
 pub mod standby;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -26,9 +28,10 @@ use vmm::config::VmConfig;
 
 use crate::ft::link;
 use crate::ft::shutdown::Shutdown;
-use crate::ft::status::{ControlThread, PairStatus};
+use crate::ft::status::PairStatus;
 use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
+use status::ControlThread;
 
 /// Logged by a standby that takes over without a quorum witness.
 pub const NO_WITNESS_WARNING: &str = "HA mode without quorum: if ALL A-Links are cut while \
