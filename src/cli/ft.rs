@@ -274,6 +274,18 @@ mod tests {
     }
 
     #[test]
+    fn protection_defaults_to_ft_and_ha_needs_a_role() {
+        assert_eq!(parse(&[]).unwrap().protection, Protection::Ft);
+        let a = parse(&["--protection", "ha"]).unwrap();
+        assert_eq!(a.protection, Protection::Ha);
+        assert_eq!(
+            resolve_ft(&a).unwrap_err(),
+            FtError::NeedsRole("--protection ha")
+        );
+        assert!(parse(&["--protection", "unprotected"]).is_err());
+    }
+
+    #[test]
     fn role_needs_links_and_secret() {
         let a = parse(&["--role", "primary"]).unwrap();
         assert_eq!(resolve_ft(&a).unwrap_err(), FtError::NoAlink);
