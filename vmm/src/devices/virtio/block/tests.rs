@@ -704,10 +704,13 @@ fn overlay_writes_lays_only_the_overlapping_parts_in_order() {
     assert!(buf.iter().all(|&x| x == 3), "covers the whole buffer");
 }
 
+/// One completion a hook saw: a write's (offset, data) or a flush (None, empty).
+type Seen = (Option<u64>, Vec<u8>);
+
 /// Hooks that want each batch's completions: they record them and fail when told.
 #[derive(Default)]
 struct SyncRecorder {
-    seen: std::sync::Mutex<Vec<(usize, Vec<(Option<u64>, Vec<u8>)>)>>,
+    seen: std::sync::Mutex<Vec<(usize, Vec<Seen>)>>,
     fail: std::sync::atomic::AtomicBool,
 }
 
