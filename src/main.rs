@@ -18,6 +18,11 @@ fn main() {
                         .map_err(|e| e.to_string())
                 }) {
                 Ok((cfg, None)) => twinrun_pair::run_vm(&cfg, args.name.as_deref()),
+                Ok((cfg, Some(ft)))
+                    if args.ft.protection == twinrun_pair::settings::Protection::Ha =>
+                {
+                    twinrun_pair::ha::run_pair(&cfg, &ft, args.name.as_deref())
+                }
                 Ok((cfg, Some(ft))) => twinrun_pair::run_pair(&cfg, &ft, args.name.as_deref()),
                 Err(e) => {
                     eprintln!("twinrun: error: {e}");

@@ -1,7 +1,7 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
 //! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ft-epoch,
+//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ha, ft-epoch,
 //! ft-min-epoch; all but the two sweeps by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
 //! figures. See benches/README.md.
 
@@ -13,6 +13,7 @@ mod exits;
 mod ft;
 mod ftnet;
 mod ftwitness;
+mod ha;
 mod mirror;
 mod pause;
 mod plots;
@@ -38,7 +39,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "boot",
     "exits",
     "blk",
@@ -48,6 +49,7 @@ const SECTIONS: [&str; 13] = [
     "ft-net",
     "ft-witness",
     "mirror",
+    "ha",
     "datapath",
     "overhead",
     "ft-epoch",
@@ -60,7 +62,7 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,mirror,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -244,6 +246,7 @@ fn main() {
         ftwitness::run(&twinrun, &elf, &dir, q)
     });
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
+    section("ha", &mut || ha::run(&twinrun, &elf, &dir, q));
     section("ft-epoch", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());

@@ -46,10 +46,10 @@ const CHUNK: usize = 1 << 20;
 const DISK_RATE: u64 = 4000;
 /// Records per request (and per flush) of the unpaced writer of figure 3: the guest's
 /// largest request (32 KiB).
-const SYNC_RECORDS: u64 = 64;
+pub(crate) const SYNC_RECORDS: u64 = 64;
 /// Wait after the first durable record (and after protection) before the window.
 const WARMUP_MS: u64 = 300;
-const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One `disk resync done` line.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -114,18 +114,18 @@ fn plans(log: &str) -> Vec<String> {
         .collect()
 }
 
-fn read(p: &Path) -> String {
+pub(crate) fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-fn tail(p: &Path, n: usize) -> String {
+pub(crate) fn tail(p: &Path, n: usize) -> String {
     let s = read(p);
     let l: Vec<&str> = s.lines().collect();
     l[l.len().saturating_sub(n)..].join("\n")
 }
 
 /// Files removed on drop.
-struct Files(Vec<PathBuf>);
+pub(crate) struct Files(pub(crate) Vec<PathBuf>);
 
 impl Drop for Files {
     fn drop(&mut self) {
@@ -141,7 +141,7 @@ impl Drop for Files {
 
 /// Writes `bytes` of non-zero data (seeded, every 4 KiB block stamped with its
 /// index so no two blocks are equal) to `path`, fsync'd.
-fn fill_image(path: &Path, bytes: u64) -> Result<(), String> {
+pub(crate) fn fill_image(path: &Path, bytes: u64) -> Result<(), String> {
     let mut f = File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut buf = vec![0u8; CHUNK];
@@ -255,13 +255,13 @@ struct Ctx<'a> {
 /// One `twinrun vm run` of this section in namespace `ns` (`RUST_LOG=info`: the resync
 /// figures come from info lines, whatever the caller's RUST_LOG says), named `name`
 /// (its control socket in `dir/run`).
-struct Vm {
-    proc: Proc,
+pub(crate) struct Vm {
+    pub(crate) proc: Proc,
     sock: PathBuf,
 }
 
 impl Vm {
-    fn spawn(
+    pub(crate) fn spawn(
         role: &'static str,
         ns: &twinrun_lab::NetNs,
         cx: (&Path, &Path),
@@ -283,12 +283,17 @@ impl Vm {
         })
     }
 
-    fn status(&self) -> Option<FtStatus> {
+    pub(crate) fn status(&self) -> Option<FtStatus> {
         twinrun_control::ft_status(&self.sock)
     }
 }
 
-fn vm_args(elf: &Path, image: &Path, console: &Path, workload: &[String]) -> Vec<String> {
+pub(crate) fn vm_args(
+    elf: &Path,
+    image: &Path,
+    console: &Path,
+    workload: &[String],
+) -> Vec<String> {
     let mut v: Vec<String> = ["vm", "run", "--mem-mib", "64", "--guest"]
         .map(String::from)
         .to_vec();
@@ -440,17 +445,17 @@ impl Pair {
 }
 
 /// Durable records counted on a console over a window.
-struct Rate {
-    records: u64,
-    secs: f64,
+pub(crate) struct Rate {
+    pub(crate) records: u64,
+    pub(crate) secs: f64,
 }
 
 impl Rate {
-    fn mib_s(&self) -> f64 {
+    pub(crate) fn mib_s(&self) -> f64 {
         mib_s(self.records * 512, self.secs)
     }
 
-    fn ms_per_request(&self) -> f64 {
+    pub(crate) fn ms_per_request(&self) -> f64 {
         self.secs * 1e3 / (self.records as f64 / SYNC_RECORDS as f64)
     }
 }
@@ -473,7 +478,7 @@ fn last_w(text: &str) -> u64 {
 /// durable over `window` (seen on the console: for a protected VM the lines are
 /// released per committed epoch, so both ends are late by about one epoch). The
 /// console is read whole at each end (a few MiB) and timed right after the read.
-fn records_rate(
+pub(crate) fn records_rate(
     console: &Path,
     window: Duration,
     mut alive: impl FnMut() -> bool,

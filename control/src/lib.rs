@@ -160,6 +160,10 @@ pub enum FtState {
 /// The FT part of [`VmStatus`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FtStatus {
+    /// The pair's protection level: "ft" (memory checkpoints) or "ha" (disks mirrored
+    /// synchronously, the VM booted again on the survivor). Older ends omit it: "ft".
+    #[serde(default = "ft_level")]
+    pub protection: String,
     pub role: FtRole,
     pub state: FtState,
     /// A VM runs in this process: a primary's once built and started, a standby's
@@ -235,6 +239,10 @@ pub struct WitnessView {
     pub reachable: bool,
     /// This node's lease there, if it holds one of its generation.
     pub lease_left_ms: Option<u64>,
+}
+
+fn ft_level() -> String {
+    "ft".into()
 }
 
 /// The takeover this process performed.

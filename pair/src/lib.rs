@@ -9,11 +9,13 @@
 //! | [`alone`] | a VM alone: build, start, serve its control socket, wait, exit code; a snapshot's restore |
 //! | [`settings`] | what an end of a pair is given ([`FtSettings`], [`Role`]) |
 //! | [`ft`] | one end of a pair: the A-Link config, the primary's sessions (standby after standby), the standby's wait and failover, the survivor's role switch ([`ft::role`], in one place), the status it serves |
+//! | [`ha`] | one end of an HA pair: disks mirrored synchronously, no checkpoints; the standby boots the guest from its replica when the primary is lost |
 //! | [`exit`], [`signals`] | exit codes; SIGTERM/SIGINT taken on a thread |
 
 pub mod alone;
 pub mod exit;
 pub mod ft;
+pub mod ha;
 pub mod settings;
 pub mod signals;
 

@@ -19,6 +19,27 @@ pub enum Role {
     Standby,
 }
 
+/// How a pair protects its VM (`--protection`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Protection {
+    /// Fault tolerant: memory checkpoints, the standby resumes the VM where it was.
+    #[default]
+    Ft,
+    /// High availability: disks mirrored synchronously, the standby boots the VM
+    /// again from its replica.
+    Ha,
+}
+
+impl Protection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Ft => "ft",
+            Protection::Ha => "ha",
+        }
+    }
+}
+
 /// One A-Link: this end's address and the peer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AlinkSpec {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 pub use twinrun_pair::settings::{
-    AlinkSpec, FtSettings, NodeId, QuorumConfig, QuorumSettings, Role,
+    AlinkSpec, FtSettings, NodeId, Protection, QuorumConfig, QuorumSettings, Role,
 };
 
 /// Heartbeat interval default: with 4 misses a dead link is noticed in about 200 ms,
@@ -26,6 +26,10 @@ pub struct FtArgs {
     /// Run as one end of a protected pair (absent: unprotected).
     #[arg(long, value_enum, value_name = "ROLE")]
     pub role: Option<Role>,
+    /// Protection level of the pair: ft (memory checkpoints, no reboot on failover) or
+    /// ha (disks mirrored synchronously, the VM boots again on the survivor).
+    #[arg(long, value_enum, value_name = "LEVEL", default_value = "ft")]
+    pub protection: Protection,
     /// One A-Link: LOCAL_IP:PORT,PEER_IP:PORT (repeatable, one per link; the standby
     /// listens on its local address, the primary connects to its peer address).
     #[arg(long = "alink", value_name = "LOCAL,PEER", value_parser = parse_alink_spec)]
@@ -199,6 +203,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.witness.is_some(), "--witness"),
             (a.witness_alternate.is_some(), "--witness-alternate"),
             (a.witness_secret_file.is_some(), "--witness-secret-file"),
+            (a.protection == Protection::Ha, "--protection ha"),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(FtError::NeedsRole(flag)),
@@ -410,6 +415,18 @@ mod tests {
         assert!(resolve_ft(&parse(&[]).unwrap()).unwrap().is_none());
         let a = parse(&["--alink", "1.1.1.1:1,2.2.2.2:2"]).unwrap();
         assert_eq!(resolve_ft(&a).unwrap_err(), FtError::NeedsRole("--alink"));
+    }
+
+    #[test]
+    fn protection_defaults_to_ft_and_ha_needs_a_role() {
+        assert_eq!(parse(&[]).unwrap().protection, Protection::Ft);
+        let a = parse(&["--protection", "ha"]).unwrap();
+        assert_eq!(a.protection, Protection::Ha);
+        assert_eq!(
+            resolve_ft(&a).unwrap_err(),
+            FtError::NeedsRole("--protection ha")
+        );
+        assert!(parse(&["--protection", "unprotected"]).is_err());
     }
 
     #[test]

@@ -163,6 +163,7 @@ mod tests {
             pid: 7,
             paused: false,
             ft: Some(Box::new(FtStatus {
+                protection: "ft".into(),
                 role: FtRole::Primary,
                 state: FtState::WaitingForPeer,
                 vm_running: true,

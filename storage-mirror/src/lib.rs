@@ -19,6 +19,7 @@
 //! | [`wire`] | the disk session's messages, bounded and checked on decode |
 //! | [`primary`] | the primary's disks (modes, activity log), session machine, peer reads, verify |
 //! | [`standby`] | the standby's disks (report, chunks, apply journal), session machine |
+//! | [`sync`] | HA: synchronous mirroring of every write batch (machine, wire, the primary's edge) |
 
 pub mod apply_journal;
 pub mod bitmap;
@@ -27,6 +28,7 @@ pub mod meta;
 pub mod primary;
 pub mod resync;
 pub mod standby;
+pub mod sync;
 pub mod verify;
 pub mod wire;
 

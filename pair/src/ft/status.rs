@@ -236,6 +236,7 @@ impl FtControl for PairStatus {
             ),
         };
         FtStatus {
+            protection: "ft".into(),
             role: i.role,
             state,
             vm_running: i.vm_running,

@@ -38,6 +38,25 @@ pub trait DiskHooks: Send + Sync {
     ) -> io::Result<()>;
     /// A flush failed on the local image: Ok => the guest sees success.
     fn flush_failed(&self, disk: usize, err: &io::Error) -> io::Result<()>;
+    /// Whether [`DiskHooks::completed`] wants to see each batch (copying the written
+    /// data out of guest memory costs: hooks that do not mirror synchronously say no).
+    fn wants_completed(&self) -> bool {
+        false
+    }
+    /// The batch's writes and flushes that succeeded, in completion order, before the
+    /// guest is told: a synchronous mirror sends them to its peer and returns once the
+    /// peer has them. Called for every batch `before_writes` saw (even if nothing
+    /// succeeded) and for every batch with a flush. An error fails them all (IOERR).
+    fn completed(&self, _disk: usize, _ops: &[DoneOp<'_>]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One operation of a batch the local image completed (see [`DiskHooks::completed`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum DoneOp<'a> {
+    Write { offset: u64, data: &'a [u8] },
+    Flush,
 }
 
 /// The hooks of one disk with the disk's index, replaceable while the VM runs.

@@ -28,7 +28,7 @@ use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 pub use self::faults::{DiskFaults, FaultOps};
-pub use self::hooks::{DiskControls, DiskHooks};
+pub use self::hooks::{DiskControls, DiskHooks, DoneOp};
 use self::io::{Engine, IoOp, OpKind};
 pub use self::journal::{apply_journal, DiskJournal, JournalExtent};
 use self::request::*;
@@ -315,6 +315,9 @@ impl VirtioDevice for Block {
             self.serve_failed(mem, &pending, &mut ops, &vetoed, hooks, ran);
         }
         self.journal_writes(mem, &pending, &ops);
+        if let Some((disk, hooks)) = hooks.as_ref().filter(|(_, h)| h.wants_completed()) {
+            complete_through_hooks(mem, &pending, &mut ops, *disk, hooks.as_ref());
+        }
         let any = !pending.is_empty();
         for p in pending {
             mark_dirty_if(mem, &p.dirty);
@@ -593,16 +596,69 @@ pub fn overlay_writes<'a>(
     }
 }
 
-/// Copies a failed write's data out of guest memory and has the hooks store it.
-fn serve_write(
+/// Shows the batch's successful writes (data copied out of guest memory) and flushes
+/// to the hooks, in completion order; if they fail, every one of them fails for the
+/// guest (a synchronous mirror could not get them to its peer).
+fn complete_through_hooks(
     mem: &GuestMemoryMmap,
-    hooks: &dyn DiskHooks,
+    pending: &[Pending],
+    ops: &mut [IoOp],
     disk: usize,
-    offset: u64,
+    hooks: &dyn DiskHooks,
+) {
+    let mut done: Vec<(u32, usize)> = pending
+        .iter()
+        .filter_map(|p| p.op)
+        .filter(|&i| matches!(ops[i].kind, OpKind::Write | OpKind::Flush))
+        .map(|i| (ops[i].completed, i))
+        .collect();
+    if done.is_empty() {
+        return;
+    }
+    done.sort_unstable();
+    let mut datas: Vec<(usize, Vec<u8>)> = Vec::new();
+    for p in pending {
+        let (Some(i), Some((_, bufs))) = (p.op, &p.journal) else {
+            continue;
+        };
+        if ops[i].result.is_err() {
+            continue;
+        }
+        match read_guest(mem, ops[i].len, bufs) {
+            Ok(d) => datas.push((i, d)),
+            Err(e) => ops[i].result = Err(e),
+        }
+    }
+    let list: Vec<DoneOp<'_>> = done
+        .iter()
+        .filter(|&&(_, i)| ops[i].result.is_ok())
+        .filter_map(|&(_, i)| match ops[i].kind {
+            OpKind::Flush => Some(DoneOp::Flush),
+            _ => datas
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(_, d)| DoneOp::Write {
+                    offset: ops[i].offset,
+                    data: d,
+                }),
+        })
+        .collect();
+    if let Err(e) = hooks.completed(disk, &list) {
+        warn!("virtio-blk: disk {disk}: completion hook failed: {e}; failing the batch's writes and flushes");
+        for &(_, i) in &done {
+            if ops[i].result.is_ok() {
+                ops[i].result = Err(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+    }
+}
+
+/// A write's data, copied out of guest memory.
+fn read_guest(
+    mem: &GuestMemoryMmap,
     len: u64,
     bufs: &[(vm_memory::GuestAddress, u32)],
-    err: &std::io::Error,
-) -> std::io::Result<()> {
+) -> std::io::Result<Vec<u8>> {
     let len = usize::try_from(len).map_err(std::io::Error::other)?;
     let mut data = vec![0u8; len];
     let mut at = 0usize;
@@ -614,6 +670,20 @@ fn serve_write(
         mem.read_slice(chunk, addr).map_err(std::io::Error::other)?;
         at += n;
     }
+    Ok(data)
+}
+
+/// Copies a failed write's data out of guest memory and has the hooks store it.
+fn serve_write(
+    mem: &GuestMemoryMmap,
+    hooks: &dyn DiskHooks,
+    disk: usize,
+    offset: u64,
+    len: u64,
+    bufs: &[(vm_memory::GuestAddress, u32)],
+    err: &std::io::Error,
+) -> std::io::Result<()> {
+    let data = read_guest(mem, len, bufs)?;
     hooks.write_failed(disk, offset, &data, err)
 }
 

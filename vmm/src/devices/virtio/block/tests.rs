@@ -703,3 +703,90 @@ fn overlay_writes_lays_only_the_overlapping_parts_in_order() {
     super::overlay_writes(&mut buf, 100, [(90u64, &c[..])].into_iter());
     assert!(buf.iter().all(|&x| x == 3), "covers the whole buffer");
 }
+
+/// One completion a hook saw: a write's (offset, data) or a flush (None, empty).
+type Seen = (Option<u64>, Vec<u8>);
+
+/// Hooks that want each batch's completions: they record them and fail when told.
+#[derive(Default)]
+struct SyncRecorder {
+    seen: std::sync::Mutex<Vec<(usize, Vec<Seen>)>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl DiskHooks for SyncRecorder {
+    fn before_writes(&self, _disk: usize, _ranges: &[(u64, u64)]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn read_failed(
+        &self,
+        _: usize,
+        _: u64,
+        _: &mut [u8],
+        e: &std::io::Error,
+    ) -> std::io::Result<()> {
+        Err(std::io::Error::new(e.kind(), e.to_string()))
+    }
+    fn write_failed(&self, _: usize, _: u64, _: &[u8], e: &std::io::Error) -> std::io::Result<()> {
+        Err(std::io::Error::new(e.kind(), e.to_string()))
+    }
+    fn flush_failed(&self, _: usize, e: &std::io::Error) -> std::io::Result<()> {
+        Err(std::io::Error::new(e.kind(), e.to_string()))
+    }
+    fn wants_completed(&self) -> bool {
+        true
+    }
+    fn completed(&self, disk: usize, ops: &[DoneOp<'_>]) -> std::io::Result<()> {
+        let ops = ops
+            .iter()
+            .map(|o| match o {
+                DoneOp::Write { offset, data } => (Some(*offset), data.to_vec()),
+                DoneOp::Flush => (None, Vec::new()),
+            })
+            .collect();
+        self.seen.lock().unwrap().push((disk, ops));
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("peer did not acknowledge"));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn completed_hook_sees_writes_and_flushes_before_the_guest_and_its_error_fails_them() {
+    for engine in [IoEngine::IoUring, IoEngine::Sync] {
+        let img = TempImage::new("completed", 16);
+        let mem = memory();
+        let (mut t, c) = faulty(&mem, &img, engine);
+        let mut drv = ready(&mut t, &mem, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+        let hooks = Arc::new(SyncRecorder::default());
+        c.set_hooks(2, Some(hooks.clone()));
+
+        // A write and a flush in one batch: both shown, with the data, in order.
+        mem.write_slice(&[0x6B; 512], GuestAddress(DATA)).unwrap();
+        let h = header(&mem, 0, VIRTIO_BLK_T_OUT, 5);
+        drv.chain(0, &[(h, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+        let h = header(&mem, 1, VIRTIO_BLK_T_FLUSH, 0);
+        drv.chain(3, &[(h, 16, false), (STATUS + 1, 1, true)]);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+        assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK);
+        let seen = std::mem::take(&mut *hooks.seen.lock().unwrap());
+        assert_eq!(seen.len(), 1, "{engine:?}");
+        assert_eq!(seen[0].0, 2);
+        let mut ops = seen[0].1.clone();
+        ops.sort_by_key(|o| o.0.is_none());
+        assert_eq!(ops, vec![(Some(5 * 512), vec![0x6B; 512]), (None, vec![])]);
+        assert_eq!(sector_of_file(&img, 5), vec![0x6B; 512]);
+
+        // The hook fails: the guest sees IOERR for the write.
+        hooks.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let h = header(&mem, 2, VIRTIO_BLK_T_OUT, 6);
+        drv.chain(
+            5,
+            &[(h, 16, false), (DATA, 512, false), (STATUS + 2, 1, true)],
+        );
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(status(&mem, 2), VIRTIO_BLK_S_IOERR);
+    }
+}

@@ -1,0 +1,290 @@
+//! HA protection (issue 15 item 4) on a real pair: two `twinrun vm run --protection ha
+//! --role ...` processes in the PM namespaces of the pair topology, A-Links over veths,
+//! real image files in the scratch directory.
+//!
+//! 1. Mirrored write+flush throughput: the guest's `disk` workload unpaced (32 KiB
+//!    requests, each followed by a flush, one at a time), records made durable over a
+//!    window once the pair is protected, against the same guest unprotected on an image
+//!    of the same kind in the same run (target >= 80 %).
+//! 2. Restart time: SIGKILL the protected primary; the time from the kill to the
+//!    guest's first console output on the survivor (it boots from its replica),
+//!    against the guest's own boot (an unprotected VM from spawn to its first output)
+//!    measured in the same run (target: at most 1 s more than that boot).
+//!
+//! The namespaces, processes and files go away on drop (also on error).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use twinrun_control::FtState;
+use twinrun_lab::Topology;
+
+use crate::mirror::{
+    fill_image, read, records_rate, tail, vm_args, Files, Vm, PAIR_TIMEOUT, SYNC_RECORDS,
+};
+use crate::report::{Better, Figure};
+
+const GROUP: &str = "ha";
+
+struct Ctx<'a> {
+    twinrun: &'a Path,
+    elf: &'a Path,
+    dir: &'a Path,
+    topo: &'a Topology,
+    secret: PathBuf,
+    images: [PathBuf; 2],
+}
+
+/// A protected HA pair (the standby first on drop).
+struct Pair {
+    standby: Vm,
+    primary: Vm,
+    plog: PathBuf,
+    slog: PathBuf,
+    pcon: PathBuf,
+    scon: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn spawn(
+        &self,
+        i: usize,
+        tag: &str,
+        workload: &[String],
+    ) -> Result<(Vm, PathBuf, PathBuf), String> {
+        let role = if i == 0 { "primary" } else { "standby" };
+        let con = self.dir.join(format!("ha-{tag}-{role}.console"));
+        let log = self.dir.join(format!("ha-{tag}-{role}.log"));
+        let _ = std::fs::remove_file(&con);
+        let mut a = vm_args(self.elf, &self.images[i], &con, workload);
+        a.extend([
+            "--protection".into(),
+            "ha".into(),
+            "--role".into(),
+            role.into(),
+        ]);
+        a.extend(self.topo.alink_args(i));
+        a.extend([
+            "--cluster-id".into(),
+            format!("bench-ha-{}", std::process::id()),
+            "--cluster-secret-file".into(),
+            self.secret.display().to_string(),
+        ]);
+        let name = format!("ha-{}-{tag}-{role}", std::process::id());
+        let vm = Vm::spawn(
+            role,
+            &self.topo.pms[i].ns,
+            (self.twinrun, self.dir),
+            &name,
+            &a,
+            &log,
+        )?;
+        Ok((vm, con, log))
+    }
+
+    fn pair(&self, tag: &str, workload: &[String]) -> Result<Pair, String> {
+        let (mut standby, scon, slog) = self.spawn(1, tag, workload)?;
+        wait(&mut standby, &slog, "listening", |s| s.session >= 1)?;
+        let (mut primary, pcon, plog) = self.spawn(0, tag, workload)?;
+        wait(&mut primary, &plog, "protected", |s| {
+            s.state == FtState::Protected
+        })
+        .map_err(|e| format!("{e}\nstandby:\n{}", tail(&slog, 15)))?;
+        Ok(Pair {
+            standby,
+            primary,
+            plog,
+            slog,
+            pcon,
+            scon,
+        })
+    }
+}
+
+fn wait(
+    vm: &mut Vm,
+    log: &Path,
+    what: &str,
+    done: impl Fn(&twinrun_control::FtStatus) -> bool,
+) -> Result<Instant, String> {
+    let t0 = Instant::now();
+    loop {
+        if vm.status().is_some_and(|s| done(&s)) {
+            return Ok(Instant::now());
+        }
+        if let Some(st) = vm.proc.try_wait() {
+            return Err(format!("exited ({st}) before {what}:\n{}", tail(log, 20)));
+        }
+        if t0.elapsed() > PAIR_TIMEOUT {
+            return Err(format!(
+                "not {what} within {PAIR_TIMEOUT:?}:\n{}",
+                tail(log, 20)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `console` holds a complete line; when it was seen.
+fn first_output(console: &Path, alive: &mut dyn FnMut() -> bool) -> Result<Instant, String> {
+    let t0 = Instant::now();
+    loop {
+        if read(console).contains('\n') {
+            return Ok(Instant::now());
+        }
+        if !alive() || t0.elapsed() > PAIR_TIMEOUT {
+            return Err(format!("no console output on {}", console.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
+    let disk: u64 = 64 << 20;
+    let topo = Topology::create(&format!("ha{}", std::process::id() % 1_000_000))
+        .map_err(|e| format!("pair topology: {e}"))?;
+    let secret = dir.join("ha.secret");
+    let images = [dir.join("ha-pm1.img"), dir.join("ha-pm2.img")];
+    let local_img = dir.join("ha-local.img");
+    let mut files = Files(vec![secret.clone(), local_img.clone()]);
+    for p in &images {
+        files.0.push(p.clone());
+        files
+            .0
+            .push(PathBuf::from(format!("{}.twinrun", p.display())));
+    }
+    files.0.push(dir.join("run"));
+    std::fs::write(&secret, b"ha-bench-cluster-secret-0123456789\n")
+        .map_err(|e| format!("secret: {e}"))?;
+    for p in images.iter().chain([&local_img]) {
+        fill_image(p, disk)?;
+    }
+    let cx = Ctx {
+        twinrun,
+        elf,
+        dir,
+        topo: &topo,
+        secret,
+        images,
+    };
+
+    eprintln!("   HA write+flush: unprotected, then on the pair ...");
+    let window = Duration::from_secs_f64(if quick { 1.5 } else { 3.0 });
+    let writer: Vec<String> = [
+        "--workload",
+        "counter,disk",
+        "--counter-rate",
+        "10",
+        "--disk-rate",
+        "10000000",
+        "--disk-flush-every",
+        &SYNC_RECORDS.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let ucon = dir.join("ha-local.console");
+    let ulog = dir.join("ha-local.log");
+    let _ = std::fs::remove_file(&ucon);
+    files.0.push(ucon.clone());
+    files.0.push(ulog.clone());
+    let (local, boot) = {
+        let name = format!("ha-{}-local", std::process::id());
+        let args = vm_args(elf, &local_img, &ucon, &writer);
+        let spawned = Instant::now();
+        let mut vm = Vm::spawn(
+            "unprotected",
+            &topo.pms[0].ns,
+            (twinrun, dir),
+            &name,
+            &args,
+            &ulog,
+        )?;
+        let boot = first_output(&ucon, &mut || vm.proc.alive())
+            .map(|t| t - spawned)
+            .map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?;
+        let r = records_rate(&ucon, window, || vm.proc.alive());
+        vm.proc.terminate(Duration::from_secs(5));
+        (
+            r.map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?,
+            boot,
+        )
+    };
+    let mut pair = cx.pair("sync", &writer)?;
+    for p in [&pair.pcon, &pair.scon, &pair.plog, &pair.slog] {
+        files.0.push(p.to_path_buf());
+    }
+    let ha = records_rate(&pair.pcon, window, || pair.primary.proc.alive());
+    let stayed = pair
+        .primary
+        .status()
+        .is_some_and(|s| s.session == 1 && s.state == FtState::Protected);
+    let ha = ha.map_err(|e| format!("HA: {e}\n{}", tail(&pair.plog, 20)))?;
+    if !stayed {
+        return Err(format!(
+            "the HA pair did not stay protected during the measurement:\n{}",
+            tail(&pair.plog, 20)
+        ));
+    }
+
+    eprintln!("   HA restart: SIGKILL the primary ...");
+    pair.primary.proc.kill();
+    let killed = Instant::now();
+    let scon = pair.scon.clone();
+    let standby = &mut pair.standby;
+    let up = first_output(&scon, &mut || standby.proc.alive())
+        .map_err(|e| format!("survivor: {e}\n{}", tail(&pair.slog, 20)))?;
+    let restart = up - killed;
+    pair.standby.proc.terminate(Duration::from_secs(5));
+    drop(pair);
+    drop(topo);
+    drop(files);
+
+    let note = format!(
+        "guest `disk` workload unpaced: {SYNC_RECORDS} records of 512 B per request, each \
+         followed by a flush; {:.1} s window; HA {} records, local {}; {} MiB images",
+        window.as_secs_f64(),
+        ha.records,
+        local.records,
+        disk >> 20
+    );
+    Ok(vec![
+        Figure::new(
+            GROUP,
+            "HA guest write+flush throughput",
+            ha.mib_s(),
+            "MiB/s",
+            Better::Higher,
+        )
+        .target(0.8, true, ">= 80% of local")
+        .baseline("same guest unprotected, same kind of image", local.mib_s())
+        .note(note),
+        Figure::new(
+            GROUP,
+            "HA guest write+flush latency (mean per request)",
+            ha.ms_per_request(),
+            "ms",
+            Better::Lower,
+        )
+        .baseline("same guest unprotected", local.ms_per_request()),
+        Figure::new(
+            GROUP,
+            "HA restart time (SIGKILL to first output on the survivor)",
+            restart.as_secs_f64() * 1e3,
+            "ms",
+            Better::Lower,
+        )
+        .baseline(
+            "the guest's own boot (spawn to first output)",
+            boot.as_secs_f64() * 1e3,
+        )
+        .note("A-Links over veths; a SIGKILLed peer's sockets close at once"),
+        Figure::new(
+            GROUP,
+            "HA restart time beyond the guest's own boot",
+            (restart.as_secs_f64() - boot.as_secs_f64()) * 1e3,
+            "ms",
+            Better::Lower,
+        )
+        .target(1000.0, false, "<= 1 s plus the guest's boot"),
+    ])
+}

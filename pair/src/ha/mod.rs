@@ -1,0 +1,70 @@
+//! One end of an HA pair (`twinrun vm run --protection ha --role primary|standby`):
+//! the VM's disks mirrored synchronously to the standby (a write or flush completes
+//! for the guest once both replicas have it: `storage_mirror::sync`), no memory
+//! checkpoints, no epoch pauses. When the primary is lost (every A-Link silent) the
+//! standby boots the guest again from its replica and runs on as an HA primary that
+//! waits for the peer to return as its standby (delta resync by the disk session).
+//!
+//! | module | what it owns |
+//! | --- | --- |
+//! | [`hooks`] | the VMM's disk hooks answered by `storage_mirror::sync::SyncDisks` |
+//! | [`primary`] | build and start the VM, then one session per standby: the disk session (resync), the closing commit, acknowledgements, the standby's loss |
+//! | [`status`] | the control socket's status: FT's, with `protection: "ha"` |
+//! | [`standby`] | the replica: the disk session's answers, write batches applied through the apply journal and acknowledged; the takeover |
+//!
+//! Status: the control socket serves the same `FtStatus` as FT (role, state
+//! protected/syncing/waiting, failover), so the daemon reads both alike; a protected
+//! HA primary counts the write batches its standby acknowledged as `epochs_committed`.
+
+pub mod hooks;
+pub mod primary;
+pub mod standby;
+pub mod status;
+
+use std::sync::Arc;
+
+use log::{error, warn};
+use vmm::config::VmConfig;
+
+use crate::ft::link;
+use crate::ft::shutdown::Shutdown;
+use crate::ft::status::PairStatus;
+use crate::settings::{FtSettings, Role};
+use crate::{exit, signals};
+use status::ControlThread;
+
+/// Logged by a standby that takes over without a quorum witness.
+pub const NO_WITNESS_WARNING: &str = "HA mode without quorum: if ALL A-Links are cut while \
+both PMs are alive, the standby boots the VM too and TWO copies of it run (the quorum \
+witness is not wired into HA yet)";
+
+/// `run_pair` for HA: signals, control socket, then the role; returns the exit code.
+pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
+    if let Err(e) = signals::block() {
+        error!("cannot block SIGTERM/SIGINT: {e}");
+        return exit::START_FAILED;
+    }
+    let shutdown = Shutdown::install();
+    let server = match name.map(|n| crate::alone::control_server(Some(n), cfg)) {
+        Some(Ok(s)) => s,
+        Some(Err(code)) => return code,
+        None => None,
+    };
+    let status = PairStatus::new(ft.role, cfg);
+    let _control = server.map(|s| ControlThread::start(s, status.clone()));
+    run_pair_with(cfg, ft, &shutdown, &status)
+}
+
+/// [`run_pair`] in-process: `shutdown` stops this end, `status` shows how it goes.
+pub fn run_pair_with(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    shutdown: &Shutdown,
+    status: &Arc<PairStatus>,
+) -> i32 {
+    warn!("{NO_WITNESS_WARNING}");
+    match ft.role {
+        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), shutdown, status),
+        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), shutdown, status),
+    }
+}

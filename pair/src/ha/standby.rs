@@ -1,0 +1,268 @@
+//! The HA standby: holds the disk replicas and runs no guest. It answers the disk
+//! session (report, plan, chunks), applies each write batch through its apply journal
+//! (durable before the acknowledgement) and the closing commit that makes it in sync.
+//! When the primary is lost (every A-Link silent) after the replicas were in sync, it
+//! boots the guest from them and runs on as an HA primary that waits for the peer to
+//! return as its standby (delta resync by the disk session).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alink::{Alink, AlinkConfig, Bytes, Event, LinkEvent};
+use checkpoint::standby::FailoverReport;
+use log::{error, info, warn};
+use storage_mirror::standby::session::StandbySessionConfig;
+use storage_mirror::standby::{StandbyDisks, StandbyEvent, StandbySession};
+use storage_mirror::sync::wire::{self as hawire, HaToPrimary, HaToStandby};
+use storage_mirror::wire;
+use vmm::config::VmConfig;
+
+use crate::exit;
+use crate::ft::link::alink_config_as;
+use crate::ft::shutdown::Shutdown;
+use crate::ft::status::PairStatus;
+use crate::settings::{FtSettings, Role};
+
+/// How long an answer to the primary may wait for window room.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// Logged when the standby boots the guest from its replica.
+pub const TAKEOVER_LOG: &str = "HA standby: the primary is lost; booting the VM from the replica";
+
+enum End {
+    Stop,
+    /// The primary is lost; the replicas were in sync with it.
+    LostInSync,
+    /// The primary is lost before the replicas were in sync: wait for one again.
+    LostEarly,
+    Failed(String),
+}
+
+pub fn run(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    acfg: AlinkConfig,
+    sd: &Shutdown,
+    status: &PairStatus,
+) -> i32 {
+    let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
+    let mut disks = match StandbyDisks::open(&images) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("HA standby: cannot open the replicas: {e}");
+            return exit::START_FAILED;
+        }
+    };
+    if ft.discard_disk_data {
+        warn!("HA standby: discarding the replicas' metadata: the primary will send full copies");
+        if let Err(e) = disks.discard_all() {
+            error!("HA standby: {e}");
+            return exit::START_FAILED;
+        }
+    }
+    let lost_at = loop {
+        let link = match Alink::start(acfg.clone()) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                error!("cannot start the A-Link: {e}");
+                return exit::START_FAILED;
+            }
+        };
+        status.begin_session(link.clone(), None);
+        let end = serve(&mut disks, &link, sd);
+        status.end_session(None);
+        drop(link);
+        match end {
+            End::Stop => return exit::OK,
+            End::LostEarly => {
+                warn!("HA standby: the primary was lost before the replicas were in sync; waiting for it");
+                continue;
+            }
+            End::LostInSync => break Instant::now(),
+            End::Failed(why) => {
+                error!("HA standby: {why}");
+                return exit::START_FAILED;
+            }
+        }
+    };
+    warn!("{TAKEOVER_LOG}");
+    warn!("{}", super::NO_WITNESS_WARNING);
+    if let Err(e) = disks.prepare_failover() {
+        error!("HA standby: cannot promote the replicas: {e}");
+        return exit::START_FAILED;
+    }
+    drop(disks);
+    let (vm, sync) = match super::primary::start_vm(cfg) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let report = FailoverReport {
+        last_committed: 0,
+        released_through: None,
+        rereleased_bytes: 0,
+        rereleased_from: None,
+        console_next: None,
+        failover_time: lost_at.elapsed(),
+        announces: 0,
+        resent_frames: 0,
+        resend_failed: 0,
+    };
+    info!(
+        "HA standby: VM booted from the replica {:?} after the primary's loss; now the primary",
+        report.failover_time
+    );
+    status.failed_over(&report, &vm, Some(sync.disks.clone()));
+    super::primary::protect(vm, ft, alink_config_as(ft, Role::Primary), sd, sync, status)
+}
+
+fn answer(link: &Alink, m: &HaToPrimary, data: Vec<u8>) -> Result<(), String> {
+    let payload = if data.is_empty() {
+        Vec::new()
+    } else {
+        vec![Bytes::from(data)]
+    };
+    match link.send_timeout(m, payload, Some(ANSWER_WAIT)) {
+        Ok(_) | Err(alink::AlinkError::Timeout) | Err(alink::AlinkError::Closed) => Ok(()),
+        Err(e) => Err(format!("A-Link: {e}")),
+    }
+}
+
+/// Feeds the disk session `ev` and performs its actions; the answers go out.
+fn feed(
+    ses: &mut StandbySession,
+    disks: &mut StandbyDisks,
+    ev: StandbyEvent,
+    payload: &[u8],
+    link: &Alink,
+) -> Result<(), String> {
+    let mut replies = Vec::new();
+    let mut result = Ok(());
+    for a in ses.on_event(ev, Instant::now()) {
+        if let Err(e) = disks.perform(a, payload, &mut replies) {
+            result = Err(e.to_string());
+            break;
+        }
+    }
+    for (m, data) in replies {
+        let h = wire::encode(&m).map_err(|e| e.to_string())?;
+        answer(link, &HaToPrimary::Session(h), data)?;
+    }
+    result
+}
+
+fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown) -> End {
+    let mut ses = StandbySession::new(StandbySessionConfig::default(), Instant::now());
+    let mut seen_peer = false;
+    let mut in_sync = false;
+    loop {
+        if sd.requested() {
+            return End::Stop;
+        }
+        let mut lost = false;
+        while let Some(ev) = link.poll_event(Duration::ZERO) {
+            match ev {
+                Event::Link(LinkEvent::PeerUnreachable) => lost = true,
+                Event::Link(LinkEvent::PeerReachable) => {
+                    seen_peer = true;
+                    info!("HA standby: primary connected");
+                }
+                Event::Link(e) => info!("HA standby: A-Link {e:?}"),
+                Event::Refused { link, peer, reason } => {
+                    warn!("HA standby: A-Link {link} refused {peer:?}: {reason}")
+                }
+            }
+        }
+        if lost && seen_peer && !link.peer_reachable() {
+            return if in_sync {
+                End::LostInSync
+            } else {
+                End::LostEarly
+            };
+        }
+        let wait = if ses.acks_waiting() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        };
+        let msg = match link.recv(wait) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                if let Err(e) = feed(&mut ses, disks, StandbyEvent::Idle, &[], link) {
+                    return End::Failed(e);
+                }
+                continue;
+            }
+            Err(e) => return End::Failed(format!("A-Link: {e}")),
+        };
+        let r = match hawire::decode::<HaToStandby>(msg.head_bytes()) {
+            Ok(HaToStandby::Hello) => {
+                seen_peer = true;
+                feed(&mut ses, disks, StandbyEvent::Hello, &[], link)
+            }
+            Ok(HaToStandby::Session(h)) => match wire::decode_to_standby(&h, msg.payload()) {
+                Ok(m) => feed(&mut ses, disks, StandbyEvent::Msg(m), msg.payload(), link),
+                Err(e) => {
+                    error!("HA standby: bad disk message: {e}");
+                    Ok(())
+                }
+            },
+            Ok(HaToStandby::Writes { seq, writes }) => {
+                apply(disks, seq, &writes, msg.payload(), link).and_then(|()| {
+                    // Paced by the session: records the last commit in the metadata.
+                    feed(
+                        &mut ses,
+                        disks,
+                        StandbyEvent::Committed { epoch: seq },
+                        &[],
+                        link,
+                    )
+                })
+            }
+            Ok(HaToStandby::EndResync { seq, writes }) => {
+                apply(disks, seq, &writes, msg.payload(), link)
+                    .and_then(|()| {
+                        feed(
+                            &mut ses,
+                            disks,
+                            StandbyEvent::Committed { epoch: 0 },
+                            &[],
+                            link,
+                        )
+                    })
+                    .and_then(|()| {
+                        in_sync = true;
+                        info!("HA standby: replicas in sync with the primary");
+                        answer(link, &HaToPrimary::InSync, Vec::new())
+                    })
+            }
+            Err(e) => {
+                error!("HA standby: bad message from the primary: {e}");
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            let _ = answer(
+                link,
+                &HaToPrimary::Failed {
+                    reason: e.chars().take(1000).collect(),
+                },
+                Vec::new(),
+            );
+            return End::Failed(e);
+        }
+    }
+}
+
+/// Applies a write batch durably (the apply journal: one append, one fdatasync), then
+/// acknowledges it.
+fn apply(
+    disks: &mut StandbyDisks,
+    seq: u64,
+    writes: &[hawire::WriteHead],
+    payload: &[u8],
+    link: &Alink,
+) -> Result<(), String> {
+    let w = hawire::split_writes(writes, payload).map_err(|e| e.to_string())?;
+    disks.commit(seq, &w).map_err(|e| e.to_string())?;
+    answer(link, &HaToPrimary::Ack { seq }, Vec::new())
+}

@@ -1,0 +1,65 @@
+//! What an HA end serves on its control socket: FT's status (role, state, failover,
+//! links, disks: the daemon reads both levels alike) with `protection: "ha"`. A
+//! protected HA primary's state is `protected` once its standby's replicas are in
+//! sync; `epochs_committed` counts the write batches the standby acknowledged.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use storage_mirror::primary::PrimaryDisks;
+use twinrun_control::server::{FtControl, Server};
+use twinrun_control::FtStatus;
+use vmm::devices::virtio::block::DiskFaults;
+
+use crate::ft::status::PairStatus;
+
+/// [`PairStatus`] as an HA end reports it.
+pub struct HaControl(pub Arc<PairStatus>);
+
+impl FtControl for HaControl {
+    fn status(&self) -> FtStatus {
+        let mut s = self.0.status();
+        s.protection = "ha".into();
+        s
+    }
+    fn disk_faults(&self) -> Vec<Arc<DiskFaults>> {
+        self.0.disk_faults()
+    }
+    fn disks(&self) -> Option<Arc<PrimaryDisks>> {
+        self.0.disks()
+    }
+}
+
+/// Serves the control socket of this end on its own thread until dropped.
+pub struct ControlThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlThread {
+    pub fn start(mut server: Server, status: Arc<PairStatus>) -> ControlThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ctl = HaControl(status);
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    server.poll_ft(&ctl, Duration::from_millis(50));
+                }
+            })
+            .map_err(|e| log::warn!("cannot start the control thread ({e}): no control socket"))
+            .ok();
+        ControlThread { stop, thread }
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

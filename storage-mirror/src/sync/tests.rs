@@ -1,0 +1,155 @@
+//! The edge on real files: a writer waits for the acknowledgement, the standby's loss
+//! releases it with its blocks marked, the gate holds writers while a resync ends.
+
+use super::*;
+use crate::BlockSet;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+struct Img(PathBuf);
+
+impl Drop for Img {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn image() -> (Img, PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("twinrun-sync-{}-{}", std::process::id(), rand_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+    (Img(dir), p)
+}
+
+fn rand_id() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+fn recording() -> (SyncSend, mpsc::Receiver<(HaToStandby, Vec<u8>)>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    (
+        Box::new(move |m: &HaToStandby, p: Vec<u8>| {
+            tx.lock().unwrap().send((m.clone(), p)).is_ok()
+        }),
+        rx,
+    )
+}
+
+#[test]
+fn without_a_standby_writes_complete_at_once_and_are_marked() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    s.before_writes(0, &[(8192, 512)]).unwrap();
+    s.completed(0, &[(8192, &[7u8; 512])]).unwrap();
+    assert!(s.disks.lock(0).bitmap.is_set(2));
+}
+
+#[test]
+fn a_write_completes_only_once_acknowledged() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let (send, rx) = recording();
+    s.attach(send);
+    s.before_writes(0, &[(0, 4)]).unwrap();
+    let done = AtomicU64::new(0);
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            s.completed(0, &[(0, b"abcd")]).unwrap();
+            done.store(1, Ordering::SeqCst);
+        });
+        let (m, payload) = rx.recv().unwrap();
+        assert_eq!(
+            m,
+            HaToStandby::Writes {
+                seq: 1,
+                writes: vec![(0, 0, 4)]
+            }
+        );
+        assert_eq!(payload, b"abcd");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(done.load(Ordering::SeqCst), 0, "completed before the ack");
+        s.on_ack(1).unwrap();
+    });
+    assert_eq!(done.load(Ordering::SeqCst), 1);
+    assert_eq!(s.stats.batches_acked.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn losing_the_standby_releases_the_writer_with_its_blocks_marked() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let (send, rx) = recording();
+    s.attach(send);
+    s.before_writes(0, &[(65536, 4096)]).unwrap();
+    std::thread::scope(|t| {
+        let w = t.spawn(|| s.completed(0, &[(65536, &[1u8; 4096])]));
+        rx.recv().unwrap();
+        s.peer_lost();
+        w.join().unwrap().unwrap();
+    });
+    assert_eq!(s.stats.batches_alone.load(Ordering::SeqCst), 1);
+    assert!(s.disks.lock(0).bitmap.is_set(16));
+    assert!(!s.attached());
+}
+
+#[test]
+fn an_ack_out_of_order_is_an_error() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let (send, _rx) = recording();
+    s.attach(send);
+    assert!(s.on_ack(3).is_err());
+}
+
+#[test]
+fn ending_a_resync_waits_for_writes_in_flight_and_sends_the_marked_blocks() {
+    let (_g, p) = image();
+    std::fs::write(&p, vec![9u8; 1 << 20]).unwrap();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let (send, rx) = recording();
+    s.disks
+        .perform(&crate::primary::SessionAction::BeginResync, &mut Vec::new());
+    s.attach(send);
+    // A batch is open (before_writes seen, not completed): the gate waits for it.
+    s.before_writes(0, &[(4096, 4096)]).unwrap();
+    s.close_gate();
+    assert!(!s.drained(), "a batch is open");
+    std::thread::scope(|t| {
+        let w = t.spawn(|| s.completed(0, &[(4096, &[9u8; 4096])]));
+        let (m, _) = rx.recv().unwrap();
+        assert!(matches!(m, HaToStandby::Writes { seq: 1, .. }));
+        // A new batch waits at the gate.
+        let blocked = t.spawn(|| s.before_writes(0, &[(0, 512)]));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!blocked.is_finished(), "a new batch passed the closed gate");
+        assert!(!s.drained());
+        s.on_ack(1).unwrap();
+        w.join().unwrap().unwrap();
+        assert!(s.drained());
+        let (heads, payload) = s.end_resync().unwrap();
+        assert_eq!(heads, vec![(0, 4096, 4096)]);
+        assert_eq!(payload, vec![9u8; 4096]);
+        assert!(s.send_end_resync(vec![], vec![]));
+        let (m, _) = rx.recv().unwrap();
+        assert_eq!(
+            m,
+            HaToStandby::EndResync {
+                seq: 2,
+                writes: vec![]
+            }
+        );
+        s.on_ack(2).unwrap();
+        s.in_sync();
+        // The gate is open again: the waiting batch goes on.
+        blocked.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        s.disks.lock(0).mode(),
+        crate::primary::Mode::Protected,
+        "in sync after epoch 0"
+    );
+}
