@@ -50,10 +50,7 @@ impl Witness {
                     }
                 }
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "the witness did not start"
-            );
+            assert!(t.elapsed() < ANSWER_WITHIN, "the witness did not start");
             std::thread::sleep(Duration::from_millis(20));
         };
         Witness {
@@ -119,6 +116,17 @@ impl Client {
         }
     }
 
+    /// The next datagram, waited for until [`ANSWER_WITHIN`] (one that must come).
+    fn recv_within(&self) -> Vec<u8> {
+        let t = Instant::now();
+        while t.elapsed() < ANSWER_WITHIN {
+            if let Some(b) = self.recv() {
+                return b;
+            }
+        }
+        panic!("no datagram from the witness in {ANSWER_WITHIN:?}");
+    }
+
     fn recv(&self) -> Option<Vec<u8>> {
         let mut b = [0u8; 2048];
         self.sock
@@ -174,59 +182,112 @@ impl Client {
 }
 
 fn acquire(vm: &str, node: u64, from: u64) -> Request {
+    acquire_for(vm, node, from, SHORT_LEASE_MS)
+}
+
+fn acquire_for(vm: &str, node: u64, from: u64, lease_ms: u32) -> Request {
     Request::Acquire {
         vm: vm.into(),
         node: NodeId(node),
         from,
-        lease_ms: 200,
+        lease_ms,
     }
 }
 
+fn renew(vm: &str, node: u64, generation: u64, lease_ms: u32) -> Request {
+    Request::Renew {
+        vm: vm.into(),
+        node: NodeId(node),
+        generation,
+        lease_ms,
+        peer_outdated: false,
+    }
+}
+
+/// A lease meant to lapse while the test waits ([`LAPSED_AFTER`]).
+const SHORT_LEASE_MS: u32 = 200;
+/// Longer than a short lease, so a wait of this long lets it lapse whatever the load
+/// (a lease only ever lapses more the later the next request comes).
+const LAPSED_AFTER: Duration = Duration::from_millis(260);
+/// A lease meant to still run when the test's next request arrives: the test asserts
+/// `Busy` under it. A loaded machine can stall the test or the witness for longer than
+/// a short lease (startup, handshake, fsync, scheduling); not for this long (the same
+/// order as [`ANSWER_WITHIN`], after which the test calls the witness hung).
+const LONG_LEASE_MS: u32 = 30_000;
+/// A stall made on purpose where the test asserts `Busy`: longer than a short lease,
+/// so the case shows it holds whatever the scheduling.
+const STALL: Duration = Duration::from_millis(400);
+
 #[test]
 fn grants_leases_and_restart_keep_generations() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
     let d = tempfile::tempdir().unwrap();
     let mut w = Witness::start(d.path(), &["plant-a"]);
     let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
     let mut b = Client::new(w.addr, "plant-a", 2, SECRET);
     a.connect().unwrap();
     b.connect().unwrap();
+    // vm0 is about the running leases (long ones: `Busy` is asserted under them);
+    // vm1 about leases that lapse (short ones: the test waits them out).
     assert_eq!(
-        a.call(&acquire("vm0", 1, 0)),
+        a.call(&acquire_for("vm0", 1, 0, LONG_LEASE_MS)),
         Reply::Granted {
             generation: 1,
-            lease_ms: 200
+            lease_ms: LONG_LEASE_MS
         }
     );
-    let renew = Request::Renew {
-        vm: "vm0".into(),
-        node: NodeId(1),
-        generation: 1,
-        lease_ms: 200,
-        peer_outdated: false,
-    };
-    assert!(matches!(
-        a.call(&renew),
-        Reply::Granted { generation: 1, .. }
-    ));
-    // The standby cannot take over while the holder's lease runs...
+    assert_eq!(
+        a.call(&acquire("vm1", 1, 0)),
+        Reply::Granted {
+            generation: 1,
+            lease_ms: SHORT_LEASE_MS
+        }
+    );
+    assert_eq!(
+        a.call(&renew("vm0", 1, 1, LONG_LEASE_MS)),
+        Reply::Granted {
+            generation: 1,
+            lease_ms: LONG_LEASE_MS
+        }
+    );
+    // The standby cannot take over while the holder's lease runs, even after a gap
+    // longer than a short lease...
+    std::thread::sleep(STALL);
     assert!(matches!(
         b.call(&acquire("vm0", 2, 1)),
         Reply::Busy {
+            generation: 1,
             holder: Some(NodeId(1)),
             ..
         }
     ));
-    // ...and gets generation 2 once it lapsed.
-    std::thread::sleep(Duration::from_millis(260));
+    // ...and gets generation 2 once it lapsed (the holder renews for a short lease,
+    // then stops renewing).
     assert_eq!(
-        b.call(&acquire("vm0", 2, 1)),
+        a.call(&renew("vm0", 1, 1, SHORT_LEASE_MS)),
+        Reply::Granted {
+            generation: 1,
+            lease_ms: SHORT_LEASE_MS
+        }
+    );
+    std::thread::sleep(LAPSED_AFTER);
+    assert_eq!(
+        b.call(&acquire_for("vm0", 2, 1, LONG_LEASE_MS)),
         Reply::Granted {
             generation: 2,
-            lease_ms: 200
+            lease_ms: LONG_LEASE_MS
+        }
+    );
+    assert_eq!(
+        b.call(&acquire("vm1", 2, 1)),
+        Reply::Granted {
+            generation: 2,
+            lease_ms: SHORT_LEASE_MS
         }
     );
     assert!(matches!(
-        a.call(&renew),
+        a.call(&renew("vm0", 1, 1, SHORT_LEASE_MS)),
         Reply::Lost {
             generation: 2,
             holder: Some(NodeId(2))
@@ -234,24 +295,53 @@ fn grants_leases_and_restart_keep_generations() {
     ));
     assert_eq!(w.stop(), 0, "SIGTERM stops the witness cleanly");
 
-    // A restarted witness knows generation 2, and waits a full lease before granting.
+    // A restarted witness knows generation 2, and waits a full lease (the one last
+    // granted for that VM) before granting.
     let w = Witness::start(d.path(), &["plant-a"]);
+    // Its clock runs while it is stopped: a stall longer than a short lease between
+    // its start and the next requests (made here on purpose) changes nothing for vm0.
+    let pid = Pid::from_raw(i32::try_from(w.proc.pid().unwrap()).unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    std::thread::sleep(STALL);
+    kill(pid, Signal::SIGCONT).unwrap();
     let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
     a.connect().unwrap();
     assert!(matches!(
         a.call(&acquire("vm0", 1, 1)),
         Reply::Lost { generation: 2, .. }
     ));
-    assert!(matches!(a.call(&acquire("vm0", 1, 2)), Reply::Busy { .. }));
-    let st = w.status();
-    assert_eq!(st["vms"][0]["generation"], 2);
-    assert_eq!(st["vms"][0]["holder"], 2);
-    // The old primary's replica is stale: it may not take over from 2.
-    std::thread::sleep(Duration::from_millis(260));
-    assert_eq!(
+    assert!(matches!(
         a.call(&acquire("vm0", 1, 2)),
+        Reply::Busy {
+            generation: 2,
+            holder: Some(NodeId(2)),
+            ..
+        }
+    ));
+    let st = w.status();
+    for vm in 0..2 {
+        assert_eq!(st["vms"][vm]["vm"], format!("vm{vm}"), "{st}");
+        assert_eq!(st["vms"][vm]["generation"], 2, "{st}");
+        assert_eq!(st["vms"][vm]["holder"], 2, "{st}");
+        assert_eq!(st["vms"][vm]["peer_outdated"], true, "{st}");
+    }
+    // vm1's grace (a short lease from the restart, which was before the witness
+    // wrote its status) has lapsed by now: the old primary's replica is stale, it
+    // may not take over from 2.
+    std::thread::sleep(LAPSED_AFTER);
+    assert_eq!(
+        a.call(&acquire("vm1", 1, 2)),
         Reply::Outdated { generation: 2 }
     );
+    // vm0's grace is its own long lease: it still runs.
+    assert!(matches!(
+        a.call(&acquire("vm0", 1, 2)),
+        Reply::Busy {
+            generation: 2,
+            holder: Some(NodeId(2)),
+            ..
+        }
+    ));
 }
 
 /// The witness answers an Acquire only once its record is fsynced: on a loaded disk
@@ -298,7 +388,8 @@ fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
     assert_eq!(bad.connect(), Err(ClientError::WitnessNotAuthentic));
     // ...and a guessed auth is refused by the witness.
     let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
-    raw.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    // Each datagram sent here is answered: the timeout only says the witness hung.
+    raw.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
     let hello = encode(&Packet::Hello {
         version: quorum::witness::wire::WIRE_VERSION,
         cluster: "plant-a".into(),
@@ -342,14 +433,28 @@ fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
     // Replay: the same authenticated request a second time gets no answer.
     let mut a = Client::new(w.addr, "plant-a", 1, SECRET);
     a.connect().unwrap();
-    let (_, req) = a
-        .wire
-        .request(&Request::Query { vm: "vm0".into() })
-        .unwrap();
+    let query = Request::Query { vm: "vm0".into() };
+    let (seq, req) = a.wire.request(&query).unwrap();
     a.sock.send_to(&req, w.addr).unwrap();
-    assert!(a.recv().is_some());
+    assert!(matches!(
+        a.wire.on_datagram(&a.recv_within()),
+        Ok(ClientEvent::Reply { seq: s, reply: Reply::State { .. } }) if s == seq
+    ));
     a.sock.send_to(&req, w.addr).unwrap();
-    assert!(a.recv().is_none(), "a replayed request is not answered");
+    // The witness serves one datagram after the other, and loopback keeps their
+    // order: an answer to the replay would come before the answer to a request sent
+    // after it. (Not a quiet spell of some length: that holds only on an idle machine.)
+    let (next, fresh) = a.wire.request(&query).unwrap();
+    a.sock.send_to(&fresh, w.addr).unwrap();
+    let first = a.recv_within();
+    assert!(
+        matches!(
+            a.wire.on_datagram(&first),
+            Ok(ClientEvent::Reply { seq: s, reply: Reply::State { .. } }) if s == next
+        ),
+        "a replayed request is not answered: {:?}",
+        decode(&first)
+    );
 
     // Garbage and oversized datagrams: a clear refusal, and the witness serves on.
     for junk in [
@@ -371,8 +476,9 @@ fn wrong_secret_unknown_cluster_replay_and_garbage_are_refused() {
         a.call(&Request::Query { vm: "vm0".into() }),
         Reply::State { .. }
     ));
-    // The refusals are counted in the status (written after the two answered queries).
-    let st = w.status_after(2);
+    // The refusals are counted in the status (written after the three answered
+    // queries).
+    let st = w.status_after(3);
     let c = &st["counters"];
     assert!(c["wrong_secret"].as_u64().unwrap() >= 1, "{st}");
     assert!(c["unknown_cluster"].as_u64().unwrap() >= 1, "{st}");
