@@ -76,8 +76,9 @@ fn tap_frames(topo: &Topology, i: usize) -> u64 {
 }
 
 impl Sb {
-    /// Witness, standby, then primary; returns once the primary reports protection.
-    fn start(prefix: &str) -> Sb {
+    /// Witness, standby, then primary (`extra`: more flags for both ends, e.g.
+    /// `--protection ha`); returns once the primary reports protection.
+    fn start_with(prefix: &str, extra: &[&str]) -> Sb {
         let dir = tempfile::tempdir().unwrap();
         let topo = topology(Topology::builder().prefix(prefix).witnesses(1).management());
         let files = PairFiles::new(dir.path());
@@ -114,6 +115,7 @@ impl Sb {
                 &format!("{prefix}-vm"),
             ]
             .iter()
+            .chain(extra)
             .map(|s| s.to_string())
             .collect()
         };
@@ -155,7 +157,11 @@ impl Sb {
     }
 
     fn loaded(prefix: &str, acks: u64) -> (Sb, LoadClient) {
-        let sb = Sb::start(prefix);
+        Sb::loaded_with(prefix, acks, &[])
+    }
+
+    fn loaded_with(prefix: &str, acks: u64, extra: &[&str]) -> (Sb, LoadClient) {
+        let sb = Sb::start_with(prefix, extra);
         let addr = SocketAddr::from((sb.topo.guest_ip(), KV_PORT));
         let client = LoadClient::start(LoadConfig::new(sb.topo.client_ns(), addr)).unwrap();
         client
@@ -210,8 +216,18 @@ fn quorum(st: &FtStatus) -> &twinrun_control::QuorumView {
 
 #[test]
 fn all_alinks_cut_with_both_alive_runs_one_copy() {
+    all_alinks_cut("sbcut", &[]);
+}
+
+/// The same cut for an HA pair: its standby boots the VM only with the grant.
+#[test]
+fn ha_all_alinks_cut_with_both_alive_runs_one_copy() {
+    all_alinks_cut("sbhacut", &["--protection", "ha"]);
+}
+
+fn all_alinks_cut(prefix: &str, extra: &[&str]) {
     require_kvm();
-    let (mut sb, client) = Sb::loaded("sbcut", 40);
+    let (mut sb, client) = Sb::loaded_with(prefix, 40, extra);
     let st = sb.primary.status_now();
     let q = quorum(&st);
     assert_eq!(q.backend, "witness");

@@ -250,7 +250,7 @@ fn wait_for_standby(
 /// marked as the resync target of the new primary (an interrupted resync target: the
 /// next session copies the new primary's disks over them), and the process exits with
 /// [`exit::DEMOTED`]; restarted with `--role standby` and the same disks it rejoins.
-fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 {
+pub(crate) fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 {
     vm.stopper().stop();
     let _ = vm.wait();
     // Not a clean shutdown: the metadata must not say this disk is a usable primary's.

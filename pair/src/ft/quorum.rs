@@ -176,6 +176,17 @@ impl Quorum {
         lock(&self.shared.out).demoted
     }
 
+    /// An HA standby's replicas are in sync (its node is `Protected`): the HA
+    /// runtime has no standby driver to tell [`Self::takeover_gate`].
+    pub fn set_committed(&self) {
+        self.shared.committed.store(true, Ordering::SeqCst);
+    }
+
+    /// The machine granted this node the VM (`TakeOver`): an HA standby may boot it.
+    pub fn may_take_over(&self) -> bool {
+        lock(&self.shared.out).took_over.is_some()
+    }
+
     /// The takeover gate of this node's standby driver.
     pub fn takeover_gate(&self) -> checkpoint::standby::TakeoverGateRef {
         checkpoint::standby::TakeoverGateRef(Arc::new(Granted(self.shared.clone())))

@@ -33,10 +33,10 @@ use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
 use status::ControlThread;
 
-/// Logged by a standby that takes over without a quorum witness.
-pub const NO_WITNESS_WARNING: &str = "HA mode without quorum: if ALL A-Links are cut while \
-both PMs are alive, the standby boots the VM too and TWO copies of it run (the quorum \
-witness is not wired into HA yet)";
+/// Logged by an HA end started without a quorum (no `--quorum-config`/`--witness`).
+pub const NO_WITNESS_WARNING: &str = "HA mode WITHOUT QUORUM (no --quorum-config or \
+--witness): if ALL A-Links are cut while both PMs are alive, the standby boots the VM too \
+and TWO copies of it run";
 
 /// `run_pair` for HA: signals, control socket, then the role; returns the exit code.
 pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
@@ -62,9 +62,27 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
-    warn!("{NO_WITNESS_WARNING}");
+    // The same quorum as FT: the standby boots the VM only with the grant; the
+    // primary pauses before its lease could lapse and stops when it lost the VM.
+    let q = match &ft.quorum {
+        None => {
+            warn!("{NO_WITNESS_WARNING}");
+            None
+        }
+        Some(qs) => match crate::ft::quorum::Quorum::start(qs, ft.role) {
+            Ok(q) => {
+                status.set_quorum(q.view());
+                Some(q)
+            }
+            Err(e) => {
+                error!("quorum: {e}");
+                return exit::USAGE;
+            }
+        },
+    };
+    let q = q.as_ref();
     match ft.role {
-        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), shutdown, status),
-        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), shutdown, status),
+        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), shutdown, status, q),
+        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), shutdown, status, q),
     }
 }

@@ -23,6 +23,7 @@ use vmm::{build_vm, VmExit, Vmm};
 use super::hooks::SyncHooks;
 use crate::alone::exit_code;
 use crate::exit;
+use crate::ft::quorum::Quorum;
 use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
 use crate::settings::FtSettings;
@@ -39,6 +40,7 @@ pub fn run(
     acfg: AlinkConfig,
     sd: &Shutdown,
     status: &PairStatus,
+    q: Option<&Quorum>,
 ) -> i32 {
     let (vm, sync) = match start_vm(cfg) {
         Ok(v) => v,
@@ -49,7 +51,7 @@ pub fn run(
         "HA primary: VM running; {} A-Link(s) to the standby",
         acfg.links.len()
     );
-    protect(vm, ft, acfg, sd, sync, status)
+    protect(vm, ft, acfg, sd, sync, status, q)
 }
 
 /// Builds and starts the VM with its disks mirrored synchronously (degraded, every
@@ -78,6 +80,49 @@ enum End {
     Vm(Box<VmExit>),
     Stop,
     PeerLost,
+    /// The quorum says the peer won the VM with this generation.
+    Demoted(u64),
+}
+
+/// The quorum as the HA primary obeys it (none: no rule) and whether it paused the guest.
+struct Obey<'a> {
+    q: Option<&'a Quorum>,
+    paused: bool,
+}
+
+impl Obey<'_> {
+    /// Between two looks at the A-Link: pauses the guest before this primary's lease
+    /// could lapse at the witness (nothing leaves the VM after that) and resumes it
+    /// when the lease or the standby is back; `Err` when this primary lost the VM.
+    fn step(&mut self, vm: &Vmm) -> Result<(), u64> {
+        obey(vm, self.q, &mut self.paused)
+    }
+}
+
+fn obey(vm: &Vmm, q: Option<&Quorum>, paused: &mut bool) -> Result<(), u64> {
+    let Some(q) = q else { return Ok(()) };
+    if let Some(g) = q.demoted() {
+        return Err(g);
+    }
+    let pause = q.pause();
+    if pause && !*paused {
+        match vm.pause() {
+            Ok(_) => {
+                *paused = true;
+                warn!("quorum: HA guest PAUSED (neither the standby nor a witness lease)");
+            }
+            Err(e) => warn!("quorum: cannot pause the guest: {e}"),
+        }
+    } else if !pause && *paused {
+        match vm.resume() {
+            Ok(()) => {
+                *paused = false;
+                info!("quorum: HA guest resumed");
+            }
+            Err(e) => warn!("quorum: cannot resume the guest: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// Serves one standby after another until the VM ends or SIGTERM/SIGINT.
@@ -88,8 +133,10 @@ pub fn protect(
     sd: &Shutdown,
     sync: Arc<SyncDisks>,
     status: &PairStatus,
+    q: Option<&Quorum>,
 ) -> i32 {
     sd.hand_vm(vm.stopper());
+    let mut rule = Obey { q, paused: false };
     for n in 1u64.. {
         let link = match Alink::start(acfg.clone()) {
             Ok(l) => Arc::new(l),
@@ -105,13 +152,20 @@ pub fn protect(
         }
         let acked = Arc::new(AtomicU64::new(0));
         status.begin_session(link.clone(), Some(acked.clone()));
-        let end = session(&mut vm, &link, &sync, sd, &acked, ft);
+        if let Some(q) = q {
+            q.begin_session(link.clone(), Some(acked.clone()));
+        }
+        let end = session(&mut vm, &link, &sync, sd, &acked, ft, &mut rule);
         // Writers never wait for a standby that is gone.
         sync.peer_lost();
         status.end_session(None);
+        if let Some(q) = q {
+            q.end_session();
+        }
         drop(link);
         match end {
             End::PeerLost => continue,
+            End::Demoted(g) => return crate::ft::primary::demote(vm, &sync.disks, g),
             End::Vm(e) => {
                 sync.disks.clean_shutdown();
                 return exit_code(&e, sd.requested());
@@ -177,11 +231,15 @@ fn session(
     sd: &Shutdown,
     acked: &AtomicU64,
     ft: &FtSettings,
+    rule: &mut Obey,
 ) -> End {
     // Wait for a standby.
     loop {
         if let Some(e) = vm.wait_timeout(Duration::ZERO) {
             return End::Vm(Box::new(e));
+        }
+        if let Err(g) = rule.step(vm) {
+            return End::Demoted(g);
         }
         if sd.requested() {
             return End::Stop;
@@ -205,6 +263,9 @@ fn session(
     loop {
         if let Some(e) = vm.wait_timeout(Duration::ZERO) {
             return End::Vm(Box::new(e));
+        }
+        if let Err(g) = rule.step(vm) {
+            return End::Demoted(g);
         }
         if sd.requested() {
             return End::Stop;

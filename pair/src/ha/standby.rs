@@ -19,6 +19,7 @@ use vmm::config::VmConfig;
 
 use crate::exit;
 use crate::ft::link::alink_config_as;
+use crate::ft::quorum::Quorum;
 use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
 use crate::settings::{FtSettings, Role};
@@ -35,6 +36,8 @@ enum End {
     LostInSync,
     /// The primary is lost before the replicas were in sync: wait for one again.
     LostEarly,
+    /// The primary came back while the standby waited for the quorum's grant.
+    PrimaryBack,
     Failed(String),
 }
 
@@ -44,6 +47,7 @@ pub fn run(
     acfg: AlinkConfig,
     sd: &Shutdown,
     status: &PairStatus,
+    q: Option<&Quorum>,
 ) -> i32 {
     let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let mut disks = match StandbyDisks::open(&images) {
@@ -69,13 +73,28 @@ pub fn run(
             }
         };
         status.begin_session(link.clone(), None);
-        let end = serve(&mut disks, &link, sd);
+        if let Some(q) = q {
+            q.begin_session(link.clone(), None);
+        }
+        let mut end = serve(&mut disks, &link, sd, q);
+        if let (End::LostInSync, Some(q)) = (&end, q) {
+            // The session (and its link) stays the quorum's view of the peer while
+            // the standby waits: booting needs the grant, not silence alone.
+            end = wait_for_grant(&link, sd, q);
+        }
         status.end_session(None);
+        if let Some(q) = q {
+            q.end_session();
+        }
         drop(link);
         match end {
             End::Stop => return exit::OK,
             End::LostEarly => {
                 warn!("HA standby: the primary was lost before the replicas were in sync; waiting for it");
+                continue;
+            }
+            End::PrimaryBack => {
+                info!("HA standby: the primary is back; a new session resyncs the replicas");
                 continue;
             }
             End::LostInSync => break Instant::now(),
@@ -86,7 +105,9 @@ pub fn run(
         }
     };
     warn!("{TAKEOVER_LOG}");
-    warn!("{}", super::NO_WITNESS_WARNING);
+    if q.is_none() {
+        warn!("{}", super::NO_WITNESS_WARNING);
+    }
     if let Err(e) = disks.prepare_failover() {
         error!("HA standby: cannot promote the replicas: {e}");
         return exit::START_FAILED;
@@ -112,7 +133,34 @@ pub fn run(
         report.failover_time
     );
     status.failed_over(&report, &vm, Some(sync.disks.clone()));
-    super::primary::protect(vm, ft, alink_config_as(ft, Role::Primary), sd, sync, status)
+    super::primary::protect(
+        vm,
+        ft,
+        alink_config_as(ft, Role::Primary),
+        sd,
+        sync,
+        status,
+        q,
+    )
+}
+
+/// The primary is lost with the replicas in sync: boot only once the quorum grants
+/// this node the VM (`TakeOver`); if the primary comes back first, serve it again.
+fn wait_for_grant(link: &Alink, sd: &Shutdown, q: &Quorum) -> End {
+    warn!("HA standby: the primary is silent on every path; waiting for the quorum's grant");
+    loop {
+        if sd.requested() {
+            return End::Stop;
+        }
+        if q.may_take_over() {
+            return End::LostInSync;
+        }
+        while link.poll_event(Duration::ZERO).is_some() {}
+        if link.peer_reachable() {
+            return End::PrimaryBack;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn answer(link: &Alink, m: &HaToPrimary, data: Vec<u8>) -> Result<(), String> {
@@ -150,7 +198,7 @@ fn feed(
     result
 }
 
-fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown) -> End {
+fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown, q: Option<&Quorum>) -> End {
     let mut ses = StandbySession::new(StandbySessionConfig::default(), Instant::now());
     let mut seen_peer = false;
     let mut in_sync = false;
@@ -231,6 +279,9 @@ fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown) -> End {
                     })
                     .and_then(|()| {
                         in_sync = true;
+                        if let Some(q) = q {
+                            q.set_committed();
+                        }
                         info!("HA standby: replicas in sync with the primary");
                         answer(link, &HaToPrimary::InSync, Vec::new())
                     })
