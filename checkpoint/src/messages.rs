@@ -171,9 +171,12 @@ pub struct PartHead {
 /// Primary to standby.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToStandby {
-    /// First message: the guest memory layout `(gpa, len)` the mirror must match.
+    /// First message: the guest memory layout `(gpa, len)` the mirror must match, and
+    /// the primary's quorum generation (its fencing token; 0 = no quorum): a standby
+    /// that knows a higher one refuses the session (the primary lost the VM).
     Hello {
         layout: Vec<(u64, u64)>,
+        generation: u64,
     },
     Part(PartHead),
     /// The initial synchronisation sent `pages` in `round` (progress report).
@@ -539,6 +542,7 @@ pub fn check_part(head: &PartHead, payload: &[u8]) -> Result<(), DecodeError> {
 pub enum StandboundMsg<'a> {
     Hello {
         layout: Vec<(u64, u64)>,
+        generation: u64,
     },
     Part(PartView<'a>),
     SyncRoundDone {
@@ -582,10 +586,10 @@ pub fn decode_to_standby<'a>(
         }
     };
     match decode_head::<ToStandby>(head)? {
-        ToStandby::Hello { layout } => {
+        ToStandby::Hello { layout, generation } => {
             bare("hello")?;
             exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
-            Ok(StandboundMsg::Hello { layout })
+            Ok(StandboundMsg::Hello { layout, generation })
         }
         ToStandby::SyncRoundDone { round, pages } => {
             bare("sync-round-done")?;
@@ -655,9 +659,15 @@ impl ReceivedDisk {
 
 /// A primary-to-standby message decoded once, owning its received buffer.
 pub enum Standbound {
-    Hello { layout: Vec<(u64, u64)> },
+    Hello {
+        layout: Vec<(u64, u64)>,
+        generation: u64,
+    },
     Part(ReceivedPart),
-    SyncRoundDone { round: u32, pages: u64 },
+    SyncRoundDone {
+        round: u32,
+        pages: u64,
+    },
     Disk(ReceivedDisk),
 }
 
@@ -678,10 +688,10 @@ pub fn decode_standbound(
         }
     };
     match decode_head::<ToStandby>(h)? {
-        ToStandby::Hello { layout } => {
+        ToStandby::Hello { layout, generation } => {
             bare("hello")?;
             exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
-            Ok(Standbound::Hello { layout })
+            Ok(Standbound::Hello { layout, generation })
         }
         ToStandby::SyncRoundDone { round, pages } => {
             bare("sync-round-done")?;
@@ -781,6 +791,33 @@ mod tests {
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_SIZE]
+    }
+
+    #[test]
+    fn hello_carries_the_generation_both_ways() {
+        let head = encode(&ToStandby::Hello {
+            layout: vec![(0, 1 << 20)],
+            generation: 7,
+        })
+        .unwrap();
+        match decode_standbound(head.len(), head.clone()).unwrap() {
+            Standbound::Hello { layout, generation } => {
+                assert_eq!(layout, vec![(0, 1 << 20)]);
+                assert_eq!(generation, 7);
+            }
+            _ => panic!("not a hello"),
+        }
+        match decode_to_standby(&head, &[]).unwrap() {
+            StandboundMsg::Hello { generation, .. } => assert_eq!(generation, 7),
+            _ => panic!("not a hello"),
+        }
+        // A hello cut short (a peer that sent no generation) is refused, not guessed.
+        let short = encode(&ToStandby::Hello {
+            layout: vec![],
+            generation: 0,
+        })
+        .unwrap();
+        assert!(decode_standbound(short.len() - 1, short[..short.len() - 1].to_vec()).is_err());
     }
 
     #[test]

@@ -315,6 +315,7 @@ mod tests {
             resync: None,
             verify: None,
             image: storage_mirror::meta::ImageId::Legacy { dev: 1, ino: 2 },
+            quorum_generation: 0,
         }
     }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 /// 2: [`Response::Status`] carries a [`VmStatus`] (with the FT state of a pair).
 /// 3: [`FtStatus`] carries the pair's quorum state.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAX_MESSAGE: u32 = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +227,9 @@ pub struct QuorumView {
     pub took_over: Option<u64>,
     /// The higher generation that demoted this node, if it lost.
     pub demoted_by: Option<u64>,
+    /// The last A-Link session this node refused because its peer carried an older
+    /// generation (the fencing rule), in words.
+    pub refused_session: Option<String>,
 }
 
 /// One quorum service slot as a node sees it.

@@ -120,6 +120,9 @@ fn describe_ft(ft: &FtStatus) -> String {
                 "UNREACHABLE on every path"
             }
         );
+        if let Some(why) = &q.refused_session {
+            out += &format!("  FENCED: {why}\n");
+        }
         for w in &q.witnesses {
             out += &format!(
                 "  {} {}: {}{}\n",
@@ -206,6 +209,9 @@ mod tests {
                     }],
                     took_over: Some(4),
                     demoted_by: None,
+                    refused_session: Some(
+                        "session refused: the primary carries quorum generation 3".into(),
+                    ),
                 }),
             })),
         };
@@ -220,6 +226,10 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("role: primary, waiting for its peer"), "{d}");
+        assert!(
+            d.contains("FENCED: session refused: the primary carries quorum generation 3"),
+            "{d}"
+        );
         assert!(
             d.contains("took over in 12 ms, resumed from epoch 812"),
             "{d}"

@@ -17,8 +17,9 @@
 //! | 4 | CRC32C of everything before it |
 //!
 //! Version 1 recorded the image as device and inode numbers only; it is still read
-//! (as [`ImageId::Legacy`], with the checks it had) and written as version 2 at the
-//! next save. See [`ImageId`] for how a replaced image is recognised.
+//! (as [`ImageId::Legacy`], with the checks it had) and written as the current version
+//! at the next save. See [`ImageId`] for how a replaced image is recognised. Version 3
+//! added [`ReplicaMeta::quorum_generation`] (read as 0 from versions 1 and 2).
 //!
 //! Adding a field: postcard is positional (no field names, no defaults), so a new field
 //! is a new version. Copy today's [`ReplicaMeta`] as `ReplicaMetaV2` with a `From` into
@@ -39,11 +40,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// 2: the image is recorded as an [`ImageId`] (1: device and inode numbers).
-pub const META_VERSION: u32 = 2;
+/// 3: the quorum generation is recorded; 2: the image is recorded as an [`ImageId`]
+/// (1: device and inode numbers).
+pub const META_VERSION: u32 = 3;
 /// The version-1 layout, still read (see [`ReplicaMetaV1`]).
 const META_VERSION_1: u32 = 1;
+/// The version-2 layout, still read (see [`ReplicaMetaV2`]).
+const META_VERSION_2: u32 = 2;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// `sync_source_gen` of a resync target that does not know its source's generation (a
+/// demoted primary: the winner's data is newer than anything it saw). No replica is
+/// ever given this id, so the resync decision copies the whole disk (rule c).
+pub const SOURCE_UNKNOWN: u64 = u64::MAX;
 /// Earlier generations remembered; enough to recognise a peer that missed a few
 /// restarts, small enough that an unrelated disk is not mistaken for an old copy.
 pub const HISTORY_LEN: usize = 4;
@@ -129,6 +137,51 @@ pub struct ReplicaMeta {
     pub verify: Option<VerifyReport>,
     /// Identity of the image this metadata describes, to detect a replaced disk.
     pub image: ImageId,
+    /// The highest quorum generation (the pair's fencing token, issue 14) this node
+    /// knew when it last wrote this metadata; 0 = none. A demoted primary records the
+    /// winner's generation here with its disks marked as the resync target, so a node
+    /// that comes back sees from its disk alone that it lost ([`Self::lost_to`]).
+    pub quorum_generation: u64,
+}
+
+/// [`ReplicaMeta`] as format version 2 stored it (postcard is positional: the fields
+/// in this order and no other).
+#[derive(Deserialize)]
+struct ReplicaMetaV2 {
+    disk_size: u64,
+    block_size: u32,
+    current_gen: u64,
+    bitmap_base_gen: u64,
+    history: Vec<u64>,
+    unclean_primary: bool,
+    inconsistent: bool,
+    sync_source_gen: u64,
+    failed: bool,
+    last_committed_epoch: Option<u64>,
+    resync: Option<ResyncProgress>,
+    verify: Option<VerifyReport>,
+    image: ImageId,
+}
+
+impl From<ReplicaMetaV2> for ReplicaMeta {
+    fn from(v: ReplicaMetaV2) -> ReplicaMeta {
+        ReplicaMeta {
+            disk_size: v.disk_size,
+            block_size: v.block_size,
+            current_gen: v.current_gen,
+            bitmap_base_gen: v.bitmap_base_gen,
+            history: v.history,
+            unclean_primary: v.unclean_primary,
+            inconsistent: v.inconsistent,
+            sync_source_gen: v.sync_source_gen,
+            failed: v.failed,
+            last_committed_epoch: v.last_committed_epoch,
+            resync: v.resync,
+            verify: v.verify,
+            image: v.image,
+            quorum_generation: 0,
+        }
+    }
 }
 
 /// [`ReplicaMeta`] as format version 1 stored it (postcard is positional: the fields
@@ -170,11 +223,23 @@ impl From<ReplicaMetaV1> for ReplicaMeta {
                 dev: v.image_dev,
                 ino: v.image_ino,
             },
+            quorum_generation: 0,
         }
     }
 }
 
 impl ReplicaMeta {
+    /// Did this replica's node lose the VM to a holder of `known` (the generation the
+    /// other side or the quorum knows)? 0 on either side: no quorum, nothing to say.
+    pub fn lost_to(&self, known: u64) -> bool {
+        known != 0 && self.quorum_generation < known
+    }
+
+    /// Records a generation this node learned (generations only grow).
+    pub fn record_generation(&mut self, generation: u64) {
+        self.quorum_generation = self.quorum_generation.max(generation);
+    }
+
     /// Start running without the peer: from now on the bitmap records every write, and
     /// this replica's data is a new generation the peer never saw.
     pub fn new_generation(&mut self) -> Result<(), MetaError> {
@@ -809,6 +874,7 @@ impl MetaStore {
             resync: None,
             verify: None,
             image: id.id,
+            quorum_generation: 0,
         })
     }
 }
@@ -867,11 +933,13 @@ fn decode(bytes: &[u8]) -> Result<ReplicaMeta, String> {
     let body = &bytes[HEADER_LEN..end];
     let decoded = match version {
         META_VERSION => postcard::take_from_bytes::<ReplicaMeta>(body),
+        META_VERSION_2 => postcard::take_from_bytes::<ReplicaMetaV2>(body)
+            .map(|(m, rest)| (ReplicaMeta::from(m), rest)),
         META_VERSION_1 => postcard::take_from_bytes::<ReplicaMetaV1>(body)
             .map(|(m, rest)| (ReplicaMeta::from(m), rest)),
         _ => {
             return Err(format!(
-                "format version {version}, expected {META_VERSION_1} or {META_VERSION}"
+                "format version {version}, expected {META_VERSION_1} to {META_VERSION}"
             ))
         }
     };
@@ -900,7 +968,7 @@ fn random_nonzero_u64() -> Result<u64, MetaError> {
             continue; // Short read (interrupted): try again for a whole id.
         }
         let v = u64::from_le_bytes(buf);
-        if v != 0 {
+        if v != 0 && v != SOURCE_UNKNOWN {
             return Ok(v);
         }
     }
@@ -1306,7 +1374,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_1_metadata_is_read_and_rewritten_as_version_2() {
+    fn version_1_metadata_is_read_and_rewritten_as_the_current_version() {
         let t = TempDir::new("meta-v1");
         // An image as version 1 left it: no replica id on it.
         let img = image(&t, 8192);
@@ -1327,7 +1395,7 @@ pub(crate) mod tests {
         fs::create_dir_all(s.dir()).unwrap();
         fs::write(s.meta_path(), encode_v1(&m, md.dev(), md.ino())).unwrap();
         assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
-        // Saved again: version 2, same content.
+        // Saved again: the current version, same content.
         s.save(&m).unwrap();
         let b = fs::read(s.meta_path()).unwrap();
         assert_eq!(b[8..12], META_VERSION.to_le_bytes());
@@ -1342,6 +1410,97 @@ pub(crate) mod tests {
             MetaState::Replaced { reason } => assert!(reason.contains("replica id"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Format version 2 as it was written: today's fields but the quorum generation.
+    fn encode_v2(m: &ReplicaMeta) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct V2<'a> {
+            disk_size: u64,
+            block_size: u32,
+            current_gen: u64,
+            bitmap_base_gen: u64,
+            history: &'a [u64],
+            unclean_primary: bool,
+            inconsistent: bool,
+            sync_source_gen: u64,
+            failed: bool,
+            last_committed_epoch: Option<u64>,
+            resync: Option<ResyncProgress>,
+            verify: Option<VerifyReport>,
+            image: &'a ImageId,
+        }
+        let body = postcard::to_stdvec(&V2 {
+            disk_size: m.disk_size,
+            block_size: m.block_size,
+            current_gen: m.current_gen,
+            bitmap_base_gen: m.bitmap_base_gen,
+            history: &m.history,
+            unclean_primary: m.unclean_primary,
+            inconsistent: m.inconsistent,
+            sync_source_gen: m.sync_source_gen,
+            failed: m.failed,
+            last_committed_epoch: m.last_committed_epoch,
+            resync: m.resync,
+            verify: m.verify,
+            image: &m.image,
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn version_2_metadata_is_read_without_a_generation_and_rewritten_with_it() {
+        let t = TempDir::new("meta-v2");
+        let img = image(&t, 8192);
+        let s = MetaStore::for_image(&img);
+        let mut m = s.create_fresh().unwrap();
+        m.last_committed_epoch = Some(9);
+        fs::create_dir_all(s.dir()).unwrap();
+        fs::write(s.meta_path(), encode_v2(&m)).unwrap();
+        // Read as generation 0 (no quorum known), everything else as written.
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
+        // A demoted node records the winner's generation; saved as version 3.
+        m.record_generation(6);
+        m.record_generation(4);
+        assert_eq!(m.quorum_generation, 6, "generations only grow");
+        s.save(&m).unwrap();
+        let b = fs::read(s.meta_path()).unwrap();
+        assert_eq!(b[8..12], 3u32.to_le_bytes());
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m.clone()));
+    }
+
+    #[test]
+    fn a_target_of_unknown_source_is_valid_and_never_matches_a_replica() {
+        let t = TempDir::new("meta-unknown-src");
+        let s = MetaStore::for_image(&image(&t, 4096));
+        let mut m = s.create_fresh().unwrap();
+        m.inconsistent = true;
+        m.sync_source_gen = SOURCE_UNKNOWN;
+        s.save(&m).unwrap();
+        assert_eq!(s.load().unwrap(), MetaState::Ok(m));
+        for _ in 0..64 {
+            assert_ne!(random_nonzero_u64().unwrap(), SOURCE_UNKNOWN);
+        }
+    }
+
+    #[test]
+    fn a_replica_knows_it_lost_from_the_generations() {
+        let t = TempDir::new("meta-lost");
+        let s = MetaStore::for_image(&image(&t, 4096));
+        let mut m = s.create_fresh().unwrap();
+        assert!(!m.lost_to(0), "no quorum: nothing to say");
+        assert!(m.lost_to(3), "it never knew generation 3");
+        m.record_generation(3);
+        assert!(!m.lost_to(3) && !m.lost_to(2));
+        assert!(m.lost_to(5));
     }
 
     /// A read-only loop device over a file, detached on drop.

@@ -90,6 +90,9 @@ pub struct PrimaryDriverConfig {
     /// (a cut-off standby may take over with a witness's grant; output of a history it
     /// never had must then never appear). The caller ends output commit itself.
     pub hold_on_simplex: bool,
+    /// The pair's quorum generation, read when a session begins and stamped on its
+    /// `Hello` (None: 0, no quorum). A standby that knows a higher one refuses it.
+    pub generation: Option<Arc<AtomicU64>>,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -106,6 +109,7 @@ impl Default for PrimaryDriverConfig {
             return_on_simplex: false,
             hot_pages: Some(HotPageConfig::default()),
             hold_on_simplex: false,
+            generation: None,
         }
     }
 }
@@ -203,6 +207,7 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     /// The disk session, while it runs (before the memory sync).
     session: Option<DiskSide>,
     hold_on_simplex: bool,
+    generation: Option<Arc<AtomicU64>>,
     /// When sync round 0 began (throughput log; the bytes are counted in the report).
     sync_started: Option<Duration>,
 }
@@ -246,6 +251,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             resync: cfg.resync,
             session: None,
             hold_on_simplex: cfg.hold_on_simplex,
+            generation: cfg.generation.clone(),
             sync_started: None,
         })
     }
@@ -283,7 +289,11 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
     /// initial sync.
     pub fn start(&mut self) -> Result<(), DriverError> {
         let layout = vmm::persist::memory::layout(self.vm.guest_memory());
-        match self.send_msg(&ToStandby::Hello { layout }, Vec::new()) {
+        let generation = self
+            .generation
+            .as_ref()
+            .map_or(0, |g| g.load(Ordering::SeqCst));
+        match self.send_msg(&ToStandby::Hello { layout, generation }, Vec::new()) {
             Ok(()) => {}
             Err(Lost::Peer) => return self.peer_lost(),
             Err(Lost::Error(e)) => return Err(e),

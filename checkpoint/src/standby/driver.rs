@@ -22,7 +22,7 @@ use vmm::config::VmConfig;
 
 use super::disks::DiskSide;
 use super::mirror::{DiskCommit, Mirror};
-use super::outcome::{FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
+use super::outcome::{fence, FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 use super::takeover::{BeforeStart, Takeover, TakeoverInput, VmmTakeover};
 use crate::link::ToPrimaryLink;
 use crate::messages::{decode_standbound, PartOf, ReceivedPart, Standbound, ToPrimary};
@@ -64,6 +64,11 @@ pub trait TakeoverGate: Send + Sync {
     fn committed(&self, epoch: u64);
     /// Asked while every link to the primary is down: fail over now?
     fn may_take_over(&self) -> bool;
+    /// The highest quorum generation this node knows (0: none). A primary whose
+    /// `Hello` carries a lower one lost the VM: its session is refused.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// A shared [`TakeoverGate`] in a config.
@@ -94,6 +99,8 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     committed_console_end: Option<u64>,
     progress: StandbyProgress,
     verify: Option<Arc<HashLog>>,
+    /// The pair's quorum (the generation a primary's `Hello` must not be below).
+    gate: Option<Arc<dyn TakeoverGate>>,
 }
 
 impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
@@ -129,6 +136,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             committed_console_end: None,
             progress: StandbyProgress::default(),
             verify: opts.verify.clone(),
+            gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
         })
     }
 
@@ -178,7 +186,12 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         body: alink::Buf,
     ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
         let ev = match decode_standbound(head_len, body) {
-            Ok(Standbound::Hello { layout }) => {
+            Ok(Standbound::Hello { layout, generation }) => {
+                let known = self.gate.as_ref().map_or(0, |g| g.generation());
+                if let Err(e) = fence(generation, known) {
+                    log::error!("standby: {e}");
+                    return Err(e);
+                }
                 if self.mirror.is_none() {
                     let mut m = Mirror::new(&layout, self.open_images()?)?;
                     if self.verify.is_some() {

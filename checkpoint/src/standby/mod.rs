@@ -12,7 +12,7 @@ pub use driver::{
     TakeoverGateRef,
 };
 pub use mirror::{ApplyStats, DiskCommit, Mirror, MirrorError};
-pub use outcome::{FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
+pub use outcome::{fence, FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 pub use takeover::{
     rarp_announce, rebind_attachments, BeforeStart, Takeover, TakeoverInput, VmmTakeover,
 };

@@ -32,6 +32,17 @@ pub enum StandbyDriverError {
     NoHello,
     #[error("failover with no committed state in the mirror")]
     NoState,
+    #[error("session refused: the primary carries quorum generation {peer}, older than generation {known} this node knows (it lost the VM; it must rejoin as standby)")]
+    Fenced { peer: u64, known: u64 },
+}
+
+/// The fencing rule of a session's `Hello`: a primary with an older generation than
+/// this node knows is refused (0 on either side: no quorum, nothing to compare).
+pub fn fence(peer: u64, known: u64) -> Result<(), StandbyDriverError> {
+    if known != 0 && peer < known {
+        return Err(StandbyDriverError::Fenced { peer, known });
+    }
+    Ok(())
 }
 
 /// What happened at the failover.
@@ -77,4 +88,31 @@ pub struct StandbyProgress {
     pub sync_pages: u64,
     pub applied_pages: u64,
     pub applied_disk_writes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_primary_with_an_older_generation_is_refused() {
+        assert!(fence(0, 0).is_ok(), "no quorum on either side");
+        assert!(fence(7, 0).is_ok(), "this node knows no generation");
+        assert!(fence(7, 7).is_ok(), "the holder itself");
+        assert!(fence(9, 7).is_ok(), "a newer holder");
+        let e = fence(5, 7).unwrap_err();
+        assert!(
+            matches!(e, StandbyDriverError::Fenced { peer: 5, known: 7 }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("generation 5") && text.contains("generation 7"),
+            "{text}"
+        );
+        assert!(
+            fence(0, 7).is_err(),
+            "a primary without a quorum generation"
+        );
+    }
 }

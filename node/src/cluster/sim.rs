@@ -214,6 +214,45 @@ impl Sim {
         self.settle();
     }
 
+    /// Node `i`'s FT primary of `vm` loses its standby (the A-Links are cut).
+    fn unprotect(&mut self, i: usize, vm: &str) {
+        if let Some(e) = self.nodes[i].vmms.get_mut(vm) {
+            if e.2 {
+                e.2 = false;
+                self.queue
+                    .push_back((i, Input::VmmUnprotected { vm: vm.into() }));
+            }
+        }
+        self.settle();
+    }
+
+    /// Node `i`'s standby of `vm` takes over (its VMM got the quorum's grant).
+    fn fail_over(&mut self, i: usize, vm: &str) {
+        if let Some(e) = self.nodes[i].vmms.get_mut(vm) {
+            if e.0 == Role::Standby {
+                e.0 = Role::Primary;
+                self.queue
+                    .push_back((i, Input::VmmFailedOver { vm: vm.into() }));
+            }
+        }
+        self.settle();
+    }
+
+    /// Node `i`'s primary of `vm` learns a higher generation from the quorum and
+    /// exits with code 5 (demoted).
+    fn demote(&mut self, i: usize, vm: &str) {
+        if self.nodes[i].vmms.remove(vm).is_some() {
+            self.queue.push_back((
+                i,
+                Input::VmmExited {
+                    vm: vm.into(),
+                    exit: ExitKind::Demoted,
+                },
+            ));
+        }
+        self.settle();
+    }
+
     fn set_link(&mut self, up: bool) {
         if self.link == up {
             return;
@@ -780,6 +819,50 @@ fn golden_crash_restart_policy_and_daemon_restart() {
     s.boot(0);
     s.wait(100);
     s.compare("crash_and_adopt");
+}
+
+#[test]
+fn golden_demoted_primary_becomes_the_standby() {
+    let mut s = cluster_with_vms();
+    s.note("every link between pm1 and pm2 is cut, both alive; pm1's primary loses its standby");
+    s.set_link(false);
+    s.unprotect(0, "ft1");
+    s.note("pm2's standby takes over with the quorum's grant; its daemon owns the record");
+    s.fail_over(1, "ft1");
+    s.wait(100);
+    s.note("pm1's primary learns the higher generation: exit 5; pm1 runs the standby, no restart charged");
+    s.demote(0, "ft1");
+    s.wait(100);
+    let shown = s.nodes[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.shown("ft1"))
+        .expect("ft1 shown on pm1");
+    assert_eq!(shown.local_role, Some(Role::Standby), "{}", s.log);
+    assert_eq!(shown.restarts, 0, "a demotion is not a crash\n{}", s.log);
+    assert!(
+        shown.reason.contains("demoted by the quorum"),
+        "{}",
+        shown.reason
+    );
+    s.note(
+        "the links return: pm2's record (owner pm2) reaches pm1, whose standby protects it again",
+    );
+    s.set_link(true);
+    s.wait(100);
+    let shown = s.nodes[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.shown("ft1"))
+        .expect("ft1 shown on pm1");
+    assert_eq!(shown.local_role, Some(Role::Standby), "{}", s.log);
+    assert_eq!(
+        s.nodes[0].store["ft1"].owner.as_deref(),
+        Some("pm2"),
+        "{}",
+        s.log
+    );
+    s.compare("demoted_primary");
 }
 
 #[test]

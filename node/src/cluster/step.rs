@@ -115,6 +115,10 @@ pub enum ExitKind {
     Clean,
     /// Anything else, described ("exit code 3", "killed by signal 9").
     Crashed(String),
+    /// Exit code 5 of an FT/HA VMM: the quorum demoted it (the peer took the VM over
+    /// with a higher generation; nothing held was released, its disks are marked as
+    /// the resync target). Not a crash: this node is now the VM's standby.
+    Demoted,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -299,6 +303,11 @@ struct Slot {
     restarting: bool,
     /// Our protected FT primary ended at this time: the standby should take over.
     lost_primary_at: Option<u64>,
+    /// Our FT/HA VMM was demoted by the quorum (exit 5): the peer runs the VM, this
+    /// node runs the standby even while the record (not yet merged from the peer)
+    /// still names it the owner. Cleared when the record names the peer, or when the
+    /// standby here takes over again.
+    demoted: bool,
     alone: Grant,
     takeover: Grant,
     swap_sent: bool,
@@ -332,6 +341,7 @@ impl Slot {
             stop_sent: false,
             restarting: false,
             lost_primary_at: None,
+            demoted: false,
             alone: Grant::None,
             takeover: Grant::None,
             swap_sent: false,
@@ -973,6 +983,7 @@ impl Cluster {
         }
         l.failed_over = true;
         l.protected = false;
+        s.demoted = false;
         let level = if s.record.spec.protection == Protection::Ha {
             "HA restart on the survivor"
         } else {
@@ -1022,10 +1033,24 @@ impl Cluster {
         let why = match &exit {
             ExitKind::Clean => "exit status 0".to_string(),
             ExitKind::Crashed(w) => w.clone(),
+            ExitKind::Demoted => "exit code 5 (demoted by the quorum)".to_string(),
         };
         out.push(log(Some(vm), format!("its {} VMM ended: {why}", l.role)));
         let rec = s.record.clone();
         let acting = l.acting();
+        if exit == ExitKind::Demoted && rec.spec.protection.paired() {
+            // The quorum says the peer holds a higher generation: it runs the VM. Our
+            // VMM released nothing it held and marked its disks the resync target; it
+            // comes back as the standby, with no restart charged (not a crash).
+            s.demoted = true;
+            s.lost_primary_at = None;
+            s.note = format!(
+                "demoted by the quorum: {} took it over with a higher generation; the standby here resyncs its disks",
+                self.peer
+            );
+            out.push(log(Some(vm), s.note.clone()));
+            return;
+        }
         if exit == ExitKind::Clean && acting != Role::Standby {
             // The guest ended by itself: it is stopped, not crashed.
             let mut rec = rec;
@@ -1323,6 +1348,34 @@ impl Cluster {
         };
         let rec = &self.vms[vm].record.clone();
 
+        if owner != me && self.vms[vm].demoted {
+            // The peer's record arrived: the usual rules take it from here.
+            let s = self.vms.get_mut(vm).expect("slot exists");
+            s.demoted = false;
+        }
+        if owner == me && ft && self.vms[vm].demoted {
+            // Demoted while apart: the peer took it over (its record follows when the
+            // nodes meet). Never the primary here: the standby, with its disks.
+            if local_role.is_none() {
+                self.spawn(vm, Role::Standby, out);
+                return (
+                    VmState::Starting,
+                    format!("starting the standby on {me} ({})", self.vms[vm].note),
+                );
+            }
+            if local_role == Some(Role::Standby) {
+                if self.vms[vm].stop_sent {
+                    return (VmState::Stopping, self.vms[vm].note.clone());
+                }
+                return (
+                    VmState::Running,
+                    format!(
+                        "standby on {me}, primary on {peer} ({}); the record follows when {peer} is online",
+                        self.vms[vm].note
+                    ),
+                );
+            }
+        }
         if owner == me {
             let want = if ft { Role::Primary } else { Role::Solo };
             // A standby here still waiting to take over (the record moved first).

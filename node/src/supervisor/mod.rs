@@ -305,19 +305,10 @@ impl Supervisor {
             scan_log(vm, p, &mut out);
             let exit = match p.child.as_mut() {
                 Some(c) => match c.try_wait() {
-                    Ok(Some(st)) => Some(
-                        match (
-                            st.code(),
-                            std::os::unix::process::ExitStatusExt::signal(&st),
-                        ) {
-                            (Some(0), _) => ExitKind::Clean,
-                            (Some(c), _) => {
-                                ExitKind::Crashed(format!("exit code {c}{}", exit_hint(c)))
-                            }
-                            (None, Some(s)) => ExitKind::Crashed(format!("killed by signal {s}")),
-                            (None, None) => ExitKind::Crashed("ended".into()),
-                        },
-                    ),
+                    Ok(Some(st)) => Some(exit_kind(
+                        st.code(),
+                        std::os::unix::process::ExitStatusExt::signal(&st),
+                    )),
                     Ok(None) => None,
                     Err(e) => Some(ExitKind::Crashed(format!("cannot wait for it: {e}"))),
                 },
@@ -353,6 +344,19 @@ impl Supervisor {
             }
         }
         let _ = std::fs::remove_file(self.cfg.pid_file(vm));
+    }
+}
+
+/// What a VMM's exit status means to the step function. Exit code 5 is `vm run`'s
+/// "demoted by the quorum" (twinrun-pair's `exit::DEMOTED`): the peer took the VM
+/// over, this node becomes its standby; not a crash.
+fn exit_kind(code: Option<i32>, signal: Option<i32>) -> ExitKind {
+    match (code, signal) {
+        (Some(0), _) => ExitKind::Clean,
+        (Some(5), _) => ExitKind::Demoted,
+        (Some(c), _) => ExitKind::Crashed(format!("exit code {c}{}", exit_hint(c))),
+        (None, Some(s)) => ExitKind::Crashed(format!("killed by signal {s}")),
+        (None, None) => ExitKind::Crashed("ended".into()),
     }
 }
 
@@ -446,6 +450,20 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_code_5_is_a_demotion_not_a_crash() {
+        assert_eq!(exit_kind(Some(0), None), ExitKind::Clean);
+        assert_eq!(exit_kind(Some(5), None), ExitKind::Demoted);
+        assert_eq!(
+            exit_kind(Some(3), None),
+            ExitKind::Crashed("exit code 3 (the VM crashed)".into())
+        );
+        assert_eq!(
+            exit_kind(None, Some(9)),
+            ExitKind::Crashed("killed by signal 9".into())
+        );
+    }
 
     #[test]
     fn log_markers_become_events_across_partial_reads() {

@@ -160,6 +160,7 @@ pub fn protect(
         }
         let mut dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
         dcfg.hold_on_simplex = quorum.is_some();
+        dcfg.generation = quorum.map(Quorum::generation);
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
             s.spawn(|| announce_protection(&acked, &done, sd));
@@ -255,7 +256,7 @@ pub(crate) fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 
     let _ = vm.wait();
     // Not a clean shutdown: the metadata must not say this disk is a usable primary's.
     drop(vm);
-    for image in mark_resync_targets(disks) {
+    for image in mark_resync_targets(disks, generation) {
         error!("quorum: could not mark disk {image} as the resync target");
     }
     error!(
@@ -270,15 +271,20 @@ pub(crate) fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 
 pub const DEMOTED_LOG: &str = "FT primary: DEMOTED";
 
 /// Marks every disk's replica metadata as an interrupted resync target (rule c of the
-/// resync decision: the other side's copy wins); returns the images it could not mark.
-fn mark_resync_targets(disks: &PrimaryDisks) -> Vec<String> {
+/// resync decision: the other side's copy wins) and records the winner's `generation`
+/// in it (the disk itself then says this node lost); returns the images it could not
+/// mark.
+fn mark_resync_targets(disks: &PrimaryDisks, generation: u64) -> Vec<String> {
     let mut failed = Vec::new();
     for st in disks.status() {
         let store = storage_mirror::meta::MetaStore::for_image(std::path::Path::new(&st.path));
         let r = match store.load() {
             Ok(storage_mirror::meta::MetaState::Ok(mut m)) => {
                 m.inconsistent = true;
-                m.sync_source_gen = 0;
+                // Its source (the winner) is newer than anything it saw: a full copy.
+                // (0 is no valid source: such metadata was refused at save.)
+                m.sync_source_gen = storage_mirror::meta::SOURCE_UNKNOWN;
+                m.record_generation(generation);
                 store.save(&m).map_err(|e| e.to_string())
             }
             Ok(other) => Err(format!("metadata {other:?}")),

@@ -73,6 +73,11 @@ struct Shared {
     out: Mutex<Out>,
     view: Arc<Mutex<QuorumView>>,
     stop: AtomicBool,
+    /// The highest generation this node knows (recorded, granted or learned): stamped
+    /// on a primary's session `Hello`, the floor of a standby's sessions.
+    generation: Arc<AtomicU64>,
+    /// The last session refused by the fencing rule, in words (for the status).
+    refused: Mutex<Option<String>>,
 }
 
 /// The machine's orders, as the runtime reads them.
@@ -131,6 +136,8 @@ impl Quorum {
             }),
             view: Arc::new(Mutex::new(QuorumView::default())),
             stop: AtomicBool::new(false),
+            generation: Arc::new(AtomicU64::new(recorded.generation)),
+            refused: Mutex::new(None),
         });
         let sh = shared.clone();
         let cfg = q.config.clone();
@@ -187,6 +194,16 @@ impl Quorum {
         lock(&self.shared.out).took_over.is_some()
     }
 
+    /// The generation this node knows, as the primary driver stamps it on a session.
+    pub fn generation(&self) -> Arc<AtomicU64> {
+        self.shared.generation.clone()
+    }
+
+    /// A session was refused by the fencing rule (`why` is logged by the caller).
+    pub fn session_refused(&self, why: String) {
+        *lock(&self.shared.refused) = Some(why);
+    }
+
     /// The takeover gate of this node's standby driver.
     pub fn takeover_gate(&self) -> checkpoint::standby::TakeoverGateRef {
         checkpoint::standby::TakeoverGateRef(Arc::new(Granted(self.shared.clone())))
@@ -218,6 +235,10 @@ impl TakeoverGate for Granted {
 
     fn may_take_over(&self) -> bool {
         lock(&self.0.out).took_over.is_some()
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::SeqCst)
     }
 }
 
@@ -295,6 +316,9 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
         for a in actions {
             obey(a, &runner, sh, state_file, &mut recorded);
         }
+        // Generations only grow; the runtime reads the highest one known.
+        sh.generation
+            .fetch_max(recorded.generation, Ordering::SeqCst);
         *lock(&sh.view) = view(&runner, sh, cfg, node, &paths);
     }
 }
@@ -407,6 +431,7 @@ fn view(runner: &Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, paths: &[bo
             .collect(),
         took_over: out.took_over,
         demoted_by: out.demoted,
+        refused_session: lock(&sh.refused).clone(),
     }
 }
 

@@ -5,7 +5,9 @@ use crate::exit;
 use crate::settings::{FtSettings, Role};
 use alink::{Alink, AlinkConfig};
 use checkpoint::protocol::StandbyConfig;
-use checkpoint::standby::{run_standby_with, StandbyDriverConfig, StandbyOutcome};
+use checkpoint::standby::{
+    run_standby_with, StandbyDriverConfig, StandbyDriverError, StandbyOutcome,
+};
 use log::{error, info, warn};
 use vmm::config::{ConsoleConfig, VmConfig};
 
@@ -104,6 +106,14 @@ pub fn run(
                     "FT standby: the primary was lost before the first checkpoint committed; \
                      there is nothing to take over: waiting for a primary again"
                 );
+            }
+            Err(e @ StandbyDriverError::Fenced { .. }) if !sd.requested() => {
+                // A primary that lost the VM (an older generation) gets no session:
+                // nothing of its history reaches this replica. Wait for the next one.
+                error!("FT standby: {e}");
+                if let Some(q) = quorum {
+                    q.session_refused(e.to_string());
+                }
             }
             Ok(StandbyOutcome::PrimaryBack { .. }) if !sd.requested() => {
                 warn!(

@@ -614,6 +614,7 @@ mod tests {
             resync: None,
             verify: None,
             image: crate::meta::ImageId::Legacy { dev: 1, ino: 2 },
+            quorum_generation: 0,
         }
     }
 
