@@ -186,6 +186,7 @@ pub struct Handshake {
 }
 
 fn hmac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    #[allow(clippy::expect_used)] // HMAC takes keys of any length: this cannot fail.
     let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
     for p in parts {
         m.update(p);
@@ -354,6 +355,7 @@ impl Handshake {
             ) => {
                 let transcript = *transcript;
                 let peer_node = *peer_node;
+                #[allow(clippy::expect_used)] // HMAC takes keys of any length.
                 let mut m = HmacSha256::new_from_slice(&self.cfg.secret)
                     .expect("HMAC takes any key length");
                 m.update(b"auth");

@@ -13,6 +13,8 @@
 //!
 //! See README.md for the frame format and the protocol.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod buf;
 pub mod frame;
 pub mod handshake;

@@ -59,6 +59,8 @@ struct Pages {
 // SAFETY: the buffer is owned for the struct's life; concurrent access goes through raw
 // pointers into disjoint pages, or is a test's deliberate race on page contents only.
 unsafe impl Send for Pages {}
+// SAFETY: as for Send: shared use only writes through raw pointers into disjoint pages
+// (or races on page contents on purpose, which the test reads as bytes only).
 unsafe impl Sync for Pages {}
 
 impl Pages {

@@ -10,6 +10,8 @@
 //!   the link, and the real loops around them), the capture edge, the mirror, failover.
 //! - [`link`]: what the drivers send over.
 //! - [`verify`]: replica-equality hashes (test mode).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod link;
 pub mod messages;
 pub mod primary;

@@ -12,6 +12,8 @@
 //! - [`server`]: serving the socket (a VM alone, or one end of a pair through
 //!   [`server::FtControl`]); [`disks`] and [`disk_fault`]: the disk operations.
 //! - [`call`]: one request from a client.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod disk_fault;
 pub mod disks;
 pub mod server;

@@ -19,6 +19,8 @@
 //! drop, also when the owner panics; names carry a per-process unique prefix so that
 //! tests run in parallel, by several users of one machine, do not collide.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod console;
 pub mod guest;
 pub mod ip;

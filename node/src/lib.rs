@@ -6,6 +6,8 @@
 //! a pure step function (`cluster`), asks the quorum gate before acting alone (`gate`),
 //! spawns and supervises the VMM processes (`supervisor`), and serves the REST API
 //! (`api`). `client` is the API's client, used by the `twinrun` CLI.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -12,6 +12,8 @@
 //! | [`ha`] | one end of an HA pair: disks mirrored synchronously, no checkpoints; the standby boots the guest from its replica when the primary is lost |
 //! | [`exit`], [`signals`] | exit codes; SIGTERM/SIGINT taken on a thread |
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod alone;
 pub mod exit;
 pub mod ft;

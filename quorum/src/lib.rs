@@ -14,6 +14,8 @@
 //! | `client` | the `Backend` trait, the witness client, and the runner that drives a node's machine | socket, clock |
 //! | `etcd` | etcd as the second backend: key layout, sans-IO session, `etcd-client` edge | etcd (tokio) |
 //! | `config` | the pair's `[quorum]` table: backend choice, etcd/witness options, timing | files |
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod client;
 pub mod config;
 pub mod etcd;

@@ -15,6 +15,8 @@
 //! - [`export`]: one portable file per generation, and importing it.
 //! - [`paths`]: where per-VM files live (the state directory of snapshots, the run
 //!   directory of control sockets) and which VM names are valid.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod export;
 pub mod format;
 pub mod paths;

@@ -474,11 +474,11 @@ impl ApplyJournal {
                 path: self.journal_path.clone(),
                 source,
             })?;
-        let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-        let count = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-        let epoch = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        let payload = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
+        let magic = le_u32(&h[0..4]);
+        let count = le_u32(&h[4..8]);
+        let epoch = le_u64(&h[8..16]);
+        let payload = le_u64(&h[16..24]);
+        let crc = le_u32(&h[24..28]);
         let rec_len = (HEADER_LEN as u64).saturating_add(payload);
         if magic != RECORD_MAGIC
             || count as usize > MAX_WRITES_PER_EPOCH
@@ -533,15 +533,12 @@ fn read_marker(dir: &Path) -> Result<Option<u64>, JournalError> {
     };
     // The marker is only ever replaced by rename, so a damaged one is real damage.
     if bytes.len() != MARKER_LEN
-        || u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) != MARKER_MAGIC
-        || crc32c::crc32c(&bytes[..16])
-            != u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"))
+        || le_u32(&bytes[0..4]) != MARKER_MAGIC
+        || crc32c::crc32c(&bytes[..16]) != le_u32(&bytes[16..20])
     {
         return Err(JournalError::BadMarker { path });
     }
-    Ok(Some(u64::from_le_bytes(
-        bytes[8..16].try_into().expect("8 bytes"),
-    )))
+    Ok(Some(le_u64(&bytes[8..16])))
 }
 
 fn write_marker(dir: &Path, applied_through: u64) -> Result<(), JournalError> {
@@ -588,6 +585,20 @@ fn crash_now() -> ! {
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
     std::process::abort()
+}
+
+/// The little-endian `u32` in `b` (exactly 4 bytes: the callers slice fixed fields).
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    u32::from_le_bytes(a)
+}
+
+/// The little-endian `u64` in `b` (exactly 8 bytes).
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@
 //! | [`standby`] | the standby's disks (report, chunks, apply journal), session machine |
 //! | [`sync`] | HA: synchronous mirroring of every write batch (machine, wire, the primary's edge) |
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod apply_journal;
 pub mod bitmap;
 pub mod decision;

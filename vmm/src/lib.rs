@@ -7,6 +7,8 @@
 //! Entry points: [`builder::build_vm`] makes a [`Vmm`] from a
 //! [`config::VmConfig`]; [`Vmm::start`], [`Vmm::pause`], [`Vmm::resume`],
 //! [`Vmm::wait`] run it; [`VmExit`] says how it ended.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod boot;
 pub mod builder;
 pub mod config;

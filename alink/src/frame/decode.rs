@@ -557,6 +557,8 @@ impl FrameDecoder {
         Ok(h)
     }
 
+    // Invariant of the decoder's phases, not of its input.
+    #[allow(clippy::expect_used)]
     fn take_pending(&mut self) -> Header {
         self.phase = Phase::Header;
         self.body_filled = 0;

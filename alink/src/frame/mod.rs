@@ -147,8 +147,9 @@ pub enum FrameError {
 pub struct FrameKey(HmacSha256);
 
 impl FrameKey {
+    // HMAC accepts keys of any length; this cannot fail.
+    #[allow(clippy::expect_used)]
     pub fn new(key: &[u8]) -> FrameKey {
-        // HMAC accepts keys of any length; this cannot fail.
         FrameKey(HmacSha256::new_from_slice(key).expect("HMAC takes any key length"))
     }
 

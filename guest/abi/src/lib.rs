@@ -59,6 +59,7 @@
 //! `i >= 24`, is `(seq as u8).wrapping_add(i as u8)`), and a checksum over the whole
 //! sector with the checksum field zeroed (FNV-1a 64).
 #![no_std]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 /// Size of a guest page as the VMM tracks it.
 pub const PAGE_SIZE: u64 = 4096;

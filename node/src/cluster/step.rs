@@ -1088,15 +1088,15 @@ impl Cluster {
 
         // Counters: a clear forgets crashes; a restart stops the VMM to start it again.
         if rec.clear_seq > s.done_clear {
-            let s = self.vms.get_mut(vm).expect("slot exists");
+            let s = slot_mut(&mut self.vms, vm);
             s.held = None;
             s.crashes.clear();
             s.done_clear = rec.clear_seq;
             out.push(done(vm, s));
         }
-        let s = self.vms.get(vm).expect("slot exists");
+        let s = &self.vms[vm];
         if rec.restart_seq > s.done_restart {
-            let s = self.vms.get_mut(vm).expect("slot exists");
+            let s = slot_mut(&mut self.vms, vm);
             s.done_restart = rec.restart_seq;
             if s.local.is_some() && !s.stop_sent {
                 s.restarting = true;
@@ -1111,19 +1111,19 @@ impl Cluster {
         }
         if rec.failback_seq > self.vms[vm].done_failback && rec.owner.as_deref() != Some(&me) {
             // Failback is the owner's job; the other node just notes the step.
-            let s = self.vms.get_mut(vm).expect("slot exists");
+            let s = slot_mut(&mut self.vms, vm);
             s.done_failback = rec.failback_seq;
             out.push(done(vm, s));
         }
 
-        let s = self.vms.get(vm).expect("slot exists");
+        let s = &self.vms[vm];
         let local_role = s.local.as_ref().map(Local::acting);
         let (state, reason) = if rec.deleted {
             if s.local.is_some() {
                 self.stop_local(vm, true, out);
                 (VmState::Stopping, "deleted: stopping its VMM".into())
             } else if !s.files_removed {
-                let s = self.vms.get_mut(vm).expect("slot exists");
+                let s = slot_mut(&mut self.vms, vm);
                 s.files_removed = true;
                 out.push(Action::RemoveFiles { vm: vm.into() });
                 (VmState::Stopped, "deleted".into())
@@ -1151,13 +1151,13 @@ impl Cluster {
         } else {
             self.reconcile_running(vm, &rec, in_grace, peer_vmm.as_ref(), local_role, out)
         };
-        let s = self.vms.get_mut(vm).expect("slot exists");
+        let s = slot_mut(&mut self.vms, vm);
         s.state = state;
         s.reason = reason;
     }
 
     fn stop_local(&mut self, vm: &str, force: bool, out: &mut Vec<Action>) {
-        let s = self.vms.get_mut(vm).expect("slot exists");
+        let s = slot_mut(&mut self.vms, vm);
         if !s.stop_sent {
             s.stop_sent = true;
             out.push(Action::Stop {
@@ -1168,7 +1168,7 @@ impl Cluster {
     }
 
     fn spawn(&mut self, vm: &str, role: Role, out: &mut Vec<Action>) {
-        let s = self.vms.get_mut(vm).expect("slot exists");
+        let s = slot_mut(&mut self.vms, vm);
         if s.spawn_sent || s.local.is_some() || s.stop_sent {
             return;
         }
@@ -1197,7 +1197,7 @@ impl Cluster {
                 self.peer
             ));
         }
-        let s = self.vms.get_mut(vm).expect("slot exists");
+        let s = slot_mut(&mut self.vms, vm);
         match &s.alone {
             Grant::Granted => Ok(()),
             Grant::Asked => Err("waiting for the quorum's answer to run it alone".into()),
@@ -1350,7 +1350,7 @@ impl Cluster {
 
         if owner != me && self.vms[vm].demoted {
             // The peer's record arrived: the usual rules take it from here.
-            let s = self.vms.get_mut(vm).expect("slot exists");
+            let s = slot_mut(&mut self.vms, vm);
             s.demoted = false;
         }
         if owner == me && ft && self.vms[vm].demoted {
@@ -1392,7 +1392,7 @@ impl Cluster {
                     if reported || !peer_online {
                         // The peer took over (its record will follow) or is gone too.
                         if !peer_online {
-                            let s = self.vms.get_mut(vm).expect("slot exists");
+                            let s = slot_mut(&mut self.vms, vm);
                             s.lost_primary_at = None;
                         }
                         return (
@@ -1403,7 +1403,7 @@ impl Cluster {
                     if self.now < t + self.policy.takeover_wait_ms {
                         return (VmState::Pending, s.note.clone());
                     }
-                    let s = self.vms.get_mut(vm).expect("slot exists");
+                    let s = slot_mut(&mut self.vms, vm);
                     s.lost_primary_at = None;
                     let why = "primary ended and the standby did not take over".to_string();
                     out.push(log(Some(vm), why.clone()));
@@ -1430,6 +1430,7 @@ impl Cluster {
             }
             // Our VMM runs.
             let s = &self.vms[vm];
+            #[allow(clippy::expect_used)] // `local` is checked just above.
             let l = s.local.as_ref().expect("local exists");
             if s.stop_sent {
                 return (VmState::Stopping, s.note.clone());
@@ -1452,7 +1453,7 @@ impl Cluster {
                 if pref != me && peer_online && peer_role == Some(Role::Standby) {
                     let asked = rec.failback_seq > s.done_failback;
                     if asked {
-                        let s = self.vms.get_mut(vm).expect("slot exists");
+                        let s = slot_mut(&mut self.vms, vm);
                         s.swap_sent = false;
                         s.swap_blocked = None;
                     }
@@ -1465,7 +1466,7 @@ impl Cluster {
                     }
                     if rec.spec.failback == Failback::Auto || asked {
                         if !s.swap_sent {
-                            let s = self.vms.get_mut(vm).expect("slot exists");
+                            let s = slot_mut(&mut self.vms, vm);
                             s.swap_sent = true;
                             s.done_failback = rec.failback_seq;
                             out.push(log(Some(vm), format!("failback to {pref}: role swap")));
@@ -1598,7 +1599,7 @@ impl Cluster {
     /// Our FT/HA standby took over from the lost owner: ask the quorum, then own it.
     fn takeover(&mut self, vm: &str, rec: &VmRecord, out: &mut Vec<Action>) -> (VmState, String) {
         let me = self.me.clone();
-        let s = self.vms.get_mut(vm).expect("slot exists");
+        let s = slot_mut(&mut self.vms, vm);
         match s.takeover.clone() {
             Grant::None => {
                 s.takeover = Grant::Asked;
@@ -1714,4 +1715,11 @@ fn done(vm: &str, s: &Slot) -> Action {
             clear: s.done_clear,
         },
     }
+}
+
+/// The slot of `vm`, which every caller created first: a missing one is a bug in this
+/// step function, never input (the map is indexed the same way elsewhere).
+#[allow(clippy::expect_used)]
+fn slot_mut<'a>(vms: &'a mut BTreeMap<String, Slot>, vm: &str) -> &'a mut Slot {
+    vms.get_mut(vm).expect("slot exists")
 }

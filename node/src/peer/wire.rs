@@ -101,6 +101,7 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Vec<u8>, W
 
 fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // HMAC takes keys of any length; new_from_slice cannot fail for HMAC.
+    #[allow(clippy::expect_used)]
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     for p in parts {
         m.update(&(p.len() as u32).to_le_bytes());
