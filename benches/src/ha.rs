@@ -140,7 +140,9 @@ fn first_output(console: &Path, alive: &mut dyn FnMut() -> bool) -> Result<Insta
 }
 
 pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
-    let disk: u64 = 64 << 20;
+    // Room for the unpaced writer over the whole run (64 MiB filled up before the
+    // unprotected baseline's window ended: DISK-FULL).
+    let disk: u64 = if quick { 256 << 20 } else { 512 << 20 };
     let topo = Topology::create(&format!("ha{}", std::process::id() % 1_000_000))
         .map_err(|e| format!("pair topology: {e}"))?;
     let secret = dir.join("ha.secret");

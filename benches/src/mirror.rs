@@ -502,9 +502,9 @@ pub(crate) fn records_rate(
             tail(console, 10)
         ));
     }
-    if text.lines().any(|l| l.starts_with("DISK-")) {
+    if let Some(why) = text.lines().find(|l| l.starts_with("DISK-")) {
         return Err(format!(
-            "the guest's disk workload stopped:\n{}",
+            "the guest's disk workload stopped ({why}):\n{}",
             tail(console, 10)
         ));
     }
