@@ -18,7 +18,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use log::{error, warn};
+use log::error;
 use vmm::config::VmConfig;
 
 use crate::settings::{FtSettings, Role};
@@ -56,25 +56,14 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
-    let q = match &ft.quorum {
-        None => {
-            warn!(
-                "FT mode WITHOUT QUORUM (no --quorum-config or --witness): if ALL A-Links \
-                 are cut while both PMs are alive, the standby takes over and TWO copies of \
-                 the VM run"
-            );
-            None
-        }
-        Some(qs) => match self::quorum::Quorum::start(qs, ft.role) {
-            Ok(q) => {
-                status.set_quorum(q.view());
-                Some(q)
-            }
-            Err(e) => {
-                error!("quorum: {e}");
-                return exit::USAGE;
-            }
-        },
+    let q = match quorum::start_for(
+        ft,
+        status,
+        "FT mode WITHOUT QUORUM (no --quorum-config or --witness): if ALL A-Links are cut \
+         while both PMs are alive, the standby takes over and TWO copies of the VM run",
+    ) {
+        Ok(q) => q,
+        Err(code) => return code,
     };
     let acfg = link::alink_config(ft);
     match ft.role {

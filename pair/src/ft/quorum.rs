@@ -88,6 +88,29 @@ struct Out {
     demoted: Option<u64>,
 }
 
+/// The quorum of one end of a pair (FT or HA), shown in `status`; without one
+/// (`ft.quorum` unset) logs `no_quorum_warning` and returns None; Err: the exit code.
+pub fn start_for(
+    ft: &crate::settings::FtSettings,
+    status: &crate::ft::status::PairStatus,
+    no_quorum_warning: &str,
+) -> Result<Option<Quorum>, i32> {
+    let Some(qs) = &ft.quorum else {
+        log::warn!("{no_quorum_warning}");
+        return Ok(None);
+    };
+    match Quorum::start(qs, ft.role) {
+        Ok(q) => {
+            status.set_quorum(q.view());
+            Ok(Some(q))
+        }
+        Err(e) => {
+            log::error!("quorum: {e}");
+            Err(crate::exit::USAGE)
+        }
+    }
+}
+
 /// One node's quorum (see the module docs). Stops its thread when dropped.
 pub struct Quorum {
     shared: Arc<Shared>,

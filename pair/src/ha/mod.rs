@@ -23,7 +23,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use log::{error, warn};
+use log::error;
 use vmm::config::VmConfig;
 
 use crate::ft::link;
@@ -64,21 +64,9 @@ pub fn run_pair_with(
 ) -> i32 {
     // The same quorum as FT: the standby boots the VM only with the grant; the
     // primary pauses before its lease could lapse and stops when it lost the VM.
-    let q = match &ft.quorum {
-        None => {
-            warn!("{NO_WITNESS_WARNING}");
-            None
-        }
-        Some(qs) => match crate::ft::quorum::Quorum::start(qs, ft.role) {
-            Ok(q) => {
-                status.set_quorum(q.view());
-                Some(q)
-            }
-            Err(e) => {
-                error!("quorum: {e}");
-                return exit::USAGE;
-            }
-        },
+    let q = match crate::ft::quorum::start_for(ft, status, NO_WITNESS_WARNING) {
+        Ok(q) => q,
+        Err(code) => return code,
     };
     let q = q.as_ref();
     match ft.role {
