@@ -588,14 +588,14 @@ fn crash_now() -> ! {
 }
 
 /// The little-endian `u32` in `b` (exactly 4 bytes: the callers slice fixed fields).
-fn le_u32(b: &[u8]) -> u32 {
+pub(crate) fn le_u32(b: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(b);
     u32::from_le_bytes(a)
 }
 
 /// The little-endian `u64` in `b` (exactly 8 bytes).
-fn le_u64(b: &[u8]) -> u64 {
+pub(crate) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(b);
     u64::from_le_bytes(a)

@@ -210,8 +210,8 @@ impl DirtyBitmap {
             )));
         }
         let found_bs = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        let found_blocks = le_u64(&h[16..24]);
-        let found_size = le_u64(&h[24..32]);
+        let found_blocks = crate::apply_journal::le_u64(&h[16..24]);
+        let found_size = crate::apply_journal::le_u64(&h[24..32]);
         if (found_bs, found_size) != (block_size, disk_size) {
             return Err(BitmapError::Geometry {
                 path: path.to_path_buf(),
@@ -240,7 +240,7 @@ impl DirtyBitmap {
             file.read_exact_at(bytes, HEADER_LEN + (i * BULK) as u64)
                 .map_err(io("read words"))?;
             for (w, b) in chunk.iter_mut().zip(bytes.chunks_exact(8)) {
-                *w = le_u64(b);
+                *w = crate::apply_journal::le_u64(b);
             }
         }
         let tail = blocks % 64;
@@ -610,13 +610,6 @@ impl BlockSet for DirtyBitmap {
             bits = self.words[w];
         }
     }
-}
-
-/// The little-endian `u64` in `b` (exactly 8 bytes).
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]
