@@ -3,11 +3,8 @@
 //! LAN, a management network), a `twinrun witness` on its own host on the management
 //! network, kv load from a client on ONE TCP connection.
 //!
-//! "Never two copies" is checked where the outside would see it: the frames each VMM
-//! writes into its TAP (the TAP's receive counter: a standby, or a demoted primary,
-//! writes none), the one console file both PMs write at stream positions (no gap, no
-//! duplicate, no reordering, one BOOT), and the client's acknowledged writes (each
-//! read back at the end, the INCR counter equal to what was acknowledged).
+//! "Never two copies" is checked where the outside would see it (see
+//! tests/common/quorum.rs, the setup these tests share with tests/quorum_cases.rs).
 //!
 //! - `all_alinks_cut_with_both_alive_runs_one_copy`: every A-Link cut with both PMs
 //!   alive: the primary runs on alone under its witness lease (the client progresses),
@@ -25,194 +22,11 @@
 //!   the standby takes over through the witness; no acknowledged write is lost.
 mod common;
 
-use std::fs;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::pair::{failed_over, listening, protected, wait_console, PairFiles, Pm};
-use common::{require_kvm, topology, twinrun_bin};
-use twinrun_control::FtStatus;
-use twinrun_lab::console::{check_console, read as read_console};
-use twinrun_lab::kvload::{LoadClient, LoadConfig};
-use twinrun_lab::topology::KV_PORT;
-use twinrun_lab::{Proc, Topology};
-
-const CLUSTER: &str = "sb-test";
-const WITNESS_PORT: u16 = 4557;
-const WITNESS_SECRET: &[u8] = b"split-brain-witness-secret-0123456789";
-/// Exit code of a demoted primary (`twinrun_pair::exit::DEMOTED`).
-const DEMOTED: i32 = 5;
-
-/// A protected pair with a witness. Fields drop in order: the client side first, the
-/// processes, then the namespaces, then the files.
-struct Sb {
-    primary: Pm,
-    standby: Pm,
-    _witness: Proc,
-    topo: Topology,
-    files: PairFiles,
-    _dir: tempfile::TempDir,
-}
-
-/// Frames the VMM of PM `i` has written into its TAP so far (the TAP's receive
-/// counter, read in the PM's namespace).
-fn tap_frames(topo: &Topology, i: usize) -> u64 {
-    let path = format!("/sys/class/net/{}/statistics/rx_packets", topo.tap(i));
-    let out = twinrun_lab::netns::command_in(topo.pm_ns(i), "cat")
-        .arg(&path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| {
-            panic!(
-                "cannot read {path}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-}
-
-impl Sb {
-    /// Witness, standby, then primary (`extra`: more flags for both ends, e.g.
-    /// `--protection ha`); returns once the primary reports protection.
-    fn start_with(prefix: &str, extra: &[&str]) -> Sb {
-        let dir = tempfile::tempdir().unwrap();
-        let topo = topology(Topology::builder().prefix(prefix).witnesses(1).management());
-        let files = PairFiles::new(dir.path());
-        let w = topo.witness(0).unwrap();
-        let waddr = SocketAddr::from((w.ip, WITNESS_PORT));
-        let wsecret = dir.path().join("witness.secret");
-        fs::write(&wsecret, WITNESS_SECRET).unwrap();
-        let mut cmd = w.ns.command(twinrun_bin());
-        cmd.args(["witness", "--listen", &waddr.to_string(), "--state-dir"])
-            .arg(dir.path().join("witness-state"))
-            .arg("--cluster")
-            .arg(format!("{CLUSTER}={}", wsecret.display()))
-            .stdout(Stdio::null());
-        let witness = Proc::spawn_logged("witness", &mut cmd, &dir.path().join("witness.stderr"))
-            .unwrap_or_else(|e| panic!("spawn the witness: {e}"));
-        let state = |n: u64| -> PathBuf { dir.path().join(format!("node{n}.quorum")) };
-        let args = |n: u64| -> Vec<String> {
-            [
-                "--cluster-id",
-                CLUSTER,
-                "--epoch-ms",
-                "10",
-                "--witness",
-                &waddr.to_string(),
-                "--witness-secret-file",
-                &wsecret.display().to_string(),
-                "--quorum-node-id",
-                &n.to_string(),
-                "--quorum-state",
-                &state(n).display().to_string(),
-                // Both ends' control sockets share the test's run directory, so their
-                // --name differ; the VM's quorum key must not.
-                "--quorum-key",
-                &format!("{prefix}-vm"),
-            ]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect()
-        };
-        let a2 = args(2);
-        let mut standby = Pm::spawn(
-            &topo,
-            &files,
-            1,
-            &a2.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        standby
-            .wait_status("listening", Duration::from_secs(30), listening)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let a1 = args(1);
-        let mut primary = Pm::spawn(
-            &topo,
-            &files,
-            0,
-            &a1.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        primary
-            .wait_status("protected", Duration::from_secs(60), protected)
-            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
-        wait_console(
-            &files.console,
-            "KV listening",
-            Duration::from_secs(60),
-            &mut primary,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        Sb {
-            primary,
-            standby,
-            _witness: witness,
-            topo,
-            files,
-            _dir: dir,
-        }
-    }
-
-    fn loaded(prefix: &str, acks: u64) -> (Sb, LoadClient) {
-        Sb::loaded_with(prefix, acks, &[])
-    }
-
-    fn loaded_with(prefix: &str, acks: u64, extra: &[&str]) -> (Sb, LoadClient) {
-        let sb = Sb::start_with(prefix, extra);
-        let addr = SocketAddr::from((sb.topo.guest_ip(), KV_PORT));
-        let client = LoadClient::start(LoadConfig::new(sb.topo.client_ns(), addr)).unwrap();
-        client
-            .wait_acks(acks, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", sb.logs()));
-        (sb, client)
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- primary stderr:\n{}\n--- standby stderr:\n{}",
-            self.primary.tail(40),
-            self.standby.tail(40)
-        )
-    }
-
-    fn set_alinks(&self, i: usize, up: bool) {
-        for k in 0..self.topo.alinks() {
-            self.topo.set_alink(i, k, up).unwrap();
-        }
-    }
-
-    /// The client's acknowledged writes are all there and the console stream seen
-    /// outside is one history.
-    fn check_client_and_console(&self, client: LoadClient, tag: &str) {
-        let rep = client.finish().unwrap();
-        let logs = self.logs();
-        assert!(
-            rep.errors.is_empty(),
-            "{tag}: client: {:?}\n{logs}",
-            rep.errors
-        );
-        assert!(
-            rep.lost.is_empty(),
-            "{tag}: {} acknowledged SETs lost (first {:?})\n{logs}",
-            rep.lost.len(),
-            &rep.lost[..rep.lost.len().min(10)]
-        );
-        assert_eq!(
-            rep.counter_final,
-            Some(rep.incrs_acked),
-            "{tag}: the INCR counter differs from what was acknowledged\n{logs}"
-        );
-        check_console(&read_console(&self.files.console))
-            .unwrap_or_else(|e| panic!("{tag}: console (two histories?): {e}\n{logs}"));
-    }
-}
-
-fn quorum(st: &FtStatus) -> &twinrun_control::QuorumView {
-    st.quorum.as_ref().expect("the status shows the quorum")
-}
+use common::pair::{failed_over, protected};
+use common::quorum::{quorum, tap_frames, QuorumPair, DEMOTED};
+use common::require_kvm;
 
 #[test]
 fn all_alinks_cut_with_both_alive_runs_one_copy() {
@@ -227,7 +41,7 @@ fn ha_all_alinks_cut_with_both_alive_runs_one_copy() {
 
 fn all_alinks_cut(prefix: &str, extra: &[&str]) {
     require_kvm();
-    let (mut sb, client) = Sb::loaded_with(prefix, 40, extra);
+    let (mut sb, client) = QuorumPair::loaded(prefix, 1, 40, extra);
     let st = sb.primary.status_now();
     let q = quorum(&st);
     assert_eq!(q.backend, "witness");
@@ -286,7 +100,7 @@ fn all_alinks_cut(prefix: &str, extra: &[&str]) {
 #[test]
 fn primary_frozen_past_detection_releases_nothing() {
     require_kvm();
-    let (mut sb, client) = Sb::loaded("sbstop", 40);
+    let (mut sb, client) = QuorumPair::loaded("sbstop", 1, 40, &[]);
     sb.primary.proc_signal(nix::sys::signal::Signal::SIGSTOP);
     let t0 = Instant::now();
     sb.standby
@@ -330,7 +144,7 @@ fn primary_frozen_past_detection_releases_nothing() {
 #[test]
 fn primary_isolated_pauses_and_is_demoted() {
     require_kvm();
-    let (mut sb, client) = Sb::loaded("sbiso", 40);
+    let (mut sb, client) = QuorumPair::loaded("sbiso", 1, 40, &[]);
     sb.set_alinks(0, false);
     sb.topo.set_lan(0, false).unwrap();
     sb.topo.set_mgmt(0, false).unwrap();
@@ -372,7 +186,7 @@ fn primary_isolated_pauses_and_is_demoted() {
 #[test]
 fn sigkill_with_witness_takes_over_without_losing_a_write() {
     require_kvm();
-    let (mut sb, client) = Sb::loaded("sbkill", 40);
+    let (mut sb, client) = QuorumPair::loaded("sbkill", 1, 40, &[]);
     let t_kill = Instant::now();
     sb.primary.kill();
     // Requests sent from now on can only be answered by the standby.

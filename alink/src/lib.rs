@@ -9,6 +9,7 @@
 //! - [`reorder`]: in-order, duplicate-free delivery on the receiving side, and the rules
 //!   that make payloads written in place safe.
 //! - [`lent`]: memory lent for one blocking send (guest memory, no staging copy).
+//! - [`side`]: small best-effort messages on the heartbeats of every link (the quorum's).
 //! - [`tcp`]: TCP links, threads, the [`Alink`] handle.
 //!
 //! See README.md for the frame format and the protocol.
@@ -22,6 +23,7 @@ pub mod health;
 pub mod lent;
 pub mod linkset;
 pub mod reorder;
+pub mod side;
 pub mod tcp;
 
 #[cfg(test)]

@@ -232,7 +232,15 @@ pub struct QuorumView {
     /// The last A-Link session this node refused because its peer carried an older
     /// generation (the fencing rule), in words.
     pub refused_session: Option<String>,
+    /// The last operator alerts the quorum raised (witness lost or back, elected
+    /// witness changed, simplex, paused...), oldest first, at most
+    /// [`QUORUM_ALERTS_KEPT`]; each "kind: message".
+    #[serde(default)]
+    pub alerts: Vec<String>,
 }
+
+/// How many recent alerts [`QuorumView::alerts`] keeps.
+pub const QUORUM_ALERTS_KEPT: usize = 8;
 
 /// One quorum service slot as a node sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

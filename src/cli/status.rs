@@ -123,6 +123,9 @@ fn describe_ft(ft: &FtStatus) -> String {
         if let Some(why) = &q.refused_session {
             out += &format!("  FENCED: {why}\n");
         }
+        for a in &q.alerts {
+            out += &format!("  alert: {a}\n");
+        }
         for w in &q.witnesses {
             out += &format!(
                 "  {} {}: {}{}\n",
@@ -212,6 +215,7 @@ mod tests {
                     refused_session: Some(
                         "session refused: the primary carries quorum generation 3".into(),
                     ),
+                    alerts: vec!["WitnessUnreachable(Alternate): alternate unreachable".into()],
                 }),
             })),
         };
@@ -228,6 +232,10 @@ mod tests {
         assert!(d.contains("role: primary, waiting for its peer"), "{d}");
         assert!(
             d.contains("FENCED: session refused: the primary carries quorum generation 3"),
+            "{d}"
+        );
+        assert!(
+            d.contains("alert: WitnessUnreachable(Alternate): alternate unreachable"),
             "{d}"
         );
         assert!(

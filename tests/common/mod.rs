@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod pair;
+pub mod quorum;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

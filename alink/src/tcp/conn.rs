@@ -59,6 +59,7 @@ pub(super) fn run_conn(
         .fetch_add(1, Ordering::Relaxed);
     lock(&shared.health[link]).on_up(shared.now());
     info!("alink link {link}: authenticated connection with {peer}");
+    lock(&shared.side_tx).link_up(link);
     let events = {
         let mut tx = lock(&shared.tx);
         tx.link_up(link)
@@ -232,6 +233,9 @@ pub(super) fn on_frame(
             Ok(())
         }
         Kind::Heartbeat => {
+            if !frame.body.is_empty() {
+                lock(&shared.side_rx).on_body(&frame.body)?;
+            }
             let moved = lock(&shared.tx).on_ack(frame.header.msg_seq);
             if moved {
                 shared.tx_room.notify_all();

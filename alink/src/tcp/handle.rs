@@ -8,6 +8,7 @@ use crate::health::LinkHealth;
 use crate::lent::Lent;
 use crate::linkset::{SegOpts, TxWindow};
 use crate::reorder::{InMsg, RxReorder};
+use crate::side::{SideRx, SideTx};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
@@ -68,6 +69,8 @@ impl Alink {
             rx_pool: BufPool::default(),
             placer: Mutex::new(None),
             lost: Mutex::new(Vec::new()),
+            side_tx: Mutex::new(SideTx::new(n, side_instance())),
+            side_rx: Mutex::new(SideRx::default()),
             cfg,
         });
         let mut threads = Vec::new();
@@ -394,9 +397,47 @@ impl Alink {
             .collect()
     }
 
+    /// Sends a side message (see [`crate::side`]) with the next heartbeat of every link
+    /// that is up now, without waiting for the message window; best effort (a link that
+    /// dies first loses it). False: longer than [`crate::side::MAX_SIDE_LEN`].
+    pub fn send_side(&self, msg: &[u8]) -> bool {
+        if !lock(&self.shared.side_tx).push(msg) {
+            return false;
+        }
+        for l in &self.shared.links {
+            if let Some(c) = lock(&l.conn).as_ref() {
+                c.hb_due.store(true, Ordering::Release);
+            }
+        }
+        drop(lock(&self.shared.tx));
+        self.shared.tx_work.notify_all();
+        true
+    }
+
+    /// The side messages received since the last call, oldest first (each once, from
+    /// whichever link brought it first).
+    pub fn recv_side(&self) -> Vec<Vec<u8>> {
+        lock(&self.shared.side_rx).drain()
+    }
+
     /// Messages received twice (resent after a link failure) and dropped.
     pub fn duplicates_dropped(&self) -> u64 {
         lock(&self.shared.rx).duplicates()
+    }
+}
+
+/// A random instance id for this handle's side messages (time-derived if the kernel's
+/// generator fails: it only has to differ from the previous handle's).
+fn side_instance() -> u64 {
+    match crate::handshake::random_nonce() {
+        Ok(n) => {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&n[..8]);
+            u64::from_le_bytes(w)
+        }
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
     }
 }
 

@@ -6,6 +6,7 @@ use crate::handshake::{HandshakeConfig, ReplayCache};
 use crate::health::LinkHealth;
 use crate::linkset::TxWindow;
 use crate::reorder::RxReorder;
+use crate::side::{SideRx, SideTx};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -67,6 +68,9 @@ pub(super) struct Shared {
     /// Lent messages that had to be sent as void (their loan ended before a resend),
     /// for [`super::Alink::take_lost`].
     pub(super) lost: Mutex<Vec<u64>>,
+    /// Side messages to write on each link's heartbeats, and those received.
+    pub(super) side_tx: Mutex<SideTx>,
+    pub(super) side_rx: Mutex<SideRx>,
 }
 
 /// The receiver's placer, shared by every link's reader.

@@ -69,10 +69,23 @@ pub(super) fn writer(
         };
         let r = match &work {
             Work::Heartbeat(ack) => {
-                let hdr = enc.header(Kind::Heartbeat, *ack, &[], &[]);
-                let r = match hdr {
-                    Some(h) => stream.write_all(&h[..HEADER_LEN]),
-                    None => Err(io::Error::other("heartbeat exceeds frame limit")),
+                // Side messages ride on heartbeats (one each); none: a bare heartbeat.
+                let side = lock(&shared.side_tx).take_for(link);
+                let r = if side.is_empty() {
+                    match enc.header(Kind::Heartbeat, *ack, &[], &[]) {
+                        Some(h) => stream.write_all(&h[..HEADER_LEN]),
+                        None => Err(io::Error::other("heartbeat exceeds frame limit")),
+                    }
+                } else {
+                    side.iter().try_for_each(|body| {
+                        match enc.header(Kind::Heartbeat, *ack, body, &[]) {
+                            Some(h) => write_all_vectored(
+                                &mut stream,
+                                &mut [IoSlice::new(&h), IoSlice::new(body)],
+                            ),
+                            None => Err(io::Error::other("side message exceeds frame limit")),
+                        }
+                    })
                 };
                 if r.is_ok() {
                     shared.ack_sent.fetch_max(*ack, Ordering::Relaxed);

@@ -12,10 +12,13 @@
 //! - alerts and per-path changes in the log, the whole state in the control socket's
 //!   status.
 //!
-//! Quorum messages between the two nodes (`PeerMsg`: status, witness election) are
-//! not carried yet: a node learns the peer's generation from the witness (a query or
-//! a refused request), and the elected witness stays the preferred one (the holder
-//! keeps a lease at every configured witness, so that is safe, only less available).
+//! Quorum messages between the two nodes (`PeerMsg`: status, witness election) ride
+//! on the A-Link's heartbeats as side messages (`alink::side`): on every healthy link,
+//! never behind a busy checkpoint stream, lost when no path is up (the machine resends
+//! on its own schedule). So the pair elects its witness at runtime: the preferred while
+//! both nodes reach it, else the alternate, back to the preferred once both reach it
+//! again; each change recorded in the state file before it is used, and a partitioned
+//! node asks only the witness it recorded.
 
 use std::fs;
 use std::io::Write;
@@ -27,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use ::quorum::client::Runner;
 use ::quorum::config::{BackendKind, QuorumConfig};
-use ::quorum::node::{Action, Event, GuestState, NodeConfig, OutputGate, QuorumNode, Start};
+use ::quorum::node::{
+    Action, Event, GuestState, NodeConfig, OutputGate, PeerMsg, QuorumNode, Start,
+};
 use ::quorum::types::{Role as QRole, Slot};
 use alink::Alink;
 use checkpoint::standby::TakeoverGate;
@@ -38,6 +43,10 @@ use crate::settings::{QuorumSettings, Role};
 
 /// How long the quorum thread waits for witness answers between looks at the links.
 const POLL: Duration = Duration::from_millis(5);
+
+/// First byte of a quorum side message on the A-Link (the rest: a postcard `PeerMsg`),
+/// so other users of side messages, or a later format, are told apart.
+const PEER_MSG_TAG: u8 = b'Q';
 
 /// What the primary may do with its held output, as the quorum last said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +87,8 @@ struct Shared {
     generation: Arc<AtomicU64>,
     /// The last session refused by the fencing rule, in words (for the status).
     refused: Mutex<Option<String>>,
+    /// The last alerts raised, for the status.
+    alerts: Mutex<std::collections::VecDeque<String>>,
 }
 
 /// The machine's orders, as the runtime reads them.
@@ -161,6 +172,7 @@ impl Quorum {
             stop: AtomicBool::new(false),
             generation: Arc::new(AtomicU64::new(recorded.generation)),
             refused: Mutex::new(None),
+            alerts: Mutex::new(std::collections::VecDeque::new()),
         });
         let sh = shared.clone();
         let cfg = q.config.clone();
@@ -276,14 +288,15 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
     while !sh.stop.load(Ordering::SeqCst) {
         // Read under the lock, not kept: the runtime drops a session's link after
         // `end_session`, and its next one binds the same addresses.
-        let (now_paths, r) = match lock(&sh.link).as_ref() {
+        let (now_paths, r, from_peer) = match lock(&sh.link).as_ref() {
             Some(l) => (
                 l.link_status().iter().map(|s| s.up).collect::<Vec<bool>>(),
                 // Any path alive (the A-Link's own view: it is reachable until the
                 // heartbeats time out on every link).
                 l.peer_reachable(),
+                l.recv_side(),
             ),
-            None => (Vec::new(), false),
+            None => (Vec::new(), false, Vec::new()),
         };
         if now_paths != paths {
             for (i, up) in now_paths.iter().enumerate() {
@@ -328,6 +341,12 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
         if protected != Some(p) {
             protected = Some(p);
             feed(Event::Protected(p), &mut runner);
+        }
+        for m in from_peer {
+            match decode_peer_msg(&m) {
+                Ok(msg) => feed(Event::FromPeer(msg), &mut runner),
+                Err(why) => warn!("quorum: a side message from the peer: {why}"),
+            }
         }
         match runner.poll(POLL) {
             Ok(a) => actions.extend(a),
@@ -395,9 +414,24 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
             rec.elected = Some((slot, seq));
             record(state_file, rec);
         }
-        // Not carried yet (see the module docs).
-        Action::ToPeer(_) | Action::ToWitness { .. } => {}
-        Action::Alert(al) => warn!("quorum ALERT {:?}: {}", al.kind, al.message),
+        Action::ToPeer(m) => {
+            // No session: no path to the peer; the machine resends on its schedule.
+            if let Some(l) = lock(&sh.link).as_ref() {
+                if !l.send_side(&encode_peer_msg(&m)) {
+                    warn!("quorum: peer message too long for a side message: {m:?}");
+                }
+            }
+        }
+        // The runner carries witness traffic itself.
+        Action::ToWitness { .. } => {}
+        Action::Alert(al) => {
+            warn!("quorum ALERT {:?}: {}", al.kind, al.message);
+            let mut q = lock(&sh.alerts);
+            if q.len() >= twinrun_control::QUORUM_ALERTS_KEPT {
+                q.pop_front();
+            }
+            q.push_back(format!("{:?}: {}", al.kind, al.message));
+        }
         Action::Audit { operator, what } => warn!("quorum AUDIT ({operator}): {what}"),
     }
 }
@@ -455,6 +489,24 @@ fn view(runner: &Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, paths: &[bo
         took_over: out.took_over,
         demoted_by: out.demoted,
         refused_session: lock(&sh.refused).clone(),
+        alerts: lock(&sh.alerts).iter().cloned().collect(),
+    }
+}
+
+fn encode_peer_msg(m: &PeerMsg) -> Vec<u8> {
+    let mut v = vec![PEER_MSG_TAG];
+    // A PeerMsg is a few small integers and enums: it always encodes.
+    v.extend(postcard::to_allocvec(m).unwrap_or_default());
+    v
+}
+
+fn decode_peer_msg(b: &[u8]) -> Result<PeerMsg, String> {
+    match b.split_first() {
+        Some((&PEER_MSG_TAG, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| format!("not a quorum message: {e}"))
+        }
+        Some((t, _)) => Err(format!("unknown side message kind {t:#x}")),
+        None => Err("empty side message".into()),
     }
 }
 
@@ -569,6 +621,30 @@ mod tests {
         assert_eq!(read_state(&p), Ok(Recorded::default()));
         write_state(&p, &r).unwrap();
         assert_eq!(read_state(&p), Ok(r));
+    }
+
+    #[test]
+    fn peer_messages_round_trip() {
+        for m in [
+            PeerMsg::Status {
+                generation: 3,
+                role: QRole::Standby,
+                reach: [false, true],
+                elected: Slot::Alternate,
+                elect_seq: 2,
+                proposing: Some(Slot::Preferred),
+            },
+            PeerMsg::Elect {
+                slot: Slot::Alternate,
+                seq: 9,
+            },
+            PeerMsg::ElectAck { seq: 9 },
+        ] {
+            assert_eq!(decode_peer_msg(&encode_peer_msg(&m)), Ok(m));
+        }
+        assert!(decode_peer_msg(&[]).is_err());
+        assert!(decode_peer_msg(b"Xabc").is_err());
+        assert!(decode_peer_msg(&[PEER_MSG_TAG, 0xff, 0xff]).is_err());
     }
 
     #[test]

@@ -1,0 +1,322 @@
+//! A protected pair with real `twinrun witness` processes (issue 14's process tests:
+//! tests/split_brain.rs, tests/quorum_cases.rs): two `twinrun vm run --role ...` PMs in
+//! their namespaces (two A-Links, a TAP each on the LAN, a management network), one or
+//! two witnesses (preferred, alternate) on their own hosts of the management network,
+//! each killable and restartable on its durable state, and kv load from a client on
+//! ONE TCP connection.
+//!
+//! "Never two copies" is checked where the outside would see it: the frames each VMM
+//! writes into its TAP ([`tap_frames`]: a standby, or a demoted primary, writes none),
+//! the one console file both PMs write at stream positions (no gap, no duplicate, no
+//! reordering, one BOOT), and the client's acknowledged writes (each read back at the
+//! end, the INCR counter equal to what was acknowledged).
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::pair::{listening, protected, wait_console, PairFiles, Pm};
+use super::{topology, twinrun_bin};
+use twinrun_control::{FtStatus, QuorumView};
+use twinrun_lab::console::{check_console, read as read_console};
+use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::{Proc, Topology};
+
+pub const CLUSTER: &str = "sb-test";
+pub const WITNESS_PORT: u16 = 4557;
+pub const WITNESS_SECRET: &[u8] = b"split-brain-witness-secret-0123456789";
+/// Exit code of a demoted primary (`twinrun_pair::exit::DEMOTED`).
+pub const DEMOTED: i32 = 5;
+
+/// One `twinrun witness` on witness host `j`, with its state directory (kept across
+/// restarts: a restarted witness starts from what it made durable).
+pub struct Witness {
+    pub addr: SocketAddr,
+    ns: String,
+    state_dir: PathBuf,
+    secret: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Witness {
+    fn new(topo: &Topology, j: usize, dir: &Path, secret: &Path) -> Witness {
+        let w = topo.witness(j).unwrap();
+        let mut me = Witness {
+            addr: SocketAddr::from((w.ip, WITNESS_PORT)),
+            ns: w.ns.name().to_string(),
+            state_dir: dir.join(format!("witness{j}-state")),
+            secret: secret.to_path_buf(),
+            log: dir.join(format!("witness{j}")),
+            proc: None,
+            starts: 0,
+        };
+        me.start();
+        me
+    }
+
+    /// Starts it (again) on its state directory.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "the witness at {} runs", self.addr);
+        self.starts += 1;
+        let mut cmd = twinrun_lab::netns::command_in(&self.ns, twinrun_bin());
+        cmd.args(["witness", "--listen", &self.addr.to_string(), "--state-dir"])
+            .arg(&self.state_dir)
+            .arg("--cluster")
+            .arg(format!("{CLUSTER}={}", self.secret.display()))
+            .stdout(Stdio::null());
+        let log = self.log.with_extension(format!("{}.stderr", self.starts));
+        self.proc = Some(
+            Proc::spawn_logged("witness", &mut cmd, &log)
+                .unwrap_or_else(|e| panic!("spawn the witness: {e}")),
+        );
+    }
+
+    /// SIGKILL (what it made durable stays in its state directory).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// A protected pair with its witnesses. Fields drop in order: the processes, then the
+/// namespaces, then the files.
+pub struct QuorumPair {
+    pub primary: Pm,
+    pub standby: Pm,
+    /// The preferred witness, then the alternate (if any).
+    pub witnesses: Vec<Witness>,
+    pub topo: Topology,
+    pub files: PairFiles,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Frames the VMM of PM `i` has written into its TAP so far (the TAP's receive
+/// counter, read in the PM's namespace).
+pub fn tap_frames(topo: &Topology, i: usize) -> u64 {
+    let path = format!("/sys/class/net/{}/statistics/rx_packets", topo.tap(i));
+    let out = twinrun_lab::netns::command_in(topo.pm_ns(i), "cat")
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| {
+            panic!(
+                "cannot read {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// The quorum part of a status.
+pub fn quorum(st: &FtStatus) -> &QuorumView {
+    st.quorum.as_ref().expect("the status shows the quorum")
+}
+
+/// A status whose quorum satisfies `f`.
+pub fn quorum_is(st: &FtStatus, f: impl Fn(&QuorumView) -> bool) -> bool {
+    st.quorum.as_ref().is_some_and(f)
+}
+
+impl QuorumPair {
+    /// Witness(es), standby, then primary (`witnesses`: 1, or 2 for an alternate;
+    /// `extra`: more flags for both ends, e.g. `--protection ha`); returns once the
+    /// primary reports protection and the guest's kv server listens.
+    pub fn start(prefix: &str, witnesses: usize, extra: &[&str]) -> QuorumPair {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = topology(
+            Topology::builder()
+                .prefix(prefix)
+                .witnesses(witnesses)
+                .management(),
+        );
+        let files = PairFiles::new(dir.path());
+        let wsecret = dir.path().join("witness.secret");
+        fs::write(&wsecret, WITNESS_SECRET).unwrap();
+        let ws: Vec<Witness> = (0..witnesses)
+            .map(|j| Witness::new(&topo, j, dir.path(), &wsecret))
+            .collect();
+        let state = |n: u64| -> PathBuf { dir.path().join(format!("node{n}.quorum")) };
+        let args = |n: u64| -> Vec<String> {
+            let mut a: Vec<String> = vec![
+                "--cluster-id".into(),
+                CLUSTER.into(),
+                "--epoch-ms".into(),
+                "10".into(),
+                "--witness".into(),
+                ws[0].addr.to_string(),
+            ];
+            if let Some(alt) = ws.get(1) {
+                a.extend(["--witness-alternate".into(), alt.addr.to_string()]);
+            }
+            a.extend([
+                "--witness-secret-file".into(),
+                wsecret.display().to_string(),
+                "--quorum-node-id".into(),
+                n.to_string(),
+                "--quorum-state".into(),
+                state(n).display().to_string(),
+                // Both ends' control sockets share the test's run directory, so their
+                // --name differ; the VM's quorum key must not.
+                "--quorum-key".into(),
+                format!("{prefix}-vm"),
+            ]);
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let a2 = args(2);
+        let mut standby = Pm::spawn(
+            &topo,
+            &files,
+            1,
+            &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        standby
+            .wait_status("listening", Duration::from_secs(30), listening)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let a1 = args(1);
+        let mut primary = Pm::spawn(
+            &topo,
+            &files,
+            0,
+            &a1.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        primary
+            .wait_status("protected", Duration::from_secs(60), protected)
+            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
+        wait_console(
+            &files.console,
+            "KV listening",
+            Duration::from_secs(60),
+            &mut primary,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        QuorumPair {
+            primary,
+            standby,
+            witnesses: ws,
+            topo,
+            files,
+            prefix: prefix.to_string(),
+            dir,
+        }
+    }
+
+    /// [`Self::start`], then kv load until `acks` writes are acknowledged.
+    pub fn loaded(prefix: &str, witnesses: usize, acks: u64, extra: &[&str]) -> (Self, LoadClient) {
+        let qp = QuorumPair::start(prefix, witnesses, extra);
+        let addr = SocketAddr::from((qp.topo.guest_ip(), KV_PORT));
+        let client = LoadClient::start(LoadConfig::new(qp.topo.client_ns(), addr)).unwrap();
+        client
+            .wait_acks(acks, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+        (qp, client)
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- primary stderr:\n{}\n--- standby stderr:\n{}",
+            self.primary.tail(40),
+            self.standby.tail(40)
+        )
+    }
+
+    /// Every A-Link of PM `i` down or up.
+    pub fn set_alinks(&self, i: usize, up: bool) {
+        for k in 0..self.topo.alinks() {
+            self.topo.set_alink(i, k, up).unwrap();
+        }
+    }
+
+    /// Drops (or stops dropping) everything PM `i` sends on its A-Links, with a netem
+    /// qdisc in its namespace: the other direction stays up (an asymmetric link).
+    pub fn drop_alinks_egress(&self, i: usize, drop: bool) {
+        for k in 0..self.topo.alinks() {
+            let dev = self.topo.pms[i].alink_ifs[k].clone();
+            let mut cmd = twinrun_lab::netns::command_in(self.topo.pm_ns(i), "tc");
+            if drop {
+                cmd.args(["qdisc", "add", "dev", &dev, "root", "netem", "loss", "100%"]);
+            } else {
+                cmd.args(["qdisc", "del", "dev", &dev, "root"]);
+            }
+            let o = cmd.output().unwrap();
+            assert!(
+                o.status.success(),
+                "tc on {dev}: {}",
+                super::output_text(&o)
+            );
+        }
+    }
+
+    /// Waits until the client has `n` more acknowledged writes than now.
+    pub fn progress(&self, client: &LoadClient, n: u64, what: &str) {
+        let acks = client.acks();
+        client
+            .wait_acks(acks + n, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.logs()));
+    }
+
+    /// The client's acknowledged writes are all there and the console stream seen
+    /// outside is one history.
+    pub fn check_client_and_console(&self, client: LoadClient, tag: &str) {
+        let rep = client.finish().unwrap();
+        let logs = self.logs();
+        assert!(
+            rep.errors.is_empty(),
+            "{tag}: client: {:?}\n{logs}",
+            rep.errors
+        );
+        assert!(
+            rep.lost.is_empty(),
+            "{tag}: {} acknowledged SETs lost (first {:?})\n{logs}",
+            rep.lost.len(),
+            &rep.lost[..rep.lost.len().min(10)]
+        );
+        assert_eq!(
+            rep.counter_final,
+            Some(rep.incrs_acked),
+            "{tag}: the INCR counter differs from what was acknowledged\n{logs}"
+        );
+        check_console(&read_console(&self.files.console))
+            .unwrap_or_else(|e| panic!("{tag}: console (two histories?): {e}\n{logs}"));
+    }
+
+    /// The generation recorded in node `n`'s quorum state file (1: primary, 2: standby).
+    pub fn recorded_generation(&self, n: u64) -> u64 {
+        let p = self.dir.path().join(format!("node{n}.quorum"));
+        let text = fs::read_to_string(&p).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("generation "))
+            .and_then(|g| g.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The elected witness recorded in node `n`'s quorum state file ("preferred" when
+    /// none is recorded).
+    pub fn recorded_elected(&self, n: u64) -> String {
+        let p = self.dir.path().join(format!("node{n}.quorum"));
+        let text = fs::read_to_string(&p).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("elected "))
+            .and_then(|e| e.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "preferred".into())
+    }
+}
+
+/// Watches PM `i`'s TAP for `d`: the frames it wrote meanwhile (0: it released nothing).
+pub fn frames_during(topo: &Topology, i: usize, d: Duration) -> u64 {
+    let before = tap_frames(topo, i);
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tap_frames(topo, i) - before
+}
