@@ -236,21 +236,21 @@ impl QuorumPair {
         }
     }
 
-    /// Drops (or stops dropping) everything PM `i` sends on its A-Links, with a netem
-    /// qdisc in its namespace: the other direction stays up (an asymmetric link).
+    /// Drops (or stops dropping) everything PM `i` sends on its A-Links: a blackhole
+    /// route to the peer's end of each link in PM `i`'s namespace (iproute2 only; no
+    /// netem or netfilter module needed). What the peer sends still arrives: an
+    /// asymmetric link.
     pub fn drop_alinks_egress(&self, i: usize, drop: bool) {
         for k in 0..self.topo.alinks() {
-            let dev = self.topo.pms[i].alink_ifs[k].clone();
-            let mut cmd = twinrun_lab::netns::command_in(self.topo.pm_ns(i), "tc");
-            if drop {
-                cmd.args(["qdisc", "add", "dev", &dev, "root", "netem", "loss", "100%"]);
-            } else {
-                cmd.args(["qdisc", "del", "dev", &dev, "root"]);
-            }
+            let peer = self.topo.alink_addr(1 - i, k).ip();
+            let mut cmd = twinrun_lab::netns::command_in(self.topo.pm_ns(i), "ip");
+            cmd.args(["route", if drop { "add" } else { "del" }, "blackhole"])
+                .arg(format!("{peer}/32"));
             let o = cmd.output().unwrap();
             assert!(
                 o.status.success(),
-                "tc on {dev}: {}",
+                "ip route blackhole {peer} in {}: {}",
+                self.topo.pm_ns(i),
                 super::output_text(&o)
             );
         }
