@@ -20,7 +20,7 @@ use twinrun_control::FtState;
 use twinrun_lab::Topology;
 
 use crate::mirror::{
-    fill_image, read, records_rate, tail, vm_args, Files, Vm, PAIR_TIMEOUT, SYNC_RECORDS,
+    fill_image, read, records_rate, tail, vm_args, Files, Rate, Vm, PAIR_TIMEOUT, SYNC_RECORDS,
 };
 use crate::report::{Better, Figure};
 
@@ -98,6 +98,15 @@ impl Ctx<'_> {
             pcon,
             scon,
         })
+    }
+}
+
+impl Pair {
+    /// Stops the pair cleanly, the standby first (the primary then records the
+    /// replicas' state in its metadata).
+    fn stop(mut self) {
+        self.standby.proc.terminate(Duration::from_secs(5));
+        self.primary.proc.terminate(Duration::from_secs(5));
     }
 }
 
@@ -184,13 +193,19 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     ]
     .map(String::from)
     .to_vec();
-    let ucon = dir.join("ha-local.console");
-    let ulog = dir.join("ha-local.log");
-    let _ = std::fs::remove_file(&ucon);
-    files.0.push(ucon.clone());
-    files.0.push(ulog.clone());
-    let (local, boot) = {
-        let name = format!("ha-{}-local", std::process::id());
+    // The unprotected baseline runs before and after the pair (the same image, the
+    // writer starting again at its first record): fdatasync on this shared disk swings
+    // with the other load of the machine, and one window alone was seen 0.5-6 ms per
+    // request apart between runs. The baseline is the mean of the two.
+    for tag in ["before", "after"] {
+        files.0.push(dir.join(format!("ha-local-{tag}.console")));
+        files.0.push(dir.join(format!("ha-local-{tag}.log")));
+    }
+    let run_local = |tag: &str| -> Result<(Rate, Duration), String> {
+        let ucon = dir.join(format!("ha-local-{tag}.console"));
+        let ulog = dir.join(format!("ha-local-{tag}.log"));
+        let _ = std::fs::remove_file(&ucon);
+        let name = format!("ha-{}-local-{tag}", std::process::id());
         let args = vm_args(elf, &local_img, &ucon, &writer);
         let spawned = Instant::now();
         let mut vm = Vm::spawn(
@@ -206,11 +221,25 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
             .map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?;
         let r = records_rate(&ucon, window, || vm.proc.alive());
         vm.proc.terminate(Duration::from_secs(5));
-        (
+        Ok((
             r.map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?,
             boot,
-        )
+        ))
     };
+    let (local_before, boot) = run_local("before")?;
+    // The images start unrelated (no metadata): the pair's first session is a full
+    // resync, during which an unpaced writer would fill the image before the pair is
+    // protected (DISK-FULL). So a quiet guest brings the replicas in sync first and
+    // stops (standby first); the measured pair then starts in sync.
+    eprintln!("   HA initial sync (quiet guest) ...");
+    let quiet: Vec<String> = ["--workload", "counter", "--counter-rate", "10"]
+        .map(String::from)
+        .to_vec();
+    let prime = cx.pair("prime", &quiet)?;
+    for p in [&prime.pcon, &prime.scon, &prime.plog, &prime.slog] {
+        files.0.push(p.to_path_buf());
+    }
+    prime.stop();
     let mut pair = cx.pair("sync", &writer)?;
     for p in [&pair.pcon, &pair.scon, &pair.plog, &pair.slog] {
         files.0.push(p.to_path_buf());
@@ -238,15 +267,24 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let restart = up - killed;
     pair.standby.proc.terminate(Duration::from_secs(5));
     drop(pair);
+    eprintln!("   HA write+flush: unprotected again ...");
+    let (local_after, _) = run_local("after")?;
     drop(topo);
     drop(files);
+    let local = Rate {
+        records: (local_before.records + local_after.records) / 2,
+        secs: (local_before.secs + local_after.secs) / 2.0,
+    };
 
     let note = format!(
         "guest `disk` workload unpaced: {SYNC_RECORDS} records of 512 B per request, each \
-         followed by a flush; {:.1} s window; HA {} records, local {}; {} MiB images",
+         followed by a flush; {:.1} s window; HA {} records, local {} before and {} after \
+         (baseline: their mean); {} MiB images; both PMs share this machine's one disk, so \
+         the pair's two fdatasyncs per batch queue on it",
         window.as_secs_f64(),
         ha.records,
-        local.records,
+        local_before.records,
+        local_after.records,
         disk >> 20
     );
     Ok(vec![
