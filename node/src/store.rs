@@ -441,4 +441,37 @@ mod tests {
         assert_eq!(s.digest().unwrap()[0].1.clock, 1);
         assert_eq!(s.events(Some("a"), 10).unwrap()[0].message, "created");
     }
+
+    #[test]
+    fn a_demotion_survives_a_reopen_and_old_rows_read_as_not_demoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.db");
+        let d = crate::cluster::Done {
+            created: Version {
+                clock: 1,
+                node: "pm1".into(),
+            },
+            restart: 0,
+            failback: 0,
+            clear: 0,
+            demoted: true,
+        };
+        {
+            let s = Store::open(&p).unwrap();
+            s.put_done("ft1", &d).unwrap();
+            // A row written before the field existed.
+            let mut old = serde_json::to_value(&d).unwrap();
+            old.as_object_mut().unwrap().remove("demoted");
+            s.conn
+                .execute(
+                    "INSERT INTO done (vm, done) VALUES ('ft2', ?1)",
+                    params![old.to_string()],
+                )
+                .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        let done = s.done().unwrap();
+        assert_eq!(done["ft1"], d);
+        assert!(!done["ft2"].demoted);
+    }
 }

@@ -586,8 +586,12 @@ fn fmt_action(a: &Action) -> String {
         ),
         Action::Log { vm, msg } => format!("Log [{}] {msg}", vm.as_deref().unwrap_or("-")),
         Action::Done { vm, done } => format!(
-            "Done {vm} of {} restart={} failback={} clear={}",
-            done.created, done.restart, done.failback, done.clear
+            "Done {vm} of {} restart={} failback={} clear={}{}",
+            done.created,
+            done.restart,
+            done.failback,
+            done.clear,
+            if done.demoted { " demoted" } else { "" }
         ),
         Action::Reply { id, result, .. } => match result {
             Ok(m) => format!("Reply {id} ok: {m}"),
@@ -863,6 +867,55 @@ fn golden_demoted_primary_becomes_the_standby() {
         s.log
     );
     s.compare("demoted_primary");
+}
+
+#[test]
+fn golden_demoted_primary_survives_a_daemon_restart() {
+    let mut s = cluster_with_vms();
+    s.note("every link between pm1 and pm2 is cut, both alive; pm2's standby takes over");
+    s.set_link(false);
+    s.unprotect(0, "ft1");
+    s.fail_over(1, "ft1");
+    s.wait(100);
+    s.note("pm1's primary is demoted (exit 5); pm1 records it and runs the standby");
+    s.demote(0, "ft1");
+    s.wait(100);
+    assert!(s.nodes[0].done["ft1"].demoted, "{}", s.log);
+    s.note(
+        "pm1's daemon restarts (its standby dies with the node's VMMs) before pm2's record arrives",
+    );
+    s.kill_daemon(0);
+    s.nodes[0].vmms.clear();
+    s.boot(0);
+    s.wait(100);
+    let shown = s.nodes[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.shown("ft1"))
+        .expect("ft1 shown on pm1");
+    assert_eq!(
+        shown.local_role,
+        Some(Role::Standby),
+        "a restarted daemon must not start the demoted primary again\n{}",
+        s.log
+    );
+    assert_eq!(
+        s.nodes[0].store["ft1"].owner.as_deref(),
+        Some("pm1"),
+        "the record here still names pm1: only the recorded demotion keeps it standby\n{}",
+        s.log
+    );
+    s.note("the links return: pm2's record reaches pm1; the demotion mark is cleared");
+    s.set_link(true);
+    s.wait(100);
+    assert!(!s.nodes[0].done["ft1"].demoted, "{}", s.log);
+    let shown = s.nodes[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.shown("ft1"))
+        .expect("ft1 shown on pm1");
+    assert_eq!(shown.local_role, Some(Role::Standby), "{}", s.log);
+    s.compare("demoted_primary_daemon_restart");
 }
 
 #[test]

@@ -208,6 +208,11 @@ pub struct Done {
     pub restart: u64,
     pub failback: u64,
     pub clear: u64,
+    /// This node's FT/HA VMM was demoted by the quorum and the record may still name
+    /// this node the owner: a restarted daemon runs the standby here, never the
+    /// primary (which would be a second copy). Absent in rows written before it.
+    #[serde(default)]
+    pub demoted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,6 +329,7 @@ impl Slot {
     /// A slot for `record`; `done` counts only if it is of the record's incarnation,
     /// else every step the record holds counts as done (it was not ours to do).
     fn new(record: VmRecord, done: Option<&Done>) -> Slot {
+        let demoted = done.is_some_and(|d| d.created == record.created && d.demoted);
         let done = match done {
             Some(d) if d.created == record.created => (d.restart, d.failback, d.clear),
             _ => (record.restart_seq, record.failback_seq, record.clear_seq),
@@ -341,7 +347,7 @@ impl Slot {
             stop_sent: false,
             restarting: false,
             lost_primary_at: None,
-            demoted: false,
+            demoted,
             alone: Grant::None,
             takeover: Grant::None,
             swap_sent: false,
@@ -698,6 +704,7 @@ impl Cluster {
                     // Another incarnation (deleted and created again): its counters
                     // start afresh, and nothing of the old one is held against it.
                     s.incarnation = rec.created.clone();
+                    s.demoted = false;
                     s.done_restart = rec.restart_seq;
                     s.done_failback = rec.failback_seq;
                     s.done_clear = rec.clear_seq;
@@ -983,7 +990,9 @@ impl Cluster {
         }
         l.failed_over = true;
         l.protected = false;
-        s.demoted = false;
+        if std::mem::take(&mut s.demoted) {
+            out.push(done(vm, s));
+        }
         let level = if s.record.spec.protection == Protection::Ha {
             "HA restart on the survivor"
         } else {
@@ -1049,6 +1058,9 @@ impl Cluster {
                 self.peer
             );
             out.push(log(Some(vm), s.note.clone()));
+            // Recorded before anything else runs: a daemon restarted before the
+            // peer's record arrives must not start the demoted primary again.
+            out.push(done(vm, s));
             return;
         }
         if exit == ExitKind::Clean && acting != Role::Standby {
@@ -1352,6 +1364,7 @@ impl Cluster {
             // The peer's record arrived: the usual rules take it from here.
             let s = slot_mut(&mut self.vms, vm);
             s.demoted = false;
+            out.push(done(vm, s));
         }
         if owner == me && ft && self.vms[vm].demoted {
             // Demoted while apart: the peer took it over (its record follows when the
@@ -1713,6 +1726,7 @@ fn done(vm: &str, s: &Slot) -> Action {
             restart: s.done_restart,
             failback: s.done_failback,
             clear: s.done_clear,
+            demoted: s.demoted,
         },
     }
 }
