@@ -11,17 +11,21 @@
 //! - [`lent`]: memory lent for one blocking send (guest memory, no staging copy).
 //! - [`side`]: small best-effort messages on the heartbeats of every link (the quorum's).
 //! - [`tcp`]: TCP links, threads, the [`Alink`] handle.
+//! - [`beacon`], [`priv0`]: heartbeats on the private network (priv0), a path that is
+//!   not an A-Link: round-trip proofs of the peer's life over UDP, and side messages.
 //!
 //! See README.md for the frame format and the protocol.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod beacon;
 pub mod buf;
 pub mod frame;
 pub mod handshake;
 pub mod health;
 pub mod lent;
 pub mod linkset;
+pub mod priv0;
 pub mod reorder;
 pub mod side;
 pub mod tcp;

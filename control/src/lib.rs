@@ -217,7 +217,7 @@ pub struct QuorumView {
     pub free_left_ms: Option<u64>,
     /// The guest "run"s or is "paused" by the quorum.
     pub guest: String,
-    /// Some path to the peer (any A-Link) is alive.
+    /// Some path to the peer (any A-Link, or priv0) is alive.
     pub peer_reachable: bool,
     /// Per path to the peer (A-Links in order): alive.
     pub paths: Vec<bool>,
@@ -237,6 +237,10 @@ pub struct QuorumView {
     /// [`QUORUM_ALERTS_KEPT`]; each "kind: message".
     #[serde(default)]
     pub alerts: Vec<String>,
+    /// The private network's heartbeat path, when configured: the peer proved alive
+    /// on it recently (the peer is reachable while it or any A-Link is alive).
+    #[serde(default)]
+    pub priv0: Option<bool>,
 }
 
 /// How many recent alerts [`QuorumView::alerts`] keeps.

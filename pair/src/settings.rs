@@ -83,6 +83,9 @@ pub struct QuorumSettings {
     pub vm: String,
     /// Where this node records its generation and elected witness, durably.
     pub state_file: PathBuf,
+    /// The private network as a heartbeat path (UDP, this end's and the peer's
+    /// address): the peer is reachable while it or any A-Link is alive.
+    pub priv0: Option<AlinkSpec>,
 }
 
 impl FtSettings {

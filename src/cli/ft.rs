@@ -100,6 +100,11 @@ pub struct FtArgs {
     /// The witness's secret for this cluster (with --witness).
     #[arg(long, value_name = "PATH")]
     pub witness_secret_file: Option<PathBuf>,
+    /// The private network as a heartbeat path besides the A-Links (with a quorum):
+    /// LOCAL_IP:PORT,PEER_IP:PORT (UDP). The standby takes over only when every
+    /// A-Link AND priv0 is silent.
+    #[arg(long, value_name = "LOCAL,PEER", value_parser = parse_alink_spec)]
+    pub priv0: Option<AlinkSpec>,
 }
 
 /// Largest `--min-epoch-ms` (an epoch with output waiting must end within a second).
@@ -203,6 +208,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.witness.is_some(), "--witness"),
             (a.witness_alternate.is_some(), "--witness-alternate"),
             (a.witness_secret_file.is_some(), "--witness-secret-file"),
+            (a.priv0.is_some(), "--priv0"),
             (a.protection == Protection::Ha, "--protection ha"),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
@@ -299,6 +305,7 @@ pub fn resolve_quorum(
                 (a.quorum_key.is_some(), "--quorum-key"),
                 (a.witness_alternate.is_some(), "--witness-alternate"),
                 (a.witness_secret_file.is_some(), "--witness-secret-file"),
+                (a.priv0.is_some(), "--priv0"),
             ];
             return match stray.into_iter().find(|(set, _)| *set) {
                 Some((_, f)) => bad(format!("{f} needs --quorum-config or --witness")),
@@ -356,6 +363,7 @@ pub fn resolve_quorum(
         peer: NodeId(peer),
         vm: vm.to_string(),
         state_file,
+        priv0: a.priv0,
     }))
 }
 

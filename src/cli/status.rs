@@ -120,6 +120,18 @@ fn describe_ft(ft: &FtStatus) -> String {
                 "UNREACHABLE on every path"
             }
         );
+        let mut paths: Vec<String> = q
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, up)| format!("a-link {i} {}", if *up { "alive" } else { "SILENT" }))
+            .collect();
+        if let Some(up) = q.priv0 {
+            paths.push(format!("priv0 {}", if up { "alive" } else { "SILENT" }));
+        }
+        if !paths.is_empty() {
+            out += &format!("  paths: {}\n", paths.join(", "));
+        }
         if let Some(why) = &q.refused_session {
             out += &format!("  FENCED: {why}\n");
         }
@@ -216,6 +228,7 @@ mod tests {
                         "session refused: the primary carries quorum generation 3".into(),
                     ),
                     alerts: vec!["WitnessUnreachable(Alternate): alternate unreachable".into()],
+                    priv0: Some(true),
                 }),
             })),
         };
@@ -225,6 +238,7 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("output free (120 ms left)"), "{d}");
+        assert!(d.contains("paths: a-link 0 SILENT, priv0 alive"), "{d}");
         assert!(
             d.contains("witness 10.0.0.3:4557: reachable, lease 120 ms left"),
             "{d}"

@@ -131,6 +131,16 @@ impl QuorumPair {
     /// `extra`: more flags for both ends, e.g. `--protection ha`); returns once the
     /// primary reports protection and the guest's kv server listens.
     pub fn start(prefix: &str, witnesses: usize, extra: &[&str]) -> QuorumPair {
+        Self::start_opts(prefix, witnesses, extra, false)
+    }
+
+    /// [`Self::start`] with a private network (priv0) between the PMs as a heartbeat
+    /// path besides the A-Links (`--priv0`).
+    pub fn start_with_priv0(prefix: &str, witnesses: usize, extra: &[&str]) -> QuorumPair {
+        Self::start_opts(prefix, witnesses, extra, true)
+    }
+
+    fn start_opts(prefix: &str, witnesses: usize, extra: &[&str], priv0: bool) -> QuorumPair {
         let dir = tempfile::tempdir().unwrap();
         let topo = topology(
             Topology::builder()
@@ -138,6 +148,9 @@ impl QuorumPair {
                 .witnesses(witnesses)
                 .management(),
         );
+        if priv0 {
+            add_priv0(&topo);
+        }
         let files = PairFiles::new(dir.path());
         let wsecret = dir.path().join("witness.secret");
         fs::write(&wsecret, WITNESS_SECRET).unwrap();
@@ -169,6 +182,13 @@ impl QuorumPair {
                 "--quorum-key".into(),
                 format!("{prefix}-vm"),
             ]);
+            if priv0 {
+                let i = n as usize - 1;
+                a.extend([
+                    "--priv0".into(),
+                    format!("{},{}", priv0_addr(&topo, i), priv0_addr(&topo, 1 - i)),
+                ]);
+            }
             a.extend(extra.iter().map(|s| s.to_string()));
             a
         };
@@ -256,6 +276,12 @@ impl QuorumPair {
         }
     }
 
+    /// PM `i`'s end of the private network (priv0) down or up (the other end loses
+    /// its carrier).
+    pub fn set_priv0(&self, i: usize, up: bool) {
+        twinrun_lab::ip::set_up(self.topo.pm_ns(i), &priv0_if(&self.topo, i), up).unwrap();
+    }
+
     /// Waits until the client has `n` more acknowledged writes than now.
     pub fn progress(&self, client: &LoadClient, n: u64, what: &str) {
         let acks = client.acks();
@@ -308,6 +334,32 @@ impl QuorumPair {
             .find_map(|l| l.strip_prefix("elected "))
             .and_then(|e| e.split_whitespace().next().map(str::to_string))
             .unwrap_or_else(|| "preferred".into())
+    }
+}
+
+/// UDP port of the priv0 heartbeat path on both PMs.
+pub const PRIV0_PORT: u16 = 7450;
+/// Third octet of the private network's subnet (the lab's A-Links use 1.., the
+/// management network 200).
+const PRIV0_SUBNET: u8 = 50;
+
+fn priv0_if(topo: &Topology, i: usize) -> String {
+    format!("{}q{}", topo.prefix, i + 1)
+}
+
+/// PM `i`'s address on the private network.
+pub fn priv0_addr(topo: &Topology, i: usize) -> SocketAddr {
+    SocketAddr::from(([10, topo.net, PRIV0_SUBNET, i as u8 + 1], PRIV0_PORT))
+}
+
+/// The private network: a veth pair between the PMs' namespaces (deleted with them).
+fn add_priv0(topo: &Topology) {
+    use twinrun_lab::ip::{add_addr, add_veth};
+    let (a, b) = (priv0_if(topo, 0), priv0_if(topo, 1));
+    add_veth(topo.pm_ns(0), &a, topo.pm_ns(1), &b).unwrap();
+    for (i, dev) in [(0, &a), (1, &b)] {
+        let ip = priv0_addr(topo, i).ip();
+        add_addr(topo.pm_ns(i), dev, &format!("{ip}/24")).unwrap();
     }
 }
 

@@ -34,6 +34,8 @@ use ::quorum::node::{
     Action, Event, GuestState, NodeConfig, OutputGate, PeerMsg, QuorumNode, Start,
 };
 use ::quorum::types::{Role as QRole, Slot};
+use alink::beacon::BeaconConfig;
+use alink::priv0::{Priv0Addrs, Priv0Path};
 use alink::Alink;
 use checkpoint::standby::TakeoverGate;
 use log::{error, info, warn};
@@ -89,6 +91,8 @@ struct Shared {
     refused: Mutex<Option<String>>,
     /// The last alerts raised, for the status.
     alerts: Mutex<std::collections::VecDeque<String>>,
+    /// The private network's heartbeat path, when configured (for the process's life).
+    priv0: Mutex<Option<Arc<Priv0Path>>>,
 }
 
 /// The machine's orders, as the runtime reads them.
@@ -112,6 +116,15 @@ pub fn start_for(
     };
     match Quorum::start(qs, ft.role) {
         Ok(q) => {
+            if let Some(spec) = &qs.priv0 {
+                match start_priv0(ft, qs, spec) {
+                    Ok(p) => q.set_priv0(p),
+                    Err(e) => {
+                        log::error!("quorum: {e}");
+                        return Err(crate::exit::START_FAILED);
+                    }
+                }
+            }
             status.set_quorum(q.view());
             Ok(Some(q))
         }
@@ -120,6 +133,35 @@ pub fn start_for(
             Err(crate::exit::USAGE)
         }
     }
+}
+
+/// The private network's heartbeat path of this node: the A-Links' heartbeat timing,
+/// the cluster's id and secret, the quorum node ids (stable across role changes).
+fn start_priv0(
+    ft: &crate::settings::FtSettings,
+    qs: &QuorumSettings,
+    spec: &crate::settings::AlinkSpec,
+) -> Result<Priv0Path, String> {
+    let cfg = BeaconConfig {
+        cluster_id: ft.cluster_id_u64(),
+        me: qs.node.0,
+        peer: qs.peer.0,
+        secret: ft.secret.clone(),
+        health: alink::HealthConfig {
+            interval: Duration::from_millis(ft.heartbeat_ms),
+            misses: ft.heartbeat_misses,
+        },
+    };
+    let addrs = Priv0Addrs {
+        local: spec.local,
+        peer: spec.peer,
+    };
+    Priv0Path::start(addrs, cfg).map_err(|e| {
+        format!(
+            "cannot start the priv0 heartbeat path on {}: {e}",
+            spec.local
+        )
+    })
 }
 
 /// One node's quorum (see the module docs). Stops its thread when dropped.
@@ -173,6 +215,7 @@ impl Quorum {
             generation: Arc::new(AtomicU64::new(recorded.generation)),
             refused: Mutex::new(None),
             alerts: Mutex::new(std::collections::VecDeque::new()),
+            priv0: Mutex::new(None),
         });
         let sh = shared.clone();
         let cfg = q.config.clone();
@@ -186,6 +229,13 @@ impl Quorum {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Watches the private network too: the peer is reachable while any A-Link OR
+    /// priv0 is alive (a takeover needs every path silent), and peer messages go on
+    /// both.
+    pub fn set_priv0(&self, p: Priv0Path) {
+        *lock(&self.shared.priv0) = Some(Arc::new(p));
     }
 
     /// A session begins on `link` (a primary's `acked` counts what its standby
@@ -285,6 +335,7 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
     let mut protected = None;
     let mut recorded = read_state(state_file).unwrap_or_default();
     let mut first = true;
+    let mut priv0_was = None;
     while !sh.stop.load(Ordering::SeqCst) {
         // Read under the lock, not kept: the runtime drops a session's link after
         // `end_session`, and its next one binds the same addresses.
@@ -298,6 +349,7 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
             ),
             None => (Vec::new(), false, Vec::new()),
         };
+        let (r, from_peer, p0) = with_priv0(sh, r, from_peer, &mut priv0_was);
         if now_paths != paths {
             for (i, up) in now_paths.iter().enumerate() {
                 if paths.get(i) != Some(up) {
@@ -361,8 +413,44 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
         // Generations only grow; the runtime reads the highest one known.
         sh.generation
             .fetch_max(recorded.generation, Ordering::SeqCst);
-        *lock(&sh.view) = view(&runner, sh, cfg, node, &paths);
+        let mut v = view(&runner, sh, cfg, node, &paths);
+        v.priv0 = p0;
+        *lock(&sh.view) = v;
     }
+}
+
+/// Adds the priv0 path to what the A-Link says: the peer is reachable if either is
+/// alive; priv0's side messages join the A-Link's. Logs priv0's changes; returns
+/// (reachable, messages, priv0 alive if configured).
+fn with_priv0(
+    sh: &Shared,
+    alink_reach: bool,
+    mut from_peer: Vec<Vec<u8>>,
+    was: &mut Option<bool>,
+) -> (bool, Vec<Vec<u8>>, Option<bool>) {
+    let Some(p) = lock(&sh.priv0).clone() else {
+        return (alink_reach, from_peer, None);
+    };
+    let st = p.status();
+    if *was != Some(st.alive) {
+        *was = Some(st.alive);
+        info!(
+            "quorum: path priv0 ({} -> {}) to the peer {}",
+            p.addrs().local,
+            p.addrs().peer,
+            if st.alive {
+                "alive".to_string()
+            } else {
+                format!(
+                    "SILENT (last proof {})",
+                    st.last_proof_ms
+                        .map_or("never".to_string(), |ms| format!("{ms} ms ago"))
+                )
+            }
+        );
+    }
+    from_peer.extend(p.recv_side());
+    (alink_reach || st.alive, from_peer, Some(st.alive))
 }
 
 fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Recorded) {
@@ -420,6 +508,9 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
                 if !l.send_side(&encode_peer_msg(&m)) {
                     warn!("quorum: peer message too long for a side message: {m:?}");
                 }
+            }
+            if let Some(p) = lock(&sh.priv0).as_ref() {
+                p.send_side(&encode_peer_msg(&m));
             }
         }
         // The runner carries witness traffic itself.
@@ -490,6 +581,8 @@ fn view(runner: &Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, paths: &[bo
         demoted_by: out.demoted,
         refused_session: lock(&sh.refused).clone(),
         alerts: lock(&sh.alerts).iter().cloned().collect(),
+        // Set by the caller (the thread reads the path once per round).
+        priv0: None,
     }
 }
 
