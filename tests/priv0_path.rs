@@ -34,14 +34,7 @@ const WATCH: Duration = Duration::from_secs(3);
 #[test]
 fn alinks_cut_priv0_up_primary_runs_alone_no_takeover() {
     require_kvm();
-    let mut qp = QuorumPair::start_with_priv0("qp0a", 1, &[]);
-    let addr = std::net::SocketAddr::from((qp.topo.guest_ip(), twinrun_lab::topology::KV_PORT));
-    let client = twinrun_lab::kvload::LoadClient::start(twinrun_lab::kvload::LoadConfig::new(
-        qp.topo.client_ns(),
-        addr,
-    ))
-    .unwrap();
-    qp.progress(&client, 40, "protected");
+    let (mut qp, client) = QuorumPair::start_with_priv0("qp0a", 1, &[]).load(40);
     let priv0_alive =
         |s: &twinrun_control::FtStatus| quorum_is(s, |q| q.priv0 == Some(true) && q.peer_reachable);
     let r = qp.primary.wait_status("priv0 alive", STATE, priv0_alive);
@@ -100,17 +93,7 @@ fn alinks_cut_priv0_up_primary_runs_alone_no_takeover() {
 #[test]
 fn primary_cut_off_but_priv0_then_priv0_cut_takes_over_with_the_grant() {
     require_kvm();
-    let (mut qp, client) = {
-        let qp = QuorumPair::start_with_priv0("qp0b", 1, &[]);
-        let addr = std::net::SocketAddr::from((qp.topo.guest_ip(), twinrun_lab::topology::KV_PORT));
-        let client = twinrun_lab::kvload::LoadClient::start(twinrun_lab::kvload::LoadConfig::new(
-            qp.topo.client_ns(),
-            addr,
-        ))
-        .unwrap();
-        (qp, client)
-    };
-    qp.progress(&client, 40, "protected");
+    let (mut qp, client) = QuorumPair::start_with_priv0("qp0b", 1, &[]).load(40);
     qp.standby
         .wait_status("priv0 alive", STATE, |s| {
             quorum_is(s, |q| q.priv0 == Some(true))

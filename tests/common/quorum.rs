@@ -91,6 +91,8 @@ pub struct QuorumPair {
     pub standby: Pm,
     /// The preferred witness, then the alternate (if any).
     pub witnesses: Vec<Witness>,
+    /// The etcd serving as the quorum backend instead (`start_with_etcd`).
+    pub etcd: Option<EtcdServer>,
     pub topo: Topology,
     pub files: PairFiles,
     pub prefix: String,
@@ -134,20 +136,29 @@ impl QuorumPair {
         Self::start_opts(prefix, witnesses, extra, false)
     }
 
+    /// [`Self::start`] with etcd as the quorum backend instead of witnesses: a real
+    /// etcd (Debian's etcd-server) on the first witness host of the management
+    /// network, its shortest lease (1 s, see [`EtcdServer`]).
+    pub fn start_with_etcd(prefix: &str, extra: &[&str]) -> QuorumPair {
+        Self::start_opts(prefix, 0, extra, false)
+    }
+
     /// [`Self::start`] with a private network (priv0) between the PMs as a heartbeat
     /// path besides the A-Links (`--priv0`).
     pub fn start_with_priv0(prefix: &str, witnesses: usize, extra: &[&str]) -> QuorumPair {
         Self::start_opts(prefix, witnesses, extra, true)
     }
 
+    /// `witnesses` 0: etcd on a host of the management network instead.
     fn start_opts(prefix: &str, witnesses: usize, extra: &[&str], priv0: bool) -> QuorumPair {
         let dir = tempfile::tempdir().unwrap();
         let topo = topology(
             Topology::builder()
                 .prefix(prefix)
-                .witnesses(witnesses)
+                .witnesses(witnesses.max(1))
                 .management(),
         );
+        let etcd = (witnesses == 0).then(|| EtcdServer::start(&topo, dir.path()));
         if priv0 {
             add_priv0(&topo);
         }
@@ -164,15 +175,20 @@ impl QuorumPair {
                 CLUSTER.into(),
                 "--epoch-ms".into(),
                 "10".into(),
-                "--witness".into(),
-                ws[0].addr.to_string(),
             ];
-            if let Some(alt) = ws.get(1) {
-                a.extend(["--witness-alternate".into(), alt.addr.to_string()]);
+            if let Some(e) = &etcd {
+                a.extend(["--quorum-config".into(), e.config.display().to_string()]);
+            } else {
+                a.extend(["--witness".into(), ws[0].addr.to_string()]);
+                if let Some(alt) = ws.get(1) {
+                    a.extend(["--witness-alternate".into(), alt.addr.to_string()]);
+                }
+                a.extend([
+                    "--witness-secret-file".into(),
+                    wsecret.display().to_string(),
+                ]);
             }
             a.extend([
-                "--witness-secret-file".into(),
-                wsecret.display().to_string(),
                 "--quorum-node-id".into(),
                 n.to_string(),
                 "--quorum-state".into(),
@@ -223,6 +239,7 @@ impl QuorumPair {
             primary,
             standby,
             witnesses: ws,
+            etcd,
             topo,
             files,
             prefix: prefix.to_string(),
@@ -232,7 +249,12 @@ impl QuorumPair {
 
     /// [`Self::start`], then kv load until `acks` writes are acknowledged.
     pub fn loaded(prefix: &str, witnesses: usize, acks: u64, extra: &[&str]) -> (Self, LoadClient) {
-        let qp = QuorumPair::start(prefix, witnesses, extra);
+        QuorumPair::start(prefix, witnesses, extra).load(acks)
+    }
+
+    /// Starts kv load from the client and waits for `acks` acknowledged writes.
+    pub fn load(self, acks: u64) -> (Self, LoadClient) {
+        let qp = self;
         let addr = SocketAddr::from((qp.topo.guest_ip(), KV_PORT));
         let client = LoadClient::start(LoadConfig::new(qp.topo.client_ns(), addr)).unwrap();
         client
@@ -334,6 +356,92 @@ impl QuorumPair {
             .find_map(|l| l.strip_prefix("elected "))
             .and_then(|e| e.split_whitespace().next().map(str::to_string))
             .unwrap_or_else(|| "preferred".into())
+    }
+}
+
+/// etcd's client port on its host.
+pub const ETCD_PORT: u16 = 2379;
+
+/// A real etcd (Debian's etcd-server) on witness host 0 of the management network,
+/// with its data dir in the test's directory, and the pair's quorum config for it.
+/// Its heartbeat (10 ms) and election timeout (100 ms) allow a 1 s lease (1.5 x the
+/// election timeout, in whole seconds), renewed every 200 ms with a 100 ms margin, as
+/// quorum/tests/etcd.rs. Killed with the test (the lab's `Proc`).
+pub struct EtcdServer {
+    pub url: String,
+    /// The `[quorum]` TOML both PMs get with `--quorum-config`.
+    pub config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl EtcdServer {
+    fn start(topo: &Topology, dir: &Path) -> EtcdServer {
+        super::require_tool("etcd", "etcd-server");
+        let host = topo.witness(0).unwrap();
+        let url = format!("http://{}:{ETCD_PORT}", host.ip);
+        let peer = format!("http://{}:{}", host.ip, ETCD_PORT + 1);
+        let mut cmd = twinrun_lab::netns::command_in(host.ns.name(), "etcd");
+        cmd.args(["--name", "q", "--data-dir"])
+            .arg(dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("q={peer}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdout(Stdio::null());
+        let proc = Proc::spawn_logged("etcd", &mut cmd, &dir.join("etcd.stderr"))
+            .unwrap_or_else(|e| panic!("cannot run etcd (Debian package etcd-server): {e}"));
+        let addr = SocketAddr::from((host.ip, ETCD_PORT));
+        let t0 = Instant::now();
+        // Serving once its client port accepts (a one-member cluster elects itself at
+        // once); the PMs' clients retry anyway.
+        while twinrun_lab::netns::command_in(host.ns.name(), "bash")
+            .args([
+                "-c",
+                &format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port()),
+            ])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "etcd did not listen on {addr}: {}",
+                fs::read_to_string(dir.join("etcd.stderr")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let config = dir.join("quorum-etcd.toml");
+        fs::write(
+            &config,
+            format!(
+                "[quorum]\ncluster = \"{CLUSTER}\"\nbackend = \"etcd\"\n\n[quorum.etcd]\n\
+                 endpoints = [\"{url}\"]\n\n[quorum.timing]\nlease_ms = 1000\n\
+                 renew_ms = 200\nmargin_ms = 100\n"
+            ),
+        )
+        .unwrap();
+        EtcdServer {
+            url,
+            config,
+            proc: Some(proc),
+        }
+    }
+
+    /// SIGKILL (its data dir stays).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
     }
 }
 
