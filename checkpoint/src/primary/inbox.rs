@@ -32,6 +32,12 @@ pub enum FromStandby {
         msg: DiskToPrimary,
         payload: Vec<u8>,
     },
+    /// The standby knows quorum generation `generation`, newer than this primary's:
+    /// it lost the VM (nothing more is released; the driver ends with
+    /// `DriverError::Fenced`).
+    Fenced {
+        generation: u64,
+    },
 }
 
 pub enum Inbound {
@@ -68,20 +74,45 @@ impl Inbox {
 /// epoch before the driver hears of it: the driver's copy of the acknowledgement
 /// waits for this thread to hand it over and for the driver to wake, so releasing the
 /// epoch's held output here takes those thread switches off every reply's path.
+/// `generation` is the one this primary's session carries: a message from a standby
+/// that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and from then on
+/// no acknowledgement releases anything.
 pub fn pump(
     link: &Alink,
     disks: Option<&PrimaryDisks>,
+    generation: u64,
     on_ack: &(dyn Fn(u64) + Sync),
     tx: Sender<Inbound>,
     quit: &AtomicBool,
 ) {
+    let mut fenced = false;
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
-                let msg = match decode_to_primary(m.head_bytes(), m.payload()) {
-                    Ok(PrimaryboundMsg::Ack { epoch }) => {
-                        on_ack(epoch);
+                let decoded = decode_to_primary(m.head_bytes(), m.payload());
+                if let Some(g) = decoded.as_ref().ok().and_then(|d| d.fences(generation)) {
+                    fenced = true;
+                    if tx
+                        .send(Inbound::Msg(FromStandby::Fenced { generation: g }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                let msg = match decoded {
+                    Ok(PrimaryboundMsg::Ack { epoch, .. }) => {
+                        if !fenced {
+                            on_ack(epoch);
+                        }
                         FromStandby::Ack { epoch }
+                    }
+                    // Not newer than ours (else `fences` took it): a confused standby.
+                    Ok(PrimaryboundMsg::Fenced { generation: g }) => {
+                        log::error!(
+                            "primary: the standby refused generation {generation} citing {g}"
+                        );
+                        continue;
                     }
                     Ok(PrimaryboundMsg::Disk { head, payload }) => {
                         match wire::decode_to_primary(&head, payload) {

@@ -187,11 +187,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
     ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
         let ev = match decode_standbound(head_len, body) {
             Ok(Standbound::Hello { layout, generation }) => {
-                let known = self.gate.as_ref().map_or(0, |g| g.generation());
-                if let Err(e) = fence(generation, known) {
-                    log::error!("standby: {e}");
-                    return Err(e);
-                }
+                self.check_generation(generation)?;
                 if self.mirror.is_none() {
                     let mut m = Mirror::new(&layout, self.open_images()?)?;
                     if self.verify.is_some() {
@@ -222,6 +218,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             }
             Ok(Standbound::Part(p)) => {
                 let h = p.head();
+                self.check_generation(h.generation)?;
                 match h.of {
                     PartOf::Sync { round } => StandbyEvent::SyncPart {
                         round,
@@ -250,6 +247,31 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             }
         };
         self.feed(ev)
+    }
+
+    /// The highest quorum generation this node knows (0: none).
+    fn known_generation(&self) -> u64 {
+        self.gate.as_ref().map_or(0, |g| g.generation())
+    }
+
+    /// Refuses a session `Hello` or a checkpoint part stamped with a generation older
+    /// than the one this node knows: the primary is told ([`ToPrimary::Fenced`]: it
+    /// releases nothing more and is demoted) and the driver ends with
+    /// [`StandbyDriverError::Fenced`]; nothing of it was staged or applied.
+    fn check_generation(&self, generation: u64) -> Result<(), StandbyDriverError> {
+        let known = self.known_generation();
+        if let Err(e) = fence(generation, known) {
+            log::error!("standby: {e}");
+            if let Err(se) = self.link.send(
+                &ToPrimary::Fenced { generation: known },
+                Vec::new(),
+                ACK_WAIT,
+            ) {
+                log::warn!("standby: telling the primary it is fenced: {se}");
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Every link to the primary is down (after the messages already received).
@@ -306,8 +328,12 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                     }
                     StandbyAction::Ack { epoch } => {
                         self.progress.committed = Some(epoch);
-                        self.link
-                            .send(&ToPrimary::Ack { epoch }, Vec::new(), ACK_WAIT)?;
+                        let generation = self.known_generation();
+                        self.link.send(
+                            &ToPrimary::Ack { epoch, generation },
+                            Vec::new(),
+                            ACK_WAIT,
+                        )?;
                     }
                     StandbyAction::TrimOutput { through } => {
                         self.mirror_mut()?.trim_output(through)
