@@ -759,6 +759,16 @@ impl PrimaryboundMsg<'_> {
             _ => None,
         }
     }
+
+    /// The generation of an acknowledgement from a standby session of an OLDER
+    /// generation than `own` (a standby echoes the session's, or a newer one it knows):
+    /// the primary refuses it, releasing nothing on it, and ends that session.
+    pub fn stale(&self, own: u64) -> Option<u64> {
+        match *self {
+            PrimaryboundMsg::Ack { generation, .. } if generation < own => Some(generation),
+            _ => None,
+        }
+    }
 }
 
 /// Decodes a message from the standby.
@@ -1129,6 +1139,17 @@ mod tests {
         assert_eq!(decode_to_primary(&b, &[]).unwrap().fences(5), Some(7));
         assert_eq!(decode_to_primary(&b, &[]).unwrap().fences(7), None);
         assert!(decode_to_primary(&b, &[1]).is_err());
+        // An ack of an older session's generation is stale, never fencing.
+        let b = encode(&ToPrimary::Ack {
+            epoch: 1,
+            generation: 4,
+        })
+        .unwrap();
+        let m = decode_to_primary(&b, &[]).unwrap();
+        assert_eq!(m.stale(5), Some(4));
+        assert_eq!(m.stale(4), None);
+        assert_eq!(m.fences(5), None);
+        assert_eq!(decode_to_primary(&b, &[]).unwrap().stale(0), None);
     }
 
     #[test]

@@ -51,6 +51,7 @@ use checkpoint::link::{SendError, ToPrimaryLink, ToStandbyLink};
 use checkpoint::messages::{
     decode_to_primary, encode, PrimaryboundMsg, ToPrimary, ToStandby, PAGE_SIZE,
 };
+use checkpoint::primary::inbox::screen;
 use checkpoint::primary::{
     Cut, DriverError, EpochState, FromStandby, MirroredDisks, Parked, PrimaryDriver,
     PrimaryDriverConfig, PrimaryVm,
@@ -1184,14 +1185,22 @@ impl Sim {
                         p.toy.0.fenced.set(true);
                     }
                 }
-                // As the receive pump does: a fencing message releases nothing and
-                // goes to the driver as a refusal.
-                let fenced = decoded.as_ref().ok().and_then(|m| m.fences(own));
-                let msg = match decoded {
-                    _ if fenced.is_some() => FromStandby::Fenced {
-                        generation: fenced.unwrap_or_default(),
-                    },
-                    Ok(PrimaryboundMsg::Ack { epoch, .. }) => {
+                // The real standby echoes its session's generation (or a newer one):
+                // an ack never carries an older one than its primary's.
+                if let Ok(PrimaryboundMsg::Ack { generation, .. }) = &decoded {
+                    assert!(
+                        *generation >= own,
+                        "seed {}: the standby acked with generation {generation}, older than \
+                         its session's {own}",
+                        self.seed
+                    );
+                }
+                // The receive pump's check (the same function): a refused message
+                // releases nothing and goes to the driver as a refusal.
+                let refusal = decoded.as_ref().ok().and_then(|m| screen(m, own));
+                let msg = match (refusal, decoded) {
+                    (Some(r), _) => r,
+                    (None, Ok(PrimaryboundMsg::Ack { epoch, .. })) => {
                         // The receive pump releases an acknowledged epoch's output
                         // itself, before the driver hears of the ack.
                         if let Some(p) = &self.primary {
@@ -1199,7 +1208,7 @@ impl Sim {
                         }
                         FromStandby::Ack { epoch }
                     }
-                    Ok(PrimaryboundMsg::Fenced { .. }) => {
+                    (None, Ok(PrimaryboundMsg::Fenced { .. })) => {
                         // Not newer than the primary's (else `fences` took it).
                         assert!(
                             !newer,
@@ -1209,7 +1218,7 @@ impl Sim {
                         );
                         return;
                     }
-                    Ok(PrimaryboundMsg::Disk { head, payload }) => {
+                    (None, Ok(PrimaryboundMsg::Disk { head, payload })) => {
                         match wire::decode_to_primary(&head, payload) {
                             Ok(DiskToPrimary::ReadDone { .. } | DiskToPrimary::Digests { .. }) => {
                                 return
@@ -1221,7 +1230,7 @@ impl Sim {
                             Err(e) => panic!("seed {}: disk message: {e}", self.seed),
                         }
                     }
-                    Err(e) => panic!("seed {}: message to the primary: {e}", self.seed),
+                    (None, Err(e)) => panic!("seed {}: message to the primary: {e}", self.seed),
                 };
                 let r = match self.primary.as_mut().and_then(|p| p.driver.as_mut()) {
                     Some(d) => d.on_message(msg),

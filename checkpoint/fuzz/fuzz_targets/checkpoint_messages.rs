@@ -62,6 +62,9 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(g) = m.fences(own) {
                     assert!(g > own);
                 }
+                if let Some(g) = m.stale(own) {
+                    assert!(g < own && m.fences(own).is_none());
+                }
             }
         }
     }

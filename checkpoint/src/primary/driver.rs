@@ -340,6 +340,17 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                     own: self.stamp,
                 })
             }
+            // Not a standby of this generation: nothing was released on its ack, and
+            // the session ends as if the standby were lost (the VM runs on under the
+            // quorum's rules, its blocks recorded for the next standby's resync).
+            FromStandby::Stale { generation } => {
+                log::error!(
+                    "primary: an ack of quorum generation {generation}, older than this \
+                     session's {}: refused, the session ends",
+                    self.stamp
+                );
+                self.peer_lost()
+            }
             FromStandby::Disk { msg, payload } => {
                 let now = self.instant();
                 match &mut self.session {

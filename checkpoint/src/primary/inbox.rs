@@ -38,6 +38,12 @@ pub enum FromStandby {
     Fenced {
         generation: u64,
     },
+    /// An acknowledgement of an older generation than this primary's session: not
+    /// this generation's standby (nothing was released on it; the driver ends the
+    /// session as if the standby were lost).
+    Stale {
+        generation: u64,
+    },
 }
 
 pub enum Inbound {
@@ -70,13 +76,26 @@ impl Inbox {
     }
 }
 
+/// The fencing check on every message from the standby, before anything is released
+/// on it: the refusal the driver gets instead of the message when it carries another
+/// generation than `own`, the primary session's (newer: this primary lost the VM; an
+/// older ack: not this generation's standby). None: the message passes.
+pub fn screen(m: &PrimaryboundMsg<'_>, own: u64) -> Option<FromStandby> {
+    if let Some(generation) = m.fences(own) {
+        return Some(FromStandby::Fenced { generation });
+    }
+    m.stale(own)
+        .map(|generation| FromStandby::Stale { generation })
+}
+
 /// Runs until `quit` or the link closes. `on_ack` is called with each acknowledged
 /// epoch before the driver hears of it: the driver's copy of the acknowledgement
 /// waits for this thread to hand it over and for the driver to wake, so releasing the
 /// epoch's held output here takes those thread switches off every reply's path.
 /// `generation` is the one this primary's session carries: a message from a standby
 /// that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and from then on
-/// no acknowledgement releases anything.
+/// no acknowledgement releases anything; an ack of an older one is refused
+/// ([`PrimaryboundMsg::stale`]: released on by nobody, the session ends).
 pub fn pump(
     link: &Alink,
     disks: Option<&PrimaryDisks>,
@@ -90,12 +109,9 @@ pub fn pump(
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
                 let decoded = decode_to_primary(m.head_bytes(), m.payload());
-                if let Some(g) = decoded.as_ref().ok().and_then(|d| d.fences(generation)) {
-                    fenced = true;
-                    if tx
-                        .send(Inbound::Msg(FromStandby::Fenced { generation: g }))
-                        .is_err()
-                    {
+                if let Some(refusal) = decoded.as_ref().ok().and_then(|d| screen(d, generation)) {
+                    fenced |= matches!(refusal, FromStandby::Fenced { .. });
+                    if tx.send(Inbound::Msg(refusal)).is_err() {
                         return;
                     }
                     continue;

@@ -101,6 +101,9 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     verify: Option<Arc<HashLog>>,
     /// The pair's quorum (the generation a primary's `Hello` must not be below).
     gate: Option<Arc<dyn TakeoverGate>>,
+    /// The generation the session's `Hello` carried (accepted: not below `gate`'s):
+    /// every part must carry at least it, every ack echoes it (or a newer one).
+    session_generation: u64,
 }
 
 impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
@@ -137,6 +140,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             progress: StandbyProgress::default(),
             verify: opts.verify.clone(),
             gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
+            session_generation: 0,
         })
     }
 
@@ -188,6 +192,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         let ev = match decode_standbound(head_len, body) {
             Ok(Standbound::Hello { layout, generation }) => {
                 self.check_generation(generation)?;
+                self.session_generation = generation;
                 if self.mirror.is_none() {
                     let mut m = Mirror::new(&layout, self.open_images()?)?;
                     if self.verify.is_some() {
@@ -249,15 +254,21 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         self.feed(ev)
     }
 
-    /// The highest quorum generation this node knows (0: none).
+    /// The highest quorum generation this node knows (0: none): its quorum's, or the
+    /// one the session's `Hello` carried if that is newer (what its acks echo, so that
+    /// a primary refuses acks of any other generation).
     fn known_generation(&self) -> u64 {
-        self.gate.as_ref().map_or(0, |g| g.generation())
+        self.gate
+            .as_ref()
+            .map_or(0, |g| g.generation())
+            .max(self.session_generation)
     }
 
     /// Refuses a session `Hello` or a checkpoint part stamped with a generation older
-    /// than the one this node knows: the primary is told ([`ToPrimary::Fenced`]: it
-    /// releases nothing more and is demoted) and the driver ends with
-    /// [`StandbyDriverError::Fenced`]; nothing of it was staged or applied.
+    /// than the one this node knows (a part: or than its session's `Hello`): the
+    /// primary is told ([`ToPrimary::Fenced`]: it releases nothing more and is demoted)
+    /// and the driver ends with [`StandbyDriverError::Fenced`]; nothing of it was
+    /// staged or applied.
     fn check_generation(&self, generation: u64) -> Result<(), StandbyDriverError> {
         let known = self.known_generation();
         if let Err(e) = fence(generation, known) {
