@@ -822,6 +822,8 @@ struct Report {
     demoted: u32,
     /// The demoted node's resync when it came back: (full, delta).
     demoted_resyncs: (u32, u32),
+    /// Its delta resyncs: (bytes moved, bytes of a full copy).
+    demoted_delta_bytes: (u64, u64),
 }
 
 /// A scratch directory for a seed's disk images and their metadata, on tmpfs when
@@ -900,6 +902,8 @@ struct Sim {
     demoted_session: Option<u32>,
     /// Its resync: (full, delta).
     demoted_resyncs: (u32, u32),
+    /// Its delta resyncs: (bytes moved, bytes a full copy of those disks moves).
+    demoted_delta_bytes: (u64, u64),
 }
 
 impl Sim {
@@ -924,6 +928,10 @@ impl Sim {
             if self.demoted_session == Some(session) {
                 self.demoted_resyncs.0 += r.full_disks;
                 self.demoted_resyncs.1 += r.delta_disks;
+                if r.full_disks == 0 && r.delta_disks > 0 {
+                    self.demoted_delta_bytes.0 += r.bytes;
+                    self.demoted_delta_bytes.1 += DISK * u64::from(r.delta_disks);
+                }
             }
         }
     }
@@ -1553,6 +1561,7 @@ fn run(seed: u64) -> Report {
         demoted: 0,
         demoted_session: None,
         demoted_resyncs: (0, 0),
+        demoted_delta_bytes: (0, 0),
     };
     // The primary: its disks opened (degraded, recording) before the guest runs.
     let pimage = scratch.image("pm1.img");
@@ -1638,6 +1647,7 @@ fn run(seed: u64) -> Report {
         fenced: sim.fenced_commit.is_some(),
         demoted: sim.demoted,
         demoted_resyncs: sim.demoted_resyncs,
+        demoted_delta_bytes: sim.demoted_delta_bytes,
     }
 }
 
@@ -1683,6 +1693,8 @@ struct Totals {
     demoted: u64,
     demoted_full: u64,
     demoted_delta: u64,
+    demoted_delta_bytes: u64,
+    demoted_full_bytes: u64,
 }
 
 impl Totals {
@@ -1703,6 +1715,8 @@ impl Totals {
         self.demoted += u64::from(r.demoted);
         self.demoted_full += u64::from(r.demoted_resyncs.0);
         self.demoted_delta += u64::from(r.demoted_resyncs.1);
+        self.demoted_delta_bytes += r.demoted_delta_bytes.0;
+        self.demoted_full_bytes += r.demoted_delta_bytes.1;
     }
 
     fn merge(&mut self, o: Totals) {
@@ -1722,6 +1736,8 @@ impl Totals {
         self.demoted += o.demoted;
         self.demoted_full += o.demoted_full;
         self.demoted_delta += o.demoted_delta;
+        self.demoted_delta_bytes += o.demoted_delta_bytes;
+        self.demoted_full_bytes += o.demoted_full_bytes;
     }
 }
 
@@ -1790,7 +1806,7 @@ fn simulation_under_faults() {
          delta, {} throttled captures in {} runs, {} of {} in-order runs protected, {} \
          idempotent console re-releases, {} duplicate frames on the LAN, {} runs fenced \
          the standby ({} primaries demoted; their disks back by {} full and {} delta \
-         resyncs)",
+         resyncs, the deltas moving {} bytes where full copies would move {})",
         t.seeds,
         t0.elapsed(),
         t.commits,
@@ -1807,7 +1823,9 @@ fn simulation_under_faults() {
         t.fenced,
         t.demoted,
         t.demoted_full,
-        t.demoted_delta
+        t.demoted_delta,
+        t.demoted_delta_bytes,
+        t.demoted_full_bytes
     );
     if all.len() >= 1000 {
         // The test is not vacuous: most runs get protected, many fail over and come
@@ -1845,6 +1863,16 @@ fn simulation_under_faults() {
             "{} of {} demoted disks back by a delta",
             t.demoted_delta,
             t.demoted
+        );
+        // ... and the delta moves the blocks either side wrote since, not the disk (on
+        // the simulation's 16-block disk the two sides' writes usually cover all of it,
+        // so the saving shows in some runs only; the exact plan is
+        // storage-mirror's `a_demoted_standby_gets_a_delta_of_both_bitmaps`).
+        assert!(
+            t.demoted_delta_bytes < t.demoted_full_bytes,
+            "the demoted disks' deltas moved {} bytes, a full copy {}",
+            t.demoted_delta_bytes,
+            t.demoted_full_bytes
         );
     }
 }
