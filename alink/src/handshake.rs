@@ -20,8 +20,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 /// Protocol version carried in the hello. Bump on any incompatible change above the frame
-/// layer. 2: checkpoint parts lost their own CRC and gained zero-page runs.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// layer. 2: checkpoint parts lost their own CRC and gained zero-page runs. 3: checkpoint
+/// parts and acks carry the quorum generation; the standby's `Fenced` refusal.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Nonce length.
 pub const NONCE_LEN: usize = 32;
 const TRANSCRIPT_LABEL: &[u8] = b"twinrun-alink-transcript-v1";

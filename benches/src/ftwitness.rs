@@ -26,21 +26,22 @@ fn status(sock: &Path) -> Option<twinrun_control::FtStatus> {
     twinrun_control::ft_status(sock)
 }
 
-/// One failover: the pair started, loaded, the primary killed; the time from the kill
-/// to the first reply from the standby.
-fn one_run(
+/// The witness a pair uses: its address and secret file.
+pub(crate) type WitnessRef<'a> = (SocketAddr, &'a Path);
+
+/// Starts an FT pair of the kv guest (`key` names its processes and quorum state;
+/// without `witness`, no quorum) with its primary on PM `ppm`, and waits until it is
+/// protected: (primary, standby).
+pub(crate) fn start_pair(
     twinrun: &Path,
     elf: &Path,
     dir: &Path,
     topo: &Topology,
-    waddr: SocketAddr,
-    wsecret: &Path,
-    run: usize,
-) -> Result<Duration, String> {
+    witness: Option<WitnessRef<'_>>,
+    key: &str,
+    ppm: usize,
+) -> Result<(Proc, Proc), String> {
     let secret = dir.join("cluster.secret");
-    let key = format!("bw-run{run}");
-    // Run 0: primary on PM1; run 1: on PM2 (where run 0's survivor announced the MAC).
-    let ppm = run % 2;
     let spm = 1 - ppm;
     let spawn = |role: &str, pm: usize, node: u64| -> Result<(Proc, std::path::PathBuf), String> {
         let name = format!("{key}-{role}");
@@ -52,14 +53,17 @@ fn one_run(
             .args(["--mem-mib", "64", "--workload", "kv", "--console"])
             .arg(format!("file:{}", console.display()))
             .args(topo.vm_net_args(pm))
-            .args(["--role", role, "--name", &name, "--quorum-key", &key])
+            .args(["--role", role, "--name", &name])
             .args(topo.alink_args(pm))
             .args(["--cluster-id", CLUSTER, "--cluster-secret-file"])
-            .arg(&secret)
-            .args(["--witness", &waddr.to_string(), "--witness-secret-file"])
-            .arg(wsecret)
-            .args(["--quorum-node-id", &node.to_string(), "--quorum-state"])
-            .arg(dir.join(format!("{key}-node{node}.state")));
+            .arg(&secret);
+        if let Some((waddr, wsecret)) = witness {
+            cmd.args(["--quorum-key", key])
+                .args(["--witness", &waddr.to_string(), "--witness-secret-file"])
+                .arg(wsecret)
+                .args(["--quorum-node-id", &node.to_string(), "--quorum-state"])
+                .arg(dir.join(format!("{key}-node{node}.state")));
+        }
         let p = Proc::spawn_logged(role, &mut cmd, &dir.join(format!("{name}.log")))
             .map_err(|e| format!("spawn {role}: {e}"))?;
         Ok((p, dir.join("run").join(format!("{name}.sock"))))
@@ -86,6 +90,25 @@ fn one_run(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    Ok((primary, standby))
+}
+
+/// One failover: the pair started, loaded, the primary killed; the time from the kill
+/// to the first reply from the standby.
+fn one_run(
+    twinrun: &Path,
+    elf: &Path,
+    dir: &Path,
+    topo: &Topology,
+    waddr: SocketAddr,
+    wsecret: &Path,
+    run: usize,
+) -> Result<Duration, String> {
+    let key = format!("bw-run{run}");
+    // Run 0: primary on PM1; run 1: on PM2 (where run 0's survivor announced the MAC).
+    let ppm = run % 2;
+    let (mut primary, mut standby) =
+        start_pair(twinrun, elf, dir, topo, Some((waddr, wsecret)), &key, ppm)?;
     let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
     let client = LoadClient::start(LoadConfig::new(topo.client_ns(), addr))
         .map_err(|e| format!("load client: {e}"))?;
@@ -113,16 +136,20 @@ fn one_run(
     Ok(first.saturating_duration_since(t_kill))
 }
 
-/// The section: `runs` failovers through the witness.
-pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
-    let runs = if quick { 5 } else { 20 };
+/// The lab for the witness sections: the topology with a witness on the management
+/// network, the secrets written in `dir`, the witness running: (topology, witness
+/// address, witness secret file, the witness process).
+pub(crate) fn lab(
+    twinrun: &Path,
+    dir: &Path,
+    prefix: &str,
+) -> Result<(Topology, SocketAddr, std::path::PathBuf, Proc), String> {
     let topo = Topology::builder()
-        .prefix("bw")
+        .prefix(prefix)
         .witnesses(1)
         .management()
         .build()
         .map_err(|e| format!("topology: {e}"))?;
-    let dir = dir.join("ft-witness");
     std::fs::create_dir_all(dir.join("run")).map_err(|e| e.to_string())?;
     std::fs::write(
         dir.join("cluster.secret"),
@@ -139,8 +166,16 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
         .arg("--cluster")
         .arg(format!("{CLUSTER}={}", wsecret.display()))
         .stdout(Stdio::null());
-    let _witness = Proc::spawn_logged("witness", &mut cmd, &dir.join("witness.log"))
+    let witness = Proc::spawn_logged("witness", &mut cmd, &dir.join("witness.log"))
         .map_err(|e| format!("spawn the witness: {e}"))?;
+    Ok((topo, waddr, wsecret, witness))
+}
+
+/// The section: `runs` failovers through the witness.
+pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
+    let runs = if quick { 5 } else { 20 };
+    let dir = dir.join("ft-witness");
+    let (topo, waddr, wsecret, _witness) = lab(twinrun, &dir, "bw")?;
     let mut times = Vec::new();
     for r in 0..runs {
         let t = one_run(twinrun, elf, &dir, &topo, waddr, &wsecret, r)?;

@@ -20,6 +20,7 @@ mod plots;
 mod redis;
 mod report;
 mod series;
+mod witnesscost;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,7 +40,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "boot",
     "exits",
     "blk",
@@ -48,6 +49,7 @@ const SECTIONS: [&str; 14] = [
     "ft",
     "ft-net",
     "ft-witness",
+    "ft-witness-cost",
     "mirror",
     "ha",
     "datapath",
@@ -62,7 +64,7 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -244,6 +246,12 @@ fn main() {
     });
     section("ft-witness", &mut || {
         ftwitness::run(&twinrun, &elf, &dir, q)
+    });
+    section("ft-witness-cost", &mut || {
+        if !env::have("redis-benchmark") {
+            return Err("redis-benchmark not installed (Debian: redis-tools)".into());
+        }
+        witnesscost::run(&twinrun, &elf, &dir, q)
     });
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
     section("ha", &mut || ha::run(&twinrun, &elf, &dir, q));

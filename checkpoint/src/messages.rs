@@ -166,6 +166,10 @@ pub struct PartHead {
     /// (in round 0 its mirror is still untouched zero memory and it skips them, so they
     /// cost neither the wire nor the standby's memory).
     pub zero: Vec<PageRun>,
+    /// The sender's quorum generation (its fencing token; 0 = no quorum), the one its
+    /// session's `Hello` carried: a standby that knows a higher one refuses the part
+    /// (A-Link protocol 3). Set by the driver when it sends, not during the capture.
+    pub generation: u64,
 }
 
 /// Primary to standby.
@@ -193,10 +197,15 @@ pub enum ToStandby {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToPrimary {
     /// Every epoch up to and including `epoch` is applied on the standby (cumulative).
-    Ack { epoch: u64 },
+    /// `generation`: the highest quorum generation the standby knows; a primary that
+    /// holds a lower one lost the VM (it releases nothing more and is demoted).
+    Ack { epoch: u64, generation: u64 },
     /// A disk-mirroring message: its own encoded head (opaque here); its payload is
     /// the message's.
     Disk(Vec<u8>),
+    /// The standby refused the session or a checkpoint: the primary's generation is
+    /// older than `generation`, the one the standby knows (the primary lost the VM).
+    Fenced { generation: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -415,6 +424,7 @@ impl PartHead {
             frames,
             released_through,
             zero: Vec::new(),
+            generation: 0,
         };
         h.check()?;
         let have: u64 = payload.iter().map(|c| c.as_ref().len() as u64).sum();
@@ -721,6 +731,11 @@ pub fn decode_standbound(
 pub enum PrimaryboundMsg<'a> {
     Ack {
         epoch: u64,
+        generation: u64,
+    },
+    /// The standby refused this primary's generation (see [`ToPrimary::Fenced`]).
+    Fenced {
+        generation: u64,
     },
     /// A disk-mirroring message: its head (opaque here) and its payload.
     Disk {
@@ -729,17 +744,50 @@ pub enum PrimaryboundMsg<'a> {
     },
 }
 
+impl PrimaryboundMsg<'_> {
+    /// The generation that fences a primary holding `own`: the one this message
+    /// carries when it is newer (an ack or a refusal from a standby that knows a later
+    /// takeover). The primary's receive side asks this before releasing anything on an
+    /// acknowledgement: one integer compared.
+    pub fn fences(&self, own: u64) -> Option<u64> {
+        match *self {
+            PrimaryboundMsg::Ack { generation, .. } | PrimaryboundMsg::Fenced { generation }
+                if generation > own =>
+            {
+                Some(generation)
+            }
+            _ => None,
+        }
+    }
+
+    /// The generation of an acknowledgement from a standby session of an OLDER
+    /// generation than `own` (a standby echoes the session's, or a newer one it knows):
+    /// the primary refuses it, releasing nothing on it, and ends that session.
+    pub fn stale(&self, own: u64) -> Option<u64> {
+        match *self {
+            PrimaryboundMsg::Ack { generation, .. } if generation < own => Some(generation),
+            _ => None,
+        }
+    }
+}
+
 /// Decodes a message from the standby.
 pub fn decode_to_primary<'a>(
     head: &[u8],
     payload: &'a [u8],
 ) -> Result<PrimaryboundMsg<'a>, DecodeError> {
     match decode_head::<ToPrimary>(head)? {
-        ToPrimary::Ack { epoch } => {
+        ToPrimary::Ack { epoch, generation } => {
             if !payload.is_empty() {
                 return Err(DecodeError::UnexpectedPayload("ack"));
             }
-            Ok(PrimaryboundMsg::Ack { epoch })
+            Ok(PrimaryboundMsg::Ack { epoch, generation })
+        }
+        ToPrimary::Fenced { generation } => {
+            if !payload.is_empty() {
+                return Err(DecodeError::UnexpectedPayload("fenced"));
+            }
+            Ok(PrimaryboundMsg::Fenced { generation })
         }
         ToPrimary::Disk(head) => {
             check_disk(&head, payload)?;
@@ -983,6 +1031,7 @@ mod tests {
             frames: vec![],
             released_through: None,
             zero: vec![],
+            generation: 0,
         };
         let too_many = mk(
             vec![PageRun {
@@ -1047,6 +1096,63 @@ mod tests {
     }
 
     #[test]
+    fn parts_acks_and_refusals_carry_the_generation() {
+        let h = PartHead::new(
+            PartOf::Epoch {
+                epoch: 4,
+                sync_rounds: 1,
+            },
+            0,
+            1,
+            8,
+            Vec::new(),
+            Vec::new(),
+            None,
+            Vec::new(),
+            None,
+            &[[0u8; 8]],
+        )
+        .unwrap();
+        let mut h = PartHead { generation: 9, ..h };
+        let enc = encode(&ToStandby::Part(h.clone())).unwrap();
+        match decode_to_standby(&enc, &[0u8; 8]).unwrap() {
+            StandboundMsg::Part(v) => assert_eq!(v.head.generation, 9),
+            other => panic!("{other:?}"),
+        }
+        // A head of the previous protocol (no generation) does not decode.
+        h.generation = 0;
+        let enc = encode(&ToStandby::Part(h)).unwrap();
+        assert!(decode_to_standby(&enc[..enc.len() - 1], &[0u8; 8]).is_err());
+        // An ack or a refusal fences a primary only with a newer generation.
+        let ack = |generation| {
+            let b = encode(&ToPrimary::Ack {
+                epoch: 1,
+                generation,
+            })
+            .unwrap();
+            decode_to_primary(&b, &[]).unwrap().fences(5)
+        };
+        assert_eq!(ack(5), None);
+        assert_eq!(ack(4), None);
+        assert_eq!(ack(6), Some(6));
+        let b = encode(&ToPrimary::Fenced { generation: 7 }).unwrap();
+        assert_eq!(decode_to_primary(&b, &[]).unwrap().fences(5), Some(7));
+        assert_eq!(decode_to_primary(&b, &[]).unwrap().fences(7), None);
+        assert!(decode_to_primary(&b, &[1]).is_err());
+        // An ack of an older session's generation is stale, never fencing.
+        let b = encode(&ToPrimary::Ack {
+            epoch: 1,
+            generation: 4,
+        })
+        .unwrap();
+        let m = decode_to_primary(&b, &[]).unwrap();
+        assert_eq!(m.stale(5), Some(4));
+        assert_eq!(m.stale(4), None);
+        assert_eq!(m.fences(5), None);
+        assert_eq!(decode_to_primary(&b, &[]).unwrap().stale(0), None);
+    }
+
+    #[test]
     fn garbage_heads_give_typed_errors() {
         for junk in [&b""[..], &[0xff; 7][..], &[9][..], &[2, 0][..]] {
             assert!(decode_to_standby(junk, &[]).is_err());
@@ -1055,10 +1161,17 @@ mod tests {
             decode_to_standby(&vec![0u8; MAX_HEAD_BYTES + 1], &[]),
             Err(DecodeError::HeadTooLarge(_))
         ));
-        let ack = encode(&ToPrimary::Ack { epoch: 3 }).unwrap();
+        let ack = encode(&ToPrimary::Ack {
+            epoch: 3,
+            generation: 0,
+        })
+        .unwrap();
         assert!(matches!(
             decode_to_primary(&ack, &[]).unwrap(),
-            PrimaryboundMsg::Ack { epoch: 3 }
+            PrimaryboundMsg::Ack {
+                epoch: 3,
+                generation: 0
+            }
         ));
         assert!(decode_to_primary(&ack, &[1]).is_err());
         let mut trailing = ack.clone();

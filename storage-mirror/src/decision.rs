@@ -11,6 +11,7 @@
 //! | h1 | both metadata readable, disk size or block size differ | Refuse: geometry |
 //! | b | X unusable, Y consistent | Full Y -> X |
 //! | c | X inconsistent, Y consistent, Y.current_gen == X.sync_source_gen | Delta Y -> X (resume) |
+//! | c | X demoted (below), Y consistent, Y.bitmap_base_gen = S != 0 is X.current_gen or X.bitmap_base_gen | Delta Y -> X |
 //! | c | X inconsistent, Y consistent, otherwise | Full Y -> X |
 //! | d | same current_gen, no dirty bit on either side | InSync |
 //! | d | same current_gen, dirty bits | Delta from the preferred side (below) |
@@ -29,6 +30,17 @@
 //! - A Delta copies the UNION of both sides' bitmaps: the target's own bits are the
 //!   blocks of its last uncommitted epochs and of writes the source never saw, which
 //!   must be overwritten with the source's version.
+//! - A *demoted* replica is one its node marked when it lost the VM to the quorum's
+//!   newer generation (`ReplicaMeta::mark_demoted`: inconsistent, source unknown, the
+//!   winner's quorum generation recorded). Its bitmap holds every block it wrote since
+//!   the generation S both sides last shared (the activity log's extents, narrowed to
+//!   the unacknowledged writes when it lost its standby alive, and every write it made
+//!   alone after, each marked durably before the write). The winner's bitmap, based at
+//!   S, holds every block it wrote since (the standby writes nothing of its own before
+//!   a takeover: all it applied, the loser wrote first). So the union of both bitmaps
+//!   is every block where the two may differ, as in rule e; the loser's own writes are
+//!   overwritten with the winner's. Without that shared S (the loser's metadata from
+//!   an older session, or the winner's from a later one), a full copy, as before.
 //! - Geometry (h1) is checked before any copy is chosen rather than last: copying
 //!   between disks of different size is never right, whatever the generations say. A
 //!   side whose image changed size is already `Replaced` (the metadata store checks).
@@ -41,7 +53,7 @@
 
 use std::fmt;
 
-use crate::meta::{MetaState, ReplicaMeta};
+use crate::meta::{MetaState, ReplicaMeta, SOURCE_UNKNOWN};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
@@ -282,9 +294,30 @@ fn full(from: Side, why: String) -> Verdict {
     )
 }
 
+/// Rule c, demoted target: the generation S both bitmaps start at (see the module's
+/// notes), when `tgt` is a demoted replica and `src`'s bitmap begins where `tgt`'s
+/// data or bitmap does.
+fn demoted_since(src: &ReplicaMeta, tgt: &ReplicaMeta) -> Option<u64> {
+    if tgt.sync_source_gen != SOURCE_UNKNOWN || tgt.quorum_generation == 0 {
+        return None;
+    }
+    let s = src.bitmap_base_gen;
+    (s != 0 && (tgt.current_gen == s || tgt.bitmap_base_gen == s)).then_some(s)
+}
+
 /// Rule c: `src` is consistent, `tgt` (the other side) an interrupted resync target.
 fn resume(src_side: Side, src: &ReplicaMeta, tgt: &ReplicaMeta) -> Verdict {
     let to = src_side.other();
+    if let Some(shared) = demoted_since(src, tgt) {
+        return verdict(
+            Decision::Delta { from: src_side, to },
+            format!(
+                "{to} lost the VM (demoted at quorum generation {}); both bitmaps start at \
+                 generation {shared:#x}: delta of their union",
+                tgt.quorum_generation
+            ),
+        );
+    }
     if src.current_gen == tgt.sync_source_gen {
         verdict(
             Decision::Delta { from: src_side, to },
@@ -499,6 +532,53 @@ mod tests {
         assert_eq!(v.decision, full(Side::B));
         // The VM never runs on an inconsistent replica.
         let v = both_ways(&src, 40, &ok(inconsistent(5)), 12, Some(Side::B));
+        assert_eq!(v.decision, Decision::Refuse);
+    }
+
+    #[test]
+    fn rule_c_demoted_target_takes_a_delta_only_from_a_shared_generation() {
+        // The winner ran alone since generation 5 (its takeover).
+        let winner = ok(ReplicaMeta {
+            bitmap_base_gen: 5,
+            ..m(9)
+        });
+        // The loser lost its standby alive: it ran alone since 5 too, then was demoted.
+        let mut lost_alone = ReplicaMeta {
+            bitmap_base_gen: 5,
+            ..m(7)
+        };
+        lost_alone.mark_demoted(3);
+        let v = both_ways(&winner, 30, &ok(lost_alone.clone()), 4, Some(Side::A));
+        assert_eq!(v.decision, delta(Side::A), "{}", v.reason);
+        assert!(v.reason.contains("demoted"), "{}", v.reason);
+        // Demoted while still protected (its activity log marks the unacknowledged
+        // writes; its data generation is the shared one).
+        let mut lost_protected = m(5);
+        lost_protected.mark_demoted(3);
+        let v = both_ways(&winner, 30, &ok(lost_protected), 4, None);
+        assert_eq!(v.decision, delta(Side::A), "{}", v.reason);
+        // No shared generation (the loser's bitmap starts elsewhere): full copy.
+        let mut unrelated = ReplicaMeta {
+            bitmap_base_gen: 4,
+            ..m(7)
+        };
+        unrelated.mark_demoted(3);
+        let v = both_ways(&winner, 30, &ok(unrelated), 4, None);
+        assert_eq!(v.decision, full(Side::A), "{}", v.reason);
+        // A winner with no bitmap base (back in sync with someone since): full copy.
+        let v = both_ways(&ok(m(9)), 0, &ok(lost_alone.clone()), 4, None);
+        assert_eq!(v.decision, full(Side::A), "{}", v.reason);
+        // An ordinary interrupted target (no quorum generation) is not a demoted one.
+        let mut plain = ReplicaMeta {
+            bitmap_base_gen: 5,
+            ..m(7)
+        };
+        plain.inconsistent = true;
+        plain.sync_source_gen = SOURCE_UNKNOWN;
+        let v = both_ways(&winner, 30, &ok(plain), 4, None);
+        assert_eq!(v.decision, full(Side::A), "{}", v.reason);
+        // Never to the running side.
+        let v = both_ways(&winner, 30, &ok(lost_alone), 4, Some(Side::B));
         assert_eq!(v.decision, Decision::Refuse);
     }
 

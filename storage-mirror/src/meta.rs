@@ -50,7 +50,9 @@ const META_VERSION_2: u32 = 2;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// `sync_source_gen` of a resync target that does not know its source's generation (a
 /// demoted primary: the winner's data is newer than anything it saw). No replica is
-/// ever given this id, so the resync decision copies the whole disk (rule c).
+/// ever given this id: the resync decision copies the whole disk (rule c), or, for a
+/// demoted primary whose bitmap and the winner's start at the same shared generation,
+/// the union of both bitmaps.
 pub const SOURCE_UNKNOWN: u64 = u64::MAX;
 /// Earlier generations remembered; enough to recognise a peer that missed a few
 /// restarts, small enough that an unrelated disk is not mistaken for an old copy.
@@ -238,6 +240,18 @@ impl ReplicaMeta {
     /// Records a generation this node learned (generations only grow).
     pub fn record_generation(&mut self, generation: u64) {
         self.quorum_generation = self.quorum_generation.max(generation);
+    }
+
+    /// This replica's node lost the VM to the holder of quorum `generation` (a demoted
+    /// primary): its disk becomes the resync target of the winner's ([`SOURCE_UNKNOWN`]
+    /// source: it never saw the winner's data generation), never a source again until
+    /// resynced, with the winner's generation recorded. Its bitmap is kept: it holds
+    /// every block this node wrote since the generation both sides last shared, which
+    /// lets the decision take a delta (rule c, demoted target).
+    pub fn mark_demoted(&mut self, generation: u64) {
+        self.inconsistent = true;
+        self.sync_source_gen = SOURCE_UNKNOWN;
+        self.record_generation(generation);
     }
 
     /// Start running without the peer: from now on the bitmap records every write, and

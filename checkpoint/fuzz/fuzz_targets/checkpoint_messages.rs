@@ -4,7 +4,8 @@
 //! the mirror does), `decode_to_primary`. Input layout: byte 0 picks the decoder and
 //! bytes 1..3 the head length; the rest is head then payload. Every outcome must be a
 //! value or a typed error: no panic, no unbounded allocation, and a part's views stay
-//! inside its payload.
+//! inside its payload; the quorum generation a message carries (part heads, acks,
+//! refusals) is read as the drivers read it.
 
 use checkpoint::messages::{
     decode_standbound, decode_to_primary, decode_to_standby, PartView, Standbound, StandboundMsg,
@@ -29,7 +30,7 @@ fn walk(v: &PartView<'_>) -> u64 {
         n += f.len() as u64;
     }
     assert!(v.head.payload_len() >= n.min(v.head.payload_len()));
-    n
+    n.wrapping_add(v.head.generation)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -54,7 +55,17 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let _ = decode_to_primary(head, payload);
+            // The fencing check the primary's receive side runs on every message (its
+            // own generation from the selector byte).
+            if let Ok(m) = decode_to_primary(head, payload) {
+                let own = u64::from(which / 3);
+                if let Some(g) = m.fences(own) {
+                    assert!(g > own);
+                }
+                if let Some(g) = m.stale(own) {
+                    assert!(g < own && m.fences(own).is_none());
+                }
+            }
         }
     }
 });

@@ -53,6 +53,10 @@ pub enum DriverError {
     DiskSession(String),
     #[error("encoding a message: {0}")]
     Encode(String),
+    /// The standby knows a newer quorum generation: this primary lost the VM. Nothing
+    /// more was released; the caller follows the demoted path.
+    #[error("fenced: the standby knows quorum generation {peer}, newer than this primary's {own}")]
+    Fenced { peer: u64, own: u64 },
 }
 
 /// Tunables of the driver (the protocol's are in [`PrimaryConfig`]).
@@ -208,6 +212,8 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     session: Option<DiskSide>,
     hold_on_simplex: bool,
     generation: Option<Arc<AtomicU64>>,
+    /// The generation this session's `Hello` carried, stamped on every part.
+    stamp: u64,
     /// When sync round 0 began (throughput log; the bytes are counted in the report).
     sync_started: Option<Duration>,
 }
@@ -252,6 +258,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             session: None,
             hold_on_simplex: cfg.hold_on_simplex,
             generation: cfg.generation.clone(),
+            stamp: 0,
             sync_started: None,
         })
     }
@@ -293,6 +300,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             .generation
             .as_ref()
             .map_or(0, |g| g.load(Ordering::SeqCst));
+        self.stamp = generation;
         match self.send_msg(&ToStandby::Hello { layout, generation }, Vec::new()) {
             Ok(()) => {}
             Err(Lost::Peer) => return self.peer_lost(),
@@ -320,6 +328,28 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                     return Ok(());
                 }
                 self.feed(PrimaryEvent::Ack { epoch })
+            }
+            FromStandby::Fenced { generation } => {
+                log::error!(
+                    "primary: FENCED: the standby knows quorum generation {generation} (this \
+                     primary's is {}); nothing more is released",
+                    self.stamp
+                );
+                Err(DriverError::Fenced {
+                    peer: generation,
+                    own: self.stamp,
+                })
+            }
+            // Not a standby of this generation: nothing was released on its ack, and
+            // the session ends as if the standby were lost (the VM runs on under the
+            // quorum's rules, its blocks recorded for the next standby's resync).
+            FromStandby::Stale { generation } => {
+                log::error!(
+                    "primary: an ack of quorum generation {generation}, older than this \
+                     session's {}: refused, the session ends",
+                    self.stamp
+                );
+                self.peer_lost()
             }
             FromStandby::Disk { msg, payload } => {
                 let now = self.instant();
@@ -458,7 +488,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                     let p = p?;
                     self.report.sync_bytes += p.head.payload_len();
                     self.report.sync_zero_pages += p.head.zero_page_count();
-                    self.send_msg(&ToStandby::Part(p.head), p.payload)?;
+                    self.send_part(p)?;
                 }
                 self.send_msg(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
                 log::info!("primary: initial sync round {round}: {pages} pages in {parts} parts");
@@ -508,7 +538,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 while let Some((e, parts)) = self.staged.pop_front() {
                     let done = e == epoch;
                     for p in parts {
-                        self.send_msg(&ToStandby::Part(p.head), p.payload)?;
+                        self.send_part(p)?;
                     }
                     if done {
                         break;
@@ -604,6 +634,14 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         Ok(())
     }
 
+    /// Sends a part stamped with the session's generation (after the capture: the
+    /// pause reads nothing more).
+    fn send_part(&self, p: OutPart) -> Result<(), Lost> {
+        let mut head = p.head;
+        head.generation = self.stamp;
+        self.send_msg(&ToStandby::Part(head), p.payload)
+    }
+
     fn send_msg(&self, head: &ToStandby, payload: Vec<alink::Bytes>) -> Result<(), Lost> {
         Ok(self.link.send(head, payload)?)
     }
@@ -655,7 +693,11 @@ pub fn run_primary(
                 log::debug!("primary: early release through epoch {epoch}: {e}");
             }
         };
-        s.spawn(move || pump(link, disks, &release, tx, quit));
+        let generation = cfg
+            .generation
+            .as_ref()
+            .map_or(0, |g| g.load(Ordering::SeqCst));
+        s.spawn(move || pump(link, disks, generation, &release, tx, quit));
         if let Some(d) = disks {
             let (otx, orx) = std::sync::mpsc::channel();
             s.spawn(move || outbox(link, orx, quit));

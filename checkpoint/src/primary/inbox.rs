@@ -32,6 +32,18 @@ pub enum FromStandby {
         msg: DiskToPrimary,
         payload: Vec<u8>,
     },
+    /// The standby knows quorum generation `generation`, newer than this primary's:
+    /// it lost the VM (nothing more is released; the driver ends with
+    /// `DriverError::Fenced`).
+    Fenced {
+        generation: u64,
+    },
+    /// An acknowledgement of an older generation than this primary's session: not
+    /// this generation's standby (nothing was released on it; the driver ends the
+    /// session as if the standby were lost).
+    Stale {
+        generation: u64,
+    },
 }
 
 pub enum Inbound {
@@ -64,24 +76,59 @@ impl Inbox {
     }
 }
 
+/// The fencing check on every message from the standby, before anything is released
+/// on it: the refusal the driver gets instead of the message when it carries another
+/// generation than `own`, the primary session's (newer: this primary lost the VM; an
+/// older ack: not this generation's standby). None: the message passes.
+pub fn screen(m: &PrimaryboundMsg<'_>, own: u64) -> Option<FromStandby> {
+    if let Some(generation) = m.fences(own) {
+        return Some(FromStandby::Fenced { generation });
+    }
+    m.stale(own)
+        .map(|generation| FromStandby::Stale { generation })
+}
+
 /// Runs until `quit` or the link closes. `on_ack` is called with each acknowledged
 /// epoch before the driver hears of it: the driver's copy of the acknowledgement
 /// waits for this thread to hand it over and for the driver to wake, so releasing the
 /// epoch's held output here takes those thread switches off every reply's path.
+/// `generation` is the one this primary's session carries: a message from a standby
+/// that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and from then on
+/// no acknowledgement releases anything; an ack of an older one is refused
+/// ([`PrimaryboundMsg::stale`]: released on by nobody, the session ends).
 pub fn pump(
     link: &Alink,
     disks: Option<&PrimaryDisks>,
+    generation: u64,
     on_ack: &(dyn Fn(u64) + Sync),
     tx: Sender<Inbound>,
     quit: &AtomicBool,
 ) {
+    let mut fenced = false;
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
-                let msg = match decode_to_primary(m.head_bytes(), m.payload()) {
-                    Ok(PrimaryboundMsg::Ack { epoch }) => {
-                        on_ack(epoch);
+                let decoded = decode_to_primary(m.head_bytes(), m.payload());
+                if let Some(refusal) = decoded.as_ref().ok().and_then(|d| screen(d, generation)) {
+                    fenced |= matches!(refusal, FromStandby::Fenced { .. });
+                    if tx.send(Inbound::Msg(refusal)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let msg = match decoded {
+                    Ok(PrimaryboundMsg::Ack { epoch, .. }) => {
+                        if !fenced {
+                            on_ack(epoch);
+                        }
                         FromStandby::Ack { epoch }
+                    }
+                    // Not newer than ours (else `fences` took it): a confused standby.
+                    Ok(PrimaryboundMsg::Fenced { generation: g }) => {
+                        log::error!(
+                            "primary: the standby refused generation {generation} citing {g}"
+                        );
+                        continue;
                     }
                     Ok(PrimaryboundMsg::Disk { head, payload }) => {
                         match wire::decode_to_primary(&head, payload) {

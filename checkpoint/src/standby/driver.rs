@@ -101,6 +101,9 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     verify: Option<Arc<HashLog>>,
     /// The pair's quorum (the generation a primary's `Hello` must not be below).
     gate: Option<Arc<dyn TakeoverGate>>,
+    /// The generation the session's `Hello` carried (accepted: not below `gate`'s):
+    /// every part must carry at least it, every ack echoes it (or a newer one).
+    session_generation: u64,
 }
 
 impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
@@ -137,6 +140,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             progress: StandbyProgress::default(),
             verify: opts.verify.clone(),
             gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
+            session_generation: 0,
         })
     }
 
@@ -187,11 +191,8 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
     ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
         let ev = match decode_standbound(head_len, body) {
             Ok(Standbound::Hello { layout, generation }) => {
-                let known = self.gate.as_ref().map_or(0, |g| g.generation());
-                if let Err(e) = fence(generation, known) {
-                    log::error!("standby: {e}");
-                    return Err(e);
-                }
+                self.check_generation(generation)?;
+                self.session_generation = generation;
                 if self.mirror.is_none() {
                     let mut m = Mirror::new(&layout, self.open_images()?)?;
                     if self.verify.is_some() {
@@ -222,6 +223,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             }
             Ok(Standbound::Part(p)) => {
                 let h = p.head();
+                self.check_generation(h.generation)?;
                 match h.of {
                     PartOf::Sync { round } => StandbyEvent::SyncPart {
                         round,
@@ -250,6 +252,37 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             }
         };
         self.feed(ev)
+    }
+
+    /// The highest quorum generation this node knows (0: none): its quorum's, or the
+    /// one the session's `Hello` carried if that is newer (what its acks echo, so that
+    /// a primary refuses acks of any other generation).
+    fn known_generation(&self) -> u64 {
+        self.gate
+            .as_ref()
+            .map_or(0, |g| g.generation())
+            .max(self.session_generation)
+    }
+
+    /// Refuses a session `Hello` or a checkpoint part stamped with a generation older
+    /// than the one this node knows (a part: or than its session's `Hello`): the
+    /// primary is told ([`ToPrimary::Fenced`]: it releases nothing more and is demoted)
+    /// and the driver ends with [`StandbyDriverError::Fenced`]; nothing of it was
+    /// staged or applied.
+    fn check_generation(&self, generation: u64) -> Result<(), StandbyDriverError> {
+        let known = self.known_generation();
+        if let Err(e) = fence(generation, known) {
+            log::error!("standby: {e}");
+            if let Err(se) = self.link.send(
+                &ToPrimary::Fenced { generation: known },
+                Vec::new(),
+                ACK_WAIT,
+            ) {
+                log::warn!("standby: telling the primary it is fenced: {se}");
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Every link to the primary is down (after the messages already received).
@@ -306,8 +339,12 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                     }
                     StandbyAction::Ack { epoch } => {
                         self.progress.committed = Some(epoch);
-                        self.link
-                            .send(&ToPrimary::Ack { epoch }, Vec::new(), ACK_WAIT)?;
+                        let generation = self.known_generation();
+                        self.link.send(
+                            &ToPrimary::Ack { epoch, generation },
+                            Vec::new(),
+                            ACK_WAIT,
+                        )?;
                     }
                     StandbyAction::TrimOutput { through } => {
                         self.mirror_mut()?.trim_output(through)

@@ -10,7 +10,9 @@ use std::time::Duration;
 use crate::exit;
 use crate::settings::FtSettings;
 use alink::{Alink, AlinkConfig};
-use checkpoint::primary::{run_primary, MirroredDisks, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::primary::{
+    run_primary, DriverError, MirroredDisks, PrimaryDriverConfig, PrimaryReport,
+};
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
 use storage_mirror::primary::PrimaryDisks;
@@ -179,6 +181,15 @@ pub fn protect(
         }
         drop(link);
         match result {
+            Err(DriverError::Fenced { peer, .. }) => {
+                // The standby knows a newer generation: this primary lost the VM.
+                // The driver released nothing after the refusal; nothing held leaves.
+                if let Some(q) = quorum {
+                    q.generation().fetch_max(peer, Ordering::SeqCst);
+                }
+                held.discard(&vm);
+                return demote(vm, &disks, peer);
+            }
             // Without a stop request the driver returns only when the standby is gone.
             Ok(_) if !sd.requested() => {
                 if let Some(end) = vm.wait_timeout(Duration::ZERO) {
@@ -270,21 +281,20 @@ pub(crate) fn demote(mut vm: Vmm, disks: &PrimaryDisks, generation: u64) -> i32 
 /// Logged by a primary that lost the VM to its peer.
 pub const DEMOTED_LOG: &str = "FT primary: DEMOTED";
 
-/// Marks every disk's replica metadata as an interrupted resync target (rule c of the
-/// resync decision: the other side's copy wins) and records the winner's `generation`
-/// in it (the disk itself then says this node lost); returns the images it could not
-/// mark.
+/// Marks every disk's replica metadata as demoted (an interrupted resync target, rule c
+/// of the resync decision: the other side's copy wins, by a delta when both bitmaps
+/// start at a shared generation) and records the winner's `generation` in it (the disk
+/// itself then says this node lost); returns the images it could not mark.
 fn mark_resync_targets(disks: &PrimaryDisks, generation: u64) -> Vec<String> {
     let mut failed = Vec::new();
     for st in disks.status() {
         let store = storage_mirror::meta::MetaStore::for_image(std::path::Path::new(&st.path));
         let r = match store.load() {
             Ok(storage_mirror::meta::MetaState::Ok(mut m)) => {
-                m.inconsistent = true;
-                // Its source (the winner) is newer than anything it saw: a full copy.
-                // (0 is no valid source: such metadata was refused at save.)
-                m.sync_source_gen = storage_mirror::meta::SOURCE_UNKNOWN;
-                m.record_generation(generation);
+                // The winner's data is newer than anything it saw; its bitmap (every
+                // block it wrote since the generation both last shared) is kept, so
+                // the resync is a delta when the winner's bitmap starts there too.
+                m.mark_demoted(generation);
                 store.save(&m).map_err(|e| e.to_string())
             }
             Ok(other) => Err(format!("metadata {other:?}")),

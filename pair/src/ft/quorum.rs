@@ -258,6 +258,13 @@ impl Quorum {
         lock(&self.shared.out).gate
     }
 
+    /// [`Self::gate`] as a closure that outlives `self`'s borrow (for the HA disks'
+    /// completion path, which `storage_mirror` calls on every unacknowledged write).
+    pub fn gate_reader(&self) -> impl Fn() -> Gate + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || lock(&shared.out).gate
+    }
+
     /// The machine wants the guest paused.
     pub fn pause(&self) -> bool {
         lock(&self.shared.out).pause

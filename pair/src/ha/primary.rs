@@ -137,6 +137,12 @@ pub fn protect(
 ) -> i32 {
     sd.hand_vm(vm.stopper());
     let mut rule = Obey { q, paused: false };
+    if let Some(q) = q {
+        // Writes the standby did not acknowledge complete only while this node may act
+        // alone (FT's output rule), checked on the I/O path itself.
+        let gate = q.gate_reader();
+        sync.set_alone_gate(Some(Box::new(move || gate().free_at(Instant::now()))));
+    }
     for n in 1u64.. {
         let link = match Alink::start(acfg.clone()) {
             Ok(l) => Arc::new(l),
@@ -165,12 +171,18 @@ pub fn protect(
         drop(link);
         match end {
             End::PeerLost => continue,
-            End::Demoted(g) => return crate::ft::primary::demote(vm, &sync.disks, g),
+            End::Demoted(g) => {
+                // Held completions fail (the VM stops; none of them may be seen done).
+                sync.fence();
+                return crate::ft::primary::demote(vm, &sync.disks, g);
+            }
             End::Vm(e) => {
                 sync.disks.clean_shutdown();
                 return exit_code(&e, sd.requested());
             }
             End::Stop => {
+                // A completion the quorum holds is never given: the guest stops.
+                sync.fence();
                 vm.stopper().stop();
                 let e = vm.wait();
                 sync.disks.clean_shutdown();

@@ -737,6 +737,80 @@ mod tests {
         ));
     }
 
+    /// A node that lost the VM (demoted) comes back as the standby: the plan is a
+    /// delta of exactly the union of what the winner wrote since its takeover and
+    /// what the loser wrote that the winner never had, not the whole disk.
+    #[test]
+    fn a_demoted_standby_gets_a_delta_of_both_bitmaps() {
+        let t0 = Instant::now();
+        // The winner took over from the shared generation 5 and wrote blocks 3 and 4.
+        let mut d = Disks {
+            metas: vec![meta(7, 5)],
+            bits: vec![vec![false; 64]],
+            guest: vec![0],
+        };
+        d.bits[0][3] = true;
+        d.bits[0][4] = true;
+        // The loser ran alone from 5 too (its own generation 9), wrote 4, 40 and 41,
+        // then learned it lost the VM to quorum generation 2.
+        let mut m = meta(9, 5);
+        m.mark_demoted(2);
+        let mut s = PrimarySession::new(SessionConfig::default(), t0);
+        let (mut sent, mut chunks) = (Vec::new(), Vec::new());
+        let a = s.on_event(
+            SessionEvent::Meta {
+                reports: vec![DiskReport {
+                    meta: WireMeta::Ok(m),
+                    bitmap_words: 1,
+                    dirty_blocks: 3,
+                }],
+                words: vec![vec![(1 << 4) | (1 << 40) | (1 << 41)]],
+            },
+            t0,
+            &d,
+        );
+        assert!(perform(&mut s, &mut d, t0, a, &mut sent, &mut chunks).is_none());
+        let DiskToStandby::Plan { disks } = &sent[0] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(disks[0].kind, PlanKind::Delta);
+        assert_eq!(disks[0].blocks, 4, "of 64");
+        assert_eq!(
+            chunks
+                .iter()
+                .map(|(_, c)| (c.first_block, c.blocks))
+                .collect::<Vec<_>>(),
+            vec![(3, 2), (40, 2)]
+        );
+        // Without the shared generation (the loser's bitmap starts at 6): full.
+        let mut d = Disks {
+            metas: vec![meta(7, 5)],
+            bits: vec![vec![false; 64]],
+            guest: vec![0],
+        };
+        let mut m = meta(9, 6);
+        m.mark_demoted(2);
+        let mut s = PrimarySession::new(SessionConfig::default(), t0);
+        let (mut sent, mut chunks) = (Vec::new(), Vec::new());
+        let a = s.on_event(
+            SessionEvent::Meta {
+                reports: vec![DiskReport {
+                    meta: WireMeta::Ok(m),
+                    bitmap_words: 1,
+                    dirty_blocks: 1,
+                }],
+                words: vec![vec![1 << 40]],
+            },
+            t0,
+            &d,
+        );
+        perform(&mut s, &mut d, t0, a, &mut sent, &mut chunks);
+        let DiskToStandby::Plan { disks } = &sent[0] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!((disks[0].kind, disks[0].blocks), (PlanKind::Full, 64));
+    }
+
     #[test]
     fn split_brain_is_refused_before_anything_is_marked() {
         let t0 = Instant::now();

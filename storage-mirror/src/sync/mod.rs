@@ -19,6 +19,15 @@
 //! existing disk session ([`crate::primary::PrimarySession`]), during which guest
 //! writes are already mirrored synchronously; [`SyncDisks::end_resync`] then closes a
 //! gate on new writes for the time it takes to send the blocks still marked as epoch 0.
+//!
+//! Completing alone is the pair's quorum's call, made here on the guest's I/O path (not
+//! by a runtime loop that looks now and then): with an [`AloneGate`] set, a write the
+//! standby did not acknowledge completes only while the gate says this node may act
+//! alone (the holder with a valid witness lease, the same rule as FT's output commit);
+//! otherwise its completion is held (the write is on the local image and marked, the
+//! guest does not see it done) until the gate opens, the standby returns, or the node
+//! is fenced ([`SyncDisks::fence`]: the held writers fail). The gate is a closure so
+//! that this crate knows nothing of the quorum.
 
 pub mod machine;
 pub mod wire;
@@ -35,6 +44,14 @@ use wire::{HaToStandby, WriteHead};
 
 /// Sends a message with its payload to the standby; false when it cannot (lost).
 pub type SyncSend = Box<dyn Fn(&HaToStandby, Vec<u8>) -> bool + Send + Sync>;
+
+/// Whether this node may complete guest writes without the standby now (the pair's
+/// quorum behind it: holder with a valid lease). Called on every completion the
+/// standby did not acknowledge, so it must be cheap (a lock and a clock read).
+pub type AloneGate = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// How often a write held by the [`AloneGate`] looks at it again.
+const ALONE_SLICE: Duration = Duration::from_millis(2);
 
 /// How long a writer sleeps between looks at a silent standby (the pair's runtime
 /// declares it lost by the A-Link's heartbeats and releases the writers at once).
@@ -61,6 +78,8 @@ pub struct SyncStats {
     pub batches_acked: AtomicU64,
     pub batches_alone: AtomicU64,
     pub bytes_mirrored: AtomicU64,
+    /// Completions the [`AloneGate`] held (each counted once).
+    pub batches_held: AtomicU64,
 }
 
 /// The primary's disks mirrored synchronously: what its VMM's disk hooks call.
@@ -70,6 +89,10 @@ pub struct SyncDisks {
     cv: Condvar,
     /// Held while a batch is numbered and sent: batches leave in number order.
     send_order: Mutex<()>,
+    /// None: completing alone needs nobody's leave (no quorum).
+    alone: Mutex<Option<AloneGate>>,
+    /// This node lost the VM: no held completion is ever given.
+    fenced: std::sync::atomic::AtomicBool,
     pub stats: SyncStats,
 }
 
@@ -103,8 +126,54 @@ impl SyncDisks {
             }),
             cv: Condvar::new(),
             send_order: Mutex::new(()),
+            alone: Mutex::new(None),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             stats: SyncStats::default(),
         })
+    }
+
+    /// Sets (or clears) the rule for completing writes without the standby.
+    pub fn set_alone_gate(&self, gate: Option<AloneGate>) {
+        *self.alone.lock().unwrap_or_else(|p| p.into_inner()) = gate;
+        self.cv.notify_all();
+    }
+
+    /// This node lost the VM to its peer: every completion the gate holds, and every
+    /// later one without the standby, fails with an I/O error (the guest is being
+    /// stopped; none of these writes may be reported done).
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    fn may_complete_alone(&self) -> io::Result<bool> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "this node lost the VM to its peer (fenced): the write is not completed",
+            ));
+        }
+        Ok(self
+            .alone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|g| g()))
+    }
+
+    /// A write the standby did not acknowledge (lost, or never attached) completes once
+    /// the [`AloneGate`] allows it (its blocks are marked already: a returning standby
+    /// gets them by the resync). Fails when the node is fenced.
+    fn complete_alone(&self) -> io::Result<()> {
+        let mut counted = false;
+        while !self.may_complete_alone()? {
+            if !counted {
+                counted = true;
+                self.stats.batches_held.fetch_add(1, Ordering::Relaxed);
+            }
+            let s = self.state();
+            let _ = self.cv.wait_timeout(s, ALONE_SLICE);
+        }
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -206,7 +275,12 @@ impl SyncDisks {
             let (seq, send) = loop {
                 let mut s = self.state();
                 match s.machine.submit() {
-                    Submit::Alone => return Ok(()),
+                    Submit::Alone => {
+                        // Not under the send order: a returning standby attaches.
+                        drop(s);
+                        drop(_order);
+                        return self.complete_alone();
+                    }
                     Submit::Send(seq) => break (seq, s.send.clone()),
                     Submit::Full => {
                         let _ = self.cv.wait_timeout(s, WAIT_SLICE);
@@ -249,7 +323,10 @@ impl SyncDisks {
                     pd.acked(seq);
                     return Ok(());
                 }
-                Outcome::Alone => return Ok(()),
+                Outcome::Alone => {
+                    drop(s);
+                    return self.complete_alone();
+                }
             }
         }
     }

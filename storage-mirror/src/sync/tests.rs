@@ -153,3 +153,67 @@ fn ending_a_resync_waits_for_writes_in_flight_and_sends_the_marked_blocks() {
         "in sync after epoch 0"
     );
 }
+
+/// The quorum's rule on the I/O path: the standby vanishes with a write in flight;
+/// without leave to act alone (no lease) neither it nor a later write completes; with
+/// it, both do. A fenced node fails the held write.
+#[test]
+fn without_the_quorums_leave_no_write_completes_alone() {
+    use std::sync::atomic::AtomicBool;
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let lease = Arc::new(AtomicBool::new(false));
+    let l = lease.clone();
+    s.set_alone_gate(Some(Box::new(move || l.load(Ordering::SeqCst))));
+    let (send, rx) = recording();
+    s.attach(send);
+    s.before_writes(0, &[(65536, 4096)]).unwrap();
+    let done = AtomicU64::new(0);
+    std::thread::scope(|t| {
+        let w = t.spawn(|| {
+            let r = s.completed(0, &[(65536, &[1u8; 4096])]);
+            done.fetch_add(1, Ordering::SeqCst);
+            r
+        });
+        rx.recv().unwrap();
+        // The standby vanishes (never acknowledged).
+        s.peer_lost();
+        let w2 = t.spawn(|| {
+            s.before_writes(0, &[(0, 512)]).unwrap();
+            let r = s.completed(0, &[(0, &[2u8; 512])]);
+            done.fetch_add(1, Ordering::SeqCst);
+            r
+        });
+        // Whatever the timing, nothing may complete while the gate is shut.
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(10));
+            assert_eq!(
+                done.load(Ordering::SeqCst),
+                0,
+                "a write completed with no lease"
+            );
+        }
+        assert_eq!(s.stats.batches_held.load(Ordering::SeqCst), 2);
+        // Their blocks are marked for the standby's return all the same.
+        assert!(s.disks.lock(0).bitmap.is_set(16) && s.disks.lock(0).bitmap.is_set(0));
+        lease.store(true, Ordering::SeqCst);
+        w.join().unwrap().unwrap();
+        w2.join().unwrap().unwrap();
+    });
+    assert_eq!(done.load(Ordering::SeqCst), 2);
+    // The lease is gone again and the node is then fenced: the held write fails.
+    lease.store(false, Ordering::SeqCst);
+    std::thread::scope(|t| {
+        let w = t.spawn(|| {
+            s.before_writes(0, &[(8192, 512)]).unwrap();
+            s.completed(0, &[(8192, &[3u8; 512])])
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!w.is_finished(), "completed with no lease");
+        s.fence();
+        assert!(
+            w.join().unwrap().is_err(),
+            "a fenced node completed a write"
+        );
+    });
+}
