@@ -14,6 +14,7 @@ declare -A NEED=(
     [protoc]=protobuf-compiler  # the etcd-client crate compiles etcd's protos when built
     [systemd-analyze]=systemd  # twinrund: the unit files are checked offline
     [openssl]=openssl          # twinrund: a test certificate for the API over TLS; the etcd TLS test
+    [rpm]=rpm                  # scripts/package-test.sh: the .rpm's file list (rpm -qlp)
 )
 # file -> Debian package, for what has no command of its own
 declare -A NEED_FILE=(
