@@ -47,6 +47,15 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo (Rust stable) is required but not on PATH" >&2
     exit 1
 fi
+# The packaging tools (scripts/package.sh, run by the suite's package test). Pinned:
+# compiled once per machine (a few minutes each), then found in ~/.cargo/bin.
+declare -A CARGO_TOOLS=([cargo-deb]=3.8.0 [cargo-generate-rpm]=0.21.1)
+for tool in "${!CARGO_TOOLS[@]}"; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "install-deps: cargo install $tool ${CARGO_TOOLS[$tool]}"
+        cargo install --locked --version "${CARGO_TOOLS[$tool]}" "$tool"
+    fi
+done
 if [[ ! -c /dev/kvm ]]; then
     echo "install-deps: warning: /dev/kvm is missing; VMs cannot run here" >&2
 fi

@@ -64,7 +64,7 @@ rm -f "$out"/twinrun_*.deb "$out"/twinrun-*.rpm
     unset CARGO_TARGET_DIR
     cargo deb --no-build --no-strip --fast --manifest-path "$stage/Cargo.toml" \
         -p twinrun --output "$out" >&2
-    cargo generate-rpm --base-directory "$stage" --output "$out" >&2
+    cargo generate-rpm --target-dir "$stage/target" --output "$out" >&2
 )
 deb="$(ls "$out"/twinrun_"$version"*.deb)"
 rpm="$(ls "$out"/twinrun-"$version"*.rpm)"
