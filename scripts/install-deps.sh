@@ -14,6 +14,7 @@ declare -A NEED=(
     [protoc]=protobuf-compiler  # the etcd-client crate compiles etcd's protos when built
     [systemd-analyze]=systemd  # twinrund: the unit files are checked offline
     [openssl]=openssl          # twinrund: a test certificate for the API over TLS; the etcd TLS test
+    [rpm]=rpm                  # scripts/package-test.sh: the .rpm's file list (rpm -qlp)
 )
 # file -> Debian package, for what has no command of its own
 declare -A NEED_FILE=(
@@ -46,6 +47,15 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo (Rust stable) is required but not on PATH" >&2
     exit 1
 fi
+# The packaging tools (scripts/package.sh, run by the suite's package test). Pinned:
+# compiled once per machine (a few minutes each), then found in ~/.cargo/bin.
+declare -A CARGO_TOOLS=([cargo-deb]=3.8.0 [cargo-generate-rpm]=0.21.1)
+for tool in "${!CARGO_TOOLS[@]}"; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "install-deps: cargo install $tool ${CARGO_TOOLS[$tool]}"
+        cargo install --locked --version "${CARGO_TOOLS[$tool]}" "$tool"
+    fi
+done
 if [[ ! -c /dev/kvm ]]; then
     echo "install-deps: warning: /dev/kvm is missing; VMs cannot run here" >&2
 fi

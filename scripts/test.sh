@@ -35,6 +35,9 @@ else
     echo "cargo-nextest not installed; using cargo test"
     timeout 1800 cargo test --workspace --no-fail-fast
 fi
+step "packages (.deb and .rpm from the debug build; the .deb installed, checked and purged in an overlay of this root)"
+./scripts/package-test.sh
+
 step "guest host-side unit tests"
 guest_cargo test --release --lib
 

@@ -19,10 +19,36 @@ use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::time::Duration;
 
-/// Protocol version carried in the hello. Bump on any incompatible change above the frame
-/// layer. 2: checkpoint parts lost their own CRC and gained zero-page runs. 3: checkpoint
+/// The newest protocol version this code speaks. Bump on any incompatible change above
+/// the frame layer, keeping the previous version's messages (rolling upgrade: a node
+/// accepts a peer one version either side of its own, see [`accepts`]).
+/// 2: checkpoint parts lost their own CRC and gained zero-page runs. 3: checkpoint
 /// parts and acks carry the quorum generation; the standby's `Fenced` refusal.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_CURRENT: u16 = 3;
+/// Protocol version carried in the hello: [`PROTOCOL_CURRENT`], or the one before it in
+/// a build made with `TWINRUN_PROTO_PREV=1` (the rolling-upgrade tests' "old" node; the
+/// frames are the same, only the number announced differs).
+pub const PROTOCOL_VERSION: u16 = if proto_prev() {
+    PROTOCOL_CURRENT - 1
+} else {
+    PROTOCOL_CURRENT
+};
+
+/// `TWINRUN_PROTO_PREV=1` at build time (cargo rebuilds when it changes).
+const fn proto_prev() -> bool {
+    match option_env!("TWINRUN_PROTO_PREV") {
+        Some(v) => matches!(v.as_bytes(), b"1"),
+        None => false,
+    }
+}
+
+/// Whether a node speaking `ours` pairs with a peer speaking `theirs`: the same version
+/// or one either side (the newer side speaks the older one's protocol: the session runs
+/// at the lower of the two). Two versions apart is refused, so an upgrade goes one
+/// version at a time, one node at a time.
+pub const fn accepts(ours: u16, theirs: u16) -> bool {
+    ours.abs_diff(theirs) <= 1
+}
 /// Nonce length.
 pub const NONCE_LEN: usize = 32;
 const TRANSCRIPT_LABEL: &[u8] = b"twinrun-alink-transcript-v1";
@@ -70,7 +96,7 @@ pub enum HsMsg {
 pub enum HandshakeError {
     #[error("wrong cluster secret: peer node {peer_node} sent an auth that does not verify")]
     WrongSecret { peer_node: u64 },
-    #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
+    #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs} (a node pairs with the same version or one either side: upgrade one node, one version at a time)")]
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("cluster id mismatch: ours {ours:#x}, peer's {theirs:#x}")]
     ClusterMismatch { ours: u64, theirs: u64 },
@@ -112,6 +138,9 @@ impl std::fmt::Debug for HandshakeConfig {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     pub peer_node_id: u64,
+    /// The protocol version of this session: the lower of the two hellos' (see
+    /// [`accepts`]).
+    pub version: u16,
     /// Key for frames we send.
     pub send_key: [u8; 32],
     /// Key for frames we receive.
@@ -161,6 +190,8 @@ enum State {
     AwaitAuth {
         transcript: [u8; 32],
         peer_node: u64,
+        /// The session's version, agreed from the hellos.
+        version: u16,
     },
     Done,
     Failed,
@@ -283,7 +314,7 @@ impl Handshake {
                     nonce,
                 },
             ) => {
-                if version != self.cfg.version {
+                if !accepts(self.cfg.version, version) {
                     return Err(HandshakeError::VersionMismatch {
                         ours: self.cfg.version,
                         theirs: version,
@@ -344,6 +375,7 @@ impl Handshake {
                 self.state = State::AwaitAuth {
                     transcript,
                     peer_node: node_id,
+                    version: version.min(self.cfg.version),
                 };
                 Ok(HsStep::Send(HsMsg::Auth { mac }))
             }
@@ -351,11 +383,13 @@ impl Handshake {
                 State::AwaitAuth {
                     transcript,
                     peer_node,
+                    version,
                 },
                 HsMsg::Auth { mac },
             ) => {
                 let transcript = *transcript;
                 let peer_node = *peer_node;
+                let version = *version;
                 #[allow(clippy::expect_used)] // HMAC takes keys of any length.
                 let mut m = HmacSha256::new_from_slice(&self.cfg.secret)
                     .expect("HMAC takes any key length");
@@ -375,6 +409,7 @@ impl Handshake {
                 self.state = State::Done;
                 Ok(HsStep::Done(Session {
                     peer_node_id: peer_node,
+                    version,
                     send_key,
                     recv_key,
                 }))
@@ -477,6 +512,62 @@ mod tests {
         let (d, c) = run(cfg(1, b"s3cret"), cfg(2, b"other"));
         assert_eq!(d, Err(HandshakeError::WrongSecret { peer_node: 2 }));
         assert_eq!(c, Err(HandshakeError::WrongSecret { peer_node: 1 }));
+    }
+
+    /// Rolling upgrade: a node at N pairs with one at N-1 (either end dialing), and the
+    /// session runs at N-1; N and N-2 are refused by both ends, naming both versions.
+    #[test]
+    fn previous_version_pairs_and_two_apart_is_refused() {
+        let n = PROTOCOL_CURRENT + 5; // any N: the rule is relative
+        let at = |node, v| {
+            let mut c = cfg(node, b"s");
+            c.version = v;
+            c
+        };
+        for (a, b) in [(n, n - 1), (n - 1, n)] {
+            let (d, c) = run(at(1, a), at(2, b));
+            assert_eq!(d.unwrap().version, n - 1);
+            assert_eq!(c.unwrap().version, n - 1);
+        }
+        let (d, c) = run(at(1, n), at(2, n));
+        assert_eq!((d.unwrap().version, c.unwrap().version), (n, n));
+        // Each end sees the other's hello and refuses it on its own.
+        let t = Duration::ZERO;
+        let (mut d, hd) = Handshake::new(at(1, n), Role::Dialer, [1; 32], t);
+        let (mut c, hc) = Handshake::new(at(2, n - 2), Role::Acceptor, [2; 32], t);
+        let ed = d.on_message(hc, None).unwrap_err();
+        let ec = c.on_message(hd, None).unwrap_err();
+        assert_eq!(
+            ed,
+            HandshakeError::VersionMismatch {
+                ours: n,
+                theirs: n - 2
+            }
+        );
+        assert_eq!(
+            ec,
+            HandshakeError::VersionMismatch {
+                ours: n - 2,
+                theirs: n
+            }
+        );
+        let msg = ed.to_string();
+        assert!(
+            msg.contains(&format!("we speak {n}, peer speaks {}", n - 2)),
+            "{msg}"
+        );
+        assert!(!accepts(n, n + 2) && accepts(n, n + 1) && accepts(n, n));
+    }
+
+    #[test]
+    fn this_build_announces_the_current_version_unless_built_as_the_previous() {
+        let prev = option_env!("TWINRUN_PROTO_PREV") == Some("1");
+        let want = if prev {
+            PROTOCOL_CURRENT - 1
+        } else {
+            PROTOCOL_CURRENT
+        };
+        assert_eq!(PROTOCOL_VERSION, want);
     }
 
     #[test]

@@ -340,3 +340,45 @@ fn large_messages_of_many_pages() {
         "{pool:?}"
     );
 }
+
+/// Rolling upgrade over real TCP: an acceptor at version N pairs with a dialer at N-1
+/// (messages flow), and refuses dialers at N-2 and N+2 with both versions named.
+#[test]
+fn previous_protocol_version_pairs_and_two_apart_is_refused() {
+    init_log();
+    let n = alink::PROTOCOL_VERSION.max(2);
+    let links = vec![LinkAddrs {
+        local: any(),
+        remote: any(),
+    }];
+    let mut c = fast(AlinkConfig::new(7, 2, 1, SECRET, links));
+    c.protocol_version = n;
+    let b = Alink::start(c).unwrap();
+
+    let old = dialer(b.local_addrs(), SECRET, 7, n - 1);
+    wait_up(&old, 1);
+    wait_up(&b, 1);
+    for k in 0..50u64 {
+        old.send(&Head { n: k, pages: 1 }, vec![page(k, 0)])
+            .unwrap();
+    }
+    // The window (256 messages) holds all 50: take them, then the sender sees them
+    // consumed (flush waits for the peer's acks).
+    for k in 0..50u64 {
+        let m = b.recv(Duration::from_secs(10)).unwrap().expect("message");
+        check(&m, k);
+    }
+    old.flush(Duration::from_secs(10)).unwrap();
+    drop(old);
+
+    for v in [n - 2, n + 2] {
+        let rogue = dialer(b.local_addrs(), SECRET, 7, v);
+        let why = wait_refusal(&b, "protocol version mismatch");
+        assert!(
+            why.contains(&format!("we speak {n}, peer speaks {v}")),
+            "{why}"
+        );
+        assert!(!rogue.peer_reachable());
+        drop(rogue);
+    }
+}

@@ -3,8 +3,9 @@
 //!
 //! Protocol: each message is a u32 LE length (at most [`MAX_MESSAGE`]) followed by that
 //! many bytes of postcard. The client sends a [`Request`] and reads one [`Response`];
-//! it may send more on the same connection. A request of another
-//! [`PROTOCOL_VERSION`], or one that does not decode, gets [`Response::Error`].
+//! it may send more on the same connection. A request more than one version away from
+//! [`PROTOCOL_VERSION`] (see [`accepts`]: rolling upgrade), or one that does not
+//! decode, gets [`Response::Error`].
 //!
 //! - [`Op::Status`] answers [`VmStatus`]: for one end of an FT pair its role, the
 //!   protection state, checkpoints committed, the failover it performed, its links and
@@ -27,9 +28,37 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The newest protocol version this code speaks. A change that bumps it keeps the
+/// previous version's messages decoding (new [`Op`]/[`Response`] variants go last), so
+/// a daemon of the next version can still drive a VMM started by this one.
 /// 2: [`Response::Status`] carries a [`VmStatus`] (with the FT state of a pair).
 /// 3: [`FtStatus`] carries the pair's quorum state.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: the quorum generation (fencing) in [`FtStatus`].
+pub const PROTOCOL_CURRENT: u32 = 4;
+/// The version this build's requests carry and its server speaks: [`PROTOCOL_CURRENT`],
+/// or the one before it in a build made with `TWINRUN_PROTO_PREV=1` (the
+/// rolling-upgrade tests' "old" node; the messages are the same, only the number
+/// differs).
+pub const PROTOCOL_VERSION: u32 = if proto_prev() {
+    PROTOCOL_CURRENT - 1
+} else {
+    PROTOCOL_CURRENT
+};
+
+/// `TWINRUN_PROTO_PREV=1` at build time (cargo rebuilds when it changes).
+const fn proto_prev() -> bool {
+    match option_env!("TWINRUN_PROTO_PREV") {
+        Some(v) => matches!(v.as_bytes(), b"1"),
+        None => false,
+    }
+}
+
+/// Whether a VMM speaking `ours` serves a client speaking `theirs`: the same version or
+/// one either side (during a rolling upgrade the new daemon drives VMMs the old binary
+/// started, until their VMs are migrated). Two versions apart is refused.
+pub const fn accepts(ours: u32, theirs: u32) -> bool {
+    ours.abs_diff(theirs) <= 1
+}
 pub const MAX_MESSAGE: u32 = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,8 @@ use vmm::devices::virtio::block::DiskFaults;
 use vmm::Vmm;
 
 use super::{
-    read_message, write_message, FtStatus, Op, Request, Response, VmStatus, PROTOCOL_VERSION,
+    accepts, read_message, write_message, FtStatus, Op, Request, Response, VmStatus,
+    PROTOCOL_VERSION,
 };
 
 /// What one end of an FT pair offers its control socket; the pair's runtime
@@ -230,6 +231,15 @@ impl Server {
     }
 }
 
+/// Why a request of control protocol `theirs` is refused, naming both versions.
+fn version_refusal(theirs: u32) -> String {
+    format!(
+        "control protocol version {theirs} is not supported: this VM speaks {PROTOCOL_VERSION} and accepts {} to {} (a VMM started by a build two versions older must be migrated or restarted, not driven)",
+        PROTOCOL_VERSION.saturating_sub(1),
+        PROTOCOL_VERSION + 1
+    )
+}
+
 /// Serves the requests of one connection with `handle`.
 fn serve_with(mut s: UnixStream, handle: &mut dyn FnMut(Op) -> Response) {
     let _ = s.set_nonblocking(false);
@@ -248,11 +258,8 @@ fn serve_with(mut s: UnixStream, handle: &mut dyn FnMut(Op) -> Response) {
             }
         };
         let resp = match postcard::from_bytes::<Request>(&msg) {
-            Ok(req) if req.version != PROTOCOL_VERSION => Response::Error {
-                message: format!(
-                    "protocol version {} is not supported (this VM speaks {PROTOCOL_VERSION})",
-                    req.version
-                ),
+            Ok(req) if !accepts(PROTOCOL_VERSION, req.version) => Response::Error {
+                message: version_refusal(req.version),
             },
             Ok(req) => handle(req.op),
             Err(e) => Response::Error {
@@ -275,5 +282,65 @@ fn reply(s: &mut UnixStream, r: &Response) -> bool {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends one request of protocol `version` through a real socket to `serve_with`
+    /// and returns the answer.
+    fn ask(version: u32) -> Response {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            serve_with(server, &mut |op| match op {
+                Op::Pause => Response::Ok,
+                other => Response::Error {
+                    message: format!("unexpected {other:?}"),
+                },
+            })
+        });
+        let req = Request {
+            version,
+            op: Op::Pause,
+        };
+        write_message(&mut client, &postcard::to_allocvec(&req).unwrap()).unwrap();
+        let reply = read_message(&mut client).unwrap().unwrap();
+        drop(client);
+        t.join().unwrap();
+        postcard::from_bytes(&reply).unwrap()
+    }
+
+    /// Rolling upgrade: a client one version older or newer is served; two apart is
+    /// refused with both versions named.
+    #[test]
+    fn adjacent_versions_are_served_and_two_apart_refused() {
+        let n = PROTOCOL_VERSION;
+        for v in [n - 1, n, n + 1] {
+            assert_eq!(ask(v), Response::Ok, "client at {v}, server at {n}");
+        }
+        for v in [n - 2, n + 2] {
+            match ask(v) {
+                Response::Error { message } => assert!(
+                    message.contains(&format!(
+                        "control protocol version {v} is not supported: this VM speaks {n}"
+                    )),
+                    "{message}"
+                ),
+                other => panic!("client at {v} was served: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn this_build_speaks_the_current_version_unless_built_as_the_previous() {
+        let prev = option_env!("TWINRUN_PROTO_PREV") == Some("1");
+        let want = if prev {
+            crate::PROTOCOL_CURRENT - 1
+        } else {
+            crate::PROTOCOL_CURRENT
+        };
+        assert_eq!(PROTOCOL_VERSION, want);
     }
 }

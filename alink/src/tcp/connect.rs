@@ -4,7 +4,7 @@
 
 use crate::frame::{FrameDecoder, FrameEncoder, FrameError, Kind};
 use crate::handshake::{random_nonce, Handshake, HandshakeError, HsStep, Role};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
@@ -96,6 +96,12 @@ pub(super) fn handshake(
         match step {
             HsStep::Send(msg) => send(&mut enc, &mut stream, Kind::Auth, msg)?,
             HsStep::Done(session) => {
+                if session.version != shared.cfg.protocol_version {
+                    info!(
+                        "alink: peer {peer} speaks an adjacent protocol version; session at {} (ours {})",
+                        session.version, shared.cfg.protocol_version
+                    );
+                }
                 enc.set_session_key(&session.send_key);
                 dec.set_session_key(&session.recv_key);
                 return Ok(Authed {

@@ -247,15 +247,13 @@ async fn handshake(
             "it belongs to cluster {:?}, this node to {:?} (check `cluster` in both nodes' configs)",
             theirs.cluster, s.cluster
         ))
-    } else if theirs.protocol < wire::MIN_PROTOCOL
-        || theirs.protocol > s.protocol.max(wire::PROTOCOL)
-    {
+    } else if !wire::accepts(s.protocol, theirs.protocol) {
         Some(format!(
-            "it speaks daemon protocol {}, this node {} (accepting {} to {}): run the same twinrun version on both nodes",
+            "it speaks daemon protocol {}, this node {} (accepting {} to {}): upgrade one node, one version at a time",
             theirs.protocol,
             s.protocol,
-            wire::MIN_PROTOCOL,
-            s.protocol.max(wire::PROTOCOL)
+            s.protocol.saturating_sub(1),
+            s.protocol.saturating_add(1)
         ))
     } else if theirs.node != s.peer {
         Some(format!(

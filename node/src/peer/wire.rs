@@ -11,11 +11,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Version of this protocol. A peer at another version is refused (the previous one
-/// will be accepted once there is one: rolling upgrade, issue 16).
-pub const PROTOCOL: u32 = 1;
-/// Oldest version this daemon talks to.
-pub const MIN_PROTOCOL: u32 = 1;
+/// The newest version of this protocol this code speaks. A change that bumps it keeps
+/// the previous version's frames (new [`Msg`] variants go last, sent only to a peer of
+/// the new version), so the daemons of a rolling upgrade still pair (see [`accepts`]).
+pub const PROTOCOL_CURRENT: u32 = 1;
+/// The version this daemon announces: [`PROTOCOL_CURRENT`], or the one before it in a
+/// build made with `TWINRUN_PROTO_PREV=1` (the rolling-upgrade tests' "old" node; the
+/// frames are the same, only the number differs). `TWINRUND_PROTOCOL` overrides it at
+/// run time (tests).
+pub const PROTOCOL: u32 = if proto_prev() {
+    PROTOCOL_CURRENT - 1
+} else {
+    PROTOCOL_CURRENT
+};
+
+/// `TWINRUN_PROTO_PREV=1` at build time (cargo rebuilds when it changes).
+const fn proto_prev() -> bool {
+    match option_env!("TWINRUN_PROTO_PREV") {
+        Some(v) => matches!(v.as_bytes(), b"1"),
+        None => false,
+    }
+}
+
+/// Whether a daemon speaking `ours` pairs with a peer speaking `theirs`: the same
+/// version or one either side (the newer one speaks the older one's protocol; both
+/// sides apply the same rule, so both agree). Two versions apart is refused: upgrade
+/// one node, one version at a time.
+pub const fn accepts(ours: u32, theirs: u32) -> bool {
+    ours.abs_diff(theirs) <= 1
+}
 pub const MAGIC: [u8; 4] = *b"TWRD";
 /// Largest frame (a full sync of 64 VMs' records is far below).
 pub const MAX_FRAME: usize = 16 << 20;
@@ -236,6 +260,18 @@ mod tests {
         t[0] ^= 1;
         assert!(matches!(rx.open(&t), Err(WireError::BadMac)));
         assert_eq!(rx.open(&b).unwrap(), Msg::SyncDone);
+    }
+
+    #[test]
+    fn the_version_window_is_one_either_side_and_the_switch_picks_the_previous() {
+        for n in [1u32, 7] {
+            assert!(accepts(n, n) && accepts(n, n - 1) && accepts(n - 1, n));
+            assert!(accepts(n, n + 1) && !accepts(n, n + 2) && !accepts(n + 2, n));
+        }
+        assert!(!accepts(3, 1) && !accepts(1, 3));
+        let prev = option_env!("TWINRUN_PROTO_PREV") == Some("1");
+        let want = PROTOCOL_CURRENT - u32::from(prev);
+        assert_eq!(PROTOCOL, want);
     }
 
     #[test]
