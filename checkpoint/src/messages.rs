@@ -208,6 +208,169 @@ pub enum ToPrimary {
     Fenced { generation: u64 },
 }
 
+/// The A-Link protocol version whose messages [`ToStandby`] and [`ToPrimary`] are; a
+/// session with a peer of the version before ([`legacy`]) is carried on in that
+/// version's messages (rolling upgrade: one node upgraded at a time).
+pub const WIRE_VERSION: u16 = 3;
+
+/// The messages of A-Link protocol 2, the version before [`WIRE_VERSION`]: a node that
+/// was upgraded speaks them to a peer that was not yet. Protocol 3 added the quorum
+/// generation to every part and ack and the standby's `Fenced` refusal; in a protocol-2
+/// session the generation is the one the session's `Hello` carried (protocol 2 had it
+/// there already) and a fenced primary is refused as protocol 2 did: at the `Hello`.
+pub mod legacy {
+    use super::{
+        ConsoleOut, DiskExtent, FrameOut, PageRun, PartHead, PartOf, ToPrimary, ToStandby,
+    };
+    use serde::{Deserialize, Serialize};
+
+    /// The protocol these messages are.
+    pub const VERSION: u16 = super::WIRE_VERSION - 1;
+
+    /// [`PartHead`] without the generation (field order kept: postcard is positional).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PartHeadV2 {
+        pub of: PartOf,
+        pub part: u32,
+        pub parts: u32,
+        pub state_len: u32,
+        pub runs: Vec<PageRun>,
+        pub disk: Vec<DiskExtent>,
+        pub console: Option<ConsoleOut>,
+        pub frames: Vec<FrameOut>,
+        pub released_through: Option<u64>,
+        pub zero: Vec<PageRun>,
+    }
+
+    /// [`ToStandby`] of protocol 2 (variant order kept).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum ToStandbyV2 {
+        Hello {
+            layout: Vec<(u64, u64)>,
+            generation: u64,
+        },
+        Part(PartHeadV2),
+        SyncRoundDone {
+            round: u32,
+            pages: u64,
+        },
+        Disk(Vec<u8>),
+    }
+
+    /// [`ToPrimary`] of protocol 2 (variant order kept).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum ToPrimaryV2 {
+        Ack { epoch: u64 },
+        Disk(Vec<u8>),
+    }
+
+    impl ToStandbyV2 {
+        /// The protocol-2 form of `m`; None when protocol 2 has no such message.
+        pub fn from_current(m: &ToStandby) -> Option<ToStandbyV2> {
+            Some(match m {
+                ToStandby::Hello { layout, generation } => ToStandbyV2::Hello {
+                    layout: layout.clone(),
+                    generation: *generation,
+                },
+                ToStandby::Part(h) => ToStandbyV2::Part(PartHeadV2 {
+                    of: h.of,
+                    part: h.part,
+                    parts: h.parts,
+                    state_len: h.state_len,
+                    runs: h.runs.clone(),
+                    disk: h.disk.clone(),
+                    console: h.console,
+                    frames: h.frames.clone(),
+                    released_through: h.released_through,
+                    zero: h.zero.clone(),
+                }),
+                ToStandby::SyncRoundDone { round, pages } => ToStandbyV2::SyncRoundDone {
+                    round: *round,
+                    pages: *pages,
+                },
+                ToStandby::Disk(h) => ToStandbyV2::Disk(h.clone()),
+            })
+        }
+
+        /// The current form; a part is stamped with `session_generation` (the one the
+        /// session's `Hello` carried: protocol 2 stamped only the `Hello`).
+        pub fn into_current(self, session_generation: u64) -> ToStandby {
+            match self {
+                ToStandbyV2::Hello { layout, generation } => {
+                    ToStandby::Hello { layout, generation }
+                }
+                ToStandbyV2::Part(h) => ToStandby::Part(PartHead {
+                    of: h.of,
+                    part: h.part,
+                    parts: h.parts,
+                    state_len: h.state_len,
+                    runs: h.runs,
+                    disk: h.disk,
+                    console: h.console,
+                    frames: h.frames,
+                    released_through: h.released_through,
+                    zero: h.zero,
+                    generation: session_generation,
+                }),
+                ToStandbyV2::SyncRoundDone { round, pages } => {
+                    ToStandby::SyncRoundDone { round, pages }
+                }
+                ToStandbyV2::Disk(h) => ToStandby::Disk(h),
+            }
+        }
+    }
+
+    impl ToPrimaryV2 {
+        /// The protocol-2 form of `m`; None when protocol 2 has no such message (a
+        /// `Fenced` refusal: a protocol-2 primary learns it at its next `Hello`).
+        pub fn from_current(m: &ToPrimary) -> Option<ToPrimaryV2> {
+            match m {
+                ToPrimary::Ack { epoch, .. } => Some(ToPrimaryV2::Ack { epoch: *epoch }),
+                ToPrimary::Disk(h) => Some(ToPrimaryV2::Disk(h.clone())),
+                ToPrimary::Fenced { .. } => None,
+            }
+        }
+
+        /// The current form; an ack carries `session_generation` (the primary's own: a
+        /// protocol-2 standby acknowledges only the session it accepted).
+        pub fn into_current(self, session_generation: u64) -> ToPrimary {
+            match self {
+                ToPrimaryV2::Ack { epoch } => ToPrimary::Ack {
+                    epoch,
+                    generation: session_generation,
+                },
+                ToPrimaryV2::Disk(h) => ToPrimary::Disk(h),
+            }
+        }
+    }
+}
+
+/// The head of a primary-to-standby message sent in a session of protocol `version`.
+fn standby_head_at(
+    version: u16,
+    session_generation: u64,
+    head: &[u8],
+) -> Result<ToStandby, DecodeError> {
+    if version >= WIRE_VERSION {
+        decode_head::<ToStandby>(head)
+    } else {
+        decode_head::<legacy::ToStandbyV2>(head).map(|m| m.into_current(session_generation))
+    }
+}
+
+/// The head of a standby-to-primary message sent in a session of protocol `version`.
+fn primary_head_at(
+    version: u16,
+    session_generation: u64,
+    head: &[u8],
+) -> Result<ToPrimary, DecodeError> {
+    if version >= WIRE_VERSION {
+        decode_head::<ToPrimary>(head)
+    } else {
+        decode_head::<legacy::ToPrimaryV2>(head).map(|m| m.into_current(session_generation))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     #[error("{what}: {have} exceeds the limit of {max}")]
@@ -588,6 +751,17 @@ pub fn decode_to_standby<'a>(
     head: &[u8],
     payload: &'a [u8],
 ) -> Result<StandboundMsg<'a>, DecodeError> {
+    decode_to_standby_at(WIRE_VERSION, 0, head, payload)
+}
+
+/// [`decode_to_standby`] of a message sent in a session of protocol `version`
+/// (`session_generation`: the one its `Hello` carried, for [`legacy`] parts).
+pub fn decode_to_standby_at<'a>(
+    version: u16,
+    session_generation: u64,
+    head: &[u8],
+    payload: &'a [u8],
+) -> Result<StandboundMsg<'a>, DecodeError> {
     let bare = |what| {
         if payload.is_empty() {
             Ok(())
@@ -595,7 +769,7 @@ pub fn decode_to_standby<'a>(
             Err(DecodeError::UnexpectedPayload(what))
         }
     };
-    match decode_head::<ToStandby>(head)? {
+    match standby_head_at(version, session_generation, head)? {
         ToStandby::Hello { layout, generation } => {
             bare("hello")?;
             exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
@@ -687,6 +861,17 @@ pub fn decode_standbound(
     head_len: usize,
     body: impl Into<alink::Buf>,
 ) -> Result<Standbound, DecodeError> {
+    decode_standbound_at(WIRE_VERSION, 0, head_len, body)
+}
+
+/// [`decode_standbound`] of a message sent in a session of protocol `version`
+/// (`session_generation`: the one its `Hello` carried, for [`legacy`] parts).
+pub fn decode_standbound_at(
+    version: u16,
+    session_generation: u64,
+    head_len: usize,
+    body: impl Into<alink::Buf>,
+) -> Result<Standbound, DecodeError> {
     let body = body.into();
     let head_len = head_len.min(body.len());
     let (h, payload) = body.split_at(head_len);
@@ -697,7 +882,7 @@ pub fn decode_standbound(
             Err(DecodeError::UnexpectedPayload(what))
         }
     };
-    match decode_head::<ToStandby>(h)? {
+    match standby_head_at(version, session_generation, h)? {
         ToStandby::Hello { layout, generation } => {
             bare("hello")?;
             exceeded("memory regions", layout.len() as u64, MAX_REGIONS as u64)?;
@@ -776,7 +961,18 @@ pub fn decode_to_primary<'a>(
     head: &[u8],
     payload: &'a [u8],
 ) -> Result<PrimaryboundMsg<'a>, DecodeError> {
-    match decode_head::<ToPrimary>(head)? {
+    decode_to_primary_at(WIRE_VERSION, 0, head, payload)
+}
+
+/// [`decode_to_primary`] of a message sent in a session of protocol `version`
+/// (`session_generation`: the primary's own, for [`legacy`] acks).
+pub fn decode_to_primary_at<'a>(
+    version: u16,
+    session_generation: u64,
+    head: &[u8],
+    payload: &'a [u8],
+) -> Result<PrimaryboundMsg<'a>, DecodeError> {
+    match primary_head_at(version, session_generation, head)? {
         ToPrimary::Ack { epoch, generation } => {
             if !payload.is_empty() {
                 return Err(DecodeError::UnexpectedPayload("ack"));
@@ -1150,6 +1346,96 @@ mod tests {
         assert_eq!(m.stale(4), None);
         assert_eq!(m.fences(5), None);
         assert_eq!(decode_to_primary(&b, &[]).unwrap().stale(0), None);
+    }
+
+    /// Rolling upgrade: a node of this version speaks protocol 2's messages to a peer
+    /// not yet upgraded, and reads them; a part of protocol 2 carries the generation of
+    /// its session's `Hello`, an ack the primary's own. Neither version's heads decode as
+    /// the other's.
+    #[test]
+    fn previous_protocol_messages_round_trip() {
+        assert_eq!(WIRE_VERSION, alink::PROTOCOL_CURRENT);
+        let h = PartHead::new(
+            PartOf::Epoch {
+                epoch: 4,
+                sync_rounds: 1,
+            },
+            0,
+            1,
+            8,
+            Vec::new(),
+            Vec::new(),
+            None,
+            Vec::new(),
+            None,
+            &[[7u8; 8]],
+        )
+        .unwrap();
+        let h = PartHead { generation: 9, ..h };
+        let cur = ToStandby::Part(h.clone());
+        let old = legacy::ToStandbyV2::from_current(&cur).unwrap();
+        let old_bytes = encode(&old).unwrap();
+        let cur_bytes = encode(&cur).unwrap();
+        // The generation is the session's (9 here: what the Hello carried).
+        match decode_to_standby_at(legacy::VERSION, 9, &old_bytes, &[7u8; 8]).unwrap() {
+            StandboundMsg::Part(v) => assert_eq!(*v.head, h),
+            other => panic!("{other:?}"),
+        }
+        match decode_standbound_at(legacy::VERSION, 9, old_bytes.len(), {
+            let mut b = old_bytes.clone();
+            b.extend_from_slice(&[7u8; 8]);
+            b
+        })
+        .unwrap()
+        {
+            Standbound::Part(p) => assert_eq!(p.head(), &h),
+            _ => panic!("not a part"),
+        }
+        assert!(decode_to_standby_at(legacy::VERSION, 9, &cur_bytes, &[7u8; 8]).is_err());
+        assert!(decode_to_standby(&old_bytes, &[7u8; 8]).is_err());
+        // The Hello is the same in both (protocol 2 had the generation there).
+        let hello = ToStandby::Hello {
+            layout: vec![(0, 1 << 20)],
+            generation: 9,
+        };
+        let old_hello = legacy::ToStandbyV2::from_current(&hello).unwrap();
+        assert_eq!(encode(&old_hello).unwrap(), encode(&hello).unwrap());
+        assert_eq!(old_hello.into_current(0), hello);
+        // Acks: the primary's own generation stands for the one protocol 2 lacks.
+        let ack = ToPrimary::Ack {
+            epoch: 3,
+            generation: 9,
+        };
+        let old_ack = encode(&legacy::ToPrimaryV2::from_current(&ack).unwrap()).unwrap();
+        match decode_to_primary_at(legacy::VERSION, 9, &old_ack, &[]).unwrap() {
+            m @ PrimaryboundMsg::Ack {
+                epoch: 3,
+                generation: 9,
+            } => {
+                assert_eq!(m.stale(9), None);
+                assert_eq!(m.fences(9), None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_to_primary(&old_ack, &[]).is_err());
+        assert!(decode_to_primary_at(legacy::VERSION, 9, &encode(&ack).unwrap(), &[]).is_err());
+        // Protocol 2 has no refusal message: the older primary learns it at its Hello.
+        assert_eq!(
+            legacy::ToPrimaryV2::from_current(&ToPrimary::Fenced { generation: 10 }),
+            None
+        );
+    }
+
+    /// The disk kinds are sent without conversion by the primary's outbox: they must
+    /// be the same bytes in both versions.
+    #[test]
+    fn disk_messages_are_the_same_in_both_versions() {
+        let d = ToStandby::Disk(vec![1, 2, 3]);
+        let old = legacy::ToStandbyV2::from_current(&d).unwrap();
+        assert_eq!(encode(&old).unwrap(), encode(&d).unwrap());
+        let d = ToPrimary::Disk(vec![4, 5]);
+        let old = legacy::ToPrimaryV2::from_current(&d).unwrap();
+        assert_eq!(encode(&old).unwrap(), encode(&d).unwrap());
     }
 
     #[test]

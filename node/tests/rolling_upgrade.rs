@@ -32,7 +32,17 @@ fn prev_dir() -> Option<PathBuf> {
 fn start_previous(plan: &ClusterPlan, i: usize) -> Daemon {
     let Some(dir) = prev_dir() else {
         let v = (PROTOCOL - 1).to_string();
-        return Daemon::start_with(plan, i, &[("TWINRUND_PROTOCOL", v.as_str())]);
+        // Its VMMs (they inherit the daemon's environment) speak the previous A-Link
+        // protocol's messages.
+        let a = (alink::PROTOCOL_CURRENT - 1).to_string();
+        return Daemon::start_with(
+            plan,
+            i,
+            &[
+                ("TWINRUND_PROTOCOL", v.as_str()),
+                ("TWINRUN_ALINK_PROTOCOL", a.as_str()),
+            ],
+        );
     };
     let cfg = plan.write_config(i);
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
@@ -155,6 +165,22 @@ fn daemons_one_version_apart_pair_and_two_apart_refuse_each_other() {
     let ft2 = wait_protected([&c1, &c2], "ft2", "pm2", &|| logs(&d2));
     console_grows(&plan, 0, "ft1", &|| logs(&d2));
     console_grows(&plan, 1, "ft2", &|| logs(&d2));
+    // Each A-Link session runs at the previous protocol, in its messages (the pm1
+    // primary of ft1 and standby of ft2 say so; both are in sync and running above).
+    let session_at = format!(
+        "session at {} (ours {})",
+        alink::PROTOCOL_CURRENT - 1,
+        alink::PROTOCOL_CURRENT
+    );
+    for vm in ["ft1", "ft2"] {
+        let log = plan.node_dir(0).join(format!("state/vms/{vm}/vmm.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains(&session_at),
+            "{vm} on pm1: no A-Link session at the previous protocol in {}:\n{text}",
+            log.display()
+        );
+    }
 
     // "Replace the binaries" on pm2: its old daemon stops (the VMMs keep running), the
     // current build starts and adopts them (same pids, confirmed over their control

@@ -102,6 +102,9 @@ pub(super) fn handshake(
                         session.version, shared.cfg.protocol_version
                     );
                 }
+                shared
+                    .session_version
+                    .store(session.version, Ordering::Relaxed);
                 enc.set_session_key(&session.send_key);
                 dec.set_session_key(&session.recv_key);
                 return Ok(Authed {

@@ -12,7 +12,7 @@ use crate::side::{SideRx, SideTx};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -71,6 +71,7 @@ impl Alink {
             lost: Mutex::new(Vec::new()),
             side_tx: Mutex::new(SideTx::new(n, side_instance())),
             side_rx: Mutex::new(SideRx::default()),
+            session_version: AtomicU16::new(0),
             cfg,
         });
         let mut threads = Vec::new();
@@ -375,6 +376,16 @@ impl Alink {
     /// How the receive-buffer pool has done (buffers reused against allocated).
     pub fn rx_pool_stats(&self) -> crate::buf::PoolStats {
         self.shared.rx_pool.stats()
+    }
+
+    /// The protocol version the peer and this node speak: that of the latest
+    /// authenticated session (the lower of the two nodes' versions; see
+    /// [`crate::handshake::accepts`]), or this node's before any session.
+    pub fn session_version(&self) -> u16 {
+        match self.shared.session_version.load(Ordering::Relaxed) {
+            0 => self.shared.cfg.protocol_version,
+            v => v,
+        }
     }
 
     /// True while at least one link is up.

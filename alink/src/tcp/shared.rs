@@ -10,7 +10,7 @@ use crate::side::{SideRx, SideTx};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ pub(super) struct Shared {
     /// Side messages to write on each link's heartbeats, and those received.
     pub(super) side_tx: Mutex<SideTx>,
     pub(super) side_rx: Mutex<SideRx>,
+    /// The protocol version of the latest authenticated session (0: none yet): the
+    /// layer above speaks the previous version's messages to a peer not yet upgraded.
+    pub(super) session_version: AtomicU16,
 }
 
 /// The receiver's placer, shared by every link's reader.

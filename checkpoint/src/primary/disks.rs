@@ -199,5 +199,8 @@ fn send(link: &impl ToStandbyLink, m: &DiskToStandby, payload: Vec<alink::Bytes>
         Ok(()) => None,
         Err(SendError::PeerLost) => Some(Step::PeerLost),
         Err(SendError::Failed(e)) => Some(Step::Failed(format!("A-Link: {e}"))),
+        Err(SendError::Unsupported { version, what }) => Some(Step::Failed(format!(
+            "the standby speaks A-Link protocol {version}, which has no such {what}"
+        ))),
     }
 }

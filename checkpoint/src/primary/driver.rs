@@ -53,6 +53,8 @@ pub enum DriverError {
     DiskSession(String),
     #[error("encoding a message: {0}")]
     Encode(String),
+    #[error("the standby speaks A-Link protocol {version}, which has no such {what}")]
+    Unsupported { version: u16, what: &'static str },
     /// The standby knows a newer quorum generation: this primary lost the VM. Nothing
     /// more was released; the caller follows the demoted path.
     #[error("fenced: the standby knows quorum generation {peer}, newer than this primary's {own}")]
@@ -181,6 +183,9 @@ impl From<SendError> for Lost {
         match e {
             SendError::PeerLost => Lost::Peer,
             SendError::Failed(e) => Lost::Error(e.into()),
+            SendError::Unsupported { version, what } => {
+                Lost::Error(DriverError::Unsupported { version, what })
+            }
         }
     }
 }

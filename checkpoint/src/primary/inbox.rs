@@ -17,7 +17,7 @@ use alink::{Alink, AlinkError};
 use storage_mirror::primary::PrimaryDisks;
 use storage_mirror::wire::{self, DiskToPrimary, DiskToStandby};
 
-use crate::messages::{decode_to_primary, PrimaryboundMsg, ToStandby};
+use crate::messages::{decode_to_primary_at, PrimaryboundMsg, ToStandby};
 
 /// How often the pump looks at its quit flag.
 const PUMP_POLL: Duration = Duration::from_millis(5);
@@ -108,7 +108,12 @@ pub fn pump(
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
-                let decoded = decode_to_primary(m.head_bytes(), m.payload());
+                let decoded = decode_to_primary_at(
+                    link.session_version(),
+                    generation,
+                    m.head_bytes(),
+                    m.payload(),
+                );
                 if let Some(refusal) = decoded.as_ref().ok().and_then(|d| screen(d, generation)) {
                     fenced |= matches!(refusal, FromStandby::Fenced { .. });
                     if tx.send(Inbound::Msg(refusal)).is_err() {
@@ -190,6 +195,8 @@ pub fn outbox(link: &Alink, rx: Receiver<DiskToStandby>, quit: &AtomicBool) {
                         continue;
                     }
                 };
+                // `ToStandby::Disk` is the same on the wire in protocol 2 (messages.rs
+                // tests `disk_messages_are_the_same_in_both_versions`): no conversion.
                 if let Err(e) = link.send_timeout(&head, Vec::new(), Some(Duration::from_secs(1))) {
                     log::warn!("primary: sending {m:?} to the standby: {e}");
                 }

@@ -25,7 +25,7 @@ use super::mirror::{DiskCommit, Mirror};
 use super::outcome::{fence, FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 use super::takeover::{BeforeStart, Takeover, TakeoverInput, VmmTakeover};
 use crate::link::ToPrimaryLink;
-use crate::messages::{decode_standbound, PartOf, ReceivedPart, Standbound, ToPrimary};
+use crate::messages::{decode_standbound_at, PartOf, ReceivedPart, Standbound, ToPrimary};
 use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
 use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 
@@ -189,7 +189,12 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         head_len: usize,
         body: alink::Buf,
     ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
-        let ev = match decode_standbound(head_len, body) {
+        let ev = match decode_standbound_at(
+            self.link.version(),
+            self.session_generation,
+            head_len,
+            body,
+        ) {
             Ok(Standbound::Hello { layout, generation }) => {
                 self.check_generation(generation)?;
                 self.session_generation = generation;

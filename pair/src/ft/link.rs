@@ -40,5 +40,29 @@ pub fn alink_config_as(ft: &FtSettings, role: Role) -> AlinkConfig {
     // Reconnect quickly: a link that comes back should be in use again within a
     // heartbeat or two.
     c.reconnect_max = Duration::from_millis(250);
+    if let Some(v) = announced_version() {
+        c.protocol_version = v;
+    }
     c
+}
+
+/// `TWINRUN_ALINK_PROTOCOL=N`: this VMM announces A-Link protocol N instead of its
+/// own, and then speaks N's messages (the rolling-upgrade test's previous-version node,
+/// without a second build). Only a version this build speaks is taken.
+fn announced_version() -> Option<u16> {
+    let raw = std::env::var("TWINRUN_ALINK_PROTOCOL").ok()?;
+    match raw.parse::<u16>() {
+        Ok(v) if v == alink::PROTOCOL_CURRENT || v + 1 == alink::PROTOCOL_CURRENT => {
+            log::info!("A-Link: announcing protocol {v} (TWINRUN_ALINK_PROTOCOL)");
+            Some(v)
+        }
+        _ => {
+            log::error!(
+                "TWINRUN_ALINK_PROTOCOL={raw} ignored: this build speaks A-Link protocol {} or {}",
+                alink::PROTOCOL_CURRENT - 1,
+                alink::PROTOCOL_CURRENT
+            );
+            None
+        }
+    }
 }
