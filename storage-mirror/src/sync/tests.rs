@@ -224,7 +224,7 @@ fn without_the_quorums_leave_no_write_completes_alone() {
 #[test]
 fn a_held_write_completes_when_a_returning_standby_is_in_sync() {
     let (_g, p) = image();
-    let s = SyncDisks::new(PrimaryDisks::open(&[p.clone()]).unwrap());
+    let s = SyncDisks::new(PrimaryDisks::open(std::slice::from_ref(&p)).unwrap());
     s.set_alone_gate(Some(Box::new(|| false)));
     std::thread::scope(|t| {
         // No standby ever attached: the write is alone, its completion held.
