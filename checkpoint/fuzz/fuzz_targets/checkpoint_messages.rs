@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
             // own generation from the selector byte).
             if let Ok(m) = decode_to_primary(head, payload) {
                 let own = u64::from(which / 3);
-                match screen(&m, own) {
+                match screen(&m, own, own) {
                     Some(FromStandby::Fenced { generation }) => assert!(generation > own),
                     Some(FromStandby::Stale { generation }) => assert!(generation < own),
                     Some(_) => panic!("screen passed on something else than a refusal"),
