@@ -30,8 +30,9 @@ fn status(sock: &Path) -> Option<twinrun_control::FtStatus> {
 pub(crate) type WitnessRef<'a> = (SocketAddr, &'a Path);
 
 /// Starts an FT pair of the kv guest (`key` names its processes and quorum state;
-/// without `witness`, no quorum) with its primary on PM `ppm`, and waits until it is
-/// protected: (primary, standby).
+/// without `witness`, no quorum) with its primary on PM `ppm`, `extra` arguments on
+/// both, and waits until it is protected: (primary, standby).
+#[allow(clippy::too_many_arguments)] // the pair's parts, each a plain value
 pub(crate) fn start_pair(
     twinrun: &Path,
     elf: &Path,
@@ -40,6 +41,7 @@ pub(crate) fn start_pair(
     witness: Option<WitnessRef<'_>>,
     key: &str,
     ppm: usize,
+    extra: &[&str],
 ) -> Result<(Proc, Proc), String> {
     let secret = dir.join("cluster.secret");
     let spm = 1 - ppm;
@@ -56,7 +58,8 @@ pub(crate) fn start_pair(
             .args(["--role", role, "--name", &name])
             .args(topo.alink_args(pm))
             .args(["--cluster-id", CLUSTER, "--cluster-secret-file"])
-            .arg(&secret);
+            .arg(&secret)
+            .args(extra);
         if let Some((waddr, wsecret)) = witness {
             cmd.args(["--quorum-key", key])
                 .args(["--witness", &waddr.to_string(), "--witness-secret-file"])
@@ -107,8 +110,16 @@ fn one_run(
     let key = format!("bw-run{run}");
     // Run 0: primary on PM1; run 1: on PM2 (where run 0's survivor announced the MAC).
     let ppm = run % 2;
-    let (mut primary, mut standby) =
-        start_pair(twinrun, elf, dir, topo, Some((waddr, wsecret)), &key, ppm)?;
+    let (mut primary, mut standby) = start_pair(
+        twinrun,
+        elf,
+        dir,
+        topo,
+        Some((waddr, wsecret)),
+        &key,
+        ppm,
+        &[],
+    )?;
     let addr = SocketAddr::from((topo.guest_ip(), KV_PORT));
     let client = LoadClient::start(LoadConfig::new(topo.client_ns(), addr))
         .map_err(|e| format!("load client: {e}"))?;

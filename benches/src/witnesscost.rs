@@ -28,7 +28,10 @@ fn measure(
     key: &str,
     n: u32,
 ) -> Result<Vec<(f64, f64)>, String> {
-    let (mut primary, mut standby) = start_pair(twinrun, elf, dir, topo, witness, key, 0)?;
+    // A wide detection window, as `ft-net`: a false failover on the busy machine would
+    // measure a takeover, not the lease renewals.
+    let wide = ["--heartbeat-misses", "20"];
+    let (mut primary, mut standby) = start_pair(twinrun, elf, dir, topo, witness, key, 0, &wide)?;
     let host = topo.guest_ip().to_string();
     let mut out = Vec::new();
     for p in PIPELINES {
@@ -82,7 +85,8 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let note = format!(
         "median of {rounds} rounds, each a fresh pair (order alternating); redis-benchmark \
          -n {n} -c {} from the client namespace; kv guest, 64 MiB; witness: UDP on the \
-         management network, default lease; no quorum: the same pair without --witness",
+         management network, default lease; --heartbeat-misses 20 on both; no quorum: the \
+         same pair without --witness",
         crate::redis::CLIENTS
     );
     let mut figs = Vec::new();

@@ -1205,7 +1205,7 @@ impl Sim {
                 }
                 // The receive pump's check (the same function): a refused message
                 // releases nothing and goes to the driver as a refusal.
-                let refusal = decoded.as_ref().ok().and_then(|m| screen(m, own));
+                let refusal = decoded.as_ref().ok().and_then(|m| screen(m, own, own));
                 let msg = match (refusal, decoded) {
                     (Some(r), _) => r,
                     (None, Ok(PrimaryboundMsg::Ack { epoch, .. })) => {

@@ -10,6 +10,8 @@
 use checkpoint::messages::{
     decode_standbound, decode_to_primary, decode_to_standby, PartView, Standbound, StandboundMsg,
 };
+use checkpoint::primary::inbox::screen;
+use checkpoint::primary::FromStandby;
 use libfuzzer_sys::fuzz_target;
 
 /// Touches everything a part hands out (as the mirror's write and apply do).
@@ -59,11 +61,11 @@ fuzz_target!(|data: &[u8]| {
             // own generation from the selector byte).
             if let Ok(m) = decode_to_primary(head, payload) {
                 let own = u64::from(which / 3);
-                if let Some(g) = m.fences(own) {
-                    assert!(g > own);
-                }
-                if let Some(g) = m.stale(own) {
-                    assert!(g < own && m.fences(own).is_none());
+                match screen(&m, own, own) {
+                    Some(FromStandby::Fenced { generation }) => assert!(generation > own),
+                    Some(FromStandby::Stale { generation }) => assert!(generation < own),
+                    Some(_) => panic!("screen passed on something else than a refusal"),
+                    None => assert!(m.fences(own).is_none() && m.stale(own).is_none()),
                 }
             }
         }

@@ -342,7 +342,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 );
                 Err(DriverError::Fenced {
                     peer: generation,
-                    own: self.stamp,
+                    own: self.current_generation(),
                 })
             }
             // Not a standby of this generation: nothing was released on its ack, and
@@ -639,11 +639,21 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         Ok(())
     }
 
-    /// Sends a part stamped with the session's generation (after the capture: the
-    /// pause reads nothing more).
+    /// This primary's generation now: the session's, or a newer one granted since
+    /// (its first grant after the `Hello`), so that a standby that learned it from
+    /// the witness does not take this primary's own parts for a stale primary's.
+    fn current_generation(&self) -> u64 {
+        self.generation
+            .as_ref()
+            .map_or(0, |g| g.load(Ordering::SeqCst))
+            .max(self.stamp)
+    }
+
+    /// Sends a part stamped with this primary's current generation (after the
+    /// capture: the pause reads nothing more).
     fn send_part(&self, p: OutPart) -> Result<(), Lost> {
         let mut head = p.head;
-        head.generation = self.stamp;
+        head.generation = self.current_generation();
         self.send_msg(&ToStandby::Part(head), p.payload)
     }
 
@@ -698,10 +708,7 @@ pub fn run_primary(
                 log::debug!("primary: early release through epoch {epoch}: {e}");
             }
         };
-        let generation = cfg
-            .generation
-            .as_ref()
-            .map_or(0, |g| g.load(Ordering::SeqCst));
+        let generation = cfg.generation.as_deref();
         s.spawn(move || pump(link, disks, generation, &release, tx, quit));
         if let Some(d) = disks {
             let (otx, orx) = std::sync::mpsc::channel();

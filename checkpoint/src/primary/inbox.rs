@@ -9,7 +9,7 @@
 //! The vCPU's request goes out through [`outbox`] for the same reason: the link
 //! handle lives in the driver's scope, not in the `'static` disk hooks.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
@@ -78,13 +78,15 @@ impl Inbox {
 
 /// The fencing check on every message from the standby, before anything is released
 /// on it: the refusal the driver gets instead of the message when it carries another
-/// generation than `own`, the primary session's (newer: this primary lost the VM; an
-/// older ack: not this generation's standby). None: the message passes.
-pub fn screen(m: &PrimaryboundMsg<'_>, own: u64) -> Option<FromStandby> {
-    if let Some(generation) = m.fences(own) {
+/// generation than this primary's. Newer than `current` (the primary's generation now,
+/// which may have grown since its session began: a first grant after the `Hello`):
+/// this primary lost the VM. An ack older than `session` (the one its `Hello`
+/// carried): not this generation's standby. None: the message passes.
+pub fn screen(m: &PrimaryboundMsg<'_>, session: u64, current: u64) -> Option<FromStandby> {
+    if let Some(generation) = m.fences(current.max(session)) {
         return Some(FromStandby::Fenced { generation });
     }
-    m.stale(own)
+    m.stale(session)
         .map(|generation| FromStandby::Stale { generation })
 }
 
@@ -92,29 +94,39 @@ pub fn screen(m: &PrimaryboundMsg<'_>, own: u64) -> Option<FromStandby> {
 /// epoch before the driver hears of it: the driver's copy of the acknowledgement
 /// waits for this thread to hand it over and for the driver to wake, so releasing the
 /// epoch's held output here takes those thread switches off every reply's path.
-/// `generation` is the one this primary's session carries: a message from a standby
-/// that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and from then on
-/// no acknowledgement releases anything; an ack of an older one is refused
-/// ([`PrimaryboundMsg::stale`]: released on by nobody, the session ends).
+/// `generation` is this primary's (the pair's quorum; None: no quorum), read when the
+/// pump starts for the session's and at every message for the current one: a message
+/// from a standby that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and
+/// from then on no acknowledgement releases anything; an ack of an older one than the
+/// session's is refused ([`PrimaryboundMsg::stale`]: released on by nobody, the
+/// session ends). See [`screen`].
 pub fn pump(
     link: &Alink,
     disks: Option<&PrimaryDisks>,
-    generation: u64,
+    generation: Option<&AtomicU64>,
     on_ack: &(dyn Fn(u64) + Sync),
     tx: Sender<Inbound>,
     quit: &AtomicBool,
 ) {
+    let now = || generation.map_or(0, |g| g.load(Ordering::SeqCst));
+    let session = now();
     let mut fenced = false;
     while !quit.load(Ordering::Relaxed) {
         match link.recv(PUMP_POLL) {
             Ok(Some(m)) => {
+                // A protocol-2 ack carries no generation: it stands for the current one
+                // (neither stale nor fencing; protocol 2 fenced at the Hello only).
                 let decoded = decode_to_primary_at(
                     link.session_version(),
-                    generation,
+                    now(),
                     m.head_bytes(),
                     m.payload(),
                 );
-                if let Some(refusal) = decoded.as_ref().ok().and_then(|d| screen(d, generation)) {
+                if let Some(refusal) = decoded
+                    .as_ref()
+                    .ok()
+                    .and_then(|d| screen(d, session, now()))
+                {
                     fenced |= matches!(refusal, FromStandby::Fenced { .. });
                     if tx.send(Inbound::Msg(refusal)).is_err() {
                         return;
@@ -131,7 +143,8 @@ pub fn pump(
                     // Not newer than ours (else `fences` took it): a confused standby.
                     Ok(PrimaryboundMsg::Fenced { generation: g }) => {
                         log::error!(
-                            "primary: the standby refused generation {generation} citing {g}"
+                            "primary: the standby refused generation {} citing {g}",
+                            now()
                         );
                         continue;
                     }
@@ -204,5 +217,43 @@ pub fn outbox(link: &Alink, rx: Receiver<DiskToStandby>, quit: &AtomicBool) {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{encode, ToPrimary};
+
+    fn ack(generation: u64) -> Vec<u8> {
+        encode(&ToPrimary::Ack {
+            epoch: 1,
+            generation,
+        })
+        .unwrap()
+    }
+
+    fn check(head: &[u8], session: u64, current: u64) -> Option<(bool, u64)> {
+        let m = decode_to_primary(head, &[]).unwrap();
+        screen(&m, session, current).map(|r| match r {
+            FromStandby::Fenced { generation } => (true, generation),
+            FromStandby::Stale { generation } => (false, generation),
+            _ => panic!("not a refusal"),
+        })
+    }
+
+    /// A primary whose session began before its first grant (generation 0 in the
+    /// `Hello`, 1 now) is not fenced by its standby's ack carrying that 1; a newer
+    /// one fences it; an ack older than the session's is stale.
+    #[test]
+    fn screening_uses_the_current_generation_for_fencing_and_the_sessions_for_staleness() {
+        assert_eq!(check(&ack(1), 0, 1), None);
+        assert_eq!(check(&ack(1), 0, 0), Some((true, 1)));
+        assert_eq!(check(&ack(2), 0, 1), Some((true, 2)));
+        assert_eq!(check(&ack(3), 3, 3), None);
+        assert_eq!(check(&ack(2), 3, 3), Some((false, 2)));
+        let refusal = encode(&ToPrimary::Fenced { generation: 4 }).unwrap();
+        assert_eq!(check(&refusal, 3, 3), Some((true, 4)));
+        assert_eq!(check(&refusal, 3, 4), None);
     }
 }

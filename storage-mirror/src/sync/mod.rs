@@ -25,8 +25,8 @@
 //! standby did not acknowledge completes only while the gate says this node may act
 //! alone (the holder with a valid witness lease, the same rule as FT's output commit);
 //! otherwise its completion is held (the write is on the local image and marked, the
-//! guest does not see it done) until the gate opens, the standby returns, or the node
-//! is fenced ([`SyncDisks::fence`]: the held writers fail). The gate is a closure so
+//! guest does not see it done) until the gate opens, a returning standby is in sync
+//! (its resync carried the marked blocks), or the node is fenced ([`SyncDisks::fence`]: the held writers fail). The gate is a closure so
 //! that this crate knows nothing of the quorum.
 
 pub mod machine;
@@ -93,6 +93,9 @@ pub struct SyncDisks {
     alone: Mutex<Option<AloneGate>>,
     /// This node lost the VM: no held completion is ever given.
     fenced: std::sync::atomic::AtomicBool,
+    /// How many times a standby became in sync ([`SyncDisks::in_sync`]): a write held
+    /// alone completes once it grows (that standby has every marked block).
+    synced: AtomicU64,
     pub stats: SyncStats,
 }
 
@@ -128,6 +131,7 @@ impl SyncDisks {
             send_order: Mutex::new(()),
             alone: Mutex::new(None),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            synced: AtomicU64::new(0),
             stats: SyncStats::default(),
         })
     }
@@ -160,12 +164,17 @@ impl SyncDisks {
             .is_none_or(|g| g()))
     }
 
-    /// A write the standby did not acknowledge (lost, or never attached) completes once
-    /// the [`AloneGate`] allows it (its blocks are marked already: a returning standby
-    /// gets them by the resync). Fails when the node is fenced.
-    fn complete_alone(&self) -> io::Result<()> {
+    /// A write of `disk` the standby did not acknowledge (lost, or never attached)
+    /// completes once the [`AloneGate`] allows it, or once a standby became in sync
+    /// after it (its blocks are on the image and marked already: a returning standby
+    /// gets them by the resync, whose closing commit reads every block still marked).
+    /// Fails when the node is fenced. Its batch is closed first: the data is on the
+    /// image, so the resync's drain need not wait for it (it could not end otherwise).
+    fn complete_alone(&self, disk: usize) -> io::Result<()> {
+        let synced = self.synced.load(Ordering::SeqCst);
+        self.close_batch(disk);
         let mut counted = false;
-        while !self.may_complete_alone()? {
+        while !self.may_complete_alone()? && self.synced.load(Ordering::SeqCst) == synced {
             if !counted {
                 counted = true;
                 self.stats.batches_held.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +288,7 @@ impl SyncDisks {
                         // Not under the send order: a returning standby attaches.
                         drop(s);
                         drop(_order);
-                        return self.complete_alone();
+                        return self.complete_alone(disk);
                     }
                     Submit::Send(seq) => break (seq, s.send.clone()),
                     Submit::Full => {
@@ -325,7 +334,7 @@ impl SyncDisks {
                 }
                 Outcome::Alone => {
                     drop(s);
-                    return self.complete_alone();
+                    return self.complete_alone(disk);
                 }
             }
         }
@@ -394,6 +403,7 @@ impl SyncDisks {
             d.captured(0, None);
             d.acked(0);
         }
+        self.synced.fetch_add(1, Ordering::SeqCst);
         self.open_gate();
     }
 

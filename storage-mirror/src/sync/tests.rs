@@ -217,3 +217,49 @@ fn without_the_quorums_leave_no_write_completes_alone() {
         );
     });
 }
+
+/// A write held by a shut gate (no lease) is not stuck forever once the standby is
+/// back: the resync's drain does not wait for it (its data is on the image, marked),
+/// the closing commit carries its block, and once the standby is in sync it completes.
+#[test]
+fn a_held_write_completes_when_a_returning_standby_is_in_sync() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(std::slice::from_ref(&p)).unwrap());
+    s.set_alone_gate(Some(Box::new(|| false)));
+    std::thread::scope(|t| {
+        // No standby ever attached: the write is alone, its completion held.
+        s.before_writes(0, &[(8192, 4096)]).unwrap();
+        let w = t.spawn(|| {
+            let image = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            image.write_all_at(&[7u8; 4096], 8192).unwrap();
+            s.completed(0, &[(8192, &[7u8; 4096])])
+        });
+        while s.stats.batches_held.load(Ordering::SeqCst) == 0 {
+            assert!(!w.is_finished(), "the write was not held");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The standby returns: its resync begins, ends with the marked blocks.
+        let (send, rx) = recording();
+        s.disks
+            .perform(&crate::primary::SessionAction::BeginResync, &mut Vec::new());
+        s.attach(send);
+        s.close_gate();
+        assert!(s.drained(), "the held write kept the resync from draining");
+        let (heads, payload) = s.end_resync().unwrap();
+        assert!(heads.contains(&(0, 8192, 4096)), "{heads:?}");
+        let at = heads
+            .iter()
+            .take_while(|h| **h != (0, 8192, 4096))
+            .map(|h| h.2 as usize)
+            .sum::<usize>();
+        assert_eq!(&payload[at..at + 4096], &[7u8; 4096]);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!w.is_finished(), "completed before the standby was in sync");
+        assert!(s.send_end_resync(heads, payload));
+        let (m, _) = rx.recv().unwrap();
+        assert!(matches!(m, HaToStandby::EndResync { seq: 1, .. }), "{m:?}");
+        s.on_ack(1).unwrap();
+        s.in_sync();
+        w.join().unwrap().unwrap();
+    });
+}
