@@ -847,7 +847,7 @@ fn etcd_unreachable_pauses_the_holder_at_its_local_deadline() {
             Action::Output(OutputGate::Free { until: Some(u) }) => Some(*u),
             _ => None,
         })
-        .last()
+        .next_back()
         .expect("a permission before the pause");
     assert!(last_until >= until, "permissions only grow");
     let until = last_until;
