@@ -38,6 +38,7 @@ fn etcd_primary_killed_standby_takes_over_without_losing_a_write() {
         g > 0,
         "the primary holds a generation granted by etcd: {q:?}"
     );
+    let t_kill = std::time::Instant::now();
     qp.primary.kill();
     client.mark();
     qp.standby
@@ -51,11 +52,12 @@ fn etcd_primary_killed_standby_takes_over_without_losing_a_write() {
     );
     assert_eq!(qp.recorded_generation(2), g + 1);
     qp.progress(&client, 40, "after the takeover through etcd");
+    // A figure, not a bound (the machine is shared and loaded).
     if let Some(t) = client.first_reply_after_mark() {
         eprintln!(
-            "etcd takeover (debug build, 1 s lease): mark after SIGKILL -> first reply from \
-             the standby {:?} later",
-            t.saturating_duration_since(std::time::Instant::now())
+            "etcd takeover (debug build, 1 s lease, 8 x 50 ms heartbeats): SIGKILL -> first \
+             reply from the standby {:?}",
+            t.saturating_duration_since(t_kill)
         );
     }
     qp.check_client_and_console(client, "etcd: primary killed");

@@ -3,7 +3,8 @@
 //! (`--priv0`), a real `twinrun witness`, kv load from a client on ONE connection.
 //! A takeover needs every path (all A-Links and priv0) silent AND the witness's grant.
 //!
-//! - `alinks_cut_priv0_up_primary_runs_alone_no_takeover`: every A-Link cut, priv0 up,
+//! - `alinks_cut_priv0_up_primary_runs_alone_no_takeover` (and `ha_...` for an HA
+//!   pair): every A-Link cut, priv0 up,
 //!   the witness reachable: the standby does not take over (it sees its primary on
 //!   priv0) and writes nothing; the primary goes on alone (simplex, under its lease),
 //!   the client keeps getting answers; the A-Links back: protected again.
@@ -33,8 +34,18 @@ const WATCH: Duration = Duration::from_secs(3);
 
 #[test]
 fn alinks_cut_priv0_up_primary_runs_alone_no_takeover() {
+    alinks_cut_priv0_up("qp0a", &[]);
+}
+
+/// The same for an HA pair (its standby boots the VM only with the grant).
+#[test]
+fn ha_alinks_cut_priv0_up_primary_runs_alone_no_takeover() {
+    alinks_cut_priv0_up("qp0h", &["--protection", "ha"]);
+}
+
+fn alinks_cut_priv0_up(prefix: &str, extra: &[&str]) {
     require_kvm();
-    let (mut qp, client) = QuorumPair::start_with_priv0("qp0a", 1, &[]).load(40);
+    let (mut qp, client) = QuorumPair::start_with_priv0(prefix, 1, extra).load(40);
     let priv0_alive =
         |s: &twinrun_control::FtStatus| quorum_is(s, |q| q.priv0 == Some(true) && q.peer_reachable);
     let r = qp.primary.wait_status("priv0 alive", STATE, priv0_alive);

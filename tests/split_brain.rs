@@ -49,10 +49,9 @@ fn all_alinks_cut(prefix: &str, extra: &[&str]) {
     assert_eq!(q.gate, "acked");
     let standby_frames = tap_frames(&sb.topo, 1);
     sb.set_alinks(0, false);
-    let acks = client.acks();
-    // The primary runs on alone under its lease: the client progresses.
+    // The primary runs on alone under its lease: the client progresses (100 more).
     client
-        .wait_acks(acks + 100, Duration::from_secs(20))
+        .wait_acks(100, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the cut: {e}\n{}", sb.logs()));
     sb.standby
         .wait_log("waiting for the quorum's grant", Duration::from_secs(10))
@@ -85,9 +84,8 @@ fn all_alinks_cut(prefix: &str, extra: &[&str]) {
             protected(s) && s.protections >= 2
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", sb.standby.tail(40)));
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the links came back: {e}\n{}", sb.logs()));
     assert_eq!(
         tap_frames(&sb.topo, 1),
@@ -109,9 +107,8 @@ fn primary_frozen_past_detection_releases_nothing() {
     let st = sb.standby.status_now();
     let q = quorum(&st);
     assert!(q.took_over.is_some(), "the takeover was granted: {q:?}");
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the takeover: {e}\n{}", sb.logs()));
     let frames = tap_frames(&sb.topo, 0);
     eprintln!("takeover {:?} after SIGSTOP", t0.elapsed());
@@ -134,9 +131,8 @@ fn primary_frozen_past_detection_releases_nothing() {
         "the resumed primary released frames of its lost history\n{}",
         sb.primary.tail(40)
     );
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after SIGCONT: {e}\n{}", sb.logs()));
     sb.check_client_and_console(client, "sigstop");
 }
@@ -160,9 +156,8 @@ fn primary_isolated_pauses_and_is_demoted() {
     sb.standby
         .wait_status("failed over", Duration::from_secs(20), failed_over)
         .unwrap_or_else(|e| panic!("{e}"));
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the takeover: {e}\n{}", sb.logs()));
     // Reconnected: it learns the higher generation from the witness and is demoted.
     sb.topo.set_mgmt(0, true).unwrap();
@@ -176,9 +171,8 @@ fn primary_isolated_pauses_and_is_demoted() {
         "the isolated primary released held output\n{}",
         sb.primary.tail(40)
     );
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the reconnection: {e}\n{}", sb.logs()));
     sb.check_client_and_console(client, "isolated");
 }
@@ -197,9 +191,8 @@ fn sigkill_with_witness_takes_over_without_losing_a_write() {
     let st = sb.standby.status_now();
     let q = quorum(&st);
     assert!(q.took_over.is_some_and(|g| g > 0), "{q:?}");
-    let acks = client.acks();
     client
-        .wait_acks(acks + 40, Duration::from_secs(20))
+        .wait_acks(40, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("after the takeover: {e}\n{}", sb.logs()));
     // A figure, not a bound (timed asserts fail on a loaded machine): the bench
     // `ft-witness` measures it over many runs, optimized.

@@ -139,6 +139,20 @@ pub fn plan(
                     "--quorum-node-id".into(),
                     cfg.quorum_node_id().to_string(),
                 ]);
+                // The private network as a heartbeat path too (a takeover needs every
+                // path silent): UDP on the VM's first A-Link port number (TCP and UDP
+                // ports do not clash), at the priv0 addresses.
+                if let (Some(p0), Some((first, _))) = (&cfg.priv0, alinks(cfg, rec).first()) {
+                    let port = first.port();
+                    a.extend([
+                        "--priv0".into(),
+                        format!(
+                            "{},{}",
+                            SocketAddr::new(p0.addr, port),
+                            SocketAddr::new(p0.peer, port)
+                        ),
+                    ]);
+                }
             }
         }
     }
@@ -255,6 +269,10 @@ mod tests {
         assert!(line.contains("--protection ha"), "{line}");
         // mode = "none": no quorum flags (the pair runs as before, with its warning).
         assert!(!line.contains("--quorum-config"), "{line}");
+        assert!(
+            !line.contains("--priv0"),
+            "priv0 goes with a quorum: {line}"
+        );
         let ft = plan(&cfg(), &rec(Protection::Ft), Role::Primary, Path::new("t")).unwrap();
         assert!(!ft.args.iter().any(|a| a == "--protection"), "{ft:?}");
 
@@ -274,6 +292,12 @@ mod tests {
                 .join(" ");
             assert!(
                 line.contains("--quorum-config /var/lib/twinrund/quorum.toml --quorum-node-id 1"),
+                "{line}"
+            );
+            // [priv0] is configured: its heartbeat path, UDP on the first A-Link's port.
+            let port = alinks(&wcfg, &rec(prot))[0].0.port();
+            assert!(
+                line.contains(&format!("--priv0 10.0.0.1:{port},10.0.0.2:{port}")),
                 "{line}"
             );
         }
