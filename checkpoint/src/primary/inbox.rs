@@ -223,7 +223,7 @@ pub fn outbox(link: &Alink, rx: Receiver<DiskToStandby>, quit: &AtomicBool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::{encode, ToPrimary};
+    use crate::messages::{decode_to_primary, encode, ToPrimary};
 
     fn ack(generation: u64) -> Vec<u8> {
         encode(&ToPrimary::Ack {
