@@ -28,6 +28,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+use twinrun_lock::{CondvarExt, MutexExt};
 
 use crate::primary::PrimaryDisks;
 use machine::{Outcome, Submit, SyncPrimary};
@@ -108,13 +109,13 @@ impl SyncDisks {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// A standby is attached (its resync plan applied): write batches go to it from
     /// here on.
     pub fn attach(&self, send: SyncSend) {
-        let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = self.send_order.lock_or_recover();
         let mut s = self.state();
         s.send = Some(Arc::new(send));
         s.machine.attach();
@@ -159,7 +160,7 @@ impl SyncDisks {
         {
             let mut s = self.state();
             while s.gate_closed {
-                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = self.cv.wait_or_recover(s);
             }
             if let Some(o) = s.open.get_mut(disk) {
                 if !*o {
@@ -202,7 +203,7 @@ impl SyncDisks {
         }
         let d = u16::try_from(disk).map_err(io::Error::other)?;
         let seq = {
-            let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+            let _order = self.send_order.lock_or_recover();
             let (seq, send) = loop {
                 let mut s = self.state();
                 match s.machine.submit() {
@@ -235,11 +236,7 @@ impl SyncDisks {
         loop {
             match s.machine.outcome(seq) {
                 Outcome::Pending => {
-                    s = self
-                        .cv
-                        .wait_timeout(s, WAIT_SLICE)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    s = self.cv.wait_timeout_or_recover(s, WAIT_SLICE).0;
                 }
                 Outcome::Acked => {
                     drop(s);
@@ -298,7 +295,7 @@ impl SyncDisks {
     /// Sends the closing commit through the ordered sender, numbered like a batch
     /// (its acknowledgement comes before the standby's `InSync`); false: lost.
     pub fn send_end_resync(&self, heads: Vec<WriteHead>, payload: Vec<u8>) -> bool {
-        let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = self.send_order.lock_or_recover();
         let (seq, send) = {
             let mut s = self.state();
             match s.machine.submit() {
