@@ -20,7 +20,8 @@ use twinrun_control::FtState;
 use twinrun_lab::Topology;
 
 use crate::mirror::{
-    fill_image, read, records_rate, tail, vm_args, Files, Vm, PAIR_TIMEOUT, SYNC_RECORDS,
+    fill_image, read, records_rate, sync_writer, tail, unprotected, vm_args, Files, Vm,
+    PAIR_TIMEOUT, SYNC_RECORDS,
 };
 use crate::report::{Better, Figure};
 
@@ -172,45 +173,19 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
 
     eprintln!("   HA write+flush: unprotected, then on the pair ...");
     let window = Duration::from_secs_f64(if quick { 1.5 } else { 3.0 });
-    let writer: Vec<String> = [
-        "--workload",
-        "counter,disk",
-        "--counter-rate",
-        "10",
-        "--disk-rate",
-        "10000000",
-        "--disk-flush-every",
-        &SYNC_RECORDS.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let ucon = dir.join("ha-local.console");
-    let ulog = dir.join("ha-local.log");
-    let _ = std::fs::remove_file(&ucon);
-    files.0.push(ucon.clone());
-    files.0.push(ulog.clone());
-    let (local, boot) = {
-        let name = format!("ha-{}-local", std::process::id());
-        let args = vm_args(elf, &local_img, &ucon, &writer);
-        let spawned = Instant::now();
-        let mut vm = Vm::spawn(
-            "unprotected",
-            &topo.pms[0].ns,
-            (twinrun, dir),
-            &name,
-            &args,
-            &ulog,
-        )?;
-        let boot = first_output(&ucon, &mut || vm.proc.alive())
-            .map(|t| t - spawned)
-            .map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?;
-        let r = records_rate(&ucon, window, || vm.proc.alive());
-        vm.proc.terminate(Duration::from_secs(5));
-        (
-            r.map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?,
-            boot,
-        )
-    };
+    let writer = sync_writer();
+    let (local, boot) = unprotected(
+        (twinrun, elf, dir),
+        &topo.pms[0].ns,
+        "ha",
+        &local_img,
+        &writer,
+        &mut files,
+        |con, spawned, alive| {
+            let boot = first_output(con, &mut *alive)? - spawned;
+            Ok((records_rate(con, window, alive)?, boot))
+        },
+    )?;
     let mut pair = cx.pair("sync", &writer)?;
     for p in [&pair.pcon, &pair.scon, &pair.plog, &pair.slog] {
         files.0.push(p.to_path_buf());
