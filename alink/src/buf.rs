@@ -15,6 +15,7 @@
 //! The pool keeps at most `max_idle_bytes` idle; what does not fit is freed.
 
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 /// Smallest size class (bytes).
 pub const MIN_CLASS: usize = 4096;
@@ -90,7 +91,7 @@ impl BufPool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Free> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.state.lock_or_recover()
     }
 
     /// A buffer of `len` bytes. Its contents are unspecified (zero when new, what the
@@ -140,7 +141,7 @@ impl BufPool {
 
 impl Inner {
     fn put(&self, data: Vec<u8>) {
-        let mut f = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.state.lock_or_recover();
         if f.idle_bytes + data.len() > self.max_idle_bytes {
             // Over the bound: free it (outside the lock).
             drop(f);

@@ -13,6 +13,7 @@
 
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
+use twinrun_lock::{CondvarExt, MutexExt};
 
 /// A slice of lent memory, as an address.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +75,7 @@ impl Lent {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// Payload bytes.
@@ -111,11 +112,7 @@ impl Lent {
             if now >= deadline {
                 return false;
             }
-            s = self
-                .cv
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.cv.wait_timeout_or_recover(s, deadline - now).0;
         }
         true
     }
@@ -124,7 +121,7 @@ impl Lent {
     pub fn revoke(&self) {
         let mut s = self.lock();
         while s.borrowers > 0 {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.cv.wait_or_recover(s);
         }
         s.slices = None;
     }

@@ -8,9 +8,10 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use twinrun_lock::lock;
 
 use log::{info, warn};
 
@@ -38,10 +39,6 @@ pub struct Priv0Status {
     /// Since the peer last proved alive (None: never).
     pub last_proof_ms: Option<u64>,
     pub refused: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Inner {

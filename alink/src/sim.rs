@@ -12,25 +12,14 @@ use crate::reorder::{InMsg, RxReorder};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::time::Duration;
+use twinrun_lab::Rng;
 
 const LINKS: usize = 2;
 const MS: Duration = Duration::from_millis(1);
 
-/// xorshift64*: small, deterministic.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, per_million: u64) -> bool {
-        self.below(1_000_000) < per_million
-    }
+/// True `n` times in a million.
+fn per_million(rng: &mut Rng, n: u64) -> bool {
+    rng.below(1_000_000) < n
 }
 
 struct Conn {
@@ -112,7 +101,7 @@ impl Net {
             return;
         }
         let mut bytes = bytes;
-        if self.rng.chance(300) {
+        if per_million(&mut self.rng, 300) {
             let i = self.rng.below(bytes.len() as u64) as usize;
             bytes[i] ^= 1 << self.rng.below(8);
         }
@@ -122,7 +111,7 @@ impl Net {
         w.history.push(bytes.clone());
         w.q.push_back((at, gen, bytes));
         // Inject a replay of an old frame of this direction.
-        if self.rng.chance(300) && w.history.len() > 1 {
+        if per_million(&mut self.rng, 300) && w.history.len() > 1 {
             let i = self.rng.below(w.history.len() as u64) as usize;
             let old = w.history[i].clone();
             w.q.push_back((at, gen, old));
@@ -217,7 +206,7 @@ fn run_seed(seed: u64, total: u64) -> (u64, u64) {
         max_bytes: 64 << 10,
     };
     let mut net = Net {
-        rng: Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1),
+        rng: Rng::new(seed),
         now: Duration::ZERO,
         wires: Default::default(),
         cut_until: [Duration::ZERO; LINKS],
@@ -236,7 +225,7 @@ fn run_seed(seed: u64, total: u64) -> (u64, u64) {
         net.now += MS;
         // Faults: cut a link for 50-500 ms now and then (sometimes both).
         for l in 0..LINKS {
-            if net.now >= net.cut_until[l] && net.rng.chance(2000) {
+            if net.now >= net.cut_until[l] && per_million(&mut net.rng, 2000) {
                 net.cut_until[l] = net.now + MS * (50 + net.rng.below(450)) as u32;
                 for d in 0..2 {
                     net.wires[l][d].q.clear();
@@ -297,7 +286,7 @@ fn run_seed(seed: u64, total: u64) -> (u64, u64) {
                     Some(HealthAction::SendHeartbeat) => hb = true,
                     None => {}
                 }
-                if hb || n.rx.ack() > 1 && net.rng.chance(100_000) {
+                if hb || n.rx.ack() > 1 && per_million(&mut net.rng, 100_000) {
                     let ack = n.rx.ack();
                     let w = c.enc.encode(Kind::Heartbeat, ack, &[], &[]).unwrap();
                     let gen = c.gen;

@@ -92,16 +92,10 @@ fn pattern(i: u32, salt: u32) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 11 ^ salt) as u8
 }
 
-/// A scattered permutation of `0..n`.
+/// A scattered permutation of `0..n` (the lab's seeded RNG: the same every run).
 fn scattered(n: u32) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n).collect();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..v.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    twinrun_lab::Rng::new(0x9e37_79b9_7f4a_7c15).shuffle(&mut v);
     v
 }
 

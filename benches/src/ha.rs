@@ -20,7 +20,8 @@ use twinrun_control::FtState;
 use twinrun_lab::Topology;
 
 use crate::mirror::{
-    fill_image, read, records_rate, tail, vm_args, Files, Rate, Vm, PAIR_TIMEOUT, SYNC_RECORDS,
+    fill_image, read, records_rate, sync_writer, tail, unprotected, vm_args, Files, Rate, Vm,
+    PAIR_TIMEOUT, SYNC_RECORDS,
 };
 use crate::report::{Better, Figure};
 
@@ -181,52 +182,26 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
 
     eprintln!("   HA write+flush: unprotected, then on the pair ...");
     let window = Duration::from_secs_f64(if quick { 1.5 } else { 3.0 });
-    let writer: Vec<String> = [
-        "--workload",
-        "counter,disk",
-        "--counter-rate",
-        "10",
-        "--disk-rate",
-        "10000000",
-        "--disk-flush-every",
-        &SYNC_RECORDS.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let writer = sync_writer();
     // The unprotected baseline runs before and after the pair (the same image, the
     // writer starting again at its first record): fdatasync on this shared disk swings
     // with the other load of the machine, and one window alone was seen 0.5-6 ms per
     // request apart between runs. The baseline is the mean of the two.
-    for tag in ["before", "after"] {
-        files.0.push(dir.join(format!("ha-local-{tag}.console")));
-        files.0.push(dir.join(format!("ha-local-{tag}.log")));
-    }
-    let run_local = |tag: &str| -> Result<(Rate, Duration), String> {
-        let ucon = dir.join(format!("ha-local-{tag}.console"));
-        let ulog = dir.join(format!("ha-local-{tag}.log"));
-        let _ = std::fs::remove_file(&ucon);
-        let name = format!("ha-{}-local-{tag}", std::process::id());
-        let args = vm_args(elf, &local_img, &ucon, &writer);
-        let spawned = Instant::now();
-        let mut vm = Vm::spawn(
-            "unprotected",
+    let run_local = |tag: &str, files: &mut Files| -> Result<(Rate, Duration), String> {
+        unprotected(
+            (twinrun, elf, dir),
             &topo.pms[0].ns,
-            (twinrun, dir),
-            &name,
-            &args,
-            &ulog,
-        )?;
-        let boot = first_output(&ucon, &mut || vm.proc.alive())
-            .map(|t| t - spawned)
-            .map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?;
-        let r = records_rate(&ucon, window, || vm.proc.alive());
-        vm.proc.terminate(Duration::from_secs(5));
-        Ok((
-            r.map_err(|e| format!("unprotected: {e}\n{}", tail(&ulog, 10)))?,
-            boot,
-        ))
+            &format!("ha-{tag}"),
+            &local_img,
+            &writer,
+            files,
+            |con, spawned, alive| {
+                let boot = first_output(con, &mut *alive)? - spawned;
+                Ok((records_rate(con, window, alive)?, boot))
+            },
+        )
     };
-    let (local_before, boot) = run_local("before")?;
+    let (local_before, boot) = run_local("before", &mut files)?;
     // The images start unrelated (no metadata): the pair's first session is a full
     // resync, during which an unpaced writer would fill the image before the pair is
     // protected (DISK-FULL). So a quiet guest brings the replicas in sync first and
@@ -268,7 +243,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     pair.standby.proc.terminate(Duration::from_secs(5));
     drop(pair);
     eprintln!("   HA write+flush: unprotected again ...");
-    let (local_after, _) = run_local("after")?;
+    let (local_after, _) = run_local("after", &mut files)?;
     drop(topo);
     drop(files);
     let local = Rate {

@@ -98,14 +98,8 @@ fn page_table(layout: &[(u64, u64)]) -> Vec<u64> {
             idx -= n;
         }
     }
-    // Fisher-Yates with xorshift64: deterministic, so runs dirty the same pages.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..pages.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        pages.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    // The lab's seeded RNG: deterministic, so runs dirty the same pages.
+    twinrun_lab::Rng::new(0x9e37_79b9_7f4a_7c15).shuffle(&mut pages);
     pages
 }
 

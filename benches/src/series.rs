@@ -3,6 +3,7 @@
 //! (label, value), grouped by plot.
 
 use std::sync::Mutex;
+use twinrun_lock::MutexExt;
 
 #[derive(Clone, Debug)]
 pub enum Data {
@@ -27,7 +28,7 @@ pub struct Series {
 static SERIES: Mutex<Vec<Series>> = Mutex::new(Vec::new());
 
 fn push(s: Series) {
-    SERIES.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+    SERIES.lock_or_recover().push(s);
 }
 
 /// A line of plot `plot`.
@@ -53,5 +54,5 @@ pub fn bars(plot: &str, title: &str, bars: Vec<(String, f64)>) {
 
 /// Everything recorded so far.
 pub fn all() -> Vec<Series> {
-    SERIES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    SERIES.lock_or_recover().clone()
 }

@@ -47,6 +47,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use twinrun_lock::MutexExt;
 
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -91,7 +92,7 @@ impl HashLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ReplicaHash>> {
         // A panicking recorder leaves a map that is still consistent (inserts are atomic).
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.lock_or_recover()
     }
 }
 

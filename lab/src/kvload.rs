@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use twinrun_lock::lock;
 
 use crate::netns::{in_netns, NsThread};
 use crate::resp::{Reply, Resp};
@@ -177,10 +178,6 @@ impl Drop for LoadClient {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn connect(cfg: &LoadConfig, for_: Duration) -> std::io::Result<Resp> {

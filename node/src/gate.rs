@@ -30,6 +30,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use twinrun_lock::MutexExt;
 
 use quorum::client::Backend;
 use quorum::config::{Backends, QuorumConfigError};
@@ -296,12 +297,7 @@ impl ServiceGate {
             token: None,
         };
         let key = alone_key(&req.vm);
-        if let Some(flag) = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(flag) = self.held.lock_or_recover().get(&key) {
             if !flag.load(Ordering::Acquire) {
                 return QuorumVerdict {
                     granted: true,
@@ -371,8 +367,7 @@ impl ServiceGate {
         };
         let stop = Arc::new(AtomicBool::new(false));
         self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .insert(key.clone(), stop.clone());
         let renewer = Renewer {
             asker,
@@ -492,12 +487,7 @@ impl QuorumGate for ServiceGate {
     }
 
     fn release(&self, vm: &str) {
-        if let Some(flag) = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&alone_key(vm))
-        {
+        if let Some(flag) = self.held.lock_or_recover().remove(&alone_key(vm)) {
             flag.store(true, Ordering::Release);
         }
     }

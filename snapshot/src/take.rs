@@ -28,6 +28,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use twinrun_lock::MutexExt;
 use vmm::devices::virtio::block::image_size;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -479,7 +480,7 @@ fn take_written(vmm: &Vmm) -> Vec<WrittenBlocks> {
     let mut out = Vec::new();
     let mut i = 0;
     while let Some(t) = vmm.devices().transport(i) {
-        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = t.lock_or_recover();
         if let Some(w) = t.take_written_blocks() {
             out.push(w);
         }

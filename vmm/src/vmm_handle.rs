@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use twinrun_lock::MutexExt;
 
 use kvm_ioctls::VcpuFd;
 
@@ -152,7 +153,7 @@ impl Vmm {
     /// written after this call. Copy the baseline of memory after it returns. Calling it
     /// again restarts tracking from a new baseline.
     pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.dirty.lock_or_recover();
         let t = match d.take() {
             Some(t) => t,
             None => DirtyTracker::new(&self.vm),
@@ -166,7 +167,7 @@ impl Vmm {
         &self,
         source: Box<dyn KvmDirtySource>,
     ) -> Result<(), VmmError> {
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.dirty.lock_or_recover();
         if let Some(mut old) = d.take() {
             old.stop(&self.vm, &self.mem)?;
         }
@@ -177,8 +178,8 @@ impl Vmm {
     /// [`crate::vstate::hot_pages`]); `None` re-protects every page at each harvest.
     /// False when the KVM log in use cannot keep pages writable (no manual re-protect).
     pub fn set_hot_pages(&self, cfg: Option<HotPageConfig>) -> bool {
-        *self.hot_pages.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        *self.hot_pages.lock_or_recover() = cfg;
+        let mut d = self.dirty.lock_or_recover();
         match d.as_mut() {
             Some(t) => t.set_hot_pages(cfg),
             None => true,
@@ -190,7 +191,7 @@ impl Vmm {
         slot: &mut Option<DirtyTracker>,
         mut t: DirtyTracker,
     ) -> Result<(), VmmError> {
-        let hot = *self.hot_pages.lock().unwrap_or_else(|p| p.into_inner());
+        let hot = *self.hot_pages.lock_or_recover();
         if hot.is_some() && !t.set_hot_pages(hot) {
             log::info!(
                 "dirty tracking: hot pages need manual re-protect; every page is re-protected"
@@ -204,7 +205,7 @@ impl Vmm {
 
     /// Turns KVM dirty logging off.
     pub fn stop_dirty_tracking(&self) -> Result<(), VmmError> {
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.dirty.lock_or_recover();
         if let Some(mut t) = d.take() {
             t.stop(&self.vm, &self.mem)?;
         }
@@ -229,7 +230,7 @@ impl Vmm {
         if !quiet {
             return Err(DirtyError::NotPaused.into());
         }
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.dirty.lock_or_recover();
         let t = d.as_mut().ok_or(DirtyError::NotStarted)?;
         Ok(t.harvest_into(&self.vm, &self.mem, out)?)
     }
@@ -269,8 +270,7 @@ impl Vmm {
     /// through the output gate; only before `start`.
     pub(crate) fn set_serial(&mut self, serial: Arc<Mutex<SerialDevice>>) -> Result<(), VmmError> {
         serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .attach_output_gate(self.devices.output_gate())
             .map_err(VmmError::SerialGate)?;
         self.serial = Some(serial);

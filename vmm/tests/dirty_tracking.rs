@@ -230,13 +230,9 @@ fn noise_frame(seq: u64) -> Vec<u8> {
     f.extend_from_slice(&GUEST_MAC);
     f.extend_from_slice(&HOST_MAC);
     f.extend_from_slice(&[0x88, 0xb5]);
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while f.len() < 1400 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        f.extend_from_slice(&x.to_le_bytes());
-    }
+    let mut body = [0u8; 1400 - 14];
+    twinrun_lab::Rng::new(seq).fill(&mut body);
+    f.extend_from_slice(&body);
     f
 }
 
@@ -330,7 +326,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut set = DirtySet::new(vmm.guest_memory());
 
     const PAUSES: usize = 2500;
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = twinrun_lab::Rng::new(0x2545_f491_4f6c_dd1d);
     let (mut pages_total, mut with_vmm, mut vmm_only, mut negatives) = (0usize, 0, 0, 0);
     let mut arp_replies = 0;
     let mut rbuf = vec![0u8; 65536];
@@ -340,10 +336,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
         if i > 0 {
             vmm.resume().unwrap();
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_micros(200 + rng % 1800));
+        std::thread::sleep(Duration::from_micros(200 + rng.below(1800)));
         if let Some(e) = vmm.wait_timeout(Duration::ZERO) {
             panic!("guest ended at pause {i}: {e}");
         }

@@ -8,7 +8,7 @@ use support::guest;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,25 +21,6 @@ use vmm::{build_vm, VmExit};
 
 const IMAGE_BYTES: u64 = 4 << 20;
 const SECTOR: u64 = 512;
-
-/// A directory for one test's files, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(tag: &str) -> TestDir {
-        let p =
-            std::env::temp_dir().join(format!("twinrun-diskfaults-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TestDir(p)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Hooks serving a failed local disk from a second image file.
 struct CopyFile {
@@ -138,7 +119,7 @@ fn has_record(image: &Path, seq: u64) -> bool {
 #[test]
 fn failed_disk_is_served_by_hooks_then_read_back_through_them() {
     const LIMIT: u64 = 600;
-    let dir = TestDir::new("served");
+    let dir = guest::TempDir::new("diskfaults-served");
     let local = dir.0.join("local.img");
     let copy = dir.0.join("copy.img");
     create_image(&local, IMAGE_BYTES);
@@ -214,7 +195,7 @@ fn failed_disk_is_served_by_hooks_then_read_back_through_them() {
 
 #[test]
 fn failed_disk_without_hooks_is_an_io_error_for_the_guest() {
-    let dir = TestDir::new("unserved");
+    let dir = guest::TempDir::new("diskfaults-unserved");
     create_image(&dir.0.join("disk.img"), IMAGE_BYTES);
     let cfg = config(&dir.0, "disk.img", 0);
     let console = dir.0.join("disk.img.console");

@@ -8,6 +8,8 @@
 //! software KVM of the development machines (the kernel's CPL0 code is emulated): it is
 //! in the `linux-boot` nextest group (scripts/nextest.toml) with a longer timeout.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,22 +36,6 @@ fn artifacts() -> (PathBuf, PathBuf, PathBuf) {
         assert!(st.success(), "guest/linux/build.sh failed");
     }
     files
-}
-
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("twinrun-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn linux_config(kernel: &Path, initrd: &Path, cmdline: &str, console: &Path) -> VmConfig {
@@ -110,7 +96,7 @@ fn acpi_line<'a>(text: &'a str, sig: &str) -> Option<&'a str> {
 #[test]
 fn early_boot_prints_e820_and_acpi_tables() {
     let (vmlinux, _, initrd) = artifacts();
-    let dir = TempDir::new("linux-early");
+    let dir = support::guest::TempDir::new("linux-early");
     let console = dir.0.join("console.log");
     let cfg = linux_config(
         &vmlinux,
@@ -164,7 +150,7 @@ fn full_boot_runs_a_command_with_disk() {
         return;
     }
     let (vmlinux, _, initrd) = artifacts();
-    let dir = TempDir::new("linux-full");
+    let dir = support::guest::TempDir::new("linux-full");
     let console = dir.0.join("console.log");
     let disk = dir.0.join("disk.img");
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();

@@ -21,24 +21,6 @@ const DISK_LIMIT: u64 = 150;
 /// Set in the child process of the cross-process test: `<dir>` holding the files.
 const CHILD_ENV: &str = "TWINRUN_STATE_CHILD_DIR";
 
-/// A directory for one test's files, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(tag: &str) -> TestDir {
-        let p = std::env::temp_dir().join(format!("twinrun-state-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TestDir(p)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn config(dir: &Path) -> VmConfig {
     let workloads = Workloads {
         counter: true,
@@ -156,7 +138,7 @@ fn check_output(text: &str) {
 
 #[test]
 fn guest_continues_after_restore_in_a_new_vmm() {
-    let dir = TestDir::new("inproc");
+    let dir = guest::TempDir::new("state-inproc");
     let cfg = config(&dir.0);
     let (state, mem) = run_and_capture(&cfg, &dir.0, 300);
     let before = console(&dir.0);
@@ -172,7 +154,7 @@ fn guest_continues_after_restore_in_a_new_vmm() {
 
 #[test]
 fn restore_refuses_a_state_that_does_not_match_the_config() {
-    let dir = TestDir::new("mismatch");
+    let dir = guest::TempDir::new("state-mismatch");
     let cfg = config(&dir.0);
     let (state, mem) = run_and_capture(&cfg, &dir.0, 50);
     let fill = |m: &_| load_memory(m, &mut &mem[..]);
@@ -207,7 +189,7 @@ fn restore_refuses_a_state_that_does_not_match_the_config() {
 
 #[test]
 fn guest_continues_after_restore_in_another_process() {
-    let dir = TestDir::new("xproc");
+    let dir = guest::TempDir::new("state-xproc");
     let cfg = config(&dir.0);
     let (state, mem) = run_and_capture(&cfg, &dir.0, 300);
     let before = console(&dir.0);
@@ -265,7 +247,7 @@ fn restore_child() {
 
 #[test]
 fn guest_survives_a_chain_of_restores() {
-    let dir = TestDir::new("chain");
+    let dir = guest::TempDir::new("state-chain");
     let cfg = config(&dir.0);
     let (mut state, mut mem) = run_and_capture(&cfg, &dir.0, 100);
     // Each generation runs a little, then is captured and replaced by the next.

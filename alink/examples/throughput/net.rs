@@ -108,15 +108,10 @@ impl Pages {
     }
 }
 
-/// A fixed scattered order of `n` page indices (any prefix spread over all of them).
+/// A fixed scattered order of `n` page indices (any prefix spread over all of them):
+/// the lab's seeded RNG, the same every run.
 pub fn scattered(n: usize) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n as u32).collect();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..v.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    twinrun_lab::Rng::new(0x9e37_79b9_7f4a_7c15).shuffle(&mut v);
     v
 }

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use twinrun_lock::CondvarExt;
 
 use super::config::AlinkConfig;
 use super::connect::{link_manager, listen, Authed};
@@ -272,12 +273,7 @@ impl Alink {
                 }
                 None => Duration::from_millis(100),
             };
-            tx = self
-                .shared
-                .tx_room
-                .wait_timeout(tx, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            tx = self.shared.tx_room.wait_timeout_or_recover(tx, wait).0;
         }
         let seq = tx
             .push_msg(head, payload, seg, lent)
@@ -309,8 +305,7 @@ impl Alink {
             rx = self
                 .shared
                 .rx_ready
-                .wait_timeout(rx, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
+                .wait_timeout_or_recover(rx, deadline - now)
                 .0;
         }
     }
@@ -345,8 +340,7 @@ impl Alink {
             tx = self
                 .shared
                 .tx_room
-                .wait_timeout(tx, (deadline - now).min(Duration::from_millis(50)))
-                .unwrap_or_else(|p| p.into_inner())
+                .wait_timeout_or_recover(tx, (deadline - now).min(Duration::from_millis(50)))
                 .0;
         }
         Ok(())
@@ -367,8 +361,7 @@ impl Alink {
             q = self
                 .shared
                 .event_cv
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
+                .wait_timeout_or_recover(q, deadline - now)
                 .0;
         }
     }

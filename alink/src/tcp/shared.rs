@@ -11,8 +11,9 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+pub(super) use twinrun_lock::lock;
 
 use super::config::AlinkConfig;
 use super::events::Event;
@@ -79,12 +80,6 @@ pub(super) struct Shared {
 /// The receiver's placer, shared by every link's reader.
 pub(super) type SharedPlacer =
     Arc<dyn Fn(&PlaceRequest<'_>) -> Option<Placement> + Send + Sync + 'static>;
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking thread already reported its bug; the state machines stay consistent under
-    // their own invariants, so keep going rather than cascade panics.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Shared {
     pub(super) fn now(&self) -> Duration {

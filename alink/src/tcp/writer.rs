@@ -12,6 +12,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use twinrun_lock::CondvarExt;
 
 use super::shared::{lock, Conn, Shared};
 
@@ -60,11 +61,7 @@ pub(super) fn writer(
                 if let Some(m) = tx.next_for(link) {
                     break Work::Msg(m);
                 }
-                tx = shared
-                    .tx_work
-                    .wait_timeout(tx, tick)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                tx = shared.tx_work.wait_timeout_or_recover(tx, tick).0;
             }
         };
         let r = match &work {

@@ -14,8 +14,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use twinrun_lab::Proc;
 
 use crate::report::{Better, Figure};
 
@@ -61,28 +63,9 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn term(&mut self, within: Duration) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let t = Instant::now();
-        while t.elapsed() < within {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn pid(p: &Proc) -> Result<u32, String> {
+    p.pid()
+        .ok_or_else(|| format!("{} already exited", p.name()))
 }
 
 /// One side's sample over a window.
@@ -158,22 +141,20 @@ pub fn overhead(twinrun: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, 
     };
     let spawn = |args: Vec<String>, log: &Path| -> Result<Proc, String> {
         let err = std::fs::File::create(log).map_err(|e| e.to_string())?;
-        Command::new(twinrun)
-            .args(args)
+        let mut cmd = Command::new(twinrun);
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .map(Proc)
-            .map_err(|e| format!("spawn {}: {e}", twinrun.display()))
+            .stderr(err);
+        Proc::spawn("twinrun", &mut cmd).map_err(|e| format!("spawn {}: {e}", twinrun.display()))
     };
     // The VM alone.
     let (c0, l0) = (dir.join("ovh-alone.con"), dir.join("ovh-alone.log"));
     let mut alone = spawn(vm_args(&c0), &l0)?;
     wait_for(&c0, "D pass=", Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(1));
-    let base = sample(&[alone.0.id()], window).remove(0);
-    alone.term(Duration::from_secs(10));
+    let base = sample(&[pid(&alone)?], window).remove(0);
+    alone.terminate(Duration::from_secs(10));
     drop(alone);
     // The pair.
     let (cs, ls) = (dir.join("ovh-standby.con"), dir.join("ovh-standby.log"));
@@ -199,12 +180,12 @@ pub fn overhead(twinrun: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, 
     let mut primary = spawn(pargs, &lp)?;
     wait_for(&lp, "FT primary: protected", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(1));
-    let mut s = sample(&[primary.0.id(), standby.0.id()], window);
+    let mut s = sample(&[pid(&primary)?, pid(&standby)?], window);
     let (ps, ss) = (s.remove(0), s.remove(0));
     // Standby first (so the primary does not fail over), then the primary, whose exit
     // logs its report line (dirty pages per epoch).
-    standby.term(Duration::from_secs(10));
-    primary.term(Duration::from_secs(20));
+    standby.terminate(Duration::from_secs(10));
+    primary.terminate(Duration::from_secs(20));
     drop((standby, primary));
     let log = std::fs::read_to_string(&lp).unwrap_or_default();
     let per_epoch = super::kv::parse_pages(&log);

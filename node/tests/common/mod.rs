@@ -18,9 +18,7 @@ pub const ADMIN: &str = "admin-token-0123456789";
 pub const READER: &str = "reader-token-0123456789";
 pub const SECRET: &str = "cluster-secret-0123456789abcdef";
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+pub use twinrun_lab::guest::repo_root;
 
 /// The `twinrund` binary cargo built for these tests.
 pub fn twinrund_bin() -> &'static Path {
@@ -72,41 +70,10 @@ pub fn twinrun_bin() -> PathBuf {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The test guest ELF: `$TWINRUN_GUEST`, else built once (scripts/build-guest.sh).
+/// The test guest ELF (`$TWINRUN_GUEST`, or built once per test process by
+/// `twinrun_lab::guest`); panics with cargo's output when the build fails.
 pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TWINRUN_GUEST") {
-            return Ok(PathBuf::from(p));
-        }
-        let out = Command::new("bash")
-            .arg(repo_root().join("scripts/build-guest.sh"))
-            .current_dir(repo_root())
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run build-guest.sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "building the guest failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let p = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or(""),
-        );
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("build-guest.sh printed {p:?}, which is not a file"))
-        }
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
+    twinrun_lab::guest::guest_elf().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A free TCP port on `ip` (bound then released: a later bind may still race, but

@@ -24,9 +24,10 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use twinrun_lock::lock;
 
 use ::quorum::client::Runner;
 use ::quorum::config::{BackendKind, QuorumConfig};
@@ -67,10 +68,6 @@ impl Gate {
     pub fn free_at(self, now: Instant) -> bool {
         matches!(self, Gate::Free { until } if until.is_none_or(|u| now < u))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the runtime and the quorum thread share.

@@ -6,6 +6,7 @@
 //! the A-Link configuration of a primary (it dials; the restarted old primary listens).
 
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use checkpoint::primary::MirroredDisks;
 use checkpoint::standby::BeforeStart;
@@ -20,7 +21,7 @@ pub struct SurvivorDisks(Arc<Mutex<Option<Arc<PrimaryDisks>>>>);
 impl SurvivorDisks {
     /// The disks opened at takeover (None if no failover happened, or it failed).
     pub fn take(&self) -> Option<Arc<PrimaryDisks>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.0.lock_or_recover().take()
     }
 }
 
@@ -38,7 +39,7 @@ pub fn survivor_hook(cfg: &VmConfig, hold_output: bool) -> (BeforeStart, Survivo
         if hold_output {
             vm.enable_output_commit().map_err(|e| e.to_string())?;
         }
-        *keep.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(disks);
+        *keep.0.lock_or_recover() = Some(disks);
         Ok(())
     }));
     (hook, slot)

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use crate::signals;
 use log::{info, warn};
@@ -48,7 +49,7 @@ impl Shutdown {
     /// Stops whatever runs: the drivers see the flag, a VM running on its own is
     /// stopped (at once if one is registered, else when it is).
     pub fn request(&self) {
-        let vm = self.0.vm.lock().unwrap_or_else(|p| p.into_inner());
+        let vm = self.0.vm.lock_or_recover();
         self.0.stop.store(true, Ordering::SeqCst);
         if let Some(st) = vm.as_ref() {
             st.stop();
@@ -66,7 +67,7 @@ impl Shutdown {
 
     /// From now on a signal stops this VM (at once if one came already).
     pub fn hand_vm(&self, stopper: Stopper) {
-        let mut vm = self.0.vm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vm = self.0.vm.lock_or_recover();
         if self.0.stop.load(Ordering::SeqCst) {
             stopper.stop();
         }

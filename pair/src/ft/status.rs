@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use twinrun_lock::lock;
 
 use crate::settings::Role;
 use alink::Alink;
@@ -58,10 +59,6 @@ struct Snapshot {
     vm_running: bool,
     disks: Option<Arc<PrimaryDisks>>,
     images: Vec<PathBuf>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PairStatus {

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use twinrun_lock::MutexExt;
 
 pub use disk::{DiskSetupError, Mode, PrimaryDisk};
 pub use peer::EpochWrites;
@@ -82,12 +83,12 @@ impl PrimaryDisks {
     /// # Panics
     /// If there is no disk `i` (callers index by the VM config's disks).
     pub fn lock(&self, i: usize) -> MutexGuard<'_, PrimaryDisk> {
-        self.disks[i].lock().unwrap_or_else(|p| p.into_inner())
+        self.disks[i].lock_or_recover()
     }
 
     fn each(&self, mut f: impl FnMut(&mut PrimaryDisk)) {
         for d in &self.disks {
-            f(&mut d.lock().unwrap_or_else(|p| p.into_inner()));
+            f(&mut d.lock_or_recover());
         }
     }
 
@@ -150,10 +151,7 @@ impl PrimaryDisks {
     /// A batch of guest writes to disk `disk` is about to be issued (the VMM's hook).
     pub fn before_writes(&self, disk: usize, ranges: &[(u64, u64)]) -> io::Result<()> {
         match self.disks.get(disk) {
-            Some(d) => d
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .before_writes(ranges),
+            Some(d) => d.lock_or_recover().before_writes(ranges),
             None => Ok(()),
         }
     }
@@ -170,7 +168,7 @@ impl PrimaryDisks {
     ) -> io::Result<()> {
         let retained = match self.disks.get(disk) {
             Some(d) => {
-                let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let mut d = d.lock_or_recover();
                 if d.note_failure(err) != Mode::Protected {
                     // No replica in sync elsewhere: the guest sees the error.
                     return Err(io::Error::new(err.kind(), err.to_string()));
@@ -208,14 +206,7 @@ impl PrimaryDisks {
     /// epoch's output leaves.
     pub fn write_failed(&self, disk: usize, err: &io::Error) -> io::Result<()> {
         match self.disks.get(disk) {
-            Some(d)
-                if d.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .note_failure(err)
-                    == Mode::Protected =>
-            {
-                Ok(())
-            }
+            Some(d) if d.lock_or_recover().note_failure(err) == Mode::Protected => Ok(()),
             _ => Err(io::Error::new(err.kind(), err.to_string())),
         }
     }

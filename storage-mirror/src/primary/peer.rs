@@ -11,8 +11,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+use twinrun_lock::lock;
+use twinrun_lock::CondvarExt;
 
 use crate::wire::DiskToStandby;
 
@@ -37,11 +39,6 @@ pub struct PeerRequests {
     /// Requests out: None until answered.
     replies: Mutex<HashMap<u64, Option<PeerReply>>>,
     cv: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking vCPU thread must not take the others' disk I/O down with it.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PeerRequests {
@@ -92,11 +89,7 @@ impl PeerRequests {
                 r.remove(&id);
                 return None;
             }
-            r = self
-                .cv
-                .wait_timeout(r, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            r = self.cv.wait_timeout_or_recover(r, left).0;
         }
     }
 }

@@ -37,6 +37,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+use twinrun_lock::{CondvarExt, MutexExt};
 
 use crate::primary::PrimaryDisks;
 use machine::{Outcome, Submit, SyncPrimary};
@@ -138,7 +139,7 @@ impl SyncDisks {
 
     /// Sets (or clears) the rule for completing writes without the standby.
     pub fn set_alone_gate(&self, gate: Option<AloneGate>) {
-        *self.alone.lock().unwrap_or_else(|p| p.into_inner()) = gate;
+        *self.alone.lock_or_recover() = gate;
         self.cv.notify_all();
     }
 
@@ -156,12 +157,7 @@ impl SyncDisks {
                 "this node lost the VM to its peer (fenced): the write is not completed",
             ));
         }
-        Ok(self
-            .alone
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_none_or(|g| g()))
+        Ok(self.alone.lock_or_recover().as_ref().is_none_or(|g| g()))
     }
 
     /// A write of `disk` the standby did not acknowledge (lost, or never attached)
@@ -186,13 +182,13 @@ impl SyncDisks {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// A standby is attached (its resync plan applied): write batches go to it from
     /// here on.
     pub fn attach(&self, send: SyncSend) {
-        let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = self.send_order.lock_or_recover();
         let mut s = self.state();
         s.send = Some(Arc::new(send));
         s.machine.attach();
@@ -237,7 +233,7 @@ impl SyncDisks {
         {
             let mut s = self.state();
             while s.gate_closed {
-                s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = self.cv.wait_or_recover(s);
             }
             if let Some(o) = s.open.get_mut(disk) {
                 if !*o {
@@ -280,7 +276,7 @@ impl SyncDisks {
         }
         let d = u16::try_from(disk).map_err(io::Error::other)?;
         let seq = {
-            let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+            let _order = self.send_order.lock_or_recover();
             let (seq, send) = loop {
                 let mut s = self.state();
                 match s.machine.submit() {
@@ -318,11 +314,7 @@ impl SyncDisks {
         loop {
             match s.machine.outcome(seq) {
                 Outcome::Pending => {
-                    s = self
-                        .cv
-                        .wait_timeout(s, WAIT_SLICE)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    s = self.cv.wait_timeout_or_recover(s, WAIT_SLICE).0;
                 }
                 Outcome::Acked => {
                     drop(s);
@@ -384,7 +376,7 @@ impl SyncDisks {
     /// Sends the closing commit through the ordered sender, numbered like a batch
     /// (its acknowledgement comes before the standby's `InSync`); false: lost.
     pub fn send_end_resync(&self, heads: Vec<WriteHead>, payload: Vec<u8>) -> bool {
-        let _order = self.send_order.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = self.send_order.lock_or_recover();
         let (seq, send) = {
             let mut s = self.state();
             match s.machine.submit() {

@@ -2,6 +2,7 @@
 //! window), for a VM being built and for one being restored.
 
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use twinrun_guest_abi as abi;
 use vmm_sys_util::eventfd::EventFd;
@@ -93,9 +94,7 @@ pub fn attach_platform(
     for (i, w) in virtio_windows(vmm.devices()).iter().enumerate() {
         let evt = irq_line(vmm, w.gsi)?;
         if let Some(t) = vmm.devices().transport(i) {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_irq_eventfd(Some(evt));
+            t.lock_or_recover().set_irq_eventfd(Some(evt));
         }
     }
     Ok(())

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 /// A device that sits on a bus.
 ///
@@ -74,7 +75,7 @@ impl Bus {
             Some((base, e)) => {
                 // A device whose lock was poisoned by a panic still answers: the bus
                 // must not take the vCPU thread down with it.
-                let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
+                let mut dev = e.device.lock_or_recover();
                 dev.read(base, addr - base, data);
                 true
             }
@@ -86,7 +87,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((base, e)) => {
-                let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
+                let mut dev = e.device.lock_or_recover();
                 dev.write(base, addr - base, data);
                 true
             }

@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use twinrun_lock::lock;
+use twinrun_lock::CondvarExt;
 
 use log::{error, warn};
 use twinrun_guest_abi::{self as abi, DeviceDesc};
@@ -103,11 +105,6 @@ pub struct DeviceManager {
 
 /// epoll token of the control eventfd; device tokens are `slot << 32 | fd`.
 const CTL_TOKEN: u64 = u64::MAX;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere must not take device emulation down with it.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl DeviceManager {
     pub fn new(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<Self, DeviceError> {
@@ -322,7 +319,7 @@ impl DeviceManager {
             error!("device manager: cannot kick the backend thread: {e}");
         }
         while !st.parked && !st.stop {
-            st = self.ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.ctl.cv.wait_or_recover(st);
         }
     }
 
@@ -367,7 +364,7 @@ fn check_ctl(ctl: &Ctl) -> bool {
         st.parked = true;
         ctl.cv.notify_all();
         while st.pause && !st.stop {
-            st = ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = ctl.cv.wait_or_recover(st);
         }
         st.parked = false;
     }

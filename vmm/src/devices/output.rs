@@ -34,8 +34,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use twinrun_lock::lock;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -251,11 +252,6 @@ pub struct OutputGate {
     state: Mutex<State>,
     /// Serialises releases so that two releasing threads cannot interleave writes.
     release_lock: Mutex<()>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Output must keep flowing even if some thread panicked holding a lock.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Default for OutputGate {

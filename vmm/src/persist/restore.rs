@@ -11,6 +11,7 @@ use crate::vstate::memory::{create_guest_memory, ram_ranges, GuestMemoryMmap};
 use crate::vstate::vcpu_state::{xsave_size, VcpuStateError};
 use crate::vstate::vm::Vm;
 use crate::vstate::vm_state::VmStateError;
+use twinrun_lock::MutexExt;
 
 use super::memory::layout;
 use super::{RestoreReport, VmState};
@@ -161,8 +162,7 @@ pub fn build_vm_from_state_with_memory(
         let Some(t) = devices.transport(index) else {
             break;
         };
-        t.lock()
-            .unwrap_or_else(|p| p.into_inner())
+        t.lock_or_recover()
             .restore_state(ts)
             .map_err(|source| RestoreError::Device { index, source })?;
     }

@@ -1,6 +1,7 @@
 //! [`Vmm::capture_state`]: the whole VM state but guest memory, read while paused.
 
 use std::sync::Arc;
+use twinrun_lock::MutexExt;
 
 use super::{Vmm, VmmError, PAUSE_LIMIT};
 use crate::persist::memory::layout;
@@ -27,7 +28,7 @@ pub(crate) type CaptureCache = (Option<CaptureSpec>, Vec<Option<Arc<VcpuConstant
 impl Vmm {
     #[allow(clippy::type_complexity)]
     fn capture_inputs(&self) -> Result<(CaptureSpec, Vec<Option<Arc<VcpuConstants>>>), VmmError> {
-        let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.capture_cache.lock_or_recover();
         let spec = match &c.0 {
             Some(s) => s.clone(),
             None => {
@@ -73,14 +74,11 @@ impl Vmm {
         let mut devices = Vec::new();
         let mut i = 0;
         while let Some(t) = self.devices.transport(i) {
-            devices.push(t.lock().unwrap_or_else(|p| p.into_inner()).save_state());
+            devices.push(t.lock_or_recover().save_state());
             i += 1;
         }
 
-        let serial = self
-            .serial
-            .as_ref()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot());
+        let serial = self.serial.as_ref().map(|s| s.lock_or_recover().snapshot());
 
         let (spec, constants) = self.capture_inputs()?;
         let mut vcpus = Vec::with_capacity(self.vcpu_count());
@@ -112,7 +110,7 @@ impl Vmm {
         };
         let vm = vm.map_err(CaptureError::from)?;
         if constants.iter().any(Option::is_none) {
-            let mut c = self.capture_cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.capture_cache.lock_or_recover();
             c.1 = vcpus
                 .iter()
                 .map(|v| Some(Arc::new(v.constants())))

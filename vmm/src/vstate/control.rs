@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use twinrun_lock::{CondvarExt, MutexExt};
 
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -195,7 +196,7 @@ impl RunControl {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking vCPU thread must not wedge the VMM: the state stays consistent
         // because every update is a few plain assignments.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// Registers vCPU `index`'s kick target. Called by the owner for each vCPU in order
@@ -263,7 +264,7 @@ impl RunControl {
                     s = self.lock();
                     continue;
                 }
-                s = self.resume_cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = self.resume_cv.wait_or_recover(s);
             }
             s.parked -= 1;
             self.settled.store(s.parked + s.exited, Ordering::SeqCst);
@@ -328,8 +329,7 @@ impl RunControl {
             }
             let (g, timeout) = self
                 .ctl_cv
-                .wait_timeout(s, rekick.min(limit - elapsed))
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout_or_recover(s, rekick.min(limit - elapsed));
             s = g;
             if timeout.timed_out() {
                 // A signal cannot be lost given immediate_exit, but a thread may be busy
@@ -410,17 +410,13 @@ impl RunControl {
         let mut s = self.lock();
         while s.exit.is_none() {
             match deadline {
-                None => s = self.ctl_cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+                None => s = self.ctl_cv.wait_or_recover(s),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return None;
                     }
-                    s = self
-                        .ctl_cv
-                        .wait_timeout(s, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    s = self.ctl_cv.wait_timeout_or_recover(s, d - now).0;
                 }
             }
         }

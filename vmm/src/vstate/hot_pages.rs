@@ -317,13 +317,11 @@ mod tests {
         };
         let mut h = HotPages::new(cfg);
         let mut past: std::collections::VecDeque<Vec<u64>> = Default::default();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = twinrun_lab::Rng::new(0x9e37_79b9_7f4a_7c15);
         for n in 1..=200u64 {
             let dirty: Vec<u64> = (0..8)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.next();
                     // Mostly sparse words, some empty.
                     if x.is_multiple_of(3) {
                         0

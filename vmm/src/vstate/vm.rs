@@ -3,6 +3,7 @@
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use std::sync::Mutex;
+use twinrun_lock::MutexExt;
 
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -94,13 +95,13 @@ impl Vm {
 
     /// Current flags of every memory slot.
     pub fn slot_flags(&self) -> SlotFlags {
-        *self.slot_flags.lock().unwrap_or_else(|p| p.into_inner())
+        *self.slot_flags.lock_or_recover()
     }
 
     /// Re-registers every slot of `mem` with `flags` (e.g. to turn on
     /// `KVM_MEM_LOG_DIRTY_PAGES`). `mem` must be the memory the VM was created with.
     pub fn set_slot_flags(&self, mem: &GuestMemoryMmap, flags: SlotFlags) -> Result<(), VmError> {
-        let mut cur = self.slot_flags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cur = self.slot_flags.lock_or_recover();
         set_memslots(&self.fd, mem, flags)?;
         *cur = flags;
         Ok(())

@@ -50,6 +50,25 @@ impl Drop for TempFile {
     }
 }
 
+/// A directory for one test's files, unique to this process and `tag` (a stale one of
+/// the same name emptied first), removed on drop, also when the test fails.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("twinrun-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One vCPU, 64 MiB, the test guest with `workloads`, console to the file `console`,
 /// no disk and no NIC; tests add what they need.
 pub fn guest_config(workloads: Workloads, console: &Path) -> VmConfig {

@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
@@ -35,10 +36,7 @@ impl SinkWriter {
 impl Write for SinkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.gate.as_ref().is_some_and(|g| g.hold_slice(buf)) {
-            self.sink
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(buf);
+            self.sink.lock_or_recover().write(buf);
         }
         Ok(buf.len())
     }

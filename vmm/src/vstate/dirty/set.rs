@@ -359,13 +359,8 @@ mod tests {
         };
         let mut model = std::collections::BTreeSet::new();
         let mut s = DirtySet::new(&mem);
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = twinrun_lab::Rng::new(0x2545_f491_4f6c_dd1d);
+        let mut rnd = |n: u64| rng.below(n);
         for step in 0..3000 {
             match rnd(100) {
                 0..=59 => {

@@ -11,6 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+use twinrun_lock::MutexExt;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,7 +101,7 @@ impl DiskFaults {
 
     fn lock(&self) -> MutexGuard<'_, FaultConfig> {
         // The config is plain data, valid even if a holder panicked.
-        self.config.lock().unwrap_or_else(|p| p.into_inner())
+        self.config.lock_or_recover()
     }
 
     fn update(&self, f: impl FnOnce(&mut FaultConfig)) {

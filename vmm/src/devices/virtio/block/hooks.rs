@@ -9,6 +9,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use super::faults::DiskFaults;
 
@@ -73,11 +74,11 @@ impl HookSlot {
         if !self.installed.load(Ordering::Acquire) {
             return None;
         }
-        self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.hooks.lock_or_recover().clone()
     }
 
     pub(crate) fn set(&self, hooks: Option<(usize, Arc<dyn DiskHooks>)>) {
-        let mut h = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.hooks.lock_or_recover();
         self.installed.store(hooks.is_some(), Ordering::Release);
         *h = hooks;
     }

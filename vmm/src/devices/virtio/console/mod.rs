@@ -8,6 +8,7 @@ pub mod sink;
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
+use twinrun_lock::MutexExt;
 
 use virtio_queue::Queue;
 
@@ -56,7 +57,7 @@ impl Console {
     }
 
     fn sink_lock(&self) -> std::sync::MutexGuard<'_, ConsoleSink> {
-        self.sink.lock().unwrap_or_else(|p| p.into_inner())
+        self.sink.lock_or_recover()
     }
 
     fn transmit(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, VirtioError> {

@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, MutexGuard};
+use twinrun_lock::MutexExt;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -77,7 +78,7 @@ static PREOPENED: Mutex<BTreeMap<String, Tap>> = Mutex::new(BTreeMap::new());
 fn preopened() -> MutexGuard<'static, BTreeMap<String, Tap>> {
     // A panic while holding the lock leaves the map itself consistent (every operation
     // on it is a single insert or remove).
-    PREOPENED.lock().unwrap_or_else(|p| p.into_inner())
+    PREOPENED.lock_or_recover()
 }
 
 /// Opens TAP `name` now (creating it if it does not exist) and keeps the descriptor for
