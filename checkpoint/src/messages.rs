@@ -187,6 +187,15 @@ pub enum ToStandby {
     /// A disk-mirroring message: its own encoded head (opaque here); its payload is
     /// the message's.
     Disk(Vec<u8>),
+    // New variants go last: postcard encodes the variant index.
+    /// Planned role swap: the guest is paused at the end of `epoch`, which the standby
+    /// acknowledged, and the primary released every output through `released_through`
+    /// (= `epoch`). The standby answers [`ToPrimary::SwapAccepted`] and resumes the VM
+    /// from `epoch`; the primary never resumes it once the acceptance arrived.
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 /// Standby to primary.
@@ -197,6 +206,10 @@ pub enum ToPrimary {
     /// A disk-mirroring message: its own encoded head (opaque here); its payload is
     /// the message's.
     Disk(Vec<u8>),
+    // New variants go last: postcard encodes the variant index.
+    /// The standby takes the VM over at `epoch` (answer to [`ToStandby::Swap`]): the
+    /// handover point, after which the old primary must not resume its guest.
+    SwapAccepted { epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -554,6 +567,10 @@ pub enum StandboundMsg<'a> {
         head: Vec<u8>,
         payload: &'a [u8],
     },
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 fn check_disk(head: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
@@ -599,6 +616,16 @@ pub fn decode_to_standby<'a>(
         ToStandby::Disk(head) => {
             check_disk(&head, payload)?;
             Ok(StandboundMsg::Disk { head, payload })
+        }
+        ToStandby::Swap {
+            epoch,
+            released_through,
+        } => {
+            bare("swap")?;
+            Ok(StandboundMsg::Swap {
+                epoch,
+                released_through,
+            })
         }
     }
 }
@@ -669,6 +696,10 @@ pub enum Standbound {
         pages: u64,
     },
     Disk(ReceivedDisk),
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 /// Decodes a received message body (`body[..head_len]` is the head, as the A-Link
@@ -713,6 +744,16 @@ pub fn decode_standbound(
                 head_len,
             }))
         }
+        ToStandby::Swap {
+            epoch,
+            released_through,
+        } => {
+            bare("swap")?;
+            Ok(Standbound::Swap {
+                epoch,
+                released_through,
+            })
+        }
     }
 }
 
@@ -726,6 +767,9 @@ pub enum PrimaryboundMsg<'a> {
     Disk {
         head: Vec<u8>,
         payload: &'a [u8],
+    },
+    SwapAccepted {
+        epoch: u64,
     },
 }
 
@@ -744,6 +788,12 @@ pub fn decode_to_primary<'a>(
         ToPrimary::Disk(head) => {
             check_disk(&head, payload)?;
             Ok(PrimaryboundMsg::Disk { head, payload })
+        }
+        ToPrimary::SwapAccepted { epoch } => {
+            if !payload.is_empty() {
+                return Err(DecodeError::UnexpectedPayload("swap-accepted"));
+            }
+            Ok(PrimaryboundMsg::SwapAccepted { epoch })
         }
     }
 }

@@ -32,6 +32,10 @@ pub enum FromStandby {
         msg: DiskToPrimary,
         payload: Vec<u8>,
     },
+    /// The standby took the VM over at `epoch` (planned role swap).
+    SwapAccepted {
+        epoch: u64,
+    },
 }
 
 pub enum Inbound {
@@ -82,6 +86,9 @@ pub fn pump(
                     Ok(PrimaryboundMsg::Ack { epoch }) => {
                         on_ack(epoch);
                         FromStandby::Ack { epoch }
+                    }
+                    Ok(PrimaryboundMsg::SwapAccepted { epoch }) => {
+                        FromStandby::SwapAccepted { epoch }
                     }
                     Ok(PrimaryboundMsg::Disk { head, payload }) => {
                         match wire::decode_to_primary(&head, payload) {
