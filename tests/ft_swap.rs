@@ -3,7 +3,7 @@
 //! the test guest running kv + counter + dirty + disk, a RESP client holding ONE TCP
 //! connection to the guest.
 //!
-//! - `swap_back_and_forth_under_load`: SWAP_RUNS swaps (default 20), each asked of the
+//! - `swap_back_and_forth_under_load`: SWAP_RUNS swaps (default 10), each asked of the
 //!   current primary, each waiting for the pair to be protected again the other way
 //!   round. Checked: the client's connection survives, no acknowledged write is lost,
 //!   the INCR counter equals what was acknowledged, the console (one positioned file
@@ -140,7 +140,7 @@ fn runs() -> usize {
     std::env::var("SWAP_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(10)
 }
 
 #[test]
