@@ -32,6 +32,7 @@ fn main() {
         }
         Command::Vm(VmCommand::Fault(a)) => twinrun::cli::fault::run(&a),
         Command::Vm(VmCommand::Status(a)) => twinrun::cli::status::run(&a),
+        Command::Vm(VmCommand::Swap(a)) => twinrun::cli::swap::run(&a),
         Command::Vm(VmCommand::Cluster(c)) => twinrun::cli::cluster::run_vm(c),
         Command::Node(c) => twinrun::cli::cluster::run_node(c),
         Command::Snapshot(SnapshotCommand::Restore(a)) => {

@@ -12,6 +12,7 @@ mod env;
 mod exits;
 mod ft;
 mod ftnet;
+mod ftswap;
 mod ftwitness;
 mod ha;
 mod mirror;
@@ -40,7 +41,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 15] = [
+const SECTIONS: [&str; 16] = [
     "boot",
     "exits",
     "blk",
@@ -50,6 +51,7 @@ const SECTIONS: [&str; 15] = [
     "ft-net",
     "ft-witness",
     "ft-witness-cost",
+    "ft-swap",
     "mirror",
     "ha",
     "datapath",
@@ -64,7 +66,7 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -253,6 +255,7 @@ fn main() {
         }
         witnesscost::run(&twinrun, &elf, &dir, q)
     });
+    section("ft-swap", &mut || ftswap::run(&twinrun, &elf, &dir, q));
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
     section("ha", &mut || ha::run(&twinrun, &elf, &dir, q));
     section("ft-epoch", &mut || {

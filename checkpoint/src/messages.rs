@@ -191,6 +191,15 @@ pub enum ToStandby {
     /// A disk-mirroring message: its own encoded head (opaque here); its payload is
     /// the message's.
     Disk(Vec<u8>),
+    // New variants go last: postcard encodes the variant index.
+    /// Planned role swap: the guest is paused at the end of `epoch`, which the standby
+    /// acknowledged, and the primary released every output through `released_through`
+    /// (= `epoch`). The standby answers [`ToPrimary::SwapAccepted`] and resumes the VM
+    /// from `epoch`; the primary never resumes it once the acceptance arrived.
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 /// Standby to primary.
@@ -206,6 +215,10 @@ pub enum ToPrimary {
     /// The standby refused the session or a checkpoint: the primary's generation is
     /// older than `generation`, the one the standby knows (the primary lost the VM).
     Fenced { generation: u64 },
+    // New variants go last: postcard encodes the variant index.
+    /// The standby takes the VM over at `epoch` (answer to [`ToStandby::Swap`]): the
+    /// handover point, after which the old primary must not resume its guest.
+    SwapAccepted { epoch: u64 },
 }
 
 /// The A-Link protocol version whose messages [`ToStandby`] and [`ToPrimary`] are; a
@@ -215,7 +228,8 @@ pub const WIRE_VERSION: u16 = 3;
 
 /// The messages of A-Link protocol 2, the version before [`WIRE_VERSION`]: a node that
 /// was upgraded speaks them to a peer that was not yet. Protocol 3 added the quorum
-/// generation to every part and ack and the standby's `Fenced` refusal; in a protocol-2
+/// generation to every part and ack, the standby's `Fenced` refusal and the planned role
+/// swap (`Swap`, `SwapAccepted`: refused in a protocol-2 session); in a protocol-2
 /// session the generation is the one the session's `Hello` carried (protocol 2 had it
 /// there already) and a fenced primary is refused as protocol 2 did: at the `Hello`.
 pub mod legacy {
@@ -289,6 +303,9 @@ pub mod legacy {
                     pages: *pages,
                 },
                 ToStandby::Disk(h) => ToStandbyV2::Disk(h.clone()),
+                // Protocol 3's planned role swap: a pair with an older node cannot swap
+                // (the swap is refused before it starts, see `PrimaryDriver`).
+                ToStandby::Swap { .. } => return None,
             })
         }
 
@@ -327,7 +344,7 @@ pub mod legacy {
             match m {
                 ToPrimary::Ack { epoch, .. } => Some(ToPrimaryV2::Ack { epoch: *epoch }),
                 ToPrimary::Disk(h) => Some(ToPrimaryV2::Disk(h.clone())),
-                ToPrimary::Fenced { .. } => None,
+                ToPrimary::Fenced { .. } | ToPrimary::SwapAccepted { .. } => None,
             }
         }
 
@@ -727,6 +744,10 @@ pub enum StandboundMsg<'a> {
         head: Vec<u8>,
         payload: &'a [u8],
     },
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 fn check_disk(head: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
@@ -783,6 +804,16 @@ pub fn decode_to_standby_at<'a>(
         ToStandby::Disk(head) => {
             check_disk(&head, payload)?;
             Ok(StandboundMsg::Disk { head, payload })
+        }
+        ToStandby::Swap {
+            epoch,
+            released_through,
+        } => {
+            bare("swap")?;
+            Ok(StandboundMsg::Swap {
+                epoch,
+                released_through,
+            })
         }
     }
 }
@@ -853,6 +884,10 @@ pub enum Standbound {
         pages: u64,
     },
     Disk(ReceivedDisk),
+    Swap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 /// Decodes a received message body (`body[..head_len]` is the head, as the A-Link
@@ -908,6 +943,16 @@ pub fn decode_standbound_at(
                 head_len,
             }))
         }
+        ToStandby::Swap {
+            epoch,
+            released_through,
+        } => {
+            bare("swap")?;
+            Ok(Standbound::Swap {
+                epoch,
+                released_through,
+            })
+        }
     }
 }
 
@@ -926,6 +971,9 @@ pub enum PrimaryboundMsg<'a> {
     Disk {
         head: Vec<u8>,
         payload: &'a [u8],
+    },
+    SwapAccepted {
+        epoch: u64,
     },
 }
 
@@ -988,6 +1036,12 @@ pub fn decode_to_primary_at<'a>(
         ToPrimary::Disk(head) => {
             check_disk(&head, payload)?;
             Ok(PrimaryboundMsg::Disk { head, payload })
+        }
+        ToPrimary::SwapAccepted { epoch } => {
+            if !payload.is_empty() {
+                return Err(DecodeError::UnexpectedPayload("swap-accepted"));
+            }
+            Ok(PrimaryboundMsg::SwapAccepted { epoch })
         }
     }
 }

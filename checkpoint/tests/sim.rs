@@ -31,6 +31,12 @@
 //!   the refusal releases nothing more and is demoted at once (its node stops; the
 //!   standby, the holder, then fails over from its last commit and the demoted node
 //!   comes back as its standby, with the newer generation).
+//! - planned role swaps (on in-order links, about a third of the seeds, asked at random
+//!   steps, often refused while the pair is not in sync): the standby resumes the exact
+//!   swap point, releases the swap point's output itself, and nothing is released
+//!   twice (no console rewrite, no duplicate frame) or lost; the old primary comes
+//!   back as the standby of the next session; a standby lost mid-swap leaves the VM on
+//!   the old primary.
 //!
 //! A failing seed prints itself; rerun one with `SIM_SEED=<n> cargo test --test sim`
 //! (`SIM_DEBUG=1` prints each run), run more with `SIM_SEEDS=<n>`. Every seed that
@@ -54,7 +60,7 @@ use checkpoint::messages::{
 use checkpoint::primary::inbox::screen;
 use checkpoint::primary::{
     Cut, DriverError, EpochState, FromStandby, MirroredDisks, Parked, PrimaryDriver,
-    PrimaryDriverConfig, PrimaryVm,
+    PrimaryDriverConfig, PrimaryVm, SwapPort,
 };
 use checkpoint::protocol::{PrimaryConfig, PrimaryPhase, StandbyConfig};
 use checkpoint::standby::{
@@ -478,6 +484,11 @@ impl PrimaryVm for Toy {
     fn output_waiting(&self) -> bool {
         !self.0.gate.borrow().open.is_empty()
     }
+    fn discard_output_after(&self, epoch: u64) {
+        let mut g = self.0.gate.borrow_mut();
+        drop(g.closed.split_off(&(epoch + 1)));
+        g.open.clear();
+    }
     fn end_output_commit(&self) -> Result<(u64, u64), VmmError> {
         let t = &self.0;
         let mut g = t.gate.borrow_mut();
@@ -522,6 +533,9 @@ struct Faults {
     standby_crash_at_step: Option<u64>,
     detect: u64,
     restart_after: u64,
+    /// Per-mille chance per step that an operator asks the primary for a role swap
+    /// (0: never; in-order runs only).
+    swap_chance: u64,
 }
 
 enum Payload {
@@ -779,6 +793,8 @@ struct PrimaryNode {
     sends: Rc<Cell<u64>>,
     /// The quorum generation this node holds (stamped on its sessions).
     generation: Arc<AtomicU64>,
+    /// The session's swap port (the receive pump's early release asks it).
+    swap: Arc<SwapPort>,
 }
 
 struct StandbyNode {
@@ -824,6 +840,8 @@ struct Report {
     demoted_resyncs: (u32, u32),
     /// Its delta resyncs: (bytes moved, bytes of a full copy).
     demoted_delta_bytes: (u64, u64),
+    swaps: u32,
+    swaps_refused: u32,
 }
 
 /// A scratch directory for a seed's disk images and their metadata, on tmpfs when
@@ -904,6 +922,15 @@ struct Sim {
     demoted_resyncs: (u32, u32),
     /// Its delta resyncs: (bytes moved, bytes a full copy of those disks moves).
     demoted_delta_bytes: (u64, u64),
+    /// The swap decisions' own RNG (the other draws, hence the kept seeds' schedules,
+    /// stay as they were before swaps existed).
+    swap_rng: Rng,
+    /// The old primary of a swap in progress, until its driver takes the acceptance.
+    swapping_out: Option<PrimaryNode>,
+    /// Sessions a swap ended (they committed, but may have ended before five commits).
+    swapped_sessions: Vec<u32>,
+    swaps: u32,
+    swaps_refused: u32,
 }
 
 impl Sim {
@@ -945,9 +972,11 @@ impl Sim {
         &self,
         disks: &Arc<PrimaryDisks>,
         generation: &Arc<AtomicU64>,
+        swap: &Arc<SwapPort>,
     ) -> PrimaryDriverConfig {
         PrimaryDriverConfig {
             generation: Some(generation.clone()),
+            swap: Some(swap.clone()),
             protocol: self.cfg,
             max_part_pages: Some(PART_PAGES),
             // Parts of 2 pages and more have their copy split (done inline by the toy).
@@ -1005,7 +1034,7 @@ impl Sim {
         });
         let clock = self.clock();
         let cfg = match &self.primary {
-            Some(p) => self.primary_cfg(&p.disks, &p.generation),
+            Some(p) => self.primary_cfg(&p.disks, &p.generation, &p.swap),
             None => panic!("seed {}: a session without a primary", self.seed),
         };
         let old = self.primary.as_mut().and_then(|p| p.driver.take());
@@ -1013,6 +1042,11 @@ impl Sim {
         let p = self.primary.as_mut().expect("a primary");
         p.toy.0.session.set(session);
         p.sends.set(0);
+        p.swap = Arc::new(SwapPort::default());
+        let cfg = PrimaryDriverConfig {
+            swap: Some(p.swap.clone()),
+            ..cfg
+        };
         let crash_at = self.f.primary_crash_at_send[session as usize];
         let link = P2S {
             net: self.net.clone(),
@@ -1158,10 +1192,33 @@ impl Sim {
                 let Some(s) = self.standby.as_mut() else {
                     return;
                 };
+                let before = {
+                    let w = self.world.borrow();
+                    (w.sink.rewrites, w.lan.duplicates)
+                };
                 let r = s.driver.on_message(n, body.into());
                 self.violations = self.violations.max(s.driver.violations());
                 match r {
                     Ok(None) => {}
+                    Ok(Some(StandbyOutcome::FailedOver(toy, report))) if report.planned => {
+                        let w = self.world.borrow();
+                        assert_eq!(
+                            (w.sink.rewrites, w.lan.duplicates),
+                            before,
+                            "seed {}: a role swap released output twice (console rewrites, \
+                             duplicate frames)",
+                            self.seed
+                        );
+                        assert_eq!(
+                            report.released_through.map(|r| r + 1),
+                            Some(report.last_committed),
+                            "seed {}: the swap point's output must be the standby's to release",
+                            self.seed
+                        );
+                        drop(w);
+                        self.swapped_in(*toy);
+                        return;
+                    }
                     Ok(Some(_)) => {
                         panic!("seed {}: a message made the standby fail over", self.seed)
                     }
@@ -1210,9 +1267,12 @@ impl Sim {
                     (Some(r), _) => r,
                     (None, Ok(PrimaryboundMsg::Ack { epoch, .. })) => {
                         // The receive pump releases an acknowledged epoch's output
-                        // itself, before the driver hears of the ack.
+                        // itself, before the driver hears of the ack (never a swap
+                        // point's: the standby releases that).
                         if let Some(p) = &self.primary {
-                            let _ = p.toy.release_output(epoch);
+                            if let Some(through) = p.swap.release_limit(epoch) {
+                                let _ = p.toy.release_output(through);
+                            }
                         }
                         FromStandby::Ack { epoch }
                     }
@@ -1224,6 +1284,28 @@ impl Sim {
                              than its {own}",
                             self.seed
                         );
+                        return;
+                    }
+                    (None, Ok(PrimaryboundMsg::SwapAccepted { epoch })) => {
+                        // The old primary of a swap (the standby runs the VM already).
+                        let Some(old) = self.swapping_out.as_mut() else {
+                            panic!("seed {}: a swap acceptance without a swap", self.seed)
+                        };
+                        if old.toy.0.dead.get() {
+                            return;
+                        }
+                        if let Some(d) = old.driver.as_mut() {
+                            if let Err(e) = d.on_message(FromStandby::SwapAccepted { epoch }) {
+                                panic!("seed {}: old primary: {e}", self.seed);
+                            }
+                            assert_eq!(
+                                d.phase(),
+                                PrimaryPhase::SwappedOut,
+                                "seed {}: the acceptance did not end the old primary's session",
+                                self.seed
+                            );
+                        }
+                        self.swapped_out();
                         return;
                     }
                     (None, Ok(PrimaryboundMsg::Disk { head, payload })) => {
@@ -1323,9 +1405,23 @@ impl Sim {
                 p.toy.step();
             }
         }
+        if self.f.swap_chance > 0 && self.swap_rng.chance(self.f.swap_chance) {
+            self.ask_swap();
+        }
+        if self
+            .swapping_out
+            .as_ref()
+            .is_some_and(|o| o.toy.0.dead.get())
+        {
+            self.swapped_out();
+        }
         if self.primary_alive() {
             let r = match self.primary.as_mut().and_then(|p| p.driver.as_mut()) {
-                Some(d) if d.phase() != PrimaryPhase::Simplex => d.tick(),
+                Some(d)
+                    if !matches!(d.phase(), PrimaryPhase::Simplex | PrimaryPhase::SwappedOut) =>
+                {
+                    d.tick()
+                }
                 _ => Ok(()),
             };
             if let Err(e) = r {
@@ -1377,6 +1473,97 @@ impl Sim {
         }
     }
 
+    /// The operator asks the primary for a swap (refused unless in sync).
+    fn ask_swap(&mut self) {
+        if self.swapping_out.is_some() || !self.primary_alive() || !self.standby_alive() {
+            return;
+        }
+        let Some(d) = self.primary.as_mut().and_then(|p| p.driver.as_mut()) else {
+            return;
+        };
+        match d.request_swap() {
+            Ok(Ok(())) => {
+                if debug() {
+                    eprintln!("seed {} step {}: swap requested", self.seed, self.now.get());
+                }
+            }
+            Ok(Err(why)) => {
+                self.swaps_refused += 1;
+                if debug() {
+                    eprintln!(
+                        "seed {} step {}: swap refused: {why}",
+                        self.seed,
+                        self.now.get()
+                    );
+                }
+            }
+            Err(e) => self.driver_error("primary", &e),
+        }
+    }
+
+    /// The standby accepted a swap and runs the VM: the role switch (as after a
+    /// failover); the old primary waits for the acceptance.
+    fn swapped_in(&mut self, toy: Toy) {
+        self.swaps += 1;
+        self.swapped_sessions.push(self.session);
+        if debug() {
+            eprintln!(
+                "seed {} step {}: swap: the standby runs the VM from epoch {:?}",
+                self.seed,
+                self.now.get(),
+                self.world.borrow().committed.get(&self.session)
+            );
+        }
+        let image = match self.standby.take() {
+            Some(s) => s.image,
+            None => panic!("seed {}: a swap without a standby", self.seed),
+        };
+        let disks = PrimaryDisks::open(&self.images(&image))
+            .unwrap_or_else(|e| panic!("seed {}: swapped-in disks: {e}", self.seed));
+        toy.set_hooks(Arc::new(MirroredDisks(disks.clone())));
+        self.swapping_out = self.primary.take();
+        self.primary = Some(PrimaryNode {
+            toy,
+            disks,
+            image,
+            driver: None,
+            sends: Rc::new(Cell::new(0)),
+            // A swap moves no generation (seeds that swap fence nothing).
+            generation: Arc::new(AtomicU64::new(self.generation)),
+            swap: Arc::new(SwapPort::default()),
+        });
+        self.end = self.end.max(self.now.get() + TAIL);
+        // A crash of the old primary meanwhile is not a failover of this one.
+        self.standby_peer_lost_at = None;
+        if self
+            .swapping_out
+            .as_ref()
+            .is_some_and(|o| o.toy.0.dead.get())
+        {
+            self.swapped_out();
+        }
+    }
+
+    /// The old primary of a swap took the acceptance (or died waiting for it): its VM
+    /// stops for good, its disks close cleanly, it comes back as the standby.
+    fn swapped_out(&mut self) {
+        let Some(old) = self.swapping_out.take() else {
+            return;
+        };
+        old.toy.0.dead.set(true);
+        let PrimaryNode {
+            disks,
+            image,
+            driver,
+            ..
+        } = old;
+        // (No demoted session in a seed that swaps: the session number only matters there.)
+        self.retire(driver, self.session);
+        disks.clean_shutdown();
+        drop(disks);
+        self.restart = Some((image, self.now.get() + self.f.restart_after));
+    }
+
     /// Every link to the primary is down, as the standby sees it.
     fn standby_lost_primary(&mut self) {
         if !self.standby_alive() {
@@ -1422,6 +1609,7 @@ impl Sim {
                     driver: None,
                     sends: Rc::new(Cell::new(0)),
                     generation: Arc::new(AtomicU64::new(generation)),
+                    swap: Arc::new(SwapPort::default()),
                 });
                 self.end = self.end.max(self.now.get() + TAIL);
                 // The old primary comes back, as the standby.
@@ -1490,6 +1678,17 @@ fn run(seed: u64) -> Report {
         },
         detect: 1 + rng.below(20),
         restart_after: 1 + rng.below(40),
+        swap_chance: 0,
+    };
+    let mut swap_rng = Rng(mix(seed ^ 0x5a5a_0015));
+    let f = Faults {
+        // Swaps need the A-Link's in-order delivery (the acceptance must arrive).
+        swap_chance: if f.fifo && swap_rng.chance(333) {
+            1 + swap_rng.below(20)
+        } else {
+            0
+        },
+        ..f
     };
     let cfg = PrimaryConfig {
         epoch_len: Duration::from_millis(4 + rng.below(12)),
@@ -1513,6 +1712,12 @@ fn run(seed: u64) -> Report {
         Some(1 + frng.below(HORIZON))
     } else {
         None
+    };
+    // A fence models a quorum's takeover; the runtime refuses a planned swap when a
+    // quorum is configured (its handover is not built), so a seed has one or the other.
+    let f = Faults {
+        swap_chance: if fence_at.is_some() { 0 } else { f.swap_chance },
+        ..f
     };
     let scratch = Scratch::new(seed);
     let world = Rc::new(RefCell::new(World {
@@ -1562,6 +1767,11 @@ fn run(seed: u64) -> Report {
         demoted_session: None,
         demoted_resyncs: (0, 0),
         demoted_delta_bytes: (0, 0),
+        swap_rng,
+        swapping_out: None,
+        swapped_sessions: Vec::new(),
+        swaps: 0,
+        swaps_refused: 0,
     };
     // The primary: its disks opened (degraded, recording) before the guest runs.
     let pimage = scratch.image("pm1.img");
@@ -1577,12 +1787,13 @@ fn run(seed: u64) -> Report {
         driver: None,
         sends: Rc::new(Cell::new(0)),
         generation: Arc::new(AtomicU64::new(0)),
+        swap: Arc::new(SwapPort::default()),
     });
     sim.start_session(simage);
     while sim.now.get() < sim.end {
         sim.now.set(sim.now.get() + 1);
         sim.step(&mut rng);
-        let nobody = !sim.primary_alive() && !sim.standby_alive();
+        let nobody = !sim.primary_alive() && !sim.standby_alive() && sim.swapping_out.is_none();
         if nobody {
             break;
         }
@@ -1624,7 +1835,7 @@ fn run(seed: u64) -> Report {
         // Liveness: a session nothing crashed in commits epochs (the first one, and a
         // later one that had its time).
         for s in 0..=sim.session {
-            if sim.crashed_sessions.contains(&s) {
+            if sim.crashed_sessions.contains(&s) || sim.swapped_sessions.contains(&s) {
                 continue;
             }
             let c = sim.commits.get(&s).copied().unwrap_or(0);
@@ -1648,6 +1859,8 @@ fn run(seed: u64) -> Report {
         demoted: sim.demoted,
         demoted_resyncs: sim.demoted_resyncs,
         demoted_delta_bytes: sim.demoted_delta_bytes,
+        swaps: sim.swaps,
+        swaps_refused: sim.swaps_refused,
     }
 }
 
@@ -1695,6 +1908,9 @@ struct Totals {
     demoted_delta: u64,
     demoted_delta_bytes: u64,
     demoted_full_bytes: u64,
+    swaps: u64,
+    swaps_refused: u64,
+    swap_runs: u64,
 }
 
 impl Totals {
@@ -1717,6 +1933,9 @@ impl Totals {
         self.demoted_delta += u64::from(r.demoted_resyncs.1);
         self.demoted_delta_bytes += r.demoted_delta_bytes.0;
         self.demoted_full_bytes += r.demoted_delta_bytes.1;
+        self.swaps += u64::from(r.swaps);
+        self.swaps_refused += u64::from(r.swaps_refused);
+        self.swap_runs += u64::from(r.swaps > 0);
     }
 
     fn merge(&mut self, o: Totals) {
@@ -1738,6 +1957,9 @@ impl Totals {
         self.demoted_delta += o.demoted_delta;
         self.demoted_delta_bytes += o.demoted_delta_bytes;
         self.demoted_full_bytes += o.demoted_full_bytes;
+        self.swaps += o.swaps;
+        self.swaps_refused += o.swaps_refused;
+        self.swap_runs += o.swap_runs;
     }
 }
 
@@ -1806,7 +2028,8 @@ fn simulation_under_faults() {
          delta, {} throttled captures in {} runs, {} of {} in-order runs protected, {} \
          idempotent console re-releases, {} duplicate frames on the LAN, {} runs fenced \
          the standby ({} primaries demoted; their disks back by {} full and {} delta \
-         resyncs, the deltas moving {} bytes where full copies would move {})",
+         resyncs, the deltas moving {} bytes where full copies would move {}), {} role \
+         swaps in {} runs ({} requests refused: not in sync)",
         t.seeds,
         t0.elapsed(),
         t.commits,
@@ -1825,7 +2048,10 @@ fn simulation_under_faults() {
         t.demoted_full,
         t.demoted_delta,
         t.demoted_delta_bytes,
-        t.demoted_full_bytes
+        t.demoted_full_bytes,
+        t.swaps,
+        t.swap_runs,
+        t.swaps_refused
     );
     if all.len() >= 1000 {
         // The test is not vacuous: most runs get protected, many fail over and come
@@ -1873,6 +2099,11 @@ fn simulation_under_faults() {
             "the demoted disks' deltas moved {} bytes, a full copy {}",
             t.demoted_delta_bytes,
             t.demoted_full_bytes
+        );
+        assert!(
+            t.swap_runs * 10 > t.seeds,
+            "{} runs with a role swap",
+            t.swap_runs
         );
     }
 }

@@ -87,6 +87,12 @@ pub enum Op {
     /// Start an online verify of every mirrored disk; answered with [`Response::Ok`]
     /// (FT primary only, while a standby is in sync).
     DiskVerify,
+    /// Planned role swap of an FT pair: the primary hands the VM to its standby at an
+    /// epoch boundary with everything acknowledged (nothing lost), and becomes its
+    /// standby; answered with [`Response::Swapped`] once the standby took over, or an
+    /// error (not in sync, asked of the standby, the standby lost mid-swap: the VM
+    /// then runs on here).
+    Swap,
 }
 
 /// What to do to a disk's fault injection.
@@ -150,6 +156,12 @@ pub enum Response {
     /// Each mirrored disk's replication state, in the VM config's disk order.
     Disks {
         disks: Vec<storage_mirror::primary::DiskStatus>,
+    },
+    /// The standby took the VM over at checkpoint `epoch`; the guest was paused here
+    /// for `paused_us` until it accepted (the answer to [`Op::Swap`]).
+    Swapped {
+        epoch: u64,
+        paused_us: u64,
     },
 }
 
@@ -395,6 +407,19 @@ pub fn status(path: &Path, timeout: Duration) -> Result<VmStatus, String> {
 /// while it does not answer (not started yet, or gone) or runs alone.
 pub fn ft_status(path: &Path) -> Option<FtStatus> {
     status(path, Duration::from_secs(5)).ok()?.ft.map(|f| *f)
+}
+
+/// How long a swap request waits for its answer at most.
+pub const SWAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the FT primary whose socket is `path` for a planned role swap: Ok((epoch,
+/// paused_us)) once its standby took the VM over.
+pub fn swap(path: &Path) -> Result<(u64, u64), String> {
+    match call(path, Op::Swap, SWAP_TIMEOUT + Duration::from_secs(5))? {
+        Response::Swapped { epoch, paused_us } => Ok((epoch, paused_us)),
+        Response::Error { message } => Err(message),
+        other => Err(format!("unexpected reply to a swap request: {other:?}")),
+    }
 }
 
 /// Sends `op` to the VM whose socket is `path` and waits for the answer.

@@ -35,6 +35,11 @@ pub trait FtControl: Send + Sync {
     fn disk_faults(&self) -> Vec<Arc<DiskFaults>>;
     /// The mirrored disks of the running VM (none on a standby before a failover).
     fn disks(&self) -> Option<Arc<PrimaryDisks>>;
+    /// A planned role swap (see [`Op::Swap`]): Ok((epoch, paused_us)) once the
+    /// standby took the VM over.
+    fn swap(&self) -> Result<(u64, u64), String> {
+        Err("this FT runtime does not offer role swaps".into())
+    }
 }
 
 /// The answer to the disk operations of an end that runs no VM.
@@ -143,6 +148,10 @@ impl Server {
                     message: NO_VM_HERE.into(),
                 },
             },
+            Op::Swap => match ft.swap() {
+                Ok((epoch, paused_us)) => Response::Swapped { epoch, paused_us },
+                Err(message) => Response::Error { message },
+            },
             other => Response::Error {
                 message: format!(
                     "{other:?} is not available on a member of an FT pair (it would fight the checkpoints)"
@@ -227,6 +236,7 @@ impl Server {
             },
             Op::DiskFault { disk, action } => super::disk_fault::apply(vmm, disk, &action),
             Op::DiskStatus | Op::DiskVerify => err(super::disks::NOT_MIRRORED.into()),
+            Op::Swap => err("a role swap needs an FT pair; this VM runs alone".into()),
         }
     }
 }

@@ -284,10 +284,32 @@ impl Core {
                     });
                 }
             }
-            Action::SwapRoles { vm } => queue.push_back(Input::SwapFailed {
-                vm,
-                error: "the FT engine has no planned role swap yet (phase 2 of issue 15)".into(),
-            }),
+            Action::SwapRoles { vm } => {
+                // The swap blocks until the standby took over (seconds at most): its own
+                // thread. Success shows in the VMMs' logs (swapped out here, a takeover
+                // on the peer); only a failure is fed back.
+                let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
+                let me = self.me.clone();
+                let name = vm.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("swap-{vm}"))
+                    .spawn(move || match twinrun_control::swap(&sock) {
+                        Ok((epoch, paused_us)) => info!(
+                            "{name}: role swap done at checkpoint {epoch} (guest paused {paused_us} us)"
+                        ),
+                        Err(error) => {
+                            if let Some(core) = me.upgrade() {
+                                core.feed(vec![Input::SwapFailed { vm: name, error }]);
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    queue.push_back(Input::SwapFailed {
+                        vm,
+                        error: format!("cannot start the swap: {e}"),
+                    });
+                }
+            }
             Action::RemoveFiles { vm } => g.sup.remove_files(&vm),
             Action::Log { vm, msg } => {
                 match &vm {
@@ -316,6 +338,8 @@ impl Core {
                 VmmEvent::Protected { vm } => Input::VmmProtected { vm },
                 VmmEvent::Unprotected { vm } => Input::VmmUnprotected { vm },
                 VmmEvent::FailedOver { vm } => Input::VmmFailedOver { vm },
+                VmmEvent::SwappedOut { vm } => Input::VmmSwappedOut { vm },
+                VmmEvent::SwappedIn { vm } => Input::VmmSwappedIn { vm },
             })
             .collect();
         inputs.push(Input::Tick);

@@ -485,19 +485,33 @@ fn an_ft_vm_goes_on_when_its_node_dies_and_is_protected_again_when_it_returns() 
         "{}",
         v2.reason
     );
-    // Failback needs the engine's role swap (phase 2): the command is taken, and the VM
-    // says why it stays.
+    // Failback by a planned role swap: pm1's standby takes the VM over at a checkpoint
+    // boundary, its daemon becomes the owner, pm2's VMM goes on as the standby.
     c1.action("ft1", "failback", None).unwrap();
-    wait_for(
+    let v = wait_for(
         LONG,
-        "the failback's outcome",
+        "ft1 failed back to pm1 and protected",
         || {
-            let v = c2.vm("ft1").ok()?;
-            v.reason
-                .contains("failback not done: the FT engine has no planned role swap yet")
-                .then_some(())
+            let v = c1.vm("ft1").ok()?;
+            (v.owner.as_deref() == Some("pm1")
+                && v.state == VmState::Protected
+                && vmm(&v, "pm1").map(|m| m.0) == Some(Role::Primary)
+                && vmm(&v, "pm2").map(|m| m.0) == Some(Role::Standby))
+            .then_some(v)
         },
         || logs(&d1, &d2),
     );
-    console_grows(&plan, 1, "ft1", &|| logs(&d1, &d2));
+    // The same processes: nothing was restarted for the swap.
+    assert_eq!(vmm(&v, "pm2").map(|m| m.1), Some(m.1), "{:?}", v.vmms);
+    let events: Vec<String> = c1
+        .events(Some("ft1"), 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events.iter().any(|e| e.contains("planned role swap")),
+        "{events:?}"
+    );
+    console_grows(&plan, 0, "ft1", &|| logs(&d1, &d2));
 }

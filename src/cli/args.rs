@@ -126,6 +126,13 @@ pub enum VmCommand {
     ///
     /// Exit codes: 0 printed; 1 the VM could not be reached; 2 bad input.
     Status(super::status::StatusArgs),
+    /// Planned role swap of a running FT pair (asked of its primary, started with
+    /// --name): the standby takes the VM over at a checkpoint boundary, nothing lost,
+    /// and this end becomes its standby. Refused when the pair is not in sync.
+    ///
+    /// Exit codes: 0 swapped; 1 refused, failed (the VM runs on here) or unreachable;
+    /// 2 bad input.
+    Swap(super::swap::SwapArgs),
     /// The cluster's VMs, through a node daemon's API.
     #[command(flatten)]
     Cluster(super::cluster::ClusterVmCommand),

@@ -14,6 +14,7 @@ pub mod ft;
 pub mod resolve;
 pub mod snapshot;
 pub mod status;
+pub mod swap;
 pub mod witness;
 
 pub use args::{Cli, Command, DemoArgs, RestoreArgs, RunArgs, SnapshotCommand, VmCommand};

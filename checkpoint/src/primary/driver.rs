@@ -26,6 +26,7 @@ use vmm::{Vmm, VmmError};
 use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 use super::disks::{DiskSide, MirroredDisks, Step};
 use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox};
+use super::swap::{SwapDone, SwapPort, SwapReply};
 use super::vm::PrimaryVm;
 use crate::link::{SendError, ToStandbyLink};
 use crate::messages::ToStandby;
@@ -99,6 +100,8 @@ pub struct PrimaryDriverConfig {
     /// The pair's quorum generation, read when a session begins and stamped on its
     /// `Hello` (None: 0, no quorum). A standby that knows a higher one refuses it.
     pub generation: Option<Arc<AtomicU64>>,
+    /// Planned role swaps: requests come in here (None: no swap is offered).
+    pub swap: Option<Arc<SwapPort>>,
 }
 
 impl Default for PrimaryDriverConfig {
@@ -116,6 +119,7 @@ impl Default for PrimaryDriverConfig {
             hot_pages: Some(HotPageConfig::default()),
             hold_on_simplex: false,
             generation: None,
+            swap: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct PrimaryReport {
     pub sync_zero_pages: u64,
     /// From round 0 to epoch 0 committed.
     pub sync_time: Option<Duration>,
+    /// The session ended in a planned role swap: the standby took the VM over at this
+    /// epoch; this side's guest is paused for good (the caller stops it).
+    pub swapped: Option<SwapDone>,
 }
 
 /// Why an action did not complete.
@@ -221,6 +228,10 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     stamp: u64,
     /// When sync round 0 began (throughput log; the bytes are counted in the report).
     sync_started: Option<Duration>,
+    /// When the guest was paused for a requested swap.
+    swap_paused_at: Option<Duration>,
+    /// The real loop's swap port (the receive pump's early release reads its hold).
+    swap_port: Option<Arc<SwapPort>>,
 }
 
 impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
@@ -265,6 +276,8 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             generation: cfg.generation.clone(),
             stamp: 0,
             sync_started: None,
+            swap_paused_at: None,
+            swap_port: cfg.swap.clone(),
         })
     }
 
@@ -356,6 +369,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 );
                 self.peer_lost()
             }
+            FromStandby::SwapAccepted { epoch } => self.feed(PrimaryEvent::SwapAccepted { epoch }),
             FromStandby::Disk { msg, payload } => {
                 let now = self.instant();
                 match &mut self.session {
@@ -387,6 +401,33 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             self.feed(PrimaryEvent::OutputWaiting { now })?;
         }
         self.feed(PrimaryEvent::Tick { now })
+    }
+
+    /// An operator asks for a planned role swap: the guest pauses at once and the
+    /// swap proceeds with the next events (`report().swapped` once the standby
+    /// accepted). Refused (Ok(Err(why))) when the pair is not in sync.
+    pub fn request_swap(&mut self) -> Result<Result<(), String>, DriverError> {
+        let version = self.link.version();
+        if version < crate::messages::WIRE_VERSION {
+            // Protocol 2 has no swap messages: a pair mid-upgrade cannot swap.
+            return Ok(Err(format!(
+                "role swap refused: the standby speaks A-Link protocol {version}, which has no \
+                 planned role swap (upgrade it first)"
+            )));
+        }
+        if self.session.is_some() {
+            return Ok(Err(
+                "role swap refused: the pair is not in sync (disk resync running)".into(),
+            ));
+        }
+        match self.proto.on_event(PrimaryEvent::SwapRequested) {
+            Ok(actions) => {
+                log::info!("primary: planned role swap requested: pausing the guest");
+                self.perform_all(actions.into())?;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(e.to_string())),
+        }
     }
 
     /// Every link to the standby is down.
@@ -458,16 +499,33 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
     }
 
     fn feed(&mut self, ev: PrimaryEvent) -> Result<(), DriverError> {
-        let mut queue: VecDeque<PrimaryEvent> = VecDeque::from([ev]);
-        while let Some(ev) = queue.pop_front() {
-            let actions = match self.proto.on_event(ev) {
-                Ok(a) => a,
-                Err(e) => {
-                    log::error!("primary: {e} (event ignored)");
-                    continue;
+        let actions = match self.proto.on_event(ev) {
+            Ok(a) => a,
+            Err(e) => {
+                log::error!("primary: {e} (event ignored)");
+                return Ok(());
+            }
+        };
+        self.perform_all(actions.into())
+    }
+
+    /// Performs `actions`, feeding back the events they produce (and theirs).
+    fn perform_all(&mut self, mut actions: VecDeque<PrimaryAction>) -> Result<(), DriverError> {
+        let mut queue: VecDeque<PrimaryEvent> = VecDeque::new();
+        loop {
+            if actions.is_empty() {
+                let Some(ev) = queue.pop_front() else {
+                    return Ok(());
+                };
+                match self.proto.on_event(ev) {
+                    Ok(a) => actions = a.into(),
+                    Err(e) => {
+                        log::error!("primary: {e} (event ignored)");
+                        continue;
+                    }
                 }
-            };
-            for a in actions {
+            }
+            while let Some(a) = actions.pop_front() {
                 match self.perform(a) {
                     Ok(Some(next)) => queue.push_back(next),
                     Ok(None) => {}
@@ -476,7 +534,6 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 }
             }
         }
-        Ok(())
     }
 
     fn perform(&mut self, a: PrimaryAction) -> Result<Option<PrimaryEvent>, Lost> {
@@ -500,44 +557,55 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 self.report.sync_rounds = round + 1;
                 Ok(Some(PrimaryEvent::SyncRoundSent { round, pages }))
             }
-            PrimaryAction::Capture { epoch } => {
-                let already = std::mem::take(&mut self.paused_by_throttle);
-                if already {
-                    self.report.throttles += 1;
+            PrimaryAction::Capture { epoch } => self.capture(epoch, false),
+            PrimaryAction::CaptureFinal { epoch } => {
+                if let Some(p) = &self.swap_port {
+                    // Before its ack can arrive: the pump must not release it.
+                    p.hold_from(epoch);
                 }
-                let Captured {
-                    parts,
-                    pause,
-                    hash,
-                    pages,
-                    hot_pages,
-                } = self.cap.capture_epoch(
-                    &self.vm,
-                    epoch,
-                    self.proto.sync_rounds(),
-                    self.proto.released(),
-                    already,
-                    false,
+                let ev = self.capture(epoch, true)?;
+                // The swap point: the guest stays paused (a lost standby resumes it).
+                self.paused_by_throttle = true;
+                log::info!("primary: swap: final epoch {epoch} captured, guest stays paused");
+                Ok(ev)
+            }
+            PrimaryAction::PauseForSwap => {
+                if !self.paused_by_throttle {
+                    self.vm.pause().map_err(DriverError::from)?;
+                    self.paused_by_throttle = true;
+                }
+                self.swap_paused_at = Some(self.now());
+                Ok(None)
+            }
+            PrimaryAction::SendSwap {
+                epoch,
+                released_through,
+            } => {
+                self.send_msg(
+                    &ToStandby::Swap {
+                        epoch,
+                        released_through,
+                    },
+                    Vec::new(),
                 )?;
-                if epoch == 0 {
-                    self.report.protected_from_console =
-                        parts.last().and_then(|p| p.head.console).map(|c| c.pos);
-                    log::info!("primary: epoch 0 captured (stop-and-copy), output commit on");
-                }
-                if let (Some(log), Some(h)) = (&self.verify, hash) {
-                    log.record(epoch, h);
-                }
-                self.report.pauses.push(pause);
-                self.report.epochs_captured += 1;
-                if epoch > 0 {
-                    self.report.epoch_pages += pages;
-                    self.report.hot_pages += hot_pages as u64;
-                }
-                let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
-                self.staged.push_back((epoch, parts));
-                let now = self.now();
-                self.captured_at.push_back((epoch, now));
-                Ok(Some(PrimaryEvent::Captured { epoch, now, bytes }))
+                log::info!("primary: swap: epoch {epoch} acknowledged and released; handing over");
+                Ok(None)
+            }
+            PrimaryAction::HandOver { epoch } => {
+                let paused_for = self
+                    .swap_paused_at
+                    .take()
+                    .map_or(Duration::ZERO, |t| self.now().saturating_sub(t));
+                self.report.swapped = Some(SwapDone { epoch, paused_for });
+                // The standby releases the swap point's output (it owns the VM now).
+                self.vm.discard_output_after(epoch.saturating_sub(1));
+                self.staged.clear();
+                self.captured_at.clear();
+                log::info!(
+                    "primary: swap: the standby took the VM over at epoch {epoch} ({paused_for:?} \
+                     after the pause); this side's guest stays paused"
+                );
+                Ok(None)
             }
             PrimaryAction::Send { epoch } => {
                 while let Some((e, parts)) = self.staged.pop_front() {
@@ -604,6 +672,47 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 Ok(None)
             }
         }
+    }
+
+    /// Captures `epoch` (the guest left paused after it with `stay_paused`).
+    fn capture(&mut self, epoch: u64, stay_paused: bool) -> Result<Option<PrimaryEvent>, Lost> {
+        let already = std::mem::take(&mut self.paused_by_throttle);
+        if already && !stay_paused {
+            self.report.throttles += 1;
+        }
+        let Captured {
+            parts,
+            pause,
+            hash,
+            pages,
+            hot_pages,
+        } = self.cap.capture_epoch(
+            &self.vm,
+            epoch,
+            self.proto.sync_rounds(),
+            self.proto.released(),
+            already,
+            stay_paused,
+        )?;
+        if epoch == 0 {
+            self.report.protected_from_console =
+                parts.last().and_then(|p| p.head.console).map(|c| c.pos);
+            log::info!("primary: epoch 0 captured (stop-and-copy), output commit on");
+        }
+        if let (Some(log), Some(h)) = (&self.verify, hash) {
+            log.record(epoch, h);
+        }
+        self.report.pauses.push(pause);
+        self.report.epochs_captured += 1;
+        if epoch > 0 {
+            self.report.epoch_pages += pages;
+            self.report.hot_pages += hot_pages as u64;
+        }
+        let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
+        self.staged.push_back((epoch, parts));
+        let now = self.now();
+        self.captured_at.push_back((epoch, now));
+        Ok(Some(PrimaryEvent::Captured { epoch, now, bytes }))
     }
 
     fn enter_simplex(&mut self) -> Result<(), VmmError> {
@@ -704,6 +813,14 @@ pub fn run_primary(
         // Acks come only for epochs captured (closed) in this session: a session has
         // its own A-Link, and the gate's numbering restarts with it.
         let release = move |epoch: u64| {
+            // Never a swap point's output: the standby releases that.
+            let Some(epoch) = cfg
+                .swap
+                .as_ref()
+                .map_or(Some(epoch), |p| p.release_limit(epoch))
+            else {
+                return;
+            };
             if let Err(e) = vmm.release_output(epoch) {
                 log::debug!("primary: early release through epoch {epoch}: {e}");
             }
@@ -738,8 +855,55 @@ fn session(
     let clock = move || t0.elapsed();
     let mut d = PrimaryDriver::new(vmm, link, cfg, Box::new(clock), t0)?;
     d.start()?;
+    let port = cfg.swap.as_deref();
+    if let Some(p) = port {
+        p.set_active(true);
+    }
+    let r = session_loop(&mut d, link, inbox, cfg, stop, &clock, port);
+    if let Some(p) = port {
+        p.set_active(false);
+    }
+    r?;
+    Ok(d.report())
+}
+
+/// The loop of [`session`] (the swap port is deactivated whichever way it ends).
+fn session_loop(
+    d: &mut PrimaryDriver<&Vmm, &Alink>,
+    link: &Alink,
+    inbox: &Inbox,
+    cfg: &PrimaryDriverConfig,
+    stop: &AtomicBool,
+    clock: &dyn Fn() -> Duration,
+    port: Option<&SwapPort>,
+) -> Result<(), DriverError> {
+    // The operator's swap request being carried out.
+    let mut swapping: Option<SwapReply> = None;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(done) = d.report.swapped {
+            if let Some(r) = swapping.take() {
+                r.answer(Ok(done));
+            }
+            break;
+        }
+        if let Some(req) = port.and_then(SwapPort::take) {
+            if swapping.is_some() {
+                req.answer(Err("a swap is in progress already".into()));
+            } else {
+                match d.request_swap()? {
+                    Ok(()) => swapping = Some(req),
+                    Err(why) => req.answer(Err(why)),
+                }
+            }
+        }
         if d.phase() == PrimaryPhase::Simplex {
+            if let Some(r) = swapping.take() {
+                r.answer(Err(
+                    "role swap failed: the standby was lost before it took over; the VM \
+                     runs on here (unprotected)"
+                        .into(),
+                ));
+            }
             if cfg.return_on_simplex {
                 break;
             }
@@ -768,7 +932,7 @@ fn session(
         }
         d.tick()?;
     }
-    Ok(d.report())
+    Ok(())
 }
 
 /// Drains link events; true when every link is down.

@@ -44,6 +44,10 @@ pub enum FromStandby {
     Stale {
         generation: u64,
     },
+    /// The standby took the VM over at `epoch` (planned role swap).
+    SwapAccepted {
+        epoch: u64,
+    },
 }
 
 pub enum Inbound {
@@ -147,6 +151,9 @@ pub fn pump(
                             now()
                         );
                         continue;
+                    }
+                    Ok(PrimaryboundMsg::SwapAccepted { epoch }) => {
+                        FromStandby::SwapAccepted { epoch }
                     }
                     Ok(PrimaryboundMsg::Disk { head, payload }) => {
                         match wire::decode_to_primary(&head, payload) {

@@ -5,10 +5,12 @@ pub mod capture;
 pub mod disks;
 pub mod driver;
 pub mod inbox;
+pub mod swap;
 pub mod vm;
 
 pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 pub use disks::MirroredDisks;
 pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
 pub use inbox::FromStandby;
+pub use swap::{SwapDone, SwapPort, SwapReply};
 pub use vm::{Cut, EpochState, Parked, PrimaryVm};

@@ -85,6 +85,9 @@ pub trait PrimaryVm {
     /// Simplex (paused): release everything held, stop holding output and journalling
     /// disk writes. Returns (console bytes, frames) released.
     fn end_output_commit(&self) -> Result<(u64, u64), VmmError>;
+    /// Drops the held output of every epoch after `epoch` (and the open one): a
+    /// planned role swap handed it to the standby, which releases it.
+    fn discard_output_after(&self, epoch: u64);
     /// Takes (resets) the written-block maps of every disk, or of `disk` only.
     fn reset_written_blocks(&self, disk: Option<usize>);
 }
@@ -129,6 +132,9 @@ impl<T: PrimaryVm + ?Sized> PrimaryVm for &T {
     }
     fn end_output_commit(&self) -> Result<(u64, u64), VmmError> {
         (**self).end_output_commit()
+    }
+    fn discard_output_after(&self, epoch: u64) {
+        (**self).discard_output_after(epoch)
     }
     fn reset_written_blocks(&self, disk: Option<usize>) {
         (**self).reset_written_blocks(disk)
@@ -185,6 +191,9 @@ impl PrimaryVm for Vmm {
         self.disable_disk_journal();
         let r = r?;
         Ok((r.console_bytes, r.net_frames))
+    }
+    fn discard_output_after(&self, epoch: u64) {
+        Vmm::discard_output_after(self, epoch)
     }
     fn reset_written_blocks(&self, disk: Option<usize>) {
         match disk {

@@ -6,7 +6,7 @@ pub mod primary;
 pub mod standby;
 
 pub use primary::{
-    Primary, PrimaryAction, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryPhase,
+    Primary, PrimaryAction, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryPhase, SwapStage,
 };
 pub use standby::{
     Standby, StandbyAction, StandbyConfig, StandbyError, StandbyEvent, StandbyPhase,

@@ -12,7 +12,24 @@
 //!        otherwise                -> ThrottleGuest      (guest stays paused until an ack)
 //!      Captured(N) -> Send(N);  Ack(N) -> ReleaseOutput(N) [+ Capture if throttled]
 //!   any --PeerLost--> Simplex (EnterSimplex: release all held output, stop checkpointing)
+//!
+//!   Planned role swap (Protected, epoch 0 acknowledged):
+//!     SwapRequested -> PauseForSwap (guest paused for good), then, when the window has
+//!                      room, CaptureFinal(F) (captured like any epoch, guest left paused)
+//!     Captured(F) -> Send(F);  Ack(F) -> ReleaseOutput(F-1), SendSwap(F, released F-1)
+//!     SwapAccepted(F) -> SwappedOut, HandOver(F): F's held output is discarded here;
+//!                      the standby releases it and resumes the VM from F
+//!     PeerLost before SwapAccepted -> Simplex as above: the guest resumes HERE
 //! ```
+//!
+//! Why the swap loses and duplicates nothing: the guest is paused at the end of F, so
+//! no output exists after F; everything before F is released here before `Swap`
+//! leaves, F's output (committed on the standby) is released by the standby at
+//! takeover (after its MAC announce, so the client's next request goes to it) and
+//! discarded here. If the standby is lost before it accepted, Simplex releases F here
+//! (the standby never ran the VM). Until the acceptance arrives the old primary may still resume (standby
+//! lost); once it arrived it never does. A cut of every link between the two is the
+//! usual failover case (the standby takes over from F, as it would anyway).
 //!
 //! Why releasing held output in Simplex is safe: output is held only so that no one
 //! outside ever sees output from a state a failover could roll back. Once the standby is
@@ -82,9 +99,14 @@ pub const MAX_IN_FLIGHT_LIMIT: u32 = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrimaryPhase {
     Idle,
-    InitialSync { round: u32 },
+    InitialSync {
+        round: u32,
+    },
     Protected,
     Simplex,
+    /// A planned role swap handed the VM to the standby (it accepted at the final
+    /// epoch): this side's guest stays paused for good; the session is over.
+    SwappedOut,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +139,13 @@ pub enum PrimaryEvent {
     },
     /// Every link to the standby is down (heartbeats timed out).
     PeerLost,
+    // The planned role swap (see `protocol::primary` docs: "Planned role swap").
+    /// An operator asked to hand the VM to the standby at the next epoch boundary.
+    SwapRequested,
+    /// The standby took the VM over at `epoch` (the handover point).
+    SwapAccepted {
+        epoch: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +167,34 @@ pub enum PrimaryAction {
     /// The standby is gone: release all held output, stop holding output and stop
     /// checkpointing; resume the guest if it was throttled.
     EnterSimplex,
+    /// Swap: pause the guest (if not already paused) and keep it paused.
+    PauseForSwap,
+    /// Swap: capture `epoch` like `Capture` but leave the guest paused (it is the swap
+    /// point: nothing runs here after it).
+    CaptureFinal { epoch: u64 },
+    /// Swap: the final epoch is acknowledged (its output stays held here, everything
+    /// before it is released): tell the standby to take the VM over at `epoch` and to
+    /// release the output after `released_through` itself.
+    SendSwap {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
+    /// Swap: the standby accepted; discard the output held after `epoch - 1` (the
+    /// standby releases it); this side's guest never runs again (its VM is stopped by
+    /// the caller), the session ends.
+    HandOver { epoch: u64 },
+}
+
+/// How far a requested role swap got (see `PrimaryPhase::SwappedOut`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapStage {
+    /// The guest is paused; the final epoch is captured as soon as the window allows.
+    Pausing,
+    /// The final epoch is captured (or being captured); waiting for its ack.
+    Final(u64),
+    /// `Swap` was sent after the final epoch's ack; waiting for the acceptance. From
+    /// here the guest is never resumed by anything but the loss of the standby.
+    Sent(u64),
 }
 
 /// Input that the protocol does not allow (from a faulty or hostile peer, or a driver
@@ -155,6 +212,10 @@ pub enum PrimaryError {
     WrongCapture { got: u64, want: Option<u64> },
     #[error("sync round {got} reported, round {want} is running")]
     WrongRound { got: u32, want: u32 },
+    #[error("role swap refused: {0}")]
+    SwapRefused(&'static str),
+    #[error("swap accepted at epoch {got}, but the swap is at {want:?}")]
+    WrongSwap { got: u64, want: Option<SwapStage> },
 }
 
 /// The primary's protocol state.
@@ -177,6 +238,8 @@ pub struct Primary {
     /// Bytes of each unacknowledged epoch, oldest first (at most `max_in_flight`).
     in_flight: std::collections::VecDeque<(u64, u64)>,
     in_flight_bytes: u64,
+    /// A planned role swap in progress.
+    swap: Option<SwapStage>,
 }
 
 impl Primary {
@@ -198,7 +261,13 @@ impl Primary {
             sync_rounds: 0,
             in_flight: std::collections::VecDeque::new(),
             in_flight_bytes: 0,
+            swap: None,
         }
+    }
+
+    /// The role swap in progress, if any.
+    pub fn swap(&self) -> Option<SwapStage> {
+        self.swap
     }
 
     /// Bytes of checkpoint data captured and not yet acknowledged.
@@ -257,7 +326,11 @@ impl Primary {
 
     /// When the driver should tick next (None: nothing is time-driven now).
     pub fn next_deadline(&self) -> Option<Duration> {
-        if self.phase != PrimaryPhase::Protected || self.capturing.is_some() || self.throttled {
+        if self.phase != PrimaryPhase::Protected
+            || self.capturing.is_some()
+            || self.throttled
+            || self.swap.is_some()
+        {
             return None;
         }
         let after = if self.may_end_early() {
@@ -328,6 +401,9 @@ impl Primary {
                 self.throttled = false;
                 self.epoch_started = now;
                 self.output_waiting = false;
+                if self.swap == Some(SwapStage::Pausing) {
+                    self.swap = Some(SwapStage::Final(epoch));
+                }
                 out.push(PrimaryAction::Send { epoch });
             }
             PrimaryEvent::Ack { epoch } => {
@@ -344,7 +420,16 @@ impl Primary {
                     return Ok(out);
                 }
                 self.first_unacked = epoch + 1;
-                self.released_below = epoch + 1;
+                // The swap point's own output is released by the side that owns the VM
+                // after the swap: the standby (it re-releases the committed epochs after
+                // `released_through`), so the reply a client waits for leaves from
+                // where its next request will go.
+                let release_below = match self.swap {
+                    Some(SwapStage::Final(e) | SwapStage::Sent(e)) => (epoch + 1).min(e),
+                    _ => epoch + 1,
+                };
+                let release = release_below > self.released_below;
+                self.released_below = self.released_below.max(release_below);
                 while let Some(&(e, b)) = self.in_flight.front() {
                     if e > epoch {
                         break;
@@ -352,7 +437,16 @@ impl Primary {
                     self.in_flight.pop_front();
                     self.in_flight_bytes -= b;
                 }
-                out.push(PrimaryAction::ReleaseOutput { through: epoch });
+                if release {
+                    out.push(PrimaryAction::ReleaseOutput {
+                        through: self.released_below - 1,
+                    });
+                }
+                if self.swap.is_some() {
+                    self.swap_step(&mut out);
+                    self.check_invariants();
+                    return Ok(out);
+                }
                 if self.throttled && self.capturing.is_none() {
                     // The throttle held the guest because an epoch was due: capture it
                     // now that there is room (the guest is already paused).
@@ -369,11 +463,66 @@ impl Primary {
                      Without a quorum witness, a cut of all links with both PMs alive \
                      leads to two running copies"
                 );
+                if self.phase == PrimaryPhase::SwappedOut {
+                    // The VM is the standby's now: nothing here resumes.
+                    return Ok(out);
+                }
+                if let Some(s) = self.swap.take() {
+                    log::warn!(
+                        "role swap ({s:?}) failed: the standby was lost before it accepted; \
+                         the VM runs on here"
+                    );
+                }
                 self.phase = PrimaryPhase::Simplex;
                 self.throttled = false;
                 self.output_waiting = false;
                 out.push(PrimaryAction::EnterSimplex);
             }
+            PrimaryEvent::SwapRequested => {
+                if self.phase != PrimaryPhase::Protected {
+                    return Err(PrimaryError::SwapRefused(match self.phase {
+                        PrimaryPhase::Idle | PrimaryPhase::InitialSync { .. } => {
+                            "the pair is not in sync (initial synchronisation running)"
+                        }
+                        PrimaryPhase::Simplex => "the standby is lost (the VM runs simplex)",
+                        _ => "the VM was handed over already",
+                    }));
+                }
+                if self.first_unacked == 0 {
+                    return Err(PrimaryError::SwapRefused(
+                        "the pair is not in sync (the first checkpoint is not committed yet)",
+                    ));
+                }
+                if self.swap.is_some() {
+                    return Err(PrimaryError::SwapRefused("a swap is in progress already"));
+                }
+                if self.capturing.is_some() {
+                    // The driver performs a capture before it takes the next event.
+                    return Err(PrimaryError::SwapRefused("a capture is running"));
+                }
+                self.swap = Some(SwapStage::Pausing);
+                self.output_waiting = false;
+                if !self.throttled {
+                    out.push(PrimaryAction::PauseForSwap);
+                }
+                // A throttled guest is paused already; its due epoch becomes the final
+                // one (captured by swap_step when the window allows).
+                self.throttled = false;
+                self.swap_step(&mut out);
+            }
+            PrimaryEvent::SwapAccepted { epoch } => match self.swap {
+                Some(SwapStage::Sent(e)) if e == epoch && self.phase == PrimaryPhase::Protected => {
+                    self.swap = None;
+                    self.phase = PrimaryPhase::SwappedOut;
+                    out.push(PrimaryAction::HandOver { epoch });
+                }
+                other => {
+                    return Err(PrimaryError::WrongSwap {
+                        got: epoch,
+                        want: other,
+                    })
+                }
+            },
         }
         self.check_invariants();
         Ok(out)
@@ -386,8 +535,39 @@ impl Primary {
         }
     }
 
+    /// Moves a requested swap on: the final capture once the window has room, the
+    /// `Swap` once the final epoch is acknowledged (its output is released by the
+    /// `ReleaseOutput` pushed before).
+    fn swap_step(&mut self, out: &mut Vec<PrimaryAction>) {
+        match self.swap {
+            Some(SwapStage::Pausing) => {
+                if self.capturing.is_none() && self.unacked() < u64::from(self.cfg.max_in_flight) {
+                    self.capturing = Some(self.next_epoch);
+                    out.push(PrimaryAction::CaptureFinal {
+                        epoch: self.next_epoch,
+                    });
+                }
+            }
+            Some(SwapStage::Final(e)) => {
+                if self.first_unacked > e {
+                    assert_eq!(self.released_below, e);
+                    self.swap = Some(SwapStage::Sent(e));
+                    out.push(PrimaryAction::SendSwap {
+                        epoch: e,
+                        released_through: self.released(),
+                    });
+                }
+            }
+            Some(SwapStage::Sent(_)) | None => {}
+        }
+    }
+
     fn maybe_end_epoch(&mut self, now: Duration, out: &mut Vec<PrimaryAction>) {
-        if self.phase != PrimaryPhase::Protected || self.capturing.is_some() || self.throttled {
+        if self.phase != PrimaryPhase::Protected
+            || self.capturing.is_some()
+            || self.throttled
+            || self.swap.is_some()
+        {
             return;
         }
         let ran = now.saturating_sub(self.epoch_started);
@@ -423,6 +603,24 @@ impl Primary {
             assert_eq!(c, self.next_epoch);
         }
         if self.throttled {
+            assert_eq!(self.phase, PrimaryPhase::Protected);
+            assert!(self.swap.is_none());
+        }
+        match self.swap {
+            Some(SwapStage::Pausing) | None => {}
+            // Nothing is captured after the final epoch.
+            Some(SwapStage::Final(e)) => {
+                assert!(e + 1 == self.next_epoch || self.capturing == Some(e));
+                assert!(self.released_below <= e);
+            }
+            // The swap point: everything through it acknowledged and released.
+            Some(SwapStage::Sent(e)) => {
+                assert_eq!(self.next_epoch, e + 1);
+                assert_eq!(self.released_below, e);
+                assert!(self.capturing.is_none());
+            }
+        }
+        if self.swap.is_some() {
             assert_eq!(self.phase, PrimaryPhase::Protected);
         }
         // The in-flight byte count covers exactly the unacknowledged epochs (until

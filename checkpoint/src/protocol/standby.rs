@@ -82,6 +82,12 @@ pub enum StandbyEvent<M = ()> {
     Applied { epoch: u64 },
     /// Every link to the primary is down (heartbeats timed out).
     PeerLost,
+    /// Planned role swap: the primary paused its guest at the end of `epoch` (which
+    /// this standby acknowledged) and released its output through `released_through`.
+    SwapRequest {
+        epoch: u64,
+        released_through: Option<u64>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +117,9 @@ pub enum StandbyAction<M = ()> {
     },
     /// The primary is gone and there is no consistent copy to resume.
     NoReplica,
+    /// Tell the primary this standby takes the VM over at `epoch` (the handover; a
+    /// `Failover` from the same epoch follows).
+    AcceptSwap { epoch: u64 },
 }
 
 /// Why an event was refused (the standby goes to Broken on protocol violations).
@@ -138,6 +147,14 @@ pub enum StandbyError {
     },
     #[error("{0} after failover")]
     AfterFailover(&'static str),
+    #[error(
+        "swap at epoch {epoch}, but {committed:?} is committed and {staged} epochs are staged"
+    )]
+    SwapNotAtCommitted {
+        epoch: u64,
+        committed: Option<u64>,
+        staged: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -363,6 +380,40 @@ impl<M> Standby<M> {
                 } else if !broken {
                     self.try_apply(out);
                 }
+            }
+            StandbyEvent::SwapRequest {
+                epoch,
+                released_through,
+            } => {
+                if broken {
+                    return Ok(());
+                }
+                // The primary sends it only after this standby's ack of `epoch`, and
+                // captures nothing after it: the replica is exactly the swap point.
+                if self.committed != Some(epoch)
+                    || self.applying.is_some()
+                    || !self.staged.is_empty()
+                    || released_through.is_some_and(|r| r > epoch)
+                {
+                    return Err(StandbyError::SwapNotAtCommitted {
+                        epoch,
+                        committed: self.committed,
+                        staged: self.staged.len(),
+                    });
+                }
+                if let Some(r) = released_through {
+                    if self.released_known.is_none_or(|k| r > k) {
+                        self.released_known = Some(r);
+                        out.push(StandbyAction::TrimOutput { through: r });
+                    }
+                }
+                log::info!("planned role swap at epoch {epoch}: taking the VM over");
+                out.push(StandbyAction::AcceptSwap { epoch });
+                self.phase = StandbyPhase::FailedOver;
+                out.push(StandbyAction::Failover {
+                    last_committed: epoch,
+                    released_through: self.released_known,
+                });
             }
             StandbyEvent::PeerLost => {
                 if self.applying.is_some() {

@@ -104,6 +104,8 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     /// The generation the session's `Hello` carried (accepted: not below `gate`'s):
     /// every part must carry at least it, every ack echoes it (or a newer one).
     session_generation: u64,
+    /// The primary asked for a planned role swap (the takeover that follows is one).
+    swap_requested: bool,
 }
 
 impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
@@ -141,6 +143,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             verify: opts.verify.clone(),
             gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
             session_generation: 0,
+            swap_requested: false,
         })
     }
 
@@ -221,6 +224,16 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                     }
                 }
                 return Ok(None);
+            }
+            Ok(Standbound::Swap {
+                epoch,
+                released_through,
+            }) => {
+                self.swap_requested = true;
+                StandbyEvent::SwapRequest {
+                    epoch,
+                    released_through,
+                }
             }
             Ok(Standbound::SyncRoundDone { round, pages }) => {
                 log::info!("standby: initial sync round {round} received ({pages} pages)");
@@ -366,6 +379,11 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                         return Ok(Some(StandbyOutcome::FailedOver(Box::new(vm), report)));
                     }
                     StandbyAction::NoReplica => return Ok(Some(StandbyOutcome::NoReplica)),
+                    StandbyAction::AcceptSwap { epoch } => {
+                        // The handover: from here the primary never resumes its guest.
+                        self.link
+                            .send(&ToPrimary::SwapAccepted { epoch }, Vec::new(), ACK_WAIT)?;
+                    }
                 }
             }
         }
@@ -439,6 +457,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         let (vm, mut out) = self.takeover.take_over(input)?;
         out.last_committed = last_committed;
         out.released_through = released_through;
+        out.planned = self.swap_requested;
         out.failover_time = self.instant().saturating_duration_since(t0);
         log::warn!(
             "standby: the VM runs here now (failover took {:?}; {} console bytes released \
@@ -514,6 +533,15 @@ pub fn run_standby_with(
             Some(m) => {
                 seen_peer = true;
                 if let Some(out) = d.on_message(m.head_len, m.body)? {
+                    if let StandbyOutcome::FailedOver(_, r) = &out {
+                        if r.planned {
+                            // The acceptance must reach the old primary (a lost one
+                            // makes it resume its guest); the VM runs here meanwhile.
+                            if let Err(e) = link.flush(Duration::from_secs(2)) {
+                                log::warn!("standby: swap acceptance not confirmed: {e}");
+                            }
+                        }
+                    }
                     return Ok(out);
                 }
             }

@@ -65,6 +65,8 @@ pub struct FailoverReport {
     /// the TAP refused (or whose device the config lacks).
     pub resent_frames: u64,
     pub resend_failed: u64,
+    /// A planned role swap (the primary handed the VM over), not a failure.
+    pub planned: bool,
 }
 
 /// How a standby run ended.

@@ -468,14 +468,35 @@ impl Sim {
                 ));
             }
             Action::SwapRoles { vm } => {
-                // Phase 1: the engine cannot swap roles yet; the daemon says so.
-                self.queue.push_back((
-                    i,
-                    Input::SwapFailed {
-                        vm,
-                        error: "the engine has no planned role swap yet".into(),
-                    },
-                ));
+                // The engine's planned swap (`control::swap`): only a protected primary
+                // whose standby runs on the connected peer swaps; then this VMM logs
+                // that it swapped out (it is the standby now) and the peer's that it
+                // took over.
+                let other = 1 - i;
+                let here = self.nodes[i].vmms.get(&vm).copied();
+                let there = self.nodes[other].vmms.get(&vm).copied();
+                match (here, there) {
+                    (Some((Role::Primary, _, true)), Some((Role::Standby, _, _)))
+                        if self.connected() =>
+                    {
+                        if let Some(e) = self.nodes[i].vmms.get_mut(&vm) {
+                            *e = (Role::Standby, e.1, false);
+                        }
+                        if let Some(e) = self.nodes[other].vmms.get_mut(&vm) {
+                            e.0 = Role::Primary;
+                        }
+                        self.queue
+                            .push_back((i, Input::VmmSwappedOut { vm: vm.clone() }));
+                        self.queue.push_back((other, Input::VmmSwappedIn { vm }));
+                    }
+                    _ => self.queue.push_back((
+                        i,
+                        Input::SwapFailed {
+                            vm,
+                            error: "role swap refused: the pair is not in sync".into(),
+                        },
+                    )),
+                }
             }
             Action::Reply { id, result, .. } => {
                 // The daemon records the answer and sends it to the peer.
@@ -657,10 +678,36 @@ fn golden_node_return_failback() {
     s.wait(1000);
     s.boot(0);
     s.wait(100);
-    s.note("the operator asks for failback (FT: role swap; not in the engine yet)");
+    s.note("the operator asks for failback (FT: planned role swap)");
     s.command(1, "c7", "ft1", Command::Failback);
     s.wait(100);
     s.compare("node_return");
+}
+
+#[test]
+fn golden_ft_manual_failback_by_swap() {
+    let mut s = Sim::new();
+    s.note("both nodes boot, link up; an FT VM preferring pm1, failback manual");
+    s.link = true;
+    s.boot(0);
+    s.boot(1);
+    let ft = spec("ft1", Protection::Ft, "pm1", Failback::Manual, true);
+    s.command(0, "c1", "ft1", Command::Create(ft));
+    s.command(0, "c2", "ft1", Command::Start);
+    s.wait(100);
+    s.note("pm1 dies with its VMMs: pm2's standby takes over");
+    s.crash_node(0);
+    s.wait(1000);
+    s.note("pm1 comes back and runs the standby: failback is manual, the VM stays on pm2");
+    s.boot(0);
+    s.wait(100);
+    s.note("the operator asks for failback: a planned role swap makes pm1 the primary");
+    s.command(1, "c3", "ft1", Command::Failback);
+    s.wait(100);
+    s.note("asked again: nothing to do");
+    s.command(0, "c4", "ft1", Command::Failback);
+    s.wait(100);
+    s.compare("ft_manual_failback");
 }
 
 #[test]
@@ -850,19 +897,25 @@ fn golden_demoted_primary_becomes_the_standby() {
         shown.reason
     );
     s.note(
-        "the links return: pm2's record (owner pm2) reaches pm1, whose standby protects it again",
+        "the links return: pm2's record (owner pm2) reaches pm1, whose standby protects it again; \
+         in sync, the automatic failback swaps the roles: pm1 (preferred) is the primary again",
     );
     s.set_link(true);
     s.wait(100);
+    assert!(
+        s.log.contains("pm1 <- VmmSwappedIn { vm: \"ft1\" }"),
+        "pm1's standby protected it before the failback\n{}",
+        s.log
+    );
     let shown = s.nodes[0]
         .cluster
         .as_ref()
         .and_then(|c| c.shown("ft1"))
         .expect("ft1 shown on pm1");
-    assert_eq!(shown.local_role, Some(Role::Standby), "{}", s.log);
+    assert_eq!(shown.local_role, Some(Role::Primary), "{}", s.log);
     assert_eq!(
         s.nodes[0].store["ft1"].owner.as_deref(),
-        Some("pm2"),
+        Some("pm1"),
         "{}",
         s.log
     );

@@ -179,6 +179,16 @@ pub enum Input {
         vm: String,
         exit: ExitKind,
     },
+    /// Our FT primary handed the VM to the peer in a planned role swap and is now
+    /// its standby (the same process; the peer's VMM reports a takeover).
+    VmmSwappedOut {
+        vm: String,
+    },
+    /// Our FT standby took the VM over in a planned role swap (the peer's primary
+    /// handed it over at a checkpoint and stays on as the standby).
+    VmmSwappedIn {
+        vm: String,
+    },
     /// A role swap (failback) could not be done; `error` says why.
     SwapFailed {
         vm: String,
@@ -316,6 +326,10 @@ struct Slot {
     alone: Grant,
     takeover: Grant,
     swap_sent: bool,
+    /// Our standby took the VM over in a planned role swap: the peer handed it over
+    /// (its report may still say primary until it arrives), so this is no split brain.
+    /// Cleared when the record names this node the owner.
+    swapped_in: bool,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
     files_removed: bool,
@@ -351,6 +365,7 @@ impl Slot {
             alone: Grant::None,
             takeover: Grant::None,
             swap_sent: false,
+            swapped_in: false,
             swap_blocked: None,
             files_removed: false,
             note: String::new(),
@@ -587,6 +602,13 @@ impl Cluster {
             }
             Input::VmmFailedOver { vm } => self.on_failed_over(&vm, &mut out),
             Input::VmmExited { vm, exit } => self.on_exit(&vm, exit, &mut out),
+            Input::VmmSwappedOut { vm } => self.on_swapped_out(&vm, &mut out),
+            Input::VmmSwappedIn { vm } => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    s.swapped_in = s.local.as_ref().is_some_and(|l| !l.failed_over);
+                }
+                self.on_failed_over(&vm, &mut out);
+            }
             Input::SwapFailed { vm, error } => {
                 if let Some(s) = self.vms.get_mut(&vm) {
                     let why = format!("failback not done: {error}");
@@ -993,12 +1015,32 @@ impl Cluster {
         if std::mem::take(&mut s.demoted) {
             out.push(done(vm, s));
         }
-        let level = if s.record.spec.protection == Protection::Ha {
+        let level = if s.swapped_in {
+            "planned role swap"
+        } else if s.record.spec.protection == Protection::Ha {
             "HA restart on the survivor"
         } else {
             "FT failover"
         };
         s.note = format!("took over from {} ({level})", self.peer);
+        out.push(log(Some(vm), s.note.clone()));
+    }
+
+    /// A planned role swap moved the VM to the peer: the VMM here is its standby now
+    /// (the peer's takeover makes it the owner, through the quorum as a failover does).
+    fn on_swapped_out(&mut self, vm: &str, out: &mut Vec<Action>) {
+        let Some(s) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(l) = s.local.as_mut() else { return };
+        if l.acting() != Role::Primary {
+            return;
+        }
+        l.role = Role::Standby;
+        l.failed_over = false;
+        l.protected = false;
+        s.swap_sent = false;
+        s.note = format!("role swap done: {} runs it, the standby is here", self.peer);
         out.push(log(Some(vm), s.note.clone()));
     }
 
@@ -1519,7 +1561,9 @@ impl Cluster {
         // The owner is the peer.
         if ft {
             if let Some(Role::Primary) = local_role {
+                // A planned swap: the peer handed the VM over (its report lags).
                 let peer_primary = peer_online
+                    && !self.vms[vm].swapped_in
                     && peer_vmm.is_some_and(|p| {
                         p.role == Some(Role::Primary)
                             || (p.role == Some(Role::Standby) && p.failed_over)
@@ -1643,6 +1687,7 @@ impl Cluster {
             }
             Grant::Granted => {
                 s.takeover = Grant::None;
+                s.swapped_in = false;
                 let mut r = rec.clone();
                 r.owner = Some(me.clone());
                 out.push(log(Some(vm), format!("owner is now {me} (takeover)")));

@@ -29,6 +29,11 @@ use crate::model::{Role, VmRecord};
 pub const PROTECTED_LOG: &str = "FT primary: protected";
 pub const WAITING_LOG: &str = "FT primary: waiting for a standby";
 pub const FAILOVER_LOG: &str = "FT standby: failover complete";
+/// The FT primary handed the VM to its standby in a planned role swap (it stays on as
+/// the standby of the same pair).
+pub const SWAPPED_OUT_LOG: &str = "FT primary: role swap done";
+/// Carried by the new primary's [`FAILOVER_LOG`] line after a planned role swap.
+pub const SWAPPED_IN_LOG: &str = "PLANNED ROLE SWAP";
 
 /// Does `line` carry `marker` (an FT marker) from an FT or an HA pair?
 fn marker(line: &str, marker: &str) -> bool {
@@ -57,6 +62,8 @@ pub enum VmmEvent {
     Protected { vm: String },
     Unprotected { vm: String },
     FailedOver { vm: String },
+    SwappedOut { vm: String },
+    SwappedIn { vm: String },
 }
 
 struct Proc {
@@ -391,8 +398,12 @@ fn scan_log(vm: &str, p: &mut Proc, out: &mut Vec<VmmEvent>) {
             Some(VmmEvent::Protected { vm: vm.into() })
         } else if marker(&line, WAITING_LOG) {
             Some(VmmEvent::Unprotected { vm: vm.into() })
+        } else if marker(&line, FAILOVER_LOG) && line.contains(SWAPPED_IN_LOG) {
+            Some(VmmEvent::SwappedIn { vm: vm.into() })
         } else if marker(&line, FAILOVER_LOG) {
             Some(VmmEvent::FailedOver { vm: vm.into() })
+        } else if marker(&line, SWAPPED_OUT_LOG) {
+            Some(VmmEvent::SwappedOut { vm: vm.into() })
         } else {
             None
         };
@@ -462,6 +473,38 @@ mod tests {
         assert_eq!(
             exit_kind(None, Some(9)),
             ExitKind::Crashed("killed by signal 9".into())
+        );
+    }
+
+    #[test]
+    fn role_swap_lines_become_swap_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        std::fs::write(
+            &log,
+            "INFO FT primary: role swap done: the peer runs the VM from epoch 7\n\
+             INFO FT standby: failover complete in 9 ms (PLANNED ROLE SWAP: ...): resumed\n\
+             INFO FT standby: failover complete in 90 ms (restore and start ...)\n",
+        )
+        .unwrap();
+        let mut p = Proc {
+            role: Role::Primary,
+            pid: 1,
+            start_time: 0,
+            child: None,
+            log,
+            log_offset: 0,
+            partial: Vec::new(),
+        };
+        let mut out = Vec::new();
+        scan_log("a", &mut p, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                VmmEvent::SwappedOut { vm: "a".into() },
+                VmmEvent::SwappedIn { vm: "a".into() },
+                VmmEvent::FailedOver { vm: "a".into() }
+            ]
         );
     }
 

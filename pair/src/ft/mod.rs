@@ -15,6 +15,7 @@ pub mod role;
 pub mod shutdown;
 pub mod standby;
 pub mod status;
+pub mod swap;
 
 use std::sync::Arc;
 

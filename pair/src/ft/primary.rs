@@ -163,6 +163,7 @@ pub fn protect(
         let mut dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
         dcfg.hold_on_simplex = quorum.is_some();
         dcfg.generation = quorum.map(Quorum::generation);
+        dcfg.swap = status.swap_side().port_for(quorum);
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
             s.spawn(|| announce_protection(&acked, &done, sd));
@@ -180,6 +181,9 @@ pub fn protect(
             held.after_session(&vm, result.as_ref().ok());
         }
         drop(link);
+        if let Some(done) = result.as_ref().ok().and_then(|r| r.swapped) {
+            return super::swap::become_standby(vm, ft, sd, disks, status, quorum, done);
+        }
         match result {
             Err(DriverError::Fenced { peer, .. }) => {
                 // The standby knows a newer generation: this primary lost the VM.

@@ -128,11 +128,15 @@ pub fn run(
         Ok(StandbyOutcome::FailedOver(vm, r)) => {
             let mut vm = *vm;
             info!(
-                "{FAILOVER_LOG} {} ms (restore and start after the primary was declared \
-                 lost): resumed from epoch {}, primary released through {:?}, {} console \
-                 bytes released again from position {:?}, console continues at {:?}, {} \
-                 RARP announce(s)",
+                "{FAILOVER_LOG} {} ms ({}): resumed from epoch {}, primary released through \
+                 {:?}, {} console bytes released again from position {:?}, console continues \
+                 at {:?}, {} RARP announce(s)",
                 r.failover_time.as_millis(),
+                if r.planned {
+                    "PLANNED ROLE SWAP: the primary handed the VM over at the epoch boundary"
+                } else {
+                    "restore and start after the primary was declared lost"
+                },
                 r.last_committed,
                 r.released_through,
                 r.rereleased_bytes,
@@ -140,7 +144,12 @@ pub fn run(
                 r.console_next,
                 r.announces
             );
-            if quorum.is_some() {
+            if r.planned {
+                info!(
+                    "FT standby: this end is the primary now; the old primary listens as its \
+                     standby and this end dials it (as after a failover)"
+                );
+            } else if quorum.is_some() {
                 warn!(
                     "FT standby: this VM now runs UNPROTECTED, as granted by the quorum, until \
                      a standby joins (restart the old primary as --role standby)"

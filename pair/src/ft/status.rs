@@ -30,6 +30,8 @@ pub struct PairStatus {
     link: Mutex<Option<Arc<Alink>>>,
     /// The quorum's state, when one is configured.
     quorum: Mutex<Option<Arc<Mutex<twinrun_control::QuorumView>>>>,
+    /// Planned role swaps (`Op::Swap`).
+    swap: super::swap::SwapSide,
 }
 
 struct Inner {
@@ -81,7 +83,24 @@ impl PairStatus {
             }),
             link: Mutex::new(None),
             quorum: Mutex::new(None),
+            swap: super::swap::SwapSide::new(cfg),
         })
+    }
+
+    pub fn swap_side(&self) -> &super::swap::SwapSide {
+        &self.swap
+    }
+
+    /// A planned role swap handed the VM to the peer: this end runs no VM and is its
+    /// standby from now on.
+    pub fn swapped_out(&self) {
+        let mut i = lock(&self.inner);
+        i.role = FtRole::Standby;
+        i.session = 0;
+        i.vm_running = false;
+        i.faults.clear();
+        i.disks = None;
+        i.failover = None;
     }
 
     /// Shows the quorum's state (kept up to date by its thread) in the status.
@@ -255,6 +274,13 @@ impl FtControl for PairStatus {
 
     fn disks(&self) -> Option<Arc<PrimaryDisks>> {
         lock(&self.inner).disks.clone()
+    }
+
+    fn swap(&self) -> Result<(u64, u64), String> {
+        if lock(&self.inner).role == FtRole::Standby {
+            return Err("this end of the pair is the standby: ask the primary".into());
+        }
+        self.swap.request(lock(&self.quorum).is_some())
     }
 }
 

@@ -127,6 +127,7 @@ pub fn run(
         announces: 0,
         resent_frames: 0,
         resend_failed: 0,
+        planned: false,
     };
     info!(
         "HA standby: VM booted from the replica {:?} after the primary's loss; now the primary",

@@ -1,0 +1,168 @@
+//! The planned role swap's request port: an operator's `swap` (the control socket)
+//! asks the primary's running session to hand the VM to its standby and waits for
+//! the answer. The session loop takes the request between two steps of the driver
+//! ([`crate::primary::PrimaryDriver::request_swap`]) and answers once the standby
+//! accepted (or the swap was refused or failed).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use twinrun_lock::MutexExt;
+
+/// A completed handover, as the old primary saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwapDone {
+    /// The swap point: the standby resumed the VM from this epoch.
+    pub epoch: u64,
+    /// From the guest's pause here to the standby's acceptance.
+    pub paused_for: Duration,
+}
+
+/// One request's answer channel.
+pub struct SwapReply(Sender<Result<SwapDone, String>>);
+
+impl SwapReply {
+    pub fn answer(self, r: Result<SwapDone, String>) {
+        // The requester may have given up waiting: nothing to tell then.
+        let _ = self.0.send(r);
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    /// A primary session that can swap runs now.
+    active: bool,
+    pending: Option<SwapReply>,
+}
+
+/// Shared between the control thread and the primary's sessions.
+#[derive(Default)]
+pub struct SwapPort {
+    slot: Mutex<Slot>,
+    /// The swap point's epoch + 1 while a swap holds it (0: none): the receive pump's
+    /// early release on ack stops before it (the standby releases it).
+    hold_from: AtomicU64,
+}
+
+impl SwapPort {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock_or_recover()
+    }
+
+    /// Asks the running session to swap and waits up to `timeout` for the answer.
+    pub fn request(&self, timeout: Duration) -> Result<SwapDone, String> {
+        let (tx, rx) = channel();
+        {
+            let mut s = self.lock();
+            if !s.active {
+                return Err(
+                    "the pair is not in sync: no standby session runs (this end is no \
+                     primary, or its standby is lost or not yet connected)"
+                        .into(),
+                );
+            }
+            if s.pending.is_some() {
+                return Err("a swap is requested already".into());
+            }
+            s.pending = Some(SwapReply(tx));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                self.lock().pending = None;
+                Err(format!("no answer within {timeout:?}"))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err("the session ended before the swap completed".into())
+            }
+        }
+    }
+
+    /// A session begins (true) or ends (false); an unanswered request is dropped
+    /// (its requester hears that the session ended).
+    pub fn set_active(&self, active: bool) {
+        let mut s = self.lock();
+        s.active = active;
+        self.hold_from.store(0, Ordering::SeqCst);
+        if !active {
+            s.pending = None;
+        }
+    }
+
+    /// The swap point is `epoch`: its output must not be released here on its ack.
+    pub fn hold_from(&self, epoch: u64) {
+        self.hold_from.store(epoch + 1, Ordering::SeqCst);
+    }
+
+    /// What an ack of `epoch` may release here: through `epoch`, or only up to the
+    /// epoch before a swap point (None: nothing).
+    pub fn release_limit(&self, epoch: u64) -> Option<u64> {
+        match self.hold_from.load(Ordering::SeqCst) {
+            0 => Some(epoch),
+            h => {
+                let swap_point = h - 1;
+                if epoch < swap_point {
+                    Some(epoch)
+                } else {
+                    swap_point.checked_sub(1)
+                }
+            }
+        }
+    }
+
+    /// The request waiting, if any (the session loop).
+    pub fn take(&self) -> Option<SwapReply> {
+        self.lock().pending.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_swap_point_is_not_released_on_its_ack() {
+        let p = SwapPort::default();
+        assert_eq!(p.release_limit(7), Some(7));
+        p.hold_from(5);
+        assert_eq!(p.release_limit(4), Some(4));
+        assert_eq!(p.release_limit(5), Some(4));
+        assert_eq!(p.release_limit(6), Some(4));
+        p.hold_from(0);
+        assert_eq!(p.release_limit(0), None);
+        p.set_active(false);
+        assert_eq!(p.release_limit(3), Some(3));
+    }
+
+    #[test]
+    fn requests_need_an_active_session_and_get_their_answer() {
+        let p = std::sync::Arc::new(SwapPort::default());
+        assert!(p
+            .request(Duration::from_millis(10))
+            .unwrap_err()
+            .contains("not in sync"));
+        p.set_active(true);
+        let q = p.clone();
+        let t = std::thread::spawn(move || q.request(Duration::from_secs(10)));
+        let reply = loop {
+            if let Some(r) = p.take() {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        reply.answer(Ok(SwapDone {
+            epoch: 9,
+            paused_for: Duration::from_millis(2),
+        }));
+        assert_eq!(t.join().unwrap().unwrap().epoch, 9);
+        // A session that ends drops the request: its requester hears so.
+        let q = p.clone();
+        let t = std::thread::spawn(move || q.request(Duration::from_secs(10)));
+        while p.lock().pending.is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        p.set_active(false);
+        assert!(t.join().unwrap().unwrap_err().contains("session ended"));
+    }
+}

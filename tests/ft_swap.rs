@@ -1,0 +1,334 @@
+//! Planned role swap of an FT pair at the process level (`twinrun vm swap`): two
+//! `twinrun vm run --role ...` processes in their PM namespaces (`twinrun_lab::Topology`),
+//! the test guest running kv + counter + dirty + disk, a RESP client holding ONE TCP
+//! connection to the guest.
+//!
+//! - `swap_back_and_forth_under_load`: SWAP_RUNS swaps (default 10), each asked of the
+//!   current primary, each waiting for the pair to be protected again the other way
+//!   round. Checked: the client's connection survives, no acknowledged write is lost,
+//!   the INCR counter equals what was acknowledged, the console (one positioned file
+//!   both PMs write) has no gap, duplicate or second BOOT, the dirty workload's
+//!   self-check never fails, an online verify at the end finds the replicas equal,
+//!   and both images hold every `W` record intact. The client-visible stall of each
+//!   swap (the longest reply wait around it) is printed.
+//! - `standby_killed_mid_swap_keeps_the_vm_on_the_primary`: the standby's process is
+//!   SIGSTOPped (it can no longer accept), a swap is asked, the standby is SIGKILLed
+//!   while the primary waits: the swap fails with an error, the VM runs on at the old
+//!   primary with the client's connection and every acknowledged write.
+//! - `swap_refused_when_not_in_sync`: asked of the standby, or of a primary whose
+//!   standby is gone, the swap is refused with a clear error and nothing changes.
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::pair::{listening, protected, wait_console, PairFiles, Pm};
+use common::{require_kvm, topology};
+use twinrun_control::{self as control, FtRole, Op, Response};
+use twinrun_lab::console::{check_console, check_disk_records, count_c, read as read_console};
+use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::Topology;
+
+const CLUSTER: &str = "ft-swap";
+
+/// A running pair: `pms[i]` runs on PM i (PM 0 starts as the primary). Fields drop in
+/// order: processes, then the namespaces, then the files.
+struct Pair {
+    pms: [Pm; 2],
+    topo: Topology,
+    files: PairFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = topology(Topology::builder());
+        let files = PairFiles::new(dir.path());
+        let extra = ["--cluster-id", CLUSTER, "--epoch-ms", "10"];
+        let mut standby = Pm::spawn(&topo, &files, 1, &extra);
+        standby
+            .wait_status("listening", Duration::from_secs(30), listening)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut primary = Pm::spawn(&topo, &files, 0, &extra);
+        primary
+            .wait_status("protected", Duration::from_secs(60), protected)
+            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
+        wait_console(
+            &files.console,
+            "KV listening",
+            Duration::from_secs(60),
+            &mut primary,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Pair {
+            pms: [primary, standby],
+            topo,
+            files,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- pm1 stderr:\n{}\n--- pm2 stderr:\n{}",
+            self.pms[0].tail(40),
+            self.pms[1].tail(40)
+        )
+    }
+
+    fn client(&self) -> LoadClient {
+        let addr = SocketAddr::from((self.topo.guest_ip(), KV_PORT));
+        LoadClient::start(LoadConfig::new(self.topo.client_ns(), addr)).unwrap()
+    }
+
+    fn socket(&self, i: usize) -> std::path::PathBuf {
+        control::socket_of(&self.pms[i].name).unwrap()
+    }
+}
+
+/// The new primary protects the VM with the old one as its standby.
+fn primary_protected(s: &control::FtStatus) -> bool {
+    s.role == FtRole::Primary && s.vm_running && protected(s)
+}
+
+fn standby_of_pair(s: &control::FtStatus) -> bool {
+    s.role == FtRole::Standby && !s.vm_running
+}
+
+/// Runs an online verify on the primary `pm` and waits for its report: the replicas
+/// must not differ in any range.
+fn verify_replicas(pair: &Pair, i: usize) {
+    let sock = pair.socket(i);
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    match control::call(&sock, Op::DiskVerify, Duration::from_secs(10)).unwrap() {
+        Response::Ok => {}
+        other => panic!("verify request: {other:?}\n{}", pair.logs()),
+    }
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no verify report within 60 s\n{}",
+            pair.logs()
+        );
+        if let Ok(Response::Disks { disks }) =
+            control::call(&sock, Op::DiskStatus, Duration::from_secs(10))
+        {
+            if let Some(v) = disks[0].verify.as_ref() {
+                if v.finished_unix_ms >= since && disks[0].verify_running.is_none() {
+                    assert!(v.ranges_compared > 0, "verify compared nothing: {v:?}");
+                    assert_eq!(
+                        v.ranges_differing,
+                        0,
+                        "the replicas differ after the swaps: {v:?}\n{}",
+                        pair.logs()
+                    );
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn runs() -> usize {
+    std::env::var("SWAP_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+#[test]
+fn swap_back_and_forth_under_load() {
+    require_kvm();
+    let mut pair = Pair::start();
+    let client = pair.client();
+    client
+        .wait_acks(100, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let mut primary = 0usize;
+    let mut stalls = Vec::new();
+    let mut pauses = Vec::new();
+    for n in 0..runs() {
+        let sock = pair.socket(primary);
+        let c_before = count_c(&read_console(&pair.files.console));
+        // The longest reply wait in a window that holds the swap.
+        let swap = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            control::swap(&sock)
+        });
+        let stall = client.max_reply_during(Duration::from_millis(1500));
+        let (epoch, paused_us) = swap
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", pair.logs()));
+        let new = 1 - primary;
+        pair.pms[new]
+            .wait_status(
+                "protected as the new primary",
+                Duration::from_secs(60),
+                primary_protected,
+            )
+            .unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", pair.logs()));
+        pair.pms[primary]
+            .wait_status(
+                "the old primary is the standby",
+                Duration::from_secs(10),
+                standby_of_pair,
+            )
+            .unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", pair.logs()));
+        // The client and the guest go on at the new primary.
+        client
+            .wait_acks(50, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("swap {n}: after the swap: {e}\n{}", pair.logs()));
+        let t0 = Instant::now();
+        while count_c(&read_console(&pair.files.console)) <= c_before + 5 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "swap {n}: the guest's counter made no progress\n{}",
+                pair.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "swap {n}: PM{} -> PM{} at epoch {epoch}: guest paused {:.1} ms on the old \
+             primary until the acceptance; longest client reply around it {stall:?}",
+            primary + 1,
+            new + 1,
+            paused_us as f64 / 1e3
+        );
+        stalls.push(stall);
+        pauses.push(paused_us);
+        primary = new;
+    }
+    verify_replicas(&pair, primary);
+    let rep = client.finish().unwrap();
+    let logs = pair.logs();
+    // Both ends frozen at once: a killed primary's standby would fail over and write
+    // records the other image never gets. Every record the console shows then is
+    // committed on both ends (released output is committed on the standby).
+    for pm in &pair.pms {
+        pm.proc_signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+    let frozen = read_console(&pair.files.console);
+    for pm in &mut pair.pms {
+        pm.kill();
+    }
+    assert!(
+        rep.errors.is_empty() && rep.connection_survived(),
+        "client: {:?} ({} reconnects)\n{logs}",
+        rep.errors,
+        rep.reconnects
+    );
+    assert!(
+        rep.lost.is_empty(),
+        "{} acknowledged SETs lost across the swaps (first {:?})\n{logs}",
+        rep.lost.len(),
+        &rep.lost[..rep.lost.len().min(10)]
+    );
+    assert_eq!(
+        rep.counter_final,
+        Some(rep.incrs_acked),
+        "INCR counter differs from what was acknowledged\n{logs}"
+    );
+    let cc = check_console(&frozen).unwrap_or_else(|e| panic!("console: {e}\n{logs}"));
+    assert!(!cc.w_seqs.is_empty(), "no W record at all");
+    assert!(cc.d_lines > 0, "the dirty workload verified no pass");
+    for (i, img) in pair.files.disks.iter().enumerate() {
+        let img = std::fs::read(img).unwrap();
+        // Each image holds every record the console showed when both were frozen.
+        check_disk_records(&img, &cc.w_seqs)
+            .unwrap_or_else(|e| panic!("PM{} image: {e}\n{logs}", i + 1));
+    }
+    stalls.sort();
+    pauses.sort();
+    eprintln!(
+        "{} swaps: longest client reply around a swap p50 {:?} max {:?}; old primary's \
+         pause until acceptance p50 {} us max {} us; {} writes acknowledged",
+        stalls.len(),
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1],
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1],
+        rep.sets_acked.len() as u64 + rep.incrs_acked as u64
+    );
+}
+
+#[test]
+fn standby_killed_mid_swap_keeps_the_vm_on_the_primary() {
+    require_kvm();
+    let mut pair = Pair::start();
+    let client = pair.client();
+    client
+        .wait_acks(100, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    // The standby can no longer apply or accept: the swap stops after the final
+    // epoch is sent, with the guest paused on the primary.
+    pair.pms[1].proc_signal(nix::sys::signal::Signal::SIGSTOP);
+    let sock = pair.socket(0);
+    let swap = std::thread::spawn(move || control::swap(&sock));
+    std::thread::sleep(Duration::from_millis(150));
+    pair.pms[1].kill();
+    let r = swap.join().unwrap();
+    let err = r.expect_err("a swap whose standby died must fail");
+    assert!(
+        err.contains("standby was lost") || err.contains("not in sync"),
+        "unexpected error: {err}\n{}",
+        pair.logs()
+    );
+    let st = pair.pms[0].status_now();
+    assert_eq!(st.role, FtRole::Primary, "{st:?}");
+    assert!(st.vm_running, "{st:?}");
+    // The VM keeps running here and answers on the same connection.
+    let c_before = count_c(&read_console(&pair.files.console));
+    client
+        .wait_acks(100, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("after the failed swap: {e}\n{}", pair.logs()));
+    let t0 = Instant::now();
+    while count_c(&read_console(&pair.files.console)) <= c_before + 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the guest's counter made no progress\n{}",
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rep = client.finish().unwrap();
+    let logs = pair.logs();
+    pair.pms[0].kill();
+    assert!(
+        rep.errors.is_empty() && rep.connection_survived(),
+        "client: {:?}\n{logs}",
+        rep.errors
+    );
+    assert!(
+        rep.lost.is_empty(),
+        "{} writes lost\n{logs}",
+        rep.lost.len()
+    );
+    assert_eq!(rep.counter_final, Some(rep.incrs_acked), "{logs}");
+    let console = read_console(&pair.files.console);
+    check_console(&console).unwrap_or_else(|e| panic!("console: {e}\n{logs}"));
+}
+
+#[test]
+fn swap_refused_when_not_in_sync() {
+    require_kvm();
+    let mut pair = Pair::start();
+    let err = control::swap(&pair.socket(1)).expect_err("the standby cannot swap");
+    assert!(err.contains("standby"), "{err}");
+    pair.pms[1].kill();
+    pair.pms[0]
+        .wait_status("standby lost", Duration::from_secs(10), |s| !protected(s))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    let err = control::swap(&pair.socket(0)).expect_err("no standby: no swap");
+    assert!(err.contains("not in sync"), "{err}");
+    let st = pair.pms[0].status_now();
+    assert_eq!(st.role, FtRole::Primary);
+    assert!(st.vm_running);
+}
