@@ -958,16 +958,25 @@ fn golden_demoted_primary_survives_a_daemon_restart() {
         "the record here still names pm1: only the recorded demotion keeps it standby\n{}",
         s.log
     );
-    s.note("the links return: pm2's record reaches pm1; the demotion mark is cleared");
+    s.note(
+        "the links return: pm2's record reaches pm1; the demotion mark is cleared; in sync, \
+         the automatic failback swaps the roles (pm1 preferred)",
+    );
     s.set_link(true);
     s.wait(100);
     assert!(!s.nodes[0].done["ft1"].demoted, "{}", s.log);
+    // The standby the restarted daemon started protected the VM before any failback.
+    assert!(
+        s.log.contains("pm1 <- VmmSwappedIn { vm: \"ft1\" }"),
+        "pm1's standby protected it before the failback\n{}",
+        s.log
+    );
     let shown = s.nodes[0]
         .cluster
         .as_ref()
         .and_then(|c| c.shown("ft1"))
         .expect("ft1 shown on pm1");
-    assert_eq!(shown.local_role, Some(Role::Standby), "{}", s.log);
+    assert_eq!(shown.local_role, Some(Role::Primary), "{}", s.log);
     s.compare("demoted_primary_daemon_restart");
 }
 
