@@ -155,6 +155,23 @@ fn daemons_one_version_apart_pair_and_two_apart_refuse_each_other() {
     let ft2 = wait_protected([&c1, &c2], "ft2", "pm2", &|| logs(&d2));
     console_grows(&plan, 0, "ft1", &|| logs(&d2));
     console_grows(&plan, 1, "ft2", &|| logs(&d2));
+    if let Some(dir) = prev_dir() {
+        // pm2's VMMs are the previous build's, and pm1's VMMs paired with them over
+        // A-Links at the previous version.
+        for pid in [ft1.1, ft2.0] {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+            assert_eq!(exe, dir.join("twinrun"), "VMM {pid} on pm2");
+        }
+        for vm in ["ft1", "ft2"] {
+            let log = plan.node_dir(0).join(format!("state/vms/{vm}/vmm.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                text.contains("speaks an adjacent protocol version"),
+                "{}:\n{text}",
+                log.display()
+            );
+        }
+    }
 
     // "Replace the binaries" on pm2: its old daemon stops (the VMMs keep running), the
     // current build starts and adopts them (same pids, confirmed over their control
