@@ -28,7 +28,11 @@ installed_checks() {
     local deb="$1" f
     local deb_files
     deb_files="$(dpkg-deb -c "$deb" | awk '$1 !~ /^d/ {print $6}' | sed 's|^\./|/|' | sort)"
-    if dpkg-query -W -f='${Status}' twinrun 2>/dev/null | grep -q 'installed\|config-files'; then
+    # (Outputs are captured before grep -q: under pipefail, grep quitting early would
+    # fail the pipeline with the writer's SIGPIPE.)
+    local status
+    status="$(dpkg-query -W -f='${Status}' twinrun 2>/dev/null || true)"
+    if grep -q 'installed\|config-files' <<<"$status"; then
         fail "a twinrun package is installed on this machine; the test needs a root without it"
     fi
     dpkg -i "$deb" >/dev/null
@@ -97,8 +101,14 @@ overlay_root() {
     done
     mount -t tmpfs -o mode=0755 tmpfs "$t/root/run"
     mkdir -p "$t/root/run/lock"
+    # The package and this script are copied in: their directories may be on another
+    # file system than /, which the overlay does not show.
+    local inner="$t/root/tmp/twinrun-package-test"
+    mkdir -p "$inner"
+    cp "$deb" "$SELF" "$inner/"
     chroot "$t/root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
-        /bin/bash "$SELF" --installed "$deb"
+        /bin/bash /tmp/twinrun-package-test/package-test.sh --installed \
+        "/tmp/twinrun-package-test/$(basename "$deb")"
 }
 
 case "${1:-}" in
@@ -135,7 +145,10 @@ for f in /usr/bin/twinrun /usr/bin/twinrund /usr/lib/twinrun/twinrun-guest \
     /usr/lib/tmpfiles.d/twinrun.conf /etc/twinrun/node.toml /etc/twinrun/witness.toml; do
     grep -qx "$f" <<<"$rpm_files" || fail "$f is not in the packages"
 done
-rpm -qp --configfiles "$rpmf" 2>/dev/null | grep -qx /etc/twinrun/node.toml \
+# (Outputs are captured before grep -q: under pipefail, grep quitting early would fail
+# the pipeline with the writer's SIGPIPE.)
+rpm_conf="$(rpm -qp --configfiles "$rpmf" 2>/dev/null)"
+grep -qx /etc/twinrun/node.toml <<<"$rpm_conf" \
     || fail "the rpm does not mark /etc/twinrun/node.toml as a config file"
 
 # Install scripts: daemon-reload only.
@@ -144,7 +157,8 @@ grep -q 'daemon-reload' <<<"$scripts" || fail "no daemon-reload in the install s
 if grep -E '^[^#]*systemctl +(enable|start|restart|try-restart|reload-or-restart)' <<<"$scripts"; then
     fail "an install script enables or starts a service"
 fi
-dpkg-deb -I "$deb" conffiles | grep -qx /etc/twinrun/node.toml \
+deb_conf="$(dpkg-deb -I "$deb" conffiles)"
+grep -qx /etc/twinrun/node.toml <<<"$deb_conf" \
     || fail "the deb does not mark /etc/twinrun/node.toml as a conffile"
 
 # Phase 2 and 3: install, check and purge the .deb in a throwaway copy of this root.

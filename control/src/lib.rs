@@ -39,19 +39,15 @@ pub const PROTOCOL_CURRENT: u32 = 4;
 /// or the one before it in a build made with `TWINRUN_PROTO_PREV=1` (the
 /// rolling-upgrade tests' "old" node; the messages are the same, only the number
 /// differs).
-pub const PROTOCOL_VERSION: u32 = if proto_prev() {
-    PROTOCOL_CURRENT - 1
-} else {
-    PROTOCOL_CURRENT
-};
+pub const PROTOCOL_VERSION: u32 = PROTOCOL_CURRENT - BUILT_AS_PREVIOUS as u32;
 
-/// `TWINRUN_PROTO_PREV=1` at build time (cargo rebuilds when it changes).
-const fn proto_prev() -> bool {
-    match option_env!("TWINRUN_PROTO_PREV") {
-        Some(v) => matches!(v.as_bytes(), b"1"),
-        None => false,
-    }
-}
+/// Whether this build was made with `TWINRUN_PROTO_PREV=1` (cargo rebuilds when it
+/// changes): it then announces the previous version of its protocols. The daemons'
+/// peer channel (twinrund) follows the same switch.
+pub const BUILT_AS_PREVIOUS: bool = match option_env!("TWINRUN_PROTO_PREV") {
+    Some(v) => matches!(v.as_bytes(), b"1"),
+    None => false,
+};
 
 /// Whether a VMM speaking `ours` serves a client speaking `theirs`: the same version or
 /// one either side (during a rolling upgrade the new daemon drives VMMs the old binary

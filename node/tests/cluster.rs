@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -15,39 +14,8 @@ use twinrund::model::{NodeState, Role, VmSettings, VmState, VmView};
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn console_len(plan: &ClusterPlan, node: usize, vm: &str) -> u64 {
-    std::fs::metadata(
-        plan.node_dir(node)
-            .join(format!("state/vms/{vm}/console.log")),
-    )
-    .map_or(0, |m| m.len())
-}
-
-fn console_path(plan: &ClusterPlan, node: usize, vm: &str) -> PathBuf {
-    plan.node_dir(node)
-        .join(format!("state/vms/{vm}/console.log"))
-}
-
-/// Waits until the console of `vm` on `node` grows (the guest runs).
-fn console_grows(plan: &ClusterPlan, node: usize, vm: &str, ctx: &dyn Fn() -> String) {
-    let before = console_len(plan, node, vm);
-    wait_for(
-        LONG,
-        &format!("{vm}'s console on node {} to grow", node + 1),
-        || (console_len(plan, node, vm) > before).then_some(()),
-        || format!("{}\n{}", console_path(plan, node, vm).display(), ctx()),
-    );
-}
-
 fn peer_state(c: &Client) -> Option<NodeState> {
     c.nodes().ok().map(|n| n[1].state)
-}
-
-fn vmm(v: &VmView, node: &str) -> Option<(Role, u32, bool)> {
-    v.vmms
-        .iter()
-        .find(|m| m.node == node)
-        .map(|m| (m.role, m.pid, m.protected))
 }
 
 #[test]

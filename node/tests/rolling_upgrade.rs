@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use twinrund::model::{NodeState, Role, VmState, VmView};
+use twinrund::model::{NodeState, Role, VmState};
 use twinrund::peer::wire::PROTOCOL;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -73,33 +73,6 @@ fn start_previous(plan: &ClusterPlan, i: usize) -> Daemon {
         std::thread::sleep(Duration::from_millis(50));
     }
     d
-}
-
-fn console_len(plan: &ClusterPlan, node: usize, vm: &str) -> u64 {
-    std::fs::metadata(
-        plan.node_dir(node)
-            .join(format!("state/vms/{vm}/console.log")),
-    )
-    .map_or(0, |m| m.len())
-}
-
-/// Waits until the console of `vm` on `node` grows (the guest runs).
-fn console_grows(plan: &ClusterPlan, node: usize, vm: &str, ctx: &dyn Fn() -> String) {
-    let before = console_len(plan, node, vm);
-    wait_for(
-        LONG,
-        &format!("{vm}'s console on node {} to grow", node + 1),
-        || (console_len(plan, node, vm) > before).then_some(()),
-        ctx,
-    );
-}
-
-/// (role, pid, protected) of `vm`'s VMM on `node`.
-fn vmm(v: &VmView, node: &str) -> Option<(Role, u32, bool)> {
-    v.vmms
-        .iter()
-        .find(|m| m.node == node)
-        .map(|m| (m.role, m.pid, m.protected))
 }
 
 /// Waits until `vm` is protected with its primary on `primary` and its standby on the
@@ -165,6 +138,13 @@ fn daemons_one_version_apart_pair_and_two_apart_refuse_each_other() {
     let ft2 = wait_protected([&c1, &c2], "ft2", "pm2", &|| logs(&d2));
     console_grows(&plan, 0, "ft1", &|| logs(&d2));
     console_grows(&plan, 1, "ft2", &|| logs(&d2));
+    if let Some(dir) = prev_dir() {
+        // pm2's VMMs are the previous build's.
+        for pid in [ft1.1, ft2.0] {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+            assert_eq!(exe, dir.join("twinrun"), "VMM {pid} on pm2");
+        }
+    }
     // Each A-Link session runs at the previous protocol, in its messages (the pm1
     // primary of ft1 and standby of ft2 say so; both are in sync and running above).
     let session_at = format!(

@@ -19,26 +19,14 @@ pub const PROTOCOL_CURRENT: u32 = 1;
 /// build made with `TWINRUN_PROTO_PREV=1` (the rolling-upgrade tests' "old" node; the
 /// frames are the same, only the number differs). `TWINRUND_PROTOCOL` overrides it at
 /// run time (tests).
-pub const PROTOCOL: u32 = if proto_prev() {
-    PROTOCOL_CURRENT - 1
-} else {
-    PROTOCOL_CURRENT
-};
-
-/// `TWINRUN_PROTO_PREV=1` at build time (cargo rebuilds when it changes).
-const fn proto_prev() -> bool {
-    match option_env!("TWINRUN_PROTO_PREV") {
-        Some(v) => matches!(v.as_bytes(), b"1"),
-        None => false,
-    }
-}
+pub const PROTOCOL: u32 = PROTOCOL_CURRENT - twinrun_control::BUILT_AS_PREVIOUS as u32;
 
 /// Whether a daemon speaking `ours` pairs with a peer speaking `theirs`: the same
 /// version or one either side (the newer one speaks the older one's protocol; both
 /// sides apply the same rule, so both agree). Two versions apart is refused: upgrade
-/// one node, one version at a time.
+/// one node, one version at a time. The rule of the VMM control socket.
 pub const fn accepts(ours: u32, theirs: u32) -> bool {
-    ours.abs_diff(theirs) <= 1
+    twinrun_control::accepts(ours, theirs)
 }
 pub const MAGIC: [u8; 4] = *b"TWRD";
 /// Largest frame (a full sync of 64 VMs' records is far below).

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use twinrund::client::Client;
+use twinrund::model::{Role, VmView};
 
 pub const ADMIN: &str = "admin-token-0123456789";
 pub const READER: &str = "reader-token-0123456789";
@@ -446,4 +447,38 @@ pub fn spec(
     disks: bool,
 ) -> twinrund::model::VmSpec {
     toml::from_str(&spec_toml(name, protection, preferred, workloads, disks)).expect("spec")
+}
+
+/// Bytes in the console log of `vm` on `node` (0 before it exists).
+pub fn console_len(plan: &ClusterPlan, node: usize, vm: &str) -> u64 {
+    std::fs::metadata(
+        plan.node_dir(node)
+            .join(format!("state/vms/{vm}/console.log")),
+    )
+    .map_or(0, |m| m.len())
+}
+
+/// The console log (the guest's output) of `vm` on `node`.
+pub fn console_path(plan: &ClusterPlan, node: usize, vm: &str) -> PathBuf {
+    plan.node_dir(node)
+        .join(format!("state/vms/{vm}/console.log"))
+}
+
+/// Waits until the console of `vm` on `node` grows (the guest runs).
+pub fn console_grows(plan: &ClusterPlan, node: usize, vm: &str, ctx: &dyn Fn() -> String) {
+    let before = console_len(plan, node, vm);
+    wait_for(
+        Duration::from_secs(90),
+        &format!("{vm}'s console on node {} to grow", node + 1),
+        || (console_len(plan, node, vm) > before).then_some(()),
+        || format!("{}\n{}", console_path(plan, node, vm).display(), ctx()),
+    );
+}
+
+/// (role, pid, protected) of `vm`'s VMM on `node`, as this view has it.
+pub fn vmm(v: &VmView, node: &str) -> Option<(Role, u32, bool)> {
+    v.vmms
+        .iter()
+        .find(|m| m.node == node)
+        .map(|m| (m.role, m.pid, m.protected))
 }
