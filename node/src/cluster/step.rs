@@ -1551,7 +1551,9 @@ impl Cluster {
                         p.role == Some(Role::Primary)
                             || (p.role == Some(Role::Standby) && p.failed_over)
                     });
-                if peer_primary {
+                // A peer in maintenance is stopping its copy (a planned move, its
+                // report may still show it): ours is the one that goes on.
+                if peer_primary && !self.in_maintenance(&peer) {
                     // Both nodes run it (our standby took over while the owner lived:
                     // the A-Links were cut, or a partition healed). The record decides:
                     // the owner's copy stays, ours stops.
