@@ -41,6 +41,24 @@ fn vmm(v: &VmView, node: &str) -> Option<(Role, bool)> {
         .map(|m| (m.role, m.protected))
 }
 
+/// `twinrun ARGS` against node `i`'s API as admin; its stdout (exit status 0 asserted).
+fn cli(plan: &ClusterPlan, i: usize, args: &[&str]) -> String {
+    let tok = plan.dir.path().join("admin.token");
+    std::fs::write(&tok, ADMIN).unwrap();
+    let out = std::process::Command::new(twinrun_bin())
+        .args(args)
+        .args(["--api", &format!("http://{}", plan.api[i]), "--token-file"])
+        .arg(&tok)
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(0), "twinrun {args:?}: {o}{e}");
+    o
+}
+
 fn online(c: &Client) -> bool {
     c.nodes().is_ok_and(|n| n[1].state == NodeState::Online)
 }
@@ -107,9 +125,9 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
         console_grows(&plan, 0, vm, &|| logs(&d1, &d2));
     }
 
-    // Work on pm1 (asked on pm2, through the API the CLI uses).
-    let r = c2.node_action("pm1", "workon", None).unwrap();
-    assert!(r.message.contains("pm1 is in maintenance"), "{}", r.message);
+    // Work on pm1, asked on pm2 with the CLI.
+    let out = cli(&plan, 1, &["node", "workon", "pm1"]);
+    assert!(out.contains("pm1 is in maintenance"), "{out}");
     for &vm in paired {
         let vmm_logs = || {
             (0..2)
@@ -172,6 +190,8 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
         },
         || logs(&d1, &d2),
     );
+    let out = cli(&plan, 0, &["node", "list"]);
+    assert!(out.contains("in maintenance: work on"), "{out}");
     for c in [&c1, &c2] {
         let n = c.node("pm1").unwrap();
         assert!(
