@@ -198,3 +198,34 @@ fn golden_maintenance_peer_down_refused() {
     assert_eq!(s.nodes[0].vmms.len(), 3, "nothing stopped");
     s.compare("maintenance_peer_down_refused");
 }
+
+#[test]
+fn golden_maintenance_takeover_before_the_peers_report() {
+    // pm2's standby takes over before pm2 hears that pm1's primary stopped (pm1's
+    // report still shows it): no split brain, pm2's copy is the one that goes on.
+    let mut s = cluster_with_vms();
+    s.note("work on pm1; pm2's FT standby takes over before pm1's report arrives");
+    s.queue.push_back((
+        1,
+        Input::NodeCommand {
+            id: "w1".into(),
+            node: "pm1".into(),
+            cmd: NodeCommand::WorkOn,
+        },
+    ));
+    if let Some(e) = s.nodes[1].vmms.get_mut("ft1") {
+        e.0 = Role::Primary;
+    }
+    s.queue
+        .push_back((1, Input::VmmFailedOver { vm: "ft1".into() }));
+    s.settle();
+    s.wait(100);
+    let c = s.nodes[1].cluster.as_ref().expect("pm2 up");
+    assert_eq!(
+        c.record("ft1").and_then(|r| r.owner.clone()).as_deref(),
+        Some("pm2")
+    );
+    assert_eq!(s.nodes[1].vmms.get("ft1").map(|v| v.0), Some(Role::Primary));
+    assert!(!s.log.contains("split brain"), "{}", s.log);
+    s.compare("maintenance_takeover_before_report");
+}
