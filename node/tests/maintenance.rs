@@ -59,6 +59,23 @@ fn cli(plan: &ClusterPlan, i: usize, args: &[&str]) -> String {
     o
 }
 
+/// The last lines of `vm`'s VMM log on both nodes (newest first), for failure reports.
+fn vmm_logs(plan: &ClusterPlan, vm: &str) -> String {
+    (0..2)
+        .map(|i| {
+            let p = plan.node_dir(i).join(format!("state/vms/{vm}/vmm.log"));
+            let t = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = t.lines().rev().take(40).collect();
+            format!(
+                "--- {} (last lines, newest first):\n{}",
+                p.display(),
+                tail.join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn online(c: &Client) -> bool {
     c.nodes().is_ok_and(|n| n[1].state == NodeState::Online)
 }
@@ -129,21 +146,7 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
     let out = cli(&plan, 1, &["node", "workon", "pm1"]);
     assert!(out.contains("pm1 is in maintenance"), "{out}");
     for &vm in paired {
-        let vmm_logs = || {
-            (0..2)
-                .map(|i| {
-                    let p = plan.node_dir(i).join(format!("state/vms/{vm}/vmm.log"));
-                    let t = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = t.lines().rev().take(40).collect();
-                    format!(
-                        "--- {} (last lines, newest first):\n{}",
-                        p.display(),
-                        tail.join("\n")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let vmm_logs = || vmm_logs(&plan, vm);
         let v = wait_for(
             LONG,
             &format!("{vm} simplex on pm2"),
@@ -243,7 +246,7 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
                     && vmm(&v, "pm1").map(|m| m.0) == Some(Role::Standby))
                 .then_some(())
             },
-            || logs(&d1, &d2),
+            || format!("{}\n{}", logs(&d1, &d2), vmm_logs(&plan, vm)),
         );
         console_grows(&plan, 1, vm, &|| logs(&d1, &d2));
     }
