@@ -49,13 +49,30 @@ pub struct Conn {
 pub enum Cmd {
     NodeList,
     NodeShow(String),
+    /// `twinrun node workon|finalize NODE` (`op`: "workon" or "finalize").
+    NodeAction {
+        node: String,
+        op: &'static str,
+    },
     VmList,
     VmShow(String),
-    VmCreate { spec: PathBuf, name: Option<String> },
-    VmAction { vm: String, op: &'static str },
+    VmCreate {
+        spec: PathBuf,
+        name: Option<String>,
+    },
+    VmAction {
+        vm: String,
+        op: &'static str,
+    },
     VmDelete(String),
-    VmSet { vm: String, settings: VmSettings },
-    Events { vm: Option<String>, limit: u32 },
+    VmSet {
+        vm: String,
+        settings: VmSettings,
+    },
+    Events {
+        vm: Option<String>,
+        limit: u32,
+    },
 }
 
 impl Conn {
@@ -169,8 +186,12 @@ pub fn run_to(conn: &Conn, cmd: Cmd, out: &mut impl Write) -> Result<(), (i32, S
             } else {
                 node_table(out, std::slice::from_ref(&node));
                 let _ = writeln!(out, "\n{}: {}", node.name, node.reason);
+                if let Some(m) = &node.maintenance {
+                    let _ = writeln!(out, "{}: IN MAINTENANCE: {m}", node.name);
+                }
             }
         }
+        Cmd::NodeAction { node, op } => done(out, conn, api(c.node_action(&node, op, id))?),
         Cmd::VmList => {
             let vms = api(c.vms())?;
             if conn.json {
@@ -261,7 +282,10 @@ fn node_table(out: &mut impl Write, nodes: &[NodeView]) {
                 .unwrap_or_default(),
             n.api_addr,
             n.vms_owned,
-            n.reason
+            match &n.maintenance {
+                Some(m) => format!("in maintenance: {m}"),
+                None => n.reason.clone(),
+            }
         );
     }
 }

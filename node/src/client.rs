@@ -208,6 +208,16 @@ impl Client {
     }
 
     /// `op`: start, shutdown, poweroff, restart, failback.
+    /// `POST /nodes/{node}/{op}` (`workon`, `finalize`).
+    pub fn node_action(
+        &self,
+        node: &str,
+        op: &str,
+        id: Option<&str>,
+    ) -> Result<CommandResponse, ClientError> {
+        self.send::<()>("POST", &format!("/nodes/{node}/{op}"), None, id)
+    }
+
     pub fn action(
         &self,
         vm: &str,

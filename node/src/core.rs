@@ -15,12 +15,15 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::cluster::NodeCommand;
 use crate::cluster::{
     Action, Cluster, CmdError, CmdOk, Command, Input, PeerState, PeerVmm, Policy,
 };
 use crate::config::NodeConfig;
 use crate::gate::{QuorumGate, QuorumRequest};
-use crate::model::{NodeState, NodeView, Role, VmRecord, VmView, VmmInfo};
+use crate::model::{
+    NodeRecord, NodeState, NodeView, Role, VmRecord, VmView, VmmInfo, NODE_RECORD_PREFIX,
+};
 use crate::peer::wire::Msg;
 use crate::peer::{Outbox, Replica};
 use crate::store::{CommandRecord, Event, Store};
@@ -114,7 +117,8 @@ impl Core {
             boot_grace_ms: cfg.supervision.boot_grace_ms,
             takeover_wait_ms: 5_000,
         };
-        let cluster = Cluster::new(&cfg.node, &cfg.peer.name, policy, records, done, clock);
+        let mut cluster = Cluster::new(&cfg.node, &cfg.peer.name, policy, records, done, clock);
+        cluster.load_nodes(store.nodes()?);
         let mut sup = Supervisor::new(cfg.clone(), twinrun_bin);
         let adopted = sup.adopt_all();
         let core = Arc::new_cyclic(|me| Core {
@@ -311,6 +315,14 @@ impl Core {
                 }
             }
             Action::RemoveFiles { vm } => g.sup.remove_files(&vm),
+            Action::PersistNode(rec) => {
+                if let Err(e) = g.store.put_node(&rec) {
+                    warn!("node {}: cannot write its record: {e}", rec.name);
+                }
+                if let Ok(j) = serde_json::to_string(&rec) {
+                    self.outbox.send(Msg::Records(vec![j]));
+                }
+            }
             Action::Log { vm, msg } => {
                 match &vm {
                     Some(v) => info!("{v}: {msg}"),
@@ -349,6 +361,32 @@ impl Core {
     /// Runs a command from the API exactly once per id.
     pub fn command(&self, id: Option<String>, vm: &str, cmd: Command) -> CommandOutcome {
         let op = cmd.name().to_string();
+        self.answer(id, vm, op, |id| Input::Command {
+            id,
+            vm: vm.to_string(),
+            cmd,
+        })
+    }
+
+    /// Runs a node command (`workon`, `finalize`) from the API exactly once per id.
+    pub fn node_command(&self, id: Option<String>, node: &str, cmd: NodeCommand) -> CommandOutcome {
+        let op = cmd.name().to_string();
+        self.answer(id, node, op, |id| Input::NodeCommand {
+            id,
+            node: node.to_string(),
+            cmd,
+        })
+    }
+
+    /// Steps the command `input(id)` about `vm` (a VM, or a node), records the answer
+    /// under its id and sends it to the peer; a repeated id gets the first answer.
+    fn answer(
+        &self,
+        id: Option<String>,
+        vm: &str,
+        op: String,
+        input: impl FnOnce(String) -> Input,
+    ) -> CommandOutcome {
         let id = id.unwrap_or_else(|| new_command_id(&self.cfg.node));
         let mut g = self.lock();
         if let Ok(Some(c)) = g.store.command(&id) {
@@ -359,14 +397,7 @@ impl Core {
                 body,
             };
         }
-        self.feed_locked(
-            &mut g,
-            vec![Input::Command {
-                id: id.clone(),
-                vm: vm.to_string(),
-                cmd,
-            }],
-        );
+        self.feed_locked(&mut g, vec![input(id.clone())]);
         let result = g
             .replies
             .remove(&id)
@@ -435,6 +466,7 @@ impl Core {
                     }
                 ),
                 protocol: Some(crate::peer::wire::PROTOCOL),
+                maintenance: maintenance(&g.cluster, &self.cfg.node),
             },
             NodeView {
                 name: self.cfg.peer.name.clone(),
@@ -444,6 +476,7 @@ impl Core {
                 vms_owned: owned(&self.cfg.peer.name),
                 reason: g.peer.reason.clone(),
                 protocol: g.peer.protocol,
+                maintenance: maintenance(&g.cluster, &self.cfg.peer.name),
             },
         ]
     }
@@ -473,6 +506,27 @@ impl Core {
             }
         )
     }
+}
+
+/// The digest of every record: the VMs' and the nodes' (under `-node.<name>`).
+fn full_digest(store: &Store) -> Vec<(String, crate::model::Version)> {
+    let mut d = store.digest().unwrap_or_default();
+    d.extend(
+        store
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.key(), n.version)),
+    );
+    d.sort();
+    d
+}
+
+/// A node's maintenance mark as `node list|show` shows it.
+fn maintenance(c: &Cluster, node: &str) -> Option<String> {
+    c.node_record(node)
+        .filter(|n| n.maintenance)
+        .map(|n| n.reason.clone())
 }
 
 fn view(peer: &str, g: &Inner, r: &VmRecord) -> VmView {
@@ -581,10 +635,7 @@ pub fn new_command_id(node: &str) -> String {
 impl Replica for Core {
     fn digest(&self) -> (Vec<(String, u64, String)>, Vec<String>) {
         let g = self.lock();
-        let recs = g
-            .store
-            .digest()
-            .unwrap_or_default()
+        let recs = full_digest(&g.store)
             .into_iter()
             .map(|(n, v)| (n, v.clock, v.node))
             .collect();
@@ -605,11 +656,23 @@ impl Replica for Core {
                 )
             })
             .collect();
-        let ours = g.store.digest().unwrap_or_default();
+        let ours = full_digest(&g.store);
         crate::replica::to_send(&ours, &theirs)
             .into_iter()
-            .filter_map(|n| g.store.get(&n).ok().flatten())
-            .filter_map(|r| serde_json::to_string(&r).ok())
+            .filter_map(|n| match n.strip_prefix(NODE_RECORD_PREFIX) {
+                Some(node) => g
+                    .store
+                    .node(node)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| serde_json::to_string(&r).ok()),
+                None => g
+                    .store
+                    .get(&n)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| serde_json::to_string(&r).ok()),
+            })
             .collect()
     }
 
@@ -630,6 +693,13 @@ impl Replica for Core {
         // before anything else steps, so every record the step function holds is the
         // store's (a local write never lands on a newer record it has not seen).
         for j in records {
+            if let Ok(r) = serde_json::from_str::<NodeRecord>(&j) {
+                match g.store.merge_node(&r) {
+                    Ok(_) => self.feed_locked(&mut g, vec![Input::NodeRecord(r)]),
+                    Err(e) => warn!("merging node {}: {e}", r.name),
+                }
+                continue;
+            }
             match serde_json::from_str::<VmRecord>(&j) {
                 Ok(r) => match g.store.merge(&r) {
                     Ok(_) => self.feed_locked(&mut g, vec![Input::Record(r)]),

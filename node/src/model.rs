@@ -326,6 +326,37 @@ pub struct NodeView {
     pub reason: String,
     /// Daemon protocol version (peer: as it announced).
     pub protocol: Option<u32>,
+    /// Set while the node is in maintenance (`twinrun node workon`): why, and what
+    /// `twinrun node finalize` does.
+    #[serde(default)]
+    pub maintenance: Option<String>,
+}
+
+/// Key prefix of a node's record in the replicated digest (a VM name never starts
+/// with '-', so the two kinds of record never share a key).
+pub const NODE_RECORD_PREFIX: &str = "-node.";
+
+/// The replicated record of one node: whether it is in maintenance (`twinrun node
+/// workon` / `finalize`). Merged by the same rule as the VM records (last writer wins on
+/// the version), so both nodes agree, and a restarted daemon finds it in its store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeRecord {
+    pub name: NodeName,
+    pub maintenance: bool,
+    /// Why, in words (what was moved off the node and what finalize will do).
+    pub reason: String,
+    /// Unprotected VMs that `workon` shut down cleanly here and `finalize` starts
+    /// again on this node.
+    #[serde(default)]
+    pub shut_down: Vec<String>,
+    pub version: Version,
+}
+
+impl NodeRecord {
+    /// Its key in the replicated digest.
+    pub fn key(&self) -> String {
+        format!("{NODE_RECORD_PREFIX}{}", self.name)
+    }
 }
 
 /// Checks a VM name: it becomes file and socket names (the VMM's own rule) and an

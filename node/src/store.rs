@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::model::{NodeName, Version, VmRecord};
+use crate::model::{NodeName, NodeRecord, Version, VmRecord};
 
 /// Commands remembered for exactly-once (older ones are pruned): a client retrying a
 /// command within this many later commands gets the first outcome back.
@@ -98,6 +98,9 @@ impl Store {
                  id TEXT PRIMARY KEY, record TEXT NOT NULL, clock INTEGER NOT NULL,
                  seq INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS done (vm TEXT PRIMARY KEY, done TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS nodes (
+                 name TEXT PRIMARY KEY, record TEXT NOT NULL,
+                 clock INTEGER NOT NULL, node TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
                  vm TEXT, message TEXT NOT NULL);",
@@ -221,6 +224,51 @@ impl Store {
         };
         if newer {
             self.put(rec)?;
+        }
+        Ok(newer)
+    }
+
+    /// Every node record (maintenance), by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT record FROM nodes ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for t in rows {
+            out.push(serde_json::from_str(&t?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.nodes()?.into_iter().find(|n| n.name == name))
+    }
+
+    /// Writes a node record made here or received (see [`Self::merge_node`]).
+    pub fn put_node(&self, rec: &NodeRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO nodes (name, record, clock, node) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET record = ?2, clock = ?3, node = ?4",
+            params![
+                rec.name,
+                serde_json::to_string(rec)?,
+                rec.version.clock as i64,
+                rec.version.node
+            ],
+        )?;
+        self.observe(rec.version.clock)
+    }
+
+    /// Applies a node record from the peer if it is newer than ours; true if it was.
+    pub fn merge_node(&self, rec: &NodeRecord) -> Result<bool, StoreError> {
+        self.observe(rec.version.clock)?;
+        let newer = match self.node(&rec.name)? {
+            Some(mine) => crate::replica::wins(&rec.version, &mine.version),
+            None => true,
+        };
+        if newer {
+            self.put_node(rec)?;
         }
         Ok(newer)
     }

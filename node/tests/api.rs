@@ -177,6 +177,10 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
     );
     assert_eq!(s, 404);
     assert!(b["error"].as_str().unwrap().contains("pm1, pm2"));
+
+    // Maintenance: workon / finalize (nothing runs yet, so working on this node while
+    // its peer is away is allowed).
+    maintenance_endpoints(&api, a, r);
     assert_eq!(
         api.call("GET", "/api/v1/nodes", "/api/v1/nodes", None, None, None)
             .0,
@@ -754,5 +758,117 @@ fn the_api_over_tls() {
         String::from_utf8_lossy(&out.stderr).contains("TLS"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `POST /api/v1/nodes/{name}/workon|finalize`: success, replay and every error status.
+fn maintenance_endpoints(api: &Api, a: Option<&str>, r: Option<&str>) {
+    const WORKON: &str = "/api/v1/nodes/{name}/workon";
+    const FINALIZE: &str = "/api/v1/nodes/{name}/finalize";
+    let (s, b) = api.call("POST", WORKON, "/api/v1/nodes/pm9/workon", a, None, None);
+    assert_eq!((s, b["kind"].as_str()), (400, Some("invalid")), "{b}");
+    assert!(b["error"].as_str().unwrap().contains("pm1, pm2"), "{b}");
+    assert_eq!(
+        api.call("POST", WORKON, "/api/v1/nodes/pm1/workon", None, None, None)
+            .0,
+        401
+    );
+    assert_eq!(
+        api.call("POST", WORKON, "/api/v1/nodes/pm1/workon", r, None, None)
+            .0,
+        403
+    );
+    let (s, b) = api.call(
+        "POST",
+        WORKON,
+        "/api/v1/nodes/pm1/workon",
+        a,
+        None,
+        Some("mw-1"),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("pm1 is in maintenance"),
+        "{b}"
+    );
+    let (s, b) = api.call(
+        "POST",
+        WORKON,
+        "/api/v1/nodes/pm1/workon",
+        a,
+        None,
+        Some("mw-1"),
+    );
+    assert_eq!((s, b["replayed"].as_bool()), (200, Some(true)), "{b}");
+    let (_, n) = api.call(
+        "GET",
+        "/api/v1/nodes/{name}",
+        "/api/v1/nodes/pm1",
+        r,
+        None,
+        None,
+    );
+    assert!(n["maintenance"].as_str().is_some(), "{n}");
+    let (s, b) = api.call("POST", WORKON, "/api/v1/nodes/pm2/workon", a, None, None);
+    assert_eq!((s, b["kind"].as_str()), (409, Some("conflict")), "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("both nodes in maintenance"),
+        "{b}"
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            FINALIZE,
+            "/api/v1/nodes/pm1/finalize",
+            None,
+            None,
+            None
+        )
+        .0,
+        401
+    );
+    let (s, b) = api.call(
+        "POST",
+        FINALIZE,
+        "/api/v1/nodes/pm1/finalize",
+        a,
+        None,
+        None,
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("left maintenance"),
+        "{b}"
+    );
+    let (_, n) = api.call(
+        "GET",
+        "/api/v1/nodes/{name}",
+        "/api/v1/nodes/pm1",
+        r,
+        None,
+        None,
+    );
+    assert!(n["maintenance"].is_null(), "{n}");
+    let (s, b) = api.call(
+        "POST",
+        FINALIZE,
+        "/api/v1/nodes/pm2/finalize",
+        a,
+        None,
+        None,
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in maintenance"),
+        "{b}"
     );
 }

@@ -61,6 +61,21 @@ pub enum NodeCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Maintenance mode: move every VM off NODE (FT and HA VMs run simplex on the
+    /// other node; unprotected VMs are shut down cleanly until finalize), then mark it
+    /// in maintenance, where its daemon and VMMs may be stopped.
+    Workon {
+        node: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Bring NODE back from maintenance: FT and HA VMs are protected again (resync),
+    /// the VMs workon shut down start again there, then failback per each VM's policy.
+    Finalize {
+        node: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// The `twinrun vm` commands that go through a node daemon.
@@ -154,6 +169,16 @@ pub fn run_node(cmd: NodeCommand) -> i32 {
     match cmd {
         NodeCommand::List { api } => twinrund::cli::run(&api.conn(), Cmd::NodeList),
         NodeCommand::Show { name, api } => twinrund::cli::run(&api.conn(), Cmd::NodeShow(name)),
+        NodeCommand::Workon { node, api } => {
+            twinrund::cli::run(&api.conn(), Cmd::NodeAction { node, op: "workon" })
+        }
+        NodeCommand::Finalize { node, api } => twinrund::cli::run(
+            &api.conn(),
+            Cmd::NodeAction {
+                node,
+                op: "finalize",
+            },
+        ),
     }
 }
 

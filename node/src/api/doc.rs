@@ -14,6 +14,8 @@ use super::handlers;
         handlers::openapi,
         handlers::list_nodes,
         handlers::show_node,
+        handlers::maintenance::workon_node,
+        handlers::maintenance::finalize_node,
         handlers::list_vms,
         handlers::show_vm,
         handlers::create_vm,

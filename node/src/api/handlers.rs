@@ -19,6 +19,8 @@ use crate::store::Event;
 
 type S = State<Arc<ApiState>>;
 
+pub mod maintenance;
+
 fn authorize(st: &ApiState, h: &HeaderMap, need: Access) -> Result<Access, ApiError> {
     let Some(v) = h.get("authorization") else {
         return Err(ApiError::new(

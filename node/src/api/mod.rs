@@ -68,6 +68,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/nodes", get(handlers::list_nodes))
         .route("/api/v1/nodes/{name}", get(handlers::show_node))
         .route(
+            "/api/v1/nodes/{name}/workon",
+            post(handlers::maintenance::workon_node),
+        )
+        .route(
+            "/api/v1/nodes/{name}/finalize",
+            post(handlers::maintenance::finalize_node),
+        )
+        .route(
             "/api/v1/vms",
             get(handlers::list_vms).post(handlers::create_vm),
         )

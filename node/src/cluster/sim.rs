@@ -18,12 +18,16 @@ use crate::model::*;
 
 const NODES: [&str; 2] = ["pm1", "pm2"];
 
+mod maintenance;
+
 struct Node {
     cluster: Option<Cluster>,
     store: BTreeMap<String, VmRecord>,
     done: BTreeMap<String, Done>,
     /// vm -> (role, pid, protected)
     vmms: BTreeMap<String, (Role, u32, bool)>,
+    /// The node records (maintenance) in its store.
+    node_recs: BTreeMap<String, crate::model::NodeRecord>,
 }
 
 struct Sim {
@@ -81,6 +85,7 @@ impl Sim {
             store: BTreeMap::new(),
             done: BTreeMap::new(),
             vmms: BTreeMap::new(),
+            node_recs: BTreeMap::new(),
         };
         Sim {
             now: 0,
@@ -117,7 +122,7 @@ impl Sim {
     fn boot(&mut self, i: usize) {
         let n = &self.nodes[i];
         let clock = n.store.values().map(|r| r.version.clock).max().unwrap_or(0);
-        let c = Cluster::new(
+        let mut c = Cluster::new(
             NODES[i],
             NODES[1 - i],
             policy(),
@@ -125,6 +130,7 @@ impl Sim {
             n.done.clone(),
             clock,
         );
+        c.load_nodes(self.nodes[i].node_recs.values().cloned().collect());
         self.nodes[i].cluster = Some(c);
         let running: Vec<(String, Role, u32, bool)> = self.nodes[i]
             .vmms
@@ -288,6 +294,7 @@ impl Sim {
                 self.deliver(1 - i, r);
             }
         }
+        self.exchange_node_records();
         for i in 0..2 {
             self.queue.push_back((i, Input::PeerUp));
         }
@@ -354,6 +361,10 @@ impl Sim {
             if let Input::Record(r) = &input {
                 let r = r.clone();
                 self.merge_into(i, &r);
+            }
+            if let Input::NodeRecord(r) = &input {
+                let r = r.clone();
+                self.merge_node_into(i, &r);
             }
             let Some(c) = self.nodes[i].cluster.as_mut() else {
                 continue;
@@ -506,6 +517,7 @@ impl Sim {
                 }
             }
             Action::RemoveFiles { .. } | Action::Log { .. } => {}
+            Action::PersistNode(rec) => self.persist_node(i, rec),
         }
     }
 
@@ -589,6 +601,11 @@ fn fmt_input(i: &Input) -> String {
             if r.deleted { " deleted" } else { "" }
         ),
         Input::Command { id, vm, cmd } => format!("Command {id} {vm} {}", cmd.name()),
+        Input::NodeCommand { id, node, cmd } => format!("NodeCommand {id} {node} {}", cmd.name()),
+        Input::NodeRecord(r) => format!(
+            "NodeRecord {} v={} maintenance={}",
+            r.name, r.version, r.maintenance
+        ),
         Input::PeerReport(r) => format!("PeerReport {}", r.len()),
         other => format!("{other:?}"),
     }
@@ -606,6 +623,10 @@ fn fmt_action(a: &Action) -> String {
             if r.deleted { " deleted" } else { "" }
         ),
         Action::Log { vm, msg } => format!("Log [{}] {msg}", vm.as_deref().unwrap_or("-")),
+        Action::PersistNode(r) => format!(
+            "PersistNode {} v={} maintenance={} shut_down={:?} | {}",
+            r.name, r.version, r.maintenance, r.shut_down, r.reason
+        ),
         Action::Done { vm, done } => format!(
             "Done {vm} of {} restart={} failback={} clear={}{}",
             done.created,

@@ -19,9 +19,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
 use crate::model::{
-    Desired, Failback, NodeName, Protection, Role, Version, VmRecord, VmSettings, VmSpec, VmState,
-    MAX_VMS,
+    Desired, Failback, NodeName, NodeRecord, Protection, Role, Version, VmRecord, VmSettings,
+    VmSpec, VmState, MAX_VMS,
 };
+
+mod maintenance;
+pub use maintenance::NodeCommand;
 
 /// Commands remembered by the step function for duplicate detection (the store keeps
 /// more, across restarts and nodes).
@@ -207,6 +210,15 @@ pub enum Input {
         vm: String,
         reason: String,
     },
+    /// A node's record received from the peer (merged by the store by the same rule as
+    /// a VM's record).
+    NodeRecord(NodeRecord),
+    /// A command about a node (`twinrun node workon|finalize`), answered once per id.
+    NodeCommand {
+        id: String,
+        node: String,
+        cmd: NodeCommand,
+    },
 }
 
 /// How far a node got through one VM incarnation's one-shot counters (persisted
@@ -266,6 +278,8 @@ pub enum Action {
         vm: Option<String>,
         msg: String,
     },
+    /// Write a node's record and send it to the peer.
+    PersistNode(NodeRecord),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,6 +414,8 @@ pub struct Cluster {
     vms: BTreeMap<String, Slot>,
     applied: BTreeMap<String, Result<CmdOk, CmdError>>,
     applied_order: VecDeque<String>,
+    /// The nodes' records (maintenance), by node name.
+    nodes: BTreeMap<NodeName, NodeRecord>,
 }
 
 impl Cluster {
@@ -432,6 +448,7 @@ impl Cluster {
             vms,
             applied: BTreeMap::new(),
             applied_order: VecDeque::new(),
+            nodes: BTreeMap::new(),
         }
     }
 
@@ -513,7 +530,8 @@ impl Cluster {
     }
 
     fn node_online(&self, node: &str) -> bool {
-        node == self.me || (node == self.peer && self.peer_state == PeerState::Online)
+        (node == self.me || (node == self.peer && self.peer_state == PeerState::Online))
+            && !self.in_maintenance(node)
     }
 
     /// One step: apply `input` at time `now` (ms, monotonic) and return what to do.
@@ -660,6 +678,8 @@ impl Cluster {
                     }
                 }
             }
+            Input::NodeRecord(rec) => self.on_node_record(rec, &mut out),
+            Input::NodeCommand { id, node, cmd } => self.on_node_command(id, node, cmd, &mut out),
         }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for vm in names {
@@ -1170,6 +1190,12 @@ impl Cluster {
             out.push(done(vm, s));
         }
 
+        if let Some((state, reason)) = self.maintenance_here(vm, &rec, peer_vmm.as_ref(), out) {
+            let s = slot_mut(&mut self.vms, vm);
+            s.state = state;
+            s.reason = reason;
+            return;
+        }
         let s = &self.vms[vm];
         let local_role = s.local.as_ref().map(Local::acting);
         let (state, reason) = if rec.deleted {
@@ -1205,6 +1231,7 @@ impl Cluster {
         } else {
             self.reconcile_running(vm, &rec, in_grace, peer_vmm.as_ref(), local_role, out)
         };
+        let (state, reason) = self.maintenance_of_peer(&rec, local_role, state, reason);
         let s = slot_mut(&mut self.vms, vm);
         s.state = state;
         s.reason = reason;
@@ -1568,7 +1595,9 @@ impl Cluster {
                         p.role == Some(Role::Primary)
                             || (p.role == Some(Role::Standby) && p.failed_over)
                     });
-                if peer_primary {
+                // A peer in maintenance is stopping its copy (a planned move, its
+                // report may still show it): ours is the one that goes on.
+                if peer_primary && !self.in_maintenance(&peer) {
                     // Both nodes run it (our standby took over while the owner lived:
                     // the A-Links were cut, or a partition healed). The record decides:
                     // the owner's copy stays, ours stops.

@@ -34,6 +34,9 @@ pub const FAILOVER_LOG: &str = "FT standby: failover complete";
 pub const SWAPPED_OUT_LOG: &str = "FT primary: role swap done";
 /// Carried by the new primary's [`FAILOVER_LOG`] line after a planned role swap.
 pub const SWAPPED_IN_LOG: &str = "PLANNED ROLE SWAP";
+/// An HA standby's takeover: it logs this line (not FT's) once the guest booted from
+/// its replica (`twinrun_pair::ha::standby`).
+pub const HA_BOOTED_LOG: &str = "HA standby: VM booted from the replica";
 
 /// Does `line` carry `marker` (an FT marker) from an FT or an HA pair?
 fn marker(line: &str, marker: &str) -> bool {
@@ -400,7 +403,7 @@ fn scan_log(vm: &str, p: &mut Proc, out: &mut Vec<VmmEvent>) {
             Some(VmmEvent::Unprotected { vm: vm.into() })
         } else if marker(&line, FAILOVER_LOG) && line.contains(SWAPPED_IN_LOG) {
             Some(VmmEvent::SwappedIn { vm: vm.into() })
-        } else if marker(&line, FAILOVER_LOG) {
+        } else if marker(&line, FAILOVER_LOG) || line.contains(HA_BOOTED_LOG) {
             Some(VmmEvent::FailedOver { vm: vm.into() })
         } else if marker(&line, SWAPPED_OUT_LOG) {
             Some(VmmEvent::SwappedOut { vm: vm.into() })
@@ -528,7 +531,8 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         std::io::Write::write_all(
             &mut f,
-            b"ted: the standby\nFT primary: waiting for a standby (session 2)\nHA standby: failover complete\n",
+            b"ted: the standby\nFT primary: waiting for a standby (session 2)\nHA standby: failover complete\n\
+              HA standby: VM booted from the replica 18ms after the primary's loss; now the primary\n",
         )
         .unwrap();
         scan_log("a", &mut p, &mut out);
@@ -537,6 +541,7 @@ mod tests {
             vec![
                 VmmEvent::Protected { vm: "a".into() },
                 VmmEvent::Unprotected { vm: "a".into() },
+                VmmEvent::FailedOver { vm: "a".into() },
                 VmmEvent::FailedOver { vm: "a".into() }
             ]
         );
