@@ -22,7 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::pair::{listening, protected, wait_console, PairFiles, Pm};
+use common::pair::{protected, start_protected, PairFiles, Pm};
 use common::{require_kvm, topology};
 use twinrun_control::{self as control, FtRole, Op, Response};
 use twinrun_lab::console::{check_console, check_disk_records, count_c, read as read_console};
@@ -47,21 +47,7 @@ impl Pair {
         let topo = topology(Topology::builder());
         let files = PairFiles::new(dir.path());
         let extra = ["--cluster-id", CLUSTER, "--epoch-ms", "10"];
-        let mut standby = Pm::spawn(&topo, &files, 1, &extra);
-        standby
-            .wait_status("listening", Duration::from_secs(30), listening)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut primary = Pm::spawn(&topo, &files, 0, &extra);
-        primary
-            .wait_status("protected", Duration::from_secs(60), protected)
-            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
-        wait_console(
-            &files.console,
-            "KV listening",
-            Duration::from_secs(60),
-            &mut primary,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (primary, standby) = start_protected(&topo, &files, &extra, &extra);
         Pair {
             pms: [primary, standby],
             topo,

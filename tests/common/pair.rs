@@ -281,6 +281,33 @@ pub fn disk_failed(s: &FtStatus) -> bool {
     s.disks.iter().any(|d| d.failed)
 }
 
+/// Starts an FT pair: the standby (PM 1, `standby_args`) until it listens, then the
+/// primary (PM 0, `primary_args`) until it reports protection and the guest's kv server
+/// listens. Returns (primary, standby).
+pub fn start_protected(
+    topo: &Topology,
+    files: &PairFiles,
+    primary_args: &[&str],
+    standby_args: &[&str],
+) -> (Pm, Pm) {
+    let mut standby = Pm::spawn(topo, files, 1, standby_args);
+    standby
+        .wait_status("listening", Duration::from_secs(30), listening)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut primary = Pm::spawn(topo, files, 0, primary_args);
+    primary
+        .wait_status("protected", Duration::from_secs(60), protected)
+        .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
+    wait_console(
+        &files.console,
+        "KV listening",
+        Duration::from_secs(60),
+        &mut primary,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (primary, standby)
+}
+
 /// Waits for the console line starting with `prefix`, as long as `pm` runs.
 pub fn wait_console(
     path: &Path,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::pair::{listening, protected, wait_console, PairFiles, Pm};
+use super::pair::{listening, protected, start_protected, wait_console, PairFiles, Pm};
 use super::{topology, twinrun_bin};
 use twinrun_control::{FtStatus, QuorumView};
 use twinrun_lab::console::{check_console, read as read_console};
@@ -208,33 +208,13 @@ impl QuorumPair {
             a.extend(extra.iter().map(|s| s.to_string()));
             a
         };
-        let a2 = args(2);
-        let mut standby = Pm::spawn(
+        let (a1, a2) = (args(1), args(2));
+        let (primary, standby) = start_protected(
             &topo,
             &files,
-            1,
+            &a1.iter().map(String::as_str).collect::<Vec<_>>(),
             &a2.iter().map(String::as_str).collect::<Vec<_>>(),
         );
-        standby
-            .wait_status("listening", Duration::from_secs(30), listening)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let a1 = args(1);
-        let mut primary = Pm::spawn(
-            &topo,
-            &files,
-            0,
-            &a1.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        primary
-            .wait_status("protected", Duration::from_secs(60), protected)
-            .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", standby.tail(30)));
-        wait_console(
-            &files.console,
-            "KV listening",
-            Duration::from_secs(60),
-            &mut primary,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
         QuorumPair {
             primary,
             standby,
