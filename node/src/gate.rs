@@ -32,8 +32,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use twinrun_lock::MutexExt;
 
+use quorum::backends::Backends;
 use quorum::client::Backend;
-use quorum::config::{Backends, QuorumConfigError};
+use quorum::config::QuorumConfigError;
 use quorum::timing::Timing;
 use quorum::witness::ops::{Reply, Request};
 use quorum::{Generation, NodeId};

@@ -16,6 +16,7 @@
 //! | `config` | the pair's `[quorum]` table: backend choice, etcd/witness options, timing | files |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backends;
 pub mod client;
 pub mod config;
 pub mod etcd;

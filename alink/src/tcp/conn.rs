@@ -12,10 +12,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
-use super::connect::Authed;
 use super::events::Event;
 use super::shared::{is_timeout, lock, Conn, Shared};
 use super::writer::writer;
+use crate::frame::{FrameDecoder, FrameEncoder};
+use std::net::SocketAddr;
+
+/// An authenticated connection ready to carry traffic.
+pub(super) struct Authed {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) enc: FrameEncoder,
+    pub(super) dec: FrameDecoder,
+}
 /// Runs one authenticated connection until it dies. Returns a replacement connection if the
 /// peer reconnected on this link meanwhile.
 pub(super) fn run_conn(

@@ -13,19 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::LinkAddrs;
-use super::conn::run_conn;
+use super::conn::{run_conn, Authed};
 use super::shared::{is_timeout, lock, Shared};
 
 /// Accepted connections being authenticated at once, per link.
 pub const MAX_PENDING_HANDSHAKES: usize = 4;
-
-/// An authenticated connection ready to carry traffic.
-pub(super) struct Authed {
-    pub(super) stream: TcpStream,
-    pub(super) peer: SocketAddr,
-    pub(super) enc: FrameEncoder,
-    pub(super) dec: FrameDecoder,
-}
 
 #[derive(Debug)]
 pub(super) enum HsFail {

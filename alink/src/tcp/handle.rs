@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use twinrun_lock::CondvarExt;
 
 use super::config::AlinkConfig;
-use super::connect::{link_manager, listen, Authed};
+use super::conn::Authed;
+use super::connect::{link_manager, listen};
 use super::error::AlinkError;
 use super::events::Event;
 use super::shared::{lock, LinkShared, Shared};

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 pub(super) use twinrun_lock::lock;
 
 use super::config::AlinkConfig;
-use super::events::Event;
+use super::events::{Event, MAX_QUEUED_EVENTS};
+use crate::linkset::LinkEvent;
+use log::{info, warn};
 
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
@@ -107,4 +109,34 @@ pub(super) fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
     )
+}
+
+/// Events for the layer above (the queue [`super::Alink::poll_event`] reads), each
+/// also logged.
+impl Shared {
+    pub(super) fn emit(&self, ev: Event) {
+        match &ev {
+            Event::Link(LinkEvent::PeerUnreachable) => {
+                warn!(
+                    "alink: peer node {} unreachable: all links down",
+                    self.cfg.peer_node_id
+                )
+            }
+            Event::Link(e) => info!("alink: {e:?}"),
+            Event::Refused { link, peer, reason } => {
+                warn!("alink link {link}: refused connection from {peer:?}: {reason}")
+            }
+        }
+        let mut q = lock(&self.events);
+        if q.len() == MAX_QUEUED_EVENTS {
+            q.pop_front();
+        }
+        q.push_back(ev);
+        self.event_cv.notify_all();
+    }
+
+    pub(super) fn refuse(&self, link: usize, peer: Option<SocketAddr>, reason: String) {
+        self.links[link].refused.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::Refused { link, peer, reason });
+    }
 }

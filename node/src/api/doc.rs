@@ -5,13 +5,15 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use axum::response::{IntoResponse, Response};
+
 use super::handlers;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "twinrund API", description = "The twinrun node daemon's API: nodes, VMs, commands, events. Both nodes serve the whole cluster."),
     paths(
-        handlers::openapi,
+        openapi,
         handlers::list_nodes,
         handlers::show_node,
         handlers::maintenance::workon_node,
@@ -70,4 +72,15 @@ mod tests {
             "node/openapi.json differs from the API's code: run `TWINRUN_BLESS=1 cargo test -p twinrund --lib doc` and commit it"
         );
     }
+}
+
+/// The OpenAPI document of this API (no token needed).
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+pub async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        json(),
+    )
+        .into_response()
 }

@@ -112,17 +112,6 @@ async fn run(
     Ok((status, Json(r.body)).into_response())
 }
 
-/// The OpenAPI document of this API (no token needed).
-#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn openapi() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        super::doc::json(),
-    )
-        .into_response()
-}
-
 /// Both nodes of the cluster and their state as this node sees them.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes", security(("token" = [])),
     responses((status = 200, body = [NodeView]), (status = 401, body = ApiError)))]

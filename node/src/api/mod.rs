@@ -9,62 +9,28 @@
 
 pub mod auth;
 pub mod doc;
+mod error;
 mod handlers;
 pub mod tls;
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use axum::Router;
 
 use crate::core::Core;
 
 pub use auth::{Access, Tokens};
+pub use error::ApiError;
 
 pub struct ApiState {
     pub core: Arc<Core>,
     pub tokens: Tokens,
 }
 
-/// Every error answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ApiError {
-    /// What went wrong and what to do about it.
-    pub error: String,
-    /// unauthorized, forbidden, bad-request, not-found, conflict, invalid, internal.
-    pub kind: String,
-    /// The refused command's id (commands only): sent again, it gets this answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command_id: Option<String>,
-    #[serde(skip)]
-    pub status: u16,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, kind: &str, error: impl Into<String>) -> ApiError {
-        ApiError {
-            error: error.into(),
-            kind: kind.into(),
-            command_id: None,
-            status: status.as_u16(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self)).into_response()
-    }
-}
-
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
-        .route("/api/v1/openapi.json", get(handlers::openapi))
+        .route("/api/v1/openapi.json", get(doc::openapi))
         .route("/api/v1/nodes", get(handlers::list_nodes))
         .route("/api/v1/nodes/{name}", get(handlers::show_node))
         .route(

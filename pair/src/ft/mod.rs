@@ -20,7 +20,9 @@ pub mod swap;
 use std::sync::Arc;
 
 use log::error;
+use storage_mirror::primary::PrimaryDisks;
 use vmm::config::VmConfig;
+use vmm::Vmm;
 
 use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
@@ -67,8 +69,61 @@ pub fn run_pair_with(
         Err(code) => return code,
     };
     let acfg = link::alink_config(ft);
-    match ft.role {
-        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
-        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
+    let q = q.as_ref();
+    let mut next = match ft.role {
+        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q),
+        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q),
+    };
+    // The role switches, in one place: a failover survivor (or the standby that
+    // accepted a planned swap) protects the VM as the primary; a swapped-out primary
+    // runs on as the standby of the same pair.
+    let mut cur_ft = ft.clone();
+    let mut swapped_out = false;
+    loop {
+        next = match next {
+            Next::Exit(code) => {
+                if swapped_out && code != exit::OK {
+                    error!("FT: the swapped-out end's standby run ended with code {code}");
+                }
+                return code;
+            }
+            Next::Primary { vm, disks } => {
+                let acfg = link::alink_config_as(&cur_ft, Role::Primary);
+                primary::protect(*vm, &cur_ft, acfg, shutdown, disks, status, q, q.is_some())
+            }
+            Next::Standby {
+                cfg,
+                ft: as_standby,
+            } => {
+                swapped_out = true;
+                let acfg = link::alink_config_as(&as_standby, Role::Standby);
+                cur_ft = *as_standby;
+                standby::run(&cfg, &cur_ft, acfg, shutdown, status, q)
+            }
+        };
+    }
+}
+
+/// How one role's run ends: the process exits with a code, or this end goes on in the
+/// other role ([`run_pair_with`] switches).
+pub enum Next {
+    Exit(i32),
+    /// The standby took the VM over (a failover, or a planned swap it accepted): it is
+    /// the primary now, `disks` its mirrored disks.
+    Primary {
+        vm: Box<Vmm>,
+        disks: Arc<PrimaryDisks>,
+    },
+    /// The primary handed the VM over in a planned swap (`primary::hand_over`): this end
+    /// runs on as the standby with these settings.
+    Standby {
+        cfg: Box<VmConfig>,
+        ft: Box<FtSettings>,
+    },
+}
+
+impl From<i32> for Next {
+    fn from(code: i32) -> Next {
+        Next::Exit(code)
     }
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::exit;
-use crate::settings::FtSettings;
+use crate::settings::{FtSettings, Role};
 use alink::{Alink, AlinkConfig};
 use checkpoint::primary::{
-    run_primary, DriverError, MirroredDisks, PrimaryDriverConfig, PrimaryReport,
+    run_primary, DriverError, MirroredDisks, PrimaryDriverConfig, PrimaryReport, SwapDone,
 };
 use checkpoint::protocol::PrimaryConfig;
 use log::{error, info, warn};
@@ -23,6 +23,7 @@ use super::gate::HeldOutput;
 use super::quorum::Quorum;
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
+use super::Next;
 use crate::alone::exit_code;
 
 /// Logged once the standby has committed epoch 0 (tools ask the control socket's
@@ -36,12 +37,12 @@ pub fn run(
     sd: &Shutdown,
     status: &PairStatus,
     quorum: Option<&Quorum>,
-) -> i32 {
+) -> Next {
     let mut vm = match build_vm(cfg) {
         Ok(vm) => vm,
         Err(e) => {
             error!("cannot build the VM: {e}");
-            return exit::START_FAILED;
+            return exit::START_FAILED.into();
         }
     };
     if matches!(cfg.console, ConsoleConfig::File { .. }) {
@@ -49,7 +50,7 @@ pub fn run(
             Ok(p) => info!("console file positioned, stream starts at byte {p:?}"),
             Err(e) => {
                 error!("cannot position the console file: {e}");
-                return exit::START_FAILED;
+                return exit::START_FAILED.into();
             }
         }
     } else {
@@ -62,13 +63,13 @@ pub fn run(
         Ok(d) => d,
         Err(e) => {
             error!("cannot start disk mirroring: {e}");
-            return exit::START_FAILED;
+            return exit::START_FAILED.into();
         }
     };
     vm.set_disk_hooks(Some(Arc::new(MirroredDisks(disks.clone()))));
     if let Err(e) = vm.start() {
         error!("cannot start the VM: {e}");
-        return exit::START_FAILED;
+        return exit::START_FAILED.into();
     }
     status.vm_running(&vm, Some(disks.clone()));
     info!(
@@ -97,7 +98,7 @@ pub fn protect(
     status: &PairStatus,
     quorum: Option<&Quorum>,
     commit_on: bool,
-) -> i32 {
+) -> Next {
     let mut protocol = PrimaryConfig::default();
     if let Some(ms) = ft.epoch_ms {
         protocol.epoch_len = Duration::from_millis(ms);
@@ -128,7 +129,7 @@ pub fn protect(
                 error!("cannot start the A-Link: {e}");
                 vm.stopper().stop();
                 vm.wait();
-                return exit::START_FAILED;
+                return exit::START_FAILED.into();
             }
         };
         if session > 1 {
@@ -149,21 +150,21 @@ pub fn protect(
                     vm.stopper().stop();
                     let end = vm.wait();
                     disks.clean_shutdown();
-                    return exit_code(&end, true);
+                    return exit_code(&end, true).into();
                 }
                 Err(generation) => {
                     q.end_session();
                     status.end_session(None);
                     drop(link);
                     held.discard(&vm);
-                    return demote(vm, &disks, generation);
+                    return demote(vm, &disks, generation).into();
                 }
             }
         }
         let mut dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
         dcfg.hold_on_simplex = quorum.is_some();
         dcfg.generation = quorum.map(Quorum::generation);
-        dcfg.swap = status.swap_side().port_for(quorum);
+        dcfg.swap = status.swap_side().port_for(quorum.is_some());
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
             s.spawn(|| announce_protection(&acked, &done, sd));
@@ -182,7 +183,7 @@ pub fn protect(
         }
         drop(link);
         if let Some(done) = result.as_ref().ok().and_then(|r| r.swapped) {
-            return super::swap::become_standby(vm, ft, sd, disks, status, quorum, done);
+            return hand_over(vm, ft, disks, status, done);
         }
         match result {
             Err(DriverError::Fenced { peer, .. }) => {
@@ -192,12 +193,12 @@ pub fn protect(
                     q.generation().fetch_max(peer, Ordering::SeqCst);
                 }
                 held.discard(&vm);
-                return demote(vm, &disks, peer);
+                return demote(vm, &disks, peer).into();
             }
             // Without a stop request the driver returns only when the standby is gone.
             Ok(_) if !sd.requested() => {
                 if let Some(end) = vm.wait_timeout(Duration::ZERO) {
-                    return exit_code(&end, sd.requested());
+                    return exit_code(&end, sd.requested()).into();
                 }
                 // Output commit is off (released at simplex); the next session turns
                 // it on again at its epoch 0.
@@ -208,13 +209,13 @@ pub fn protect(
                 vm.stopper().stop();
                 let end = vm.wait();
                 disks.clean_shutdown();
-                return exit_code(&end, true);
+                return exit_code(&end, true).into();
             }
             Err(e) => {
                 if let Some(end) = vm.wait_timeout(Duration::ZERO) {
                     info!("checkpointing ended with the VM: {e}");
                     disks.clean_shutdown();
-                    return exit_code(&end, sd.requested());
+                    return exit_code(&end, sd.requested()).into();
                 }
                 error!(
                     "FT primary: checkpointing FAILED ({e}); the VM runs on UNPROTECTED \
@@ -225,7 +226,7 @@ pub fn protect(
                 sd.hand_vm(vm.stopper());
                 let end = vm.wait();
                 disks.clean_shutdown();
-                return exit_code(&end, sd.requested());
+                return exit_code(&end, sd.requested()).into();
             }
         }
     }
@@ -403,5 +404,38 @@ fn log_report(r: &PrimaryReport) {
     }
     if let Some(why) = &r.refused {
         error!("FT primary: the standby was refused: {why}");
+    }
+}
+
+/// After a swap: this end's guest stays paused at the swap point (the standby runs
+/// it now). Stops it, closes the disks cleanly (they hold exactly the swap point, as
+/// the new primary's do) and says how this end runs on: as the standby of the same
+/// pair ([`super::Next::Standby`]).
+fn hand_over(
+    mut vm: Vmm,
+    ft: &FtSettings,
+    disks: Arc<PrimaryDisks>,
+    status: &PairStatus,
+    done: SwapDone,
+) -> super::Next {
+    info!(
+        "FT primary: role swap done: the peer runs the VM from epoch {} (guest paused here \
+         {:?}); this end becomes its standby",
+        done.epoch, done.paused_for
+    );
+    vm.stopper().stop();
+    let _ = vm.wait();
+    vm.set_disk_hooks(None);
+    drop(vm);
+    disks.clean_shutdown();
+    status.swapped_out();
+    drop(disks);
+    let mut as_standby = ft.clone();
+    as_standby.role = Role::Standby;
+    // Never discard: these disks are the replica's data.
+    as_standby.discard_disk_data = false;
+    super::Next::Standby {
+        cfg: Box::new(status.swap_side().cfg().clone()),
+        ft: Box::new(as_standby),
     }
 }

@@ -2,7 +2,7 @@
 //! last committed checkpoint on its own devices until it ends or SIGTERM/SIGINT.
 
 use crate::exit;
-use crate::settings::{FtSettings, Role};
+use crate::settings::FtSettings;
 use alink::{Alink, AlinkConfig};
 use checkpoint::protocol::StandbyConfig;
 use checkpoint::standby::{
@@ -14,6 +14,7 @@ use vmm::config::{ConsoleConfig, VmConfig};
 use super::quorum::Quorum;
 use super::shutdown::Shutdown;
 use super::status::PairStatus;
+use super::Next;
 use crate::alone::exit_code;
 
 /// Logged when the standby's VM runs (tools ask the control socket's status, whose
@@ -44,7 +45,7 @@ pub fn run(
     sd: &Shutdown,
     status: &PairStatus,
     quorum: Option<&Quorum>,
-) -> i32 {
+) -> Next {
     if !matches!(cfg.console, ConsoleConfig::File { .. }) {
         warn!(
             "the console is not a file: output released again after a failover may be duplicated"
@@ -57,7 +58,7 @@ pub fn run(
     for (i, n) in cfg.nets.iter().enumerate() {
         if let Err(e) = vmm::devices::virtio::net::tap::preopen(&n.tap) {
             error!("FT standby: net {i}: cannot open TAP {}: {e}", n.tap);
-            return exit::START_FAILED;
+            return exit::START_FAILED.into();
         }
     }
     info!(
@@ -84,7 +85,7 @@ pub fn run(
             Ok(l) => std::sync::Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
-                return exit::START_FAILED;
+                return exit::START_FAILED.into();
             }
         };
         status.begin_session(link.clone(), None);
@@ -165,37 +166,30 @@ pub fn run(
             let disks = survivor.take();
             status.failed_over(&r, &vm, disks.clone());
             match disks {
-                Some(disks) => {
-                    let acfg = super::link::alink_config_as(ft, Role::Primary);
-                    super::primary::protect(
-                        vm,
-                        ft,
-                        acfg,
-                        sd,
-                        disks,
-                        status,
-                        quorum,
-                        quorum.is_some(),
-                    )
-                }
+                // The role switch (`super::run_pair_with`): this end protects the VM as
+                // the primary now.
+                Some(disks) => Next::Primary {
+                    vm: Box::new(vm),
+                    disks,
+                },
                 None => {
                     let end = vm.wait();
-                    exit_code(&end, sd.requested())
+                    exit_code(&end, sd.requested()).into()
                 }
             }
         }
         Ok(StandbyOutcome::NoReplica) => {
             info!("FT standby: stopped before anything was committed");
-            exit::OK
+            exit::OK.into()
         }
         Ok(StandbyOutcome::Stopped { committed })
         | Ok(StandbyOutcome::PrimaryBack { committed }) => {
             info!("FT standby: stopped (last committed epoch {committed:?})");
-            exit::OK
+            exit::OK.into()
         }
         Err(e) => {
             error!("FT standby: {e}");
-            exit::START_FAILED
+            exit::START_FAILED.into()
         }
     }
 }

@@ -3,7 +3,8 @@
 //! checkpoint session carries it out (the protocol is `checkpoint`'s: pause, final
 //! epoch, its ack and release, `Swap`, the standby's acceptance), and then this
 //! process, whose guest stays paused at the swap point, stops its VM and becomes the
-//! standby of the same pair ([`become_standby`]): it listens on its A-Links for the
+//! standby of the same pair (`primary::hand_over`, then the role switch in
+//! [`super::run_pair_with`]): it listens on its A-Links for the
 //! new primary, which dials it (as after a failover) and protects the VM again.
 //!
 //! The standby's side needs nothing of its own here: it takes the VM over as at a
@@ -13,16 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkpoint::primary::{SwapDone, SwapPort};
-use log::{error, info};
-use storage_mirror::primary::PrimaryDisks;
-use vmm::config::VmConfig;
-use vmm::Vmm;
+use checkpoint::primary::SwapPort;
 
-use super::quorum::Quorum;
-use super::shutdown::Shutdown;
-use super::status::PairStatus;
-use crate::settings::{FtSettings, Role};
+use vmm::config::VmConfig;
 
 /// How long a swap request waits for the session's answer.
 const SWAP_WAIT: Duration = twinrun_control::SWAP_TIMEOUT;
@@ -42,10 +36,15 @@ impl SwapSide {
         }
     }
 
+    /// The VM's configuration (the swapped-out end runs on as its standby).
+    pub fn cfg(&self) -> &VmConfig {
+        &self.cfg
+    }
+
     /// The port for a primary session's driver config (None: swaps refused with a
     /// reason, see [`SwapSide::request`]).
-    pub fn port_for(&self, quorum: Option<&Quorum>) -> Option<Arc<SwapPort>> {
-        quorum.is_none().then(|| self.port.clone())
+    pub fn port_for(&self, quorum_configured: bool) -> Option<Arc<SwapPort>> {
+        (!quorum_configured).then(|| self.port.clone())
     }
 
     /// An operator's request: waits until the standby took the VM over.
@@ -60,41 +59,4 @@ impl SwapSide {
         let done = self.port.request(SWAP_WAIT)?;
         Ok((done.epoch, done.paused_for.as_micros() as u64))
     }
-}
-
-/// After a swap: this end's guest stays paused at the swap point (the standby runs
-/// it now). Stops it, closes the disks cleanly (they hold exactly the swap point, as
-/// the new primary's do) and runs this end as the standby of the same pair.
-pub fn become_standby(
-    mut vm: Vmm,
-    ft: &FtSettings,
-    sd: &Shutdown,
-    disks: Arc<PrimaryDisks>,
-    status: &PairStatus,
-    quorum: Option<&Quorum>,
-    done: SwapDone,
-) -> i32 {
-    info!(
-        "FT primary: role swap done: the peer runs the VM from epoch {} (guest paused here \
-         {:?}); this end becomes its standby",
-        done.epoch, done.paused_for
-    );
-    vm.stopper().stop();
-    let _ = vm.wait();
-    vm.set_disk_hooks(None);
-    drop(vm);
-    disks.clean_shutdown();
-    status.swapped_out();
-    drop(disks);
-    let mut as_standby = ft.clone();
-    as_standby.role = Role::Standby;
-    // Never discard: these disks are the replica's data.
-    as_standby.discard_disk_data = false;
-    let acfg = super::link::alink_config_as(ft, Role::Standby);
-    let cfg = status.swap_side().cfg.clone();
-    let code = super::standby::run(&cfg, &as_standby, acfg, sd, status, quorum);
-    if code != crate::exit::OK {
-        error!("FT: the swapped-out end's standby run ended with code {code}");
-    }
-    code
 }
