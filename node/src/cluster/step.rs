@@ -1595,6 +1595,17 @@ impl Cluster {
                         p.role == Some(Role::Primary)
                             || (p.role == Some(Role::Standby) && p.failed_over)
                     });
+                // Our own planned swap handed the VM to the peer: its takeover can be
+                // seen before our VMM's "swapped out" line; not a split brain. (A swap
+                // that failed clears `swap_sent`, and the check below applies again.)
+                if peer_primary && self.vms[vm].swap_sent {
+                    return (
+                        VmState::Protected,
+                        format!(
+                            "role swap: {peer} takes the VM over, the VMM here becomes its standby"
+                        ),
+                    );
+                }
                 // A peer in maintenance is stopping its copy (a planned move, its
                 // report may still show it): ours is the one that goes on.
                 if peer_primary && !self.in_maintenance(&peer) {

@@ -158,8 +158,15 @@ fn golden_maintenance_finalize() {
     s.node_command(0, "f1", "pm1", NodeCommand::Finalize);
     s.wait(100);
     s.maintenance_rows();
-    for vm in ["ft1", "ha1"] {
-        assert_eq!(s.nodes[0].vmms.get(vm).map(|v| v.0), Some(Role::Standby));
+    // Protected again; ft1 (failback auto, pm1 preferred) is then swapped back to pm1
+    // by a planned role swap; HA has no swap: its standby stays on pm1.
+    for (vm, role) in [("ft1", Role::Primary), ("ha1", Role::Standby)] {
+        assert_eq!(
+            s.nodes[0].vmms.get(vm).map(|v| v.0),
+            Some(role),
+            "{vm}\n{}",
+            s.log
+        );
         let c = s.nodes[1].cluster.as_ref().expect("pm2 up");
         assert_eq!(c.shown(vm).map(|x| x.state), Some(VmState::Protected));
     }
