@@ -83,6 +83,25 @@ fn console_output_appears_only_on_release_in_epoch_order() {
     println!("{epoch} epochs, {} bytes", text.len());
 }
 
+/// Waits until the open epoch holds console output. A fixed sleep is not enough: on a
+/// loaded machine (CI runs suites in parallel on two CPUs) the guest's vCPU may not be
+/// scheduled for 40 ms, and an epoch closed empty made the test fail (`committed > 0`).
+fn wait_for_output(vmm: &Vmm) {
+    wait_until(|| vmm.output_waiting());
+}
+
+/// Polls `cond` every 5 ms; fails the test after 30 s.
+fn wait_until(mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the guest's console output did not come in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn discarded_epochs_never_appear() {
     let log = TempFile::new("oc-discard.log");
@@ -91,7 +110,13 @@ fn discarded_epochs_never_appear() {
     vmm.start().unwrap();
     let mut committed = 0;
     for e in 1..=3 {
-        std::thread::sleep(Duration::from_millis(40));
+        wait_for_output(&vmm);
+        if e == 1 {
+            // Epoch 1 must hold a counter line, not only the BOOT line: wait for one
+            // more console write after the first.
+            let first = vmm.held_output_bytes();
+            wait_until(|| vmm.held_output_bytes() > first);
+        }
         vmm.pause().unwrap();
         let s = vmm.close_epoch(e).unwrap();
         if e == 1 {
@@ -99,7 +124,7 @@ fn discarded_epochs_never_appear() {
         }
         vmm.resume().unwrap();
     }
-    std::thread::sleep(Duration::from_millis(40));
+    wait_for_output(&vmm);
     vmm.pause().unwrap();
     assert!(vmm.output_waiting(), "the open epoch should hold output");
     // Epochs 2, 3 and the open one did not commit.
@@ -125,7 +150,10 @@ fn full_gate_stalls_the_guest_without_loss() {
     vmm.enable_output_commit().unwrap();
     vmm.set_output_limit(2048);
     vmm.start().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Until the gate is full (a fixed sleep is not enough on a loaded machine), then a
+    // little longer: a full gate must hold the guest at the limit.
+    wait_until(|| vmm.held_output_bytes() >= 2048);
+    std::thread::sleep(Duration::from_millis(100));
     vmm.pause().unwrap();
     let held = vmm.held_output_bytes();
     // At the limit, overshooting by at most one chain (the guest's 4 KiB buffers).
