@@ -220,6 +220,18 @@ fn pause_resume_repeatedly_then_stop() {
     assert!(vmm.pause().is_err(), "pause after the end");
 }
 
+/// Polls `cond` every 2 ms; fails with `what` after 30 s.
+fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}: not within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn paused_guest_makes_no_progress_and_stop_works_while_paused() {
     // inc rax; mov [rbx], rax (MMIO exit each loop); jmp
@@ -227,22 +239,16 @@ fn paused_guest_makes_no_progress_and_stop_works_while_paused() {
     code.extend_from_slice(&[0x48, 0xff, 0xc0, 0x48, 0x89, 0x03, 0xeb, 0xf8]);
     let (mut vmm, rec) = vm_with_recorder(&code, 1);
     vmm.start().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // Conditions, not fixed sleeps: on a loaded machine the vCPU thread may not run for
+    // tens of milliseconds.
+    let writes = || rec.lock().unwrap().writes.len();
+    wait_until(|| writes() > 0, "the guest ran");
     vmm.pause().unwrap();
-    let n = rec.lock().unwrap().writes.len();
-    assert!(n > 0, "the guest ran");
+    let n = writes();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        rec.lock().unwrap().writes.len(),
-        n,
-        "no progress while paused"
-    );
+    assert_eq!(writes(), n, "no progress while paused");
     vmm.resume().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(
-        rec.lock().unwrap().writes.len() > n,
-        "progress after resume"
-    );
+    wait_until(|| writes() > n, "progress after resume");
     vmm.pause().unwrap();
     vmm.stopper().stop();
     assert_eq!(wait(&mut vmm), VmExit::Stopped);
