@@ -5,7 +5,8 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::netns::{in_netns, NsThread};
@@ -123,6 +124,29 @@ impl PacketSocket {
         self.try_recv(buf)
     }
 
+    /// One frame into `buf` if one is waiting: its length, and whether the interface
+    /// sent it (`PACKET_OUTGOING`: on a TAP, a frame going into the VM) rather than
+    /// received it (on a TAP, a frame the VM wrote).
+    pub fn try_recv_dir(&self, buf: &mut [u8]) -> Option<(usize, bool)> {
+        // SAFETY: an all-zero sockaddr_ll is a valid value for the kernel to fill.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: receives into a valid buffer of the given length; `sa` and `len` are
+        // valid for writes of the sizes given and live across the call.
+        let r = unsafe {
+            libc::recvfrom(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                std::ptr::addr_of_mut!(sa).cast(),
+                &mut len,
+            )
+        };
+        let n = usize::try_from(r).ok()?;
+        Some((n, sa.sll_pkttype == libc::PACKET_OUTGOING as u8))
+    }
+
     /// Calls `f` with each frame waiting on the socket, until none is left.
     pub fn drain(&self, buf: &mut [u8], mut f: impl FnMut(&[u8])) {
         while let Some(n) = self.try_recv(buf) {
@@ -171,6 +195,84 @@ pub fn capture<T: Send + 'static>(
         Err(_) => Err(LabError::Timeout(format!(
             "the capture on {label} did not start"
         ))),
+    }
+}
+
+/// Records, on a thread inside namespace `ns`, every frame the VM behind TAP `ifname`
+/// writes (frames the interface receives; not those it sends into the VM), from the
+/// moment [`VmFrames::start`] returns until [`VmFrames::stop`] (dropped unstopped, the
+/// thread ends within 50 ms).
+pub struct VmFrames {
+    stop: Arc<AtomicBool>,
+    thread: Option<NsThread<Vec<Vec<u8>>>>,
+}
+
+impl VmFrames {
+    pub fn start(ns: &str, ifname: &str) -> Result<VmFrames, LabError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let label = format!("{ns}/{ifname}");
+        let ifname = ifname.to_string();
+        let flag = stop.clone();
+        let thread = in_netns(ns, move || {
+            let sock = match PacketSocket::bind(&ifname) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            let mut buf = vec![0u8; 256 << 10];
+            let mut frames = Vec::new();
+            let mut take = |sock: &PacketSocket, frames: &mut Vec<Vec<u8>>| {
+                while let Some((n, into_vm)) = sock.try_recv_dir(&mut buf) {
+                    if !into_vm {
+                        frames.push(buf[..n].to_vec());
+                    }
+                }
+            };
+            while !flag.load(Ordering::Acquire) {
+                let mut pfd = libc::pollfd {
+                    fd: sock.0.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd that lives across the call.
+                unsafe { libc::poll(&mut pfd, 1, 50) };
+                take(&sock, &mut frames);
+            }
+            // What reached the socket before `stop` was asked for.
+            take(&sock, &mut frames);
+            frames
+        })?;
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(VmFrames {
+                stop,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LabError::Timeout(format!(
+                "the recording on {label} did not start"
+            ))),
+        }
+    }
+
+    /// The frames the VM wrote since the start, in order.
+    pub fn stop(mut self) -> Result<Vec<Vec<u8>>, LabError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take() {
+            Some(t) => t.join(),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for VmFrames {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 

@@ -22,6 +22,7 @@ use super::{topology, twinrun_bin};
 use twinrun_control::{FtStatus, QuorumView};
 use twinrun_lab::console::{check_console, read as read_console};
 use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::tap::VmFrames;
 use twinrun_lab::topology::KV_PORT;
 use twinrun_lab::{Proc, Topology};
 
@@ -116,6 +117,39 @@ pub fn tap_frames(topo: &Topology, i: usize) -> u64 {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// Starts recording the frames the VMMs of PM 0 and PM 1 write into their TAPs.
+pub fn record_vm_frames(topo: &Topology) -> [VmFrames; 2] {
+    [0, 1].map(|i| {
+        VmFrames::start(topo.pm_ns(i), topo.tap(i))
+            .unwrap_or_else(|e| panic!("recording TAP {}: {e}", topo.tap(i)))
+    })
+}
+
+/// "Never two copies" at the TAPs, exactly: every frame the loser's VMM wrote while
+/// recorded is one the winner's VMM also wrote. The loser may still release output of
+/// epochs the winner had committed (an acknowledgement read after it was frozen, say:
+/// acknowledged output is released without a lease), and the winner sends those same
+/// frames again at its takeover (its "frames sent again"); anything else (a frame of
+/// an epoch the winner never committed) would be a second copy's output.
+pub fn assert_loser_wrote_only_committed_frames(loser: &[Vec<u8>], winner: &[Vec<u8>], ctx: &str) {
+    for (i, f) in loser.iter().enumerate() {
+        assert!(
+            winner.iter().any(|w| w == f),
+            "{ctx}: frame {i} of {} the loser wrote ({} bytes) is not among the {} the winner \
+             wrote: a second copy's output",
+            loser.len(),
+            f.len(),
+            winner.len()
+        );
+    }
+    eprintln!(
+        "{ctx}: the loser wrote {} frames while recorded, all committed ones the winner also \
+         wrote; the winner {}",
+        loser.len(),
+        winner.len()
+    );
 }
 
 /// The quorum part of a status.
