@@ -144,7 +144,7 @@ impl PacketSocket {
             )
         };
         let n = usize::try_from(r).ok()?;
-        Some((n, sa.sll_pkttype == libc::PACKET_OUTGOING as u8))
+        Some((n, sa.sll_pkttype == libc::PACKET_OUTGOING))
     }
 
     /// Calls `f` with each frame waiting on the socket, until none is left.

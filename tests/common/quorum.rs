@@ -119,12 +119,15 @@ pub fn tap_frames(topo: &Topology, i: usize) -> u64 {
         })
 }
 
-/// Starts recording the frames the VMMs of PM 0 and PM 1 write into their TAPs.
-pub fn record_vm_frames(topo: &Topology) -> [VmFrames; 2] {
-    [0, 1].map(|i| {
-        VmFrames::start(topo.pm_ns(i), topo.tap(i))
-            .unwrap_or_else(|e| panic!("recording TAP {}: {e}", topo.tap(i)))
-    })
+/// Starts recording the frames the VMM of PM `i` writes into its TAP.
+pub fn record_vm_frames(topo: &Topology, i: usize) -> VmFrames {
+    VmFrames::start(topo.pm_ns(i), topo.tap(i))
+        .unwrap_or_else(|e| panic!("recording TAP {}: {e}", topo.tap(i)))
+}
+
+/// The frames a recording holds.
+pub fn recorded(r: VmFrames) -> Vec<Vec<u8>> {
+    r.stop().unwrap_or_else(|e| panic!("recorded frames: {e}"))
 }
 
 /// "Never two copies" at the TAPs, exactly: every frame the loser's VMM wrote while
@@ -132,7 +135,8 @@ pub fn record_vm_frames(topo: &Topology) -> [VmFrames; 2] {
 /// epochs the winner had committed (an acknowledgement read after it was frozen, say:
 /// acknowledged output is released without a lease), and the winner sends those same
 /// frames again at its takeover (its "frames sent again"); anything else (a frame of
-/// an epoch the winner never committed) would be a second copy's output.
+/// an epoch the winner never committed) would be a second copy's output. The winner's
+/// recording must have started before its takeover.
 pub fn assert_loser_wrote_only_committed_frames(loser: &[Vec<u8>], winner: &[Vec<u8>], ctx: &str) {
     for (i, f) in loser.iter().enumerate() {
         assert!(
