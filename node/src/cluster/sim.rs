@@ -19,6 +19,7 @@ use crate::model::*;
 const NODES: [&str; 2] = ["pm1", "pm2"];
 
 mod maintenance;
+mod migrate;
 
 struct Node {
     cluster: Option<Cluster>,
@@ -34,6 +35,9 @@ struct Sim {
     now: u64,
     nodes: [Node; 2],
     link: bool,
+    /// The VMMs' A-Links (the daemons' channel is `link`): cut, no standby gets in
+    /// sync.
+    alinks: bool,
     queue: VecDeque<(usize, Input)>,
     log: String,
     next_pid: u32,
@@ -91,6 +95,7 @@ impl Sim {
             now: 0,
             nodes: [node(), node()],
             link: false,
+            alinks: true,
             queue: VecDeque::new(),
             log: String::new(),
             next_pid: 100,
@@ -398,14 +403,14 @@ impl Sim {
     }
 
     fn protect(&mut self) {
-        if !self.connected() {
+        if !self.connected() || !self.alinks {
             return;
         }
         for i in 0..2 {
             let vms: Vec<String> = self.nodes[i]
                 .vmms
                 .iter()
-                .filter(|(_, (r, _, p))| *r == Role::Primary && !p)
+                .filter(|(_, (r, _, p))| matches!(r, Role::Primary | Role::Solo) && !p)
                 .map(|(v, _)| v.clone())
                 .collect();
             for vm in vms {
@@ -487,8 +492,12 @@ impl Sim {
                 let here = self.nodes[i].vmms.get(&vm).copied();
                 let there = self.nodes[other].vmms.get(&vm).copied();
                 match (here, there) {
-                    (Some((Role::Primary, _, true)), Some((Role::Standby, _, _)))
-                        if self.connected() =>
+                    // Solo: an unprotected VM's VMM (an FT primary alone) handing the
+                    // VM to its live migration's receiving VMM.
+                    (
+                        Some((Role::Primary | Role::Solo, _, true)),
+                        Some((Role::Standby, _, _)),
+                    ) if self.connected() && self.alinks =>
                     {
                         if let Some(e) = self.nodes[i].vmms.get_mut(&vm) {
                             *e = (Role::Standby, e.1, false);
@@ -747,6 +756,7 @@ fn golden_both_start_at_once() {
         clear_seq: 0,
         deleted: false,
         stopped_because: None,
+        migrate_to: None,
         created: Version::default(),
         version: Version {
             clock: 4,
