@@ -250,13 +250,9 @@ fn migrate_back_and_forth_under_load() {
         let to = m.start_target();
         m.wait_in_sync();
         let synced = t0.elapsed();
-        let (tx, rx) = std::sync::mpsc::channel();
+        // The longest reply wait in a window that holds the handover.
         let stall = std::thread::scope(|s| {
-            let probe = s.spawn(|| {
-                let _ = rx.recv();
-                client.max_reply_during(Duration::from_millis(1500))
-            });
-            tx.send(()).unwrap();
+            let probe = s.spawn(|| client.max_reply_during(Duration::from_millis(1500)));
             std::thread::sleep(Duration::from_millis(100));
             pauses.push(m.hand_over(to));
             probe.join().unwrap()

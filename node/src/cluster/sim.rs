@@ -446,6 +446,22 @@ impl Sim {
                 ));
             }
             Action::Stop { vm, .. } => {
+                let was = self.nodes[i].vmms.get(&vm).map(|e| e.0);
+                let unprotected = self.nodes[i]
+                    .store
+                    .get(&vm)
+                    .is_some_and(|r| r.spec.protection == Protection::Unprotected);
+                if was == Some(Role::Standby) && unprotected {
+                    // A live migration's other end stops: the VMM on the peer runs
+                    // alone again (its log says it waits for a standby).
+                    if let Some(e) = self.nodes[1 - i].vmms.get_mut(&vm) {
+                        if e.2 {
+                            e.2 = false;
+                            self.queue
+                                .push_back((1 - i, Input::VmmUnprotected { vm: vm.clone() }));
+                        }
+                    }
+                }
                 if self.nodes[i].vmms.remove(&vm).is_some() {
                     self.queue.push_back((
                         i,

@@ -618,6 +618,11 @@ impl Cluster {
                 }
             }
             Input::VmmProtected { vm } => {
+                if self.migrating_from_here(&vm) {
+                    // This session's standby is the migration's receiving VMM, in sync
+                    // now (a protection flag from before the migration does not count).
+                    slot_mut(&mut self.vms, &vm).migrate_synced = true;
+                }
                 if let Some(l) = self.vms.get_mut(&vm).and_then(|s| s.local.as_mut()) {
                     if !l.protected {
                         l.protected = true;

@@ -269,7 +269,11 @@ impl Cluster {
         }
         let now = self.now;
         let s = slot_mut(&mut self.vms, vm);
-        let since = *s.migrate_since.get_or_insert(now);
+        if s.migrate_since.is_none() {
+            s.migrate_since = Some(now);
+            s.migrate_synced = false;
+        }
+        let since = s.migrate_since.unwrap_or(now);
         let in_sync = s.local.as_ref().is_some_and(|l| l.protected);
         if s.swap_sent {
             return Some((
@@ -278,8 +282,7 @@ impl Cluster {
             ));
         }
         let receiving = peer_role == Some(Role::Standby) && !peer_vmm.is_some_and(|p| p.failed_over);
-        if in_sync && receiving {
-            s.migrate_synced = true;
+        if s.migrate_synced && in_sync && receiving {
             s.swap_sent = true;
             out.push(log(
                 Some(vm),
