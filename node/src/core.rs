@@ -355,7 +355,9 @@ impl Core {
         let events = g.sup.poll();
         for e in &events {
             match e {
-                VmmEvent::Protected { vm } => g.precopy.entry(vm.clone()).or_default().in_sync = true,
+                VmmEvent::Protected { vm } => {
+                    g.precopy.entry(vm.clone()).or_default().in_sync = true
+                }
                 VmmEvent::Unprotected { vm } | VmmEvent::Exited { vm, .. } => {
                     if let Some(p) = g.precopy.get_mut(vm) {
                         p.in_sync = false;

@@ -510,10 +510,8 @@ impl Sim {
                 match (here, there) {
                     // Solo: an unprotected VM's VMM (an FT primary alone) handing the
                     // VM to its live migration's receiving VMM.
-                    (
-                        Some((Role::Primary | Role::Solo, _, true)),
-                        Some((Role::Standby, _, _)),
-                    ) if self.connected() && self.alinks =>
+                    (Some((Role::Primary | Role::Solo, _, true)), Some((Role::Standby, _, _)))
+                        if self.connected() && self.alinks =>
                     {
                         if let Some(e) = self.nodes[i].vmms.get_mut(&vm) {
                             *e = (Role::Standby, e.1, false);

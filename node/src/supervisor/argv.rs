@@ -345,7 +345,10 @@ mod tests {
             line.contains("--role primary --cluster-id plant-a"),
             "{line}"
         );
-        assert!(line.contains("--alink 10.88.0.1:7506,10.88.0.2:7506"), "{line}");
+        assert!(
+            line.contains("--alink 10.88.0.1:7506,10.88.0.2:7506"),
+            "{line}"
+        );
         assert!(!line.contains("--protection"), "{line}");
         assert!(!line.contains("--migration-target"), "{line}");
         // The receiving end of its live migration never takes the VM over.

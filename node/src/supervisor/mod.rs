@@ -73,14 +73,31 @@ pub struct PidFile {
 /// Something a VMM did, noticed by [`Supervisor::poll`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmEvent {
-    Exited { vm: String, exit: ExitKind },
-    Protected { vm: String },
-    Unprotected { vm: String },
-    FailedOver { vm: String },
-    SwappedOut { vm: String },
-    SwappedIn { vm: String },
+    Exited {
+        vm: String,
+        exit: ExitKind,
+    },
+    Protected {
+        vm: String,
+    },
+    Unprotected {
+        vm: String,
+    },
+    FailedOver {
+        vm: String,
+    },
+    SwappedOut {
+        vm: String,
+    },
+    SwappedIn {
+        vm: String,
+    },
     /// The FT primary sent a pre-copy round (live migration's progress).
-    SyncRound { vm: String, round: u32, pages: u64 },
+    SyncRound {
+        vm: String,
+        round: u32,
+        pages: u64,
+    },
 }
 
 struct Proc {

@@ -246,7 +246,10 @@ impl Cluster {
                         format!("migrated from {peer}: the VM runs on {me}, owner is {me}"),
                     ));
                     out.push(self.write(r));
-                    return Some((VmState::Running, format!("running on {me} (migrated from {peer})")));
+                    return Some((
+                        VmState::Running,
+                        format!("running on {me} (migrated from {peer})"),
+                    ));
                 }
                 _ => return None,
             }
@@ -281,7 +284,8 @@ impl Cluster {
                 format!("migrating to {peer}: in sync, handing over at a checkpoint"),
             ));
         }
-        let receiving = peer_role == Some(Role::Standby) && !peer_vmm.is_some_and(|p| p.failed_over);
+        let receiving =
+            peer_role == Some(Role::Standby) && !peer_vmm.is_some_and(|p| p.failed_over);
         if s.migrate_synced && in_sync && receiving {
             s.swap_sent = true;
             out.push(log(
