@@ -419,25 +419,40 @@ fn unprotected_vm_migrates_back_and_forth_under_kv_load() {
         let to = 1 - at;
         let t0 = Instant::now();
         let target = format!("pm{}", to + 1);
-        let (code, out) = c.migrate_cli(at, (n % 2 == 0).then_some(target.as_str()));
+        // The longest reply wait of the kv client in a window that holds the migration
+        // (a figure, not an assertion: the machines are noisy).
+        let ((code, out), stall) = std::thread::scope(|s| {
+            let probe = s.spawn(|| client.max_reply_during(Duration::from_millis(2500)));
+            let r = c.migrate_cli(at, (n % 2 == 0).then_some(target.as_str()));
+            (r, probe.join().unwrap())
+        });
         assert_eq!(code, 0, "migration {n}: {out}\n{}", c.logs());
         assert!(
             out.contains(&format!("migrated to {target}")),
             "migration {n}: {out}"
         );
         c.wait_runs_on(to, &format!("migration {n}: the VM on {target} only"));
-        let stall = client.max_reply_during(Duration::from_millis(300));
         client
             .wait_acks(50, Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("migration {n}: after it: {e}\n{}", c.logs()));
         c.counter_goes_on(to, &format!("migration {n}: the counter on {target}"));
+        // The source's daemon logs the guest's pause until the target accepted.
+        let log = std::fs::read_to_string(c.dirs[at].join("twinrund.log")).unwrap_or_default();
+        let pause = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("role swap done at checkpoint"))
+            .and_then(|l| l.rsplit("guest paused ").next())
+            .unwrap_or("?")
+            .trim_end_matches(')')
+            .to_string();
         eprintln!(
-            "migration {n}: pm{} -> {target} in {:?} (CLI: {})",
+            "migration {n}: pm{} -> {target} in {:?}; guest paused {pause} on the source; \
+             longest kv reply around it {stall:?} (CLI: {})",
             at + 1,
             t0.elapsed(),
             out.lines().last().unwrap_or("")
         );
-        let _ = stall;
         at = to;
     }
     finish(&c, client);

@@ -1138,7 +1138,7 @@ fn random_run(seed: u64, verbose: bool) {
                     if s.up(n) {
                         next_id += 1;
                         let id = format!("c{next_id}");
-                        let cmd = match rng.below(8) {
+                        let cmd = match rng.below(9) {
                             0 => Command::Create(spec(
                                 vm,
                                 levels[rng.below(3) as usize],
@@ -1155,6 +1155,7 @@ fn random_run(seed: u64, verbose: bool) {
                             4 => Command::PowerOff,
                             5 => Command::Restart,
                             6 => Command::Delete,
+                            7 => Command::Migrate(None),
                             _ => Command::Failback,
                         };
                         s.command(n, &id, vm, cmd);
