@@ -17,6 +17,10 @@
 //!   loses sync or is not in sync in time is the step function's, see the goldens; here
 //!   the A-Links stay down until the receiving VMM's session is lost): the VM runs on at
 //!   the source on the same connection, and a later migration succeeds.
+//! - `ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused`: an FT VM moved to pm2
+//!   and back by `twinrun vm migrate` (a planned role swap each way, the target its new
+//!   preferred node, protected again the other way round); an HA VM's migration is
+//!   refused with the reason (exit 4).
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -246,6 +250,41 @@ impl Cluster {
         out
     }
 
+    /// Creates and starts an FT VM `name` (no NIC) on pm1, waits until it is protected.
+    fn create_ft_vm(&self, name: &'static str) {
+        let toml = format!(
+            r#"name = "{name}"
+vcpus = 1
+mem_mib = 64
+protection = "ft"
+preferred_node = "pm1"
+autostart = true
+failback = "manual"
+disks = [{{ size_mib = 8 }}]
+[payload]
+kind = "test-guest"
+workloads = ["counter", "disk"]
+counter_rate = 200
+"#
+        );
+        let spec: twinrund::model::VmSpec = toml::from_str(&toml).expect("spec");
+        let r = self.api(0, move |c| {
+            c.create(&spec, None)
+                .and_then(|_| c.action(name, "start", None))
+                .map_err(|e| e.to_string())
+        });
+        r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", self.logs()));
+        wait_for(
+            Duration::from_secs(90),
+            "the FT VM protected on pm1",
+            || {
+                self.api(0, move |c| c.vm(name).ok())
+                    .filter(|v| v.state == twinrund::model::VmState::Protected)
+            },
+            || self.logs(),
+        );
+    }
+
     /// Creates and starts the VM on pm1, waits until it serves kv.
     fn create_vm(&self) {
         let net = self.topo.guest_mac();
@@ -301,11 +340,15 @@ kv_addr = "{ip}/24"
 
     /// `twinrun vm migrate` run in node `i`'s namespace against its API.
     fn migrate_cli(&self, i: usize, to: Option<&str>) -> (i32, String) {
+        self.migrate_cli_of(VM, i, to)
+    }
+
+    fn migrate_cli_of(&self, vm: &str, i: usize, to: Option<&str>) -> (i32, String) {
         let mut cmd = self.topo.pms[i].ns.command(twinrun_bin());
         cmd.args([
             "vm",
             "migrate",
-            VM,
+            vm,
             "--api",
             &self.api_url(i),
             "--token-file",
@@ -550,4 +593,63 @@ fn failed_migrations_leave_the_vm_on_the_source() {
         .unwrap_or_else(|e| panic!("after the migration: {e}\n{}", c.logs()));
     c.counter_goes_on(1, "the counter on pm2");
     finish(&c, client);
+}
+
+#[test]
+fn ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused() {
+    let c = Cluster::start();
+    c.create_ft_vm("ftm");
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let target = format!("pm{}", to + 1);
+        let (code, out) = c.migrate_cli_of("ftm", from, None);
+        assert_eq!(code, 0, "{out}\n{}", c.logs());
+        assert!(out.contains(&format!("migrated to {target}")), "{out}");
+        // Protected again the other way round, the same VMMs (a swap, no restart).
+        wait_for(
+            Duration::from_secs(60),
+            "protected with its primary on the target",
+            || {
+                c.api(to, |cl| cl.vm("ftm").ok()).filter(|v| {
+                    v.state == twinrund::model::VmState::Protected
+                        && v.owner.as_deref() == Some(target.as_str())
+                        && v.spec.preferred_node.as_deref() == Some(target.as_str())
+                })
+            },
+            || c.logs(),
+        );
+    }
+    // An HA VM is refused with the reason (exit 4: not possible in its state).
+    let spec: twinrund::model::VmSpec = toml::from_str(
+        r#"name = "ham"
+vcpus = 1
+mem_mib = 64
+protection = "ha"
+preferred_node = "pm1"
+autostart = true
+failback = "manual"
+disks = [{ size_mib = 8 }]
+[payload]
+kind = "test-guest"
+workloads = ["counter"]
+"#,
+    )
+    .expect("spec");
+    let r = c.api(0, move |cl| {
+        cl.create(&spec, None)
+            .and_then(|_| cl.action("ham", "start", None))
+            .map_err(|e| e.to_string())
+    });
+    r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", c.logs()));
+    wait_for(
+        Duration::from_secs(90),
+        "the HA VM running",
+        || {
+            c.api(0, |cl| cl.vm("ham").ok())
+                .filter(|v| v.owner.as_deref() == Some("pm1"))
+        },
+        || c.logs(),
+    );
+    let (code, out) = c.migrate_cli_of("ham", 0, Some("pm2"));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("HA VM is not built yet"), "{out}");
 }
