@@ -73,6 +73,12 @@ pub enum Cmd {
         vm: Option<String>,
         limit: u32,
     },
+    /// `twinrun vm migrate VM [--to NODE]`; `wait`: follow it to its end.
+    VmMigrate {
+        vm: String,
+        to: Option<String>,
+        wait: bool,
+    },
 }
 
 impl Conn {
@@ -160,7 +166,7 @@ fn code_of(e: &ClientError) -> i32 {
     }
 }
 
-fn api<T>(r: Result<T, ClientError>) -> Result<T, (i32, String)> {
+pub(crate) fn api<T>(r: Result<T, ClientError>) -> Result<T, (i32, String)> {
     r.map_err(|e| (code_of(&e), e.to_string()))
 }
 
@@ -225,6 +231,15 @@ pub fn run_to(conn: &Conn, cmd: Cmd, out: &mut impl Write) -> Result<(), (i32, S
                 ));
             }
             done(out, conn, api(c.set(&vm, &settings, id))?);
+        }
+        Cmd::VmMigrate { vm, to, wait } => {
+            let before = api(c.vm(&vm))?;
+            let r = api(c.migrate(&vm, to.as_deref(), id))?;
+            let follow = wait && !conn.json && !r.message.starts_with("already runs");
+            done(out, conn, r);
+            if follow {
+                crate::migrate_cli::follow(&c, &vm, &before, out)?;
+            }
         }
         Cmd::Events { vm, limit } => {
             let ev = api(c.events(vm.as_deref(), limit))?;

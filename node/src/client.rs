@@ -207,6 +207,21 @@ impl Client {
         self.send::<()>("DELETE", &format!("/vms/{vm}"), None, id)
     }
 
+    /// `POST /vms/{vm}/migrate` (to the other node, or `to`).
+    pub fn migrate(
+        &self,
+        vm: &str,
+        to: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<CommandResponse, ClientError> {
+        let body = serde_json::json!({ "to": to });
+        self.send("POST", &format!("/vms/{vm}/migrate"), Some(&body), id)
+    }
+
+    pub fn migration(&self, vm: &str) -> Result<crate::model::MigrationView, ClientError> {
+        self.get(&format!("/vms/{vm}/migration"))
+    }
+
     /// `op`: start, shutdown, poweroff, restart, failback.
     /// `POST /nodes/{node}/{op}` (`workon`, `finalize`).
     pub fn node_action(

@@ -67,6 +67,18 @@ struct Inner {
     last_report: String,
     /// Replies produced by the current feed, by command id.
     replies: BTreeMap<String, (String, Result<CmdOk, CmdError>)>,
+    /// The pre-copy of each local FT primary's current session (live migration's
+    /// progress), from its log.
+    precopy: BTreeMap<String, PreCopy>,
+}
+
+/// A pre-copy as the log shows it: rounds as they were sent (ms since the daemon's
+/// start), and whether the target is in sync.
+#[derive(Clone, Debug, Default)]
+struct PreCopy {
+    /// (round, pages, time sent in ms)
+    rounds: Vec<(u32, u64, u64)>,
+    in_sync: bool,
 }
 
 pub struct Core {
@@ -135,6 +147,7 @@ impl Core {
                 },
                 last_report: String::new(),
                 replies: BTreeMap::new(),
+                precopy: BTreeMap::new(),
             }),
             outbox,
             gate,
@@ -337,11 +350,25 @@ impl Core {
 
     /// Periodic work: VMM ends and log markers, then a tick.
     pub fn tick(&self) {
+        let now = self.now_ms();
         let mut g = self.lock();
         let events = g.sup.poll();
-        let mut inputs: Vec<Input> = events
-            .into_iter()
-            .map(|e| match e {
+        for e in &events {
+            match e {
+                VmmEvent::Protected { vm } => {
+                    g.precopy.entry(vm.clone()).or_default().in_sync = true
+                }
+                VmmEvent::Unprotected { vm } | VmmEvent::Exited { vm, .. } => {
+                    if let Some(p) = g.precopy.get_mut(vm) {
+                        p.in_sync = false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut inputs: Vec<Input> = Vec::new();
+        for e in events {
+            inputs.push(match e {
                 VmmEvent::Exited { vm, exit } => {
                     // No copy here any more: a grant to run it alone is given up.
                     self.gate.release(&vm);
@@ -352,8 +379,18 @@ impl Core {
                 VmmEvent::FailedOver { vm } => Input::VmmFailedOver { vm },
                 VmmEvent::SwappedOut { vm } => Input::VmmSwappedOut { vm },
                 VmmEvent::SwappedIn { vm } => Input::VmmSwappedIn { vm },
-            })
-            .collect();
+                VmmEvent::SyncRound { vm, round, pages } => {
+                    let p = g.precopy.entry(vm).or_default();
+                    if round == 0 {
+                        *p = PreCopy::default();
+                    }
+                    if p.rounds.len() < 10_000 {
+                        p.rounds.push((round, pages, now));
+                    }
+                    continue;
+                }
+            });
+        }
         inputs.push(Input::Tick);
         self.feed_locked(&mut g, inputs);
     }
@@ -439,6 +476,53 @@ impl Core {
             .record(name)
             .filter(|r| !r.deleted)
             .map(|r| view(&self.cfg.peer.name, &g, r))
+    }
+
+    /// A VM's live migration: under way or not, its phase, and the pre-copy figures of
+    /// a source VMM on this node.
+    pub fn migration_view(&self, name: &str) -> Option<crate::model::MigrationView> {
+        let g = self.lock();
+        let r = g.cluster.record(name).filter(|r| !r.deleted)?;
+        let shown = g.cluster.shown(name);
+        let mut m = crate::model::MigrationView {
+            vm: name.to_string(),
+            active: r.migrate_to.is_some(),
+            owner: r.owner.clone(),
+            to: r.migrate_to.clone(),
+            state: shown
+                .as_ref()
+                .map_or(crate::model::VmState::Pending, |s| s.state),
+            reason: shown.map_or_else(String::new, |s| s.reason),
+            rounds: None,
+            pages_sent: None,
+            bytes_sent: None,
+            dirty_pages_per_s: None,
+            eta_ms: None,
+            in_sync: false,
+            memory_bytes: r.spec.mem_mib << 20,
+        };
+        if let Some(p) = g.precopy.get(name).filter(|p| !p.rounds.is_empty()) {
+            let pages: u64 = p.rounds.iter().map(|r| r.1).sum();
+            m.rounds = Some(p.rounds.len() as u32);
+            m.pages_sent = Some(pages);
+            m.bytes_sent = Some(pages << 12);
+            m.in_sync = p.in_sync;
+            // Round n+1 holds what the guest dirtied while round n was sent (the time
+            // between the lines of rounds n-1 and n).
+            if let [.., x, a, b] = p.rounds.as_slice() {
+                let sending_a = a.2.saturating_sub(x.2).max(1);
+                let sending_b = b.2.saturating_sub(a.2).max(1);
+                let dirty = b.1 * 1000 / sending_a;
+                m.dirty_pages_per_s = Some(dirty);
+                if !p.in_sync {
+                    // The next round: what is dirtied while b is sent, at b's speed.
+                    let next = dirty * sending_b / 1000;
+                    let sent_per_s = (b.1 * 1000 / sending_b).max(1);
+                    m.eta_ms = Some(next * 1000 / sent_per_s);
+                }
+            }
+        }
+        Some(m)
     }
 
     pub fn node_views(&self) -> Vec<NodeView> {
@@ -573,6 +657,7 @@ fn view(peer: &str, g: &Inner, r: &VmRecord) -> VmView {
         vmms,
         restarts: shown.as_ref().map_or(0, |s| s.restarts),
         version: r.version.clone(),
+        migrating_to: r.migrate_to.clone(),
     }
 }
 

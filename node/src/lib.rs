@@ -16,6 +16,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod gate;
+mod migrate_cli;
 pub mod model;
 pub mod notify;
 pub mod peer;

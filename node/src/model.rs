@@ -215,6 +215,12 @@ pub struct VmRecord {
     /// Why the cluster (not the operator) stopped it, shown on both nodes.
     #[serde(default)]
     pub stopped_because: Option<String>,
+    /// A live migration of this (unprotected) VM to that node is under way (`twinrun vm
+    /// migrate`); cleared when it completes (the owner is then that node) or is given up
+    /// (the VM runs on where it was). Absent from records written before it, and from
+    /// records without one (an N-1 daemon reads them unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_to: Option<NodeName>,
     /// The version that created it: tells one incarnation of a name from the next.
     pub created: Version,
     pub version: Version,
@@ -297,6 +303,40 @@ pub struct VmView {
     /// Crash restarts in the current window on this node.
     pub restarts: u32,
     pub version: Version,
+    /// A live migration to that node is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<NodeName>,
+}
+
+/// A live migration's progress as `GET /vms/{name}/migration` returns it (the CLI's
+/// progress bar). The pre-copy figures come from the source VMM's log on the node
+/// answering (its rounds as they are sent); asked of the other node they are absent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationView {
+    pub vm: String,
+    /// The record names a target: the migration is under way.
+    pub active: bool,
+    /// Where the VM runs (the source while it is under way).
+    pub owner: Option<NodeName>,
+    pub to: Option<NodeName>,
+    pub state: VmState,
+    /// The phase, or why it ended, in words.
+    pub reason: String,
+    /// Pre-copy rounds sent so far (round 0 is all of memory).
+    pub rounds: Option<u32>,
+    /// Memory pages the pre-copy sent so far, and their bytes (4 KiB pages).
+    pub pages_sent: Option<u64>,
+    pub bytes_sent: Option<u64>,
+    /// Pages the guest dirtied per second during the last round (the next round's
+    /// size over the last round's time).
+    pub dirty_pages_per_s: Option<u64>,
+    /// Estimated time to the final pause: the next round at the rate the last ones
+    /// were sent (None until two rounds were seen, or once in sync).
+    pub eta_ms: Option<u64>,
+    /// The target committed a checkpoint: the handover follows.
+    pub in_sync: bool,
+    /// The guest's memory in bytes (the pre-copy's first round).
+    pub memory_bytes: u64,
 }
 
 /// State of a node as seen from the node answering.

@@ -419,6 +419,7 @@ mod tests {
             clear_seq: 0,
             deleted: false,
             stopped_because: None,
+            migrate_to: None,
             created: Version::default(),
             version: Version {
                 clock,

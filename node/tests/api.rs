@@ -283,7 +283,9 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
     );
 
     // Commands on VMs: unknown VM, read-only, conflicts that say what to do.
-    for op in ["start", "shutdown", "poweroff", "restart", "failback"] {
+    for op in [
+        "start", "shutdown", "poweroff", "restart", "failback", "migrate",
+    ] {
         let t = format!("/api/v1/vms/{{name}}/{op}");
         assert_eq!(
             api.call("POST", &t, &format!("/api/v1/vms/nope/{op}"), a, None, None)
@@ -336,6 +338,40 @@ fn every_endpoint_success_and_errors_match_the_openapi_document() {
         None,
     );
     assert_eq!((s, b["kind"].as_str()), (409, Some("conflict")));
+    // Live migration: a stopped VM cannot move; a body naming no node of the cluster is
+    // refused; the progress of a VM that is not migrating says so.
+    let (s, b) = api.call(
+        "POST",
+        "/api/v1/vms/{name}/migrate",
+        "/api/v1/vms/web/migrate",
+        a,
+        Some(r#"{"to": "pm2"}"#),
+        None,
+    );
+    assert_eq!((s, b["kind"].as_str()), (409, Some("conflict")), "{b}");
+    assert!(b["error"].as_str().unwrap().contains("not running"), "{b}");
+    let (s, _) = api.call(
+        "POST",
+        "/api/v1/vms/{name}/migrate",
+        "/api/v1/vms/web/migrate",
+        a,
+        Some(r#"{"to": 7}"#),
+        None,
+    );
+    assert_eq!(s, 400);
+    let mt = "/api/v1/vms/{name}/migration";
+    let (s, b) = api.call("GET", mt, "/api/v1/vms/web/migration", r, None, None);
+    assert_eq!((s, &b["active"]), (200, &json!(false)), "{b}");
+    assert_eq!(
+        api.call("GET", mt, "/api/v1/vms/nope/migration", r, None, None)
+            .0,
+        404
+    );
+    assert_eq!(
+        api.call("GET", mt, "/api/v1/vms/web/migration", None, None, None)
+            .0,
+        401
+    );
     // A real start: the guest runs on this node (its peer never came: the quorum gate
     // is asked after the boot grace).
     let (s, b) = api.call(

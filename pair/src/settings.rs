@@ -68,6 +68,11 @@ pub struct FtSettings {
     /// The pair's quorum (`--quorum-config`/`--witness`); None: no quorum service,
     /// today's behaviour (a cut of every A-Link runs two copies), loudly warned.
     pub quorum: Option<QuorumSettings>,
+    /// `--migration-target` (standby only): this standby is the receiving end of a
+    /// live migration. It never takes the VM over when the primary is lost (the VM
+    /// stays where it ran: a failed migration leaves it on the source); it becomes the
+    /// primary only through the planned swap the migration ends with.
+    pub migration_target: bool,
 }
 
 /// What one node needs to ask its quorum service who may run the VM.

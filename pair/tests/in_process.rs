@@ -79,6 +79,7 @@ fn settings(role: Role, local: std::net::SocketAddr, peer: std::net::SocketAddr)
         resync_rate: None,
         discard_disk_data: false,
         quorum: None,
+        migration_target: false,
     }
 }
 

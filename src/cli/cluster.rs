@@ -1,5 +1,5 @@
 //! clap wiring of the cluster commands (`twinrun node ...`, `twinrun vm create|list|
-//! show|start|shutdown|poweroff|restart|delete|set|failback|events`), which talk to a
+//! show|start|shutdown|poweroff|restart|delete|set|failback|migrate|events`), which talk to a
 //! node daemon's API; the commands themselves live in `twinrund::cli`.
 //!
 //! Exit codes: 0 done; 1 the API failed; 2 bad input; 3 no such VM or node; 4 not
@@ -155,6 +155,19 @@ pub enum ClusterVmCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Live-migrate a running VM to the other node (or --to NODE): unprotected VMs by a
+    /// pre-copy and a handover at a checkpoint, FT VMs by a planned role swap. Shows a
+    /// progress bar (pre-copy rounds, bytes, dirty rate, ETA) until it is done or given
+    /// up (the VM then runs on where it was); --no-wait returns at once.
+    Migrate {
+        vm: String,
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The node's event log (of one VM, or all).
     Events {
         vm: Option<String>,
@@ -215,6 +228,19 @@ pub fn run_vm(cmd: ClusterVmCommand) -> i32 {
                     autostart,
                     failback,
                 },
+            },
+        ),
+        ClusterVmCommand::Migrate {
+            vm,
+            to,
+            no_wait,
+            api,
+        } => twinrund::cli::run(
+            &api.conn(),
+            Cmd::VmMigrate {
+                vm,
+                to,
+                wait: !no_wait,
             },
         ),
         ClusterVmCommand::Events { vm, limit, api } => {

@@ -73,6 +73,11 @@ pub struct FtArgs {
     /// copy (the way out of a refused resync, e.g. after a split brain).
     #[arg(long)]
     pub discard_disk_data: bool,
+    /// Standby: the receiving end of a live migration (`twinrun vm migrate`): it never
+    /// fails over when the primary is lost (the VM stays on the source), and takes the
+    /// VM over only by the planned role swap that ends the migration.
+    #[arg(long)]
+    pub migration_target: bool,
     /// The pair's quorum: a TOML file whose `[quorum]` table says which backend
     /// (witness, etcd or none) decides who runs the VM when the PMs cannot talk
     /// (see quorum/README.md). Without it (or --witness) a cut of every A-Link with
@@ -201,6 +206,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.heartbeat_misses.is_some(), "--heartbeat-misses"),
             (a.resync_rate.is_some(), "--resync-rate"),
             (a.discard_disk_data, "--discard-disk-data"),
+            (a.migration_target, "--migration-target"),
             (a.quorum_config.is_some(), "--quorum-config"),
             (a.quorum_node_id.is_some(), "--quorum-node-id"),
             (a.quorum_state.is_some(), "--quorum-state"),
@@ -254,6 +260,9 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
     if a.discard_disk_data && role != Role::Standby {
         return Err(FtError::StandbyOnly("--discard-disk-data"));
     }
+    if a.migration_target && role != Role::Standby {
+        return Err(FtError::StandbyOnly("--migration-target"));
+    }
     if a.hot_pages.is_some_and(|n| n > MAX_HOT_PAGES) {
         return Err(FtError::HotPages(MAX_HOT_PAGES));
     }
@@ -277,6 +286,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
         resync_rate: a.resync_rate.map(|m| m.saturating_mul(1 << 20)),
         discard_disk_data: a.discard_disk_data,
         quorum: None,
+        migration_target: a.migration_target,
     }))
 }
 

@@ -28,6 +28,8 @@ use super::handlers;
         handlers::poweroff_vm,
         handlers::restart_vm,
         handlers::failback_vm,
+        handlers::migrate::migrate_vm,
+        handlers::migrate::show_migration,
         handlers::events,
     ),
     modifiers(&Security)

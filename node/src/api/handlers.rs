@@ -20,6 +20,7 @@ use crate::store::Event;
 type S = State<Arc<ApiState>>;
 
 pub mod maintenance;
+pub mod migrate;
 
 fn authorize(st: &ApiState, h: &HeaderMap, need: Access) -> Result<Access, ApiError> {
     let Some(v) = h.get("authorization") else {

@@ -56,6 +56,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/vms/{name}/poweroff", post(handlers::poweroff_vm))
         .route("/api/v1/vms/{name}/restart", post(handlers::restart_vm))
         .route("/api/v1/vms/{name}/failback", post(handlers::failback_vm))
+        .route(
+            "/api/v1/vms/{name}/migrate",
+            post(handlers::migrate::migrate_vm),
+        )
+        .route(
+            "/api/v1/vms/{name}/migration",
+            get(handlers::migrate::show_migration),
+        )
         .route("/api/v1/events", get(handlers::events))
         .fallback(handlers::not_found)
         .with_state(state)

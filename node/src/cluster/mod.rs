@@ -10,6 +10,7 @@ mod sim;
 pub mod step;
 
 pub use step::NodeCommand;
+pub use step::MIGRATE_TIMEOUT_MS;
 pub use step::{
     Action, Cluster, CmdError, CmdOk, Command, Done, ExitKind, Input, PeerState, PeerVmm, Policy,
     QuorumKind,

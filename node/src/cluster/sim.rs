@@ -19,6 +19,7 @@ use crate::model::*;
 const NODES: [&str; 2] = ["pm1", "pm2"];
 
 mod maintenance;
+mod migrate;
 
 struct Node {
     cluster: Option<Cluster>,
@@ -34,6 +35,9 @@ struct Sim {
     now: u64,
     nodes: [Node; 2],
     link: bool,
+    /// The VMMs' A-Links (the daemons' channel is `link`): cut, no standby gets in
+    /// sync.
+    alinks: bool,
     queue: VecDeque<(usize, Input)>,
     log: String,
     next_pid: u32,
@@ -91,6 +95,7 @@ impl Sim {
             now: 0,
             nodes: [node(), node()],
             link: false,
+            alinks: true,
             queue: VecDeque::new(),
             log: String::new(),
             next_pid: 100,
@@ -398,14 +403,14 @@ impl Sim {
     }
 
     fn protect(&mut self) {
-        if !self.connected() {
+        if !self.connected() || !self.alinks {
             return;
         }
         for i in 0..2 {
             let vms: Vec<String> = self.nodes[i]
                 .vmms
                 .iter()
-                .filter(|(_, (r, _, p))| *r == Role::Primary && !p)
+                .filter(|(_, (r, _, p))| matches!(r, Role::Primary | Role::Solo) && !p)
                 .map(|(v, _)| v.clone())
                 .collect();
             for vm in vms {
@@ -441,6 +446,22 @@ impl Sim {
                 ));
             }
             Action::Stop { vm, .. } => {
+                let was = self.nodes[i].vmms.get(&vm).map(|e| e.0);
+                let unprotected = self.nodes[i]
+                    .store
+                    .get(&vm)
+                    .is_some_and(|r| r.spec.protection == Protection::Unprotected);
+                if was == Some(Role::Standby) && unprotected {
+                    // A live migration's other end stops: the VMM on the peer runs
+                    // alone again (its log says it waits for a standby).
+                    if let Some(e) = self.nodes[1 - i].vmms.get_mut(&vm) {
+                        if e.2 {
+                            e.2 = false;
+                            self.queue
+                                .push_back((1 - i, Input::VmmUnprotected { vm: vm.clone() }));
+                        }
+                    }
+                }
                 if self.nodes[i].vmms.remove(&vm).is_some() {
                     self.queue.push_back((
                         i,
@@ -487,8 +508,10 @@ impl Sim {
                 let here = self.nodes[i].vmms.get(&vm).copied();
                 let there = self.nodes[other].vmms.get(&vm).copied();
                 match (here, there) {
-                    (Some((Role::Primary, _, true)), Some((Role::Standby, _, _)))
-                        if self.connected() =>
+                    // Solo: an unprotected VM's VMM (an FT primary alone) handing the
+                    // VM to its live migration's receiving VMM.
+                    (Some((Role::Primary | Role::Solo, _, true)), Some((Role::Standby, _, _)))
+                        if self.connected() && self.alinks =>
                     {
                         if let Some(e) = self.nodes[i].vmms.get_mut(&vm) {
                             *e = (Role::Standby, e.1, false);
@@ -747,6 +770,7 @@ fn golden_both_start_at_once() {
         clear_seq: 0,
         deleted: false,
         stopped_because: None,
+        migrate_to: None,
         created: Version::default(),
         version: Version {
             clock: 4,
@@ -1114,7 +1138,7 @@ fn random_run(seed: u64, verbose: bool) {
                     if s.up(n) {
                         next_id += 1;
                         let id = format!("c{next_id}");
-                        let cmd = match rng.below(8) {
+                        let cmd = match rng.below(9) {
                             0 => Command::Create(spec(
                                 vm,
                                 levels[rng.below(3) as usize],
@@ -1131,6 +1155,7 @@ fn random_run(seed: u64, verbose: bool) {
                             4 => Command::PowerOff,
                             5 => Command::Restart,
                             6 => Command::Delete,
+                            7 => Command::Migrate(None),
                             _ => Command::Failback,
                         };
                         s.command(n, &id, vm, cmd);

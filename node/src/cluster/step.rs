@@ -24,7 +24,9 @@ use crate::model::{
 };
 
 mod maintenance;
+mod migrate;
 pub use maintenance::NodeCommand;
+pub use migrate::MIGRATE_TIMEOUT_MS;
 
 /// Commands remembered by the step function for duplicate detection (the store keeps
 /// more, across restarts and nodes).
@@ -75,6 +77,8 @@ pub enum Command {
     Restart,
     Set(VmSettings),
     Failback,
+    /// Live migration to that node (None: the other one than its owner).
+    Migrate(Option<NodeName>),
 }
 
 impl Command {
@@ -88,6 +92,7 @@ impl Command {
             Command::Restart => "restart",
             Command::Set(_) => "set",
             Command::Failback => "failback",
+            Command::Migrate(_) => "migrate",
         }
     }
 }
@@ -346,6 +351,10 @@ struct Slot {
     swapped_in: bool,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
+    /// The live migration this node runs as its source: since when (ms), and whether
+    /// the target was in sync once (a loss of sync after that gives it up).
+    migrate_since: Option<u64>,
+    migrate_synced: bool,
     files_removed: bool,
     /// The last thing that happened to it, shown when the state says nothing more.
     note: String,
@@ -381,6 +390,8 @@ impl Slot {
             swap_sent: false,
             swapped_in: false,
             swap_blocked: None,
+            migrate_since: None,
+            migrate_synced: false,
             files_removed: false,
             note: String::new(),
             state: VmState::Stopped,
@@ -590,6 +601,13 @@ impl Cluster {
                     }
                 }
             }
+            Input::VmmSpawnFailed { vm, error } if self.receiving_here(&vm) => {
+                if let Some(s) = self.vms.get_mut(&vm) {
+                    s.spawn_sent = false;
+                }
+                let why = format!("the receiving VMM could not be started: {error}");
+                self.migrate_abort(&vm, why, &mut out);
+            }
             Input::VmmSpawnFailed { vm, error } => {
                 if let Some(s) = self.vms.get_mut(&vm) {
                     s.spawn_sent = false;
@@ -600,6 +618,11 @@ impl Cluster {
                 }
             }
             Input::VmmProtected { vm } => {
+                if self.migrating_from_here(&vm) {
+                    // This session's standby is the migration's receiving VMM, in sync
+                    // now (a protection flag from before the migration does not count).
+                    slot_mut(&mut self.vms, &vm).migrate_synced = true;
+                }
                 if let Some(l) = self.vms.get_mut(&vm).and_then(|s| s.local.as_mut()) {
                     if !l.protected {
                         l.protected = true;
@@ -626,6 +649,9 @@ impl Cluster {
                     s.swapped_in = s.local.as_ref().is_some_and(|l| !l.failed_over);
                 }
                 self.on_failed_over(&vm, &mut out);
+            }
+            Input::SwapFailed { vm, error } if self.migrating_from_here(&vm) => {
+                self.migrate_abort(&vm, format!("the handover failed: {error}"), &mut out);
             }
             Input::SwapFailed { vm, error } => {
                 if let Some(s) = self.vms.get_mut(&vm) {
@@ -895,6 +921,7 @@ impl Cluster {
                     clear_seq: 0,
                     deleted: false,
                     stopped_because: None,
+                    migrate_to: None,
                     created: version.clone(),
                     version,
                 };
@@ -950,6 +977,7 @@ impl Cluster {
                 rec.desired = want;
                 rec.owner = None;
                 rec.stopped_because = None;
+                rec.migrate_to = None;
                 out.push(self.write(rec));
                 Ok(if want == Desired::Stopped {
                     "shutting down".into()
@@ -1019,6 +1047,7 @@ impl Cluster {
                 out.push(self.write(rec));
                 Ok(format!("failing back to {pref} once it is in sync"))
             }
+            Command::Migrate(to) => self.migrate_command(vm, to, out),
         }
     }
 
@@ -1053,7 +1082,8 @@ impl Cluster {
             return;
         };
         let Some(l) = s.local.as_mut() else { return };
-        if l.acting() != Role::Primary {
+        // Solo: an unprotected VM's VMM handed over by a live migration.
+        if !matches!(l.acting(), Role::Primary | Role::Solo) {
             return;
         }
         l.role = Role::Standby;
@@ -1109,6 +1139,13 @@ impl Cluster {
         out.push(log(Some(vm), format!("its {} VMM ended: {why}", l.role)));
         let rec = s.record.clone();
         let acting = l.acting();
+        if acting == Role::Standby && !rec.spec.protection.paired() {
+            // An unprotected VM's standby is one end of a live migration: the receiving
+            // VMM (the migration is given up; the VM runs on at the source) or the old
+            // end after the handover. Neither is a crash of the VM.
+            self.migrate_end_exited(vm, &why, out);
+            return;
+        }
         if exit == ExitKind::Demoted && rec.spec.protection.paired() {
             // The quorum says the peer holds a higher generation: it runs the VM. Our
             // VMM released nothing it held and marked its disks the resync target; it
@@ -1326,14 +1363,21 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| me.clone());
         let peer_role = peer_vmm.and_then(|p| p.role);
+        if !ft {
+            if let Some(shown) = self.migrate_rules(vm, rec, peer_vmm, local_role, out) {
+                return shown;
+            }
+        }
         if let Some(role) = local_role {
             // A VMM started for another protection level (the level was changed on
             // the other node while the nodes were apart) stops, to start again as one
             // that fits.
+            // Unprotected: its VMM alone, or the receiving end of a live migration
+            // that took it over (an FT process running alone: it can migrate again).
             let fits = if ft {
                 role != Role::Solo
             } else {
-                role == Role::Solo
+                matches!(role, Role::Solo | Role::Primary)
             };
             if !fits {
                 self.stop_local(vm, false, out);

@@ -112,9 +112,19 @@ pub fn plan(
     }
     let console = dir.join("console.log");
     a.extend(["--console".into(), format!("file:{}", console.display())]);
-    match role {
-        Role::Solo => {}
-        Role::Primary | Role::Standby => {
+    // An unprotected VM's VMM is an FT primary running alone (no standby, no quorum:
+    // the guest at full speed, its disk writes recorded), so that it can be live
+    // migrated: the target's receiving VMM is its standby (`--migration-target`, never
+    // a takeover), the FT session the pre-copy, the planned swap the handover
+    // (cluster/step/migrate.rs).
+    let unprotected = spec.protection == Protection::Unprotected;
+    let role = if role == Role::Solo {
+        Role::Primary
+    } else {
+        role
+    };
+    {
+        {
             a.extend([
                 "--role".into(),
                 role.to_string(),
@@ -131,8 +141,12 @@ pub fn plan(
             if spec.protection == Protection::Ha {
                 a.extend(["--protection".into(), "ha".into()]);
             }
-            // The pair's VMMs hold the VM's quorum key themselves (gate.rs).
-            if cfg.quorum_table().is_some() {
+            if unprotected && role == Role::Standby {
+                a.push("--migration-target".into());
+            }
+            // The pair's VMMs hold the VM's quorum key themselves (gate.rs); an
+            // unprotected VM's none (the daemon's `-alone` key covers it).
+            if cfg.quorum_table().is_some() && !unprotected {
                 a.extend([
                     "--quorum-config".into(),
                     cfg.quorum_file().display().to_string(),
@@ -215,6 +229,7 @@ mod tests {
             clear_seq: 0,
             deleted: false,
             stopped_because: None,
+            migrate_to: None,
             created: Version::default(),
             version: Version::default(),
         }
@@ -316,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn solo_has_no_ft_flags_and_missing_guest_is_an_error() {
+    fn solo_is_an_ft_primary_alone_and_missing_guest_is_an_error() {
         let p = plan(
             &cfg(),
             &rec(Protection::Unprotected),
@@ -324,7 +339,32 @@ mod tests {
             Path::new("t"),
         )
         .unwrap();
-        assert!(!p.args.iter().any(|a| a == "--role" || a == "--alink"));
+        // Migratable: an FT primary with its A-Links and no standby, no quorum.
+        let line = p.args.join(" ");
+        assert!(
+            line.contains("--role primary --cluster-id plant-a"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--alink 10.88.0.1:7506,10.88.0.2:7506"),
+            "{line}"
+        );
+        assert!(!line.contains("--protection"), "{line}");
+        assert!(!line.contains("--migration-target"), "{line}");
+        // The receiving end of its live migration never takes the VM over.
+        let t = plan(
+            &cfg(),
+            &rec(Protection::Unprotected),
+            Role::Standby,
+            Path::new("t"),
+        )
+        .unwrap()
+        .args
+        .join(" ");
+        assert!(t.contains("--role standby --cluster-id plant-a"), "{t}");
+        assert!(t.contains("--migration-target"), "{t}");
+        let ft = plan(&cfg(), &rec(Protection::Ft), Role::Standby, Path::new("t")).unwrap();
+        assert!(!ft.args.iter().any(|a| a == "--migration-target"), "{ft:?}");
         let mut r = rec(Protection::Unprotected);
         r.spec.payload = PayloadSpec::TestGuest {
             elf: None,

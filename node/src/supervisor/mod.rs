@@ -38,6 +38,18 @@ pub const SWAPPED_IN_LOG: &str = "PLANNED ROLE SWAP";
 /// its replica (`twinrun_pair::ha::standby`).
 pub const HA_BOOTED_LOG: &str = "HA standby: VM booted from the replica";
 
+/// The FT primary's pre-copy (the initial sync of a session), one line per round:
+/// "... initial sync round {round}: {pages} pages in {parts} parts".
+pub const SYNC_ROUND_LOG: &str = "primary: initial sync round ";
+
+/// (round, pages) of a [`SYNC_ROUND_LOG`] line.
+fn sync_round(line: &str) -> Option<(u32, u64)> {
+    let rest = &line[line.find(SYNC_ROUND_LOG)? + SYNC_ROUND_LOG.len()..];
+    let (round, rest) = rest.split_once(": ")?;
+    let pages = rest.split_whitespace().next()?;
+    Some((round.trim().parse().ok()?, pages.parse().ok()?))
+}
+
 /// Does `line` carry `marker` (an FT marker) from an FT or an HA pair?
 fn marker(line: &str, marker: &str) -> bool {
     line.contains(marker)
@@ -61,12 +73,31 @@ pub struct PidFile {
 /// Something a VMM did, noticed by [`Supervisor::poll`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmEvent {
-    Exited { vm: String, exit: ExitKind },
-    Protected { vm: String },
-    Unprotected { vm: String },
-    FailedOver { vm: String },
-    SwappedOut { vm: String },
-    SwappedIn { vm: String },
+    Exited {
+        vm: String,
+        exit: ExitKind,
+    },
+    Protected {
+        vm: String,
+    },
+    Unprotected {
+        vm: String,
+    },
+    FailedOver {
+        vm: String,
+    },
+    SwappedOut {
+        vm: String,
+    },
+    SwappedIn {
+        vm: String,
+    },
+    /// The FT primary sent a pre-copy round (live migration's progress).
+    SyncRound {
+        vm: String,
+        round: u32,
+        pages: u64,
+    },
 }
 
 struct Proc {
@@ -407,6 +438,12 @@ fn scan_log(vm: &str, p: &mut Proc, out: &mut Vec<VmmEvent>) {
             Some(VmmEvent::FailedOver { vm: vm.into() })
         } else if marker(&line, SWAPPED_OUT_LOG) {
             Some(VmmEvent::SwappedOut { vm: vm.into() })
+        } else if let Some((round, pages)) = sync_round(&line) {
+            Some(VmmEvent::SyncRound {
+                vm: vm.into(),
+                round,
+                pages,
+            })
         } else {
             None
         };
@@ -477,6 +514,14 @@ mod tests {
             exit_kind(None, Some(9)),
             ExitKind::Crashed("killed by signal 9".into())
         );
+    }
+
+    #[test]
+    fn pre_copy_round_lines_are_parsed() {
+        let l = "[2026-12-07T15:00:00Z INFO  checkpoint::primary::driver] primary: initial sync round 2: 317 pages in 3 parts";
+        assert_eq!(sync_round(l), Some((2, 317)));
+        assert_eq!(sync_round("primary: initial sync round x: 1 pages"), None);
+        assert_eq!(sync_round("FT primary: protected"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod gate;
 pub mod link;
+pub mod migration;
 pub mod primary;
 pub mod quorum;
 pub mod role;

@@ -75,6 +75,10 @@ pub fn run(
         takeover_gate: quorum.map(Quorum::takeover_gate),
         ..StandbyDriverConfig::default()
     };
+    if ft.migration_target {
+        info!("FT standby: the receiving end of a live migration: it never fails over");
+        opts.takeover_gate = Some(super::migration::NoTakeover::gate(opts.takeover_gate));
+    }
     // A primary lost before the first checkpoint committed left nothing to take over:
     // wait for it (or another primary) again, on a fresh A-Link (the next primary's
     // messages are numbered from the start again). The replica's disks keep what the

@@ -1,0 +1,655 @@
+//! Live migration by the daemons (`twinrun vm migrate`), real daemons and VMMs: two
+//! `twinrund` in PM namespaces (`twinrun_lab::Topology` with a management network, the
+//! guests' TAPs on each PM's bridge), an unprotected VM of the test guest (kv +
+//! counter + disk) with a RESP client on ONE TCP connection from the client namespace.
+//!
+//! - `unprotected_vm_migrates_back_and_forth_under_kv_load`: MIGRATE_RUNS migrations
+//!   (default 4), each by the CLI (`twinrun vm migrate`, its progress bar fed by the
+//!   API) asked of the node the VM runs on, alternately with and without `--to`.
+//!   Checked after each: the CLI says it migrated, the record names the target the
+//!   owner, exactly one VMM runs it (on the target), the guest's counter goes on, the
+//!   client gets answers on its connection. At the end: the connection survived, no
+//!   acknowledged write lost, the INCR counter exact, and the console stream (each
+//!   node's console file holds the bytes at their stream positions) has no gap, no
+//!   duplicate and one BOOT.
+//! - `failed_migrations_leave_the_vm_on_the_source`: the receiving VMM killed during the
+//!   pre-copy, and every A-Link cut during it (the migration given up when the source
+//!   loses sync or is not in sync in time is the step function's, see the goldens; here
+//!   the A-Links stay down until the receiving VMM's session is lost): the VM runs on at
+//!   the source on the same connection, and a later migration succeeds.
+//! - `ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused`: an FT VM moved to pm2
+//!   and back by `twinrun vm migrate` (a planned role swap each way, the target its new
+//!   preferred node, protected again the other way round); an HA VM's migration is
+//!   refused with the reason (exit 4).
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{guest_elf, twinrun_bin, twinrund_bin, wait_for, ADMIN, SECRET};
+use twinrun_lab::console::{check_console, count_c};
+use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::{Proc, Topology};
+use twinrund::client::Client;
+use twinrund::model::{NodeState, Role, VmView};
+
+const API_PORT: u16 = 7480;
+const LINK_PORT: u16 = 7481;
+const VM: &str = "mover";
+
+struct Cluster {
+    daemons: Vec<Proc>,
+    dirs: [PathBuf; 2],
+    topo: Topology,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            d.kill();
+        }
+        // The VMMs live outside the daemons' process trees on purpose.
+        for dir in &self.dirs {
+            for pid in vmm_pids(dir) {
+                // SAFETY: kill(2) of a pid from a pid file this test's daemon wrote.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn vmm_pids(dir: &Path) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir(dir.join("run/pids")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["pid"].as_i64().map(|p| p as i32))
+        .collect()
+}
+
+fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str) -> String {
+    let me = topo.mgmt_ip(i).expect("management network");
+    let peer = topo.mgmt_ip(1 - i).expect("management network");
+    let links: Vec<String> = (0..topo.alinks())
+        .map(|k| {
+            format!(
+                "{{ local = \"{}\", peer = \"{}\" }}",
+                topo.alink_addr(i, k).ip(),
+                topo.alink_addr(1 - i, k).ip()
+            )
+        })
+        .collect();
+    format!(
+        r#"cluster = "{cluster}"
+node = "pm{n}"
+secret_file = "{d}/../secret"
+state_dir = "{d}/state"
+run_dir = "{d}/run"
+twinrun_bin = "{bin}"
+guest_elf = "{guest}"
+
+[api]
+listen = "{me}:{API_PORT}"
+tokens_file = "{d}/../tokens"
+
+[cluster_link]
+listen = "{me}:{LINK_PORT}"
+heartbeat_ms = 100
+peer_timeout_ms = 1000
+
+[peer]
+name = "pm{pn}"
+addr = "{peer}:{LINK_PORT}"
+api = "{peer}:{API_PORT}"
+
+[alink]
+links = [{links}]
+port_base = 7500
+
+[network]
+bridge = "{bridge}"
+tap_prefix = "mg"
+
+[supervision]
+max_restart = 2
+boot_grace_ms = 1500
+scope = "never"
+"#,
+        n = i + 1,
+        pn = 2 - i,
+        d = dir.display(),
+        bin = twinrun_bin().display(),
+        guest = guest_elf().display(),
+        links = links.join(", "),
+        bridge = topo.pms[i].bridge,
+    )
+}
+
+fn guest_ip(topo: &Topology) -> Ipv4Addr {
+    let o = topo.guest_ip().octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 20)
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let pid = std::process::id();
+        let dir = tempfile::Builder::new()
+            .prefix("twm")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let topo = Topology::builder()
+            .prefix(&format!("mg{}", pid % 100_000))
+            .management()
+            .build()
+            .expect("topology");
+        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        std::fs::write(dir.path().join("tokens"), format!("admin {ADMIN}\n")).unwrap();
+        std::fs::write(dir.path().join("token"), ADMIN).unwrap();
+        let dirs = [dir.path().join("pm1"), dir.path().join("pm2")];
+        let mut daemons = Vec::new();
+        for (i, d) in dirs.iter().enumerate() {
+            std::fs::create_dir_all(d).unwrap();
+            let cfg = d.join("node.toml");
+            std::fs::write(&cfg, config(&topo, i, d, &format!("mig{pid}"))).unwrap();
+            let mut cmd = topo.pms[i].ns.command(twinrund_bin());
+            cmd.arg("--config").arg(&cfg).env("RUST_LOG", "info");
+            daemons.push(
+                Proc::spawn_logged(
+                    &format!("pm{}-twinrund", i + 1),
+                    &mut cmd,
+                    &d.join("twinrund.log"),
+                )
+                .expect("twinrund"),
+            );
+        }
+        let c = Cluster {
+            daemons,
+            dirs,
+            topo,
+            _dir: dir,
+        };
+        wait_for(
+            Duration::from_secs(60),
+            "both daemons online",
+            || {
+                c.api(0, |cl| cl.nodes().ok())
+                    .filter(|n| n.iter().any(|n| n.state == NodeState::Online))
+            },
+            || c.logs(),
+        );
+        c
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self._dir.path().join("token")
+    }
+
+    fn api_url(&self, i: usize) -> String {
+        format!("http://{}:{API_PORT}", self.topo.mgmt_ip(i).expect("mgmt"))
+    }
+
+    /// Calls node `i`'s API from inside its namespace.
+    fn api<T: Send + 'static>(&self, i: usize, f: impl FnOnce(&Client) -> T + Send + 'static) -> T {
+        let base = self.api_url(i);
+        self.topo.pms[i]
+            .ns
+            .thread(move || f(&Client::new(&base, ADMIN)))
+            .expect("thread in the namespace")
+            .join()
+            .expect("joined")
+    }
+
+    fn view(&self, i: usize) -> Option<VmView> {
+        self.api(i, |c| c.vm(VM).ok())
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, d) in self.dirs.iter().enumerate() {
+            let tail = |p: PathBuf| {
+                let t = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = t.lines().collect();
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            };
+            s += &format!(
+                "--- pm{} twinrund:\n{}\n--- pm{} vmm:\n{}\n",
+                i + 1,
+                tail(d.join("twinrund.log")),
+                i + 1,
+                tail(d.join(format!("state/vms/{VM}/vmm.log")))
+            );
+        }
+        s
+    }
+
+    fn console(&self, i: usize) -> PathBuf {
+        self.dirs[i].join(format!("state/vms/{VM}/console.log"))
+    }
+
+    /// The guest's console stream: each node's file holds the bytes its VMM released at
+    /// their stream positions (the text never holds a NUL, a hole does).
+    fn console_stream(&self) -> Vec<u8> {
+        let files: Vec<Vec<u8>> = (0..2)
+            .map(|i| std::fs::read(self.console(i)).unwrap_or_default())
+            .collect();
+        let len = files.iter().map(Vec::len).max().unwrap_or(0);
+        let mut out = Vec::with_capacity(len);
+        for k in 0..len {
+            let b = files
+                .iter()
+                .filter_map(|f| f.get(k).copied())
+                .find(|&b| b != 0)
+                .unwrap_or(0);
+            out.push(b);
+        }
+        out
+    }
+
+    /// Creates and starts an FT VM `name` (no NIC) on pm1, waits until it is protected.
+    fn create_ft_vm(&self, name: &'static str) {
+        let toml = format!(
+            r#"name = "{name}"
+vcpus = 1
+mem_mib = 64
+protection = "ft"
+preferred_node = "pm1"
+autostart = true
+failback = "manual"
+disks = [{{ size_mib = 8 }}]
+[payload]
+kind = "test-guest"
+workloads = ["counter", "disk"]
+counter_rate = 200
+"#
+        );
+        let spec: twinrund::model::VmSpec = toml::from_str(&toml).expect("spec");
+        let r = self.api(0, move |c| {
+            c.create(&spec, None)
+                .and_then(|_| c.action(name, "start", None))
+                .map_err(|e| e.to_string())
+        });
+        r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", self.logs()));
+        wait_for(
+            Duration::from_secs(90),
+            "the FT VM protected on pm1",
+            || {
+                self.api(0, move |c| c.vm(name).ok())
+                    .filter(|v| v.state == twinrund::model::VmState::Protected)
+            },
+            || self.logs(),
+        );
+    }
+
+    /// Creates and starts the VM on pm1, waits until it serves kv.
+    fn create_vm(&self) {
+        let net = self.topo.guest_mac();
+        let mac = format!("{}{:02x}", &net[..net.len() - 2], 20);
+        let toml = format!(
+            r#"name = "{VM}"
+vcpus = 1
+mem_mib = 64
+protection = "unprotected"
+preferred_node = "pm1"
+autostart = true
+failback = "manual"
+disks = [{{ size_mib = 8 }}]
+nics = [{{ mac = "{mac}" }}]
+[payload]
+kind = "test-guest"
+workloads = ["kv", "counter", "disk"]
+counter_rate = 200
+kv_addr = "{ip}/24"
+"#,
+            ip = guest_ip(&self.topo)
+        );
+        let spec: twinrund::model::VmSpec = toml::from_str(&toml).expect("spec");
+        let r = self.api(0, move |c| {
+            c.create(&spec, None)
+                .and_then(|_| c.action(VM, "start", None))
+                .map_err(|e| e.to_string())
+        });
+        r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", self.logs()));
+        wait_for(
+            Duration::from_secs(90),
+            "the VM's kv server",
+            || {
+                std::fs::read_to_string(self.console(0))
+                    .ok()
+                    .filter(|t| t.contains("KV listening"))
+            },
+            || self.logs(),
+        );
+    }
+
+    fn client(&self) -> LoadClient {
+        let mut load = LoadConfig::new(
+            self.topo.client_ns(),
+            SocketAddr::from((guest_ip(&self.topo), KV_PORT)),
+        );
+        load.counter_key = "mig-counter".into();
+        load.incr_every = 10;
+        load.reconnect = false;
+        load.connect_for = Duration::from_secs(30);
+        LoadClient::start(load).expect("kv client")
+    }
+
+    /// `twinrun vm migrate` run in node `i`'s namespace against its API.
+    fn migrate_cli(&self, i: usize, to: Option<&str>) -> (i32, String) {
+        self.migrate_cli_of(VM, i, to)
+    }
+
+    fn migrate_cli_of(&self, vm: &str, i: usize, to: Option<&str>) -> (i32, String) {
+        let mut cmd = self.topo.pms[i].ns.command(twinrun_bin());
+        cmd.args([
+            "vm",
+            "migrate",
+            vm,
+            "--api",
+            &self.api_url(i),
+            "--token-file",
+        ])
+        .arg(self.token_file());
+        if let Some(t) = to {
+            cmd.args(["--to", t]);
+        }
+        let out = twinrun_lab::process::output_timeout(&mut cmd, Duration::from_secs(400))
+            .expect("twinrun vm migrate ran");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// The VM runs on node `i` only: the record says so on both nodes, and one VMM runs
+    /// it, there.
+    fn wait_runs_on(&self, i: usize, what: &str) {
+        let node = format!("pm{}", i + 1);
+        wait_for(
+            Duration::from_secs(60),
+            what,
+            || {
+                let v = self.view(1 - i)?;
+                let w = self.view(i)?;
+                let here = w.vmms.iter().any(|m| m.node == node);
+                let one = w.vmms.len() == 1 && v.vmms.len() == 1;
+                (v.owner.as_deref() == Some(node.as_str())
+                    && w.owner.as_deref() == Some(node.as_str())
+                    && v.migrating_to.is_none()
+                    && here
+                    && one)
+                    .then_some(())
+            },
+            || format!("{:?}\n{:?}\n{}", self.view(0), self.view(1), self.logs()),
+        );
+    }
+
+    /// The guest's counter goes on (its console grows by C lines on node `i`).
+    fn counter_goes_on(&self, i: usize, what: &str) {
+        let c0 = count_c(&self.console_stream());
+        wait_for(
+            Duration::from_secs(30),
+            what,
+            || (count_c(&self.console_stream()) > c0 + 5).then_some(()),
+            || format!("node {i}\n{}", self.logs()),
+        );
+    }
+
+    fn vmm_pid_on(&self, i: usize) -> Option<u32> {
+        let node = format!("pm{}", i + 1);
+        self.view(i)?
+            .vmms
+            .iter()
+            .find(|m| m.node == node)
+            .map(|m| m.pid)
+    }
+}
+
+fn finish(c: &Cluster, client: LoadClient) {
+    let rep = client.finish().unwrap();
+    let logs = c.logs();
+    assert!(
+        rep.errors.is_empty() && rep.connection_survived(),
+        "client: {:?} ({} reconnects)\n{logs}",
+        rep.errors,
+        rep.reconnects
+    );
+    assert!(
+        rep.lost.is_empty(),
+        "{} acknowledged SETs lost (first {:?})\n{logs}",
+        rep.lost.len(),
+        &rep.lost[..rep.lost.len().min(10)]
+    );
+    assert_eq!(
+        rep.counter_final,
+        Some(rep.incrs_acked),
+        "INCR counter differs from what was acknowledged\n{logs}"
+    );
+    let cc = check_console(&c.console_stream()).unwrap_or_else(|e| panic!("console: {e}\n{logs}"));
+    assert!(!cc.w_seqs.is_empty(), "no W record");
+    eprintln!(
+        "{} writes acknowledged; console: {} W records, no gap or duplicate",
+        rep.sets_acked.len() as u64 + rep.incrs_acked as u64,
+        cc.w_seqs.len()
+    );
+}
+
+fn runs() -> usize {
+    std::env::var("MIGRATE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+#[test]
+fn unprotected_vm_migrates_back_and_forth_under_kv_load() {
+    let c = Cluster::start();
+    c.create_vm();
+    let client = c.client();
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let mut at = 0usize;
+    for n in 0..runs() {
+        let to = 1 - at;
+        let t0 = Instant::now();
+        let target = format!("pm{}", to + 1);
+        // The longest reply wait of the kv client in a window that holds the migration
+        // (a figure, not an assertion: the machines are noisy).
+        let ((code, out), stall) = std::thread::scope(|s| {
+            let probe = s.spawn(|| client.max_reply_during(Duration::from_millis(2500)));
+            let r = c.migrate_cli(at, (n % 2 == 0).then_some(target.as_str()));
+            (r, probe.join().unwrap())
+        });
+        assert_eq!(code, 0, "migration {n}: {out}\n{}", c.logs());
+        assert!(
+            out.contains(&format!("migrated to {target}")),
+            "migration {n}: {out}"
+        );
+        c.wait_runs_on(to, &format!("migration {n}: the VM on {target} only"));
+        client
+            .wait_acks(50, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("migration {n}: after it: {e}\n{}", c.logs()));
+        c.counter_goes_on(to, &format!("migration {n}: the counter on {target}"));
+        // The source's daemon logs the guest's pause until the target accepted.
+        let log = std::fs::read_to_string(c.dirs[at].join("twinrund.log")).unwrap_or_default();
+        let pause = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("role swap done at checkpoint"))
+            .and_then(|l| l.rsplit("guest paused ").next())
+            .unwrap_or("?")
+            .trim_end_matches(')')
+            .to_string();
+        eprintln!(
+            "migration {n}: pm{} -> {target} in {:?}; guest paused {pause} on the source; \
+             longest kv reply around it {stall:?} (CLI: {})",
+            at + 1,
+            t0.elapsed(),
+            out.lines().last().unwrap_or("")
+        );
+        at = to;
+    }
+    finish(&c, client);
+}
+
+#[test]
+fn failed_migrations_leave_the_vm_on_the_source() {
+    let c = Cluster::start();
+    c.create_vm();
+    let client = c.client();
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let src_pid = c.vmm_pid_on(0).expect("the VMM on pm1");
+
+    // 1. The receiving VMM is killed during the pre-copy: every A-Link is down, so the
+    //    pre-copy cannot end before the kill.
+    for k in 0..c.topo.alinks() {
+        c.topo.set_alink(1, k, false).unwrap();
+    }
+    let r = c.api(0, |cl| {
+        cl.migrate(VM, Some("pm2"), None).map_err(|e| e.to_string())
+    });
+    r.unwrap_or_else(|e| panic!("migrate: {e}\n{}", c.logs()));
+    let target_pid = wait_for(
+        Duration::from_secs(30),
+        "the receiving VMM on pm2",
+        || c.vmm_pid_on(1),
+        || c.logs(),
+    );
+    // SAFETY: kill(2) of the receiving VMM this test's pm2 daemon started.
+    unsafe { libc::kill(target_pid as i32, libc::SIGKILL) };
+    wait_for(
+        Duration::from_secs(30),
+        "the migration given up",
+        || c.view(0).filter(|v| v.migrating_to.is_none()),
+        || c.logs(),
+    );
+    for k in 0..c.topo.alinks() {
+        c.topo.set_alink(1, k, true).unwrap();
+    }
+    c.wait_runs_on(0, "the VM on pm1 only after the target died");
+    assert_eq!(c.vmm_pid_on(0), Some(src_pid), "the source VMM is the same");
+    client
+        .wait_acks(50, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("after the target died: {e}\n{}", c.logs()));
+    c.counter_goes_on(0, "the counter on pm1 after the target died");
+    // The node that gave it up logged why (the receiving VMM's end, on pm2).
+    let events: Vec<String> = (0..2)
+        .flat_map(|i| c.api(i, |cl| cl.events(Some(VM), 100).unwrap_or_default()))
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|m| m.contains("given up") && m.contains("receiving VMM")),
+        "no event says the migration was given up: {events:#?}"
+    );
+
+    // 2. Every A-Link cut during the pre-copy (this small guest's ends in milliseconds
+    //    once it runs, so the links go down first): the receiving VMM waits and never
+    //    takes over, the VM runs on at the source on the same connection; with the
+    //    links back the same migration completes.
+    for k in 0..c.topo.alinks() {
+        c.topo.set_alink(1, k, false).unwrap();
+    }
+    let r = c.api(0, |cl| {
+        cl.migrate(VM, None, None).map_err(|e| e.to_string())
+    });
+    r.unwrap_or_else(|e| panic!("migrate: {e}\n{}", c.logs()));
+    wait_for(
+        Duration::from_secs(30),
+        "the receiving VMM on pm2",
+        || c.vmm_pid_on(1),
+        || c.logs(),
+    );
+    // The VM runs on at the source meanwhile, on the same connection.
+    client
+        .wait_acks(100, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("links cut: {e}\n{}", c.logs()));
+    assert_eq!(c.vmm_pid_on(0), Some(src_pid));
+    let v = c.view(1).expect("view on pm2");
+    assert!(
+        v.vmms
+            .iter()
+            .any(|m| m.node == "pm2" && m.role == Role::Standby && !m.failed_over),
+        "the receiving VMM never takes over: {v:?}"
+    );
+    for k in 0..c.topo.alinks() {
+        c.topo.set_alink(1, k, true).unwrap();
+    }
+    c.wait_runs_on(1, "the migration completes once the links are back");
+    client
+        .wait_acks(50, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("after the migration: {e}\n{}", c.logs()));
+    c.counter_goes_on(1, "the counter on pm2");
+    finish(&c, client);
+}
+
+#[test]
+fn ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused() {
+    let c = Cluster::start();
+    c.create_ft_vm("ftm");
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let target = format!("pm{}", to + 1);
+        let (code, out) = c.migrate_cli_of("ftm", from, None);
+        assert_eq!(code, 0, "{out}\n{}", c.logs());
+        assert!(out.contains(&format!("migrated to {target}")), "{out}");
+        // Protected again the other way round, the same VMMs (a swap, no restart).
+        wait_for(
+            Duration::from_secs(60),
+            "protected with its primary on the target",
+            || {
+                c.api(to, |cl| cl.vm("ftm").ok()).filter(|v| {
+                    v.state == twinrund::model::VmState::Protected
+                        && v.owner.as_deref() == Some(target.as_str())
+                        && v.spec.preferred_node.as_deref() == Some(target.as_str())
+                })
+            },
+            || c.logs(),
+        );
+    }
+    // An HA VM is refused with the reason (exit 4: not possible in its state).
+    let spec: twinrund::model::VmSpec = toml::from_str(
+        r#"name = "ham"
+vcpus = 1
+mem_mib = 64
+protection = "ha"
+preferred_node = "pm1"
+autostart = true
+failback = "manual"
+disks = [{ size_mib = 8 }]
+[payload]
+kind = "test-guest"
+workloads = ["counter"]
+"#,
+    )
+    .expect("spec");
+    let r = c.api(0, move |cl| {
+        cl.create(&spec, None)
+            .and_then(|_| cl.action("ham", "start", None))
+            .map_err(|e| e.to_string())
+    });
+    r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", c.logs()));
+    wait_for(
+        Duration::from_secs(90),
+        "the HA VM running",
+        || {
+            c.api(0, |cl| cl.vm("ham").ok())
+                .filter(|v| v.owner.as_deref() == Some("pm1"))
+        },
+        || c.logs(),
+    );
+    let (code, out) = c.migrate_cli_of("ham", 0, Some("pm2"));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("HA VM is not built yet"), "{out}");
+}
