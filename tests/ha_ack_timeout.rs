@@ -112,8 +112,7 @@ fn a_standby_that_stops_acknowledging_is_declared_failed_and_resynced_by_a_delta
     let log = pm1.stderr();
     let resync = log
         .lines()
-        .filter(|l| l.contains(": Delta:") || l.contains(": Full:"))
-        .next_back()
+        .rfind(|l| l.contains(": Delta:") || l.contains(": Full:"))
         .unwrap_or_default()
         .to_string();
     assert!(
