@@ -9,12 +9,17 @@
 //! SIGKILL of the primary then boots the guest from the standby's replica with every
 //! flushed record intact.
 //!
+//! With a witness (`..._with_a_witness_...`): the writes complete alone only once the
+//! witness recorded the standby outdated (the primary's quorum gate is `free` while
+//! the standby is still reachable), and the gate is `acked` again after the resync.
+//!
 //! Its own binary: the two variables are set for this process's children only.
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::pair::{failed_over, listening, protected, wait_console, PairFiles, Pm};
+use common::quorum::QuorumPair;
 use common::{require_kvm, topology};
 use twinrun_lab::console::{check_disk_records, read as read_console, written_seqs};
 use twinrun_lab::Topology;
@@ -58,11 +63,17 @@ fn wait_records(files: &PairFiles, pm: &mut Pm, after: usize, n: usize) {
     }
 }
 
+/// The two variables, for the children of this test's process (nextest runs each test
+/// in its own process).
+fn fault_env() {
+    std::env::set_var("TWINRUN_HA_ACK_TIMEOUT_MS", ACK_TIMEOUT_MS);
+    std::env::set_var("TWINRUN_HA_FAULT_STALL_ACKS", STALL);
+}
+
 #[test]
 fn a_standby_that_stops_acknowledging_is_declared_failed_and_resynced_by_a_delta() {
     require_kvm();
-    std::env::set_var("TWINRUN_HA_ACK_TIMEOUT_MS", ACK_TIMEOUT_MS);
-    std::env::set_var("TWINRUN_HA_FAULT_STALL_ACKS", STALL);
+    fault_env();
     let dir = tempfile::tempdir().unwrap();
     let topo = topology(Topology::builder());
     let files = PairFiles::new(dir.path());
@@ -137,4 +148,55 @@ fn a_standby_that_stops_acknowledging_is_declared_failed_and_resynced_by_a_delta
     let data = std::fs::read(&files.disks[1]).unwrap();
     check_disk_records(&data, &seqs).unwrap_or_else(|e| panic!("replica pm2: {e}"));
     eprintln!("HA ack timeout: {} records intact on pm2", seqs.len());
+}
+
+#[test]
+fn with_a_witness_the_writes_go_on_once_the_witness_recorded_the_failed_standby_outdated() {
+    require_kvm();
+    fault_env();
+    let mut qp = QuorumPair::start("hackq", 1, &["--protection", "ha"]);
+    qp.primary
+        .wait_log(
+            "HA primary: the standby is declared FAILED",
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    // The standby is still reachable, yet the gate is free: the witness recorded it
+    // outdated (the primary renewed its lease with the peer marked outdated).
+    qp.primary
+        .wait_status(
+            "free gate with the standby reachable",
+            Duration::from_secs(10),
+            |s| {
+                s.quorum
+                    .as_ref()
+                    .is_some_and(|q| q.gate == "free" && q.peer_reachable)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.standby.tail(30)));
+    let before = records(&qp.files);
+    wait_records(&qp.files, &mut qp.primary, before, 20);
+    assert!(
+        !qp.standby
+            .stderr()
+            .contains("FAULT HOOK: acknowledging again"),
+        "the writes went on only once the standby acknowledged again:\n{}",
+        qp.logs()
+    );
+    assert!(qp.standby.status_now().failover.is_none(), "{}", qp.logs());
+    // Resynced (a delta) and protected again; the gate follows the acknowledgements.
+    qp.primary
+        .wait_status("protected again", Duration::from_secs(60), |s| {
+            protected(s)
+                && s.disks.iter().all(|d| d.kind == "protected")
+                && s.quorum.as_ref().is_some_and(|q| q.gate == "acked")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    let log = qp.primary.stderr();
+    let resync = log
+        .lines()
+        .rfind(|l| l.contains(": Delta:") || l.contains(": Full:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(resync.contains(": Delta:"), "{resync:?}\n{}", qp.logs());
 }
