@@ -41,8 +41,36 @@ const EXTRA: &[&str] = &["--protection", "ha", "--cluster-id", "ha-ack-timeout"]
 
 /// The primary's ack timeout in this test, and how long the standby stalls (well
 /// beyond it, so that the guest's writes must go on while it stalls).
-const ACK_TIMEOUT_MS: &str = "1500";
-const STALL: &str = "40:8000";
+const ACK_TIMEOUT_MS: &str = "3000";
+const STALL: &str = "40:12000";
+
+const FAILED: &str = "HA primary: the standby is declared FAILED";
+
+/// Waits until the standby's stall begins, then until the primary declares it failed
+/// (a declaration before the stall, by a load spike beyond the ack timeout, is not the
+/// one this test is about: the one after the stall's start is waited for).
+fn declared_failed_during_the_stall(primary: &mut Pm, standby: &mut Pm) {
+    standby
+        .wait_log("FAULT HOOK: not acknowledging", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\nprimary:\n{}", primary.tail(30)));
+    let before = primary.stderr().matches(FAILED).count();
+    let t0 = Instant::now();
+    while primary.stderr().matches(FAILED).count() == before {
+        assert!(primary.alive(), "the primary exited:\n{}", primary.tail(40));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the primary did not declare the stalled standby failed:\n{}\nstandby:\n{}",
+            primary.tail(40),
+            standby.tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !standby.stderr().contains("FAULT HOOK: acknowledging again"),
+        "declared failed only after the stall:\n{}",
+        standby.tail(30)
+    );
+}
 
 fn records(files: &PairFiles) -> usize {
     written_seqs(&read_console(&files.console)).len()
@@ -87,16 +115,7 @@ fn a_standby_that_stops_acknowledging_is_declared_failed_and_resynced_by_a_delta
     wait_console(&files.console, "BOOT", Duration::from_secs(30), &mut pm1).unwrap();
 
     // The standby stalls after 40 batches; the primary declares it failed.
-    pm1.wait_log(
-        "HA primary: the standby is declared FAILED",
-        Duration::from_secs(60),
-    )
-    .unwrap_or_else(|e| panic!("{e}\nstandby:\n{}", pm2.tail(30)));
-    assert!(
-        pm2.stderr().contains("FAULT HOOK: not acknowledging"),
-        "declared failed without the stall:\n{}",
-        pm2.tail(30)
-    );
+    declared_failed_during_the_stall(&mut pm1, &mut pm2);
     // The status says so, beside the degraded disk (until the standby is in sync).
     pm1.wait_status("degraded with the reason", Duration::from_secs(5), |s| {
         s.disks
@@ -155,12 +174,7 @@ fn with_a_witness_the_writes_go_on_once_the_witness_recorded_the_failed_standby_
     require_kvm();
     fault_env();
     let mut qp = QuorumPair::start("hackq", 1, &["--protection", "ha"]);
-    qp.primary
-        .wait_log(
-            "HA primary: the standby is declared FAILED",
-            Duration::from_secs(60),
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    declared_failed_during_the_stall(&mut qp.primary, &mut qp.standby);
     // The standby is still reachable, yet the gate is free: the witness recorded it
     // outdated (the primary renewed its lease with the peer marked outdated).
     qp.primary
