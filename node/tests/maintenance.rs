@@ -86,9 +86,6 @@ fn work_on_pm1_with_ft_and_unprotected_vms_upgrade_its_daemon_and_finalize() {
 }
 
 #[test]
-#[ignore = "an HA primary given SIGTERM right after its replicas came in sync hangs after \
-            'received SIGTERM: stopping' (pair runtime, not the daemon: its standby never sees \
-            the link drop); runs once that is fixed"]
 fn work_on_pm1_with_ft_ha_and_unprotected_vms_upgrade_its_daemon_and_finalize() {
     work_on_upgrade_finalize(&["ft1", "ha1"]);
 }

@@ -407,6 +407,20 @@ impl Vmm {
         self.finish(exit)
     }
 
+    /// How the VM ended, if it did, WITHOUT joining its threads (unlike
+    /// [`wait_timeout`](Self::wait_timeout)): a caller whose disk hooks may hold a vCPU
+    /// until that caller acts (an HA primary waiting for its standby's acknowledgement)
+    /// looks here, releases them, then [`wait`](Self::wait)s.
+    pub fn ended(&self) -> Option<VmExit> {
+        if let Some(e) = &self.finished {
+            return Some(e.clone());
+        }
+        if !self.started {
+            return None;
+        }
+        self.control.wait_end(Some(Duration::ZERO))
+    }
+
     /// Like [`wait`](Self::wait), but gives up after `t` (the VM keeps running).
     pub fn wait_timeout(&mut self, t: Duration) -> Option<VmExit> {
         if let Some(e) = &self.finished {

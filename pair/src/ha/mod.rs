@@ -8,7 +8,7 @@
 //! | module | what it owns |
 //! | --- | --- |
 //! | [`hooks`] | the VMM's disk hooks answered by `storage_mirror::sync::SyncDisks` |
-//! | [`primary`] | build and start the VM, then one session per standby: the disk session (resync), the closing commit, acknowledgements, the standby's loss |
+//! | [`primary`] | build and start the VM, then one session per standby: the disk session (resync), the closing commit, acknowledgements, the standby's loss or its failure to acknowledge (ack timeout), the stop |
 //! | [`status`] | the control socket's status: FT's, with `protection: "ha"` |
 //! | [`standby`] | the replica: the disk session's answers, write batches applied through the apply journal and acknowledged; the takeover |
 //!

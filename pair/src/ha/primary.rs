@@ -3,9 +3,18 @@
 //! survivor's): the disk session resyncs the standby (guest writes already mirrored
 //! meanwhile), the closing commit makes it in sync, and from then on every write
 //! batch waits for its acknowledgement. When the standby is lost the writers complete
-//! alone, their blocks recorded for its return.
+//! alone, their blocks recorded for its return. A standby that stays reachable but
+//! leaves the oldest batch unacknowledged for the ack timeout is declared failed the
+//! same way (a new disk session on the same link resyncs it, by a delta, once it
+//! answers again).
+//!
+//! Ending (stop requested, or the VM ended): the VM's end is looked at without joining
+//! its threads, the writers still waiting for an acknowledgement are released first
+//! ([`SyncDisks::stop`]: they fail, no new generation), and only then is the VM joined:
+//! a vCPU waiting for an acknowledgement that only this thread takes must never be
+//! what the join waits for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +24,10 @@ use storage_mirror::primary::{
     Performed, PrimaryDisks, PrimarySession, SessionAction, SessionConfig, SessionEnd, SessionEvent,
 };
 use storage_mirror::sync::wire::{self as hawire, HaToPrimary, HaToStandby};
-use storage_mirror::sync::SyncDisks;
+use storage_mirror::sync::{SyncDisks, ACK_TIMEOUT};
 use storage_mirror::wire::{self, DiskToStandby};
 use vmm::config::VmConfig;
-use vmm::{build_vm, VmExit, Vmm};
+use vmm::{build_vm, Vmm};
 
 use super::hooks::SyncHooks;
 use crate::alone::exit_code;
@@ -33,6 +42,26 @@ pub const PROTECTED_LOG: &str = "HA primary: protected";
 
 /// A send waits this long for window room before looking whether the peer is there.
 const SEND_WAIT: Duration = Duration::from_millis(50);
+
+/// Overrides [`ACK_TIMEOUT`] (milliseconds): how long the oldest mirrored write may
+/// wait for the standby's acknowledgement before the standby is declared failed.
+pub const ACK_TIMEOUT_ENV: &str = "TWINRUN_HA_ACK_TIMEOUT_MS";
+
+/// Logged (with the reason) when a reachable standby is declared failed.
+pub const STANDBY_FAILED_LOG: &str = "HA primary: the standby is declared FAILED";
+
+fn ack_timeout() -> Duration {
+    match std::env::var(ACK_TIMEOUT_ENV).map(|v| v.parse::<u64>()) {
+        Ok(Ok(ms)) if ms > 0 => Duration::from_millis(ms),
+        Ok(_) => {
+            warn!(
+                "{ACK_TIMEOUT_ENV} is not a positive number of milliseconds; using {ACK_TIMEOUT:?}"
+            );
+            ACK_TIMEOUT
+        }
+        Err(_) => ACK_TIMEOUT,
+    }
+}
 
 pub fn run(
     cfg: &VmConfig,
@@ -77,7 +106,8 @@ pub fn start_vm(cfg: &VmConfig) -> Result<(Vmm, Arc<SyncDisks>), i32> {
 
 /// How a session with one standby ended.
 enum End {
-    Vm(Box<VmExit>),
+    /// The VM ended on its own (not joined yet: `vm.wait()` gives how).
+    Vm,
     Stop,
     PeerLost,
     /// The quorum says the peer won the VM with this generation.
@@ -148,8 +178,11 @@ pub fn protect(
             Ok(l) => Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
+                // Writers held for the quorum's leave are released before the join.
+                sync.stop();
                 vm.stopper().stop();
                 vm.wait();
+                sync.disks.clean_shutdown();
                 return exit::START_FAILED;
             }
         };
@@ -161,9 +194,26 @@ pub fn protect(
         if let Some(q) = q {
             q.begin_session(link.clone(), Some(acked.clone()));
         }
-        let end = session(&mut vm, &link, &sync, sd, &acked, ft, &mut rule);
-        // Writers never wait for a standby that is gone.
-        sync.peer_lost();
+        let mut lim = Limits {
+            ack_timeout: ack_timeout(),
+            cut: Arc::new(AtomicBool::new(false)),
+        };
+        let end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim);
+        // A writer stuck in a send to this standby gives up.
+        lim.cut.store(true, Ordering::SeqCst);
+        match end {
+            End::PeerLost | End::Demoted(_) => {
+                // Writers never wait for a standby that is gone.
+                sync.peer_lost();
+            }
+            End::Vm | End::Stop => {
+                // The VM is not joined yet: a writer waiting for an acknowledgement is
+                // released first (failed: the guest is stopping), and this requested or
+                // final stop begins no generation (the bitmap holds what the standby
+                // lacks: finalize or a restart resyncs by a delta, or not at all).
+                sync.stop();
+            }
+        }
         status.end_session(None);
         if let Some(q) = q {
             q.end_session();
@@ -176,34 +226,44 @@ pub fn protect(
                 sync.fence();
                 return crate::ft::primary::demote(vm, &sync.disks, g);
             }
-            End::Vm(e) => {
-                sync.disks.clean_shutdown();
-                return exit_code(&e, sd.requested());
-            }
-            End::Stop => {
-                // A completion the quorum holds is never given: the guest stops.
-                sync.fence();
+            End::Vm | End::Stop => {
                 vm.stopper().stop();
                 let e = vm.wait();
                 sync.disks.clean_shutdown();
-                return exit_code(&e, true);
+                return exit_code(&e, sd.requested() || matches!(end, End::Stop));
             }
         }
     }
     unreachable!("sessions are numbered without end")
 }
 
-/// Sends `m` to the standby; false when it is gone.
-fn send(link: &Alink, m: &HaToStandby, payload: Vec<u8>) -> bool {
+/// Sends `m` to the standby; false when it is gone, when `cut` is set (the standby was
+/// declared failed: a writer stuck here gives up) or, with `within`, when the A-Link
+/// had no room for that long (a reachable standby that stopped reading).
+fn send(
+    link: &Alink,
+    m: &HaToStandby,
+    payload: Vec<u8>,
+    cut: &AtomicBool,
+    within: Option<Duration>,
+) -> bool {
     let payload = if payload.is_empty() {
         Vec::new()
     } else {
         vec![Bytes::from(payload)]
     };
+    let t0 = Instant::now();
     loop {
         match link.send_timeout(m, payload.clone(), Some(SEND_WAIT)) {
             Ok(_) => return true,
-            Err(AlinkError::Timeout) if link.peer_reachable() => {}
+            Err(AlinkError::Timeout) if link.peer_reachable() => {
+                if cut.load(Ordering::SeqCst) || within.is_some_and(|w| t0.elapsed() >= w) {
+                    if within != Some(Duration::ZERO) {
+                        warn!("HA primary: the standby takes nothing; giving up this send");
+                    }
+                    return false;
+                }
+            }
             Err(e) => {
                 warn!("HA primary: sending to the standby: {e}");
                 return false;
@@ -212,9 +272,16 @@ fn send(link: &Alink, m: &HaToStandby, payload: Vec<u8>) -> bool {
     }
 }
 
-fn send_session(link: &Alink, m: &DiskToStandby, payload: Vec<u8>) -> bool {
+/// A disk session message (from the session's thread: bounded by the ack timeout).
+fn send_session(link: &Alink, m: &DiskToStandby, payload: Vec<u8>, lim: &Limits) -> bool {
     match wire::encode(m) {
-        Ok(h) => send(link, &HaToStandby::Session(h), payload),
+        Ok(h) => send(
+            link,
+            &HaToStandby::Session(h),
+            payload,
+            &lim.cut,
+            Some(lim.ack_timeout),
+        ),
         Err(e) => {
             error!("HA primary: encoding a disk message: {e}");
             false
@@ -232,23 +299,63 @@ enum Phase {
     /// The closing commit is out; the gate holds new writes.
     Ending,
     InSync,
+    /// The standby, still reachable, was declared failed (no acknowledgement, or no
+    /// room on the A-Link, for the ack timeout): a new disk session begins on the same
+    /// link once its `Hello` can be sent (the standby reads it after everything before
+    /// it, starts its session again and is resynced by a delta).
+    Failed,
     /// Refused or failed: the VM runs on alone until this standby goes away.
     Idle,
 }
 
+/// The session's bounds: the ack timeout, and the flag that makes a writer stuck in a
+/// send to a standby declared failed give up.
+struct Limits {
+    ack_timeout: Duration,
+    cut: Arc<AtomicBool>,
+}
+
+/// One disk session with the standby on `link` (the state `drive` works on).
+struct Disk {
+    ses: PrimarySession,
+    pending: std::collections::VecDeque<SessionEvent>,
+    prepared: Vec<u64>,
+    phase: Phase,
+    /// A send of this session found no room for the ack timeout.
+    stuck: bool,
+}
+
+impl Disk {
+    fn new(ft: &FtSettings) -> Disk {
+        let mut cfg = SessionConfig::default();
+        cfg.resync.rate_limit = ft.resync_rate;
+        Disk {
+            ses: PrimarySession::new(cfg, Instant::now()),
+            pending: std::collections::VecDeque::new(),
+            prepared: Vec::new(),
+            phase: Phase::Resync,
+            stuck: false,
+        }
+    }
+}
+
+// The session's whole context, passed as such (a struct would only rename it).
+#[allow(clippy::too_many_arguments)]
 fn session(
-    vm: &mut Vmm,
+    vm: &Vmm,
     link: &Arc<Alink>,
     sync: &Arc<SyncDisks>,
     sd: &Shutdown,
     acked: &AtomicU64,
     ft: &FtSettings,
     rule: &mut Obey,
+    lim: &mut Limits,
 ) -> End {
-    // Wait for a standby.
+    // Wait for a standby. The VM's end is looked at without joining it (see the
+    // module's comment).
     loop {
-        if let Some(e) = vm.wait_timeout(Duration::ZERO) {
-            return End::Vm(Box::new(e));
+        if vm.ended().is_some() {
+            return End::Vm;
         }
         if let Err(g) = rule.step(vm) {
             return End::Demoted(g);
@@ -263,18 +370,19 @@ fn session(
         std::thread::sleep(Duration::from_millis(10));
     }
     info!("HA primary: standby connected; disk session begins");
-    if !send(link, &HaToStandby::Hello, Vec::new()) {
+    if !send(
+        link,
+        &HaToStandby::Hello,
+        Vec::new(),
+        &lim.cut,
+        Some(lim.ack_timeout),
+    ) {
         return End::PeerLost;
     }
-    let mut cfg = SessionConfig::default();
-    cfg.resync.rate_limit = ft.resync_rate;
-    let mut ses = PrimarySession::new(cfg, Instant::now());
-    let mut phase = Phase::Resync;
-    let mut prepared = Vec::new();
-    let mut pending = std::collections::VecDeque::new();
+    let mut d = Disk::new(ft);
     loop {
-        if let Some(e) = vm.wait_timeout(Duration::ZERO) {
-            return End::Vm(Box::new(e));
+        if vm.ended().is_some() {
+            return End::Vm;
         }
         if let Err(g) = rule.step(vm) {
             return End::Demoted(g);
@@ -294,25 +402,20 @@ fn session(
         }
         if lost && !link.peer_reachable() {
             warn!("HA primary: the standby is lost; running on alone, recording writes");
-            if phase == Phase::Resync {
-                pending.push_back(SessionEvent::PeerLost);
-                drive(
-                    &mut ses,
-                    &mut pending,
-                    &mut prepared,
-                    link,
-                    sync,
-                    &mut phase,
-                );
+            if d.phase == Phase::Resync {
+                d.pending.push_back(SessionEvent::PeerLost);
+                drive(&mut d, link, sync, lim);
             }
             return End::PeerLost;
         }
         match link.recv(Duration::from_millis(5)) {
             Ok(Some(msg)) => match hawire::decode::<HaToPrimary>(msg.head_bytes()) {
+                // A failed standby's answers until it reads the new `Hello`: stale.
+                Ok(HaToPrimary::Session(_)) if d.phase == Phase::Failed => {}
                 Ok(HaToPrimary::Session(h)) => match wire::decode_to_primary(&h, msg.payload()) {
                     Ok(m) => {
                         if let Some(ev) = SessionEvent::from_msg(m, msg.payload()) {
-                            pending.push_back(ev);
+                            d.pending.push_back(ev);
                         }
                     }
                     Err(e) => error!("HA primary: bad disk message: {e}"),
@@ -322,13 +425,13 @@ fn session(
                         error!("HA primary: {e}; dropping this standby");
                         return End::PeerLost;
                     }
-                    if phase == Phase::InSync {
+                    if d.phase == Phase::InSync {
                         acked.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                Ok(HaToPrimary::InSync) if phase == Phase::Ending => {
+                Ok(HaToPrimary::InSync) if d.phase == Phase::Ending => {
                     sync.in_sync();
-                    phase = Phase::InSync;
+                    d.phase = Phase::InSync;
                     acked.store(1, Ordering::SeqCst);
                     info!("{PROTECTED_LOG}: the standby's replicas are in sync");
                 }
@@ -336,7 +439,7 @@ fn session(
                 Ok(HaToPrimary::Failed { reason }) => {
                     error!("HA primary: the standby failed: {reason}; running on alone");
                     sync.peer_lost();
-                    phase = Phase::Idle;
+                    d.phase = Phase::Idle;
                 }
                 Err(e) => error!("HA primary: bad message from the standby: {e}"),
             },
@@ -346,65 +449,107 @@ fn session(
                 return End::PeerLost;
             }
         }
-        if phase == Phase::Draining && sync.drained() {
-            phase = closing_commit(sync);
-        }
-        if phase == Phase::Resync {
-            pending.push_back(SessionEvent::Tick);
-            drive(
-                &mut ses,
-                &mut pending,
-                &mut prepared,
-                link,
+        if let Some((seq, waited)) = sync.ack_overdue(lim.ack_timeout) {
+            declare_failed(
                 sync,
-                &mut phase,
+                acked,
+                &mut d,
+                lim,
+                format!(
+                    "reachable, but it left write batch {seq} unacknowledged for {} ms \
+                     (ack timeout {} ms)",
+                    waited.as_millis(),
+                    lim.ack_timeout.as_millis()
+                ),
             );
+        }
+        if d.phase == Phase::Failed {
+            // Room on the A-Link for the new session's Hello: the standby reads it
+            // after every batch before it and starts its session again.
+            let fresh = AtomicBool::new(false);
+            if send(
+                link,
+                &HaToStandby::Hello,
+                Vec::new(),
+                &fresh,
+                Some(Duration::ZERO),
+            ) {
+                info!("HA primary: a new disk session for the failed standby (delta resync)");
+                lim.cut = Arc::new(AtomicBool::new(false));
+                d = Disk::new(ft);
+            }
+        }
+        if d.phase == Phase::Draining && sync.drained() {
+            d.phase = closing_commit(sync);
+        }
+        if d.phase == Phase::Resync {
+            d.pending.push_back(SessionEvent::Tick);
+            drive(&mut d, link, sync, lim);
+        }
+        if d.stuck {
+            let why = format!(
+                "reachable, but the A-Link had no room for the disk session for {} ms",
+                lim.ack_timeout.as_millis()
+            );
+            declare_failed(sync, acked, &mut d, lim, why);
         }
     }
 }
 
+/// The standby stays reachable but takes nothing (`why`): declared failed for every
+/// disk. Its writers complete alone under the quorum's rule (the quorum is told this
+/// node is no longer protected, so its renewals ask the witness to record the peer
+/// outdated, which opens the gate), the disks degraded with `why` in the status, and
+/// a new disk session begins once the standby can be told.
+fn declare_failed(sync: &SyncDisks, acked: &AtomicU64, d: &mut Disk, lim: &Limits, why: String) {
+    error!("{STANDBY_FAILED_LOG}: {why}; the disks are DEGRADED (written blocks recorded for its delta resync)");
+    lim.cut.store(true, Ordering::SeqCst);
+    sync.standby_failed(format!("standby declared failed: {why}"));
+    acked.store(0, Ordering::SeqCst);
+    d.phase = Phase::Failed;
+    d.stuck = false;
+    d.pending.clear();
+    d.prepared.clear();
+}
+
 /// Feeds the disk session its events and performs its actions; on `Ready` sends the
-/// closing commit.
-fn drive(
-    ses: &mut PrimarySession,
-    queue: &mut std::collections::VecDeque<SessionEvent>,
-    prepared: &mut Vec<u64>,
-    link: &Arc<Alink>,
-    sync: &Arc<SyncDisks>,
-    phase: &mut Phase,
-) {
-    while let Some(ev) = queue.pop_front() {
-        for a in ses.on_event(ev, Instant::now(), &*sync.disks) {
+/// closing commit. A send that finds no room for the ack timeout sets `stuck`.
+fn drive(d: &mut Disk, link: &Arc<Alink>, sync: &Arc<SyncDisks>, lim: &Limits) {
+    while let Some(ev) = d.pending.pop_front() {
+        for a in d.ses.on_event(ev, Instant::now(), &*sync.disks) {
             match &a {
                 SessionAction::Send(m) => {
-                    if !send_session(link, m, Vec::new()) {
+                    if !send_session(link, m, Vec::new(), lim) {
+                        d.stuck = true;
                         return;
                     }
                     if matches!(m, DiskToStandby::Plan { .. }) && !sync.attached() {
                         // The standby applies the plan before anything after it:
                         // guest writes are mirrored to it from here on.
                         let l = link.clone();
-                        sync.attach(Box::new(move |m, p| send(&l, m, p)));
+                        let cut = lim.cut.clone();
+                        sync.attach(Box::new(move |m, p| send(&l, m, p, &cut, None)));
                     }
                     continue;
                 }
                 SessionAction::End(end) => {
-                    end_session(end, sync, phase);
+                    end_session(end, sync, &mut d.phase);
                     return;
                 }
                 _ => {}
             }
-            match sync.disks.perform(&a, prepared) {
+            match sync.disks.perform(&a, &mut d.prepared) {
                 Performed::Done => {}
-                Performed::Event(ev) => queue.push_back(ev),
+                Performed::Event(ev) => d.pending.push_back(ev),
                 Performed::Chunk(m, data) => {
-                    if !send_session(link, &m, data) {
+                    if !send_session(link, &m, data, lim) {
+                        d.stuck = true;
                         return;
                     }
                 }
                 Performed::Failed(why) => {
                     error!("HA primary: disk session failed: {why}");
-                    *phase = Phase::Idle;
+                    d.phase = Phase::Idle;
                     return;
                 }
             }

@@ -64,6 +64,7 @@ pub fn run(
             return exit::START_FAILED;
         }
     }
+    let mut fault = StallAcks::from_env();
     let lost_at = loop {
         let link = match Alink::start(acfg.clone()) {
             Ok(l) => Arc::new(l),
@@ -76,7 +77,7 @@ pub fn run(
         if let Some(q) = q {
             q.begin_session(link.clone(), None);
         }
-        let mut end = serve(&mut disks, &link, sd, q);
+        let mut end = serve(&mut disks, &link, sd, q, &mut fault);
         if let (End::LostInSync, Some(q)) = (&end, q) {
             // The session (and its link) stays the quorum's view of the peer while
             // the standby waits: booting needs the grant, not silence alone.
@@ -199,10 +200,17 @@ fn feed(
     result
 }
 
-fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown, q: Option<&Quorum>) -> End {
+fn serve(
+    disks: &mut StandbyDisks,
+    link: &Arc<Alink>,
+    sd: &Shutdown,
+    q: Option<&Quorum>,
+    fault: &mut StallAcks,
+) -> End {
     let mut ses = StandbySession::new(StandbySessionConfig::default(), Instant::now());
     let mut seen_peer = false;
     let mut in_sync = false;
+    let mut hellos = 0u64;
     loop {
         if sd.requested() {
             return End::Stop;
@@ -246,6 +254,22 @@ fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown, q: Option<&Quoru
         let r = match hawire::decode::<HaToStandby>(msg.head_bytes()) {
             Ok(HaToStandby::Hello) => {
                 seen_peer = true;
+                hellos += 1;
+                if hellos > 1 {
+                    // The primary declared this standby failed (it left a write
+                    // unacknowledged for the ack timeout) and begins a new disk
+                    // session: the replicas are no longer in sync (no takeover from
+                    // them) until its resync, a delta, ends.
+                    warn!(
+                        "HA standby: the primary declared this standby failed and starts a \
+                         new disk session (delta resync); NOT in sync until it ends"
+                    );
+                    in_sync = false;
+                    if let Some(q) = q {
+                        q.begin_session(link.clone(), None);
+                    }
+                    ses = StandbySession::new(StandbySessionConfig::default(), Instant::now());
+                }
                 feed(&mut ses, disks, StandbyEvent::Hello, &[], link)
             }
             Ok(HaToStandby::Session(h)) => match wire::decode_to_standby(&h, msg.payload()) {
@@ -256,6 +280,9 @@ fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown, q: Option<&Quoru
                 }
             },
             Ok(HaToStandby::Writes { seq, writes }) => {
+                if in_sync {
+                    fault.batch_applied();
+                }
                 apply(disks, seq, &writes, msg.payload(), link).and_then(|()| {
                     // Paced by the session: records the last commit in the metadata.
                     feed(
@@ -301,6 +328,55 @@ fn serve(disks: &mut StandbyDisks, link: &Alink, sd: &Shutdown, q: Option<&Quoru
                 Vec::new(),
             );
             return End::Failed(e);
+        }
+    }
+}
+
+/// A fault hook for tests (`TWINRUN_HA_FAULT_STALL_ACKS=N:MS`): once in sync, before
+/// the Nth write batch is applied, this standby stops reading the write stream (no
+/// apply, no acknowledgement) for MS milliseconds while its A-Link heartbeats go on:
+/// a standby that stays reachable but stops acknowledging. Once only.
+pub const STALL_ACKS_ENV: &str = "TWINRUN_HA_FAULT_STALL_ACKS";
+
+#[derive(Debug, Default)]
+pub struct StallAcks {
+    /// (batches before the stall, its length)
+    plan: Option<(u64, Duration)>,
+    applied: u64,
+}
+
+impl StallAcks {
+    fn from_env() -> StallAcks {
+        let Ok(v) = std::env::var(STALL_ACKS_ENV) else {
+            return StallAcks::default();
+        };
+        let parsed = v
+            .split_once(':')
+            .and_then(|(n, ms)| Some((n.parse().ok()?, ms.parse().ok()?)));
+        match parsed {
+            Some((n, ms)) => {
+                warn!("HA standby: FAULT HOOK {STALL_ACKS_ENV}: acknowledgements stall for {ms} ms before batch {n} in sync");
+                StallAcks {
+                    plan: Some((n, Duration::from_millis(ms))),
+                    applied: 0,
+                }
+            }
+            None => {
+                warn!("HA standby: {STALL_ACKS_ENV}={v:?} is not N:MS; ignored");
+                StallAcks::default()
+            }
+        }
+    }
+
+    /// Before a write batch in sync is applied: stalls when its turn comes.
+    fn batch_applied(&mut self) {
+        let Some((n, d)) = self.plan else { return };
+        self.applied += 1;
+        if self.applied >= n {
+            self.plan = None;
+            warn!("HA standby: FAULT HOOK: not acknowledging for {d:?} (heartbeats go on)");
+            std::thread::sleep(d);
+            warn!("HA standby: FAULT HOOK: acknowledging again");
         }
     }
 }

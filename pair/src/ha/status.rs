@@ -1,7 +1,9 @@
 //! What an HA end serves on its control socket: FT's status (role, state, failover,
 //! links, disks: the daemon reads both levels alike) with `protection: "ha"`. A
 //! protected HA primary's state is `protected` once its standby's replicas are in
-//! sync; `epochs_committed` counts the write batches the standby acknowledged.
+//! sync; `epochs_committed` counts the write batches the standby acknowledged. A
+//! standby declared failed by the ack timeout is named, with the reason, in the state
+//! of each disk it left degraded.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +23,13 @@ impl FtControl for HaControl {
     fn status(&self) -> FtStatus {
         let mut s = self.0.status();
         s.protection = "ha".into();
+        // A reachable standby declared failed (ack timeout): why, beside each disk it
+        // left degraded (kept until a standby is in sync again).
+        if let Some(why) = self.0.disks().and_then(|d| d.standby_failed()) {
+            for d in s.disks.iter_mut().filter(|d| d.kind != "protected") {
+                d.state = format!("{}; {why}", d.state);
+            }
+        }
         s
     }
     fn disk_faults(&self) -> Vec<Arc<DiskFaults>> {

@@ -45,6 +45,9 @@ pub struct PrimaryDisks {
     peer: PeerRequests,
     /// An online verify was asked for (see [`PrimaryDisks::request_verify`]).
     verify_requested: AtomicBool,
+    /// Why the standby was declared failed while it stayed reachable (an HA standby
+    /// that stopped acknowledging writes), until a standby is in sync again.
+    standby_failed: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for PrimaryDisks {
@@ -67,6 +70,7 @@ impl PrimaryDisks {
             disks,
             peer: PeerRequests::default(),
             verify_requested: AtomicBool::new(false),
+            standby_failed: Mutex::new(None),
         }))
     }
 
@@ -117,6 +121,17 @@ impl PrimaryDisks {
     /// The standby is gone: degraded from here on.
     pub fn peer_lost(&self) {
         self.each(|d| d.peer_lost());
+    }
+
+    /// Records (Some) or clears (None) why the standby was declared failed while it
+    /// stayed reachable; the status shows it beside the degraded disks.
+    pub fn set_standby_failed(&self, why: Option<String>) {
+        *self.standby_failed.lock_or_recover() = why;
+    }
+
+    /// Why the standby was declared failed, until one is in sync again.
+    pub fn standby_failed(&self) -> Option<String> {
+        self.standby_failed.lock_or_recover().clone()
     }
 
     /// Clean stop: flush the bitmaps, clear the unclean flags.

@@ -10,6 +10,7 @@
 //! that detaches the standby.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Outstanding batches at most (a writer waits for room beyond it: each vCPU has one
 /// batch out at a time per disk, so this is never reached by a sane guest).
@@ -50,7 +51,8 @@ pub struct SyncPrimary {
     /// journal needs strictly increasing epochs, and a late acknowledgement of an old
     /// attachment is recognisable).
     next_seq: u64,
-    outstanding: VecDeque<u64>,
+    /// Each batch out, with when it was sent (in number order).
+    outstanding: VecDeque<(u64, Instant)>,
     /// Every batch at or below this is acknowledged (0: none).
     acked_through: u64,
     /// Every batch numbered below the next one when the standby was last lost is
@@ -88,7 +90,8 @@ impl SyncPrimary {
         self.attached = true;
     }
 
-    pub fn submit(&mut self) -> Submit {
+    /// A batch is to go out at `now`.
+    pub fn submit(&mut self, now: Instant) -> Submit {
         if !self.attached {
             return Submit::Alone;
         }
@@ -97,7 +100,7 @@ impl SyncPrimary {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.outstanding.push_back(seq);
+        self.outstanding.push_back((seq, now));
         Submit::Send(seq)
     }
 
@@ -108,16 +111,13 @@ impl SyncPrimary {
             // A late answer of a standby already given up for lost.
             return Ok(Vec::new());
         }
-        match self.outstanding.front() {
-            Some(&first) if first == seq => {
+        match self.outstanding.front().map(|o| o.0) {
+            Some(first) if first == seq => {
                 self.outstanding.pop_front();
                 self.acked_through = seq;
                 Ok(vec![seq])
             }
-            expected => Err(SyncError::OutOfOrder {
-                got: seq,
-                expected: expected.copied(),
-            }),
+            expected => Err(SyncError::OutOfOrder { got: seq, expected }),
         }
     }
 
@@ -125,7 +125,7 @@ impl SyncPrimary {
     /// completes alone. Returns them (their blocks must be recorded before release).
     pub fn peer_lost(&mut self) -> Vec<u64> {
         self.attached = false;
-        let lost: Vec<u64> = self.outstanding.drain(..).collect();
+        let lost: Vec<u64> = self.outstanding.drain(..).map(|o| o.0).collect();
         if let (Some(&a), Some(&b)) = (lost.first(), lost.last()) {
             if self.lost.len() == LOSSES_KEPT {
                 self.lost.pop_front();
@@ -138,7 +138,7 @@ impl SyncPrimary {
     }
 
     pub fn outcome(&self, seq: u64) -> Outcome {
-        if self.outstanding.contains(&seq) {
+        if self.outstanding.iter().any(|o| o.0 == seq) {
             Outcome::Pending
         } else if self.lost.iter().any(|&(a, b)| (a..=b).contains(&seq)) {
             Outcome::Alone
@@ -146,6 +146,16 @@ impl SyncPrimary {
             debug_assert!(seq <= self.acked_through || seq <= self.alone_through);
             Outcome::Acked
         }
+    }
+
+    /// The oldest batch still unacknowledged at `now`, and how long it has waited,
+    /// when that is `limit` or more: the standby stopped acknowledging (its heartbeats
+    /// may be fine). It acknowledges in order, so the oldest batch's wait is the
+    /// standby's silence on the write stream.
+    pub fn overdue(&self, now: Instant, limit: Duration) -> Option<(u64, Duration)> {
+        let &(seq, sent) = self.outstanding.front()?;
+        let waited = now.saturating_duration_since(sent);
+        (waited >= limit).then_some((seq, waited))
     }
 
     pub fn outstanding(&self) -> usize {
@@ -161,10 +171,15 @@ impl SyncPrimary {
 mod tests {
     use super::*;
 
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
     #[test]
     fn alone_without_a_standby() {
         let mut m = SyncPrimary::new(1);
-        assert_eq!(m.submit(), Submit::Alone);
+        assert_eq!(m.submit(t0()), Submit::Alone);
         assert_eq!(m.outstanding(), 0);
     }
 
@@ -172,8 +187,8 @@ mod tests {
     fn acks_in_order_release_the_writers() {
         let mut m = SyncPrimary::new(1);
         m.attach();
-        assert_eq!(m.submit(), Submit::Send(1));
-        assert_eq!(m.submit(), Submit::Send(2));
+        assert_eq!(m.submit(t0()), Submit::Send(1));
+        assert_eq!(m.submit(t0()), Submit::Send(2));
         assert_eq!(m.outcome(1), Outcome::Pending);
         assert_eq!(m.on_ack(1), Ok(vec![1]));
         assert_eq!(m.outcome(1), Outcome::Acked);
@@ -187,8 +202,8 @@ mod tests {
     fn an_ack_out_of_order_is_a_protocol_error() {
         let mut m = SyncPrimary::new(1);
         m.attach();
-        m.submit();
-        m.submit();
+        m.submit(t0());
+        m.submit(t0());
         assert_eq!(
             m.on_ack(2),
             Err(SyncError::OutOfOrder {
@@ -209,13 +224,13 @@ mod tests {
     fn losing_the_standby_completes_the_outstanding_alone() {
         let mut m = SyncPrimary::new(1);
         m.attach();
-        m.submit();
-        m.submit();
+        m.submit(t0());
+        m.submit(t0());
         m.on_ack(1).unwrap();
         assert_eq!(m.peer_lost(), vec![2]);
         assert_eq!(m.outcome(1), Outcome::Acked);
         assert_eq!(m.outcome(2), Outcome::Alone);
-        assert_eq!(m.submit(), Submit::Alone);
+        assert_eq!(m.submit(t0()), Submit::Alone);
         // A late acknowledgement of the lost standby changes nothing.
         assert_eq!(m.on_ack(2), Ok(vec![]));
         assert_eq!(m.outcome(2), Outcome::Alone);
@@ -225,10 +240,10 @@ mod tests {
     fn numbers_are_never_reused_across_attachments() {
         let mut m = SyncPrimary::new(5);
         m.attach();
-        assert_eq!(m.submit(), Submit::Send(5));
+        assert_eq!(m.submit(t0()), Submit::Send(5));
         m.peer_lost();
         m.attach();
-        assert_eq!(m.submit(), Submit::Send(6));
+        assert_eq!(m.submit(t0()), Submit::Send(6));
         assert_eq!(m.on_ack(6), Ok(vec![6]));
         assert_eq!(m.outcome(6), Outcome::Acked);
         assert_eq!(m.outcome(5), Outcome::Alone);
@@ -239,10 +254,42 @@ mod tests {
         let mut m = SyncPrimary::new(1);
         m.attach();
         for _ in 0..MAX_OUTSTANDING {
-            assert!(matches!(m.submit(), Submit::Send(_)));
+            assert!(matches!(m.submit(t0()), Submit::Send(_)));
         }
-        assert_eq!(m.submit(), Submit::Full);
+        assert_eq!(m.submit(t0()), Submit::Full);
         m.on_ack(1).unwrap();
-        assert!(matches!(m.submit(), Submit::Send(_)));
+        assert!(matches!(m.submit(t0()), Submit::Send(_)));
+    }
+
+    #[test]
+    fn a_standby_that_stops_acknowledging_is_overdue_after_the_limit() {
+        let limit = Duration::from_secs(5);
+        let t = t0();
+        let mut m = SyncPrimary::new(1);
+        m.attach();
+        assert_eq!(m.overdue(t + limit * 9, limit), None, "nothing out");
+        assert_eq!(m.submit(t), Submit::Send(1));
+        assert_eq!(m.submit(t + Duration::from_secs(1)), Submit::Send(2));
+        assert_eq!(m.overdue(t + Duration::from_millis(4999), limit), None);
+        assert_eq!(m.overdue(t + limit, limit), Some((1, limit)));
+        // Acknowledgements keep the clock on the oldest batch still out.
+        m.on_ack(1).unwrap();
+        assert_eq!(m.overdue(t + limit, limit), None);
+        assert_eq!(
+            m.overdue(t + Duration::from_secs(7), limit),
+            Some((2, Duration::from_secs(6)))
+        );
+        // Declared failed: nothing is out any more, the batch completes alone.
+        assert_eq!(m.peer_lost(), vec![2]);
+        assert_eq!(m.outcome(2), Outcome::Alone);
+        assert_eq!(m.overdue(t + limit * 9, limit), None);
+        // A late acknowledgement of the failed standby changes nothing; a new
+        // attachment starts its own clock.
+        assert_eq!(m.on_ack(2), Ok(vec![]));
+        m.attach();
+        let t3 = t + Duration::from_secs(20);
+        assert_eq!(m.submit(t3), Submit::Send(3));
+        assert_eq!(m.overdue(t3 + Duration::from_secs(4), limit), None);
+        assert!(m.overdue(t3 + limit, limit).is_some());
     }
 }

@@ -28,6 +28,21 @@
 //! guest does not see it done) until the gate opens, a returning standby is in sync
 //! (its resync carried the marked blocks), or the node is fenced ([`SyncDisks::fence`]: the held writers fail). The gate is a closure so
 //! that this crate knows nothing of the quorum.
+//!
+//! A standby that stays reachable (heartbeats fine) but stops acknowledging would hold
+//! the guest's writes forever: [`SyncDisks::ack_overdue`] tells the runtime when the
+//! oldest batch out waited longer than its bound ([`ACK_TIMEOUT`] by default), and
+//! [`SyncDisks::standby_failed`] then treats it as lost (the same marks and new
+//! generation as [`SyncDisks::peer_lost`], the writers completing alone under the
+//! same [`AloneGate`]), with the reason kept for the status until a standby is in sync
+//! again.
+//!
+//! Stopping ([`SyncDisks::stop`], the VM stopped on request or ended): the writers
+//! still waiting fail (the guest never sees them done) and the disks are left as they
+//! are, WITHOUT a new generation: the bitmap already holds every block the standby did
+//! not acknowledge, so a returning standby gets a delta (or nothing), and a standby
+//! that took over meanwhile is the delta's source (its new generation is based on this
+//! one). Only a node that goes on writing without its standby begins a generation.
 
 pub mod machine;
 pub mod wire;
@@ -36,7 +51,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use twinrun_lock::{CondvarExt, MutexExt};
 
 use crate::primary::PrimaryDisks;
@@ -57,6 +72,13 @@ const ALONE_SLICE: Duration = Duration::from_millis(2);
 /// How long a writer sleeps between looks at a silent standby (the pair's runtime
 /// declares it lost by the A-Link's heartbeats and releases the writers at once).
 const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// How long the oldest write batch out may wait for the standby's acknowledgement
+/// before the runtime declares the standby failed (it may still answer heartbeats):
+/// far above a loaded standby's apply time (one journal append and fdatasync), and
+/// bounded, so that a stuck standby holds the guest's writes for this long at most
+/// (then the quorum's rule for completing alone applies).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bytes the closing commit of a resync may carry at most.
 pub const MAX_END_RESYNC_BYTES: u64 = 32 << 20;
@@ -94,6 +116,8 @@ pub struct SyncDisks {
     alone: Mutex<Option<AloneGate>>,
     /// This node lost the VM: no held completion is ever given.
     fenced: std::sync::atomic::AtomicBool,
+    /// This end stops ([`SyncDisks::stop`]): no completion without the standby.
+    stopping: std::sync::atomic::AtomicBool,
     /// How many times a standby became in sync ([`SyncDisks::in_sync`]): a write held
     /// alone completes once it grows (that standby has every marked block).
     synced: AtomicU64,
@@ -132,6 +156,7 @@ impl SyncDisks {
             send_order: Mutex::new(()),
             alone: Mutex::new(None),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             synced: AtomicU64::new(0),
             stats: SyncStats::default(),
         })
@@ -151,10 +176,33 @@ impl SyncDisks {
         self.cv.notify_all();
     }
 
+    /// This end stops (the VM was stopped on request, or it ended): every writer
+    /// still waiting for the standby, and every later one, fails (the guest never sees
+    /// it done: it is stopping) and nothing more is sent. Unlike
+    /// [`SyncDisks::peer_lost`] the disks are left as they are, with no new generation
+    /// (see the module's comment). Call before joining the VM's threads: a vCPU may be
+    /// waiting here for an acknowledgement only the caller's thread would take.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut s = self.state();
+        s.send = None;
+        if s.machine.attached() {
+            s.machine.peer_lost();
+        }
+        s.gate_closed = false;
+        drop(s);
+        self.cv.notify_all();
+    }
+
     fn may_complete_alone(&self) -> io::Result<bool> {
         if self.fenced.load(Ordering::SeqCst) {
             return Err(io::Error::other(
                 "this node lost the VM to its peer (fenced): the write is not completed",
+            ));
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "the VM is stopping: a write its standby did not acknowledge is not completed",
             ));
         }
         Ok(self.alone.lock_or_recover().as_ref().is_none_or(|g| g()))
@@ -220,6 +268,21 @@ impl SyncDisks {
         self.cv.notify_all();
     }
 
+    /// The oldest write batch out, and how long it has waited, once that is `limit`
+    /// or more (the runtime looks now and then; see [`ACK_TIMEOUT`]).
+    pub fn ack_overdue(&self, limit: Duration) -> Option<(u64, Duration)> {
+        self.state().machine.overdue(Instant::now(), limit)
+    }
+
+    /// The standby stays reachable but stopped acknowledging (`why`): declared failed
+    /// for every disk. Its writers complete alone as at its loss (marked, a new
+    /// generation, the [`AloneGate`] deciding), and `why` is kept for the status until
+    /// a standby is in sync again.
+    pub fn standby_failed(&self, why: String) {
+        self.disks.set_standby_failed(Some(why));
+        self.peer_lost();
+    }
+
     /// The standby acknowledged batch `seq`. An acknowledgement out of order detaches
     /// it (returned as an error for the runtime to end the session).
     pub fn on_ack(&self, seq: u64) -> Result<(), machine::SyncError> {
@@ -279,7 +342,7 @@ impl SyncDisks {
             let _order = self.send_order.lock_or_recover();
             let (seq, send) = loop {
                 let mut s = self.state();
-                match s.machine.submit() {
+                match s.machine.submit(Instant::now()) {
                     Submit::Alone => {
                         // Not under the send order: a returning standby attaches.
                         drop(s);
@@ -379,7 +442,7 @@ impl SyncDisks {
         let _order = self.send_order.lock_or_recover();
         let (seq, send) = {
             let mut s = self.state();
-            match s.machine.submit() {
+            match s.machine.submit(Instant::now()) {
                 Submit::Send(seq) => (seq, s.send.clone()),
                 Submit::Alone | Submit::Full => return false,
             }
@@ -396,6 +459,7 @@ impl SyncDisks {
             d.acked(0);
         }
         self.synced.fetch_add(1, Ordering::SeqCst);
+        self.disks.set_standby_failed(None);
         self.open_gate();
     }
 

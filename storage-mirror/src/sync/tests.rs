@@ -263,3 +263,124 @@ fn a_held_write_completes_when_a_returning_standby_is_in_sync() {
         w.join().unwrap().unwrap();
     });
 }
+
+/// A standby attached and in sync (resync begun, closing commit acknowledged): the
+/// disks are protected, their generation shared with it.
+fn in_sync_standby(s: &SyncDisks) -> mpsc::Receiver<(HaToStandby, Vec<u8>)> {
+    let (send, rx) = recording();
+    s.disks
+        .perform(&crate::primary::SessionAction::BeginResync, &mut Vec::new());
+    s.attach(send);
+    s.close_gate();
+    assert!(s.drained());
+    let (heads, payload) = s.end_resync().unwrap();
+    assert!(s.send_end_resync(heads, payload));
+    let (m, _) = rx.recv().unwrap();
+    let HaToStandby::EndResync { seq, .. } = m else {
+        panic!("{m:?}")
+    };
+    s.on_ack(seq).unwrap();
+    s.in_sync();
+    assert_eq!(s.disks.lock(0).mode(), crate::primary::Mode::Protected);
+    assert_eq!(s.disks.lock(0).meta.bitmap_base_gen, 0);
+    rx
+}
+
+/// A stop (requested, or the VM ended) while a writer waits for its acknowledgement:
+/// the writer is released with an error at once (the runtime joins the VM's threads
+/// only after this) and the disks begin NO generation: the standby (or a standby that
+/// took over, whose generation is based on this one) resyncs by a delta.
+#[test]
+fn stopping_fails_the_waiting_writer_and_begins_no_generation() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let rx = in_sync_standby(&s);
+    let gen = s.disks.lock(0).meta.current_gen;
+    s.before_writes(0, &[(65536, 4096)]).unwrap();
+    std::thread::scope(|t| {
+        let w = t.spawn(|| s.completed(0, &[(65536, &[1u8; 4096])]));
+        let (m, _) = rx.recv().unwrap();
+        assert!(matches!(m, HaToStandby::Writes { .. }), "{m:?}");
+        s.stop();
+        assert!(w.join().unwrap().is_err(), "completed without the standby");
+    });
+    // Later writes fail too, and nothing more is sent.
+    s.before_writes(0, &[(0, 512)]).unwrap();
+    assert!(s.completed(0, &[(0, &[2u8; 512])]).is_err());
+    assert!(rx.try_recv().is_err());
+    s.disks.clean_shutdown();
+    let d = s.disks.lock(0);
+    assert_eq!(d.meta.current_gen, gen, "a stop began a new generation");
+    assert_eq!(d.meta.bitmap_base_gen, 0);
+    // The unacknowledged write's extent stays marked for the delta.
+    assert!(d.bitmap.is_set(16));
+    assert!(!d.meta.unclean_primary);
+}
+
+/// A standby that stays attached (heartbeats fine) but never acknowledges: once the
+/// oldest batch waited the bound, the runtime declares it failed; the writer completes
+/// alone only under the quorum's gate, its blocks marked, a new generation begun, the
+/// reason kept for the status until a standby is in sync again.
+#[test]
+fn a_standby_that_stops_acknowledging_is_declared_failed_after_the_bound() {
+    use std::sync::atomic::AtomicBool;
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let lease = Arc::new(AtomicBool::new(false));
+    let l = lease.clone();
+    s.set_alone_gate(Some(Box::new(move || l.load(Ordering::SeqCst))));
+    let rx = in_sync_standby(&s);
+    let gen = s.disks.lock(0).meta.current_gen;
+    let bound = Duration::from_millis(50);
+    assert_eq!(s.ack_overdue(bound), None, "nothing out yet");
+    s.before_writes(0, &[(65536, 4096)]).unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|t| {
+        let w = t.spawn(|| {
+            let r = s.completed(0, &[(65536, &[1u8; 4096])]);
+            done.store(true, Ordering::SeqCst);
+            r
+        });
+        let (m, _) = rx.recv().unwrap();
+        let HaToStandby::Writes { seq, .. } = m else {
+            panic!("{m:?}")
+        };
+        // Not before the bound (an hour: surely not reached), then surely after it.
+        assert_eq!(s.ack_overdue(Duration::from_secs(3600)), None);
+        let t0 = std::time::Instant::now();
+        let (late, waited) = loop {
+            if let Some(o) = s.ack_overdue(bound) {
+                break o;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "never overdue");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(late, seq);
+        assert!(waited >= bound);
+        assert!(!done.load(Ordering::SeqCst), "completed without an ack");
+        s.standby_failed("stopped acknowledging".into());
+        assert_eq!(s.ack_overdue(bound), None);
+        assert_eq!(
+            s.disks.standby_failed().as_deref(),
+            Some("stopped acknowledging")
+        );
+        {
+            let d = s.disks.lock(0);
+            assert_eq!(d.mode(), crate::primary::Mode::Degraded);
+            assert_ne!(d.meta.current_gen, gen, "going on alone: a new generation");
+            assert_eq!(d.meta.bitmap_base_gen, gen);
+            assert!(d.bitmap.is_set(16));
+        }
+        // Held while the quorum says this node may not act alone.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!done.load(Ordering::SeqCst), "completed with no lease");
+        lease.store(true, Ordering::SeqCst);
+        w.join().unwrap().unwrap();
+        // A late acknowledgement of the failed standby changes nothing.
+        s.on_ack(seq).unwrap();
+    });
+    // It answers again: a new session (a delta: based on the generation it holds)
+    // brings it in sync, and the reason is cleared.
+    let _rx = in_sync_standby(&s);
+    assert_eq!(s.disks.standby_failed(), None);
+}
