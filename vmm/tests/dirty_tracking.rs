@@ -1,6 +1,7 @@
 //! Dirty page tracking on real KVM: exact page sets from a hand-assembled guest, and
 //! the real test guest (dirty workload + virtio-blk reads + net RX) whose memory is
-//! rebuilt from harvested pages alone and compared with live memory at every pause.
+//! rebuilt from harvested pages alone and compared with live memory at every pause
+//! (every other epoch with an early re-protect while it runs).
 
 mod support;
 use support::{flat_dirty_guest as flat, guest, tap};
@@ -452,6 +453,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut rng = twinrun_lab::Rng::new(0x2545_f491_4f6c_dd1d);
     let (mut pages_total, mut with_vmm, mut vmm_only, mut negatives) = (0usize, 0, 0, 0);
     let mut arp_replies = 0;
+    let mut early_pages = 0;
     let mut rbuf = vec![0u8; 65536];
     let t0 = Instant::now();
     vmm.start().unwrap();
@@ -459,7 +461,17 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
         if i > 0 {
             vmm.resume().unwrap();
         }
-        std::thread::sleep(Duration::from_micros(200 + rng.below(1800)));
+        let wait = Duration::from_micros(200 + rng.below(1800));
+        if i % 2 == 1 {
+            // Every other epoch takes its first half's pages early, while the guest,
+            // the block device and the net RX keep writing: a write racing the early
+            // re-protect must still reach the rebuilt memory.
+            std::thread::sleep(wait / 2);
+            early_pages += vmm.pre_harvest_dirty().unwrap();
+            std::thread::sleep(wait / 2);
+        } else {
+            std::thread::sleep(wait);
+        }
         if let Some(e) = vmm.wait_timeout(Duration::ZERO) {
             panic!("guest ended at pause {i}: {e}");
         }
@@ -514,9 +526,11 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     println!(
         "{PAUSES} pauses in {elapsed:?}: {pages_total} dirty pages harvested, {with_vmm} \
          harvests with VMM writes ({vmm_only} with pages only the VMM wrote), {negatives} \
-         negative checks, {} frames sent, {arp_replies} ARP replies",
+         negative checks, {} frames sent, {arp_replies} ARP replies, {early_pages} pages \
+         taken by early re-protects",
         sent.load(Ordering::Relaxed)
     );
+    assert!(early_pages > 0, "no early re-protect took a page");
     assert!(text.starts_with("BOOT "), "{text}");
     assert!(!text.contains("DIRTY-ERROR"), "{text}");
     assert!(
