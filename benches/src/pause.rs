@@ -223,6 +223,8 @@ struct Rounds {
     kvm_clear: Vec<f64>,
     clear_calls: Vec<f64>,
     vmm_log: Vec<f64>,
+    /// The early re-protect while the guest ran (early runs only; not in the pause).
+    early: Vec<f64>,
     total: Vec<f64>,
     copy_gbs: Vec<f64>,
     memcpy_gbs: Vec<f64>,
@@ -243,6 +245,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
 fn measure(
     mem_mib: u64,
     within_mib: Option<u64>,
+    early: bool,
     rounds: usize,
     warmup: usize,
 ) -> Result<Vec<Rounds>, String> {
@@ -268,6 +271,14 @@ fn measure(
         for i in 0..warmup + rounds {
             round += 1;
             wait_done(&ctl, round)?;
+            // Early runs: the guest has written its pages and spins; they are taken and
+            // re-protected now, while it runs, as a driver would part-way into an epoch.
+            let t = Instant::now();
+            if early {
+                vm.pre_harvest_dirty()
+                    .map_err(|e| format!("early re-protect: {e}"))?;
+            }
+            let early_time = t.elapsed();
             let kick = vm.pause().map_err(|e| format!("pause: {e}"))?;
             let t = Instant::now();
             let state = vm.capture_state().map_err(|e| format!("capture: {e}"))?;
@@ -330,6 +341,9 @@ fn measure(
                 r.kvm_clear.push(hs.kvm_clear_time.as_secs_f64());
                 r.clear_calls.push(hs.kvm_clear_calls as f64);
                 r.vmm_log.push(hs.vmm_time.as_secs_f64());
+                if early {
+                    r.early.push(early_time.as_secs_f64());
+                }
                 r.total.push((kick + capture + harvest).as_secs_f64());
                 if bytes > 0 {
                     r.copy_gbs.push(bytes as f64 / copy.as_secs_f64() / 1e9);
@@ -367,14 +381,22 @@ pub struct SizeRun {
     /// Dirty pages confined to the first this many MiB (a control run), else spread
     /// over all RAM.
     pub within_mib: Option<u64>,
+    /// The pages were taken by an early re-protect (`Vmm::pre_harvest_dirty`) while the
+    /// guest ran, before the pause.
+    pub early: bool,
     rounds: Vec<Rounds>,
 }
 
 impl SizeRun {
     pub fn label(&self) -> String {
-        match self.within_mib {
+        let l = match self.within_mib {
             Some(w) => format!("{} (pages in {})", size_name(self.mib), size_name(w)),
             None => size_name(self.mib),
+        };
+        if self.early {
+            format!("{l}, early re-protect")
+        } else {
+            l
         }
     }
 }
@@ -389,18 +411,22 @@ pub fn measure_all(
     warmup: usize,
 ) -> Result<Vec<SizeRun>, String> {
     let mut all = Vec::new();
-    let mut plan: Vec<(u64, Option<u64>)> = sizes_mib.iter().map(|m| (*m, None)).collect();
+    let mut plan: Vec<(u64, Option<u64>, bool)> =
+        sizes_mib.iter().map(|m| (*m, None, false)).collect();
     if let (Some(&small), Some(&large)) = (sizes_mib.first(), sizes_mib.last()) {
         if large > small {
-            plan.push((large, Some(small)));
+            plan.push((large, Some(small), false));
         }
     }
-    for (mib, within_mib) in plan {
+    // Every size again with the pages taken by an early re-protect before the pause.
+    plan.extend(sizes_mib.iter().map(|m| (*m, None, true)));
+    for (mib, within_mib, early) in plan {
         let t = Instant::now();
-        let rounds = measure(mib, within_mib, rounds, warmup)?;
+        let rounds = measure(mib, within_mib, early, rounds, warmup)?;
         let run = SizeRun {
             mib,
             within_mib,
+            early,
             rounds,
         };
         eprintln!(
@@ -491,12 +517,16 @@ pub fn figures(all: &[SizeRun]) -> Vec<Figure> {
                 "kick + capture + harvest; p99 {:.1} us",
                 us(&r.total, 99.0)
             ));
-            if let (Some(base_mib), true) = (smallest, Some(*mib) != smallest) {
-                let base = &all[0].rounds[ci];
-                f = f.baseline(
-                    &format!("{}, same pages", size_name(base_mib)),
-                    us(&base.total, 50.0),
-                );
+            // The smallest guest measured the same way (early or not) is the baseline.
+            let base_run = all.iter().find(|b| {
+                Some(b.mib) == smallest && b.early == run.early && b.within_mib.is_none()
+            });
+            if let (Some(base_mib), Some(base_run), true) =
+                (smallest, base_run, Some(*mib) != smallest)
+            {
+                let base = &base_run.rounds[ci];
+                let base_label = base_run.label();
+                f = f.baseline(&format!("{base_label}, same pages"), us(&base.total, 50.0));
                 if base_mib == 256 && run.within_mib.is_none() {
                     if *mib == 4096 {
                         f = f.target(1.5, true, "<= 1.5x 256 MiB");
@@ -514,9 +544,21 @@ pub fn figures(all: &[SizeRun]) -> Vec<Figure> {
                         Better::Lower,
                     )
                     .baseline(
-                        &format!("{}, same pages", size_name(base_mib)),
+                        &format!("{base_label}, same pages"),
                         us(&base.harvest, 50.0),
                     ),
+                );
+            }
+            if run.early && *n > 0 {
+                figs.push(
+                    Figure::new(
+                        "pause",
+                        &format!("{head}: early re-protect (guest running) p50"),
+                        us(&r.early, 50.0),
+                        "us",
+                        Better::Lower,
+                    )
+                    .note("not in the pause: the guest runs meanwhile"),
                 );
             }
             if *mib == 1024 && *n == 1000 && run.within_mib.is_none() {

@@ -235,6 +235,16 @@ impl Vmm {
         Ok(t.harvest_into(&self.vm, &self.mem, out)?)
     }
 
+    /// While the guest runs (or paused): takes the pages logged so far and
+    /// re-protects them now, so that the next [`harvest_dirty_into`](Self::harvest_dirty_into)
+    /// returns them as well but re-protects, inside the pause, only what was written
+    /// after this call (see [`DirtyTracker::pre_harvest`]). Returns the pages taken.
+    pub fn pre_harvest_dirty(&self) -> Result<usize, VmmError> {
+        let mut d = self.dirty.lock_or_recover();
+        let t = d.as_mut().ok_or(DirtyError::NotStarted)?;
+        Ok(t.pre_harvest(&self.vm, &self.mem)?)
+    }
+
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len() + self.threads.len()
     }

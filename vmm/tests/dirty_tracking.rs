@@ -1,6 +1,7 @@
 //! Dirty page tracking on real KVM: exact page sets from a hand-assembled guest, and
 //! the real test guest (dirty workload + virtio-blk reads + net RX) whose memory is
-//! rebuilt from harvested pages alone and compared with live memory at every pause.
+//! rebuilt from harvested pages alone and compared with live memory at every pause
+//! (every other epoch with an early re-protect while it runs).
 
 mod support;
 use support::{flat_dirty_guest as flat, guest, tap};
@@ -175,6 +176,129 @@ fn scattered_pages_across_both_slots_are_re_protected_range_by_range() {
     exact_sets_with(&mut vmm, &ctl, &plan);
 }
 
+/// Early re-protects (`Vmm::pre_harvest_dirty`, guest running) between harvests: each
+/// harvest is exactly the pages written since the previous one, whether they were
+/// written before an early re-protect, after it, or both (a page written, taken early,
+/// then written again must fault and be logged again); nothing taken early is
+/// reported twice or left set in KVM's log. Edge pages of both slots of a 4 GiB guest
+/// (the last page below 3 GiB, the first and last pages of high RAM) and pages far
+/// apart, with and without the hot-page policy.
+fn early_re_protect_exact(hot: bool) {
+    let (mut vmm, ctl) = flat::build(4096);
+    if hot {
+        assert!(vmm.set_hot_pages(Some(vmm::vstate::hot_pages::HotPageConfig::default())));
+    }
+    vmm.start_dirty_tracking().unwrap();
+    let edges_low = Round {
+        n: 2,
+        base: (3 << 30) - PAGE_SIZE,
+        stride: (1 << 30) + PAGE_SIZE,
+    };
+    let last_high = Round {
+        n: 1,
+        base: (5 << 30) - PAGE_SIZE,
+        stride: PAGE_SIZE,
+    };
+    let far = |n| Round {
+        n,
+        base: flat::DIRTY_BASE + PAGE_SIZE,
+        stride: (40 << 20) + 3 * PAGE_SIZE,
+    };
+    // (round, take early after it and let the guest go on without a harvest)
+    let plan = [
+        (far(20), true),
+        (edges_low, true),
+        (far(20), false), // the same pages again after their early re-protect
+        (last_high, false),
+        (far(5), true),
+        (Round::dense(64), true),
+        (far(5), true), // early, then nothing until the harvest
+        (Round::dense(0), false),
+        (edges_low, false),
+        (far(20), true),
+        (far(20), true),
+        (far(20), false),
+        (last_high, true),
+        (Round::dense(0), false),
+    ];
+    plan[0].0.set(&ctl);
+    vmm.start().unwrap();
+    let mut want: Vec<GuestAddress> = Vec::new();
+    let mut ever = std::collections::BTreeSet::new();
+    let tables = abi::PML4_ADDR..abi::PD_ADDR + abi::MAX_MAPPED_GIB * PAGE_SIZE;
+    for (i, (r, early)) in plan.iter().enumerate() {
+        let round = i as u32 + 1;
+        flat::wait_done(&ctl, round);
+        want.extend(r.pages());
+        ever.extend(r.pages());
+        if *early {
+            // The guest spins (it reads only) while the pages are taken.
+            let n = vmm.pre_harvest_dirty().unwrap();
+            if !hot {
+                assert!(n as u64 >= r.n, "round {round}: took {n}");
+            }
+        } else {
+            vmm.pause().unwrap();
+            let mut set = DirtySet::new(vmm.guest_memory());
+            let st = vmm.harvest_dirty_into(&mut set).unwrap();
+            let mut got: Vec<GuestAddress> = set.pages().collect();
+            // Accessed/dirty bits of first touches land in the page tables.
+            got.retain(|p| !tables.contains(&p.0));
+            want.sort();
+            want.dedup();
+            if hot {
+                // Nothing missed; extra pages only ones written before (left writable
+                // by the policy, so reported until they cool).
+                let missing: Vec<_> = want.iter().filter(|p| !got.contains(p)).collect();
+                assert!(
+                    missing.is_empty(),
+                    "round {round}: missing {missing:?} ({st:?})"
+                );
+                assert!(
+                    got.iter().all(|p| ever.contains(p)),
+                    "round {round} ({st:?})"
+                );
+            } else {
+                assert_eq!(got, want, "round {round} ({st:?})");
+            }
+            want.clear();
+            // Nothing more until the guest runs: no page taken early is reported again
+            // (with hot pages, only pages kept writable are).
+            let again: Vec<GuestAddress> = vmm
+                .harvest_dirty()
+                .unwrap()
+                .pages()
+                .filter(|p| !tables.contains(&p.0))
+                .collect();
+            if hot {
+                assert!(again.iter().all(|p| ever.contains(p)), "round {round}");
+            } else {
+                assert!(again.is_empty(), "round {round}: {again:?}");
+            }
+            vmm.resume().unwrap();
+        }
+        if let Some((next, _)) = plan.get(i + 1) {
+            next.set(&ctl);
+        }
+        ctl.go.store(round, Ordering::SeqCst);
+    }
+    vmm.stopper().stop();
+    assert_eq!(
+        vmm.wait_timeout(Duration::from_secs(10)),
+        Some(VmExit::Stopped)
+    );
+}
+
+#[test]
+fn early_re_protect_harvests_exactly_the_pages_written() {
+    early_re_protect_exact(false);
+}
+
+#[test]
+fn early_re_protect_with_hot_pages_misses_nothing() {
+    early_re_protect_exact(true);
+}
+
 #[test]
 fn flat_guest_exact_without_manual_protect() {
     let (mut vmm, ctl) = flat::build(64);
@@ -329,6 +453,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut rng = twinrun_lab::Rng::new(0x2545_f491_4f6c_dd1d);
     let (mut pages_total, mut with_vmm, mut vmm_only, mut negatives) = (0usize, 0, 0, 0);
     let mut arp_replies = 0;
+    let mut early_pages = 0;
     let mut rbuf = vec![0u8; 65536];
     let t0 = Instant::now();
     vmm.start().unwrap();
@@ -336,7 +461,17 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
         if i > 0 {
             vmm.resume().unwrap();
         }
-        std::thread::sleep(Duration::from_micros(200 + rng.below(1800)));
+        let wait = Duration::from_micros(200 + rng.below(1800));
+        if i % 2 == 1 {
+            // Every other epoch takes its first half's pages early, while the guest,
+            // the block device and the net RX keep writing: a write racing the early
+            // re-protect must still reach the rebuilt memory.
+            std::thread::sleep(wait / 2);
+            early_pages += vmm.pre_harvest_dirty().unwrap();
+            std::thread::sleep(wait / 2);
+        } else {
+            std::thread::sleep(wait);
+        }
         if let Some(e) = vmm.wait_timeout(Duration::ZERO) {
             panic!("guest ended at pause {i}: {e}");
         }
@@ -391,9 +526,11 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     println!(
         "{PAUSES} pauses in {elapsed:?}: {pages_total} dirty pages harvested, {with_vmm} \
          harvests with VMM writes ({vmm_only} with pages only the VMM wrote), {negatives} \
-         negative checks, {} frames sent, {arp_replies} ARP replies",
+         negative checks, {} frames sent, {arp_replies} ARP replies, {early_pages} pages \
+         taken by early re-protects",
         sent.load(Ordering::Relaxed)
     );
+    assert!(early_pages > 0, "no early re-protect took a page");
     assert!(text.starts_with("BOOT "), "{text}");
     assert!(!text.contains("DIRTY-ERROR"), "{text}");
     assert!(

@@ -168,6 +168,19 @@ impl HotPages {
         }
     }
 
+    /// Of `bits` (word `w` of slot `slot`), the pages the next harvest may keep hot
+    /// (reported by one of the last `window` harvests): an early re-protect leaves
+    /// them writable, so the policy decides at the harvest as it would without it.
+    pub fn candidates(&self, slot: usize, w: usize, bits: u64) -> u64 {
+        if self.cfg.window == 0 {
+            return 0;
+        }
+        self.recent
+            .get(slot)
+            .and_then(|r| r.get(w))
+            .map_or(0, |r| r & bits)
+    }
+
     /// Forgets what earlier harvests saw: the next harvest starts a new history (after
     /// the baseline harvest that turns logging on, which reports every page).
     pub fn reset(&mut self) {

@@ -71,6 +71,23 @@ pub fn clear_ranges(words: &[usize], gap: usize, mut f: impl FnMut(usize, usize)
     f(first, last);
 }
 
+/// `a` and `b` (both ascending) merged into `out`, ascending, each index once.
+pub fn merge_sorted(a: &[usize], b: impl Iterator<Item = usize>, out: &mut Vec<usize>) {
+    out.clear();
+    let mut i = 0;
+    for x in b {
+        while i < a.len() && a[i] < x {
+            out.push(a[i]);
+            i += 1;
+        }
+        if i < a.len() && a[i] == x {
+            i += 1;
+        }
+        out.push(x);
+    }
+    out.extend_from_slice(&a[i..]);
+}
+
 /// KVM's per-slot dirty bitmap, with manual re-protect when the kernel offers it
 /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): GET is then a plain copy of the bitmap and
 /// `KVM_CLEAR_DIRTY_LOG` re-protects only the pages that were dirty. Without it, GET
@@ -89,6 +106,11 @@ pub struct BitmapSource {
     /// CLEAR ioctls issued by the last harvest and their time (for measurements).
     clears: usize,
     clear_time: std::time::Duration,
+    /// Words an early re-protect added to a harvest's bitmap: `(index, what GET
+    /// reported there)`, restored before the CLEAR.
+    saved: Vec<(usize, u64)>,
+    /// GET's dirty words merged with the early set's (sorted), for the hot-page policy.
+    merged: Vec<usize>,
 }
 
 impl BitmapSource {
@@ -113,6 +135,8 @@ impl BitmapSource {
             hot: None,
             clears: 0,
             clear_time: std::time::Duration::ZERO,
+            saved: Vec::new(),
+            merged: Vec::new(),
         }
     }
 
@@ -175,6 +199,114 @@ impl BitmapSource {
             });
         }
         Ok(())
+    }
+
+    /// Re-protects the pages set in the words `words` (ascending) of `buf`, in ranges
+    /// (see [`CLEAR_MERGE_GAP_WORDS`]); returns how many CLEAR calls it took.
+    fn clear_words(
+        vm: &VmFd,
+        slot: u32,
+        slot_pages: usize,
+        buf: &[u64],
+        words: &[usize],
+    ) -> Result<usize, DirtyError> {
+        let mut result = Ok(());
+        let mut calls = 0;
+        clear_ranges(words, CLEAR_MERGE_GAP_WORDS, |first, last| {
+            if result.is_ok() && buf[first..=last].iter().any(|w| *w != 0) {
+                calls += 1;
+                result = Self::clear_log(vm, slot, slot_pages, buf, first, last);
+            }
+        });
+        result.map(|()| calls)
+    }
+
+    /// A harvest; `early` holds what early re-protects took since the previous one
+    /// (already re-protected: it goes into `out` and into the hot-page history, and
+    /// is not cleared again).
+    fn harvest_impl(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        out: &mut DirtySet,
+        early: Option<&DirtySet>,
+    ) -> Result<usize, DirtyError> {
+        if self.bufs.len() != mem.num_regions()
+            || out.regions.len() != self.bufs.len()
+            || early.is_some_and(|e| e.regions.len() != self.bufs.len())
+        {
+            return Err(DirtyError::Layout("slots changed since tracking started"));
+        }
+        let mut pages = 0;
+        self.clears = 0;
+        self.clear_time = std::time::Duration::ZERO;
+        if let Some(h) = &mut self.hot {
+            h.begin(self.bufs.iter().map(Vec::len));
+        }
+        for (slot, (buf, region)) in self.bufs.iter_mut().zip(&mut out.regions).enumerate() {
+            let slot_no = slot as u32;
+            Self::get_log(vm.fd(), slot_no, buf)?;
+            self.dirty_words.clear();
+            nonzero_words(buf, &mut self.dirty_words);
+            for &w in &self.dirty_words {
+                pages += buf[w].count_ones() as usize;
+                region.or_word(w, buf[w]);
+            }
+            let early_words = early.map(|e| &e.regions[slot]);
+            if let Some(e) = early_words {
+                for (w, bits) in e.dirty_words() {
+                    pages += (bits & !buf[w]).count_ones() as usize;
+                    region.or_word(w, bits);
+                }
+            }
+            if !self.manual {
+                continue;
+            }
+            if let Some(h) = &mut self.hot {
+                // The policy sees every page reported since the previous harvest, the
+                // early ones included (a page the guest rewrites every epoch before
+                // the early re-protect is as hot as one it rewrites after).
+                self.saved.clear();
+                self.merged.clear();
+                if let Some(e) = early_words {
+                    for (w, bits) in e.dirty_words() {
+                        self.saved.push((w, buf[w]));
+                        buf[w] |= bits;
+                    }
+                }
+                let words: &[usize] = if self.saved.is_empty() {
+                    &self.dirty_words
+                } else {
+                    merge_sorted(
+                        &self.dirty_words,
+                        self.saved.iter().map(|s| s.0),
+                        &mut self.merged,
+                    );
+                    &self.merged
+                };
+                // Rewrites those words of `buf` to what must be re-protected.
+                h.select(slot, words, buf);
+                // Early pages are re-protected already (or written again since, and
+                // then in GET's bits): CLEAR only what GET reported.
+                for &(w, got) in &self.saved {
+                    buf[w] &= got;
+                }
+            }
+            if self.dirty_words.is_empty() {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let r = Self::clear_words(
+                vm.fd(),
+                slot_no,
+                self.slot_pages[slot],
+                buf,
+                &self.dirty_words,
+            );
+            self.clear_time += t.elapsed();
+            self.clears += r?;
+        }
+        Ok(pages)
     }
 
     fn size_bufs(&mut self, mem: &GuestMemoryMmap) {
@@ -242,44 +374,57 @@ impl KvmDirtySource for BitmapSource {
         mem: &GuestMemoryMmap,
         out: &mut DirtySet,
     ) -> Result<usize, DirtyError> {
-        if self.bufs.len() != mem.num_regions() || out.regions.len() != self.bufs.len() {
+        self.harvest_impl(vm, mem, out, None)
+    }
+
+    fn harvest_after(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        out: &mut DirtySet,
+        early: &DirtySet,
+    ) -> Result<usize, DirtyError> {
+        self.harvest_impl(vm, mem, out, Some(early))
+    }
+
+    fn pre_harvest(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        early: &mut DirtySet,
+    ) -> Result<usize, DirtyError> {
+        if !self.manual {
+            // GET would clear and re-protect the whole slot: only a harvest may.
+            return Ok(0);
+        }
+        if self.bufs.len() != mem.num_regions() || early.regions.len() != self.bufs.len() {
             return Err(DirtyError::Layout("slots changed since tracking started"));
         }
         let mut pages = 0;
-        self.clears = 0;
-        self.clear_time = std::time::Duration::ZERO;
-        if let Some(h) = &mut self.hot {
-            h.begin(self.bufs.iter().map(Vec::len));
-        }
-        for (slot, (buf, region)) in self.bufs.iter_mut().zip(&mut out.regions).enumerate() {
+        for (slot, (buf, region)) in self.bufs.iter_mut().zip(&mut early.regions).enumerate() {
             let slot_no = slot as u32;
             Self::get_log(vm.fd(), slot_no, buf)?;
             self.dirty_words.clear();
             nonzero_words(buf, &mut self.dirty_words);
             for &w in &self.dirty_words {
-                pages += buf[w].count_ones() as usize;
-                region.or_word(w, buf[w]);
+                // Pages the hot-page policy may keep writable at the harvest stay
+                // writable (and logged) until then; the rest are taken now.
+                let hot = self
+                    .hot
+                    .as_ref()
+                    .map_or(0, |h| h.candidates(slot, w, buf[w]));
+                let take = buf[w] & !hot;
+                buf[w] = take;
+                pages += take.count_ones() as usize;
+                region.or_word(w, take);
             }
-            if !self.manual || self.dirty_words.is_empty() {
-                continue;
-            }
-            if let Some(h) = &mut self.hot {
-                // Rewrites the dirty words of `buf` to what must be re-protected.
-                h.select(slot, &self.dirty_words, buf);
-            }
-            let (words, pages_in_slot) = (&self.dirty_words, self.slot_pages[slot]);
-            let mut result = Ok(());
-            let mut calls = 0;
-            let t = std::time::Instant::now();
-            clear_ranges(words, CLEAR_MERGE_GAP_WORDS, |first, last| {
-                if result.is_ok() && buf[first..=last].iter().any(|w| *w != 0) {
-                    calls += 1;
-                    result = Self::clear_log(vm.fd(), slot_no, pages_in_slot, buf, first, last);
-                }
-            });
-            self.clears += calls;
-            self.clear_time += t.elapsed();
-            result?;
+            Self::clear_words(
+                vm.fd(),
+                slot_no,
+                self.slot_pages[slot],
+                buf,
+                &self.dirty_words,
+            )?;
         }
         Ok(pages)
     }
@@ -323,6 +468,17 @@ mod tests {
         out.clear();
         nonzero_words(&[], &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn merge_sorted_is_the_sorted_union() {
+        let mut out = Vec::new();
+        merge_sorted(&[1, 4, 9], [0, 4, 5, 12].into_iter(), &mut out);
+        assert_eq!(out, vec![0, 1, 4, 5, 9, 12]);
+        merge_sorted(&[], [3].into_iter(), &mut out);
+        assert_eq!(out, vec![3]);
+        merge_sorted(&[2, 3], std::iter::empty(), &mut out);
+        assert_eq!(out, vec![2, 3]);
     }
 
     #[test]

@@ -112,6 +112,36 @@ pub trait KvmDirtySource: Send {
         out: &mut DirtySet,
     ) -> Result<usize, DirtyError>;
 
+    /// Like [`harvest`](Self::harvest), after early re-protects took `early` (see
+    /// [`pre_harvest`](Self::pre_harvest)): ORs `early` into `out` as well.
+    fn harvest_after(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        out: &mut DirtySet,
+        early: &DirtySet,
+    ) -> Result<usize, DirtyError> {
+        let before = out.count();
+        out.union(early)?;
+        let early_pages = out.count() - before;
+        Ok(self.harvest(vm, mem, out)? + early_pages)
+    }
+
+    /// While the guest runs: takes the pages logged so far into `early` and
+    /// re-protects them now, so that the next harvest (in a pause) re-protects only
+    /// what is written after this call. A write racing this call is not lost: a page
+    /// whose bit GET saw is in `early` (the caller copies it at the harvest, with
+    /// whatever it holds then), and a write after its re-protect faults and is logged
+    /// again. Returns the pages taken; a log that cannot do it takes none (`Ok(0)`).
+    fn pre_harvest(
+        &mut self,
+        _vm: &Vm,
+        _mem: &GuestMemoryMmap,
+        _early: &mut DirtySet,
+    ) -> Result<usize, DirtyError> {
+        Ok(0)
+    }
+
     /// Turns logging off.
     fn disable(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError>;
 
@@ -157,6 +187,9 @@ pub fn take_vmm_writes(mem: &GuestMemoryMmap, out: &mut DirtySet) -> Result<usiz
 /// Combines KVM's log of vCPU writes with vm-memory's log of VMM writes.
 pub struct DirtyTracker {
     kvm: Box<dyn KvmDirtySource>,
+    /// Pages early re-protects took since the last harvest ([`DirtyTracker::pre_harvest`]).
+    early: Option<DirtySet>,
+    early_pages: usize,
 }
 
 impl DirtyTracker {
@@ -166,7 +199,11 @@ impl DirtyTracker {
     }
 
     pub fn with_source(kvm: Box<dyn KvmDirtySource>) -> DirtyTracker {
-        DirtyTracker { kvm }
+        DirtyTracker {
+            kvm,
+            early: None,
+            early_pages: 0,
+        }
     }
 
     pub fn source_name(&self) -> &'static str {
@@ -182,6 +219,10 @@ impl DirtyTracker {
     /// written after this call. Take the baseline copy of memory after this returns.
     pub fn start(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError> {
         self.kvm.enable(vm, mem)?;
+        if let Some(e) = &mut self.early {
+            e.clear();
+        }
+        self.early_pages = 0;
         let mut scratch = DirtySet::new(mem);
         take_vmm_writes(mem, &mut scratch)?;
         Ok(())
@@ -196,7 +237,20 @@ impl DirtyTracker {
         out: &mut DirtySet,
     ) -> Result<HarvestStats, DirtyError> {
         let t0 = Instant::now();
-        let kvm_pages = self.kvm.harvest(vm, mem, out)?;
+        let early = self.early.as_mut().filter(|_| self.early_pages > 0);
+        let kvm_pages = match early {
+            Some(e) => {
+                let r = self.kvm.harvest_after(vm, mem, out, e);
+                // Taken (into `out`) or, on an error, reported by the next harvest:
+                // a failed CLEAR leaves KVM's bits set.
+                if r.is_ok() {
+                    e.clear();
+                    self.early_pages = 0;
+                }
+                r?
+            }
+            None => self.kvm.harvest(vm, mem, out)?,
+        };
         let t1 = Instant::now();
         let vmm_pages = take_vmm_writes(mem, out)?;
         let t2 = Instant::now();
@@ -211,6 +265,20 @@ impl DirtyTracker {
             vmm_time: t2 - t1,
             hot_pages: self.kvm.hot_pages(),
         })
+    }
+
+    /// While the guest runs, takes what was logged so far and re-protects it now (see
+    /// [`KvmDirtySource::pre_harvest`]): the next harvest returns those pages too, but
+    /// its re-protect in the pause covers only what was written after this call. On a
+    /// shadow-paging KVM that re-protect costs per page and more the larger the guest
+    /// (cache and TLB misses in KVM's per-page structures), so taking the pages of an
+    /// epoch's first part early keeps that cost out of the pause. Returns the pages
+    /// taken by this call.
+    pub fn pre_harvest(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<usize, DirtyError> {
+        let early = self.early.get_or_insert_with(|| DirtySet::new(mem));
+        let n = self.kvm.pre_harvest(vm, mem, early)?;
+        self.early_pages += n;
+        Ok(n)
     }
 
     pub fn stop(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError> {
