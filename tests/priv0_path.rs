@@ -16,6 +16,14 @@
 //!   over with the grant (generation + 1); the old primary has paused, and is demoted
 //!   (exit 5) once it reaches the witness again; no acknowledged write lost.
 //!
+//! - `ha_primary_cut_off_but_priv0_then_priv0_cut_boots_with_the_grant` (ignored: an
+//!   HA defect it found, see the test): the same cuts for an HA pair. With priv0 up the standby boots nothing (no frame on its TAP, no
+//!   grant); priv0 cut too: it boots the VM from its replica with generation g + 1; the
+//!   old primary, without peer or lease, pauses (HA cannot hold frames: the paused guest
+//!   sends none) and, once it reaches the witness again, exits demoted (5) without a
+//!   frame since its pause. (The kv data of an HA VM is its guest's memory: the rebooted
+//!   guest starts empty, so the client is checked before the cut only.)
+//!
 //! Per-path state is read from the control socket's status (`quorum.paths`,
 //! `quorum.priv0`) and the logs.
 mod common;
@@ -189,4 +197,118 @@ fn primary_cut_off_but_priv0_then_priv0_cut_takes_over_with_the_grant() {
     );
     qp.progress(&client, 40, "after the old primary's demotion");
     qp.check_client_and_console(client, "priv0 then cut");
+}
+
+/// Ignored: it found an HA defect not fixed yet. The guest's disk writes are held
+/// while the peer is reachable on priv0 only (no standby session, no lease: nothing
+/// may complete alone), and the vCPU waits in the device handler; when priv0 goes too
+/// the quorum orders a pause, which then fails ("vCPUs did not pause within 2s (0 of
+/// 1 parked)": the pause leaves the VM running), and the old primary wrote 6-7 frames
+/// to its TAP after the order while the standby booted with the grant (2 runs of 5
+/// and 1 of 4 here), until its demotion stopped it. An HA primary needs a pause that
+/// does not wait for a held write (or its frames held as FT's are) first.
+#[test]
+#[ignore = "HA defect found by this test: the quorum's pause fails while a guest write \
+            is held and the old primary writes frames meanwhile (2 runs in 5)"]
+fn ha_primary_cut_off_but_priv0_then_priv0_cut_boots_with_the_grant() {
+    require_kvm();
+    let (mut qp, client) =
+        QuorumPair::start_with_priv0("qp0d", 1, &["--protection", "ha"]).load(40);
+    qp.standby
+        .wait_status("priv0 alive", STATE, |s| {
+            quorum_is(s, |q| q.priv0 == Some(true))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    let g = quorum(&qp.primary.status_now()).generation;
+    assert!(g > 0, "the primary holds a generation");
+    let standby_frames = tap_frames(&qp.topo, 1);
+    // The primary loses the witness, then every A-Link; priv0 stays up.
+    qp.topo.set_mgmt(0, false).unwrap();
+    qp.set_alinks(0, false);
+    qp.standby
+        .wait_log("waiting for the quorum's grant", STATE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Past the primary's lease and the detection time: the standby sees its primary on
+    // priv0 and boots nothing.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        frames_during(&qp.topo, 1, WATCH),
+        0,
+        "the HA standby released output while priv0 showed its primary alive\n{}",
+        qp.logs()
+    );
+    assert_eq!(tap_frames(&qp.topo, 1), standby_frames);
+    let st = qp.standby.status_now();
+    let q = quorum(&st);
+    assert!(
+        st.failover.is_none() && q.took_over.is_none() && !st.vm_running,
+        "the HA standby booted the VM while priv0 showed its primary alive: {st:?}\n{}",
+        qp.logs()
+    );
+    assert!(
+        q.peer_reachable && q.priv0 == Some(true),
+        "the standby sees its primary on priv0: {q:?}"
+    );
+    // priv0 cut too: every path silent; the witness grants g + 1.
+    qp.set_priv0(0, false);
+    qp.standby
+        .wait_status("booted from the replica", STATE, failed_over)
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    let st = qp.standby.status_now();
+    let q = quorum(&st).clone();
+    assert_eq!(q.took_over, Some(g + 1), "{q:?}");
+    assert_eq!(q.priv0, Some(false), "{q:?}");
+    assert_eq!(st.role, twinrun_control::FtRole::Primary, "{st:?}");
+    // The old primary: no peer on any path, no lease: paused.
+    qp.primary
+        .wait_status("paused", STATE, |s| {
+            quorum_is(s, |q| {
+                q.guest == "paused" && q.gate == "hold" && !q.peer_reachable
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    // (The status shows the quorum's order; the log line, the guest's actual pause.)
+    qp.primary
+        .wait_log("quorum: HA guest PAUSED", STATE)
+        .unwrap_or_else(|e| {
+            panic!(
+                "the old HA primary's guest did not pause: {e}\n{}",
+                qp.logs()
+            )
+        });
+    let primary_frames = tap_frames(&qp.topo, 0);
+    // The guest booted again on the survivor (a second BOOT line on the console).
+    let t0 = std::time::Instant::now();
+    while boots(&twinrun_lab::console::read(&qp.files.console)) < 2 {
+        assert!(
+            t0.elapsed() < STATE && qp.standby.alive(),
+            "the guest did not boot again on the survivor\n{}",
+            qp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It reaches the witness again: it learns g + 1 and is demoted, sending nothing.
+    qp.topo.set_mgmt(0, true).unwrap();
+    let code = qp.primary.wait_exit(STATE);
+    assert_eq!(code, Some(DEMOTED), "{}", qp.primary.tail(40));
+    assert_eq!(
+        tap_frames(&qp.topo, 0),
+        primary_frames,
+        "the paused old HA primary sent frames\n{}",
+        qp.primary.tail(40)
+    );
+    assert!(
+        qp.standby.status_now().vm_running,
+        "the survivor runs the VM\n{}",
+        qp.logs()
+    );
+    drop(client);
+}
+
+/// Console lines starting with `BOOT` (one per boot of the guest).
+fn boots(console: &[u8]) -> usize {
+    String::from_utf8_lossy(console)
+        .lines()
+        .filter(|l| l.starts_with("BOOT"))
+        .count()
 }

@@ -31,6 +31,12 @@
 //!   the refusal releases nothing more and is demoted at once (its node stops; the
 //!   standby, the holder, then fails over from its last commit and the demoted node
 //!   comes back as its standby, with the newer generation).
+//! - a primary's own grant (issue 14's race; about one seed in three of those that neither
+//!   fence nor swap): at a random step the primary's node is granted a newer generation of
+//!   its own (the quorum names a holder by parity: pm1 is node 1, pm2 node 2); the
+//!   standby learns it at once, the primary's driver only some steps later. Nothing
+//!   may fence or demote it: a demotion by a generation the primary's own node holds,
+//!   or a standby refusing a part of the holder, fails the seed.
 //! - planned role swaps (on in-order links, about a third of the seeds, asked at random
 //!   steps, often refused while the pair is not in sync): the standby resumes the exact
 //!   swap point, releases the swap point's output itself, and nothing is released
@@ -67,6 +73,7 @@ use checkpoint::standby::{
     FailoverReport, StandbyDriver, StandbyDriverConfig, StandbyDriverError, StandbyOutcome,
     Takeover, TakeoverGate, TakeoverGateRef, TakeoverInput,
 };
+use quorum::types::{held_by, next_generation, NodeId};
 use storage_mirror::primary::PrimaryDisks;
 use storage_mirror::resync::ResyncConfig;
 use storage_mirror::wire::{self, DiskToPrimary};
@@ -795,6 +802,9 @@ struct PrimaryNode {
     generation: Arc<AtomicU64>,
     /// The session's swap port (the receive pump's early release asks it).
     swap: Arc<SwapPort>,
+    /// The generation its session's `Hello` carried (the pump's `session`: an ack
+    /// older than it is stale; `generation` may grow past it mid-session).
+    stamp: u64,
 }
 
 struct StandbyNode {
@@ -806,10 +816,12 @@ struct StandbyNode {
 }
 
 /// The standby's quorum: takeovers are granted (the simulation decides when the
-/// primary is gone); the generation it knows grows when the simulation fences.
-#[derive(Default)]
+/// primary is gone); the generation it knows grows when the simulation fences, or
+/// when the primary's node is granted one (an own grant).
 struct SimGate {
     generation: AtomicU64,
+    /// The primary's node (a generation names its holder).
+    peer: NodeId,
 }
 
 impl TakeoverGate for SimGate {
@@ -819,6 +831,19 @@ impl TakeoverGate for SimGate {
     }
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+    fn peer_holds(&self, generation: u64) -> bool {
+        held_by(generation, self.peer)
+    }
+}
+
+/// The quorum node of the machine whose disk is `image` (pm1.img: node 1, pm2.img:
+/// node 2; roles move between the two, the ids stay).
+fn node_of(image: &Path) -> NodeId {
+    if image.file_name().is_some_and(|n| n == "pm1.img") {
+        NodeId(1)
+    } else {
+        NodeId(2)
     }
 }
 
@@ -842,6 +867,8 @@ struct Report {
     demoted_delta_bytes: (u64, u64),
     swaps: u32,
     swaps_refused: u32,
+    /// Own grants to the primary's node that reached the standby first.
+    own_grants: u32,
 }
 
 /// A scratch directory for a seed's disk images and their metadata, on tmpfs when
@@ -931,6 +958,12 @@ struct Sim {
     swapped_sessions: Vec<u32>,
     swaps: u32,
     swaps_refused: u32,
+    /// The step at which the primary of session 0 is granted a newer generation of its
+    /// own node, and how many steps later its driver sees it (the standby: at once).
+    own_grant_at: Option<(u64, u64)>,
+    /// The grant on its way to the primary's driver: (step, generation, its counter).
+    own_grant_pending: Option<(u64, u64, Arc<AtomicU64>)>,
+    own_grants: u32,
 }
 
 impl Sim {
@@ -973,9 +1006,11 @@ impl Sim {
         disks: &Arc<PrimaryDisks>,
         generation: &Arc<AtomicU64>,
         swap: &Arc<SwapPort>,
+        node: NodeId,
     ) -> PrimaryDriverConfig {
         PrimaryDriverConfig {
             generation: Some(generation.clone()),
+            own_generations: Some(Arc::new(move |g| held_by(g, node))),
             swap: Some(swap.clone()),
             protocol: self.cfg,
             max_part_pages: Some(PART_PAGES),
@@ -1007,8 +1042,13 @@ impl Sim {
             image: standby_image.clone(),
             has_disk: self.has_disk,
         };
-        let gate = Arc::new(SimGate::default());
-        gate.generation.store(self.generation, Ordering::SeqCst);
+        let gate = Arc::new(SimGate {
+            generation: AtomicU64::new(self.generation),
+            peer: self
+                .primary
+                .as_ref()
+                .map_or(NodeId(1), |p| node_of(&p.image)),
+        });
         let opts = StandbyDriverConfig {
             protocol: StandbyConfig {
                 max_staged: self.cfg.max_in_flight,
@@ -1034,7 +1074,7 @@ impl Sim {
         });
         let clock = self.clock();
         let cfg = match &self.primary {
-            Some(p) => self.primary_cfg(&p.disks, &p.generation, &p.swap),
+            Some(p) => self.primary_cfg(&p.disks, &p.generation, &p.swap, node_of(&p.image)),
             None => panic!("seed {}: a session without a primary", self.seed),
         };
         let old = self.primary.as_mut().and_then(|p| p.driver.take());
@@ -1058,6 +1098,7 @@ impl Sim {
         };
         let mut d = PrimaryDriver::new(p.toy.clone(), link, &cfg, clock, self.base)
             .unwrap_or_else(|e| panic!("seed {}: primary driver: {e}", self.seed));
+        p.stamp = p.generation.load(Ordering::SeqCst);
         if let Err(e) = d.start() {
             panic!("seed {}: primary start: {e}", self.seed);
         }
@@ -1224,7 +1265,12 @@ impl Sim {
                     }
                     // A stale part refused (the primary is told): the standby keeps its
                     // replica, as the holder it takes over once the primary is gone.
-                    Err(StandbyDriverError::Fenced { .. }) if self.fenced_commit.is_some() => {}
+                    Err(StandbyDriverError::Fenced { peer, known }) => assert!(
+                        self.fenced_commit.is_some(),
+                        "seed {}: FALSE FENCE: the standby refused a part of generation \
+                         {peer} citing {known}, which the primary's own node holds",
+                        self.seed
+                    ),
                     Err(e) => self.driver_error("standby", &e),
                 }
                 self.check_commit();
@@ -1237,12 +1283,20 @@ impl Sim {
                     .primary
                     .as_ref()
                     .map_or(0, |p| p.generation.load(Ordering::SeqCst));
+                let stamp = self.primary.as_ref().map_or(0, |p| p.stamp);
+                let node = self
+                    .primary
+                    .as_ref()
+                    .map_or(NodeId(1), |p| node_of(&p.image));
                 let decoded = decode_to_primary(&h, &b);
                 // The oracle's view, apart from the code under test: the message
-                // carries a newer generation than the primary's.
+                // carries a newer generation than the primary's, held by the other node
+                // (a newer one of its own node is its own grant, not yet seen).
                 let newer = match &decoded {
                     Ok(PrimaryboundMsg::Ack { generation, .. })
-                    | Ok(PrimaryboundMsg::Fenced { generation }) => *generation > own,
+                    | Ok(PrimaryboundMsg::Fenced { generation }) => {
+                        *generation > own && !held_by(*generation, node)
+                    }
                     _ => false,
                 };
                 if newer {
@@ -1251,18 +1305,21 @@ impl Sim {
                     }
                 }
                 // The real standby echoes its session's generation (or a newer one):
-                // an ack never carries an older one than its primary's.
+                // an ack never carries an older one than its session's `Hello`.
                 if let Ok(PrimaryboundMsg::Ack { generation, .. }) = &decoded {
                     assert!(
-                        *generation >= own,
+                        *generation >= stamp,
                         "seed {}: the standby acked with generation {generation}, older than \
-                         its session's {own}",
+                         its session's {stamp}",
                         self.seed
                     );
                 }
                 // The receive pump's check (the same function): a refused message
                 // releases nothing and goes to the driver as a refusal.
-                let refusal = decoded.as_ref().ok().and_then(|m| screen(m, own, own));
+                let refusal = decoded
+                    .as_ref()
+                    .ok()
+                    .and_then(|m| screen(m, stamp, own, &|g| held_by(g, node)));
                 let msg = match (refusal, decoded) {
                     (Some(r), _) => r,
                     (None, Ok(PrimaryboundMsg::Ack { epoch, .. })) => {
@@ -1343,6 +1400,14 @@ impl Sim {
     /// The primary learned it lost the VM: its process ends (demoted) with its held
     /// output, the holder (the standby) takes over once it sees the primary gone.
     fn demote_primary(&mut self, generation: u64) {
+        if let Some(p) = &self.primary {
+            assert!(
+                !held_by(generation, node_of(&p.image)),
+                "seed {}: FALSE DEMOTION: the primary was demoted by generation {generation}, \
+                 which its own node holds",
+                self.seed
+            );
+        }
         if debug() {
             eprintln!(
                 "seed {} step {}: primary DEMOTED by generation {generation}",
@@ -1376,7 +1441,9 @@ impl Sim {
         if !self.standby_alive() || self.session != 0 {
             return;
         }
-        self.generation += 1;
+        // A takeover grant to the standby's node: the next generation of its parity.
+        self.generation = next_generation(self.generation, node_of(&s.image))
+            .expect("generations stay small in a run");
         s.gate.generation.store(self.generation, Ordering::SeqCst);
         self.fenced_commit = Some(s.driver.committed());
         self.crashed_sessions.push(self.session);
@@ -1391,10 +1458,50 @@ impl Sim {
         }
     }
 
+    /// The primary's node is granted a newer generation of its own (a first grant, or
+    /// a re-acquired lease): the standby learns it now (the witness answered its query,
+    /// or the primary's peer message came first), the primary's driver `lag` steps
+    /// later (its quorum thread has not handed it over yet).
+    fn own_grant(&mut self, lag: u64) {
+        if self.session != 0 || !self.primary_alive() || !self.standby_alive() {
+            return;
+        }
+        let (Some(p), Some(s)) = (&self.primary, &self.standby) else {
+            return;
+        };
+        self.generation = next_generation(self.generation, node_of(&p.image))
+            .expect("generations stay small in a run");
+        s.gate.generation.store(self.generation, Ordering::SeqCst);
+        let at = self.now.get() + lag;
+        self.own_grant_pending = Some((at, self.generation, p.generation.clone()));
+        self.own_grants += 1;
+        if debug() {
+            eprintln!(
+                "seed {} step {}: the standby knows the primary's own generation {}, the \
+                 primary's driver from step {at}",
+                self.seed,
+                self.now.get(),
+                self.generation
+            );
+        }
+    }
+
     fn step(&mut self, rng: &mut Rng) {
         let now = self.now.get();
         if self.fence_at == Some(now) {
             self.fence_standby();
+        }
+        if let Some((at, lag)) = self.own_grant_at {
+            if at == now {
+                self.own_grant(lag);
+            }
+        }
+        if let Some((at, g, counter)) = self.own_grant_pending.take() {
+            if at <= now {
+                counter.fetch_max(g, Ordering::SeqCst);
+            } else {
+                self.own_grant_pending = Some((at, g, counter));
+            }
         }
         if self.f.link_down > 0 && rng.chance(self.f.link_down) {
             self.net.borrow_mut().down_until = now + 1 + rng.below(30);
@@ -1531,6 +1638,7 @@ impl Sim {
             // A swap moves no generation (seeds that swap fence nothing).
             generation: Arc::new(AtomicU64::new(self.generation)),
             swap: Arc::new(SwapPort::default()),
+            stamp: 0,
         });
         self.end = self.end.max(self.now.get() + TAIL);
         // A crash of the old primary meanwhile is not a failover of this one.
@@ -1598,10 +1706,19 @@ impl Sim {
                     self.retire(d, session);
                     image
                 });
-                let generation = self
+                let known = self
                     .standby
                     .take()
                     .map_or(0, |s| s.gate.generation.load(Ordering::SeqCst));
+                // The takeover's grant: the next generation of the survivor's node
+                // unless it holds the newest already (0: the run models no quorum).
+                let me = node_of(&image);
+                let generation = if known != 0 && !held_by(known, me) {
+                    next_generation(known, me).expect("generations stay small in a run")
+                } else {
+                    known
+                };
+                self.generation = self.generation.max(generation);
                 self.primary = Some(PrimaryNode {
                     toy,
                     disks,
@@ -1610,6 +1727,7 @@ impl Sim {
                     sends: Rc::new(Cell::new(0)),
                     generation: Arc::new(AtomicU64::new(generation)),
                     swap: Arc::new(SwapPort::default()),
+                    stamp: 0,
                 });
                 self.end = self.end.max(self.now.get() + TAIL);
                 // The old primary comes back, as the standby.
@@ -1719,6 +1837,14 @@ fn run(seed: u64) -> Report {
         swap_chance: if fence_at.is_some() { 0 } else { f.swap_chance },
         ..f
     };
+    // The primary's own grant reaching the standby first (issue 14), in seeds that
+    // neither fence nor swap: its own stream too.
+    let mut grng = Rng(mix(seed ^ 0x0a0a_0014));
+    let own_grant_at = if fence_at.is_none() && f.swap_chance == 0 && grng.chance(300) {
+        Some((1 + grng.below(HORIZON), 1 + grng.below(40)))
+    } else {
+        None
+    };
     let scratch = Scratch::new(seed);
     let world = Rc::new(RefCell::new(World {
         seed,
@@ -1772,6 +1898,9 @@ fn run(seed: u64) -> Report {
         swapped_sessions: Vec::new(),
         swaps: 0,
         swaps_refused: 0,
+        own_grant_at,
+        own_grant_pending: None,
+        own_grants: 0,
     };
     // The primary: its disks opened (degraded, recording) before the guest runs.
     let pimage = scratch.image("pm1.img");
@@ -1788,6 +1917,7 @@ fn run(seed: u64) -> Report {
         sends: Rc::new(Cell::new(0)),
         generation: Arc::new(AtomicU64::new(0)),
         swap: Arc::new(SwapPort::default()),
+        stamp: 0,
     });
     sim.start_session(simage);
     while sim.now.get() < sim.end {
@@ -1861,6 +1991,7 @@ fn run(seed: u64) -> Report {
         demoted_delta_bytes: sim.demoted_delta_bytes,
         swaps: sim.swaps,
         swaps_refused: sim.swaps_refused,
+        own_grants: sim.own_grants,
     }
 }
 
@@ -1911,6 +2042,7 @@ struct Totals {
     swaps: u64,
     swaps_refused: u64,
     swap_runs: u64,
+    own_grants: u64,
 }
 
 impl Totals {
@@ -1936,6 +2068,7 @@ impl Totals {
         self.swaps += u64::from(r.swaps);
         self.swaps_refused += u64::from(r.swaps_refused);
         self.swap_runs += u64::from(r.swaps > 0);
+        self.own_grants += u64::from(r.own_grants);
     }
 
     fn merge(&mut self, o: Totals) {
@@ -1960,6 +2093,7 @@ impl Totals {
         self.swaps += o.swaps;
         self.swaps_refused += o.swaps_refused;
         self.swap_runs += o.swap_runs;
+        self.own_grants += o.own_grants;
     }
 }
 
@@ -2029,7 +2163,8 @@ fn simulation_under_faults() {
          idempotent console re-releases, {} duplicate frames on the LAN, {} runs fenced \
          the standby ({} primaries demoted; their disks back by {} full and {} delta \
          resyncs, the deltas moving {} bytes where full copies would move {}), {} role \
-         swaps in {} runs ({} requests refused: not in sync)",
+         swaps in {} runs ({} requests refused: not in sync), {} own grants of the \
+         primary's node learned by the standby first (none fenced: checked)",
         t.seeds,
         t0.elapsed(),
         t.commits,
@@ -2051,7 +2186,8 @@ fn simulation_under_faults() {
         t.demoted_full_bytes,
         t.swaps,
         t.swap_runs,
-        t.swaps_refused
+        t.swaps_refused,
+        t.own_grants
     );
     if all.len() >= 1000 {
         // The test is not vacuous: most runs get protected, many fail over and come
@@ -2104,6 +2240,13 @@ fn simulation_under_faults() {
             t.swap_runs * 10 > t.seeds,
             "{} runs with a role swap",
             t.swap_runs
+        );
+        // Issue 14's race is exercised (each one checked: nothing fenced, nobody
+        // demoted by its own node's generation).
+        assert!(
+            t.own_grants * 20 > t.seeds,
+            "{} own grants learned by the standby first",
+            t.own_grants
         );
     }
 }

@@ -22,6 +22,14 @@ pub fn next_generation(from: Generation, node: NodeId) -> Option<Generation> {
     }
 }
 
+/// Whether `generation` was granted to `node` (the parity rule of [`next_generation`]:
+/// only `node` ever asks for a generation of its parity). 0 is nobody's. What the
+/// fencing checks need: a generation newer than a peer's stamp fences the peer only if
+/// the peer does not hold it (its own fresh grant may reach the other node first).
+pub fn held_by(generation: Generation, node: NodeId) -> bool {
+    generation != 0 && generation % 2 == node.0 % 2
+}
+
 /// One of the two PMs of a pair (the A-Link node id: 1 or 2 today).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub u64);
@@ -105,6 +113,18 @@ mod tests {
         assert_eq!(next_generation(1, NodeId(1)), Some(3));
         assert_eq!(next_generation(1, NodeId(2)), Some(2));
         assert_eq!(next_generation(u64::MAX - 1, NodeId(2)), None);
+        for from in 0..20 {
+            for node in [NodeId(1), NodeId(2)] {
+                let g = next_generation(from, node).unwrap();
+                assert!(held_by(g, node), "{g} is {node}'s");
+                let other = NodeId(3 - node.0);
+                assert!(!held_by(g, other), "{g} is not {other}'s");
+            }
+        }
+        assert!(
+            !held_by(0, NodeId(1)) && !held_by(0, NodeId(2)),
+            "0 is nobody's"
+        );
     }
 
     #[test]

@@ -58,14 +58,21 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             // The fencing check the primary's receive side runs on every message (its
-            // own generation from the selector byte).
+            // own generation from the selector byte, its node's parity from its low
+            // bit: generations of that parity are its own and never fence it).
             if let Ok(m) = decode_to_primary(head, payload) {
                 let own = u64::from(which / 3);
-                match screen(&m, own, own) {
-                    Some(FromStandby::Fenced { generation }) => assert!(generation > own),
+                let parity = own % 2;
+                let mine = |g: u64| g != 0 && g % 2 == parity;
+                match screen(&m, own, own, &mine) {
+                    Some(FromStandby::Fenced { generation }) => {
+                        assert!(generation > own && !mine(generation))
+                    }
                     Some(FromStandby::Stale { generation }) => assert!(generation < own),
                     Some(_) => panic!("screen passed on something else than a refusal"),
-                    None => assert!(m.fences(own).is_none() && m.stale(own).is_none()),
+                    None => assert!(
+                        m.fences(own).is_none_or(mine) && m.stale(own).is_none()
+                    ),
                 }
             }
         }

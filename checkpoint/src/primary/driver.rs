@@ -25,7 +25,7 @@ use vmm::{Vmm, VmmError};
 
 use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 use super::disks::{DiskSide, MirroredDisks, Step};
-use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox};
+use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox, OwnGenerations};
 use super::swap::{SwapDone, SwapPort, SwapReply};
 use super::vm::PrimaryVm;
 use crate::link::{SendError, ToStandbyLink};
@@ -100,6 +100,10 @@ pub struct PrimaryDriverConfig {
     /// The pair's quorum generation, read when a session begins and stamped on its
     /// `Hello` (None: 0, no quorum). A standby that knows a higher one refuses it.
     pub generation: Option<Arc<AtomicU64>>,
+    /// Which generations were granted to this node (the quorum's parity rule): an ack
+    /// citing a newer one of them is this primary's own grant, learned by the standby
+    /// first, and fences nothing (None: every newer generation fences).
+    pub own_generations: Option<OwnGenerations>,
     /// Planned role swaps: requests come in here (None: no swap is offered).
     pub swap: Option<Arc<SwapPort>>,
 }
@@ -119,6 +123,7 @@ impl Default for PrimaryDriverConfig {
             hot_pages: Some(HotPageConfig::default()),
             hold_on_simplex: false,
             generation: None,
+            own_generations: None,
             swap: None,
         }
     }
@@ -826,7 +831,8 @@ pub fn run_primary(
             }
         };
         let generation = cfg.generation.as_deref();
-        s.spawn(move || pump(link, disks, generation, &release, tx, quit));
+        let own = cfg.own_generations.as_ref();
+        s.spawn(move || pump(link, disks, generation, own, &release, tx, quit));
         if let Some(d) = disks {
             let (otx, orx) = std::sync::mpsc::channel();
             s.spawn(move || outbox(link, orx, quit));

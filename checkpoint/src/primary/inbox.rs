@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use alink::{Alink, AlinkError};
@@ -80,14 +81,28 @@ impl Inbox {
     }
 }
 
+/// Which quorum generations were granted to this primary's node (the pair's quorum
+/// names a generation's holder: `quorum::types::held_by`). None: nobody's (no quorum,
+/// or a caller that cannot tell: every newer generation fences).
+pub type OwnGenerations = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// The fencing check on every message from the standby, before anything is released
 /// on it: the refusal the driver gets instead of the message when it carries another
 /// generation than this primary's. Newer than `current` (the primary's generation now,
-/// which may have grown since its session began: a first grant after the `Hello`):
-/// this primary lost the VM. An ack older than `session` (the one its `Hello`
-/// carried): not this generation's standby. None: the message passes.
-pub fn screen(m: &PrimaryboundMsg<'_>, session: u64, current: u64) -> Option<FromStandby> {
-    if let Some(generation) = m.fences(current.max(session)) {
+/// which may have grown since its session began: a first grant after the `Hello`) and
+/// not one of `own` (granted to this primary's node): this primary lost the VM. A
+/// newer generation of its own is this primary's fresh grant, which the standby learned
+/// (from the witness or the peer messages) before this primary's quorum thread handed
+/// it over: no other node holds anything newer, so it fences nothing. An ack older
+/// than `session` (the one its `Hello` carried): not this generation's standby. None:
+/// the message passes.
+pub fn screen(
+    m: &PrimaryboundMsg<'_>,
+    session: u64,
+    current: u64,
+    own: &dyn Fn(u64) -> bool,
+) -> Option<FromStandby> {
+    if let Some(generation) = m.fences(current.max(session)).filter(|&g| !own(g)) {
         return Some(FromStandby::Fenced { generation });
     }
     m.stale(session)
@@ -103,11 +118,13 @@ pub fn screen(m: &PrimaryboundMsg<'_>, session: u64, current: u64) -> Option<Fro
 /// from a standby that knows a newer one fences it ([`PrimaryboundMsg::fences`]), and
 /// from then on no acknowledgement releases anything; an ack of an older one than the
 /// session's is refused ([`PrimaryboundMsg::stale`]: released on by nobody, the
-/// session ends). See [`screen`].
+/// session ends); `own` tells this primary's own generations apart. See [`screen`].
+#[allow(clippy::too_many_arguments)]
 pub fn pump(
     link: &Alink,
     disks: Option<&PrimaryDisks>,
     generation: Option<&AtomicU64>,
+    own: Option<&OwnGenerations>,
     on_ack: &(dyn Fn(u64) + Sync),
     tx: Sender<Inbound>,
     quit: &AtomicBool,
@@ -129,7 +146,7 @@ pub fn pump(
                 if let Some(refusal) = decoded
                     .as_ref()
                     .ok()
-                    .and_then(|d| screen(d, session, now()))
+                    .and_then(|d| screen(d, session, now(), &|g| own.is_some_and(|o| o(g))))
                 {
                     fenced |= matches!(refusal, FromStandby::Fenced { .. });
                     if tx.send(Inbound::Msg(refusal)).is_err() {
@@ -144,7 +161,8 @@ pub fn pump(
                         }
                         FromStandby::Ack { epoch }
                     }
-                    // Not newer than ours (else `fences` took it): a confused standby.
+                    // Not newer than ours, or one of our own (else `screen` took it):
+                    // a confused standby.
                     Ok(PrimaryboundMsg::Fenced { generation: g }) => {
                         log::error!(
                             "primary: the standby refused generation {} citing {g}",
@@ -241,8 +259,17 @@ mod tests {
     }
 
     fn check(head: &[u8], session: u64, current: u64) -> Option<(bool, u64)> {
+        check_own(head, session, current, &|_| false)
+    }
+
+    fn check_own(
+        head: &[u8],
+        session: u64,
+        current: u64,
+        own: &dyn Fn(u64) -> bool,
+    ) -> Option<(bool, u64)> {
         let m = decode_to_primary(head, &[]).unwrap();
-        screen(&m, session, current).map(|r| match r {
+        screen(&m, session, current, own).map(|r| match r {
             FromStandby::Fenced { generation } => (true, generation),
             FromStandby::Stale { generation } => (false, generation),
             _ => panic!("not a refusal"),
@@ -262,5 +289,27 @@ mod tests {
         let refusal = encode(&ToPrimary::Fenced { generation: 4 }).unwrap();
         assert_eq!(check(&refusal, 3, 3), Some((true, 4)));
         assert_eq!(check(&refusal, 3, 4), None);
+    }
+
+    /// Issue 14's race: the standby learned this primary's fresh grant (odd: node 1's)
+    /// before the primary's quorum thread handed it over. Its ack citing it fences
+    /// nothing; a newer generation of the other node (even) still does, also when the
+    /// standby knows one of ours above it (a newest own grant supersedes it).
+    #[test]
+    fn a_generation_of_the_primarys_own_node_never_fences_it() {
+        let node1 = |g: u64| g != 0 && g % 2 == 1;
+        assert_eq!(check_own(&ack(1), 0, 0, &node1), None, "own first grant");
+        assert_eq!(check_own(&ack(5), 3, 3, &node1), None, "own re-grant");
+        assert_eq!(check_own(&ack(2), 0, 0, &node1), Some((true, 2)));
+        assert_eq!(check_own(&ack(4), 3, 3, &node1), Some((true, 4)));
+        assert_eq!(
+            check_own(&ack(2), 3, 3, &node1),
+            Some((false, 2)),
+            "stale still"
+        );
+        let refusal = encode(&ToPrimary::Fenced { generation: 4 }).unwrap();
+        assert_eq!(check_own(&refusal, 3, 3, &node1), Some((true, 4)));
+        // Without the quorum's word every newer generation fences (the old rule).
+        assert_eq!(check_own(&ack(1), 0, 0, &|_| false), Some((true, 1)));
     }
 }

@@ -11,6 +11,6 @@ pub mod vm;
 pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 pub use disks::MirroredDisks;
 pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
-pub use inbox::FromStandby;
+pub use inbox::{FromStandby, OwnGenerations};
 pub use swap::{SwapDone, SwapPort, SwapReply};
 pub use vm::{Cut, EpochState, Parked, PrimaryVm};

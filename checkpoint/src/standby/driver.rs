@@ -69,6 +69,13 @@ pub trait TakeoverGate: Send + Sync {
     fn generation(&self) -> u64 {
         0
     }
+    /// Whether `generation` was granted to the primary's node (the quorum names a
+    /// generation's holder). A part older than a generation its own sender holds is
+    /// that primary's, stamped before its quorum thread handed the grant over: it is
+    /// not fenced. False (the default): every newer generation fences.
+    fn peer_holds(&self, _generation: u64) -> bool {
+        false
+    }
 }
 
 /// A shared [`TakeoverGate`] in a config.
@@ -283,13 +290,22 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
     }
 
     /// Refuses a session `Hello` or a checkpoint part stamped with a generation older
-    /// than the one this node knows (a part: or than its session's `Hello`): the
-    /// primary is told ([`ToPrimary::Fenced`]: it releases nothing more and is demoted)
-    /// and the driver ends with [`StandbyDriverError::Fenced`]; nothing of it was
-    /// staged or applied.
+    /// than its session's `Hello` (a part: the primary's stamp only grows), or older
+    /// than the quorum's newest generation when the primary's node does not hold that
+    /// one (see [`fence`]: the primary's own fresh grant, learned here first, fences
+    /// nothing): the primary is told ([`ToPrimary::Fenced`]: it releases nothing more
+    /// and is demoted) and the driver ends with [`StandbyDriverError::Fenced`]; nothing
+    /// of it was staged or applied.
     fn check_generation(&self, generation: u64) -> Result<(), StandbyDriverError> {
-        let known = self.known_generation();
-        if let Err(e) = fence(generation, known) {
+        let quorum = self.gate.as_ref().map_or(0, |g| g.generation());
+        let peer_holds = self.gate.as_ref().is_some_and(|g| g.peer_holds(quorum));
+        let verdict = fence(generation, self.session_generation, false)
+            .and_then(|()| fence(generation, quorum, peer_holds));
+        if let Err(e) = verdict {
+            let known = match &e {
+                StandbyDriverError::Fenced { known, .. } => *known,
+                _ => self.known_generation(),
+            };
             log::error!("standby: {e}");
             if let Err(se) = self.link.send(
                 &ToPrimary::Fenced { generation: known },

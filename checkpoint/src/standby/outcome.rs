@@ -36,10 +36,14 @@ pub enum StandbyDriverError {
     Fenced { peer: u64, known: u64 },
 }
 
-/// The fencing rule of a session's `Hello`: a primary with an older generation than
-/// this node knows is refused (0 on either side: no quorum, nothing to compare).
-pub fn fence(peer: u64, known: u64) -> Result<(), StandbyDriverError> {
-    if known != 0 && peer < known {
+/// The fencing rule of a session's `Hello` and of every part: a primary with an older
+/// generation than `known` (one this node knows) is refused, unless the primary's own
+/// node holds `known` (`peer_holds_known`): then it is the primary's fresh grant,
+/// learned here (from the witness or the peer messages) before the primary's quorum
+/// thread handed it over, and nobody holds anything newer: refusing it would demote
+/// the legitimate primary. 0 on either side: no quorum, nothing to compare.
+pub fn fence(peer: u64, known: u64, peer_holds_known: bool) -> Result<(), StandbyDriverError> {
+    if known != 0 && peer < known && !peer_holds_known {
         return Err(StandbyDriverError::Fenced { peer, known });
     }
     Ok(())
@@ -98,11 +102,15 @@ mod tests {
 
     #[test]
     fn a_primary_with_an_older_generation_is_refused() {
-        assert!(fence(0, 0).is_ok(), "no quorum on either side");
-        assert!(fence(7, 0).is_ok(), "this node knows no generation");
-        assert!(fence(7, 7).is_ok(), "the holder itself");
-        assert!(fence(9, 7).is_ok(), "a newer holder");
-        let e = fence(5, 7).unwrap_err();
+        assert!(fence(0, 0, false).is_ok(), "no quorum on either side");
+        assert!(fence(7, 0, false).is_ok(), "this node knows no generation");
+        assert!(fence(7, 7, false).is_ok(), "the holder itself");
+        assert!(fence(9, 7, false).is_ok(), "a newer holder");
+        assert!(
+            fence(0, 1, true).is_ok() && fence(5, 7, true).is_ok(),
+            "the primary's own fresh grant, learned here first"
+        );
+        let e = fence(5, 7, false).unwrap_err();
         assert!(
             matches!(e, StandbyDriverError::Fenced { peer: 5, known: 7 }),
             "{e:?}"
@@ -113,7 +121,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            fence(0, 7).is_err(),
+            fence(0, 7, false).is_err(),
             "a primary without a quorum generation"
         );
     }

@@ -164,6 +164,7 @@ pub fn protect(
         let mut dcfg = driver_config(protocol, acked.clone(), disks.clone(), ft);
         dcfg.hold_on_simplex = quorum.is_some();
         dcfg.generation = quorum.map(Quorum::generation);
+        dcfg.own_generations = quorum.map(Quorum::own_generations);
         dcfg.swap = status.swap_side().port_for(quorum.is_some());
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {

@@ -34,7 +34,7 @@ use ::quorum::config::{BackendKind, QuorumConfig};
 use ::quorum::node::{
     Action, Event, GuestState, NodeConfig, OutputGate, PeerMsg, QuorumNode, Start,
 };
-use ::quorum::types::{Role as QRole, Slot};
+use ::quorum::types::{held_by, NodeId, Role as QRole, Slot};
 use alink::beacon::BeaconConfig;
 use alink::priv0::{Priv0Addrs, Priv0Path};
 use alink::Alink;
@@ -90,6 +90,9 @@ struct Shared {
     alerts: Mutex<std::collections::VecDeque<String>>,
     /// The private network's heartbeat path, when configured (for the process's life).
     priv0: Mutex<Option<Arc<Priv0Path>>>,
+    /// This node and its peer (a generation names its holder: `held_by`).
+    node: NodeId,
+    peer: NodeId,
 }
 
 /// The machine's orders, as the runtime reads them.
@@ -213,6 +216,8 @@ impl Quorum {
             refused: Mutex::new(None),
             alerts: Mutex::new(std::collections::VecDeque::new()),
             priv0: Mutex::new(None),
+            node: q.node,
+            peer: q.peer,
         });
         let sh = shared.clone();
         let cfg = q.config.clone();
@@ -288,6 +293,14 @@ impl Quorum {
         self.shared.generation.clone()
     }
 
+    /// Which generations were granted to this node (the primary driver's screen: an
+    /// ack citing a newer one of them is this node's fresh grant, which the standby
+    /// learned first, and fences nothing).
+    pub fn own_generations(&self) -> checkpoint::primary::OwnGenerations {
+        let node = self.shared.node;
+        Arc::new(move |g| held_by(g, node))
+    }
+
     /// A session was refused by the fencing rule (`why` is logged by the caller).
     pub fn session_refused(&self, why: String) {
         *lock(&self.shared.refused) = Some(why);
@@ -328,6 +341,10 @@ impl TakeoverGate for Granted {
 
     fn generation(&self) -> u64 {
         self.0.generation.load(Ordering::SeqCst)
+    }
+
+    fn peer_holds(&self, generation: u64) -> bool {
+        held_by(generation, self.0.peer)
     }
 }
 
@@ -481,12 +498,15 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
         Action::TakeOver { generation } => {
             rec.generation = generation;
             record(state_file, rec);
+            // Before the takeover is visible: the failed-over driver stamps this one.
+            sh.generation.fetch_max(generation, Ordering::SeqCst);
             warn!("quorum: takeover GRANTED: generation {generation}");
             lock(&sh.out).took_over = Some(generation);
         }
         Action::Demote { generation } => {
             rec.generation = rec.generation.max(generation);
             record(state_file, rec);
+            sh.generation.fetch_max(generation, Ordering::SeqCst);
             error!(
                 "quorum: DEMOTED: the peer holds generation {generation}; this node's held \
                  output is discarded and its VM stops"
@@ -501,6 +521,11 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
                 rec.generation = g;
                 record(state_file, rec);
             }
+            // At once, not at the end of the round: a grant's peer message (a later
+            // action of the same round) must not reach the standby before this
+            // node's driver stamps the grant (issue 14; the standby's `peer_holds`
+            // makes the order matter for nothing but the log).
+            sh.generation.fetch_max(g, Ordering::SeqCst);
         }
         Action::RecordElected { slot, seq } => {
             rec.elected = Some((slot, seq));
