@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use common::pair::{listening, protected, wait_console, PairFiles, Pm, DEFAULT_WORKLOAD};
 use common::{require_kvm, topology};
 use twinrun_control::{self as control, FtRole};
-use twinrun_lab::console::{check_console, check_disk_records, count_c, read as read_console};
+use twinrun_lab::console::{check_disk_records, count_c, read as read_console};
 use twinrun_lab::kvload::{LoadClient, LoadConfig};
 use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::verdict::{check_load, Expect};
 use twinrun_lab::Topology;
 
 const CLUSTER: &str = "migrate";
@@ -195,26 +196,8 @@ impl Moving {
         for pm in self.pms.iter_mut().flatten() {
             pm.kill();
         }
-        assert!(
-            rep.errors.is_empty() && rep.connection_survived(),
-            "client: {:?} ({} reconnects)\n{logs}",
-            rep.errors,
-            rep.reconnects
-        );
-        assert!(
-            rep.lost.is_empty(),
-            "{} acknowledged SETs lost (first {:?})\n{logs}",
-            rep.lost.len(),
-            &rep.lost[..rep.lost.len().min(10)]
-        );
-        assert_eq!(
-            rep.counter_final,
-            Some(rep.incrs_acked),
-            "INCR counter differs from what was acknowledged\n{logs}"
-        );
-        let cc = check_console(&console).unwrap_or_else(|e| panic!("console: {e}\n{logs}"));
-        assert!(!cc.w_seqs.is_empty(), "no W record at all");
-        assert!(cc.d_lines > 0, "the dirty workload verified no pass");
+        let cc = check_load(&rep, &console, Expect::MOVED)
+            .unwrap_or_else(|e| panic!("across the migrations: {e}\n{logs}"));
         // Flushed records: the disk workload flushes after every write, and the
         // console line follows the flush.
         check_disk_records(&image, &cc.w_seqs)

@@ -12,7 +12,7 @@
 //! - [`resp`]: a RESP client for the guest's kv server, and [`kvload`]: the kv load
 //!   client of the demo and the FT tests (one connection across a failover);
 //! - [`console`]: following a console file and checking the console stream and the
-//!   disk records the guest writes;
+//!   disk records the guest writes, and [`verdict`]: a load run judged against it;
 //! - [`rng`]: the one seeded RNG of tests and simulations.
 //!
 //! Everything that creates something (namespace, interface, process) removes it on
@@ -32,6 +32,7 @@ pub mod rng;
 pub mod tap;
 pub mod tcp;
 pub mod topology;
+pub mod verdict;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -13,7 +13,7 @@ use utoipa::IntoParams;
 
 use super::{Access, ApiError, ApiState};
 use crate::cluster::Command;
-use crate::core::CommandResponse;
+use crate::core::{CommandResponse, Core};
 use crate::model::{NodeView, VmSettings, VmSpec, VmView};
 use crate::store::Event;
 
@@ -166,10 +166,21 @@ pub async fn show_vm(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    authorize(&st, &h, Access::ReadOnly)?;
+    read_vm(&st, &h, name, |core, n| core.vm_view(n)).await
+}
+
+/// A read-only view of the VM `name` (run off the async runtime), or 404 in the words
+/// every per-VM endpoint uses.
+async fn read_vm<T: Send + 'static>(
+    st: &ApiState,
+    h: &HeaderMap,
+    name: String,
+    read: impl FnOnce(&Core, &str) -> Option<T> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
+    authorize(st, h, Access::ReadOnly)?;
     let core = st.core.clone();
     let n = name.clone();
-    blocking(move || core.vm_view(&n))
+    blocking(move || read(&core, &n))
         .await?
         .map(Json)
         .ok_or_else(|| {

@@ -50,17 +50,5 @@ pub async fn show_migration(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<MigrationView>, ApiError> {
-    authorize(&st, &h, Access::ReadOnly)?;
-    let core = st.core.clone();
-    let n = name.clone();
-    blocking(move || core.migration_view(&n))
-        .await?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not-found",
-                format!("no VM named {name:?} (see `twinrun vm list`)"),
-            )
-        })
+    read_vm(&st, &h, name, |core, n| core.migration_view(n)).await
 }
