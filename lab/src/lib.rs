@@ -13,6 +13,7 @@
 //!   client of the demo and the FT tests (one connection across a failover);
 //! - [`console`]: following a console file and checking the console stream and the
 //!   disk records the guest writes, and [`verdict`]: a load run judged against it;
+//! - [`node_toml`]: one node's `twinrund` configuration file;
 //! - [`rng`]: the one seeded RNG of tests and simulations.
 //!
 //! Everything that creates something (namespace, interface, process) removes it on
@@ -26,6 +27,7 @@ pub mod guest;
 pub mod ip;
 pub mod kvload;
 pub mod netns;
+pub mod node_toml;
 pub mod process;
 pub mod resp;
 pub mod rng;

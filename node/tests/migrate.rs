@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use common::{guest_elf, twinrun_bin, twinrund_bin, wait_for, ADMIN, SECRET};
 use twinrun_lab::console::count_c;
 use twinrun_lab::kvload::{LoadClient, LoadConfig};
+use twinrun_lab::node_toml::NodeToml;
 use twinrun_lab::topology::KV_PORT;
 use twinrun_lab::verdict::{check_load, Expect};
 use twinrun_lab::{Proc, Topology};
@@ -74,61 +75,21 @@ fn vmm_pids(dir: &Path) -> Vec<i32> {
 }
 
 fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str) -> String {
-    let me = topo.mgmt_ip(i).expect("management network");
-    let peer = topo.mgmt_ip(1 - i).expect("management network");
-    let links: Vec<String> = (0..topo.alinks())
-        .map(|k| {
-            format!(
-                "{{ local = \"{}\", peer = \"{}\" }}",
-                topo.alink_addr(i, k).ip(),
-                topo.alink_addr(1 - i, k).ip()
-            )
-        })
-        .collect();
-    format!(
-        r#"cluster = "{cluster}"
-node = "pm{n}"
-secret_file = "{d}/../secret"
-state_dir = "{d}/state"
-run_dir = "{d}/run"
-twinrun_bin = "{bin}"
-guest_elf = "{guest}"
-
-[api]
-listen = "{me}:{API_PORT}"
-tokens_file = "{d}/../tokens"
-
-[cluster_link]
-listen = "{me}:{LINK_PORT}"
-heartbeat_ms = 100
-peer_timeout_ms = 1000
-
-[peer]
-name = "pm{pn}"
-addr = "{peer}:{LINK_PORT}"
-api = "{peer}:{API_PORT}"
-
-[alink]
-links = [{links}]
-port_base = 7500
-
-[network]
-bridge = "{bridge}"
-tap_prefix = "mg"
-
-[supervision]
-max_restart = 2
-boot_grace_ms = 1500
-scope = "never"
-"#,
-        n = i + 1,
-        pn = 2 - i,
-        d = dir.display(),
-        bin = twinrun_bin().display(),
-        guest = guest_elf().display(),
-        links = links.join(", "),
-        bridge = topo.pms[i].bridge,
+    let mut n = NodeToml::on_topology(
+        topo,
+        i,
+        cluster,
+        dir.to_path_buf(),
+        API_PORT,
+        LINK_PORT,
+        "mg",
     )
+    .expect("management network");
+    n.secret_file = dir.join("../secret");
+    n.tokens_file = dir.join("../tokens");
+    n.twinrun_bin = twinrun_bin();
+    n.guest_elf = guest_elf();
+    n.render()
 }
 
 fn guest_ip(topo: &Topology) -> Ipv4Addr {

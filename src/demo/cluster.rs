@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use twinrun_lab::kvload::{LoadClient, LoadConfig, LoadReport};
+use twinrun_lab::node_toml::NodeToml;
 use twinrun_lab::topology::KV_PORT;
 use twinrun_lab::{Proc, Topology};
 use twinrund::client::Client;
@@ -277,68 +278,23 @@ fn node_config(
     tokens: &Path,
     quorum: &str,
 ) -> Result<String, DemoError> {
-    let me = topo
-        .mgmt_ip(i)
-        .ok_or_else(|| DemoError::Failed("no management network".into()))?;
-    let peer = topo
-        .mgmt_ip(1 - i)
-        .ok_or_else(|| DemoError::Failed("no management network".into()))?;
-    let links: Vec<String> = (0..topo.alinks())
-        .map(|k| {
-            format!(
-                "{{ local = \"{}\", peer = \"{}\" }}",
-                topo.alink_addr(i, k).ip(),
-                topo.alink_addr(1 - i, k).ip()
-            )
-        })
-        .collect();
-    Ok(format!(
-        r#"cluster = "{cluster}"
-node = "pm{n}"
-secret_file = "{secret}"
-state_dir = "{dir}/state"
-run_dir = "{dir}/run"
-twinrun_bin = "{exe}"
-guest_elf = "{guest}"
-
-[api]
-listen = "{me}:{API_PORT}"
-tokens_file = "{tokens}"
-
-[cluster_link]
-listen = "{me}:{LINK_PORT}"
-heartbeat_ms = 100
-peer_timeout_ms = 1000
-
-[peer]
-name = "pm{pn}"
-addr = "{peer}:{LINK_PORT}"
-api = "{peer}:{API_PORT}"
-
-[alink]
-links = [{links}]
-port_base = 7500
-
-[network]
-bridge = "{bridge}"
-tap_prefix = "dm"
-
-[supervision]
-max_restart = 2
-boot_grace_ms = 3000
-scope = "never"
-{quorum}
-"#,
-        n = i + 1,
-        pn = 2 - i,
-        secret = secret.display(),
-        dir = dir.display(),
-        exe = exe.display(),
-        guest = guest.display(),
-        tokens = tokens.display(),
-        links = links.join(", "),
-        bridge = topo.pms[i].bridge,
-    ))
+    let mut n = NodeToml::on_topology(
+        topo,
+        i,
+        cluster,
+        dir.to_path_buf(),
+        API_PORT,
+        LINK_PORT,
+        "dm",
+    )
+    .ok_or_else(|| DemoError::Failed("no management network".into()))?;
+    n.secret_file = secret.to_path_buf();
+    n.tokens_file = tokens.to_path_buf();
+    n.twinrun_bin = exe.to_path_buf();
+    n.guest_elf = guest.to_path_buf();
+    n.boot_grace_ms = 3000;
+    n.extra = quorum.to_string();
+    Ok(n.render())
 }
 
 fn spec(topo: &Topology, name: &str, protection: &str, last: u8) -> Result<VmSpec, DemoError> {

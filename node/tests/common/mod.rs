@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use twinrun_lab::node_toml::NodeToml;
 pub use twinrund::client::Client;
 use twinrund::model::{Role, VmView};
 
@@ -175,63 +176,32 @@ impl ClusterPlan {
         )
         .expect("tokens");
         let j = 1 - i;
-        let text = format!(
-            r#"cluster = "{cluster}"
-node = "{me}"
-secret_file = "{d}/secret"
-state_dir = "{d}/state"
-run_dir = "{d}/run"
-twinrun_bin = "{bin}"
-guest_elf = "{guest}"
-
-[api]
-listen = "{api}"
-tokens_file = "{d}/tokens"
-{tls}
-
-[cluster_link]
-listen = "{link}"
-heartbeat_ms = 100
-peer_timeout_ms = 1000
-
-[peer]
-name = "{peer}"
-addr = "{peer_link}"
-api = "{peer_api}"
-
-[alink]
-links = [{{ local = "{my_ip}", peer = "{peer_ip}" }}]
-port_base = {base}
-
-[supervision]
-max_restart = {max_restart}
-restart_window_s = 600
-boot_grace_ms = {grace}
-scope = "never"
-{quorum}
-"#,
-            quorum = self.quorum,
-            cluster = self.cluster,
-            me = self.names[i],
-            d = d.display(),
-            bin = twinrun_bin().display(),
-            guest = guest_elf().display(),
-            api = self.api[i],
-            link = self.link[i],
-            peer = self.names[j],
-            peer_link = self.link[j],
-            peer_api = self.api[j],
-            my_ip = self.alink_ip[i],
-            peer_ip = self.alink_ip[j],
-            base = self.port_base,
-            max_restart = self.max_restart,
-            grace = self.boot_grace_ms,
-            tls = self.tls.as_ref().map_or(String::new(), |(c, k)| format!(
-                "tls_cert = \"{}\"\ntls_key = \"{}\"",
-                c.display(),
-                k.display()
-            )),
-        );
+        let text = NodeToml {
+            cluster: self.cluster.clone(),
+            node: self.names[i].clone(),
+            peer: self.names[j].clone(),
+            dir: d.clone(),
+            secret_file: d.join("secret"),
+            tokens_file: d.join("tokens"),
+            twinrun_bin: twinrun_bin(),
+            guest_elf: guest_elf(),
+            api: self.api[i],
+            link: self.link[i],
+            peer_api: self.api[j],
+            peer_link: self.link[j],
+            alinks: vec![(
+                self.alink_ip[i].parse().expect("ip"),
+                self.alink_ip[j].parse().expect("ip"),
+            )],
+            port_base: self.port_base,
+            network: None,
+            max_restart: self.max_restart,
+            restart_window_s: Some(600),
+            boot_grace_ms: self.boot_grace_ms,
+            tls: self.tls.clone(),
+            extra: self.quorum.clone(),
+        }
+        .render();
         let p = self.config_path(i);
         std::fs::write(&p, text).expect("config");
         p
