@@ -42,7 +42,10 @@
 //! are, WITHOUT a new generation: the bitmap already holds every block the standby did
 //! not acknowledge, so a returning standby gets a delta (or nothing), and a standby
 //! that took over meanwhile is the delta's source (its new generation is based on this
-//! one). Only a node that goes on writing without its standby begins a generation.
+//! one). Only a node that goes on writing without its standby begins a generation; so
+//! a loss reported after the stop ([`SyncDisks::peer_lost`]: a writer whose send the
+//! runtime cut at the stop, a session that saw the standby go at that moment) is a
+//! stop too.
 
 pub mod machine;
 pub mod wire;
