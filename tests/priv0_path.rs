@@ -16,13 +16,15 @@
 //!   over with the grant (generation + 1); the old primary has paused, and is demoted
 //!   (exit 5) once it reaches the witness again; no acknowledged write lost.
 //!
-//! - `ha_primary_cut_off_but_priv0_then_priv0_cut_boots_with_the_grant` (ignored: an
-//!   HA defect it found, see the test): the same cuts for an HA pair. With priv0 up the standby boots nothing (no frame on its TAP, no
-//!   grant); priv0 cut too: it boots the VM from its replica with generation g + 1; the
-//!   old primary, without peer or lease, pauses (HA cannot hold frames: the paused guest
-//!   sends none) and, once it reaches the witness again, exits demoted (5) without a
-//!   frame since its pause. (The kv data of an HA VM is its guest's memory: the rebooted
-//!   guest starts empty, so the client is checked before the cut only.)
+//! - `ha_primary_cut_off_but_priv0_then_priv0_cut_boots_with_the_grant`: the same
+//!   cuts for an HA pair (a guest write held at the cut must not keep the guest
+//!   from pausing). With priv0 up the standby boots nothing (no frame on its TAP,
+//!   no grant); priv0 cut too: it boots the VM from its replica with generation g +
+//!   1; the old primary, without peer or lease, pauses (HA cannot hold frames: the
+//!   paused guest sends none) and, once it reaches the witness again, exits demoted
+//!   (5) without a frame since its pause. (The kv data of an HA VM is its guest's
+//!   memory: the rebooted guest starts empty, so the client is checked before the
+//!   cut only.)
 //!
 //! Per-path state is read from the control socket's status (`quorum.paths`,
 //! `quorum.priv0`) and the logs.
@@ -199,17 +201,16 @@ fn primary_cut_off_but_priv0_then_priv0_cut_takes_over_with_the_grant() {
     qp.check_client_and_console(client, "priv0 then cut");
 }
 
-/// Ignored: it found an HA defect not fixed yet. The guest's disk writes are held
-/// while the peer is reachable on priv0 only (no standby session, no lease: nothing
-/// may complete alone), and the vCPU waits in the device handler; when priv0 goes too
-/// the quorum orders a pause, which then fails ("vCPUs did not pause within 2s (0 of
-/// 1 parked)": the pause leaves the VM running), and the old primary wrote 6-7 frames
-/// to its TAP after the order while the standby booted with the grant (2 runs of 5
-/// and 1 of 4 here), until its demotion stopped it. An HA primary needs a pause that
-/// does not wait for a held write (or its frames held as FT's are) first.
+/// The HA variant. It found a defect (fixed in session 23): the guest's disk writes
+/// are held while the peer is reachable on priv0 only (no standby session, no lease:
+/// nothing may complete alone) and the vCPU waits in the device handler; when priv0
+/// went too the quorum's pause failed ("vCPUs did not pause within 2s (0 of 1
+/// parked)": the pause left the VM running), and at the demotion the held write was
+/// failed while the guest still ran: it sent 6-7 frames before the VM stopped (2 runs
+/// of 5). Now a vCPU waiting in the HA disk hook counts as paused (it parks before
+/// its next guest instruction) and a demoted primary stops its VM before failing the
+/// held writes.
 #[test]
-#[ignore = "HA defect found by this test: the quorum's pause fails while a guest write \
-            is held and the old primary writes frames meanwhile (2 runs in 5)"]
 fn ha_primary_cut_off_but_priv0_then_priv0_cut_boots_with_the_grant() {
     require_kvm();
     let (mut qp, client) =

@@ -86,11 +86,6 @@ fn work_on_pm1_with_ft_and_unprotected_vms_upgrade_its_daemon_and_finalize() {
 }
 
 #[test]
-#[ignore = "HA through maintenance is not yet reliable: an HA primary given SIGTERM right \
-            after its replicas came in sync can still hang after 'received SIGTERM: \
-            stopping', and a run that gets past workon can see the finalize resync refused \
-            as split brain (both failed once each in 2 runs of the merged tree; the fix for \
-            the join deadlock passed 6 of 6 on its branch); runs once that is fixed"]
 fn work_on_pm1_with_ft_ha_and_unprotected_vms_upgrade_its_daemon_and_finalize() {
     work_on_upgrade_finalize(&["ft1", "ha1"]);
 }

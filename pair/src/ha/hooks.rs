@@ -11,8 +11,12 @@ use vmm::devices::virtio::block::{DiskHooks, DoneOp};
 pub struct SyncHooks(pub Arc<SyncDisks>);
 
 impl DiskHooks for SyncHooks {
+    // Both may wait long (a resync's closing gate; the standby's acknowledgement, or
+    // the quorum's leave for a write to complete alone): the vCPU waits as a host wait,
+    // so the quorum's pause of the guest does not wait for the write (the vCPU parks
+    // before its next guest instruction, the guest seeing its request still pending).
     fn before_writes(&self, disk: usize, ranges: &[(u64, u64)]) -> io::Result<()> {
-        self.0.before_writes(disk, ranges)
+        vmm::vstate::control::host_wait(|| self.0.before_writes(disk, ranges))
     }
     fn read_failed(
         &self,
@@ -48,6 +52,6 @@ impl DiskHooks for SyncHooks {
                 DoneOp::Flush => None,
             })
             .collect();
-        self.0.completed(disk, &writes)
+        vmm::vstate::control::host_wait(|| self.0.completed(disk, &writes))
     }
 }

@@ -198,9 +198,20 @@ pub fn protect(
             ack_timeout: ack_timeout(),
             cut: Arc::new(AtomicBool::new(false)),
         };
-        let end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim);
-        // A writer stuck in a send to this standby gives up.
-        lim.cut.store(true, Ordering::SeqCst);
+        let mut end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim);
+        if matches!(end, End::PeerLost) && (sd.requested() || vm.ended().is_some()) {
+            // The standby went in the same moment as a requested stop (or the VM's
+            // end): it is a stop. Nothing completes alone, no generation begins.
+            info!("HA primary: the standby went while this end stops; stopping");
+            end = if sd.requested() { End::Stop } else { End::Vm };
+        }
+        if matches!(end, End::Demoted(_)) {
+            // The VM ends before any held writer is released (they fail): a vCPU
+            // leaving its write finds the stop and runs no guest instruction, so the
+            // guest cannot see a failed write and send a frame about it.
+            vm.stopper().stop();
+            sync.fence();
+        }
         match end {
             End::PeerLost | End::Demoted(_) => {
                 // Writers never wait for a standby that is gone.
@@ -211,9 +222,14 @@ pub fn protect(
                 // released first (failed: the guest is stopping), and this requested or
                 // final stop begins no generation (the bitmap holds what the standby
                 // lacks: finalize or a restart resyncs by a delta, or not at all).
+                // Before the cut below: a writer that sees its send cut must find the
+                // stop already made (else its failed send would count as the standby's
+                // loss and begin a generation).
                 sync.stop();
             }
         }
+        // A writer stuck in a send to this standby gives up.
+        lim.cut.store(true, Ordering::SeqCst);
         status.end_session(None);
         if let Some(q) = q {
             q.end_session();
@@ -222,8 +238,7 @@ pub fn protect(
         match end {
             End::PeerLost => continue,
             End::Demoted(g) => {
-                // Held completions fail (the VM stops; none of them may be seen done).
-                sync.fence();
+                // Held completions failed above (the VM stops; none may be seen done).
                 return crate::ft::primary::demote(vm, &sync.disks, g);
             }
             End::Vm | End::Stop => {

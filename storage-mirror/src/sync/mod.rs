@@ -42,7 +42,10 @@
 //! are, WITHOUT a new generation: the bitmap already holds every block the standby did
 //! not acknowledge, so a returning standby gets a delta (or nothing), and a standby
 //! that took over meanwhile is the delta's source (its new generation is based on this
-//! one). Only a node that goes on writing without its standby begins a generation.
+//! one). Only a node that goes on writing without its standby begins a generation; so
+//! a loss reported after the stop ([`SyncDisks::peer_lost`]: a writer whose send the
+//! runtime cut at the stop, a session that saw the standby go at that moment) is a
+//! stop too.
 
 pub mod machine;
 pub mod wire;
@@ -183,8 +186,9 @@ impl SyncDisks {
     /// (see the module's comment). Call before joining the VM's threads: a vCPU may be
     /// waiting here for an acknowledgement only the caller's thread would take.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        // Set under the state lock: `peer_lost` decides loss or stop under it too.
         let mut s = self.state();
+        self.stopping.store(true, Ordering::SeqCst);
         s.send = None;
         if s.machine.attached() {
             s.machine.peer_lost();
@@ -249,8 +253,18 @@ impl SyncDisks {
     /// The standby is lost (or misbehaved): its writers complete alone, after their
     /// blocks are marked for its return (the disks narrow the activity log to the
     /// unacknowledged writes, durably, and begin a new generation).
+    ///
+    /// Once this end stops ([`SyncDisks::stop`]) it is a stop, not a loss: a writer whose
+    /// send failed because the runtime cut it at the stop, or a session that saw the
+    /// standby go in the same moment, must not begin a generation (the finalize after a
+    /// planned stop would then find both replicas on new generations: split brain).
     pub fn peer_lost(&self) {
         let mut s = self.state();
+        if self.stopping.load(Ordering::SeqCst) {
+            drop(s);
+            self.stop();
+            return;
+        }
         s.send = None;
         if !s.machine.attached() {
             drop(s);

@@ -317,6 +317,58 @@ fn stopping_fails_the_waiting_writer_and_begins_no_generation() {
     assert!(!d.meta.unclean_primary);
 }
 
+/// The stop of the maintenance test's HA primary (SIGTERM): a writer was inside its
+/// send (the A-Link full) when the runtime stopped the disks and then cut the send;
+/// its failed send must not count as the standby's loss: the stop begins no
+/// generation (else finalize finds both replicas on new generations: split brain).
+#[test]
+fn a_send_cut_by_a_stop_begins_no_generation() {
+    let (_g, p) = image();
+    let s = SyncDisks::new(PrimaryDisks::open(&[p]).unwrap());
+    let (rec, rx) = recording();
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (cut_tx, cut_rx) = mpsc::channel::<()>();
+    let (entered_tx, cut_rx) = (Mutex::new(entered_tx), Mutex::new(cut_rx));
+    let send: SyncSend = Box::new(move |m: &HaToStandby, p: Vec<u8>| {
+        if matches!(m, HaToStandby::Writes { .. }) {
+            // No room on the link until the runtime cuts the send: it fails.
+            entered_tx.lock().unwrap().send(()).unwrap();
+            let _ = cut_rx.lock().unwrap().recv();
+            return false;
+        }
+        rec(m, p)
+    });
+    s.disks
+        .perform(&crate::primary::SessionAction::BeginResync, &mut Vec::new());
+    s.attach(send);
+    s.close_gate();
+    let (heads, payload) = s.end_resync().unwrap();
+    assert!(s.send_end_resync(heads, payload));
+    let (m, _) = rx.recv().unwrap();
+    let HaToStandby::EndResync { seq, .. } = m else {
+        panic!("{m:?}")
+    };
+    s.on_ack(seq).unwrap();
+    s.in_sync();
+    let gen = s.disks.lock(0).meta.current_gen;
+    s.before_writes(0, &[(65536, 4096)]).unwrap();
+    std::thread::scope(|t| {
+        let w = t.spawn(|| s.completed(0, &[(65536, &[1u8; 4096])]));
+        entered_rx.recv().unwrap();
+        // The runtime's order: the stop first, then the cut.
+        s.stop();
+        cut_tx.send(()).unwrap();
+        assert!(w.join().unwrap().is_err(), "completed without the standby");
+    });
+    // A loss seen after the stop (the session ending PeerLost as the stop came) is a
+    // stop too.
+    s.peer_lost();
+    s.disks.clean_shutdown();
+    let d = s.disks.lock(0);
+    assert_eq!(d.meta.current_gen, gen, "a stop began a new generation");
+    assert!(d.bitmap.is_set(16), "the unacknowledged write is marked");
+}
+
 /// A standby that stays attached (heartbeats fine) but never acknowledges: once the
 /// oldest batch waited the bound, the runtime declares it failed; the writer completes
 /// alone only under the quorum's gate, its blocks marked, a new generation begun, the

@@ -124,6 +124,9 @@ struct State {
     parked: usize,
     /// vCPU threads that have left their loop for good.
     exited: usize,
+    /// vCPU threads blocked in a host-side wait ([`host_wait`]): they run no guest
+    /// instruction before they check in, so a pause counts them as paused.
+    host_waits: usize,
     /// First reason the VM ended.
     exit: Option<VmExit>,
     kicks: Vec<Kick>,
@@ -160,7 +163,8 @@ pub struct RunControl {
     /// Set whenever a pause or stop is pending: vCPU threads read it before each
     /// `KVM_RUN` without taking the lock.
     request: AtomicBool,
-    /// `parked + exited`, readable without the lock (the controller spins on it).
+    /// `parked + exited + host_waits`, readable without the lock (the controller spins
+    /// on it).
     settled: AtomicUsize,
     /// Bumped whenever parked threads have something new to look at (resume, stop, a
     /// job): they spin on it before sleeping on `resume_cv`.
@@ -187,9 +191,11 @@ impl RunControl {
         self.resume_cv.notify_all();
     }
 
-    /// Publishes `parked + exited` and wakes the controller. Called with the lock held.
+    /// Publishes `parked + exited + host_waits` and wakes the controller. Called with
+    /// the lock held.
     fn settled_changed(&self, s: &State) {
-        self.settled.store(s.parked + s.exited, Ordering::SeqCst);
+        self.settled
+            .store(s.parked + s.exited + s.host_waits, Ordering::SeqCst);
         self.ctl_cv.notify_all();
     }
 
@@ -267,7 +273,8 @@ impl RunControl {
                 s = self.resume_cv.wait_or_recover(s);
             }
             s.parked -= 1;
-            self.settled.store(s.parked + s.exited, Ordering::SeqCst);
+            self.settled
+                .store(s.parked + s.exited + s.host_waits, Ordering::SeqCst);
         }
         if s.stopping {
             return Next::Exit;
@@ -278,6 +285,16 @@ impl RunControl {
             k.run.set_immediate_exit(false);
         }
         Next::Run
+    }
+
+    fn host_wait_change(&self, begin: bool) {
+        let mut s = self.lock();
+        if begin {
+            s.host_waits += 1;
+        } else {
+            s.host_waits -= 1;
+        }
+        self.settled_changed(&s);
     }
 
     /// Ends the VM (first reason wins) and kicks every vCPU out.
@@ -300,8 +317,9 @@ impl RunControl {
         self.settled_changed(&s);
     }
 
-    /// Pauses every vCPU; returns once all are parked, with the time it took, or
-    /// `NotRunning` when the VM ended meanwhile.
+    /// Pauses every vCPU; returns once all are parked (or blocked in a [`host_wait`],
+    /// after which they park before running a guest instruction), with the time it
+    /// took, or `NotRunning` when the VM ended meanwhile.
     pub fn pause(&self, limit: Duration) -> Result<Duration, ControlError> {
         let t0 = Instant::now();
         let mut s = self.lock();
@@ -317,10 +335,10 @@ impl RunControl {
         });
         let mut s = self.lock();
         let mut rekick = Duration::from_millis(5);
-        while s.parked + s.exited < self.vcpus {
+        while s.parked + s.exited + s.host_waits < self.vcpus {
             let elapsed = t0.elapsed();
             if elapsed >= limit {
-                let parked = s.parked + s.exited;
+                let parked = s.parked + s.exited + s.host_waits;
                 // Leave the VM running rather than half paused.
                 s.paused = false;
                 self.request.store(s.stopping, Ordering::SeqCst);
@@ -465,4 +483,40 @@ impl<T> ParkedJob<'_, T> {
             }
         }
     }
+}
+
+thread_local! {
+    /// The run control of the VM whose vCPU this thread runs (None on other threads).
+    static VCPU_CONTROL: std::cell::RefCell<Option<std::sync::Arc<RunControl>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Called by a vCPU thread before its loop: [`host_wait`] on it reports to `control`.
+pub(crate) fn set_vcpu_control(control: std::sync::Arc<RunControl>) {
+    VCPU_CONTROL.with(|c| *c.borrow_mut() = Some(control));
+}
+
+/// Runs `f`, a wait that may last long (a disk hook holding a guest write until a
+/// peer acknowledges it or a quorum allows it), with the calling vCPU counted as
+/// paused meanwhile: a pause need not wait for it. Sound because a vCPU thread
+/// runs no guest instruction between `f` and its next check-in (the vCPU loop
+/// looks at a pending pause before every `KVM_RUN`, and completes the pending
+/// MMIO exit without entering the guest), so a paused guest stays paused; what `f`'s
+/// caller finishes afterwards (the device's completion in guest memory) does happen
+/// while paused, so a caller that captures guest state while paused must not use it
+/// (an FT VM's hooks never wait). Off a vCPU thread it only runs `f`.
+pub fn host_wait<R>(f: impl FnOnce() -> R) -> R {
+    let control = VCPU_CONTROL.with(|c| c.borrow().clone());
+    let Some(control) = control else {
+        return f();
+    };
+    struct Leave<'a>(&'a RunControl);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.host_wait_change(false);
+        }
+    }
+    control.host_wait_change(true);
+    let _leave = Leave(&control);
+    f()
 }

@@ -215,6 +215,7 @@ impl VcpuRunner {
     /// Runs until the VM ends or the thread is told to exit; records the end reason in
     /// the run control when this vCPU is the one that ended the VM.
     pub fn run(&mut self) {
+        super::control::set_vcpu_control(self.control.clone());
         if let Some(exit) = self.run_loop() {
             self.control.end(exit);
         }
