@@ -383,6 +383,8 @@ impl KvmDirtySource for RingSource {
         Ok(())
     }
 
+    /// Returns the pages added to `out` (a page logged twice, e.g. by two vCPUs or by
+    /// KVM's own emulated writes, counts once).
     fn harvest(
         &mut self,
         _vm: &Vm,
@@ -395,8 +397,8 @@ impl KvmDirtySource for RingSource {
             out.union(&p)?;
             p.clear();
         }
-        let pending = out.count() - before;
-        Ok(self.take_into(out)? + pending)
+        self.take_into(out)?;
+        Ok(out.count() - before)
     }
 
     fn pre_harvest(
@@ -405,7 +407,17 @@ impl KvmDirtySource for RingSource {
         _mem: &GuestMemoryMmap,
         early: &mut DirtySet,
     ) -> Result<usize, DirtyError> {
-        self.take_into(early)
+        // Pages ring-full exits drained are taken too: re-protected already. Returns
+        // the pages this call took (pages also taken by an earlier call count again,
+        // as the bitmap's GET reports them again).
+        let pending = {
+            let mut p = self.rings.pending.lock_or_recover();
+            let n = p.count();
+            early.union(&p)?;
+            p.clear();
+            n
+        };
+        Ok(pending + self.take_into(early)?)
     }
 
     fn disable(&mut self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), DirtyError> {
