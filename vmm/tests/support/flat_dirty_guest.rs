@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use twinrun_guest_abi as abi;
 use vmm::boot::Image;
-use vmm::builder::build_vm_with_image;
+use vmm::builder::build_vm_with_image_and_options;
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::devices::bus::BusDevice;
 use vmm::Vmm;
@@ -117,8 +117,7 @@ pub fn build_with_options(mem_mib: u64, opts: &vmm::config::BuildOptions) -> (Vm
         console: ConsoleConfig::Stdout,
     };
     let code = code();
-    let mut vmm = vmm::builder::build_vm_with_image_and_options(&cfg, Image::Flat(&code), opts)
-        .expect("build");
+    let mut vmm = build_vm_with_image_and_options(&cfg, Image::Flat(&code), opts).expect("build");
     let ctl = Arc::new(Control::default());
     let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Dev(ctl.clone())));
     vmm.insert_mmio_device(dev, DEV_BASE, 0x1000)
