@@ -439,8 +439,11 @@ pub fn measure_all(
     // Every size again with the pages taken by an early re-protect before the pause.
     plan.extend(sizes_mib.iter().map(|m| (*m, None, true, false)));
     // And with KVM's dirty ring (a harvest per dirty page), where this KVM has it.
+    // Then the ring with early re-protects: the pause's harvest is then only what
+    // was written since the early call, with no per-GiB part.
     if ring_available() {
         plan.extend(sizes_mib.iter().map(|m| (*m, None, false, true)));
+        plan.extend(sizes_mib.iter().map(|m| (*m, None, true, true)));
     } else {
         eprintln!("   (this KVM has no dirty ring: the ring runs are skipped)");
     }
