@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use twinrun_guest_abi as abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::boot::Image;
-use vmm::builder::build_vm_with_image;
-use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
+use vmm::builder::build_vm_with_image_and_options;
+use vmm::config::{BuildOptions, ConsoleConfig, DirtyLog, Payload, VmConfig, Workloads};
 use vmm::devices::bus::BusDevice;
 use vmm::vstate::dirty::DirtySet;
 use vmm::vstate::memory::GuestMemoryMmap;
@@ -132,8 +132,13 @@ impl BusDevice for Dev {
 }
 
 /// The VM (built, not started), its control registers, and the guest's page table
-/// (pages spread over all RAM, or over its first `within_mib` MiB).
-fn build(mem_mib: u64, within_mib: Option<u64>) -> Result<(Vmm, Arc<Control>, Vec<u64>), String> {
+/// (pages spread over all RAM, or over its first `within_mib` MiB), with KVM's dirty
+/// ring or its bitmap.
+fn build(
+    mem_mib: u64,
+    within_mib: Option<u64>,
+    ring: bool,
+) -> Result<(Vmm, Arc<Control>, Vec<u64>), String> {
     let cfg = VmConfig {
         mem_mib,
         vcpus: 1,
@@ -146,8 +151,16 @@ fn build(mem_mib: u64, within_mib: Option<u64>) -> Result<(Vmm, Arc<Control>, Ve
         // The flat guest never touches the console.
         console: ConsoleConfig::Stdout,
     };
-    let mut vm =
-        build_vm_with_image(&cfg, Image::Flat(&code())).map_err(|e| format!("build: {e}"))?;
+    let opts = BuildOptions {
+        dirty_log: if ring {
+            DirtyLog::Ring
+        } else {
+            DirtyLog::Bitmap
+        },
+        ..BuildOptions::default()
+    };
+    let mut vm = build_vm_with_image_and_options(&cfg, Image::Flat(&code()), &opts)
+        .map_err(|e| format!("build: {e}"))?;
     let layout = vmm::persist::memory::layout(vm.guest_memory());
     let layout: Vec<(u64, u64)> = match within_mib {
         Some(mib) => {
@@ -217,8 +230,9 @@ struct Rounds {
     kick: Vec<f64>,
     capture: Vec<f64>,
     harvest: Vec<f64>,
-    /// Of the harvest: KVM_GET_DIRTY_LOG and the scan of its bitmap; the re-protect
-    /// (KVM_CLEAR_DIRTY_LOG) and its call count; the VMM's own bitmap.
+    /// Of the harvest: KVM_GET_DIRTY_LOG and the scan of its bitmap (ring: the walk of
+    /// the rings); the re-protect (KVM_CLEAR_DIRTY_LOG; ring: KVM_RESET_DIRTY_RINGS)
+    /// and its call count; the VMM's own bitmap.
     kvm_get: Vec<f64>,
     kvm_clear: Vec<f64>,
     clear_calls: Vec<f64>,
@@ -246,10 +260,11 @@ fn measure(
     mem_mib: u64,
     within_mib: Option<u64>,
     early: bool,
+    ring: bool,
     rounds: usize,
     warmup: usize,
 ) -> Result<Vec<Rounds>, String> {
-    let (mut vm, ctl, table) = build(mem_mib, within_mib)?;
+    let (mut vm, ctl, table) = build(mem_mib, within_mib, ring)?;
     vm.start_dirty_tracking()
         .map_err(|e| format!("start dirty tracking: {e}"))?;
     ctl.n.store(COUNTS[0], Ordering::SeqCst);
@@ -384,6 +399,8 @@ pub struct SizeRun {
     /// The pages were taken by an early re-protect (`Vmm::pre_harvest_dirty`) while the
     /// guest ran, before the pause.
     pub early: bool,
+    /// KVM's dirty ring instead of its bitmap.
+    pub ring: bool,
     rounds: Vec<Rounds>,
 }
 
@@ -393,10 +410,11 @@ impl SizeRun {
             Some(w) => format!("{} (pages in {})", size_name(self.mib), size_name(w)),
             None => size_name(self.mib),
         };
-        if self.early {
-            format!("{l}, early re-protect")
-        } else {
-            l
+        match (self.ring, self.early) {
+            (true, true) => format!("{l}, dirty ring, early re-protect"),
+            (true, false) => format!("{l}, dirty ring"),
+            (false, true) => format!("{l}, early re-protect"),
+            (false, false) => l,
         }
     }
 }
@@ -411,22 +429,32 @@ pub fn measure_all(
     warmup: usize,
 ) -> Result<Vec<SizeRun>, String> {
     let mut all = Vec::new();
-    let mut plan: Vec<(u64, Option<u64>, bool)> =
-        sizes_mib.iter().map(|m| (*m, None, false)).collect();
+    let mut plan: Vec<(u64, Option<u64>, bool, bool)> =
+        sizes_mib.iter().map(|m| (*m, None, false, false)).collect();
     if let (Some(&small), Some(&large)) = (sizes_mib.first(), sizes_mib.last()) {
         if large > small {
-            plan.push((large, Some(small), false));
+            plan.push((large, Some(small), false, false));
         }
     }
     // Every size again with the pages taken by an early re-protect before the pause.
-    plan.extend(sizes_mib.iter().map(|m| (*m, None, true)));
-    for (mib, within_mib, early) in plan {
+    plan.extend(sizes_mib.iter().map(|m| (*m, None, true, false)));
+    // And with KVM's dirty ring (a harvest per dirty page), where this KVM has it.
+    // Then the ring with early re-protects: the pause's harvest is then only what
+    // was written since the early call, with no per-GiB part.
+    if ring_available() {
+        plan.extend(sizes_mib.iter().map(|m| (*m, None, false, true)));
+        plan.extend(sizes_mib.iter().map(|m| (*m, None, true, true)));
+    } else {
+        eprintln!("   (this KVM has no dirty ring: the ring runs are skipped)");
+    }
+    for (mib, within_mib, early, ring) in plan {
         let t = Instant::now();
-        let rounds = measure(mib, within_mib, early, rounds, warmup)?;
+        let rounds = measure(mib, within_mib, early, ring, rounds, warmup)?;
         let run = SizeRun {
             mib,
             within_mib,
             early,
+            ring,
             rounds,
         };
         eprintln!(
@@ -437,6 +465,11 @@ pub fn measure_all(
         all.push(run);
     }
     Ok(all)
+}
+
+/// Whether a VM can be built with the dirty ring here.
+fn ring_available() -> bool {
+    build(64, None, true).is_ok()
 }
 
 pub fn run(sizes_mib: &[u64], rounds: usize, warmup: usize) -> Result<Vec<Figure>, String> {
@@ -519,7 +552,10 @@ pub fn figures(all: &[SizeRun]) -> Vec<Figure> {
             ));
             // The smallest guest measured the same way (early or not) is the baseline.
             let base_run = all.iter().find(|b| {
-                Some(b.mib) == smallest && b.early == run.early && b.within_mib.is_none()
+                Some(b.mib) == smallest
+                    && b.early == run.early
+                    && b.ring == run.ring
+                    && b.within_mib.is_none()
             });
             if let (Some(base_mib), Some(base_run), true) =
                 (smallest, base_run, Some(*mib) != smallest)

@@ -31,6 +31,43 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
 }
 
+/// How KVM logs the pages vCPUs write, for dirty tracking (checkpoints, migration,
+/// snapshots). A property of the VM chosen when it is built: KVM's dirty ring must be
+/// enabled before any vCPU exists, and once it is on the bitmap cannot be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyLog {
+    /// KVM's per-slot bitmap (`KVM_GET_DIRTY_LOG`, manual re-protect): a harvest
+    /// copies 32 KiB of bitmap per GiB of guest; hot pages can be left writable.
+    #[default]
+    Bitmap,
+    /// KVM's dirty ring (one per vCPU): a harvest costs per dirty page only. The build
+    /// fails on a KVM without it.
+    Ring,
+    /// The ring when this KVM offers it, else the bitmap.
+    Auto,
+}
+
+/// Options of a VM build that are not part of the guest's description ([`VmConfig`]):
+/// how the host runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildOptions {
+    pub dirty_log: DirtyLog,
+    /// Entries of each vCPU's dirty ring (a power of two, 256 up to what KVM allows);
+    /// used when the ring is chosen.
+    pub dirty_ring_entries: u32,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            dirty_log: DirtyLog::default(),
+            dirty_ring_entries: crate::vstate::dirty::DEFAULT_RING_ENTRIES,
+        }
+    }
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]

@@ -19,7 +19,7 @@ pub mod spin;
 pub mod vmm_handle;
 pub mod vstate;
 
-pub use builder::{build_vm, BuildError};
+pub use builder::{build_vm, build_vm_with_options, BuildError};
 pub use exit::{RegsReport, VmExit};
 pub use persist::restore::{build_vm_from_state, build_vm_from_state_with_memory, RestoreError};
 pub use persist::{RestoreReport, VmState};

@@ -16,7 +16,9 @@ use crate::exit::VmExit;
 use crate::vstate::control::{
     install_kick_handler, kick_signal, ControlError, RunControl, RunPage,
 };
-use crate::vstate::dirty::{DirtyError, DirtySet, DirtyTracker, HarvestStats, KvmDirtySource};
+use crate::vstate::dirty::{
+    DirtyError, DirtyRings, DirtySet, DirtyTracker, HarvestStats, KvmDirtySource, RingSource,
+};
 use crate::vstate::hot_pages::HotPageConfig;
 use crate::vstate::memory::{GuestMemoryMmap, SlotFlags};
 use crate::vstate::vcpu::VcpuRunner;
@@ -102,6 +104,8 @@ pub struct Vmm {
     capture_cache: Mutex<capture::CaptureCache>,
     /// Hot-page policy for dirty tracking (see [`Vmm::set_hot_pages`]).
     hot_pages: Mutex<Option<HotPageConfig>>,
+    /// KVM's dirty rings when the VM was built with them (then the only dirty log).
+    rings: Option<Arc<DirtyRings>>,
     // Declared last: the threads (joined in Drop) use the VM and its memory.
     vm: Vm,
     mem: GuestMemoryMmap,
@@ -130,9 +134,23 @@ impl Vmm {
             serial: None,
             capture_cache: Mutex::new((None, Vec::new())),
             hot_pages: Mutex::new(None),
+            rings: None,
             vm,
             mem,
         }
+    }
+
+    /// Maps the dirty ring of every vCPU (enabled on the VM before they were created,
+    /// with `entries` each): dirty tracking then uses the ring. Only before `start`.
+    pub(crate) fn map_dirty_rings(&mut self, entries: u32) -> Result<(), DirtyError> {
+        self.rings = Some(DirtyRings::map(&self.vm, &self.vcpus, &self.mem, entries)?);
+        Ok(())
+    }
+
+    /// The vCPUs' dirty rings, when the VM was built with them
+    /// ([`crate::config::DirtyLog`]).
+    pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
+        self.rings.as_ref()
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
@@ -154,9 +172,12 @@ impl Vmm {
     /// again restarts tracking from a new baseline.
     pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
         let mut d = self.dirty.lock_or_recover();
-        let t = match d.take() {
-            Some(t) => t,
-            None => DirtyTracker::new(&self.vm),
+        let t = match (d.take(), &self.rings) {
+            (Some(t), _) => t,
+            (None, Some(rings)) => {
+                DirtyTracker::with_source(Box::new(RingSource::new(rings.clone())))
+            }
+            (None, None) => DirtyTracker::new(&self.vm),
         };
         self.install_tracker(&mut d, t)
     }
@@ -167,6 +188,12 @@ impl Vmm {
         &self,
         source: Box<dyn KvmDirtySource>,
     ) -> Result<(), VmmError> {
+        // GET_DIRTY_LOG is refused on a VM with the ring, and a VM without it has none.
+        match (self.rings.is_some(), source.uses_ring()) {
+            (true, false) => return Err(DirtyError::RingVm(source.name()).into()),
+            (false, true) => return Err(DirtyError::NoRing.into()),
+            _ => {}
+        }
         let mut d = self.dirty.lock_or_recover();
         if let Some(mut old) = d.take() {
             old.stop(&self.vm, &self.mem)?;
@@ -176,13 +203,15 @@ impl Vmm {
 
     /// Hot pages for dirty tracking, now and when tracking (re)starts (see
     /// [`crate::vstate::hot_pages`]); `None` re-protects every page at each harvest.
-    /// False when the KVM log in use cannot keep pages writable (no manual re-protect).
+    /// False when the KVM log in use cannot keep pages writable (the dirty ring, or a
+    /// bitmap without manual re-protect): then every page is re-protected.
     pub fn set_hot_pages(&self, cfg: Option<HotPageConfig>) -> bool {
         *self.hot_pages.lock_or_recover() = cfg;
         let mut d = self.dirty.lock_or_recover();
         match d.as_mut() {
             Some(t) => t.set_hot_pages(cfg),
-            None => true,
+            // The ring cannot leave pages writable (see `vstate::dirty::ring`).
+            None => cfg.is_none() || self.rings.is_none(),
         }
     }
 
@@ -331,7 +360,8 @@ impl Vmm {
                 self.mmio.clone(),
                 self.pio.clone(),
                 self.control.clone(),
-            );
+            )
+            .with_dirty_rings(self.rings.clone());
             let control = self.control.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))

@@ -14,10 +14,10 @@ use guest::{create_image, disk, guest_config, TempFile};
 use tap::{arp_request, is_arp_reply, PacketSocket, Tap};
 use twinrun_guest_abi as abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::config::{NetConfig, VmConfig, Workloads};
+use vmm::config::{BuildOptions, DirtyLog, NetConfig, VmConfig, Workloads};
 use vmm::vstate::dirty::{BitmapSource, DirtyError, DirtySet, PAGE_SIZE};
 use vmm::vstate::memory::GuestMemoryMmap;
-use vmm::{build_vm, VmExit, Vmm, VmmError};
+use vmm::{VmExit, Vmm, VmmError};
 
 /// One round of the flat guest: `n` pages from `base`, `stride` bytes apart.
 #[derive(Clone, Copy)]
@@ -93,7 +93,7 @@ fn exact_sets_with(vmm: &mut Vmm, ctl: &flat::Control, plan: &[Round]) {
         assert_eq!(got, want, "round {round} ({stats:?})");
         assert_eq!(stats.kvm_pages, n as usize + extra, "round {round}");
         let gap = vmm::vstate::dirty::CLEAR_MERGE_GAP_WORDS as u64 * 64 * PAGE_SIZE;
-        if r.stride > gap {
+        if r.stride > gap && vmm.dirty_rings().is_none() {
             // One re-protect call per page at least (page-table pages may add some).
             assert!(
                 stats.kvm_clear_calls as u64 >= n,
@@ -184,7 +184,11 @@ fn scattered_pages_across_both_slots_are_re_protected_range_by_range() {
 /// (the last page below 3 GiB, the first and last pages of high RAM) and pages far
 /// apart, with and without the hot-page policy.
 fn early_re_protect_exact(hot: bool) {
-    let (mut vmm, ctl) = flat::build(4096);
+    early_re_protect_exact_with(hot, &BuildOptions::default());
+}
+
+fn early_re_protect_exact_with(hot: bool, opts: &BuildOptions) {
+    let (mut vmm, ctl) = flat::build_with_options(4096, opts);
     if hot {
         assert!(vmm.set_hot_pages(Some(vmm::vstate::hot_pages::HotPageConfig::default())));
     }
@@ -395,14 +399,32 @@ fn apply(shadow: &mut [u8], live: &[u8], set: &DirtySet, skip: Option<u64>) {
 
 #[test]
 fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
-    let tap = Tap::new("twdf");
+    real_guest_rebuilt(&BuildOptions::default(), 2500, 20_000);
+}
+
+/// [`real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause`] on KVM's
+/// dirty ring, a small one (256 entries per vCPU) and a guest dirtying fast: rings fill
+/// between pauses, their vCPUs drain them (ring-full exits), and memory rebuilt from
+/// the harvests still matches at every pause.
+#[test]
+fn real_guest_on_a_small_dirty_ring_matches_at_every_pause() {
+    let opts = ring_options(256);
+    real_guest_rebuilt(&opts, 1000, 400_000);
+}
+
+fn real_guest_rebuilt(opts: &BuildOptions, pauses: usize, dirty_rate: u32) {
+    let tap = Tap::new(if opts.dirty_log == DirtyLog::Ring {
+        "twdr"
+    } else {
+        "twdf"
+    });
     let log = TempFile::new("dirty.log");
     let image = TempFile::new("dirty.img");
     create_image(image.path(), 16 << 20);
     let workloads = Workloads {
         dirty: true,
         dirty_pages: 2048,
-        dirty_rate: 20_000,
+        dirty_rate,
         kv: true,
         blkbench: true,
         blkbench_bytes: 16 << 20,
@@ -418,7 +440,9 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
         }],
         ..guest_config(workloads, log.path())
     };
-    let mut vmm = build_vm(&cfg).expect("build");
+    let mut vmm = vmm::build_vm_with_options(&cfg, opts).expect("build");
+    let ring = opts.dirty_log == DirtyLog::Ring;
+    assert_eq!(vmm.dirty_rings().is_some(), ring);
 
     // Host side of the network: ARP requests and noise frames into the VM's RX.
     let sock = Arc::new(PacketSocket::bind(tap.name()).unwrap());
@@ -449,7 +473,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut shadow = live(vmm.guest_memory()).to_vec();
     let mut set = DirtySet::new(vmm.guest_memory());
 
-    const PAUSES: usize = 2500;
+    let pauses_total = pauses;
     let mut rng = twinrun_lab::Rng::new(0x2545_f491_4f6c_dd1d);
     let (mut pages_total, mut with_vmm, mut vmm_only, mut negatives) = (0usize, 0, 0, 0);
     let mut arp_replies = 0;
@@ -457,7 +481,7 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     let mut rbuf = vec![0u8; 65536];
     let t0 = Instant::now();
     vmm.start().unwrap();
-    for i in 0..PAUSES {
+    for i in 0..pauses_total {
         if i > 0 {
             vmm.resume().unwrap();
         }
@@ -524,13 +548,21 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     );
     let text = log.text();
     println!(
-        "{PAUSES} pauses in {elapsed:?}: {pages_total} dirty pages harvested, {with_vmm} \
+        "{pauses_total} pauses in {elapsed:?}: {pages_total} dirty pages harvested, {with_vmm} \
          harvests with VMM writes ({vmm_only} with pages only the VMM wrote), {negatives} \
          negative checks, {} frames sent, {arp_replies} ARP replies, {early_pages} pages \
          taken by early re-protects",
         sent.load(Ordering::Relaxed)
     );
     assert!(early_pages > 0, "no early re-protect took a page");
+    if let Some(r) = vmm.dirty_rings() {
+        let (exits, pages) = r.full_exits();
+        println!("dirty ring: {exits} ring-full exits drained {pages} pages");
+        assert!(
+            exits > 0,
+            "no ring filled: the test does not test ring-full exits"
+        );
+    }
     assert!(text.starts_with("BOOT "), "{text}");
     assert!(!text.contains("DIRTY-ERROR"), "{text}");
     assert!(
@@ -548,4 +580,155 @@ fn real_guest_memory_rebuilt_from_dirty_pages_matches_at_every_pause() {
     );
     assert!(negatives > 10, "negative check ran {negatives} times");
     assert!(arp_replies > 0, "the guest never answered ARP (net RX)");
+}
+
+// ---------------------------------------------------------------------------------
+// KVM's dirty ring (`DirtyLog::Ring`): the same exact sets as the bitmap's.
+
+fn ring_options(entries: u32) -> BuildOptions {
+    BuildOptions {
+        dirty_log: DirtyLog::Ring,
+        dirty_ring_entries: entries,
+    }
+}
+
+fn ring_guest(mem_mib: u64, entries: u32) -> (Vmm, Arc<flat::Control>) {
+    let (vmm, ctl) = flat::build_with_options(mem_mib, &ring_options(entries));
+    assert_eq!(vmm.dirty_rings().map(|r| r.entries()), Some(entries));
+    (vmm, ctl)
+}
+
+#[test]
+fn ring_flat_guest_harvests_exactly_the_pages_written() {
+    let (mut vmm, ctl) = ring_guest(64, vmm::vstate::dirty::DEFAULT_RING_ENTRIES);
+    vmm.start_dirty_tracking().unwrap();
+    assert!(vmm.vm().slot_flags().dirty_log);
+    exact_sets(&mut vmm, &ctl);
+    assert_eq!(vmm.dirty_rings().unwrap().full_exits().0, 0);
+}
+
+/// Edge and far-apart pages of both slots of a 4 GiB guest, on the ring.
+#[test]
+fn ring_scattered_pages_across_both_slots_exact() {
+    let (mut vmm, ctl) = ring_guest(4096, vmm::vstate::dirty::DEFAULT_RING_ENTRIES);
+    vmm.start_dirty_tracking().unwrap();
+    let edge = |base, n, stride| Round { n, base, stride };
+    let plan = [
+        edge((3 << 30) - PAGE_SIZE, 2, (1 << 30) + PAGE_SIZE), // last low, first high
+        edge((5 << 30) - PAGE_SIZE, 1, PAGE_SIZE),             // last page of high RAM
+        edge(flat::DIRTY_BASE, 30, (80 << 20) + PAGE_SIZE),
+        edge((4 << 30) + PAGE_SIZE, 14, (68 << 20) + PAGE_SIZE),
+        Round::dense(0),
+        edge(flat::DIRTY_BASE, 30, (80 << 20) + PAGE_SIZE),
+    ];
+    exact_sets_with(&mut vmm, &ctl, &plan);
+}
+
+#[test]
+fn ring_early_re_protect_harvests_exactly_the_pages_written() {
+    early_re_protect_exact_with(
+        false,
+        &ring_options(vmm::vstate::dirty::DEFAULT_RING_ENTRIES),
+    );
+}
+
+/// A ring far smaller than a round's writes (256 entries, rounds of up to 3,000
+/// pages): the vCPU stops with KVM_EXIT_DIRTY_RING_FULL many times per round, drains
+/// its ring and goes on; every harvest is still exactly the pages written.
+#[test]
+fn ring_full_exits_lose_nothing() {
+    let (mut vmm, ctl) = ring_guest(64, 256);
+    vmm.start_dirty_tracking().unwrap();
+    let plan = [3000, 5, 2000, 0, 1000, 3000, 1].map(Round::dense);
+    exact_sets_with(&mut vmm, &ctl, &plan);
+    let (exits, pages) = vmm.dirty_rings().unwrap().full_exits();
+    // At least (pages - soft limit) / ring size of exits per big round.
+    assert!(exits >= 30, "{exits} ring-full exits ({pages} pages)");
+    assert!(
+        pages >= 8000,
+        "{exits} ring-full exits drained {pages} pages"
+    );
+}
+
+/// The ring cannot leave hot pages writable, and KVM's bitmap cannot be read on a
+/// ring VM: both are refused, tracking goes on with the ring.
+#[test]
+fn ring_refuses_hot_pages_and_the_bitmap() {
+    let (mut vmm, ctl) = ring_guest(64, 4096);
+    assert!(!vmm.set_hot_pages(Some(vmm::vstate::hot_pages::HotPageConfig::default())));
+    assert!(vmm.set_hot_pages(None));
+    assert!(matches!(
+        vmm.start_dirty_tracking_with(Box::new(BitmapSource::new(vmm.vm()))),
+        Err(VmmError::Dirty(DirtyError::RingVm(_)))
+    ));
+    vmm.start_dirty_tracking().unwrap();
+    assert!(!vmm.set_hot_pages(Some(vmm::vstate::hot_pages::HotPageConfig::default())));
+    exact_sets(&mut vmm, &ctl);
+}
+
+/// With the ring off (`DirtyLog::Bitmap`), the bitmap tracks as before; `Auto` picks
+/// the ring where KVM has it; the ring source refuses a VM built without rings.
+#[test]
+fn bitmap_source_when_the_ring_is_off() {
+    let opts = BuildOptions {
+        dirty_log: DirtyLog::Bitmap,
+        ..BuildOptions::default()
+    };
+    let (mut vmm, ctl) = flat::build_with_options(64, &opts);
+    assert!(vmm.dirty_rings().is_none());
+    assert!(vmm.set_hot_pages(None));
+    vmm.start_dirty_tracking().unwrap();
+    exact_sets(&mut vmm, &ctl);
+
+    let auto = BuildOptions {
+        dirty_log: DirtyLog::Auto,
+        ..BuildOptions::default()
+    };
+    let (vmm, _ctl) = flat::build_with_options(32, &auto);
+    let has_ring = vmm::vstate::dirty::ring::ring_max_entries(vmm.vm()) > 0;
+    assert_eq!(vmm.dirty_rings().is_some(), has_ring);
+}
+
+/// A VM tracked by the ring is captured (state + memory) mid-run and restored into a
+/// new VMM (built without rings: the bitmap tracks it); the guest carries on without
+/// a gap and the restored VM's tracking works.
+#[test]
+fn ring_vm_snapshot_restores_and_is_tracked_by_the_bitmap() {
+    use vmm::persist::memory::{load_memory, save_memory};
+    let log = TempFile::new("ring-snap.log");
+    let cfg = guest::counter_config(log.path(), 1000, 400);
+    let mut vm = vmm::build_vm_with_options(
+        &cfg,
+        &ring_options(vmm::vstate::dirty::DEFAULT_RING_ENTRIES),
+    )
+    .expect("build");
+    vm.start_dirty_tracking().unwrap();
+    vm.start().unwrap();
+    guest::wait_for_lines(
+        &mut vm,
+        log.path(),
+        "C ",
+        100,
+        Duration::from_secs(20),
+        "before the capture",
+    );
+    vm.pause().unwrap();
+    // The counter's own writes (its state, the console ring) were logged by the ring.
+    assert!(vm.harvest_dirty().unwrap().count() > 0);
+    let state = vm.capture_state().expect("capture");
+    let mut mem = Vec::new();
+    save_memory(vm.guest_memory(), &mut mem).unwrap();
+    drop(vm);
+
+    let (mut vm, _report) =
+        vmm::build_vm_from_state(&cfg, &state, |m| load_memory(m, &mut &mem[..])).expect("restore");
+    assert!(vm.dirty_rings().is_none());
+    vm.start_dirty_tracking().unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(30)),
+        Some(VmExit::GuestExit { status: 0 })
+    );
+    assert_eq!(guest::check_counter_lines(&log.text(), true), 400);
+    assert!(vm.harvest_dirty().unwrap().count() > 0);
 }

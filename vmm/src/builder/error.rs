@@ -29,4 +29,6 @@ pub enum BuildError {
     LinuxBoot(#[from] LinuxBootError),
     #[error("platform devices: {0}")]
     Platform(#[from] PlatformError),
+    #[error("dirty log: {0}")]
+    DirtyLog(#[from] crate::vstate::dirty::DirtyError),
 }

@@ -17,9 +17,19 @@ use crate::vstate::vm::Vm;
 
 /// Builds a VM that boots the Linux kernel `image` (the config's payload).
 pub fn build(cfg: &VmConfig, image: &LinuxImage<'_>) -> Result<Vmm, BuildError> {
+    build_with_options(cfg, image, &crate::config::BuildOptions::default())
+}
+
+/// [`build`] with host-side options (the dirty log).
+pub fn build_with_options(
+    cfg: &VmConfig,
+    image: &LinuxImage<'_>,
+    opts: &crate::config::BuildOptions,
+) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(cfg.mem_mib << 20)?;
-    // Irqchip and PIT first (Vm::new), then the vCPUs.
+    // Irqchip and PIT first (Vm::new), then the dirty ring if asked, then the vCPUs.
     let vm = Vm::new(&mem, cfg.vcpus)?;
+    let ring = super::dirty_ring_before_vcpus(&vm, opts)?;
     let base_cpuid = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -41,6 +51,7 @@ pub fn build(cfg: &VmConfig, image: &LinuxImage<'_>) -> Result<Vmm, BuildError> 
     let mut mmio = Bus::new();
     devices.attach(&mut mmio)?;
     let mut vmm = Vmm::new(mem, vm, vcpus, mmio, Bus::new(), devices);
+    super::map_dirty_rings(&mut vmm, ring)?;
     attach_platform(&mut vmm, cfg, None)?;
     Ok(vmm)
 }

@@ -5,14 +5,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED,
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_EXIT_DIRTY_RING_FULL,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use twinrun_guest_abi as abi;
 
 use super::control::{Next, RunControl};
 use super::cpuid;
+use super::dirty::DirtyRings;
 use super::vm::Vm;
 use crate::boot::gdt;
 use crate::devices::bus::Bus;
@@ -184,6 +185,8 @@ pub struct VcpuRunner {
     pub pio: Arc<Bus>,
     pub control: Arc<RunControl>,
     unclaimed: UnclaimedLog,
+    /// The VM's dirty rings, when it was built with them (ring-full exits).
+    rings: Option<Arc<DirtyRings>>,
 }
 
 /// Decodes the value a guest wrote to the exit port (1, 2 or 4 bytes, little endian).
@@ -209,7 +212,15 @@ impl VcpuRunner {
             pio,
             control,
             unclaimed: UnclaimedLog::default(),
+            rings: None,
         }
+    }
+
+    /// Gives the runner the VM's dirty rings, so that it can drain its own when KVM
+    /// stops it with `KVM_EXIT_DIRTY_RING_FULL`.
+    pub fn with_dirty_rings(mut self, rings: Option<Arc<DirtyRings>>) -> Self {
+        self.rings = rings;
+        self
     }
 
     /// Runs until the VM ends or the thread is told to exit; records the end reason in
@@ -290,6 +301,16 @@ impl VcpuRunner {
                         hw.hardware_exit_reason
                     ))
                 }
+                // KVM_EXIT_DIRTY_RING_FULL (kvm-ioctls 0.25 has no variant for it): the
+                // ring of this vCPU is nearly full. Drain it into the pending set the
+                // next harvest returns, reset, and re-enter: nothing is lost.
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match &self.rings {
+                    Some(rings) => match rings.drain_full(usize::from(vcpu)) {
+                        Ok(_) => Step::Continue,
+                        Err(e) => Step::Error(format!("dirty ring full: {e}")),
+                    },
+                    None => Step::Error("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into()),
+                },
                 Ok(other) => Step::Error(format!("unhandled KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR => {
                     settled = true;

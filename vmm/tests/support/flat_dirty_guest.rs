@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use twinrun_guest_abi as abi;
 use vmm::boot::Image;
-use vmm::builder::build_vm_with_image;
+use vmm::builder::build_vm_with_image_and_options;
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 use vmm::devices::bus::BusDevice;
 use vmm::Vmm;
@@ -100,6 +100,11 @@ impl BusDevice for Dev {
 
 /// Builds (not starts) the VM with `mem_mib` of RAM and the control device.
 pub fn build(mem_mib: u64) -> (Vmm, Arc<Control>) {
+    build_with_options(mem_mib, &vmm::config::BuildOptions::default())
+}
+
+/// [`build`] with build options (e.g. KVM's dirty ring).
+pub fn build_with_options(mem_mib: u64, opts: &vmm::config::BuildOptions) -> (Vmm, Arc<Control>) {
     let cfg = VmConfig {
         mem_mib,
         vcpus: 1,
@@ -112,7 +117,7 @@ pub fn build(mem_mib: u64) -> (Vmm, Arc<Control>) {
         console: ConsoleConfig::Stdout,
     };
     let code = code();
-    let mut vmm = build_vm_with_image(&cfg, Image::Flat(&code)).expect("build");
+    let mut vmm = build_vm_with_image_and_options(&cfg, Image::Flat(&code), opts).expect("build");
     let ctl = Arc::new(Control::default());
     let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Dev(ctl.clone())));
     vmm.insert_mmio_device(dev, DEV_BASE, 0x1000)

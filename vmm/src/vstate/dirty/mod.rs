@@ -2,8 +2,9 @@
 //!
 //! Two writers change guest memory, and each has its own log:
 //! - vCPUs: KVM logs their writes per memory slot (`KVM_MEM_LOG_DIRTY_PAGES`). How the
-//!   log is read is behind [`KvmDirtySource`], so a dirty-ring implementation can be
-//!   swapped in for the bitmap one ([`BitmapSource`]).
+//!   log is read is behind [`KvmDirtySource`]: the slot bitmap ([`BitmapSource`]) or,
+//!   on a VM built with it, the dirty ring ([`RingSource`], see [`ring`]), whose
+//!   harvest costs per dirty page with no per-GiB part at all.
 //! - the VMM itself (device emulation: virtio used rings, block reads, net RX): KVM never
 //!   sees these; the [`SummaryBitmap`] of each region (vm-memory's bitmap type for
 //!   guest memory) records them.
@@ -23,6 +24,7 @@
 //! costs per dirty word.
 
 mod kvm_log;
+pub mod ring;
 mod set;
 mod vmm_bitmap;
 
@@ -32,6 +34,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::GuestMemoryBackend;
 
 pub use kvm_log::{clear_ranges, nonzero_words, BitmapSource, CLEAR_MERGE_GAP_WORDS};
+pub use ring::{DirtyRings, RingSource, DEFAULT_RING_ENTRIES};
 pub use set::{DirtySet, RegionDirty};
 pub use vmm_bitmap::SummaryBitmap;
 
@@ -68,6 +71,27 @@ pub enum DirtyError {
     SlotFlags(#[from] VmError),
     #[error("dirty set layout does not match guest memory ({0})")]
     Layout(&'static str),
+    #[error("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
+    RingUnsupported,
+    #[error("dirty ring of {entries} entries: a power of two from 256 up to {max} is needed")]
+    RingSize { entries: u32, max: u32 },
+    #[error("KVM_ENABLE_CAP(DIRTY_LOG_RING, {entries} entries): {source}")]
+    EnableRing {
+        entries: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("mapping the dirty ring of vCPU {vcpu}: {source}")]
+    MapRing { vcpu: usize, source: std::io::Error },
+    #[error("duplicating the VM fd for ring resets: {0}")]
+    DupVmFd(std::io::Error),
+    #[error("KVM_RESET_DIRTY_RINGS: {0}")]
+    ResetRings(vmm_sys_util::errno::Error),
+    #[error("dirty ring entry names no guest page (slot {slot:#x}, offset {offset:#x})")]
+    RingEntry { slot: u32, offset: u64 },
+    #[error("the VM was built with the dirty ring: KVM's bitmap ({0}) cannot be read on it")]
+    RingVm(&'static str),
+    #[error("the VM was built without the dirty ring: the ring source cannot track it")]
+    NoRing,
 }
 
 /// What one harvest found and what it cost.
@@ -97,6 +121,12 @@ pub struct HarvestStats {
 pub trait KvmDirtySource: Send {
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
+
+    /// True for the dirty ring: a VM built with the ring can be tracked by nothing
+    /// else, and one built without it not by the ring.
+    fn uses_ring(&self) -> bool {
+        false
+    }
 
     /// Turns logging on for every slot of `mem` and discards what was logged before,
     /// so the next harvest returns only writes made after this call.
