@@ -862,6 +862,8 @@ impl QuorumNode {
     }
 
     fn take_over(&mut self, generation: Generation, out: &mut Vec<Action>) {
+        // A swap's acquire answered by an earlier copy of it: nothing more to wait for.
+        self.swap_acquire = None;
         self.role = Role::Primary;
         self.generation = generation;
         self.protected = false;
@@ -1262,6 +1264,25 @@ impl QuorumNode {
                     now.saturating_sub(s) >= d
                 }
             };
+            if self.role == Role::Standby {
+                if let Some((s, _)) = self.swap_acquire.filter(|&(s, _)| s == slot) {
+                    // A swap's acquire unanswered: ask again (its answer, or the
+                    // first one's, decides).
+                    if due {
+                        let id = self.next_id;
+                        self.send(
+                            now,
+                            s,
+                            Asked::Acquire {
+                                from: self.generation,
+                            },
+                            out,
+                        );
+                        self.swap_acquire = Some((s, id));
+                    }
+                    continue;
+                }
+            }
             if self.role == Role::Primary {
                 if let Some(waiting) = &self.handover {
                     // No renewal while the lease is handed over: only the releases
