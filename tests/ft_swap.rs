@@ -17,6 +17,15 @@
 //!   primary with the client's connection and every acknowledged write.
 //! - `swap_refused_when_not_in_sync`: asked of the standby, or of a primary whose
 //!   standby is gone, the swap is refused with a clear error and nothing changes.
+//! - `swaps_with_a_witness_under_load` (issue 15): the pair runs with a real
+//!   `twinrun witness`; each swap hands the lease over (the old primary releases it,
+//!   the new one takes the next generation by compare-and-set): the generation grows
+//!   by one at every change of primary and names the new primary's node (parity), both
+//!   ends record it, the witness's holder is the new primary; the client's connection
+//!   and every acknowledged write survive.
+//! - `swap_refused_while_the_witness_is_down`: the witness killed, a swap is refused
+//!   (the lease cannot be released) and the VM runs on at the primary, protected, with
+//!   the same generation; with the witness back the same swap goes through.
 mod common;
 
 use std::net::SocketAddr;
@@ -297,4 +306,153 @@ fn swap_refused_when_not_in_sync() {
     let st = pair.pms[0].status_now();
     assert_eq!(st.role, FtRole::Primary);
     assert!(st.vm_running);
+}
+
+/// The witness pair's PM `i` (0: node 1, started as the primary; 1: node 2).
+fn qpm(qp: &mut common::quorum::QuorumPair, i: usize) -> &mut Pm {
+    if i == 0 {
+        &mut qp.primary
+    } else {
+        &mut qp.standby
+    }
+}
+
+/// One swap asked of PM `from` of a pair with a witness; waits until PM `1 - from`
+/// protects the VM as the primary of the next generation (its node's by parity) and
+/// `from` is its standby. Returns the new generation.
+fn witness_swap(qp: &mut common::quorum::QuorumPair, from: usize, n: usize) -> u64 {
+    use common::quorum::quorum_is;
+    let to = 1 - from;
+    let g0 = common::quorum::quorum(&qpm(qp, from).status_now()).generation;
+    let sock = control::socket_of(&qpm(qp, from).name).unwrap();
+    let (epoch, paused_us) =
+        control::swap(&sock).unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", qp.logs()));
+    let want = quorum::types::next_generation(g0, quorum::NodeId(to as u64 + 1)).unwrap();
+    assert_eq!(
+        want,
+        g0 + 1,
+        "the next generation is the new primary's by parity"
+    );
+    qpm(qp, to)
+        .wait_status(
+            "protected as the new primary of the next generation",
+            Duration::from_secs(60),
+            |s| {
+                primary_protected(s)
+                    && quorum_is(s, |q| q.role == "primary" && q.generation == want)
+            },
+        )
+        .unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", qp.logs()));
+    qpm(qp, from)
+        .wait_status(
+            "the old primary is the standby and knows the new generation",
+            Duration::from_secs(20),
+            |s| {
+                standby_of_pair(s)
+                    && quorum_is(s, |q| {
+                        q.role == "standby" && q.generation == want && q.demoted_by.is_none()
+                    })
+            },
+        )
+        .unwrap_or_else(|e| panic!("swap {n}: {e}\n{}", qp.logs()));
+    assert!(quorum::types::held_by(want, quorum::NodeId(to as u64 + 1)));
+    // Both ends recorded it durably.
+    for node in [1, 2] {
+        let t0 = Instant::now();
+        while qp.recorded_generation(node) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "swap {n}: node {node} recorded generation {} (want {want})\n{}",
+                qp.recorded_generation(node),
+                qp.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!(
+        "witness swap {n}: PM{} -> PM{} at epoch {epoch}, generation {g0} -> {want}, guest \
+         paused {:.1} ms on the old primary until the acceptance",
+        from + 1,
+        to + 1,
+        paused_us as f64 / 1e3
+    );
+    want
+}
+
+#[test]
+fn swaps_with_a_witness_under_load() {
+    require_kvm();
+    let (mut qp, client) = common::quorum::QuorumPair::loaded("fsw", 1, 100, &[]);
+    let swaps = runs().min(6);
+    let mut primary = 0usize;
+    let mut g = 0;
+    for n in 0..swaps {
+        g = witness_swap(&mut qp, primary, n);
+        primary = 1 - primary;
+        qp.progress(&client, 50, &format!("after witness swap {n}"));
+    }
+    assert_eq!(g, 1 + swaps as u64, "one generation per change of primary");
+    // The witness's record says the same: the new primary holds it.
+    let holder = qpm(&mut qp, primary).status_now();
+    let q = common::quorum::quorum(&holder);
+    assert!(
+        q.witnesses.iter().all(|w| w.reachable),
+        "the witness is reachable: {q:?}"
+    );
+    qp.check_client_and_console(client, "witness swaps");
+}
+
+#[test]
+fn swap_refused_while_the_witness_is_down() {
+    require_kvm();
+    let (mut qp, client) = common::quorum::QuorumPair::loaded("fswd", 1, 60, &[]);
+    let g0 = common::quorum::quorum(&qp.primary.status_now()).generation;
+    qp.witnesses[0].kill();
+    let sock = control::socket_of(&qp.primary.name).unwrap();
+    let err = match control::swap(&sock) {
+        Ok(r) => panic!(
+            "a swap went through without the witness: {r:?}\n{}",
+            qp.logs()
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("refused") && err.contains("runs on here"),
+        "the refusal says why: {err}"
+    );
+    // The VM runs on at the primary, protected, with the same generation: the client
+    // goes on.
+    qp.primary
+        .wait_status(
+            "still the protected primary of the same generation",
+            Duration::from_secs(20),
+            |s| {
+                primary_protected(s)
+                    && common::quorum::quorum_is(s, |q| q.role == "primary" && q.generation == g0)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    qp.progress(&client, 50, "after the refused swap");
+    assert_eq!(
+        common::quorum::quorum(&qp.standby.status_now()).role,
+        "standby",
+        "the standby took nothing over"
+    );
+    // With the witness back, the same swap goes through.
+    qp.witnesses[0].start();
+    let t0 = Instant::now();
+    while !common::quorum::quorum_is(&qp.primary.status_now(), |q| {
+        q.witnesses.iter().all(|w| w.reachable)
+    }) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the witness is not reachable again\n{}",
+            qp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let g = witness_swap(&mut qp, 0, 0);
+    assert_eq!(g, g0 + 1);
+    qp.progress(&client, 50, "after the swap with the witness back");
+    qp.check_client_and_console(client, "refused then done swap");
 }

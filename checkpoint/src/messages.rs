@@ -219,6 +219,10 @@ pub enum ToPrimary {
     /// The standby takes the VM over at `epoch` (answer to [`ToStandby::Swap`]): the
     /// handover point, after which the old primary must not resume its guest.
     SwapAccepted { epoch: u64 },
+    /// The standby does not take the VM over at `epoch` (answer to [`ToStandby::Swap`]):
+    /// the quorum did not grant it the next generation. The old primary resumes its
+    /// guest and releases the swap point's output (acknowledged) itself.
+    SwapRefused { epoch: u64 },
 }
 
 /// The A-Link protocol version whose messages [`ToStandby`] and [`ToPrimary`] are; a
@@ -344,7 +348,9 @@ pub mod legacy {
             match m {
                 ToPrimary::Ack { epoch, .. } => Some(ToPrimaryV2::Ack { epoch: *epoch }),
                 ToPrimary::Disk(h) => Some(ToPrimaryV2::Disk(h.clone())),
-                ToPrimary::Fenced { .. } | ToPrimary::SwapAccepted { .. } => None,
+                ToPrimary::Fenced { .. }
+                | ToPrimary::SwapAccepted { .. }
+                | ToPrimary::SwapRefused { .. } => None,
             }
         }
 
@@ -975,6 +981,9 @@ pub enum PrimaryboundMsg<'a> {
     SwapAccepted {
         epoch: u64,
     },
+    SwapRefused {
+        epoch: u64,
+    },
 }
 
 impl PrimaryboundMsg<'_> {
@@ -1042,6 +1051,12 @@ pub fn decode_to_primary_at<'a>(
                 return Err(DecodeError::UnexpectedPayload("swap-accepted"));
             }
             Ok(PrimaryboundMsg::SwapAccepted { epoch })
+        }
+        ToPrimary::SwapRefused { epoch } => {
+            if !payload.is_empty() {
+                return Err(DecodeError::UnexpectedPayload("swap-refused"));
+            }
+            Ok(PrimaryboundMsg::SwapRefused { epoch })
         }
     }
 }

@@ -42,7 +42,10 @@
 //!   swap point, releases the swap point's output itself, and nothing is released
 //!   twice (no console rewrite, no duplicate frame) or lost; the old primary comes
 //!   back as the standby of the next session; a standby lost mid-swap leaves the VM on
-//!   the old primary.
+//!   the old primary. One swap request in three is refused by the standby's quorum (no
+//!   grant of the next generation, issue 15): the old primary resumes its guest and
+//!   releases the swap point's output itself, again nothing twice or lost, and the
+//!   session goes on (later swaps of the same run may then succeed).
 //!
 //! A failing seed prints itself; rerun one with `SIM_SEED=<n> cargo test --test sim`
 //! (`SIM_DEBUG=1` prints each run), run more with `SIM_SEEDS=<n>`. Every seed that
@@ -822,6 +825,8 @@ struct SimGate {
     generation: AtomicU64,
     /// The primary's node (a generation names its holder).
     peer: NodeId,
+    /// The next swap's grant is refused (the quorum's witness said no or is down).
+    refuse_swap: std::sync::atomic::AtomicBool,
 }
 
 impl TakeoverGate for SimGate {
@@ -834,6 +839,12 @@ impl TakeoverGate for SimGate {
     }
     fn peer_holds(&self, generation: u64) -> bool {
         held_by(generation, self.peer)
+    }
+    fn grant_swap(&self) -> Result<(), String> {
+        if self.refuse_swap.load(Ordering::SeqCst) {
+            return Err("the simulated witness refuses the next generation".into());
+        }
+        Ok(())
     }
 }
 
@@ -867,6 +878,8 @@ struct Report {
     demoted_delta_bytes: (u64, u64),
     swaps: u32,
     swaps_refused: u32,
+    /// Swaps the standby's quorum refused (no grant): the old primary resumed.
+    swaps_no_grant: u32,
     /// Own grants to the primary's node that reached the standby first.
     own_grants: u32,
 }
@@ -958,6 +971,8 @@ struct Sim {
     swapped_sessions: Vec<u32>,
     swaps: u32,
     swaps_refused: u32,
+    /// Swaps the standby's quorum refused (no grant): the old primary resumed.
+    swaps_no_grant: u32,
     /// The step at which the primary of session 0 is granted a newer generation of its
     /// own node, and how many steps later its driver sees it (the standby: at once).
     own_grant_at: Option<(u64, u64)>,
@@ -1048,6 +1063,7 @@ impl Sim {
                 .primary
                 .as_ref()
                 .map_or(NodeId(1), |p| node_of(&p.image)),
+            refuse_swap: std::sync::atomic::AtomicBool::new(false),
         });
         let opts = StandbyDriverConfig {
             protocol: StandbyConfig {
@@ -1365,6 +1381,11 @@ impl Sim {
                         self.swapped_out();
                         return;
                     }
+                    (None, Ok(PrimaryboundMsg::SwapRefused { epoch })) => {
+                        // The standby's quorum gave no grant: the primary resumes.
+                        self.swaps_no_grant += 1;
+                        FromStandby::SwapRefused { epoch }
+                    }
                     (None, Ok(PrimaryboundMsg::Disk { head, payload })) => {
                         match wire::decode_to_primary(&head, payload) {
                             Ok(DiskToPrimary::ReadDone { .. } | DiskToPrimary::Digests { .. }) => {
@@ -1590,8 +1611,19 @@ impl Sim {
         };
         match d.request_swap() {
             Ok(Ok(())) => {
+                // One request in three finds the standby's quorum refusing the grant
+                // (decided without the swap RNG: the kept seeds' schedules stay).
+                let refuse =
+                    (self.seed + u64::from(self.swaps + self.swaps_no_grant)).is_multiple_of(3);
+                if let Some(st) = &self.standby {
+                    st.gate.refuse_swap.store(refuse, Ordering::SeqCst);
+                }
                 if debug() {
-                    eprintln!("seed {} step {}: swap requested", self.seed, self.now.get());
+                    eprintln!(
+                        "seed {} step {}: swap requested (quorum refuses: {refuse})",
+                        self.seed,
+                        self.now.get()
+                    );
                 }
             }
             Ok(Err(why)) => {
@@ -1898,6 +1930,7 @@ fn run(seed: u64) -> Report {
         swapped_sessions: Vec::new(),
         swaps: 0,
         swaps_refused: 0,
+        swaps_no_grant: 0,
         own_grant_at,
         own_grant_pending: None,
         own_grants: 0,
@@ -1991,6 +2024,7 @@ fn run(seed: u64) -> Report {
         demoted_delta_bytes: sim.demoted_delta_bytes,
         swaps: sim.swaps,
         swaps_refused: sim.swaps_refused,
+        swaps_no_grant: sim.swaps_no_grant,
         own_grants: sim.own_grants,
     }
 }
@@ -2041,6 +2075,7 @@ struct Totals {
     demoted_full_bytes: u64,
     swaps: u64,
     swaps_refused: u64,
+    swaps_no_grant: u64,
     swap_runs: u64,
     own_grants: u64,
 }
@@ -2067,6 +2102,7 @@ impl Totals {
         self.demoted_full_bytes += r.demoted_delta_bytes.1;
         self.swaps += u64::from(r.swaps);
         self.swaps_refused += u64::from(r.swaps_refused);
+        self.swaps_no_grant += u64::from(r.swaps_no_grant);
         self.swap_runs += u64::from(r.swaps > 0);
         self.own_grants += u64::from(r.own_grants);
     }
@@ -2092,6 +2128,7 @@ impl Totals {
         self.demoted_full_bytes += o.demoted_full_bytes;
         self.swaps += o.swaps;
         self.swaps_refused += o.swaps_refused;
+        self.swaps_no_grant += o.swaps_no_grant;
         self.swap_runs += o.swap_runs;
         self.own_grants += o.own_grants;
     }
@@ -2163,7 +2200,8 @@ fn simulation_under_faults() {
          idempotent console re-releases, {} duplicate frames on the LAN, {} runs fenced \
          the standby ({} primaries demoted; their disks back by {} full and {} delta \
          resyncs, the deltas moving {} bytes where full copies would move {}), {} role \
-         swaps in {} runs ({} requests refused: not in sync), {} own grants of the \
+         swaps in {} runs ({} requests refused: not in sync; {} refused by the standby's \
+         quorum, the VM resumed on the old primary), {} own grants of the \
          primary's node learned by the standby first (none fenced: checked)",
         t.seeds,
         t0.elapsed(),
@@ -2187,6 +2225,7 @@ fn simulation_under_faults() {
         t.swaps,
         t.swap_runs,
         t.swaps_refused,
+        t.swaps_no_grant,
         t.own_grants
     );
     if all.len() >= 1000 {

@@ -21,6 +21,10 @@
 //!   and back by `twinrun vm migrate` (a planned role swap each way, the target its new
 //!   preferred node, protected again the other way round); an HA VM's migration is
 //!   refused with the reason (exit 4).
+//! - `ft_vm_migrates_with_a_witness` (issue 15): the same FT migrations with a real
+//!   `twinrun witness` as the pair's quorum: each swap hands the lease over (the
+//!   target's VMM takes the next generation by compare-and-set), so the migration is
+//!   no longer refused for a VM with a witness.
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -43,6 +47,8 @@ const VM: &str = "mover";
 
 struct Cluster {
     daemons: Vec<Proc>,
+    /// The quorum witness, when the cluster runs with one.
+    _witness: Option<Proc>,
     dirs: [PathBuf; 2],
     topo: Topology,
     _dir: tempfile::TempDir,
@@ -74,7 +80,7 @@ fn vmm_pids(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str) -> String {
+fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str, quorum: &str) -> String {
     let mut n = NodeToml::on_topology(
         topo,
         i,
@@ -89,6 +95,7 @@ fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str) -> String {
     n.tokens_file = dir.join("../tokens");
     n.twinrun_bin = twinrun_bin();
     n.guest_elf = guest_elf();
+    n.extra = quorum.to_string();
     n.render()
 }
 
@@ -99,25 +106,50 @@ fn guest_ip(topo: &Topology) -> Ipv4Addr {
 
 impl Cluster {
     fn start() -> Cluster {
+        Self::start_opts(false)
+    }
+
+    /// With a `twinrun witness` on the management network as the pair's quorum.
+    fn start_opts(witness: bool) -> Cluster {
         let pid = std::process::id();
         let dir = tempfile::Builder::new()
             .prefix("twm")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let topo = Topology::builder()
+        let mut b = Topology::builder()
             .prefix(&format!("mg{}", pid % 100_000))
-            .management()
-            .build()
-            .expect("topology");
+            .management();
+        if witness {
+            b = b.witnesses(1);
+        }
+        let topo = b.build().expect("topology");
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
         std::fs::write(dir.path().join("tokens"), format!("admin {ADMIN}\n")).unwrap();
         std::fs::write(dir.path().join("token"), ADMIN).unwrap();
         let dirs = [dir.path().join("pm1"), dir.path().join("pm2")];
+        let cluster = format!("mig{pid}");
+        let (witness, quorum) = if witness {
+            let w = topo.witness(0).expect("witness host");
+            let addr = SocketAddr::from((w.ip, 4557));
+            let mut cmd = w.ns.command(twinrun_bin());
+            cmd.args(["witness", "--listen", &addr.to_string(), "--state-dir"])
+                .arg(dir.path().join("witness"))
+                .arg("--cluster")
+                .arg(format!("{cluster}={}", dir.path().join("secret").display()));
+            let p = Proc::spawn_logged("witness", &mut cmd, &dir.path().join("witness.log"))
+                .expect("twinrun witness");
+            (
+                Some(p),
+                format!("\n[quorum]\nmode = \"witness\"\npreferred = \"{addr}\"\n"),
+            )
+        } else {
+            (None, String::new())
+        };
         let mut daemons = Vec::new();
         for (i, d) in dirs.iter().enumerate() {
             std::fs::create_dir_all(d).unwrap();
             let cfg = d.join("node.toml");
-            std::fs::write(&cfg, config(&topo, i, d, &format!("mig{pid}"))).unwrap();
+            std::fs::write(&cfg, config(&topo, i, d, &cluster, &quorum)).unwrap();
             let mut cmd = topo.pms[i].ns.command(twinrund_bin());
             cmd.arg("--config").arg(&cfg).env("RUST_LOG", "info");
             daemons.push(
@@ -131,6 +163,7 @@ impl Cluster {
         }
         let c = Cluster {
             daemons,
+            _witness: witness,
             dirs,
             topo,
             _dir: dir,
@@ -593,4 +626,50 @@ workloads = ["counter"]
     let (code, out) = c.migrate_cli_of("ham", 0, Some("pm2"));
     assert_eq!(code, 4, "{out}");
     assert!(out.contains("HA VM is not built yet"), "{out}");
+}
+
+#[test]
+fn ft_vm_migrates_with_a_witness() {
+    let c = Cluster::start_opts(true);
+    c.create_ft_vm("ftw");
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let target = format!("pm{}", to + 1);
+        let (code, out) = c.migrate_cli_of("ftw", from, None);
+        assert_eq!(code, 0, "{out}\n{}", c.logs());
+        assert!(out.contains(&format!("migrated to {target}")), "{out}");
+        wait_for(
+            Duration::from_secs(60),
+            "protected with its primary on the target",
+            || {
+                c.api(to, |cl| cl.vm("ftw").ok()).filter(|v| {
+                    v.state == twinrund::model::VmState::Protected
+                        && v.owner.as_deref() == Some(target.as_str())
+                })
+            },
+            || c.logs(),
+        );
+    }
+    // The witness really decided: its record of the VM is at the third generation
+    // (1 at the start, one per change of primary), held by pm1's node (odd: parity).
+    let status = c._dir.path().join("witness/status.json");
+    wait_for(
+        Duration::from_secs(20),
+        "the witness's record at generation 3, held by node 1",
+        || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&status).ok()?).ok()?;
+            v["vms"]
+                .as_array()?
+                .iter()
+                .any(|r| r["generation"] == 3 && r["holder"] == 1)
+                .then_some(())
+        },
+        || {
+            format!(
+                "{}\n--- witness status: {}",
+                c.logs(),
+                std::fs::read_to_string(&status).unwrap_or_default()
+            )
+        },
+    );
 }

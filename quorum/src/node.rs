@@ -20,7 +20,17 @@
 //! - **losing**: a node that learns a higher generation (from the witness or the peer)
 //!   discards its held output and rejoins as standby;
 //! - **no witness**: today's behaviour with a loud warning, or a static preference; and
-//!   an audited manual override.
+//!   an audited manual override;
+//! - **the lease handover of a planned role swap** (issue 15): the primary gives its
+//!   lease up at every witness its peer may ask ([`SwapEvent::Begin`]: from then on it
+//!   may release nothing without acknowledgement, its gate is FT's or `Hold`) and says
+//!   so ([`HandoverNote::Released`]); only then does the swap pause its guest. The
+//!   standby, asked to take the VM over at the swap point, takes generation g+1 from
+//!   its elected witness by compare-and-set ([`SwapEvent::Acquire`]) and resumes the VM
+//!   only with the grant (`Action::TakeOver`); a refusal or no answer
+//!   ([`HandoverNote::Refused`]) leaves the VM to the old primary, which renews its
+//!   lease again ([`SwapEvent::End`]). The old primary of a completed swap runs on as
+//!   the standby at its generation (no `Demote`: it lost nothing).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -165,6 +175,41 @@ pub enum Event {
     WitnessReply { slot: Slot, id: u64, reply: Reply },
     /// The operator asserts that the peer is dead (audited).
     ManualOverride { operator: String, reason: String },
+    /// A planned role swap's lease handover (see the module docs).
+    Swap(SwapEvent),
+}
+
+/// The steps of a planned role swap the runtime tells the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapEvent {
+    /// Primary: an operator asked for a swap. Give the lease up at every witness the
+    /// peer may ask; [`HandoverNote::Released`] when all did, or
+    /// [`HandoverNote::Refused`].
+    Begin,
+    /// Primary: the swap is over: the standby accepted it (`done`: this node runs on
+    /// as the standby at its generation) or it did not happen (the lease is renewed at
+    /// once: the witness's answer, `Granted` or `Lost`, is what says who holds the VM).
+    End { done: bool },
+    /// Standby: the primary handed the VM over at the swap point: ask the elected
+    /// witness for the next generation now (`Action::TakeOver` with the grant, else
+    /// [`HandoverNote::Refused`]).
+    Acquire,
+    /// Standby: the swap was refused here (no grant in time). A grant that still comes
+    /// is a takeover grant like any other (the fencing generations demote the old
+    /// primary): documented, never two holders.
+    AcquireAbandoned,
+}
+
+/// What the machine says of a planned swap's lease handover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandoverNote {
+    /// Primary: every lease is given up; the swap may pause the guest and hand over.
+    Released,
+    /// Either side: the handover cannot go on (why, for the operator).
+    Refused(String),
+    /// Primary mid-handover: the peer holds `generation` (it took the VM over at the
+    /// swap point): this node is its standby now.
+    PeerTook { generation: Generation },
 }
 
 /// What the runtime may do with held guest output.
@@ -203,6 +248,7 @@ pub enum AlertKind {
     Lost,
     WitnessRefused,
     ManualOverride,
+    Handover,
 }
 
 /// An alert for the operator (the runtime logs it and forwards it to notifications).
@@ -245,6 +291,8 @@ pub enum Action {
         seq: u64,
     },
     Alert(Alert),
+    /// A step of a planned swap's lease handover.
+    Handover(HandoverNote),
     /// Write to the audit log.
     Audit {
         operator: String,
@@ -257,6 +305,7 @@ enum Asked {
     Renew { outdated: bool },
     Acquire { from: Generation },
     Query,
+    Release,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -331,6 +380,11 @@ pub struct QuorumNode {
     peer_lost_at: Option<Duration>,
     /// Manual override in force (until the peer is back).
     overridden: bool,
+    /// Primary: a swap's handover is under way: the witnesses whose `Released` is
+    /// still awaited (empty: all given up). No renewal is sent meanwhile.
+    handover: Option<BTreeSet<Slot>>,
+    /// Standby: the acquire asked for a planned swap (slot, id).
+    swap_acquire: Option<(Slot, u64)>,
     gate: Option<OutputGate>,
     guest: Option<GuestState>,
     outdated_alerted: bool,
@@ -375,6 +429,8 @@ impl QuorumNode {
             acquire_unsettled: [None; 2],
             peer_lost_at: None,
             overridden: false,
+            handover: None,
+            swap_acquire: None,
             gate: None,
             guest: None,
             outdated_alerted: false,
@@ -533,6 +589,7 @@ impl QuorumNode {
             Event::ManualOverride { operator, reason } => {
                 self.on_override(now, operator, reason, &mut out)
             }
+            Event::Swap(e) => self.on_swap(now, e, &mut out),
         }
         self.evaluate(now, &mut out);
         out
@@ -573,6 +630,97 @@ impl QuorumNode {
             if let Some(g) = next_generation(self.generation, self.cfg.node) {
                 self.take_over(g, out);
             }
+        }
+    }
+
+    /// Whether a swap's handover is under way on this primary (no lease is held).
+    pub fn handing_over(&self) -> bool {
+        self.handover.is_some()
+    }
+
+    fn on_swap(&mut self, now: Duration, e: SwapEvent, out: &mut Vec<Action>) {
+        let refuse = |out: &mut Vec<Action>, why: &str| {
+            out.push(Action::Handover(HandoverNote::Refused(why.to_string())));
+        };
+        let witness = matches!(self.cfg.mode, Mode::Witness { .. });
+        match e {
+            SwapEvent::Begin => {
+                if !witness {
+                    return refuse(out, "no witness is configured: no lease to hand over");
+                }
+                if self.role != Role::Primary || self.generation == 0 {
+                    return refuse(out, "this node is not the primary holding a generation");
+                }
+                if !(self.protected && self.peer_reachable) {
+                    return refuse(out, "the pair is not in sync (no acknowledging standby)");
+                }
+                if self.handover.is_some() {
+                    return refuse(out, "a handover is under way already");
+                }
+                // From here on nothing leaves without an acknowledgement: the leases
+                // are forgotten before the first release is sent (the gate is FT's
+                // while the standby acknowledges, else Hold and Pause).
+                let slots = self.lease_set();
+                for st in &mut self.slots {
+                    st.lease = None;
+                }
+                self.handover = Some(slots.clone());
+                for slot in slots {
+                    self.send(now, slot, Asked::Release, out);
+                }
+            }
+            SwapEvent::End { done } => {
+                if self.handover.take().is_none() || self.role != Role::Primary {
+                    return;
+                }
+                if done {
+                    alert(
+                        out,
+                        AlertKind::Handover,
+                        format!(
+                            "planned role swap done: the peer runs the VM; this node is its                              standby (generation {} until the peer's grant is seen)",
+                            self.generation
+                        ),
+                    );
+                    self.role = Role::Standby;
+                    self.protected = false;
+                    self.gate = None;
+                    self.guest = None;
+                } else {
+                    // Renew at once everywhere: `Granted` means the peer holds nothing
+                    // newer (and its acquire is `Busy` while this lease runs), `Lost`
+                    // demotes this node.
+                    for s in &mut self.slots {
+                        s.last_sent = None;
+                    }
+                }
+            }
+            SwapEvent::Acquire => {
+                if !witness {
+                    return refuse(out, "no witness is configured");
+                }
+                if self.role != Role::Standby || !self.protected || self.generation == 0 {
+                    return refuse(
+                        out,
+                        "this node is not a standby with a committed replica of a granted                          generation",
+                    );
+                }
+                if self.swap_acquire.is_some() {
+                    return refuse(out, "a swap's acquire is out already");
+                }
+                let slot = self.elected;
+                let id = self.next_id;
+                self.send(
+                    now,
+                    slot,
+                    Asked::Acquire {
+                        from: self.generation,
+                    },
+                    out,
+                );
+                self.swap_acquire = Some((slot, id));
+            }
+            SwapEvent::AcquireAbandoned => self.swap_acquire = None,
         }
     }
 
@@ -673,6 +821,24 @@ impl QuorumNode {
         for s in &mut self.slots {
             s.lease = None;
         }
+        if self.role == Role::Primary
+            && self.handover.is_some()
+            && crate::types::held_by(generation, self.cfg.peer)
+        {
+            // The handover's outcome: the peer took the VM at the swap point with the
+            // next generation. This node lost nothing; it is the peer's standby.
+            self.handover = None;
+            self.role = Role::Standby;
+            self.protected = false;
+            self.gate = None;
+            self.guest = None;
+            out.push(Action::Output(OutputGate::Hold));
+            out.push(Action::Guest(GuestState::Pause));
+            out.push(Action::Generation(generation));
+            out.push(Action::Handover(HandoverNote::PeerTook { generation }));
+            return;
+        }
+        self.handover = None;
         if self.role == Role::Primary {
             self.role = Role::Standby;
             self.protected = false;
@@ -696,6 +862,8 @@ impl QuorumNode {
     }
 
     fn take_over(&mut self, generation: Generation, out: &mut Vec<Action>) {
+        // A swap's acquire answered by an earlier copy of it: nothing more to wait for.
+        self.swap_acquire = None;
         self.role = Role::Primary;
         self.generation = generation;
         self.protected = false;
@@ -742,6 +910,59 @@ impl QuorumNode {
                 format!("{slot} reachable"),
             );
         }
+        if self.swap_acquire == Some((slot, id)) {
+            self.swap_acquire = None;
+            let why = match &reply {
+                Reply::Granted { .. } => None,
+                Reply::Busy {
+                    holder,
+                    retry_after_ms,
+                    ..
+                } => Some(format!(
+                    "the {slot} says the lease of {} still runs ({retry_after_ms} ms left)",
+                    holder.map_or("an unknown holder".to_string(), |h| h.to_string())
+                )),
+                Reply::Outdated { generation } => Some(format!(
+                    "the {slot} holds this replica stale (generation {generation})"
+                )),
+                Reply::Lost { generation, .. } => {
+                    Some(format!("the {slot} knows a newer generation {generation}"))
+                }
+                Reply::Refused(e) => Some(format!("the {slot} refused: {e}")),
+                other => Some(format!("the {slot} answered {other:?}")),
+            };
+            if let Some(why) = why {
+                out.push(Action::Handover(HandoverNote::Refused(format!(
+                    "no grant of the next generation: {why}"
+                ))));
+                if let Reply::Lost { generation, .. } = reply {
+                    self.learn(generation, &format!("the {slot}"), out);
+                }
+                return;
+            }
+        }
+        if p.asked == Asked::Release {
+            match reply {
+                Reply::Released { .. } => {
+                    if let Some(w) = self.handover.as_mut() {
+                        if w.remove(&slot) && w.is_empty() {
+                            out.push(Action::Handover(HandoverNote::Released));
+                        }
+                    }
+                }
+                Reply::Lost { generation, .. } => {
+                    self.learn(generation, &format!("the {slot}"), out)
+                }
+                other => {
+                    if self.handover.is_some() {
+                        out.push(Action::Handover(HandoverNote::Refused(format!(
+                            "the {slot} did not release the lease: {other:?}"
+                        ))));
+                    }
+                }
+            }
+            return;
+        }
         #[allow(unused_mut)]
         let mut base = p.sent_at;
         #[cfg(feature = "mutations")]
@@ -751,7 +972,12 @@ impl QuorumNode {
         match reply {
             Reply::Granted { generation, .. } => match p.asked {
                 Asked::Renew { outdated } => {
-                    if generation == self.generation && self.role == Role::Primary {
+                    // A renewal answered after a handover began gives no lease: the
+                    // release that followed it ended it.
+                    if generation == self.generation
+                        && self.role == Role::Primary
+                        && self.handover.is_none()
+                    {
                         let valid_until = base + self.validity;
                         let st = &mut self.slots[slot.index()];
                         let l = st.lease.get_or_insert(Lease {
@@ -804,7 +1030,7 @@ impl QuorumNode {
                         self.slots[slot.index()].last_sent = None;
                     }
                 }
-                Asked::Query => {}
+                Asked::Query | Asked::Release => {}
             },
             Reply::Lost { generation, .. } => self.learn(generation, &format!("the {slot}"), out),
             Reply::Busy { retry_after_ms, .. } => {
@@ -838,6 +1064,7 @@ impl QuorumNode {
                 AlertKind::WitnessRefused,
                 format!("the {slot} refused a request: {e}"),
             ),
+            Reply::Released { .. } => {}
         }
     }
 
@@ -983,6 +1210,11 @@ impl QuorumNode {
                 lease_ms,
             },
             Asked::Query => Request::Query { vm },
+            Asked::Release => Request::Release {
+                vm,
+                node: self.cfg.node,
+                generation: self.generation,
+            },
         };
         if self.pending.len() >= MAX_PENDING {
             self.pending.remove(0);
@@ -1032,6 +1264,35 @@ impl QuorumNode {
                     now.saturating_sub(s) >= d
                 }
             };
+            if self.role == Role::Standby {
+                if let Some((s, _)) = self.swap_acquire.filter(|&(s, _)| s == slot) {
+                    // A swap's acquire unanswered: ask again (its answer, or the
+                    // first one's, decides).
+                    if due {
+                        let id = self.next_id;
+                        self.send(
+                            now,
+                            s,
+                            Asked::Acquire {
+                                from: self.generation,
+                            },
+                            out,
+                        );
+                        self.swap_acquire = Some((s, id));
+                    }
+                    continue;
+                }
+            }
+            if self.role == Role::Primary {
+                if let Some(waiting) = &self.handover {
+                    // No renewal while the lease is handed over: only the releases
+                    // not yet answered, again.
+                    if due && waiting.contains(&slot) {
+                        self.send(now, slot, Asked::Release, out);
+                    }
+                    continue;
+                }
+            }
             let asked = if self.role == Role::Primary && self.generation == 0 {
                 if slot == self.elected {
                     Asked::Acquire { from: 0 }
@@ -1556,5 +1817,340 @@ mod tests {
     fn parity_is_checked() {
         let cfg = NodeConfig::new("vm0", NodeId(1), NodeId(3), ONE);
         assert!(matches!(cfg.validate(), Err(ConfigError::Parity(1, 3))));
+    }
+}
+
+/// The lease handover of a planned role swap, both machines against the real witness
+/// logic (`witness::core`) in one process: requests answered at once, or never (a
+/// witness that is down).
+#[cfg(test)]
+mod handover_tests {
+    use super::*;
+    use crate::types::held_by;
+    use crate::witness::core::{CoreLimits, WitnessCore};
+    use crate::witness::store::MemStore;
+
+    const ONE: Mode = Mode::Witness { alternate: false };
+    const P: NodeId = NodeId(1);
+    const S: NodeId = NodeId(2);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    struct Rig {
+        w: WitnessCore,
+        store: MemStore,
+        /// The witness answers (false: it is down, requests are lost).
+        up: bool,
+        p: QuorumNode,
+        s: QuorumNode,
+    }
+
+    impl Rig {
+        /// A pair in sync: node 1 primary holding generation 1 with a lease and its
+        /// peer marked current, node 2 a protected standby that knows generation 1.
+        fn in_sync() -> Rig {
+            let mk = |me, peer, role| {
+                let cfg = NodeConfig::new("vm0", me, peer, ONE);
+                cfg.validate().unwrap();
+                QuorumNode::new(
+                    cfg,
+                    Start {
+                        role,
+                        generation: 0,
+                        elected: None,
+                    },
+                )
+            };
+            let mut r = Rig {
+                w: WitnessCore::new(CoreLimits::default(), [], ms(0)),
+                store: MemStore::default(),
+                up: true,
+                p: mk(P, S, Role::Primary),
+                s: mk(S, P, Role::Standby),
+            };
+            for ev in [Event::PeerReachable(true), Event::Protected(true)] {
+                r.step_p(ms(0), ev.clone());
+                r.step_s(ms(0), ev);
+            }
+            r.step_p(ms(1), Event::Tick);
+            assert_eq!(r.p.generation(), 1);
+            r.step_s(
+                ms(2),
+                Event::FromPeer(PeerMsg::Status {
+                    generation: 1,
+                    role: Role::Primary,
+                    reach: [true, false],
+                    elected: Slot::Preferred,
+                    elect_seq: 0,
+                    proposing: None,
+                }),
+            );
+            assert_eq!(r.s.generation(), 1);
+            assert_eq!(r.p.gate(), Some(OutputGate::Acked));
+            r
+        }
+
+        /// Steps a machine and serves its witness requests (and the ones their
+        /// answers cause) at once; returns every action.
+        fn serve(&mut self, primary: bool, now: Duration, ev: Event) -> Vec<Action> {
+            let mut all = Vec::new();
+            let mut evs = vec![ev];
+            while let Some(ev) = evs.pop() {
+                let n = if primary { &mut self.p } else { &mut self.s };
+                let a = n.step(now, ev);
+                for x in &a {
+                    if let Action::ToWitness { slot, id, request } = x {
+                        if self.up {
+                            let reply = self.w.handle(now, "c", request, &mut self.store);
+                            evs.push(Event::WitnessReply {
+                                slot: *slot,
+                                id: *id,
+                                reply,
+                            });
+                        }
+                    }
+                }
+                all.extend(a);
+            }
+            all
+        }
+        fn step_p(&mut self, now: Duration, ev: Event) -> Vec<Action> {
+            self.serve(true, now, ev)
+        }
+        fn step_s(&mut self, now: Duration, ev: Event) -> Vec<Action> {
+            self.serve(false, now, ev)
+        }
+    }
+
+    fn notes(a: &[Action]) -> Vec<HandoverNote> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Handover(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_the_release_the_standby_gets_no_grant() {
+        let mut r = Rig::in_sync();
+        let a = r.step_s(ms(10), Event::Swap(SwapEvent::Acquire));
+        assert!(
+            matches!(&notes(&a)[..], [HandoverNote::Refused(w)] if w.contains("still runs")),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::TakeOver { .. })));
+        assert_eq!((r.s.role(), r.s.generation()), (Role::Standby, 1));
+    }
+
+    #[test]
+    fn the_released_lease_is_granted_to_the_standby_at_once() {
+        let mut r = Rig::in_sync();
+        let a = r.step_p(ms(10), Event::Swap(SwapEvent::Begin));
+        assert_eq!(notes(&a), vec![HandoverNote::Released], "{a:?}");
+        assert!(r.p.handing_over());
+        // No lease is held: nothing may leave without an acknowledgement, and a
+        // renewal is not sent while the handover is under way.
+        assert_eq!(r.p.gate(), Some(OutputGate::Acked));
+        assert!(!r.p.may_release_unacked(ms(11)));
+        let a = r.step_p(ms(400), Event::Tick);
+        assert!(
+            !a.iter().any(|a| matches!(
+                a,
+                Action::ToWitness {
+                    request: Request::Renew { .. },
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        // The swap point: the standby asks and gets generation 2 (its parity).
+        let a = r.step_s(ms(401), Event::Swap(SwapEvent::Acquire));
+        assert!(a.contains(&Action::TakeOver { generation: 2 }), "{a:?}");
+        assert!(held_by(2, S) && !held_by(2, P));
+        assert_eq!((r.s.role(), r.s.generation()), (Role::Primary, 2));
+        let mut a = r.step_p(ms(402), Event::Swap(SwapEvent::End { done: true }));
+        assert_eq!(r.p.role(), Role::Standby);
+        // The old primary learns the new generation, as a standby (from the witness
+        // its queries reach, or from its peer).
+        a.extend(r.step_p(
+            ms(403),
+            Event::FromPeer(PeerMsg::Status {
+                generation: 2,
+                role: Role::Primary,
+                reach: [true, false],
+                elected: Slot::Preferred,
+                elect_seq: 0,
+                proposing: None,
+            }),
+        ));
+        assert!(a.contains(&Action::Generation(2)), "{a:?}");
+        assert!(!a.iter().any(|a| matches!(a, Action::Demote { .. })));
+        // Both agree on who holds what: the new primary renews 2, the witness says so.
+        let a = r.step_s(ms(404), Event::Tick);
+        let st = r.w.handle(
+            ms(404),
+            "c",
+            &Request::Query { vm: "vm0".into() },
+            &mut r.store,
+        );
+        assert!(
+            matches!(
+                st,
+                Reply::State {
+                    generation: 2,
+                    holder: Some(S),
+                    ..
+                }
+            ),
+            "{st:?} {a:?}"
+        );
+        // And a swap back works the same way (generation 3 is node 1's).
+        r.step_s(ms(405), Event::Protected(true));
+        r.step_s(ms(406), Event::Tick);
+        r.step_p(ms(406), Event::Protected(true));
+        let a = r.step_s(ms(410), Event::Swap(SwapEvent::Begin));
+        assert_eq!(notes(&a), vec![HandoverNote::Released], "{a:?}");
+        let a = r.step_p(ms(411), Event::Swap(SwapEvent::Acquire));
+        assert!(a.contains(&Action::TakeOver { generation: 3 }), "{a:?}");
+        r.step_s(ms(412), Event::Swap(SwapEvent::End { done: true }));
+        assert_eq!((r.p.role(), r.s.role()), (Role::Primary, Role::Standby));
+    }
+
+    #[test]
+    fn a_refused_swap_leaves_the_old_primary_holding_its_generation() {
+        let mut r = Rig::in_sync();
+        r.step_p(ms(10), Event::Swap(SwapEvent::Begin));
+        // The witness goes down before the standby asks: no answer, the swap is
+        // refused there.
+        r.up = false;
+        let a = r.step_s(ms(11), Event::Swap(SwapEvent::Acquire));
+        assert!(!a.iter().any(|a| matches!(a, Action::TakeOver { .. })));
+        r.step_s(ms(1000), Event::Swap(SwapEvent::AcquireAbandoned));
+        r.up = true;
+        // The old primary renews at once: granted, its lease runs again.
+        let a = r.step_p(ms(1001), Event::Swap(SwapEvent::End { done: false }));
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::ToWitness {
+                    request: Request::Renew { generation: 1, .. },
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        assert!(!r.p.handing_over());
+        assert_eq!((r.p.role(), r.p.generation()), (Role::Primary, 1));
+        // The standby's request, asked again (or arriving late), finds the lease live.
+        let a = r.step_s(ms(1002), Event::Swap(SwapEvent::Acquire));
+        assert!(
+            matches!(&notes(&a)[..], [HandoverNote::Refused(w)] if w.contains("still runs")),
+            "{a:?}"
+        );
+        assert_eq!(r.s.role(), Role::Standby);
+    }
+
+    #[test]
+    fn a_witness_down_refuses_the_handover_before_anything_pauses() {
+        let mut r = Rig::in_sync();
+        r.up = false;
+        let a = r.step_p(ms(10), Event::Swap(SwapEvent::Begin));
+        assert!(notes(&a).is_empty());
+        // The release is sent again while unanswered, never a renewal.
+        let a = r.step_p(ms(200), Event::Tick);
+        let reqs: Vec<_> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::ToWitness { request, .. } => Some(request.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            reqs.iter().all(|q| matches!(q, Request::Release { .. })),
+            "{reqs:?}"
+        );
+        // The peer is lost meanwhile: no lease, so the primary holds and pauses.
+        r.step_p(ms(201), Event::PeerReachable(false));
+        assert_eq!(r.p.gate(), Some(OutputGate::Hold));
+        assert_eq!(r.p.guest(), Some(GuestState::Pause));
+    }
+
+    #[test]
+    fn the_peers_grant_seen_first_ends_the_handover_without_a_demotion() {
+        let mut r = Rig::in_sync();
+        r.step_p(ms(10), Event::Swap(SwapEvent::Begin));
+        r.step_s(ms(11), Event::Swap(SwapEvent::Acquire));
+        assert_eq!(r.s.generation(), 2);
+        // The new primary's status reaches the old one before its checkpoint session
+        // reports the acceptance.
+        let a = r.step_p(
+            ms(12),
+            Event::FromPeer(PeerMsg::Status {
+                generation: 2,
+                role: Role::Primary,
+                reach: [true, false],
+                elected: Slot::Preferred,
+                elect_seq: 0,
+                proposing: None,
+            }),
+        );
+        assert!(
+            notes(&a).contains(&HandoverNote::PeerTook { generation: 2 }),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::Demote { .. })));
+        assert_eq!(r.p.role(), Role::Standby);
+        // Outside a handover the same news demotes a primary (control).
+        let mut r = Rig::in_sync();
+        let a = r.step_p(
+            ms(12),
+            Event::FromPeer(PeerMsg::Status {
+                generation: 2,
+                role: Role::Primary,
+                reach: [true, false],
+                elected: Slot::Preferred,
+                elect_seq: 0,
+                proposing: None,
+            }),
+        );
+        assert!(a.contains(&Action::Demote { generation: 2 }), "{a:?}");
+    }
+
+    #[test]
+    fn release_rules() {
+        let mut r = Rig::in_sync();
+        let rel = |node, generation| Request::Release {
+            vm: "vm0".into(),
+            node,
+            generation,
+        };
+        // Not the holder: nothing is released.
+        let a = r.w.handle(ms(20), "c", &rel(S, 1), &mut r.store);
+        assert!(matches!(a, Reply::Lost { generation: 1, .. }), "{a:?}");
+        let a = r.w.handle(ms(20), "c", &rel(P, 0), &mut r.store);
+        assert!(matches!(a, Reply::Refused(_)), "{a:?}");
+        let a = r.w.handle(ms(20), "c", &rel(P, 1), &mut r.store);
+        assert_eq!(a, Reply::Released { generation: 1 });
+        // Released twice: still released (a retry whose first answer was lost).
+        let a = r.w.handle(ms(21), "c", &rel(P, 1), &mut r.store);
+        assert_eq!(a, Reply::Released { generation: 1 });
+        // An older generation than the holder's is lost.
+        let a = r.w.handle(
+            ms(22),
+            "c",
+            &Request::Acquire {
+                vm: "vm0".into(),
+                node: S,
+                from: 1,
+                lease_ms: 200,
+            },
+            &mut r.store,
+        );
+        assert!(matches!(a, Reply::Granted { generation: 2, .. }), "{a:?}");
+        let a = r.w.handle(ms(23), "c", &rel(P, 1), &mut r.store);
+        assert!(matches!(a, Reply::Lost { generation: 2, .. }), "{a:?}");
     }
 }

@@ -54,7 +54,10 @@ pub fn validate(req: &Request) -> Result<(), OpError> {
             return Err(OpError::BadLease(*lease_ms));
         }
     }
-    if matches!(req, Request::Renew { generation: 0, .. }) {
+    if matches!(
+        req,
+        Request::Renew { generation: 0, .. } | Request::Release { generation: 0, .. }
+    ) {
         return Err(OpError::ZeroGeneration);
     }
     Ok(())
@@ -105,6 +108,9 @@ impl Rules {
                 lease_ms,
                 ..
             } => self.acquire(known, *node, *from, *lease_ms),
+            Request::Release {
+                node, generation, ..
+            } => release(known, *node, *generation),
         }
     }
 
@@ -202,6 +208,37 @@ impl Rules {
         } else {
             true
         })
+    }
+}
+
+/// A holder gives its lease up (planned role swap): the record stays (generation,
+/// holder, peer mark) with a lease of 0 ms, so it has lapsed from now on and the peer's
+/// compare-and-set from `generation` is decided as after a lapse. Nothing of another
+/// node's is ever released: a newer generation, or the same one held by the other
+/// node, answers `Lost`.
+fn release(e: Option<&Known>, node: NodeId, generation: Generation) -> Decision {
+    let released = Reply::Released { generation };
+    match e {
+        // Not known here (or only an older generation): no lease of it runs here. A
+        // peer's acquire from `generation` is answered `Busy` for a lease (unknown
+        // holder), so the swap is refused, never granted wrongly.
+        None => refuse(released),
+        Some(e) if e.rec.generation < generation => refuse(released),
+        Some(e) if e.rec.generation > generation => refuse(Reply::Lost {
+            generation: e.rec.generation,
+            holder: e.rec.holder,
+        }),
+        Some(e) if e.rec.holder == Some(node) => Decision {
+            reply: released,
+            next: Some(VmRecord {
+                lease_ms: 0,
+                ..e.rec
+            }),
+        },
+        Some(e) => refuse(Reply::Lost {
+            generation: e.rec.generation,
+            holder: e.rec.holder,
+        }),
     }
 }
 

@@ -1079,7 +1079,8 @@ impl Sim {
                 self.stats.elections += 1;
                 self.nodes[i].rec_elected = Some((slot, seq));
             }
-            Action::Alert(_) | Action::Audit { .. } => {}
+            // The sim drives no planned swap (see the swap's own sim below).
+            Action::Alert(_) | Action::Audit { .. } | Action::Handover(_) => {}
         }
         Ok(())
     }
@@ -1427,7 +1428,7 @@ impl Sim {
                         ));
                     }
                 }
-                Request::Query { .. } => {}
+                Request::Query { .. } | Request::Release { .. } => {}
             }
         }
         if matches!(

@@ -237,6 +237,9 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     swap_paused_at: Option<Duration>,
     /// The real loop's swap port (the receive pump's early release reads its hold).
     swap_port: Option<Arc<SwapPort>>,
+    /// The standby refused the requested swap (its quorum gave no grant): the guest
+    /// resumed here; the session loop tells the requester.
+    swap_refused: bool,
 }
 
 impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
@@ -283,6 +286,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             sync_started: None,
             swap_paused_at: None,
             swap_port: cfg.swap.clone(),
+            swap_refused: false,
         })
     }
 
@@ -375,6 +379,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 self.peer_lost()
             }
             FromStandby::SwapAccepted { epoch } => self.feed(PrimaryEvent::SwapAccepted { epoch }),
+            FromStandby::SwapRefused { epoch } => self.feed(PrimaryEvent::SwapRefused { epoch }),
             FromStandby::Disk { msg, payload } => {
                 let now = self.instant();
                 match &mut self.session {
@@ -609,6 +614,19 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 log::info!(
                     "primary: swap: the standby took the VM over at epoch {epoch} ({paused_for:?} \
                      after the pause); this side's guest stays paused"
+                );
+                Ok(None)
+            }
+            PrimaryAction::ResumeAfterSwap { epoch } => {
+                if let Some(p) = &self.swap_port {
+                    p.clear_hold();
+                }
+                self.swap_paused_at = None;
+                self.paused_by_throttle = false;
+                self.vm.resume().map_err(DriverError::from)?;
+                self.swap_refused = true;
+                log::warn!(
+                    "primary: swap: the standby refused to take the VM over at epoch {epoch}                      (no quorum grant); the guest resumes here"
                 );
                 Ok(None)
             }
@@ -891,6 +909,15 @@ fn session_loop(
                 r.answer(Ok(done));
             }
             break;
+        }
+        if std::mem::take(&mut d.swap_refused) {
+            if let Some(r) = swapping.take() {
+                r.answer(Err(
+                    "role swap refused: the standby's quorum did not grant it the next \
+                     generation (the witness is unreachable or refused); the VM runs on here"
+                        .into(),
+                ));
+            }
         }
         if let Some(req) = port.and_then(SwapPort::take) {
             if swapping.is_some() {

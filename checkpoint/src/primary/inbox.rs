@@ -49,6 +49,10 @@ pub enum FromStandby {
     SwapAccepted {
         epoch: u64,
     },
+    /// The standby did not take the VM over at `epoch` (no quorum grant).
+    SwapRefused {
+        epoch: u64,
+    },
 }
 
 pub enum Inbound {
@@ -172,6 +176,9 @@ pub fn pump(
                     }
                     Ok(PrimaryboundMsg::SwapAccepted { epoch }) => {
                         FromStandby::SwapAccepted { epoch }
+                    }
+                    Ok(PrimaryboundMsg::SwapRefused { epoch }) => {
+                        FromStandby::SwapRefused { epoch }
                     }
                     Ok(PrimaryboundMsg::Disk { head, payload }) => {
                         match wire::decode_to_primary(&head, payload) {

@@ -95,6 +95,12 @@ impl SwapPort {
         self.hold_from.store(epoch + 1, Ordering::SeqCst);
     }
 
+    /// The swap did not happen (the standby refused it): acks release everything
+    /// again. (Lease path, issue 15: wq23.)
+    pub fn clear_hold(&self) {
+        self.hold_from.store(0, Ordering::SeqCst);
+    }
+
     /// What an ack of `epoch` may release here: through `epoch`, or only up to the
     /// epoch before a swap point (None: nothing).
     pub fn release_limit(&self, epoch: u64) -> Option<u64> {

@@ -20,6 +20,9 @@
 //!     SwapAccepted(F) -> SwappedOut, HandOver(F): F's held output is discarded here;
 //!                      the standby releases it and resumes the VM from F
 //!     PeerLost before SwapAccepted -> Simplex as above: the guest resumes HERE
+//!     SwapRefused(F) (the standby's quorum did not grant it the next generation)
+//!                   -> ReleaseOutput(F), ResumeAfterSwap: Protected, the guest resumes
+//!                      HERE, checkpointing goes on as before the request
 //! ```
 //!
 //! Why the swap loses and duplicates nothing: the guest is paused at the end of F, so
@@ -146,6 +149,10 @@ pub enum PrimaryEvent {
     SwapAccepted {
         epoch: u64,
     },
+    /// The standby refused to take the VM over at `epoch` (its quorum gave no grant).
+    SwapRefused {
+        epoch: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +190,9 @@ pub enum PrimaryAction {
     /// standby releases it); this side's guest never runs again (its VM is stopped by
     /// the caller), the session ends.
     HandOver { epoch: u64 },
+    /// Swap refused by the standby: resume the guest here (the swap point's output
+    /// was released by the `ReleaseOutput` before); checkpointing goes on.
+    ResumeAfterSwap { epoch: u64 },
 }
 
 /// How far a requested role swap got (see `PrimaryPhase::SwappedOut`).
@@ -515,6 +525,23 @@ impl Primary {
                     self.swap = None;
                     self.phase = PrimaryPhase::SwappedOut;
                     out.push(PrimaryAction::HandOver { epoch });
+                }
+                other => {
+                    return Err(PrimaryError::WrongSwap {
+                        got: epoch,
+                        want: other,
+                    })
+                }
+            },
+            PrimaryEvent::SwapRefused { epoch } => match self.swap {
+                Some(SwapStage::Sent(e)) if e == epoch && self.phase == PrimaryPhase::Protected => {
+                    // F is acknowledged (Swap left only after its ack): its output is
+                    // this side's to release again, as for any acked epoch.
+                    self.swap = None;
+                    assert_eq!(self.released_below, e);
+                    self.released_below = e + 1;
+                    out.push(PrimaryAction::ReleaseOutput { through: e });
+                    out.push(PrimaryAction::ResumeAfterSwap { epoch: e });
                 }
                 other => {
                     return Err(PrimaryError::WrongSwap {

@@ -388,18 +388,8 @@ impl<M> Standby<M> {
                 if broken {
                     return Ok(());
                 }
-                // The primary sends it only after this standby's ack of `epoch`, and
-                // captures nothing after it: the replica is exactly the swap point.
-                if self.committed != Some(epoch)
-                    || self.applying.is_some()
-                    || !self.staged.is_empty()
-                    || released_through.is_some_and(|r| r > epoch)
-                {
-                    return Err(StandbyError::SwapNotAtCommitted {
-                        epoch,
-                        committed: self.committed,
-                        staged: self.staged.len(),
-                    });
+                if let Some(e) = self.swap_refusal(epoch, released_through) {
+                    return Err(e);
                 }
                 if let Some(r) = released_through {
                     if self.released_known.is_none_or(|k| r > k) {
@@ -425,6 +415,25 @@ impl<M> Standby<M> {
             }
         }
         Ok(())
+    }
+
+    /// Why a swap at `epoch` cannot be accepted now (None: it can): the primary sends
+    /// it only after this standby's ack of `epoch`, and captures nothing after it, so
+    /// the replica must be exactly the swap point. The driver asks this before it asks
+    /// its quorum for the grant a swap needs.
+    pub fn swap_refusal(&self, epoch: u64, released_through: Option<u64>) -> Option<StandbyError> {
+        if self.committed != Some(epoch)
+            || self.applying.is_some()
+            || !self.staged.is_empty()
+            || released_through.is_some_and(|r| r > epoch)
+        {
+            return Some(StandbyError::SwapNotAtCommitted {
+                epoch,
+                committed: self.committed,
+                staged: self.staged.len(),
+            });
+        }
+        None
     }
 
     fn fail_over(&mut self, out: &mut Vec<StandbyAction<M>>) {

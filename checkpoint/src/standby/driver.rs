@@ -76,6 +76,13 @@ pub trait TakeoverGate: Send + Sync {
     fn peer_holds(&self, _generation: u64) -> bool {
         false
     }
+    /// A planned swap hands the VM over at the swap point: may this node take it?
+    /// With a quorum, only once its witness granted it the next generation by
+    /// compare-and-set (waits for the answer; Err: why not, and the swap is refused).
+    /// Without one (the default): yes.
+    fn grant_swap(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A shared [`TakeoverGate`] in a config.
@@ -236,6 +243,25 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                 epoch,
                 released_through,
             }) => {
+                // The grant is asked only for a swap this replica can accept (else the
+                // protocol refuses it below, as before), and before the protocol
+                // commits to the takeover.
+                if self.proto.swap_refusal(epoch, released_through).is_none() {
+                    if let Some(g) = &self.gate {
+                        if let Err(why) = g.grant_swap() {
+                            log::warn!(
+                                "standby: planned role swap at epoch {epoch} REFUSED: {why}; \
+                                 the VM runs on at the primary"
+                            );
+                            self.link.send(
+                                &ToPrimary::SwapRefused { epoch },
+                                Vec::new(),
+                                ACK_WAIT,
+                            )?;
+                            return Ok(None);
+                        }
+                    }
+                }
                 self.swap_requested = true;
                 StandbyEvent::SwapRequest {
                     epoch,

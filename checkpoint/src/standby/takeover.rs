@@ -185,17 +185,23 @@ pub const ANNOUNCE_REPEATS: [Duration; 4] = [
 /// Sends the announces of [`ANNOUNCE_REPEATS`] on each `(net index, MAC)` from a
 /// short-lived thread, so neither the driver nor the guest waits for them. The frames
 /// bypass output commit, as the first; the gate's TAP writers serialize them with the
-/// guest's released frames.
+/// guest's released frames. The thread holds the gate weakly: a VM stopped within the
+/// repeats (a planned swap right after a takeover) closes its TAPs at once, so the
+/// same process can open them again as the standby.
 fn repeat_announces(gate: Arc<OutputGate>, macs: Vec<(usize, [u8; 6])>) {
     if macs.is_empty() {
         return;
     }
+    let gate = Arc::downgrade(&gate);
     let spawned = std::thread::Builder::new()
         .name("rarp-announce".into())
         .spawn(move || {
             let t0 = Instant::now();
             for at in ANNOUNCE_REPEATS {
                 std::thread::sleep(at.saturating_sub(t0.elapsed()));
+                let Some(gate) = gate.upgrade() else {
+                    return;
+                };
                 for &(i, mac) in &macs {
                     if !gate.send_frame(i, &rarp_announce(mac)) {
                         log::warn!("standby: net {i}: a repeated RARP announce was refused");

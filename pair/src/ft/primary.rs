@@ -186,6 +186,12 @@ pub fn protect(
         if let Some(done) = result.as_ref().ok().and_then(|r| r.swapped) {
             return hand_over(vm, ft, disks, status, done);
         }
+        if let Some(generation) = quorum.and_then(Quorum::handed_over) {
+            // The peer took the VM at the swap point (its grant seen here first) and
+            // this session never saw the acceptance: the VM is the peer's (issue 15).
+            held.discard(&vm);
+            return demote(vm, &disks, generation).into();
+        }
         match result {
             Err(DriverError::Fenced { peer, .. }) => {
                 // The standby knows a newer generation: this primary lost the VM.

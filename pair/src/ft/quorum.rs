@@ -10,7 +10,12 @@
 //! - `Demote`: the primary lost the VM to a higher generation;
 //! - the generation and elected witness recorded durably in the node's state file;
 //! - alerts and per-path changes in the log, the whole state in the control socket's
-//!   status.
+//!   status;
+//! - the lease handover of a planned role swap ([`LeaseHandover`], issue 15): the
+//!   primary gives its lease up before its guest pauses for the swap, the standby takes
+//!   the next generation by compare-and-set before it accepts the swap point (its
+//!   driver asks [`TakeoverGate::grant_swap`]); without the grant the swap is refused
+//!   and the guest resumes on the old primary, which renews its lease.
 //!
 //! Quorum messages between the two nodes (`PeerMsg`: status, witness election) ride
 //! on the A-Link's heartbeats as side messages (`alink::side`): on every healthy link,
@@ -32,7 +37,8 @@ use twinrun_lock::lock;
 use ::quorum::client::Runner;
 use ::quorum::config::{BackendKind, QuorumConfig};
 use ::quorum::node::{
-    Action, Event, GuestState, NodeConfig, OutputGate, PeerMsg, QuorumNode, Start,
+    Action, Event, GuestState, HandoverNote, NodeConfig, OutputGate, PeerMsg, QuorumNode, Start,
+    SwapEvent,
 };
 use ::quorum::types::{held_by, NodeId, Role as QRole, Slot};
 use alink::beacon::BeaconConfig;
@@ -93,6 +99,10 @@ struct Shared {
     /// This node and its peer (a generation names its holder: `held_by`).
     node: NodeId,
     peer: NodeId,
+    /// A planned swap's steps for the machine (fed by the quorum thread).
+    swap_events: Mutex<Vec<SwapEvent>>,
+    /// What the machine said of the swap's handover since the last step began.
+    notes: Mutex<Vec<HandoverNote>>,
 }
 
 /// The machine's orders, as the runtime reads them.
@@ -101,6 +111,9 @@ struct Out {
     pause: bool,
     took_over: Option<u64>,
     demoted: Option<u64>,
+    /// The peer took the VM over at a swap point (its generation) before this end's
+    /// session saw the acceptance: the VM is the peer's.
+    handed: Option<u64>,
 }
 
 /// The quorum of one end of a pair (FT or HA), shown in `status`; without one
@@ -126,6 +139,7 @@ pub fn start_for(
                 }
             }
             status.set_quorum(q.view());
+            status.swap_side().set_handover(q.lease_handover());
             Ok(Some(q))
         }
         Err(e) => {
@@ -209,6 +223,7 @@ impl Quorum {
                 pause: false,
                 took_over: None,
                 demoted: None,
+                handed: None,
             }),
             view: Arc::new(Mutex::new(QuorumView::default())),
             stop: AtomicBool::new(false),
@@ -218,6 +233,8 @@ impl Quorum {
             priv0: Mutex::new(None),
             node: q.node,
             peer: q.peer,
+            swap_events: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
         let cfg = q.config.clone();
@@ -311,6 +328,17 @@ impl Quorum {
         checkpoint::standby::TakeoverGateRef(Arc::new(Granted(self.shared.clone())))
     }
 
+    /// The planned swap's lease handover of this node (see [`LeaseHandover`]).
+    pub fn lease_handover(&self) -> LeaseHandover {
+        LeaseHandover(self.shared.clone())
+    }
+
+    /// The peer took the VM over at a swap point (its generation) while this end's
+    /// session had not seen the acceptance: the VM is the peer's, this end stops it.
+    pub fn handed_over(&self) -> Option<u64> {
+        lock(&self.shared.out).handed
+    }
+
     /// The quorum part of the control socket's status, kept up to date.
     pub fn view(&self) -> Arc<Mutex<QuorumView>> {
         self.shared.view.clone()
@@ -345,6 +373,132 @@ impl TakeoverGate for Granted {
 
     fn peer_holds(&self, generation: u64) -> bool {
         held_by(generation, self.0.peer)
+    }
+
+    fn grant_swap(&self) -> Result<(), String> {
+        LeaseHandover(self.0.clone())
+            .acquire(HANDOVER_WAIT)
+            .map(|_| ())
+    }
+}
+
+/// How long each end waits for its witness in a swap's handover (the primary for the
+/// release, the standby for the grant): many round trips to a witness that answers
+/// (requests are sent again every `retry`), and short against the swap's own timeout.
+pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// One node's side of a planned swap's lease handover (issue 15). The primary calls
+/// [`LeaseHandover::release`] before its guest pauses, then [`LeaseHandover::end`]
+/// with the swap's outcome; the standby's driver asks for the grant at the swap point
+/// ([`TakeoverGate::grant_swap`] = [`LeaseHandover::acquire`]).
+///
+/// Why this is safe: the primary's lease is the only thing that lets it release output
+/// without an acknowledgement; it forgets its leases before it sends the releases, so
+/// from then on its output leaves only on the standby's acks (FT), and while the pair
+/// is cut it holds and pauses. The standby resumes the VM only with generation g+1,
+/// granted by compare-and-set at its elected witness after the primary's release (the
+/// witness grants nothing while a lease of g runs). A swap that does not happen ends
+/// with a renewal of g: granted means the standby holds nothing newer (and its acquire
+/// finds the lease running), lost means it took the VM (then this node is demoted or,
+/// mid-handover, becomes its standby). So the parity rule holds (g+1 is the
+/// standby's node's), and no generation has two holders.
+#[derive(Clone)]
+pub struct LeaseHandover(Arc<Shared>);
+
+impl LeaseHandover {
+    fn feed(&self, e: SwapEvent) {
+        lock(&self.0.swap_events).push(e);
+    }
+
+    /// Waits up to `timeout` for a note `pick` accepts, or for `done` (checked first).
+    fn wait<T>(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Out) -> Option<T>,
+        pick: impl Fn(&HandoverNote) -> Option<Result<T, String>>,
+    ) -> Option<Result<T, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = done(&lock(&self.0.out)) {
+                return Some(Ok(v));
+            }
+            if let Some(r) = lock(&self.0.notes).iter().find_map(&pick) {
+                return Some(r);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Primary: gives the lease up at every witness the peer may ask; Ok once all
+    /// answered. Err: the swap must not begin (the lease is renewed again).
+    pub fn release(&self, timeout: Duration) -> Result<(), String> {
+        lock(&self.0.notes).clear();
+        self.feed(SwapEvent::Begin);
+        let r = self.wait(
+            timeout,
+            |_| None,
+            |n| match n {
+                HandoverNote::Released => Some(Ok(())),
+                HandoverNote::Refused(why) => Some(Err(why.clone())),
+                HandoverNote::PeerTook { generation } => Some(Err(format!(
+                    "the peer holds generation {generation} already"
+                ))),
+            },
+        );
+        let r = r.unwrap_or_else(|| {
+            Err(format!(
+                "the witness did not confirm the lease's release within {timeout:?} (is it                  reachable?)"
+            ))
+        });
+        if let Err(why) = &r {
+            warn!("quorum: swap handover refused: {why}");
+            self.end(false);
+        } else {
+            info!("quorum: swap handover: lease released at the witness; the swap may begin");
+        }
+        r
+    }
+
+    /// Primary: the swap is over (`done`: the standby accepted; this node runs on as
+    /// its standby) or did not happen (the lease is renewed at once).
+    pub fn end(&self, done: bool) {
+        if done {
+            // A standby never takes over on an old grant of its own.
+            let mut o = lock(&self.0.out);
+            o.took_over = None;
+            o.demoted = None;
+        }
+        self.feed(SwapEvent::End { done });
+    }
+
+    /// Standby at the swap point: asks the elected witness for the next generation and
+    /// waits for the grant (Ok: its generation). Err: the swap is refused here.
+    pub fn acquire(&self, timeout: Duration) -> Result<u64, String> {
+        let before = lock(&self.0.out).took_over;
+        lock(&self.0.notes).clear();
+        self.feed(SwapEvent::Acquire);
+        let r = self.wait(
+            timeout,
+            |o| o.took_over.filter(|g| Some(*g) != before),
+            |n| match n {
+                HandoverNote::Refused(why) => Some(Err(why.clone())),
+                _ => None,
+            },
+        );
+        match r {
+            Some(Ok(g)) => {
+                warn!("quorum: swap: generation {g} GRANTED: this node takes the VM over");
+                Ok(g)
+            }
+            Some(Err(why)) => Err(why),
+            None => {
+                self.feed(SwapEvent::AcquireAbandoned);
+                Err(format!("no answer from the witness within {timeout:?}"))
+            }
+        }
     }
 }
 
@@ -414,6 +568,10 @@ fn run(mut runner: Runner, sh: &Shared, cfg: &QuorumConfig, node: u64, state_fil
         if protected != Some(p) {
             protected = Some(p);
             feed(Event::Protected(p), &mut runner);
+        }
+        let swap_events = std::mem::take(&mut *lock(&sh.swap_events));
+        for e in swap_events {
+            feed(Event::Swap(e), &mut runner);
         }
         for m in from_peer {
             match decode_peer_msg(&m) {
@@ -553,6 +711,19 @@ fn obey(a: Action, runner: &Runner, sh: &Shared, state_file: &Path, rec: &mut Re
             q.push_back(format!("{:?}: {}", al.kind, al.message));
         }
         Action::Audit { operator, what } => warn!("quorum AUDIT ({operator}): {what}"),
+        Action::Handover(n) => {
+            if let HandoverNote::PeerTook { generation } = n {
+                warn!(
+                    "quorum: the peer took the VM over at the swap point (generation                      {generation}): this end is its standby"
+                );
+                let mut o = lock(&sh.out);
+                o.handed = Some(generation);
+                o.gate = Gate::Hold;
+                o.pause = true;
+                o.took_over = None;
+            }
+            lock(&sh.notes).push(n);
+        }
     }
 }
 

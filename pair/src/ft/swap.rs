@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use checkpoint::primary::SwapPort;
+use twinrun_lock::lock;
+
+use super::quorum::LeaseHandover;
 
 use vmm::config::VmConfig;
 
@@ -26,6 +29,8 @@ const SWAP_WAIT: Duration = twinrun_control::SWAP_TIMEOUT;
 pub struct SwapSide {
     port: Arc<SwapPort>,
     cfg: VmConfig,
+    /// The quorum's lease handover, when the pair runs with one (lease path, issue 15).
+    handover: std::sync::Mutex<Option<LeaseHandover>>,
 }
 
 impl SwapSide {
@@ -33,6 +38,7 @@ impl SwapSide {
         SwapSide {
             port: Arc::new(SwapPort::default()),
             cfg: cfg.clone(),
+            handover: std::sync::Mutex::new(None),
         }
     }
 
@@ -41,22 +47,36 @@ impl SwapSide {
         &self.cfg
     }
 
-    /// The port for a primary session's driver config (None: swaps refused with a
-    /// reason, see [`SwapSide::request`]).
-    pub fn port_for(&self, quorum_configured: bool) -> Option<Arc<SwapPort>> {
-        (!quorum_configured).then(|| self.port.clone())
+    /// The port for a primary session's driver config (with a quorum too: the lease
+    /// handover of [`SwapSide::request`] comes first).
+    pub fn port_for(&self, _quorum_configured: bool) -> Option<Arc<SwapPort>> {
+        Some(self.port.clone())
     }
 
-    /// An operator's request: waits until the standby took the VM over.
+    /// The pair runs with a quorum: swaps hand its lease over (lease path, issue 15).
+    pub fn set_handover(&self, h: LeaseHandover) {
+        *lock(&self.handover) = Some(h);
+    }
+
+    /// An operator's request: waits until the standby took the VM over. With a quorum,
+    /// the lease is given up at the witness first (refused, nothing paused, if the
+    /// witness does not confirm), and the standby takes the next generation before it
+    /// accepts (refused, the guest resumed here, without it); the handover is ended
+    /// with the outcome either way.
     pub fn request(&self, quorum_configured: bool) -> Result<(u64, u64), String> {
-        if quorum_configured {
-            return Err(
-                "role swap refused: this pair runs with a quorum witness, and the lease \
-                 handover a swap needs is not built yet"
-                    .into(),
-            );
+        let handover = lock(&self.handover).clone();
+        if quorum_configured && handover.is_none() {
+            return Err("role swap refused: the quorum is not running yet".into());
         }
-        let done = self.port.request(SWAP_WAIT)?;
+        if let Some(h) = &handover {
+            h.release(super::quorum::HANDOVER_WAIT)
+                .map_err(|why| format!("role swap refused: {why}; the VM runs on here"))?;
+        }
+        let r = self.port.request(SWAP_WAIT);
+        if let Some(h) = &handover {
+            h.end(r.is_ok());
+        }
+        let done = r?;
         Ok((done.epoch, done.paused_for.as_micros() as u64))
     }
 }

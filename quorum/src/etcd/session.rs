@@ -361,6 +361,17 @@ impl EtcdSession {
             self.answer(id, Reply::Refused(e));
             return;
         }
+        if matches!(req, Request::Release { .. }) {
+            // etcd's owner key lives on an etcd lease the holder keeps alive; giving it
+            // up early (a planned swap's handover) is not built for this backend.
+            self.answer(
+                id,
+                Reply::Refused(OpError::Unsupported(
+                    "releasing a lease (a planned role swap) with the etcd backend".into(),
+                )),
+            );
+            return;
+        }
         let keys = match VmKeys::new(&self.cfg.prefix, &self.cfg.cluster, req.vm()) {
             Ok(k) => k,
             Err(e) => {
@@ -377,7 +388,7 @@ impl EtcdSession {
         }
         let lease_ms = match req {
             Request::Renew { lease_ms, .. } | Request::Acquire { lease_ms, .. } => lease_ms,
-            Request::Query { .. } => 0,
+            Request::Query { .. } | Request::Release { .. } => 0,
         };
         // etcd's TTLs are whole seconds: round up (a longer lease at etcd is safe; the
         // node measures its own from `lease_ms`).

@@ -33,12 +33,27 @@ pub enum Request {
     },
     /// No change: the VM's state (and proof the witness is reachable).
     Query { vm: String },
+    // New variants go last: postcard encodes the variant index.
+    /// The holder of `generation` gives its lease up now (a planned role swap: its
+    /// guest is about to pause and it will release nothing without acknowledgement
+    /// again), so that its peer's compare-and-set of the next generation is granted
+    /// at once instead of after the lease's lapse. The generation, its holder and the
+    /// peer-outdated mark stay as they are; the holder may renew again (a swap that
+    /// did not happen).
+    Release {
+        vm: String,
+        node: NodeId,
+        generation: Generation,
+    },
 }
 
 impl Request {
     pub fn vm(&self) -> &str {
         match self {
-            Request::Renew { vm, .. } | Request::Acquire { vm, .. } | Request::Query { vm } => vm,
+            Request::Renew { vm, .. }
+            | Request::Acquire { vm, .. }
+            | Request::Query { vm }
+            | Request::Release { vm, .. } => vm,
         }
     }
 }
@@ -74,6 +89,10 @@ pub enum Reply {
     },
     /// The request cannot be served (limits, bad values, storage).
     Refused(OpError),
+    // New variants go last.
+    /// Answer to a release: no lease of the sender's runs here for `generation` any
+    /// more (or none ran: this service never knew it).
+    Released { generation: Generation },
 }
 
 /// Why a witness refused a well-formed request.
@@ -91,4 +110,7 @@ pub enum OpError {
     TooManyVms(u32),
     #[error("the witness could not store the change durably")]
     StorageFailed,
+    // New variants go last.
+    #[error("not supported by this backend: {0}")]
+    Unsupported(String),
 }
