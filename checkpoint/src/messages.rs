@@ -1147,6 +1147,51 @@ mod tests {
     }
 
     #[test]
+    fn a_swap_carries_the_frames_received_after_the_pause() {
+        let frames = vec![(0u16, vec![1u8; 60]), (1, vec![2; 1514]), (0, vec![3; 42])];
+        let head = encode(&ToStandby::Swap {
+            epoch: 9,
+            released_through: Some(7),
+        })
+        .unwrap();
+        let mut body = head.clone();
+        body.extend_from_slice(&encode_rx_frames(&frames));
+        match decode_standbound(head.len(), body).unwrap() {
+            Standbound::Swap {
+                epoch,
+                released_through,
+                rx_frames,
+            } => {
+                assert_eq!((epoch, released_through), (9, Some(7)));
+                assert_eq!(rx_frames, frames);
+            }
+            _ => panic!("not a swap"),
+        }
+        // Without frames: the swap of a guest whose TAPs received nothing.
+        match decode_to_standby(&head, &[]).unwrap() {
+            StandboundMsg::Swap { rx_frames, .. } => assert!(rx_frames.is_empty()),
+            _ => panic!("not a swap"),
+        }
+        assert_eq!(
+            per_net(frames),
+            vec![
+                (0, vec![vec![1u8; 60], vec![3; 42]]),
+                (1, vec![vec![2u8; 1514]])
+            ]
+        );
+        // A frame cut short, or one longer than any frame, is refused.
+        let p = encode_rx_frames(&[(0, vec![1u8; 60])]);
+        assert!(decode_rx_frames(&p[..p.len() - 1]).is_err());
+        assert!(decode_rx_frames(&p[..3]).is_err());
+        let huge = encode_rx_frames(&[(0, vec![0u8; MAX_SWAP_RX_FRAME + 1])]);
+        assert!(decode_rx_frames(&huge).is_err());
+        let many: Vec<_> = (0..=MAX_SWAP_RX_FRAMES)
+            .map(|_| (0u16, vec![0u8; 1]))
+            .collect();
+        assert!(decode_rx_frames(&encode_rx_frames(&many)).is_err());
+    }
+
+    #[test]
     fn hello_carries_the_generation_both_ways() {
         let head = encode(&ToStandby::Hello {
             layout: vec![(0, 1 << 20)],
