@@ -753,7 +753,64 @@ pub enum StandboundMsg<'a> {
     Swap {
         epoch: u64,
         released_through: Option<u64>,
+        /// Frames the old primary's TAPs received after its guest's final pause.
+        rx_frames: Vec<(u16, Vec<u8>)>,
     },
+}
+
+/// Frames a `Swap` carries, at most (a paused guest's TAP queues about 1,000).
+pub const MAX_SWAP_RX_FRAMES: usize = 2048;
+/// Bytes of one carried frame, at most (a 64 KiB frame plus its Ethernet header).
+pub const MAX_SWAP_RX_FRAME: usize = 65550;
+
+/// The payload of a `Swap`: the frames the old primary's TAPs received after its
+/// guest's final pause, which the new primary's guest receives first (they would
+/// otherwise die with the old VM and the client resend them only after its TCP
+/// retransmission timeout). Each: net index (u16 LE), length (u32 LE), the frame.
+pub fn encode_rx_frames(frames: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frames.iter().map(|(_, f)| f.len() + 6).sum());
+    for (net, f) in frames {
+        out.extend_from_slice(&net.to_le_bytes());
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// Decodes [`encode_rx_frames`]' payload, checking every limit.
+pub fn decode_rx_frames(mut p: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, DecodeError> {
+    let mut out = Vec::new();
+    while !p.is_empty() {
+        exceeded(
+            "swap frames",
+            out.len() as u64 + 1,
+            MAX_SWAP_RX_FRAMES as u64,
+        )?;
+        if p.len() < 6 {
+            return Err(DecodeError::UnexpectedPayload("swap frame head"));
+        }
+        let net = u16::from_le_bytes([p[0], p[1]]);
+        let len = u32::from_le_bytes([p[2], p[3], p[4], p[5]]) as usize;
+        exceeded("swap frame bytes", len as u64, MAX_SWAP_RX_FRAME as u64)?;
+        let Some(f) = p.get(6..6 + len) else {
+            return Err(DecodeError::UnexpectedPayload("swap frame"));
+        };
+        out.push((net, f.to_vec()));
+        p = &p[6 + len..];
+    }
+    Ok(out)
+}
+
+/// `(net, frame)` pairs grouped per net, each group in order.
+pub fn per_net(frames: Vec<(u16, Vec<u8>)>) -> Vec<(u16, Vec<Vec<u8>>)> {
+    let mut out: Vec<(u16, Vec<Vec<u8>>)> = Vec::new();
+    for (net, f) in frames {
+        match out.iter_mut().find(|(n, _)| *n == net) {
+            Some((_, v)) => v.push(f),
+            None => out.push((net, vec![f])),
+        }
+    }
+    out
 }
 
 fn check_disk(head: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
@@ -814,13 +871,11 @@ pub fn decode_to_standby_at<'a>(
         ToStandby::Swap {
             epoch,
             released_through,
-        } => {
-            bare("swap")?;
-            Ok(StandboundMsg::Swap {
-                epoch,
-                released_through,
-            })
-        }
+        } => Ok(StandboundMsg::Swap {
+            epoch,
+            released_through,
+            rx_frames: decode_rx_frames(payload)?,
+        }),
     }
 }
 
@@ -893,6 +948,8 @@ pub enum Standbound {
     Swap {
         epoch: u64,
         released_through: Option<u64>,
+        /// See [`StandboundMsg::Swap`].
+        rx_frames: Vec<(u16, Vec<u8>)>,
     },
 }
 
@@ -952,13 +1009,11 @@ pub fn decode_standbound_at(
         ToStandby::Swap {
             epoch,
             released_through,
-        } => {
-            bare("swap")?;
-            Ok(Standbound::Swap {
-                epoch,
-                released_through,
-            })
-        }
+        } => Ok(Standbound::Swap {
+            epoch,
+            released_through,
+            rx_frames: decode_rx_frames(payload)?,
+        }),
     }
 }
 
@@ -1104,6 +1159,51 @@ mod tests {
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_SIZE]
+    }
+
+    #[test]
+    fn a_swap_carries_the_frames_received_after_the_pause() {
+        let frames = vec![(0u16, vec![1u8; 60]), (1, vec![2; 1514]), (0, vec![3; 42])];
+        let head = encode(&ToStandby::Swap {
+            epoch: 9,
+            released_through: Some(7),
+        })
+        .unwrap();
+        let mut body = head.clone();
+        body.extend_from_slice(&encode_rx_frames(&frames));
+        match decode_standbound(head.len(), body).unwrap() {
+            Standbound::Swap {
+                epoch,
+                released_through,
+                rx_frames,
+            } => {
+                assert_eq!((epoch, released_through), (9, Some(7)));
+                assert_eq!(rx_frames, frames);
+            }
+            _ => panic!("not a swap"),
+        }
+        // Without frames: the swap of a guest whose TAPs received nothing.
+        match decode_to_standby(&head, &[]).unwrap() {
+            StandboundMsg::Swap { rx_frames, .. } => assert!(rx_frames.is_empty()),
+            _ => panic!("not a swap"),
+        }
+        assert_eq!(
+            per_net(frames),
+            vec![
+                (0, vec![vec![1u8; 60], vec![3; 42]]),
+                (1, vec![vec![2u8; 1514]])
+            ]
+        );
+        // A frame cut short, or one longer than any frame, is refused.
+        let p = encode_rx_frames(&[(0, vec![1u8; 60])]);
+        assert!(decode_rx_frames(&p[..p.len() - 1]).is_err());
+        assert!(decode_rx_frames(&p[..3]).is_err());
+        let huge = encode_rx_frames(&[(0, vec![0u8; MAX_SWAP_RX_FRAME + 1])]);
+        assert!(decode_rx_frames(&huge).is_err());
+        let many: Vec<_> = (0..=MAX_SWAP_RX_FRAMES)
+            .map(|_| (0u16, vec![0u8; 1]))
+            .collect();
+        assert!(decode_rx_frames(&encode_rx_frames(&many)).is_err());
     }
 
     #[test]

@@ -967,6 +967,8 @@ struct Sim {
     swap_rng: Rng,
     /// The old primary of a swap in progress, until its driver takes the acceptance.
     swapping_out: Option<PrimaryNode>,
+    /// The console sink's length when the swap in progress was asked.
+    swap_asked_sink: Option<usize>,
     /// Sessions a swap ended (they committed, but may have ended before five commits).
     swapped_sessions: Vec<u32>,
     swaps: u32,
@@ -1249,15 +1251,16 @@ impl Sim {
                 let Some(s) = self.standby.as_mut() else {
                     return;
                 };
-                let before = {
+                let (before, sink_before) = {
                     let w = self.world.borrow();
-                    (w.sink.rewrites, w.lan.duplicates)
+                    ((w.sink.rewrites, w.lan.duplicates), w.sink.bytes.len())
                 };
                 let r = s.driver.on_message(n, body.into());
                 self.violations = self.violations.max(s.driver.violations());
                 match r {
                     Ok(None) => {}
                     Ok(Some(StandbyOutcome::FailedOver(toy, report))) if report.planned => {
+                        let asked = self.swap_asked_sink.take();
                         let w = self.world.borrow();
                         assert_eq!(
                             (w.sink.rewrites, w.lan.duplicates),
@@ -1266,10 +1269,18 @@ impl Sim {
                              duplicate frames)",
                             self.seed
                         );
-                        assert_eq!(
-                            report.released_through.map(|r| r + 1),
-                            Some(report.last_committed),
+                        assert!(
+                            report.released_through < Some(report.last_committed),
                             "seed {}: the swap point's output must be the standby's to release",
+                            self.seed
+                        );
+                        // Once the swap was asked, the old primary released nothing (a
+                        // client answered there would send its next request to a guest
+                        // that never runs again): the standby released it all.
+                        assert_eq!(
+                            Some(sink_before),
+                            asked,
+                            "seed {}: the old primary released output after the swap request",
                             self.seed
                         );
                         drop(w);
@@ -1343,9 +1354,9 @@ impl Sim {
                         // itself, before the driver hears of the ack (never a swap
                         // point's: the standby releases that).
                         if let Some(p) = &self.primary {
-                            if let Some(through) = p.swap.release_limit(epoch) {
+                            p.swap.release_on_ack(epoch, |through| {
                                 let _ = p.toy.release_output(through);
-                            }
+                            });
                         }
                         FromStandby::Ack { epoch }
                     }
@@ -1618,6 +1629,7 @@ impl Sim {
                 if let Some(st) = &self.standby {
                     st.gate.refuse_swap.store(refuse, Ordering::SeqCst);
                 }
+                self.swap_asked_sink = Some(self.world.borrow().sink.bytes.len());
                 if debug() {
                     eprintln!(
                         "seed {} step {}: swap requested (quorum refuses: {refuse})",
@@ -1927,6 +1939,7 @@ fn run(seed: u64) -> Report {
         demoted_delta_bytes: (0, 0),
         swap_rng,
         swapping_out: None,
+        swap_asked_sink: None,
         swapped_sessions: Vec::new(),
         swaps: 0,
         swaps_refused: 0,

@@ -235,6 +235,11 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     sync_started: Option<Duration>,
     /// When the guest was paused for a requested swap.
     swap_paused_at: Option<Duration>,
+    /// A requested swap: output released here through this epoch (by the protocol or
+    /// the pump before its hold); the standby releases what comes after.
+    swap_released: Option<u64>,
+    /// A swap sent: the frames its message carries (given back if it fails).
+    swap_rx: Vec<(u16, Vec<u8>)>,
     /// The real loop's swap port (the receive pump's early release reads its hold).
     swap_port: Option<Arc<SwapPort>>,
     /// The standby refused the requested swap (its quorum gave no grant): the guest
@@ -285,6 +290,8 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             stamp: 0,
             sync_started: None,
             swap_paused_at: None,
+            swap_released: None,
+            swap_rx: Vec::new(),
             swap_port: cfg.swap.clone(),
             swap_refused: false,
         })
@@ -433,6 +440,15 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         match self.proto.on_event(PrimaryEvent::SwapRequested) {
             Ok(actions) => {
                 log::info!("primary: planned role swap requested: pausing the guest");
+                // From here nothing more is released here (the protocol's acks release
+                // nothing; the pump is held): the standby releases it after its MAC
+                // announce. The pump may have released beyond the protocol's view.
+                let first_held = self.proto.released().map_or(0, |r| r + 1);
+                let pumped = self
+                    .swap_port
+                    .as_ref()
+                    .and_then(|p| p.hold_from(first_held));
+                self.swap_released = self.proto.released().max(pumped);
                 self.perform_all(actions.into())?;
                 Ok(Ok(()))
             }
@@ -569,10 +585,6 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             }
             PrimaryAction::Capture { epoch } => self.capture(epoch, false),
             PrimaryAction::CaptureFinal { epoch } => {
-                if let Some(p) = &self.swap_port {
-                    // Before its ack can arrive: the pump must not release it.
-                    p.hold_from(epoch);
-                }
                 let ev = self.capture(epoch, true)?;
                 // The swap point: the guest stays paused (a lost standby resumes it).
                 self.paused_by_throttle = true;
@@ -591,14 +603,31 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 epoch,
                 released_through,
             } => {
+                // What left here: the protocol's releases and the pump's before the hold.
+                let released_through = released_through.max(self.swap_released);
+                self.swap_released = released_through;
+                // What the TAPs received since the pause goes with the VM: the new
+                // primary's guest receives it first (a request that reached this TAP
+                // is not lost with this VM; see `messages::encode_rx_frames`).
+                self.swap_rx = self.vm.take_rx_frames(crate::messages::MAX_SWAP_RX_FRAMES);
+                let payload = crate::messages::encode_rx_frames(&self.swap_rx);
                 self.send_msg(
                     &ToStandby::Swap {
                         epoch,
                         released_through,
                     },
-                    Vec::new(),
+                    if payload.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![alink::Bytes::from(payload)]
+                    },
                 )?;
-                log::info!("primary: swap: epoch {epoch} acknowledged and released; handing over");
+                log::info!(
+                    "primary: swap: epoch {epoch} acknowledged; handing over (released here \
+                     through {released_through:?}, the standby releases the rest; {} frames \
+                     received since the pause go with it)",
+                    self.swap_rx.len()
+                );
                 Ok(None)
             }
             PrimaryAction::HandOver { epoch } => {
@@ -607,10 +636,15 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                     .take()
                     .map_or(Duration::ZERO, |t| self.now().saturating_sub(t));
                 self.report.swapped = Some(SwapDone { epoch, paused_for });
-                // The standby releases the swap point's output (it owns the VM now).
-                self.vm.discard_output_after(epoch.saturating_sub(1));
+                // The standby releases what was held since the request (it owns the VM
+                // now); nothing was released here after `swap_released`.
+                // (A swap needs epoch 0 acknowledged, which released it: never None.)
+                debug_assert!(self.swap_released.is_some());
+                self.vm
+                    .discard_output_after(self.swap_released.unwrap_or_default());
                 self.staged.clear();
                 self.captured_at.clear();
+                self.swap_rx.clear();
                 log::info!(
                     "primary: swap: the standby took the VM over at epoch {epoch} ({paused_for:?} \
                      after the pause); this side's guest stays paused"
@@ -621,12 +655,20 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 if let Some(p) = &self.swap_port {
                     p.clear_hold();
                 }
+                // The frames taken for the standby are this guest's again, ahead of
+                // what its TAPs receive from now on.
+                let rx = std::mem::take(&mut self.swap_rx);
+                if !rx.is_empty() {
+                    log::info!("primary: swap refused: {} frames given back", rx.len());
+                    self.vm.inject_rx_frames(rx);
+                }
                 self.swap_paused_at = None;
                 self.paused_by_throttle = false;
                 self.vm.resume().map_err(DriverError::from)?;
                 self.swap_refused = true;
                 log::warn!(
-                    "primary: swap: the standby refused to take the VM over at epoch {epoch}                      (no quorum grant); the guest resumes here"
+                    "primary: swap: the standby refused to take the VM over at epoch {epoch} \
+                     (no quorum grant); the guest resumes here"
                 );
                 Ok(None)
             }
@@ -691,6 +733,13 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
                 Ok(None)
             }
             PrimaryAction::EnterSimplex => {
+                // A swap that failed: the frames taken for the standby are this
+                // guest's again, ahead of what its TAPs receive from now on.
+                let rx = std::mem::take(&mut self.swap_rx);
+                if !rx.is_empty() {
+                    log::warn!("primary: swap failed: {} frames given back", rx.len());
+                    self.vm.inject_rx_frames(rx);
+                }
                 self.enter_simplex().map_err(DriverError::from)?;
                 Ok(None)
             }
@@ -836,16 +885,15 @@ pub fn run_primary(
         // Acks come only for epochs captured (closed) in this session: a session has
         // its own A-Link, and the gate's numbering restarts with it.
         let release = move |epoch: u64| {
-            // Never a swap point's output: the standby releases that.
-            let Some(epoch) = cfg
-                .swap
-                .as_ref()
-                .map_or(Some(epoch), |p| p.release_limit(epoch))
-            else {
-                return;
+            let release = |epoch: u64| {
+                if let Err(e) = vmm.release_output(epoch) {
+                    log::debug!("primary: early release through epoch {epoch}: {e}");
+                }
             };
-            if let Err(e) = vmm.release_output(epoch) {
-                log::debug!("primary: early release through epoch {epoch}: {e}");
+            // Never the output held for a requested swap: the standby releases that.
+            match cfg.swap.as_ref() {
+                Some(p) => p.release_on_ack(epoch, release),
+                None => release(epoch),
             }
         };
         let generation = cfg.generation.as_deref();

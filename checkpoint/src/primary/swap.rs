@@ -4,7 +4,6 @@
 //! ([`crate::primary::PrimaryDriver::request_swap`]) and answers once the standby
 //! accepted (or the swap was refused or failed).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,13 +35,21 @@ struct Slot {
     pending: Option<SwapReply>,
 }
 
+/// The receive pump's early release on ack, and a swap's hold on it.
+#[derive(Default)]
+struct Hold {
+    /// While a swap is requested: the first epoch whose output is held (the standby
+    /// releases it).
+    from: Option<u64>,
+    /// The newest epoch the pump released through in this session.
+    released: Option<u64>,
+}
+
 /// Shared between the control thread and the primary's sessions.
 #[derive(Default)]
 pub struct SwapPort {
     slot: Mutex<Slot>,
-    /// The swap point's epoch + 1 while a swap holds it (0: none): the receive pump's
-    /// early release on ack stops before it (the standby releases it).
-    hold_from: AtomicU64,
+    hold: Mutex<Hold>,
 }
 
 impl SwapPort {
@@ -84,15 +91,21 @@ impl SwapPort {
     pub fn set_active(&self, active: bool) {
         let mut s = self.lock();
         s.active = active;
-        self.hold_from.store(0, Ordering::SeqCst);
+        *self.hold.lock_or_recover() = Hold::default();
         if !active {
             s.pending = None;
         }
     }
 
-    /// The swap point is `epoch`: its output must not be released here on its ack.
-    pub fn hold_from(&self, epoch: u64) {
-        self.hold_from.store(epoch + 1, Ordering::SeqCst);
+    /// A swap is requested: from here the output of `first_held` and later epochs is
+    /// not released on its ack (the standby releases it after its MAC announce).
+    /// Returns the newest epoch the pump released through (it may be ahead of the
+    /// protocol, which has not yet seen that ack): the standby releases only what
+    /// comes after it, so nothing leaves twice.
+    pub fn hold_from(&self, first_held: u64) -> Option<u64> {
+        let mut h = self.hold.lock_or_recover();
+        h.from = Some(first_held);
+        h.released
     }
 
     /// The swap did not happen (the standby refused it): acks release everything
@@ -102,18 +115,23 @@ impl SwapPort {
     }
 
     /// What an ack of `epoch` may release here: through `epoch`, or only up to the
-    /// epoch before a swap point (None: nothing).
-    pub fn release_limit(&self, epoch: u64) -> Option<u64> {
-        match self.hold_from.load(Ordering::SeqCst) {
-            0 => Some(epoch),
-            h => {
-                let swap_point = h - 1;
-                if epoch < swap_point {
-                    Some(epoch)
-                } else {
-                    swap_point.checked_sub(1)
-                }
-            }
+    /// epoch before the first held one (None: nothing).
+    fn release_limit(h: &Hold, epoch: u64) -> Option<u64> {
+        match h.from {
+            None => Some(epoch),
+            Some(first_held) if epoch < first_held => Some(epoch),
+            Some(first_held) => first_held.checked_sub(1),
+        }
+    }
+
+    /// The receive pump's early release on the ack of `epoch`: calls `release` with
+    /// the epoch to release through, if any, under the hold's lock (a swap's
+    /// [`SwapPort::hold_from`] sees every release made before it, none after).
+    pub fn release_on_ack(&self, epoch: u64, release: impl FnOnce(u64)) {
+        let mut h = self.hold.lock_or_recover();
+        if let Some(through) = Self::release_limit(&h, epoch) {
+            release(through);
+            h.released = h.released.max(Some(through));
         }
     }
 
@@ -127,18 +145,27 @@ impl SwapPort {
 mod tests {
     use super::*;
 
+    fn released_on_ack(p: &SwapPort, epoch: u64) -> Option<u64> {
+        let mut got = None;
+        p.release_on_ack(epoch, |t| got = Some(t));
+        got
+    }
+
     #[test]
-    fn the_swap_point_is_not_released_on_its_ack() {
+    fn nothing_held_is_released_on_its_ack() {
         let p = SwapPort::default();
-        assert_eq!(p.release_limit(7), Some(7));
-        p.hold_from(5);
-        assert_eq!(p.release_limit(4), Some(4));
-        assert_eq!(p.release_limit(5), Some(4));
-        assert_eq!(p.release_limit(6), Some(4));
-        p.hold_from(0);
-        assert_eq!(p.release_limit(0), None);
+        assert_eq!(released_on_ack(&p, 7), Some(7));
+        // The pump was ahead of the protocol: the hold says how far.
+        assert_eq!(p.hold_from(5), Some(7));
+        assert_eq!(released_on_ack(&p, 4), Some(4));
+        assert_eq!(released_on_ack(&p, 5), Some(4));
+        assert_eq!(released_on_ack(&p, 6), Some(4));
+        assert_eq!(p.hold_from(0), Some(7));
+        assert_eq!(released_on_ack(&p, 0), None);
         p.set_active(false);
-        assert_eq!(p.release_limit(3), Some(3));
+        assert_eq!(p.hold_from(9), None);
+        p.set_active(true);
+        assert_eq!(released_on_ack(&p, 3), Some(3));
     }
 
     #[test]

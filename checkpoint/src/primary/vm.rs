@@ -88,6 +88,15 @@ pub trait PrimaryVm {
     /// Drops the held output of every epoch after `epoch` (and the open one): a
     /// planned role swap handed it to the standby, which releases it.
     fn discard_output_after(&self, epoch: u64);
+    /// The frames waiting on the NICs' host side that the paused guest has not
+    /// received, `(net index, frame)`, at most `max`, taken: a planned role swap hands
+    /// them to the new primary. None for a VM without NICs.
+    fn take_rx_frames(&self, _max: usize) -> Vec<(u16, Vec<u8>)> {
+        Vec::new()
+    }
+    /// Gives frames taken by [`PrimaryVm::take_rx_frames`] back to the guest (a swap
+    /// that failed: the guest resumes here).
+    fn inject_rx_frames(&self, _frames: Vec<(u16, Vec<u8>)>) {}
     /// Takes (resets) the written-block maps of every disk, or of `disk` only.
     fn reset_written_blocks(&self, disk: Option<usize>);
 }
@@ -135,6 +144,12 @@ impl<T: PrimaryVm + ?Sized> PrimaryVm for &T {
     }
     fn discard_output_after(&self, epoch: u64) {
         (**self).discard_output_after(epoch)
+    }
+    fn take_rx_frames(&self, max: usize) -> Vec<(u16, Vec<u8>)> {
+        (**self).take_rx_frames(max)
+    }
+    fn inject_rx_frames(&self, frames: Vec<(u16, Vec<u8>)>) {
+        (**self).inject_rx_frames(frames)
     }
     fn reset_written_blocks(&self, disk: Option<usize>) {
         (**self).reset_written_blocks(disk)
@@ -194,6 +209,19 @@ impl PrimaryVm for Vmm {
     }
     fn discard_output_after(&self, epoch: u64) {
         Vmm::discard_output_after(self, epoch)
+    }
+    fn take_rx_frames(&self, max: usize) -> Vec<(u16, Vec<u8>)> {
+        Vmm::take_rx_frames(self, max)
+            .into_iter()
+            .map(|(i, f)| (i as u16, f))
+            .collect()
+    }
+    fn inject_rx_frames(&self, frames: Vec<(u16, Vec<u8>)>) {
+        for (net, frames) in crate::messages::per_net(frames) {
+            if !Vmm::inject_rx_frames(self, usize::from(net), frames) {
+                log::error!("primary: net {net}: no such NIC for frames given back");
+            }
+        }
     }
     fn reset_written_blocks(&self, disk: Option<usize>) {
         match disk {

@@ -16,9 +16,11 @@
 //!   Planned role swap (Protected, epoch 0 acknowledged):
 //!     SwapRequested -> PauseForSwap (guest paused for good), then, when the window has
 //!                      room, CaptureFinal(F) (captured like any epoch, guest left paused)
-//!     Captured(F) -> Send(F);  Ack(F) -> ReleaseOutput(F-1), SendSwap(F, released F-1)
-//!     SwapAccepted(F) -> SwappedOut, HandOver(F): F's held output is discarded here;
-//!                      the standby releases it and resumes the VM from F
+//!                      From the request on, acks release nothing here (held from H, the
+//!                      first epoch not released at the request).
+//!     Captured(F) -> Send(F);  Ack(F) -> SendSwap(F, released H-1)
+//!     SwapAccepted(F) -> SwappedOut, HandOver(F): the output of H..=F held here is
+//!                      discarded; the standby releases it and resumes the VM from F
 //!     PeerLost before SwapAccepted -> Simplex as above: the guest resumes HERE
 //!     SwapRefused(F) (the standby's quorum did not grant it the next generation)
 //!                   -> ReleaseOutput(F), ResumeAfterSwap: Protected, the guest resumes
@@ -26,11 +28,17 @@
 //! ```
 //!
 //! Why the swap loses and duplicates nothing: the guest is paused at the end of F, so
-//! no output exists after F; everything before F is released here before `Swap`
-//! leaves, F's output (committed on the standby) is released by the standby at
-//! takeover (after its MAC announce, so the client's next request goes to it) and
-//! discarded here. If the standby is lost before it accepted, Simplex releases F here
-//! (the standby never ran the VM). Until the acceptance arrives the old primary may still resume (standby
+//! no output exists after F; everything before H was released here before the
+//! request, H..=F (committed on the standby) is released by the standby at takeover
+//! and discarded here. If the standby is lost before it accepted, Simplex releases
+//! H..=F here (the standby never ran the VM).
+//!
+//! Why nothing is released here once the swap is requested: a client answered from
+//! here sends its next request here, to the TAP of a guest that never runs again
+//! (the new primary's MAC announce comes later); the request dies with it and the
+//! client resends it only after its TCP retransmission timeout (>= 200 ms on Linux:
+//! the swap's client-visible stall, measured by capture). Released by the standby
+//! after its announce, the answers bring the next requests to the new primary. Until the acceptance arrives the old primary may still resume (standby
 //! lost); once it arrived it never does. A cut of every link between the two is the
 //! usual failover case (the standby takes over from F, as it would anyway).
 //!
@@ -179,16 +187,16 @@ pub enum PrimaryAction {
     /// Swap: capture `epoch` like `Capture` but leave the guest paused (it is the swap
     /// point: nothing runs here after it).
     CaptureFinal { epoch: u64 },
-    /// Swap: the final epoch is acknowledged (its output stays held here, everything
-    /// before it is released): tell the standby to take the VM over at `epoch` and to
-    /// release the output after `released_through` itself.
+    /// Swap: the final epoch is acknowledged (its output and that of every epoch
+    /// after `released_through` stay held here): tell the standby to take the VM over
+    /// at `epoch` and to release the output after `released_through` itself.
     SendSwap {
         epoch: u64,
         released_through: Option<u64>,
     },
-    /// Swap: the standby accepted; discard the output held after `epoch - 1` (the
-    /// standby releases it); this side's guest never runs again (its VM is stopped by
-    /// the caller), the session ends.
+    /// Swap: the standby accepted; discard the output held here (after the
+    /// `released_through` of `SendSwap`: the standby releases it); this side's guest
+    /// never runs again (its VM is stopped by the caller), the session ends.
     HandOver { epoch: u64 },
     /// Swap refused by the standby: resume the guest here (the swap point's output
     /// was released by the `ReleaseOutput` before); checkpointing goes on.
@@ -430,13 +438,15 @@ impl Primary {
                     return Ok(out);
                 }
                 self.first_unacked = epoch + 1;
-                // The swap point's own output is released by the side that owns the VM
-                // after the swap: the standby (it re-releases the committed epochs after
-                // `released_through`), so the reply a client waits for leaves from
-                // where its next request will go.
-                let release_below = match self.swap {
-                    Some(SwapStage::Final(e) | SwapStage::Sent(e)) => (epoch + 1).min(e),
-                    _ => epoch + 1,
+                // Once a swap is requested, the output held here is released by the
+                // side that owns the VM after the swap: the standby (it re-releases the
+                // committed epochs after `released_through`, after its MAC announce), so
+                // the reply a client waits for leaves from where its next request will
+                // go (see the module docs).
+                let release_below = if self.swap.is_some() {
+                    self.released_below
+                } else {
+                    epoch + 1
                 };
                 let release = release_below > self.released_below;
                 self.released_below = self.released_below.max(release_below);
@@ -535,10 +545,11 @@ impl Primary {
             },
             PrimaryEvent::SwapRefused { epoch } => match self.swap {
                 Some(SwapStage::Sent(e)) if e == epoch && self.phase == PrimaryPhase::Protected => {
-                    // F is acknowledged (Swap left only after its ack): its output is
-                    // this side's to release again, as for any acked epoch.
+                    // F is acknowledged (Swap left only after its ack): its output, and
+                    // every acknowledged epoch's held here since the request, is this
+                    // side's to release again, as for any acked epoch.
                     self.swap = None;
-                    assert_eq!(self.released_below, e);
+                    assert!(self.released_below <= e);
                     self.released_below = e + 1;
                     out.push(PrimaryAction::ReleaseOutput { through: e });
                     out.push(PrimaryAction::ResumeAfterSwap { epoch: e });
@@ -563,8 +574,8 @@ impl Primary {
     }
 
     /// Moves a requested swap on: the final capture once the window has room, the
-    /// `Swap` once the final epoch is acknowledged (its output is released by the
-    /// `ReleaseOutput` pushed before).
+    /// `Swap` once the final epoch is acknowledged (the output held since the request
+    /// stays held: the standby releases it).
     fn swap_step(&mut self, out: &mut Vec<PrimaryAction>) {
         match self.swap {
             Some(SwapStage::Pausing) => {
@@ -577,7 +588,7 @@ impl Primary {
             }
             Some(SwapStage::Final(e)) => {
                 if self.first_unacked > e {
-                    assert_eq!(self.released_below, e);
+                    assert!(self.released_below <= e);
                     self.swap = Some(SwapStage::Sent(e));
                     out.push(PrimaryAction::SendSwap {
                         epoch: e,
@@ -640,10 +651,12 @@ impl Primary {
                 assert!(e + 1 == self.next_epoch || self.capturing == Some(e));
                 assert!(self.released_below <= e);
             }
-            // The swap point: everything through it acknowledged and released.
+            // The swap point: everything through it acknowledged; nothing released
+            // since the request.
             Some(SwapStage::Sent(e)) => {
                 assert_eq!(self.next_epoch, e + 1);
-                assert_eq!(self.released_below, e);
+                assert!(self.first_unacked > e);
+                assert!(self.released_below <= e);
                 assert!(self.capturing.is_none());
             }
         }
@@ -710,6 +723,77 @@ mod tests {
             [A::Send { epoch: 0 }]
         );
         p
+    }
+
+    /// Protected, epoch 0 acknowledged, epoch 1 captured and in flight (not acked).
+    fn swap_ready() -> Primary {
+        let mut p = protected();
+        p.on_event(E::Ack { epoch: 0 }).unwrap();
+        assert_eq!(
+            p.on_event(E::Tick { now: ms(11) }).unwrap(),
+            [A::Capture { epoch: 1 }]
+        );
+        p.on_event(E::Captured {
+            epoch: 1,
+            now: ms(12),
+            bytes: 100,
+        })
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_swap_releases_nothing_here_after_its_request() {
+        let mut p = swap_ready();
+        assert_eq!(
+            p.on_event(E::SwapRequested).unwrap(),
+            [A::PauseForSwap, A::CaptureFinal { epoch: 2 }]
+        );
+        // Epoch 1 was in flight at the request: its ack releases nothing here (a
+        // client answered here would send its next request to a guest that never
+        // runs again).
+        assert!(p.on_event(E::Ack { epoch: 1 }).unwrap().is_empty());
+        assert_eq!(p.released(), Some(0));
+        assert_eq!(
+            p.on_event(E::Captured {
+                epoch: 2,
+                now: ms(13),
+                bytes: 100,
+            })
+            .unwrap(),
+            [A::Send { epoch: 2 }]
+        );
+        assert_eq!(
+            p.on_event(E::Ack { epoch: 2 }).unwrap(),
+            [A::SendSwap {
+                epoch: 2,
+                released_through: Some(0),
+            }]
+        );
+        assert_eq!(
+            p.on_event(E::SwapAccepted { epoch: 2 }).unwrap(),
+            [A::HandOver { epoch: 2 }]
+        );
+        assert_eq!(p.phase(), PrimaryPhase::SwappedOut);
+        assert_eq!(p.released(), Some(0));
+    }
+
+    #[test]
+    fn a_failed_swap_releases_what_it_held_here() {
+        let mut p = swap_ready();
+        p.on_event(E::SwapRequested).unwrap();
+        p.on_event(E::Captured {
+            epoch: 2,
+            now: ms(13),
+            bytes: 100,
+        })
+        .unwrap();
+        assert!(p.on_event(E::Ack { epoch: 2 }).unwrap().len() == 1);
+        // The standby is lost before it accepted: the VM runs on here, and Simplex
+        // releases everything held (epochs 1 and 2).
+        assert_eq!(p.on_event(E::PeerLost).unwrap(), [A::EnterSimplex]);
+        assert_eq!(p.phase(), PrimaryPhase::Simplex);
+        assert_eq!(p.swap(), None);
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     session_generation: u64,
     /// The primary asked for a planned role swap (the takeover that follows is one).
     swap_requested: bool,
+    /// The frames a `Swap` carried (the old primary's TAPs received them after its
+    /// guest's final pause): the taken-over guest receives them first.
+    swap_rx: Vec<(u16, Vec<u8>)>,
 }
 
 impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
@@ -158,6 +161,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
             session_generation: 0,
             swap_requested: false,
+            swap_rx: Vec::new(),
         })
     }
 
@@ -242,6 +246,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             Ok(Standbound::Swap {
                 epoch,
                 released_through,
+                rx_frames,
             }) => {
                 // The grant is asked only for a swap this replica can accept (else the
                 // protocol refuses it below, as before), and before the protocol
@@ -263,6 +268,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                     }
                 }
                 self.swap_requested = true;
+                self.swap_rx = rx_frames;
                 StandbyEvent::SwapRequest {
                     epoch,
                     released_through,
@@ -495,6 +501,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             console_next: self.committed_console_end,
             console: mirror.console_to_rerelease(released_through).collect(),
             frames: mirror.frames_to_resend(released_through).collect(),
+            rx_frames: std::mem::take(&mut self.swap_rx),
         };
         let (vm, mut out) = self.takeover.take_over(input)?;
         out.last_committed = last_committed;
@@ -503,13 +510,15 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         out.failover_time = self.instant().saturating_duration_since(t0);
         log::warn!(
             "standby: the VM runs here now (failover took {:?}; {} console bytes released \
-             again from position {:?}; {} RARP announces; {} frames sent again, {} refused)",
+             again from position {:?}; {} RARP announces; {} frames sent again, {} refused; \
+             {} frames the old primary received handed to the guest)",
             out.failover_time,
             out.rereleased_bytes,
             out.rereleased_from,
             out.announces,
             out.resent_frames,
-            out.resend_failed
+            out.resend_failed,
+            out.handed_in_frames
         );
         Ok((vm, out))
     }

@@ -69,6 +69,9 @@ pub struct FailoverReport {
     /// the TAP refused (or whose device the config lacks).
     pub resent_frames: u64,
     pub resend_failed: u64,
+    /// A planned swap: frames the old primary's TAPs received after its guest's
+    /// final pause, handed to this guest.
+    pub handed_in_frames: u64,
     /// A planned role swap (the primary handed the VM over), not a failure.
     pub planned: bool,
 }

@@ -42,6 +42,9 @@ pub struct TakeoverInput<'a> {
     pub console: Vec<(u64, &'a [u8])>,
     /// Net frames of those epochs, `(net device index, frame)`, in order per NIC.
     pub frames: Vec<(u16, &'a [u8])>,
+    /// A planned swap: frames the old primary's TAPs received after its guest's final
+    /// pause, `(net device index, frame)`: the guest receives them first.
+    pub rx_frames: Vec<(u16, Vec<u8>)>,
 }
 
 /// Turns the handed-over replica into a running VM.
@@ -128,6 +131,16 @@ impl Takeover for VmmTakeover<'_> {
                 out.resent_frames += 1;
             } else {
                 out.resend_failed += 1;
+            }
+        }
+        // What the old primary's TAPs received after its final pause: the guest
+        // receives it before anything this TAP brings (the client sent it earlier).
+        for (net, frames) in crate::messages::per_net(input.rx_frames) {
+            let n = frames.len() as u64;
+            if vmm.inject_rx_frames(usize::from(net), frames) {
+                out.handed_in_frames += n;
+            } else {
+                log::error!("standby: net {net}: no such NIC for {n} handed-in frames");
             }
         }
         if let Some(f) = &self.before_start {

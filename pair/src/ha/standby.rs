@@ -128,6 +128,7 @@ pub fn run(
         announces: 0,
         resent_frames: 0,
         resend_failed: 0,
+        handed_in_frames: 0,
         planned: false,
     };
     info!(

@@ -269,6 +269,43 @@ impl DeviceManager {
         out
     }
 
+    /// The frames waiting on every NIC's host side that the guest has not received,
+    /// `(net index, frame)`, at most `max` in all, taken off the hosts. Only while
+    /// the VM is paused (the backend thread is parked and reads none meanwhile).
+    pub fn take_rx_frames(&self, max: usize) -> Vec<(usize, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut net = 0;
+        for s in &self.slots {
+            if s.device_id != abi::VIRTIO_ID_NET {
+                continue;
+            }
+            let left = max.saturating_sub(out.len());
+            out.extend(
+                lock(&s.transport)
+                    .take_rx_frames(left)
+                    .into_iter()
+                    .map(|f| (net, f)),
+            );
+            net += 1;
+        }
+        out
+    }
+
+    /// Delivers `frames` to NIC `net`'s guest before anything its TAP receives later.
+    /// False if there is no such NIC.
+    pub fn inject_rx_frames(&self, net: usize, frames: Vec<Vec<u8>>) -> bool {
+        let Some(s) = self
+            .slots
+            .iter()
+            .filter(|s| s.device_id == abi::VIRTIO_ID_NET)
+            .nth(net)
+        else {
+            return false;
+        };
+        lock(&s.transport).inject_rx_frames(frames);
+        true
+    }
+
     /// Installs `hooks` on every disk (or removes them with `None`); safe while the
     /// vCPUs run: each disk picks them up at its next batch of requests.
     pub fn set_disk_hooks(&self, hooks: Option<Arc<dyn DiskHooks>>) {

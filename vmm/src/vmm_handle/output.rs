@@ -119,6 +119,21 @@ impl Vmm {
         self.devices.output_gate().send_frame(index, frame)
     }
 
+    /// The frames waiting on the TAPs that the guest has not received, `(net index,
+    /// frame)`, at most `max`, taken off the TAPs. Only while paused: a planned role
+    /// swap hands them to the new primary, whose guest receives them
+    /// ([`Vmm::inject_rx_frames`]) instead of losing them with this VM.
+    pub fn take_rx_frames(&self, max: usize) -> Vec<(usize, Vec<u8>)> {
+        self.devices.take_rx_frames(max)
+    }
+
+    /// Delivers `frames` to NIC `net`'s guest before anything its TAP receives later
+    /// (before the VM starts: the frames a swapped-out primary's TAP had received).
+    /// False if there is no such NIC.
+    pub fn inject_rx_frames(&self, net: usize, frames: Vec<Vec<u8>>) -> bool {
+        self.devices.inject_rx_frames(net, frames)
+    }
+
     /// Held bytes over all streams and epochs (for backpressure).
     pub fn held_output_bytes(&self) -> u64 {
         self.devices.output_gate().held_bytes()

@@ -189,6 +189,16 @@ impl MmioTransport {
         self.device.take_disk_journal()
     }
 
+    /// See [`VirtioDevice::take_rx_frames`].
+    pub fn take_rx_frames(&mut self, max: usize) -> Vec<Vec<u8>> {
+        self.device.take_rx_frames(max)
+    }
+
+    /// See [`VirtioDevice::inject_rx_frames`].
+    pub fn inject_rx_frames(&mut self, frames: Vec<Vec<u8>>) {
+        self.device.inject_rx_frames(frames)
+    }
+
     fn raise(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         if let Some(irq) = &self.irq {

@@ -118,6 +118,15 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device (status 0): forget per-driver state.
     fn reset(&mut self) {}
+    /// A network device returns the frames waiting on its host side that the guest
+    /// has not received (at most `max`), taken off the host; others return none.
+    /// Only while the VM is paused (a planned role swap hands them to the new primary).
+    fn take_rx_frames(&mut self, _max: usize) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+    /// A network device delivers `frames` to the guest before anything its host side
+    /// receives later; others drop them. Before the VM starts or while it is paused.
+    fn inject_rx_frames(&mut self, _frames: Vec<Vec<u8>>) {}
     /// Push buffered output to where it goes (console sinks); called on shutdown.
     fn flush_output(&mut self) {}
     /// What the device is attached to on the host, for state capture and for checking

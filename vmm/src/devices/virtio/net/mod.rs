@@ -59,6 +59,9 @@ pub struct Net {
     rx_evt: EventFd,
     rx_stalled: bool,
     rx_buf: Vec<u8>,
+    /// Frames handed in from elsewhere (a swapped-out primary's TAP), delivered to the
+    /// guest before anything read from the TAP.
+    rx_injected: std::collections::VecDeque<Vec<u8>>,
     /// This NIC's stream in the VM's output gate, once attached.
     gate: Option<GatePort>,
     pub stats: NetStats,
@@ -72,6 +75,7 @@ impl Net {
             rx_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             rx_stalled: false,
             rx_buf: vec![0u8; MAX_FRAME_WITH_HDR],
+            rx_injected: std::collections::VecDeque::new(),
             gate: None,
             stats: NetStats::default(),
         })
@@ -141,14 +145,20 @@ impl Net {
                 self.rx_stalled = true;
                 break;
             }
-            let n = match self.tap.read_frame(&mut self.rx_buf[NET_HDR_LEN..]) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
-                    break;
+            let n = if let Some(f) = self.rx_injected.pop_front() {
+                let n = f.len().min(self.rx_buf.len() - NET_HDR_LEN);
+                self.rx_buf[NET_HDR_LEN..NET_HDR_LEN + n].copy_from_slice(&f[..n]);
+                n
+            } else {
+                match self.tap.read_frame(&mut self.rx_buf[NET_HDR_LEN..]) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
+                        break;
+                    }
                 }
             };
             self.rx_buf[..NET_HDR_LEN].fill(0);
@@ -254,6 +264,39 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_stalled = false;
+    }
+
+    fn take_rx_frames(&mut self, max: usize) -> Vec<Vec<u8>> {
+        // Frames injected and not yet delivered come first: they arrived first.
+        let mut out: Vec<Vec<u8>> = self.rx_injected.drain(..).collect();
+        let mut buf = vec![0u8; MAX_FRAME_WITH_HDR];
+        while out.len() < max {
+            match self.tap.read_frame(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.push(buf[..n].to_vec()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        warn!("virtio-net: reading TAP {}: {e}", self.tap.name());
+                    }
+                    break;
+                }
+            }
+        }
+        out.truncate(max);
+        out
+    }
+
+    fn inject_rx_frames(&mut self, frames: Vec<Vec<u8>>) {
+        if frames.is_empty() {
+            return;
+        }
+        self.rx_injected.extend(frames);
+        // Wake the backend thread (now, or when it starts): it delivers them first.
+        self.rx_stalled = false;
+        if let Err(e) = self.rx_evt.write(1) {
+            warn!("virtio-net: cannot wake the RX thread: {e}");
+        }
     }
 
     fn attach_output_gate(&mut self, gate: &Arc<OutputGate>) -> io::Result<()> {
