@@ -177,9 +177,9 @@ pub fn protect(
         dcfg.swap = status.swap_side().port_for(quorum.is_some());
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
-            if !ft.unprotected {
-                s.spawn(|| announce_protection(&acked, &done, sd));
-            }
+            // Also for an unprotected VM (only while a migration's session runs): the
+            // node daemon reads the line as "the receiving VMM is in sync".
+            s.spawn(|| announce_protection(&acked, &done, sd, ft.unprotected));
             let r = run_primary(&vm, &link, &dcfg, sd.flag());
             // Ends the announcer if nothing was ever acknowledged.
             done.store(true, Ordering::SeqCst);
@@ -370,10 +370,17 @@ fn driver_config(
 
 /// Logs [`PROTECTED_LOG`] once the first epoch is acknowledged (for people reading
 /// the log; tools and tests ask the control socket's status).
-fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown) {
+fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown, unprotected: bool) {
     loop {
         if acked.load(Ordering::SeqCst) > 0 {
-            info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+            if unprotected {
+                info!(
+                    "{PROTECTED_LOG}: the migration's receiving VMM committed the first \
+                     checkpoint (in sync; the handover follows)"
+                );
+            } else {
+                info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+            }
             return;
         }
         if done.load(Ordering::SeqCst) || sd.requested() {
