@@ -140,7 +140,7 @@ pub(crate) fn measure(topo: &Topology, load: &Load) -> Result<Side, String> {
 /// Pages the guest fills at boot (32 MiB of its 64: the dirty workload takes at most half).
 const FILL_PAGES: u32 = 8192;
 
-fn vm_args(elf: &Path, topo: &Topology, console: &Path, pm: usize) -> Vec<String> {
+pub(crate) fn vm_args(elf: &Path, topo: &Topology, console: &Path, pm: usize) -> Vec<String> {
     let mut v: Vec<String> = ["vm", "run", "--guest"].map(String::from).to_vec();
     v.push(elf.display().to_string());
     v.extend([
@@ -165,7 +165,7 @@ fn vm_args(elf: &Path, topo: &Topology, console: &Path, pm: usize) -> Vec<String
 }
 
 /// Waits (30 s at most) for the guest's line saying it wrote its fill pages once.
-fn wait_filled(vm: &mut Proc, console: &Path) -> Result<(), String> {
+pub(crate) fn wait_filled(vm: &mut Proc, console: &Path) -> Result<(), String> {
     let mut con = twinrun_lab::console::ConsoleLog::new(console).every(Duration::from_millis(5));
     con.wait_while(
         Duration::from_secs(30),
@@ -187,7 +187,12 @@ pub(crate) fn read_log(p: &Path) -> String {
 }
 
 /// `twinrun` in PM `pm`'s namespace, its control socket (if named) in `dir/run`.
-fn twinrun_in(topo: &Topology, pm: usize, twinrun: &Path, dir: &Path) -> std::process::Command {
+pub(crate) fn twinrun_in(
+    topo: &Topology,
+    pm: usize,
+    twinrun: &Path,
+    dir: &Path,
+) -> std::process::Command {
     let mut c = topo.pms[pm].ns.command(twinrun);
     c.env("TWINRUN_RUN_DIR", dir.join("run"));
     c

@@ -21,6 +21,7 @@ mod plots;
 mod redis;
 mod report;
 mod series;
+mod unprotcost;
 mod witnesscost;
 
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 16] = [
+const SECTIONS: [&str; 17] = [
     "boot",
     "exits",
     "blk",
@@ -51,6 +52,7 @@ const SECTIONS: [&str; 16] = [
     "ft-net",
     "ft-witness",
     "ft-witness-cost",
+    "unprotected-cost",
     "ft-swap",
     "mirror",
     "ha",
@@ -66,7 +68,7 @@ const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,unprotected-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
   --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -254,6 +256,12 @@ fn main() {
             return Err("redis-benchmark not installed (Debian: redis-tools)".into());
         }
         witnesscost::run(&twinrun, &elf, &dir, q)
+    });
+    section("unprotected-cost", &mut || {
+        if !env::have("redis-benchmark") {
+            return Err("redis-benchmark not installed (Debian: redis-tools)".into());
+        }
+        unprotcost::run(&twinrun, &elf, &dir, q)
     });
     section("ft-swap", &mut || ftswap::run(&twinrun, &elf, &dir, q));
     section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));

@@ -1,17 +1,19 @@
 //! Maintenance mode with two real daemons and real VMMs (issue 16 item 2): work on PM1
 //! while an FT, an HA and an unprotected VM run there; the FT and HA VMs go on on PM2
-//! alone (their guests' consoles grow), the unprotected one is shut down cleanly; work
-//! on PM2 as well is refused; PM1's daemon is stopped and started again (an "upgrade")
-//! and stays in maintenance; finalize protects the FT and HA VMs again and starts the
-//! unprotected VM on PM1 again.
+//! alone (their guests' consoles grow), the unprotected one is live migrated to PM2 (the
+//! same guest: one BOOT, its counter goes on without a gap); work on PM2 as well is
+//! refused; PM1's daemon is stopped and started again (an "upgrade") and stays in
+//! maintenance; finalize protects the FT and HA VMs again, and the unprotected VM (manual
+//! failback) is migrated back to PM1 by `vm failback`, still the same guest.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use twinrun_lab::console::check_console;
 use twinrund::client::ClientError;
-use twinrund::model::{Desired, NodeState, Role, VmState, VmView};
+use twinrund::model::{NodeState, Role, VmState, VmView};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -74,6 +76,49 @@ fn vmm_logs(plan: &ClusterPlan, vm: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `vm`'s console stream: each node's file holds the bytes its VMM released at their
+/// stream positions (a hole is NULs), so the union is the guest's whole output.
+fn console_stream(plan: &ClusterPlan, vm: &str) -> Vec<u8> {
+    let files: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            std::fs::read(plan.node_dir(i).join(format!("state/vms/{vm}/console.log")))
+                .unwrap_or_default()
+        })
+        .collect();
+    let len = files.iter().map(Vec::len).max().unwrap_or(0);
+    (0..len)
+        .map(|k| {
+            files
+                .iter()
+                .filter_map(|f| f.get(k).copied())
+                .find(|&b| b != 0)
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The unprotected VM was moved, not restarted: one BOOT in its whole console stream,
+/// no counter value missing or repeated, and its counter goes on on `node`.
+fn same_guest_goes_on(plan: &ClusterPlan, node: usize, what: &str, ctx: &dyn Fn() -> String) {
+    let before = check_console(&console_stream(plan, "un1"))
+        .unwrap_or_else(|e| panic!("{what}: un1's console: {e}\n{}", ctx()));
+    assert_eq!(before.boots, 1, "{what}: un1 booted again\n{}", ctx());
+    let last = before.counter_last;
+    wait_for(
+        LONG,
+        &format!("{what}: un1's counter to go on on node {}", node + 1),
+        || {
+            let r = check_console(&console_stream(plan, "un1")).ok()?;
+            (r.counter_last > last + 5 && console_len(plan, node, "un1") > 0).then_some(r)
+        },
+        ctx,
+    );
+    console_grows(plan, node, "un1", ctx);
+    let after = check_console(&console_stream(plan, "un1"))
+        .unwrap_or_else(|e| panic!("{what}: un1's console: {e}\n{}", ctx()));
+    assert_eq!(after.boots, 1, "{what}: un1 booted again\n{}", ctx());
 }
 
 fn online(c: &Client) -> bool {
@@ -160,17 +205,30 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
         assert!(v.reason.contains("pm1 is in maintenance"), "{}", v.reason);
         console_grows(&plan, 1, vm, &|| logs(&d1, &d2));
     }
+    // The unprotected VM was live migrated: it runs on pm2 alone (the receiving VMM,
+    // swapped in), the same guest, its counter going on.
     let un = wait_for(
         LONG,
-        "un1 shut down",
+        "un1 migrated to pm2",
         || {
             let v = c1.vm("un1").ok()?;
-            (v.state == VmState::Stopped && v.vmms.is_empty()).then_some(v)
+            (v.owner.as_deref() == Some("pm2")
+                && v.state == VmState::Running
+                && vmm(&v, "pm1").is_none()
+                && vmm(&v, "pm2").is_some())
+            .then_some(v)
         },
-        || logs(&d1, &d2),
+        || format!("{}\n{}", logs(&d1, &d2), vmm_logs(&plan, "un1")),
     );
-    assert_eq!(un.desired, Desired::Stopped);
-    assert!(un.reason.contains("node finalize pm1"), "{}", un.reason);
+    assert_eq!(un.desired, twinrund::model::Desired::Running);
+    same_guest_goes_on(&plan, 1, "after workon", &|| {
+        format!("{}\n{}", logs(&d1, &d2), vmm_logs(&plan, "un1"))
+    });
+    // Its VMM knew it was unprotected: no quorum warning, no checkpoints before the
+    // migration's receiving VMM connected.
+    let un_log = std::fs::read_to_string(plan.node_dir(0).join("state/vms/un1/vmm.log")).unwrap();
+    assert!(!un_log.contains("WITHOUT QUORUM"), "{un_log}");
+    assert!(un_log.contains("unprotected VM running alone"), "{un_log}");
     // Cleanly: every VMM pm1 ran got SIGTERM and ended; none runs there.
     let pm1_log = d1.log_text();
     for &vm in paired {
@@ -230,7 +288,8 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
         logs(&d1, &d2)
     );
 
-    // Finalize: protected again, the unprotected VM back on pm1.
+    // Finalize: protected again; the unprotected VM (manual failback) stays on pm2
+    // until `vm failback`, which migrates it back to pm1.
     let r = c1.node_action("pm1", "finalize", None).unwrap();
     assert!(r.message.contains("left maintenance"), "{}", r.message);
     for &vm in paired {
@@ -247,15 +306,29 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
         );
         console_grows(&plan, 1, vm, &|| logs(&d1, &d2));
     }
+    assert!(
+        r.message
+            .contains("stay on pm2 until `twinrun vm failback`"),
+        "{}",
+        r.message
+    );
+    let out = cli(&plan, 1, &["vm", "failback", "un1"]);
+    assert!(out.contains("migrating to pm1"), "{out}");
     wait_for(
         LONG,
-        "un1 running on pm1 again",
+        "un1 migrated back to pm1",
         || {
             let v = c2.vm("un1").ok()?;
-            (v.owner.as_deref() == Some("pm1") && v.state == VmState::Running).then_some(())
+            (v.owner.as_deref() == Some("pm1")
+                && v.state == VmState::Running
+                && vmm(&v, "pm2").is_none()
+                && vmm(&v, "pm1").is_some())
+            .then_some(())
         },
-        || logs(&d1, &d2),
+        || format!("{}\n{}", logs(&d1, &d2), vmm_logs(&plan, "un1")),
     );
-    console_grows(&plan, 0, "un1", &|| logs(&d1, &d2));
+    same_guest_goes_on(&plan, 0, "after failback", &|| {
+        format!("{}\n{}", logs(&d1, &d2), vmm_logs(&plan, "un1"))
+    });
     assert!(c2.node("pm1").unwrap().maintenance.is_none());
 }

@@ -29,6 +29,12 @@ pub enum Protection {
     /// High availability: disks mirrored synchronously, the standby boots the VM
     /// again from its replica.
     Ha,
+    /// Unprotected: the VM runs alone, at full speed (no dirty logging, no epochs, no
+    /// quorum). Its VMM is still one end of a pair so that it can be live migrated:
+    /// the migration's receiving VMM (a standby with `--migration-target`) connects,
+    /// the FT session is the pre-copy and the planned swap the handover; given up,
+    /// the VM runs alone again.
+    Unprotected,
 }
 
 impl Protection {
@@ -36,6 +42,7 @@ impl Protection {
         match self {
             Protection::Ft => "ft",
             Protection::Ha => "ha",
+            Protection::Unprotected => "unprotected",
         }
     }
 }
@@ -73,6 +80,10 @@ pub struct FtSettings {
     /// stays where it ran: a failed migration leaves it on the source); it becomes the
     /// primary only through the planned swap the migration ends with.
     pub migration_target: bool,
+    /// `--protection unprotected`: the VM is unprotected; this end is one of the pair
+    /// only while a live migration runs (the primary alone otherwise: no quorum, no
+    /// dirty logging, no epochs; the standby only as `migration_target`).
+    pub unprotected: bool,
 }
 
 /// What one node needs to ask its quorum service who may run the VM.

@@ -80,6 +80,7 @@ fn settings(role: Role, local: std::net::SocketAddr, peer: std::net::SocketAddr)
         discard_disk_data: false,
         quorum: None,
         migration_target: false,
+        unprotected: false,
     }
 }
 

@@ -26,8 +26,10 @@ pub struct FtArgs {
     /// Run as one end of a protected pair (absent: unprotected).
     #[arg(long, value_enum, value_name = "ROLE")]
     pub role: Option<Role>,
-    /// Protection level of the pair: ft (memory checkpoints, no reboot on failover) or
-    /// ha (disks mirrored synchronously, the VM boots again on the survivor).
+    /// Protection level of the pair: ft (memory checkpoints, no reboot on failover),
+    /// ha (disks mirrored synchronously, the VM boots again on the survivor) or
+    /// unprotected (the VM runs alone at full speed; the pair exists only while a live
+    /// migration runs: the node daemon's unprotected VMs).
     #[arg(long, value_enum, value_name = "LEVEL", default_value = "ft")]
     pub protection: Protection,
     /// One A-Link: LOCAL_IP:PORT,PEER_IP:PORT (repeatable, one per link; the standby
@@ -216,6 +218,10 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
             (a.witness_secret_file.is_some(), "--witness-secret-file"),
             (a.priv0.is_some(), "--priv0"),
             (a.protection == Protection::Ha, "--protection ha"),
+            (
+                a.protection == Protection::Unprotected,
+                "--protection unprotected",
+            ),
         ];
         return match stray.into_iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(FtError::NeedsRole(flag)),
@@ -263,6 +269,7 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
     if a.migration_target && role != Role::Standby {
         return Err(FtError::StandbyOnly("--migration-target"));
     }
+    let unprotected = a.protection == Protection::Unprotected;
     if a.hot_pages.is_some_and(|n| n > MAX_HOT_PAGES) {
         return Err(FtError::HotPages(MAX_HOT_PAGES));
     }
@@ -286,7 +293,9 @@ pub fn resolve_ft(a: &FtArgs) -> Result<Option<FtSettings>, FtError> {
         resync_rate: a.resync_rate.map(|m| m.saturating_mul(1 << 20)),
         discard_disk_data: a.discard_disk_data,
         quorum: None,
-        migration_target: a.migration_target,
+        // An unprotected VM's standby exists only as a migration's receiving end.
+        migration_target: a.migration_target || unprotected && role == Role::Standby,
+        unprotected,
     }))
 }
 
@@ -296,6 +305,13 @@ pub fn resolve_ft_named(a: &FtArgs, name: Option<&str>) -> Result<Option<FtSetti
         return Ok(None);
     };
     ft.quorum = resolve_quorum(a, name, &ft.cluster_id)?;
+    if ft.unprotected && ft.quorum.is_some() {
+        return Err(FtError::Quorum(
+            "--protection unprotected runs the VM alone: it takes no quorum (--quorum-config \
+             or --witness)"
+                .into(),
+        ));
+    }
     Ok(Some(ft))
 }
 
@@ -444,7 +460,36 @@ mod tests {
             resolve_ft(&a).unwrap_err(),
             FtError::NeedsRole("--protection ha")
         );
-        assert!(parse(&["--protection", "unprotected"]).is_err());
+        let a = parse(&["--protection", "unprotected"]).unwrap();
+        assert_eq!(
+            resolve_ft(&a).unwrap_err(),
+            FtError::NeedsRole("--protection unprotected")
+        );
+        assert!(parse(&["--protection", "none"]).is_err());
+    }
+
+    #[test]
+    fn unprotected_standby_is_a_migration_target() {
+        let f = secret_file(b"0123456789abcdef0123");
+        let path = f.path().to_str().unwrap();
+        let link = "1.1.1.1:1,2.2.2.2:2";
+        let args = |role| {
+            let a = [
+                "--role",
+                role,
+                "--alink",
+                link,
+                "--cluster-secret-file",
+                path,
+                "--protection",
+                "unprotected",
+            ];
+            resolve_ft(&parse(&a).unwrap()).unwrap().unwrap()
+        };
+        let p = args("primary");
+        assert!(p.unprotected && !p.migration_target);
+        let s = args("standby");
+        assert!(s.unprotected && s.migration_target);
     }
 
     #[test]

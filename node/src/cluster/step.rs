@@ -1036,12 +1036,23 @@ impl Cluster {
                         "already on its preferred node {pref} (nothing to do)"
                     ));
                 }
-                if rec.spec.protection != Protection::Ft {
-                    return Err(CmdError::Conflict(format!(
-                        "failback of a {} VM moves it by live migration, which is not built yet \
-                         (issue 16): shut it down and start it again to run it on {pref}",
-                        rec.spec.protection
-                    )));
+                match rec.spec.protection {
+                    Protection::Ft => {}
+                    // By live migration to its preferred node.
+                    Protection::Unprotected if pref.is_empty() => {
+                        return Err(CmdError::Conflict(format!(
+                            "{vm} has no preferred node to fail back to (`twinrun vm migrate \
+                             {vm}` moves it)"
+                        )))
+                    }
+                    Protection::Unprotected => return self.migrate_command(vm, Some(pref), out),
+                    Protection::Ha => {
+                        return Err(CmdError::Conflict(format!(
+                            "failback of an HA VM moves it by live migration, which is not \
+                             built yet for HA (issue 16): shut it down and start it again to \
+                             run it on {pref}"
+                        )))
+                    }
                 }
                 rec.failback_seq += 1;
                 out.push(self.write(rec));

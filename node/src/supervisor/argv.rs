@@ -112,10 +112,11 @@ pub fn plan(
     }
     let console = dir.join("console.log");
     a.extend(["--console".into(), format!("file:{}", console.display())]);
-    // An unprotected VM's VMM is an FT primary running alone (no standby, no quorum:
-    // the guest at full speed, its disk writes recorded), so that it can be live
-    // migrated: the target's receiving VMM is its standby (`--migration-target`, never
-    // a takeover), the FT session the pre-copy, the planned swap the handover
+    // An unprotected VM's VMM is the primary of a pair with no standby
+    // (`--protection unprotected`: no quorum, no dirty logging, no epochs: the guest at
+    // full speed, its disk writes recorded), so that it can be live migrated: the
+    // target's receiving VMM is its standby (`--migration-target`, never a takeover),
+    // the FT session the pre-copy, the planned swap the handover
     // (cluster/step/migrate.rs).
     let unprotected = spec.protection == Protection::Unprotected;
     let role = if role == Role::Solo {
@@ -141,8 +142,14 @@ pub fn plan(
             if spec.protection == Protection::Ha {
                 a.extend(["--protection".into(), "ha".into()]);
             }
-            if unprotected && role == Role::Standby {
-                a.push("--migration-target".into());
+            // Unprotected: the runtime knows it (no quorum warning, status
+            // "unprotected", no dirty logging or epochs until a migration's receiving
+            // VMM connects); its standby is only ever that receiving VMM.
+            if unprotected {
+                a.extend(["--protection".into(), "unprotected".into()]);
+                if role == Role::Standby {
+                    a.push("--migration-target".into());
+                }
             }
             // The pair's VMMs hold the VM's quorum key themselves (gate.rs); an
             // unprotected VM's none (the daemon's `-alone` key covers it).
@@ -331,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn solo_is_an_ft_primary_alone_and_missing_guest_is_an_error() {
+    fn solo_is_an_unprotected_primary_alone_and_missing_guest_is_an_error() {
         let p = plan(
             &cfg(),
             &rec(Protection::Unprotected),
@@ -339,7 +346,8 @@ mod tests {
             Path::new("t"),
         )
         .unwrap();
-        // Migratable: an FT primary with its A-Links and no standby, no quorum.
+        // Migratable: a primary with its A-Links and no standby, no quorum, that
+        // knows its VM is unprotected.
         let line = p.args.join(" ");
         assert!(
             line.contains("--role primary --cluster-id plant-a"),
@@ -349,7 +357,7 @@ mod tests {
             line.contains("--alink 10.88.0.1:7506,10.88.0.2:7506"),
             "{line}"
         );
-        assert!(!line.contains("--protection"), "{line}");
+        assert!(line.contains("--protection unprotected"), "{line}");
         assert!(!line.contains("--migration-target"), "{line}");
         // The receiving end of its live migration never takes the VM over.
         let t = plan(
@@ -363,6 +371,7 @@ mod tests {
         .join(" ");
         assert!(t.contains("--role standby --cluster-id plant-a"), "{t}");
         assert!(t.contains("--migration-target"), "{t}");
+        assert!(t.contains("--protection unprotected"), "{t}");
         let ft = plan(&cfg(), &rec(Protection::Ft), Role::Standby, Path::new("t")).unwrap();
         assert!(!ft.args.iter().any(|a| a == "--migration-target"), "{ft:?}");
         let mut r = rec(Protection::Unprotected);

@@ -60,14 +60,21 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
-    let q = match quorum::start_for(
-        ft,
-        status,
-        "FT mode WITHOUT QUORUM (no --quorum-config or --witness): if ALL A-Links are cut \
-         while both PMs are alive, the standby takes over and TWO copies of the VM run",
-    ) {
-        Ok(q) => q,
-        Err(code) => return code,
+    // An unprotected VM runs alone: no quorum (nothing ever takes it over), and the
+    // primary's machinery (dirty logging, epochs) only while a migration runs.
+    let q = if ft.unprotected {
+        status.set_unprotected();
+        None
+    } else {
+        match quorum::start_for(
+            ft,
+            status,
+            "FT mode WITHOUT QUORUM (no --quorum-config or --witness): if ALL A-Links are cut \
+             while both PMs are alive, the standby takes over and TWO copies of the VM run",
+        ) {
+            Ok(q) => q,
+            Err(code) => return code,
+        }
     };
     let acfg = link::alink_config(ft);
     let q = q.as_ref();

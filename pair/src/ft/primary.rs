@@ -72,11 +72,20 @@ pub fn run(
         return exit::START_FAILED.into();
     }
     status.vm_running(&vm, Some(disks.clone()));
-    info!(
-        "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
-        acfg.links.len(),
-        acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
-    );
+    if ft.unprotected {
+        info!(
+            "unprotected VM running alone (no dirty logging, no checkpoints); a live \
+             migration's receiving VMM may connect over {} A-Link(s): {:?}",
+            acfg.links.len(),
+            acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
+        );
+    } else {
+        info!(
+            "FT primary: VM running; {} A-Link(s) to the standby: {:?}",
+            acfg.links.len(),
+            acfg.links.iter().map(|l| l.remote).collect::<Vec<_>>()
+        );
+    }
     protect(vm, ft, acfg, sd, disks, status, quorum, false)
 }
 
@@ -168,7 +177,9 @@ pub fn protect(
         dcfg.swap = status.swap_side().port_for(quorum.is_some());
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|s| {
-            s.spawn(|| announce_protection(&acked, &done, sd));
+            // Also for an unprotected VM (only while a migration's session runs): the
+            // node daemon reads the line as "the receiving VMM is in sync".
+            s.spawn(|| announce_protection(&acked, &done, sd, ft.unprotected));
             let r = run_primary(&vm, &link, &dcfg, sd.flag());
             // Ends the announcer if nothing was ever acknowledged.
             done.store(true, Ordering::SeqCst);
@@ -209,6 +220,9 @@ pub fn protect(
                 }
                 // Output commit is off (released at simplex); the next session turns
                 // it on again at its epoch 0.
+                if ft.unprotected {
+                    run_alone_again(&vm);
+                }
                 continue;
             }
             Ok(_) => {
@@ -223,6 +237,15 @@ pub fn protect(
                     info!("checkpointing ended with the VM: {e}");
                     disks.clean_shutdown();
                     return exit_code(&end, sd.requested()).into();
+                }
+                if ft.unprotected && !sd.requested() {
+                    // A migration that failed: the VM runs on here, as it did before,
+                    // and a later migration gets a new session.
+                    warn!("unprotected VM: the migration's session failed ({e})");
+                    unprotect(&vm);
+                    disks.peer_lost();
+                    run_alone_again(&vm);
+                    continue;
                 }
                 error!(
                     "FT primary: checkpointing FAILED ({e}); the VM runs on UNPROTECTED \
@@ -353,16 +376,37 @@ fn driver_config(
 
 /// Logs [`PROTECTED_LOG`] once the first epoch is acknowledged (for people reading
 /// the log; tools and tests ask the control socket's status).
-fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown) {
+fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown, unprotected: bool) {
     loop {
         if acked.load(Ordering::SeqCst) > 0 {
-            info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+            if unprotected {
+                info!(
+                    "{PROTECTED_LOG}: the migration's receiving VMM committed the first \
+                     checkpoint (in sync; the handover follows)"
+                );
+            } else {
+                info!("{PROTECTED_LOG}: the standby committed the first checkpoint");
+            }
             return;
         }
         if done.load(Ordering::SeqCst) || sd.requested() {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An unprotected VM whose migration session ended without the handover (given up,
+/// or the receiving VMM gone): it runs alone again at full speed. The session's dirty
+/// logging stops (the next migration's pre-copy starts it again with a full round);
+/// output commit and the disk journal ended with the session (`enter_simplex`).
+fn run_alone_again(vm: &Vmm) {
+    match vm.stop_dirty_tracking() {
+        Ok(()) => info!(
+            "unprotected VM: the migration's session ended without the handover; the VM \
+             runs alone here again (dirty logging off)"
+        ),
+        Err(e) => warn!("unprotected VM: cannot turn dirty logging off: {e}"),
     }
 }
 

@@ -36,6 +36,8 @@ pub struct PairStatus {
 
 struct Inner {
     role: FtRole,
+    /// "ft", or "unprotected" for an unprotected VM's VMM (`--protection unprotected`).
+    protection: &'static str,
     session: u64,
     /// Finished sessions (in this process) that had committed a checkpoint.
     protected_sessions: u64,
@@ -53,6 +55,7 @@ struct Inner {
 /// What [`FtControl::status`] copies out of [`Inner`].
 struct Snapshot {
     role: FtRole,
+    protection: &'static str,
     session: u64,
     protected_sessions: u64,
     acked: u64,
@@ -71,6 +74,7 @@ impl PairStatus {
                     Role::Primary => FtRole::Primary,
                     Role::Standby => FtRole::Standby,
                 },
+                protection: "ft",
                 session: 0,
                 protected_sessions: 0,
                 acked: None,
@@ -85,6 +89,12 @@ impl PairStatus {
             quorum: Mutex::new(None),
             swap: super::swap::SwapSide::new(cfg),
         })
+    }
+
+    /// This end runs an unprotected VM (the status says so; a primary's "protected"
+    /// state then means a migration's receiving VMM is in sync).
+    pub fn set_unprotected(&self) {
+        lock(&self.inner).protection = "unprotected";
     }
 
     pub fn swap_side(&self) -> &super::swap::SwapSide {
@@ -212,6 +222,7 @@ impl FtControl for PairStatus {
             let g = lock(&self.inner);
             Snapshot {
                 role: g.role,
+                protection: g.protection,
                 session: g.session,
                 protected_sessions: g.protected_sessions,
                 acked: g.acked.as_ref().map_or(0, |a| a.load(Ordering::SeqCst)),
@@ -252,7 +263,7 @@ impl FtControl for PairStatus {
             ),
         };
         FtStatus {
-            protection: "ft".into(),
+            protection: i.protection.into(),
             role: i.role,
             state,
             vm_running: i.vm_running,

@@ -43,7 +43,7 @@ impl Sim {
         }
     }
 
-    fn node_command(&mut self, i: usize, id: &str, node: &str, cmd: NodeCommand) {
+    pub(super) fn node_command(&mut self, i: usize, id: &str, node: &str, cmd: NodeCommand) {
         self.queue.push_back((
             i,
             Input::NodeCommand {
@@ -113,11 +113,17 @@ fn golden_maintenance_workon() {
         s.nodes[0].vmms.is_empty(),
         "pm1 runs nothing in maintenance"
     );
+    // The unprotected VM was live migrated: the same VMM process on pm2 runs it (the
+    // receiving VMM, swapped in), its preferred node is still pm1.
     let un = s.nodes[1]
         .cluster
         .as_ref()
-        .and_then(|c| c.record("un1").cloned());
-    assert_eq!(un.map(|r| r.desired), Some(Desired::Stopped));
+        .and_then(|c| c.record("un1").cloned())
+        .expect("un1");
+    assert_eq!(un.desired, Desired::Running, "{}", s.log);
+    assert_eq!(un.owner.as_deref(), Some("pm2"));
+    assert_eq!(un.spec.preferred_node.as_deref(), Some("pm1"));
+    assert_eq!(s.nodes[1].vmms.get("un1").map(|v| v.0), Some(Role::Primary));
     s.compare("maintenance_workon");
 }
 
@@ -170,8 +176,93 @@ fn golden_maintenance_finalize() {
         let c = s.nodes[1].cluster.as_ref().expect("pm2 up");
         assert_eq!(c.shown(vm).map(|x| x.state), Some(VmState::Protected));
     }
-    assert_eq!(s.nodes[0].vmms.get("un1").map(|v| v.0), Some(Role::Solo));
+    // un1's failback is manual: it stays on pm2 (its VMM there) until `vm failback`,
+    // which migrates it to its preferred node pm1.
+    assert_eq!(s.nodes[1].vmms.get("un1").map(|v| v.0), Some(Role::Primary));
+    s.note("vm failback un1 (manual failback): migrated to pm1");
+    s.command(1, "b1", "un1", Command::Failback);
+    s.wait(100);
+    s.placement();
+    assert_eq!(s.nodes[0].vmms.get("un1").map(|v| v.0), Some(Role::Primary));
+    assert!(!s.nodes[1].vmms.contains_key("un1"), "{}", s.log);
     s.compare("maintenance_finalize");
+}
+
+#[test]
+fn golden_maintenance_workon_migration_given_up() {
+    // Every A-Link cut before workon: the unprotected VM's receiving VMM never gets in
+    // sync; after the migration timeout it falls back to the clean shutdown, and
+    // finalize starts it again on pm1. (The FT and HA VMs are shut down first: with
+    // their A-Links cut their standbys are not in sync, and workon is refused.)
+    let mut s = cluster_with_vms();
+    s.note("ft1 and ha1 shut down; every A-Link cut; work on pm1");
+    s.command(0, "x1", "ft1", Command::Shutdown);
+    s.command(0, "x2", "ha1", Command::Shutdown);
+    s.wait(100);
+    s.set_alinks(false);
+    s.node_command(1, "w1", "pm1", NodeCommand::WorkOn);
+    s.wait(100);
+    s.placement();
+    assert_eq!(s.nodes[0].vmms.get("un1").map(|v| v.0), Some(Role::Solo));
+    s.note("no sync within the migration timeout: given up, shut down cleanly");
+    s.wait(MIGRATE_TIMEOUT_MS);
+    s.wait(100);
+    s.placement();
+    s.maintenance_rows();
+    let un = s.nodes[1]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.record("un1").cloned())
+        .expect("un1");
+    assert_eq!(un.desired, Desired::Stopped, "{}", s.log);
+    assert!(
+        un.stopped_because
+            .as_deref()
+            .is_some_and(|b| b.contains("live migration to pm2 was given up")),
+        "{un:?}"
+    );
+    assert!(
+        s.nodes[0].vmms.is_empty(),
+        "pm1 runs nothing now\n{}",
+        s.log
+    );
+    assert!(!s.nodes[1].vmms.contains_key("un1"));
+    s.note("links back; finalize pm1: un1 starts again there");
+    s.set_alinks(true);
+    s.node_command(0, "f1", "pm1", NodeCommand::Finalize);
+    s.wait(100);
+    s.placement();
+    assert_eq!(s.nodes[0].vmms.get("un1").map(|v| v.0), Some(Role::Solo));
+    s.compare("maintenance_workon_migration_given_up");
+}
+
+#[test]
+fn golden_maintenance_auto_failback_by_migration() {
+    // An unprotected VM with automatic failback comes back to its preferred node by
+    // live migration when finalize clears the mark.
+    let mut s = cluster_with_vms();
+    s.note("un1's failback is automatic");
+    s.command(
+        0,
+        "s1",
+        "un1",
+        Command::Set(VmSettings {
+            failback: Some(Failback::Auto),
+            ..Default::default()
+        }),
+    );
+    s.node_command(1, "w1", "pm1", NodeCommand::WorkOn);
+    s.standbys_take_over(1, &["ft1", "ha1"]);
+    s.wait(100);
+    s.placement();
+    assert_eq!(s.nodes[1].vmms.get("un1").map(|v| v.0), Some(Role::Primary));
+    s.note("finalize pm1: un1 migrates back");
+    s.node_command(0, "f1", "pm1", NodeCommand::Finalize);
+    s.wait(100);
+    s.placement();
+    assert_eq!(s.nodes[0].vmms.get("un1").map(|v| v.0), Some(Role::Primary));
+    assert!(!s.nodes[1].vmms.contains_key("un1"), "{}", s.log);
+    s.compare("maintenance_auto_failback_by_migration");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use super::*;
 impl Sim {
     /// The VMMs' A-Links go down or up (the daemons keep talking): a primary loses
     /// its standby, and no standby gets in sync while they are down.
-    fn set_alinks(&mut self, up: bool) {
+    pub(super) fn set_alinks(&mut self, up: bool) {
         self.alinks = up;
         if !up {
             for i in 0..2 {
@@ -25,7 +25,7 @@ impl Sim {
     }
 
     /// Where each VM runs, on one line.
-    fn placement(&mut self) {
+    pub(super) fn placement(&mut self) {
         let mut row = String::new();
         for vm in ["ft1", "un1", "ha1"] {
             let at: Vec<String> = (0..2)

@@ -6,10 +6,15 @@
 //! get SIGTERM (never SIGKILL), so an FT primary stops at an epoch boundary having
 //! released only acknowledged output, and the standby takes over from the last
 //! acknowledged checkpoint by the path it always takes (then asks the quorum to own the
-//! VM). Unprotected VMs cannot move without live migration: they are shut down cleanly
-//! (as everRun does) and listed in the node record, and `finalize N` starts them again on
-//! N. `finalize N` clears the mark: N starts the FT/HA standbys again (resync by the
-//! engine), and failback follows each VM's policy by the usual rules.
+//! VM). Unprotected VMs are live migrated to the other node (everRun shuts them down):
+//! `workon` writes their `migrate_to` and N's source VMM runs on, in maintenance, until
+//! the handover (migrate.rs); a migration given up falls back to the clean shutdown with
+//! the reason (the VM listed in the node record, and `finalize N` starts it again on
+//! N). An unprotected VM that runs nowhere yet is shut down the same way.
+//! `finalize N` clears the mark: N starts the FT/HA standbys again (resync by the
+//! engine), and failback follows each VM's policy by the usual rules; unprotected VMs
+//! whose preferred node is N migrate back when their failback is automatic (manual:
+//! `twinrun vm failback VM`).
 //!
 //! Refused, with the reason: both nodes in maintenance; work on a node while the other
 //! is not online and runs nothing of N's VMs (N holds their only copy); work on a node
@@ -36,12 +41,16 @@ impl NodeCommand {
 }
 
 /// Why an unprotected VM is stopped: the same words on both nodes (finalize restarts
-/// only a VM still stopped for this reason).
-fn shut_for(node: &str) -> String {
+/// only a VM still stopped for this reason: [`shut_prefix`]).
+fn shut_for(node: &str, why: &str) -> String {
     format!(
-        "shut down cleanly for the maintenance of {node} (unprotected VMs cannot move without \
-         live migration); `twinrun node finalize {node}` starts it again on {node}"
+        "{} ({why}); `twinrun node finalize {node}` starts it again on {node}",
+        shut_prefix(node)
     )
+}
+
+fn shut_prefix(node: &str) -> String {
+    format!("shut down cleanly for the maintenance of {node}")
 }
 
 impl Cluster {
@@ -233,6 +242,8 @@ impl Cluster {
         }
         let mut shut_down = Vec::new();
         let mut moved = Vec::new();
+        let mut migrating = Vec::new();
+        let mut migrate_writes = Vec::new();
         let mut writes = Vec::new();
         for r in &live {
             let vm = &r.spec.name;
@@ -248,16 +259,29 @@ impl Cluster {
                 }
             } else if r.owner.as_deref() == Some(node) {
                 let mut rec = r.clone();
-                rec.desired = Desired::Stopped;
-                rec.owner = None;
-                rec.stopped_because = Some(shut_for(node));
-                shut_down.push(vm.clone());
+                if self.runs_on(vm, node).is_some() {
+                    // Live migration; its source VMM runs on in maintenance until the
+                    // handover (or, given up, is shut down: `migrate_abort`).
+                    migrating.push(vm.clone());
+                    if rec.migrate_to.as_deref() == Some(other.as_str()) {
+                        continue;
+                    }
+                    rec.migrate_to = Some(other.clone());
+                    migrate_writes.push(rec);
+                    continue;
+                } else {
+                    rec.desired = Desired::Stopped;
+                    rec.owner = None;
+                    rec.stopped_because =
+                        Some(shut_for(node, "it was not running: nothing to migrate"));
+                    shut_down.push(vm.clone());
+                }
                 writes.push(rec);
             }
         }
         let reason = format!(
-            "work on (command {id}): FT/HA VMs run simplex on {other}{}{}; its daemon and VMMs may \
-             be stopped; `twinrun node finalize {node}` brings it back",
+            "work on (command {id}): FT/HA VMs run simplex on {other}{}{}{}; its daemon and VMMs \
+             may be stopped; `twinrun node finalize {node}` brings it back",
             if moved.is_empty() {
                 String::new()
             } else {
@@ -266,18 +290,32 @@ impl Cluster {
                     moved.join(", ")
                 )
             },
+            if migrating.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; unprotected VMs live migrate to {other} (shut down cleanly if a \
+                     migration is given up): {}",
+                    migrating.join(", ")
+                )
+            },
             if shut_down.is_empty() {
                 String::new()
             } else {
                 format!(
-                    "; unprotected VMs shut down cleanly (no live migration yet), started again \
-                     by finalize: {}",
+                    "; unprotected VMs shut down cleanly (not running), started again by \
+                     finalize: {}",
                     shut_down.join(", ")
                 )
             }
         );
-        // The node record first: a peer that gets it before the VM records never
-        // starts one of them on the node.
+        // The migrations first: a node that learns it is in maintenance already knows
+        // which of its VMMs run on as a migration's source. Then the node record: a
+        // peer that gets it before the other VM records never starts one of them on
+        // the node.
+        for rec in migrate_writes {
+            out.push(self.write(rec));
+        }
         let rec = NodeRecord {
             name: node.to_string(),
             maintenance: true,
@@ -304,13 +342,15 @@ impl Cluster {
                 self.peer_word()
             )));
         }
-        let why = shut_for(node);
+        let why = shut_prefix(node);
         let mut writes = Vec::new();
         for vm in &mark.shut_down {
             if let Some(r) = self.vms.get(vm).map(|s| s.record.clone()) {
                 if !r.deleted
                     && r.desired == Desired::Stopped
-                    && r.stopped_because.as_deref() == Some(why.as_str())
+                    && r.stopped_because
+                        .as_deref()
+                        .is_some_and(|b| b.starts_with(&why))
                 {
                     let mut rec = r;
                     rec.desired = Desired::Running;
@@ -321,14 +361,54 @@ impl Cluster {
             }
         }
         let restarted: Vec<String> = writes.iter().map(|r| r.spec.name.clone()).collect();
+        // Unprotected VMs that prefer this node and run on the other come back by live
+        // migration when their failback is automatic (the one `workon` moved, or any).
+        let other = self.known_node(node)?;
+        let mut back = Vec::new();
+        let mut manual = Vec::new();
+        for r in self.records() {
+            if r.deleted
+                || r.desired != Desired::Running
+                || r.spec.protection != Protection::Unprotected
+                || r.owner.as_deref() != Some(other.as_str())
+                || r.spec.preferred_node.as_deref() != Some(node)
+                || r.migrate_to.is_some()
+                || self.runs_on(&r.spec.name, &other).is_none()
+            {
+                continue;
+            }
+            if r.spec.failback == Failback::Auto && self.peer_state == PeerState::Online {
+                let mut rec = r.clone();
+                rec.migrate_to = Some(node.to_string());
+                back.push(rec);
+            } else {
+                manual.push(r.spec.name.clone());
+            }
+        }
         let reason = format!(
-            "finalized: left maintenance; FT/HA standbys start here and resync{}",
+            "finalized: left maintenance; FT/HA standbys start here and resync{}{}{}",
             if restarted.is_empty() {
                 String::new()
             } else {
                 format!("; started again here: {}", restarted.join(", "))
+            },
+            if back.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<&str> = back.iter().map(|r| r.spec.name.as_str()).collect();
+                format!("; unprotected VMs migrate back here: {}", names.join(", "))
+            },
+            if manual.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; unprotected VMs that prefer {node} stay on {other} until `twinrun vm \
+                     failback` (manual failback, or {other} not reachable): {}",
+                    manual.join(", ")
+                )
             }
         );
+        writes.extend(back);
         let rec = NodeRecord {
             name: node.to_string(),
             maintenance: false,
@@ -363,6 +443,22 @@ impl Cluster {
         }
         let me = self.me.clone();
         let peer = self.peer.clone();
+        if self.migrating_from_here(vm) {
+            // Moving off by live migration: its VMM runs on until the handover, or the
+            // migration is given up (then it is shut down: `migrate_abort`). A source
+            // VMM that ended is not started again here: the migration is given up.
+            if self.vms[vm].local.is_some() || self.vms[vm].spawn_sent {
+                return None;
+            }
+            self.migrate_abort(vm, format!("its VMM on {me} ended"), out);
+            return Some((
+                VmState::Stopped,
+                shut_for(
+                    &me,
+                    &format!("its VMM on {me} ended during the live migration"),
+                ),
+            ));
+        }
         let s = &self.vms[vm];
         if let Some(l) = &s.local {
             let role = l.acting();
@@ -436,5 +532,35 @@ impl Cluster {
                 self.me
             ),
         )
+    }
+
+    /// A live migration off a node in maintenance was given up: the VM falls back to
+    /// the clean shutdown, with the reason, listed in the node record so that
+    /// `finalize` starts it again there. False when the source is not in maintenance.
+    pub(super) fn maintenance_shutdown_instead(
+        &mut self,
+        rec: &mut VmRecord,
+        to: &str,
+        why: &str,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(node) = rec.owner.clone().filter(|o| self.in_maintenance(o)) else {
+            return false;
+        };
+        rec.desired = Desired::Stopped;
+        rec.owner = None;
+        rec.stopped_because = Some(shut_for(
+            &node,
+            &format!("its live migration to {to} was given up: {why}"),
+        ));
+        if let Some(mut mark) = self.nodes.get(&node).cloned() {
+            if !mark.shut_down.contains(&rec.spec.name) {
+                mark.shut_down.push(rec.spec.name.clone());
+                mark.version = self.version();
+                self.nodes.insert(node.clone(), mark.clone());
+                out.push(Action::PersistNode(mark));
+            }
+        }
+        true
     }
 }

@@ -16,13 +16,16 @@
 //! - the target starts the receiving VMM while the source's VMM runs;
 //! - the source asks the swap once its VMM reports the target in sync;
 //! - the target, swapped in, writes `owner = target`, `migrate_to = None` and makes the
-//!   target the preferred node (the VM lives where it was moved);
+//!   target the preferred node (the VM lives where it was moved; not when the source is
+//!   in maintenance: `workon` moved it, `finalize` brings it back);
 //! - the old end sees the owner move and stops its standby.
 //!
 //! Given up (`migrate_to = None`, the VM runs on at the source, a reason logged and
 //! shown) when: the peer is not online; the target's VMM ends or cannot start; the
 //! target lost sync after it was in sync (A-Links cut); the swap fails; it is not in
 //! sync after [`MIGRATE_TIMEOUT_MS`]. The receiving VMM then sees the record and stops.
+//! A migration off a node in maintenance that is given up falls back to the clean
+//! shutdown `workon` did before migration existed (maintenance.rs).
 //!
 //! FT VMs move by the planned role swap the failback uses (their standby is in sync
 //! already): the command makes the target the preferred node and asks a failback.
@@ -132,10 +135,20 @@ impl Cluster {
             return;
         };
         let at = s.record.owner.clone().unwrap_or_default();
-        s.note = format!("migration to {to} given up: {why}; it runs on {at}");
-        out.push(log(Some(vm), s.note.clone()));
         let mut rec = s.record.clone();
         rec.migrate_to = None;
+        if self.maintenance_shutdown_instead(&mut rec, &to, &why, out) {
+            // Moving off a node in maintenance (`workon`): today's clean shutdown.
+            let s = slot_mut(&mut self.vms, vm);
+            s.note = format!(
+                "migration to {to} given up: {why}; shut down cleanly on {at} (in maintenance)"
+            );
+            out.push(log(Some(vm), s.note.clone()));
+        } else {
+            let s = slot_mut(&mut self.vms, vm);
+            s.note = format!("migration to {to} given up: {why}; it runs on {at}");
+            out.push(log(Some(vm), s.note.clone()));
+        }
         out.push(self.write(rec));
     }
 
@@ -240,7 +253,12 @@ impl Cluster {
                     let mut r = rec.clone();
                     r.owner = Some(me.clone());
                     r.migrate_to = None;
-                    r.spec.preferred_node = Some(me.clone());
+                    // The VM lives where it was moved, unless it was moved off a node
+                    // in maintenance: then its preferred node stays (finalize brings
+                    // it back per its failback policy).
+                    if !self.in_maintenance(&peer) {
+                        r.spec.preferred_node = Some(me.clone());
+                    }
                     out.push(log(
                         Some(vm),
                         format!("migrated from {peer}: the VM runs on {me}, owner is {me}"),
