@@ -108,10 +108,10 @@ impl SwapPort {
         h.released
     }
 
-    /// The swap did not happen (the standby refused it): acks release everything
-    /// again. (Lease path, issue 15: wq23.)
+    /// The swap did not happen (the standby's quorum refused it): acks release
+    /// everything again.
     pub fn clear_hold(&self) {
-        self.hold_from.store(0, Ordering::SeqCst);
+        self.hold.lock_or_recover().from = None;
     }
 
     /// What an ack of `epoch` may release here: through `epoch`, or only up to the
