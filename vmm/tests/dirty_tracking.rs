@@ -481,11 +481,20 @@ fn real_guest_rebuilt(opts: &BuildOptions, pauses: usize, dirty_rate: u32) {
     let mut rbuf = vec![0u8; 65536];
     let t0 = Instant::now();
     vmm.start().unwrap();
-    for i in 0..pauses_total {
+    // A ring VM runs on past `pauses` until a ring filled at least once: how many pages
+    // an epoch dirties depends on the CPU the guest gets, so the later epochs are long
+    // enough to fill the ring on a loaded machine (bounded: 2 minutes).
+    let ring_filled = |vmm: &Vmm| vmm.dirty_rings().is_none_or(|r| r.full_exits().0 > 0);
+    let mut i = 0;
+    while i < pauses_total || (!ring_filled(&vmm) && t0.elapsed() < Duration::from_secs(120)) {
         if i > 0 {
             vmm.resume().unwrap();
         }
-        let wait = Duration::from_micros(200 + rng.below(1800));
+        let wait = if i < pauses_total {
+            Duration::from_micros(200 + rng.below(1800))
+        } else {
+            Duration::from_millis(20)
+        };
         if i % 2 == 1 {
             // Every other epoch takes its first half's pages early, while the guest,
             // the block device and the net RX keep writing: a write racing the early
@@ -537,7 +546,9 @@ fn real_guest_rebuilt(opts: &BuildOptions, pauses: usize, dirty_rate: u32) {
             );
         }
         arp_replies += drain_arp_replies(&sock, &mut rbuf);
+        i += 1;
     }
+    let pauses_total = i;
     let elapsed = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();

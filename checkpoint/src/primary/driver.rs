@@ -951,6 +951,8 @@ fn session_loop(
 ) -> Result<(), DriverError> {
     // The operator's swap request being carried out.
     let mut swapping: Option<SwapReply> = None;
+    // Whether the standby has sent anything in this session (see the link check below).
+    let mut heard = false;
     while !stop.load(Ordering::Relaxed) {
         if let Some(done) = d.report.swapped {
             if let Some(r) = swapping.take() {
@@ -999,7 +1001,10 @@ fn session_loop(
             None => POLL,
         };
         match inbox.recv(wait) {
-            Ok(Some(m)) => d.on_message(m)?,
+            Ok(Some(m)) => {
+                heard = true;
+                d.on_message(m)?
+            }
             Ok(None) => {}
             Err(AlinkError::Closed) => {
                 d.peer_lost()?;
@@ -1007,7 +1012,20 @@ fn session_loop(
             }
             Err(e) => return Err(e.into()),
         }
-        if link_lost(link) {
+        let (lost, a_link_down) = link_lost(link);
+        if lost {
+            d.peer_lost()?;
+            continue;
+        }
+        if a_link_down && !heard {
+            // The standby has not answered this session yet: a standby that ended its
+            // previous session (the primary came back without a takeover) listens on a
+            // fresh A-Link, and a hello sent on a link still connected to the old one
+            // is lost with it while another link already reaches the new one, so the
+            // standby would never report. Start the session again on fresh links.
+            log::warn!(
+                "primary: an A-Link went down before the standby answered this session:                  its hello may be lost with it; the session starts again"
+            );
             d.peer_lost()?;
             continue;
         }
@@ -1016,18 +1034,23 @@ fn session_loop(
     Ok(())
 }
 
-/// Drains link events; true when every link is down.
-fn link_lost(link: &Alink) -> bool {
+/// Drains link events: (every link is down, some link went down).
+fn link_lost(link: &Alink) -> (bool, bool) {
     let mut lost = false;
+    let mut down = false;
     while let Some(ev) = link.poll_event(Duration::ZERO) {
         match ev {
             Event::Link(LinkEvent::PeerUnreachable) => lost = true,
             Event::Link(LinkEvent::PeerReachable) => lost = false,
+            Event::Link(e @ LinkEvent::LinkDown(_)) => {
+                down = true;
+                log::info!("primary: A-Link {e:?}");
+            }
             Event::Link(e) => log::info!("primary: A-Link {e:?}"),
             Event::Refused { link, peer, reason } => {
                 log::warn!("primary: A-Link {link} refused {peer:?}: {reason}")
             }
         }
     }
-    lost && !link.peer_reachable()
+    (lost && !link.peer_reachable(), down)
 }
