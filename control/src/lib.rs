@@ -89,6 +89,45 @@ pub enum Op {
     /// error (not in sync, asked of the standby, the standby lost mid-swap: the VM
     /// then runs on here).
     Swap,
+    /// Change the protection level of the running VM without a reboot (issue 15): an
+    /// unprotected VM's VMM becomes an FT primary ([`LevelChange::Ft`]: its quorum
+    /// client starts, a real standby may connect, it protects session after session),
+    /// or an FT primary whose standby is gone runs alone unprotected
+    /// ([`LevelChange::Unprotected`]: its lease given up, dirty logging off). Answered
+    /// with [`Response::Ok`] once the change is made, or an error saying why not
+    /// (HA, a standby, a migration or a standby still connected, the quorum).
+    SetLevel(LevelChange),
+}
+
+/// The level an [`Op::SetLevel`] asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LevelChange {
+    /// FT, with the quorum the daemon would have given `--quorum-config`,
+    /// `--quorum-node-id` and `--priv0` (None: no quorum service, the loud warning).
+    Ft(Option<QuorumFlags>),
+    Unprotected,
+}
+
+/// What `--quorum-config FILE --quorum-node-id N [--priv0 LOCAL,PEER]` carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumFlags {
+    /// A TOML file with a `[quorum]` table.
+    pub config: String,
+    pub node_id: u64,
+    /// The VM's quorum key (its `--name`).
+    pub vm: String,
+    /// The private network's heartbeat path: (this end's address, the peer's).
+    pub priv0: Option<(String, String)>,
+}
+
+impl LevelChange {
+    /// "ft" or "unprotected".
+    pub fn name(&self) -> &'static str {
+        match self {
+            LevelChange::Ft(_) => "ft",
+            LevelChange::Unprotected => "unprotected",
+        }
+    }
 }
 
 /// What to do to a disk's fault injection.
@@ -415,6 +454,24 @@ pub fn swap(path: &Path) -> Result<(u64, u64), String> {
         Response::Swapped { epoch, paused_us } => Ok((epoch, paused_us)),
         Response::Error { message } => Err(message),
         other => Err(format!("unexpected reply to a swap request: {other:?}")),
+    }
+}
+
+/// How long a level change may take at most (FT -> unprotected waits for the quorum
+/// to have recorded the standby as outdated before the lease is given up). The control
+/// socket serves nothing else meanwhile, so it is short.
+pub const LEVEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the VMM whose socket is `path` to change its protection level ([`Op::SetLevel`]).
+pub fn set_level(path: &Path, change: LevelChange) -> Result<(), String> {
+    match call(
+        path,
+        Op::SetLevel(change),
+        LEVEL_TIMEOUT + Duration::from_secs(5),
+    )? {
+        Response::Ok => Ok(()),
+        Response::Error { message } => Err(message),
+        other => Err(format!("unexpected reply to a level change: {other:?}")),
     }
 }
 

@@ -40,6 +40,13 @@ pub trait FtControl: Send + Sync {
     fn swap(&self) -> Result<(u64, u64), String> {
         Err("this FT runtime does not offer role swaps".into())
     }
+    /// An online level change (see [`Op::SetLevel`]): Ok once made.
+    fn set_level(&self, change: super::LevelChange) -> Result<(), String> {
+        Err(format!(
+            "this runtime cannot change its level to {} while it runs",
+            change.name()
+        ))
+    }
 }
 
 /// The answer to the disk operations of an end that runs no VM.
@@ -152,6 +159,10 @@ impl Server {
                 Ok((epoch, paused_us)) => Response::Swapped { epoch, paused_us },
                 Err(message) => Response::Error { message },
             },
+            Op::SetLevel(change) => match ft.set_level(change) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
             other => Response::Error {
                 message: format!(
                     "{other:?} is not available on a member of an FT pair (it would fight the checkpoints)"
@@ -237,6 +248,11 @@ impl Server {
             Op::DiskFault { disk, action } => super::disk_fault::apply(vmm, disk, &action),
             Op::DiskStatus | Op::DiskVerify => err(super::disks::NOT_MIRRORED.into()),
             Op::Swap => err("a role swap needs an FT pair; this VM runs alone".into()),
+            Op::SetLevel(_) => err(
+                "this VM runs alone (`vm run` without --role): its level cannot change while \
+                 it runs; stop it and start it as one end of a pair"
+                    .into(),
+            ),
         }
     }
 }

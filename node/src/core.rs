@@ -22,7 +22,8 @@ use crate::cluster::{
 use crate::config::NodeConfig;
 use crate::gate::{QuorumGate, QuorumRequest};
 use crate::model::{
-    NodeRecord, NodeState, NodeView, Role, VmRecord, VmView, VmmInfo, NODE_RECORD_PREFIX,
+    NodeRecord, NodeState, NodeView, Protection, Role, VmRecord, VmView, VmmInfo,
+    NODE_RECORD_PREFIX,
 };
 use crate::peer::wire::Msg;
 use crate::peer::{Outbox, Replica};
@@ -327,6 +328,13 @@ impl Core {
                     });
                 }
             }
+            Action::SetLevel { vm, to } => {
+                let change = match g.cluster.record(&vm) {
+                    Some(rec) => crate::supervisor::argv::level_change(&self.cfg, rec, to),
+                    None => Err("the VM has no record".into()),
+                };
+                self.set_level(vm, to, change, queue)
+            }
             Action::RemoveFiles { vm } => g.sup.remove_files(&vm),
             Action::PersistNode(rec) => {
                 if let Err(e) = g.store.put_node(&rec) {
@@ -345,6 +353,47 @@ impl Core {
                     warn!("event log: {e}");
                 }
             }
+        }
+    }
+
+    /// An online level change of our VMM (`SetLevel` on its control socket): it may
+    /// take seconds (FT -> unprotected waits for the quorum), so on its own thread;
+    /// the answer is fed back, and on success the VMM's pid file gets its new role
+    /// first (a daemon restarted after it adopts the VMM at the new level).
+    fn set_level(
+        &self,
+        vm: String,
+        to: Protection,
+        change: Result<twinrun_control::LevelChange, String>,
+        queue: &mut VecDeque<Input>,
+    ) {
+        let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
+        let me = self.me.clone();
+        let name = vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("level-{vm}"))
+            .spawn(move || {
+                let result = match change {
+                    Ok(c) => twinrun_control::set_level(&sock, c).map(|()| to),
+                    Err(e) => Err(e),
+                };
+                if let Some(core) = me.upgrade() {
+                    if result.is_ok() {
+                        let role = if to == Protection::Unprotected {
+                            Role::Solo
+                        } else {
+                            Role::Primary
+                        };
+                        core.lock().sup.set_role(&name, role);
+                    }
+                    core.feed(vec![Input::VmmLevel { vm: name, result }]);
+                }
+            });
+        if let Err(e) = spawned {
+            queue.push_back(Input::VmmLevel {
+                vm,
+                result: Err(format!("cannot start the level change: {e}")),
+            });
         }
     }
 

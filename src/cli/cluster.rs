@@ -136,7 +136,10 @@ pub enum ClusterVmCommand {
     /// Change a VM's protection level, preferred node, autostart or failback policy.
     Set {
         vm: String,
-        /// ft, ha or unprotected (a running VM: shut it down first).
+        /// ft, ha or unprotected. A running VM changes between unprotected and ft with
+        /// no reboot (to ft: its VMM starts its quorum client, then the other node
+        /// starts the standby; to unprotected: the standby is stopped, then the VMM
+        /// runs alone), both nodes online; to or from ha it must be shut down first.
         #[arg(long, value_parser = parse_protection)]
         protection: Option<Protection>,
         #[arg(long, value_name = "NODE")]

@@ -18,6 +18,7 @@ use crate::model::*;
 
 const NODES: [&str; 2] = ["pm1", "pm2"];
 
+mod level;
 mod maintenance;
 mod migrate;
 
@@ -548,6 +549,7 @@ impl Sim {
             }
             Action::RemoveFiles { .. } | Action::Log { .. } => {}
             Action::PersistNode(rec) => self.persist_node(i, rec),
+            Action::SetLevel { vm, to } => self.set_level(i, vm, to),
         }
     }
 

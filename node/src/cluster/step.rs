@@ -23,6 +23,7 @@ use crate::model::{
     VmSpec, VmState, MAX_VMS,
 };
 
+mod level;
 mod maintenance;
 mod migrate;
 pub use maintenance::NodeCommand;
@@ -218,6 +219,12 @@ pub enum Input {
     /// A node's record received from the peer (merged by the store by the same rule as
     /// a VM's record).
     NodeRecord(NodeRecord),
+    /// The answer of our VMM to [`Action::SetLevel`]: the level it runs at now, or why
+    /// it refused (cluster/step/level.rs).
+    VmmLevel {
+        vm: String,
+        result: Result<Protection, String>,
+    },
     /// A command about a node (`twinrun node workon|finalize`), answered once per id.
     NodeCommand {
         id: String,
@@ -285,6 +292,12 @@ pub enum Action {
     },
     /// Write a node's record and send it to the peer.
     PersistNode(NodeRecord),
+    /// Change the protection level of our running VMM without a restart (its control
+    /// socket's `SetLevel`: unprotected <-> FT); answered by [`Input::VmmLevel`].
+    SetLevel {
+        vm: String,
+        to: Protection,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,6 +319,9 @@ struct Local {
     pid: u32,
     protected: bool,
     failed_over: bool,
+    /// The level its runtime protects the VM at: the record's when it started (a Solo
+    /// VMM's is unprotected), then what an online level change made it.
+    level: Protection,
 }
 
 impl Local {
@@ -351,6 +367,8 @@ struct Slot {
     swapped_in: bool,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
+    /// An online level change was sent to our VMM and not yet answered.
+    level_sent: bool,
     /// The live migration this node runs as its source: since when (ms), and whether
     /// the target was in sync once (a loss of sync after that gives it up).
     migrate_since: Option<u64>,
@@ -390,6 +408,7 @@ impl Slot {
             swap_sent: false,
             swapped_in: false,
             swap_blocked: None,
+            level_sent: false,
             migrate_since: None,
             migrate_synced: false,
             files_removed: false,
@@ -589,11 +608,17 @@ impl Cluster {
             } => {
                 if let Some(s) = self.vms.get_mut(&vm) {
                     s.spawn_sent = false;
+                    s.level_sent = false;
                     s.local = Some(Local {
                         role,
                         pid,
                         protected: false,
                         failed_over: false,
+                        level: if role == Role::Solo {
+                            Protection::Unprotected
+                        } else {
+                            s.record.spec.protection
+                        },
                     });
                     if adopted {
                         s.note = format!("adopted its running {role} VMM (pid {pid})");
@@ -706,6 +731,7 @@ impl Cluster {
             }
             Input::NodeRecord(rec) => self.on_node_record(rec, &mut out),
             Input::NodeCommand { id, node, cmd } => self.on_node_command(id, node, cmd, &mut out),
+            Input::VmmLevel { vm, result } => self.on_level(&vm, result, &mut out),
         }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for vm in names {
@@ -998,15 +1024,14 @@ impl Cluster {
             }
             Command::Set(set) => {
                 let mut rec = self.live(vm)?;
+                let mut level_change = None;
                 if let Some(p) = set.protection {
                     if p != rec.spec.protection
                         && (rec.desired == Desired::Running || self.runs_anywhere(vm))
                     {
-                        return Err(CmdError::Conflict(format!(
-                            "changing the protection of a running VM ({} -> {p}) needs the engine's \
-                             online level change, not built yet: shut {vm} down, set it, start it",
-                            rec.spec.protection
-                        )));
+                        // Online, without a reboot, where the engine can (level.rs);
+                        // refused with what to do where it cannot.
+                        level_change = Some(self.level_command(vm, &rec, p)?);
                     }
                     rec.spec.protection = p;
                 }
@@ -1023,7 +1048,10 @@ impl Cluster {
                     .validate(&[&self.me, &self.peer])
                     .map_err(CmdError::Invalid)?;
                 out.push(self.write(rec));
-                Ok("settings changed".into())
+                Ok(match level_change {
+                    Some(how) => format!("settings changed; {how}"),
+                    None => "settings changed".into(),
+                })
             }
             Command::Failback => {
                 let mut rec = self.live(vm)?;
@@ -1374,6 +1402,9 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| me.clone());
         let peer_role = peer_vmm.and_then(|p| p.role);
+        if let Some(shown) = self.level_rules(vm, rec, peer_vmm, out) {
+            return shown;
+        }
         if !ft {
             if let Some(shown) = self.migrate_rules(vm, rec, peer_vmm, local_role, out) {
                 return shown;

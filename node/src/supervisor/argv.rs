@@ -153,26 +153,15 @@ pub fn plan(
             }
             // The pair's VMMs hold the VM's quorum key themselves (gate.rs); an
             // unprotected VM's none (the daemon's `-alone` key covers it).
-            if cfg.quorum_table().is_some() && !unprotected {
+            if let (Some(q), false) = (quorum_flags(cfg, rec), unprotected) {
                 a.extend([
                     "--quorum-config".into(),
-                    cfg.quorum_file().display().to_string(),
+                    q.config,
                     "--quorum-node-id".into(),
-                    cfg.quorum_node_id().to_string(),
+                    q.node_id.to_string(),
                 ]);
-                // The private network as a heartbeat path too (a takeover needs every
-                // path silent): UDP on the VM's first A-Link port number (TCP and UDP
-                // ports do not clash), at the priv0 addresses.
-                if let (Some(p0), Some((first, _))) = (&cfg.priv0, alinks(cfg, rec).first()) {
-                    let port = first.port();
-                    a.extend([
-                        "--priv0".into(),
-                        format!(
-                            "{},{}",
-                            SocketAddr::new(p0.addr, port),
-                            SocketAddr::new(p0.peer, port)
-                        ),
-                    ]);
+                if let Some((local, peer)) = q.priv0 {
+                    a.extend(["--priv0".into(), format!("{local},{peer}")]);
                 }
             }
         }
@@ -196,6 +185,45 @@ pub fn plan(
         log: dir.join("vmm.log"),
         console,
     })
+}
+
+/// The quorum flags of the VM's FT/HA VMMs (None: the node runs no quorum service).
+fn quorum_flags(cfg: &NodeConfig, rec: &VmRecord) -> Option<twinrun_control::QuorumFlags> {
+    cfg.quorum_table()?;
+    // The private network as a heartbeat path too (a takeover needs every path
+    // silent): UDP on the VM's first A-Link port number (TCP and UDP ports do not
+    // clash), at the priv0 addresses.
+    let priv0 = match (&cfg.priv0, alinks(cfg, rec).first()) {
+        (Some(p0), Some((first, _))) => {
+            let port = first.port();
+            Some((
+                SocketAddr::new(p0.addr, port).to_string(),
+                SocketAddr::new(p0.peer, port).to_string(),
+            ))
+        }
+        _ => None,
+    };
+    Some(twinrun_control::QuorumFlags {
+        config: cfg.quorum_file().display().to_string(),
+        node_id: cfg.quorum_node_id(),
+        vm: rec.spec.name.clone(),
+        priv0,
+    })
+}
+
+/// The online level change that makes the running VMM of `rec` what a VMM started at
+/// level `to` would be: FT with the same quorum flags its command line would carry
+/// (see [`plan`]), or unprotected. HA cannot be reached online.
+pub fn level_change(
+    cfg: &NodeConfig,
+    rec: &VmRecord,
+    to: Protection,
+) -> Result<twinrun_control::LevelChange, String> {
+    match to {
+        Protection::Ft => Ok(twinrun_control::LevelChange::Ft(quorum_flags(cfg, rec))),
+        Protection::Unprotected => Ok(twinrun_control::LevelChange::Unprotected),
+        Protection::Ha => Err("an HA VMM cannot be reached by an online level change".into()),
+    }
 }
 
 #[cfg(test)]

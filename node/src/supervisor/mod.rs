@@ -327,6 +327,28 @@ impl Supervisor {
         Ok(pid)
     }
 
+    /// The VMM of `vm` runs in another role now (an online level change: `Solo` for
+    /// unprotected, `Primary` for FT): recorded here and in its pid file, so a
+    /// restarted daemon adopts it in that role.
+    pub fn set_role(&mut self, vm: &str, role: Role) {
+        let Some(p) = self.procs.get_mut(vm) else {
+            return;
+        };
+        p.role = role;
+        let pf = PidFile {
+            pid: p.pid,
+            start_time: p.start_time,
+            role,
+            log: p.log.clone(),
+        };
+        let r = serde_json::to_string(&pf)
+            .map_err(|e| e.to_string())
+            .and_then(|j| write_atomic(&self.cfg.pid_file(vm), j.as_bytes()));
+        if let Err(e) = r {
+            warn!("{vm}: cannot record its VMM's new role {role} in its pid file: {e}");
+        }
+    }
+
     /// SIGTERM (the VMM flushes its devices and exits) or SIGKILL.
     pub fn stop(&mut self, vm: &str, force: bool) {
         let Some(p) = self.procs.get(vm) else { return };

@@ -8,6 +8,7 @@
 //! configuration both ends derive from the same settings.
 
 pub mod gate;
+pub mod level;
 pub mod link;
 pub mod migration;
 pub mod primary;
@@ -77,10 +78,11 @@ pub fn run_pair_with(
         }
     };
     let acfg = link::alink_config(ft);
-    let q = q.as_ref();
+    // Owned here: an online level change starts or stops it (`Next::Level`).
+    let mut q = q;
     let mut next = match ft.role {
-        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q),
-        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q),
+        Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
+        Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
     };
     // The role switches, in one place: a failover survivor (or the standby that
     // accepted a planned swap) protects the VM as the primary; a swapped-out primary
@@ -97,7 +99,22 @@ pub fn run_pair_with(
             }
             Next::Primary { vm, disks } => {
                 let acfg = link::alink_config_as(&cur_ft, Role::Primary);
+                let q = q.as_ref();
                 primary::protect(*vm, &cur_ft, acfg, shutdown, disks, status, q, q.is_some())
+            }
+            Next::Level { vm, disks, request } => {
+                change_level(&vm, &mut cur_ft, &mut q, status, request);
+                let acfg = link::alink_config_as(&cur_ft, Role::Primary);
+                primary::protect(
+                    *vm,
+                    &cur_ft,
+                    acfg,
+                    shutdown,
+                    disks,
+                    status,
+                    q.as_ref(),
+                    false,
+                )
             }
             Next::Standby {
                 cfg,
@@ -106,10 +123,74 @@ pub fn run_pair_with(
                 swapped_out = true;
                 let acfg = link::alink_config_as(&as_standby, Role::Standby);
                 cur_ft = *as_standby;
-                standby::run(&cfg, &cur_ft, acfg, shutdown, status, q)
+                standby::run(&cfg, &cur_ft, acfg, shutdown, status, q.as_ref())
             }
         };
     }
+}
+
+/// An online level change between two of the primary's sessions ([`level`]): the
+/// settings and the quorum the next sessions run with. A change that cannot be made
+/// (a bad quorum config) is answered with why and changes nothing.
+fn change_level(
+    vm: &Vmm,
+    ft: &mut FtSettings,
+    q: &mut Option<quorum::Quorum>,
+    status: &PairStatus,
+    request: level::LevelRequest,
+) {
+    let from = if ft.unprotected { "unprotected" } else { "ft" };
+    match request.change.clone() {
+        twinrun_control::LevelChange::Ft(flags) => {
+            let mut next = ft.clone();
+            next.unprotected = false;
+            next.quorum = match flags.as_ref().map(level::quorum_settings).transpose() {
+                Ok(qs) => qs,
+                Err(why) => {
+                    error!("level change to FT refused: {why}");
+                    request.answer(Err(why));
+                    return;
+                }
+            };
+            match quorum::start_for(
+                &next,
+                status,
+                "FT mode WITHOUT QUORUM (no quorum settings in the level change): if ALL \
+                 A-Links are cut while both PMs are alive, the standby takes over and TWO \
+                 copies of the VM run",
+            ) {
+                Ok(started) => *q = started,
+                Err(code) => {
+                    let why = format!(
+                        "the quorum client could not start (code {code}; see the VMM's log)"
+                    );
+                    request.answer(Err(why));
+                    return;
+                }
+            }
+            *ft = next;
+            status.set_ft();
+        }
+        twinrun_control::LevelChange::Unprotected => {
+            if let Some(old) = q.take() {
+                // Given up rather than left to lapse: nothing may ask for it (the
+                // standby is gone and recorded outdated), and a later change back to
+                // FT takes it again at once.
+                if let Err(why) = old.lease_handover().release(quorum::HANDOVER_WAIT) {
+                    log::warn!("level change: the lease is left to lapse at the witness ({why})");
+                }
+                drop(old);
+                status.clear_quorum();
+                status.swap_side().clear_handover();
+            }
+            ft.unprotected = true;
+            ft.quorum = None;
+            status.set_unprotected();
+            primary::run_alone_again(vm);
+        }
+    }
+    level::log_change(from, request.change.name());
+    request.answer(Ok(()));
 }
 
 /// How one role's run ends: the process exits with a code, or this end goes on in the
@@ -127,6 +208,13 @@ pub enum Next {
     Standby {
         cfg: Box<VmConfig>,
         ft: Box<FtSettings>,
+    },
+    /// The primary took an online level change between two sessions: it goes on with
+    /// the same VM and disks at the new level ([`change_level`]).
+    Level {
+        vm: Box<Vmm>,
+        disks: Arc<PrimaryDisks>,
+        request: level::LevelRequest,
     },
 }
 

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::exit;
 use crate::settings::{FtSettings, Role};
@@ -146,11 +146,35 @@ pub fn protect(
         }
         let acked = Arc::new(AtomicU64::new(0));
         status.begin_session(link.clone(), Some(acked.clone()));
+        // Between sessions (no peer connected): an online level change may be taken
+        // here ([`super::level`]); the session loop goes on at the new level.
+        let waited = match quorum {
+            Some(q) => {
+                q.begin_session(link.clone(), Some(acked.clone()));
+                wait_for_standby(&vm, &link, q, sd, &mut held, status)
+            }
+            None => Ok(wait_alone(&link, sd, status)),
+        };
+        let waited = match waited {
+            Ok(Waited::Level(request)) => {
+                if let Some(q) = quorum {
+                    q.end_session();
+                }
+                status.end_session(None);
+                drop(link);
+                return Next::Level {
+                    vm: Box::new(vm),
+                    disks,
+                    request,
+                };
+            }
+            other => other,
+        };
         if let Some(q) = quorum {
-            q.begin_session(link.clone(), Some(acked.clone()));
-            match wait_for_standby(&vm, &link, q, sd, &mut held) {
-                Ok(true) => {}
-                Ok(false) => {
+            match waited {
+                // (A level change returned above.)
+                Ok(Waited::Standby | Waited::Level(_)) => {}
+                Ok(Waited::Stop) => {
                     // Stop requested while waiting.
                     q.end_session();
                     status.end_session(None);
@@ -263,22 +287,54 @@ pub fn protect(
     unreachable!("sessions are numbered without end")
 }
 
+/// How waiting for a standby between sessions ended.
+enum Waited {
+    /// A peer is connected: the session begins.
+    Standby,
+    /// Stop requested.
+    Stop,
+    /// An online level change to take now ([`super::level`]).
+    Level(super::level::LevelRequest),
+}
+
+/// Waits for a peer on `link` without a quorum (the driver would wait the same way),
+/// taking a level change asked meanwhile: any change (nothing is held: without a
+/// quorum a lost standby's output was released at simplex).
+fn wait_alone(link: &Alink, sd: &Shutdown, status: &PairStatus) -> Waited {
+    loop {
+        if sd.requested() {
+            return Waited::Stop;
+        }
+        if link.peer_reachable() {
+            return Waited::Standby;
+        }
+        if let Some(r) = super::level::take(status, |_| true) {
+            return Waited::Level(r);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits for a standby on `link` while the quorum governs the VM's output and guest.
-/// Ok(true): a standby is connected (held output handed to the session); Ok(false):
-/// stop requested; Err(generation): this primary lost the VM to that generation.
+/// Standby: a standby is connected (held output handed to the session); Stop: stop
+/// requested; Level: a change to unprotected, taken only while the gate is `Free` (the
+/// witness recorded the standby as outdated and the lease is valid: nothing can take
+/// the VM over), with everything held released first; Err(generation): this primary
+/// lost the VM to that generation.
 fn wait_for_standby(
     vm: &Vmm,
     link: &Alink,
     q: &Quorum,
     sd: &Shutdown,
     held: &mut HeldOutput,
-) -> Result<bool, u64> {
+    status: &PairStatus,
+) -> Result<Waited, u64> {
     loop {
         if let Some(g) = q.demoted() {
             return Err(g);
         }
         if sd.requested() {
-            return Ok(false);
+            return Ok(Waited::Stop);
         }
         if let Err(e) = held.step(vm, q) {
             warn!("quorum: applying the output gate: {e}");
@@ -287,7 +343,23 @@ fn wait_for_standby(
             if let Err(e) = held.before_session(vm) {
                 warn!("quorum: handing output to the session: {e}");
             }
-            return Ok(true);
+            return Ok(Waited::Standby);
+        }
+        let free = match q.gate() {
+            super::quorum::Gate::Free { until } => until.is_none_or(|u| Instant::now() < u),
+            _ => false,
+        };
+        if free && !q.pause() {
+            if let Some(r) = super::level::take(status, |c| {
+                matches!(c, twinrun_control::LevelChange::Unprotected)
+            }) {
+                // Everything held leaves now (the gate allows it), and output commit
+                // is off for good: the VM runs alone.
+                if let Err(e) = held.before_session(vm) {
+                    warn!("level change: releasing the held output: {e}");
+                }
+                return Ok(Waited::Level(r));
+            }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -400,7 +472,7 @@ fn announce_protection(acked: &AtomicU64, done: &AtomicBool, sd: &Shutdown, unpr
 /// or the receiving VMM gone): it runs alone again at full speed. The session's dirty
 /// logging stops (the next migration's pre-copy starts it again with a full round);
 /// output commit and the disk journal ended with the session (`enter_simplex`).
-fn run_alone_again(vm: &Vmm) {
+pub(crate) fn run_alone_again(vm: &Vmm) {
     match vm.stop_dirty_tracking() {
         Ok(()) => info!(
             "unprotected VM: the migration's session ended without the handover; the VM \

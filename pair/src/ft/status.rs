@@ -32,6 +32,9 @@ pub struct PairStatus {
     quorum: Mutex<Option<Arc<Mutex<twinrun_control::QuorumView>>>>,
     /// Planned role swaps (`Op::Swap`).
     swap: super::swap::SwapSide,
+    /// An online level change asked on the control socket, until the runtime takes it
+    /// at a session boundary (`Op::SetLevel`, [`super::level`]).
+    level: Mutex<Option<super::level::LevelRequest>>,
 }
 
 struct Inner {
@@ -88,7 +91,28 @@ impl PairStatus {
             link: Mutex::new(None),
             quorum: Mutex::new(None),
             swap: super::swap::SwapSide::new(cfg),
+            level: Mutex::new(None),
         })
+    }
+
+    /// This end protects its VM with FT now (an online change from unprotected).
+    pub fn set_ft(&self) {
+        lock(&self.inner).protection = "ft";
+    }
+
+    /// The quorum stopped (an online change to unprotected): no quorum in the status.
+    pub fn clear_quorum(&self) {
+        *lock(&self.quorum) = None;
+    }
+
+    /// "ft", "unprotected" (or "ha", set by the HA runtime's status).
+    pub fn protection(&self) -> &'static str {
+        lock(&self.inner).protection
+    }
+
+    /// The pending level change, if the runtime may take it (expired ones dropped).
+    pub(crate) fn level_slot(&self) -> &Mutex<Option<super::level::LevelRequest>> {
+        &self.level
     }
 
     /// This end runs an unprotected VM (the status says so; a primary's "protected"
@@ -292,6 +316,14 @@ impl FtControl for PairStatus {
             return Err("this end of the pair is the standby: ask the primary".into());
         }
         self.swap.request(lock(&self.quorum).is_some())
+    }
+
+    fn set_level(&self, change: twinrun_control::LevelChange) -> Result<(), String> {
+        let (role, running, protection) = {
+            let i = lock(&self.inner);
+            (i.role, i.vm_running, i.protection)
+        };
+        super::level::ask(self, role, running, protection, change)
     }
 }
 

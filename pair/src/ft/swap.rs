@@ -58,6 +58,11 @@ impl SwapSide {
         *lock(&self.handover) = Some(h);
     }
 
+    /// The quorum stopped (an online change to unprotected): no handover any more.
+    pub fn clear_handover(&self) {
+        *lock(&self.handover) = None;
+    }
+
     /// An operator's request: waits until the standby took the VM over. With a quorum,
     /// the lease is given up at the witness first (refused, nothing paused, if the
     /// witness does not confirm), and the standby takes the next generation before it
