@@ -93,7 +93,7 @@ pub enum Op {
     /// unprotected VM's VMM becomes an FT primary ([`LevelChange::Ft`]: its quorum
     /// client starts, a real standby may connect, it protects session after session),
     /// or an FT primary whose standby is gone runs alone unprotected
-    /// ([`LevelChange::Unprotected`]: its lease given up, dirty logging off). Answered
+    /// ([`LevelChange::Unprotected`]: its quorum client stopped, dirty logging off). Answered
     /// with [`Response::Ok`] once the change is made, or an error saying why not
     /// (HA, a standby, a migration or a standby still connected, the quorum).
     SetLevel(LevelChange),

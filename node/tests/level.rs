@@ -365,6 +365,27 @@ fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
     client
         .wait_acks(100, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
+    let (pm1, pm2) = (c.vmm_log(0), c.vmm_log(1));
+    assert!(
+        pm1.contains("protection level changed online: unprotected -> ft"),
+        "{pm1}"
+    );
+    assert!(!pm1.contains("WITHOUT QUORUM"), "{pm1}");
+    let lines = |log: &str, what: &[&str]| -> String {
+        log.lines()
+            .filter(|l| what.iter().any(|w| l.contains(w)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    eprintln!(
+        "pm1 VMM:\n{}\npm2 VMM:\n{}",
+        lines(
+            &pm1,
+            &["level changed", "quorum: backend", "FT primary: protected"]
+        ),
+        lines(&pm2, &["GRANTED", "failover complete"])
+    );
+    assert!(pm2.contains("failover complete"), "{pm2}");
     finish(&c, client, "unprotected -> ft, then pm1 lost");
 }
 
@@ -406,6 +427,17 @@ fn ft_to_unprotected_and_back_online() {
     assert!(
         log.contains("protection level changed online: ft -> unprotected"),
         "{log}"
+    );
+    eprintln!(
+        "pm1 VMM:\n{}",
+        log.lines()
+            .filter(
+                |l| ["level changed", "lease", "dirty logging", "quorum: backend"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     c.set_level(0, Protection::Ft);

@@ -15,9 +15,10 @@
 //! - **FT -> unprotected**: only once the standby is gone (the daemon stops it first)
 //!   and, with a quorum, once the gate is `Free` (the witness recorded the standby as
 //!   outdated, so no standby may take over, and the lease is valid): everything held is
-//!   released, the loop hands the VM back, the lease is given up at the witness
-//!   (`Release`, the swap's handover; a backend that refuses it, etcd, lets it lapse)
-//!   and the quorum thread stopped; dirty logging goes off and the VM runs alone.
+//!   released, the loop hands the VM back and the quorum thread is stopped: the lease
+//!   lapses at the witness (the swap's `Release` is for a pair in sync: the machine
+//!   refuses it without an acknowledging standby; lapsing is as safe here, since no
+//!   standby can be granted the VM); dirty logging goes off and the VM runs alone.
 //!
 //! The control thread waits for the loop's answer for [`LEVEL_WAIT`] at most; a request
 //! the loop did not take by then is dropped (it never acts later, on a stale request).
@@ -171,4 +172,102 @@ pub fn quorum_settings(flags: &QuorumFlags) -> Result<QuorumSettings, String> {
 /// Logged when a level change is made (tools read the status's `protection`).
 pub fn log_change(from: &str, to: &str) {
     info!("protection level changed online: {from} -> {to} (the VM ran on)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::config::{Payload, VmConfig, Workloads};
+
+    fn status() -> std::sync::Arc<PairStatus> {
+        let cfg = VmConfig {
+            mem_mib: 64,
+            vcpus: 1,
+            payload: Payload::TestGuest {
+                elf: "/nonexistent".into(),
+                workloads: Workloads::default(),
+            },
+            disks: vec![],
+            nets: vec![],
+            console: Default::default(),
+        };
+        PairStatus::new(crate::settings::Role::Primary, &cfg)
+    }
+
+    fn flags(dir: &std::path::Path, text: &str) -> QuorumFlags {
+        let path = dir.join("quorum.toml");
+        std::fs::write(&path, text).unwrap();
+        QuorumFlags {
+            config: path.display().to_string(),
+            node_id: 2,
+            vm: "db".into(),
+            priv0: Some(("10.0.0.2:7000".into(), "10.0.0.1:7000".into())),
+        }
+    }
+
+    #[test]
+    fn quorum_flags_resolve_as_the_command_line_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = flags(
+            dir.path(),
+            "[quorum]\ncluster = \"c1\"\nbackend = \"none\"\nstatic_preference = 1\n",
+        );
+        let q = quorum_settings(&f).unwrap();
+        assert_eq!((q.node.0, q.peer.0, q.vm.as_str()), (2, 1, "db"));
+        assert!(q.state_file.ends_with("quorum/c1-db-node2.state"));
+        assert_eq!(q.priv0.unwrap().peer.to_string(), "10.0.0.1:7000");
+        let bad = flags(dir.path(), "[other]\n");
+        assert!(quorum_settings(&bad)
+            .unwrap_err()
+            .contains("no [quorum] table"));
+    }
+
+    #[test]
+    fn refused_at_once_where_no_change_can_be_made() {
+        let status = status();
+        let ha = ask(
+            &status,
+            FtRole::Primary,
+            true,
+            "ha",
+            LevelChange::Unprotected,
+        );
+        assert!(ha.unwrap_err().contains("HA"));
+        let standby = ask(
+            &status,
+            FtRole::Standby,
+            false,
+            "ft",
+            LevelChange::Unprotected,
+        );
+        assert!(standby.unwrap_err().contains("primary"));
+        // Already at that level: nothing to do.
+        assert_eq!(
+            ask(&status, FtRole::Primary, true, "ft", LevelChange::Ft(None)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_request_not_taken_in_time_is_dropped_never_acted_on_later() {
+        let status = status();
+        *lock(status.level_slot()) = Some(LevelRequest {
+            change: LevelChange::Unprotected,
+            reply: mpsc::channel().0,
+            deadline: Instant::now(),
+        });
+        assert!(take(&status, |_| true).is_none());
+        assert!(lock(status.level_slot()).is_none());
+        let (tx, rx) = mpsc::channel();
+        *lock(status.level_slot()) = Some(LevelRequest {
+            change: LevelChange::Ft(None),
+            reply: tx,
+            deadline: Instant::now() + Duration::from_secs(5),
+        });
+        // Not accepted now (e.g. the gate not free): it stays for a later look.
+        assert!(take(&status, |_| false).is_none());
+        let r = take(&status, |_| true).expect("taken");
+        r.answer(Ok(()));
+        assert_eq!(rx.recv().unwrap(), Ok(()));
+    }
 }

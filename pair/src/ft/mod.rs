@@ -21,7 +21,7 @@ pub mod swap;
 
 use std::sync::Arc;
 
-use log::error;
+use log::{error, info};
 use storage_mirror::primary::PrimaryDisks;
 use vmm::config::VmConfig;
 use vmm::Vmm;
@@ -173,12 +173,15 @@ fn change_level(
         }
         twinrun_control::LevelChange::Unprotected => {
             if let Some(old) = q.take() {
-                // Given up rather than left to lapse: nothing may ask for it (the
-                // standby is gone and recorded outdated), and a later change back to
-                // FT takes it again at once.
-                if let Err(why) = old.lease_handover().release(quorum::HANDOVER_WAIT) {
-                    log::warn!("level change: the lease is left to lapse at the witness ({why})");
-                }
+                // The lease is left to lapse: safe, as no standby can be granted the VM
+                // (the change was taken only while the witness recorded it outdated, and
+                // its daemon runs none for an unprotected VM). `Release` (the swap's
+                // handover) is for a pair in sync and would be refused here.
+                info!(
+                    "level change: the quorum client stops; this node's lease lapses at the \
+                     witness (generation {} stays recorded)",
+                    old.generation().load(std::sync::atomic::Ordering::SeqCst)
+                );
                 drop(old);
                 status.clear_quorum();
                 status.swap_side().clear_handover();

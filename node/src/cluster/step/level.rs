@@ -14,9 +14,9 @@
 //!   starts before the change is made (it would reach an unprotected VMM).
 //! - **FT -> unprotected**: the command writes the level; the other node stops its
 //!   standby (a standby started for FT: SIGTERM, it never takes over on a stop); the
-//!   owner, once the peer reports no VMM for it, sends the change (the VMM gives its
-//!   lease up once the quorum recorded the standby as outdated, turns dirty logging off
-//!   and runs alone). A lost owner is then an unprotected VM's loss: it is down, and
+//!   owner, once the peer reports no VMM for it, sends the change (once the quorum
+//!   recorded the standby as outdated the VMM stops its quorum client, the lease
+//!   lapsing, turns dirty logging off and runs alone). A lost owner is then an unprotected VM's loss: it is down, and
 //!   the other node, with no standby, does not take it over.
 //! - a VMM that refuses the change: the record gets the VMM's level back (the log and
 //!   `vm show` say why).
@@ -104,8 +104,8 @@ impl Cluster {
             )),
             _ => Ok(format!(
                 "the level changes from {from} to {to} with no reboot: {other} stops the \
-                 standby, then the VMM on {owner} runs alone (its lease given up, dirty \
-                 logging off)"
+                 standby, then the VMM on {owner} runs alone (its quorum client stopped, \
+                 dirty logging off)"
             )),
         }
     }
