@@ -385,7 +385,7 @@ impl TakeoverGate for Granted {
 /// How long each end waits for its witness in a swap's handover (the primary for the
 /// release, the standby for the grant): many round trips to a witness that answers
 /// (requests are sent again every `retry`), and short against the swap's own timeout.
-pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// One node's side of a planned swap's lease handover (issue 15). The primary calls
 /// [`LeaseHandover::release`] before its guest pauses, then [`LeaseHandover::end`]
