@@ -295,6 +295,28 @@ kv_addr = "{ip}/24"
     }
 }
 
+impl Cluster {
+    /// The cluster with the unprotected VM on pm1 and a client with 100 writes
+    /// acknowledged.
+    fn under_load() -> (Cluster, LoadClient) {
+        let c = Cluster::start();
+        c.create_vm();
+        let client = c.client();
+        client
+            .wait_acks(100, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        (c, client)
+    }
+}
+
+/// The lines of `log` that hold any of `what` (printed as the run's evidence).
+fn lines(log: &str, what: &[&str]) -> String {
+    log.lines()
+        .filter(|l| what.iter().any(|w| l.contains(w)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn finish(c: &Cluster, client: LoadClient, what: &str) {
     let rep = client.finish().unwrap();
     let expect = Expect {
@@ -312,12 +334,7 @@ fn finish(c: &Cluster, client: LoadClient, what: &str) {
 
 #[test]
 fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
-    let c = Cluster::start();
-    c.create_vm();
-    let client = c.client();
-    client
-        .wait_acks(100, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let (c, client) = Cluster::under_load();
     let (role, pid) = c.vmm_on(0).expect("the VMM on pm1");
     assert_eq!(role, Role::Solo);
     assert_eq!(
@@ -371,12 +388,6 @@ fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
         "{pm1}"
     );
     assert!(!pm1.contains("WITHOUT QUORUM"), "{pm1}");
-    let lines = |log: &str, what: &[&str]| -> String {
-        log.lines()
-            .filter(|l| what.iter().any(|w| l.contains(w)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     eprintln!(
         "pm1 VMM:\n{}\npm2 VMM:\n{}",
         lines(
@@ -391,12 +402,7 @@ fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
 
 #[test]
 fn ft_to_unprotected_and_back_online() {
-    let c = Cluster::start();
-    c.create_vm();
-    let client = c.client();
-    client
-        .wait_acks(100, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let (c, client) = Cluster::under_load();
     let (_, pid) = c.vmm_on(0).expect("the VMM on pm1");
     c.set_level(0, Protection::Ft);
     c.wait_protected("protected (first time)");
@@ -430,14 +436,10 @@ fn ft_to_unprotected_and_back_online() {
     );
     eprintln!(
         "pm1 VMM:\n{}",
-        log.lines()
-            .filter(
-                |l| ["level changed", "lease", "dirty logging", "quorum: backend"]
-                    .iter()
-                    .any(|w| l.contains(w))
-            )
-            .collect::<Vec<_>>()
-            .join("\n")
+        lines(
+            &log,
+            &["level changed", "lease", "dirty logging", "quorum: backend"]
+        )
     );
 
     c.set_level(0, Protection::Ft);
