@@ -160,9 +160,9 @@ impl Reaper {
     /// Kill every process named by a pid file in `dir` (the node daemon's
     /// `run/pids`: JSON with `pid` and `start_time`), read when the test is gone.
     pub fn pid_files(&self, dir: &Path) -> Result<(), LabError> {
-        let d = dir.to_str().ok_or_else(|| {
-            LabError::Invalid(format!("reaper: {} is not UTF-8", dir.display()))
-        })?;
+        let d = dir
+            .to_str()
+            .ok_or_else(|| LabError::Invalid(format!("reaper: {} is not UTF-8", dir.display())))?;
         self.send("pids", d)
     }
 

@@ -349,6 +349,11 @@ struct Slot {
     /// (its report may still say primary until it arrives), so this is no split brain.
     /// Cleared when the record names this node the owner.
     swapped_in: bool,
+    /// The pid of the local VMM whose takeover last made this node the owner: a
+    /// record naming the peer again while that VMM runs means the peer claims it too
+    /// (both ran it while apart); asked again before the peer reports, both nodes
+    /// would write themselves owner in turn for ever.
+    took_over_pid: Option<u32>,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
     /// The live migration this node runs as its source: since when (ms), and whether
@@ -389,6 +394,7 @@ impl Slot {
             takeover: Grant::None,
             swap_sent: false,
             swapped_in: false,
+            took_over_pid: None,
             swap_blocked: None,
             migrate_since: None,
             migrate_synced: false,
@@ -1661,25 +1667,25 @@ impl Cluster {
                         ),
                     );
                 }
-                // Our standby took over from a primary the peer still reports
-                // protected, i.e. paired with the standby that just left the pair: the
-                // report predates the primary's end (its exit, or its loss of the
-                // standby, which the peer reports next). Not a split brain until a
-                // report says that primary runs on alone.
-                let report_lags = peer_primary
-                    && self.vms[vm].local.as_ref().is_some_and(|l| l.failed_over)
-                    && peer_vmm.is_some_and(|p| p.role == Some(Role::Primary) && p.protected);
-                if report_lags {
-                    return (
-                        VmState::Pending,
-                        format!(
-                            "took over from {peer}; waiting for {peer}'s report that its primary ended"
-                        ),
-                    );
-                }
                 // A peer in maintenance is stopping its copy (a planned move, its
                 // report may still show it): ours is the one that goes on.
                 if peer_primary && !self.in_maintenance(&peer) {
+                    // Our standby took over from a primary the peer still reports
+                    // protected, i.e. paired with the standby that just left the pair: the
+                    // report predates the primary's end (its exit, or its loss of the
+                    // standby, which the peer reports next). Not a split brain until a
+                    // report says that primary runs on alone.
+                    let report_lags = peer_primary
+                        && self.vms[vm].local.as_ref().is_some_and(|l| l.failed_over)
+                        && peer_vmm.is_some_and(|p| p.role == Some(Role::Primary) && p.protected);
+                    if report_lags {
+                        return (
+                            VmState::Pending,
+                            format!(
+                                "took over from {peer}; waiting for {peer}'s report that its primary ended"
+                            ),
+                        );
+                    }
                     // Both nodes run it (our standby took over while the owner lived:
                     // the A-Links were cut, or a partition healed). The record decides:
                     // the owner's copy stays, ours stops.
@@ -1696,6 +1702,18 @@ impl Cluster {
                         VmState::Stopping,
                         format!(
                             "split brain resolved for {peer}, the owner: stopping the copy here"
+                        ),
+                    );
+                }
+                // The record names the peer again after our takeover (with this
+                // VMM) made us the owner: the peer claims it too. Wait for its report:
+                // the split brain rule above decides if it runs a copy.
+                let pid = self.vms[vm].local.as_ref().map(|l| l.pid);
+                if !peer_online && pid.is_some() && self.vms[vm].took_over_pid == pid {
+                    return (
+                        VmState::Pending,
+                        format!(
+                            "took over, but the record names {peer} the owner again: waiting for {peer}'s report"
                         ),
                     );
                 }
@@ -1799,6 +1817,7 @@ impl Cluster {
             Grant::Granted => {
                 s.takeover = Grant::None;
                 s.swapped_in = false;
+                s.took_over_pid = s.local.as_ref().map(|l| l.pid);
                 let mut r = rec.clone();
                 r.owner = Some(me.clone());
                 out.push(log(Some(vm), format!("owner is now {me} (takeover)")));
