@@ -1241,7 +1241,9 @@ fn seeded_random_runs_with_maintenance_keep_the_invariants() {
     // standby to take over). 2209, with the takeover modelled: a primary restarted
     // while the peer's daemon was away, and the standby that took over there, wrote
     // their nodes owner in turn for ever (`took_over_pid` in the step function).
-    const REGRESSION_SEEDS: [u64; 3] = [2152, 2209, 4720];
+    // 16922, 19720: a standby took over from a swapped-in standby whose report still
+    // showed it protected: taken for a split brain (`report_lags`).
+    const REGRESSION_SEEDS: [u64; 5] = [2152, 2209, 4720, 16922, 19720];
     run_seeds(seed_range().chain(REGRESSION_SEEDS), |seed, verbose| {
         random_run_with(seed, verbose, true)
     });

@@ -1670,14 +1670,14 @@ impl Cluster {
                 // A peer in maintenance is stopping its copy (a planned move, its
                 // report may still show it): ours is the one that goes on.
                 if peer_primary && !self.in_maintenance(&peer) {
-                    // Our standby took over from a primary the peer still reports
-                    // protected, i.e. paired with the standby that just left the pair: the
+                    // Our standby took over from a primary (a standby there that took
+                    // over itself, or swapped in) the peer still reports protected, i.e.
+                    // paired with the standby that just left the pair: the
                     // report predates the primary's end (its exit, or its loss of the
                     // standby, which the peer reports next). Not a split brain until a
                     // report says that primary runs on alone.
-                    let report_lags = peer_primary
-                        && self.vms[vm].local.as_ref().is_some_and(|l| l.failed_over)
-                        && peer_vmm.is_some_and(|p| p.role == Some(Role::Primary) && p.protected);
+                    let report_lags = self.vms[vm].local.as_ref().is_some_and(|l| l.failed_over)
+                        && peer_vmm.is_some_and(|p| p.protected);
                     if report_lags {
                         return (
                             VmState::Pending,
