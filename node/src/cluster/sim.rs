@@ -1205,7 +1205,10 @@ fn seeded_random_runs_keep_the_invariants() {
     // a re-created VM, resurrected tombstones, a VMM of the old level, a running VM
     // with no owner, unresolved slot clashes) were found with an earlier generator
     // whose seeds do not replay with the lab's; 20,000 seeds of this one pass.
-    const REGRESSION_SEEDS: [u64; 0] = [];
+    // 23122, 55451: the owner held only a standby left from before (its primary ended
+    // while the node was away) and waited for ever for it to take over
+    // (`orphan_standby_since` in the step function).
+    const REGRESSION_SEEDS: [u64; 2] = [23122, 55451];
     run_seeds(seed_range().chain(REGRESSION_SEEDS), |seed, verbose| {
         random_run(seed, verbose)
     });
@@ -1242,8 +1245,9 @@ fn seeded_random_runs_with_maintenance_keep_the_invariants() {
     // while the peer's daemon was away, and the standby that took over there, wrote
     // their nodes owner in turn for ever (`took_over_pid` in the step function).
     // 16922, 19720: a standby took over from a swapped-in standby whose report still
-    // showed it protected: taken for a split brain (`report_lags`).
-    const REGRESSION_SEEDS: [u64; 5] = [2152, 2209, 4720, 16922, 19720];
+    // showed it protected: taken for a split brain (`report_lags`). 35041, 40509,
+    // 49022, 49296: the owner's orphan standby, as 23122 above.
+    const REGRESSION_SEEDS: [u64; 9] = [2152, 2209, 4720, 16922, 19720, 35041, 40509, 49022, 49296];
     run_seeds(seed_range().chain(REGRESSION_SEEDS), |seed, verbose| {
         random_run_with(seed, verbose, true)
     });

@@ -354,6 +354,9 @@ struct Slot {
     /// (both ran it while apart); asked again before the peer reports, both nodes
     /// would write themselves owner in turn for ever.
     took_over_pid: Option<u32>,
+    /// Since when (ms) this node, the owner, has held only a standby while the online
+    /// peer reports no primary for it: nothing for it to take over from.
+    orphan_standby_since: Option<u64>,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
     /// The live migration this node runs as its source: since when (ms), and whether
@@ -395,6 +398,7 @@ impl Slot {
             swap_sent: false,
             swapped_in: false,
             took_over_pid: None,
+            orphan_standby_since: None,
             swap_blocked: None,
             migrate_since: None,
             migrate_synced: false,
@@ -1523,6 +1527,35 @@ impl Cluster {
             let want = if ft { Role::Primary } else { Role::Solo };
             // A standby here still waiting to take over (the record moved first).
             if local_role == Some(Role::Standby) {
+                // Unless the online peer runs no primary for it, longer than a
+                // takeover takes: a standby left from before (its primary ended while
+                // this node was apart or down) has nothing to take over from, and
+                // waits for ever. It stops; the primary starts here.
+                let peer_active = peer_vmm.is_some_and(|p| {
+                    p.role == Some(Role::Primary)
+                        || (p.role == Some(Role::Standby) && p.failed_over)
+                });
+                let now = self.now;
+                let s = slot_mut(&mut self.vms, vm);
+                if !peer_online || peer_active || s.stop_sent {
+                    s.orphan_standby_since = None;
+                } else {
+                    let since = *s.orphan_standby_since.get_or_insert(now);
+                    if now >= since + self.policy.takeover_wait_ms {
+                        s.orphan_standby_since = None;
+                        out.push(log(
+                            Some(vm),
+                            format!(
+                                "the standby here has no primary on {peer} to take over from: stopping it to start the primary here"
+                            ),
+                        ));
+                        self.stop_local(vm, false, out);
+                        return (
+                            VmState::Stopping,
+                            format!("stopping the standby here (no primary on {peer}) to start the primary"),
+                        );
+                    }
+                }
                 return (
                     VmState::Pending,
                     format!("waiting for the standby here to take over from {peer}"),
