@@ -791,6 +791,50 @@ fn golden_ft_primary_vmm_crash() {
 }
 
 #[test]
+fn golden_owner_with_an_orphan_standby() {
+    // The preferred node comes back holding a standby VMM whose primary ended while
+    // its daemon was down, and places the VM on itself: there is nothing for that
+    // standby to take over from. After the takeover wait it stops, and the primary
+    // starts there (it used to wait for ever).
+    let mut s = Sim::new();
+    s.note("both nodes boot, link up; an FT VM preferring pm1, failback manual");
+    s.link = true;
+    s.boot(0);
+    s.boot(1);
+    let ft = spec("ft1", Protection::Ft, "pm1", Failback::Manual, true);
+    s.command(0, "c1", "ft1", Command::Create(ft));
+    s.command(0, "c2", "ft1", Command::Start);
+    s.wait(100);
+    s.note("pm1 dies and comes back: the VM runs on pm2, the standby on pm1");
+    s.crash_node(0);
+    s.wait(1000);
+    s.boot(0);
+    s.wait(100);
+    s.note("pm1's daemon dies (its standby VMM lives on); pm2 shuts the VM down");
+    s.kill_daemon(0);
+    s.command(1, "c3", "ft1", Command::Shutdown);
+    s.note("pm2's daemon restarts and the VM is started again within its boot grace");
+    s.kill_daemon(1);
+    s.boot(1);
+    s.command(1, "c4", "ft1", Command::Start);
+    s.note("pm1's daemon returns with the old standby and places the VM on itself");
+    s.boot(0);
+    s.wait(1000);
+    s.wait(3000);
+    s.wait(100);
+    let c = s.nodes[0].cluster.as_ref().expect("pm1 up");
+    assert_eq!(
+        c.record("ft1").and_then(|r| r.owner.clone()).as_deref(),
+        Some("pm1"),
+        "{}",
+        s.log
+    );
+    assert_eq!(s.nodes[0].vmms.get("ft1").map(|v| v.0), Some(Role::Primary));
+    assert_eq!(s.nodes[1].vmms.get("ft1").map(|v| v.0), Some(Role::Standby));
+    s.compare("owner_orphan_standby");
+}
+
+#[test]
 fn golden_node_return_failback() {
     let mut s = cluster_with_vms();
     s.note("pm1 dies with its VMMs, then comes back");
