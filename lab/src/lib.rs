@@ -8,6 +8,8 @@
 //! - [`tap`]: TAP names, AF_PACKET sockets and frame capture, Ethernet/ARP helpers;
 //! - [`tcp`]: the two ends of a TCP stream between namespaces;
 //! - [`process`]: child processes (and process groups) killed and reaped on drop;
+//! - [`reaper`]: a watcher that cleans up after a test process killed without its
+//!   destructors (its namespaces, daemons and VMMs);
 //! - [`guest`]: the one locator (and builder) of the test guest;
 //! - [`resp`]: a RESP client for the guest's kv server, and [`kvload`]: the kv load
 //!   client of the demo and the FT tests (one connection across a failover);
@@ -29,6 +31,7 @@ pub mod kvload;
 pub mod netns;
 pub mod node_toml;
 pub mod process;
+pub mod reaper;
 pub mod resp;
 pub mod rng;
 pub mod tap;
@@ -41,6 +44,7 @@ use std::time::{Duration, Instant};
 
 pub use netns::NetNs;
 pub use process::Proc;
+pub use reaper::Reaper;
 pub use rng::Rng;
 pub use topology::Topology;
 

@@ -30,12 +30,15 @@
 //! carrier: a standby's TAP takes no part in the LAN until its VM opens it.
 //!
 //! Dropping a [`Topology`] deletes every namespace it made, and so every interface in
-//! them (kill the processes inside first: declare them after the topology).
+//! them (kill the processes inside first: declare them after the topology). If the
+//! test process is killed instead (no destructor runs), the topology's
+//! [`Reaper`] kills every process in its namespaces and deletes them.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::ip::{add_addr, add_bridge, add_tap, add_veth, enslave, set_up};
 use crate::netns::NetNs;
+use crate::reaper::Reaper;
 use crate::LabError;
 
 /// TCP port of every A-Link on the listening (standby's) side.
@@ -94,6 +97,9 @@ pub struct Topology {
     pub switch: NetNs,
     pub lan_bridge: String,
     pub mgmt_bridge: Option<String>,
+    /// Cleans up the namespaces (and every process in them) if the test process is
+    /// killed before this drops; last, so it is told to quit after the rest dropped.
+    pub reaper: Reaper,
 }
 
 /// Options of a [`Topology`].
@@ -179,6 +185,9 @@ impl Builder {
             return Err(LabError::Invalid("A-Links need two PMs".into()));
         }
         let net = 100 + (twinrun_guest_abi::fnv1a64(p.as_bytes()) % 128) as u8;
+        // Before the first namespace: a test killed while building leaves nothing.
+        let reaper = Reaper::start()?;
+        reaper.namespaces_starting(&format!("{p}-"))?;
         let switch = NetNs::new(&format!("{p}-sw"))?;
         let sw = switch.name().to_string();
         let lan_bridge = format!("{p}L");
@@ -252,6 +261,7 @@ impl Builder {
             switch,
             lan_bridge,
             mgmt_bridge,
+            reaper,
         })
     }
 }

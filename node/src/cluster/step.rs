@@ -365,6 +365,14 @@ struct Slot {
     /// (its report may still say primary until it arrives), so this is no split brain.
     /// Cleared when the record names this node the owner.
     swapped_in: bool,
+    /// The pid of the local VMM whose takeover last made this node the owner: a
+    /// record naming the peer again while that VMM runs means the peer claims it too
+    /// (both ran it while apart); asked again before the peer reports, both nodes
+    /// would write themselves owner in turn for ever.
+    took_over_pid: Option<u32>,
+    /// Since when (ms) this node, the owner, has held only a standby while the online
+    /// peer reports no primary for it: nothing for it to take over from.
+    orphan_standby_since: Option<u64>,
     /// Why the last role swap failed; cleared by a new failback command.
     swap_blocked: Option<String>,
     /// An online level change was sent to our VMM and not yet answered.
@@ -407,6 +415,8 @@ impl Slot {
             takeover: Grant::None,
             swap_sent: false,
             swapped_in: false,
+            took_over_pid: None,
+            orphan_standby_since: None,
             swap_blocked: None,
             level_sent: false,
             migrate_since: None,
@@ -1548,6 +1558,35 @@ impl Cluster {
             let want = if ft { Role::Primary } else { Role::Solo };
             // A standby here still waiting to take over (the record moved first).
             if local_role == Some(Role::Standby) {
+                // Unless the online peer runs no primary for it, longer than a
+                // takeover takes: a standby left from before (its primary ended while
+                // this node was apart or down) has nothing to take over from, and
+                // waits for ever. It stops; the primary starts here.
+                let peer_active = peer_vmm.is_some_and(|p| {
+                    p.role == Some(Role::Primary)
+                        || (p.role == Some(Role::Standby) && p.failed_over)
+                });
+                let now = self.now;
+                let s = slot_mut(&mut self.vms, vm);
+                if !peer_online || peer_active || s.stop_sent {
+                    s.orphan_standby_since = None;
+                } else {
+                    let since = *s.orphan_standby_since.get_or_insert(now);
+                    if now >= since + self.policy.takeover_wait_ms {
+                        s.orphan_standby_since = None;
+                        out.push(log(
+                            Some(vm),
+                            format!(
+                                "the standby here has no primary on {peer} to take over from: stopping it to start the primary here"
+                            ),
+                        ));
+                        self.stop_local(vm, false, out);
+                        return (
+                            VmState::Stopping,
+                            format!("stopping the standby here (no primary on {peer}) to start the primary"),
+                        );
+                    }
+                }
                 return (
                     VmState::Pending,
                     format!("waiting for the standby here to take over from {peer}"),
@@ -1695,6 +1734,22 @@ impl Cluster {
                 // A peer in maintenance is stopping its copy (a planned move, its
                 // report may still show it): ours is the one that goes on.
                 if peer_primary && !self.in_maintenance(&peer) {
+                    // Our standby took over from a primary (a standby there that took
+                    // over itself, or swapped in) the peer still reports protected, i.e.
+                    // paired with the standby that just left the pair: the
+                    // report predates the primary's end (its exit, or its loss of the
+                    // standby, which the peer reports next). Not a split brain until a
+                    // report says that primary runs on alone.
+                    let report_lags = self.vms[vm].local.as_ref().is_some_and(|l| l.failed_over)
+                        && peer_vmm.is_some_and(|p| p.protected);
+                    if report_lags {
+                        return (
+                            VmState::Pending,
+                            format!(
+                                "took over from {peer}; waiting for {peer}'s report that its primary ended"
+                            ),
+                        );
+                    }
                     // Both nodes run it (our standby took over while the owner lived:
                     // the A-Links were cut, or a partition healed). The record decides:
                     // the owner's copy stays, ours stops.
@@ -1711,6 +1766,18 @@ impl Cluster {
                         VmState::Stopping,
                         format!(
                             "split brain resolved for {peer}, the owner: stopping the copy here"
+                        ),
+                    );
+                }
+                // The record names the peer again after our takeover (with this
+                // VMM) made us the owner: the peer claims it too. Wait for its report:
+                // the split brain rule above decides if it runs a copy.
+                let pid = self.vms[vm].local.as_ref().map(|l| l.pid);
+                if !peer_online && pid.is_some() && self.vms[vm].took_over_pid == pid {
+                    return (
+                        VmState::Pending,
+                        format!(
+                            "took over, but the record names {peer} the owner again: waiting for {peer}'s report"
                         ),
                     );
                 }
@@ -1814,6 +1881,7 @@ impl Cluster {
             Grant::Granted => {
                 s.takeover = Grant::None;
                 s.swapped_in = false;
+                s.took_over_pid = s.local.as_ref().map(|l| l.pid);
                 let mut r = rec.clone();
                 r.owner = Some(me.clone());
                 out.push(log(Some(vm), format!("owner is now {me} (takeover)")));

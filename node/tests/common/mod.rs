@@ -121,6 +121,8 @@ pub struct ClusterPlan {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// A `[quorum]` table appended to both configs (empty: mode "none").
     pub quorum: String,
+    /// Kills the daemons and the VMMs of their pid files if this test is killed.
+    pub reaper: twinrun_lab::Reaper,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -142,6 +144,11 @@ impl ClusterPlan {
             format!("127.{b}.{c}.{}", 2 * n + 2),
         ];
         let port = |ip: &str| SocketAddr::new(ip.parse().expect("ip"), free_port(ip));
+        let reaper = twinrun_lab::Reaper::start().expect("reaper");
+        for i in 1..=2 {
+            let pids = dir.path().join(format!("n{i}/run/pids"));
+            reaper.pid_files(&pids).expect("reaper");
+        }
         ClusterPlan {
             cluster: format!("test-{pid}-{n}"),
             names: ["pm1".into(), "pm2".into()],
@@ -154,6 +161,7 @@ impl ClusterPlan {
             boot_grace_ms: 1500,
             tls: None,
             quorum: String::new(),
+            reaper,
         }
     }
 
@@ -247,6 +255,7 @@ impl Daemon {
             .stderr(f)
             .spawn()
             .expect("spawn twinrund");
+        plan.reaper.pid_of(child.id()).expect("reaper");
         let d = Daemon {
             child: Some(child),
             log,
