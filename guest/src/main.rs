@@ -171,6 +171,7 @@ fn run(p: &Params, con: &mut Console, ws_base: u64, heap_size: u64) -> ! {
                 p.dirty_seed,
                 p.dirty_rate,
                 p.dirty_passes,
+                p.dirty_fill != 0,
                 now,
                 khz,
             )

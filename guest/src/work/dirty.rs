@@ -5,7 +5,7 @@
 use crate::hw::console::Console;
 use alloc::vec::Vec;
 use twinrun_guest::dirtyfill::{self, WORDS};
-use twinrun_guest::pace::Pacer;
+use twinrun_guest::pace::FillPacer;
 
 /// Most pages written per poll, so other workloads keep running when unpaced.
 const BURST: u64 = 64;
@@ -19,7 +19,7 @@ pub struct Dirty {
     pages: u64,
     seed: u64,
     versions: Vec<u64>,
-    pacer: Pacer,
+    pacer: FillPacer,
     write_cursor: u64,
     verify_cursor: u64,
     writes: u64,
@@ -40,6 +40,7 @@ impl Dirty {
         seed: u64,
         rate: u32,
         passes: u64,
+        fill: bool,
         now: u64,
         tsc_khz: u64,
     ) -> Self {
@@ -48,7 +49,7 @@ impl Dirty {
             pages,
             seed,
             versions: alloc::vec![0; pages as usize],
-            pacer: Pacer::new(now, rate, tsc_khz),
+            pacer: FillPacer::new(now, rate, tsc_khz, if fill { pages } else { 0 }),
             write_cursor: 0,
             verify_cursor: 0,
             writes: 0,
@@ -103,9 +104,8 @@ impl Dirty {
     }
 
     pub fn poll(&mut self, now: u64, con: &mut Console) {
-        let due = self.pacer.due(now);
         let mut burst = 0;
-        while !self.done && self.writes < due && burst < BURST {
+        while !self.done && burst < BURST && self.writes < self.pacer.due(now, self.writes) {
             burst += 1;
             self.write_page(self.write_cursor);
             for _ in 0..VERIFY_PER_WRITE {
