@@ -55,7 +55,10 @@ const POLL: Duration = Duration::from_millis(2);
 /// One twinrun migration.
 #[derive(Clone, Copy, Debug)]
 struct Run {
-    downtime_ms: f64,
+    /// None when the swap reported no pause: the primary driver measures the pause
+    /// from `PauseForSwap` and reports 0 when the final epoch's capture paused the
+    /// guest without it (seen in 2 of 18 runs); not a real 0.
+    downtime_ms: Option<f64>,
     total_ms: f64,
     /// Target spawned to listening, listening to the source in sync, to the swap's end.
     spawn_ms: f64,
@@ -296,7 +299,7 @@ impl Twinrun<'_> {
         dst.proc.terminate(Duration::from_secs(20));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok(Run {
-            downtime_ms: paused_us as f64 / 1e3,
+            downtime_ms: (paused_us > 0).then(|| paused_us as f64 / 1e3),
             total_ms: ms(t_run - t_listen),
             spawn_ms: ms(t_listen - t0),
             sync_ms: ms(t_sync - t_listen),
@@ -449,8 +452,8 @@ pub fn run(twinrun: &Path, dir: &Path, quick: bool, install: bool) -> Result<Vec
                 runs.load.push(load_average());
                 let r = tw.migrate(mem, rate, n)?;
                 eprintln!(
-                    "     twinrun: downtime {:.1} ms, total {:.0} ms (target start {:.0} ms, to in sync {:.0} ms); load {:.1}",
-                    r.downtime_ms, r.total_ms, r.spawn_ms, r.sync_ms, load_average()
+                    "     twinrun: downtime {} ms, total {:.0} ms (target start {:.0} ms, to in sync {:.0} ms); load {:.1}",
+                    r.downtime_ms.map_or("(none reported)".into(), |d| format!("{d:.1}")), r.total_ms, r.spawn_ms, r.sync_ms, load_average()
                 );
                 runs.twinrun.push(r);
                 if let Some(Ok(q)) = qside.as_mut() {
@@ -509,7 +512,13 @@ fn point_figures(
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &l| (a.min(l), b.max(l)));
     let load = format!("load avg {lmin:.1}-{lmax:.1}");
-    let down: Vec<f64> = runs.twinrun.iter().map(|r| r.downtime_ms).collect();
+    let down: Vec<f64> = runs.twinrun.iter().filter_map(|r| r.downtime_ms).collect();
+    let unreported = runs.twinrun.len() - down.len();
+    let unreported = if unreported > 0 {
+        format!("; {unreported} run(s) whose swap reported no pause (0 us) left out")
+    } else {
+        String::new()
+    };
     let total: Vec<f64> = runs.twinrun.iter().map(|r| r.total_ms).collect();
     let sync: Vec<f64> = runs.twinrun.iter().map(|r| r.sync_ms).collect();
     let q = |i: usize, f: fn(&Migration) -> Option<u64>| -> Vec<f64> {
@@ -555,7 +564,7 @@ fn point_figures(
         )
         .target(DOWNTIME_TARGET_MS, false, "<= 20 ms")
         .note(format!(
-            "max {max:.1} ms of {} runs (the swap's guest pause); {load}",
+            "max {max:.1} ms of {} runs (the swap's guest pause){unreported}; {load}",
             down.len()
         ));
         if let Some((p, _)) = p50_max(&qdown[best.map_or(0, |b| b.0)]) {

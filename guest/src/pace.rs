@@ -111,7 +111,11 @@ mod tests {
         // 1 GHz TSC, 10 events/s after a fill of 3.
         let mut p = FillPacer::new(0, 10, 1_000_000, 3);
         assert_eq!(p.due(5, 0), u64::MAX);
-        assert_eq!(p.due(7_000_000_000, 2), u64::MAX, "a slow fill stays unpaced");
+        assert_eq!(
+            p.due(7_000_000_000, 2),
+            u64::MAX,
+            "a slow fill stays unpaced"
+        );
         // The fill ended at t = 7 s: one more event due at once, the next 0.1 s later.
         assert_eq!(p.due(7_000_000_000, 3), 4);
         assert_eq!(p.due(7_099_999_999, 4), 4);

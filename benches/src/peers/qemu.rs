@@ -279,7 +279,9 @@ impl Qemu {
         let t = Instant::now();
         loop {
             let text = self.serial();
-            if let Some(l) = text.lines().skip(from).find(|l| l.starts_with(prefix)) {
+            // Complete lines only: the serial file is read while QEMU writes it.
+            let done = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = done.lines().skip(from).find(|l| l.starts_with(prefix)) {
                 return Ok(l.to_string());
             }
             if let Some(l) = text.lines().find(|l| l.starts_with("PEER error")) {

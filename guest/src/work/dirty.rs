@@ -32,24 +32,17 @@ pub struct Dirty {
 }
 
 impl Dirty {
+    /// `pacer`: the write rate, after an unpaced fill of the working set or not.
+    ///
     /// # Safety
     /// `[base, base + pages * 4096)` must be RAM used by nothing else.
-    pub unsafe fn new(
-        base: u64,
-        pages: u64,
-        seed: u64,
-        rate: u32,
-        passes: u64,
-        fill: bool,
-        now: u64,
-        tsc_khz: u64,
-    ) -> Self {
+    pub unsafe fn new(base: u64, pages: u64, seed: u64, passes: u64, pacer: FillPacer) -> Self {
         Dirty {
             base: base as *mut u64,
             pages,
             seed,
             versions: alloc::vec![0; pages as usize],
-            pacer: FillPacer::new(now, rate, tsc_khz, if fill { pages } else { 0 }),
+            pacer,
             write_cursor: 0,
             verify_cursor: 0,
             writes: 0,
