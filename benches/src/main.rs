@@ -1,8 +1,8 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
-//! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ha, ft-epoch,
-//! ft-min-epoch; all but the two sweeps by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
+//! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST] [--peers]`
+//! (LIST: comma-separated section names, see `SECTIONS`; all but the two sweeps and
+//! `migrate` by default; `--peers` installs Debian's QEMU for `migrate` when missing). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
 //! figures. See benches/README.md.
 
 mod blk;
