@@ -1,8 +1,8 @@
 //! twinrun benchmark suite (issue 2): prints figures, never asserts times.
 //!
-//! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST]`
-//! (LIST: comma-separated of boot, exits, blk, kv, pause, ft, ft-net, mirror, ha, ft-epoch,
-//! ft-min-epoch; all but the two sweeps by default). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
+//! `cargo run --release -p twinrun-bench -- [--json out.json] [--quick] [--only LIST] [--peers]`
+//! (LIST: comma-separated section names, see `SECTIONS`; all but the two sweeps and
+//! `migrate` by default; `--peers` installs Debian's QEMU for `migrate` when missing). Needs root (KVM, network namespaces) and `redis-benchmark` for the kv
 //! figures. See benches/README.md.
 
 mod blk;
@@ -15,8 +15,10 @@ mod ftnet;
 mod ftswap;
 mod ftwitness;
 mod ha;
+mod migrate;
 mod mirror;
 mod pause;
+mod peers;
 mod plots;
 mod redis;
 mod report;
@@ -37,12 +39,14 @@ struct Opts {
     kvm_probe: Option<PathBuf>,
     /// `--report DIR`: JSON and plots written there.
     report: Option<PathBuf>,
+    /// `--peers`: install Debian's QEMU when it is missing (the `migrate` section's peer).
+    peers: bool,
 }
 
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 17] = [
+const SECTIONS: [&str; 18] = [
     "boot",
     "exits",
     "blk",
@@ -60,17 +64,21 @@ const SECTIONS: [&str; 17] = [
     "overhead",
     "ft-epoch",
     "ft-min-epoch",
+    "migrate",
 ];
 
 /// Sections run only when `--only` names them: the epoch-length and minimum-epoch
-/// sweeps (minutes) are for choosing defaults, not for every run.
-const OPT_IN: [&str; 2] = ["ft-epoch", "ft-min-epoch"];
+/// sweeps (minutes) are for choosing defaults, not for every run; `migrate` takes
+/// minutes too (36 migrations, QEMU's among them).
+const OPT_IN: [&str; 3] = ["ft-epoch", "ft-min-epoch", "migrate"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,unprotected-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch] [--dir DIR]
-                     [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR]
-  --only: default all but ft-epoch and ft-min-epoch (the sweeps, opt-in)
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,unprotected-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch,migrate] [--dir DIR]
+                     [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR] [--peers]
+  --only: default all but ft-epoch, ft-min-epoch and migrate (opt-in)
+  --peers: install Debian's QEMU (scripts/install-qemu.sh) when it is missing: the
+         migrate section migrates a QEMU guest side by side
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
          without --only it runs every section, the sweeps included
   --dir: where scratch files go (default: the temp dir); the disk figures compare
@@ -93,6 +101,7 @@ fn parse_args() -> Opts {
         dir: std::env::temp_dir(),
         kvm_probe: Some(PathBuf::from(KVM_PROBE)).filter(|p| p.is_file()),
         report: None,
+        peers: false,
     };
     let mut only_given = false;
     let mut args = std::env::args().skip(1);
@@ -104,6 +113,7 @@ fn parse_args() -> Opts {
             "--kvm-probe" => o.kvm_probe = Some(args.next().unwrap_or_else(|| usage()).into()),
             "--no-kvm-probe" => o.kvm_probe = None,
             "--report" => o.report = Some(args.next().unwrap_or_else(|| usage()).into()),
+            "--peers" => o.peers = true,
             "--only" => {
                 let list = args.next().unwrap_or_else(|| usage());
                 o.only = list.split(',').map(str::to_string).collect();
@@ -146,14 +156,24 @@ fn main() {
         context.push(("kvm".into(), "kvm_pvm (software, shadow paging)".into()));
     }
 
-    eprintln!("building twinrun (release) and the test guest ...");
-    let built = (|| Ok::<_, String>((env::twinrun_bin()?, env::guest_elf()?)))();
-    let (twinrun, elf) = match built {
+    eprintln!("building the test guest ...");
+    let elf = match env::guest_elf() {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);
         }
+    };
+    // `twinrun` (release) is built when the first section that runs it asks, once:
+    // the in-process sections (exits, pause, datapath, ft) never do.
+    let twinrun_built: std::cell::OnceCell<Result<PathBuf, String>> = std::cell::OnceCell::new();
+    let twinrun = || -> Result<PathBuf, String> {
+        twinrun_built
+            .get_or_init(|| {
+                eprintln!("   building twinrun (release) ...");
+                env::twinrun_bin()
+            })
+            .clone()
     };
     let scratch = match env::ScratchDir::new(&o.dir) {
         Ok(s) => s,
@@ -183,7 +203,7 @@ fn main() {
 
     let q = o.quick;
     section("boot", &mut || {
-        boot::run(&twinrun, &elf, &dir, if q { 5 } else { 10 })
+        boot::run(&twinrun()?, &elf, &dir, if q { 5 } else { 10 })
     });
     section("exits", &mut || {
         // The raw KVM baseline takes ~15-20 s: full runs only.
@@ -209,7 +229,7 @@ fn main() {
                 depth: 4,
             };
             v.extend(blk::run(
-                &twinrun,
+                &twinrun()?,
                 &elf,
                 &dir,
                 shape,
@@ -223,7 +243,7 @@ fn main() {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
         }
         let kv_host = env::kv_host_bin()?;
-        redis::run(&twinrun, &elf, &kv_host, &dir, 20_000)
+        redis::run(&twinrun()?, &elf, &kv_host, &dir, 20_000)
     });
     section("pause", &mut || {
         // 4 GiB spreads the dirty pages over high RAM too; memory is mapped lazily,
@@ -235,7 +255,7 @@ fn main() {
         }
     });
     section("datapath", &mut || datapath::run(q));
-    section("overhead", &mut || ft::overhead(&twinrun, &dir, q));
+    section("overhead", &mut || ft::overhead(&twinrun()?, &dir, q));
     section("ft", &mut || ft::run(&elf, &dir, q));
     section("ft-net", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
@@ -246,37 +266,40 @@ fn main() {
             latency_samples: if q { 200 } else { 1_000 },
             tcp_secs: if q { 0.5 } else { 2.0 },
         };
-        ftnet::run(&twinrun, &elf, &dir, &sizes)
+        ftnet::run(&twinrun()?, &elf, &dir, &sizes)
     });
     section("ft-witness", &mut || {
-        ftwitness::run(&twinrun, &elf, &dir, q)
+        ftwitness::run(&twinrun()?, &elf, &dir, q)
     });
     section("ft-witness-cost", &mut || {
         if !env::have("redis-benchmark") {
             return Err("redis-benchmark not installed (Debian: redis-tools)".into());
         }
-        witnesscost::run(&twinrun, &elf, &dir, q)
+        witnesscost::run(&twinrun()?, &elf, &dir, q)
     });
     section("unprotected-cost", &mut || {
         if !env::have("redis-benchmark") {
             return Err("redis-benchmark not installed (Debian: redis-tools)".into());
         }
-        unprotcost::run(&twinrun, &elf, &dir, q)
+        unprotcost::run(&twinrun()?, &elf, &dir, q)
     });
-    section("ft-swap", &mut || ftswap::run(&twinrun, &elf, &dir, q));
-    section("mirror", &mut || mirror::run(&twinrun, &elf, &dir, q));
-    section("ha", &mut || ha::run(&twinrun, &elf, &dir, q));
+    section("ft-swap", &mut || ftswap::run(&twinrun()?, &elf, &dir, q));
+    section("mirror", &mut || mirror::run(&twinrun()?, &elf, &dir, q));
+    section("ha", &mut || ha::run(&twinrun()?, &elf, &dir, q));
     section("ft-epoch", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
         }
-        ft::sweep(&twinrun, &elf, &dir, &ft::SweepSizes::new(q))
+        ft::sweep(&twinrun()?, &elf, &dir, &ft::SweepSizes::new(q))
     });
     section("ft-min-epoch", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());
         }
-        ft::min_epoch_sweep(&twinrun, &elf, &dir, &ft::SweepSizes::new(q))
+        ft::min_epoch_sweep(&twinrun()?, &elf, &dir, &ft::SweepSizes::new(q))
+    });
+    section("migrate", &mut || {
+        migrate::run(&twinrun()?, &dir, q, o.peers)
     });
     drop(scratch);
 

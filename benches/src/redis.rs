@@ -3,6 +3,7 @@
 //! engine (`guest/examples/kv_host.rs`) served by the host kernel's TCP stack on the
 //! bridge of the same namespace path, in the same run.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -60,6 +61,68 @@ fn bench(net: &Topology, host: &str, n: u32, pipeline: u32) -> Result<(f64, f64)
 
 /// Waits (up to `timeout`) until a kv server answers `redis-cli PING` from the client
 /// namespace of `net`.
+/// The pipeline depths of the kv cost sections (`ft-witness-cost`, `unprotected-cost`).
+pub const PIPELINES: [u32; 2] = [1, 16];
+
+/// (SET, GET) req/s at each depth of [`PIPELINES`]: `redis-benchmark -n n -c CLIENTS`
+/// from `topo`'s client namespace against its guest; `log` (the VM's log) is added to
+/// an error.
+pub fn kv_set_get(
+    topo: &Topology,
+    n: u32,
+    log: impl Fn() -> String,
+) -> Result<Vec<(f64, f64)>, String> {
+    let host = topo.guest_ip().to_string();
+    let mut out = Vec::new();
+    for p in PIPELINES {
+        let c = topo.client.ns.command("redis-benchmark");
+        let r = set_get(c, &host, n, p, CLIENTS, Duration::from_secs(120))
+            .map_err(|e| format!("{e}\n{}", log()))?;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Requests/s per round, keyed by (kind, index into [`PIPELINES`], "SET" or "GET").
+pub type KvSamples<K> = BTreeMap<(K, usize, &'static str), Vec<f64>>;
+
+/// `rounds` rounds of `measure(round, kind)` ((SET, GET) per depth, as [`kv_set_get`])
+/// over every kind, the order reversed every other round so that drift in the
+/// machine's load hits every kind alike; progress printed with `label`.
+pub fn kv_rounds<K: Copy + Ord>(
+    rounds: usize,
+    kinds: &[K],
+    label: impl Fn(K) -> String,
+    mut measure: impl FnMut(usize, K) -> Result<Vec<(f64, f64)>, String>,
+) -> Result<KvSamples<K>, String> {
+    let mut samples = KvSamples::new();
+    for r in 0..rounds {
+        let mut order = kinds.to_vec();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            for (i, (set, get)) in measure(r, kind)?.into_iter().enumerate() {
+                eprintln!(
+                    "   round {r} {}: -P{} SET {set:.0} GET {get:.0} req/s",
+                    label(kind),
+                    PIPELINES[i]
+                );
+                samples.entry((kind, i, "SET")).or_default().push(set);
+                samples.entry((kind, i, "GET")).or_default().push(get);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// The median of `kind`'s samples at depth index `i` of `what` (NaN when none).
+pub fn kv_median<K: Copy + Ord>(s: &KvSamples<K>, kind: K, i: usize, what: &'static str) -> f64 {
+    let mut v = s.get(&(kind, i, what)).cloned().unwrap_or_default();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 pub fn wait_ping(net: &Topology, host: &str, timeout: Duration) -> Result<(), String> {
     let pong = || {
         let mut c = net.client.ns.command("redis-cli");

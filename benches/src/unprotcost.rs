@@ -15,7 +15,6 @@
 //!
 //! Figures, not asserts.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,9 +23,8 @@ use twinrun_control::FtState;
 use twinrun_lab::{Proc, Topology};
 
 use crate::ftnet::{read_log, twinrun_in, vm_args, wait_filled};
+use crate::redis::{kv_median, kv_rounds, kv_set_get, PIPELINES};
 use crate::report::{Better, Figure};
-
-const PIPELINES: [u32; 2] = [1, 16];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Mode {
@@ -73,11 +71,6 @@ impl Mode {
     fn given_up(self) -> bool {
         matches!(self, Mode::BeforeGivenUp | Mode::AfterGivenUp)
     }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn secret_file(dir: &Path) -> Result<PathBuf, String> {
@@ -165,21 +158,7 @@ fn one(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let host = topo.guest_ip().to_string();
-    let mut out = Vec::new();
-    for p in PIPELINES {
-        let c = topo.client.ns.command("redis-benchmark");
-        let r = crate::redis::set_get(
-            c,
-            &host,
-            n,
-            p,
-            crate::redis::CLIENTS,
-            Duration::from_secs(120),
-        )
-        .map_err(|e| format!("{}: {e}\n{}", mode.label(), read_log(&log)))?;
-        out.push(r);
-    }
+    let out = kv_set_get(topo, n, || format!("{}: {}", mode.label(), read_log(&log)))?;
     if !vm.alive() {
         return Err(format!("{} exited:\n{}", mode.label(), read_log(&log)));
     }
@@ -194,25 +173,12 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     std::fs::create_dir_all(dir.join("run")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let topo = Topology::create(&format!("bu{}", std::process::id() % 1_000_000))
         .map_err(|e| format!("topology: {e}"))?;
-    let mut samples: BTreeMap<(Mode, usize, &str), Vec<f64>> = BTreeMap::new();
-    for r in 0..rounds {
-        let mut order = Mode::ALL.to_vec();
-        if r % 2 == 1 {
-            order.reverse();
-        }
-        for mode in order {
-            let got = one(twinrun, elf, &dir, &topo, mode, r, n)?;
-            for (i, (set, get)) in got.into_iter().enumerate() {
-                eprintln!(
-                    "   round {r} {}: -P{} SET {set:.0} GET {get:.0} req/s",
-                    mode.label(),
-                    PIPELINES[i]
-                );
-                samples.entry((mode, i, "SET")).or_default().push(set);
-                samples.entry((mode, i, "GET")).or_default().push(get);
-            }
-        }
-    }
+    let samples = kv_rounds(
+        rounds,
+        &Mode::ALL,
+        |m| m.label().to_string(),
+        |r, mode| one(twinrun, elf, &dir, &topo, mode, r, n),
+    )?;
     let note = format!(
         "median of {rounds} rounds, each a fresh VM (order reversed every other round); \
          redis-benchmark -n {n} -c {} from the client namespace; kv guest, 64 MiB, 32 MiB \
@@ -223,7 +189,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
     let mut figs = Vec::new();
     for (i, p) in PIPELINES.iter().enumerate() {
         for what in ["SET", "GET"] {
-            let mut med = |m: Mode| median(samples.entry((m, i, what)).or_default());
+            let med = |m: Mode| kv_median(&samples, m, i, what);
             let solo = med(Mode::Solo);
             for (after, before) in [
                 (Mode::After, Mode::Before),

@@ -165,14 +165,19 @@ fn run(p: &Params, con: &mut Console, ws_base: u64, heap_size: u64) -> ! {
         // SAFETY: [ws_base, ws_base + dirty_pages * 4096) is the end of low RAM, past
         // the heap (checked above), used by nothing else.
         unsafe {
+            // dirty_fill: the first pass over the working set unpaced.
+            let fill = if p.dirty_fill != 0 {
+                p.dirty_pages as u64
+            } else {
+                0
+            };
+            let pacer = twinrun_guest::pace::FillPacer::new(now, p.dirty_rate, khz, fill);
             Dirty::new(
                 ws_base,
                 p.dirty_pages as u64,
                 p.dirty_seed,
-                p.dirty_rate,
                 p.dirty_passes,
-                now,
-                khz,
+                pacer,
             )
         }
     });

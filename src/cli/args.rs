@@ -204,6 +204,10 @@ pub struct RunArgs {
     /// Stop the dirty workload after N passes (0 = never).
     #[arg(long, value_name = "N")]
     pub dirty_passes: Option<u64>,
+    /// The dirty workload's first pass unpaced (fills the working set at once), the
+    /// later passes at --dirty-rate from the end of the fill.
+    #[arg(long)]
+    pub dirty_fill: bool,
     /// Disk records appended per second.
     #[arg(long, value_name = "N")]
     pub disk_rate: Option<u32>,

@@ -138,6 +138,9 @@ fn apply_workload_flags(w: &mut Workloads, a: &RunArgs) {
     set(&mut w.dirty_pages, &a.dirty_pages);
     set(&mut w.dirty_seed, &a.dirty_seed);
     set(&mut w.dirty_passes, &a.dirty_passes);
+    if a.dirty_fill {
+        w.dirty_fill = true;
+    }
     set(&mut w.disk_rate, &a.disk_rate);
     set(&mut w.disk_flush_every, &a.disk_flush_every);
     set(&mut w.disk_limit, &a.disk_limit);
@@ -295,6 +298,9 @@ mod tests {
         assert!(w.counter && !w.dirty, "--workload replaces the file's set");
         assert_eq!(w.counter_rate, 9);
         assert_eq!(w.dirty_pages, 100, "unflagged workload values kept");
+        assert!(!w.dirty_fill, "--dirty-fill is off unless given");
+        let a = args(&["--dirty-fill"]);
+        assert!(workloads(&merge(file(), &a, no_guest).unwrap()).dirty_fill);
         assert_eq!(w.kv_gateway.as_deref(), Some("10.0.0.1"));
         let paths: Vec<_> = c.disks.iter().map(|d| d.path.clone()).collect();
         assert_eq!(

@@ -138,6 +138,8 @@ pub struct Workloads {
     pub dirty_pages: u32,
     pub dirty_seed: u64,
     pub dirty_passes: u64,
+    /// The first pass over the working set unpaced (a fill), the later ones paced.
+    pub dirty_fill: bool,
     pub disk: bool,
     pub disk_rate: u32,
     pub disk_flush_every: u32,
@@ -174,6 +176,7 @@ impl Default for Workloads {
             dirty_pages: 4096,
             dirty_seed: 1,
             dirty_passes: 0,
+            dirty_fill: false,
             disk: false,
             disk_rate: 100,
             disk_flush_every: 1,

@@ -213,6 +213,10 @@ pub struct Params {
     pub blkbench_req_bytes: u32,
     /// Requests in flight at most (at least 1).
     pub blkbench_depth: u32,
+    /// 1: the `dirty` workload writes its first pass over the working set unpaced (a
+    /// fill) and paces the later passes at `dirty_rate` from the end of the fill.
+    pub dirty_fill: u32,
+    pub _pad2: u32,
 }
 
 impl Params {
@@ -252,6 +256,8 @@ impl Params {
             blkbench_bytes: 0,
             blkbench_req_bytes: 0,
             blkbench_depth: 1,
+            dirty_fill: 0,
+            _pad2: 0,
         }
     }
 
@@ -290,8 +296,10 @@ const _: () = assert!(core::mem::size_of::<Params>() <= PAGE_SIZE as usize);
 const _: () = assert!(
     core::mem::offset_of!(Params, blkbench_bytes) == core::mem::offset_of!(Params, _pad1) + 2
 );
-const _: () =
-    assert!(core::mem::size_of::<Params>() == core::mem::offset_of!(Params, blkbench_depth) + 4);
+const _: () = assert!(
+    core::mem::offset_of!(Params, dirty_fill) == core::mem::offset_of!(Params, blkbench_depth) + 4
+);
+const _: () = assert!(core::mem::size_of::<Params>() == core::mem::offset_of!(Params, _pad2) + 4);
 
 /// Header of one disk record (the start of its sector).
 #[repr(C)]

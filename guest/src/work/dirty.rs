@@ -5,7 +5,7 @@
 use crate::hw::console::Console;
 use alloc::vec::Vec;
 use twinrun_guest::dirtyfill::{self, WORDS};
-use twinrun_guest::pace::Pacer;
+use twinrun_guest::pace::FillPacer;
 
 /// Most pages written per poll, so other workloads keep running when unpaced.
 const BURST: u64 = 64;
@@ -19,7 +19,7 @@ pub struct Dirty {
     pages: u64,
     seed: u64,
     versions: Vec<u64>,
-    pacer: Pacer,
+    pacer: FillPacer,
     write_cursor: u64,
     verify_cursor: u64,
     writes: u64,
@@ -32,23 +32,17 @@ pub struct Dirty {
 }
 
 impl Dirty {
+    /// `pacer`: the write rate, after an unpaced fill of the working set or not.
+    ///
     /// # Safety
     /// `[base, base + pages * 4096)` must be RAM used by nothing else.
-    pub unsafe fn new(
-        base: u64,
-        pages: u64,
-        seed: u64,
-        rate: u32,
-        passes: u64,
-        now: u64,
-        tsc_khz: u64,
-    ) -> Self {
+    pub unsafe fn new(base: u64, pages: u64, seed: u64, passes: u64, pacer: FillPacer) -> Self {
         Dirty {
             base: base as *mut u64,
             pages,
             seed,
             versions: alloc::vec![0; pages as usize],
-            pacer: Pacer::new(now, rate, tsc_khz),
+            pacer,
             write_cursor: 0,
             verify_cursor: 0,
             writes: 0,
@@ -103,9 +97,8 @@ impl Dirty {
     }
 
     pub fn poll(&mut self, now: u64, con: &mut Console) {
-        let due = self.pacer.due(now);
         let mut burst = 0;
-        while !self.done && self.writes < due && burst < BURST {
+        while !self.done && burst < BURST && self.writes < self.pacer.due(now, self.writes) {
             burst += 1;
             self.write_page(self.write_cursor);
             for _ in 0..VERIFY_PER_WRITE {

@@ -54,6 +54,7 @@ pub fn build(cfg: &VmConfig, facts: &BootFacts) -> Result<Params, ParamsError> {
     p.dirty_pages = w.dirty_pages;
     p.dirty_seed = w.dirty_seed;
     p.dirty_passes = w.dirty_passes;
+    p.dirty_fill = u32::from(w.dirty_fill);
     p.disk_rate = w.disk_rate;
     p.disk_flush_every = w.disk_flush_every.max(1);
     p.disk_limit = w.disk_limit;
@@ -101,6 +102,7 @@ mod tests {
                     blkbench_bytes: 1 << 20,
                     blkbench_req_kib: 64,
                     blkbench_depth: 2,
+                    dirty_fill: true,
                     ..Workloads::default()
                 },
             },
@@ -121,6 +123,7 @@ mod tests {
         };
         let p = build(&cfg, &facts).unwrap();
         assert!(p.is_valid());
+        assert_eq!(p.dirty_fill, 1);
         assert_eq!(
             p.workloads,
             abi::WORKLOAD_COUNTER | abi::WORKLOAD_KV | abi::WORKLOAD_BLKBENCH
