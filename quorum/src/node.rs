@@ -1977,14 +1977,7 @@ mod handover_tests {
         // its queries reach, or from its peer).
         a.extend(r.step_p(
             ms(403),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
+            Event::FromPeer(new_primary_status(2)),
         ));
         assert!(a.contains(&Action::Generation(2)), "{a:?}");
         assert!(!a.iter().any(|a| matches!(a, Action::Demote { .. })));
@@ -2078,6 +2071,19 @@ mod handover_tests {
         assert_eq!(r.p.guest(), Some(GuestState::Pause));
     }
 
+    /// The status a peer that became primary with `generation` sends (the handovers'
+    /// news).
+    fn new_primary_status(generation: u64) -> PeerMsg {
+        PeerMsg::Status {
+            generation,
+            role: Role::Primary,
+            reach: [true, false],
+            elected: Slot::Preferred,
+            elect_seq: 0,
+            proposing: None,
+        }
+    }
+
     #[test]
     fn the_peers_grant_seen_first_ends_the_handover_without_a_demotion() {
         let mut r = Rig::in_sync();
@@ -2088,14 +2094,7 @@ mod handover_tests {
         // reports the acceptance.
         let a = r.step_p(
             ms(12),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
+            Event::FromPeer(new_primary_status(2)),
         );
         assert!(
             notes(&a).contains(&HandoverNote::PeerTook { generation: 2 }),
@@ -2107,14 +2106,7 @@ mod handover_tests {
         let mut r = Rig::in_sync();
         let a = r.step_p(
             ms(12),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
+            Event::FromPeer(new_primary_status(2)),
         );
         assert!(a.contains(&Action::Demote { generation: 2 }), "{a:?}");
     }
