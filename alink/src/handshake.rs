@@ -843,7 +843,10 @@ mod tests {
         prev.version = INCARNATION_SINCE - 1;
         let (h, hello) = Handshake::new(prev, Role::Dialer, [1; 32], Duration::ZERO);
         let h = h.with_incarnation(7, None);
-        assert_eq!(h.hello_body().unwrap(), postcard::to_stdvec(&hello).unwrap());
+        assert_eq!(
+            h.hello_body().unwrap(),
+            postcard::to_stdvec(&hello).unwrap()
+        );
     }
 
     /// An extension stripped on the way does not quietly turn the checks off: the end

@@ -162,14 +162,21 @@ fn a_new_peer_instance_ends_the_old_session_and_a_stale_one_is_refused() {
         refused_with(&ev, &format!("{s1_inc:#018x}")),
         "names the stale instance: {ev:?}"
     );
-    assert_eq!(p2.peer_incarnation(), None, "a stale instance binds nothing");
+    assert_eq!(
+        p2.peer_incarnation(),
+        None,
+        "a stale instance binds nothing"
+    );
     assert!(!p2.peer_reachable());
 
     // The standby listens on a fresh instance: the new session binds it, and the first
     // message (kept in the window meanwhile) arrives there.
     drop(s1);
     let s2 = acceptor(&addrs);
-    let m = s2.recv(LONG).unwrap().expect("the first message of the new session");
+    let m = s2
+        .recv(LONG)
+        .unwrap()
+        .expect("the first message of the new session");
     assert_eq!(m.head::<u64>().unwrap(), 100);
     assert_eq!(m.seq, 1);
     assert_eq!(p2.peer_incarnation(), Some(s2.incarnation()));
