@@ -1975,10 +1975,7 @@ mod handover_tests {
         assert_eq!(r.p.role(), Role::Standby);
         // The old primary learns the new generation, as a standby (from the witness
         // its queries reach, or from its peer).
-        a.extend(r.step_p(
-            ms(403),
-            Event::FromPeer(new_primary_status(2)),
-        ));
+        a.extend(r.step_p(ms(403), Event::FromPeer(new_primary_status(2))));
         assert!(a.contains(&Action::Generation(2)), "{a:?}");
         assert!(!a.iter().any(|a| matches!(a, Action::Demote { .. })));
         // Both agree on who holds what: the new primary renews 2, the witness says so.
@@ -2092,10 +2089,7 @@ mod handover_tests {
         assert_eq!(r.s.generation(), 2);
         // The new primary's status reaches the old one before its checkpoint session
         // reports the acceptance.
-        let a = r.step_p(
-            ms(12),
-            Event::FromPeer(new_primary_status(2)),
-        );
+        let a = r.step_p(ms(12), Event::FromPeer(new_primary_status(2)));
         assert!(
             notes(&a).contains(&HandoverNote::PeerTook { generation: 2 }),
             "{a:?}"
@@ -2104,10 +2098,7 @@ mod handover_tests {
         assert_eq!(r.p.role(), Role::Standby);
         // Outside a handover the same news demotes a primary (control).
         let mut r = Rig::in_sync();
-        let a = r.step_p(
-            ms(12),
-            Event::FromPeer(new_primary_status(2)),
-        );
+        let a = r.step_p(ms(12), Event::FromPeer(new_primary_status(2)));
         assert!(a.contains(&Action::Demote { generation: 2 }), "{a:?}");
     }
 
