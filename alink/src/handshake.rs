@@ -12,6 +12,15 @@
 //! Both nonces are in the transcript, so a recorded auth never verifies in a new session,
 //! and the role byte stops an auth from being reflected back. The acceptor keeps a bounded
 //! cache of nonces it has seen so a replayed hello is named as a replay.
+//!
+//! **Incarnations.** Each A-Link endpoint instance picks a random 64-bit incarnation when
+//! it is created (see [`crate::incarnation`]). Its hello carries, after the postcard-encoded
+//! [`HsMsg::Hello`], a [`HelloExt`]: its own incarnation and the peer incarnation its
+//! bundle of links is bound to (0: none yet). An older peer decodes the hello with
+//! `postcard::from_bytes`, which ignores the trailing bytes, and sends no extension
+//! itself: the extension (and the incarnation checks) is used only when both hellos carry
+//! one, and only then is it part of the transcript, so an extension stripped on the way
+//! makes the auth fail rather than silently turning the checks off.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -51,6 +60,10 @@ pub const fn accepts(ours: u16, theirs: u16) -> bool {
 }
 /// Nonce length.
 pub const NONCE_LEN: usize = 32;
+/// The first protocol version whose hello carries a [`HelloExt`] (the incarnations). A
+/// build announcing an older version (the rolling-upgrade tests' previous node) sends
+/// none and ignores the peer's, as a node of that version does.
+pub const INCARNATION_SINCE: u16 = 3;
 const TRANSCRIPT_LABEL: &[u8] = b"twinrun-alink-transcript-v1";
 
 type HmacSha256 = Hmac<Sha256>;
@@ -91,6 +104,15 @@ pub enum HsMsg {
     },
 }
 
+/// What a hello carries after the postcard-encoded [`HsMsg::Hello`] (itself postcard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloExt {
+    /// The sender's A-Link instance.
+    pub incarnation: u64,
+    /// The peer instance the sender's bundle of links is bound to; 0: none yet.
+    pub peer_incarnation: u64,
+}
+
 /// Why a handshake failed. Each one is logged by the TCP layer with the peer address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -108,6 +130,10 @@ pub enum HandshakeError {
     Malformed(String),
     #[error("handshake timed out")]
     Timeout,
+    /// The peer's A-Link instance is not the one this bundle serves (see
+    /// [`crate::incarnation`]).
+    #[error("{0}")]
+    Incarnation(crate::incarnation::Refusal),
 }
 
 /// Static parameters of one end.
@@ -145,6 +171,9 @@ pub struct Session {
     pub send_key: [u8; 32],
     /// Key for frames we receive.
     pub recv_key: [u8; 32],
+    /// The peer's incarnation and the one of ours it is bound to (None: no incarnations
+    /// in this session, an older peer).
+    pub peer_ext: Option<HelloExt>,
 }
 
 impl std::fmt::Debug for Session {
@@ -192,6 +221,7 @@ enum State {
         peer_node: u64,
         /// The session's version, agreed from the hellos.
         version: u16,
+        peer_ext: Option<HelloExt>,
     },
     Done,
     Failed,
@@ -212,6 +242,8 @@ pub struct Handshake {
     cfg: HandshakeConfig,
     role: Role,
     hello: HsMsg,
+    /// Our hello's extension (None: a legacy hello, see [`Handshake::with_incarnation`]).
+    ext: Option<HelloExt>,
     nonce: [u8; NONCE_LEN],
     deadline: Duration,
     state: State,
@@ -246,12 +278,31 @@ impl Handshake {
                 cfg,
                 role,
                 hello: hello.clone(),
+                ext: None,
                 nonce,
                 deadline,
                 state: State::AwaitHello,
             },
             hello,
         )
+    }
+
+    /// Makes our hello carry our incarnation and the peer's we are bound to (None: not
+    /// bound yet), when our version has them ([`INCARNATION_SINCE`]). Without this call
+    /// the handshake is a legacy one: no extension sent, the peer's ignored.
+    pub fn with_incarnation(mut self, own: u64, bound_peer: Option<u64>) -> Handshake {
+        if self.cfg.version >= INCARNATION_SINCE {
+            self.ext = Some(HelloExt {
+                incarnation: own,
+                peer_incarnation: bound_peer.unwrap_or(0),
+            });
+        }
+        self
+    }
+
+    /// The body of our hello frame: the postcard-encoded hello, then its extension if any.
+    pub fn hello_body(&self) -> Result<Vec<u8>, HandshakeError> {
+        hello_bytes(&self.hello, self.ext.as_ref())
     }
 
     pub fn is_done(&self) -> bool {
@@ -274,7 +325,7 @@ impl Handshake {
         body: &[u8],
         replay: Option<&mut ReplayCache>,
     ) -> Result<HsStep, HandshakeError> {
-        let msg: HsMsg = match postcard::from_bytes(body) {
+        let (msg, rest): (HsMsg, &[u8]) = match postcard::take_from_bytes(body) {
             Ok(m) => m,
             Err(e) => {
                 self.state = State::Failed;
@@ -283,7 +334,25 @@ impl Handshake {
                 )));
             }
         };
-        self.on_message(msg, replay)
+        // A hello's extension; ignored (as an older node does) unless ours has one too.
+        let ext = if matches!(msg, HsMsg::Hello { .. }) && self.ext.is_some() && !rest.is_empty() {
+            match postcard::from_bytes::<HelloExt>(rest) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    self.state = State::Failed;
+                    return Err(HandshakeError::Malformed(format!(
+                        "undecodable hello extension: {e}"
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        let r = self.step(msg, ext, replay);
+        if r.is_err() {
+            self.state = State::Failed;
+        }
+        r
     }
 
     /// Feeds one message from the peer.
@@ -292,7 +361,7 @@ impl Handshake {
         msg: HsMsg,
         replay: Option<&mut ReplayCache>,
     ) -> Result<HsStep, HandshakeError> {
-        let r = self.step(msg, replay);
+        let r = self.step(msg, None, replay);
         if r.is_err() {
             self.state = State::Failed;
         }
@@ -302,6 +371,7 @@ impl Handshake {
     fn step(
         &mut self,
         msg: HsMsg,
+        peer_ext: Option<HelloExt>,
         replay: Option<&mut ReplayCache>,
     ) -> Result<HsStep, HandshakeError> {
         match (&self.state, msg) {
@@ -354,10 +424,14 @@ impl Handshake {
                     node_id,
                     nonce,
                 };
-                let ours = postcard::to_stdvec(&self.hello)
-                    .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-                let theirs = postcard::to_stdvec(&peer_hello)
-                    .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+                // The extensions count only when both hellos carry one (an older peer
+                // rebuilds our hello without ours); then both are in the transcript.
+                let (our_ext, peer_ext) = match (self.ext, peer_ext) {
+                    (Some(o), Some(p)) => (Some(o), Some(p)),
+                    _ => (None, None),
+                };
+                let ours = hello_bytes(&self.hello, our_ext.as_ref())?;
+                let theirs = hello_bytes(&peer_hello, peer_ext.as_ref())?;
                 let (d, a) = match self.role {
                     Role::Dialer => (&ours, &theirs),
                     Role::Acceptor => (&theirs, &ours),
@@ -376,6 +450,7 @@ impl Handshake {
                     transcript,
                     peer_node: node_id,
                     version: version.min(self.cfg.version),
+                    peer_ext,
                 };
                 Ok(HsStep::Send(HsMsg::Auth { mac }))
             }
@@ -384,12 +459,14 @@ impl Handshake {
                     transcript,
                     peer_node,
                     version,
+                    peer_ext,
                 },
                 HsMsg::Auth { mac },
             ) => {
                 let transcript = *transcript;
                 let peer_node = *peer_node;
                 let version = *version;
+                let peer_ext = *peer_ext;
                 #[allow(clippy::expect_used)] // HMAC takes keys of any length.
                 let mut m = HmacSha256::new_from_slice(&self.cfg.secret)
                     .expect("HMAC takes any key length");
@@ -412,6 +489,7 @@ impl Handshake {
                     version,
                     send_key,
                     recv_key,
+                    peer_ext,
                 }))
             }
             (State::Done, _) | (State::Failed, _) => Err(HandshakeError::Malformed(
@@ -425,6 +503,17 @@ impl Handshake {
             }
         }
     }
+}
+
+/// A hello as it goes on the wire (and into the transcript): the postcard-encoded
+/// message, then the extension if any.
+fn hello_bytes(hello: &HsMsg, ext: Option<&HelloExt>) -> Result<Vec<u8>, HandshakeError> {
+    let mut b = postcard::to_stdvec(hello).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+    if let Some(x) = ext {
+        let x = postcard::to_stdvec(x).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+        b.extend_from_slice(&x);
+    }
+    Ok(b)
 }
 
 /// Fresh random nonce from the kernel.
@@ -658,6 +747,139 @@ mod tests {
         assert!(matches!(
             d.on_body(&[0xff, 0xff, 0xff], None),
             Err(HandshakeError::Malformed(_))
+        ));
+    }
+
+    /// Runs both machines over bodies (as the TCP layer does), each with an optional
+    /// incarnation (own, bound peer); None: a legacy end.
+    fn run_bodies(
+        a: HandshakeConfig,
+        a_inc: Option<(u64, Option<u64>)>,
+        b: HandshakeConfig,
+        b_inc: Option<(u64, Option<u64>)>,
+    ) -> (
+        Result<Session, HandshakeError>,
+        Result<Session, HandshakeError>,
+    ) {
+        let t = Duration::ZERO;
+        let with = |h: Handshake, inc: Option<(u64, Option<u64>)>| match inc {
+            Some((own, bound)) => h.with_incarnation(own, bound),
+            None => h,
+        };
+        let mut d = with(Handshake::new(a, Role::Dialer, [1; 32], t).0, a_inc);
+        let mut c = with(Handshake::new(b, Role::Acceptor, [2; 32], t).0, b_inc);
+        let (hd, hc) = (d.hello_body().unwrap(), c.hello_body().unwrap());
+        let body = |m: HsMsg| postcard::to_stdvec(&m).unwrap();
+        let auth_c = match c.on_body(&hd, None) {
+            Ok(HsStep::Send(m)) => m,
+            Ok(_) => unreachable!(),
+            Err(e) => return (Err(HandshakeError::Timeout), Err(e)),
+        };
+        let auth_d = match d.on_body(&hc, None) {
+            Ok(HsStep::Send(m)) => m,
+            Ok(_) => unreachable!(),
+            Err(e) => return (Err(e), Err(HandshakeError::Timeout)),
+        };
+        let done = |r: Result<HsStep, HandshakeError>| {
+            r.map(|s| match s {
+                HsStep::Done(s) => s,
+                _ => unreachable!(),
+            })
+        };
+        (
+            done(d.on_body(&body(auth_c), None)),
+            done(c.on_body(&body(auth_d), None)),
+        )
+    }
+
+    #[test]
+    fn both_incarnations_reach_the_other_end_authenticated() {
+        let (d, c) = run_bodies(
+            cfg(1, b"s"),
+            Some((0xAA, None)),
+            cfg(2, b"s"),
+            Some((0xBB, Some(0xA0))),
+        );
+        let (d, c) = (d.unwrap(), c.unwrap());
+        assert_eq!(
+            d.peer_ext,
+            Some(HelloExt {
+                incarnation: 0xBB,
+                peer_incarnation: 0xA0
+            })
+        );
+        assert_eq!(
+            c.peer_ext,
+            Some(HelloExt {
+                incarnation: 0xAA,
+                peer_incarnation: 0
+            })
+        );
+        assert_eq!(d.send_key, c.recv_key);
+    }
+
+    /// A peer of the previous build (no extension in its hello, and it decodes ours with
+    /// `from_bytes`, ignoring the extension) still pairs, either end dialing; the session
+    /// has no incarnations.
+    #[test]
+    fn a_peer_without_incarnations_still_pairs() {
+        for (a, b) in [(Some((0xAA, None)), None), (None, Some((0xBB, None)))] {
+            let (d, c) = run_bodies(cfg(1, b"s"), a, cfg(2, b"s"), b);
+            let (d, c) = (d.unwrap(), c.unwrap());
+            assert_eq!((d.peer_ext, c.peer_ext), (None, None));
+            assert_eq!(d.send_key, c.recv_key);
+            assert_eq!(d.recv_key, c.send_key);
+        }
+        // What an older node does with our hello: postcard's from_bytes reads the hello
+        // and leaves the extension's bytes unread.
+        let (h, _) = Handshake::new(cfg(1, b"s"), Role::Dialer, [1; 32], Duration::ZERO);
+        let h = h.with_incarnation(7, Some(9));
+        let body = h.hello_body().unwrap();
+        let old: HsMsg = postcard::from_bytes(&body).unwrap();
+        assert_eq!(old, h.hello);
+        assert!(body.len() > postcard::to_stdvec(&old).unwrap().len());
+        // A build announcing a version before the incarnations sends none.
+        let mut prev = cfg(1, b"s");
+        prev.version = INCARNATION_SINCE - 1;
+        let (h, hello) = Handshake::new(prev, Role::Dialer, [1; 32], Duration::ZERO);
+        let h = h.with_incarnation(7, None);
+        assert_eq!(
+            h.hello_body().unwrap(),
+            postcard::to_stdvec(&hello).unwrap()
+        );
+    }
+
+    /// An extension stripped on the way does not quietly turn the checks off: the end
+    /// that sent one puts both in its transcript, the other none, and the auths differ.
+    #[test]
+    fn a_stripped_extension_fails_the_auth() {
+        let t = Duration::ZERO;
+        let mut d = Handshake::new(cfg(1, b"s"), Role::Dialer, [1; 32], t)
+            .0
+            .with_incarnation(0xAA, None);
+        let mut c = Handshake::new(cfg(2, b"s"), Role::Acceptor, [2; 32], t)
+            .0
+            .with_incarnation(0xBB, None);
+        let stripped = postcard::to_stdvec(&d.hello).unwrap();
+        let HsStep::Send(auth_c) = c.on_body(&stripped, None).unwrap() else {
+            panic!()
+        };
+        let HsStep::Send(_) = d.on_body(&c.hello_body().unwrap(), None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            d.on_message(auth_c, None),
+            Err(HandshakeError::WrongSecret { peer_node: 2 })
+        );
+        // A garbled extension is named.
+        let mut c = Handshake::new(cfg(2, b"s"), Role::Acceptor, [3; 32], t)
+            .0
+            .with_incarnation(0xBB, None);
+        let mut bad = stripped.clone();
+        bad.push(0xff);
+        assert!(matches!(
+            c.on_body(&bad, None),
+            Err(HandshakeError::Malformed(m)) if m.contains("extension")
         ));
     }
 

@@ -4,6 +4,7 @@
 //! - [`buf`]: pooled byte buffers for frame bodies and page payloads.
 //! - [`frame`]: framed, versioned, authenticated frames; incremental decoder.
 //! - [`handshake`]: mutual challenge/response with the cluster secret; session keys.
+//! - [`incarnation`]: which peer instance a bundle of links serves.
 //! - [`health`]: per-link heartbeats and failure detection.
 //! - [`linkset`]: window of unacknowledged messages spread over healthy links.
 //! - [`reorder`]: in-order, duplicate-free delivery on the receiving side, and the rules
@@ -23,6 +24,7 @@ pub mod buf;
 pub mod frame;
 pub mod handshake;
 pub mod health;
+pub mod incarnation;
 pub mod lent;
 pub mod linkset;
 pub mod priv0;

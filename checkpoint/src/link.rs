@@ -108,7 +108,9 @@ impl ToStandbyLink for Alink {
                         return Err(SendError::PeerLost);
                     }
                 }
-                Err(AlinkError::Closed) => return Err(SendError::PeerLost),
+                Err(AlinkError::Closed | AlinkError::PeerRestarted { .. }) => {
+                    return Err(SendError::PeerLost)
+                }
                 Err(e) => return Err(SendError::Failed(e)),
             }
         }
@@ -133,7 +135,10 @@ impl ToPrimaryLink for Alink {
             self.send_timeout(head, payload, Some(wait))
         };
         match sent {
-            Ok(_) | Err(AlinkError::Timeout) | Err(AlinkError::Closed) => Ok(()),
+            Ok(_)
+            | Err(AlinkError::Timeout)
+            | Err(AlinkError::Closed)
+            | Err(AlinkError::PeerRestarted { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }

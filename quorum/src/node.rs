@@ -1975,17 +1975,7 @@ mod handover_tests {
         assert_eq!(r.p.role(), Role::Standby);
         // The old primary learns the new generation, as a standby (from the witness
         // its queries reach, or from its peer).
-        a.extend(r.step_p(
-            ms(403),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
-        ));
+        a.extend(r.step_p(ms(403), Event::FromPeer(new_primary_status(2))));
         assert!(a.contains(&Action::Generation(2)), "{a:?}");
         assert!(!a.iter().any(|a| matches!(a, Action::Demote { .. })));
         // Both agree on who holds what: the new primary renews 2, the witness says so.
@@ -2078,6 +2068,19 @@ mod handover_tests {
         assert_eq!(r.p.guest(), Some(GuestState::Pause));
     }
 
+    /// The status a peer that became primary with `generation` sends (the handovers'
+    /// news).
+    fn new_primary_status(generation: u64) -> PeerMsg {
+        PeerMsg::Status {
+            generation,
+            role: Role::Primary,
+            reach: [true, false],
+            elected: Slot::Preferred,
+            elect_seq: 0,
+            proposing: None,
+        }
+    }
+
     #[test]
     fn the_peers_grant_seen_first_ends_the_handover_without_a_demotion() {
         let mut r = Rig::in_sync();
@@ -2086,17 +2089,7 @@ mod handover_tests {
         assert_eq!(r.s.generation(), 2);
         // The new primary's status reaches the old one before its checkpoint session
         // reports the acceptance.
-        let a = r.step_p(
-            ms(12),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
-        );
+        let a = r.step_p(ms(12), Event::FromPeer(new_primary_status(2)));
         assert!(
             notes(&a).contains(&HandoverNote::PeerTook { generation: 2 }),
             "{a:?}"
@@ -2105,17 +2098,7 @@ mod handover_tests {
         assert_eq!(r.p.role(), Role::Standby);
         // Outside a handover the same news demotes a primary (control).
         let mut r = Rig::in_sync();
-        let a = r.step_p(
-            ms(12),
-            Event::FromPeer(PeerMsg::Status {
-                generation: 2,
-                role: Role::Primary,
-                reach: [true, false],
-                elected: Slot::Preferred,
-                elect_seq: 0,
-                proposing: None,
-            }),
-        );
+        let a = r.step_p(ms(12), Event::FromPeer(new_primary_status(2)));
         assert!(a.contains(&Action::Demote { generation: 2 }), "{a:?}");
     }
 

@@ -2,8 +2,10 @@
 //! authenticating accepted connections on short-lived threads (the higher), the
 //! handshake on a socket, and the per-link manager that reconnects with backoff.
 
+use super::events::Event;
 use crate::frame::{FrameDecoder, FrameEncoder, FrameError, Kind};
 use crate::handshake::{random_nonce, Handshake, HandshakeError, HsStep, Role};
+use crate::incarnation::Verdict;
 use log::{debug, info, warn};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -49,17 +51,24 @@ pub(super) fn handshake(
     let mut enc = FrameEncoder::new(shared.cfg.max_frame_body);
     let mut dec = FrameDecoder::with_pool(shared.cfg.max_frame_body, shared.rx_pool.clone());
     let nonce = random_nonce().map_err(HsFail::Io)?;
-    let (mut hs, hello) = Handshake::new(shared.handshake_config(), role, nonce, shared.now());
-    let send =
-        |enc: &mut FrameEncoder, stream: &mut TcpStream, kind: Kind, msg| -> Result<(), HsFail> {
-            let body = postcard::to_stdvec(&msg)
-                .map_err(|e| HsFail::Hs(HandshakeError::Malformed(e.to_string())))?;
-            let wire = enc
-                .encode(kind, 0, &[], &body)
-                .ok_or_else(|| HsFail::Hs(HandshakeError::Malformed("hello too large".into())))?;
-            stream.write_all(&wire).map_err(HsFail::Io)
-        };
-    send(&mut enc, &mut stream, Kind::Hello, hello)?;
+    let (own, bound) = {
+        let inc = lock(&shared.incarnation);
+        (inc.own(), inc.bound())
+    };
+    let (hs, _) = Handshake::new(shared.handshake_config(), role, nonce, shared.now());
+    let mut hs = hs.with_incarnation(own, bound);
+    let send = |enc: &mut FrameEncoder,
+                stream: &mut TcpStream,
+                kind: Kind,
+                body: &[u8]|
+     -> Result<(), HsFail> {
+        let wire = enc
+            .encode(kind, 0, &[], body)
+            .ok_or_else(|| HsFail::Hs(HandshakeError::Malformed("hello too large".into())))?;
+        stream.write_all(&wire).map_err(HsFail::Io)
+    };
+    let hello = hs.hello_body().map_err(HsFail::Hs)?;
+    send(&mut enc, &mut stream, Kind::Hello, &hello)?;
     loop {
         hs.on_tick(shared.now()).map_err(HsFail::Hs)?;
         if shared.stop.load(Ordering::Relaxed) {
@@ -86,8 +95,24 @@ pub(super) fn handshake(
         }
         .map_err(HsFail::Hs)?;
         match step {
-            HsStep::Send(msg) => send(&mut enc, &mut stream, Kind::Auth, msg)?,
+            HsStep::Send(msg) => {
+                let body = postcard::to_stdvec(&msg)
+                    .map_err(|e| HsFail::Hs(HandshakeError::Malformed(e.to_string())))?;
+                send(&mut enc, &mut stream, Kind::Auth, &body)?
+            }
             HsStep::Done(session) => {
+                // Only an authenticated peer may bind this bundle or end its session.
+                let verdict = lock(&shared.incarnation).judge(session.peer_ext);
+                match verdict {
+                    Verdict::Accept => {}
+                    Verdict::Refuse(r) => return Err(HsFail::Hs(HandshakeError::Incarnation(r))),
+                    Verdict::NewPeer { old, new } => {
+                        end_session(shared, old, new);
+                        return Err(HsFail::Hs(HandshakeError::Incarnation(
+                            crate::incarnation::Refusal::NewPeer { old, new },
+                        )));
+                    }
+                }
                 if session.version != shared.cfg.protocol_version {
                     info!(
                         "alink: peer {peer} speaks an adjacent protocol version; session at {} (ours {})",
@@ -108,6 +133,26 @@ pub(super) fn handshake(
             }
         }
     }
+}
+
+/// A new peer instance replaced the one this A-Link served: the session ends at once.
+/// Told to the layer above first (the event, then `send`/`recv` fail with
+/// `PeerRestarted`), then every thread winds down as at a shutdown: the links to the
+/// old instance close, nothing more is accepted or dialed.
+fn end_session(shared: &Shared, old: u64, new: u64) {
+    shared.emit(Event::PeerRestarted { old, new });
+    shared.stop.store(true, Ordering::SeqCst);
+    for l in &shared.links {
+        if let Some(c) = lock(&l.conn).as_ref() {
+            c.kill();
+        }
+    }
+    {
+        let _g = lock(&shared.tx);
+        shared.tx_work.notify_all();
+        shared.tx_room.notify_all();
+    }
+    shared.rx_ready.notify_all();
 }
 
 pub(super) fn dial(shared: &Shared, addrs: LinkAddrs) -> io::Result<(TcpStream, SocketAddr)> {

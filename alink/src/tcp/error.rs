@@ -16,4 +16,11 @@ pub enum AlinkError {
     Timeout,
     #[error("A-Link is shut down")]
     Closed,
+    /// The peer's A-Link instance this session served was replaced by a new one (the
+    /// peer restarted its end: see [`crate::incarnation`]): the session ended, nothing
+    /// more goes out or comes in on this A-Link.
+    #[error(
+        "the peer's A-Link instance {old:#018x} was replaced by {new:#018x}: the session ended"
+    )]
+    PeerRestarted { old: u64, new: u64 },
 }

@@ -15,4 +15,11 @@ pub enum Event {
         peer: Option<SocketAddr>,
         reason: String,
     },
+    /// A link reached a new instance of the peer's A-Link (incarnation `new`) while this
+    /// session served `old`: the session ended at once (see [`crate::incarnation`]).
+    /// The peer is alive (it authenticated); this A-Link is done: start a new one.
+    PeerRestarted {
+        old: u64,
+        new: u64,
+    },
 }

@@ -5,6 +5,7 @@ use crate::buf::BufPool;
 use crate::frame::{PlaceRequest, Placement};
 use crate::handshake::{ReplayCache, Role};
 use crate::health::LinkHealth;
+use crate::incarnation::{random_incarnation, Incarnations};
 use crate::lent::Lent;
 use crate::linkset::{SegOpts, TxWindow};
 use crate::reorder::{InMsg, RxReorder};
@@ -74,6 +75,7 @@ impl Alink {
             side_tx: Mutex::new(SideTx::new(n, side_instance())),
             side_rx: Mutex::new(SideRx::default()),
             session_version: AtomicU16::new(0),
+            incarnation: Mutex::new(Incarnations::new(random_incarnation())),
             cfg,
         });
         let mut threads = Vec::new();
@@ -259,7 +261,8 @@ impl Alink {
         let mut tx = lock(&self.shared.tx);
         loop {
             if self.shared.stop.load(Ordering::Relaxed) {
-                return Err(AlinkError::Closed);
+                drop(tx);
+                return Err(self.shared.closed_error());
             }
             if tx.has_room(len) {
                 break;
@@ -297,7 +300,8 @@ impl Alink {
                 return Ok(Some(m));
             }
             if self.shared.stop.load(Ordering::Relaxed) {
-                return Err(AlinkError::Closed);
+                drop(rx);
+                return Err(self.shared.closed_error());
             }
             let now = Instant::now();
             if now >= deadline {
@@ -334,6 +338,10 @@ impl Alink {
         let deadline = Instant::now() + timeout;
         let mut tx = lock(&self.shared.tx);
         while !tx.is_drained() {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                drop(tx);
+                return Err(self.shared.closed_error());
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(AlinkError::Timeout);
@@ -380,6 +388,24 @@ impl Alink {
             0 => self.shared.cfg.protocol_version,
             v => v,
         }
+    }
+
+    /// This instance's incarnation (random, picked at start; what the peer's links are
+    /// bound to).
+    pub fn incarnation(&self) -> u64 {
+        lock(&self.shared.incarnation).own()
+    }
+
+    /// The peer instance this A-Link's links serve (None: no link yet, or a peer without
+    /// incarnations).
+    pub fn peer_incarnation(&self) -> Option<u64> {
+        lock(&self.shared.incarnation).bound()
+    }
+
+    /// (old, new) once a new peer instance ended this A-Link's session (see
+    /// [`Event::PeerRestarted`]).
+    pub fn peer_restarted(&self) -> Option<(u64, u64)> {
+        lock(&self.shared.incarnation).ended()
     }
 
     /// True while at least one link is up.

@@ -4,6 +4,7 @@ use crate::buf::BufPool;
 use crate::frame::{PlaceRequest, Placement};
 use crate::handshake::{HandshakeConfig, ReplayCache};
 use crate::health::LinkHealth;
+use crate::incarnation::Incarnations;
 use crate::linkset::TxWindow;
 use crate::reorder::RxReorder;
 use crate::side::{SideRx, SideTx};
@@ -77,6 +78,8 @@ pub(super) struct Shared {
     /// The protocol version of the latest authenticated session (0: none yet): the
     /// layer above speaks the previous version's messages to a peer not yet upgraded.
     pub(super) session_version: AtomicU16,
+    /// This instance's incarnation and the peer instance its links serve.
+    pub(super) incarnation: Mutex<Incarnations>,
 }
 
 /// The receiver's placer, shared by every link's reader.
@@ -126,6 +129,11 @@ impl Shared {
             Event::Refused { link, peer, reason } => {
                 warn!("alink link {link}: refused connection from {peer:?}: {reason}")
             }
+            Event::PeerRestarted { old, new } => warn!(
+                "alink: peer node {}'s A-Link instance {old:#018x} was replaced by {new:#018x}: \
+                 this session ended",
+                self.cfg.peer_node_id
+            ),
         }
         let mut q = lock(&self.events);
         if q.len() == MAX_QUEUED_EVENTS {
@@ -133,6 +141,15 @@ impl Shared {
         }
         q.push_back(ev);
         self.event_cv.notify_all();
+    }
+
+    /// The error for an A-Link that no longer runs: shut down, or ended by a new peer
+    /// instance.
+    pub(super) fn closed_error(&self) -> super::AlinkError {
+        match lock(&self.incarnation).ended() {
+            Some((old, new)) => super::AlinkError::PeerRestarted { old, new },
+            None => super::AlinkError::Closed,
+        }
     }
 
     pub(super) fn refuse(&self, link: usize, peer: Option<SocketAddr>, reason: String) {

@@ -1006,7 +1006,7 @@ fn session_loop(
                 d.on_message(m)?
             }
             Ok(None) => {}
-            Err(AlinkError::Closed) => {
+            Err(AlinkError::Closed | AlinkError::PeerRestarted { .. }) => {
                 d.peer_lost()?;
                 continue;
             }
@@ -1017,14 +1017,20 @@ fn session_loop(
             d.peer_lost()?;
             continue;
         }
-        if a_link_down && !heard {
-            // The standby has not answered this session yet: a standby that ended its
-            // previous session (the primary came back without a takeover) listens on a
-            // fresh A-Link, and a hello sent on a link still connected to the old one
-            // is lost with it while another link already reaches the new one, so the
-            // standby would never report. Start the session again on fresh links.
+        if a_link_down && !heard && link.peer_incarnation().is_none() {
+            // A standby that ended its previous session (the primary came back without
+            // a takeover) listens on a fresh A-Link. A hello sent on a link still
+            // connected to its OLD instance was lost with it while another link already
+            // reached the new one, so the standby never reported. With incarnations
+            // (see `alink::incarnation`) that link is never made: the old instance,
+            // bound to our previous A-Link, is refused as stale (and ends its session),
+            // so the hello waits in the window for a link to the new one. A standby of
+            // the previous version sends no incarnation (`peer_incarnation` is None
+            // once a link was up): for it, an A-Link that goes down before the standby
+            // answered still starts the session again on fresh links.
             log::warn!(
-                "primary: an A-Link went down before the standby answered this session:                  its hello may be lost with it; the session starts again"
+                "primary: an A-Link to a standby without incarnations went down before it \
+                 answered this session: its hello may be lost with it; the session starts again"
             );
             d.peer_lost()?;
             continue;
@@ -1049,6 +1055,15 @@ fn link_lost(link: &Alink) -> (bool, bool) {
             Event::Link(e) => log::info!("primary: A-Link {e:?}"),
             Event::Refused { link, peer, reason } => {
                 log::warn!("primary: A-Link {link} refused {peer:?}: {reason}")
+            }
+            // The standby's A-Link was replaced: this session is over (the A-Link
+            // takes nothing more), the next one starts on a fresh A-Link.
+            Event::PeerRestarted { old, new } => {
+                log::warn!(
+                    "primary: the standby's A-Link instance {old:#x} was replaced by {new:#x}: \
+                     this session ends"
+                );
+                return (true, down);
             }
         }
     }

@@ -218,6 +218,11 @@ pub fn pump(
                 let _ = tx.send(Inbound::Closed);
                 return;
             }
+            Err(e @ AlinkError::PeerRestarted { .. }) => {
+                log::warn!("primary: {e}");
+                let _ = tx.send(Inbound::Closed);
+                return;
+            }
             Err(e) => {
                 log::error!("primary: A-Link receive: {e}");
                 let _ = tx.send(Inbound::Closed);

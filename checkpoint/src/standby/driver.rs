@@ -575,6 +575,14 @@ pub fn run_standby_with(
         let msg = match link.recv(wait) {
             Ok(m) => m,
             Err(AlinkError::Closed) => None,
+            // A new instance of the primary's A-Link ended this session: the primary is
+            // alive (it authenticated) and starts its next session; no takeover.
+            Err(e @ AlinkError::PeerRestarted { .. }) => {
+                log::warn!("standby: {e}");
+                return Ok(StandbyOutcome::PrimaryBack {
+                    committed: d.committed(),
+                });
+            }
             Err(e) => return Err(e.into()),
         };
         match msg {
@@ -604,7 +612,7 @@ pub fn run_standby_with(
             }
         }
         if waiting_grant {
-            if link.peer_reachable() {
+            if link.peer_reachable() || link.peer_restarted().is_some() {
                 log::warn!(
                     "standby: a link to the primary is back before any takeover grant: it \
                      ran on; a new session resyncs this replica"
@@ -633,6 +641,15 @@ pub fn run_standby_with(
                 Event::Link(e) => log::info!("standby: A-Link {e:?}"),
                 Event::Refused { link, peer, reason } => {
                     log::warn!("standby: A-Link {link} refused {peer:?}: {reason}")
+                }
+                Event::PeerRestarted { old, new } => {
+                    log::warn!(
+                        "standby: the primary's A-Link instance {old:#x} was replaced by \
+                         {new:#x}: it is alive and starts a new session; no takeover"
+                    );
+                    return Ok(StandbyOutcome::PrimaryBack {
+                        committed: d.committed(),
+                    });
                 }
             }
         }

@@ -413,6 +413,8 @@ fn session(
                 Event::Refused { link, peer, reason } => {
                     warn!("HA primary: A-Link {link} refused {peer:?}: {reason}")
                 }
+                // The standby's A-Link was replaced: this session is over.
+                Event::PeerRestarted { .. } => lost = true,
             }
         }
         if lost && !link.peer_reachable() {

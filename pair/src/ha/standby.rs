@@ -159,7 +159,8 @@ fn wait_for_grant(link: &Alink, sd: &Shutdown, q: &Quorum) -> End {
             return End::LostInSync;
         }
         while link.poll_event(Duration::ZERO).is_some() {}
-        if link.peer_reachable() {
+        // A new instance of the primary's A-Link ended this one's session: it is back.
+        if link.peer_reachable() || link.peer_restarted().is_some() {
             return End::PrimaryBack;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -228,6 +229,9 @@ fn serve(
                 Event::Refused { link, peer, reason } => {
                     warn!("HA standby: A-Link {link} refused {peer:?}: {reason}")
                 }
+                // The primary's A-Link was replaced (a new session of a live primary):
+                // this session is over, without a takeover.
+                Event::PeerRestarted { .. } => return End::PrimaryBack,
             }
         }
         if lost && seen_peer && !link.peer_reachable() {
@@ -250,6 +254,7 @@ fn serve(
                 }
                 continue;
             }
+            Err(alink::AlinkError::PeerRestarted { .. }) => return End::PrimaryBack,
             Err(e) => return End::Failed(format!("A-Link: {e}")),
         };
         let r = match hawire::decode::<HaToStandby>(msg.head_bytes()) {

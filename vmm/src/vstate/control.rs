@@ -124,9 +124,6 @@ struct State {
     parked: usize,
     /// vCPU threads that have left their loop for good.
     exited: usize,
-    /// vCPU threads blocked in a host-side wait ([`host_wait`]): they run no guest
-    /// instruction before they check in, so a pause counts them as paused.
-    host_waits: usize,
     /// First reason the VM ended.
     exit: Option<VmExit>,
     kicks: Vec<Kick>,
@@ -163,9 +160,14 @@ pub struct RunControl {
     /// Set whenever a pause or stop is pending: vCPU threads read it before each
     /// `KVM_RUN` without taking the lock.
     request: AtomicBool,
-    /// `parked + exited + host_waits`, readable without the lock (the controller spins
-    /// on it).
+    /// `parked + exited`, readable without the lock (the controller spins on it and
+    /// `host_waits`).
     settled: AtomicUsize,
+    /// vCPU threads blocked in a host-side wait ([`host_wait`]): they run no guest
+    /// instruction before they check in, so a pause counts them as paused. Changed
+    /// without the lock (an HA disk hook enters and leaves a wait around every mirrored
+    /// write batch): only a pending pause needs to hear of it (see `host_wait_begin`).
+    host_waits: AtomicUsize,
     /// Bumped whenever parked threads have something new to look at (resume, stop, a
     /// job): they spin on it before sleeping on `resume_cv`.
     wake_seq: AtomicU64,
@@ -180,6 +182,7 @@ impl RunControl {
             ctl_cv: Condvar::new(),
             request: AtomicBool::new(false),
             settled: AtomicUsize::new(0),
+            host_waits: AtomicUsize::new(0),
             wake_seq: AtomicU64::new(0),
             vcpus,
         }
@@ -191,12 +194,15 @@ impl RunControl {
         self.resume_cv.notify_all();
     }
 
-    /// Publishes `parked + exited + host_waits` and wakes the controller. Called with
-    /// the lock held.
+    /// Publishes `parked + exited` and wakes the controller. Called with the lock held.
     fn settled_changed(&self, s: &State) {
-        self.settled
-            .store(s.parked + s.exited + s.host_waits, Ordering::SeqCst);
+        self.settled.store(s.parked + s.exited, Ordering::SeqCst);
         self.ctl_cv.notify_all();
+    }
+
+    /// vCPUs that count as paused: parked, exited or in a host wait.
+    fn paused_count(&self, s: &State) -> usize {
+        s.parked + s.exited + self.host_waits.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -273,8 +279,7 @@ impl RunControl {
                 s = self.resume_cv.wait_or_recover(s);
             }
             s.parked -= 1;
-            self.settled
-                .store(s.parked + s.exited + s.host_waits, Ordering::SeqCst);
+            self.settled.store(s.parked + s.exited, Ordering::SeqCst);
         }
         if s.stopping {
             return Next::Exit;
@@ -287,14 +292,24 @@ impl RunControl {
         Next::Run
     }
 
-    fn host_wait_change(&self, begin: bool) {
-        let mut s = self.lock();
-        if begin {
-            s.host_waits += 1;
-        } else {
-            s.host_waits -= 1;
+    /// A vCPU thread enters a host wait. Lock-free unless a pause or stop is pending:
+    /// the count is raised first, then `request` read (both SeqCst). A controller that
+    /// set `request` and then counts under the lock either sees this count, or set
+    /// `request` before this read, and then this thread takes the lock to wake it: it
+    /// is either still before its count (and sees ours) or already waiting on `ctl_cv`.
+    fn host_wait_begin(&self) {
+        self.host_waits.fetch_add(1, Ordering::SeqCst);
+        if self.request.load(Ordering::SeqCst) {
+            let _s = self.lock();
+            self.ctl_cv.notify_all();
         }
-        self.settled_changed(&s);
+    }
+
+    /// A vCPU thread leaves its host wait: lock-free. Nobody waits for the count to
+    /// fall; the thread then checks in (it looks at `request` before any `KVM_RUN`), so
+    /// under a pause it parks before running a guest instruction.
+    fn host_wait_end(&self) {
+        self.host_waits.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Ends the VM (first reason wins) and kicks every vCPU out.
@@ -331,14 +346,15 @@ impl RunControl {
         self.kick_all(&s);
         drop(s);
         spin_until(HANDOFF_SPIN, || {
-            self.settled.load(Ordering::SeqCst) >= self.vcpus
+            self.settled.load(Ordering::SeqCst) + self.host_waits.load(Ordering::SeqCst)
+                >= self.vcpus
         });
         let mut s = self.lock();
         let mut rekick = Duration::from_millis(5);
-        while s.parked + s.exited + s.host_waits < self.vcpus {
+        while self.paused_count(&s) < self.vcpus {
             let elapsed = t0.elapsed();
             if elapsed >= limit {
-                let parked = s.parked + s.exited + s.host_waits;
+                let parked = self.paused_count(&s);
                 // Leave the VM running rather than half paused.
                 s.paused = false;
                 self.request.store(s.stopping, Ordering::SeqCst);
@@ -505,18 +521,26 @@ pub(crate) fn set_vcpu_control(control: std::sync::Arc<RunControl>) {
 /// caller finishes afterwards (the device's completion in guest memory) does happen
 /// while paused, so a caller that captures guest state while paused must not use it
 /// (an FT VM's hooks never wait). Off a vCPU thread it only runs `f`.
+///
+/// Cheap when no pause is pending (it runs around every HA write batch's wait and
+/// completion): two atomic operations and a read of the pause request, no lock, no
+/// reference count (the thread-local control is borrowed for the call).
 pub fn host_wait<R>(f: impl FnOnce() -> R) -> R {
-    let control = VCPU_CONTROL.with(|c| c.borrow().clone());
-    let Some(control) = control else {
-        return f();
-    };
-    struct Leave<'a>(&'a RunControl);
-    impl Drop for Leave<'_> {
-        fn drop(&mut self) {
-            self.0.host_wait_change(false);
+    VCPU_CONTROL.with(|c| {
+        // A shared borrow for the call: only `set_vcpu_control` borrows mutably, once,
+        // before the vCPU loop, never from inside a wait.
+        let control = c.borrow();
+        let Some(control) = control.as_deref() else {
+            return f();
+        };
+        struct Leave<'a>(&'a RunControl);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.host_wait_end();
+            }
         }
-    }
-    control.host_wait_change(true);
-    let _leave = Leave(&control);
-    f()
+        control.host_wait_begin();
+        let _leave = Leave(control);
+        f()
+    })
 }
