@@ -77,7 +77,7 @@ impl Pair {
 
     /// Waits until PM `p` protects the VM as the HA primary and the other end is its
     /// standby.
-    fn wait_protected_at(&self, p: usize, what: &str) {
+    fn wait_protected_at(&mut self, p: usize, what: &str) {
         self.pms[p]
             .wait_status(what, Duration::from_secs(60), |s| {
                 s.role == FtRole::Primary && s.vm_running && protected(s)
@@ -155,7 +155,7 @@ fn final_verdict(mut pair: Pair, client: LoadClient) {
 #[test]
 fn ha_migrates_back_and_forth_under_load() {
     require_kvm();
-    let pair = Pair::start();
+    let mut pair = Pair::start();
     let client = pair.client();
     client
         .wait_acks(100, Duration::from_secs(20))
