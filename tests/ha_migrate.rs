@@ -34,7 +34,14 @@ use twinrun_lab::verdict::{check_load, Expect};
 use twinrun_lab::Topology;
 
 const CLUSTER: &str = "ha-migrate";
-const EXTRA: &[&str] = &["--protection", "ha", "--cluster-id", CLUSTER, "--epoch-ms", "10"];
+const EXTRA: &[&str] = &[
+    "--protection",
+    "ha",
+    "--cluster-id",
+    CLUSTER,
+    "--epoch-ms",
+    "10",
+];
 
 struct Pair {
     pms: [Pm; 2],
@@ -167,7 +174,8 @@ fn ha_migrates_back_and_forth_under_load() {
         let t0 = Instant::now();
         let (r, stall) = migrate(&pair, &client, primary);
         let took = t0.elapsed();
-        let (epoch, paused_us) = r.unwrap_or_else(|e| panic!("migration {n}: {e}\n{}", pair.logs()));
+        let (epoch, paused_us) =
+            r.unwrap_or_else(|e| panic!("migration {n}: {e}\n{}", pair.logs()));
         let new = 1 - primary;
         pair.wait_protected_at(new, &format!("migration {n}: HA again the other way round"));
         client
@@ -272,7 +280,10 @@ fn ha_migration_links_cut_keeps_the_vm_on_the_source() {
     for k in 0..pair.topo.alinks() {
         pair.topo.set_alink(1, k, true).unwrap();
     }
-    pair.wait_protected_at(0, "re-protected by the same standby once the links are back");
+    pair.wait_protected_at(
+        0,
+        "re-protected by the same standby once the links are back",
+    );
     let (r, stall) = migrate(&pair, &client, 0);
     r.unwrap_or_else(|e| panic!("the later migration: {e}\n{}", pair.logs()));
     pair.wait_protected_at(1, "HA at PM2 after the later migration");

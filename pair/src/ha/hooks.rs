@@ -112,7 +112,10 @@ impl HaHooks {
     /// [`HaHooks::quiesce`] returned true.
     pub fn switch(&self, ft: bool) {
         let mut s = self.st();
-        debug_assert!(s.open.iter().all(Option::is_none), "switch with a batch open");
+        debug_assert!(
+            s.open.iter().all(Option::is_none),
+            "switch with a batch open"
+        );
         s.ft = ft;
         s.closed = false;
         drop(s);

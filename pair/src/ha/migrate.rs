@@ -301,14 +301,22 @@ pub(super) fn send_vm(
         Ok(_) => "the migration was given up".to_string(),
         Err(e) => e.to_string(),
     };
-    side.fail(format!("live migration given up: {why}; the VM runs on here"));
+    side.fail(format!(
+        "live migration given up: {why}; the VM runs on here"
+    ));
     back(vm, hooks, sync, q, sd)
 }
 
 /// No handover: output held by the session leaves (under a quorum only while this
 /// node may act alone, as HA's guest runs), dirty logging and the disk journal end,
 /// and the hooks are HA's again (the next HA session re-protects the VM).
-fn back(vm: &Vmm, hooks: &HaHooks, sync: &Arc<SyncDisks>, q: Option<&Quorum>, sd: &Shutdown) -> Sent {
+fn back(
+    vm: &Vmm,
+    hooks: &HaHooks,
+    sync: &Arc<SyncDisks>,
+    q: Option<&Quorum>,
+    sd: &Shutdown,
+) -> Sent {
     if let Some(q) = q {
         loop {
             if let Some(g) = q.demoted().or_else(|| q.handed_over()) {
@@ -499,8 +507,10 @@ pub(super) fn receive_vm(
         )))),
         ..StandbyDriverConfig::default()
     };
-    // A source that never connects (it gave the migration up before its session
-    // began) or goes quiet is not waited for: it dials this end again as an HA primary.
+    // A source that does not connect soon, or is lost (every A-Link silent), gave the
+    // migration up or will: the takeover gate refuses any takeover, so there is
+    // nothing to wait for here, and the source dials this end again as an HA primary
+    // (whose messages this session could not read: it would stay broken).
     let stop = AtomicBool::new(false);
     let done = AtomicBool::new(false);
     let outcome = std::thread::scope(|s| {
@@ -508,8 +518,10 @@ pub(super) fn receive_vm(
             let t0 = Instant::now();
             let mut seen = false;
             while !done.load(Ordering::SeqCst) {
-                seen |= link.peer_reachable();
-                if sd.requested() || (!seen && t0.elapsed() > CONNECT_WAIT * 2) {
+                let reachable = link.peer_reachable();
+                let lost = seen && !reachable;
+                seen |= reachable;
+                if sd.requested() || lost || (!seen && t0.elapsed() > CONNECT_WAIT / 2) {
                     stop.store(true, Ordering::SeqCst);
                 }
                 std::thread::sleep(Duration::from_millis(5));

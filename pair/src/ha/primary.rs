@@ -600,8 +600,7 @@ fn session(
                 migrating = true;
             } else {
                 mig.side.fail(
-                    "live migration refused: the standby is not in sync (the VM stays here)"
-                        .into(),
+                    "live migration refused: the standby is not in sync (the VM stays here)".into(),
                 );
             }
         }

@@ -17,9 +17,9 @@ use storage_mirror::sync::wire::{self as hawire, HaToPrimary, HaToStandby};
 use storage_mirror::wire;
 use vmm::config::VmConfig;
 
-use crate::exit;
 use super::migrate::{MigrateSide, Received};
 use super::Next;
+use crate::exit;
 use crate::ft::quorum::Quorum;
 use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
