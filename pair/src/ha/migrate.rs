@@ -62,8 +62,9 @@ use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
 use crate::settings::{FtSettings, Role};
 
-/// How long a request waits for the target to commit the pre-copy's epoch 0.
-pub const PRECOPY_WAIT: Duration = Duration::from_secs(60);
+/// How long a request waits for the target to commit the pre-copy's epoch 0 (with
+/// the swap after it, within the control client's wait: `twinrun_control::swap`).
+pub const PRECOPY_WAIT: Duration = Duration::from_secs(20);
 
 /// How long the source's checkpoint session waits for the target to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
