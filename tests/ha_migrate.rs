@@ -98,6 +98,31 @@ impl Pair {
     }
 }
 
+/// The pair stays as it is for `d` (the old primary, now the standby, never boots
+/// the VM: its A-Links to the new primary stay up).
+fn stays_protected_at(pair: &mut Pair, p: usize, d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        let a = pair.pms[p].status_now();
+        let b = pair.pms[1 - p].status_now();
+        assert!(
+            a.role == FtRole::Primary && a.vm_running && protected(&a),
+            "PM{} is no longer the protected primary {:?} after the migration: {a:?}\n{}",
+            p + 1,
+            t0.elapsed(),
+            pair.logs()
+        );
+        assert!(
+            b.role == FtRole::Standby && !b.vm_running,
+            "PM{} no longer the standby {:?} after the migration: {b:?}\n{}",
+            2 - p,
+            t0.elapsed(),
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn runs() -> usize {
     std::env::var("HA_MIGRATE_RUNS")
         .ok()
@@ -193,6 +218,8 @@ fn ha_migrates_back_and_forth_under_load() {
         pauses.push(paused_us);
         primary = new;
     }
+    // Well past the A-Link's detection time and the ack timeout.
+    stays_protected_at(&mut pair, primary, Duration::from_secs(8));
     let acked = client.acks();
     final_verdict(pair, client);
     stalls.sort();
