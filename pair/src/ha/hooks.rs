@@ -151,28 +151,36 @@ impl HaHooks {
 
 impl DiskHooks for HaHooks {
     fn before_writes(&self, disk: usize, ranges: &[(u64, u64)]) -> io::Result<()> {
-        vmm::vstate::control::host_wait(|| {
-            let ft = {
-                let mut s = self.st();
-                while s.closed {
-                    s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
+        let ft = loop {
+            let mut s = self.st();
+            if !s.closed {
                 let ft = s.ft;
                 if let Some(o) = s.open.get_mut(disk) {
                     *o = Some(ft);
                 }
-                ft
-            };
-            let r = if ft {
-                self.ft.before_writes(disk, ranges)
-            } else {
-                self.sync.before_writes(disk, ranges)
-            };
-            if r.is_err() {
-                self.close(disk);
+                break ft;
             }
-            r
-        })
+            drop(s);
+            // A mode change is coming: wait as a host wait (the vCPU counts as paused;
+            // no checkpoint capture runs while the gate is closed).
+            vmm::vstate::control::host_wait(|| {
+                let mut s = self.st();
+                while s.closed {
+                    s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+            });
+        };
+        // FT's hooks never wait, and must not be a host wait: a checkpoint's capture
+        // reads the vCPU's state, which a vCPU in a host wait does not give.
+        let r = if ft {
+            self.ft.before_writes(disk, ranges)
+        } else {
+            vmm::vstate::control::host_wait(|| self.sync.before_writes(disk, ranges))
+        };
+        if r.is_err() {
+            self.close(disk);
+        }
+        r
     }
     fn read_failed(
         &self,

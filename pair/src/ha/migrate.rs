@@ -567,12 +567,13 @@ pub(super) fn receive_vm(
 }
 
 fn log_handover(r: &FailoverReport) {
+    // The node daemon follows FT's line (with "HA"): `twinrund`'s supervisor markers.
     info!(
-        "HA standby: live migration done: the VM runs here from epoch {} ({} ms after the \
-         source's final pause began; {} RARP announce(s), {} frames handed in); this end \
-         is the HA primary now, the old one its standby",
-        r.last_committed,
+        "HA standby: failover complete in {} ms (PLANNED ROLE SWAP: live migration done, the \
+         VM runs here from epoch {}; {} RARP announce(s), {} frames handed in); this end is \
+         the HA primary now, the old one its standby",
         r.failover_time.as_millis(),
+        r.last_committed,
         r.announces,
         r.handed_in_frames
     );

@@ -316,8 +316,8 @@ fn hand_over(
     done: checkpoint::primary::SwapDone,
 ) -> Next {
     info!(
-        "HA primary: live migration done: the standby runs the VM from epoch {} (guest paused \
-         here {:?}); this end becomes its HA standby",
+        "HA primary: role swap done (live migration): the standby runs the VM from epoch {} \
+         (guest paused here {:?}); this end becomes its HA standby",
         done.epoch, done.paused_for
     );
     vm.stopper().stop();
