@@ -257,9 +257,12 @@ fn ha_migration_target_killed_keeps_the_vm_on_the_source() {
     let sock = pair.socket(0);
     let job = std::thread::spawn(move || control::swap(&sock));
     // Mid-way: the standby is switching to (or running) the pre-copy's session.
-    pair.pms[1]
-        .wait_log("live migration: receiving the VM", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
+    if let Err(e) =
+        pair.pms[1].wait_log("live migration: receiving the VM", Duration::from_secs(20))
+    {
+        let r = job.join().unwrap();
+        panic!("{e}; the migration request answered {r:?}\n{}", pair.logs());
+    }
     pair.pms[1].proc_signal(nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(Duration::from_millis(200));
     pair.pms[1].kill();
