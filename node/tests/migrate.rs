@@ -17,10 +17,13 @@
 //!   loses sync or is not in sync in time is the step function's, see the goldens; here
 //!   the A-Links stay down until the receiving VMM's session is lost): the VM runs on at
 //!   the source on the same connection, and a later migration succeeds.
-//! - `ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused`: an FT VM moved to pm2
-//!   and back by `twinrun vm migrate` (a planned role swap each way, the target its new
-//!   preferred node, protected again the other way round); an HA VM's migration is
-//!   refused with the reason (exit 4).
+//! - `ft_vm_migrates_by_a_planned_role_swap`: an FT VM moved to pm2 and back by
+//!   `twinrun vm migrate` (a planned role swap each way, the target its new preferred
+//!   node, protected again the other way round).
+//! - `ha_vm_migrates_back_and_forth_under_kv_load`: an HA VM with the kv client moved
+//!   MIGRATE_RUNS times by `twinrun vm migrate` (its primary's VMM: pre-copy to the
+//!   in-sync standby, then the handover): protected again the other way round after
+//!   each, the connection, every acknowledged write, one BOOT and a whole console.
 //! - `ft_vm_migrates_with_a_witness` (issue 15): the same FT migrations with a real
 //!   `twinrun witness` as the pair's quorum: each swap hands the lease over (the
 //!   target's VMM takes the next generation by compare-and-set), so the migration is
@@ -295,13 +298,18 @@ counter_rate = 200
 
     /// Creates and starts the VM on pm1, waits until it serves kv.
     fn create_vm(&self) {
+        self.create_vm_as("unprotected");
+    }
+
+    /// [`Cluster::create_vm`] at protection level `protection`.
+    fn create_vm_as(&self, protection: &str) {
         let net = self.topo.guest_mac();
         let mac = format!("{}{:02x}", &net[..net.len() - 2], 20);
         let toml = format!(
             r#"name = "{VM}"
 vcpus = 1
 mem_mib = 64
-protection = "unprotected"
+protection = "{protection}"
 preferred_node = "pm1"
 autostart = true
 failback = "manual"
@@ -577,7 +585,7 @@ fn failed_migrations_leave_the_vm_on_the_source() {
 }
 
 #[test]
-fn ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused() {
+fn ft_vm_migrates_by_a_planned_role_swap() {
     let c = Cluster::start();
     c.create_ft_vm("ftm");
     for (from, to) in [(0usize, 1usize), (1, 0)] {
@@ -599,33 +607,75 @@ fn ft_vm_migrates_by_a_planned_role_swap_and_ha_is_refused() {
             || c.logs(),
         );
     }
-    // An HA VM is refused with the reason (exit 4: not possible in its state).
-    c.create_and_start(
-        r#"name = "ham"
-vcpus = 1
-mem_mib = 64
-protection = "ha"
-preferred_node = "pm1"
-autostart = true
-failback = "manual"
-disks = [{ size_mib = 8 }]
-[payload]
-kind = "test-guest"
-workloads = ["counter"]
-"#,
-    );
+}
+
+/// An HA VM under kv load moves back and forth by live migration (its primary's VMM
+/// runs the pre-copy to its in-sync standby, then the handover): HA again the other
+/// way round after each, the same guest (one BOOT across both consoles, the counter
+/// without gap), the client's one connection and every acknowledged write kept.
+#[test]
+fn ha_vm_migrates_back_and_forth_under_kv_load() {
+    let c = Cluster::start();
+    c.create_vm_as("ha");
     wait_for(
         Duration::from_secs(90),
-        "the HA VM running",
+        "the HA VM protected on pm1",
         || {
-            c.api(0, |cl| cl.vm("ham").ok())
-                .filter(|v| v.owner.as_deref() == Some("pm1"))
+            c.api(0, |cl| cl.vm(VM).ok())
+                .filter(|v| v.state == twinrund::model::VmState::Protected)
         },
         || c.logs(),
     );
-    let (code, out) = c.migrate_cli_of("ham", 0, Some("pm2"));
-    assert_eq!(code, 4, "{out}");
-    assert!(out.contains("HA VM is not built yet"), "{out}");
+    let client = c.client();
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let mut at = 0usize;
+    for n in 0..runs() {
+        let to = 1 - at;
+        let t0 = Instant::now();
+        let target = format!("pm{}", to + 1);
+        let ((code, out), stall) = std::thread::scope(|s| {
+            let probe = s.spawn(|| client.max_reply_during(Duration::from_millis(2500)));
+            let r = c.migrate_cli(at, (n % 2 == 0).then_some(target.as_str()));
+            (r, probe.join().unwrap())
+        });
+        assert_eq!(code, 0, "migration {n}: {out}\n{}", c.logs());
+        assert!(
+            out.contains(&format!("migrated to {target}")),
+            "migration {n}: {out}"
+        );
+        // HA again the other way round: the target's VMM the primary, the source's its
+        // in-sync standby (the same two VMMs: no restart).
+        wait_for(
+            Duration::from_secs(60),
+            "protected with its primary on the target",
+            || {
+                c.api(to, |cl| cl.vm(VM).ok()).filter(|v| {
+                    v.state == twinrund::model::VmState::Protected
+                        && v.owner.as_deref() == Some(target.as_str())
+                        && v.spec.preferred_node.as_deref() == Some(target.as_str())
+                })
+            },
+            || c.logs(),
+        );
+        client
+            .wait_acks(50, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("migration {n}: after it: {e}\n{}", c.logs()));
+        c.counter_goes_on(to, &format!("migration {n}: the counter on {target}"));
+        eprintln!(
+            "HA migration {n}: pm{} -> {target} in {:?}; longest kv reply around it {stall:?}",
+            at + 1,
+            t0.elapsed(),
+        );
+        at = to;
+    }
+    let boots = String::from_utf8_lossy(&c.console_stream())
+        .lines()
+        .filter(|l| l.starts_with("BOOT"))
+        .count();
+    assert_eq!(boots, 1, "the guest booted again\n{}", c.logs());
+    finish(&c, client);
 }
 
 #[test]

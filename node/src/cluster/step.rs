@@ -1075,7 +1075,8 @@ impl Cluster {
                     ));
                 }
                 match rec.spec.protection {
-                    Protection::Ft => {}
+                    // HA: by live migration (the same swap request; its VMM migrates).
+                    Protection::Ft | Protection::Ha => {}
                     // By live migration to its preferred node.
                     Protection::Unprotected if pref.is_empty() => {
                         return Err(CmdError::Conflict(format!(
@@ -1084,13 +1085,6 @@ impl Cluster {
                         )))
                     }
                     Protection::Unprotected => return self.migrate_command(vm, Some(pref), out),
-                    Protection::Ha => {
-                        return Err(CmdError::Conflict(format!(
-                            "failback of an HA VM moves it by live migration, which is not \
-                             built yet for HA (issue 16): shut it down and start it again to \
-                             run it on {pref}"
-                        )))
-                    }
                 }
                 rec.failback_seq += 1;
                 out.push(self.write(rec));
@@ -1647,14 +1641,6 @@ impl Cluster {
                 return (VmState::Running, self.with_note(vm, why));
             }
             // FT/HA primary (possibly a standby that took over).
-            if l.protected && rec.spec.protection == Protection::Ha && pref != me && peer_online {
-                // No planned role swap for HA: moving it means a restart (or live
-                // migration, issue 16); it stays where it is, protected.
-                return (
-                    VmState::Protected,
-                    format!("protected on {me}, standby on {peer} in sync; its preferred node is {pref}: an HA VM moves back only by `vm shutdown` + `vm start` (no live migration yet)"),
-                );
-            }
             if l.protected {
                 // Failback: owner is not the preferred node, which is back and in sync.
                 if pref != me && peer_online && peer_role == Some(Role::Standby) {

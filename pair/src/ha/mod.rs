@@ -7,7 +7,8 @@
 //!
 //! | module | what it owns |
 //! | --- | --- |
-//! | [`hooks`] | the VMM's disk hooks answered by `storage_mirror::sync::SyncDisks` |
+//! | [`hooks`] | the VMM's disk hooks answered by `storage_mirror::sync::SyncDisks` (FT's for a live migration's session) |
+//! | [`migrate`] | live migration: one checkpoint session (pre-copy, planned swap) from the primary to its in-sync standby, then HA again the other way round |
 //! | [`primary`] | build and start the VM, then one session per standby: the disk session (resync), the closing commit, acknowledgements, the standby's loss or its failure to acknowledge (ack timeout), the stop |
 //! | [`status`] | the control socket's status: FT's, with `protection: "ha"` |
 //! | [`standby`] | the replica: the disk session's answers, write batches applied through the apply journal and acknowledged; the takeover |
@@ -17,6 +18,7 @@
 //! HA primary counts the write batches its standby acknowledged as `epochs_committed`.
 
 pub mod hooks;
+pub mod migrate;
 pub mod primary;
 pub mod standby;
 pub mod status;
@@ -31,7 +33,11 @@ use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
 use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
+use hooks::HaHooks;
+use migrate::MigrateSide;
 use status::ControlThread;
+use storage_mirror::sync::SyncDisks;
+use vmm::Vmm;
 
 /// Logged by an HA end started without a quorum (no `--quorum-config`/`--witness`).
 pub const NO_WITNESS_WARNING: &str = "HA mode WITHOUT QUORUM (no --quorum-config or \
@@ -51,8 +57,9 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
         None => None,
     };
     let status = PairStatus::new(ft.role, cfg);
-    let _control = server.map(|s| ControlThread::start(s, status.clone()));
-    run_pair_with(cfg, ft, &shutdown, &status)
+    let side = Arc::new(MigrateSide::default());
+    let _control = server.map(|s| ControlThread::start(s, status.clone(), side.clone()));
+    run_pair_with_migration(cfg, ft, &shutdown, &status, &side)
 }
 
 /// [`run_pair`] in-process: `shutdown` stops this end, `status` shows how it goes.
@@ -62,6 +69,17 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
+    run_pair_with_migration(cfg, ft, shutdown, status, &MigrateSide::default())
+}
+
+/// [`run_pair_with`] where `side` carries the live migrations asked of this end.
+pub fn run_pair_with_migration(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    shutdown: &Shutdown,
+    status: &Arc<PairStatus>,
+    side: &MigrateSide,
+) -> i32 {
     // The same quorum as FT: the standby boots the VM only with the grant; the
     // primary pauses before its lease could lapse and stops when it lost the VM.
     let q = match crate::ft::quorum::start_for(ft, status, NO_WITNESS_WARNING) {
@@ -69,8 +87,40 @@ pub fn run_pair_with(
         Err(code) => return code,
     };
     let q = q.as_ref();
-    match ft.role {
-        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), shutdown, status, q),
-        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), shutdown, status, q),
+    let sd = shutdown;
+    let mut next = match ft.role {
+        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), sd, status, q, side),
+        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), sd, status, q, side),
+    };
+    // The role switches, in one place: a takeover survivor, or the target of a live
+    // migration, protects the VM as the primary; a migration's source runs on as the
+    // standby of the same pair.
+    let mut cur = ft.clone();
+    loop {
+        next = match next {
+            Next::Exit(code) => return code,
+            Next::Primary(vm, sync, hooks) => {
+                let acfg = link::alink_config_as(&cur, Role::Primary);
+                primary::protect(*vm, &cur, acfg, sd, sync, hooks, status, q, side)
+            }
+            Next::Standby => {
+                cur.role = Role::Standby;
+                // Never discard: these disks are the replica's data.
+                cur.discard_disk_data = false;
+                let acfg = link::alink_config_as(&cur, Role::Standby);
+                standby::run(cfg, &cur, acfg, sd, status, q, side)
+            }
+        };
     }
+}
+
+/// How one role's run ends: the process exits, or this end goes on in the other role.
+pub enum Next {
+    Exit(i32),
+    /// This end runs the VM (a takeover, or a live migration's target): it protects
+    /// it as the HA primary.
+    Primary(Box<Vmm>, Arc<SyncDisks>, Arc<HaHooks>),
+    /// This end handed the VM over (a live migration's source): it runs on as the
+    /// HA standby.
+    Standby,
 }

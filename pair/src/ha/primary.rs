@@ -29,7 +29,9 @@ use storage_mirror::wire::{self, DiskToStandby};
 use vmm::config::VmConfig;
 use vmm::{build_vm, Vmm};
 
-use super::hooks::SyncHooks;
+use super::hooks::HaHooks;
+use super::migrate::{self, MigrateSide, Sent};
+use super::Next;
 use crate::alone::exit_code;
 use crate::exit;
 use crate::ft::quorum::Quorum;
@@ -70,22 +72,23 @@ pub fn run(
     sd: &Shutdown,
     status: &PairStatus,
     q: Option<&Quorum>,
-) -> i32 {
-    let (vm, sync) = match start_vm(cfg) {
+    side: &MigrateSide,
+) -> Next {
+    let (vm, sync, hooks) = match start_vm(cfg) {
         Ok(v) => v,
-        Err(code) => return code,
+        Err(code) => return Next::Exit(code),
     };
     status.vm_running(&vm, Some(sync.disks.clone()));
     info!(
         "HA primary: VM running; {} A-Link(s) to the standby",
         acfg.links.len()
     );
-    protect(vm, ft, acfg, sd, sync, status, q)
+    protect(vm, ft, acfg, sd, sync, hooks, status, q, side)
 }
 
 /// Builds and starts the VM with its disks mirrored synchronously (degraded, every
 /// write marked, until a standby is in sync). Also the takeover survivor's boot.
-pub fn start_vm(cfg: &VmConfig) -> Result<(Vmm, Arc<SyncDisks>), i32> {
+pub fn start_vm(cfg: &VmConfig) -> Result<(Vmm, Arc<SyncDisks>, Arc<HaHooks>), i32> {
     let mut vm = build_vm(cfg).map_err(|e| {
         error!("cannot build the VM: {e}");
         exit::START_FAILED
@@ -95,13 +98,22 @@ pub fn start_vm(cfg: &VmConfig) -> Result<(Vmm, Arc<SyncDisks>), i32> {
         error!("cannot start disk mirroring: {e}");
         exit::START_FAILED
     })?;
+    // A file console writes at stream positions (from the file's end): a live
+    // migration's checkpoint session carries them, and its target continues there.
+    if matches!(cfg.console, vmm::config::ConsoleConfig::File { .. }) {
+        vm.set_console_positioned(None).map_err(|e| {
+            error!("cannot position the console file: {e}");
+            exit::START_FAILED
+        })?;
+    }
     let sync = SyncDisks::new(disks);
-    vm.set_disk_hooks(Some(Arc::new(SyncHooks(sync.clone()))));
+    let hooks = HaHooks::new(sync.clone());
+    vm.set_disk_hooks(Some(hooks.clone()));
     vm.start().map_err(|e| {
         error!("cannot start the VM: {e}");
         exit::START_FAILED
     })?;
-    Ok((vm, sync))
+    Ok((vm, sync, hooks))
 }
 
 /// How a session with one standby ended.
@@ -112,6 +124,9 @@ enum End {
     PeerLost,
     /// The quorum says the peer won the VM with this generation.
     Demoted(u64),
+    /// A live migration: every write acknowledged, the hooks' gate closed, the
+    /// standby told (`HaToStandby::Migrate`).
+    Migrate,
 }
 
 /// The quorum as the HA primary obeys it (none: no rule) and whether it paused the guest.
@@ -155,16 +170,20 @@ fn obey(vm: &Vmm, q: Option<&Quorum>, paused: &mut bool) -> Result<(), u64> {
     Ok(())
 }
 
-/// Serves one standby after another until the VM ends or SIGTERM/SIGINT.
+/// Serves one standby after another until the VM ends or SIGTERM/SIGINT, or a live
+/// migration hands the VM to the standby.
+#[allow(clippy::too_many_arguments)]
 pub fn protect(
     mut vm: Vmm,
     ft: &FtSettings,
     acfg: AlinkConfig,
     sd: &Shutdown,
     sync: Arc<SyncDisks>,
+    hooks: Arc<HaHooks>,
     status: &PairStatus,
     q: Option<&Quorum>,
-) -> i32 {
+    side: &MigrateSide,
+) -> Next {
     sd.hand_vm(vm.stopper());
     let mut rule = Obey { q, paused: false };
     if let Some(q) = q {
@@ -183,7 +202,7 @@ pub fn protect(
                 vm.stopper().stop();
                 vm.wait();
                 sync.disks.clean_shutdown();
-                return exit::START_FAILED;
+                return Next::Exit(exit::START_FAILED);
             }
         };
         if n > 1 {
@@ -198,7 +217,16 @@ pub fn protect(
             ack_timeout: ack_timeout(),
             cut: Arc::new(AtomicBool::new(false)),
         };
-        let mut end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim);
+        let ctx = Migration {
+            side,
+            hooks: &hooks,
+        };
+        let mut end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim, &ctx);
+        if !matches!(end, End::Migrate) {
+            // A migration taken but not begun: the gate opens, the request fails.
+            hooks.reopen();
+            side.fail("live migration given up: the HA session with the standby ended".into());
+        }
         if matches!(end, End::PeerLost) && (sd.requested() || vm.ended().is_some()) {
             // The standby went in the same moment as a requested stop (or the VM's
             // end): it is a stop. Nothing completes alone, no generation begins.
@@ -213,8 +241,9 @@ pub fn protect(
             sync.fence();
         }
         match end {
-            End::PeerLost | End::Demoted(_) => {
-                // Writers never wait for a standby that is gone.
+            End::PeerLost | End::Demoted(_) | End::Migrate => {
+                // Writers never wait for a standby that is gone. (Migrate: none waits,
+                // and the checkpoint session's disk session finds a delta of nothing.)
                 sync.peer_lost();
             }
             End::Vm | End::Stop => {
@@ -235,21 +264,77 @@ pub fn protect(
             q.end_session();
         }
         drop(link);
+        let end = match end {
+            End::Migrate => {
+                hooks.switch(true);
+                match migrate::send_vm(&vm, ft, sd, &hooks, &sync, status, q, side) {
+                    Sent::Swapped(done) => return hand_over(vm, hooks, sync, status, done),
+                    Sent::Back => continue,
+                    Sent::Demoted(g) => {
+                        vm.stopper().stop();
+                        sync.fence();
+                        End::Demoted(g)
+                    }
+                    Sent::Ended => {
+                        sync.stop();
+                        if sd.requested() {
+                            End::Stop
+                        } else {
+                            End::Vm
+                        }
+                    }
+                }
+            }
+            e => e,
+        };
         match end {
             End::PeerLost => continue,
+            End::Migrate => unreachable!("a migration's end is mapped above"),
             End::Demoted(g) => {
                 // Held completions failed above (the VM stops; none may be seen done).
-                return crate::ft::primary::demote(vm, &sync.disks, g);
+                return Next::Exit(crate::ft::primary::demote(vm, &sync.disks, g));
             }
             End::Vm | End::Stop => {
                 vm.stopper().stop();
                 let e = vm.wait();
                 sync.disks.clean_shutdown();
-                return exit_code(&e, sd.requested() || matches!(end, End::Stop));
+                return Next::Exit(exit_code(&e, sd.requested() || matches!(end, End::Stop)));
             }
         }
     }
     unreachable!("sessions are numbered without end")
+}
+
+/// A live migration's source after the swap: its guest stays paused at the swap point
+/// (the target runs it now). Stops it, closes the disks cleanly (they hold exactly the
+/// swap point, as the target's replicas do) and runs on as the HA standby.
+fn hand_over(
+    mut vm: Vmm,
+    hooks: Arc<HaHooks>,
+    sync: Arc<SyncDisks>,
+    status: &PairStatus,
+    done: checkpoint::primary::SwapDone,
+) -> Next {
+    info!(
+        "HA primary: role swap done (live migration): the standby runs the VM from epoch {} \
+         (guest paused here {:?}); this end becomes its HA standby",
+        done.epoch, done.paused_for
+    );
+    vm.stopper().stop();
+    let _ = vm.wait();
+    vm.set_disk_hooks(None);
+    drop(vm);
+    drop(hooks);
+    sync.stop();
+    sync.disks.clean_shutdown();
+    status.swapped_out();
+    Next::Standby
+}
+
+/// What the session loop needs for a live migration.
+struct Migration<'a> {
+    side: &'a MigrateSide,
+    hooks: &'a HaHooks,
 }
 
 /// Sends `m` to the standby; false when it is gone, when `cut` is set (the standby was
@@ -365,6 +450,7 @@ fn session(
     ft: &FtSettings,
     rule: &mut Obey,
     lim: &mut Limits,
+    mig: &Migration,
 ) -> End {
     // Wait for a standby. The VM's end is looked at without joining it (see the
     // module's comment).
@@ -377,6 +463,10 @@ fn session(
         }
         if sd.requested() {
             return End::Stop;
+        }
+        if mig.side.wanted() {
+            mig.side
+                .fail("live migration refused: no standby is connected (the VM stays here)".into());
         }
         while link.poll_event(Duration::ZERO).is_some() {}
         if link.peer_reachable() {
@@ -395,6 +485,8 @@ fn session(
         return End::PeerLost;
     }
     let mut d = Disk::new(ft);
+    // A live migration taken: the hooks' gate is closed, waiting for the last batch.
+    let mut migrating = false;
     loop {
         if vm.ended().is_some() {
             return End::Vm;
@@ -502,6 +594,37 @@ fn session(
         if d.phase == Phase::Resync {
             d.pending.push_back(SessionEvent::Tick);
             drive(&mut d, link, sync, lim);
+        }
+        if mig.side.wanted() {
+            if d.phase == Phase::InSync {
+                info!("HA primary: live migration asked: holding new writes until every one out is acknowledged");
+                mig.side.take();
+                migrating = true;
+            } else {
+                mig.side.fail(
+                    "live migration refused: the standby is not in sync (the VM stays here)".into(),
+                );
+            }
+        }
+        if migrating && d.phase != Phase::InSync {
+            // The standby failed meanwhile (ack timeout): no migration to it.
+            migrating = false;
+            mig.hooks.reopen();
+            mig.side
+                .fail("live migration given up: the standby stopped acknowledging".into());
+        }
+        if migrating && mig.hooks.quiesce() {
+            // No batch open: every mirrored write is acknowledged, the replicas equal.
+            if !send(
+                link,
+                &HaToStandby::Migrate,
+                Vec::new(),
+                &lim.cut,
+                Some(lim.ack_timeout),
+            ) {
+                return End::PeerLost;
+            }
+            return End::Migrate;
         }
         if d.stuck {
             let why = format!(

@@ -17,12 +17,13 @@ use storage_mirror::sync::wire::{self as hawire, HaToPrimary, HaToStandby};
 use storage_mirror::wire;
 use vmm::config::VmConfig;
 
+use super::migrate::{MigrateSide, Received};
+use super::Next;
 use crate::exit;
-use crate::ft::link::alink_config_as;
 use crate::ft::quorum::Quorum;
 use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
-use crate::settings::{FtSettings, Role};
+use crate::settings::FtSettings;
 
 /// How long an answer to the primary may wait for window room.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
@@ -38,6 +39,8 @@ enum End {
     LostEarly,
     /// The primary came back while the standby waited for the quorum's grant.
     PrimaryBack,
+    /// The primary begins a live migration to this end.
+    Migrate,
     Failed(String),
 }
 
@@ -48,29 +51,36 @@ pub fn run(
     sd: &Shutdown,
     status: &PairStatus,
     q: Option<&Quorum>,
-) -> i32 {
+    side: &MigrateSide,
+) -> Next {
     let images: Vec<_> = cfg.disks.iter().map(|d| d.path.clone()).collect();
-    let mut disks = match StandbyDisks::open(&images) {
-        Ok(d) => d,
+    let open = || match StandbyDisks::open(&images) {
+        Ok(d) => Ok(d),
         Err(e) => {
             error!("HA standby: cannot open the replicas: {e}");
-            return exit::START_FAILED;
+            Err(Next::Exit(exit::START_FAILED))
         }
+    };
+    let mut disks = match open() {
+        Ok(d) => d,
+        Err(n) => return n,
     };
     if ft.discard_disk_data {
         warn!("HA standby: discarding the replicas' metadata: the primary will send full copies");
         if let Err(e) = disks.discard_all() {
             error!("HA standby: {e}");
-            return exit::START_FAILED;
+            return Next::Exit(exit::START_FAILED);
         }
     }
+    // A migration is asked of the primary, never of this end.
+    let _ = side;
     let mut fault = StallAcks::from_env();
     let lost_at = loop {
         let link = match Alink::start(acfg.clone()) {
             Ok(l) => Arc::new(l),
             Err(e) => {
                 error!("cannot start the A-Link: {e}");
-                return exit::START_FAILED;
+                return Next::Exit(exit::START_FAILED);
             }
         };
         status.begin_session(link.clone(), None);
@@ -89,7 +99,24 @@ pub fn run(
         }
         drop(link);
         match end {
-            End::Stop => return exit::OK,
+            End::Stop => return Next::Exit(exit::OK),
+            End::Migrate => {
+                // The replicas close (the checkpoint session's standby opens them).
+                drop(disks);
+                match super::migrate::receive_vm(cfg, ft, sd, status, q) {
+                    Received::Primary(vm, sync, hooks) => {
+                        return Next::Primary(vm, sync, hooks);
+                    }
+                    Received::Stop => return Next::Exit(exit::OK),
+                    Received::Back => {
+                        disks = match open() {
+                            Ok(d) => d,
+                            Err(n) => return n,
+                        };
+                        continue;
+                    }
+                }
+            }
             End::LostEarly => {
                 warn!("HA standby: the primary was lost before the replicas were in sync; waiting for it");
                 continue;
@@ -101,7 +128,7 @@ pub fn run(
             End::LostInSync => break Instant::now(),
             End::Failed(why) => {
                 error!("HA standby: {why}");
-                return exit::START_FAILED;
+                return Next::Exit(exit::START_FAILED);
             }
         }
     };
@@ -111,12 +138,12 @@ pub fn run(
     }
     if let Err(e) = disks.prepare_failover() {
         error!("HA standby: cannot promote the replicas: {e}");
-        return exit::START_FAILED;
+        return Next::Exit(exit::START_FAILED);
     }
     drop(disks);
-    let (vm, sync) = match super::primary::start_vm(cfg) {
+    let (vm, sync, hooks) = match super::primary::start_vm(cfg) {
         Ok(v) => v,
-        Err(code) => return code,
+        Err(code) => return Next::Exit(code),
     };
     let report = FailoverReport {
         last_committed: 0,
@@ -136,15 +163,8 @@ pub fn run(
         report.failover_time
     );
     status.failed_over(&report, &vm, Some(sync.disks.clone()));
-    super::primary::protect(
-        vm,
-        ft,
-        alink_config_as(ft, Role::Primary),
-        sd,
-        sync,
-        status,
-        q,
-    )
+    // The role switch (`super::run_pair_with_migration`): the HA primary now.
+    Next::Primary(Box::new(vm), sync, hooks)
 }
 
 /// The primary is lost with the replicas in sync: boot only once the quorum grants
@@ -300,6 +320,14 @@ fn serve(
                     )
                 })
             }
+            Ok(HaToStandby::Migrate) if in_sync => {
+                info!("HA standby: the primary begins a live migration to this end");
+                return End::Migrate;
+            }
+            Ok(HaToStandby::Migrate) => Err(
+                "the primary began a live migration to this end while its replicas are not in sync"
+                    .to_string(),
+            ),
             Ok(HaToStandby::EndResync { seq, writes }) => {
                 apply(disks, seq, &writes, msg.payload(), link)
                     .and_then(|()| {

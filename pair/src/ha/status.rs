@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use storage_mirror::primary::PrimaryDisks;
 use twinrun_control::server::{FtControl, Server};
-use twinrun_control::FtStatus;
+use twinrun_control::{FtRole, FtStatus};
 use vmm::devices::virtio::block::DiskFaults;
 
+use super::migrate::MigrateSide;
 use crate::ft::status::PairStatus;
 
-/// [`PairStatus`] as an HA end reports it.
-pub struct HaControl(pub Arc<PairStatus>);
+/// [`PairStatus`] as an HA end reports it, and the live migration it is asked for
+/// (`Op::Swap`, asked of the primary: see [`super::migrate`]).
+pub struct HaControl(pub Arc<PairStatus>, pub Arc<MigrateSide>);
 
 impl FtControl for HaControl {
     fn status(&self) -> FtStatus {
@@ -38,6 +40,13 @@ impl FtControl for HaControl {
     fn disks(&self) -> Option<Arc<PrimaryDisks>> {
         self.0.disks()
     }
+    fn swap(&self) -> Result<(u64, u64), String> {
+        if self.0.status().role != FtRole::Primary {
+            return Err("this end of the HA pair is the standby: ask the primary".into());
+        }
+        // The pre-copy first (one checkpoint session), then FT's planned swap on it.
+        self.1.request(|| FtControl::swap(&*self.0))
+    }
 }
 
 /// Serves the control socket of this end on its own thread until dropped.
@@ -47,10 +56,14 @@ pub struct ControlThread {
 }
 
 impl ControlThread {
-    pub fn start(mut server: Server, status: Arc<PairStatus>) -> ControlThread {
+    pub fn start(
+        mut server: Server,
+        status: Arc<PairStatus>,
+        side: Arc<MigrateSide>,
+    ) -> ControlThread {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let ctl = HaControl(status);
+        let ctl = HaControl(status, side);
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {

@@ -28,6 +28,11 @@ pub enum HaToStandby {
     /// acknowledged like a batch); the replicas are then in sync (the disk session's
     /// epoch 0).
     EndResync { seq: u64, writes: Vec<WriteHead> },
+    /// A live migration begins (every batch before it is acknowledged, none follows):
+    /// end this session and receive the VM over a checkpoint session (the pre-copy)
+    /// on a fresh A-Link; its planned swap hands the VM over (`twinrun-pair`'s
+    /// `ha::migrate`).
+    Migrate,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,8 +29,12 @@
 //!
 //! FT VMs move by the planned role swap the failback uses (their standby is in sync
 //! already): the command makes the target the preferred node and asks a failback.
-//! HA VMs are refused with the reason: their VMMs mirror the disks only, and an HA
-//! primary cannot yet hand its memory to a pre-copy.
+//! HA VMs move the same way, by the same swap request to their primary's VMM, which
+//! carries the live migration out itself (`twinrun-pair`'s `ha::migrate`: one
+//! checkpoint session to its in-sync standby as the pre-copy, the planned swap as the
+//! handover, then HA again with the old node as the standby; a migration given up
+//! leaves the VM HA-protected where it ran, and the swap's failure is reported as an
+//! FT swap's is).
 
 use super::*;
 
@@ -77,22 +81,25 @@ impl Cluster {
             )));
         }
         match rec.spec.protection {
-            Protection::Ft => {
+            Protection::Ft | Protection::Ha => {
                 // The planned role swap at an epoch boundary, as a failback to the new
-                // preferred node (else an automatic failback would move it back).
+                // preferred node (else an automatic failback would move it back). An HA
+                // VM's primary VMM runs the pre-copy to its standby first.
+                let ha = rec.spec.protection == Protection::Ha;
                 rec.spec.preferred_node = Some(target.clone());
                 rec.failback_seq += 1;
                 out.push(self.write(rec));
-                Ok(format!(
-                    "migrating to {target}: a planned role swap once its standby there is in sync"
-                ))
+                Ok(if ha {
+                    format!(
+                        "migrating to {target}: a live migration to its standby there (pre-copy, \
+                         then the handover at a checkpoint) once it is in sync"
+                    )
+                } else {
+                    format!(
+                        "migrating to {target}: a planned role swap once its standby there is in sync"
+                    )
+                })
             }
-            Protection::Ha => Err(CmdError::Conflict(format!(
-                "live migration of an HA VM is not built yet: its VMMs mirror the disks only \
-                 and an HA primary cannot hand its memory to a pre-copy; `twinrun vm shutdown \
-                 {vm}`, `vm set {vm} --preferred-node {target}`, `vm start {vm}` moves it with \
-                 a reboot"
-            ))),
             Protection::Unprotected => {
                 if rec.migrate_to.as_deref() == Some(target.as_str()) {
                     return Ok(format!("already migrating to {target}"));
