@@ -220,6 +220,9 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     /// When each unacknowledged epoch's capture ended.
     captured_at: VecDeque<(u64, Duration)>,
     paused_by_throttle: bool,
+    /// When the throttle last paused the guest (a swap requested while throttled
+    /// pauses nothing more: its pause began there).
+    throttled_at: Option<Duration>,
     report: PrimaryReport,
     acked: Option<Arc<AtomicU64>>,
     verify: Option<Arc<HashLog>>,
@@ -279,6 +282,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             staged: VecDeque::new(),
             captured_at: VecDeque::new(),
             paused_by_throttle: false,
+            throttled_at: None,
             report: PrimaryReport::default(),
             acked: cfg.acked.clone(),
             verify: cfg.verify.clone(),
@@ -585,7 +589,14 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             }
             PrimaryAction::Capture { epoch } => self.capture(epoch, false),
             PrimaryAction::CaptureFinal { epoch } => {
+                // A swap requested while the guest was throttled has no `PauseForSwap`:
+                // its pause began with the throttle's (else `HandOver` would report 0).
+                let pause_starts = match (self.paused_by_throttle, self.throttled_at) {
+                    (true, Some(t)) => t,
+                    _ => self.now(),
+                };
                 let ev = self.capture(epoch, true)?;
+                self.swap_paused_at.get_or_insert(pause_starts);
                 // The swap point: the guest stays paused (a lost standby resumes it).
                 self.paused_by_throttle = true;
                 log::info!("primary: swap: final epoch {epoch} captured, guest stays paused");
@@ -687,6 +698,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             PrimaryAction::ThrottleGuest => {
                 self.vm.pause().map_err(DriverError::from)?;
                 self.paused_by_throttle = true;
+                self.throttled_at = Some(self.now());
                 log::debug!(
                     "primary: {} epochs unacknowledged, guest held",
                     self.proto.unacked()
