@@ -15,243 +15,21 @@
 //!   to FT it is protected again. The client's connection survives, nothing is lost.
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{guest_elf, twinrun_bin, twinrund_bin, wait_for, ADMIN, SECRET};
-use twinrun_lab::kvload::{LoadClient, LoadConfig};
-use twinrun_lab::node_toml::NodeToml;
-use twinrun_lab::topology::KV_PORT;
+use common::lab_cluster::{vmm_pids, LabCluster};
+use common::wait_for;
+use twinrun_lab::kvload::LoadClient;
 use twinrun_lab::verdict::{check_load, Expect};
-use twinrun_lab::{Proc, Topology};
-use twinrund::client::Client;
-use twinrund::model::{NodeState, Protection, Role, VmSettings, VmState, VmView};
+use twinrund::model::{Protection, Role, VmSettings, VmState};
 
-const API_PORT: u16 = 7480;
-const LINK_PORT: u16 = 7481;
 const VM: &str = "lvl";
 
-struct Cluster {
-    daemons: Vec<Proc>,
-    _witness: Proc,
-    dirs: [PathBuf; 2],
-    topo: Topology,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for d in &mut self.daemons {
-            d.kill();
-        }
-        // The VMMs live outside the daemons' process trees on purpose.
-        for dir in &self.dirs {
-            for pid in vmm_pids(dir) {
-                // SAFETY: kill(2) of a pid from a pid file this test's daemon wrote.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn vmm_pids(dir: &Path) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir(dir.join("run/pids")) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter_map(|v| v["pid"].as_i64().map(|p| p as i32))
-        .collect()
-}
-
-fn guest_ip(topo: &Topology) -> Ipv4Addr {
-    let o = topo.guest_ip().octets();
-    Ipv4Addr::new(o[0], o[1], o[2], 20)
-}
+type Cluster = LabCluster;
 
 impl Cluster {
     fn start() -> Cluster {
-        let pid = std::process::id();
-        let dir = tempfile::Builder::new()
-            .prefix("twl")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let topo = Topology::builder()
-            .prefix(&format!("lv{}", pid % 100_000))
-            .management()
-            .witnesses(1)
-            .build()
-            .expect("topology");
-        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-        std::fs::write(dir.path().join("tokens"), format!("admin {ADMIN}\n")).unwrap();
-        let dirs = [dir.path().join("pm1"), dir.path().join("pm2")];
-        let cluster = format!("lvl{pid}");
-        let w = topo.witness(0).expect("witness host");
-        let addr = SocketAddr::from((w.ip, 4557));
-        let mut cmd = w.ns.command(twinrun_bin());
-        cmd.args(["witness", "--listen", &addr.to_string(), "--state-dir"])
-            .arg(dir.path().join("witness"))
-            .arg("--cluster")
-            .arg(format!("{cluster}={}", dir.path().join("secret").display()));
-        let witness = Proc::spawn_logged("witness", &mut cmd, &dir.path().join("witness.log"))
-            .expect("twinrun witness");
-        let quorum = format!("\n[quorum]\nmode = \"witness\"\npreferred = \"{addr}\"\n");
-        let mut daemons = Vec::new();
-        for (i, d) in dirs.iter().enumerate() {
-            std::fs::create_dir_all(d).unwrap();
-            let mut n =
-                NodeToml::on_topology(&topo, i, &cluster, d.clone(), API_PORT, LINK_PORT, "lv")
-                    .expect("management network");
-            n.secret_file = d.join("../secret");
-            n.tokens_file = d.join("../tokens");
-            n.twinrun_bin = twinrun_bin();
-            n.guest_elf = guest_elf();
-            n.extra = quorum.clone();
-            let cfg = d.join("node.toml");
-            std::fs::write(&cfg, n.render()).unwrap();
-            let mut cmd = topo.pms[i].ns.command(twinrund_bin());
-            cmd.arg("--config").arg(&cfg).env("RUST_LOG", "info");
-            daemons.push(
-                Proc::spawn_logged(
-                    &format!("pm{}-twinrund", i + 1),
-                    &mut cmd,
-                    &d.join("twinrund.log"),
-                )
-                .expect("twinrund"),
-            );
-        }
-        let c = Cluster {
-            daemons,
-            _witness: witness,
-            dirs,
-            topo,
-            _dir: dir,
-        };
-        wait_for(
-            Duration::from_secs(60),
-            "both daemons online",
-            || {
-                c.api(0, |cl| cl.nodes().ok())
-                    .filter(|n| n.iter().any(|n| n.state == NodeState::Online))
-            },
-            || c.logs(),
-        );
-        c
-    }
-
-    /// Calls node `i`'s API from inside its namespace.
-    fn api<T: Send + 'static>(&self, i: usize, f: impl FnOnce(&Client) -> T + Send + 'static) -> T {
-        let base = format!("http://{}:{API_PORT}", self.topo.mgmt_ip(i).expect("mgmt"));
-        self.topo.pms[i]
-            .ns
-            .thread(move || f(&Client::new(&base, ADMIN)))
-            .expect("thread in the namespace")
-            .join()
-            .expect("joined")
-    }
-
-    fn view(&self, i: usize) -> Option<VmView> {
-        self.api(i, |c| c.vm(VM).ok())
-    }
-
-    fn vmm_log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dirs[i].join(format!("state/vms/{VM}/vmm.log")))
-            .unwrap_or_default()
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for (i, d) in self.dirs.iter().enumerate() {
-            let tail = |t: String| {
-                let lines: Vec<&str> = t.lines().collect();
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            };
-            s += &format!(
-                "--- pm{} twinrund:\n{}\n--- pm{} vmm:\n{}\n",
-                i + 1,
-                tail(std::fs::read_to_string(d.join("twinrund.log")).unwrap_or_default()),
-                i + 1,
-                tail(self.vmm_log(i))
-            );
-        }
-        s
-    }
-
-    fn console(&self, i: usize) -> PathBuf {
-        self.dirs[i].join(format!("state/vms/{VM}/console.log"))
-    }
-
-    /// The guest's console stream: each node's file holds the bytes its VMM released at
-    /// their stream positions (the text never holds a NUL, a hole does).
-    fn console_stream(&self) -> Vec<u8> {
-        let files: Vec<Vec<u8>> = (0..2)
-            .map(|i| std::fs::read(self.console(i)).unwrap_or_default())
-            .collect();
-        let len = files.iter().map(Vec::len).max().unwrap_or(0);
-        (0..len)
-            .map(|k| {
-                files
-                    .iter()
-                    .filter_map(|f| f.get(k).copied())
-                    .find(|&b| b != 0)
-                    .unwrap_or(0)
-            })
-            .collect()
-    }
-
-    /// Creates the unprotected kv VM on pm1, starts it, waits until it serves kv.
-    fn create_vm(&self) {
-        let net = self.topo.guest_mac();
-        let mac = format!("{}{:02x}", &net[..net.len() - 2], 20);
-        let toml = format!(
-            r#"name = "{VM}"
-vcpus = 1
-mem_mib = 64
-protection = "unprotected"
-preferred_node = "pm1"
-autostart = true
-failback = "manual"
-disks = [{{ size_mib = 8 }}]
-nics = [{{ mac = "{mac}" }}]
-[payload]
-kind = "test-guest"
-workloads = ["kv", "counter", "disk"]
-counter_rate = 200
-kv_addr = "{ip}/24"
-"#,
-            ip = guest_ip(&self.topo)
-        );
-        let spec: twinrund::model::VmSpec = toml::from_str(&toml).expect("spec");
-        let r = self.api(0, move |c| {
-            c.create(&spec, None)
-                .and_then(|_| c.action(VM, "start", None))
-                .map_err(|e| e.to_string())
-        });
-        r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", self.logs()));
-        wait_for(
-            Duration::from_secs(90),
-            "the VM's kv server",
-            || {
-                std::fs::read_to_string(self.console(0))
-                    .ok()
-                    .filter(|t| t.contains("KV listening"))
-            },
-            || self.logs(),
-        );
-    }
-
-    fn client(&self) -> LoadClient {
-        let mut load = LoadConfig::new(
-            self.topo.client_ns(),
-            SocketAddr::from((guest_ip(&self.topo), KV_PORT)),
-        );
-        load.counter_key = "lvl-counter".into();
-        load.incr_every = 10;
-        load.reconnect = false;
-        load.connect_for = Duration::from_secs(30);
-        LoadClient::start(load).expect("kv client")
+        LabCluster::launch("lv", VM, true)
     }
 
     /// `vm set VM --protection to`, asked of node `i`; the answer's message.
@@ -300,8 +78,8 @@ impl Cluster {
     /// acknowledged.
     fn under_load() -> (Cluster, LoadClient) {
         let c = Cluster::start();
-        c.create_vm();
-        let client = c.client();
+        c.create_kv_vm("unprotected");
+        let client = c.client("lvl-counter");
         client
             .wait_acks(100, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));

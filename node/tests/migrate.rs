@@ -30,82 +30,18 @@
 //!   no longer refused for a VM with a witness.
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{guest_elf, twinrun_bin, twinrund_bin, wait_for, ADMIN, SECRET};
+use common::lab_cluster::LabCluster;
+use common::{twinrun_bin, wait_for};
 use twinrun_lab::console::count_c;
-use twinrun_lab::kvload::{LoadClient, LoadConfig};
-use twinrun_lab::node_toml::NodeToml;
-use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::kvload::LoadClient;
 use twinrun_lab::verdict::{check_load, Expect};
-use twinrun_lab::{Proc, Topology};
-use twinrund::client::Client;
-use twinrund::model::{NodeState, Role, VmView};
+use twinrund::model::Role;
 
-const API_PORT: u16 = 7480;
-const LINK_PORT: u16 = 7481;
 const VM: &str = "mover";
 
-struct Cluster {
-    daemons: Vec<Proc>,
-    /// The quorum witness, when the cluster runs with one.
-    _witness: Option<Proc>,
-    dirs: [PathBuf; 2],
-    topo: Topology,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for d in &mut self.daemons {
-            d.kill();
-        }
-        // The VMMs live outside the daemons' process trees on purpose.
-        for dir in &self.dirs {
-            for pid in vmm_pids(dir) {
-                // SAFETY: kill(2) of a pid from a pid file this test's daemon wrote.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn vmm_pids(dir: &Path) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir(dir.join("run/pids")) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter_map(|v| v["pid"].as_i64().map(|p| p as i32))
-        .collect()
-}
-
-fn config(topo: &Topology, i: usize, dir: &Path, cluster: &str, quorum: &str) -> String {
-    let mut n = NodeToml::on_topology(
-        topo,
-        i,
-        cluster,
-        dir.to_path_buf(),
-        API_PORT,
-        LINK_PORT,
-        "mg",
-    )
-    .expect("management network");
-    n.secret_file = dir.join("../secret");
-    n.tokens_file = dir.join("../tokens");
-    n.twinrun_bin = twinrun_bin();
-    n.guest_elf = guest_elf();
-    n.extra = quorum.to_string();
-    n.render()
-}
-
-fn guest_ip(topo: &Topology) -> Ipv4Addr {
-    let o = topo.guest_ip().octets();
-    Ipv4Addr::new(o[0], o[1], o[2], 20)
-}
+type Cluster = LabCluster;
 
 impl Cluster {
     fn start() -> Cluster {
@@ -114,150 +50,7 @@ impl Cluster {
 
     /// With a `twinrun witness` on the management network as the pair's quorum.
     fn start_opts(witness: bool) -> Cluster {
-        let pid = std::process::id();
-        let dir = tempfile::Builder::new()
-            .prefix("twm")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let mut b = Topology::builder()
-            .prefix(&format!("mg{}", pid % 100_000))
-            .management();
-        if witness {
-            b = b.witnesses(1);
-        }
-        let topo = b.build().expect("topology");
-        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-        std::fs::write(dir.path().join("tokens"), format!("admin {ADMIN}\n")).unwrap();
-        std::fs::write(dir.path().join("token"), ADMIN).unwrap();
-        let dirs = [dir.path().join("pm1"), dir.path().join("pm2")];
-        let cluster = format!("mig{pid}");
-        let (witness, quorum) = if witness {
-            let w = topo.witness(0).expect("witness host");
-            let addr = SocketAddr::from((w.ip, 4557));
-            let mut cmd = w.ns.command(twinrun_bin());
-            cmd.args(["witness", "--listen", &addr.to_string(), "--state-dir"])
-                .arg(dir.path().join("witness"))
-                .arg("--cluster")
-                .arg(format!("{cluster}={}", dir.path().join("secret").display()));
-            let p = Proc::spawn_logged("witness", &mut cmd, &dir.path().join("witness.log"))
-                .expect("twinrun witness");
-            (
-                Some(p),
-                format!("\n[quorum]\nmode = \"witness\"\npreferred = \"{addr}\"\n"),
-            )
-        } else {
-            (None, String::new())
-        };
-        let mut daemons = Vec::new();
-        for (i, d) in dirs.iter().enumerate() {
-            std::fs::create_dir_all(d).unwrap();
-            let cfg = d.join("node.toml");
-            std::fs::write(&cfg, config(&topo, i, d, &cluster, &quorum)).unwrap();
-            let mut cmd = topo.pms[i].ns.command(twinrund_bin());
-            cmd.arg("--config").arg(&cfg).env("RUST_LOG", "info");
-            daemons.push(
-                Proc::spawn_logged(
-                    &format!("pm{}-twinrund", i + 1),
-                    &mut cmd,
-                    &d.join("twinrund.log"),
-                )
-                .expect("twinrund"),
-            );
-        }
-        let c = Cluster {
-            daemons,
-            _witness: witness,
-            dirs,
-            topo,
-            _dir: dir,
-        };
-        wait_for(
-            Duration::from_secs(60),
-            "both daemons online",
-            || {
-                c.api(0, |cl| cl.nodes().ok())
-                    .filter(|n| n.iter().any(|n| n.state == NodeState::Online))
-            },
-            || c.logs(),
-        );
-        c
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self._dir.path().join("token")
-    }
-
-    fn api_url(&self, i: usize) -> String {
-        format!("http://{}:{API_PORT}", self.topo.mgmt_ip(i).expect("mgmt"))
-    }
-
-    /// Calls node `i`'s API from inside its namespace.
-    fn api<T: Send + 'static>(&self, i: usize, f: impl FnOnce(&Client) -> T + Send + 'static) -> T {
-        let base = self.api_url(i);
-        self.topo.pms[i]
-            .ns
-            .thread(move || f(&Client::new(&base, ADMIN)))
-            .expect("thread in the namespace")
-            .join()
-            .expect("joined")
-    }
-
-    fn view(&self, i: usize) -> Option<VmView> {
-        self.api(i, |c| c.vm(VM).ok())
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for (i, d) in self.dirs.iter().enumerate() {
-            let tail = |p: PathBuf| {
-                let t = std::fs::read_to_string(&p).unwrap_or_default();
-                let lines: Vec<&str> = t.lines().collect();
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            };
-            s += &format!(
-                "--- pm{} twinrund:\n{}\n--- pm{} vmm:\n{}\n",
-                i + 1,
-                tail(d.join("twinrund.log")),
-                i + 1,
-                tail(d.join(format!("state/vms/{VM}/vmm.log")))
-            );
-        }
-        s
-    }
-
-    fn console(&self, i: usize) -> PathBuf {
-        self.dirs[i].join(format!("state/vms/{VM}/console.log"))
-    }
-
-    /// The guest's console stream: each node's file holds the bytes its VMM released at
-    /// their stream positions (the text never holds a NUL, a hole does).
-    fn console_stream(&self) -> Vec<u8> {
-        let files: Vec<Vec<u8>> = (0..2)
-            .map(|i| std::fs::read(self.console(i)).unwrap_or_default())
-            .collect();
-        let len = files.iter().map(Vec::len).max().unwrap_or(0);
-        let mut out = Vec::with_capacity(len);
-        for k in 0..len {
-            let b = files
-                .iter()
-                .filter_map(|f| f.get(k).copied())
-                .find(|&b| b != 0)
-                .unwrap_or(0);
-            out.push(b);
-        }
-        out
-    }
-
-    /// Creates the VM of `spec` (TOML) on pm1 and starts it.
-    fn create_and_start(&self, spec: &str) {
-        let spec: twinrund::model::VmSpec = toml::from_str(spec).expect("spec");
-        let name = spec.name.clone();
-        let r = self.api(0, move |c| {
-            c.create(&spec, None)
-                .and_then(|_| c.action(&name, "start", None))
-                .map_err(|e| e.to_string())
-        });
-        r.unwrap_or_else(|e| panic!("create/start: {e}\n{}", self.logs()));
+        LabCluster::launch("mg", VM, witness)
     }
 
     /// Every A-Link of pm2 down or up.
@@ -303,49 +96,7 @@ counter_rate = 200
 
     /// [`Cluster::create_vm`] at protection level `protection`.
     fn create_vm_as(&self, protection: &str) {
-        let net = self.topo.guest_mac();
-        let mac = format!("{}{:02x}", &net[..net.len() - 2], 20);
-        let toml = format!(
-            r#"name = "{VM}"
-vcpus = 1
-mem_mib = 64
-protection = "{protection}"
-preferred_node = "pm1"
-autostart = true
-failback = "manual"
-disks = [{{ size_mib = 8 }}]
-nics = [{{ mac = "{mac}" }}]
-[payload]
-kind = "test-guest"
-workloads = ["kv", "counter", "disk"]
-counter_rate = 200
-kv_addr = "{ip}/24"
-"#,
-            ip = guest_ip(&self.topo)
-        );
-        self.create_and_start(&toml);
-        wait_for(
-            Duration::from_secs(90),
-            "the VM's kv server",
-            || {
-                std::fs::read_to_string(self.console(0))
-                    .ok()
-                    .filter(|t| t.contains("KV listening"))
-            },
-            || self.logs(),
-        );
-    }
-
-    fn client(&self) -> LoadClient {
-        let mut load = LoadConfig::new(
-            self.topo.client_ns(),
-            SocketAddr::from((guest_ip(&self.topo), KV_PORT)),
-        );
-        load.counter_key = "mig-counter".into();
-        load.incr_every = 10;
-        load.reconnect = false;
-        load.connect_for = Duration::from_secs(30);
-        LoadClient::start(load).expect("kv client")
+        self.create_kv_vm(protection);
     }
 
     /// `twinrun vm migrate` run in node `i`'s namespace against its API.
@@ -450,7 +201,7 @@ fn runs() -> usize {
 fn unprotected_vm_migrates_back_and_forth_under_kv_load() {
     let c = Cluster::start();
     c.create_vm();
-    let client = c.client();
+    let client = c.client("mig-counter");
     client
         .wait_acks(100, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -502,7 +253,7 @@ fn unprotected_vm_migrates_back_and_forth_under_kv_load() {
 fn failed_migrations_leave_the_vm_on_the_source() {
     let c = Cluster::start();
     c.create_vm();
-    let client = c.client();
+    let client = c.client("mig-counter");
     client
         .wait_acks(100, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -626,7 +377,7 @@ fn ha_vm_migrates_back_and_forth_under_kv_load() {
         },
         || c.logs(),
     );
-    let client = c.client();
+    let client = c.client("mig-counter");
     client
         .wait_acks(100, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -701,7 +452,7 @@ fn ft_vm_migrates_with_a_witness() {
     }
     // The witness really decided: its record of the VM is at the third generation
     // (1 at the start, one per change of primary), held by pm1's node (odd: parity).
-    let status = c._dir.path().join("witness/status.json");
+    let status = c.dir.path().join("witness/status.json");
     wait_for(
         Duration::from_secs(20),
         "the witness's record at generation 3, held by node 1",

@@ -22,6 +22,8 @@ pub const SECRET: &str = "cluster-secret-0123456789abcdef";
 
 pub use twinrun_lab::guest::repo_root;
 
+pub mod lab_cluster;
+
 /// The `twinrund` binary cargo built for these tests.
 pub fn twinrund_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_twinrund"))
