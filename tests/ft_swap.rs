@@ -28,59 +28,25 @@
 //!   the same generation; with the witness back the same swap goes through.
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::pair::{protected, start_protected, PairFiles, Pm};
-use common::{require_kvm, topology};
+use common::pair::{protected, Pm, RunningPair};
+use common::require_kvm;
 use twinrun_control::{self as control, FtRole, Op, Response};
 use twinrun_lab::console::{check_disk_records, count_c, read as read_console};
-use twinrun_lab::kvload::{LoadClient, LoadConfig};
-use twinrun_lab::topology::KV_PORT;
 use twinrun_lab::verdict::{check_load, Expect};
-use twinrun_lab::Topology;
 
 const CLUSTER: &str = "ft-swap";
 
-/// A running pair: `pms[i]` runs on PM i (PM 0 starts as the primary). Fields drop in
-/// order: processes, then the namespaces, then the files.
-struct Pair {
-    pms: [Pm; 2],
-    topo: Topology,
-    files: PairFiles,
-    _dir: tempfile::TempDir,
-}
+type Pair = RunningPair;
 
 impl Pair {
     fn start() -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let topo = topology(Topology::builder());
-        let files = PairFiles::new(dir.path());
-        let extra = ["--cluster-id", CLUSTER, "--epoch-ms", "10"];
-        let (primary, standby) = start_protected(&topo, &files, &extra, &extra);
-        Pair {
-            pms: [primary, standby],
-            topo,
-            files,
-            _dir: dir,
-        }
+        RunningPair::launch(&["--cluster-id", CLUSTER, "--epoch-ms", "10"])
     }
 
     fn logs(&self) -> String {
-        format!(
-            "--- pm1 stderr:\n{}\n--- pm2 stderr:\n{}",
-            self.pms[0].tail(40),
-            self.pms[1].tail(40)
-        )
-    }
-
-    fn client(&self) -> LoadClient {
-        let addr = SocketAddr::from((self.topo.guest_ip(), KV_PORT));
-        LoadClient::start(LoadConfig::new(self.topo.client_ns(), addr)).unwrap()
-    }
-
-    fn socket(&self, i: usize) -> std::path::PathBuf {
-        control::socket_of(&self.pms[i].name).unwrap()
+        self.tails(40)
     }
 }
 

@@ -21,17 +21,14 @@
 //!   HA-protected again by the same standby process, and a later migration succeeds.
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::pair::{protected, start_protected, PairFiles, Pm};
-use common::{require_kvm, topology};
+use common::pair::{protected, Pm, RunningPair};
+use common::require_kvm;
 use twinrun_control::{self as control, FtRole};
 use twinrun_lab::console::{check_disk_records, count_c, read as read_console};
-use twinrun_lab::kvload::{LoadClient, LoadConfig};
-use twinrun_lab::topology::KV_PORT;
+use twinrun_lab::kvload::LoadClient;
 use twinrun_lab::verdict::{check_load, Expect};
-use twinrun_lab::Topology;
 
 const CLUSTER: &str = "ha-migrate";
 const EXTRA: &[&str] = &[
@@ -43,43 +40,17 @@ const EXTRA: &[&str] = &[
     "10",
 ];
 
-struct Pair {
-    pms: [Pm; 2],
-    topo: Topology,
-    files: PairFiles,
-    _dir: tempfile::TempDir,
-}
+type Pair = RunningPair;
 
 impl Pair {
     fn start() -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let topo = topology(Topology::builder());
-        let files = PairFiles::new(dir.path());
-        let (primary, standby) = start_protected(&topo, &files, EXTRA, EXTRA);
-        assert_eq!(primary.status_now().protection, "ha");
-        Pair {
-            pms: [primary, standby],
-            topo,
-            files,
-            _dir: dir,
-        }
+        let pair = RunningPair::launch(EXTRA);
+        assert_eq!(pair.pms[0].status_now().protection, "ha");
+        pair
     }
 
     fn logs(&self) -> String {
-        format!(
-            "--- pm1 stderr:\n{}\n--- pm2 stderr:\n{}",
-            self.pms[0].tail(60),
-            self.pms[1].tail(60)
-        )
-    }
-
-    fn client(&self) -> LoadClient {
-        let addr = SocketAddr::from((self.topo.guest_ip(), KV_PORT));
-        LoadClient::start(LoadConfig::new(self.topo.client_ns(), addr)).unwrap()
-    }
-
-    fn socket(&self, i: usize) -> std::path::PathBuf {
-        control::socket_of(&self.pms[i].name).unwrap()
+        self.tails(60)
     }
 
     /// Waits until PM `p` protects the VM as the HA primary and the other end is its

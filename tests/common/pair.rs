@@ -320,3 +320,53 @@ pub fn wait_console(
         .map(|_| ())
         .map_err(|e| format!("{e}\n{} stderr:\n{}", pm.role, pm.tail(40)))
 }
+
+/// A running pair: `pms[i]` runs on PM i (PM 0 starts as the primary). Fields drop in
+/// order: processes, then the namespaces, then the files.
+pub struct RunningPair {
+    pub pms: [Pm; 2],
+    pub topo: Topology,
+    pub files: PairFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl RunningPair {
+    /// [`start_protected`] with `extra` on both ends, in a fresh topology and directory.
+    pub fn launch(extra: &[&str]) -> RunningPair {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = super::topology(Topology::builder());
+        let files = PairFiles::new(dir.path());
+        let (primary, standby) = start_protected(&topo, &files, extra, extra);
+        RunningPair {
+            pms: [primary, standby],
+            topo,
+            files,
+            _dir: dir,
+        }
+    }
+
+    /// The last `n` lines of both ends' stderr.
+    pub fn tails(&self, n: usize) -> String {
+        format!(
+            "--- pm1 stderr:\n{}\n--- pm2 stderr:\n{}",
+            self.pms[0].tail(n),
+            self.pms[1].tail(n)
+        )
+    }
+
+    /// A RESP client on ONE connection to the guest, from the client namespace.
+    pub fn client(&self) -> twinrun_lab::kvload::LoadClient {
+        let addr =
+            std::net::SocketAddr::from((self.topo.guest_ip(), twinrun_lab::topology::KV_PORT));
+        twinrun_lab::kvload::LoadClient::start(twinrun_lab::kvload::LoadConfig::new(
+            self.topo.client_ns(),
+            addr,
+        ))
+        .unwrap()
+    }
+
+    /// PM `i`'s VMM control socket.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        twinrun_control::socket_of(&self.pms[i].name).unwrap()
+    }
+}
