@@ -109,4 +109,21 @@ impl FtSettings {
     pub fn cluster_id_u64(&self) -> u64 {
         twinrun_guest_abi::fnv1a64(self.cluster_id.as_bytes())
     }
+
+    /// The primary protocol's tunables as given (the rest its defaults); the minimum
+    /// epoch never longer than the epoch.
+    pub fn primary_protocol(&self) -> checkpoint::protocol::PrimaryConfig {
+        let mut protocol = checkpoint::protocol::PrimaryConfig::default();
+        if let Some(ms) = self.epoch_ms {
+            protocol.epoch_len = Duration::from_millis(ms);
+        }
+        if let Some(d) = self.min_epoch {
+            protocol.min_epoch = d;
+        }
+        protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
+        if let Some(b) = self.coalesce_bytes {
+            protocol.coalesce_bytes = b;
+        }
+        protocol
+    }
 }

@@ -108,17 +108,7 @@ pub fn protect(
     quorum: Option<&Quorum>,
     commit_on: bool,
 ) -> Next {
-    let mut protocol = PrimaryConfig::default();
-    if let Some(ms) = ft.epoch_ms {
-        protocol.epoch_len = Duration::from_millis(ms);
-    }
-    if let Some(d) = ft.min_epoch {
-        protocol.min_epoch = d;
-    }
-    protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
-    if let Some(b) = ft.coalesce_bytes {
-        protocol.coalesce_bytes = b;
-    }
+    let protocol = ft.primary_protocol();
     info!(
         "FT primary: epoch {:?} (at least {:?} when output waits, and less than {} KiB \
          in flight), {} epochs in flight at most",

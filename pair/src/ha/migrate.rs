@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkConfig};
 use checkpoint::primary::{run_primary, DriverError, PrimaryDriverConfig, SwapDone};
-use checkpoint::protocol::{PrimaryConfig, StandbyConfig};
+use checkpoint::protocol::StandbyConfig;
 use checkpoint::standby::{
     run_standby_with, BeforeStart, FailoverReport, StandbyDriverConfig, StandbyOutcome,
     TakeoverGate, TakeoverGateRef,
@@ -372,17 +372,7 @@ fn driver_config(
     status: &PairStatus,
     q: Option<&Quorum>,
 ) -> PrimaryDriverConfig {
-    let mut protocol = PrimaryConfig::default();
-    if let Some(ms) = ft.epoch_ms {
-        protocol.epoch_len = Duration::from_millis(ms);
-    }
-    if let Some(d) = ft.min_epoch {
-        protocol.min_epoch = d;
-    }
-    protocol.min_epoch = protocol.min_epoch.min(protocol.epoch_len);
-    if let Some(b) = ft.coalesce_bytes {
-        protocol.coalesce_bytes = b;
-    }
+    let protocol = ft.primary_protocol();
     let mut d = PrimaryDriverConfig::default();
     d.protocol = protocol;
     d.disks = Some(disks);
