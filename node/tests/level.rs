@@ -170,7 +170,13 @@ fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
         "pm1 VMM:\n{}\npm2 VMM:\n{}",
         lines(
             &pm1,
-            &["level changed", "quorum: backend", "FT primary: protected"]
+            &[
+                "level change",
+                "quorum: backend",
+                "FT primary: protected",
+                "PAUSED",
+                "resumed"
+            ]
         ),
         lines(&pm2, &["GRANTED", "failover complete"])
     );
@@ -216,7 +222,14 @@ fn ft_to_unprotected_and_back_online() {
         "pm1 VMM:\n{}",
         lines(
             &log,
-            &["level changed", "lease", "dirty logging", "quorum: backend"]
+            &[
+                "level change",
+                "lease",
+                "dirty logging",
+                "quorum: backend",
+                "PAUSED",
+                "resumed"
+            ]
         )
     );
 

@@ -21,7 +21,7 @@ pub mod swap;
 
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use storage_mirror::primary::PrimaryDisks;
 use vmm::config::VmConfig;
 use vmm::Vmm;
@@ -159,7 +159,12 @@ fn change_level(
                  A-Links are cut while both PMs are alive, the standby takes over and TWO \
                  copies of the VM run",
             ) {
-                Ok(started) => *q = started,
+                Ok(started) => {
+                    if let Some(qq) = &started {
+                        wait_for_the_lease(qq);
+                    }
+                    *q = started
+                }
                 Err(code) => {
                     let why = format!(
                         "the quorum client could not start (code {code}; see the VMM's log)"
@@ -194,6 +199,36 @@ fn change_level(
     }
     level::log_change(from, request.change.name());
     request.answer(Ok(()));
+}
+
+/// How long an online change to FT lets the guest run on before the quorum's gate
+/// takes over (well inside the control socket's wait for the answer).
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Lets the guest run on, as it did unprotected, until the new quorum client holds
+/// the witness's lease (or [`LEASE_WAIT`] passed): a primary alone without a lease is
+/// paused by the gate, and its first lease takes a detection period or more. Safe:
+/// no standby exists yet (its daemon starts one only after this change is answered),
+/// so this is the only copy of the VM.
+fn wait_for_the_lease(q: &quorum::Quorum) {
+    let t0 = std::time::Instant::now();
+    // The machine's first step says Pause (no peer, no lease yet): wait for the gate
+    // that a lease opens, not merely for "no pause".
+    let free = || !q.pause() && matches!(q.gate(), quorum::Gate::Free { .. });
+    while !free() && t0.elapsed() < LEASE_WAIT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if !free() {
+        warn!(
+            "level change: no lease within {LEASE_WAIT:?}; the guest pauses until the \
+             standby or a lease"
+        );
+    } else {
+        info!(
+            "level change: the quorum lets the guest run (after {:?})",
+            t0.elapsed()
+        );
+    }
 }
 
 /// How one role's run ends: the process exits with a code, or this end goes on in the
