@@ -114,11 +114,20 @@ pub fn alone_key(vm: &str) -> String {
     format!("-alone.{vm}")
 }
 
+/// The margin by which the daemon's permission ends before the service could grant the
+/// key to another node. The end is enforced by a renewal thread's report and the
+/// daemon's reaction, both at the scheduler's mercy: on a loaded 2-core machine the
+/// report came 110+ ms past the local validity, more than etcd timing's 100 ms margin
+/// (daemon_quorum's `a_holder_cut_off_...` failed once in CI, s24a).
+const ALONE_MARGIN: Duration = Duration::from_millis(400);
+
 /// The daemon-held keys' timing: a lease long enough that a loaded daemon's renewals
-/// (every 400 ms) keep it, and an etcd lease can be whole seconds.
+/// (every 400 ms) keep it, and an etcd lease can be whole seconds; the margin
+/// [`ALONE_MARGIN`].
 fn alone_timing(cfg: &Timing) -> Timing {
     let mut t = quorum::config::etcd_timing();
     t.max_drift_ppm = cfg.max_drift_ppm;
+    t.margin = t.margin.max(ALONE_MARGIN);
     t
 }
 

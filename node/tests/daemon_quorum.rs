@@ -253,9 +253,9 @@ fn a_holder_cut_off_from_the_witness_is_told_before_the_other_node_can_win() {
     let after = at - frozen;
     assert_eq!(vm, "plc");
     assert!(why.contains("permission to run it alone ended"), "{why}");
-    // local validity (2 s lease, drift, 100 ms margin: ~1.86 s) from the last granted
-    // send, which was at most ~0.45 s before the freeze, so the report comes before the
-    // lease (2 s from that send's arrival) could lapse at the witness.
+    // local validity (2 s lease, drift, the daemon's 400 ms margin: ~1.56 s) from the
+    // last granted send, which was at most ~0.45 s before the freeze, so the report
+    // comes before the lease (2 s from that send's arrival) could lapse at the witness.
     println!(
         "permission ended {} ms after the witness froze",
         after.as_millis()

@@ -36,6 +36,8 @@ pub enum DiskSetupError {
     Io { path: PathBuf, source: io::Error },
     #[error("disk {path}: the replica is marked FAILED; replace the disk (or delete {meta_dir}) so that it is fully resynced")]
     Failed { path: PathBuf, meta_dir: PathBuf },
+    #[error("disk {path}: the replica is an interrupted resync target (it lacks blocks of the other replica's generation {source_gen}): it cannot run the VM; run the VM where the other replica is, and this one becomes its standby")]
+    Inconsistent { path: PathBuf, source_gen: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +123,15 @@ impl PrimaryDisk {
             return Err(DiskSetupError::Failed {
                 path: path.to_path_buf(),
                 meta_dir: store.dir().to_path_buf(),
+            });
+        }
+        // A half-copied replica (a resync target that was interrupted, or a demoted
+        // one) never runs a guest: its blocks mix two generations. Only a standby opens
+        // it, and the next session resumes or redoes the copy.
+        if meta.inconsistent {
+            return Err(DiskSetupError::Inconsistent {
+                path: path.to_path_buf(),
+                source_gen: meta.sync_source_gen,
             });
         }
         let bitmap_path = store.bitmap_path();
