@@ -13,8 +13,9 @@
 //! kernel closes the pipe and the watcher, seeing end of file, kills every process in
 //! those namespaces (`ip netns pids`), every registered pid and every VMM the pid files
 //! name (only if its start time, field 22 of `/proc/<pid>/stat`, is the one the file
-//! records, so a reused pid is left alone), and deletes the namespaces (and the
-//! interfaces in them). Dropped normally, the reaper tells the watcher to exit quietly:
+//! records, so a reused pid is left alone), deletes the namespaces (and the
+//! interfaces in them) and, last, the registered scratch directories (a node test's
+//! state dirs, its images and logs: gigabytes over a day of killed tests). Dropped normally, the reaper tells the watcher to exit quietly:
 //! the owner cleans up itself.
 //!
 //! Why a shell and not a fork of the test: after fork(2) a multi-threaded process may
@@ -82,6 +83,7 @@ printf '%s' "$reg" | while read -r kind arg; do
     ns) ip netns del "$arg" 2>/dev/null ;;
     prefix) for n in $(namespaces "$arg"); do ip netns del "$n" 2>/dev/null; done ;;
     link) ip link del "$arg" 2>/dev/null ;;
+    dir) rm -rf -- "$arg" 2>/dev/null ;;
   esac
 done
 exit 0
@@ -169,6 +171,31 @@ impl Reaper {
     /// Delete interface `name` of the root namespace (a TAP or veth made there).
     pub fn link(&self, name: &str) -> Result<(), LabError> {
         self.send("link", name)
+    }
+
+    /// Remove directory `dir` and everything in it, after every process is killed (a
+    /// test's scratch directory). Only an absolute path of at least two components is
+    /// taken: a reaper must never be the way `/` or a relative path gets removed.
+    pub fn directory(&self, dir: &Path) -> Result<(), LabError> {
+        let d = dir
+            .to_str()
+            .ok_or_else(|| LabError::Invalid(format!("reaper: {} is not UTF-8", dir.display())))?;
+        let parts = dir
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count();
+        let plain = dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+        if !dir.is_absolute() || parts < 2 || !plain {
+            return Err(LabError::Invalid(format!(
+                "reaper: {d:?} is not an absolute scratch directory (at least /a/b, no . or ..)"
+            )));
+        }
+        self.send("dir", d)
     }
 }
 

@@ -75,6 +75,10 @@ fn reaper_child() {
     .unwrap();
     topo.reaper.pid_of(daemon).unwrap();
     topo.reaper.pid_files(&pids).unwrap();
+    let scratch = out.join("scratch");
+    std::fs::create_dir_all(scratch.join("n1/run")).unwrap();
+    std::fs::write(scratch.join("n1/disk.img"), b"data").unwrap();
+    topo.reaper.directory(&scratch).unwrap();
     let made = format!("{}\n{in_ns} {daemon} {vmm}\n", topo.prefix);
     std::fs::write(out.join("made.tmp"), made).unwrap();
     std::fs::rename(out.join("made.tmp"), out.join("made")).unwrap();
@@ -141,6 +145,10 @@ fn a_killed_test_leaves_nothing_behind() {
     wait_until("the namespaces are deleted", || {
         namespaces_of(&prefix).is_empty()
     });
+    wait_until("the scratch directory is removed", || {
+        !dir.join("scratch").exists()
+    });
+    assert!(made.exists(), "the reaper removed more than it was given");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -156,6 +164,14 @@ fn a_reaper_dropped_normally_kills_nothing() {
     let watcher = r.pid();
     r.pid_of(sleeper.id()).unwrap();
     r.namespace(ns.name()).unwrap();
+    let scratch = tempdir("reaper-quiet");
+    r.directory(&scratch).unwrap();
+    for bad in ["/", "/tmp", "relative/dir", "/tmp/../etc"] {
+        assert!(
+            r.directory(Path::new(bad)).is_err(),
+            "the reaper took {bad:?} as a scratch directory"
+        );
+    }
     drop(r);
     // Dropped: the watcher has exited (drop waits for it), and left both alone.
     assert!(gone(watcher));
@@ -164,6 +180,11 @@ fn a_reaper_dropped_normally_kills_nothing() {
         "a quiet reaper killed a registered process"
     );
     assert!(NetNs::exists(ns.name()));
+    assert!(
+        scratch.exists(),
+        "a quiet reaper removed a registered directory"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }

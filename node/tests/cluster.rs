@@ -22,18 +22,8 @@ fn peer_state(c: &Client) -> Option<NodeState> {
 fn vms_run_survive_a_daemon_sigkill_and_crashes_follow_the_restart_policy() {
     let plan = ClusterPlan::new();
     let _reaper = VmmReaper(&plan);
-    let mut d1 = Daemon::start(&plan, 0);
-    let d2 = Daemon::start(&plan, 1);
+    let (mut d1, d2) = start_both(&plan, LONG);
     let (c1, c2) = (plan.client(0, ADMIN), plan.client(1, ADMIN));
-    let logs = |d1: &Daemon, d2: &Daemon| {
-        format!("--- pm1:\n{}\n--- pm2:\n{}", d1.log_text(), d2.log_text())
-    };
-    wait_for(
-        LONG,
-        "the daemons to meet",
-        || (peer_state(&c1) == Some(NodeState::Online)).then_some(()),
-        || logs(&d1, &d2),
-    );
 
     // An unprotected and an FT VM, created on pm1, started from either node.
     c1.create(
@@ -256,16 +246,9 @@ fn un1_pid(v: &VmView) -> u32 {
 fn a_node_that_was_away_catches_up_both_ways() {
     let plan = ClusterPlan::new();
     let _reaper = VmmReaper(&plan);
-    let mut d1 = Daemon::start(&plan, 0);
-    let mut d2 = Daemon::start(&plan, 1);
+    let (mut d1, mut d2) = start_both(&plan, LONG);
     let (c1, c2) = (plan.client(0, ADMIN), plan.client(1, ADMIN));
     let ctx = || String::new();
-    wait_for(
-        LONG,
-        "the daemons to meet",
-        || (peer_state(&c2) == Some(NodeState::Online)).then_some(()),
-        ctx,
-    );
     c1.create(&spec("a", "unprotected", "pm1", &["counter"], false), None)
         .unwrap();
     wait_for(LONG, "pm2 to see a", || c2.vm("a").ok(), ctx);
@@ -373,6 +356,7 @@ fn start_raw(plan: &ClusterPlan, i: usize, text: &str) -> Daemon {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    plan.reaper.pid_of(child.id()).expect("reaper");
     Daemon {
         child: Some(child),
         log,
@@ -383,18 +367,8 @@ fn start_raw(plan: &ClusterPlan, i: usize, text: &str) -> Daemon {
 fn an_ft_vm_goes_on_when_its_node_dies_and_is_protected_again_when_it_returns() {
     let plan = ClusterPlan::new();
     let _reaper = VmmReaper(&plan);
-    let mut d1 = Daemon::start(&plan, 0);
-    let d2 = Daemon::start(&plan, 1);
+    let (mut d1, d2) = start_both(&plan, LONG);
     let (c1, c2) = (plan.client(0, ADMIN), plan.client(1, ADMIN));
-    let logs = |d1: &Daemon, d2: &Daemon| {
-        format!("--- pm1:\n{}\n--- pm2:\n{}", d1.log_text(), d2.log_text())
-    };
-    wait_for(
-        LONG,
-        "the daemons to meet",
-        || (peer_state(&c1) == Some(NodeState::Online)).then_some(()),
-        || logs(&d1, &d2),
-    );
     c1.create(&spec("ft1", "ft", "pm1", &["counter", "disk"], true), None)
         .unwrap();
     c1.action("ft1", "start", None).unwrap();

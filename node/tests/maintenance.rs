@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use twinrun_lab::console::check_console;
 use twinrund::client::ClientError;
-use twinrund::model::{NodeState, Role, VmState, VmView};
+use twinrund::model::{Role, VmState, VmView};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -121,10 +121,6 @@ fn same_guest_goes_on(plan: &ClusterPlan, node: usize, what: &str, ctx: &dyn Fn(
     assert_eq!(after.boots, 1, "{what}: un1 booted again\n{}", ctx());
 }
 
-fn online(c: &Client) -> bool {
-    c.nodes().is_ok_and(|n| n[1].state == NodeState::Online)
-}
-
 #[test]
 fn work_on_pm1_with_ft_and_unprotected_vms_upgrade_its_daemon_and_finalize() {
     work_on_upgrade_finalize(&["ft1"]);
@@ -140,18 +136,8 @@ fn work_on_pm1_with_ft_ha_and_unprotected_vms_upgrade_its_daemon_and_finalize() 
 fn work_on_upgrade_finalize(paired: &[&str]) {
     let plan = ClusterPlan::new();
     let _reaper = VmmReaper(&plan);
-    let mut d1 = Daemon::start(&plan, 0);
-    let d2 = Daemon::start(&plan, 1);
+    let (mut d1, d2) = start_both(&plan, LONG);
     let (c1, c2) = (plan.client(0, ADMIN), plan.client(1, ADMIN));
-    let logs = |d1: &Daemon, d2: &Daemon| {
-        format!("--- pm1:\n{}\n--- pm2:\n{}", d1.log_text(), d2.log_text())
-    };
-    wait_for(
-        LONG,
-        "the daemons to meet",
-        || online(&c1).then_some(()),
-        || logs(&d1, &d2),
-    );
     for &vm in paired {
         let level = if vm.starts_with("ha") { "ha" } else { "ft" };
         c1.create(&spec(vm, level, "pm1", &["counter", "disk"], true), None)
@@ -273,7 +259,7 @@ fn work_on_upgrade_finalize(paired: &[&str]) {
     wait_for(
         LONG,
         "the daemons to meet again",
-        || online(&c1).then_some(()),
+        || peer_online(&c1).then_some(()),
         || logs(&d1, &d2),
     );
     let n = c1.node("pm1").unwrap();

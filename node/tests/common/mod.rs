@@ -151,6 +151,8 @@ impl ClusterPlan {
             let pids = dir.path().join(format!("n{i}/run/pids"));
             reaper.pid_files(&pids).expect("reaper");
         }
+        // Images, logs and state of both nodes: removed if this test is killed.
+        reaper.directory(dir.path()).expect("reaper");
         ClusterPlan {
             cluster: format!("test-{pid}-{n}"),
             names: ["pm1".into(), "pm2".into()],
@@ -386,6 +388,31 @@ pub fn wait_for<T>(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Both daemons' logs, for the message of a wait that failed.
+pub fn logs(d1: &Daemon, d2: &Daemon) -> String {
+    format!("--- pm1:\n{}\n--- pm2:\n{}", d1.log_text(), d2.log_text())
+}
+
+/// Whether the node `c` speaks to sees its peer online.
+pub fn peer_online(c: &Client) -> bool {
+    c.nodes()
+        .is_ok_and(|n| n[1].state == twinrund::model::NodeState::Online)
+}
+
+/// Both nodes' daemons, returned once they have met (each sees the other online).
+pub fn start_both(plan: &ClusterPlan, timeout: Duration) -> (Daemon, Daemon) {
+    let d1 = Daemon::start(plan, 0);
+    let d2 = Daemon::start(plan, 1);
+    let (c1, c2) = (plan.client(0, READER), plan.client(1, READER));
+    wait_for(
+        timeout,
+        "the daemons to meet",
+        || (peer_online(&c1) && peer_online(&c2)).then_some(()),
+        || logs(&d1, &d2),
+    );
+    (d1, d2)
 }
 
 /// A VM spec (TOML) of the test guest.

@@ -698,4 +698,39 @@ mod tests {
             Err(DiskSetupError::Failed { .. })
         ));
     }
+
+    #[test]
+    fn a_half_copied_replica_refuses_to_run_a_guest() {
+        // An interrupted resync target: its blocks mix the source's generation and its
+        // own older one.
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.meta.inconsistent = true;
+        d.meta.sync_source_gen = 7;
+        d.save_meta();
+        drop(d);
+        for _ in 0..2 {
+            // Refused, and the refusal changes nothing: asked again, the same answer.
+            match PrimaryDisk::open(&img.path) {
+                Err(DiskSetupError::Inconsistent { path, source_gen }) => {
+                    assert_eq!(path, img.path);
+                    assert_eq!(source_gen, 7);
+                }
+                other => panic!("an inconsistent replica opened: {:?}", other.map(|_| ())),
+            }
+        }
+        let meta = MetaStore::for_image(&img.path).load().unwrap();
+        assert!(matches!(meta, MetaState::Ok(m) if m.inconsistent && m.sync_source_gen == 7));
+
+        // A demoted primary (it lost the VM to the quorum's holder) is refused too.
+        let img = image(8);
+        let mut d = PrimaryDisk::open(&img.path).unwrap();
+        d.meta.mark_demoted(3);
+        d.save_meta();
+        drop(d);
+        assert!(matches!(
+            PrimaryDisk::open(&img.path),
+            Err(DiskSetupError::Inconsistent { .. })
+        ));
+    }
 }
