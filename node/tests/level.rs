@@ -13,6 +13,16 @@
 //!   load, always the same VMM on pm1: going unprotected stops pm2's standby, the VMM's
 //!   status says `unprotected` with no quorum, and its log has no quorum warning; back
 //!   to FT it is protected again. The client's connection survives, nothing is lost.
+//! - `unprotected_to_ha_to_ft_under_load_then_node_loss`: unprotected -> HA -> FT under
+//!   load, the same VMM on pm1 throughout: at HA its status says `ha` with a quorum,
+//!   pm2 runs an HA standby and the VM shows protected only with it (never before);
+//!   at FT pm2's HA standby has been replaced by an FT standby (another process) and
+//!   the VM is protected again; then pm1's daemon and VMM are SIGKILLed: pm2's FT
+//!   standby takes over (the witness's grant) on the same connection, nothing
+//!   acknowledged lost.
+//!
+//! The tests of this file share names (namespaces, TAPs): run them with
+//! `--test-threads 1`.
 mod common;
 
 use std::time::Duration;
@@ -245,4 +255,123 @@ fn ft_to_unprotected_and_back_online() {
         .unwrap_or_else(|e| panic!("ft again: {e}\n{}", c.logs()));
     finish(&c, client, "unprotected -> ft -> unprotected -> ft");
     drop(c);
+}
+
+#[test]
+fn unprotected_to_ha_to_ft_under_load_then_node_loss() {
+    let (c, client) = Cluster::under_load();
+    let (role, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    assert_eq!(role, Role::Solo);
+
+    // unprotected -> HA, asked of pm2.
+    let answer = c.set_level(1, Protection::Ha);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at HA (pm2's HA standby in sync)",
+        || {
+            let v = c.view(0)?;
+            if v.state == VmState::Protected {
+                // Never protected without the standby.
+                assert!(
+                    v.vmms
+                        .iter()
+                        .any(|m| m.node == "pm2" && m.role == Role::Standby),
+                    "protected with no standby on pm2: {v:?}"
+                );
+                return Some(());
+            }
+            None
+        },
+        || format!("{:?}\n{}", c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM, now the HA primary"
+    );
+    let st = c.ft_status(0).expect("status of pm1's VMM");
+    assert_eq!(st.protection, "ha");
+    assert!(st.quorum.is_some(), "the HA primary runs its quorum client");
+    let (srole, ha_standby) = c.vmm_on(1).expect("pm2's standby");
+    assert_eq!(srole, Role::Standby);
+    assert_eq!(c.ft_status(1).map(|s| s.protection), Some("ha".into()));
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at HA: {e}\n{}", c.logs()));
+
+    // HA -> FT, asked of pm1.
+    let answer = c.set_level(0, Protection::Ft);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at FT by a new (FT) standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ft"
+                && v.state == VmState::Protected
+                && standby.0 == Role::Standby
+                && standby.1 != ha_standby)
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "still the same VMM"
+    );
+    assert_eq!(c.ft_status(1).map(|s| s.protection), Some("ft".into()));
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at FT: {e}\n{}", c.logs()));
+
+    // pm1 dies: its daemon and its VMM, SIGKILL.
+    let mut c = c;
+    c.daemons[0].kill();
+    for p in vmm_pids(&c.dirs[0]) {
+        // SAFETY: kill(2) of the VMM this test's pm1 daemon started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the VM taken over on pm2",
+        || {
+            let v = c.view(1)?;
+            (v.owner.as_deref() == Some("pm2")).then_some(())
+        },
+        || format!("{:?}\n{}", c.view(1), c.logs()),
+    );
+    client
+        .wait_acks(100, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
+    let (pm1, pm2) = (c.vmm_log(0), c.vmm_log(1));
+    for change in ["unprotected -> ha", "ha -> ft"] {
+        assert!(
+            pm1.contains(&format!("protection level changed online: {change}")),
+            "{pm1}"
+        );
+    }
+    assert!(!pm1.contains("WITHOUT QUORUM"), "{pm1}");
+    eprintln!(
+        "pm1 VMM:\n{}\npm2 VMM:\n{}",
+        lines(
+            &pm1,
+            &[
+                "level change",
+                "quorum: backend",
+                "HA primary: protected",
+                "HA primary: resync done",
+                "FT primary: protected",
+                "disk resync of the session",
+                "PAUSED",
+                "resumed"
+            ]
+        ),
+        lines(&pm2, &["GRANTED", "failover complete"])
+    );
+    assert!(pm2.contains("failover complete"), "{pm2}");
+    finish(&c, client, "unprotected -> ha -> ft, then pm1 lost");
 }
