@@ -20,6 +20,11 @@
 //!   the VM is protected again; then pm1's daemon and VMM are SIGKILLed: pm2's FT
 //!   standby takes over (the witness's grant) on the same connection, nothing
 //!   acknowledged lost.
+//! - `ft_to_ha_to_unprotected_online`: unprotected -> FT -> HA -> unprotected under
+//!   load, the same VMM on pm1 throughout: at HA (from FT: the quorum client runs on,
+//!   HA's hooks installed) pm2 runs a new HA standby and the VM is protected; back to
+//!   unprotected the standby is stopped, the status says `unprotected` with no quorum.
+//!   Nothing acknowledged is lost, the connection survives.
 //!
 //! The tests of this file share names (namespaces, TAPs): run them with
 //! `--test-threads 1`.
@@ -374,4 +379,83 @@ fn unprotected_to_ha_to_ft_under_load_then_node_loss() {
     );
     assert!(pm2.contains("failover complete"), "{pm2}");
     finish(&c, client, "unprotected -> ha -> ft, then pm1 lost");
+}
+
+#[test]
+fn ft_to_ha_to_unprotected_online() {
+    let (c, client) = Cluster::under_load();
+    let (_, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    c.set_level(0, Protection::Ft);
+    c.wait_protected("protected at FT");
+    let (_, ft_standby) = c.vmm_on(1).expect("pm2's FT standby");
+
+    let answer = c.set_level(1, Protection::Ha);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at HA by a new (HA) standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ha"
+                && v.state == VmState::Protected
+                && standby.1 != ft_standby
+                && c.ft_status(1)?.protection == "ha")
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM at HA"
+    );
+    assert!(c.ft_status(0).and_then(|s| s.quorum).is_some());
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at HA: {e}\n{}", c.logs()));
+
+    let answer = c.set_level(0, Protection::Unprotected);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(60),
+        "the VMM on pm1 unprotected, no standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let alone = c.view(0)?.vmms.len() == 1;
+            (st.protection == "unprotected" && st.quorum.is_none() && alone).then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Solo, pid)),
+        "the same VMM runs on alone"
+    );
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("unprotected again: {e}\n{}", c.logs()));
+    let log = c.vmm_log(0);
+    for change in ["unprotected -> ft", "ft -> ha", "ha -> unprotected"] {
+        assert!(
+            log.contains(&format!("protection level changed online: {change}")),
+            "{log}"
+        );
+    }
+    assert!(!log.contains("WITHOUT QUORUM"), "a quorum warning:\n{log}");
+    eprintln!(
+        "pm1 VMM:\n{}",
+        lines(
+            &log,
+            &[
+                "level change",
+                "HA primary: protected",
+                "lease",
+                "PAUSED",
+                "resumed"
+            ]
+        )
+    );
+    finish(&c, client, "unprotected -> ft -> ha -> unprotected");
 }
