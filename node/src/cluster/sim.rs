@@ -497,13 +497,10 @@ impl Sim {
                 if self.takeover_on_stop {
                     self.standby_takes_over(i, &vm);
                 }
-                let unprotected = self.nodes[i]
-                    .store
-                    .get(&vm)
-                    .is_some_and(|r| r.spec.protection == Protection::Unprotected);
-                if was == Some(Role::Standby) && unprotected {
+                if was == Some(Role::Standby) {
                     // A live migration's other end stops: the VMM on the peer runs
-                    // alone again (its log says it waits for a standby).
+                    // alone again (its log says it waits for a standby); the same for
+                    // an FT/HA standby stopped (a level change replaces it).
                     if let Some(e) = self.nodes[1 - i].vmms.get_mut(&vm) {
                         if e.2 {
                             e.2 = false;

@@ -20,11 +20,6 @@ impl Sim {
                 Ok(to)
             }
             (Some(e), _) if e.0 == Role::Primary && !peer_runs => {
-                if e.2 {
-                    // Its standby went (stopped first): its log said so before.
-                    self.queue
-                        .push_back((i, Input::VmmUnprotected { vm: vm.clone() }));
-                }
                 if to == Protection::Unprotected {
                     *e = (Role::Solo, e.1, false);
                 } else {
