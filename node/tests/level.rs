@@ -25,6 +25,12 @@
 //!   HA's hooks installed) pm2 runs a new HA standby and the VM is protected; back to
 //!   unprotected the standby is stopped, the status says `unprotected` with no quorum.
 //!   Nothing acknowledged is lost, the connection survives.
+//! - `daemon_killed_during_ha_to_ft_goes_on_from_the_vmms_level`: an HA VM (changed
+//!   online from unprotected) is set to FT and pm1's daemon is SIGKILLed right after
+//!   the command's answer, then started again: wherever the kill landed (before its
+//!   VMM took the change or after), the new daemon reads the level from the adopted
+//!   VMM's status and the change completes: the same VMM at FT, an FT standby on pm2,
+//!   protected, nothing acknowledged lost.
 //!
 //! The tests of this file share names (namespaces, TAPs): run them with
 //! `--test-threads 1`.
@@ -458,4 +464,61 @@ fn ft_to_ha_to_unprotected_online() {
         )
     );
     finish(&c, client, "unprotected -> ft -> ha -> unprotected");
+}
+
+#[test]
+fn daemon_killed_during_ha_to_ft_goes_on_from_the_vmms_level() {
+    let (c, client) = Cluster::under_load();
+    let (_, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    c.set_level(0, Protection::Ha);
+    wait_for(
+        Duration::from_secs(120),
+        "protected at HA",
+        || {
+            let v = c.view(0)?;
+            (v.state == VmState::Protected && c.ft_status(0)?.protection == "ha").then_some(())
+        },
+        || format!("{:?}\n{}", c.view(0), c.logs()),
+    );
+    let (_, ha_standby) = c.vmm_on(1).expect("pm2's HA standby");
+
+    let mut c = c;
+    let answer = c.set_level(0, Protection::Ft);
+    assert!(answer.contains("no reboot"), "{answer}");
+    c.daemons[0].kill();
+    let at_kill = c.ft_status(0).map(|s| s.protection);
+    c.restart_daemon(0);
+    wait_for(
+        Duration::from_secs(120),
+        "the change completed by the restarted daemon: FT, a new FT standby, protected",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ft"
+                && v.state == VmState::Protected
+                && standby.1 != ha_standby
+                && c.ft_status(1)?.protection == "ft")
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM, adopted"
+    );
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at FT: {e}\n{}", c.logs()));
+    let daemon = std::fs::read_to_string(c.dirs[0].join("twinrund.log")).unwrap_or_default();
+    eprintln!(
+        "pm1's VMM at the kill: {at_kill:?}\nrestarted pm1 daemon:\n{}",
+        lines(&daemon, &["adopted", "level"])
+    );
+    finish(
+        &c,
+        client,
+        "ha -> ft with pm1's daemon killed and restarted mid-change",
+    );
 }

@@ -196,8 +196,8 @@ fn drive(
 
 /// Where an online level change leaves the VM.
 enum Changed {
-    /// FT's session loop goes on (FT, unprotected, or a change refused: the level it
-    /// was at, unless that was HA, which never comes here refused: see below).
+    /// FT's session loop goes on: at FT or unprotected (the new level, or the old one
+    /// when the change was refused; a change from HA is never refused).
     Ft,
     /// HA's runtime takes the VM with these hooks installed.
     Ha(Arc<SyncDisks>, Arc<HaHooks>),
