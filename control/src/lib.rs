@@ -92,10 +92,13 @@ pub enum Op {
     /// Change the protection level of the running VM without a reboot (issue 15): an
     /// unprotected VM's VMM becomes an FT primary ([`LevelChange::Ft`]: its quorum
     /// client starts, a real standby may connect, it protects session after session),
-    /// or an FT primary whose standby is gone runs alone unprotected
-    /// ([`LevelChange::Unprotected`]: its quorum client stopped, dirty logging off). Answered
-    /// with [`Response::Ok`] once the change is made, or an error saying why not
-    /// (HA, a standby, a migration or a standby still connected, the quorum).
+    /// or an HA primary ([`LevelChange::Ha`]: HA's synchronous disk hooks installed, an
+    /// HA standby accepted), or a primary whose standby is gone runs alone unprotected
+    /// ([`LevelChange::Unprotected`]: its quorum client stopped, dirty logging off), or
+    /// an HA primary whose standby is gone becomes an FT primary (FT's hooks, the same
+    /// quorum client). Answered with [`Response::Ok`] once the change is made, or an
+    /// error saying why not (a standby, a migration or a standby still connected, the
+    /// quorum).
     SetLevel(LevelChange),
 }
 
@@ -105,6 +108,9 @@ pub enum LevelChange {
     /// FT, with the quorum the daemon would have given `--quorum-config`,
     /// `--quorum-node-id` and `--priv0` (None: no quorum service, the loud warning).
     Ft(Option<QuorumFlags>),
+    /// HA (disks mirrored synchronously, no memory checkpoints), with the quorum as
+    /// for [`LevelChange::Ft`].
+    Ha(Option<QuorumFlags>),
     Unprotected,
 }
 
@@ -121,10 +127,11 @@ pub struct QuorumFlags {
 }
 
 impl LevelChange {
-    /// "ft" or "unprotected".
+    /// "ft", "ha" or "unprotected".
     pub fn name(&self) -> &'static str {
         match self {
             LevelChange::Ft(_) => "ft",
+            LevelChange::Ha(_) => "ha",
             LevelChange::Unprotected => "unprotected",
         }
     }

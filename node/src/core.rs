@@ -164,15 +164,18 @@ impl Core {
                 }]);
             }
         }));
-        let inputs = adopted
-            .into_iter()
-            .map(|(vm, role, pid)| Input::VmmRunning {
-                vm,
+        let mut inputs = Vec::new();
+        for (vm, role, pid, level) in adopted {
+            inputs.push(Input::VmmRunning {
+                vm: vm.clone(),
                 role,
                 pid,
                 adopted: true,
-            })
-            .collect();
+            });
+            if let Some(level) = level {
+                inputs.push(Input::VmmAdoptedLevel { vm, level });
+            }
+        }
         core.feed(inputs);
         Ok(core)
     }

@@ -13,6 +13,27 @@
 //!   load, always the same VMM on pm1: going unprotected stops pm2's standby, the VMM's
 //!   status says `unprotected` with no quorum, and its log has no quorum warning; back
 //!   to FT it is protected again. The client's connection survives, nothing is lost.
+//! - `unprotected_to_ha_to_ft_under_load_then_node_loss`: unprotected -> HA -> FT under
+//!   load, the same VMM on pm1 throughout: at HA its status says `ha` with a quorum,
+//!   pm2 runs an HA standby and the VM shows protected only with it (never before);
+//!   at FT pm2's HA standby has been replaced by an FT standby (another process) and
+//!   the VM is protected again; then pm1's daemon and VMM are SIGKILLed: pm2's FT
+//!   standby takes over (the witness's grant) on the same connection, nothing
+//!   acknowledged lost.
+//! - `ft_to_ha_to_unprotected_online`: unprotected -> FT -> HA -> unprotected under
+//!   load, the same VMM on pm1 throughout: at HA (from FT: the quorum client runs on,
+//!   HA's hooks installed) pm2 runs a new HA standby and the VM is protected; back to
+//!   unprotected the standby is stopped, the status says `unprotected` with no quorum.
+//!   Nothing acknowledged is lost, the connection survives.
+//! - `daemon_killed_during_ha_to_ft_goes_on_from_the_vmms_level`: an HA VM (changed
+//!   online from unprotected) is set to FT and pm1's daemon is SIGKILLed right after
+//!   the command's answer, then started again: wherever the kill landed (before its
+//!   VMM took the change or after), the new daemon reads the level from the adopted
+//!   VMM's status and the change completes: the same VMM at FT, an FT standby on pm2,
+//!   protected, nothing acknowledged lost.
+//!
+//! The tests of this file share names (namespaces, TAPs): run them with
+//! `--test-threads 1`.
 mod common;
 
 use std::time::Duration;
@@ -245,4 +266,259 @@ fn ft_to_unprotected_and_back_online() {
         .unwrap_or_else(|e| panic!("ft again: {e}\n{}", c.logs()));
     finish(&c, client, "unprotected -> ft -> unprotected -> ft");
     drop(c);
+}
+
+#[test]
+fn unprotected_to_ha_to_ft_under_load_then_node_loss() {
+    let (c, client) = Cluster::under_load();
+    let (role, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    assert_eq!(role, Role::Solo);
+
+    // unprotected -> HA, asked of pm2.
+    let answer = c.set_level(1, Protection::Ha);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at HA (pm2's HA standby in sync)",
+        || {
+            let v = c.view(0)?;
+            if v.state == VmState::Protected {
+                // Never protected without the standby.
+                assert!(
+                    v.vmms
+                        .iter()
+                        .any(|m| m.node == "pm2" && m.role == Role::Standby),
+                    "protected with no standby on pm2: {v:?}"
+                );
+                return Some(());
+            }
+            None
+        },
+        || format!("{:?}\n{}", c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM, now the HA primary"
+    );
+    let st = c.ft_status(0).expect("status of pm1's VMM");
+    assert_eq!(st.protection, "ha");
+    assert!(st.quorum.is_some(), "the HA primary runs its quorum client");
+    let (srole, ha_standby) = c.vmm_on(1).expect("pm2's standby");
+    assert_eq!(srole, Role::Standby);
+    assert_eq!(c.ft_status(1).map(|s| s.protection), Some("ha".into()));
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at HA: {e}\n{}", c.logs()));
+
+    // HA -> FT, asked of pm1.
+    let answer = c.set_level(0, Protection::Ft);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at FT by a new (FT) standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ft"
+                && v.state == VmState::Protected
+                && standby.0 == Role::Standby
+                && standby.1 != ha_standby)
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "still the same VMM"
+    );
+    assert_eq!(c.ft_status(1).map(|s| s.protection), Some("ft".into()));
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at FT: {e}\n{}", c.logs()));
+
+    // pm1 dies: its daemon and its VMM, SIGKILL.
+    let mut c = c;
+    c.daemons[0].kill();
+    for p in vmm_pids(&c.dirs[0]) {
+        // SAFETY: kill(2) of the VMM this test's pm1 daemon started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the VM taken over on pm2",
+        || {
+            let v = c.view(1)?;
+            (v.owner.as_deref() == Some("pm2")).then_some(())
+        },
+        || format!("{:?}\n{}", c.view(1), c.logs()),
+    );
+    client
+        .wait_acks(100, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
+    let (pm1, pm2) = (c.vmm_log(0), c.vmm_log(1));
+    for change in ["unprotected -> ha", "ha -> ft"] {
+        assert!(
+            pm1.contains(&format!("protection level changed online: {change}")),
+            "{pm1}"
+        );
+    }
+    assert!(!pm1.contains("WITHOUT QUORUM"), "{pm1}");
+    eprintln!(
+        "pm1 VMM:\n{}\npm2 VMM:\n{}",
+        lines(
+            &pm1,
+            &[
+                "level change",
+                "quorum: backend",
+                "HA primary: protected",
+                "HA primary: resync done",
+                "FT primary: protected",
+                "disk resync of the session",
+                "PAUSED",
+                "resumed"
+            ]
+        ),
+        lines(&pm2, &["GRANTED", "failover complete"])
+    );
+    assert!(pm2.contains("failover complete"), "{pm2}");
+    finish(&c, client, "unprotected -> ha -> ft, then pm1 lost");
+}
+
+#[test]
+fn ft_to_ha_to_unprotected_online() {
+    let (c, client) = Cluster::under_load();
+    let (_, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    c.set_level(0, Protection::Ft);
+    c.wait_protected("protected at FT");
+    let (_, ft_standby) = c.vmm_on(1).expect("pm2's FT standby");
+
+    let answer = c.set_level(1, Protection::Ha);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(120),
+        "the VM protected at HA by a new (HA) standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ha"
+                && v.state == VmState::Protected
+                && standby.1 != ft_standby
+                && c.ft_status(1)?.protection == "ha")
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM at HA"
+    );
+    assert!(c.ft_status(0).and_then(|s| s.quorum).is_some());
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at HA: {e}\n{}", c.logs()));
+
+    let answer = c.set_level(0, Protection::Unprotected);
+    assert!(answer.contains("no reboot"), "{answer}");
+    wait_for(
+        Duration::from_secs(60),
+        "the VMM on pm1 unprotected, no standby on pm2",
+        || {
+            let st = c.ft_status(0)?;
+            let alone = c.view(0)?.vmms.len() == 1;
+            (st.protection == "unprotected" && st.quorum.is_none() && alone).then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Solo, pid)),
+        "the same VMM runs on alone"
+    );
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("unprotected again: {e}\n{}", c.logs()));
+    let log = c.vmm_log(0);
+    for change in ["unprotected -> ft", "ft -> ha", "ha -> unprotected"] {
+        assert!(
+            log.contains(&format!("protection level changed online: {change}")),
+            "{log}"
+        );
+    }
+    assert!(!log.contains("WITHOUT QUORUM"), "a quorum warning:\n{log}");
+    eprintln!(
+        "pm1 VMM:\n{}",
+        lines(
+            &log,
+            &[
+                "level change",
+                "HA primary: protected",
+                "lease",
+                "PAUSED",
+                "resumed"
+            ]
+        )
+    );
+    finish(&c, client, "unprotected -> ft -> ha -> unprotected");
+}
+
+#[test]
+fn daemon_killed_during_ha_to_ft_goes_on_from_the_vmms_level() {
+    let (c, client) = Cluster::under_load();
+    let (_, pid) = c.vmm_on(0).expect("the VMM on pm1");
+    c.set_level(0, Protection::Ha);
+    wait_for(
+        Duration::from_secs(120),
+        "protected at HA",
+        || {
+            let v = c.view(0)?;
+            (v.state == VmState::Protected && c.ft_status(0)?.protection == "ha").then_some(())
+        },
+        || format!("{:?}\n{}", c.view(0), c.logs()),
+    );
+    let (_, ha_standby) = c.vmm_on(1).expect("pm2's HA standby");
+
+    let mut c = c;
+    let answer = c.set_level(0, Protection::Ft);
+    assert!(answer.contains("no reboot"), "{answer}");
+    c.daemons[0].kill();
+    let at_kill = c.ft_status(0).map(|s| s.protection);
+    c.restart_daemon(0);
+    wait_for(
+        Duration::from_secs(120),
+        "the change completed by the restarted daemon: FT, a new FT standby, protected",
+        || {
+            let st = c.ft_status(0)?;
+            let v = c.view(0)?;
+            let standby = c.vmm_on(1)?;
+            (st.protection == "ft"
+                && v.state == VmState::Protected
+                && standby.1 != ha_standby
+                && c.ft_status(1)?.protection == "ft")
+                .then_some(())
+        },
+        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
+    );
+    assert_eq!(
+        c.vmm_on(0),
+        Some((Role::Primary, pid)),
+        "the same VMM, adopted"
+    );
+    client
+        .wait_acks(100, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("at FT: {e}\n{}", c.logs()));
+    let daemon = std::fs::read_to_string(c.dirs[0].join("twinrund.log")).unwrap_or_default();
+    eprintln!(
+        "pm1's VMM at the kill: {at_kill:?}\nrestarted pm1 daemon:\n{}",
+        lines(&daemon, &["adopted", "level"])
+    );
+    finish(
+        &c,
+        client,
+        "ha -> ft with pm1's daemon killed and restarted mid-change",
+    );
 }

@@ -30,6 +30,8 @@ struct Node {
     vmms: BTreeMap<String, (Role, u32, bool)>,
     /// The node records (maintenance) in its store.
     node_recs: BTreeMap<String, crate::model::NodeRecord>,
+    /// vm -> the level its VMM runs at (what its control socket's status says).
+    levels: BTreeMap<String, Protection>,
 }
 
 struct Sim {
@@ -49,6 +51,12 @@ struct Sim {
     /// The engine's takeover when a node in maintenance stops a protected primary
     /// (`standby_takes_over`); the goldens step it by hand.
     takeover_on_stop: bool,
+    /// The VMMs take level changes only at `release_levels` (as a VMM that waits for
+    /// its session boundary or the quorum's gate): a daemon killed, or a node lost,
+    /// in the middle of a level change. A killed daemon's requests are dropped (the
+    /// VMM drops a request its asker no longer waits for).
+    hold_levels: bool,
+    held_levels: Vec<(usize, String, Protection)>,
 }
 
 fn policy() -> Policy {
@@ -94,6 +102,7 @@ impl Sim {
             done: BTreeMap::new(),
             vmms: BTreeMap::new(),
             node_recs: BTreeMap::new(),
+            levels: BTreeMap::new(),
         };
         Sim {
             now: 0,
@@ -106,6 +115,8 @@ impl Sim {
             quorum_grants: true,
             verbose: false,
             takeover_on_stop: false,
+            hold_levels: false,
+            held_levels: Vec::new(),
         }
     }
 
@@ -157,6 +168,16 @@ impl Sim {
                     adopted: true,
                 },
             ));
+            // The daemon reads the level from the adopted VMM's status.
+            if let Some(level) = self.nodes[i].levels.get(&vm).copied() {
+                self.queue.push_back((
+                    i,
+                    Input::VmmAdoptedLevel {
+                        vm: vm.clone(),
+                        level,
+                    },
+                ));
+            }
             // The supervisor reads an adopted VMM's log from its start.
             if protected {
                 self.queue.push_back((i, Input::VmmProtected { vm }));
@@ -173,6 +194,7 @@ impl Sim {
     fn kill_daemon(&mut self, i: usize) {
         self.nodes[i].cluster = None;
         self.queue.retain(|(n, _)| *n != i);
+        self.held_levels.retain(|(n, ..)| *n != i);
         if self.up(1 - i) && self.link {
             self.queue.push_back((1 - i, Input::PeerLost));
         }
@@ -189,6 +211,7 @@ impl Sim {
         self.nodes[i].vmms.clear();
         self.nodes[i].cluster = None;
         self.queue.retain(|(n, _)| *n != i);
+        self.held_levels.retain(|(n, ..)| *n != i);
         let other = 1 - i;
         if self.up(other) && self.link {
             self.queue.push_back((other, Input::PeerLost));
@@ -376,7 +399,10 @@ impl Sim {
             }
             let quiet = matches!(
                 input,
-                Input::Tick | Input::PeerReport(_) | Input::CommandSeen { .. }
+                Input::Tick
+                    | Input::PeerReport(_)
+                    | Input::CommandSeen { .. }
+                    | Input::VmmAdoptedLevel { .. }
             );
             if let Input::Record(r) = &input {
                 let r = r.clone();
@@ -450,6 +476,12 @@ impl Sim {
                 let pid = self.next_pid;
                 let vm = record.spec.name.clone();
                 self.nodes[i].vmms.insert(vm.clone(), (role, pid, false));
+                let level = if role == Role::Solo {
+                    Protection::Unprotected
+                } else {
+                    record.spec.protection
+                };
+                self.nodes[i].levels.insert(vm.clone(), level);
                 self.queue.push_back((
                     i,
                     Input::VmmRunning {
@@ -465,13 +497,10 @@ impl Sim {
                 if self.takeover_on_stop {
                     self.standby_takes_over(i, &vm);
                 }
-                let unprotected = self.nodes[i]
-                    .store
-                    .get(&vm)
-                    .is_some_and(|r| r.spec.protection == Protection::Unprotected);
-                if was == Some(Role::Standby) && unprotected {
+                if was == Some(Role::Standby) {
                     // A live migration's other end stops: the VMM on the peer runs
-                    // alone again (its log says it waits for a standby).
+                    // alone again (its log says it waits for a standby); the same for
+                    // an FT/HA standby stopped (a level change replaces it).
                     if let Some(e) = self.nodes[1 - i].vmms.get_mut(&vm) {
                         if e.2 {
                             e.2 = false;

@@ -66,6 +66,10 @@ pub struct PeerVmm {
     pub failed_over: bool,
     /// The peer holds it in error.
     pub error: Option<String>,
+    /// The level its VMM runs at (an online level change moves it; absent from a peer
+    /// of an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Protection>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,6 +229,13 @@ pub enum Input {
         vm: String,
         result: Result<Protection, String>,
     },
+    /// The level an adopted VMM's own status says it runs at (after its
+    /// [`Input::VmmRunning`]): a daemon restarted in the middle of a level change
+    /// learns where the VMM got to (cluster/step/level.rs).
+    VmmAdoptedLevel {
+        vm: String,
+        level: Protection,
+    },
     /// A command about a node (`twinrun node workon|finalize`), answered once per id.
     NodeCommand {
         id: String,
@@ -293,7 +304,7 @@ pub enum Action {
     /// Write a node's record and send it to the peer.
     PersistNode(NodeRecord),
     /// Change the protection level of our running VMM without a restart (its control
-    /// socket's `SetLevel`: unprotected <-> FT); answered by [`Input::VmmLevel`].
+    /// socket's `SetLevel`: unprotected, HA, FT); answered by [`Input::VmmLevel`].
     SetLevel {
         vm: String,
         to: Protection,
@@ -546,6 +557,7 @@ impl Cluster {
                         protected: s.local.as_ref().is_some_and(|l| l.protected),
                         failed_over: s.local.as_ref().is_some_and(|l| l.failed_over),
                         error: s.held.clone(),
+                        level: s.local.as_ref().map(|l| l.level),
                     },
                 )
             })
@@ -742,6 +754,7 @@ impl Cluster {
             Input::NodeRecord(rec) => self.on_node_record(rec, &mut out),
             Input::NodeCommand { id, node, cmd } => self.on_node_command(id, node, cmd, &mut out),
             Input::VmmLevel { vm, result } => self.on_level(&vm, result, &mut out),
+            Input::VmmAdoptedLevel { vm, level } => self.on_adopted_level(&vm, level, &mut out),
         }
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for vm in names {

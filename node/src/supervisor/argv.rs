@@ -212,8 +212,8 @@ fn quorum_flags(cfg: &NodeConfig, rec: &VmRecord) -> Option<twinrun_control::Quo
 }
 
 /// The online level change that makes the running VMM of `rec` what a VMM started at
-/// level `to` would be: FT with the same quorum flags its command line would carry
-/// (see [`plan`]), or unprotected. HA cannot be reached online.
+/// level `to` would be: FT or HA with the same quorum flags its command line would
+/// carry (see [`plan`]), or unprotected.
 pub fn level_change(
     cfg: &NodeConfig,
     rec: &VmRecord,
@@ -222,7 +222,7 @@ pub fn level_change(
     match to {
         Protection::Ft => Ok(twinrun_control::LevelChange::Ft(quorum_flags(cfg, rec))),
         Protection::Unprotected => Ok(twinrun_control::LevelChange::Unprotected),
-        Protection::Ha => Err("an HA VMM cannot be reached by an online level change".into()),
+        Protection::Ha => Ok(twinrun_control::LevelChange::Ha(quorum_flags(cfg, rec))),
     }
 }
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ExitKind;
 use crate::config::{NodeConfig, ScopeMode};
-use crate::model::{Role, VmRecord};
+use crate::model::{Protection, Role, VmRecord};
 
 /// Lines of `twinrun vm run`'s log that the daemon follows (FT's; an HA pair logs the
 /// same lines with "HA" for "FT", see [`marker`]).
@@ -150,8 +150,9 @@ impl Supervisor {
     }
 
     /// Finds the VMMs a previous daemon left running, from their pid files; removes
-    /// stale pid files. Returns (vm, role, pid) of each adopted one.
-    pub fn adopt_all(&mut self) -> Vec<(String, Role, u32)> {
+    /// stale pid files. Returns (vm, role, pid, the level its status says it runs at)
+    /// of each adopted one.
+    pub fn adopt_all(&mut self) -> Vec<(String, Role, u32, Option<Protection>)> {
         let dir = self.cfg.run_dir.join("pids");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
@@ -168,7 +169,7 @@ impl Supervisor {
                 continue;
             };
             match self.adopt(&vm, &path) {
-                Ok((role, pid)) => out.push((vm, role, pid)),
+                Ok((role, pid, level)) => out.push((vm, role, pid, level)),
                 Err(why) => {
                     info!("{vm}: not adopting ({why}); removing {}", path.display());
                     let _ = std::fs::remove_file(&path);
@@ -178,7 +179,7 @@ impl Supervisor {
         out
     }
 
-    fn adopt(&mut self, vm: &str, path: &Path) -> Result<(Role, u32), String> {
+    fn adopt(&mut self, vm: &str, path: &Path) -> Result<(Role, u32, Option<Protection>), String> {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
         let pf: PidFile = serde_json::from_str(&text).map_err(|e| format!("bad pid file: {e}"))?;
         let st = procfs::stat(pf.pid).ok_or("the process is gone")?;
@@ -201,7 +202,8 @@ impl Supervisor {
         // socket that disagrees or does not answer is logged, never a reason to start
         // a second copy.
         let sock = self.cfg.vmm_run_dir().join(format!("{vm}.sock"));
-        match twinrun_control::status(&sock, Duration::from_secs(2)) {
+        let status = twinrun_control::status(&sock, Duration::from_secs(2));
+        match &status {
             Ok(s) if s.name == vm && s.pid == pf.pid => {}
             Ok(s) => warn!(
                 "{vm}: its control socket answers as {} pid {}, not pid {}",
@@ -211,7 +213,32 @@ impl Supervisor {
                 warn!("{vm}: control socket: {e} (adopting on the pid file's and /proc's word)")
             }
         }
-        info!("{vm}: adopted running {} VMM pid {}", pf.role, pf.pid);
+        // The level it runs at, from its own status: the pid file's role may predate
+        // an online level change that was under way when the last daemon ended (the
+        // VMM made it, the daemon never heard the answer).
+        let level = status
+            .ok()
+            .and_then(|s| s.ft)
+            .and_then(|st| match st.protection.as_str() {
+                "ft" => Some(Protection::Ft),
+                "ha" => Some(Protection::Ha),
+                "unprotected" => Some(Protection::Unprotected),
+                _ => None,
+            });
+        let mut pf = pf;
+        let role = match (pf.role, level) {
+            (Role::Solo, Some(Protection::Ft | Protection::Ha)) => Role::Primary,
+            (Role::Primary, Some(Protection::Unprotected)) => Role::Solo,
+            (r, _) => r,
+        };
+        let fix = role != pf.role;
+        pf.role = role;
+        info!(
+            "{vm}: adopted running {} VMM pid {}{}",
+            pf.role,
+            pf.pid,
+            level.map_or(String::new(), |l| format!(" at level {l} (its status)"))
+        );
         self.procs.insert(
             vm.to_string(),
             Proc {
@@ -224,7 +251,11 @@ impl Supervisor {
                 partial: Vec::new(),
             },
         );
-        Ok((pf.role, pf.pid))
+        if fix {
+            // The pid file follows (as `set_role` does after a level change).
+            self.set_role(vm, role);
+        }
+        Ok((pf.role, pf.pid, level))
     }
 
     /// Starts the VMM of `rec` as `role`; its pid.

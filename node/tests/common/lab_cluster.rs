@@ -139,6 +139,20 @@ impl LabCluster {
         c
     }
 
+    /// Starts node `i`'s daemon again with the same config (after
+    /// `daemons[i].kill()`); its old log is kept as `twinrund.log.1`.
+    pub fn restart_daemon(&mut self, i: usize) {
+        let d = self.dirs[i].clone();
+        let log = d.join("twinrund.log");
+        let _ = std::fs::rename(&log, d.join("twinrund.log.1"));
+        let mut cmd = self.topo.pms[i].ns.command(twinrund_bin());
+        cmd.arg("--config")
+            .arg(d.join("node.toml"))
+            .env("RUST_LOG", "info");
+        self.daemons[i] =
+            Proc::spawn_logged(&format!("pm{}-twinrund", i + 1), &mut cmd, &log).expect("twinrund");
+    }
+
     /// A file holding the admin token (for the CLI's `--token-file`).
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("token")

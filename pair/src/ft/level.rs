@@ -2,16 +2,24 @@
 //! `Op::SetLevel` on the control socket, sent by the node daemon on `vm set
 //! --protection`).
 //!
-//! An unprotected VM's VMM is already an FT primary with no standby, so both changes
-//! are a change of the settings the primary's session loop ([`super::primary::protect`])
-//! runs with, made between two sessions, never inside one:
+//! An unprotected VM's VMM is already an FT primary with no standby, and an HA
+//! primary's disk hooks switch to FT's, so every change is a change of the settings
+//! (and, to or from HA, of the runtime and the disk hooks) the primary's session loop
+//! runs with, made between two sessions with no standby connected, never inside one
+//! (`super::drive` hands the VM between FT's and HA's runtimes):
 //!
 //! - **unprotected -> FT**: while no peer is connected (no migration runs), the loop
-//!   hands the VM back to [`super::run_pair_with`], which starts the quorum client with
-//!   the daemon's settings (the same `Runner` a primary started with `--protection ft`
-//!   gets: it takes or renews the lease of the generation this node recorded) and runs
-//!   the loop again as an FT primary: the next peer is a real standby, resynced and
-//!   protected session after session, and the VMM's status says `ft`.
+//!   hands the VM back, the quorum client starts with the daemon's settings (the same
+//!   `Runner` a primary started with `--protection ft` gets: it takes or renews the
+//!   lease of the generation this node recorded) and the loop runs again as an FT
+//!   primary: the next peer is a real standby, resynced and protected session after
+//!   session, and the VMM's status says `ft`.
+//! - **unprotected -> HA**, **FT -> HA**: the same (from FT the quorum client runs on),
+//!   then HA's synchronous disk hooks are installed with the guest paused for the swap
+//!   and HA's runtime protects the VM (`crate::ha::primary::protect`): status `ha`.
+//! - **HA -> FT**, **HA -> unprotected**: taken by HA's session loop while it waits for
+//!   a standby; the hooks switch to FT's mode once no write batch is open, then as
+//!   from FT.
 //! - **FT -> unprotected**: only once the standby is gone (the daemon stops it first)
 //!   and, with a quorum, once the gate is `Free` (the witness recorded the standby as
 //!   outdated, so no standby may take over, and the lease is valid): everything held is
@@ -19,6 +27,7 @@
 //!   lapses at the witness (the swap's `Release` is for a pair in sync: the machine
 //!   refuses it without an acknowledging standby; lapsing is as safe here, since no
 //!   standby can be granted the VM); dirty logging goes off and the VM runs alone.
+//!   Changes to HA wait for the same gate.
 //!
 //! The control thread waits for the loop's answer for [`LEVEL_WAIT`] at most; a request
 //! the loop did not take by then is dropped (it never acts later, on a stale request).
@@ -58,13 +67,6 @@ pub(crate) fn ask(
     protection: &str,
     change: LevelChange,
 ) -> Result<(), String> {
-    if protection == "ha" {
-        return Err(
-            "an HA VMM mirrors its disks synchronously and cannot switch to FT or unprotected \
-             while it runs: shut the VM down, set its level, start it"
-                .into(),
-        );
-    }
     if role != FtRole::Primary || !vm_running {
         return Err(
             "this end of the pair runs no VM (a standby): ask the VM's primary; a standby is \
@@ -91,16 +93,20 @@ pub(crate) fn ask(
         Ok(r) => r,
         Err(_) => {
             lock(status.level_slot()).take();
-            Err(match change {
-                LevelChange::Ft(_) => format!(
-                    "not made within {LEVEL_WAIT:?}: an unprotected VM becomes FT only between \
-                     sessions (no live migration may run); the VM stays unprotected"
-                ),
-                LevelChange::Unprotected => format!(
-                    "not made within {LEVEL_WAIT:?}: an FT primary runs alone only once its \
-                     standby is gone (stop it first) and, with a quorum, the witness recorded \
-                     it as outdated (is the witness reachable?); the VM stays FT"
-                ),
+            Err(if protection == "unprotected" {
+                format!(
+                    "not made within {LEVEL_WAIT:?}: an unprotected VM becomes {} only \
+                     between sessions (no live migration may run); the VM stays unprotected",
+                    change.name()
+                )
+            } else {
+                format!(
+                    "not made within {LEVEL_WAIT:?}: an {protection} primary changes to {} \
+                     only once its standby is gone (stop it first) and, with a quorum, the \
+                     witness recorded it as outdated (is the witness reachable?); the VM \
+                     stays {protection}",
+                    change.name()
+                )
             })
         }
     }
@@ -225,14 +231,6 @@ mod tests {
     #[test]
     fn refused_at_once_where_no_change_can_be_made() {
         let status = status();
-        let ha = ask(
-            &status,
-            FtRole::Primary,
-            true,
-            "ha",
-            LevelChange::Unprotected,
-        );
-        assert!(ha.unwrap_err().contains("HA"));
         let standby = ask(
             &status,
             FtRole::Standby,
@@ -244,6 +242,10 @@ mod tests {
         // Already at that level: nothing to do.
         assert_eq!(
             ask(&status, FtRole::Primary, true, "ft", LevelChange::Ft(None)),
+            Ok(())
+        );
+        assert_eq!(
+            ask(&status, FtRole::Primary, true, "ha", LevelChange::Ha(None)),
             Ok(())
         );
     }

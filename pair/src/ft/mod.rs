@@ -26,10 +26,13 @@ use storage_mirror::primary::PrimaryDisks;
 use vmm::config::VmConfig;
 use vmm::Vmm;
 
+use crate::ha::hooks::HaHooks;
+use crate::ha::migrate::MigrateSide;
 use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
 use shutdown::Shutdown;
 use status::PairStatus;
+use storage_mirror::sync::SyncDisks;
 
 /// Runs this process's end of the pair until it ends or SIGTERM/SIGINT (with `name`,
 /// serving its control socket); returns the exit code.
@@ -78,15 +81,47 @@ pub fn run_pair_with(
         }
     };
     let acfg = link::alink_config(ft);
-    // Owned here: an online level change starts or stops it (`Next::Level`).
-    let mut q = q;
-    let mut next = match ft.role {
+    let first = match ft.role {
         Role::Primary => primary::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
         Role::Standby => standby::run(cfg, ft, acfg, shutdown, status, q.as_ref()),
     };
-    // The role switches, in one place: a failover survivor (or the standby that
-    // accepted a planned swap) protects the VM as the primary; a swapped-out primary
-    // runs on as the standby of the same pair.
+    drive(cfg, ft, shutdown, status, q, &Arc::default(), first)
+}
+
+/// An HA primary that took an online level change to FT or unprotected
+/// (`crate::ha::drive`): FT's runtime goes on with its VM (its hooks FT's already),
+/// disks and quorum client, the change made as from unprotected or FT.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_from_ha(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    shutdown: &Shutdown,
+    status: &Arc<PairStatus>,
+    q: Option<quorum::Quorum>,
+    side: &Arc<MigrateSide>,
+    vm: Box<Vmm>,
+    disks: Arc<PrimaryDisks>,
+    request: level::LevelRequest,
+) -> i32 {
+    let next = Next::Level { vm, disks, request };
+    drive(cfg, ft, shutdown, status, q, side, next)
+}
+
+/// FT's runtime from `next` on. The role switches, in one place: a failover survivor
+/// (or the standby that accepted a planned swap) protects the VM as the primary; a
+/// swapped-out primary runs on as the standby of the same pair; an online level
+/// change goes on at the new level, HA's runtime included (`crate::ha::drive`, which
+/// comes back here on a change away from HA). `q` is owned here: a level change
+/// starts or stops it.
+fn drive(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    shutdown: &Shutdown,
+    status: &Arc<PairStatus>,
+    mut q: Option<quorum::Quorum>,
+    side: &Arc<MigrateSide>,
+    mut next: Next,
+) -> i32 {
     let mut cur_ft = ft.clone();
     let mut swapped_out = false;
     loop {
@@ -103,18 +138,48 @@ pub fn run_pair_with(
                 primary::protect(*vm, &cur_ft, acfg, shutdown, disks, status, q, q.is_some())
             }
             Next::Level { vm, disks, request } => {
-                change_level(&vm, &mut cur_ft, &mut q, status, request);
-                let acfg = link::alink_config_as(&cur_ft, Role::Primary);
-                primary::protect(
-                    *vm,
-                    &cur_ft,
-                    acfg,
-                    shutdown,
-                    disks,
-                    status,
-                    q.as_ref(),
-                    false,
-                )
+                match change_level(&vm, &disks, &mut cur_ft, &mut q, status, side, request) {
+                    Changed::Ha(sync, hooks) => {
+                        let at_ha = crate::ha::Next::Primary(vm, sync, hooks);
+                        match crate::ha::drive(
+                            cfg,
+                            &cur_ft,
+                            shutdown,
+                            status,
+                            q.as_ref(),
+                            side,
+                            at_ha,
+                        ) {
+                            crate::ha::HaEnd::Exit(code) => Next::Exit(code),
+                            crate::ha::HaEnd::Level {
+                                ft,
+                                vm,
+                                sync,
+                                request,
+                            } => {
+                                cur_ft = *ft;
+                                Next::Level {
+                                    vm,
+                                    disks: sync.disks.clone(),
+                                    request: *request,
+                                }
+                            }
+                        }
+                    }
+                    Changed::Ft => {
+                        let acfg = link::alink_config_as(&cur_ft, Role::Primary);
+                        primary::protect(
+                            *vm,
+                            &cur_ft,
+                            acfg,
+                            shutdown,
+                            disks,
+                            status,
+                            q.as_ref(),
+                            false,
+                        )
+                    }
+                }
             }
             Next::Standby {
                 cfg,
@@ -129,52 +194,93 @@ pub fn run_pair_with(
     }
 }
 
+/// Where an online level change leaves the VM.
+enum Changed {
+    /// FT's session loop goes on: at FT or unprotected (the new level, or the old one
+    /// when the change was refused; a change from HA is never refused).
+    Ft,
+    /// HA's runtime takes the VM with these hooks installed.
+    Ha(Arc<SyncDisks>, Arc<HaHooks>),
+}
+
 /// An online level change between two of the primary's sessions ([`level`]): the
 /// settings and the quorum the next sessions run with. A change that cannot be made
 /// (a bad quorum config) is answered with why and changes nothing.
 fn change_level(
     vm: &Vmm,
+    disks: &Arc<PrimaryDisks>,
     ft: &mut FtSettings,
     q: &mut Option<quorum::Quorum>,
     status: &PairStatus,
+    side: &Arc<MigrateSide>,
     request: level::LevelRequest,
-) {
-    let from = if ft.unprotected { "unprotected" } else { "ft" };
+) -> Changed {
+    let from = status.protection();
+    // Every refusal below is of a change from unprotected or FT (the VM stays there):
+    // from HA (its hooks FT's already) nothing can fail, as its quorum client runs on.
+    let mut changed = Changed::Ft;
     match request.change.clone() {
-        twinrun_control::LevelChange::Ft(flags) => {
+        twinrun_control::LevelChange::Ft(flags) | twinrun_control::LevelChange::Ha(flags) => {
+            let to_ha = matches!(request.change, twinrun_control::LevelChange::Ha(_));
             let mut next = ft.clone();
             next.unprotected = false;
-            next.quorum = match flags.as_ref().map(level::quorum_settings).transpose() {
-                Ok(qs) => qs,
-                Err(why) => {
-                    error!("level change to FT refused: {why}");
-                    request.answer(Err(why));
-                    return;
-                }
-            };
-            match quorum::start_for(
-                &next,
-                status,
-                "FT mode WITHOUT QUORUM (no quorum settings in the level change): if ALL \
-                 A-Links are cut while both PMs are alive, the standby takes over and TWO \
-                 copies of the VM run",
-            ) {
-                Ok(started) => {
-                    if let Some(qq) = &started {
-                        wait_for_the_lease(qq);
+            if ft.unprotected {
+                // From unprotected: the quorum client starts with the daemon's
+                // settings. (From FT or HA it runs on: the same lease, the same
+                // generation.)
+                next.quorum = match flags.as_ref().map(level::quorum_settings).transpose() {
+                    Ok(qs) => qs,
+                    Err(why) => {
+                        error!("level change to {} refused: {why}", request.change.name());
+                        request.answer(Err(why));
+                        return Changed::Ft;
                     }
-                    *q = started
-                }
-                Err(code) => {
-                    let why = format!(
-                        "the quorum client could not start (code {code}; see the VMM's log)"
-                    );
-                    request.answer(Err(why));
-                    return;
+                };
+                let warning = if to_ha {
+                    crate::ha::NO_WITNESS_WARNING
+                } else {
+                    "FT mode WITHOUT QUORUM (no quorum settings in the level change): if ALL \
+                     A-Links are cut while both PMs are alive, the standby takes over and TWO \
+                     copies of the VM run"
+                };
+                match quorum::start_for(&next, status, warning) {
+                    Ok(started) => {
+                        if let Some(qq) = &started {
+                            wait_for_the_lease(qq);
+                        }
+                        *q = started
+                    }
+                    Err(code) => {
+                        let why = format!(
+                            "the quorum client could not start (code {code}; see the VMM's log)"
+                        );
+                        request.answer(Err(why));
+                        return Changed::Ft;
+                    }
                 }
             }
+            if to_ha {
+                match install_ha_hooks(vm, disks) {
+                    Ok((sync, hooks)) => {
+                        status.set_ha(side.clone());
+                        changed = Changed::Ha(sync, hooks);
+                    }
+                    Err(why) => {
+                        if ft.unprotected {
+                            // The quorum client started above stops again: the VM
+                            // stays unprotected.
+                            q.take();
+                            status.clear_quorum();
+                        }
+                        error!("level change to HA refused: {why}");
+                        request.answer(Err(why));
+                        return Changed::Ft;
+                    }
+                }
+            } else {
+                status.set_ft();
+            }
             *ft = next;
-            status.set_ft();
         }
         twinrun_control::LevelChange::Unprotected => {
             if let Some(old) = q.take() {
@@ -199,6 +305,38 @@ fn change_level(
     }
     level::log_change(from, request.change.name());
     request.answer(Ok(()));
+    changed
+}
+
+/// Installs HA's disk hooks on the running VM (an online change to HA): the guest is
+/// paused for the swap of hooks, so no write batch is between FT's hooks' calls (FT's
+/// hooks never wait as a host wait: a pause waits for the vCPU to leave its batch);
+/// the disks' bitmaps carry over (every write recorded since the last standby was in
+/// sync: HA's standby gets a delta), and FT's dirty logging and disk journal are off
+/// (HA needs neither; a live migration's session turns them on again).
+fn install_ha_hooks(
+    vm: &Vmm,
+    disks: &Arc<PrimaryDisks>,
+) -> Result<(Arc<SyncDisks>, Arc<HaHooks>), String> {
+    let sync = SyncDisks::new(disks.clone());
+    let hooks = HaHooks::new(sync.clone());
+    let t0 = std::time::Instant::now();
+    vm.pause()
+        .map_err(|e| format!("cannot pause the VM to install HA's disk hooks: {e}"))?;
+    vm.set_disk_hooks(Some(hooks.clone()));
+    vm.disable_disk_journal();
+    if let Err(e) = vm.resume() {
+        error!("level change: cannot resume the VM: {e}");
+    }
+    if let Err(e) = vm.stop_dirty_tracking() {
+        warn!("level change: cannot turn dirty logging off: {e}");
+    }
+    info!(
+        "level change: HA's synchronous disk hooks installed (guest paused {:?}); a write \
+         completes once both replicas have it from the first standby in sync on",
+        t0.elapsed()
+    );
+    Ok((sync, hooks))
 }
 
 /// How long an online change to FT lets the guest run on before the quorum's gate
@@ -248,7 +386,8 @@ pub enum Next {
         ft: Box<FtSettings>,
     },
     /// The primary took an online level change between two sessions: it goes on with
-    /// the same VM and disks at the new level ([`change_level`]).
+    /// the same VM and disks at the new level ([`change_level`]; from HA, its hooks
+    /// are FT's already).
     Level {
         vm: Box<Vmm>,
         disks: Arc<PrimaryDisks>,

@@ -307,7 +307,7 @@ fn wait_alone(link: &Alink, sd: &Shutdown, status: &PairStatus) -> Waited {
 
 /// Waits for a standby on `link` while the quorum governs the VM's output and guest.
 /// Standby: a standby is connected (held output handed to the session); Stop: stop
-/// requested; Level: a change to unprotected, taken only while the gate is `Free` (the
+/// requested; Level: a change to unprotected or HA, taken only while the gate is `Free` (the
 /// witness recorded the standby as outdated and the lease is valid: nothing can take
 /// the VM over), with everything held released first; Err(generation): this primary
 /// lost the VM to that generation.
@@ -341,10 +341,14 @@ fn wait_for_standby(
         };
         if free && !q.pause() {
             if let Some(r) = super::level::take(status, |c| {
-                matches!(c, twinrun_control::LevelChange::Unprotected)
+                matches!(
+                    c,
+                    twinrun_control::LevelChange::Unprotected | twinrun_control::LevelChange::Ha(_)
+                )
             }) {
                 // Everything held leaves now (the gate allows it), and output commit
-                // is off for good: the VM runs alone.
+                // is off for good: the VM runs alone, or at HA (which holds no output:
+                // its writes wait for the standby instead).
                 if let Err(e) = held.before_session(vm) {
                     warn!("level change: releasing the held output: {e}");
                 }

@@ -35,6 +35,9 @@ pub struct PairStatus {
     /// An online level change asked on the control socket, until the runtime takes it
     /// at a session boundary (`Op::SetLevel`, [`super::level`]).
     level: Mutex<Option<super::level::LevelRequest>>,
+    /// An HA runtime's live migrations (`Op::Swap` asked of an HA primary): set when
+    /// this end protects its VM with HA (started so, or changed online to HA).
+    ha: Mutex<Option<Arc<crate::ha::migrate::MigrateSide>>>,
 }
 
 struct Inner {
@@ -92,11 +95,26 @@ impl PairStatus {
             quorum: Mutex::new(None),
             swap: super::swap::SwapSide::new(cfg),
             level: Mutex::new(None),
+            ha: Mutex::new(None),
         })
     }
 
-    /// This end protects its VM with FT now (an online change from unprotected).
+    /// This end protects its VM with HA now (started so, or an online change): the
+    /// status says `ha`, and a swap asked of the primary is HA's live migration
+    /// through `side`.
+    pub fn set_ha(&self, side: Arc<crate::ha::migrate::MigrateSide>) {
+        *lock(&self.ha) = Some(side);
+        lock(&self.inner).protection = "ha";
+    }
+
+    /// The HA runtime's migration side while this end is at HA.
+    pub fn ha_side(&self) -> Option<Arc<crate::ha::migrate::MigrateSide>> {
+        lock(&self.ha).clone()
+    }
+
+    /// This end protects its VM with FT now (an online change from unprotected or HA).
     pub fn set_ft(&self) {
+        lock(&self.ha).take();
         lock(&self.inner).protection = "ft";
     }
 
@@ -118,6 +136,7 @@ impl PairStatus {
     /// This end runs an unprotected VM (the status says so; a primary's "protected"
     /// state then means a migration's receiving VMM is in sync).
     pub fn set_unprotected(&self) {
+        lock(&self.ha).take();
         lock(&self.inner).protection = "unprotected";
     }
 
@@ -286,7 +305,7 @@ impl FtControl for PairStatus {
                 disks.iter().map(|d| d.last_committed_epoch).min().flatten(),
             ),
         };
-        FtStatus {
+        let mut st = FtStatus {
             protection: i.protection.into(),
             role: i.role,
             state,
@@ -300,7 +319,11 @@ impl FtControl for PairStatus {
             links,
             disks,
             quorum: lock(&self.quorum).as_ref().map(|v| lock(v).clone()),
+        };
+        if i.protection == "ha" {
+            crate::ha::status::decorate(self, &mut st);
         }
+        st
     }
 
     fn disk_faults(&self) -> Vec<Arc<DiskFaults>> {
@@ -314,6 +337,10 @@ impl FtControl for PairStatus {
     fn swap(&self) -> Result<(u64, u64), String> {
         if lock(&self.inner).role == FtRole::Standby {
             return Err("this end of the pair is the standby: ask the primary".into());
+        }
+        if let Some(side) = self.ha_side() {
+            // HA: the pre-copy first (one checkpoint session), then FT's planned swap.
+            return side.request(|| self.swap.request(lock(&self.quorum).is_some()));
         }
         self.swap.request(lock(&self.quorum).is_some())
     }

@@ -229,3 +229,82 @@ impl DiskHooks for HaHooks {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use storage_mirror::primary::PrimaryDisks;
+
+    /// The switch an online level change away from HA makes (and a live migration):
+    /// a batch begun in HA's mode is answered by it, a batch that arrives while the
+    /// gate is closed waits and is answered by the new mode, and the disk's bitmap
+    /// holds the writes of both modes (the next standby's delta).
+    #[test]
+    fn the_mode_changes_only_between_batches_and_the_bitmap_carries_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let disks = PrimaryDisks::open(std::slice::from_ref(&img)).unwrap();
+        let hooks = HaHooks::new(SyncDisks::new(disks.clone()));
+        let bs = u64::from(disks.status()[0].block_size);
+        let (a, b) = (bs, 3 * bs);
+
+        // A batch in HA's mode (no standby: it completes alone, its block marked).
+        hooks.before_writes(0, &[(a, 512)]).unwrap();
+        assert!(!hooks.quiesce(), "a batch is open: the mode may not change");
+        let entered = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let h = &hooks;
+            let e = &entered;
+            let late = s.spawn(move || {
+                // Arrives while the gate is closed: waits for the switch.
+                h.before_writes(0, &[(b, 512)]).unwrap();
+                e.store(true, Ordering::SeqCst);
+                let mode = h.is_ft();
+                h.completed(
+                    0,
+                    &[DoneOp::Write {
+                        offset: b,
+                        data: &[2u8; 512],
+                    }],
+                )
+                .unwrap();
+                mode
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !entered.load(Ordering::SeqCst),
+                "a new batch waits at the closed gate"
+            );
+            hooks
+                .completed(
+                    0,
+                    &[DoneOp::Write {
+                        offset: a,
+                        data: &[1u8; 512],
+                    }],
+                )
+                .unwrap();
+            assert!(
+                hooks.quiesce(),
+                "no batch open once the first one completed"
+            );
+            hooks.switch(true);
+            assert!(
+                late.join().unwrap(),
+                "the waiting batch is answered by FT's hooks"
+            );
+        });
+        assert!(hooks.is_ft());
+        assert_eq!(
+            disks.status()[0].dirty_blocks,
+            2,
+            "both writes marked for the next standby's resync"
+        );
+    }
+}

@@ -29,13 +29,14 @@ use log::error;
 use vmm::config::VmConfig;
 
 use crate::ft::link;
+use crate::ft::quorum::Quorum;
 use crate::ft::shutdown::Shutdown;
+use crate::ft::status::ControlThread;
 use crate::ft::status::PairStatus;
 use crate::settings::{FtSettings, Role};
 use crate::{exit, signals};
 use hooks::HaHooks;
 use migrate::MigrateSide;
-use status::ControlThread;
 use storage_mirror::sync::SyncDisks;
 use vmm::Vmm;
 
@@ -58,7 +59,8 @@ pub fn run_pair(cfg: &VmConfig, ft: &FtSettings, name: Option<&str>) -> i32 {
     };
     let status = PairStatus::new(ft.role, cfg);
     let side = Arc::new(MigrateSide::default());
-    let _control = server.map(|s| ControlThread::start(s, status.clone(), side.clone()));
+    status.set_ha(side.clone());
+    let _control = server.map(|s| ControlThread::start(s, status.clone()));
     run_pair_with_migration(cfg, ft, &shutdown, &status, &side)
 }
 
@@ -69,7 +71,7 @@ pub fn run_pair_with(
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
 ) -> i32 {
-    run_pair_with_migration(cfg, ft, shutdown, status, &MigrateSide::default())
+    run_pair_with_migration(cfg, ft, shutdown, status, &Arc::default())
 }
 
 /// [`run_pair_with`] where `side` carries the live migrations asked of this end.
@@ -78,27 +80,90 @@ pub fn run_pair_with_migration(
     ft: &FtSettings,
     shutdown: &Shutdown,
     status: &Arc<PairStatus>,
-    side: &MigrateSide,
+    side: &Arc<MigrateSide>,
 ) -> i32 {
+    status.set_ha(side.clone());
     // The same quorum as FT: the standby boots the VM only with the grant; the
     // primary pauses before its lease could lapse and stops when it lost the VM.
     let q = match crate::ft::quorum::start_for(ft, status, NO_WITNESS_WARNING) {
         Ok(q) => q,
         Err(code) => return code,
     };
-    let q = q.as_ref();
     let sd = shutdown;
-    let mut next = match ft.role {
-        Role::Primary => primary::run(cfg, ft, link::alink_config(ft), sd, status, q, side),
-        Role::Standby => standby::run(cfg, ft, link::alink_config(ft), sd, status, q, side),
+    let first = match ft.role {
+        Role::Primary => primary::run(
+            cfg,
+            ft,
+            link::alink_config(ft),
+            sd,
+            status,
+            q.as_ref(),
+            side,
+        ),
+        Role::Standby => standby::run(
+            cfg,
+            ft,
+            link::alink_config(ft),
+            sd,
+            status,
+            q.as_ref(),
+            side,
+        ),
     };
-    // The role switches, in one place: a takeover survivor, or the target of a live
-    // migration, protects the VM as the primary; a migration's source runs on as the
-    // standby of the same pair.
+    match drive(cfg, ft, sd, status, q.as_ref(), side, first) {
+        HaEnd::Exit(code) => code,
+        // An online level change to FT or unprotected: FT's runtime goes on with the
+        // same VM, disks and quorum client.
+        HaEnd::Level {
+            ft,
+            vm,
+            sync,
+            request,
+        } => crate::ft::run_from_ha(
+            cfg,
+            &ft,
+            sd,
+            status,
+            q,
+            side,
+            vm,
+            sync.disks.clone(),
+            *request,
+        ),
+    }
+}
+
+/// How [`drive`] ended.
+pub(crate) enum HaEnd {
+    Exit(i32),
+    /// The primary took an online level change to FT or unprotected between two
+    /// sessions (no standby connected): the VM's hooks are FT's already, `ft` the
+    /// settings it ran with.
+    Level {
+        ft: Box<FtSettings>,
+        vm: Box<Vmm>,
+        sync: Arc<SyncDisks>,
+        request: Box<crate::ft::level::LevelRequest>,
+    },
+}
+
+/// The HA runtime from `next` on (a role's first run, or an online change to HA):
+/// the role switches, in one place: a takeover survivor, or the target of a live
+/// migration, protects the VM as the primary; a migration's source runs on as the
+/// standby of the same pair.
+pub(crate) fn drive(
+    cfg: &VmConfig,
+    ft: &FtSettings,
+    sd: &Shutdown,
+    status: &Arc<PairStatus>,
+    q: Option<&Quorum>,
+    side: &Arc<MigrateSide>,
+    mut next: Next,
+) -> HaEnd {
     let mut cur = ft.clone();
     loop {
         next = match next {
-            Next::Exit(code) => return code,
+            Next::Exit(code) => return HaEnd::Exit(code),
             Next::Primary(vm, sync, hooks) => {
                 let acfg = link::alink_config_as(&cur, Role::Primary);
                 primary::protect(*vm, &cur, acfg, sd, sync, hooks, status, q, side)
@@ -109,6 +174,15 @@ pub fn run_pair_with_migration(
                 cur.discard_disk_data = false;
                 let acfg = link::alink_config_as(&cur, Role::Standby);
                 standby::run(cfg, &cur, acfg, sd, status, q, side)
+            }
+            Next::Level { vm, sync, request } => {
+                cur.role = Role::Primary;
+                return HaEnd::Level {
+                    ft: Box::new(cur),
+                    vm,
+                    sync,
+                    request,
+                };
             }
         };
     }
@@ -123,4 +197,11 @@ pub enum Next {
     /// This end handed the VM over (a live migration's source): it runs on as the
     /// HA standby.
     Standby,
+    /// The primary took an online level change to FT or unprotected between two
+    /// sessions; its hooks are FT's already ([`HaHooks::switch`]).
+    Level {
+        vm: Box<Vmm>,
+        sync: Arc<SyncDisks>,
+        request: Box<crate::ft::level::LevelRequest>,
+    },
 }

@@ -34,7 +34,7 @@ use super::migrate::{self, MigrateSide, Sent};
 use super::Next;
 use crate::alone::exit_code;
 use crate::exit;
-use crate::ft::quorum::Quorum;
+use crate::ft::quorum::{Gate, Quorum};
 use crate::ft::shutdown::Shutdown;
 use crate::ft::status::PairStatus;
 use crate::settings::FtSettings;
@@ -127,6 +127,9 @@ enum End {
     /// A live migration: every write acknowledged, the hooks' gate closed, the
     /// standby told (`HaToStandby::Migrate`).
     Migrate,
+    /// An online level change to FT or unprotected, taken while no standby was
+    /// connected (`crate::ft::level`).
+    Level(crate::ft::level::LevelRequest),
 }
 
 /// The quorum as the HA primary obeys it (none: no rule) and whether it paused the guest.
@@ -220,8 +223,36 @@ pub fn protect(
         let ctx = Migration {
             side,
             hooks: &hooks,
+            status,
         };
         let mut end = session(&vm, &link, &sync, sd, &acked, ft, &mut rule, &mut lim, &ctx);
+        if let End::Level(request) = end {
+            // No standby is attached (the disks are degraded already, every write
+            // marked): nothing to end but this session's link.
+            status.end_session(None);
+            if let Some(q) = q {
+                q.end_session();
+            }
+            drop(link);
+            match to_ft_hooks(&vm, &hooks, &mut rule) {
+                Ok(()) => {
+                    return Next::Level {
+                        vm: Box::new(vm),
+                        sync,
+                        request: Box::new(request),
+                    }
+                }
+                Err(g) => {
+                    request.answer(Err(
+                        "this node lost the VM to its peer (quorum) during the change".into(),
+                    ));
+                    vm.stopper().stop();
+                    sync.fence();
+                    sync.peer_lost();
+                    return Next::Exit(crate::ft::primary::demote(vm, &sync.disks, g));
+                }
+            }
+        }
         if !matches!(end, End::Migrate) {
             // A migration taken but not begun: the gate opens, the request fails.
             hooks.reopen();
@@ -241,7 +272,7 @@ pub fn protect(
             sync.fence();
         }
         match end {
-            End::PeerLost | End::Demoted(_) | End::Migrate => {
+            End::PeerLost | End::Demoted(_) | End::Migrate | End::Level(_) => {
                 // Writers never wait for a standby that is gone. (Migrate: none waits,
                 // and the checkpoint session's disk session finds a delta of nothing.)
                 sync.peer_lost();
@@ -289,7 +320,7 @@ pub fn protect(
         };
         match end {
             End::PeerLost => continue,
-            End::Migrate => unreachable!("a migration's end is mapped above"),
+            End::Migrate | End::Level(_) => unreachable!("mapped above"),
             End::Demoted(g) => {
                 // Held completions failed above (the VM stops; none may be seen done).
                 return Next::Exit(crate::ft::primary::demote(vm, &sync.disks, g));
@@ -331,10 +362,29 @@ fn hand_over(
     Next::Standby
 }
 
-/// What the session loop needs for a live migration.
+/// What the session loop needs for a live migration (and an online level change).
 struct Migration<'a> {
     side: &'a MigrateSide,
     hooks: &'a HaHooks,
+    status: &'a PairStatus,
+}
+
+/// An online level change away from HA: the hooks become FT's (the same disks, every
+/// write recorded in their bitmaps; FT's hooks never wait). Writers of a batch begun
+/// in HA's mode finish first (without a standby they complete alone as the quorum's
+/// gate allows, which was free when the change was taken); the quorum is obeyed
+/// meanwhile. Err: this node lost the VM (the generation).
+fn to_ft_hooks(vm: &Vmm, hooks: &HaHooks, rule: &mut Obey) -> Result<(), u64> {
+    while !hooks.quiesce() {
+        if let Err(g) = rule.step(vm) {
+            hooks.reopen();
+            return Err(g);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    hooks.switch(true);
+    info!("HA primary: level change: the VM's disk hooks are FT's now (no synchronous mirroring)");
+    Ok(())
 }
 
 /// Sends `m` to the standby; false when it is gone, when `cut` is set (the standby was
@@ -471,6 +521,20 @@ fn session(
         while link.poll_event(Duration::ZERO).is_some() {}
         if link.peer_reachable() {
             break;
+        }
+        // An online level change away from HA, between two sessions: with a quorum
+        // only while the gate is free (the witness recorded the standby as outdated and
+        // the lease is valid: no writer waits, nothing can take the VM over).
+        let free = rule.q.is_none_or(|q| {
+            !q.pause()
+                && matches!(q.gate(), Gate::Free { until } if until.is_none_or(|u| Instant::now() < u))
+        });
+        if free {
+            if let Some(r) = crate::ft::level::take(mig.status, |c| {
+                !matches!(c, twinrun_control::LevelChange::Ha(_))
+            }) {
+                return End::Level(r);
+            }
         }
         std::thread::sleep(Duration::from_millis(10));
     }
