@@ -19,14 +19,24 @@
 //! - `ha_migration_links_cut_keeps_the_vm_on_the_source`: every A-Link cut while the
 //!   pre-copy runs: the VM runs on at the source, and once the links are back it is
 //!   HA-protected again by the same standby process, and a later migration succeeds.
+//! - `ha_migration_with_a_witness_hands_the_lease_over`: the pair under a real
+//!   `twinrun witness` (tests/common/quorum.rs): the migration hands the lease over
+//!   (FT's planned-swap `Release` path): the target holds the next generation (its
+//!   node's by parity) and the witness lease, the source none, both record it; with
+//!   every A-Link cut the old source never takes the VM back on its own (no frame on its
+//!   TAP, the client goes on) and is re-protected once the links are back, the client's
+//!   one connection carrying the whole run; then a SIGKILL of the new primary's PM: the
+//!   old source takes over with the witness's grant (the next generation) and boots the
+//!   guest from its replica, which holds every disk record flushed before the kill.
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pair::{protected, Pm, RunningPair};
+use common::pair::{failed_over, protected, Pm, RunningPair};
+use common::quorum::{quorum, quorum_is, tap_frames, QuorumPair};
 use common::require_kvm;
 use twinrun_control::{self as control, FtRole};
-use twinrun_lab::console::{check_disk_records, count_c, read as read_console};
+use twinrun_lab::console::{check_disk_records, count_c, read as read_console, written_seqs};
 use twinrun_lab::kvload::LoadClient;
 use twinrun_lab::verdict::{check_load, Expect};
 
@@ -293,4 +303,212 @@ fn ha_migration_links_cut_keeps_the_vm_on_the_source() {
         .unwrap_or_else(|e| panic!("after the later migration: {e}\n{}", pair.logs()));
     eprintln!("later migration: longest client reply while it ran {stall:?}");
     final_verdict(pair, client);
+}
+
+/// PM `i` of a witness pair (0: node 1, started as the primary; 1: node 2).
+fn wpm(qp: &mut QuorumPair, i: usize) -> &mut Pm {
+    if i == 0 {
+        &mut qp.primary
+    } else {
+        &mut qp.standby
+    }
+}
+
+/// PM `i`'s lease at the (one) witness, as its quorum view shows it.
+fn lease_left(st: &control::FtStatus) -> Option<u64> {
+    st.quorum
+        .as_ref()
+        .and_then(|q| q.witnesses.first())
+        .and_then(|w| w.lease_left_ms)
+}
+
+#[test]
+fn ha_migration_with_a_witness_hands_the_lease_over() {
+    require_kvm();
+    let (mut qp, client) = QuorumPair::loaded("hamw", 1, 100, &["--protection", "ha"]);
+    assert_eq!(qp.primary.status_now().protection, "ha");
+    let g0 = quorum(&qp.primary.status_now()).generation;
+    assert!(
+        quorum::types::held_by(g0, quorum::NodeId(1)),
+        "node 1 holds the first generation: {g0}"
+    );
+
+    // 1. The migration PM1 -> PM2 with the witness granting the lease: PM1 releases
+    //    it, PM2 takes the next generation (node 2's by parity) before it runs the VM.
+    let (r, stall) = {
+        let sock = control::socket_of(&qp.primary.name).unwrap();
+        let job = std::thread::spawn(move || control::swap(&sock));
+        let mut stall = Duration::ZERO;
+        while !job.is_finished() {
+            stall = stall.max(client.max_reply_during(Duration::from_millis(50)));
+        }
+        (job.join().unwrap(), stall)
+    };
+    let (epoch, paused_us) = r.unwrap_or_else(|e| panic!("the migration: {e}\n{}", qp.logs()));
+    let want = quorum::types::next_generation(g0, quorum::NodeId(2)).unwrap();
+    assert_eq!(want, g0 + 1);
+    wpm(&mut qp, 1)
+        .wait_status(
+            "the HA primary of the next generation, holding the lease",
+            Duration::from_secs(60),
+            |s| {
+                s.role == FtRole::Primary
+                    && s.vm_running
+                    && protected(s)
+                    && quorum_is(s, |q| q.role == "primary" && q.generation == want)
+                    && lease_left(s).is_some()
+            },
+        )
+        .unwrap_or_else(|e| panic!("after the migration: {e}\n{}", qp.logs()));
+    wpm(&mut qp, 0)
+        .wait_status(
+            "the old primary is the standby of the new generation, without a lease",
+            Duration::from_secs(20),
+            |s| {
+                s.role == FtRole::Standby
+                    && !s.vm_running
+                    && quorum_is(s, |q| {
+                        q.role == "standby" && q.generation == want && q.demoted_by.is_none()
+                    })
+                    && lease_left(s).is_none()
+            },
+        )
+        .unwrap_or_else(|e| panic!("after the migration: {e}\n{}", qp.logs()));
+    assert_eq!(
+        quorum(&qp.standby.status_now()).took_over,
+        Some(want),
+        "PM2 was granted the swap's generation"
+    );
+    for node in [1, 2] {
+        let t0 = Instant::now();
+        while qp.recorded_generation(node) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "node {node} recorded generation {} (want {want})\n{}",
+                qp.recorded_generation(node),
+                qp.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    qp.progress(&client, 50, "after the migration");
+    eprintln!(
+        "HA migration with a witness: PM1 -> PM2 at epoch {epoch}, generation {g0} -> {want}, \
+         guest paused {:.1} ms at the handover, longest client reply {stall:?}",
+        paused_us as f64 / 1e3
+    );
+
+    // 2. The old source cannot take the VM back on its own: every A-Link cut with both
+    //    PMs alive, PM2 runs on alone under its lease (the client progresses), PM1
+    //    waits for a grant it does not get and never runs the guest.
+    let pm1_frames = tap_frames(&qp.topo, 0);
+    let protections = qp.standby.status_now().protections;
+    qp.set_alinks(0, false);
+    qp.progress(&client, 100, "PM2 alone after the cut");
+    qp.primary
+        .wait_log("waiting for the quorum's grant", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    qp.standby
+        .wait_status("simplex under its lease", Duration::from_secs(10), |s| {
+            quorum_is(s, |q| q.gate == "free" && !q.peer_reachable) && lease_left(s).is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    // Well past detection and the lease.
+    std::thread::sleep(Duration::from_secs(3));
+    let st = qp.primary.status_now();
+    assert!(
+        st.role == FtRole::Standby && !st.vm_running,
+        "the old source took the VM back with PM2 alive: {st:?}\n{}",
+        qp.logs()
+    );
+    assert!(
+        quorum_is(&st, |q| q.generation == want),
+        "the old source holds a generation of its own: {st:?}"
+    );
+    assert_eq!(
+        tap_frames(&qp.topo, 0),
+        pm1_frames,
+        "PM1's VMM wrote frames to its TAP: a second copy ran\n{}",
+        qp.logs()
+    );
+    qp.set_alinks(0, true);
+    qp.standby
+        .wait_status("protected again by PM1", Duration::from_secs(90), |s| {
+            protected(s) && s.protections > protections
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", qp.logs()));
+    qp.progress(&client, 50, "after the links came back");
+    assert_eq!(tap_frames(&qp.topo, 0), pm1_frames, "PM1 wrote frames");
+
+    // The client's one connection carried the whole run: nothing acknowledged lost,
+    // the counter exact, the console one history.
+    let rep = client.finish().unwrap();
+    let console = read_console(&qp.files.console);
+    let cc = check_load(&rep, &console, Expect::MOVED)
+        .unwrap_or_else(|e| panic!("across the migration and the cut: {e}\n{}", qp.logs()));
+
+    // 3. SIGKILL of the new primary's PM: the old source takes over with the witness's
+    //    grant (the next generation, node 1's) and boots the guest from its replica,
+    //    which holds every record flushed before the kill.
+    qp.standby.kill();
+    let flushed = written_seqs(&read_console(&qp.files.console));
+    assert!(
+        flushed.len() >= cc.w_seqs.len(),
+        "the console lost W records"
+    );
+    let then = quorum::types::next_generation(want, quorum::NodeId(1)).unwrap();
+    qp.primary
+        .wait_status(
+            "took over with the witness's grant",
+            Duration::from_secs(30),
+            |s| {
+                failed_over(s)
+                    && s.vm_running
+                    && s.role == FtRole::Primary
+                    && quorum_is(s, |q| q.took_over == Some(then) && q.generation == then)
+                    && lease_left(s).is_some()
+            },
+        )
+        .unwrap_or_else(|e| panic!("the takeover after the kill: {e}\n{}", qp.logs()));
+    let t0 = Instant::now();
+    while qp.recorded_generation(1) != then {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "node 1 recorded generation {} (want {then})",
+            qp.recorded_generation(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest booted again on PM1 and writes records there.
+    let t0 = Instant::now();
+    loop {
+        let c = read_console(&qp.files.console);
+        let boots = String::from_utf8_lossy(&c)
+            .lines()
+            .filter(|l| l.starts_with("BOOT"))
+            .count();
+        if boots >= 2 && written_seqs(&c).len() >= flushed.len() + 10 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the guest did not boot and write again on PM1\n{}",
+            qp.primary.tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qp.primary.proc_signal(nix::sys::signal::Signal::SIGSTOP);
+    let all = written_seqs(&read_console(&qp.files.console));
+    let img = std::fs::read(&qp.files.disks[0]).unwrap();
+    check_disk_records(&img, &flushed)
+        .unwrap_or_else(|e| panic!("PM1's image, records flushed before the kill: {e}"));
+    check_disk_records(&img, &all)
+        .unwrap_or_else(|e| panic!("PM1's image, records written after the takeover: {e}"));
+    qp.primary.kill();
+    eprintln!(
+        "HA takeover after the migration: generation {want} -> {then}; {} records flushed \
+         before the kill intact on PM1, {} in all",
+        flushed.len(),
+        all.len()
+    );
 }

@@ -322,20 +322,39 @@ fn a_daemon_alone_runs_an_unprotected_vm_only_with_the_witness_grant() {
     );
     // A second VM while the witness is frozen: pending, and it says why.
     client_setup.witness.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
     c1.create(
         &spec("solo2", "unprotected", "pm1", &["counter"], false),
         None,
     )
     .expect("create");
     c1.action("solo2", "start", None).expect("start");
+    // What solo2 showed meanwhile, each change with its time since the freeze (printed
+    // if the refusal does not show).
+    let seen = std::cell::RefCell::new(Vec::<String>::new());
     let v = wait_for(
         Duration::from_secs(30),
         "solo2 pending on the unreachable witness",
         || {
-            let v = c1.vm("solo2").ok()?;
+            let got = c1.vm("solo2");
+            let now = match &got {
+                Ok(v) => format!("{:?}: {}", v.state, v.reason),
+                Err(e) => format!("no answer: {e}"),
+            };
+            let mut seen = seen.borrow_mut();
+            if seen.last().is_none_or(|l| !l.ends_with(&now)) {
+                seen.push(format!("{:?} {now}", frozen.elapsed()));
+            }
+            let v = got.ok()?;
             (v.reason.contains("refused to run it alone")).then_some(v)
         },
-        ctx,
+        || {
+            format!(
+                "solo2 since the freeze:\n{}\n{}",
+                seen.borrow().join("\n"),
+                ctx()
+            )
+        },
     );
     assert_eq!(v.state, VmState::Pending, "{v:?}");
     assert!(v.reason.contains("did not answer"), "{}", v.reason);

@@ -688,6 +688,16 @@ fn session(
             ) {
                 return End::PeerLost;
             }
+            // The session's link is dropped next, which kills its connections at once:
+            // a Migrate still queued here would never reach the standby (it would see
+            // its primary lost instead, and boot the VM without a quorum). It waits
+            // until the standby consumed it, or its links closed (it leaves this
+            // session on reading it), bounded by the ack timeout.
+            let t0 = Instant::now();
+            while link.flush(SEND_WAIT).is_err()
+                && link.peer_reachable()
+                && t0.elapsed() < lim.ack_timeout
+            {}
             return End::Migrate;
         }
         if d.stuck {

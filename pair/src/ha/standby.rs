@@ -233,6 +233,9 @@ fn serve(
     let mut seen_peer = false;
     let mut in_sync = false;
     let mut hellos = 0u64;
+    // Every path to the primary is down (seen as PeerUnreachable): lost once nothing
+    // it sent before is left to read.
+    let mut gone = false;
     loop {
         if sd.requested() {
             return End::Stop;
@@ -254,20 +257,25 @@ fn serve(
                 Event::PeerRestarted { .. } => return End::PrimaryBack,
             }
         }
-        if lost && seen_peer && !link.peer_reachable() {
-            return if in_sync {
-                End::LostInSync
-            } else {
-                End::LostEarly
-            };
-        }
-        let wait = if ses.acks_waiting() {
+        // The primary lost: but what it sent before its links closed is read first.
+        // Its last message may be the start of a live migration (after which it
+        // closes this session's links at once): taken for a loss, this end would boot
+        // the VM beside the running source (without a quorum) instead of receiving it.
+        gone = (gone || (lost && seen_peer)) && !link.peer_reachable();
+        let wait = if gone || ses.acks_waiting() {
             Duration::ZERO
         } else {
             Duration::from_millis(5)
         };
         let msg = match link.recv(wait) {
             Ok(Some(m)) => m,
+            Ok(None) if gone => {
+                return if in_sync {
+                    End::LostInSync
+                } else {
+                    End::LostEarly
+                };
+            }
             Ok(None) => {
                 if let Err(e) = feed(&mut ses, disks, StandbyEvent::Idle, &[], link) {
                     return End::Failed(e);
