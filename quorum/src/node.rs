@@ -910,6 +910,26 @@ impl QuorumNode {
                 format!("{slot} reachable"),
             );
         }
+        if let (Asked::Acquire { from }, Reply::Lost { generation, holder }) = (&p.asked, &reply) {
+            if *holder == Some(self.cfg.node)
+                && *from == self.generation
+                && Some(*generation) == next_generation(*from, self.cfg.node)
+            {
+                // An earlier copy of this acquire was granted (its answer lost, or
+                // behind this one's): the generation is this node's. No lease is counted
+                // from it (the witness's began when that copy arrived, unknown here): a
+                // renewal goes out at once and its grant starts one.
+                self.swap_acquire = None;
+                if self.role == Role::Standby {
+                    self.take_over(*generation, out);
+                } else {
+                    self.generation = *generation;
+                    out.push(Action::Generation(*generation));
+                }
+                self.slots[slot.index()].last_sent = None;
+                return;
+            }
+        }
         if self.swap_acquire == Some((slot, id)) {
             self.swap_acquire = None;
             let why = match &reply {
@@ -2007,6 +2027,46 @@ mod handover_tests {
         assert!(a.contains(&Action::TakeOver { generation: 3 }), "{a:?}");
         r.step_s(ms(412), Event::Swap(SwapEvent::End { done: true }));
         assert_eq!((r.p.role(), r.s.role()), (Role::Primary, Role::Standby));
+    }
+
+    #[test]
+    fn a_swap_acquire_granted_but_unanswered_is_taken_from_the_next_copys_answer() {
+        let mut r = Rig::in_sync();
+        r.step_p(ms(10), Event::Swap(SwapEvent::Begin));
+        // The standby's acquire reaches the witness and is granted, but its answer is
+        // lost (a witness slow for 150 ms under load: CI of tests/ha_migrate.rs).
+        r.up = false;
+        let a = r.step_s(ms(11), Event::Swap(SwapEvent::Acquire));
+        let req = a
+            .iter()
+            .find_map(|a| match a {
+                Action::ToWitness { request, .. } => Some(request.clone()),
+                _ => None,
+            })
+            .expect("the acquire is sent");
+        let granted = r.w.handle(ms(11), "c", &req, &mut r.store);
+        assert!(
+            matches!(granted, Reply::Granted { generation: 2, .. }),
+            "{granted:?}"
+        );
+        r.up = true;
+        // Its copy, sent again, is answered Lost (generation 2, held by this node):
+        // the generation is its own, the swap goes on.
+        let a = r.step_s(ms(200), Event::Tick);
+        assert!(a.contains(&Action::TakeOver { generation: 2 }), "{a:?}");
+        assert!(notes(&a).is_empty(), "{a:?}");
+        assert_eq!((r.s.role(), r.s.generation()), (Role::Primary, 2));
+        // No lease counted from the lost answer; the renewal sent at once starts one.
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::ToWitness {
+                    request: Request::Renew { generation: 2, .. },
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -194,7 +194,13 @@ fn answer(link: &Alink, m: &HaToPrimary, data: Vec<u8>) -> Result<(), String> {
         vec![Bytes::from(data)]
     };
     match link.send_timeout(m, payload, Some(ANSWER_WAIT)) {
-        Ok(_) | Err(alink::AlinkError::Timeout) | Err(alink::AlinkError::Closed) => Ok(()),
+        // A primary whose A-Link was replaced (it redialed with a new instance: its
+        // new session resyncs the replicas) ends this session at the next read, as
+        // PrimaryBack; it is no failure of this standby (which exited on it).
+        Ok(_)
+        | Err(alink::AlinkError::Timeout)
+        | Err(alink::AlinkError::Closed)
+        | Err(alink::AlinkError::PeerRestarted { .. }) => Ok(()),
         Err(e) => Err(format!("A-Link: {e}")),
     }
 }
