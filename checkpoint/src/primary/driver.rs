@@ -25,6 +25,7 @@ use vmm::{Vmm, VmmError};
 
 use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 use super::disks::{DiskSide, MirroredDisks, Step};
+use super::epoch_copy::EpochCopy;
 use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox, OwnGenerations};
 use super::swap::{SwapDone, SwapPort, SwapReply};
 use super::vm::PrimaryVm;
@@ -73,6 +74,10 @@ pub struct PrimaryDriverConfig {
     /// Parts of at least this many pages are copied by two threads during the pause
     /// (default 512; tests lower it to cover the split copy with small parts).
     pub split_copy_min_pages: Option<u64>,
+    /// Where epoch pages are copied: in the pause (default), or after it with the
+    /// pages write-protected by userfaultfd until copied (see
+    /// [`crate::primary::epoch_copy`]).
+    pub epoch_copy: EpochCopy,
     /// Updated with the count of acknowledged epochs as acks arrive (for monitoring).
     pub acked: Option<Arc<AtomicU64>>,
     /// Test mode: hash guest memory and state while paused at every capture and record
@@ -115,6 +120,7 @@ impl Default for PrimaryDriverConfig {
             connect_timeout: Duration::from_secs(10),
             max_part_pages: None,
             split_copy_min_pages: None,
+            epoch_copy: EpochCopy::InPause,
             acked: None,
             verify: None,
             disks: None,
@@ -272,6 +278,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         if let Some(n) = cfg.max_part_pages {
             cap.set_max_part_pages(n);
         }
+        cap.set_epoch_copy(&vm, cfg.epoch_copy)?;
         Ok(PrimaryDriver {
             vm,
             link,
