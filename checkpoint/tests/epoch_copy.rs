@@ -68,6 +68,9 @@ fn pages_copied_after_the_pause_hold_the_cut_s_bytes() {
         if e > 0 {
             assert!(pages >= u64::from(N), "epoch {e}: {pages} pages");
         }
+        if e < 4 {
+            eprintln!("epoch {e}: {pages} pages (the guest wrote {N})");
+        }
         let mut sent = Vec::new();
         for p in &parts {
             let mut bytes = Vec::new();

@@ -185,7 +185,8 @@ fn main() {
     // the hot-page policy leaves writable in the dirty log.
     vmm.pause().expect("pause");
     let before = seen.lock().expect("lock").len();
-    wp.protect(host, len).unwrap_or_else(|e| fail(e.to_string()));
+    wp.protect(host, len)
+        .unwrap_or_else(|e| fail(e.to_string()));
     ctl.go.store(3, Ordering::SeqCst);
     vmm.resume().expect("resume");
     wait_done(&ctl, 4, Duration::from_secs(20)).unwrap_or_else(|e| fail(e));
@@ -200,6 +201,48 @@ fn main() {
         }
     }
     println!("pages KVM had mapped writable: all {n} writes faulted, each page still held round 3's value");
+
+    // What protecting and un-protecting other memory costs a guest that never touches
+    // it: rounds 5.. unprotected, first alone, then while another thread protects and
+    // un-protects one page far from the guest's every 200 us (as an epoch's copier
+    // does). Dirty logging off its pages by a harvest before each round.
+    let far = host_range(&mem, 128 << 20, 4096).unwrap_or_else(|e| fail(e.to_string()));
+    let mut round = 4u32;
+    let mut timed = |churn: bool| -> Duration {
+        vmm.pause().expect("pause");
+        set.clear();
+        vmm.harvest_dirty_into(&mut set).expect("harvest");
+        let stop_churn = Arc::new(AtomicBool::new(false));
+        let churner = churn.then(|| {
+            let (wp, stop_churn) = (wp.clone(), stop_churn.clone());
+            std::thread::spawn(move || {
+                let mut k = 0u64;
+                while !stop_churn.load(Ordering::SeqCst) {
+                    let _ = wp.protect(far, 4096);
+                    let _ = wp.unprotect(far, 4096);
+                    k += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                k
+            })
+        });
+        ctl.go.store(round, Ordering::SeqCst);
+        vmm.resume().expect("resume");
+        round += 1;
+        let t = wait_done(&ctl, round, Duration::from_secs(60)).unwrap_or_else(|e| fail(e));
+        stop_churn.store(true, Ordering::SeqCst);
+        if let Some(c) = churner {
+            let k = c.join().unwrap_or(0);
+            println!("  (churn: {k} protect+unprotect pairs of a far page during the round)");
+        }
+        t
+    };
+    let quiet = timed(false);
+    let churned = timed(true);
+    let quiet2 = timed(false);
+    println!(
+        "guest round of {n} pages, nothing of it protected: {quiet:?} / {quiet2:?} alone, {churned:?} while a far page is protected and un-protected every 200 us"
+    );
     stop.store(true, Ordering::SeqCst);
     match handler.join() {
         Ok(Ok(())) => {}

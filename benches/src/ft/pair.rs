@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkConfig, LinkAddrs, WindowLimits};
-use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::primary::{run_primary, EpochCopy, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::{PrimaryConfig, StandbyConfig};
 use checkpoint::standby::{run_standby, StandbyOutcome};
 use vmm::config::VmConfig;
@@ -63,6 +63,28 @@ impl Pair {
         misses: u32,
         ready: impl Fn() -> bool,
     ) -> Result<Pair, String> {
+        Pair::start_full(pcfg, scfg, epoch, misses, ready, EpochCopy::InPause)
+    }
+
+    /// As [`Pair::start`], epoch pages copied as `copy` says.
+    pub(crate) fn start_copy(
+        pcfg: &VmConfig,
+        scfg: VmConfig,
+        epoch: Duration,
+        misses: u32,
+        copy: EpochCopy,
+    ) -> Result<Pair, String> {
+        Pair::start_full(pcfg, scfg, epoch, misses, || true, copy)
+    }
+
+    fn start_full(
+        pcfg: &VmConfig,
+        scfg: VmConfig,
+        epoch: Duration,
+        misses: u32,
+        ready: impl Fn() -> bool,
+        copy: EpochCopy,
+    ) -> Result<Pair, String> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
         let slink =
             Alink::start(link_cfg(2, 1, any, misses)).map_err(|e| format!("A-Link: {e}"))?;
@@ -100,6 +122,7 @@ impl Pair {
                         ..PrimaryConfig::default()
                     },
                     acked: Some(acked),
+                    epoch_copy: copy,
                     ..PrimaryDriverConfig::default()
                 };
                 let r = run_primary(&pvmm, &plink, &cfg, &pstop).map_err(|e| e.to_string());

@@ -153,6 +153,12 @@ pub struct PrimaryReport {
     pub epoch_pages: u64,
     /// Of those, the pages the hot-page policy had left writable, summed.
     pub hot_pages: u64,
+    /// Epoch pages the write-protect fault handler copied because the guest wrote them
+    /// before the copier got there (`EpochCopy::WriteProtect`; 0 otherwise).
+    pub epoch_copy_handler_copies: u64,
+    /// Write faults on epoch pages the copier was copying, or on pages of no epoch
+    /// (a writer woken by the copier's un-protect before its fault was read).
+    pub epoch_copy_other_faults: u64,
     /// Per acknowledged epoch: from the end of its capture (guest resumed) to its
     /// acknowledgement, sorted. What output commit adds to a reply beyond the pause.
     pub commit_waits: Vec<Duration>,
@@ -799,6 +805,9 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             self.report.epoch_pages += pages;
             self.report.hot_pages += hot_pages as u64;
         }
+        let st = self.cap.epoch_copy_stats();
+        self.report.epoch_copy_handler_copies = st.handler_copies;
+        self.report.epoch_copy_other_faults = st.other_faults;
         let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
         self.staged.push_back((epoch, parts));
         let now = self.now();
