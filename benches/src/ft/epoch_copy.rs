@@ -32,6 +32,8 @@ struct Run {
     throttles: u64,
     handler_copies: u64,
     other_faults: u64,
+    hot_per_epoch: f64,
+    ioctls_per_epoch: f64,
 }
 
 /// `files`: the primary's and the standby's console.
@@ -42,7 +44,7 @@ fn ft_run(
     ws: u32,
     rate: u32,
     secs: f64,
-    mode: EpochCopy,
+    mode: (EpochCopy, bool),
 ) -> Result<Run, String> {
     let epoch = PrimaryConfig::default().epoch_len;
     let mut pair = Pair::start_copy(
@@ -70,6 +72,8 @@ fn ft_run(
         throttles: rep.throttles,
         handler_copies: rep.epoch_copy_handler_copies,
         other_faults: rep.epoch_copy_other_faults,
+        hot_per_epoch: rep.hot_pages as f64 / n as f64,
+        ioctls_per_epoch: rep.epoch_copy_ioctls as f64 / n as f64,
     })
 }
 
@@ -81,7 +85,7 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
     let modes = [EpochCopy::InPause, EpochCopy::WriteProtect];
     let epoch_ms = PrimaryConfig::default().epoch_len.as_millis();
     let mut table = String::from(
-        "| pages/epoch (nominal) | mode | pause p50 us | pause p99 us | pages/epoch seen | guest pages/s | throttles | handler copies / other faults |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| pages/epoch (nominal) | mode | pause p50 us | pause p99 us | pages/epoch seen (hot) | guest pages/s | throttles | handler copies / other faults | uffd ioctls/epoch |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     // Paced: ~100, ~1,000, ~4,000 pages per 20 ms epoch. Working set: a pass about
     // every 200 ms (the rate is read from its per-pass lines), at most 64 MiB.
@@ -94,7 +98,15 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             for i in 0..2 {
                 let m = (i + k) % 2;
                 let (p, s) = (f("p"), f("s"));
-                per_mode[m].push(ft_run(elf, (&p, &s), 256, ws, rate, secs, modes[m])?);
+                per_mode[m].push(ft_run(
+                    elf,
+                    (&p, &s),
+                    256,
+                    ws,
+                    rate,
+                    secs,
+                    (modes[m], true),
+                )?);
                 let _ = std::fs::remove_file(&p);
                 let _ = std::fs::remove_file(&s);
             }
@@ -108,10 +120,12 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
             let throttles: u64 = runs.iter().map(|r| r.throttles).sum();
             let hc: u64 = runs.iter().map(|r| r.handler_copies).sum();
             let of: u64 = runs.iter().map(|r| r.other_faults).sum();
+            let hot = runs.iter().map(|r| r.hot_per_epoch).sum::<f64>() / runs.len() as f64;
+            let io = runs.iter().map(|r| r.ioctls_per_epoch).sum::<f64>() / runs.len() as f64;
             let (p50, p99) = (pct(&all, 0.5), pct(&all, 0.99));
             p50s[m] = p50;
             table.push_str(&format!(
-                "| {nominal:.0} | {} | {p50:.0} | {p99:.0} | {per_epoch:.0} | {rate_seen:.0} | {throttles} | {hc} / {of} |\n",
+                "| {nominal:.0} | {} | {p50:.0} | {p99:.0} | {per_epoch:.0} ({hot:.0}) | {rate_seen:.0} | {throttles} | {hc} / {of} | {io:.0} |\n",
                 mode_name(modes[m])
             ));
             let note = format!(
@@ -170,22 +184,37 @@ pub fn run(elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Figure>, String> {
         alone.wait();
         drop(alone);
         let _ = std::fs::remove_file(&p);
-        for (m, mode) in modes.iter().enumerate() {
+        // With the hot-page policy (the default) and without it: hot pages stay
+        // writable in KVM's dirty log, and write protection takes that away each epoch.
+        let variants = [
+            (EpochCopy::InPause, true),
+            (EpochCopy::WriteProtect, true),
+            (EpochCopy::InPause, false),
+            (EpochCopy::WriteProtect, false),
+        ];
+        for (mode, hot) in variants {
             let (p, s) = (f("up"), f("us"));
-            let r = ft_run(elf, (&p, &s), 64, ws, 0, secs, *mode)?;
+            let r = ft_run(elf, (&p, &s), 64, ws, 0, secs, (mode, hot))?;
             let _ = std::fs::remove_file(&p);
             let _ = std::fs::remove_file(&s);
             let (p50, p99) = (pct(&r.pauses, 0.5), pct(&r.pauses, 0.99));
             table.push_str(&format!(
-                "| unpaced | {} | {p50:.0} | {p99:.0} | {:.0} | {:.0} (unprotected {base:.0}) | {} | {} / {} |\n",
-                mode_name(modes[m]),
+                "| unpaced{} | {} | {p50:.0} | {p99:.0} | {:.0} ({:.0}) | {:.0} (unprotected {base:.0}) | {} | {} / {} | {:.0} |\n",
+                if hot { "" } else { ", no hot pages" },
+                mode_name(mode),
                 r.per_epoch,
+                r.hot_per_epoch,
                 r.rate,
                 r.throttles,
                 r.handler_copies,
-                r.other_faults
+                r.other_faults,
+                r.ioctls_per_epoch
             ));
-            let name = format!("unpaced, {}", mode_name(*mode));
+            let name = format!(
+                "unpaced{}, {}",
+                if hot { "" } else { " no hot pages" },
+                mode_name(mode)
+            );
             let note = format!(
                 "64 MiB, 2048-page working set, unpaced; {epoch_ms} ms epochs, {} epochs, {:.0} pages/epoch seen, {} throttles, {} handler copies; {LOOP}",
                 r.pauses.len(),

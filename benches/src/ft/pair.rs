@@ -63,18 +63,19 @@ impl Pair {
         misses: u32,
         ready: impl Fn() -> bool,
     ) -> Result<Pair, String> {
-        Pair::start_full(pcfg, scfg, epoch, misses, ready, EpochCopy::InPause)
+        Pair::start_full(pcfg, scfg, epoch, misses, ready, (EpochCopy::InPause, true))
     }
 
-    /// As [`Pair::start`], epoch pages copied as `copy` says.
+    /// As [`Pair::start`], epoch pages copied as `copy` says, without the hot-page
+    /// policy unless `hot`.
     pub(crate) fn start_copy(
         pcfg: &VmConfig,
         scfg: VmConfig,
         epoch: Duration,
         misses: u32,
-        copy: EpochCopy,
+        (copy, hot): (EpochCopy, bool),
     ) -> Result<Pair, String> {
-        Pair::start_full(pcfg, scfg, epoch, misses, || true, copy)
+        Pair::start_full(pcfg, scfg, epoch, misses, || true, (copy, hot))
     }
 
     fn start_full(
@@ -83,7 +84,7 @@ impl Pair {
         epoch: Duration,
         misses: u32,
         ready: impl Fn() -> bool,
-        copy: EpochCopy,
+        (copy, hot): (EpochCopy, bool),
     ) -> Result<Pair, String> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
         let slink =
@@ -116,6 +117,7 @@ impl Pair {
         let primary = {
             let (pstop, pvmm, acked) = (pstop.clone(), pvmm.clone(), acked.clone());
             std::thread::spawn(move || {
+                let defaults = PrimaryDriverConfig::default();
                 let cfg = PrimaryDriverConfig {
                     protocol: PrimaryConfig {
                         epoch_len: epoch,
@@ -123,7 +125,8 @@ impl Pair {
                     },
                     acked: Some(acked),
                     epoch_copy: copy,
-                    ..PrimaryDriverConfig::default()
+                    hot_pages: if hot { defaults.hot_pages } else { None },
+                    ..defaults
                 };
                 let r = run_primary(&pvmm, &plink, &cfg, &pstop).map_err(|e| e.to_string());
                 (r, plink)

@@ -159,6 +159,8 @@ pub struct PrimaryReport {
     /// Write faults on epoch pages the copier was copying, or on pages of no epoch
     /// (a writer woken by the copier's un-protect before its fault was read).
     pub epoch_copy_other_faults: u64,
+    /// UFFDIO_WRITEPROTECT calls made for the epochs (protect and un-protect).
+    pub epoch_copy_ioctls: u64,
     /// Per acknowledged epoch: from the end of its capture (guest resumed) to its
     /// acknowledgement, sorted. What output commit adds to a reply beyond the pause.
     pub commit_waits: Vec<Duration>,
@@ -808,6 +810,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         let st = self.cap.epoch_copy_stats();
         self.report.epoch_copy_handler_copies = st.handler_copies;
         self.report.epoch_copy_other_faults = st.other_faults;
+        self.report.epoch_copy_ioctls = st.ioctls;
         let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
         self.staged.push_back((epoch, parts));
         let now = self.now();

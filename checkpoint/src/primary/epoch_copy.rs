@@ -141,6 +141,8 @@ struct Shared {
     handler_copies: AtomicU64,
     /// Faults on pages already being copied by the copier, or outside any epoch.
     other_faults: AtomicU64,
+    /// UFFDIO_WRITEPROTECT calls (protect and un-protect).
+    ioctls: AtomicU64,
     failed: Mutex<Option<String>>,
 }
 
@@ -163,6 +165,9 @@ pub struct Pending {
 pub struct EpochCopyStats {
     pub handler_copies: u64,
     pub other_faults: u64,
+    /// UFFDIO_WRITEPROTECT calls, protecting and un-protecting: each one is an MMU
+    /// notifier invalidation for KVM.
+    pub ioctls: u64,
 }
 
 impl BackgroundCopy {
@@ -177,6 +182,7 @@ impl BackgroundCopy {
             stop: AtomicBool::new(false),
             handler_copies: AtomicU64::new(0),
             other_faults: AtomicU64::new(0),
+            ioctls: AtomicU64::new(0),
             failed: Mutex::new(None),
         });
         let s = shared.clone();
@@ -194,6 +200,7 @@ impl BackgroundCopy {
         EpochCopyStats {
             handler_copies: self.shared.handler_copies.load(Ordering::Relaxed),
             other_faults: self.shared.other_faults.load(Ordering::Relaxed),
+            ioctls: self.shared.ioctls.load(Ordering::Relaxed),
         }
     }
 
@@ -246,6 +253,7 @@ impl BackgroundCopy {
             let r = host_range(&self.shared.mem, r.gpa, len)
                 .map_err(EpochCopyError::from)
                 .and_then(|host| Ok(self.shared.wp.protect(host, len)?));
+            self.shared.ioctls.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = r {
                 for s in &table.segs {
                     let _ = self
@@ -450,6 +458,7 @@ fn serve(sh: &Shared, host: u64) -> Result<(), EpochCopyError> {
         }
     }
     // Still under the lock: the next epoch cannot protect this page meanwhile.
+    sh.ioctls.fetch_add(1, Ordering::Relaxed);
     sh.wp.unprotect(host, PAGE_SIZE as u64)?;
     drop(cur);
     copied
