@@ -347,3 +347,100 @@ pub fn guest_address(mem: &GuestMemoryMmap, host: u64) -> Option<u64> {
         (host >= base && host - base < region.len()).then(|| region.start_addr().0 + (host - base))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = 4096;
+
+    /// Private anonymous pages, as guest memory is mapped.
+    struct Anon {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Anon {
+        fn new(pages: usize) -> Anon {
+            let len = pages * PAGE;
+            // SAFETY: a fresh private anonymous mapping; checked for failure below.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Anon {
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+        fn addr(&self, page: usize) -> u64 {
+            self.ptr as u64 + (page * PAGE) as u64
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmaps the mapping made in `new`, used by nothing after this.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    #[test]
+    fn a_write_to_a_protected_page_waits_for_unprotect() {
+        let m = Anon::new(8);
+        for p in 0..8 {
+            // SAFETY: inside the mapping.
+            unsafe { *(m.addr(p) as *mut u64) = 1 };
+        }
+        let wp = WriteProtector::open().expect("userfaultfd (root or vm.unprivileged_userfaultfd)");
+        wp.register(m.addr(0), (8 * PAGE) as u64).unwrap();
+        wp.protect(m.addr(2), (2 * PAGE) as u64).unwrap();
+        // A write outside the protected pages goes through.
+        // SAFETY: inside the mapping.
+        unsafe { *(m.addr(5) as *mut u64) = 5 };
+        assert_eq!(wp.next_fault(Duration::from_millis(20)).unwrap(), None);
+        let target = m.addr(3);
+        let writer = std::thread::spawn(move || {
+            // SAFETY: inside the mapping, which outlives the thread (joined below).
+            unsafe { std::ptr::write_volatile(target as *mut u64, 7) };
+        });
+        let f = wp
+            .next_fault(Duration::from_secs(5))
+            .unwrap()
+            .expect("a fault");
+        assert_eq!(f.address & !(PAGE as u64 - 1), target);
+        assert!(f.wp && f.write, "{f:?}");
+        // The writer is blocked: the page still holds its old value.
+        std::thread::sleep(Duration::from_millis(10));
+        // SAFETY: inside the mapping; reading a protected page is allowed.
+        assert_eq!(unsafe { std::ptr::read_volatile(target as *const u64) }, 1);
+        assert!(!writer.is_finished());
+        wp.unprotect(target, PAGE as u64).unwrap();
+        writer.join().unwrap();
+        // SAFETY: inside the mapping.
+        assert_eq!(unsafe { std::ptr::read_volatile(target as *const u64) }, 7);
+        // Page 2 is still protected; un-protecting it without waking is fine (no one
+        // waits there) and writes then go through.
+        wp.unprotect_no_wake(m.addr(2), PAGE as u64).unwrap();
+        // SAFETY: inside the mapping.
+        unsafe { *(m.addr(2) as *mut u64) = 2 };
+        assert_eq!(wp.next_fault(Duration::from_millis(20)).unwrap(), None);
+    }
+
+    #[test]
+    fn host_and_guest_addresses_round_trip() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let h = host_range(&mem, 0x3000, 0x2000).unwrap();
+        assert_eq!(guest_address(&mem, h), Some(0x3000));
+        assert_eq!(guest_address(&mem, h + 0x10), Some(0x3010));
+        assert!(host_range(&mem, 0xff000, 0x2000).is_err());
+        assert_eq!(guest_address(&mem, 0), None);
+    }
+}
