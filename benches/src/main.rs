@@ -46,7 +46,7 @@ struct Opts {
 /// The project's raw KVM probe, used as the exit baseline when present.
 const KVM_PROBE: &str = "/work/shared/probes/kvm-probe.c";
 
-const SECTIONS: [&str; 18] = [
+const SECTIONS: [&str; 19] = [
     "boot",
     "exits",
     "blk",
@@ -65,18 +65,20 @@ const SECTIONS: [&str; 18] = [
     "ft-epoch",
     "ft-min-epoch",
     "migrate",
+    "ft-epoch-copy",
 ];
 
 /// Sections run only when `--only` names them: the epoch-length and minimum-epoch
 /// sweeps (minutes) are for choosing defaults, not for every run; `migrate` takes
-/// minutes too (36 migrations, QEMU's among them).
-const OPT_IN: [&str; 3] = ["ft-epoch", "ft-min-epoch", "migrate"];
+/// minutes too (36 migrations, QEMU's among them); `ft-epoch-copy` compares two ways of
+/// copying epoch pages (an experiment, issue 17 item 2).
+const OPT_IN: [&str; 4] = ["ft-epoch", "ft-min-epoch", "migrate", "ft-epoch-copy"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,unprotected-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch,migrate] [--dir DIR]
+        "usage: twinrun-bench [--json FILE] [--quick] [--only boot,exits,blk,kv,pause,ft,ft-net,ft-witness,ft-witness-cost,unprotected-cost,ft-swap,mirror,ha,datapath,overhead,ft-epoch,ft-min-epoch,migrate,ft-epoch-copy] [--dir DIR]
                      [--kvm-probe FILE.c | --no-kvm-probe] [--report DIR] [--peers]
-  --only: default all but ft-epoch, ft-min-epoch and migrate (opt-in)
+  --only: default all but ft-epoch, ft-min-epoch, migrate and ft-epoch-copy (opt-in)
   --peers: install Debian's QEMU (scripts/install-qemu.sh) when it is missing: the
          migrate section migrates a QEMU guest side by side
   --report DIR: DIR/report.json (figures, context), DIR/series.json (the plots' data) and one SVG + PNG per plot;
@@ -286,6 +288,7 @@ fn main() {
     section("ft-swap", &mut || ftswap::run(&twinrun()?, &elf, &dir, q));
     section("mirror", &mut || mirror::run(&twinrun()?, &elf, &dir, q));
     section("ha", &mut || ha::run(&twinrun()?, &elf, &dir, q));
+    section("ft-epoch-copy", &mut || ft::epoch_copy(&elf, &dir, q));
     section("ft-epoch", &mut || {
         if !env::have("redis-benchmark") || !env::have("redis-cli") {
             return Err("redis-benchmark/redis-cli not installed (Debian: redis-tools)".into());

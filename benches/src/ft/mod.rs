@@ -13,8 +13,10 @@
 //! (the `ft` section's measurements), [`sweep`] (the epoch-length sweep, `ft-epoch`),
 //! [`min_epoch`] (the minimum-epoch sweep, `ft-min-epoch`), [`kv`] (real `twinrun`
 //! processes on the demo topology, for both sweeps), [`overhead`] (what a protected VM
-//! costs in memory and CPU beyond the guest's own).
+//! costs in memory and CPU beyond the guest's own), [`epoch_copy`] (epoch pages copied
+//! in the pause or after it, `ft-epoch-copy`).
 
+mod epoch_copy;
 mod kv;
 mod min_epoch;
 mod overhead;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use vmm::config::{ConsoleConfig, Payload, VmConfig, Workloads};
 
+pub use epoch_copy::run as epoch_copy;
 pub use min_epoch::min_epoch_sweep;
 pub use overhead::overhead;
 pub use section::run;

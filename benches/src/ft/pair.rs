@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alink::{Alink, AlinkConfig, LinkAddrs, WindowLimits};
-use checkpoint::primary::{run_primary, PrimaryDriverConfig, PrimaryReport};
+use checkpoint::primary::{run_primary, EpochCopy, PrimaryDriverConfig, PrimaryReport};
 use checkpoint::protocol::{PrimaryConfig, StandbyConfig};
 use checkpoint::standby::{run_standby, StandbyOutcome};
 use vmm::config::VmConfig;
@@ -63,6 +63,29 @@ impl Pair {
         misses: u32,
         ready: impl Fn() -> bool,
     ) -> Result<Pair, String> {
+        Pair::start_full(pcfg, scfg, epoch, misses, ready, (EpochCopy::InPause, true))
+    }
+
+    /// As [`Pair::start`], epoch pages copied as `copy` says, without the hot-page
+    /// policy unless `hot`.
+    pub(crate) fn start_copy(
+        pcfg: &VmConfig,
+        scfg: VmConfig,
+        epoch: Duration,
+        misses: u32,
+        (copy, hot): (EpochCopy, bool),
+    ) -> Result<Pair, String> {
+        Pair::start_full(pcfg, scfg, epoch, misses, || true, (copy, hot))
+    }
+
+    fn start_full(
+        pcfg: &VmConfig,
+        scfg: VmConfig,
+        epoch: Duration,
+        misses: u32,
+        ready: impl Fn() -> bool,
+        (copy, hot): (EpochCopy, bool),
+    ) -> Result<Pair, String> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
         let slink =
             Alink::start(link_cfg(2, 1, any, misses)).map_err(|e| format!("A-Link: {e}"))?;
@@ -94,13 +117,16 @@ impl Pair {
         let primary = {
             let (pstop, pvmm, acked) = (pstop.clone(), pvmm.clone(), acked.clone());
             std::thread::spawn(move || {
+                let defaults = PrimaryDriverConfig::default();
                 let cfg = PrimaryDriverConfig {
                     protocol: PrimaryConfig {
                         epoch_len: epoch,
                         ..PrimaryConfig::default()
                     },
                     acked: Some(acked),
-                    ..PrimaryDriverConfig::default()
+                    epoch_copy: copy,
+                    hot_pages: if hot { defaults.hot_pages } else { None },
+                    ..defaults
                 };
                 let r = run_primary(&pvmm, &plink, &cfg, &pstop).map_err(|e| e.to_string());
                 (r, plink)

@@ -76,7 +76,7 @@ const SWEEP_GROUP: &str = "ft-epoch";
 /// is polled every 2 ms and the rate taken between the first and the last new line
 /// seen, so a partial pass at either end does not count (in FT mode the lines come
 /// out an epoch late, by output commit, which shifts both ends alike).
-fn d_rate(console: &Path, pages: u32, secs: f64) -> f64 {
+pub(super) fn d_rate(console: &Path, pages: u32, secs: f64) -> f64 {
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut last = d_lines(console);
     let mut first: Option<(u64, Instant)> = None;

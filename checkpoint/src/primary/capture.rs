@@ -26,6 +26,7 @@ use alink::{Buf, BufPool};
 use bytes::Bytes;
 use vm_memory::{Bytes as _, GuestAddress};
 
+use super::epoch_copy::{BackgroundCopy, EpochCopy, EpochCopyError, EpochCopyStats, Pending};
 use super::vm::{Cut, EpochState, PrimaryVm};
 use crate::messages::{
     split_runs, ConsoleOut, DiskExtent, FrameOut, LimitError, PageRun, PartHead, PartOf,
@@ -57,6 +58,8 @@ pub enum CaptureError {
     SyncTooLarge(u64),
     #[error("hashing guest memory (verify mode): {0}")]
     Hash(vm_memory::GuestMemoryError),
+    #[error("epoch pages copied after the pause: {0}")]
+    EpochCopy(#[from] EpochCopyError),
     #[error("disk journal of the epoch ({extents} writes, {bytes} bytes) exceeds one part")]
     DiskTooLarge { extents: usize, bytes: u64 },
 }
@@ -109,6 +112,15 @@ pub struct Capturer {
     /// Never-touched guest pages (sync rounds skip them unread); None if
     /// `/proc/self/pagemap` cannot be read.
     untouched: Option<vmm::vstate::memory::UntouchedPages>,
+    /// Epoch pages copied after the pause, write-protected meanwhile
+    /// ([`EpochCopy::WriteProtect`]); None: copied in the pause.
+    background: Option<BackgroundCopy>,
+}
+
+/// An epoch's pages: copied in the pause, or protected and copied after it.
+enum EpochPages {
+    Copied(Vec<PartPages>),
+    Deferred(Pending),
 }
 
 /// An initial-sync round being copied and sent part by part.
@@ -146,7 +158,40 @@ impl Capturer {
             untouched: vmm::vstate::memory::UntouchedPages::open()
                 .map_err(|e| log::debug!("no /proc/self/pagemap ({e}): zero pages are read"))
                 .ok(),
+            background: None,
         })
+    }
+
+    /// Where epoch pages are copied: in the pause (the default), or after it with the
+    /// pages write-protected until copied (see [`super::epoch_copy`]). Fails if the
+    /// kernel's userfaultfd cannot write-protect `vm`'s memory.
+    pub fn set_epoch_copy(
+        &mut self,
+        vm: &impl PrimaryVm,
+        mode: EpochCopy,
+    ) -> Result<(), CaptureError> {
+        self.background = match mode {
+            EpochCopy::InPause => None,
+            EpochCopy::WriteProtect => Some(BackgroundCopy::new(vm.guest_memory())?),
+        };
+        Ok(())
+    }
+
+    /// The mode set by [`Capturer::set_epoch_copy`].
+    pub fn epoch_copy(&self) -> EpochCopy {
+        if self.background.is_some() {
+            EpochCopy::WriteProtect
+        } else {
+            EpochCopy::InPause
+        }
+    }
+
+    /// Counters of the copies made after the pause (zero in the default mode).
+    pub fn epoch_copy_stats(&self) -> EpochCopyStats {
+        self.background
+            .as_ref()
+            .map(BackgroundCopy::stats)
+            .unwrap_or_default()
     }
 
     /// Parts of at least `n` pages (at least 2) are copied half on vCPU 0's parked
@@ -283,7 +328,8 @@ impl Capturer {
         if !already_paused {
             vmm.pause()?;
         }
-        let r = self.capture_paused(vmm, epoch);
+        // Pages copied after the pause only if the guest runs after it.
+        let r = self.capture_paused(vmm, epoch, !stay_paused);
         let pause = t0.elapsed();
         // Verify mode, full epoch: all of memory as it is at this capture (still paused).
         let full = is_full_epoch(epoch);
@@ -291,9 +337,16 @@ impl Capturer {
             (Some(t), Ok(_)) if full => t.rebuild_from_guest(vmm.guest_memory()),
             _ => Ok(()),
         };
-        if !stay_paused {
-            vmm.resume()?;
-        }
+        let resumed = if stay_paused { Ok(()) } else { vmm.resume() };
+        // Pages protected in the pause are copied (and released) whatever else failed.
+        let r = r.and_then(|(runs, pages, cut, journals)| {
+            let page_data = match pages {
+                EpochPages::Copied(v) => v,
+                EpochPages::Deferred(p) => p.finish()?,
+            };
+            Ok((runs, page_data, cut, journals))
+        });
+        resumed?;
         rebuilt.map_err(CaptureError::Hash)?;
         let (runs, page_data, cut, journals) = r?;
         let Cut {
@@ -421,16 +474,18 @@ impl Capturer {
         })
     }
 
-    /// The paused part of an epoch capture: the VM's cut, the observer, the page copy.
+    /// The paused part of an epoch capture: the VM's cut, the observer, the page copy
+    /// (or, with `may_defer` and a background copier, the pages' write protection).
     #[allow(clippy::type_complexity)]
     fn capture_paused<V: PrimaryVm>(
         &mut self,
         vmm: &V,
         epoch: u64,
+        may_defer: bool,
     ) -> Result<
         (
             Vec<PageRun>,
-            Vec<PartPages>,
+            EpochPages,
             Cut<V::State>,
             Vec<Arc<DiskJournal>>,
         ),
@@ -462,8 +517,19 @@ impl Capturer {
             o.captured(epoch, &journals);
         }
         let runs = runs_of(&self.dirty);
+        if let (true, Some(b)) = (may_defer, &self.background) {
+            let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+            if total > MAX_PAGES_PER_EPOCH {
+                return Err(CaptureError::TooManyPages(total));
+            }
+            match b.begin(&self.pool, &runs, self.max_part_pages) {
+                Ok(p) => return Ok((runs, EpochPages::Deferred(p), cut, journals)),
+                // Nothing stays protected: copy here, as without the mode.
+                Err(e) => log::warn!("capture: epoch {epoch}: pages copied in the pause: {e}"),
+            }
+        }
         let (parts, _) = self.page_parts(vmm, &runs)?;
-        Ok((runs, parts, cut, journals))
+        Ok((runs, EpochPages::Copied(parts), cut, journals))
     }
 
     /// Copies the pages of `runs` into staging buffers, per part (the guest is
@@ -604,7 +670,7 @@ fn ship_frames(frames: Vec<(usize, Vec<u8>)>, payload: &mut Vec<u8>) -> Vec<Fram
 
 /// One part's pages: its runs, and the staging buffers holding their bytes back to
 /// back in run order (two when the copy was split, see `page_parts`).
-type PartPages = (Vec<PageRun>, Vec<Buf>);
+pub(super) type PartPages = (Vec<PageRun>, Vec<Buf>);
 
 /// Parts with fewer pages are copied by one thread (handing half to a parked vCPU's
 /// thread costs tens of microseconds; copying 2 MiB takes a few hundred).

@@ -25,6 +25,7 @@ use vmm::{Vmm, VmmError};
 
 use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 use super::disks::{DiskSide, MirroredDisks, Step};
+use super::epoch_copy::EpochCopy;
 use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox, OwnGenerations};
 use super::swap::{SwapDone, SwapPort, SwapReply};
 use super::vm::PrimaryVm;
@@ -73,6 +74,10 @@ pub struct PrimaryDriverConfig {
     /// Parts of at least this many pages are copied by two threads during the pause
     /// (default 512; tests lower it to cover the split copy with small parts).
     pub split_copy_min_pages: Option<u64>,
+    /// Where epoch pages are copied: in the pause (default), or after it with the
+    /// pages write-protected by userfaultfd until copied (see
+    /// [`crate::primary::epoch_copy`]).
+    pub epoch_copy: EpochCopy,
     /// Updated with the count of acknowledged epochs as acks arrive (for monitoring).
     pub acked: Option<Arc<AtomicU64>>,
     /// Test mode: hash guest memory and state while paused at every capture and record
@@ -115,6 +120,7 @@ impl Default for PrimaryDriverConfig {
             connect_timeout: Duration::from_secs(10),
             max_part_pages: None,
             split_copy_min_pages: None,
+            epoch_copy: EpochCopy::InPause,
             acked: None,
             verify: None,
             disks: None,
@@ -147,6 +153,14 @@ pub struct PrimaryReport {
     pub epoch_pages: u64,
     /// Of those, the pages the hot-page policy had left writable, summed.
     pub hot_pages: u64,
+    /// Epoch pages the write-protect fault handler copied because the guest wrote them
+    /// before the copier got there (`EpochCopy::WriteProtect`; 0 otherwise).
+    pub epoch_copy_handler_copies: u64,
+    /// Write faults on epoch pages the copier was copying, or on pages of no epoch
+    /// (a writer woken by the copier's un-protect before its fault was read).
+    pub epoch_copy_other_faults: u64,
+    /// UFFDIO_WRITEPROTECT calls made for the epochs (protect and un-protect).
+    pub epoch_copy_ioctls: u64,
     /// Per acknowledged epoch: from the end of its capture (guest resumed) to its
     /// acknowledgement, sorted. What output commit adds to a reply beyond the pause.
     pub commit_waits: Vec<Duration>,
@@ -272,6 +286,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         if let Some(n) = cfg.max_part_pages {
             cap.set_max_part_pages(n);
         }
+        cap.set_epoch_copy(&vm, cfg.epoch_copy)?;
         Ok(PrimaryDriver {
             vm,
             link,
@@ -792,6 +807,10 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             self.report.epoch_pages += pages;
             self.report.hot_pages += hot_pages as u64;
         }
+        let st = self.cap.epoch_copy_stats();
+        self.report.epoch_copy_handler_copies = st.handler_copies;
+        self.report.epoch_copy_other_faults = st.other_faults;
+        self.report.epoch_copy_ioctls = st.ioctls;
         let bytes = parts.iter().map(|p| p.head.payload_len()).sum();
         self.staged.push_back((epoch, parts));
         let now = self.now();

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod disks;
 pub mod driver;
+pub mod epoch_copy;
 pub mod inbox;
 pub mod swap;
 pub mod vm;
@@ -11,6 +12,7 @@ pub mod vm;
 pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
 pub use disks::MirroredDisks;
 pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
+pub use epoch_copy::{EpochCopy, EpochCopyStats};
 pub use inbox::{FromStandby, OwnGenerations};
 pub use swap::{SwapDone, SwapPort, SwapReply};
 pub use vm::{Cut, EpochState, Parked, PrimaryVm};

@@ -4,6 +4,7 @@ pub mod cpuid;
 pub mod dirty;
 pub mod hot_pages;
 pub mod memory;
+pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

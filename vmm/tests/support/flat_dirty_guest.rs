@@ -105,6 +105,24 @@ pub fn build(mem_mib: u64) -> (Vmm, Arc<Control>) {
 
 /// [`build`] with build options (e.g. KVM's dirty ring).
 pub fn build_with_options(mem_mib: u64, opts: &vmm::config::BuildOptions) -> (Vmm, Arc<Control>) {
+    build_code(mem_mib, opts, &code())
+}
+
+/// [`build`] of a guest that reads the first word of its N pages per round instead of
+/// writing it (the same code with the store turned into a load into rsi, which the
+/// loop does not use).
+pub fn build_reading(mem_mib: u64) -> (Vmm, Arc<Control>) {
+    let mut c = code();
+    let store = [0x48, 0x89, 0x08]; // mov [rax], rcx
+    let at = c
+        .windows(3)
+        .position(|w| w == store)
+        .expect("the store in the inner loop");
+    c[at..at + 3].copy_from_slice(&[0x48, 0x8b, 0x30]); // mov rsi, [rax]
+    build_code(mem_mib, &vmm::config::BuildOptions::default(), &c)
+}
+
+fn build_code(mem_mib: u64, opts: &vmm::config::BuildOptions, code: &[u8]) -> (Vmm, Arc<Control>) {
     let cfg = VmConfig {
         mem_mib,
         vcpus: 1,
@@ -116,8 +134,7 @@ pub fn build_with_options(mem_mib: u64, opts: &vmm::config::BuildOptions) -> (Vm
         nets: vec![],
         console: ConsoleConfig::Stdout,
     };
-    let code = code();
-    let mut vmm = build_vm_with_image_and_options(&cfg, Image::Flat(&code), opts).expect("build");
+    let mut vmm = build_vm_with_image_and_options(&cfg, Image::Flat(code), opts).expect("build");
     let ctl = Arc::new(Control::default());
     let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Dev(ctl.clone())));
     vmm.insert_mmio_device(dev, DEV_BASE, 0x1000)
