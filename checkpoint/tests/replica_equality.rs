@@ -226,10 +226,13 @@ fn standby_hash_equals_primary_at_every_committed_epoch() {
         !con.contains("DIRTY-ERROR"),
         "the dirty self-check failed: {con}"
     );
-    // Hot pages were really used: many epochs copied pages left writable.
+    // Hot pages were really used: many epochs copied pages left writable (0 if the
+    // policy is off or broken). How many depends on how far the guest gets per 2 ms
+    // epoch, i.e. on the machine's load: 100-256 on a quiet runner, 80 seen with the
+    // quorum simulation running beside it; the bound asks for use, not for a speed.
     let hot_per_epoch = preport.hot_pages as f64 / preport.epochs_captured as f64;
     assert!(
-        hot_per_epoch > 100.0,
+        hot_per_epoch > 20.0,
         "only {hot_per_epoch:.1} hot pages per epoch"
     );
     // Staging buffers went back to the pool at each acknowledgement and were taken
