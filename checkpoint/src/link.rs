@@ -276,7 +276,9 @@ impl ToPrimaryLink for Alink {
     fn set_sync_placer(&self, placer: Option<SyncPlacer>) -> bool {
         match placer {
             Some(p) if self.session_version() >= LENT_SYNC_VERSION => {
-                self.set_placer(move |req| p.place(req.head, req.payload_len, req.seg_size));
+                self.set_placer(move |req| {
+                    p.place(req.msg_seq, req.head, req.payload_len, req.seg_size)
+                });
                 true
             }
             _ => {

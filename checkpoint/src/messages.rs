@@ -928,8 +928,9 @@ pub enum PartData {
     /// mirror's pages (the places [`crate::standby::SyncPlacer`] gave) and checked there
     /// segment (page) by segment, except the `torn` pages (indexes in the part's page
     /// order): the primary saw them change while it sent them, so their bytes are stale
-    /// and unchecked, and the primary sends them again (they are dirty there).
-    Placed { torn: Vec<u32> },
+    /// and unchecked, and the primary sends them again (they are dirty there). `seq`:
+    /// the A-Link message's sequence number (the placer records the ones it placed).
+    Placed { torn: Vec<u32>, seq: u64 },
     /// An initial-sync part whose lent pages the primary could no longer send (its link
     /// failed after the loan ended): the places given for it may hold part of it; the
     /// primary sends those pages again.
@@ -1096,7 +1097,10 @@ pub fn decode_delivered(
         alink::PayloadAt::InBody => {
             return decode_standbound_at(version, session_generation, m.head_len, m.body)
         }
-        alink::PayloadAt::Placed => PartData::Placed { torn: m.torn },
+        alink::PayloadAt::Placed => PartData::Placed {
+            torn: m.torn,
+            seq: m.seq,
+        },
         alink::PayloadAt::Lost => PartData::Lost,
     };
     let head_len = m.head_len.min(m.body.len());
@@ -1114,7 +1118,7 @@ pub fn decode_delivered(
     if m.seg_size as usize != PAGE_SIZE {
         return Err(DecodeError::Placement("segments are not pages"));
     }
-    if let PartData::Placed { torn } = &data {
+    if let PartData::Placed { torn, .. } = &data {
         if m.placed_len as u64 != head.payload_len() {
             return Err(LimitError::PayloadLen {
                 have: m.placed_len as u64,

@@ -18,12 +18,12 @@
 //! failover time does not grow with the guest's size (copying 1 GiB into fresh memory
 //! took 3.2 s here).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -99,8 +99,9 @@ fn bytes_of(g: &Region) -> &[u8] {
     // SAFETY: regions are built only from `Mirror::mem`'s mappings and dropped with
     // them (`take_memory` empties `regions` as it takes `mem`), so `host..host + len`
     // is mapped for as long as the region is borrowed. No vCPU runs on that memory
-    // while the mirror owns it and every writer holds `&mut Mirror`, so it does not
-    // change during the borrow.
+    // while the mirror owns it and every writer holds `&mut Mirror` (but the A-Link's
+    // placed writes of the initial sync, into pages nothing reads before the first
+    // apply: see `SyncPlacer`), so it does not change during the borrow.
     unsafe { std::slice::from_raw_parts(g.host as *const u8, g.len) }
 }
 
@@ -171,6 +172,10 @@ pub struct Mirror {
     /// first epoch's apply (then every sync part was resolved: the A-Link delivers in
     /// order) or the memory is taken.
     placing: Arc<AtomicBool>,
+    /// Messages (A-Link sequence numbers) a placer of this mirror gave places for and
+    /// that were not delivered yet: a part delivered as placed counts as in this mirror
+    /// only if it is here (else it went to another mirror's placer: owed).
+    placed: Arc<Mutex<HashSet<u64>>>,
 }
 
 /// Hands the A-Link the mirror's pages as the places of initial-sync parts' page data
@@ -190,15 +195,17 @@ pub struct SyncPlacer {
     /// `(start gpa, len, host address)` per region.
     regions: Vec<(u64, usize, usize)>,
     open: Arc<AtomicBool>,
+    placed: Arc<Mutex<HashSet<u64>>>,
 }
 
 impl SyncPlacer {
-    /// Where the payload of the message `head` (its encoded head) goes: the mirror's
+    /// Where the payload of message `seq` (`head`: its encoded head) goes: the mirror's
     /// pages of its runs, when it is a placeable initial-sync part of `payload_len`
     /// bytes in page segments whose runs all lie in guest RAM; else None (the A-Link
     /// reads it into a buffer and the driver checks it as any message).
     pub fn place(
         &self,
+        seq: u64,
         head: &[u8],
         payload_len: usize,
         seg_size: u32,
@@ -227,6 +234,7 @@ impl SyncPlacer {
             }
             dests.push((ptr, len));
         }
+        twinrun_lock::MutexExt::lock_or_recover(&*self.placed).insert(seq);
         // SAFETY: every range lies inside the mirror's mappings, which `_mem` keeps
         // mapped for as long as the A-Link holds this placer (it drops it only after
         // its reader threads ended, or on `clear_placer`, after which a message being
@@ -236,6 +244,13 @@ impl SyncPlacer {
         // (see the type's docs: one round's parts are distinct pages, rounds are
         // ordered by barriers, the mirror is read only from the first apply on).
         Some(unsafe { alink::Placement::new(dests) })
+    }
+}
+
+impl Drop for Mirror {
+    /// A placer of this mirror places nothing more (its mappings stay alive in it).
+    fn drop(&mut self) {
+        self.placing.store(false, Ordering::Release);
     }
 }
 
@@ -293,6 +308,7 @@ impl Mirror {
             hashes: None,
             owed: BTreeSet::new(),
             placing: Arc::new(AtomicBool::new(true)),
+            placed: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -308,6 +324,7 @@ impl Mirror {
                 .map(|r| (r.start, r.len, r.host))
                 .collect(),
             open: self.placing.clone(),
+            placed: self.placed.clone(),
         })
     }
 
@@ -446,12 +463,16 @@ impl Mirror {
     /// pages. Returns the pages written or confirmed.
     pub fn write_sync_received(&mut self, p: &ReceivedPart) -> Result<u64, MirrorError> {
         let view = p.view();
-        let torn: &[u32] = match p.data() {
+        let (torn, lost): (&[u32], bool) = match p.data() {
             PartData::Inline => return self.write_sync_part(&view),
-            PartData::Placed { torn } => torn,
-            PartData::Lost => &[],
+            // Placed by this mirror's placer, or (a message of an earlier session
+            // placed by its mirror's placer) not here at all.
+            PartData::Placed { torn, seq } => (
+                torn,
+                !twinrun_lock::MutexExt::lock_or_recover(&*self.placed).remove(seq),
+            ),
+            PartData::Lost => (&[], true),
         };
-        let lost = matches!(p.data(), PartData::Lost);
         let mut data = Vec::with_capacity(view.head.page_count() as usize);
         for r in &view.head.runs {
             for i in 0..u64::from(r.pages) {
@@ -1094,7 +1115,7 @@ mod tests {
         let placer = m.sync_placer().unwrap();
         // Round 0: pages 0x1000 and 0x2000 placed, the second torn on the way.
         let (h, b) = sync_part(0, &[(0x1000, 5), (0x2000, 6)], vec![]);
-        let p = placer.place(&h, b.len(), PAGE_SIZE as u32).unwrap();
+        let p = placer.place(1, &h, b.len(), PAGE_SIZE as u32).unwrap();
         assert_eq!(p.ranges().len(), 2);
         place(&p, &b);
         let rp = received(delivered(&h, alink::PayloadAt::Placed, vec![1], b.len())).unwrap();
@@ -1140,8 +1161,35 @@ mod tests {
         m.apply(0).unwrap();
         assert_eq!(m.owed_pages(), 0);
         assert!(m.page(0x2000).unwrap().iter().all(|&x| x == 6));
-        assert!(placer.place(&h, b2.len(), PAGE_SIZE as u32).is_none());
+        assert!(placer.place(1, &h, b2.len(), PAGE_SIZE as u32).is_none());
         drop(b);
+    }
+
+    /// A part delivered as placed that this mirror's placer never placed (another
+    /// session's mirror's placer did) is not in this mirror: its pages are owed.
+    #[test]
+    fn a_part_placed_by_another_mirror_is_owed() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        let other = Mirror::new(&layout(), Vec::new()).unwrap();
+        let (h, b) = sync_part(0, &[(0x1000, 5)], vec![]);
+        place(
+            &other
+                .sync_placer()
+                .unwrap()
+                .place(42, &h, b.len(), 4096)
+                .unwrap(),
+            &b,
+        );
+        let rp = alink::InMsg {
+            seq: 42,
+            ..delivered(&h, alink::PayloadAt::Placed, vec![], b.len())
+        };
+        assert_eq!(m.write_sync_received(&received(rp).unwrap()).unwrap(), 0);
+        assert_eq!(m.owed_pages(), 1);
+        // Once dropped, a mirror's placer places nothing more.
+        let p = other.sync_placer().unwrap();
+        drop(other);
+        assert!(p.place(43, &h, b.len(), 4096).is_none());
     }
 
     /// The placer and the decode take only initial-sync parts of page data whose head
@@ -1152,23 +1200,25 @@ mod tests {
         let placer = m.sync_placer().unwrap();
         let (h, b) = sync_part(0, &[(0x1000, 5)], vec![]);
         assert!(
-            placer.place(&h, b.len(), 512).is_none(),
+            placer.place(1, &h, b.len(), 512).is_none(),
             "segments are not pages"
         );
-        assert!(placer.place(&h, b.len() + 1, PAGE_SIZE as u32).is_none());
+        assert!(placer.place(1, &h, b.len() + 1, PAGE_SIZE as u32).is_none());
         let (out, _) = sync_part(0, &[(1 << 40, 5)], vec![]);
         assert!(
-            placer.place(&out, PAGE_SIZE, PAGE_SIZE as u32).is_none(),
+            placer.place(1, &out, PAGE_SIZE, PAGE_SIZE as u32).is_none(),
             "outside RAM"
         );
         // The last page of RAM fits; a run crossing its end does not.
         let end = layout().last().map(|&(s, l)| s + l).unwrap();
         let (last, _) = sync_part(0, &[(end - 0x1000, 1)], vec![]);
-        assert!(placer.place(&last, PAGE_SIZE, PAGE_SIZE as u32).is_some());
+        assert!(placer
+            .place(1, &last, PAGE_SIZE, PAGE_SIZE as u32)
+            .is_some());
         let (ep_h, ep_b) = part(0, 0, 1, &[(0x1000, 1)], b"S", None, None);
         let ep_h = &ep_b[..ep_h];
         assert!(placer
-            .place(ep_h, ep_b.len() - ep_h.len(), PAGE_SIZE as u32)
+            .place(1, ep_h, ep_b.len() - ep_h.len(), PAGE_SIZE as u32)
             .is_none());
         // Decoding what the A-Link delivered placed.
         assert!(matches!(
