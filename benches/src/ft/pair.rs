@@ -15,11 +15,7 @@ use vmm::{build_vm, Vmm};
 
 use super::SECRET;
 
-pub(crate) fn link_cfg(node: u64, peer: u64, remote: SocketAddr, misses: u32) -> AlinkConfig {
-    links_cfg(node, peer, &[remote], misses)
-}
-
-/// [`link_cfg`] with one link per remote address.
+/// The A-Link configuration of a pair's end: one loopback link per remote address.
 pub(crate) fn links_cfg(node: u64, peer: u64, remotes: &[SocketAddr], misses: u32) -> AlinkConfig {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
     let mut c = AlinkConfig::new(
