@@ -32,8 +32,10 @@ use std::time::Duration;
 /// the frame layer, keeping the previous version's messages (rolling upgrade: a node
 /// accepts a peer one version either side of its own, see [`accepts`]).
 /// 2: checkpoint parts lost their own CRC and gained zero-page runs. 3: checkpoint
-/// parts and acks carry the quorum generation; the standby's `Fenced` refusal.
-pub const PROTOCOL_CURRENT: u16 = 3;
+/// parts and acks carry the quorum generation; the standby's `Fenced` refusal. 4:
+/// segmented frames (lent sends, placed receives: the checkpoint layer's sync rounds);
+/// the messages above the frames are protocol 3's.
+pub const PROTOCOL_CURRENT: u16 = 4;
 /// Protocol version carried in the hello: [`PROTOCOL_CURRENT`], or the one before it in
 /// a build made with `TWINRUN_PROTO_PREV=1` (the rolling-upgrade tests' "old" node; the
 /// frames are the same, only the number announced differs).
@@ -64,6 +66,10 @@ pub const NONCE_LEN: usize = 32;
 /// build announcing an older version (the rolling-upgrade tests' previous node) sends
 /// none and ignores the peer's, as a node of that version does.
 pub const INCARNATION_SINCE: u16 = 3;
+/// The first protocol version whose peers accept segmented frames (`frame::seg`): in a
+/// session of an older version `Alink::send_segmented` and `Alink::send_lent` are
+/// refused (an older peer would drop the link: "reserved bits set").
+pub const SEGMENTED_SINCE: u16 = 4;
 const TRANSCRIPT_LABEL: &[u8] = b"twinrun-alink-transcript-v1";
 
 type HmacSha256 = Hmac<Sha256>;

@@ -38,7 +38,7 @@ mod sim;
 pub use buf::{Buf, BufPool, PoolStats};
 pub use bytes::Bytes;
 pub use frame::{PlaceRequest, Placement};
-pub use handshake::{HandshakeError, PROTOCOL_CURRENT, PROTOCOL_VERSION};
+pub use handshake::{HandshakeError, PROTOCOL_CURRENT, PROTOCOL_VERSION, SEGMENTED_SINCE};
 pub use health::HealthConfig;
 pub use linkset::{LinkEvent, SegOpts, WindowLimits, MAX_LINKS};
 pub use reorder::{InMsg, PayloadAt};

@@ -2,7 +2,7 @@
 //! good stream keeps flowing.
 
 use alink::frame::{FrameEncoder, Kind};
-use alink::{Alink, AlinkConfig, Bytes, Event, LinkAddrs, WindowLimits};
+use alink::{Alink, AlinkConfig, AlinkError, Bytes, Event, LinkAddrs, WindowLimits};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -369,6 +369,40 @@ fn previous_protocol_version_pairs_and_two_apart_is_refused() {
         check(&m, k);
     }
     old.flush(Duration::from_secs(10)).unwrap();
+    // Segmented frames are new in protocol 4: a session below it refuses them on both
+    // sides before anything goes out (the older peer would drop the link).
+    if n - 1 < alink::SEGMENTED_SINCE {
+        assert_eq!(b.session_version(), n - 1);
+        let data = [1u8; 4096];
+        for (who, l) in [("old", &old), ("new", &b)] {
+            let e = l
+                .send_lent(
+                    &[(&Head { n: 99, pages: 1 }, &[&data[..]][..])],
+                    alink::SegOpts::default(),
+                    Duration::from_secs(1),
+                )
+                .expect_err(who);
+            assert!(
+                matches!(e, AlinkError::SegmentedUnsupported { version, need }
+                    if version == n - 1 && need == alink::SEGMENTED_SINCE),
+                "{who}: {e}"
+            );
+            assert!(l
+                .send_segmented(
+                    &Head { n: 99, pages: 1 },
+                    vec![page(99, 0)],
+                    alink::SegOpts::default()
+                )
+                .is_err());
+        }
+        // The session goes on.
+        old.send(&Head { n: 50, pages: 1 }, vec![page(50, 0)])
+            .unwrap();
+        check(
+            &b.recv(Duration::from_secs(10)).unwrap().expect("message"),
+            50,
+        );
+    }
     drop(old);
 
     for v in [n - 2, n + 2] {

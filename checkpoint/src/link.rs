@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use alink::{Alink, AlinkError, Bytes};
+use alink::{Alink, AlinkError, Bytes, SegOpts};
 
 use crate::messages::legacy::{ToPrimaryV2, ToStandbyV2};
-use crate::messages::{ToPrimary, ToStandby, WIRE_VERSION};
+use crate::messages::{ToPrimary, ToStandby, LENT_SYNC_VERSION, PAGE_SIZE, WIRE_VERSION};
+use crate::standby::SyncPlacer;
 
 /// Why a send to the standby did not complete.
 #[derive(Debug)]
@@ -33,6 +34,43 @@ pub trait ToStandbyLink {
     fn version(&self) -> u16 {
         WIRE_VERSION
     }
+
+    /// Whether initial-sync parts go lent ([`ToStandbyLink::send_lent_parts`]): the
+    /// session speaks [`LENT_SYNC_VERSION`] and the link can lend. Else the driver
+    /// copies each part into a staging buffer and sends it with `send`.
+    fn lends(&self) -> bool {
+        false
+    }
+
+    /// Like `send`, returning the message's sequence number on the link (what a lent
+    /// part's barrier names; 0 where the link does not number messages).
+    fn send_numbered(&self, head: &ToStandby, payload: Vec<Bytes>) -> Result<u64, SendError> {
+        self.send(head, payload).map(|()| 0)
+    }
+
+    /// Sends initial-sync parts whose page data is *lent*: each head with the slices of
+    /// guest memory its pages are, written from there (no copy) over every healthy
+    /// link, while the memory may change (pages changed under their write reach the
+    /// standby marked torn: they are dirty here, and a later round or epoch 0 sends
+    /// them again). Returns once each was written (or went void), with their sequence
+    /// numbers; the standby places them once message `barrier` was consumed there.
+    fn send_lent_parts(
+        &self,
+        parts: &[(ToStandby, Vec<&[u8]>)],
+        barrier: u64,
+    ) -> Result<Vec<u64>, SendError> {
+        let _ = (parts, barrier);
+        Err(SendError::Unsupported {
+            version: self.version(),
+            what: "lent send",
+        })
+    }
+
+    /// Waits until the standby consumed everything sent so far; returns the sequence
+    /// numbers of lent parts that went void meanwhile (their pages must be sent again).
+    fn settle(&self) -> Result<Vec<u64>, SendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The standby's way to the primary. Sends are best effort: a full window or a closed
@@ -45,6 +83,14 @@ pub trait ToPrimaryLink {
     fn version(&self) -> u16 {
         WIRE_VERSION
     }
+
+    /// Has initial-sync parts' page data read straight into the mirror at the places
+    /// `placer` gives (None: no more), when the session's protocol has segmented
+    /// frames; returns whether it does.
+    fn set_sync_placer(&self, placer: Option<SyncPlacer>) -> bool {
+        let _ = placer;
+        false
+    }
 }
 
 impl<T: ToStandbyLink + ?Sized> ToStandbyLink for &T {
@@ -54,6 +100,26 @@ impl<T: ToStandbyLink + ?Sized> ToStandbyLink for &T {
 
     fn version(&self) -> u16 {
         (**self).version()
+    }
+
+    fn lends(&self) -> bool {
+        (**self).lends()
+    }
+
+    fn send_numbered(&self, head: &ToStandby, payload: Vec<Bytes>) -> Result<u64, SendError> {
+        (**self).send_numbered(head, payload)
+    }
+
+    fn send_lent_parts(
+        &self,
+        parts: &[(ToStandby, Vec<&[u8]>)],
+        barrier: u64,
+    ) -> Result<Vec<u64>, SendError> {
+        (**self).send_lent_parts(parts, barrier)
+    }
+
+    fn settle(&self) -> Result<Vec<u64>, SendError> {
+        (**self).settle()
     }
 }
 
@@ -70,15 +136,75 @@ impl<T: ToPrimaryLink + ?Sized> ToPrimaryLink for &T {
     fn version(&self) -> u16 {
         (**self).version()
     }
+
+    fn set_sync_placer(&self, placer: Option<SyncPlacer>) -> bool {
+        (**self).set_sync_placer(placer)
+    }
 }
 
 /// A send waits this long for window room before looking whether the standby is still
 /// there.
 const SEND_WAIT: Duration = Duration::from_millis(50);
 
+/// A lent send waits this long for its parts to be written (and for window room); a
+/// standby that consumes nothing for so long while reachable fails the session.
+const LENT_WAIT: Duration = Duration::from_secs(30);
+
+/// What a send error means to the primary.
+fn send_error(link: &Alink, e: AlinkError) -> SendError {
+    match e {
+        AlinkError::Timeout if !link.peer_reachable() => SendError::PeerLost,
+        AlinkError::Closed | AlinkError::PeerRestarted { .. } => SendError::PeerLost,
+        e => SendError::Failed(e),
+    }
+}
+
 impl ToStandbyLink for Alink {
     fn version(&self) -> u16 {
         self.session_version()
+    }
+
+    fn lends(&self) -> bool {
+        self.session_version() >= LENT_SYNC_VERSION
+    }
+
+    fn send_numbered(&self, head: &ToStandby, payload: Vec<Bytes>) -> Result<u64, SendError> {
+        if self.session_version() < WIRE_VERSION {
+            return ToStandbyLink::send(self, head, payload).map(|()| 0);
+        }
+        loop {
+            match self.send_timeout(head, payload.clone(), Some(SEND_WAIT)) {
+                Ok(seq) => return Ok(seq),
+                Err(AlinkError::Timeout) if self.peer_reachable() => {}
+                Err(e) => return Err(send_error(self, e)),
+            }
+        }
+    }
+
+    fn send_lent_parts(
+        &self,
+        parts: &[(ToStandby, Vec<&[u8]>)],
+        barrier: u64,
+    ) -> Result<Vec<u64>, SendError> {
+        let batch: Vec<(&ToStandby, &[&[u8]])> =
+            parts.iter().map(|(h, s)| (h, s.as_slice())).collect();
+        let opts = SegOpts {
+            seg_size: PAGE_SIZE as u32,
+            volatile: true,
+            barrier,
+        };
+        self.send_lent(&batch, opts, LENT_WAIT)
+            .map_err(|e| send_error(self, e))
+    }
+
+    fn settle(&self) -> Result<Vec<u64>, SendError> {
+        loop {
+            match self.flush(SEND_WAIT) {
+                Ok(()) => return Ok(self.take_lost()),
+                Err(AlinkError::Timeout) if self.peer_reachable() => {}
+                Err(e) => return Err(send_error(self, e)),
+            }
+        }
     }
 
     fn send(&self, head: &ToStandby, payload: Vec<Bytes>) -> Result<(), SendError> {
@@ -145,5 +271,20 @@ impl ToPrimaryLink for Alink {
 
     fn version(&self) -> u16 {
         self.session_version()
+    }
+
+    fn set_sync_placer(&self, placer: Option<SyncPlacer>) -> bool {
+        match placer {
+            Some(p) if self.session_version() >= LENT_SYNC_VERSION => {
+                self.set_placer(move |req| {
+                    p.place(req.msg_seq, req.head, req.payload_len, req.seg_size)
+                });
+                true
+            }
+            _ => {
+                self.clear_placer();
+                false
+            }
+        }
     }
 }

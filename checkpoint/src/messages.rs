@@ -230,6 +230,13 @@ pub enum ToPrimary {
 /// version's messages (rolling upgrade: one node upgraded at a time).
 pub const WIRE_VERSION: u16 = 3;
 
+/// The A-Link protocol version from which the initial sync's page data travels in
+/// segmented frames: the primary lends each part's pages straight from guest memory
+/// (`Alink::send_lent`) and the standby has them read straight into its mirror (a
+/// placer). The messages are [`WIRE_VERSION`]'s; a session of protocol 3 (a peer of
+/// the previous version) keeps the staged path: copies on both sides, plain frames.
+pub const LENT_SYNC_VERSION: u16 = 4;
+
 /// The messages of A-Link protocol 2, the version before [`WIRE_VERSION`]: a node that
 /// was upgraded speaks them to a peer that was not yet. Protocol 3 added the quorum
 /// generation to every part and ack, the standby's `Fenced` refusal and the planned role
@@ -439,6 +446,10 @@ pub enum DecodeError {
     Checksum { stored: u32, computed: u32 },
     #[error("a {0} message carries a payload")]
     UnexpectedPayload(&'static str),
+    /// A message whose payload the A-Link placed or lost although it is no initial-sync
+    /// part with page data only, or whose placement does not match its head.
+    #[error("placed or lost payload: {0}")]
+    Placement(&'static str),
 }
 
 fn exceeded(what: &'static str, have: u64, max: u64) -> Result<(), LimitError> {
@@ -449,6 +460,25 @@ fn exceeded(what: &'static str, have: u64, max: u64) -> Result<(), LimitError> {
 }
 
 impl PartHead {
+    /// Whether the A-Link may carry this part's payload placed (or lose it): an
+    /// initial-sync part within the limits whose payload is page data only, its runs
+    /// in increasing address order without overlap (so its pages' places never
+    /// overlap either).
+    pub fn placeable(&self) -> bool {
+        let mut end = 0u64;
+        matches!(self.of, PartOf::Sync { .. })
+            && self.check().is_ok()
+            && self.state_len == 0
+            && self.disk.is_empty()
+            && self.console.is_none()
+            && self.frames.is_empty()
+            && self.runs.iter().all(|r| {
+                let ok = r.gpa >= end && r.pages > 0;
+                end = r.gpa.saturating_add(u64::from(r.pages) * PAGE_SIZE as u64);
+                ok
+            })
+    }
+
     /// Sets the all-zero pages of an initial-sync part (see [`PartHead::zero`]),
     /// checking the limits again.
     pub fn with_zero_runs(mut self, zero: Vec<PageRun>) -> Result<PartHead, LimitError> {
@@ -885,6 +915,26 @@ pub struct ReceivedPart {
     head: PartHead,
     body: alink::Buf,
     head_len: usize,
+    data: PartData,
+}
+
+/// Where a received part's page data is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PartData {
+    /// In the receive buffer, after the head (checked by the A-Link frame's CRC).
+    #[default]
+    Inline,
+    /// An initial-sync part's page data, written by the A-Link straight into the
+    /// mirror's pages (the places [`crate::standby::SyncPlacer`] gave) and checked there
+    /// segment (page) by segment, except the `torn` pages (indexes in the part's page
+    /// order): the primary saw them change while it sent them, so their bytes are stale
+    /// and unchecked, and the primary sends them again (they are dirty there). `seq`:
+    /// the A-Link message's sequence number (the placer records the ones it placed).
+    Placed { torn: Vec<u32>, seq: u64 },
+    /// An initial-sync part whose lent pages the primary could no longer send (its link
+    /// failed after the loan ended): the places given for it may hold part of it; the
+    /// primary sends those pages again.
+    Lost,
 }
 
 impl std::fmt::Debug for ReceivedPart {
@@ -894,6 +944,7 @@ impl std::fmt::Debug for ReceivedPart {
             .field("part", &self.head.part)
             .field("parts", &self.head.parts)
             .field("bytes", &self.body.len())
+            .field("data", &self.data)
             .finish()
     }
 }
@@ -901,6 +952,11 @@ impl std::fmt::Debug for ReceivedPart {
 impl ReceivedPart {
     pub fn head(&self) -> &PartHead {
         &self.head
+    }
+
+    /// Where the page data is (placed and lost parts' views have no page data).
+    pub fn data(&self) -> &PartData {
+        &self.data
     }
 
     /// The part's contents, borrowed (not checked again: they were when received).
@@ -996,6 +1052,7 @@ pub fn decode_standbound_at(
                 head,
                 body,
                 head_len,
+                data: PartData::Inline,
             }))
         }
         ToStandby::Disk(head) => {
@@ -1015,6 +1072,70 @@ pub fn decode_standbound_at(
             rx_frames: decode_rx_frames(payload)?,
         }),
     }
+}
+
+/// The head of a placeable initial-sync part (see [`PartHead::placeable`]) of a session
+/// of protocol [`LENT_SYNC_VERSION`] or later, from its encoded head; None for any other
+/// message.
+pub fn decode_head_of_sync_part(head: &[u8]) -> Option<PartHead> {
+    match decode_head::<ToStandby>(head) {
+        Ok(ToStandby::Part(h)) if h.placeable() => Some(h),
+        _ => None,
+    }
+}
+
+/// Decodes a message as the A-Link delivered it: [`decode_standbound_at`] when its
+/// payload is in its body; else (placed or lost: see [`PartData`]) it must be an
+/// initial-sync part of page data only whose head matches the placement: page-sized
+/// segments, the payload's length, torn pages inside the part.
+pub fn decode_delivered(
+    version: u16,
+    session_generation: u64,
+    m: alink::InMsg,
+) -> Result<Standbound, DecodeError> {
+    let data = match m.at {
+        alink::PayloadAt::InBody => {
+            return decode_standbound_at(version, session_generation, m.head_len, m.body)
+        }
+        alink::PayloadAt::Placed => PartData::Placed {
+            torn: m.torn,
+            seq: m.seq,
+        },
+        alink::PayloadAt::Lost => PartData::Lost,
+    };
+    let head_len = m.head_len.min(m.body.len());
+    if m.body.len() != head_len {
+        return Err(DecodeError::Placement("a payload beside the placed one"));
+    }
+    let ToStandby::Part(head) = standby_head_at(version, session_generation, &m.body)? else {
+        return Err(DecodeError::Placement("not a checkpoint part"));
+    };
+    if !head.placeable() {
+        return Err(DecodeError::Placement(
+            "not an initial-sync part of pages only",
+        ));
+    }
+    if m.seg_size as usize != PAGE_SIZE {
+        return Err(DecodeError::Placement("segments are not pages"));
+    }
+    if let PartData::Placed { torn, .. } = &data {
+        if m.placed_len as u64 != head.payload_len() {
+            return Err(LimitError::PayloadLen {
+                have: m.placed_len as u64,
+                want: head.payload_len(),
+            }
+            .into());
+        }
+        if torn.iter().any(|&t| u64::from(t) >= head.page_count()) {
+            return Err(DecodeError::Placement("a torn segment outside the part"));
+        }
+    }
+    Ok(Standbound::Part(ReceivedPart {
+        head,
+        body: m.body,
+        head_len,
+        data,
+    }))
 }
 
 /// A decoded standby-to-primary message.
@@ -1523,7 +1644,10 @@ mod tests {
     /// the other's.
     #[test]
     fn previous_protocol_messages_round_trip() {
-        assert_eq!(WIRE_VERSION, alink::PROTOCOL_CURRENT);
+        // Protocol 4 changed the frames only (lent sync parts): its messages are 3's,
+        // and a protocol-3 session (the previous version's peer) uses them as they are.
+        assert_eq!(LENT_SYNC_VERSION, alink::PROTOCOL_CURRENT);
+        assert_eq!(WIRE_VERSION + 1, LENT_SYNC_VERSION);
         let h = PartHead::new(
             PartOf::Epoch {
                 epoch: 4,

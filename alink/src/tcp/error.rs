@@ -12,6 +12,9 @@ pub enum AlinkError {
     Encode(#[from] postcard::Error),
     #[error("message of {len} bytes exceeds the frame limit of {max}")]
     TooLarge { len: usize, max: u32 },
+    /// A segmented (or lent) message in a session whose protocol predates them.
+    #[error("segmented messages need A-Link protocol {need}; this session speaks {version}")]
+    SegmentedUnsupported { version: u16, need: u16 },
     #[error("timed out")]
     Timeout,
     #[error("A-Link is shut down")]

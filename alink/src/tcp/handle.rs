@@ -249,6 +249,13 @@ impl Alink {
         lent: Option<Arc<Lent>>,
         deadline: Option<Instant>,
     ) -> Result<u64, AlinkError> {
+        let version = self.session_version();
+        if seg.is_some() && version < crate::handshake::SEGMENTED_SINCE {
+            return Err(AlinkError::SegmentedUnsupported {
+                version,
+                need: crate::handshake::SEGMENTED_SINCE,
+            });
+        }
         let len = head.len()
             + payload.iter().map(|p| p.len()).sum::<usize>()
             + lent.as_ref().map_or(0, |l| l.len());

@@ -15,14 +15,18 @@ use vmm::{build_vm, Vmm};
 
 use super::SECRET;
 
-pub(crate) fn link_cfg(node: u64, peer: u64, remote: SocketAddr, misses: u32) -> AlinkConfig {
+/// The A-Link configuration of a pair's end: one loopback link per remote address.
+pub(crate) fn links_cfg(node: u64, peer: u64, remotes: &[SocketAddr], misses: u32) -> AlinkConfig {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
     let mut c = AlinkConfig::new(
         21,
         node,
         peer,
         SECRET,
-        vec![LinkAddrs { local: any, remote }],
+        remotes
+            .iter()
+            .map(|&remote| LinkAddrs { local: any, remote })
+            .collect(),
     );
     // 20 ms heartbeats: with 4 misses the standby declares the primary dead after 80 ms.
     c.health.interval = Duration::from_millis(20);
@@ -32,6 +36,23 @@ pub(crate) fn link_cfg(node: u64, peer: u64, remote: SocketAddr, misses: u32) ->
         max_bytes: 128 << 20,
     };
     c
+}
+
+/// The A-Link between a pair's two ends: links (loopback) and the protocol version
+/// both announce (the previous one runs the sync's staged path).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Links {
+    pub(crate) n: usize,
+    pub(crate) protocol: u16,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            n: 1,
+            protocol: alink::PROTOCOL_VERSION,
+        }
+    }
 }
 
 /// A protected pair running in this process.
@@ -51,7 +72,7 @@ impl Pair {
         epoch: Duration,
         misses: u32,
     ) -> Result<Pair, String> {
-        Pair::start_when(pcfg, scfg, epoch, misses, || true)
+        Pair::start_when(pcfg, scfg, epoch, misses, Links::default(), || true)
     }
 
     /// As [`Pair::start`], the primary's driver (hence the initial sync) starting only
@@ -61,6 +82,7 @@ impl Pair {
         scfg: VmConfig,
         epoch: Duration,
         misses: u32,
+        links: Links,
         ready: impl Fn() -> bool,
     ) -> Result<Pair, String> {
         Pair::start_full(pcfg, scfg, epoch, misses, ready, (EpochCopy::InPause, true))
@@ -87,10 +109,12 @@ impl Pair {
         (copy, hot): (EpochCopy, bool),
     ) -> Result<Pair, String> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address literal");
-        let slink =
-            Alink::start(link_cfg(2, 1, any, misses)).map_err(|e| format!("A-Link: {e}"))?;
-        let plink = Alink::start(link_cfg(1, 2, slink.local_addrs()[0], misses))
-            .map_err(|e| format!("A-Link: {e}"))?;
+        let mut scfg_link = links_cfg(2, 1, &[any].repeat(links.n.max(1)), misses);
+        scfg_link.protocol_version = links.protocol;
+        let slink = Alink::start(scfg_link).map_err(|e| format!("A-Link: {e}"))?;
+        let mut pcfg_link = links_cfg(1, 2, slink.local_addrs(), misses);
+        pcfg_link.protocol_version = links.protocol;
+        let plink = Alink::start(pcfg_link).map_err(|e| format!("A-Link: {e}"))?;
         let sstop = Arc::new(AtomicBool::new(false));
         let standby = {
             let sstop = sstop.clone();

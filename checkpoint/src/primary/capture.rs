@@ -115,12 +115,141 @@ pub struct Capturer {
     /// Epoch pages copied after the pause, write-protected meanwhile
     /// ([`EpochCopy::WriteProtect`]); None: copied in the pause.
     background: Option<BackgroundCopy>,
+    /// Pages whose last (lent) sync copy went lost: the next sync round or epoch
+    /// capture sends them again.
+    owed: Vec<PageRun>,
 }
 
 /// An epoch's pages: copied in the pause, or protected and copied after it.
 enum EpochPages {
     Copied(Vec<PartPages>),
     Deferred(Pending),
+}
+
+/// An initial-sync part to send lent: its head and the runs of its page data, sent
+/// straight from guest memory ([`lent_slices`]).
+pub struct LentPart {
+    pub head: PartHead,
+    pub data: Vec<PageRun>,
+}
+
+/// The parts of a sync round for lent sends ([`Capturer::lent_scan`]): each part's pages
+/// looked at in guest memory (never-touched and all-zero pages become zero runs, the
+/// others data runs), nothing copied. An iterator that may run on another thread
+/// while the previous parts are being sent.
+pub struct LentScan<'a> {
+    mem: &'a vmm::vstate::memory::GuestMemoryMmap,
+    untouched: Option<&'a vmm::vstate::memory::UntouchedPages>,
+    round: SyncRound,
+}
+
+impl Iterator for LentScan<'_> {
+    type Item = Result<LentPart, CaptureError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let group = self.round.groups.next()?;
+        let k = self.round.next;
+        self.round.next += 1;
+        Some((|| {
+            let (data, zero) = scan_sync_pages(self.mem, self.untouched, &group)?;
+            let slices = lent_slices(self.mem, &data)?;
+            let head = PartHead::new(
+                PartOf::Sync {
+                    round: self.round.round,
+                },
+                k,
+                self.round.parts,
+                0,
+                data.clone(),
+                Vec::new(),
+                None,
+                Vec::new(),
+                None,
+                &slices,
+            )?
+            .with_zero_runs(zero)?;
+            Ok(LentPart { head, data })
+        })())
+    }
+}
+
+/// The guest memory of `runs` as slices, one per run (what a lent send writes from).
+/// The guest may write them meanwhile: a lent send is volatile (`SegOpts::volatile`).
+pub fn lent_slices<'m>(
+    mem: &'m vmm::vstate::memory::GuestMemoryMmap,
+    runs: &[PageRun],
+) -> Result<Vec<&'m [u8]>, CaptureError> {
+    runs.iter()
+        .map(|r| guest_bytes(mem, r.gpa, r.pages as usize * PAGE_SIZE))
+        .collect()
+}
+
+/// `len` bytes of guest memory at `gpa`, which must lie in one region.
+fn guest_bytes(
+    mem: &vmm::vstate::memory::GuestMemoryMmap,
+    gpa: u64,
+    len: usize,
+) -> Result<&[u8], CaptureError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let outside = || CaptureError::Memory {
+        gpa,
+        source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa)),
+    };
+    let region = mem.find_region(GuestAddress(gpa)).ok_or_else(outside)?;
+    let off = gpa - region.start_addr().0;
+    if off
+        .checked_add(len as u64)
+        .is_none_or(|end| end > region.len())
+    {
+        return Err(outside());
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(off))
+        .map_err(|_| outside())?;
+    // SAFETY: `[host, host + len)` lies inside the region's mapping (checked above),
+    // which lives as long as `mem` is borrowed. The guest may write it meanwhile: the
+    // bytes are only read to be sent (a lent send CRCs them twice and marks what
+    // changed torn) or tested for zero (a page that changes is dirty again and sent
+    // again), never trusted.
+    Ok(unsafe { std::slice::from_raw_parts(host as *const u8, len) })
+}
+
+/// The data and zero runs of `group`, looked at in guest memory: a chunk the guest
+/// never touched is zero without reading it; other pages are tested.
+fn scan_sync_pages(
+    mem: &vmm::vstate::memory::GuestMemoryMmap,
+    untouched: Option<&vmm::vstate::memory::UntouchedPages>,
+    group: &[PageRun],
+) -> Result<(Vec<PageRun>, Vec<PageRun>), CaptureError> {
+    let (mut data, mut zero) = (Vec::new(), Vec::new());
+    let mut never = [false; ZERO_CHECK_CHUNK_PAGES as usize];
+    for r in group {
+        let mut first = 0u64;
+        while first < u64::from(r.pages) {
+            let n = (u64::from(r.pages) - first).min(ZERO_CHECK_CHUNK_PAGES);
+            let gpa0 = r.gpa + first * PAGE_SIZE as u64;
+            if let Some(u) = untouched {
+                let never = &mut never[..n as usize];
+                u.scan(mem, gpa0, never);
+                if never.iter().all(|&b| b) {
+                    push_pages(&mut zero, gpa0, n as u32);
+                    first += n;
+                    continue;
+                }
+            }
+            let chunk = guest_bytes(mem, gpa0, n as usize * PAGE_SIZE)?;
+            for (i, page) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+                let gpa = gpa0 + (i * PAGE_SIZE) as u64;
+                if is_zero_page(page) {
+                    push_page(&mut zero, gpa);
+                } else {
+                    push_page(&mut data, gpa);
+                }
+            }
+            first += n;
+        }
+    }
+    Ok((data, zero))
 }
 
 /// An initial-sync round being copied and sent part by part.
@@ -159,6 +288,7 @@ impl Capturer {
                 .map_err(|e| log::debug!("no /proc/self/pagemap ({e}): zero pages are read"))
                 .ok(),
             background: None,
+            owed: Vec::new(),
         })
     }
 
@@ -192,6 +322,30 @@ impl Capturer {
             .as_ref()
             .map(BackgroundCopy::stats)
             .unwrap_or_default()
+    }
+
+    /// Pages whose last sync copy went lost (a lent part sent void): the next sync
+    /// round or epoch capture sends them again.
+    pub fn owe(&mut self, runs: &[PageRun]) {
+        self.owed.extend_from_slice(runs);
+    }
+
+    /// Marks the owed pages in the dirty set, forgetting them.
+    fn mark_owed(&mut self) {
+        for r in std::mem::take(&mut self.owed) {
+            self.dirty
+                .mark(GuestAddress(r.gpa), u64::from(r.pages) * PAGE_SIZE as u64);
+        }
+    }
+
+    /// The parts of round `r` for lent sends (see [`LentScan`]), instead of
+    /// [`Capturer::next_sync_part`]'s copies.
+    pub fn lent_scan<'a>(&'a self, vmm: &'a impl PrimaryVm, r: SyncRound) -> LentScan<'a> {
+        LentScan {
+            mem: vmm.guest_memory(),
+            untouched: self.untouched.as_ref(),
+            round: r,
+        }
     }
 
     /// Parts of at least `n` pages (at least 2) are copied half on vCPU 0's parked
@@ -258,12 +412,15 @@ impl Capturer {
     ) -> Result<SyncRound, CaptureError> {
         vmm.pause()?;
         let r = if round == 0 {
+            self.owed.clear();
             vmm.start_dirty_tracking()
                 .map(|()| DirtySet::full(vmm.guest_memory()))
         } else {
             self.dirty.clear();
-            vmm.harvest_dirty_into(&mut self.dirty)
-                .map(|_| self.dirty.clone())
+            vmm.harvest_dirty_into(&mut self.dirty).map(|_| {
+                self.mark_owed();
+                self.dirty.clone()
+            })
         };
         vmm.resume()?;
         let set = r?;
@@ -508,6 +665,7 @@ impl Capturer {
             CutKind::Next
         };
         let mut cut = vmm.cut_epoch(epoch, &mut self.dirty, kind)?;
+        self.mark_owed();
         self.hot_pages = cut.harvest.hot_pages;
         let journals: Vec<Arc<DiskJournal>> = std::mem::take(&mut cut.journals)
             .into_iter()

@@ -23,14 +23,16 @@ use storage_mirror::resync::ResyncConfig;
 use vmm::vstate::hot_pages::HotPageConfig;
 use vmm::{Vmm, VmmError};
 
-use super::capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
+use super::capture::{
+    lent_slices, CaptureError, Captured, Capturer, EpochObserver, LentPart, OutPart,
+};
 use super::disks::{DiskSide, MirroredDisks, Step};
 use super::epoch_copy::EpochCopy;
 use super::inbox::{outbox, pump, FromStandby, Inbound, Inbox, OwnGenerations};
 use super::swap::{SwapDone, SwapPort, SwapReply};
 use super::vm::PrimaryVm;
 use crate::link::{SendError, ToStandbyLink};
-use crate::messages::ToStandby;
+use crate::messages::{PageRun, ToStandby};
 use crate::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryPhase};
 use crate::verify::HashLog;
 
@@ -262,6 +264,9 @@ pub struct PrimaryDriver<V: PrimaryVm, L: ToStandbyLink> {
     /// The standby refused the requested swap (its quorum gave no grant): the guest
     /// resumed here; the session loop tells the requester.
     swap_refused: bool,
+    /// Sequence number of the last sync round's `SyncRoundDone` (0: none yet): the
+    /// barrier of the next round's lent parts.
+    sync_barrier: u64,
 }
 
 impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
@@ -313,6 +318,7 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
             swap_rx: Vec::new(),
             swap_port: cfg.swap.clone(),
             swap_refused: false,
+            sync_barrier: 0,
         })
     }
 
@@ -583,6 +589,12 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
 
     fn perform(&mut self, a: PrimaryAction) -> Result<Option<PrimaryEvent>, Lost> {
         match a {
+            PrimaryAction::SyncRound { round } if self.link.lends() => {
+                if round == 0 {
+                    self.sync_started = Some(self.now());
+                }
+                self.sync_round_lent(round)
+            }
             PrimaryAction::SyncRound { round } => {
                 if round == 0 {
                     self.sync_started = Some(self.now());
@@ -773,6 +785,91 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
         }
     }
 
+    /// Initial-sync round `round` with lent sends (sessions of
+    /// [`crate::messages::LENT_SYNC_VERSION`]): a thread looks at each part's pages in
+    /// guest memory (zero pages become runs) while this one sends the parts found so
+    /// far, in batches, straight from guest memory over every healthy link
+    /// ([`ToStandbyLink::send_lent_parts`]); nothing is copied. The round's parts are
+    /// placed at the standby only after it processed the previous round's
+    /// `SyncRoundDone` (the barrier). At the end the driver waits until the standby
+    /// consumed the round and takes back, as owed, the pages of every part that went
+    /// void (its link failed after the loan ended): the next round or epoch 0 sends them
+    /// again. Pages the guest changed during their send are dirty: the next harvest has
+    /// them.
+    fn sync_round_lent(&mut self, round: u32) -> Result<Option<PrimaryEvent>, Lost> {
+        let r = self.cap.begin_sync_round(&self.vm, round)?;
+        let (pages, parts) = (r.pages(), r.parts());
+        let generation = self.current_generation();
+        let barrier = self.sync_barrier;
+        let mem = self.vm.guest_memory();
+        let scan = self.cap.lent_scan(&self.vm, r);
+        let link = &self.link;
+        let report = &mut self.report;
+        // Sequence number of each lent part, with its data pages.
+        let mut sent: Vec<(u64, Vec<PageRun>)> = Vec::new();
+        std::thread::scope(|s| -> Result<(), Lost> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(LENT_BATCH_PARTS);
+            // Ends when the scan does or this side stops receiving (`rx` dropped).
+            s.spawn(move || {
+                for p in scan {
+                    if tx.send(p).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut batch: Vec<LentPart> = Vec::with_capacity(LENT_BATCH_PARTS);
+            while let Ok(p) = rx.recv() {
+                batch.push(p?);
+                while batch.len() < LENT_BATCH_PARTS {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p?),
+                        Err(_) => break,
+                    }
+                }
+                let mut lent: Vec<(ToStandby, Vec<&[u8]>)> = Vec::new();
+                let mut runs: Vec<Vec<PageRun>> = Vec::new();
+                for mut p in batch.drain(..) {
+                    p.head.generation = generation;
+                    report.sync_bytes += p.head.payload_len();
+                    report.sync_zero_pages += p.head.zero_page_count();
+                    if p.data.is_empty() {
+                        // Zero pages only: a plain message, in order after the lent
+                        // ones before it.
+                        send_lent_batch(link, &mut lent, &mut runs, barrier, &mut sent)?;
+                        link.send(&ToStandby::Part(p.head), Vec::new())?;
+                        continue;
+                    }
+                    let slices = lent_slices(mem, &p.data)?;
+                    lent.push((ToStandby::Part(p.head), slices));
+                    runs.push(p.data);
+                }
+                send_lent_batch(link, &mut lent, &mut runs, barrier, &mut sent)?;
+            }
+            Ok(())
+        })?;
+        self.sync_barrier = self
+            .link
+            .send_numbered(&ToStandby::SyncRoundDone { round, pages }, Vec::new())?;
+        let lost = self.link.settle()?;
+        let mut owed = 0u64;
+        for (seq, runs) in &sent {
+            if lost.contains(seq) {
+                owed += runs.iter().map(|r| u64::from(r.pages)).sum::<u64>();
+                self.cap.owe(runs);
+            }
+        }
+        if owed > 0 {
+            log::warn!(
+                "primary: initial sync round {round}: {} lent parts went void (a link \
+                 failed): their {owed} pages are sent again",
+                lost.len()
+            );
+        }
+        log::info!("primary: initial sync round {round}: {pages} pages in {parts} parts (lent)");
+        self.report.sync_rounds = round + 1;
+        Ok(Some(PrimaryEvent::SyncRoundSent { round, pages }))
+    }
+
     /// Captures `epoch` (the guest left paused after it with `stay_paused`).
     fn capture(&mut self, epoch: u64, stay_paused: bool) -> Result<Option<PrimaryEvent>, Lost> {
         let already = std::mem::take(&mut self.paused_by_throttle);
@@ -872,6 +969,28 @@ impl<V: PrimaryVm, L: ToStandbyLink> PrimaryDriver<V, L> {
     fn send_msg(&self, head: &ToStandby, payload: Vec<alink::Bytes>) -> Result<(), Lost> {
         Ok(self.link.send(head, payload)?)
     }
+}
+
+/// Lent sync parts sent per `send_lent` call at most (4 MiB each: half the default
+/// window's bytes), as many as the scan found since the last call.
+const LENT_BATCH_PARTS: usize = 32;
+
+/// Sends the lent parts gathered in `lent` (their data runs in `runs`), recording each
+/// one's sequence number with its runs in `sent`; empties both.
+fn send_lent_batch<L: ToStandbyLink>(
+    link: &L,
+    lent: &mut Vec<(ToStandby, Vec<&[u8]>)>,
+    runs: &mut Vec<Vec<PageRun>>,
+    barrier: u64,
+    sent: &mut Vec<(u64, Vec<PageRun>)>,
+) -> Result<(), Lost> {
+    if lent.is_empty() {
+        return Ok(());
+    }
+    let seqs = link.send_lent_parts(lent, barrier)?;
+    lent.clear();
+    sent.extend(seqs.into_iter().zip(runs.drain(..)));
+    Ok(())
 }
 
 /// Runs the primary side until `stop` is set (or the VM's standby is lost and `stop`

@@ -9,7 +9,9 @@ pub mod inbox;
 pub mod swap;
 pub mod vm;
 
-pub use capture::{CaptureError, Captured, Capturer, EpochObserver, OutPart};
+pub use capture::{
+    lent_slices, CaptureError, Captured, Capturer, EpochObserver, LentPart, LentScan, OutPart,
+};
 pub use disks::MirroredDisks;
 pub use driver::{run_primary, DriverError, PrimaryDriver, PrimaryDriverConfig, PrimaryReport};
 pub use epoch_copy::{EpochCopy, EpochCopyStats};

@@ -25,7 +25,10 @@ use super::mirror::{DiskCommit, Mirror};
 use super::outcome::{fence, FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 use super::takeover::{BeforeStart, Takeover, TakeoverInput, VmmTakeover};
 use crate::link::ToPrimaryLink;
-use crate::messages::{decode_standbound_at, PartOf, ReceivedPart, Standbound, ToPrimary};
+use crate::messages::{
+    decode_delivered, decode_standbound_at, DecodeError, PartOf, ReceivedPart, Standbound,
+    ToPrimary,
+};
 use crate::protocol::{Standby, StandbyAction, StandbyConfig, StandbyEvent};
 use crate::verify::{hash_state, is_full_epoch, HashLog, ReplicaHash};
 
@@ -120,6 +123,8 @@ pub struct StandbyDriver<L: ToPrimaryLink, T: Takeover> {
     session_generation: u64,
     /// The primary asked for a planned role swap (the takeover that follows is one).
     swap_requested: bool,
+    /// The A-Link places sync parts into the mirror (until the first apply).
+    placing: bool,
     /// The frames a `Swap` carried (the old primary's TAPs received them after its
     /// guest's final pause): the taken-over guest receives them first.
     swap_rx: Vec<(u16, Vec<u8>)>,
@@ -161,6 +166,7 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             gate: opts.takeover_gate.as_ref().map(|g| g.0.clone()),
             session_generation: 0,
             swap_requested: false,
+            placing: false,
             swap_rx: Vec::new(),
         })
     }
@@ -210,12 +216,25 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
         head_len: usize,
         body: alink::Buf,
     ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
-        let ev = match decode_standbound_at(
-            self.link.version(),
-            self.session_generation,
-            head_len,
-            body,
-        ) {
+        let m = decode_standbound_at(self.link.version(), self.session_generation, head_len, body);
+        self.on_decoded(m)
+    }
+
+    /// A message as the A-Link delivered it: its payload in its body, or (an
+    /// initial-sync part) placed into the mirror or lost (see [`crate::messages::PartData`]).
+    pub fn on_delivered(
+        &mut self,
+        m: alink::InMsg,
+    ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
+        let m = decode_delivered(self.link.version(), self.session_generation, m);
+        self.on_decoded(m)
+    }
+
+    fn on_decoded(
+        &mut self,
+        m: Result<Standbound, DecodeError>,
+    ) -> Result<Option<StandbyOutcome<T::Vm>>, StandbyDriverError> {
+        let ev = match m {
             Ok(Standbound::Hello { layout, generation }) => {
                 self.check_generation(generation)?;
                 self.session_generation = generation;
@@ -224,8 +243,15 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
                     if self.verify.is_some() {
                         m.enable_page_hashes();
                     }
+                    // Sessions of protocol 4 on: sync parts' pages go straight into
+                    // the mirror (the placer stops at the first epoch's apply).
+                    let placed = self.link.set_sync_placer(m.sync_placer());
+                    self.placing = placed;
                     self.mirror = Some(m);
-                    log::info!("standby: primary connected, mirror of {layout:x?}");
+                    log::info!(
+                        "standby: primary connected, mirror of {layout:x?}{}",
+                        if placed { ", sync pages placed" } else { "" }
+                    );
                     let now = self.instant();
                     if let Some(d) = &mut self.disks {
                         d.feed(DiskEvent::Hello, &[], now, &self.link)?;
@@ -393,13 +419,16 @@ impl<L: ToPrimaryLink, T: Takeover> StandbyDriver<L, T> {
             for a in actions {
                 match a {
                     StandbyAction::WriteSync { msg, .. } => {
-                        self.progress.sync_pages +=
-                            self.mirror_mut()?.write_sync_part(&msg.view())?;
+                        self.progress.sync_pages += self.mirror_mut()?.write_sync_received(&msg)?;
                     }
                     StandbyAction::Stage { epoch, msg, .. } => {
                         self.mirror_mut()?.stage_part(epoch, msg)?;
                     }
                     StandbyAction::Apply { epoch } => {
+                        if std::mem::take(&mut self.placing) {
+                            // Every sync part was delivered before this epoch's parts.
+                            self.link.set_sync_placer(None);
+                        }
                         self.apply(epoch)?;
                         queue.push_back(StandbyEvent::Applied { epoch });
                     }
@@ -591,7 +620,7 @@ pub fn run_standby_with(
             None => d.on_idle()?,
             Some(m) => {
                 seen_peer = true;
-                if let Some(out) = d.on_message(m.head_len, m.body)? {
+                if let Some(out) = d.on_delivered(m)? {
                     if let StandbyOutcome::FailedOver(_, r) = &out {
                         if r.planned {
                             // The acceptance must reach the old primary (a lost one
@@ -657,7 +686,7 @@ pub fn run_standby_with(
             // Everything the primary sent before it went away was delivered (in order)
             // before this event; drain what is still queued first.
             while let Ok(Some(m)) = link.recv(Duration::ZERO) {
-                if let Some(out) = d.on_message(m.head_len, m.body)? {
+                if let Some(out) = d.on_delivered(m)? {
                     return Ok(out);
                 }
             }

@@ -18,15 +18,18 @@
 //! failover time does not grow with the guest's size (copying 1 GiB into fresh memory
 //! took 3.2 s here).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::messages::{
-    decode_standbound, DecodeError, PartOf, PartView, ReceivedPart, Standbound, PAGE_SIZE,
+    decode_head_of_sync_part, decode_standbound, DecodeError, PartData, PartOf, PartView,
+    ReceivedPart, Standbound, PAGE_SIZE,
 };
 use crate::verify::PageHashes;
 use vmm::vstate::memory::GuestMemoryMmap;
@@ -68,6 +71,19 @@ pub enum MirrorError {
     Disk { device: u16, source: io::Error },
     #[error("allocating the mirror's guest memory: {0}")]
     Memory(String),
+    /// The first epoch would commit while pages of the initial sync are still owed: a
+    /// placed part's torn pages or a lost part's pages that neither a later sync round
+    /// nor this epoch wrote (the primary sends them again; if it did not, the replica
+    /// would hold a half-written page).
+    #[error(
+        "epoch {epoch} would leave {count} initial-sync pages unchecked (first at {first:#x}): \
+         a torn or lost sync part was never sent again"
+    )]
+    Unsynced {
+        epoch: u64,
+        count: usize,
+        first: u64,
+    },
 }
 
 /// One region of the mirror's RAM: where it sits in guest physical memory and in this
@@ -83,8 +99,9 @@ fn bytes_of(g: &Region) -> &[u8] {
     // SAFETY: regions are built only from `Mirror::mem`'s mappings and dropped with
     // them (`take_memory` empties `regions` as it takes `mem`), so `host..host + len`
     // is mapped for as long as the region is borrowed. No vCPU runs on that memory
-    // while the mirror owns it and every writer holds `&mut Mirror`, so it does not
-    // change during the borrow.
+    // while the mirror owns it and every writer holds `&mut Mirror` (but the A-Link's
+    // placed writes of the initial sync, into pages nothing reads before the first
+    // apply: see `SyncPlacer`), so it does not change during the borrow.
     unsafe { std::slice::from_raw_parts(g.host as *const u8, g.len) }
 }
 
@@ -95,7 +112,9 @@ pub trait DiskCommit {
 }
 
 /// A staged message: a decoded part, or one that did not decode (staged by
-/// [`Mirror::stage`], refused whole by the apply).
+/// [`Mirror::stage`], refused whole by the apply). Unboxed: the few staged messages
+/// are almost all parts, and boxing would cost an allocation per part.
+#[allow(clippy::large_enum_variant)]
 enum Staged {
     Part(ReceivedPart),
     Bad(DecodeError),
@@ -145,6 +164,94 @@ pub struct Mirror {
     frame_bytes: usize,
     /// Test mode: per-page CRCs (see [`Mirror::enable_page_hashes`]).
     hashes: Option<PageHashes>,
+    /// Pages of the initial sync whose last copy was not checked (torn in a placed
+    /// part, or in a lost part): a later sync round or the first epoch must write them
+    /// before that epoch commits.
+    owed: BTreeSet<u64>,
+    /// Whether a [`SyncPlacer`] of this mirror may still hand out places: until the
+    /// first epoch's apply (then every sync part was resolved: the A-Link delivers in
+    /// order) or the memory is taken.
+    placing: Arc<AtomicBool>,
+    /// Messages (A-Link sequence numbers) a placer of this mirror gave places for and
+    /// that were not delivered yet: a part delivered as placed counts as in this mirror
+    /// only if it is here (else it went to another mirror's placer: owed).
+    placed: Arc<Mutex<HashSet<u64>>>,
+}
+
+/// Hands the A-Link the mirror's pages as the places of initial-sync parts' page data
+/// (`Alink::set_placer`): the part's runs, checked against the mirror's layout. Holds a
+/// reference to the mirror's mappings, so they stay mapped while the A-Link may still
+/// write into them, and stops placing once the mirror's first epoch is applied.
+///
+/// Why writing in place is sound here: the parts of one round name distinct pages; the
+/// primary gives every part of round `r + 1` the barrier of round `r`'s
+/// `SyncRoundDone`, so a page of a later round is written only after the standby has
+/// processed every earlier part (its zero pages written, its own placed data done);
+/// nothing reads the mirror's RAM before the first epoch's apply, which the A-Link can
+/// deliver only after every sync part was resolved (in order).
+#[derive(Clone)]
+pub struct SyncPlacer {
+    _mem: GuestMemoryMmap,
+    /// `(start gpa, len, host address)` per region.
+    regions: Vec<(u64, usize, usize)>,
+    open: Arc<AtomicBool>,
+    placed: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl SyncPlacer {
+    /// Where the payload of message `seq` (`head`: its encoded head) goes: the mirror's
+    /// pages of its runs, when it is a placeable initial-sync part of `payload_len`
+    /// bytes in page segments whose runs all lie in guest RAM; else None (the A-Link
+    /// reads it into a buffer and the driver checks it as any message).
+    pub fn place(
+        &self,
+        seq: u64,
+        head: &[u8],
+        payload_len: usize,
+        seg_size: u32,
+    ) -> Option<alink::Placement> {
+        if !self.open.load(Ordering::Acquire) || seg_size as usize != PAGE_SIZE {
+            return None;
+        }
+        let h = decode_head_of_sync_part(head)?;
+        if h.payload_len() != payload_len as u64 {
+            return None;
+        }
+        let mut dests = Vec::with_capacity(h.runs.len());
+        for r in &h.runs {
+            let len = r.pages as usize * PAGE_SIZE;
+            let (off, host) = self.regions.iter().find_map(|&(start, rlen, host)| {
+                let off = usize::try_from(r.gpa.checked_sub(start)?).ok()?;
+                (off.checked_add(len)? <= rlen).then_some((off, host))
+            })?;
+            let ptr = (host + off) as *mut u8;
+            // Back the run's pages in one call (fresh anonymous memory would otherwise
+            // fault per page under the socket read). Best effort.
+            // SAFETY: `[ptr, ptr + len)` lies inside a region of `_mem`'s mappings,
+            // which this placer keeps alive; MADV_POPULATE_WRITE never changes contents.
+            unsafe {
+                libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE);
+            }
+            dests.push((ptr, len));
+        }
+        twinrun_lock::MutexExt::lock_or_recover(&*self.placed).insert(seq);
+        // SAFETY: every range lies inside the mirror's mappings, which `_mem` keeps
+        // mapped for as long as the A-Link holds this placer (it drops it only after
+        // its reader threads ended, or on `clear_placer`, after which a message being
+        // placed is one of the sync, resolved before the first apply closes `open`).
+        // The runs are in increasing order without overlap (`placeable`), so the
+        // ranges do not overlap; nobody else reads or writes these pages meanwhile
+        // (see the type's docs: one round's parts are distinct pages, rounds are
+        // ordered by barriers, the mirror is read only from the first apply on).
+        Some(unsafe { alink::Placement::new(dests) })
+    }
+}
+
+impl Drop for Mirror {
+    /// A placer of this mirror places nothing more (its mappings stay alive in it).
+    fn drop(&mut self) {
+        self.placing.store(false, Ordering::Release);
+    }
 }
 
 impl Mirror {
@@ -199,7 +306,31 @@ impl Mirror {
             frames: BTreeMap::new(),
             frame_bytes: 0,
             hashes: None,
+            owed: BTreeSet::new(),
+            placing: Arc::new(AtomicBool::new(true)),
+            placed: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// A placer for the initial sync's parts (see [`SyncPlacer`]); None once the
+    /// memory was taken or the first epoch applied.
+    pub fn sync_placer(&self) -> Option<SyncPlacer> {
+        let mem = self.mem.clone()?;
+        self.placing.load(Ordering::Acquire).then(|| SyncPlacer {
+            _mem: mem,
+            regions: self
+                .regions
+                .iter()
+                .map(|r| (r.start, r.len, r.host))
+                .collect(),
+            open: self.placing.clone(),
+            placed: self.placed.clone(),
+        })
+    }
+
+    /// Initial-sync pages whose last copy was not checked yet (see [`PartData`]).
+    pub fn owed_pages(&self) -> usize {
+        self.owed.len()
     }
 
     pub fn layout(&self) -> Vec<(u64, u64)> {
@@ -213,6 +344,7 @@ impl Mirror {
     /// `vmm::build_vm_from_state_with_memory`). The mirror holds no memory afterwards:
     /// every page access fails as outside guest RAM.
     pub fn take_memory(&mut self) -> Option<GuestMemoryMmap> {
+        self.placing.store(false, Ordering::Release);
         self.regions.clear();
         self.hashes = None;
         self.mem.take()
@@ -325,6 +457,42 @@ impl Mirror {
         }
     }
 
+    /// Writes an initial-sync part as the driver received it: its page data from its
+    /// buffer ([`Mirror::write_sync_part`]), or already in place (placed: the checked
+    /// pages are synced, the torn ones owed; lost: every data page owed); then its zero
+    /// pages. Returns the pages written or confirmed.
+    pub fn write_sync_received(&mut self, p: &ReceivedPart) -> Result<u64, MirrorError> {
+        let view = p.view();
+        let (torn, lost): (&[u32], bool) = match p.data() {
+            PartData::Inline => return self.write_sync_part(&view),
+            // Placed by this mirror's placer, or (a message of an earlier session
+            // placed by its mirror's placer) not here at all.
+            PartData::Placed { torn, seq } => (
+                torn,
+                !twinrun_lock::MutexExt::lock_or_recover(&*self.placed).remove(seq),
+            ),
+            PartData::Lost => (&[], true),
+        };
+        let mut data = Vec::with_capacity(view.head.page_count() as usize);
+        for r in &view.head.runs {
+            for i in 0..u64::from(r.pages) {
+                let gpa = r.gpa + i * PAGE_SIZE as u64;
+                self.page_slot(gpa)?;
+                data.push(gpa);
+            }
+        }
+        let mut n = 0;
+        for (i, gpa) in data.into_iter().enumerate() {
+            if lost || torn.contains(&(i as u32)) {
+                self.owed.insert(gpa);
+            } else {
+                self.owed.remove(&gpa);
+                n += 1;
+            }
+        }
+        Ok(n + self.write_zero_pages(&view)?)
+    }
+
     /// Writes the pages of an initial-sync part straight into the mirror (it is no
     /// replica before epoch 0 commits). Checks every address first.
     pub fn write_sync_part(&mut self, view: &PartView<'_>) -> Result<u64, MirrorError> {
@@ -332,9 +500,8 @@ impl Mirror {
         for (gpa, _) in view.pages() {
             slots.push(self.page_slot(gpa)?);
         }
-        let mut zero = Vec::with_capacity(view.head.zero_page_count() as usize);
         for gpa in view.zero_pages() {
-            zero.push(self.page_slot(gpa)?);
+            self.page_slot(gpa)?;
         }
         // Back each run's pages in one call before writing them: the mirror is fresh
         // memory, and taking a page fault per 4 KiB page costs more than the copy.
@@ -342,19 +509,35 @@ impl Mirror {
             self.populate(run.gpa, run.pages as usize * PAGE_SIZE);
         }
         let mut n = 0;
-        for ((r, off), (_, data)) in slots.into_iter().zip(view.pages()) {
+        for ((r, off), (gpa, data)) in slots.into_iter().zip(view.pages()) {
             self.page_mut(r, off).copy_from_slice(data);
+            if !self.owed.is_empty() {
+                self.owed.remove(&gpa);
+            }
             n += 1;
         }
+        Ok(n + self.write_zero_pages(view)?)
+    }
+
+    /// Writes the zero pages of an initial-sync part (checking their addresses first).
+    fn write_zero_pages(&mut self, view: &PartView<'_>) -> Result<u64, MirrorError> {
+        let mut zero = Vec::with_capacity(view.head.zero_page_count() as usize);
+        for gpa in view.zero_pages() {
+            zero.push((self.page_slot(gpa)?, gpa));
+        }
+        let mut n = 0;
         // Round 0 covers every page exactly once and the mirror starts as untouched
         // zero memory: its zero pages are zero already (and writing them would only
         // make the kernel back them). A later round's zero page may hold an older copy.
         let round0 = matches!(view.head.of, PartOf::Sync { round: 0 });
         self.pristine &= round0;
         let skip_zero = self.pristine;
-        for (r, off) in zero {
+        for ((r, off), gpa) in zero {
             if !skip_zero {
                 self.page_mut(r, off).fill(0);
+            }
+            if !self.owed.is_empty() {
+                self.owed.remove(&gpa);
             }
             n += 1;
         }
@@ -434,6 +617,24 @@ impl Mirror {
         }
         parts.sort_by_key(|p| p.head().part);
         let views: Vec<PartView<'_>> = parts.iter().map(|p| p.view()).collect();
+        // The first epoch ends the initial sync: the A-Link delivered every sync part
+        // before it (in order), so no place is being written any more; and every page
+        // whose last sync copy was not checked must be in this epoch.
+        self.placing.store(false, Ordering::Release);
+        if self.committed.is_none() && !self.owed.is_empty() {
+            for v in &views {
+                for (gpa, _) in v.pages() {
+                    self.owed.remove(&gpa);
+                }
+            }
+            if let Some(&first) = self.owed.first() {
+                return Err(MirrorError::Unsynced {
+                    epoch,
+                    count: self.owed.len(),
+                    first,
+                });
+            }
+        }
         // Validate everything before writing anything.
         let states = views.iter().filter(|v| !v.state.is_empty()).count();
         if states != 1 {
@@ -865,6 +1066,182 @@ mod tests {
         m.stage(4, 0, vec![1, 2, 3]).unwrap();
         m.discard_staged();
         assert!(matches!(m.apply(4), Err(MirrorError::NotStaged(4))));
+    }
+
+    /// A placed or lost sync part as the A-Link delivers it: its head alone in the
+    /// body, the payload in the mirror (placed) or nowhere (lost).
+    fn delivered(
+        head: &[u8],
+        at: alink::PayloadAt,
+        torn: Vec<u32>,
+        placed_len: usize,
+    ) -> alink::InMsg {
+        alink::InMsg {
+            seq: 1,
+            head_len: head.len(),
+            body: head.to_vec().into(),
+            at,
+            torn,
+            seg_size: PAGE_SIZE as u32,
+            placed_len,
+        }
+    }
+
+    /// What the A-Link does with a placement: reads the payload into its ranges.
+    fn place(p: &alink::Placement, payload: &[u8]) {
+        let mut at = 0;
+        for &(addr, len) in p.ranges() {
+            // SAFETY: the placer gave ranges inside the mirror's live mappings; the
+            // test holds the mirror and nothing else touches these pages meanwhile.
+            unsafe { std::ptr::copy_nonoverlapping(payload[at..].as_ptr(), addr as *mut u8, len) };
+            at += len;
+        }
+        assert_eq!(at, payload.len());
+    }
+
+    fn received(m: alink::InMsg) -> Result<ReceivedPart, DecodeError> {
+        match crate::messages::decode_delivered(crate::messages::LENT_SYNC_VERSION, 0, m)? {
+            Standbound::Part(p) => Ok(p),
+            _ => panic!("not a part"),
+        }
+    }
+
+    /// Sync pages placed straight into the mirror count as synced only when checked:
+    /// torn pages and a lost part's pages are owed until a later round or the first
+    /// epoch writes them, and that epoch is refused whole while any is still owed.
+    #[test]
+    fn placed_sync_pages_count_only_when_checked() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        let placer = m.sync_placer().unwrap();
+        // Round 0: pages 0x1000 and 0x2000 placed, the second torn on the way.
+        let (h, b) = sync_part(0, &[(0x1000, 5), (0x2000, 6)], vec![]);
+        let p = placer.place(1, &h, b.len(), PAGE_SIZE as u32).unwrap();
+        assert_eq!(p.ranges().len(), 2);
+        place(&p, &b);
+        let rp = received(delivered(&h, alink::PayloadAt::Placed, vec![1], b.len())).unwrap();
+        assert_eq!(m.write_sync_received(&rp).unwrap(), 1);
+        assert!(m.page(0x1000).unwrap().iter().all(|&x| x == 5));
+        assert_eq!(m.owed_pages(), 1);
+        // A lost part: its pages are owed, whatever the places hold.
+        let (h, b) = sync_part(
+            0,
+            &[(0x3000, 7)],
+            vec![PageRun {
+                gpa: 0x4000,
+                pages: 1,
+            }],
+        );
+        let rp = received(delivered(&h, alink::PayloadAt::Lost, vec![], 0)).unwrap();
+        assert_eq!(
+            m.write_sync_received(&rp).unwrap(),
+            1,
+            "the zero page counts"
+        );
+        assert_eq!(m.owed_pages(), 2);
+        // Round 1 sends 0x3000 again (from its buffer): synced.
+        let (h, b2) = sync_part(1, &[(0x3000, 8)], vec![]);
+        assert_eq!(m.write_sync(&h, &b2).unwrap(), 1);
+        assert_eq!(m.owed_pages(), 1);
+        // Epoch 0 without the torn page 0x2000: refused whole, nothing written.
+        let (hl, body) = part(0, 0, 1, &[(0x5000, 9)], b"S", None, None);
+        m.stage(0, hl, body).unwrap();
+        assert!(matches!(
+            m.apply(0),
+            Err(MirrorError::Unsynced {
+                epoch: 0,
+                count: 1,
+                first: 0x2000
+            })
+        ));
+        assert!(m.page(0x5000).unwrap().iter().all(|&x| x == 0));
+        assert_eq!(m.committed(), None);
+        // With it: committed; the placer places nothing more.
+        let (hl, body) = part(0, 0, 1, &[(0x2000, 6), (0x5000, 9)], b"S", None, None);
+        m.stage(0, hl, body).unwrap();
+        m.apply(0).unwrap();
+        assert_eq!(m.owed_pages(), 0);
+        assert!(m.page(0x2000).unwrap().iter().all(|&x| x == 6));
+        assert!(placer.place(1, &h, b2.len(), PAGE_SIZE as u32).is_none());
+        drop(b);
+    }
+
+    /// A part delivered as placed that this mirror's placer never placed (another
+    /// session's mirror's placer did) is not in this mirror: its pages are owed.
+    #[test]
+    fn a_part_placed_by_another_mirror_is_owed() {
+        let mut m = Mirror::new(&layout(), Vec::new()).unwrap();
+        let other = Mirror::new(&layout(), Vec::new()).unwrap();
+        let (h, b) = sync_part(0, &[(0x1000, 5)], vec![]);
+        place(
+            &other
+                .sync_placer()
+                .unwrap()
+                .place(42, &h, b.len(), 4096)
+                .unwrap(),
+            &b,
+        );
+        let rp = alink::InMsg {
+            seq: 42,
+            ..delivered(&h, alink::PayloadAt::Placed, vec![], b.len())
+        };
+        assert_eq!(m.write_sync_received(&received(rp).unwrap()).unwrap(), 0);
+        assert_eq!(m.owed_pages(), 1);
+        // Once dropped, a mirror's placer places nothing more.
+        let p = other.sync_placer().unwrap();
+        drop(other);
+        assert!(p.place(43, &h, b.len(), 4096).is_none());
+    }
+
+    /// The placer and the decode take only initial-sync parts of page data whose head
+    /// matches what the A-Link placed.
+    #[test]
+    fn placements_and_placed_parts_are_checked_against_their_heads() {
+        let m = Mirror::new(&layout(), Vec::new()).unwrap();
+        let placer = m.sync_placer().unwrap();
+        let (h, b) = sync_part(0, &[(0x1000, 5)], vec![]);
+        assert!(
+            placer.place(1, &h, b.len(), 512).is_none(),
+            "segments are not pages"
+        );
+        assert!(placer.place(1, &h, b.len() + 1, PAGE_SIZE as u32).is_none());
+        let (out, _) = sync_part(0, &[(1 << 40, 5)], vec![]);
+        assert!(
+            placer.place(1, &out, PAGE_SIZE, PAGE_SIZE as u32).is_none(),
+            "outside RAM"
+        );
+        // The last page of RAM fits; a run crossing its end does not.
+        let end = layout().last().map(|&(s, l)| s + l).unwrap();
+        let (last, _) = sync_part(0, &[(end - 0x1000, 1)], vec![]);
+        assert!(placer
+            .place(1, &last, PAGE_SIZE, PAGE_SIZE as u32)
+            .is_some());
+        let (ep_h, ep_b) = part(0, 0, 1, &[(0x1000, 1)], b"S", None, None);
+        let ep_h = &ep_b[..ep_h];
+        assert!(placer
+            .place(1, ep_h, ep_b.len() - ep_h.len(), PAGE_SIZE as u32)
+            .is_none());
+        // Decoding what the A-Link delivered placed.
+        assert!(matches!(
+            received(delivered(
+                ep_h,
+                alink::PayloadAt::Placed,
+                vec![],
+                ep_b.len() - ep_h.len()
+            )),
+            Err(DecodeError::Placement(_))
+        ));
+        assert!(received(delivered(&h, alink::PayloadAt::Placed, vec![], b.len() - 1)).is_err());
+        assert!(matches!(
+            received(delivered(&h, alink::PayloadAt::Placed, vec![1], b.len())),
+            Err(DecodeError::Placement(_))
+        ));
+        let mut with_payload = delivered(&h, alink::PayloadAt::Placed, vec![], b.len());
+        with_payload.body = [&h[..], &b[..]].concat().into();
+        assert!(matches!(
+            received(with_payload),
+            Err(DecodeError::Placement(_))
+        ));
+        assert!(received(delivered(&h, alink::PayloadAt::Lost, vec![], 0)).is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub use driver::{
     run_standby, run_standby_with, StandbyDriver, StandbyDriverConfig, TakeoverGate,
     TakeoverGateRef,
 };
-pub use mirror::{ApplyStats, DiskCommit, Mirror, MirrorError};
+pub use mirror::{ApplyStats, DiskCommit, Mirror, MirrorError, SyncPlacer};
 pub use outcome::{fence, FailoverReport, StandbyDriverError, StandbyOutcome, StandbyProgress};
 pub use takeover::{
     rarp_announce, rebind_attachments, BeforeStart, Takeover, TakeoverInput, VmmTakeover,
