@@ -6,7 +6,11 @@ use twinrun::cli::{resolve_run_config, Cli, Command, SnapshotCommand, VmCommand}
 use twinrun::exit;
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Microseconds: the logs of two processes are the timeline of a swap or a
+    // migration (benches/README.md's phase breakdowns are read from them).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Vm(VmCommand::Run(args)) => {

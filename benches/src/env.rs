@@ -18,7 +18,17 @@ pub fn kv_host_bin() -> Result<PathBuf, String> {
 
 /// `twinrun`, release build, next to this binary (same cargo target dir); built here
 /// (a no-op when up to date) so the figures are for the current source.
+/// `TWINRUN_BENCH_TWINRUN=PATH`: that binary instead, not built (a before/after
+/// comparison in one session: a copy of the binary built before a change).
 pub fn twinrun_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("TWINRUN_BENCH_TWINRUN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("TWINRUN_BENCH_TWINRUN: no file {}", p.display()))
+        };
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args(["build", "--release", "-p", "twinrun", "--bin", "twinrun"])

@@ -41,6 +41,35 @@ fn wait(
     Ok(())
 }
 
+/// `HH:MM:SS.uuuuuu` (UTC) of `t`, as the VMMs' log lines print it.
+fn utc_time(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_micros()
+    )
+}
+
+/// `TWINRUN_BENCH_KEEP_LOGS=DIR`: the VMMs' logs are copied there (the scratch
+/// directory goes at the end): the swaps' timelines on both ends.
+fn keep_logs(dir: &Path) {
+    let Some(to) = std::env::var_os("TWINRUN_BENCH_KEEP_LOGS") else {
+        return;
+    };
+    let to = PathBuf::from(to);
+    let _ = std::fs::create_dir_all(&to);
+    for pm in ["bswap-pm1", "bswap-pm2"] {
+        let f = format!("{pm}.log");
+        if let Err(e) = std::fs::copy(dir.join(&f), to.join(&f)) {
+            eprintln!("   ft-swap: cannot keep {f}: {e}");
+        }
+    }
+}
+
 fn p(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * q).round() as usize]
@@ -104,7 +133,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
             std::thread::sleep(Duration::from_millis(100));
             twinrun_control::swap(&sock)
         });
-        let s = client.max_reply_during(WINDOW);
+        let (s, s_at) = client.max_reply_during_at(WINDOW);
         let (epoch, paused_us) = match swap.join() {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -132,12 +161,14 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
         }
         eprintln!(
             "   swap {r}: PM{} -> PM{} at epoch {epoch}: longest reply {:.0} ms (baseline \
-             window {:.0} ms), old primary paused {:.2} ms until the acceptance",
+             window {:.0} ms), old primary paused {:.2} ms until the acceptance; that \
+             request sent at {} UTC",
             primary + 1,
             new + 1,
             s.as_secs_f64() * 1e3,
             b.as_secs_f64() * 1e3,
-            paused_us as f64 / 1e3
+            paused_us as f64 / 1e3,
+            s_at.map_or_else(|| "?".into(), utc_time)
         );
         base.push(b.as_secs_f64() * 1e3);
         stall.push(s.as_secs_f64() * 1e3);
@@ -145,6 +176,7 @@ pub fn run(twinrun: &Path, elf: &Path, dir: &Path, quick: bool) -> Result<Vec<Fi
         primary = new;
     }
     let rep = client.finish();
+    keep_logs(&dir);
     let logs = format!("{}\n{}", pm1.log_tail(30), pm2.log_tail(30));
     pm1.kill();
     pm2.kill();

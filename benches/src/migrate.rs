@@ -53,7 +53,7 @@ const DOWNTIME_TARGET_MS: f64 = 20.0;
 const POLL: Duration = Duration::from_millis(2);
 
 /// One twinrun migration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Run {
     /// None when the swap reported no pause: the primary driver measures the pause
     /// from `PauseForSwap` and reports 0 when the final epoch's capture paused the
@@ -63,6 +63,8 @@ struct Run {
     /// Target spawned to listening, listening to the source in sync, to the swap's end.
     spawn_ms: f64,
     sync_ms: f64,
+    /// The phases from both ends' logs (ms after the target's spawn).
+    phases: String,
 }
 
 /// Runs of one point.
@@ -260,6 +262,7 @@ impl Twinrun<'_> {
         std::thread::sleep(Duration::from_secs(1));
         let dconsole = self.dir.join(format!("mig-{mem_mib}-{rate}-{n}-dst.con"));
         let t0 = Instant::now();
+        let wall0 = std::time::SystemTime::now();
         let mut dst = self.spawn(
             self.vm_args(mem_mib, rate, &dconsole),
             "standby",
@@ -298,13 +301,78 @@ impl Twinrun<'_> {
         src.proc.terminate(Duration::from_secs(10));
         dst.proc.terminate(Duration::from_secs(20));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let phases = phases(
+            wall0,
+            &[
+                ("listening", ms(t_listen - t0)),
+                ("in sync seen", ms(t_sync - t0)),
+                ("running seen", ms(t_run - t0)),
+            ],
+            &std::fs::read_to_string(&src.log).unwrap_or_default(),
+            &std::fs::read_to_string(&dst.log).unwrap_or_default(),
+        );
         Ok(Run {
             downtime_ms: (paused_us > 0).then(|| paused_us as f64 / 1e3),
             total_ms: ms(t_run - t_listen),
             spawn_ms: ms(t_listen - t0),
             sync_ms: ms(t_sync - t_listen),
+            phases,
         })
     }
+}
+
+/// Seconds of the day (UTC) of a log line's `[2026-12-08T01:02:03.456789Z ...`.
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.get(line.find('T')? + 1..)?;
+    let t = t.get(..t.find('Z')?)?;
+    let mut it = t.split(':');
+    let (h, m, s) = (it.next()?, it.next()?, it.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// The migration's phases, ms after the target's spawn (`wall0`), from the first log
+/// line of each (end, text) below, and the bench's own observations (`seen`): where
+/// the total goes.
+fn phases(wall0: std::time::SystemTime, seen: &[(&str, f64)], src: &str, dst: &str) -> String {
+    let t0 = wall0
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| {
+            (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_micros()) / 1e6
+        });
+    const MARKS: [(&str, bool, &str); 10] = [
+        ("target log", false, ""),
+        ("target A-Link up", false, "authenticated connection"),
+        ("source A-Link up", true, "authenticated connection"),
+        ("sync start", true, "starting the initial synchronisation"),
+        ("round 0 sent", true, "initial sync round 0:"),
+        ("epoch 0 captured", true, "epoch 0 captured"),
+        ("protected", true, "the VM is protected"),
+        ("swap asked", true, "planned role swap requested"),
+        ("swap accepted", true, "the standby took the VM over"),
+        ("target runs VM", false, "the VM runs here now"),
+    ];
+    let mut out: Vec<(f64, String)> = seen
+        .iter()
+        .map(|(n, v)| (*v, format!("{n} (bench)")))
+        .collect();
+    for (name, on_src, text) in MARKS {
+        let log = if on_src { src } else { dst };
+        // The source's log began long before: only lines after the target's spawn.
+        if let Some(t) = log
+            .lines()
+            .filter(|l| l.contains(text))
+            .filter_map(log_time)
+            .map(|t| (t - t0) * 1e3)
+            .find(|&t| t > -1.0)
+        {
+            out.push((t, name.to_string()));
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out.iter()
+        .map(|(t, n)| format!("{n} {t:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// QEMU's side of one point: its guest booted and filled, moved by each migration.
@@ -455,6 +523,7 @@ pub fn run(twinrun: &Path, dir: &Path, quick: bool, install: bool) -> Result<Vec
                     "     twinrun: downtime {} ms, total {:.0} ms (target start {:.0} ms, to in sync {:.0} ms); load {:.1}",
                     r.downtime_ms.map_or("(none reported)".into(), |d| format!("{d:.1}")), r.total_ms, r.spawn_ms, r.sync_ms, load_average()
                 );
+                eprintln!("       phases (ms after the target's spawn): {}", r.phases);
                 runs.twinrun.push(r);
                 if let Some(Ok(q)) = qside.as_mut() {
                     for (i, mode) in MODES.iter().enumerate() {

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use twinrun_lock::lock;
 
 use crate::netns::{in_netns, NsThread};
@@ -93,6 +93,9 @@ struct Shared {
     stop: AtomicBool,
     acks: AtomicU64,
     window_max_ms: AtomicU64,
+    /// When the window's longest reply wait began (wall clock: to set beside the
+    /// VMMs' logs).
+    window_max_at: Mutex<Option<SystemTime>>,
     mark: Mutex<Option<Instant>>,
     first_reply_after_mark: Mutex<Option<Instant>>,
 }
@@ -142,9 +145,17 @@ impl LoadClient {
 
     /// The longest reply wait during `d` from now.
     pub fn max_reply_during(&self, d: Duration) -> Duration {
+        self.max_reply_during_at(d).0
+    }
+
+    /// [`LoadClient::max_reply_during`], and when (wall clock) that request was sent:
+    /// the stall's place in the VMMs' logs.
+    pub fn max_reply_during_at(&self, d: Duration) -> (Duration, Option<SystemTime>) {
+        *lock(&self.shared.window_max_at) = None;
         self.shared.window_max_ms.store(0, Ordering::SeqCst);
         std::thread::sleep(d);
-        Duration::from_millis(self.shared.window_max_ms.load(Ordering::SeqCst))
+        let max = Duration::from_millis(self.shared.window_max_ms.load(Ordering::SeqCst));
+        (max, *lock(&self.shared.window_max_at))
     }
 
     /// From now on, remember when the first reply to a request sent after this moment
@@ -201,6 +212,7 @@ fn run(cfg: &LoadConfig, sh: &Shared, started: Instant) -> LoadReport {
         let incr = i.is_multiple_of(cfg.incr_every.max(2));
         let (k, v) = (format!("k{i}"), format!("v{i}"));
         let t = Instant::now();
+        let sent_at = SystemTime::now();
         let r = if incr {
             c.call(&["INCR", ctr])
         } else {
@@ -212,8 +224,10 @@ fn run(cfg: &LoadConfig, sh: &Shared, started: Instant) -> LoadReport {
             rep.max_reply = d;
             rep.max_reply_at = t - started;
         }
-        sh.window_max_ms
-            .fetch_max(d.as_millis() as u64, Ordering::SeqCst);
+        let ms = d.as_millis() as u64;
+        if sh.window_max_ms.fetch_max(ms, Ordering::SeqCst) < ms {
+            *lock(&sh.window_max_at) = Some(sent_at);
+        }
         if r.is_ok() && lock(&sh.mark).is_some_and(|m| t >= m) {
             lock(&sh.first_reply_after_mark).get_or_insert(done);
         }

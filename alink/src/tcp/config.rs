@@ -33,6 +33,13 @@ pub struct AlinkConfig {
     /// Overridable for tests of version refusal.
     pub protocol_version: u16,
     pub reconnect_max: Duration,
+    /// A dial the peer's host refused (nothing listens there yet: its process is
+    /// starting, e.g. a migration target) is tried again after this, without the
+    /// growing back-off: a refusal costs one SYN and its RST, and the peer should be
+    /// reached as soon as it listens (a back-off at `reconnect_max` made every
+    /// migration wait up to that long for its first connection). Zero: a refusal
+    /// waits the back-off as any failed dial does.
+    pub refused_retry: Duration,
 }
 
 impl std::fmt::Debug for AlinkConfig {
@@ -72,6 +79,7 @@ impl AlinkConfig {
             max_frame_body: 64 << 20,
             protocol_version: PROTOCOL_VERSION,
             reconnect_max: Duration::from_secs(1),
+            refused_retry: Duration::from_millis(10),
         }
     }
 

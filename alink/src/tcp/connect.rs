@@ -176,7 +176,9 @@ pub(super) fn listen(
         let (stream, peer) = match listener.accept() {
             Ok(x) => x,
             Err(e) if is_timeout(&e) => {
-                std::thread::sleep(Duration::from_millis(20));
+                // Woken by the next connection at once (a dialer's first attempt is
+                // served without a poll's delay), or after 20 ms to check `stop`.
+                wait_readable(&listener, Duration::from_millis(20));
                 continue;
             }
             Err(e) => {
@@ -227,6 +229,22 @@ pub(super) fn listen(
     }
 }
 
+/// Waits until `listener` has a connection to accept, or `max`.
+fn wait_readable(listener: &TcpListener, max: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call; `listener` outlives it.
+    let r = unsafe { libc::poll(&mut p, 1, max.as_millis() as libc::c_int) };
+    if r < 0 {
+        // EINTR or a bad state: do not spin.
+        std::thread::sleep(max);
+    }
+}
+
 /// Dials (or waits for accepted connections) and runs them, forever until stop.
 pub(super) fn link_manager(shared: Arc<Shared>, link: usize, incoming: Option<Receiver<Authed>>) {
     let addrs = shared.cfg.links[link];
@@ -255,14 +273,31 @@ pub(super) fn link_manager(shared: Arc<Shared>, link: usize, incoming: Option<Re
                             }
                             _ => shared.refuse(link, Some(addrs.remote), e.to_string()),
                         }
-                        sleep_unless_stopped(&shared, backoff);
-                        backoff = (backoff * 2).min(shared.cfg.reconnect_max);
+                        let (wait, next) = retry_after(&e, backoff, &shared.cfg);
+                        sleep_unless_stopped(&shared, wait);
+                        backoff = next;
                         continue;
                     }
                 }
             }
         };
         next = run_conn(&shared, link, authed, incoming.as_ref());
+    }
+}
+
+/// After a failed dial: how long to wait, and the back-off after that. A refused
+/// connection (the peer's host is up, nothing listens yet) is tried again after
+/// `refused_retry` and leaves the back-off as it was; anything else (a timeout, an
+/// unreachable host, a failed handshake) waits the back-off, which doubles up to
+/// `reconnect_max` (so does a refusal with a zero `refused_retry`).
+fn retry_after(e: &HsFail, backoff: Duration, cfg: &super::AlinkConfig) -> (Duration, Duration) {
+    match e {
+        HsFail::Io(io)
+            if io.kind() == io::ErrorKind::ConnectionRefused && !cfg.refused_retry.is_zero() =>
+        {
+            (cfg.refused_retry.min(backoff), backoff)
+        }
+        _ => (backoff, (backoff * 2).min(cfg.reconnect_max)),
     }
 }
 

@@ -40,6 +40,14 @@ pub fn alink_config_as(ft: &FtSettings, role: Role) -> AlinkConfig {
     // Reconnect quickly: a link that comes back should be in use again within a
     // heartbeat or two.
     c.reconnect_max = Duration::from_millis(250);
+    if let Some(ms) = std::env::var("TWINRUN_ALINK_REFUSED_RETRY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // A before/after comparison (benches/README.md, `migrate`): 0 is the old
+        // back-off for refused dials too.
+        c.refused_retry = Duration::from_millis(ms);
+    }
     if let Some(v) = announced_version() {
         c.protocol_version = v;
     }
