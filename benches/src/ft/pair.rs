@@ -85,7 +85,15 @@ impl Pair {
         links: Links,
         ready: impl Fn() -> bool,
     ) -> Result<Pair, String> {
-        Pair::start_full(pcfg, scfg, epoch, misses, ready, (EpochCopy::InPause, true))
+        Pair::start_full(
+            pcfg,
+            scfg,
+            epoch,
+            misses,
+            links,
+            ready,
+            (EpochCopy::InPause, true),
+        )
     }
 
     /// As [`Pair::start`], epoch pages copied as `copy` says, without the hot-page
@@ -97,7 +105,15 @@ impl Pair {
         misses: u32,
         (copy, hot): (EpochCopy, bool),
     ) -> Result<Pair, String> {
-        Pair::start_full(pcfg, scfg, epoch, misses, || true, (copy, hot))
+        Pair::start_full(
+            pcfg,
+            scfg,
+            epoch,
+            misses,
+            Links::default(),
+            || true,
+            (copy, hot),
+        )
     }
 
     fn start_full(
@@ -105,6 +121,7 @@ impl Pair {
         scfg: VmConfig,
         epoch: Duration,
         misses: u32,
+        links: Links,
         ready: impl Fn() -> bool,
         (copy, hot): (EpochCopy, bool),
     ) -> Result<Pair, String> {
