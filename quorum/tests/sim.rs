@@ -1436,8 +1436,13 @@ impl Sim {
         // grant is checked where the node receives answers, and that copy's answer may
         // never have arrived (the session reset): record the grant from this evidence,
         // never one of a generation granted to the other node.
-        if let (Request::Acquire { .. }, Reply::Lost { generation, holder: Some(h) }) =
-            (req, reply)
+        if let (
+            Request::Acquire { .. },
+            Reply::Lost {
+                generation,
+                holder: Some(h),
+            },
+        ) = (req, reply)
         {
             if *h == node {
                 if let Some((other, _)) = self.granted_to.get(generation) {
