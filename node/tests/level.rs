@@ -116,6 +116,29 @@ fn lines(log: &str, what: &[&str]) -> String {
         .join("\n")
 }
 
+/// SIGKILL of pm1's daemon and VMM; returns both VMMs' logs once pm2 owns the VM and
+/// the client's writes are acknowledged again.
+fn kill_pm1_and_wait_for_the_takeover(c: &mut Cluster, client: &LoadClient) -> (String, String) {
+    c.daemons[0].kill();
+    for p in vmm_pids(&c.dirs[0]) {
+        // SAFETY: kill(2) of the VMM this test's pm1 daemon started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the VM taken over on pm2",
+        || {
+            let v = c.view(1)?;
+            (v.owner.as_deref() == Some("pm2")).then_some(())
+        },
+        || format!("{:?}\n{}", c.view(1), c.logs()),
+    );
+    client
+        .wait_acks(100, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
+    (c.vmm_log(0), c.vmm_log(1))
+}
+
 fn finish(c: &Cluster, client: LoadClient, what: &str) {
     let rep = client.finish().unwrap();
     let expect = Expect {
@@ -164,24 +187,7 @@ fn unprotected_vm_becomes_ft_and_survives_its_node_loss() {
 
     // pm1 dies: its daemon and its VMM, SIGKILL.
     let mut c = c;
-    c.daemons[0].kill();
-    for p in vmm_pids(&c.dirs[0]) {
-        // SAFETY: kill(2) of the VMM this test's pm1 daemon started.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    wait_for(
-        Duration::from_secs(60),
-        "the VM taken over on pm2",
-        || {
-            let v = c.view(1)?;
-            (v.owner.as_deref() == Some("pm2")).then_some(())
-        },
-        || format!("{:?}\n{}", c.view(1), c.logs()),
-    );
-    client
-        .wait_acks(100, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
-    let (pm1, pm2) = (c.vmm_log(0), c.vmm_log(1));
+    let (pm1, pm2) = kill_pm1_and_wait_for_the_takeover(&mut c, &client);
     assert!(
         pm1.contains("protection level changed online: unprotected -> ft"),
         "{pm1}"
@@ -341,24 +347,7 @@ fn unprotected_to_ha_to_ft_under_load_then_node_loss() {
 
     // pm1 dies: its daemon and its VMM, SIGKILL.
     let mut c = c;
-    c.daemons[0].kill();
-    for p in vmm_pids(&c.dirs[0]) {
-        // SAFETY: kill(2) of the VMM this test's pm1 daemon started.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    wait_for(
-        Duration::from_secs(60),
-        "the VM taken over on pm2",
-        || {
-            let v = c.view(1)?;
-            (v.owner.as_deref() == Some("pm2")).then_some(())
-        },
-        || format!("{:?}\n{}", c.view(1), c.logs()),
-    );
-    client
-        .wait_acks(100, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("after pm1's loss: {e}\n{}", c.logs()));
-    let (pm1, pm2) = (c.vmm_log(0), c.vmm_log(1));
+    let (pm1, pm2) = kill_pm1_and_wait_for_the_takeover(&mut c, &client);
     for change in ["unprotected -> ha", "ha -> ft"] {
         assert!(
             pm1.contains(&format!("protection level changed online: {change}")),
