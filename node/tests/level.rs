@@ -92,6 +92,34 @@ impl Cluster {
             || format!("{:?}\n{}", self.view(0), self.logs()),
         );
     }
+
+    /// Waits until pm1's VMM runs at `level` with the VM protected by a new standby on
+    /// pm2 (not the process `old_standby`) that runs at `level` too.
+    fn wait_new_standby(&self, level: &str, old_standby: u32, what: &str) {
+        wait_for(
+            Duration::from_secs(120),
+            what,
+            || {
+                let st = self.ft_status(0)?;
+                let v = self.view(0)?;
+                let standby = self.vmm_on(1)?;
+                (st.protection == level
+                    && v.state == VmState::Protected
+                    && standby.0 == Role::Standby
+                    && standby.1 != old_standby
+                    && self.ft_status(1)?.protection == level)
+                    .then_some(())
+            },
+            || {
+                format!(
+                    "{:?}\n{:?}\n{}",
+                    self.ft_status(0),
+                    self.view(0),
+                    self.logs()
+                )
+            },
+        );
+    }
 }
 
 impl Cluster {
@@ -320,20 +348,10 @@ fn unprotected_to_ha_to_ft_under_load_then_node_loss() {
     // HA -> FT, asked of pm1.
     let answer = c.set_level(0, Protection::Ft);
     assert!(answer.contains("no reboot"), "{answer}");
-    wait_for(
-        Duration::from_secs(120),
+    c.wait_new_standby(
+        "ft",
+        ha_standby,
         "the VM protected at FT by a new (FT) standby on pm2",
-        || {
-            let st = c.ft_status(0)?;
-            let v = c.view(0)?;
-            let standby = c.vmm_on(1)?;
-            (st.protection == "ft"
-                && v.state == VmState::Protected
-                && standby.0 == Role::Standby
-                && standby.1 != ha_standby)
-                .then_some(())
-        },
-        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
     );
     assert_eq!(
         c.vmm_on(0),
@@ -386,20 +404,10 @@ fn ft_to_ha_to_unprotected_online() {
 
     let answer = c.set_level(1, Protection::Ha);
     assert!(answer.contains("no reboot"), "{answer}");
-    wait_for(
-        Duration::from_secs(120),
+    c.wait_new_standby(
+        "ha",
+        ft_standby,
         "the VM protected at HA by a new (HA) standby on pm2",
-        || {
-            let st = c.ft_status(0)?;
-            let v = c.view(0)?;
-            let standby = c.vmm_on(1)?;
-            (st.protection == "ha"
-                && v.state == VmState::Protected
-                && standby.1 != ft_standby
-                && c.ft_status(1)?.protection == "ha")
-                .then_some(())
-        },
-        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
     );
     assert_eq!(
         c.vmm_on(0),
@@ -477,20 +485,10 @@ fn daemon_killed_during_ha_to_ft_goes_on_from_the_vmms_level() {
     c.daemons[0].kill();
     let at_kill = c.ft_status(0).map(|s| s.protection);
     c.restart_daemon(0);
-    wait_for(
-        Duration::from_secs(120),
+    c.wait_new_standby(
+        "ft",
+        ha_standby,
         "the change completed by the restarted daemon: FT, a new FT standby, protected",
-        || {
-            let st = c.ft_status(0)?;
-            let v = c.view(0)?;
-            let standby = c.vmm_on(1)?;
-            (st.protection == "ft"
-                && v.state == VmState::Protected
-                && standby.1 != ha_standby
-                && c.ft_status(1)?.protection == "ft")
-                .then_some(())
-        },
-        || format!("{:?}\n{:?}\n{}", c.ft_status(0), c.view(0), c.logs()),
     );
     assert_eq!(
         c.vmm_on(0),

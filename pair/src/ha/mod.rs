@@ -90,26 +90,19 @@ pub fn run_pair_with_migration(
         Err(code) => return code,
     };
     let sd = shutdown;
-    let first = match ft.role {
-        Role::Primary => primary::run(
-            cfg,
-            ft,
-            link::alink_config(ft),
-            sd,
-            status,
-            q.as_ref(),
-            side,
-        ),
-        Role::Standby => standby::run(
-            cfg,
-            ft,
-            link::alink_config(ft),
-            sd,
-            status,
-            q.as_ref(),
-            side,
-        ),
+    let run = match ft.role {
+        Role::Primary => primary::run,
+        Role::Standby => standby::run,
     };
+    let first = run(
+        cfg,
+        ft,
+        link::alink_config(ft),
+        sd,
+        status,
+        q.as_ref(),
+        side,
+    );
     match drive(cfg, ft, sd, status, q.as_ref(), side, first) {
         HaEnd::Exit(code) => code,
         // An online level change to FT or unprotected: FT's runtime goes on with the
